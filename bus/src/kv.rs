@@ -1,0 +1,199 @@
+//! KV buckets: values by key, with per-bucket revisions for compare-and-set, and level-triggered watches.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use futures::Stream;
+
+use crate::error::KvError;
+use crate::{local, nats, subject};
+
+/// Bytes of [`Bus::max_payload`](crate::Bus::max_payload) kept free of a KV
+/// value for the headers NATS adds to a write (about 60 bytes for an expected revision).
+pub(crate) const HEADER_ROOM: usize = 1024;
+
+/// A handle to one KV bucket; cheap to clone.
+///
+/// Every change to a bucket (put, create, update, delete) gets the next
+/// revision of the bucket, so a key's revision says which write it saw, and
+/// [`Kv::update`] can refuse a write based on a stale read.
+#[derive(Clone)]
+pub struct Kv {
+    inner: KvInner,
+    /// The largest value accepted: [`Bus::max_payload`](crate::Bus::max_payload)
+    /// less [`HEADER_ROOM`], as over NATS a value travels as one message; the
+    /// in-process store keeps the same limit.
+    max_value: usize,
+}
+
+/// async-nats' KV handle carries a copy of its stream's info (over a KiB), hence the `Arc`.
+#[derive(Clone)]
+enum KvInner {
+    Nats(Arc<nats::NatsKv>),
+    Local(local::LocalKv),
+}
+
+/// The current value of a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub key: String,
+    pub value: Bytes,
+    /// The bucket revision of the write that set this value.
+    pub revision: u64,
+}
+
+/// One change seen by a [`KvWatch`], or one current value it replays first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvEvent {
+    pub key: String,
+    /// The new value, or `None` if the key was deleted.
+    pub value: Option<Bytes>,
+    /// The bucket revision of this change.
+    pub revision: u64,
+}
+
+impl Kv {
+    pub(crate) fn nats(kv: nats::NatsKv, max_value: usize) -> Kv {
+        Kv {
+            inner: KvInner::Nats(Arc::new(kv)),
+            max_value,
+        }
+    }
+
+    pub(crate) fn local(kv: local::LocalKv, max_value: usize) -> Kv {
+        Kv {
+            inner: KvInner::Local(kv),
+            max_value,
+        }
+    }
+
+    /// The current value of `key`, or `None` if it has none (never set, or deleted).
+    pub async fn get(&self, key: &str) -> Result<Option<Entry>, KvError> {
+        subject::check_key(key).map_err(KvError::InvalidName)?;
+        match &self.inner {
+            KvInner::Nats(kv) => kv.get(key).await,
+            KvInner::Local(kv) => kv.get(key).await,
+        }
+    }
+
+    /// Sets `key` to `value` whatever it held before; returns the new revision.
+    pub async fn put(&self, key: &str, value: Bytes) -> Result<u64, KvError> {
+        self.check_write(key, &value)?;
+        match &self.inner {
+            KvInner::Nats(kv) => kv.put(key, value).await,
+            KvInner::Local(kv) => kv.put(key, value).await,
+        }
+    }
+
+    /// Sets `key` to `value` only if it has no value (never set, or deleted);
+    /// returns the new revision, or [`KvError::AlreadyExists`].
+    pub async fn create(&self, key: &str, value: Bytes) -> Result<u64, KvError> {
+        self.check_write(key, &value)?;
+        match &self.inner {
+            KvInner::Nats(kv) => kv.create(key, value).await,
+            KvInner::Local(kv) => kv.create(key, value).await,
+        }
+    }
+
+    /// Compare-and-set: sets `key` to `value` only if its last change has
+    /// revision `expected_revision` (0: the key was never written); returns
+    /// the new revision, or [`KvError::RevisionMismatch`].
+    pub async fn update(
+        &self,
+        key: &str,
+        value: Bytes,
+        expected_revision: u64,
+    ) -> Result<u64, KvError> {
+        self.check_write(key, &value)?;
+        match &self.inner {
+            KvInner::Nats(kv) => kv.update(key, value, expected_revision).await,
+            KvInner::Local(kv) => kv.update(key, value, expected_revision).await,
+        }
+    }
+
+    /// Deletes `key`. Afterwards [`Kv::get`] returns `None` and [`Kv::create`]
+    /// succeeds again. The delete is a change with a revision of its own, seen
+    /// by watchers, even if the key had no value.
+    pub async fn delete(&self, key: &str) -> Result<(), KvError> {
+        subject::check_key(key).map_err(KvError::InvalidName)?;
+        match &self.inner {
+            KvInner::Nats(kv) => kv.delete(key).await,
+            KvInner::Local(kv) => kv.delete(key).await,
+        }
+    }
+
+    /// The keys that have a value, sorted.
+    pub async fn keys(&self) -> Result<Vec<String>, KvError> {
+        let mut keys = match &self.inner {
+            KvInner::Nats(kv) => kv.keys().await?,
+            KvInner::Local(kv) => kv.keys().await?,
+        };
+        keys.sort_unstable();
+        Ok(keys)
+    }
+
+    /// The current entries, sorted by key.
+    pub async fn entries(&self) -> Result<Vec<Entry>, KvError> {
+        let mut entries = match &self.inner {
+            KvInner::Nats(kv) => kv.entries().await?,
+            KvInner::Local(kv) => kv.entries().await?,
+        };
+        entries.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+        Ok(entries)
+    }
+
+    /// Watches the keys matching `pattern` (a key, or one with `*` and `>`
+    /// tokens as in subjects; `>` for all keys).
+    ///
+    /// The watch first yields the current value of every matching key, oldest
+    /// revision first, then every change as it happens, deletes included.
+    /// Consumers can therefore be level-triggered: what they have seen is
+    /// always the whole current state, whenever they started watching.
+    pub async fn watch(&self, pattern: &str) -> Result<KvWatch, KvError> {
+        subject::check_key_pattern(pattern).map_err(KvError::InvalidName)?;
+        let inner = match &self.inner {
+            KvInner::Nats(kv) => WatchInner::Nats(Box::new(kv.watch(pattern).await?)),
+            KvInner::Local(kv) => WatchInner::Local(kv.watch(pattern).await?),
+        };
+        Ok(KvWatch { inner })
+    }
+
+    fn check_write(&self, key: &str, value: &Bytes) -> Result<(), KvError> {
+        subject::check_key(key).map_err(KvError::InvalidName)?;
+        if value.len() > self.max_value {
+            return Err(KvError::ValueTooLarge {
+                key: key.to_owned(),
+                size: value.len(),
+                max: self.max_value,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The stream of a [`Kv::watch`]: current values first, then changes.
+///
+/// It does not fail: over NATS, a watch whose server restarted or whose
+/// consumer failed is renewed where it left off as soon as NATS is back.
+pub struct KvWatch {
+    inner: WatchInner,
+}
+
+/// Boxed for the same reason as [`KvInner`]'s `Arc`.
+enum WatchInner {
+    Nats(Box<nats::NatsWatch>),
+    Local(local::LocalWatch),
+}
+
+impl Stream for KvWatch {
+    type Item = KvEvent;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<KvEvent>> {
+        match &mut self.inner {
+            WatchInner::Nats(watch) => Pin::new(watch.as_mut()).poll_next(cx),
+            WatchInner::Local(watch) => Pin::new(watch).poll_next(cx),
+        }
+    }
+}

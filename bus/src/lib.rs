@@ -1,0 +1,282 @@
+//! Wharf's one port to messaging and state: publish/subscribe, queue groups,
+//! request/reply, KV buckets with compare-and-set and watches, and an object store.
+//!
+//! There are two implementations behind one handle, [`Bus`]:
+//!
+//! - **NATS** ([`Bus::connect_nats`]): core NATS for messages, JetStream KV
+//!   for buckets, JetStream Object Store for objects. This is how Wharf
+//!   spreads over many machines; NATS is the distributed engine.
+//! - **In-process** ([`Bus::local`]): messages are routed inside the process,
+//!   and state lives in an embedded [redb](https://docs.rs/redb) database
+//!   ([`LocalStore`]), in a file that survives `kill -9` or in memory. This is
+//!   single-node `wharf up`, and fast tests.
+//!
+//! Both behave the same, and `tests/conformance.rs` holds them to it with one
+//! suite run against each: the same subject and key rules (checked in this
+//! crate before either implementation is called), the same wildcard matching,
+//! queue groups that hand each message to one member, `NoResponders` at once
+//! when nobody listens, a 1 MiB payload limit, KV revisions that increase per
+//! bucket (the JetStream stream sequence, or a counter kept in redb), deletes
+//! that take a revision of their own, and watches that first replay the
+//! current values and then follow every change (over NATS, also across a
+//! server restart).
+//!
+//! `Bus` holds a private enum of the two implementations rather than an
+//! `Arc<dyn Trait>`: the set is closed (two, both in this crate), an enum needs
+//! no boxed futures or `async-trait` for async methods, and each method's
+//! `match` shows both implementations side by side. Each variant is a cheap
+//! handle over shared state, so `Bus` is cheap to clone and can be handed to
+//! every task. [`Kv`], [`Objects`], [`Subscription`] and [`KvWatch`] follow
+//! the same pattern.
+//!
+//! # Architecture Invariant
+//!
+//! This crate knows nothing of Wharf's domain: subjects, keys and bucket names
+//! are strings and payloads are bytes. Which names exist is `proto`'s business.
+
+mod error;
+mod kv;
+mod local;
+mod nats;
+mod objects;
+mod subject;
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::Stream;
+use tokio::sync::watch;
+
+pub use error::{
+    BackendError, ConnectError, KvError, NameError, ObjectError, OpenStoreError, PublishError,
+    RequestError, SubscribeError,
+};
+pub use kv::{Entry, Kv, KvEvent, KvWatch};
+pub use local::LocalStore;
+pub use nats::{NatsAuth, NatsOptions};
+pub use objects::Objects;
+
+/// A handle to the bus; clone it freely, all clones share one connection or one in-process router and store.
+#[derive(Clone)]
+pub struct Bus {
+    backend: Backend,
+}
+
+/// The NATS side sits behind an `Arc` because async-nats' client and
+/// JetStream context are several hundred bytes to copy; the local side is an
+/// `Arc` handle already.
+#[derive(Clone)]
+enum Backend {
+    Nats(Arc<nats::NatsBus>),
+    Local(local::LocalBus),
+}
+
+/// A message received from a subscription, or the reply to a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// The subject it was published to (not the pattern subscribed to).
+    pub subject: String,
+    pub payload: Bytes,
+    /// Where the sender waits for a reply, if it was sent with [`Bus::request`]; answer with [`Bus::respond`].
+    pub reply: Option<String>,
+}
+
+/// Whether the bus can currently reach its server. The in-process bus is always connected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectionState {
+    Connected,
+    /// The connection to NATS is lost; the client keeps reconnecting, without limit.
+    Disconnected,
+}
+
+impl Bus {
+    /// Connects to the NATS server (or cluster) at `url`, e.g. `nats://127.0.0.1:4222`.
+    ///
+    /// Fails at once, with an error naming the URL, if nothing answers there:
+    /// only after this first connection succeeds does the client reconnect by
+    /// itself, forever, whenever the connection drops. Also refuses servers
+    /// older than 2.10 and servers without JetStream.
+    pub async fn connect_nats(url: &str, options: NatsOptions) -> Result<Bus, ConnectError> {
+        let bus = nats::NatsBus::connect(url, options).await?;
+        Ok(Bus {
+            backend: Backend::Nats(Arc::new(bus)),
+        })
+    }
+
+    /// An in-process bus keeping its state in `store`.
+    ///
+    /// Messages reach only subscribers of this `Bus` and its clones; KV
+    /// watches see changes made through any bus over the same store.
+    pub fn local(store: LocalStore) -> Bus {
+        Bus {
+            backend: Backend::Local(local::LocalBus::new(store)),
+        }
+    }
+
+    /// Publishes `payload` to `subject`, for every plain subscriber and one member of each queue group.
+    ///
+    /// Nobody listening is not an error. Delivery is at most once, as in core
+    /// NATS: over NATS this returns once the client has queued the message,
+    /// which is lost if the connection drops before it is sent.
+    pub async fn publish(&self, subject: &str, payload: Bytes) -> Result<(), PublishError> {
+        subject::check_subject(subject).map_err(PublishError::InvalidSubject)?;
+        if let Some((size, max)) = self.oversize(&payload) {
+            return Err(PublishError::PayloadTooLarge {
+                subject: subject.to_owned(),
+                size,
+                max,
+            });
+        }
+        match &self.backend {
+            Backend::Nats(bus) => bus.publish(subject, payload).await,
+            Backend::Local(bus) => {
+                bus.publish(subject, None, payload);
+                Ok(())
+            }
+        }
+    }
+
+    /// Receives every message published to subjects matching `subject`,
+    /// which may contain the wildcards `*` (one token) and, last, `>` (one or more tokens).
+    ///
+    /// Dropping the subscription unsubscribes. Over NATS the server learns of
+    /// the subscription asynchronously: messages published on this same `Bus`
+    /// after this returns are delivered, from other connections a moment later.
+    pub async fn subscribe(&self, subject: &str) -> Result<Subscription, SubscribeError> {
+        subject::check_pattern(subject).map_err(SubscribeError::InvalidName)?;
+        match &self.backend {
+            Backend::Nats(bus) => bus.subscribe(subject, None).await,
+            Backend::Local(bus) => Ok(bus.subscribe(subject, None)),
+        }
+    }
+
+    /// Like [`Bus::subscribe`], as a member of queue group `group`: each
+    /// message goes to one member of the group, picked at random, while plain
+    /// subscribers still get every message.
+    pub async fn queue_subscribe(
+        &self,
+        subject: &str,
+        group: &str,
+    ) -> Result<Subscription, SubscribeError> {
+        subject::check_pattern(subject).map_err(SubscribeError::InvalidName)?;
+        subject::check_queue_group(group).map_err(SubscribeError::InvalidName)?;
+        match &self.backend {
+            Backend::Nats(bus) => bus.subscribe(subject, Some(group)).await,
+            Backend::Local(bus) => Ok(bus.subscribe(subject, Some(group))),
+        }
+    }
+
+    /// Sends `payload` to `subject` and waits up to `timeout` for the first reply.
+    ///
+    /// Fails with [`RequestError::NoResponders`] at once if nobody subscribes
+    /// to `subject`, and with [`RequestError::TimedOut`] if subscribers exist
+    /// but none replied in time.
+    pub async fn request(
+        &self,
+        subject: &str,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<Message, RequestError> {
+        subject::check_subject(subject).map_err(RequestError::InvalidSubject)?;
+        if let Some((size, max)) = self.oversize(&payload) {
+            return Err(RequestError::PayloadTooLarge {
+                subject: subject.to_owned(),
+                size,
+                max,
+            });
+        }
+        match &self.backend {
+            Backend::Nats(bus) => bus.request(subject, payload, timeout).await,
+            Backend::Local(bus) => bus.request(subject, payload, timeout).await,
+        }
+    }
+
+    /// Replies to `request`, a message sent with [`Bus::request`].
+    pub async fn respond(&self, request: &Message, payload: Bytes) -> Result<(), PublishError> {
+        match &request.reply {
+            Some(reply) => self.publish(reply, payload).await,
+            None => Err(PublishError::NoReplySubject {
+                subject: request.subject.clone(),
+            }),
+        }
+    }
+
+    /// The largest payload a message may carry: the server's `max_payload`
+    /// over NATS (1 MiB by default), and the same 1 MiB in-process so both behave alike.
+    pub fn max_payload(&self) -> usize {
+        match &self.backend {
+            Backend::Nats(bus) => bus.max_payload(),
+            Backend::Local(_) => local::MAX_PAYLOAD,
+        }
+    }
+
+    /// Whether the bus is connected now.
+    pub fn is_connected(&self) -> bool {
+        *self.connection_changes().borrow() == ConnectionState::Connected
+    }
+
+    /// The connection state, updated as it changes; `changed().await` waits for the next change.
+    pub fn connection_changes(&self) -> watch::Receiver<ConnectionState> {
+        match &self.backend {
+            Backend::Nats(bus) => bus.connection_changes(),
+            Backend::Local(bus) => bus.connection_changes(),
+        }
+    }
+
+    /// Opens KV bucket `bucket` (letters, digits, `-`, `_`), creating it if missing.
+    pub async fn kv(&self, bucket: &str) -> Result<Kv, KvError> {
+        subject::check_bucket(bucket).map_err(KvError::InvalidName)?;
+        // Over NATS a conditional write carries its expected revision in a
+        // header, and headers count against max_payload; leaving the same room
+        // in both implementations keeps their limits identical.
+        let max_value = self.max_payload().saturating_sub(kv::HEADER_ROOM);
+        match &self.backend {
+            Backend::Nats(bus) => Ok(Kv::nats(bus.kv(bucket).await?, max_value)),
+            Backend::Local(bus) => Ok(Kv::local(bus.store().kv(bucket), max_value)),
+        }
+    }
+
+    /// Opens object bucket `bucket` (letters, digits, `-`, `_`), creating it if missing.
+    pub async fn objects(&self, bucket: &str) -> Result<Objects, ObjectError> {
+        subject::check_bucket(bucket).map_err(ObjectError::InvalidName)?;
+        match &self.backend {
+            Backend::Nats(bus) => Ok(Objects::nats(bus.objects(bucket).await?)),
+            Backend::Local(bus) => Ok(Objects::local(bus.store().objects(bucket))),
+        }
+    }
+
+    /// `Some((size, max))` if `payload` is over [`Bus::max_payload`].
+    fn oversize(&self, payload: &Bytes) -> Option<(usize, usize)> {
+        let max = self.max_payload();
+        (payload.len() > max).then_some((payload.len(), max))
+    }
+}
+
+/// The messages of one subscription, as a [`Stream`]; unsubscribes when dropped.
+///
+/// If the subscriber falls far behind (64 Ki messages), further messages are
+/// dropped rather than buffered without bound, as NATS does with slow consumers.
+pub struct Subscription {
+    inner: SubscriptionInner,
+}
+
+enum SubscriptionInner {
+    Nats(async_nats::Subscriber),
+    Local(local::LocalSubscription),
+}
+
+impl Stream for Subscription {
+    type Item = Message;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Message>> {
+        match &mut self.inner {
+            SubscriptionInner::Nats(subscriber) => Pin::new(subscriber)
+                .poll_next(cx)
+                .map(|message| message.map(nats::message)),
+            SubscriptionInner::Local(subscription) => Pin::new(subscription).poll_next(cx),
+        }
+    }
+}

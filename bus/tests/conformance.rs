@@ -1,0 +1,626 @@
+//! One suite for both bus implementations: every case in `cases` runs against
+//! an in-memory store, a redb file and a real nats-server, so that single-node
+//! mode and NATS mode cannot drift apart unnoticed.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use wharf_bus::{Bus, LocalStore, Message, NatsOptions, Subscription};
+use wharf_testkit::nats::NatsServer;
+
+/// What a bus needs alive for the length of a test: its temp dir or its nats-server.
+type Backing = Box<dyn std::any::Any>;
+
+async fn local_memory() -> (Bus, Backing) {
+    let store = LocalStore::in_memory().expect("in-memory store");
+    (Bus::local(store), Box::new(()))
+}
+
+async fn local_redb() -> (Bus, Backing) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = LocalStore::open(dir.path().join("state.redb")).expect("redb store");
+    (Bus::local(store), Box::new(dir))
+}
+
+async fn nats() -> (Bus, Backing) {
+    let server = NatsServer::start();
+    let bus = Bus::connect_nats(&server.url(), NatsOptions::default())
+        .await
+        .expect("connect to the test nats-server");
+    (bus, Box::new(server))
+}
+
+/// Instantiates every case once per implementation, as `<implementation>::<case>`.
+macro_rules! conformance {
+    ($($case:ident),+ $(,)?) => {
+        conformance!(@each local_memory, $($case),+);
+        conformance!(@each local_redb, $($case),+);
+        conformance!(@each nats, $($case),+);
+    };
+    (@each $implementation:ident, $($case:ident),+) => {
+        mod $implementation {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    let (bus, backing) = super::$implementation().await;
+                    super::cases::$case(bus).await;
+                    drop(backing);
+                }
+            )+
+        }
+    };
+}
+
+conformance!(
+    publish_reaches_every_subscriber,
+    star_matches_exactly_one_token,
+    greater_than_matches_one_or_more_tokens,
+    queue_group_delivers_each_message_to_one_member,
+    request_gets_the_reply,
+    request_without_responders_fails_at_once,
+    request_times_out_when_nobody_replies,
+    payloads_over_max_payload_are_refused,
+    invalid_names_are_refused,
+    kv_revisions_count_every_change_per_bucket,
+    kv_create_refuses_an_existing_key,
+    kv_update_is_compare_and_set,
+    kv_delete_makes_a_key_vacant,
+    kv_keys_and_entries_list_live_keys,
+    kv_watch_replays_current_values_then_follows_changes,
+    kv_watch_pattern_filters_keys,
+    kv_values_are_limited_like_nats_messages,
+    objects_hold_large_blobs,
+    objects_are_listed_and_deleted,
+);
+
+/// How long a test waits for something that should happen.
+const PATIENCE: Duration = Duration::from_secs(5);
+
+/// The next message of `subscription`, or a panic after [`PATIENCE`].
+async fn next(subscription: &mut Subscription) -> Message {
+    tokio::time::timeout(PATIENCE, subscription.next())
+        .await
+        .expect("no message within 5 s")
+        .expect("subscription ended")
+}
+
+/// Whether `subscription` stays silent for a moment.
+async fn stays_silent(subscription: &mut Subscription) -> bool {
+    tokio::time::timeout(Duration::from_millis(200), subscription.next())
+        .await
+        .is_err()
+}
+
+fn bytes(text: &str) -> Bytes {
+    Bytes::copy_from_slice(text.as_bytes())
+}
+
+/// The cases, each a function of a fresh bus.
+///
+/// "Not delivered" is shown without sleeping where possible: a message that
+/// must not arrive is published before one that must, and as each publisher's
+/// messages arrive in order, receiving the second first proves the first was
+/// not delivered.
+mod cases {
+    use std::collections::BTreeSet;
+    use std::time::{Duration, Instant};
+
+    use bytes::Bytes;
+    use futures::StreamExt;
+    use wharf_bus::{Bus, KvError, KvEvent, PublishError, RequestError, SubscribeError};
+
+    use super::{PATIENCE, bytes, next, stays_silent};
+
+    pub async fn publish_reaches_every_subscriber(bus: Bus) {
+        let mut first = bus.subscribe("events.a").await.expect("subscribe");
+        let mut second = bus.subscribe("events.a").await.expect("subscribe");
+        bus.publish("events.a", bytes("one"))
+            .await
+            .expect("publish");
+        bus.publish("events.a", bytes("two"))
+            .await
+            .expect("publish");
+        for subscriber in [&mut first, &mut second] {
+            let message = next(subscriber).await;
+            assert_eq!(message.subject, "events.a");
+            assert_eq!(message.payload, "one");
+            assert_eq!(message.reply, None);
+            assert_eq!(next(subscriber).await.payload, "two");
+        }
+    }
+
+    pub async fn star_matches_exactly_one_token(bus: Bus) {
+        let mut star = bus.subscribe("events.*").await.expect("subscribe");
+        let mut middle = bus.subscribe("a.*.c").await.expect("subscribe");
+        bus.publish("events", bytes("too short"))
+            .await
+            .expect("publish");
+        bus.publish("events.a.b", bytes("too long"))
+            .await
+            .expect("publish");
+        bus.publish("events.a", bytes("match"))
+            .await
+            .expect("publish");
+        let message = next(&mut star).await;
+        assert_eq!(
+            (message.subject.as_str(), &message.payload[..]),
+            ("events.a", &b"match"[..])
+        );
+
+        bus.publish("a.b.d", bytes("no")).await.expect("publish");
+        bus.publish("a.b.c", bytes("yes")).await.expect("publish");
+        assert_eq!(next(&mut middle).await.subject, "a.b.c");
+    }
+
+    pub async fn greater_than_matches_one_or_more_tokens(bus: Bus) {
+        let mut tail = bus.subscribe("events.>").await.expect("subscribe");
+        let mut all = bus.subscribe(">").await.expect("subscribe");
+        bus.publish("events", bytes("too short"))
+            .await
+            .expect("publish");
+        bus.publish("events.a", bytes("one"))
+            .await
+            .expect("publish");
+        bus.publish("events.a.b.c", bytes("three"))
+            .await
+            .expect("publish");
+        assert_eq!(next(&mut tail).await.subject, "events.a");
+        assert_eq!(next(&mut tail).await.subject, "events.a.b.c");
+        for subject in ["events", "events.a", "events.a.b.c"] {
+            assert_eq!(next(&mut all).await.subject, subject);
+        }
+    }
+
+    pub async fn queue_group_delivers_each_message_to_one_member(bus: Bus) {
+        const COUNT: usize = 200;
+        let mut members = [
+            bus.queue_subscribe("work.*", "workers")
+                .await
+                .expect("queue subscribe"),
+            bus.queue_subscribe("work.*", "workers")
+                .await
+                .expect("queue subscribe"),
+        ];
+        let mut other_group = bus
+            .queue_subscribe("work.*", "auditors")
+            .await
+            .expect("queue subscribe");
+        let mut watcher = bus.subscribe("work.*").await.expect("subscribe");
+        for index in 0..COUNT {
+            bus.publish("work.item", Bytes::from(index.to_string()))
+                .await
+                .expect("publish");
+        }
+
+        // Every plain subscriber and every group sees all messages, in order.
+        for subscription in [&mut watcher, &mut other_group] {
+            for index in 0..COUNT {
+                assert_eq!(next(subscription).await.payload, index.to_string());
+            }
+        }
+        // Within the group, each message reached exactly one member, and both members got some.
+        let mut seen = BTreeSet::new();
+        let mut per_member = [0; 2];
+        let [first, second] = &mut members;
+        while seen.len() < COUNT {
+            let (message, member) = tokio::select! {
+                message = next(first) => (message, 0),
+                message = next(second) => (message, 1),
+            };
+            assert!(
+                seen.insert(message.payload.clone()),
+                "delivered twice: {message:?}"
+            );
+            per_member[member] += 1;
+        }
+        assert!(
+            per_member.iter().all(|&count| count > 0),
+            "not spread: {per_member:?}"
+        );
+        for member in &mut members {
+            assert!(stays_silent(member).await, "a member got an extra message");
+        }
+    }
+
+    pub async fn request_gets_the_reply(bus: Bus) {
+        let mut requests = bus.subscribe("svc.echo").await.expect("subscribe");
+        let responder = bus.clone();
+        let serve = tokio::spawn(async move {
+            let request = next(&mut requests).await;
+            let mut reply = request.payload.to_vec();
+            reply.extend_from_slice(b"!");
+            responder
+                .respond(&request, reply.into())
+                .await
+                .expect("respond");
+        });
+        let reply = bus
+            .request("svc.echo", bytes("hello"), PATIENCE)
+            .await
+            .expect("request");
+        assert_eq!(reply.payload, "hello!");
+        serve.await.expect("responder");
+
+        // A published message cannot be answered.
+        let mut plain = bus.subscribe("svc.plain").await.expect("subscribe");
+        bus.publish("svc.plain", bytes("x")).await.expect("publish");
+        let message = next(&mut plain).await;
+        let err = bus
+            .respond(&message, bytes("y"))
+            .await
+            .expect_err("no reply subject");
+        assert!(
+            matches!(err, PublishError::NoReplySubject { .. }),
+            "{err:?}"
+        );
+    }
+
+    pub async fn request_without_responders_fails_at_once(bus: Bus) {
+        let started = Instant::now();
+        let err = bus
+            .request("svc.nobody", bytes("hello"), Duration::from_secs(10))
+            .await
+            .expect_err("nobody listens");
+        assert!(
+            matches!(err, RequestError::NoResponders { ref subject } if subject == "svc.nobody"),
+            "{err:?}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "took {:?}",
+            started.elapsed()
+        );
+        assert_eq!(err.to_string(), "no one is listening on `svc.nobody`");
+
+        // After the only subscriber is dropped there are no responders again.
+        drop(bus.subscribe("svc.gone").await.expect("subscribe"));
+        let err = bus
+            .request("svc.gone", bytes("hello"), Duration::from_secs(10))
+            .await
+            .expect_err("subscriber dropped");
+        assert!(matches!(err, RequestError::NoResponders { .. }), "{err:?}");
+    }
+
+    pub async fn request_times_out_when_nobody_replies(bus: Bus) {
+        let _silent = bus.subscribe("svc.silent").await.expect("subscribe");
+        let timeout = Duration::from_millis(300);
+        let started = Instant::now();
+        let err = bus
+            .request("svc.silent", bytes("hello"), timeout)
+            .await
+            .expect_err("nobody replies");
+        assert!(matches!(err, RequestError::TimedOut { .. }), "{err:?}");
+        assert!(
+            started.elapsed() >= timeout,
+            "gave up after {:?}",
+            started.elapsed()
+        );
+    }
+
+    pub async fn payloads_over_max_payload_are_refused(bus: Bus) {
+        let max = bus.max_payload();
+        assert_eq!(max, 1024 * 1024);
+        let mut subscription = bus.subscribe("big").await.expect("subscribe");
+        bus.publish("big", Bytes::from(vec![7; max]))
+            .await
+            .expect("publish at the limit");
+        assert_eq!(next(&mut subscription).await.payload.len(), max);
+
+        let err = bus
+            .publish("big", Bytes::from(vec![7; max + 1]))
+            .await
+            .expect_err("over the limit");
+        assert!(
+            matches!(err, PublishError::PayloadTooLarge { size, .. } if size == max + 1),
+            "{err:?}"
+        );
+        let err = bus
+            .request("big", Bytes::from(vec![7; max + 1]), PATIENCE)
+            .await
+            .expect_err("over the limit");
+        assert!(
+            matches!(err, RequestError::PayloadTooLarge { .. }),
+            "{err:?}"
+        );
+    }
+
+    pub async fn invalid_names_are_refused(bus: Bus) {
+        for subject in ["", "a..b", "a.", "a b", "a.*", "a.>"] {
+            let err = bus.publish(subject, bytes("x")).await.expect_err(subject);
+            assert!(
+                matches!(err, PublishError::InvalidSubject(_)),
+                "{subject}: {err:?}"
+            );
+        }
+        let err = bus.subscribe("a.>.b").await.err().expect("`>` not last");
+        assert!(matches!(err, SubscribeError::InvalidName(_)), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            "invalid subject `a.>.b`: `>` may only be the last token"
+        );
+        let err = bus
+            .queue_subscribe("a", "two words")
+            .await
+            .err()
+            .expect("bad group");
+        assert!(matches!(err, SubscribeError::InvalidName(_)), "{err:?}");
+
+        let err = bus.kv("wharf.services").await.err().expect("bad bucket");
+        assert!(matches!(err, KvError::InvalidName(_)), "{err:?}");
+        assert!(bus.objects("").await.is_err());
+        let kv = bus.kv("names").await.expect("kv");
+        for key in ["", "a*", "a..b", ".a", "a b", "ä"] {
+            let err = kv.put(key, bytes("x")).await.expect_err(key);
+            assert!(matches!(err, KvError::InvalidName(_)), "{key}: {err:?}");
+        }
+        let err = kv.watch("a.>.b").await.err().expect("bad pattern");
+        assert!(matches!(err, KvError::InvalidName(_)), "{err:?}");
+    }
+
+    pub async fn kv_revisions_count_every_change_per_bucket(bus: Bus) {
+        let kv = bus.kv("wharf-services").await.expect("kv");
+        assert_eq!(kv.get("default.hello").await.expect("get"), None);
+        // Revisions are the bucket's change count: exactly as NATS numbers
+        // the messages of the stream behind a bucket.
+        assert_eq!(kv.put("default.hello", bytes("v1")).await.expect("put"), 1);
+        assert_eq!(kv.put("default.hello", bytes("v2")).await.expect("put"), 2);
+        assert_eq!(kv.put("default.other", bytes("o1")).await.expect("put"), 3);
+        kv.delete("default.other").await.expect("delete");
+        assert_eq!(kv.put("default.third", bytes("t1")).await.expect("put"), 5);
+
+        let entry = kv.get("default.hello").await.expect("get").expect("entry");
+        assert_eq!(
+            (entry.key.as_str(), &entry.value[..], entry.revision),
+            ("default.hello", &b"v2"[..], 2)
+        );
+
+        // Another bucket counts on its own and shares no keys.
+        let other = bus.kv("wharf-kv-default").await.expect("kv");
+        assert_eq!(other.get("default.hello").await.expect("get"), None);
+        assert_eq!(
+            other.put("default.hello", bytes("x")).await.expect("put"),
+            1
+        );
+        // Opening a bucket again finds what is in it.
+        let again = bus.kv("wharf-services").await.expect("kv");
+        assert_eq!(
+            again
+                .get("default.hello")
+                .await
+                .expect("get")
+                .map(|entry| entry.revision),
+            Some(2)
+        );
+    }
+
+    pub async fn kv_create_refuses_an_existing_key(bus: Bus) {
+        let kv = bus.kv("create").await.expect("kv");
+        let revision = kv.create("k", bytes("first")).await.expect("create");
+        let err = kv.create("k", bytes("second")).await.expect_err("exists");
+        assert!(
+            matches!(err, KvError::AlreadyExists { ref key, .. } if key == "k"),
+            "{err:?}"
+        );
+        assert_eq!(err.to_string(), "key `k` already exists in bucket `create`");
+        let entry = kv.get("k").await.expect("get").expect("entry");
+        assert_eq!(
+            (&entry.value[..], entry.revision),
+            (&b"first"[..], revision)
+        );
+    }
+
+    pub async fn kv_update_is_compare_and_set(bus: Bus) {
+        let kv = bus.kv("cas").await.expect("kv");
+        let first = kv.put("k", bytes("a")).await.expect("put");
+        let second = kv
+            .update("k", bytes("b"), first)
+            .await
+            .expect("update at the current revision");
+        assert!(second > first);
+        let err = kv
+            .update("k", bytes("c"), first)
+            .await
+            .expect_err("stale revision");
+        assert!(
+            matches!(err, KvError::RevisionMismatch { ref key, expected, .. } if key == "k" && expected == first),
+            "{err:?}"
+        );
+        assert_eq!(kv.get("k").await.expect("get").expect("entry").value, "b");
+
+        // Revision 0 means "never written".
+        kv.update("fresh", bytes("new"), 0)
+            .await
+            .expect("update of a new key at 0");
+        let err = kv
+            .update("fresh", bytes("again"), 0)
+            .await
+            .expect_err("no longer new");
+        assert!(matches!(err, KvError::RevisionMismatch { .. }), "{err:?}");
+    }
+
+    pub async fn kv_delete_makes_a_key_vacant(bus: Bus) {
+        let kv = bus.kv("delete").await.expect("kv");
+        kv.put("k", bytes("a")).await.expect("put");
+        kv.put("stays", bytes("b")).await.expect("put");
+        kv.delete("k").await.expect("delete");
+        assert_eq!(kv.get("k").await.expect("get"), None);
+        assert_eq!(kv.keys().await.expect("keys"), ["stays"]);
+        // Deleting what is not there is fine.
+        kv.delete("k").await.expect("delete again");
+        kv.delete("never")
+            .await
+            .expect("delete a key never written");
+        let revision = kv
+            .create("k", bytes("back"))
+            .await
+            .expect("create after delete");
+        let entry = kv.get("k").await.expect("get").expect("entry");
+        assert_eq!((&entry.value[..], entry.revision), (&b"back"[..], revision));
+    }
+
+    pub async fn kv_keys_and_entries_list_live_keys(bus: Bus) {
+        let kv = bus.kv("listing").await.expect("kv");
+        assert!(kv.keys().await.expect("keys").is_empty());
+        assert!(kv.entries().await.expect("entries").is_empty());
+        let keys = ["svc/default=hello", "b.two", "a-1_x.one", "gone"];
+        for key in keys {
+            kv.put(key, bytes(key)).await.expect("put");
+        }
+        kv.delete("gone").await.expect("delete");
+        assert_eq!(
+            kv.keys().await.expect("keys"),
+            ["a-1_x.one", "b.two", "svc/default=hello"]
+        );
+        let entries = kv.entries().await.expect("entries");
+        let listed: Vec<_> = entries
+            .iter()
+            .map(|entry| (entry.key.as_str(), &entry.value[..], entry.revision))
+            .collect();
+        assert_eq!(
+            listed,
+            [
+                ("a-1_x.one", &b"a-1_x.one"[..], 3),
+                ("b.two", &b"b.two"[..], 2),
+                ("svc/default=hello", &b"svc/default=hello"[..], 1),
+            ]
+        );
+    }
+
+    pub async fn kv_watch_replays_current_values_then_follows_changes(bus: Bus) {
+        let kv = bus.kv("watched").await.expect("kv");
+        kv.put("deleted", bytes("x")).await.expect("put");
+        kv.put("b", bytes("b1")).await.expect("put");
+        kv.put("a", bytes("a1")).await.expect("put");
+        kv.delete("deleted").await.expect("delete");
+
+        let mut watch = kv.watch(">").await.expect("watch");
+        let mut next_event = async || -> KvEvent {
+            tokio::time::timeout(PATIENCE, watch.next())
+                .await
+                .expect("no event within 5 s")
+                .expect("watch ended")
+        };
+        let event = |key: &str, value: Option<&str>, revision| KvEvent {
+            key: key.to_owned(),
+            value: value.map(bytes),
+            revision,
+        };
+        // Current values first, oldest first; the deleted key is not replayed.
+        assert_eq!(next_event().await, event("b", Some("b1"), 2));
+        assert_eq!(next_event().await, event("a", Some("a1"), 3));
+        // Then every change.
+        kv.put("a", bytes("a2")).await.expect("put");
+        assert_eq!(next_event().await, event("a", Some("a2"), 5));
+        kv.delete("b").await.expect("delete");
+        assert_eq!(next_event().await, event("b", None, 6));
+        kv.create("c", bytes("c1")).await.expect("create");
+        assert_eq!(next_event().await, event("c", Some("c1"), 7));
+    }
+
+    pub async fn kv_watch_pattern_filters_keys(bus: Bus) {
+        let kv = bus.kv("assignments").await.expect("kv");
+        kv.put("hosts.h1", bytes("1")).await.expect("put");
+        kv.put("hosts.h1.extra", bytes("deeper"))
+            .await
+            .expect("put");
+        kv.put("other", bytes("o")).await.expect("put");
+        let mut watch = kv.watch("hosts.*").await.expect("watch");
+        let mut next_key = async || -> (String, u64) {
+            let event = tokio::time::timeout(PATIENCE, watch.next())
+                .await
+                .expect("no event within 5 s")
+                .expect("watch ended");
+            (event.key, event.revision)
+        };
+        assert_eq!(next_key().await, ("hosts.h1".to_owned(), 1));
+        kv.put("other", bytes("o2")).await.expect("put");
+        kv.put("hosts.h1.extra", bytes("deeper2"))
+            .await
+            .expect("put");
+        kv.put("hosts.h2", bytes("2")).await.expect("put");
+        assert_eq!(next_key().await, ("hosts.h2".to_owned(), 6));
+
+        // A watch on one key sees that key only.
+        let mut single = kv.watch("other").await.expect("watch");
+        let event = tokio::time::timeout(PATIENCE, single.next())
+            .await
+            .expect("no event within 5 s")
+            .expect("watch ended");
+        assert_eq!((event.key.as_str(), event.revision), ("other", 4));
+    }
+
+    pub async fn kv_values_are_limited_like_nats_messages(bus: Bus) {
+        let kv = bus.kv("limits").await.expect("kv");
+        let max = bus.max_payload() - 1024;
+        kv.put("big", Bytes::from(vec![1; max]))
+            .await
+            .expect("put at the limit");
+        kv.update("big", Bytes::from(vec![2; max]), 1)
+            .await
+            .expect("update at the limit");
+        assert_eq!(
+            kv.get("big")
+                .await
+                .expect("get")
+                .expect("entry")
+                .value
+                .len(),
+            max
+        );
+        let err = kv
+            .put("big", Bytes::from(vec![1; max + 1]))
+            .await
+            .expect_err("over the limit");
+        assert!(
+            matches!(err, KvError::ValueTooLarge { size, .. } if size == max + 1),
+            "{err:?}"
+        );
+    }
+
+    pub async fn objects_hold_large_blobs(bus: Bus) {
+        let objects = bus.objects("wharf-artifacts").await.expect("objects");
+        // Bigger than max_payload, so NATS has to chunk it; not a repeating
+        // pattern, so chunks in the wrong order would show.
+        let blob: Bytes = (0..3 * 1024 * 1024u32)
+            .map(|i| (i % 251) as u8)
+            .collect::<Vec<_>>()
+            .into();
+        let name = "sha256:0123abcd";
+        assert!(!objects.exists(name).await.expect("exists"));
+        assert_eq!(objects.get(name).await.expect("get"), None);
+        objects.put(name, blob.clone()).await.expect("put");
+        assert!(objects.exists(name).await.expect("exists"));
+        assert!(
+            objects.get(name).await.expect("get") == Some(blob),
+            "content differs"
+        );
+        // Put replaces.
+        objects.put(name, bytes("small")).await.expect("put again");
+        assert_eq!(objects.get(name).await.expect("get"), Some(bytes("small")));
+        // Buckets are separate.
+        let other = bus.objects("other-artifacts").await.expect("objects");
+        assert!(!other.exists(name).await.expect("exists"));
+    }
+
+    pub async fn objects_are_listed_and_deleted(bus: Bus) {
+        let objects = bus.objects("listed").await.expect("objects");
+        assert!(objects.list().await.expect("list").is_empty());
+        for name in ["b", "a", "c/with slash"] {
+            objects.put(name, bytes(name)).await.expect("put");
+        }
+        assert_eq!(
+            objects.list().await.expect("list"),
+            ["a", "b", "c/with slash"]
+        );
+        objects.delete("a").await.expect("delete");
+        assert_eq!(objects.list().await.expect("list"), ["b", "c/with slash"]);
+        assert_eq!(objects.get("a").await.expect("get"), None);
+        assert!(!objects.exists("a").await.expect("exists"));
+        objects.delete("a").await.expect("delete again");
+        objects
+            .delete("never")
+            .await
+            .expect("delete an object never stored");
+    }
+}

@@ -1,0 +1,65 @@
+//! The per-request state of one instance: what a wasmtime `Store` holds.
+
+use crate::egress::{EgressHooks, EgressPolicy};
+use crate::limits::MemoryLimiter;
+use crate::logs::{CapturedOutput, LogBuffer, LogStream};
+use wasmtime::component::ResourceTable;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
+use wharf_proto::ByteSize;
+
+/// Everything one instance may touch. Built fresh for each request and dropped
+/// with it, so nothing leaks from one request to the next.
+pub(crate) struct InstanceState {
+    wasi: WasiCtx,
+    http: WasiHttpCtx,
+    table: ResourceTable,
+    hooks: EgressHooks,
+    pub(crate) limiter: MemoryLimiter,
+    stdout: CapturedOutput,
+    stderr: CapturedOutput,
+}
+
+impl InstanceState {
+    pub(crate) fn new(env: &[(String, String)], memory: ByteSize, policy: EgressPolicy, logs: &LogBuffer) -> Self {
+        let stdout = logs.stream(LogStream::Stdout);
+        let stderr = logs.stream(LogStream::Stderr);
+        // No preopened directories and no sockets: the component reaches the
+        // outside world only through wasi:http, past the egress hooks.
+        let wasi = WasiCtx::builder()
+            .envs(env)
+            .stdout(stdout.clone())
+            .stderr(stderr.clone())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        InstanceState {
+            wasi,
+            http: WasiHttpCtx::new(),
+            table: ResourceTable::new(),
+            hooks: EgressHooks { policy, logs: logs.clone() },
+            limiter: MemoryLimiter::new(memory),
+            stdout,
+            stderr,
+        }
+    }
+
+    /// Flushes partial log lines once the instance is done.
+    pub(crate) fn finish_logs(&self) {
+        self.stdout.finish();
+        self.stderr.finish();
+    }
+}
+
+impl WasiView for InstanceState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+impl WasiHttpView for InstanceState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView { ctx: &mut self.http, table: &mut self.table, hooks: &mut self.hooks }
+    }
+}

@@ -1,0 +1,26 @@
+//! Wharf's worker host: runs `wasi:http` components in wasmtime under hard limits.
+//!
+//! The pieces, each in its own module:
+//! - [`runtime`]: the wasmtime engine (pooling allocator, fuel, epochs), the
+//!   on-disk compile cache, and loading a component with its checks.
+//! - [`workload`]: one loaded component with its limits; serves each request
+//!   from a fresh instance and turns every failure into a clear response.
+//! - [`limits`]: per-instance memory cap and per-request budgets.
+//! - [`logs`]: a component's stdout/stderr captured as tagged log lines.
+//! - [`egress`]: the outbound-request policy (allow-list) for `wasi:http`.
+//! - [`metrics`]: Prometheus metrics for every workload on the host.
+//! - [`ingress`]: the HTTP server that hands requests to a [`ingress::Handler`].
+
+pub mod egress;
+pub mod ingress;
+pub mod limits;
+pub mod logs;
+pub mod metrics;
+pub mod runtime;
+pub mod workload;
+
+mod instance;
+
+pub use limits::WorkloadLimits;
+pub use runtime::{LoadError, LoadedComponent, Runtime, RuntimeConfig, RuntimeError};
+pub use workload::{Outcome, Workload, WorkloadSpec};

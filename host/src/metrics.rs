@@ -1,0 +1,146 @@
+//! Prometheus metrics for every workload on a host, served at `/metrics`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use std::sync::Arc;
+
+/// Labels of per-service metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    /// `namespace/name`.
+    pub service: String,
+}
+
+/// Labels of the request counter: the service and how the request ended.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// `namespace/name`.
+    pub service: String,
+    /// One of [`crate::Outcome::label`].
+    pub outcome: String,
+}
+
+type HistogramFamily = Family<ServiceLabels, Histogram, fn() -> Histogram>;
+
+/// The host's metric families. Cheap to clone; clones share the metrics.
+#[derive(Clone)]
+pub struct HostMetrics {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    registry: Registry,
+    requests: Family<OutcomeLabels, Counter>,
+    latency: HistogramFamily,
+    in_flight: Family<ServiceLabels, Gauge>,
+    instantiation: HistogramFamily,
+    fuel: Family<ServiceLabels, Counter>,
+    memory_peak: HistogramFamily,
+    memory_reserved: Family<ServiceLabels, Gauge>,
+}
+
+fn latency_histogram() -> Histogram {
+    // 100 µs .. ~50 s.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 20))
+}
+
+fn instantiation_histogram() -> Histogram {
+    // 1 µs .. ~16 ms.
+    Histogram::new(exponential_buckets(0.000_001, 2.0, 15))
+}
+
+fn memory_histogram() -> Histogram {
+    // 64 KiB (one wasm page) .. 4 GiB.
+    Histogram::new(exponential_buckets(65536.0, 2.0, 17))
+}
+
+impl Default for HostMetrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("wharf");
+        let requests = Family::<OutcomeLabels, Counter>::default();
+        let latency = HistogramFamily::new_with_constructor(latency_histogram);
+        let in_flight = Family::<ServiceLabels, Gauge>::default();
+        let instantiation = HistogramFamily::new_with_constructor(instantiation_histogram);
+        let fuel = Family::<ServiceLabels, Counter>::default();
+        let memory_peak = HistogramFamily::new_with_constructor(memory_histogram);
+        let memory_reserved = Family::<ServiceLabels, Gauge>::default();
+        registry.register("requests", "Requests served, by service and outcome", requests.clone());
+        registry.register("request_duration_seconds", "Time from admission to the end of the request", latency.clone());
+        registry.register("requests_in_flight", "Requests admitted or waiting for an instance", in_flight.clone());
+        registry.register("instantiation_seconds", "Time to create a fresh instance for a request", instantiation.clone());
+        registry.register("fuel_consumed", "Fuel burned by requests", fuel.clone());
+        registry.register("instance_memory_peak_bytes", "Peak linear memory of an instance", memory_peak.clone());
+        registry.register("memory_reserved_bytes", "Memory reserved by a workload (memory cap x concurrency)", memory_reserved.clone());
+        HostMetrics {
+            inner: Arc::new(Inner { registry, requests, latency, in_flight, instantiation, fuel, memory_peak, memory_reserved }),
+        }
+    }
+}
+
+impl HostMetrics {
+    /// The metrics of one service, with label sets resolved once.
+    pub fn service(&self, service: &str) -> ServiceMetrics {
+        let labels = ServiceLabels { service: service.to_string() };
+        let inner = &self.inner;
+        ServiceMetrics {
+            metrics: self.clone(),
+            latency: inner.latency.get_or_create(&labels).clone(),
+            in_flight: inner.in_flight.get_or_create(&labels).clone(),
+            instantiation: inner.instantiation.get_or_create(&labels).clone(),
+            fuel: inner.fuel.get_or_create(&labels).clone(),
+            memory_peak: inner.memory_peak.get_or_create(&labels).clone(),
+            memory_reserved: inner.memory_reserved.get_or_create(&labels).clone(),
+            labels,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.inner.registry) {
+            tracing::error!("could not encode metrics (a bug): {e}");
+        }
+        out
+    }
+
+    /// Removes a service's series when its workload is unloaded.
+    fn forget(&self, labels: &ServiceLabels) {
+        let inner = &self.inner;
+        inner.latency.remove(labels);
+        inner.in_flight.remove(labels);
+        inner.instantiation.remove(labels);
+        inner.fuel.remove(labels);
+        inner.memory_peak.remove(labels);
+        inner.memory_reserved.remove(labels);
+    }
+}
+
+/// One service's metrics.
+#[derive(Clone)]
+pub struct ServiceMetrics {
+    metrics: HostMetrics,
+    labels: ServiceLabels,
+    pub(crate) latency: Histogram,
+    pub(crate) in_flight: Gauge,
+    pub(crate) instantiation: Histogram,
+    pub(crate) fuel: Counter,
+    pub(crate) memory_peak: Histogram,
+    pub(crate) memory_reserved: Gauge,
+}
+
+impl ServiceMetrics {
+    /// Counts one finished request with its outcome label.
+    pub(crate) fn count(&self, outcome: &'static str) {
+        let labels = OutcomeLabels { service: self.labels.service.clone(), outcome: outcome.to_string() };
+        self.metrics.inner.requests.get_or_create(&labels).inc();
+    }
+
+    /// Removes this service's gauges and histograms (counters stay: they are cumulative).
+    pub(crate) fn forget(&self) {
+        self.metrics.forget(&self.labels);
+    }
+}

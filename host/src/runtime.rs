@@ -1,0 +1,377 @@
+//! The wasmtime engine a host runs every component on, and loading a component
+//! into it: the checks a component must pass before it can run, and the
+//! on-disk cache of compiled code.
+//!
+//! One [`Runtime`] per host. Its engine uses the pooling allocator (instance
+//! slots reserved up front, sized from the host's configured capacity), fuel
+//! for per-request CPU budgets, and epoch interruption for wall-clock
+//! deadlines; a background thread advances the epoch every [`EPOCH_TICK`].
+
+use crate::instance::InstanceState;
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use wasmtime::component::{Component, Linker};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
+use wharf_proto::{ByteSize, Digest};
+
+/// How often the epoch advances. A running guest yields to the tokio
+/// scheduler once per tick and its deadline is checked then, so this is both
+/// the time slice and the resolution of deadlines.
+pub const EPOCH_TICK: Duration = Duration::from_millis(2);
+
+/// The export every Wharf component must have.
+pub const HTTP_HANDLER_EXPORT: &str = "wasi:http/incoming-handler";
+
+/// How a host's engine is sized.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Instance slots in the pooling allocator: the most instances, over all
+    /// workloads, that can run at once on this host.
+    pub max_instances: u32,
+    /// The largest linear memory any one instance may be given.
+    pub max_instance_memory: ByteSize,
+    /// Where compiled components are cached; `None` keeps them in memory only.
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig { max_instances: 1000, max_instance_memory: ByteSize::gib(1), cache_dir: None }
+    }
+}
+
+/// Why the runtime could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// The engine could not be created, typically because the pooling
+    /// allocator could not reserve address space for its slots.
+    #[error("could not create the wasm engine with {max_instances} instance slots of up to {max_memory} each: {source:#}; lower --max-instances or the largest memory")]
+    Engine { max_instances: u32, max_memory: ByteSize, source: wasmtime::Error },
+    /// The WASI interfaces could not be linked (a bug).
+    #[error("could not link the WASI interfaces (a bug in Wharf): {0:#}")]
+    Link(wasmtime::Error),
+    /// The compile cache directory could not be created.
+    #[error("could not create the compile cache directory {path}: {source}")]
+    CacheDir { path: PathBuf, source: std::io::Error },
+}
+
+/// Why a component was refused. Every variant names the problem and, where
+/// it can, what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The bytes are not WebAssembly at all.
+    #[error("not a WebAssembly component: the file does not start with the wasm magic bytes (\\0asm); found {found}")]
+    NotWasm { found: String },
+    /// A core module, not a component.
+    #[error("this is a core WebAssembly module, not a component: build for the wasm32-wasip2 target or wrap it with `wasm-tools component new`")]
+    CoreModule,
+    /// The digest given with the bytes does not match them.
+    #[error("digest mismatch: expected {expected}, the bytes hash to {actual}")]
+    DigestMismatch { expected: Digest, actual: Digest },
+    /// wasmtime refused the component (malformed or invalid).
+    #[error("invalid component: {0}")]
+    Invalid(String),
+    /// The component imports something this host does not provide.
+    #[error("the component imports `{import}`, which Wharf hosts do not provide (they provide WASI 0.2: wasi:http, wasi:cli, wasi:io, wasi:clocks, wasi:random, wasi:filesystem, wasi:sockets): {detail}")]
+    UnsupportedImport { import: String, detail: String },
+    /// The component does not export the HTTP handler.
+    #[error("the component does not export `{HTTP_HANDLER_EXPORT}` (the wasi:http/proxy world); its exports are: {exports}{hint}")]
+    WrongWorld { exports: String, hint: &'static str },
+    /// The export exists but its type does not match wasi:http 0.2.
+    #[error("the component's `{HTTP_HANDLER_EXPORT}` export does not match wasi:http 0.2: {0}")]
+    IncompatibleExport(String),
+}
+
+/// A component that passed every check, compiled and pre-linked.
+#[derive(Clone)]
+pub struct LoadedComponent {
+    /// The sha256 of the component's bytes.
+    pub digest: Digest,
+    pub(crate) pre: ProxyPre<InstanceState>,
+    /// Whether the compiled code came from the cache (memory or disk).
+    pub cached: bool,
+    /// Time spent compiling or loading compiled code.
+    pub load_time: Duration,
+}
+
+impl std::fmt::Debug for LoadedComponent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedComponent").field("digest", &self.digest).field("cached", &self.cached).finish()
+    }
+}
+
+/// The host's wasm engine and its compile cache. Cheap to clone.
+#[derive(Clone)]
+pub struct Runtime {
+    inner: Arc<RuntimeInner>,
+}
+
+struct RuntimeInner {
+    engine: Engine,
+    linker: Linker<InstanceState>,
+    cache_dir: Option<PathBuf>,
+    /// Hash of the engine's code-generation settings; part of every cache file name.
+    engine_hash: String,
+    /// Compiled components by digest, so a second replica of the same
+    /// artifact shares code with the first. Held only for lookups and inserts.
+    compiled: Mutex<HashMap<Digest, Component>>,
+    config: RuntimeConfig,
+}
+
+impl Drop for RuntimeInner {
+    fn drop(&mut self) {
+        tracing::debug!("wasm runtime stopped");
+    }
+}
+
+impl Runtime {
+    /// Creates the engine and starts its epoch ticker.
+    pub fn new(config: RuntimeConfig) -> Result<Self, RuntimeError> {
+        let engine = Engine::new(&engine_config(&config)).map_err(|source| RuntimeError::Engine {
+            max_instances: config.max_instances,
+            max_memory: config.max_instance_memory,
+            source,
+        })?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(RuntimeError::Link)?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker).map_err(RuntimeError::Link)?;
+        if let Some(dir) = &config.cache_dir {
+            std::fs::create_dir_all(dir).map_err(|source| RuntimeError::CacheDir { path: dir.clone(), source })?;
+        }
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        engine.precompile_compatibility_hash().hash(&mut hasher);
+        let engine_hash = format!("{:016x}", hasher.finish());
+        spawn_epoch_ticker(engine.weak());
+        Ok(Runtime {
+            inner: Arc::new(RuntimeInner {
+                engine,
+                linker,
+                cache_dir: config.cache_dir.clone(),
+                engine_hash,
+                compiled: Mutex::new(HashMap::new()),
+                config,
+            }),
+        })
+    }
+
+    /// The engine's configuration.
+    pub fn config(&self) -> &RuntimeConfig {
+        &self.inner.config
+    }
+
+    pub(crate) fn engine(&self) -> &Engine {
+        &self.inner.engine
+    }
+
+    /// Whether this host already has `digest` compiled (in memory or on disk).
+    pub fn has_compiled(&self, digest: &Digest) -> bool {
+        let in_memory = self.inner.compiled.lock().map(|c| c.contains_key(digest)).unwrap_or(false);
+        in_memory || self.cache_path(digest).is_some_and(|p| p.exists())
+    }
+
+    /// Checks and compiles a component. Blocking and CPU-heavy on a cache
+    /// miss: call it from `spawn_blocking` in async code.
+    ///
+    /// The checks, in order: wasm magic; component rather than core module;
+    /// `expected` digest; wasmtime's validation; every import provided by
+    /// this host; the `wasi:http/incoming-handler` export with the right type.
+    pub fn load(&self, bytes: &[u8], expected: Option<&Digest>) -> Result<LoadedComponent, LoadError> {
+        let started = Instant::now();
+        check_preamble(bytes)?;
+        let digest = Digest::of(bytes);
+        if let Some(expected) = expected
+            && *expected != digest
+        {
+            return Err(LoadError::DigestMismatch { expected: expected.clone(), actual: digest });
+        }
+        let (component, cached) = self.compile(bytes, &digest)?;
+        let instance_pre = self.inner.linker.instantiate_pre(&component).map_err(|e| self.explain_link_error(&component, e))?;
+        let exports: Vec<String> =
+            component.component_type().exports(&self.inner.engine).map(|(name, _)| name.to_string()).collect();
+        if !exports.iter().any(|name| export_matches(name)) {
+            let hint = if exports.iter().any(|e| e.starts_with("wasi:cli/run")) {
+                " (it looks like a command with a main function; Wharf runs HTTP services built with the wasi:http/proxy world)"
+            } else {
+                ""
+            };
+            let exports = if exports.is_empty() { "none".to_string() } else { exports.join(", ") };
+            return Err(LoadError::WrongWorld { exports, hint });
+        }
+        let pre = ProxyPre::new(instance_pre).map_err(|e| LoadError::IncompatibleExport(format!("{e:#}")))?;
+        Ok(LoadedComponent { digest, pre, cached, load_time: started.elapsed() })
+    }
+
+    /// Finds compiled code in memory, then on disk, then compiles.
+    fn compile(&self, bytes: &[u8], digest: &Digest) -> Result<(Component, bool), LoadError> {
+        if let Some(component) = self.inner.compiled.lock().ok().and_then(|c| c.get(digest).cloned()) {
+            return Ok((component, true));
+        }
+        if let Some(component) = self.read_cache(digest) {
+            self.remember(digest, &component);
+            return Ok((component, true));
+        }
+        let component = Component::new(&self.inner.engine, bytes).map_err(|e| LoadError::Invalid(format!("{e:#}")))?;
+        self.write_cache(digest, &component);
+        self.remember(digest, &component);
+        Ok((component, false))
+    }
+
+    fn remember(&self, digest: &Digest, component: &Component) {
+        if let Ok(mut compiled) = self.inner.compiled.lock() {
+            compiled.insert(digest.clone(), component.clone());
+        }
+    }
+
+    /// Drops the in-memory compiled code of `digest` (its disk cache stays).
+    pub fn forget(&self, digest: &Digest) {
+        if let Ok(mut compiled) = self.inner.compiled.lock() {
+            compiled.remove(digest);
+        }
+    }
+
+    fn cache_path(&self, digest: &Digest) -> Option<PathBuf> {
+        let dir = self.inner.cache_dir.as_ref()?;
+        Some(dir.join(format!("{}-{}.cwasm", digest.hex(), self.inner.engine_hash)))
+    }
+
+    fn read_cache(&self, digest: &Digest) -> Option<Component> {
+        let path = self.cache_path(digest)?;
+        if !path.exists() {
+            return None;
+        }
+        // SAFETY: the file name carries the digest of the source bytes and the
+        // engine's compatibility hash, and only this module writes into the
+        // cache directory (atomically, via rename), so the file holds code this
+        // engine compiled. wasmtime also checks the header and engine settings.
+        #[allow(unsafe_code, reason = "loading our own compiled code from the cache is unsafe by wasmtime's API")]
+        let loaded = unsafe { Component::deserialize_file(&self.inner.engine, &path) };
+        match loaded {
+            Ok(component) => Some(component),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), "discarding unusable compiled cache entry: {e:#}");
+                let _ = std::fs::remove_file(&path);
+                None
+            }
+        }
+    }
+
+    fn write_cache(&self, digest: &Digest, component: &Component) {
+        let Some(path) = self.cache_path(digest) else { return };
+        let result = component.serialize().map_err(|e| e.to_string()).and_then(|bytes| {
+            write_atomically(&path, &bytes).map_err(|e| e.to_string())
+        });
+        if let Err(e) = result {
+            // The cache only saves time; a failure to write it is not fatal.
+            tracing::warn!(path = %path.display(), "could not cache compiled component: {e}");
+        }
+    }
+
+    fn explain_link_error(&self, component: &Component, error: wasmtime::Error) -> LoadError {
+        let detail = format!("{error:#}");
+        let import = component
+            .component_type()
+            .imports(&self.inner.engine)
+            .map(|(name, _)| name.to_string())
+            .find(|name| detail.contains(name.as_str()))
+            .unwrap_or_else(|| "an interface".to_string());
+        LoadError::UnsupportedImport { import, detail }
+    }
+}
+
+fn export_matches(name: &str) -> bool {
+    name == HTTP_HANDLER_EXPORT || name.strip_prefix(HTTP_HANDLER_EXPORT).is_some_and(|rest| rest.starts_with("@0.2"))
+}
+
+/// The first eight bytes tell garbage, core modules and components apart
+/// before wasmtime sees them, so each gets its own clear error.
+fn check_preamble(bytes: &[u8]) -> Result<(), LoadError> {
+    if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
+        let shown: String = bytes.iter().take(8).map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ");
+        let found = if bytes.is_empty() { "an empty file".to_string() } else { format!("bytes {shown}") };
+        return Err(LoadError::NotWasm { found });
+    }
+    // Core modules have layer 0 (bytes 6..8), components layer 1.
+    if bytes[6..8] == [0, 0] {
+        return Err(LoadError::CoreModule);
+    }
+    Ok(())
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+fn engine_config(config: &RuntimeConfig) -> Config {
+    let max_instances = config.max_instances.max(1);
+    let mut pool = PoolingAllocationConfig::default();
+    // A Rust wasm32-wasip2 component holds several core instances (the
+    // program, the WASI adapter and small shims) and up to two memories.
+    pool.total_component_instances(max_instances)
+        .total_core_instances(max_instances.saturating_mul(CORE_INSTANCES_PER_COMPONENT))
+        .max_core_instances_per_component(MAX_CORE_INSTANCES_PER_COMPONENT)
+        .total_memories(max_instances.saturating_mul(MEMORIES_PER_COMPONENT))
+        .max_memories_per_component(MAX_MEMORIES_PER_COMPONENT)
+        .total_tables(max_instances.saturating_mul(TABLES_PER_COMPONENT))
+        .max_tables_per_component(MAX_TABLES_PER_COMPONENT)
+        .total_stacks(max_instances)
+        .max_memory_size(usize::try_from(config.max_instance_memory.bytes()).unwrap_or(usize::MAX));
+    let mut wasm = Config::new();
+    wasm.async_support(true)
+        .wasm_component_model(true)
+        .consume_fuel(true)
+        .epoch_interruption(true)
+        .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    wasm
+}
+
+const CORE_INSTANCES_PER_COMPONENT: u32 = 8;
+const MAX_CORE_INSTANCES_PER_COMPONENT: u32 = 64;
+const MEMORIES_PER_COMPONENT: u32 = 2;
+const MAX_MEMORIES_PER_COMPONENT: u32 = 4;
+const TABLES_PER_COMPONENT: u32 = 4;
+const MAX_TABLES_PER_COMPONENT: u32 = 16;
+
+/// Advances the epoch until the engine is dropped. A plain thread rather than
+/// a tokio task, so a busy runtime cannot delay the ticks that bound it.
+fn spawn_epoch_ticker(engine: wasmtime::EngineWeak) {
+    let spawned = std::thread::Builder::new().name("wharf-epoch".into()).spawn(move || {
+        while let Some(engine) = engine.upgrade() {
+            engine.increment_epoch();
+            drop(engine);
+            std::thread::sleep(EPOCH_TICK);
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::error!("could not start the epoch ticker; deadlines will not be enforced: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn preamble_tells_garbage_core_modules_and_components_apart() {
+        assert!(matches!(check_preamble(b""), Err(LoadError::NotWasm { found }) if found == "an empty file"));
+        assert!(matches!(check_preamble(b"hello world"), Err(LoadError::NotWasm { found }) if found.starts_with("bytes 68 65")));
+        assert!(matches!(check_preamble(b"\0asm\x01\0\0\0"), Err(LoadError::CoreModule)));
+        assert!(check_preamble(b"\0asm\x0d\0\x01\0").is_ok());
+    }
+
+    #[test]
+    fn export_names_match_any_0_2_version() {
+        assert!(export_matches("wasi:http/incoming-handler@0.2.0"));
+        assert!(export_matches("wasi:http/incoming-handler@0.2.6"));
+        assert!(!export_matches("wasi:http/incoming-handler@0.3.0"));
+        assert!(!export_matches("wasi:cli/run@0.2.0"));
+    }
+}

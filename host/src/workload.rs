@@ -1,0 +1,438 @@
+//! One loaded component with its limits, serving each request from a fresh
+//! instance and turning every way a request can fail into a clear response.
+
+use crate::egress::EgressPolicy;
+use crate::instance::InstanceState;
+use crate::limits::WorkloadLimits;
+use crate::logs::LogBuffer;
+use crate::metrics::{HostMetrics, ServiceMetrics};
+use crate::runtime::{LoadedComponent, Runtime};
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
+use wasmtime::{Store, Trap, UpdateDeadline};
+use wasmtime_wasi_http::WasiHttpView;
+use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
+use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
+use wharf_proto::ByteSize;
+
+/// The body of every response a workload produces.
+pub type ResponseBody = HyperOutgoingBody;
+
+/// Header naming the failure on every error response Wharf itself writes.
+pub const ERROR_HEADER: &str = "x-wharf-error";
+
+/// Time past the deadline before a request stuck in a host call is abandoned.
+/// Guest code is interrupted at the deadline itself (within one epoch tick).
+const DEADLINE_GRACE: Duration = Duration::from_millis(20);
+
+/// What a workload runs with besides its component.
+#[derive(Debug, Clone)]
+pub struct WorkloadSpec {
+    /// `namespace/name` of the service; tags logs and metrics.
+    pub service: String,
+    /// Memory cap, fuel, deadline and concurrency.
+    pub limits: WorkloadLimits,
+    /// Environment variables the component sees.
+    pub env: Vec<(String, String)>,
+    /// Outbound hosts the component may call.
+    pub egress: EgressPolicy,
+    /// Log lines kept in memory.
+    pub log_lines: usize,
+}
+
+impl WorkloadSpec {
+    /// A spec with default limits, no environment and no outbound access.
+    pub fn new(service: impl Into<String>) -> Self {
+        WorkloadSpec {
+            service: service.into(),
+            limits: WorkloadLimits::default(),
+            env: Vec::new(),
+            egress: EgressPolicy::default(),
+            log_lines: 1000,
+        }
+    }
+}
+
+/// How one request ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The component answered (whatever its status code).
+    Ok,
+    /// The component trapped (a panic, `unreachable`, an out-of-bounds access).
+    Trap(String),
+    /// The request burned its whole fuel budget.
+    FuelExhausted { budget: u64 },
+    /// The instance tried to grow its memory past the cap.
+    MemoryLimit { cap: ByteSize },
+    /// The request ran past its wall-clock deadline.
+    Deadline { timeout: Duration },
+    /// No instance slot came free within the queue timeout.
+    Overloaded { concurrency: u32, waited: Duration },
+    /// The request could not be handed to the component.
+    BadRequest(String),
+    /// The component finished without ever setting a response.
+    NoResponse,
+    /// The host could not run the component (e.g. no instance slot in the pool).
+    HostError(String),
+}
+
+impl Outcome {
+    /// The metric label and `x-wharf-error` value of this outcome.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Trap(_) => "trap",
+            Outcome::FuelExhausted { .. } => "fuel_exhausted",
+            Outcome::MemoryLimit { .. } => "memory_limit",
+            Outcome::Deadline { .. } => "deadline",
+            Outcome::Overloaded { .. } => "overloaded",
+            Outcome::BadRequest(_) => "bad_request",
+            Outcome::NoResponse => "no_response",
+            Outcome::HostError(_) => "host_error",
+        }
+    }
+
+    fn status(&self) -> StatusCode {
+        match self {
+            Outcome::Ok => StatusCode::OK,
+            Outcome::Deadline { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Outcome::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Outcome::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Outcome::Trap(_)
+            | Outcome::FuelExhausted { .. }
+            | Outcome::MemoryLimit { .. }
+            | Outcome::NoResponse
+            | Outcome::HostError(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn message(&self, service: &str) -> String {
+        match self {
+            Outcome::Ok => "ok".to_string(),
+            Outcome::Trap(detail) => format!("{service}: the component trapped: {detail} (a panic ends this way; see the service's logs)"),
+            Outcome::FuelExhausted { budget } => {
+                format!("{service}: the request used up its fuel budget of {budget} units (CPU limit); raise --fuel or do less work per request")
+            }
+            Outcome::MemoryLimit { cap } => {
+                format!("{service}: the instance tried to grow its memory past its cap of {cap}; raise --memory or use less memory per request")
+            }
+            Outcome::Deadline { timeout } => {
+                format!("{service}: the request ran past its deadline of {}", humanize(*timeout))
+            }
+            Outcome::Overloaded { concurrency, waited } => format!(
+                "{service}: all {concurrency} instances are busy and none came free within {}; retry shortly",
+                humanize(*waited)
+            ),
+            Outcome::BadRequest(detail) => format!("{service}: bad request: {detail}"),
+            Outcome::NoResponse => format!("{service}: the component returned without setting a response"),
+            Outcome::HostError(detail) => format!("{service}: the host could not run the component: {detail}"),
+        }
+    }
+}
+
+fn humanize(d: Duration) -> String {
+    if d.as_millis() >= 1000 && d.as_millis() % 1000 == 0 { format!("{}s", d.as_secs()) } else { format!("{}ms", d.as_millis()) }
+}
+
+/// Counters a host reports in its heartbeats.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WorkloadLoad {
+    /// Requests admitted or waiting right now.
+    pub in_flight: u64,
+    /// Requests finished since the workload started.
+    pub requests: u64,
+    /// Of those, the ones that did not end [`Outcome::Ok`].
+    pub failures: u64,
+    /// Sum of their durations in microseconds.
+    pub latency_micros: u64,
+}
+
+/// A component loaded with its limits. Cheap to clone.
+#[derive(Clone)]
+pub struct Workload {
+    inner: Arc<WorkloadInner>,
+}
+
+struct WorkloadInner {
+    service: Arc<str>,
+    component: LoadedComponent,
+    runtime: Runtime,
+    spec: WorkloadSpec,
+    logs: LogBuffer,
+    /// One permit per instance that may run at once.
+    permits: Arc<Semaphore>,
+    metrics: ServiceMetrics,
+    in_flight: AtomicU64,
+    requests: AtomicU64,
+    failures: AtomicU64,
+    latency_micros: AtomicU64,
+}
+
+impl Drop for WorkloadInner {
+    fn drop(&mut self) {
+        self.metrics.forget();
+    }
+}
+
+/// Why a workload could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkloadError {
+    /// The memory cap is above what the host's engine allows per instance.
+    #[error("memory cap {requested} is above this host's per-instance maximum of {maximum}")]
+    MemoryAboveHostMaximum { requested: ByteSize, maximum: ByteSize },
+    /// Concurrency 0 would never serve anything.
+    #[error("concurrency must be at least 1")]
+    ZeroConcurrency,
+}
+
+impl Workload {
+    /// Wraps a loaded component with its limits.
+    pub fn new(runtime: &Runtime, component: LoadedComponent, spec: WorkloadSpec, metrics: &HostMetrics) -> Result<Self, WorkloadError> {
+        let maximum = runtime.config().max_instance_memory;
+        if spec.limits.memory > maximum {
+            return Err(WorkloadError::MemoryAboveHostMaximum { requested: spec.limits.memory, maximum });
+        }
+        if spec.limits.concurrency == 0 {
+            return Err(WorkloadError::ZeroConcurrency);
+        }
+        let service: Arc<str> = spec.service.as_str().into();
+        let metrics = metrics.service(&spec.service);
+        let reserved = spec.limits.memory.bytes().saturating_mul(u64::from(spec.limits.concurrency));
+        metrics.memory_reserved.set(i64::try_from(reserved).unwrap_or(i64::MAX));
+        Ok(Workload {
+            inner: Arc::new(WorkloadInner {
+                logs: LogBuffer::new(service.clone(), spec.log_lines),
+                service,
+                component,
+                runtime: runtime.clone(),
+                permits: Arc::new(Semaphore::new(spec.limits.concurrency as usize)),
+                spec,
+                metrics,
+                in_flight: AtomicU64::new(0),
+                requests: AtomicU64::new(0),
+                failures: AtomicU64::new(0),
+                latency_micros: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// `namespace/name` of the service this workload serves.
+    pub fn service(&self) -> &str {
+        &self.inner.service
+    }
+
+    /// The component's digest.
+    pub fn digest(&self) -> &wharf_proto::Digest {
+        &self.inner.component.digest
+    }
+
+    /// The spec it runs with.
+    pub fn spec(&self) -> &WorkloadSpec {
+        &self.inner.spec
+    }
+
+    /// The component's captured stdout and stderr.
+    pub fn logs(&self) -> &LogBuffer {
+        &self.inner.logs
+    }
+
+    /// Current load counters.
+    pub fn load(&self) -> WorkloadLoad {
+        let inner = &self.inner;
+        WorkloadLoad {
+            in_flight: inner.in_flight.load(Ordering::Relaxed),
+            requests: inner.requests.load(Ordering::Relaxed),
+            failures: inner.failures.load(Ordering::Relaxed),
+            latency_micros: inner.latency_micros.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Serves one request from a fresh instance.
+    ///
+    /// Waits at most the queue timeout for an instance slot, then runs the
+    /// component under its fuel budget, memory cap and deadline. Every
+    /// failure becomes a response with a clear message and an
+    /// [`ERROR_HEADER`]; nothing a component does can fail the host.
+    pub async fn handle<B>(&self, request: Request<B>) -> Response<ResponseBody>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<wasmtime_wasi_http::Error>,
+    {
+        let started = Instant::now();
+        let _in_flight = InFlight::enter(self);
+        let limits = &self.inner.spec.limits;
+        let permit = match tokio::time::timeout(limits.queue_timeout, self.inner.permits.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => permit,
+            // The semaphore is never closed, so the only failure is the wait.
+            _ => {
+                let outcome = Outcome::Overloaded { concurrency: limits.concurrency, waited: limits.queue_timeout };
+                self.record(&outcome, started.elapsed());
+                return self.error_response(&outcome);
+            }
+        };
+        let deadline = Instant::now() + limits.timeout;
+        let mut store = self.new_store(deadline);
+        let (sender, receiver) = tokio::sync::oneshot::channel();
+        let prepared = store
+            .data_mut()
+            .http()
+            .new_incoming_request(Scheme::Http, request)
+            .and_then(|req| Ok((req, store.data_mut().http().new_response_outparam(sender)?)));
+        let (req, out) = match prepared {
+            Ok(prepared) => prepared,
+            Err(e) => {
+                let outcome = Outcome::BadRequest(format!("{e:#}"));
+                self.record(&outcome, started.elapsed());
+                return self.error_response(&outcome);
+            }
+        };
+        let this = self.clone();
+        // The guest runs in its own task so it can keep streaming the body
+        // after the response head has been handed back.
+        let task = tokio::spawn(async move {
+            let _permit = permit;
+            let outcome = this.run(&mut store, req, out, deadline).await;
+            this.record(&outcome, started.elapsed());
+            outcome
+        });
+        match receiver.await {
+            Ok(Ok(response)) => response,
+            Ok(Err(code)) => self.error_response(&Outcome::HostError(format!("the component answered with error {code:?}"))),
+            // The guest dropped the response outparam: it finished or failed without answering.
+            Err(_) => match task.await {
+                Ok(Outcome::Ok) => self.error_response(&Outcome::NoResponse),
+                Ok(outcome) => self.error_response(&outcome),
+                Err(join) => self.error_response(&Outcome::HostError(format!("the request task failed (a bug in Wharf): {join}"))),
+            },
+        }
+    }
+
+    fn new_store(&self, deadline: Instant) -> Store<InstanceState> {
+        let spec = &self.inner.spec;
+        let state = InstanceState::new(&spec.env, spec.limits.memory, spec.egress.clone(), &self.inner.logs);
+        let mut store = Store::new(self.inner.runtime.engine(), state);
+        store.limiter(|state| &mut state.limiter);
+        // Fuel is always on in the engine; "unmetered" is simply a budget that never runs out.
+        if let Err(e) = store.set_fuel(spec.limits.fuel.unwrap_or(u64::MAX)) {
+            tracing::error!("could not set fuel (a bug): {e:#}");
+        }
+        store.set_epoch_deadline(1);
+        // Every tick: trap if the deadline has passed, else yield to the
+        // scheduler so a spinning guest cannot hold a runtime thread.
+        store.epoch_deadline_callback(move |_| {
+            Ok(if Instant::now() >= deadline { UpdateDeadline::Interrupt } else { UpdateDeadline::Yield(1) })
+        });
+        store
+    }
+
+    async fn run(
+        &self,
+        store: &mut Store<InstanceState>,
+        req: wasmtime::component::Resource<wasmtime_wasi_http::p2::types::HostIncomingRequest>,
+        out: wasmtime::component::Resource<wasmtime_wasi_http::p2::types::HostResponseOutparam>,
+        deadline: Instant,
+    ) -> Outcome {
+        let limits = &self.inner.spec.limits;
+        let metrics = &self.inner.metrics;
+        let pre = self.inner.component.pre.clone();
+        let call = async {
+            let instantiating = Instant::now();
+            let proxy = pre.instantiate_async(&mut *store).await?;
+            metrics.instantiation.observe(instantiating.elapsed().as_secs_f64());
+            proxy.wasi_http_incoming_handler().call_handle(&mut *store, req, out).await
+        };
+        let result = tokio::time::timeout_at((deadline + DEADLINE_GRACE).into(), call).await;
+        let state = store.data();
+        state.finish_logs();
+        metrics.memory_peak.observe(state.limiter.peak as f64);
+        let budget = limits.fuel.unwrap_or(u64::MAX);
+        if let Ok(left) = store.get_fuel() {
+            metrics.fuel.inc_by(budget - left);
+        }
+        match result {
+            Ok(Ok(())) => Outcome::Ok,
+            Ok(Err(error)) => classify(&error, state.limiter.denied, limits),
+            Err(_elapsed) => Outcome::Deadline { timeout: limits.timeout },
+        }
+    }
+
+    fn record(&self, outcome: &Outcome, elapsed: Duration) {
+        let inner = &self.inner;
+        inner.metrics.count(outcome.label());
+        inner.metrics.latency.observe(elapsed.as_secs_f64());
+        inner.requests.fetch_add(1, Ordering::Relaxed);
+        inner.latency_micros.fetch_add(u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX), Ordering::Relaxed);
+        if *outcome != Outcome::Ok {
+            inner.failures.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(service = %inner.service, outcome = outcome.label(), "{}", outcome.message(&inner.service));
+        }
+    }
+
+    fn error_response(&self, outcome: &Outcome) -> Response<ResponseBody> {
+        error_response(outcome.status(), outcome.label(), outcome.message(&self.inner.service))
+    }
+}
+
+/// A plain-text error response written by Wharf (not by a component).
+pub fn error_response(status: StatusCode, label: &'static str, message: String) -> Response<ResponseBody> {
+    let mut response = Response::new(full_body(Bytes::from(message + "\n")));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    headers.insert(ERROR_HEADER, HeaderValue::from_static(label));
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        headers.insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    response
+}
+
+/// A complete body in the type every response uses.
+pub fn full_body(bytes: Bytes) -> ResponseBody {
+    Full::new(bytes).map_err(|never: std::convert::Infallible| -> ErrorCode { match never {} }).boxed_unsync()
+}
+
+/// Names what stopped a request. The memory flag comes first: Rust aborts
+/// with a plain trap when an allocation fails, and the limiter knows why.
+fn classify(error: &wasmtime::Error, memory_denied: bool, limits: &WorkloadLimits) -> Outcome {
+    if memory_denied {
+        return Outcome::MemoryLimit { cap: limits.memory };
+    }
+    match error.downcast_ref::<Trap>() {
+        Some(Trap::OutOfFuel) => Outcome::FuelExhausted { budget: limits.fuel.unwrap_or(u64::MAX) },
+        Some(Trap::Interrupt) => Outcome::Deadline { timeout: limits.timeout },
+        Some(trap) => Outcome::Trap(trap.to_string()),
+        None => {
+            let text = format!("{error:#}");
+            if text.contains("instance limit") || text.contains("concurrent") {
+                Outcome::HostError(text)
+            } else {
+                Outcome::Trap(text)
+            }
+        }
+    }
+}
+
+/// Counts a request as in flight from arrival until its handler returns.
+struct InFlight<'a> {
+    workload: &'a Workload,
+}
+
+impl<'a> InFlight<'a> {
+    fn enter(workload: &'a Workload) -> Self {
+        workload.inner.in_flight.fetch_add(1, Ordering::Relaxed);
+        workload.inner.metrics.in_flight.inc();
+        InFlight { workload }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.workload.inner.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.workload.inner.metrics.in_flight.dec();
+    }
+}
