@@ -90,7 +90,7 @@ mod tests {
         assert!(limiter.memory_growing(0, 1 << 19, None).expect("no error"));
         assert!(!limiter.denied);
         // A second memory pushing the total past the cap is refused and remembered.
-        assert!(!limiter.memory_growing(1 << 19, 1 << 20, None).expect("no error"));
+        assert!(!limiter.memory_growing(1 << 19, 3 << 19, None).expect("no error"));
         assert!(limiter.denied);
         assert_eq!(limiter.peak, (1 << 20) + (1 << 19));
     }

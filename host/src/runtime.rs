@@ -240,15 +240,22 @@ impl Runtime {
 
     fn read_cache(&self, digest: &Digest) -> Option<Component> {
         let path = self.cache_path(digest)?;
-        if !path.exists() {
-            return None;
-        }
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), "cannot read compiled cache entry: {e}");
+                return None;
+            }
+        };
+        // Read into memory rather than mapped: a mapped cache file truncated
+        // underneath a running host (by an operator, say) would crash it.
         // SAFETY: the file name carries the digest of the source bytes and the
         // engine's compatibility hash, and only this module writes into the
         // cache directory (atomically, via rename), so the file holds code this
         // engine compiled. wasmtime also checks the header and engine settings.
         #[allow(unsafe_code, reason = "loading our own compiled code from the cache is unsafe by wasmtime's API")]
-        let loaded = unsafe { Component::deserialize_file(&self.inner.engine, &path) };
+        let loaded = unsafe { Component::deserialize(&self.inner.engine, &bytes) };
         match loaded {
             Ok(component) => Some(component),
             Err(e) => {
@@ -325,8 +332,7 @@ fn engine_config(config: &RuntimeConfig) -> Config {
         .total_stacks(max_instances)
         .max_memory_size(usize::try_from(config.max_instance_memory.bytes()).unwrap_or(usize::MAX));
     let mut wasm = Config::new();
-    wasm.async_support(true)
-        .wasm_component_model(true)
+    wasm.wasm_component_model(true)
         .consume_fuel(true)
         .epoch_interruption(true)
         .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 use wasmtime::{Store, Trap, UpdateDeadline};
 use wasmtime_wasi_http::WasiHttpView;
-use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
+use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use wharf_proto::ByteSize;
 
@@ -312,6 +312,21 @@ impl Workload {
         }
     }
 
+    /// Instantiates the component `n` times, each in a fresh store as a
+    /// request would, without calling it; returns each instantiation's time.
+    /// This is the per-request cold-start cost, for benchmarks.
+    pub async fn time_instantiations(&self, n: usize) -> Result<Vec<Duration>, wasmtime::Error> {
+        let mut times = Vec::with_capacity(n);
+        for _ in 0..n {
+            let mut store = self.new_store(Instant::now() + self.inner.spec.limits.timeout);
+            let started = Instant::now();
+            let instance = self.inner.component.pre.instantiate_async(&mut store).await?;
+            times.push(started.elapsed());
+            drop(instance);
+        }
+        Ok(times)
+    }
+
     fn new_store(&self, deadline: Instant) -> Store<InstanceState> {
         let spec = &self.inner.spec;
         let state = InstanceState::new(&spec.env, spec.limits.memory, spec.egress.clone(), &self.inner.logs);
@@ -393,7 +408,7 @@ pub fn error_response(status: StatusCode, label: &'static str, message: String) 
 
 /// A complete body in the type every response uses.
 pub fn full_body(bytes: Bytes) -> ResponseBody {
-    Full::new(bytes).map_err(|never: std::convert::Infallible| -> ErrorCode { match never {} }).boxed_unsync()
+    Full::new(bytes).map_err(|never: std::convert::Infallible| -> wasmtime_wasi_http::Error { match never {} }).boxed_unsync()
 }
 
 /// Names what stopped a request. The memory flag comes first: Rust aborts

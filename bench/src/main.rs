@@ -1,0 +1,234 @@
+//! Wharf's benchmark harness. Prints its figures and writes them as JSON to
+//! `bench/results/`; `bench/RESULTS.md` records them with the command.
+//!
+//! `wharf-bench host`: the host runtime against `wasmtime serve` (when a
+//! `wasmtime` 48 is on PATH), per-request instantiation time, and resident
+//! memory per loaded workload.
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+mod load;
+mod rss;
+
+#[derive(Parser)]
+#[command(name = "wharf-bench", about = "Wharf's benchmarks: print figures and record them in bench/results/")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Host runtime: hello throughput/latency vs `wasmtime serve`, instantiation time, memory per workload.
+    Host(HostArgs),
+    /// (internal) Loads N workloads in this process and prints its resident memory as JSON.
+    #[command(hide = true)]
+    RssProbe(rss::ProbeArgs),
+}
+
+#[derive(clap::Args)]
+struct HostArgs {
+    /// The `wharf` binary to benchmark (default: next to this one).
+    #[arg(long)]
+    wharf: Option<PathBuf>,
+    /// The `wasmtime` binary for the baseline (default: `wasmtime` on PATH, if any).
+    #[arg(long)]
+    wasmtime: Option<PathBuf>,
+    /// Concurrent keep-alive connections of the load generator.
+    #[arg(long, default_value_t = 32)]
+    connections: usize,
+    /// Measured seconds per load run.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Alternating rounds (wharf, wasmtime, wharf, ...); figures are the mean.
+    #[arg(long, default_value_t = 2)]
+    rounds: usize,
+    /// Instantiations to time.
+    #[arg(long, default_value_t = 20_000)]
+    instantiations: usize,
+    /// Loaded workloads for the memory figure.
+    #[arg(long, default_value_t = 100)]
+    workloads: usize,
+    /// Where to write the JSON results.
+    #[arg(long, default_value = "bench/results/host.json")]
+    out: PathBuf,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Host(args) => tokio::runtime::Runtime::new()?.block_on(host(args)),
+        Cmd::RssProbe(args) => tokio::runtime::Runtime::new()?.block_on(rss::probe(args)),
+    }
+}
+
+async fn host(args: HostArgs) -> anyhow::Result<()> {
+    let wharf = match args.wharf.clone() {
+        Some(path) => path,
+        None => std::env::current_exe()?.with_file_name("wharf"),
+    };
+    if !wharf.is_file() {
+        bail!("{} not found: build it first with `cargo build --release --bin wharf` (or pass --wharf)", wharf.display());
+    }
+    let wasmtime = args.wasmtime.clone().or_else(|| which("wasmtime"));
+    eprintln!("building the sample components ...");
+    let hello = wharf_testkit::samples::path("hello");
+    let mut report = serde_json::Map::new();
+
+    // Throughput and latency, alternating so drift hits both sides equally.
+    let cache = tempdir_in_target("bench-cache")?;
+    let mut ours = Vec::new();
+    let mut theirs = Vec::new();
+    for round in 0..args.rounds {
+        eprintln!("round {}/{}: wharf serve", round + 1, args.rounds);
+        let port = free_port()?;
+        let server = Server::spawn(
+            Command::new(&wharf)
+                .arg("serve")
+                .arg(&hello)
+                .args(["--listen", &format!("127.0.0.1:{port}"), "--concurrency", "256", "--cache-dir"])
+                .arg(&cache)
+                .env("WHARF_LOG", "warn"),
+            port,
+        )
+        .await?;
+        ours.push(load::run(server.addr, "/", args.connections, Duration::from_secs(2), Duration::from_secs(args.seconds)).await?);
+        drop(server);
+        if let Some(wasmtime) = &wasmtime {
+            eprintln!("round {}/{}: wasmtime serve", round + 1, args.rounds);
+            let port = free_port()?;
+            let server = Server::spawn(
+                Command::new(wasmtime).args(["serve", "-Scli", "--addr", &format!("127.0.0.1:{port}")]).arg(&hello),
+                port,
+            )
+            .await?;
+            theirs.push(load::run(server.addr, "/", args.connections, Duration::from_secs(2), Duration::from_secs(args.seconds)).await?);
+        }
+    }
+    let ours = mean(&ours);
+    println!("wharf serve hello: {:.0} req/s, p50 {:.0} µs, p99 {:.0} µs, {} errors ({} connections)", ours.requests_per_second, ours.p50_micros, ours.p99_micros, ours.errors, args.connections);
+    report.insert("wharf_serve".into(), serde_json::to_value(&ours)?);
+    if theirs.is_empty() {
+        println!("wasmtime serve: skipped (no `wasmtime` on PATH; `cargo install --locked wasmtime-cli --version 48.0.8`)");
+    } else {
+        let theirs = mean(&theirs);
+        let version = wasmtime.as_ref().map(|w| version_of(w)).unwrap_or_default();
+        println!("wasmtime serve hello ({version}): {:.0} req/s, p50 {:.0} µs, p99 {:.0} µs, {} errors", theirs.requests_per_second, theirs.p50_micros, theirs.p99_micros, theirs.errors);
+        let ratio = ours.requests_per_second / theirs.requests_per_second;
+        println!("throughput ratio wharf/wasmtime: {ratio:.2}x (target >= 1.0x); p50 latency ratio {:.2}x", ours.p50_micros / theirs.p50_micros);
+        report.insert("wasmtime_serve".into(), serde_json::to_value(&theirs)?);
+        report.insert("wasmtime_version".into(), version.into());
+        report.insert("throughput_ratio".into(), ratio.into());
+    }
+
+    // Instantiation of a fresh instance, as each request does.
+    let instantiation = rss::time_instantiation(&hello, args.instantiations).await?;
+    println!(
+        "instantiation (hello, fresh store + instance from InstancePre): p50 {:.1} µs, p99 {:.1} µs over {} (target p50 < 20 µs)",
+        instantiation.0, instantiation.1, args.instantiations
+    );
+    report.insert("instantiation_p50_micros".into(), instantiation.0.into());
+    report.insert("instantiation_p99_micros".into(), instantiation.1.into());
+
+    // Resident memory of a host process with 1 and with N loaded workloads.
+    let me = std::env::current_exe()?;
+    rss::run_probe(&me, &cache, args.workloads, true).await?;
+    let one = rss::run_probe(&me, &cache, 1, false).await?;
+    let many = rss::run_probe(&me, &cache, args.workloads, false).await?;
+    let per = (many.rss_bytes as f64 - one.rss_bytes as f64) / (args.workloads - 1).max(1) as f64;
+    println!(
+        "resident memory: {:.1} MiB with 1 workload, {:.1} MiB with {} (distinct components, each served once): {:.0} KiB per loaded workload (target < 2048 KiB)",
+        one.rss_bytes as f64 / MIB, many.rss_bytes as f64 / MIB, args.workloads, per / 1024.0
+    );
+    report.insert("rss_1_workload_bytes".into(), one.rss_bytes.into());
+    report.insert("rss_n_workloads_bytes".into(), many.rss_bytes.into());
+    report.insert("rss_workloads".into(), args.workloads.into());
+    report.insert("rss_per_workload_bytes".into(), per.into());
+    report.insert("connections".into(), args.connections.into());
+    report.insert("seconds".into(), args.seconds.into());
+
+    if let Some(parent) = args.out.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(&args.out, serde_json::to_string_pretty(&report)? + "\n")?;
+    eprintln!("wrote {}", args.out.display());
+    Ok(())
+}
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+fn mean(reports: &[load::LoadReport]) -> load::LoadReport {
+    let n = reports.len().max(1) as f64;
+    let sum = |f: fn(&load::LoadReport) -> f64| reports.iter().map(f).sum::<f64>() / n;
+    load::LoadReport {
+        requests: reports.iter().map(|r| r.requests).sum(),
+        errors: reports.iter().map(|r| r.errors).sum(),
+        seconds: reports.iter().map(|r| r.seconds).sum(),
+        requests_per_second: sum(|r| r.requests_per_second),
+        p50_micros: sum(|r| r.p50_micros),
+        p99_micros: sum(|r| r.p99_micros),
+    }
+}
+
+/// A server process, killed when dropped.
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Server {
+    async fn spawn(command: &mut Command, port: u16) -> anyhow::Result<Server> {
+        let child = command.stdout(Stdio::null()).stderr(Stdio::inherit()).spawn().with_context(|| format!("spawn {command:?}"))?;
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let mut server = Server { child, addr };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Some(status) = server.child.try_wait()? {
+                bail!("{command:?} exited with {status} before serving");
+            }
+            if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                return Ok(server);
+            }
+            if Instant::now() > deadline {
+                bail!("{command:?} did not listen on {addr} within 120 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?).map(|dir| dir.join(name)).find(|p| p.is_file())
+}
+
+fn version_of(binary: &Path) -> String {
+    Command::new(binary)
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|_| "unknown version".into())
+}
+
+/// A fresh directory under the build's target dir (kept between runs is fine).
+fn tempdir_in_target(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().map(|p| p.join(name)).context("exe has no parent")?;
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}

@@ -1,0 +1,119 @@
+//! The HTTP/1.1 server in front of a host's workloads.
+//!
+//! It accepts connections, answers `/metrics` itself, and hands every other
+//! request to a [`Handler`]. It knows nothing about routing: `wharf serve`
+//! passes one workload, a cluster host passes its route table.
+
+use crate::metrics::HostMetrics;
+use crate::workload::{ResponseBody, error_response, full_body};
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+/// The path Wharf reserves on every ingress for Prometheus metrics.
+pub const METRICS_PATH: &str = "/metrics";
+
+/// A request body as handed to a [`Handler`]: already mapped to the error
+/// type `wasi:http` expects, so it can go straight into a component.
+pub type RequestBody = http_body_util::combinators::UnsyncBoxBody<Bytes, wasmtime_wasi_http::Error>;
+
+/// How long open connections get to finish after shutdown begins.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Whatever answers the requests an ingress accepts.
+pub trait Handler: Send + Sync + 'static {
+    /// Answers one request. Must not fail: every error is a response.
+    fn handle(&self, request: Request<RequestBody>) -> Pin<Box<dyn Future<Output = Response<ResponseBody>> + Send + '_>>;
+}
+
+/// Serves HTTP/1.1 on `listener` until `shutdown` resolves, then stops
+/// accepting and gives open connections a few seconds to finish.
+pub async fn serve<H, S>(listener: TcpListener, handler: Arc<H>, metrics: HostMetrics, shutdown: S) -> std::io::Result<()>
+where
+    H: Handler,
+    S: Future<Output = ()>,
+{
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut connections = tokio::task::JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, keep serving.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!("could not set TCP_NODELAY for {peer}: {e}");
+        }
+        let handler = handler.clone();
+        let metrics = metrics.clone();
+        let mut stop = stop_rx.clone();
+        connections.spawn(async move {
+            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                let handler = handler.clone();
+                let metrics = metrics.clone();
+                async move { Ok::<_, std::convert::Infallible>(dispatch(&*handler, &metrics, request).await) }
+            });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .keep_alive(true)
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            tokio::select! {
+                result = connection.as_mut() => {
+                    if let Err(e) = result { tracing::debug!("connection from {peer} ended: {e}"); }
+                }
+                _ = stop.changed() => {
+                    connection.as_mut().graceful_shutdown();
+                    if let Err(e) = connection.await { tracing::debug!("connection from {peer} ended: {e}"); }
+                }
+            }
+        });
+        // Reap finished connections so the set does not grow without bound.
+        while connections.try_join_next().is_some() {}
+    }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async { while connections.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        tracing::warn!("{} connection(s) still open after {DRAIN_TIMEOUT:?}; closing them", connections.len());
+        connections.abort_all();
+    }
+    Ok(())
+}
+
+async fn dispatch<H: Handler + ?Sized>(handler: &H, metrics: &HostMetrics, request: Request<Incoming>) -> Response<ResponseBody> {
+    if request.uri().path() == METRICS_PATH {
+        if request.method() != http::Method::GET {
+            return error_response(StatusCode::METHOD_NOT_ALLOWED, "bad_request", format!("{METRICS_PATH} only answers GET"));
+        }
+        let mut response = Response::new(full_body(Bytes::from(metrics.encode())));
+        response.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+        );
+        return response;
+    }
+    let request = request.map(|body| body.map_err(wasmtime_wasi_http::Error::from).boxed_unsync());
+    handler.handle(request).await
+}
+
+/// A single workload answers every request (what `wharf serve` runs).
+impl Handler for crate::workload::Workload {
+    fn handle(&self, request: Request<RequestBody>) -> Pin<Box<dyn Future<Output = Response<ResponseBody>> + Send + '_>> {
+        Box::pin(crate::workload::Workload::handle(self, request))
+    }
+}

@@ -1,0 +1,339 @@
+//! The host runtime end to end: real sample components in real wasmtime,
+//! served over loopback HTTP, under their limits.
+
+use std::sync::Arc;
+use std::time::Duration;
+use wharf_host::egress::EgressPolicy;
+use wharf_host::ingress;
+use wharf_host::metrics::HostMetrics;
+use wharf_host::{LoadError, Runtime, RuntimeConfig, Workload, WorkloadLimits, WorkloadSpec};
+use wharf_proto::{ByteSize, Digest};
+use wharf_testkit::samples;
+
+/// One runtime with any number of workloads, each on its own loopback port.
+struct Host {
+    runtime: Runtime,
+    metrics: HostMetrics,
+    client: reqwest::Client,
+}
+
+/// A workload being served; the server stops when this is dropped.
+struct Served {
+    url: String,
+    workload: Workload,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Host {
+    fn new() -> Self {
+        let runtime = Runtime::new(RuntimeConfig { max_instances: 200, max_instance_memory: ByteSize::mib(256), cache_dir: None })
+            .expect("runtime starts");
+        Host { runtime, metrics: HostMetrics::default(), client: reqwest::Client::new() }
+    }
+
+    async fn serve(&self, sample: &str, configure: impl FnOnce(&mut WorkloadSpec)) -> Served {
+        let mut spec = WorkloadSpec::new(format!("test/{sample}"));
+        configure(&mut spec);
+        let component = self.runtime.load(&samples::bytes(sample), None).expect("sample loads");
+        let workload = Workload::new(&self.runtime, component, spec, &self.metrics).expect("workload starts");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
+        let url = format!("http://{}", listener.local_addr().expect("local addr"));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let handler = Arc::new(workload.clone());
+        let metrics = self.metrics.clone();
+        tokio::spawn(async move {
+            let _ = ingress::serve(listener, handler, metrics, async move {
+                let _ = stopped.await;
+            })
+            .await;
+        });
+        Served { url, workload, _stop: stop }
+    }
+
+    async fn get(&self, url: &str) -> (u16, Option<String>, String) {
+        let response = self.client.get(url).send().await.expect("request is answered");
+        let status = response.status().as_u16();
+        let error = response.headers().get("x-wharf-error").map(|v| v.to_str().unwrap_or("?").to_string());
+        let body = response.text().await.expect("body reads");
+        (status, error, body)
+    }
+}
+
+fn limits(configure: impl FnOnce(&mut WorkloadLimits)) -> impl FnOnce(&mut WorkloadSpec) {
+    move |spec| configure(&mut spec.limits)
+}
+
+#[tokio::test]
+async fn hello_says_hello_and_takes_its_greeting_from_env() {
+    let host = Host::new();
+    let plain = host.serve("hello", |_| {}).await;
+    assert_eq!(host.get(&format!("{}/", plain.url)).await, (200, None, "Hello from Wharf!\n".to_string()));
+    let greeted = host.serve("hello", |spec| spec.env = vec![("GREETING".into(), "ahoy".into())]).await;
+    assert_eq!(host.get(&format!("{}/", greeted.url)).await.2, "ahoy\n");
+    // Its stdout is captured as a log line tagged with the service.
+    let logs = plain.workload.logs().recent();
+    assert!(logs.iter().any(|l| l.line == "hello: served /" && &*l.service == "test/hello"), "{logs:?}");
+}
+
+#[tokio::test]
+async fn echo_reflects_method_path_headers_and_body() {
+    let host = Host::new();
+    let echo = host.serve("echo", |_| {}).await;
+    let response = host
+        .client
+        .post(format!("{}/some/path?x=1", echo.url))
+        .header("x-probe", "42")
+        .body("payload bytes")
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(response.status(), 200);
+    let json: serde_json::Value = response.json().await.expect("json");
+    assert_eq!(json["method"], "POST");
+    assert_eq!(json["path"], "/some/path");
+    assert_eq!(json["query"], "x=1");
+    assert_eq!(json["headers"]["x-probe"], "42");
+    assert_eq!(json["body"], "payload bytes");
+    assert_eq!(json["body_len"], 13);
+}
+
+#[tokio::test]
+async fn a_thousand_requests_at_64_concurrent_all_succeed() {
+    let host = Host::new();
+    let hello = host.serve("hello", limits(|l| l.concurrency = 64)).await;
+    let url = format!("{}/", hello.url);
+    let mut tasks = tokio::task::JoinSet::new();
+    for worker in 0..64 {
+        let client = host.client.clone();
+        let url = url.clone();
+        tasks.spawn(async move {
+            let mut failures = Vec::new();
+            for _ in (worker..1000).step_by(64) {
+                match client.get(&url).send().await {
+                    Ok(r) if r.status() == 200 => {
+                        let body = r.text().await.unwrap_or_default();
+                        if body != "Hello from Wharf!\n" {
+                            failures.push(format!("body {body:?}"));
+                        }
+                    }
+                    Ok(r) => failures.push(format!("status {}", r.status())),
+                    Err(e) => failures.push(format!("error {e}")),
+                }
+            }
+            failures
+        });
+    }
+    let mut failures = Vec::new();
+    while let Some(result) = tasks.join_next().await {
+        failures.extend(result.expect("worker finishes"));
+    }
+    assert!(failures.is_empty(), "{} failures, first: {:?}", failures.len(), failures.first());
+    assert_eq!(hello.workload.load().requests, 1000);
+}
+
+#[tokio::test]
+async fn spin_past_its_fuel_budget_is_stopped_and_hello_answers_right_after() {
+    let host = Host::new();
+    let spin = host.serve("spin", limits(|l| l.fuel = Some(5_000_000))).await;
+    let hello = host.serve("hello", |_| {}).await;
+    // A modest loop fits in the budget.
+    let (status, _, body) = host.get(&format!("{}/?n=1000", spin.url)).await;
+    assert_eq!((status, body.starts_with("spun 1000 iterations")), (200, true), "{body}");
+    let (status, error, body) = host.get(&format!("{}/?n=100000000000", spin.url)).await;
+    assert_eq!(status, 500, "{body}");
+    assert_eq!(error.as_deref(), Some("fuel_exhausted"));
+    assert!(body.contains("fuel"), "{body}");
+    assert_eq!(host.get(&format!("{}/", hello.url)).await.0, 200);
+    assert_eq!(host.get(&format!("{}/?n=10", spin.url)).await.0, 200, "the same workload serves the next request");
+    let metrics = host.metrics.encode();
+    assert!(metrics.contains(r#"wharf_requests_total{service="test/spin",outcome="fuel_exhausted"} 1"#), "{metrics}");
+}
+
+#[tokio::test]
+async fn spin_past_its_deadline_gets_504() {
+    let host = Host::new();
+    let spin = host.serve("spin", limits(|l| {
+        l.fuel = None;
+        l.timeout = Duration::from_millis(200);
+    }))
+    .await;
+    let started = std::time::Instant::now();
+    let (status, error, body) = host.get(&format!("{}/?n=100000000000", spin.url)).await;
+    assert_eq!((status, error.as_deref()), (504, Some("deadline")), "{body}");
+    assert!(started.elapsed() < Duration::from_secs(3), "interrupted near the deadline, took {:?}", started.elapsed());
+    assert_eq!(host.get(&format!("{}/?n=10", spin.url)).await.0, 200);
+}
+
+#[tokio::test]
+async fn a_request_stuck_in_a_host_call_is_cut_at_the_deadline() {
+    let host = Host::new();
+    let sleep = host.serve("sleep", limits(|l| l.timeout = Duration::from_millis(200))).await;
+    assert_eq!(host.get(&format!("{}/?ms=10", sleep.url)).await.2, "slept 10 ms\n");
+    let (status, error, _) = host.get(&format!("{}/?ms=10000", sleep.url)).await;
+    assert_eq!((status, error.as_deref()), (504, Some("deadline")));
+}
+
+#[tokio::test]
+async fn hog_past_the_memory_cap_gets_the_memory_error() {
+    let host = Host::new();
+    let hog = host.serve("hog", limits(|l| l.memory = ByteSize::mib(32))).await;
+    assert_eq!(host.get(&format!("{}/?mb=4", hog.url)).await.2, "allocated 4 MiB\n");
+    let (status, error, body) = host.get(&format!("{}/?mb=100", hog.url)).await;
+    assert_eq!((status, error.as_deref()), (500, Some("memory_limit")), "{body}");
+    assert!(body.contains("32 MiB") || body.contains("32MiB"), "names the cap: {body}");
+    assert_eq!(host.get(&format!("{}/?mb=4", hog.url)).await.0, 200, "the next request is served");
+}
+
+#[tokio::test]
+async fn panic_gets_a_500_and_the_next_request_works() {
+    let host = Host::new();
+    let panic = host.serve("panic", |_| {}).await;
+    let hello = host.serve("hello", |_| {}).await;
+    for _ in 0..2 {
+        let (status, error, body) = host.get(&format!("{}/", panic.url)).await;
+        assert_eq!((status, error.as_deref()), (500, Some("trap")), "{body}");
+        assert_eq!(host.get(&format!("{}/", hello.url)).await.0, 200);
+    }
+    let logs = panic.workload.logs().recent();
+    assert!(logs.iter().any(|l| l.line.contains("about to panic")), "stderr captured: {logs:?}");
+    assert!(logs.iter().any(|l| l.line.contains("deliberate panic")), "panic message captured: {logs:?}");
+}
+
+#[tokio::test]
+async fn a_full_workload_answers_503_with_retry_after() {
+    let host = Host::new();
+    let sleep = host.serve("sleep", limits(|l| {
+        l.concurrency = 1;
+        l.queue_timeout = Duration::from_millis(100);
+    }))
+    .await;
+    let slow = tokio::spawn({
+        let client = host.client.clone();
+        let url = format!("{}/?ms=1500", sleep.url);
+        async move { client.get(url).send().await.map(|r| r.status().as_u16()) }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let response = host.client.get(format!("{}/?ms=1", sleep.url)).send().await.expect("answered");
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers().get("retry-after").map(|v| v.as_bytes()), Some(&b"1"[..]));
+    assert_eq!(response.headers().get("x-wharf-error").map(|v| v.as_bytes()), Some(&b"overloaded"[..]));
+    assert_eq!(slow.await.expect("joins").expect("answered"), 200, "the request holding the slot finishes");
+}
+
+#[tokio::test]
+async fn outbound_calls_are_denied_unless_allowed() {
+    let host = Host::new();
+    let backend = host.serve("backend", |_| {}).await;
+    let backend_authority = backend.url.trim_start_matches("http://").to_string();
+    let denied = host.serve("frontend", |spec| spec.env = vec![("BACKEND_URL".into(), backend.url.clone())]).await;
+    let (status, _, body) = host.get(&format!("{}/x", denied.url)).await;
+    assert_eq!(status, 502, "{body}");
+    assert!(body.to_lowercase().contains("denied"), "{body}");
+    let notes = denied.workload.logs().recent();
+    assert!(notes.iter().any(|l| l.line.contains("127.0.0.1") && l.line.contains("denied")), "{notes:?}");
+
+    let allowed = host
+        .serve("frontend", |spec| {
+            spec.env = vec![("BACKEND_URL".into(), backend.url.clone())];
+            spec.egress = EgressPolicy::allow([backend_authority]);
+        })
+        .await;
+    let (status, _, body) = host.get(&format!("{}/x", allowed.url)).await;
+    assert_eq!((status, body.as_str()), (200, "frontend got: backend ok /x\n"));
+}
+
+#[tokio::test]
+async fn metrics_report_requests_latency_and_instantiation() {
+    let host = Host::new();
+    let hello = host.serve("hello", |_| {}).await;
+    for _ in 0..3 {
+        host.get(&format!("{}/", hello.url)).await;
+    }
+    let (status, _, text) = host.get(&format!("{}/metrics", hello.url)).await;
+    assert_eq!(status, 200);
+    for needle in [
+        r#"wharf_requests_total{service="test/hello",outcome="ok"} 3"#,
+        r#"wharf_request_duration_seconds_count{service="test/hello"} 3"#,
+        r#"wharf_instantiation_seconds_count{service="test/hello"} 3"#,
+        "wharf_requests_in_flight",
+        "wharf_fuel_consumed",
+        "wharf_instance_memory_peak_bytes",
+    ] {
+        assert!(text.contains(needle), "missing {needle} in:\n{text}");
+    }
+}
+
+#[test]
+fn garbage_core_modules_and_the_wrong_world_are_refused_by_name() {
+    let host = Host::new();
+    let refused = |bytes: &[u8]| host.runtime.load(bytes, None).expect_err("refused");
+
+    let garbage = refused(b"definitely not wasm");
+    assert!(matches!(garbage, LoadError::NotWasm { .. }), "{garbage}");
+    assert!(garbage.to_string().contains("magic"), "{garbage}");
+
+    let module = wat::parse_str("(module (func (export \"f\")))").expect("wat");
+    let core = refused(&module);
+    assert!(matches!(core, LoadError::CoreModule), "{core}");
+    assert!(core.to_string().contains("core WebAssembly module"), "{core}");
+
+    let command = refused(&samples::bytes("notcomponent"));
+    assert!(matches!(command, LoadError::WrongWorld { .. }), "{command}");
+    let text = command.to_string();
+    assert!(text.contains("wasi:http/incoming-handler") && text.contains("wasi:cli/run"), "{text}");
+
+    let missing = wat::parse_str(r#"(component (import "acme:missing/api@1.0.0" (instance (export "ping" (func)))))"#).expect("wat");
+    let import = refused(&missing);
+    assert!(matches!(import, LoadError::UnsupportedImport { .. }), "{import}");
+    assert!(import.to_string().contains("acme:missing/api@1.0.0"), "{import}");
+
+    let mut truncated = samples::bytes("hello");
+    truncated.truncate(truncated.len() / 2);
+    let invalid = refused(&truncated);
+    assert!(matches!(invalid, LoadError::Invalid(_)), "{invalid}");
+}
+
+#[test]
+fn a_digest_given_with_the_bytes_is_verified() {
+    let host = Host::new();
+    let bytes = samples::bytes("hello");
+    let right = Digest::of(&bytes);
+    assert_eq!(host.runtime.load(&bytes, Some(&right)).expect("loads").digest, right);
+    let wrong = Digest::of(b"something else");
+    let error = host.runtime.load(&bytes, Some(&wrong)).expect_err("refused");
+    assert!(matches!(error, LoadError::DigestMismatch { .. }), "{error}");
+    assert!(error.to_string().contains(&wrong.to_string()), "{error}");
+}
+
+#[tokio::test]
+async fn refused_loads_leave_running_workloads_serving() {
+    let host = Host::new();
+    let hello = host.serve("hello", |_| {}).await;
+    for bad in [b"junk".to_vec(), samples::bytes("notcomponent")] {
+        assert!(host.runtime.load(&bad, None).is_err());
+        assert_eq!(host.get(&format!("{}/", hello.url)).await.0, 200);
+    }
+}
+
+#[test]
+fn compiled_code_is_cached_on_disk_by_digest() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = || RuntimeConfig { max_instances: 4, max_instance_memory: ByteSize::mib(64), cache_dir: Some(dir.path().into()) };
+    let bytes = samples::bytes("hello");
+    let first = Runtime::new(config()).expect("runtime");
+    let loaded = first.load(&bytes, None).expect("loads");
+    assert!(!loaded.cached, "first load compiles");
+    assert!(first.has_compiled(&loaded.digest));
+    let files: Vec<_> = std::fs::read_dir(dir.path()).expect("dir").flatten().map(|e| e.file_name()).collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert!(files[0].to_string_lossy().starts_with(&loaded.digest.hex()), "{files:?}");
+    // A second runtime (a restart) finds it on disk and does not compile.
+    let second = Runtime::new(config()).expect("runtime");
+    assert!(second.load(&bytes, None).expect("loads").cached);
+    // A corrupt cache file is ignored and replaced, not trusted.
+    let path = dir.path().join(&files[0]);
+    std::fs::write(&path, b"corrupt").expect("write");
+    let third = Runtime::new(config()).expect("runtime");
+    let reloaded = third.load(&bytes, None).expect("loads despite a corrupt cache");
+    assert!(!reloaded.cached);
+}
