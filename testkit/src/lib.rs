@@ -4,4 +4,5 @@
 //! `sample-services/` with cargo, and `nats` starts a real `nats-server`.
 
 pub mod nats;
+pub mod process;
 pub mod samples;

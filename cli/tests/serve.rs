@@ -1,0 +1,73 @@
+//! `wharf serve` as a user runs it: the real binary, a real port.
+
+use std::time::Duration;
+use wharf_testkit::process::Process;
+use wharf_testkit::samples;
+
+const WHARF: &str = env!("CARGO_BIN_EXE_wharf");
+
+fn serve(file: &std::path::Path, extra: &[&str]) -> Process {
+    let file = file.to_str().expect("utf-8 path");
+    let mut args = vec!["serve", file, "--listen", "127.0.0.1:0", "--no-cache"];
+    args.extend_from_slice(extra);
+    Process::spawn(WHARF, &args)
+}
+
+fn url_of(process: &mut Process) -> String {
+    let line = process.wait_for_line("serving http://", Duration::from_secs(60));
+    let start = line.find("http://").expect("url");
+    line[start..].split_whitespace().next().expect("url").to_string()
+}
+
+#[tokio::test]
+async fn serves_hello_with_its_env_and_stops_on_sigterm() {
+    let mut wharf = serve(&samples::path("hello"), &["--env", "GREETING=hi there"]);
+    let url = url_of(&mut wharf);
+    let body = reqwest::get(&url).await.expect("answered").text().await.expect("body");
+    assert_eq!(body, "hi there\n");
+    // The component's stdout is printed, tagged with the service.
+    wharf.wait_for_line("[default/hello stdout] hello: served /", Duration::from_secs(10));
+    let metrics = reqwest::get(format!("{url}metrics")).await.expect("answered").text().await.expect("body");
+    assert!(metrics.contains(r#"wharf_requests_total{service="default/hello",outcome="ok"} 1"#), "{metrics}");
+    let status = wharf.terminate(Duration::from_secs(10));
+    assert!(status.success(), "exits cleanly on SIGTERM: {status}\n{}", wharf.output());
+}
+
+#[tokio::test]
+async fn limits_from_flags_apply() {
+    let mut wharf = serve(&samples::path("spin"), &["--fuel", "1000000", "--timeout", "2s"]);
+    let url = url_of(&mut wharf);
+    let response = reqwest::get(format!("{url}?n=10000000000")).await.expect("answered");
+    assert_eq!(response.status(), 500);
+    assert_eq!(response.headers()["x-wharf-error"], "fuel_exhausted");
+}
+
+#[test]
+fn refuses_bad_files_with_a_clear_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let garbage = dir.path().join("garbage.wasm");
+    std::fs::write(&garbage, b"hello, I am not wasm").expect("write");
+    let cases = [
+        (garbage, "not a WebAssembly component"),
+        (samples::path("notcomponent"), "wasi:http/incoming-handler"),
+        (dir.path().join("missing.wasm"), "cannot read"),
+    ];
+    for (file, expected) in cases {
+        let mut wharf = serve(&file, &[]);
+        let status = wharf.wait(Duration::from_secs(60));
+        assert!(!status.success(), "{} must be refused", file.display());
+        let output = wharf.output();
+        assert!(output.contains("error:") && output.contains(expected), "{}: {output}", file.display());
+    }
+}
+
+#[test]
+fn rejects_bad_flags_naming_them() {
+    let hello = samples::path("hello");
+    for (flag, value, expected) in [("--memory", "lots", "--memory"), ("--timeout", "soon", "--timeout"), ("--env", "NOEQUALS", "KEY=VALUE")] {
+        let mut wharf = serve(&hello, &[flag, value]);
+        let status = wharf.wait(Duration::from_secs(30));
+        assert!(!status.success());
+        assert!(wharf.output().contains(expected), "{flag} {value}: {}", wharf.output());
+    }
+}
