@@ -83,8 +83,8 @@ pub async fn time_instantiation(component: &Path, n: usize) -> anyhow::Result<(f
     let runtime = Runtime::new(RuntimeConfig::default())?;
     let loaded = runtime.load(&std::fs::read(component)?, None)?;
     let workload = Workload::new(&runtime, loaded, WorkloadSpec::new("bench/hello"), &HostMetrics::default())?;
-    workload.time_instantiations(1000).await?;
-    let mut times = workload.time_instantiations(n).await?;
+    workload.time_instantiations(1000).await.map_err(|e| anyhow::anyhow!("{e:#}"))?;
+    let mut times = workload.time_instantiations(n).await.map_err(|e| anyhow::anyhow!("{e:#}"))?;
     times.sort_unstable();
     Ok((crate::load::percentile(&times, 0.5), crate::load::percentile(&times, 0.99)))
 }

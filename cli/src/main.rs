@@ -4,7 +4,10 @@
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
+mod client;
 mod serve;
+mod up;
+mod wiring;
 
 /// Wharf: an orchestrator for WebAssembly (wasi:http) microservices.
 #[derive(Parser)]
@@ -19,6 +22,19 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run a one-node cluster: control plane, host and ingress in this process.
+    Up(up::Args),
+    /// Upload a component and create or replace its service.
+    Deploy(client::DeployArgs),
+    /// Create or update the services a manifest describes (YAML, TOML or JSON).
+    Apply(client::ApplyArgs),
+    /// List services or hosts.
+    #[command(subcommand)]
+    Get(client::GetWhat),
+    /// Change a service's replica count.
+    Scale(client::ScaleArgs),
+    /// Delete a service (its replicas stop, its routes go).
+    Delete(client::DeleteArgs),
     /// Serve one component over HTTP with no control plane (the development loop).
     Serve(serve::Args),
 }
@@ -35,6 +51,12 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
+            Command::Up(args) => up::run(args, shutdown_signal()).await,
+            Command::Deploy(args) => client::deploy(args).await,
+            Command::Apply(args) => client::apply(args).await,
+            Command::Get(what) => client::get(what).await,
+            Command::Scale(args) => client::scale(args).await,
+            Command::Delete(args) => client::delete(args).await,
             Command::Serve(args) => serve::run(args, shutdown_signal()).await,
         }
     });

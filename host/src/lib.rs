@@ -9,13 +9,17 @@
 //! - [`logs`]: a component's stdout/stderr captured as tagged log lines.
 //! - [`egress`]: the outbound-request policy (allow-list) for `wasi:http`.
 //! - [`metrics`]: Prometheus metrics for every workload on the host.
+//! - [`agent`]: keeps the host running what its assignment says; heartbeats.
+//! - [`routes`]: the ingress route table (host name + path prefix).
 //! - [`ingress`]: the HTTP server that hands requests to a [`ingress::Handler`].
 
+pub mod agent;
 pub mod egress;
 pub mod ingress;
 pub mod limits;
 pub mod logs;
 pub mod metrics;
+pub mod routes;
 pub mod runtime;
 pub mod workload;
 

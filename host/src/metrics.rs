@@ -41,6 +41,9 @@ struct Inner {
     fuel: Family<ServiceLabels, Counter>,
     memory_peak: HistogramFamily,
     memory_reserved: Family<ServiceLabels, Gauge>,
+    /// Live workloads per service: replicas share a service's series, which
+    /// are removed only when the last of them goes.
+    users: std::sync::Mutex<std::collections::HashMap<String, usize>>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -76,7 +79,7 @@ impl Default for HostMetrics {
         registry.register("instance_memory_peak_bytes", "Peak linear memory of an instance", memory_peak.clone());
         registry.register("memory_reserved_bytes", "Memory reserved by a workload (memory cap x concurrency)", memory_reserved.clone());
         HostMetrics {
-            inner: Arc::new(Inner { registry, requests, latency, in_flight, instantiation, fuel, memory_peak, memory_reserved }),
+            inner: Arc::new(Inner { registry, requests, latency, in_flight, instantiation, fuel, memory_peak, memory_reserved, users: Default::default() }),
         }
     }
 }
@@ -86,6 +89,9 @@ impl HostMetrics {
     pub fn service(&self, service: &str) -> ServiceMetrics {
         let labels = ServiceLabels { service: service.to_string() };
         let inner = &self.inner;
+        if let Ok(mut users) = inner.users.lock() {
+            *users.entry(service.to_string()).or_default() += 1;
+        }
         ServiceMetrics {
             metrics: self.clone(),
             latency: inner.latency.get_or_create(&labels).clone(),
@@ -110,6 +116,14 @@ impl HostMetrics {
     /// Removes a service's series when its workload is unloaded.
     fn forget(&self, labels: &ServiceLabels) {
         let inner = &self.inner;
+        if let Ok(mut users) = inner.users.lock() {
+            let count = users.entry(labels.service.clone()).or_default();
+            *count = count.saturating_sub(1);
+            if *count > 0 {
+                return;
+            }
+            users.remove(&labels.service);
+        }
         inner.latency.remove(labels);
         inner.in_flight.remove(labels);
         inner.instantiation.remove(labels);

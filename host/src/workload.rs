@@ -175,6 +175,9 @@ struct WorkloadInner {
 
 impl Drop for WorkloadInner {
     fn drop(&mut self) {
+        let spec = &self.spec;
+        let reserved = spec.limits.memory.bytes().saturating_mul(u64::from(spec.limits.concurrency));
+        self.metrics.memory_reserved.dec_by(i64::try_from(reserved).unwrap_or(i64::MAX));
         self.metrics.forget();
     }
 }
@@ -203,7 +206,7 @@ impl Workload {
         let service: Arc<str> = spec.service.as_str().into();
         let metrics = metrics.service(&spec.service);
         let reserved = spec.limits.memory.bytes().saturating_mul(u64::from(spec.limits.concurrency));
-        metrics.memory_reserved.set(i64::try_from(reserved).unwrap_or(i64::MAX));
+        metrics.memory_reserved.inc_by(i64::try_from(reserved).unwrap_or(i64::MAX));
         Ok(Workload {
             inner: Arc::new(WorkloadInner {
                 logs: LogBuffer::new(service.clone(), spec.log_lines),

@@ -1,8 +1,10 @@
-//! Human units used in specs and flags: byte sizes such as `64MiB`.
+//! Human units used in specs and flags: byte sizes such as `64MiB` and
+//! durations such as `500ms`.
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
+use std::time::Duration;
 
 /// A number of bytes, parsed from `1048576`, `512KiB`, `64MiB`, `2GiB`, `1MB` and the like.
 ///
@@ -104,7 +106,7 @@ impl From<ByteSize> for String {
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (name, multiplier) in [("TiB", 1u64 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
-            if self.0 >= multiplier && self.0 % multiplier == 0 {
+            if self.0 >= multiplier && self.0.is_multiple_of(multiplier) {
                 return write!(f, "{}{name}", self.0 / multiplier);
             }
         }
@@ -115,6 +117,48 @@ impl fmt::Display for ByteSize {
 impl fmt::Debug for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "ByteSize({self})")
+    }
+}
+
+/// Why a string is not a duration.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error(
+    "invalid duration {input:?}: {reason} (write a number with a unit, such as 500ms, 5s or 2m)"
+)]
+pub struct DurationError {
+    input: String,
+    reason: String,
+}
+
+/// Parses a duration written the human way: `500ms`, `5s`, `2m`, `1m 30s`.
+///
+/// A unit is required: a bare `5` could mean seconds or milliseconds.
+pub fn parse_duration(s: &str) -> Result<Duration, DurationError> {
+    humantime::parse_duration(s.trim()).map_err(|e| DurationError {
+        input: s.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+/// Writes a duration the way [`parse_duration`] reads it, e.g. `5s` or `1s 500ms`.
+pub fn format_duration(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
+/// Serde for a [`Duration`] written as text (`5s`, `500ms`), for `#[serde(with = "...")]`.
+pub mod duration_text {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error as _};
+    use std::time::Duration;
+
+    /// Writes `d` with [`super::format_duration`].
+    pub fn serialize<S: Serializer>(d: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&super::format_duration(*d))
+    }
+
+    /// Reads a duration with [`super::parse_duration`].
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        super::parse_duration(&text).map_err(D::Error::custom)
     }
 }
 
@@ -151,5 +195,28 @@ mod tests {
         assert_eq!(ByteSize::mib(64).to_string(), "64MiB");
         assert_eq!(ByteSize(1500).to_string(), "1500");
         assert_eq!(ByteSize::gib(2).to_string(), "2GiB");
+    }
+
+    #[test]
+    fn parses_and_formats_durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1m 30s"), Ok(Duration::from_secs(90)));
+        let err = parse_duration("5")
+            .expect_err("a unit is required")
+            .to_string();
+        assert!(err.contains("\"5\"") && err.contains("500ms"), "{err}");
+        assert!(parse_duration("fast").is_err());
+        for d in [
+            Duration::from_millis(500),
+            Duration::from_secs(5),
+            Duration::from_millis(1500),
+            Duration::from_secs(600),
+        ] {
+            assert_eq!(parse_duration(&format_duration(d)), Ok(d));
+        }
+        assert_eq!(format_duration(Duration::from_secs(5)), "5s");
+        assert_eq!(format_duration(Duration::from_millis(500)), "500ms");
     }
 }

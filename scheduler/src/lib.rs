@@ -1,1 +1,94 @@
-//! placeholder
+//! Wharf's control plane: the REST API, the desired-state store and the
+//! controller that turns desired state into host assignments.
+//!
+//! Decisions (placement, reconciliation) are made by the pure
+//! `wharf-scheduler-core`; this crate does the I/O around it. Everything
+//! between the control plane and hosts is a `proto` message over the bus.
+
+pub mod api;
+pub mod controller;
+pub mod hosts;
+pub mod status;
+pub mod store;
+
+use controller::UnplaceableMap;
+use hosts::HostTable;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use store::{Store, StoreError};
+use tokio::sync::watch;
+use wharf_bus::Bus;
+
+/// Checks a component before it is accepted, so a bad one is refused at
+/// upload time rather than failing on a host later. The CLI wires in the host
+/// runtime's own loader, so "accepted" means "a host will run it".
+pub trait ComponentCheck: Send + Sync + 'static {
+    /// `Err` with a message naming the problem.
+    fn check(&self, bytes: &[u8]) -> Result<(), String>;
+}
+
+/// Control-plane settings.
+#[derive(Debug, Clone)]
+pub struct ControlPlaneConfig {
+    /// A host silent for longer than this is down.
+    pub host_timeout: Duration,
+}
+
+impl Default for ControlPlaneConfig {
+    fn default() -> Self {
+        ControlPlaneConfig { host_timeout: Duration::from_secs(2) }
+    }
+}
+
+/// Why the control plane could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot follow host heartbeats: {0}")]
+    Heartbeats(#[from] wharf_bus::SubscribeError),
+}
+
+/// A running control plane; cheap to clone. The controller stops when
+/// [`ControlPlane::shutdown`] is called.
+#[derive(Clone)]
+pub struct ControlPlane {
+    pub(crate) store: Store,
+    pub(crate) hosts: HostTable,
+    pub(crate) unplaceable: UnplaceableMap,
+    pub(crate) check: Arc<dyn ComponentCheck>,
+    stop: Arc<watch::Sender<bool>>,
+}
+
+impl ControlPlane {
+    /// Opens the store, follows heartbeats and starts the controller.
+    pub async fn start(bus: &Bus, check: Arc<dyn ComponentCheck>, config: ControlPlaneConfig) -> Result<ControlPlane, StartError> {
+        let store = Store::open(bus).await?;
+        let hosts = HostTable::follow(bus, config.host_timeout).await?;
+        let (stop, stopped) = watch::channel(false);
+        let plane = ControlPlane { store, hosts, unplaceable: Arc::default(), check, stop: Arc::new(stop) };
+        tokio::spawn(controller::run(plane.store.clone(), plane.hosts.clone(), plane.unplaceable.clone(), stopped));
+        Ok(plane)
+    }
+
+    /// The desired-state store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The hosts known from heartbeats.
+    pub fn hosts(&self) -> &HostTable {
+        &self.hosts
+    }
+
+    /// Stops the controller.
+    pub fn shutdown(&self) {
+        let _ = self.stop.send(true);
+    }
+
+    /// Serves the REST API on `listener` until `shutdown` resolves.
+    pub async fn serve(&self, listener: tokio::net::TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+        axum::serve(listener, api::router(self.clone())).with_graceful_shutdown(shutdown).await
+    }
+}

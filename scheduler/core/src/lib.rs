@@ -1,1 +1,90 @@
-//! placeholder
+//! Wharf's scheduling decisions as pure functions: given a [`Snapshot`] of
+//! the hosts, the desired services and the current assignments,
+//! [`reconcile()`] returns a [`Plan`]: every host's full assignment, the start
+//! and stop actions that lead there, and the replicas no host can take, each
+//! with a reason.
+//!
+//! **Architecture invariant:** this crate knows nothing of NATS, tokio,
+//! axum, wasmtime or clocks, and draws no unseeded randomness. Its only
+//! dependency is `wharf-proto`. The controller around it reads the stores,
+//! builds the snapshot, calls [`reconcile()`] and writes the assignments. The
+//! one clock read is [`bench_placement`], the benchmark entry point, which
+//! `reconcile` never calls.
+//!
+//! # Reconcile
+//!
+//! Level-triggered and idempotent: the same snapshot gives the same plan,
+//! and a plan whose assignments became current gives no actions next time.
+//! Current replicas stay where they are while their host is ready, matches
+//! the service's labels and has room; replicas of deleted services, above
+//! the desired count, on hosts that are down or gone, or that no longer fit
+//! are stopped; then every missing replica is placed. See [`reconcile()`].
+//!
+//! # Placement
+//!
+//! Placement is filter → score → pick:
+//!
+//! - Filters: the host is ready and carries the placement's labels (applied
+//!   once per distinct placement, which yields the service's *group* of
+//!   hosts), then memory and instance slots after the replicas already
+//!   reserved there. A replica reserves `memory × concurrency` bytes and
+//!   `concurrency` instance slots.
+//! - Score, compared in order: fewest replicas of the service on the host
+//!   (spread), fewest in the host's `zone` (zone spread), lowest share of
+//!   the host reserved after placing plus a little for requests in flight,
+//!   less a bonus when the component is cached there; then the host id.
+//! - Pick: the best score among the candidates scored.
+//!
+//! ## Why a sample, and the trade-off
+//!
+//! Scoring every host for every replica costs O(hosts) each: 10⁹ host
+//! visits for 100,000 replicas on 10,000 hosts. Instead each replica scores
+//! a sample, as Nomad does: candidates come from the group in a
+//! pseudo-random order fixed by a hash of the service id and replica index
+//! (a start and a stride coprime with the group's size, so the order
+//! covers every host once and costs nothing to set up), and the walk stops
+//! after `k ≈ log₂(group size)` admissible candidates (14 for 10,000
+//! hosts). Sampling `k` and keeping the best balances load almost as well
+//! as a full scan (the power of `k` choices). The hosts that have the
+//! component cached are few and known, and a sample would rarely meet
+//! them, so up to `k` of them are scored before the walk.
+//!
+//! What sampling could lose, and how it is kept:
+//!
+//! - *Even spread is exact.* Each service counts how many hosts of its
+//!   group hold 0, 1, 2, … of its replicas, so it knows the lowest count
+//!   (its *spread level*) without a scan. Only candidates at that level
+//!   count towards `k`; while fewer than `k` remain, the walk covers the
+//!   whole group. So a replica always lands on a host with the fewest
+//!   replicas of its service that has room: with equal, unconstrained hosts
+//!   the replicas of a service on any two hosts differ by at most one.
+//! - *Full hosts.* When no host at the spread level has room, the full walk
+//!   learns the lowest level that does (the service's floor; capacity only
+//!   shrinks during a reconcile, so it stays true) or, finding no room
+//!   anywhere, the reason, which every later replica of the service reuses.
+//!   A full cluster thus costs one walk per service, not per replica, and
+//!   services of the same size in the same group share that walk too.
+//! - *What stays approximate:* the zone, load, cache and in-flight terms
+//!   pick the best of `k` candidates, not of all (exact in groups of at most
+//!   `k` hosts). The walk is longer than `k` when many hosts are full or
+//!   only a few remain at the spread level: the worst case per replica is
+//!   one pass over its group.
+//!
+//! `cargo run --release -p wharf-scheduler-core --example placement` times
+//! [`bench_placement`]: 100,000 replicas (10,000 services of 10) on 10,000
+//! simulated hosts in one reconcile on one core. On the 2-core development
+//! machine, busy with other builds, it places 270,000–330,000 replicas per
+//! second with a spread imbalance of 1. A reconcile that changes nothing
+//! (all 100,000 kept) takes about 0.15 s.
+
+mod cluster;
+mod hash;
+mod placement;
+mod reconcile;
+mod simulate;
+mod snapshot;
+
+pub use cluster::ZONE_LABEL;
+pub use reconcile::reconcile;
+pub use simulate::{BenchResult, bench_placement, max_spread_imbalance, simulate};
+pub use snapshot::{Action, HostInfo, Plan, ReplicaRef, Snapshot, Unplaceable};

@@ -1,0 +1,380 @@
+//! The commands that talk to the control plane's REST API: deploy, apply,
+//! get, scale, delete. Tables for people by default, JSON with `-o json`.
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use wharf_proto::{ByteSize, ComponentRef, Digest, ManifestFormat, Route, ServiceId, ServiceSpec, parse_manifest};
+
+/// Where the API is; shared by every client command.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ApiArgs {
+    /// The control plane's API (as printed by `wharf up`).
+    #[arg(long, global = true, env = "WHARF_API", default_value = "http://127.0.0.1:7700")]
+    api: String,
+}
+
+/// Output format.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(clap::Args)]
+#[command(after_help = "Examples:\n  wharf deploy hello.wasm --name hello --route /hello\n  wharf deploy api.wasm --name api --namespace shop --replicas 3 --memory 128MiB --env MODE=prod")]
+pub struct DeployArgs {
+    /// The component to deploy.
+    file: PathBuf,
+    /// The service's name (a DNS label); default: the file's name.
+    #[arg(long)]
+    name: Option<String>,
+    /// The namespace.
+    #[arg(long, short = 'n', default_value = "default")]
+    namespace: String,
+    /// Path prefix routed to the service by the ingress. Repeatable.
+    #[arg(long = "route", value_name = "PREFIX")]
+    routes: Vec<String>,
+    /// Replicas to run.
+    #[arg(long, default_value_t = 1)]
+    replicas: u32,
+    /// Linear-memory cap per instance.
+    #[arg(long)]
+    memory: Option<ByteSize>,
+    /// Fuel per request, or `unlimited`.
+    #[arg(long)]
+    fuel: Option<String>,
+    /// Deadline per request (e.g. 2s).
+    #[arg(long)]
+    timeout: Option<String>,
+    /// Instances per replica at once.
+    #[arg(long)]
+    concurrency: Option<u32>,
+    /// Environment variable KEY=VALUE. Repeatable.
+    #[arg(long = "env", value_name = "KEY=VALUE", value_parser = crate::wiring::parse_pair)]
+    env: Vec<(String, String)>,
+    /// Outbound host the component may call. Repeatable.
+    #[arg(long = "allow-outbound", value_name = "HOST")]
+    allow_outbound: Vec<String>,
+    /// Host label every replica's host must have, KEY=VALUE. Repeatable.
+    #[arg(long = "on", value_name = "KEY=VALUE", value_parser = crate::wiring::parse_pair)]
+    placement: Vec<(String, String)>,
+    /// Return without waiting for the replicas to be ready.
+    #[arg(long)]
+    no_wait: bool,
+    #[command(flatten)]
+    api: ApiArgs,
+}
+
+#[derive(clap::Args)]
+#[command(after_help = "A manifest holds one service or a list under `services`, in YAML, TOML or JSON:\n\n  services:\n    - name: hello\n      component: { file: hello.wasm }\n      replicas: 2\n      routes: [{ path_prefix: /hello }]\n      limits: { memory: 64MiB, timeout: 2s }\n\n\
+Applying is idempotent. Every service is checked before any is written.")]
+pub struct ApplyArgs {
+    /// The manifest file (.yaml, .yml, .toml or .json).
+    #[arg(short = 'f', long = "file")]
+    file: PathBuf,
+    /// Return without waiting for the replicas to be ready.
+    #[arg(long)]
+    no_wait: bool,
+    #[command(flatten)]
+    api: ApiArgs,
+}
+
+#[derive(clap::Subcommand)]
+pub enum GetWhat {
+    /// Services with their desired and ready replicas.
+    #[command(alias = "service", alias = "svc")]
+    Services {
+        /// One service (`name` or `namespace/name`).
+        name: Option<String>,
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Output,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Hosts with their state and load.
+    #[command(alias = "host")]
+    Hosts {
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Output,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+#[derive(clap::Args)]
+pub struct ScaleArgs {
+    /// The service (`name` or `namespace/name`).
+    name: String,
+    /// Replicas wanted.
+    replicas: u32,
+    #[command(flatten)]
+    api: ApiArgs,
+}
+
+#[derive(clap::Args)]
+pub struct DeleteArgs {
+    /// The service (`name` or `namespace/name`).
+    name: String,
+    #[command(flatten)]
+    api: ApiArgs,
+}
+
+/// A thin JSON client for the API that turns every failure into a clear message.
+struct Api {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Api {
+    fn new(args: &ApiArgs) -> Api {
+        Api { base: args.api.trim_end_matches('/').to_string(), http: reqwest::Client::new() }
+    }
+
+    async fn call(&self, request: reqwest::RequestBuilder) -> anyhow::Result<Value> {
+        let response = request.send().await.map_err(|e| {
+            anyhow::anyhow!("cannot reach the Wharf API at {}: {e}; is `wharf up` running? (set --api or WHARF_API)", self.base)
+        })?;
+        let status = response.status();
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        if status.is_success() {
+            return Ok(body);
+        }
+        match body["error"]["message"].as_str() {
+            Some(message) => bail!("{message} ({})", body["error"]["code"].as_str().unwrap_or("error")),
+            None => bail!("the API answered {status}"),
+        }
+    }
+
+    async fn upload(&self, file: &Path) -> anyhow::Result<Digest> {
+        let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+        let body = self
+            .call(self.http.post(format!("{}/v1/artifacts", self.base)).header("content-type", "application/wasm").body(bytes))
+            .await
+            .with_context(|| format!("{} was refused", file.display()))?;
+        body["digest"].as_str().context("the API returned no digest")?.parse().context("the API returned a bad digest")
+    }
+
+    async fn put(&self, spec: &ServiceSpec) -> anyhow::Result<Value> {
+        let url = format!("{}/v1/namespaces/{}/services/{}", self.base, spec.namespace, spec.name);
+        self.call(self.http.put(url).json(spec)).await
+    }
+
+    async fn get(&self, path: &str) -> anyhow::Result<Value> {
+        self.call(self.http.get(format!("{}{path}", self.base))).await
+    }
+
+    /// Waits until every service is ready at its current generation.
+    async fn wait_ready(&self, ids: &[ServiceId], timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut last = String::new();
+        loop {
+            let mut waiting = Vec::new();
+            for id in ids {
+                let view = self.get(&service_path(id)).await?;
+                let status = &view["status"];
+                let desired = status["desired"].as_u64().unwrap_or(0);
+                let ready = status["ready"].as_u64().unwrap_or(0);
+                if ready < desired {
+                    let why = status["last_error"].as_str().map(|e| format!(": {e}")).unwrap_or_default();
+                    waiting.push(format!("{id} {ready}/{desired} ready{why}"));
+                }
+            }
+            if waiting.is_empty() {
+                return Ok(());
+            }
+            let now = waiting.join(", ");
+            if now != last {
+                eprintln!("waiting: {now}");
+                last = now;
+            }
+            if Instant::now() > deadline {
+                bail!("not ready after {timeout:?}: {last}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+fn service_path(id: &ServiceId) -> String {
+    format!("/v1/namespaces/{}/services/{}", id.namespace, id.name)
+}
+
+fn parse_id(name: &str) -> anyhow::Result<ServiceId> {
+    name.parse().with_context(|| format!("`{name}` is not a service name (`name` or `namespace/name`, lowercase letters, digits and '-')"))
+}
+
+const READY_TIMEOUT: Duration = Duration::from_secs(120);
+
+pub async fn deploy(args: DeployArgs) -> anyhow::Result<()> {
+    let api = Api::new(&args.api);
+    let name = match &args.name {
+        Some(name) => name.clone(),
+        None => args.file.file_stem().map(|s| s.to_string_lossy().to_ascii_lowercase().replace('_', "-")).context("cannot name the service from the file; pass --name")?,
+    };
+    // Check everything we can before uploading anything.
+    let mut spec = ServiceSpec::new(name, Digest::of(b""));
+    spec.namespace = args.namespace.clone();
+    spec.replicas = args.replicas;
+    spec.routes = args.routes.iter().map(|p| Route { host: None, path_prefix: p.clone() }).collect();
+    if let Some(memory) = args.memory {
+        spec.limits.memory = memory;
+    }
+    if let Some(fuel) = &args.fuel {
+        spec.limits.fuel = if fuel.eq_ignore_ascii_case("unlimited") { None } else { Some(fuel.replace('_', "").parse().with_context(|| format!("--fuel {fuel}: not a number or `unlimited`"))?) };
+    }
+    if let Some(timeout) = &args.timeout {
+        spec.limits.timeout = wharf_proto::units::parse_duration(timeout).with_context(|| format!("--timeout {timeout}"))?;
+    }
+    if let Some(concurrency) = args.concurrency {
+        spec.limits.concurrency = concurrency;
+    }
+    spec.env = args.env.iter().cloned().collect();
+    spec.allow_outbound = args.allow_outbound.clone();
+    spec.placement.labels = args.placement.iter().cloned().collect();
+    spec.validate()?;
+    let digest = api.upload(&args.file).await?;
+    spec.component = digest.clone();
+    let view = api.put(&spec).await?;
+    let id = spec.id();
+    println!(
+        "{} {id} (generation {}, component {})",
+        view["result"].as_str().unwrap_or("deployed"),
+        view["service"]["generation"],
+        digest.short()
+    );
+    if !args.no_wait && spec.replicas > 0 {
+        api.wait_ready(&[id.clone()], READY_TIMEOUT).await?;
+        println!("{id}: {} replica(s) ready", spec.replicas);
+    }
+    Ok(())
+}
+
+pub async fn apply(args: ApplyArgs) -> anyhow::Result<()> {
+    let api = Api::new(&args.api);
+    let format = ManifestFormat::from_path(&args.file)?;
+    let text = std::fs::read_to_string(&args.file).with_context(|| format!("cannot read {}", args.file.display()))?;
+    let manifests = parse_manifest(&text, format).with_context(|| format!("{} is not a valid manifest", args.file.display()))?;
+    let base = args.file.parent().map(Path::to_path_buf).unwrap_or_default();
+    // Every file must exist before anything is uploaded.
+    for (i, m) in manifests.iter().enumerate() {
+        if let ComponentRef::File(path) = &m.component {
+            let path = base.join(path);
+            if !path.is_file() {
+                bail!("services[{i}].component.file: {} does not exist", path.display());
+            }
+        }
+    }
+    // Upload every component (refused ones stop the apply before any service is written).
+    let mut specs = Vec::new();
+    for manifest in manifests {
+        let digest = match &manifest.component {
+            ComponentRef::File(path) => api.upload(&base.join(path)).await?,
+            ComponentRef::Digest(digest) => digest.clone(),
+        };
+        specs.push(manifest.into_spec(digest));
+    }
+    let mut ids = Vec::new();
+    for spec in &specs {
+        let view = api.put(spec).await.with_context(|| format!("service {}", spec.id()))?;
+        println!("{} {}", spec.id(), view["result"].as_str().unwrap_or("applied"));
+        if spec.replicas > 0 {
+            ids.push(spec.id());
+        }
+    }
+    if !args.no_wait {
+        api.wait_ready(&ids, READY_TIMEOUT).await?;
+        println!("all ready");
+    }
+    Ok(())
+}
+
+pub async fn get(what: GetWhat) -> anyhow::Result<()> {
+    match what {
+        GetWhat::Services { name, output, api } => {
+            let api = Api::new(&api);
+            // One service prints as an object, a listing as an array.
+            let (views, json) = match name {
+                Some(name) => {
+                    let view = api.get(&service_path(&parse_id(&name)?)).await?;
+                    (vec![view.clone()], view)
+                }
+                None => {
+                    let list = api.get("/v1/services").await?["services"].clone();
+                    (list.as_array().cloned().unwrap_or_default(), list)
+                }
+            };
+            if output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&json)?);
+                return Ok(());
+            }
+            let mut rows = vec![vec!["SERVICE", "READY", "ROUTES", "COMPONENT", "GEN", "LAST ERROR"].into_iter().map(String::from).collect()];
+            for view in &views {
+                let spec = &view["service"]["spec"];
+                let status = &view["status"];
+                let routes: Vec<String> = spec["routes"].as_array().into_iter().flatten().map(|r| format!("{}{}", r["host"].as_str().unwrap_or(""), r["path_prefix"].as_str().unwrap_or(""))).collect();
+                rows.push(vec![
+                    format!("{}/{}", spec["namespace"].as_str().unwrap_or(""), spec["name"].as_str().unwrap_or("")),
+                    format!("{}/{}", status["ready"], status["desired"]),
+                    if routes.is_empty() { "-".into() } else { routes.join(",") },
+                    spec["component"].as_str().map(|d| d.chars().take(19).collect()).unwrap_or_default(),
+                    view["service"]["generation"].to_string(),
+                    status["last_error"].as_str().unwrap_or("").to_string(),
+                ]);
+            }
+            print_table(&rows);
+        }
+        GetWhat::Hosts { output, api } => {
+            let api = Api::new(&api);
+            let hosts = api.get("/v1/hosts").await?;
+            if output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&hosts)?);
+                return Ok(());
+            }
+            let mut rows = vec![vec!["HOST", "READY", "ADDR", "REPLICAS", "IN FLIGHT", "LABELS"].into_iter().map(String::from).collect()];
+            for host in hosts["hosts"].as_array().into_iter().flatten() {
+                let replicas = host["replicas"].as_array().map_or(0, Vec::len);
+                let in_flight: u64 = host["replicas"].as_array().into_iter().flatten().filter_map(|r| r["in_flight"].as_u64()).sum();
+                let labels: BTreeMap<String, Value> = serde_json::from_value(host["labels"].clone()).unwrap_or_default();
+                rows.push(vec![
+                    host["id"].as_str().unwrap_or("").to_string(),
+                    if host["ready"].as_bool() == Some(true) { "yes".into() } else { format!("no (silent {} ms)", host["last_seen_ms"]) },
+                    host["addr"].as_str().unwrap_or("-").to_string(),
+                    replicas.to_string(),
+                    in_flight.to_string(),
+                    labels.iter().map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or(""))).collect::<Vec<_>>().join(","),
+                ]);
+            }
+            print_table(&rows);
+        }
+    }
+    Ok(())
+}
+
+pub async fn scale(args: ScaleArgs) -> anyhow::Result<()> {
+    let api = Api::new(&args.api);
+    let id = parse_id(&args.name)?;
+    let url = format!("{}{}/scale", api.base, service_path(&id));
+    api.call(api.http.post(url).json(&json!({"replicas": args.replicas}))).await?;
+    println!("{id} scaled to {} replica(s)", args.replicas);
+    Ok(())
+}
+
+pub async fn delete(args: DeleteArgs) -> anyhow::Result<()> {
+    let api = Api::new(&args.api);
+    let id = parse_id(&args.name)?;
+    api.call(api.http.delete(format!("{}{}", api.base, service_path(&id)))).await?;
+    println!("{id} deleted");
+    Ok(())
+}
+
+fn print_table(rows: &[Vec<String>]) {
+    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..columns).map(|c| rows.iter().filter_map(|r| r.get(c)).map(|s| s.chars().count()).max().unwrap_or(0)).collect();
+    for row in rows {
+        let line: Vec<String> = row.iter().enumerate().map(|(c, cell)| format!("{cell:<width$}", width = widths[c])).collect();
+        println!("{}", line.join("  ").trim_end());
+    }
+}

@@ -1,0 +1,172 @@
+//! `wharf up`: the whole cluster in one process on this machine: control
+//! plane, one host and its ingress, over the in-process bus, with state in an
+//! embedded store in the data directory.
+
+use crate::wiring::{self, RuntimeCheck};
+use anyhow::{Context, bail};
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use wharf_bus::{Bus, LocalStore};
+use wharf_host::agent::{AgentConfig, HostAgent};
+use wharf_host::metrics::HostMetrics;
+use wharf_proto::{Route, ServiceId, ServiceSpec};
+use wharf_scheduler::{ControlPlane, ControlPlaneConfig};
+
+/// The samples `--samples` deploys (every sample that is an HTTP service).
+const SAMPLES: &[&str] = &["hello", "echo", "spin", "hog", "panic", "sleep", "backend", "frontend"];
+
+#[derive(clap::Args)]
+#[command(after_help = "Examples:\n  wharf up --samples            # then: curl http://127.0.0.1:8080/hello\n  wharf up --data-dir /var/lib/wharf --listen 0.0.0.0:80\n\n\
+State (services, components, compiled code) lives in the data directory and survives restarts, including kill -9.")]
+pub struct Args {
+    /// Where state lives (default: the user data dir, e.g. ~/.local/share/wharf).
+    #[arg(long, env = "WHARF_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Address of the REST API the other commands talk to.
+    #[arg(long, default_value = "127.0.0.1:7700")]
+    api: SocketAddr,
+    /// Address of the HTTP ingress that serves the services' routes.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Deploy the sample services, each at the route /<name>.
+    #[arg(long)]
+    samples: bool,
+    /// Where the built samples are (default: sample-services/target/wasm32-wasip2/release under the current directory).
+    #[arg(long, env = "WHARF_SAMPLES_DIR")]
+    samples_dir: Option<PathBuf>,
+    #[command(flatten)]
+    host: wiring::HostArgs,
+}
+
+pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let data_dir = match args.data_dir.clone() {
+        Some(dir) => dir,
+        None => dirs::data_dir().map(|d| d.join("wharf")).context("no user data directory; pass --data-dir")?,
+    };
+    std::fs::create_dir_all(&data_dir).with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
+    let samples = if args.samples { Some(find_samples(args.samples_dir.as_deref())?) } else { None };
+    // Bind first: a port in use is the most common failure, and says so at once.
+    let api_listener = bind(args.api, "--api").await?;
+    let ingress_listener = bind(args.listen, "--listen").await?;
+    let ingress_addr = ingress_listener.local_addr()?;
+    let api_addr = api_listener.local_addr()?;
+
+    let store = LocalStore::open(data_dir.join("state.redb"))?;
+    let bus = Bus::local(store);
+    let runtime = args.host.runtime(Some(data_dir.join("compiled")))?;
+    let metrics = HostMetrics::default();
+    let plane = ControlPlane::start(&bus, Arc::new(RuntimeCheck(runtime.clone())), ControlPlaneConfig::default()).await?;
+    let agent = HostAgent::start(
+        bus.clone(),
+        runtime.clone(),
+        metrics.clone(),
+        AgentConfig {
+            host: args.host.host_id()?,
+            labels: args.host.labels.iter().cloned().collect(),
+            capacity: args.host.capacity(),
+            ingress_addr: Some(ingress_addr.to_string()),
+            heartbeat_interval: Duration::from_millis(500),
+        },
+    )
+    .await?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let api_stop = wait_for(stop_rx.clone());
+    let ingress_stop = wait_for(stop_rx);
+    let api = tokio::spawn({
+        let plane = plane.clone();
+        async move { plane.serve(api_listener, api_stop).await }
+    });
+    let ingress = tokio::spawn(wharf_host::ingress::serve(ingress_listener, Arc::new(agent.clone()), metrics, ingress_stop));
+
+    eprintln!("data directory: {}", data_dir.display());
+    println!("Wharf is up: API http://{api_addr}  ingress http://{ingress_addr}");
+    if let Some(dir) = samples {
+        let deployed = deploy_samples(&plane, &runtime, &dir, &ingress_addr.to_string()).await?;
+        wait_until_ready(&agent, &deployed, Duration::from_secs(120)).await;
+        for id in &deployed {
+            println!("  curl http://{ingress_addr}/{}", id.name);
+        }
+    }
+    println!("Ctrl-C stops; `wharf get services` lists what runs.");
+    tokio::select! {
+        () = shutdown => {}
+        result = api => bail!("the API server stopped: {}", result.map(|r| r.err().map(|e| e.to_string()).unwrap_or_default()).unwrap_or_else(|e| e.to_string())),
+    }
+    let _ = stop_tx.send(true);
+    agent.shutdown();
+    plane.shutdown();
+    let _ = tokio::time::timeout(Duration::from_secs(6), ingress).await;
+    Ok(())
+}
+
+async fn wait_for(mut stop: tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+async fn bind(addr: SocketAddr, flag: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} (is another wharf running? choose another address with {flag})"))
+}
+
+fn find_samples(given: Option<&Path>) -> anyhow::Result<PathBuf> {
+    let dir = given.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("sample-services/target/wasm32-wasip2/release"));
+    let missing: Vec<&str> = SAMPLES.iter().copied().filter(|s| !dir.join(format!("{s}.wasm")).is_file()).collect();
+    if !missing.is_empty() {
+        bail!(
+            "sample components {} not found in {}; build them with `cargo build --release --target wasm32-wasip2 --manifest-path sample-services/Cargo.toml` (or use ./run), or pass --samples-dir",
+            missing.join(", "),
+            dir.display()
+        );
+    }
+    Ok(dir)
+}
+
+/// Uploads and deploys each sample at `/<name>`, in-process (no HTTP round trip).
+/// A sample already deployed (perhaps changed by the user since) is left as it is.
+async fn deploy_samples(plane: &ControlPlane, runtime: &wharf_host::Runtime, dir: &Path, ingress: &str) -> anyhow::Result<Vec<ServiceId>> {
+    let mut deployed = Vec::new();
+    for name in SAMPLES {
+        let path = dir.join(format!("{name}.wasm"));
+        let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        let loader = runtime.clone();
+        let checked = bytes.clone();
+        let component = tokio::task::spawn_blocking(move || loader.load(&checked, None)).await?.with_context(|| format!("sample {name}"))?;
+        plane.store().put_artifact(&component.digest, bytes.into()).await?;
+        let mut spec = ServiceSpec::new(*name, component.digest.clone());
+        spec.routes = vec![Route { host: None, path_prefix: format!("/{name}") }];
+        if *name == "frontend" {
+            // frontend calls backend through this very ingress.
+            spec.env = BTreeMap::from([("BACKEND_URL".to_string(), format!("http://{ingress}/backend"))]);
+            spec.allow_outbound = vec![ingress.to_string()];
+        }
+        let id = spec.id();
+        if plane.store().service(&id).await?.is_none() {
+            plane.store().put_service(spec, Some(0)).await?;
+        }
+        deployed.push(id);
+    }
+    Ok(deployed)
+}
+
+async fn wait_until_ready(agent: &HostAgent, services: &[ServiceId], timeout: Duration) {
+    let mut changes = agent.changes();
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let waiting: Vec<&ServiceId> = services.iter().filter(|s| agent.ready_workloads(s).is_empty()).collect();
+        if waiting.is_empty() {
+            return;
+        }
+        tokio::select! {
+            _ = changes.changed() => {}
+            _ = tokio::time::sleep_until(deadline) => {
+                eprintln!("still waiting for {} to be ready; see `wharf get services`", waiting.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(", "));
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,84 @@
+//! Pieces shared by the commands that run a host (`up`, later `host`).
+
+use anyhow::Context;
+use std::path::PathBuf;
+use wharf_host::{Runtime, RuntimeConfig};
+use wharf_proto::{ByteSize, Capacity, HostId};
+use wharf_scheduler::ComponentCheck;
+
+/// The control plane checks uploads with the host runtime's own loader, so
+/// a component it accepts is one a host will run.
+pub struct RuntimeCheck(pub Runtime);
+
+impl ComponentCheck for RuntimeCheck {
+    fn check(&self, bytes: &[u8]) -> Result<(), String> {
+        self.0.load(bytes, None).map(|_| ()).map_err(|e| e.to_string())
+    }
+}
+
+/// How a host is sized and labelled.
+#[derive(clap::Args, Debug, Clone)]
+pub struct HostArgs {
+    /// This host's id in the cluster (default: the machine's host name).
+    #[arg(long, env = "WHARF_HOST_ID")]
+    host_id: Option<String>,
+    /// A label for placement constraints, as KEY=VALUE (e.g. zone=a). Repeatable.
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_pair)]
+    pub labels: Vec<(String, String)>,
+    /// Instances that may run at once on this host, over all replicas.
+    #[arg(long, default_value_t = 1000)]
+    pub max_instances: u32,
+    /// Memory offered to replicas (each reserves memory x concurrency); default: 80% of the machine's.
+    #[arg(long)]
+    pub memory: Option<ByteSize>,
+}
+
+impl HostArgs {
+    pub fn host_id(&self) -> anyhow::Result<HostId> {
+        let raw = match &self.host_id {
+            Some(id) => id.clone(),
+            None => machine_name(),
+        };
+        HostId::new(raw.clone()).with_context(|| format!("host id {raw:?} is not usable (lowercase letters, digits and '-'); pass --host-id"))
+    }
+
+    pub fn capacity(&self) -> Capacity {
+        let memory = self.memory.unwrap_or_else(|| ByteSize(machine_memory().saturating_mul(4) / 5));
+        Capacity { memory, instances: self.max_instances }
+    }
+
+    pub fn runtime(&self, cache_dir: Option<PathBuf>) -> anyhow::Result<Runtime> {
+        Ok(Runtime::new(RuntimeConfig { max_instances: self.max_instances, max_instance_memory: wharf_proto::spec::MAX_MEMORY, cache_dir })?)
+    }
+}
+
+pub fn parse_pair(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_string(), value.to_string())),
+        _ => Err(format!("`{s}` is not KEY=VALUE")),
+    }
+}
+
+/// The machine's host name, made into a DNS label.
+fn machine_name() -> String {
+    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_else(|_| "local".into());
+    let label: String = raw
+        .trim()
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .take(63)
+        .collect();
+    let label = label.trim_matches('-').to_string();
+    if label.is_empty() { "local".into() } else { label }
+}
+
+/// Total memory from /proc/meminfo; 8 GiB when unknown.
+fn machine_memory() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            text.lines().find_map(|l| l.strip_prefix("MemTotal:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(8 << 30, |kib| kib * 1024)
+}

@@ -1,0 +1,217 @@
+//! `wharf up` and the client commands end to end: the real binary, a real
+//! data directory, real components, over loopback.
+
+use serde_json::Value;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+use wharf_testkit::process::Process;
+use wharf_testkit::samples;
+
+const WHARF: &str = env!("CARGO_BIN_EXE_wharf");
+
+/// A `wharf up` process and the addresses it printed.
+struct Up {
+    process: Process,
+    api: String,
+    ingress: String,
+}
+
+impl Up {
+    fn start(data_dir: &Path) -> Up {
+        let mut process = Process::spawn(
+            WHARF,
+            &["up", "--data-dir", data_dir.to_str().expect("utf-8"), "--api", "127.0.0.1:0", "--listen", "127.0.0.1:0", "--host-id", "test-host"],
+        );
+        let line = process.wait_for_line("Wharf is up", Duration::from_secs(60));
+        let urls: Vec<&str> = line.split_whitespace().filter(|w| w.starts_with("http://")).collect();
+        assert_eq!(urls.len(), 2, "{line}");
+        process.wait_for_line("Ctrl-C stops", Duration::from_secs(60));
+        Up { api: urls[0].to_string(), ingress: urls[1].to_string(), process }
+    }
+
+    /// Runs a client command against this cluster; returns (success, stdout + stderr).
+    fn wharf(&self, args: &[&str]) -> (bool, String) {
+        let output = Command::new(WHARF).args(args).env("WHARF_API", &self.api).output().expect("wharf runs");
+        let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+        (output.status.success(), text)
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let (ok, text) = self.wharf(args);
+        assert!(ok, "wharf {args:?} failed:\n{text}\n--- wharf up output:\n{}", self.process.output());
+        text
+    }
+
+    fn services(&self) -> Value {
+        let text = self.ok(&["get", "services", "-o", "json"]);
+        serde_json::from_str(&text).expect("json")
+    }
+}
+
+async fn curl(url: &str) -> (u16, String) {
+    let response = reqwest::get(url).await.expect("answered");
+    (response.status().as_u16(), response.text().await.expect("body"))
+}
+
+/// Polls until `url` answers with `status` and `body`, or panics after 30 s.
+async fn eventually(url: &str, status: u16, body_contains: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let got = curl(url).await;
+        if got.0 == status && got.1.contains(body_contains) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{url}: expected {status} with {body_contains:?}, last got {got:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn path(sample: &str) -> String {
+    samples::path(sample).to_str().expect("utf-8").to_string()
+}
+
+#[tokio::test]
+async fn deploy_curl_scale_delete_and_redeploy() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let up = Up::start(dir.path());
+    let out = up.ok(&["deploy", &path("hello"), "--name", "web", "--route", "/web"]);
+    assert!(out.contains("default/web: 1 replica(s) ready"), "{out}");
+    assert_eq!(curl(&format!("{}/web", up.ingress)).await, (200, "Hello from Wharf!\n".to_string()));
+
+    up.ok(&["scale", "web", "3"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let services = up.services();
+        let status = &services[0]["status"];
+        if status["ready"] == 3 {
+            assert_eq!(status["desired"], 3);
+            assert_eq!(status["replicas"].as_array().map(Vec::len), Some(3), "{services}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "never 3 ready: {services}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let table = up.ok(&["get", "services"]);
+    assert!(table.contains("default/web") && table.contains("3/3") && table.contains("/web"), "{table}");
+    assert_eq!(curl(&format!("{}/web", up.ingress)).await.0, 200);
+
+    up.ok(&["delete", "web"]);
+    eventually(&format!("{}/web", up.ingress), 404, "no service is routed at /web").await;
+    let (ok, text) = up.wharf(&["get", "services", "web"]);
+    assert!(!ok && text.contains("not found"), "{text}");
+
+    // A new version under the same name replaces the old one.
+    up.ok(&["deploy", &path("backend"), "--name", "web", "--route", "/web"]);
+    assert_eq!(curl(&format!("{}/web/x", up.ingress)).await, (200, "backend ok /web/x\n".to_string()));
+    up.ok(&["deploy", &path("hello"), "--name", "web", "--route", "/web", "--env", "GREETING=v3"]);
+    eventually(&format!("{}/web", up.ingress), 200, "v3").await;
+
+    let hosts = up.ok(&["get", "hosts"]);
+    assert!(hosts.contains("test-host") && hosts.contains("yes"), "{hosts}");
+}
+
+#[tokio::test]
+async fn state_survives_kill_9_and_sigterm() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut up = Up::start(dir.path());
+    up.ok(&["deploy", &path("hello"), "--name", "hello", "--route", "/hello", "--env", "GREETING=persisted"]);
+    up.ok(&["deploy", &path("echo"), "--name", "echo", "--namespace", "other", "--route", "/echo"]);
+    up.process.kill();
+
+    let mut up = Up::start(dir.path());
+    eventually(&format!("{}/hello", up.ingress), 200, "persisted").await;
+    eventually(&format!("{}/echo", up.ingress), 200, "\"path\": \"/echo\"").await;
+    let status = up.process.terminate(Duration::from_secs(15));
+    assert!(status.success(), "clean exit on SIGTERM: {status}");
+
+    let up = Up::start(dir.path());
+    eventually(&format!("{}/hello", up.ingress), 200, "persisted").await;
+    let services = up.ok(&["get", "services"]);
+    assert!(services.contains("default/hello") && services.contains("other/echo"), "{services}");
+}
+
+#[tokio::test]
+async fn bad_manifests_are_refused_by_name_and_change_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let up = Up::start(&dir.path().join("data"));
+    let hello = path("hello");
+    let garbage = dir.path().join("garbage.wasm");
+    std::fs::write(&garbage, b"this is not a component").expect("write");
+    let cases = [
+        ("unknown.yaml", format!("name: a\ncomponent: {{ file: {hello} }}\nreplicaz: 2\n"), "replicaz"),
+        ("noname.yaml", format!("component: {{ file: {hello} }}\n"), "name"),
+        ("negative.toml", format!("name = \"a\"\nreplicas = -1\n[component]\nfile = \"{hello}\"\n"), "replicas"),
+        ("badmem.yaml", format!("name: a\ncomponent: {{ file: {hello} }}\nlimits: {{ memory: lots }}\n"), "limits.memory"),
+        ("notwasm.yaml", format!("name: a\ncomponent: {{ file: {} }}\n", garbage.display()), "not a WebAssembly component"),
+        ("missing.yaml", "name: a\ncomponent: { file: nowhere.wasm }\n".to_string(), "does not exist"),
+        (
+            "second-bad.yaml",
+            format!("services:\n  - name: good\n    component: {{ file: {hello} }}\n  - name: Bad_Name\n    component: {{ file: {hello} }}\n"),
+            "services[1].name",
+        ),
+    ];
+    for (file, text, expected) in cases {
+        let path = dir.path().join(file);
+        std::fs::write(&path, text).expect("write");
+        let (ok, out) = up.wharf(&["apply", "-f", path.to_str().expect("utf-8")]);
+        assert!(!ok, "{file} must be refused");
+        assert!(out.contains(expected), "{file}: expected {expected:?} in: {out}");
+    }
+    let services = up.services();
+    assert_eq!(services, serde_json::json!([]), "nothing was applied");
+
+    // A good manifest applies, and applying it again changes nothing.
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, format!("[[services]]\nname = \"a\"\nreplicas = 2\nroutes = [{{ path_prefix = \"/a\" }}]\n[services.component]\nfile = \"{hello}\"\n")).expect("write");
+    let out = up.ok(&["apply", "-f", good.to_str().expect("utf-8")]);
+    assert!(out.contains("default/a created"), "{out}");
+    let out = up.ok(&["apply", "-f", good.to_str().expect("utf-8")]);
+    assert!(out.contains("default/a unchanged"), "{out}");
+    assert_eq!(curl(&format!("{}/a", up.ingress)).await.0, 200);
+}
+
+#[tokio::test]
+async fn the_api_refuses_bad_requests_with_json_errors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let up = Up::start(dir.path());
+    let http = reqwest::Client::new();
+    let api = &up.api;
+
+    let refused = http.post(format!("{api}/v1/artifacts")).body(samples::bytes("notcomponent")).send().await.expect("answered");
+    assert_eq!(refused.status(), 422);
+    let body: Value = refused.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "invalid_component");
+    assert!(body["error"]["message"].as_str().unwrap_or("").contains("wasi:http/incoming-handler"), "{body}");
+
+    let uploaded: Value = http.post(format!("{api}/v1/artifacts")).body(samples::bytes("hello")).send().await.expect("answered").json().await.expect("json");
+    let digest = uploaded["digest"].as_str().expect("digest").to_string();
+    let url = format!("{api}/v1/namespaces/default/services/web");
+
+    let bad_json = http.put(&url).body("{not json").send().await.expect("answered");
+    assert_eq!(bad_json.status(), 400);
+    let unknown = http.put(&url).json(&serde_json::json!({"component": "sha256:nothex", "name": "web"})).send().await.expect("answered");
+    assert_eq!(unknown.status(), 400, "a malformed digest");
+    let missing = http.put(&url).json(&serde_json::json!({"component": format!("sha256:{}", "ab".repeat(32))})).send().await.expect("answered");
+    assert_eq!(missing.status(), 422);
+    assert!(missing.text().await.expect("body").contains("POST its bytes to /v1/artifacts"));
+    let mismatch = http.put(&url).json(&serde_json::json!({"component": digest, "name": "other"})).send().await.expect("answered");
+    assert_eq!(mismatch.status(), 400);
+
+    let created = http.put(&url).json(&serde_json::json!({"component": digest})).send().await.expect("answered");
+    assert_eq!(created.status(), 201);
+    let created: Value = created.json().await.expect("json");
+    let revision = created["service"]["revision"].as_u64().expect("revision");
+    let updated = http.put(&url).header("if-match", revision.to_string()).json(&serde_json::json!({"component": digest, "replicas": 2})).send().await.expect("answered");
+    assert_eq!(updated.status(), 200);
+    let stale = http.put(&url).header("if-match", revision.to_string()).json(&serde_json::json!({"component": digest, "replicas": 3})).send().await.expect("answered");
+    assert_eq!(stale.status(), 409, "a stale revision is refused");
+    let current: Value = http.get(&url).send().await.expect("answered").json().await.expect("json");
+    assert_eq!(current["service"]["spec"]["replicas"], 2, "the refused write changed nothing");
+
+    let nowhere = http.get(format!("{api}/v1/nowhere")).send().await.expect("answered");
+    assert_eq!(nowhere.status(), 404);
+    let body: Value = nowhere.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "not_found");
+    assert_eq!(http.get(format!("{api}/healthz")).send().await.expect("answered").status(), 200);
+}

@@ -1,0 +1,319 @@
+//! Names of things on the bus: ids of hosts and services, and every subject,
+//! bucket and key Wharf uses. Nothing outside this module spells them by hand.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+
+/// The namespace a service lives in when its spec names none.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// Every host publishes its heartbeat here; the scheduler subscribes to [`HEARTBEAT_WILDCARD`].
+pub fn host_heartbeat_subject(host: &HostId) -> String {
+    format!("wharf.host.{host}.heartbeat")
+}
+
+/// Matches the heartbeat subject of every host.
+pub const HEARTBEAT_WILDCARD: &str = "wharf.host.*.heartbeat";
+
+/// Requests for a service with no ready replica go here; the activator answers.
+pub const ACTIVATE_SUBJECT: &str = "wharf.ctl.activate";
+
+/// Requests to a service; every host running a replica joins the service's queue group on it.
+pub fn service_subject(namespace: &str, name: &str) -> String {
+    format!("wharf.svc.{namespace}.{name}")
+}
+
+/// Log lines of a service's replicas, for `wharf logs --follow`.
+pub fn logs_subject(namespace: &str, name: &str) -> String {
+    format!("wharf.logs.{namespace}.{name}")
+}
+
+/// KV bucket of desired services ([`crate::StoredService`]), keyed by [`service_key`].
+pub const SERVICES_BUCKET: &str = "wharf-services";
+
+/// KV bucket of assignments ([`crate::Assignment`]), keyed by [`assignment_key`].
+pub const ASSIGNMENTS_BUCKET: &str = "wharf-assignments";
+
+/// Object store of component artifacts, keyed by digest.
+pub const ARTIFACTS_BUCKET: &str = "wharf-artifacts";
+
+/// The name of a component's object in [`ARTIFACTS_BUCKET`]: its digest's hex.
+pub fn artifact_object(digest: &crate::Digest) -> String {
+    digest.hex()
+}
+
+/// KV bucket of the hosts the control plane has seen, keyed by host id.
+pub const HOSTS_BUCKET: &str = "wharf-hosts";
+
+/// The `wasi:keyvalue` bucket shared by the services of one namespace.
+pub fn kv_bucket(namespace: &str) -> String {
+    format!("wharf-kv-{namespace}")
+}
+
+/// The key of a service in [`SERVICES_BUCKET`]. NATS KV keys allow
+/// `[-/_=.a-zA-Z0-9]`, and namespaces and names are DNS labels, so the dot
+/// cannot be ambiguous.
+pub fn service_key(namespace: &str, name: &str) -> String {
+    format!("{namespace}.{name}")
+}
+
+/// The key of a host's assignment in [`ASSIGNMENTS_BUCKET`].
+pub fn assignment_key(host: &HostId) -> String {
+    host.to_string()
+}
+
+/// Why a string is not a valid name.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum NameError {
+    /// The name is empty.
+    #[error("must not be empty")]
+    Empty,
+    /// The name is longer than a DNS label may be.
+    #[error("{0:?} is {len} characters long; at most 63 are allowed", len = .0.len())]
+    TooLong(String),
+    /// The name has a character outside `a-z`, `0-9` and `-`, or starts or ends with `-`.
+    #[error(
+        "{0:?} is not a DNS label: use lowercase letters, digits and '-', and start and end with a letter or digit"
+    )]
+    NotLabel(String),
+    /// A service id without the `/` between namespace and name.
+    #[error("{0:?} is not a service id: write <namespace>/<name>")]
+    NotServiceId(String),
+}
+
+/// Checks that `s` is a DNS label: 1 to 63 of `a-z`, `0-9` and `-`, neither
+/// first nor last a `-`. Namespaces, service names and host ids are labels,
+/// so they can stand in subjects, bucket names, keys and host names unescaped.
+pub fn check_label(s: &str) -> Result<(), NameError> {
+    if s.is_empty() {
+        return Err(NameError::Empty);
+    }
+    if s.len() > 63 {
+        return Err(NameError::TooLong(s.to_string()));
+    }
+    let allowed = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-';
+    if !s.bytes().all(allowed) || s.starts_with('-') || s.ends_with('-') {
+        return Err(NameError::NotLabel(s.to_string()));
+    }
+    Ok(())
+}
+
+/// The id of a worker host: a DNS label, chosen by the host at start-up.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct HostId(String);
+
+impl HostId {
+    /// `id` as a host id, if it is a DNS label.
+    pub fn new(id: impl Into<String>) -> Result<Self, NameError> {
+        let id = id.into();
+        check_label(&id)?;
+        Ok(HostId(id))
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for HostId {
+    type Err = NameError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        HostId::new(s)
+    }
+}
+
+impl TryFrom<String> for HostId {
+    type Error = NameError;
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        HostId::new(value)
+    }
+}
+
+impl From<HostId> for String {
+    fn from(value: HostId) -> Self {
+        value.0
+    }
+}
+
+impl fmt::Display for HostId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for HostId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "HostId({})", self.0)
+    }
+}
+
+/// A service, named by namespace and name; written `namespace/name`.
+///
+/// Parsing checks both parts are DNS labels and accepts a bare `name` for the
+/// default namespace. Ordered by namespace, then name.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ServiceId {
+    /// The namespace, a DNS label.
+    pub namespace: String,
+    /// The service's name within its namespace, a DNS label.
+    pub name: String,
+}
+
+impl ServiceId {
+    /// The id of `name` in `namespace`, if both are DNS labels.
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Result<Self, NameError> {
+        let id = ServiceId {
+            namespace: namespace.into(),
+            name: name.into(),
+        };
+        check_label(&id.namespace)?;
+        check_label(&id.name)?;
+        Ok(id)
+    }
+
+    /// The subject requests to this service are sent on.
+    pub fn subject(&self) -> String {
+        service_subject(&self.namespace, &self.name)
+    }
+
+    /// This service's key in [`SERVICES_BUCKET`].
+    pub fn key(&self) -> String {
+        service_key(&self.namespace, &self.name)
+    }
+}
+
+impl FromStr for ServiceId {
+    type Err = NameError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.split_once('/') {
+            Some((namespace, name)) => ServiceId::new(namespace, name),
+            None if s.is_empty() => Err(NameError::NotServiceId(s.to_string())),
+            None => ServiceId::new(DEFAULT_NAMESPACE, s),
+        }
+    }
+}
+
+impl TryFrom<String> for ServiceId {
+    type Error = NameError;
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        value.parse()
+    }
+}
+
+impl From<ServiceId> for String {
+    fn from(value: ServiceId) -> Self {
+        value.to_string()
+    }
+}
+
+impl fmt::Display for ServiceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+impl fmt::Debug for ServiceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ServiceId({self})")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(id: &str) -> HostId {
+        HostId::new(id).expect("valid host id")
+    }
+
+    #[test]
+    fn builds_subjects_buckets_and_keys() {
+        assert_eq!(
+            service_subject("default", "hello"),
+            "wharf.svc.default.hello"
+        );
+        assert_eq!(logs_subject("shop", "cart"), "wharf.logs.shop.cart");
+        assert_eq!(
+            host_heartbeat_subject(&host("h-1")),
+            "wharf.host.h-1.heartbeat"
+        );
+        assert_eq!(HEARTBEAT_WILDCARD, "wharf.host.*.heartbeat");
+        assert_eq!(ACTIVATE_SUBJECT, "wharf.ctl.activate");
+        assert_eq!(SERVICES_BUCKET, "wharf-services");
+        assert_eq!(ASSIGNMENTS_BUCKET, "wharf-assignments");
+        assert_eq!(ARTIFACTS_BUCKET, "wharf-artifacts");
+        assert_eq!(HOSTS_BUCKET, "wharf-hosts");
+        assert_eq!(kv_bucket("shop"), "wharf-kv-shop");
+        assert_eq!(service_key("shop", "cart"), "shop.cart");
+        assert_eq!(assignment_key(&host("h-1")), "h-1");
+        let digest = crate::Digest::of(b"hello");
+        assert_eq!(artifact_object(&digest), digest.hex());
+        let id: ServiceId = "shop/cart".parse().expect("valid id");
+        assert_eq!(id.subject(), "wharf.svc.shop.cart");
+        assert_eq!(id.key(), "shop.cart");
+    }
+
+    #[test]
+    fn checks_labels() {
+        for good in ["a", "default", "h-1", "0abc", &"x".repeat(63)] {
+            assert_eq!(check_label(good), Ok(()), "{good}");
+        }
+        assert_eq!(check_label(""), Err(NameError::Empty));
+        assert!(matches!(
+            check_label(&"x".repeat(64)),
+            Err(NameError::TooLong(_))
+        ));
+        for bad in ["-a", "a-", "A", "a.b", "a_b", "a b", "é"] {
+            assert!(
+                matches!(check_label(bad), Err(NameError::NotLabel(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn host_ids_are_labels() {
+        assert_eq!(host("worker-7").as_str(), "worker-7");
+        assert!(HostId::new("Worker.7").is_err());
+        assert!(serde_json::from_str::<HostId>("\"a.b\"").is_err());
+        let json = serde_json::to_string(&host("h-1")).expect("serialises");
+        assert_eq!(json, "\"h-1\"");
+        assert_eq!(
+            serde_json::from_str::<HostId>(&json).expect("parses"),
+            host("h-1")
+        );
+    }
+
+    #[test]
+    fn service_ids_parse_and_display() {
+        let id: ServiceId = "shop/cart".parse().expect("valid id");
+        assert_eq!(id, ServiceId::new("shop", "cart").expect("valid id"));
+        assert_eq!(id.to_string(), "shop/cart");
+        assert_eq!(
+            "cart".parse::<ServiceId>(),
+            ServiceId::new("default", "cart")
+        );
+        assert!(matches!(
+            "".parse::<ServiceId>(),
+            Err(NameError::NotServiceId(_))
+        ));
+        assert!(matches!(
+            "shop/Cart".parse::<ServiceId>(),
+            Err(NameError::NotLabel(_))
+        ));
+        assert!(matches!(
+            "/cart".parse::<ServiceId>(),
+            Err(NameError::Empty)
+        ));
+        let json = serde_json::to_string(&id).expect("serialises");
+        assert_eq!(json, "\"shop/cart\"");
+        assert_eq!(
+            serde_json::from_str::<ServiceId>(&json).expect("parses"),
+            id
+        );
+    }
+}

@@ -1,0 +1,695 @@
+//! Service specs: what a service runs, how many replicas, under which limits,
+//! how traffic reaches it and where it may be placed, with the checks that
+//! every spec passes before it is stored.
+
+use crate::Digest;
+use crate::names::{DEFAULT_NAMESPACE, NameError, ServiceId, check_label};
+use crate::units::{ByteSize, duration_text, format_duration};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::time::Duration;
+
+/// The smallest linear-memory cap an instance may have.
+pub const MIN_MEMORY: ByteSize = ByteSize::mib(1);
+/// The largest linear-memory cap an instance may have (all a 32-bit memory can address).
+pub const MAX_MEMORY: ByteSize = ByteSize::gib(4);
+/// The shortest request deadline.
+pub const MIN_TIMEOUT: Duration = Duration::from_millis(1);
+/// The longest request deadline.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(600);
+/// The most instances one replica may run at once.
+pub const MAX_CONCURRENCY: u32 = 10_000;
+/// The most replicas one service may ask for; a typo such as `replicas:
+/// 10000000` is refused instead of keeping the scheduler busy.
+pub const MAX_REPLICAS: u32 = 100_000;
+
+/// A service as the control plane stores it: everything needed to run its
+/// replicas.
+///
+/// `C` is how the component is named. A stored spec pins it by [`Digest`];
+/// a manifest may name a file instead (see [`crate::ServiceManifest`]), which
+/// the CLI uploads and replaces by its digest with [`ServiceSpec::with_component`].
+/// Every field but `name` and `component` has a default, and unknown fields
+/// are refused so that a typo is an error, not a silently ignored setting.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSpec<C = Digest> {
+    /// The namespace, a DNS label (default `default`).
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// The service's name, a DNS label unique within its namespace.
+    pub name: String,
+    /// The component every replica runs.
+    pub component: C,
+    /// How many replicas should run (default 1).
+    #[serde(default = "default_replicas")]
+    pub replicas: u32,
+    /// Per-instance and per-request limits.
+    #[serde(default)]
+    pub limits: Limits,
+    /// Ingress routes that lead to this service.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<Route>,
+    /// Environment variables the component sees.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Constraints on the hosts a replica may be placed on.
+    #[serde(default, skip_serializing_if = "Placement::is_unconstrained")]
+    pub placement: Placement,
+    /// Hosts the component may call over `wasi:http` (`api.example.com`,
+    /// `host:8443`, `*.example.com`); everything else is denied.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_outbound: Vec<String>,
+    /// Scaling with demand; without it the service keeps `replicas` replicas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscale: Option<Autoscale>,
+    /// Volumes the component may use.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<Volume>,
+}
+
+fn default_namespace() -> String {
+    DEFAULT_NAMESPACE.to_string()
+}
+
+fn default_replicas() -> u32 {
+    1
+}
+
+/// Limits on each instance of a replica and on each request it serves.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Linear-memory cap of one instance (default 64MiB).
+    pub memory: ByteSize,
+    /// Fuel per request, about one unit per wasm instruction (default one
+    /// billion); `None`, written `unlimited`, turns metering off.
+    #[serde(with = "fuel_text")]
+    pub fuel: Option<u64>,
+    /// Wall-clock deadline of one request (default 5s), written `500ms`, `5s`, `2m`.
+    #[serde(with = "duration_text")]
+    pub timeout: Duration,
+    /// Instances one replica may run at once (default 16).
+    pub concurrency: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            memory: ByteSize::mib(64),
+            fuel: Some(1_000_000_000),
+            timeout: Duration::from_secs(5),
+            concurrency: 16,
+        }
+    }
+}
+
+/// An ingress route: requests whose host and path match go to the service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    /// The `Host` the request must name; any host when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// The path prefix the request must start with, itself starting with `/`.
+    pub path_prefix: String,
+}
+
+/// Where a service's replicas may run.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Placement {
+    /// Labels a host must carry, every one with the same value.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Placement {
+    /// Whether any ready host will do.
+    pub fn is_unconstrained(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    /// Whether a host with `labels` satisfies this placement.
+    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.labels
+            .iter()
+            .all(|(key, value)| labels.get(key) == Some(value))
+    }
+}
+
+/// Scaling a service with its load, between `min` and `max` replicas.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Autoscale {
+    /// The fewest replicas; 0 lets the service scale to zero (default 0).
+    #[serde(default)]
+    pub min: u32,
+    /// The most replicas, at least 1.
+    pub max: u32,
+    /// In-flight requests per replica the autoscaler aims for (default 10).
+    #[serde(default = "default_target_concurrency")]
+    pub target_concurrency: u32,
+    /// How long a service must be idle before its last replica stops (default 5m).
+    #[serde(default = "default_scale_to_zero_after", with = "duration_text")]
+    pub scale_to_zero_after: Duration,
+}
+
+fn default_target_concurrency() -> u32 {
+    10
+}
+
+fn default_scale_to_zero_after() -> Duration {
+    Duration::from_secs(300)
+}
+
+/// A volume the component may use. Only named for now; storage options come later.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Volume {
+    /// The volume's name, a DNS label unique within the service.
+    pub name: String,
+}
+
+/// What is wrong with a spec, and where: `field` is a path such as
+/// `limits.memory` or, inside a manifest, `services[1].limits.memory`.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[error("{field}: {problem}")]
+pub struct SpecError {
+    /// The path to the offending field.
+    pub field: String,
+    /// What is wrong with it.
+    pub problem: String,
+}
+
+impl SpecError {
+    /// An error about `field`.
+    pub fn new(field: impl Into<String>, problem: impl fmt::Display) -> Self {
+        SpecError {
+            field: field.into(),
+            problem: problem.to_string(),
+        }
+    }
+
+    /// The same error seen from the enclosing value: `prefix.field`.
+    pub fn within(self, prefix: impl fmt::Display) -> Self {
+        SpecError {
+            field: format!("{prefix}.{}", self.field),
+            problem: self.problem,
+        }
+    }
+}
+
+impl<C> ServiceSpec<C> {
+    /// A spec for `name` in the default namespace with every other setting at its default.
+    pub fn new(name: impl Into<String>, component: C) -> Self {
+        ServiceSpec {
+            namespace: default_namespace(),
+            name: name.into(),
+            component,
+            replicas: default_replicas(),
+            limits: Limits::default(),
+            routes: Vec::new(),
+            env: BTreeMap::new(),
+            placement: Placement::default(),
+            allow_outbound: Vec::new(),
+            autoscale: None,
+            volumes: Vec::new(),
+        }
+    }
+
+    /// The memory a replica reserves on its host: room for `concurrency`
+    /// instances of `memory` each.
+    pub fn reservation(&self) -> ByteSize {
+        ByteSize(
+            self.limits
+                .memory
+                .bytes()
+                .saturating_mul(u64::from(self.limits.concurrency)),
+        )
+    }
+
+    /// The service's id, `namespace/name`.
+    pub fn id(&self) -> ServiceId {
+        ServiceId {
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+        }
+    }
+
+    /// The same spec with the component named another way, e.g. a manifest's
+    /// file replaced by the digest it was uploaded under.
+    pub fn with_component<D>(self, component: D) -> ServiceSpec<D> {
+        ServiceSpec {
+            namespace: self.namespace,
+            name: self.name,
+            component,
+            replicas: self.replicas,
+            limits: self.limits,
+            routes: self.routes,
+            env: self.env,
+            placement: self.placement,
+            allow_outbound: self.allow_outbound,
+            autoscale: self.autoscale,
+            volumes: self.volumes,
+        }
+    }
+
+    /// Checks every field; the error names the first field found wrong.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        label("namespace", &self.namespace)?;
+        label("name", &self.name)?;
+        in_range("replicas", self.replicas, 0, MAX_REPLICAS, u32::to_string)?;
+        self.limits.validate().map_err(|e| e.within("limits"))?;
+        for (i, route) in self.routes.iter().enumerate() {
+            route
+                .validate()
+                .map_err(|e| e.within(format_args!("routes[{i}]")))?;
+        }
+        for key in self.env.keys() {
+            if key.is_empty() || key.contains(['=', '\0']) {
+                return Err(SpecError::new(
+                    format!("env[{key:?}]"),
+                    "a variable name must be non-empty, without '=' or NUL",
+                ));
+            }
+        }
+        for (key, value) in &self.placement.labels {
+            let field = || format!("placement.labels[{key:?}]");
+            if key.is_empty() || key.contains(['=', ',']) || key.contains(char::is_whitespace) {
+                return Err(SpecError::new(
+                    field(),
+                    "a label key must be non-empty, without '=', ',' or whitespace",
+                ));
+            }
+            if value.contains(',') || value.contains(char::is_whitespace) {
+                return Err(SpecError::new(
+                    field(),
+                    format!("label value {value:?} must not contain ',' or whitespace"),
+                ));
+            }
+        }
+        for (i, host) in self.allow_outbound.iter().enumerate() {
+            if host.is_empty() || host.contains(char::is_whitespace) {
+                return Err(SpecError::new(
+                    format!("allow_outbound[{i}]"),
+                    format!(
+                        "{host:?} is not a host: write `api.example.com`, `host:8443` or `*.example.com`"
+                    ),
+                ));
+            }
+        }
+        if let Some(autoscale) = &self.autoscale {
+            autoscale.validate().map_err(|e| e.within("autoscale"))?;
+        }
+        let mut volumes = BTreeSet::new();
+        for (i, volume) in self.volumes.iter().enumerate() {
+            let field = format!("volumes[{i}].name");
+            label(&field, &volume.name)?;
+            if !volumes.insert(&volume.name) {
+                return Err(SpecError::new(
+                    field,
+                    format!("volume {:?} is declared twice", volume.name),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn label(field: &str, value: &str) -> Result<(), SpecError> {
+    check_label(value).map_err(|e: NameError| SpecError::new(field, e))
+}
+
+/// Checks `min <= value <= max`, naming the field and the allowed range otherwise.
+fn in_range<T: PartialOrd>(
+    field: &str,
+    value: T,
+    min: T,
+    max: T,
+    show: impl Fn(&T) -> String,
+) -> Result<(), SpecError> {
+    if value < min || value > max {
+        return Err(SpecError::new(
+            field,
+            format!(
+                "must be between {} and {}, got {}",
+                show(&min),
+                show(&max),
+                show(&value)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+impl Limits {
+    /// Checks each limit against its allowed range.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        in_range(
+            "memory",
+            self.memory,
+            MIN_MEMORY,
+            MAX_MEMORY,
+            ByteSize::to_string,
+        )?;
+        if self.fuel == Some(0) {
+            return Err(SpecError::new(
+                "fuel",
+                "must be at least 1 (or `unlimited`)",
+            ));
+        }
+        in_range("timeout", self.timeout, MIN_TIMEOUT, MAX_TIMEOUT, |d| {
+            format_duration(*d)
+        })?;
+        in_range(
+            "concurrency",
+            self.concurrency,
+            1,
+            MAX_CONCURRENCY,
+            u32::to_string,
+        )
+    }
+}
+
+impl Route {
+    /// Checks the host and the path prefix.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        if let Some(host) = &self.host
+            && (host.is_empty() || host.contains('/') || host.contains(char::is_whitespace))
+        {
+            return Err(SpecError::new(
+                "host",
+                format!("{host:?} is not a host name"),
+            ));
+        }
+        if !self.path_prefix.starts_with('/') {
+            return Err(SpecError::new(
+                "path_prefix",
+                format!("{:?} must start with '/'", self.path_prefix),
+            ));
+        }
+        if self.path_prefix.contains(char::is_whitespace) {
+            return Err(SpecError::new(
+                "path_prefix",
+                format!("{:?} must not contain whitespace", self.path_prefix),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Autoscale {
+    /// Checks that the bounds and the target make sense.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        in_range("max", self.max, 1, MAX_REPLICAS, u32::to_string)?;
+        if self.min > self.max {
+            return Err(SpecError::new(
+                "min",
+                format!("{} is more than max ({})", self.min, self.max),
+            ));
+        }
+        if self.target_concurrency == 0 {
+            return Err(SpecError::new("target_concurrency", "must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+/// Serde for fuel: a number of units, or `unlimited` (or null) for no metering.
+/// TOML has no null, hence the word.
+mod fuel_text {
+    use serde::Serializer;
+    use serde::de::{self, Deserializer, Visitor};
+    use std::fmt;
+
+    const UNLIMITED: &str = "unlimited";
+
+    pub fn serialize<S: Serializer>(fuel: &Option<u64>, serializer: S) -> Result<S::Ok, S::Error> {
+        match fuel {
+            Some(units) => serializer.serialize_u64(*units),
+            None => serializer.serialize_str(UNLIMITED),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<u64>, D::Error> {
+        deserializer.deserialize_any(FuelVisitor)
+    }
+
+    struct FuelVisitor;
+
+    impl<'de> Visitor<'de> for FuelVisitor {
+        type Value = Option<u64>;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a number of fuel units (0 or more) or \"unlimited\"")
+        }
+
+        fn visit_u64<E: de::Error>(self, units: u64) -> Result<Self::Value, E> {
+            Ok(Some(units))
+        }
+
+        fn visit_i64<E: de::Error>(self, units: i64) -> Result<Self::Value, E> {
+            u64::try_from(units)
+                .map(Some)
+                .map_err(|_| E::invalid_value(de::Unexpected::Signed(units), &self))
+        }
+
+        fn visit_str<E: de::Error>(self, text: &str) -> Result<Self::Value, E> {
+            if text.eq_ignore_ascii_case(UNLIMITED) {
+                Ok(None)
+            } else {
+                Err(E::invalid_value(de::Unexpected::Str(text), &self))
+            }
+        }
+
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_some<D: Deserializer<'de>>(
+            self,
+            deserializer: D,
+        ) -> Result<Self::Value, D::Error> {
+            deserializer.deserialize_any(self)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> ServiceSpec {
+        ServiceSpec::new("hello", Digest::of(b"hello"))
+    }
+
+    /// Applies `change` to a valid spec and checks that validation blames
+    /// `field` with a message containing `problem`.
+    #[track_caller]
+    fn check(change: impl FnOnce(&mut ServiceSpec), field: &str, problem: &str) {
+        let mut spec = spec();
+        change(&mut spec);
+        let err = spec.validate().expect_err("the spec should be refused");
+        assert_eq!(err.field, field, "{err}");
+        assert!(err.problem.contains(problem), "{err}");
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let spec = spec();
+        assert_eq!(spec.validate(), Ok(()));
+        assert_eq!(spec.namespace, "default");
+        assert_eq!(spec.replicas, 1);
+        assert_eq!(spec.limits.memory, ByteSize::mib(64));
+        assert_eq!(spec.limits.fuel, Some(1_000_000_000));
+        assert_eq!(spec.limits.timeout, Duration::from_secs(5));
+        assert_eq!(spec.limits.concurrency, 16);
+        assert_eq!(spec.reservation(), ByteSize::gib(1));
+    }
+
+    #[test]
+    fn each_error_names_its_field() {
+        check(|s| s.namespace = "Prod".into(), "namespace", "DNS label");
+        check(|s| s.name = String::new(), "name", "empty");
+        check(|s| s.name = "-hello".into(), "name", "DNS label");
+        check(|s| s.name = "x".repeat(64), "name", "at most 63");
+        check(
+            |s| s.replicas = 100_001,
+            "replicas",
+            "between 0 and 100000, got 100001",
+        );
+        check(
+            |s| s.limits.memory = ByteSize(1000),
+            "limits.memory",
+            "between 1MiB and 4GiB, got 1000",
+        );
+        check(
+            |s| s.limits.memory = ByteSize::gib(8),
+            "limits.memory",
+            "got 8GiB",
+        );
+        check(|s| s.limits.fuel = Some(0), "limits.fuel", "at least 1");
+        check(
+            |s| s.limits.timeout = Duration::ZERO,
+            "limits.timeout",
+            "between 1ms and 10m",
+        );
+        check(
+            |s| s.limits.timeout = Duration::from_secs(3600),
+            "limits.timeout",
+            "got 1h",
+        );
+        check(
+            |s| s.limits.concurrency = 0,
+            "limits.concurrency",
+            "between 1 and 10000",
+        );
+        check(
+            |s| s.limits.concurrency = 10_001,
+            "limits.concurrency",
+            "got 10001",
+        );
+        let route = |host: Option<&str>, prefix: &str| Route {
+            host: host.map(String::from),
+            path_prefix: prefix.into(),
+        };
+        check(
+            |s| s.routes = vec![route(None, "/ok"), route(None, "hello")],
+            "routes[1].path_prefix",
+            "start with '/'",
+        );
+        check(
+            |s| s.routes = vec![route(None, "/a b")],
+            "routes[0].path_prefix",
+            "whitespace",
+        );
+        check(
+            |s| s.routes = vec![route(Some(""), "/")],
+            "routes[0].host",
+            "not a host name",
+        );
+        check(
+            |s| _ = s.env.insert("A=B".into(), "c".into()),
+            "env[\"A=B\"]",
+            "without '='",
+        );
+        check(
+            |s| _ = s.env.insert(String::new(), "c".into()),
+            "env[\"\"]",
+            "non-empty",
+        );
+        check(
+            |s| _ = s.placement.labels.insert("zone a".into(), "b".into()),
+            "placement.labels[\"zone a\"]",
+            "whitespace",
+        );
+        check(
+            |s| s.allow_outbound = vec!["api.example.com".into(), "".into()],
+            "allow_outbound[1]",
+            "not a host",
+        );
+        let autoscale = |min, max| Autoscale {
+            min,
+            max,
+            target_concurrency: 10,
+            scale_to_zero_after: Duration::from_secs(60),
+        };
+        check(
+            |s| s.autoscale = Some(autoscale(3, 2)),
+            "autoscale.min",
+            "more than max (2)",
+        );
+        check(
+            |s| s.autoscale = Some(autoscale(0, 0)),
+            "autoscale.max",
+            "between 1 and 100000, got 0",
+        );
+        let volume = |name: &str| Volume { name: name.into() };
+        check(
+            |s| s.volumes = vec![volume("data"), volume("Data")],
+            "volumes[1].name",
+            "DNS label",
+        );
+        check(
+            |s| s.volumes = vec![volume("data"), volume("data")],
+            "volumes[1].name",
+            "declared twice",
+        );
+    }
+
+    #[test]
+    fn error_paths_nest() {
+        let err = SpecError::new("memory", "too big")
+            .within("limits")
+            .within("services[1]");
+        assert_eq!(err.to_string(), "services[1].limits.memory: too big");
+    }
+
+    #[test]
+    fn placement_matches_when_host_has_every_label() {
+        let labels = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let placement = Placement {
+            labels: labels(&[("zone", "a"), ("disk", "ssd")]),
+        };
+        assert!(placement.matches(&labels(&[("zone", "a"), ("disk", "ssd"), ("gpu", "no")])));
+        assert!(!placement.matches(&labels(&[("zone", "a")])));
+        assert!(!placement.matches(&labels(&[("zone", "b"), ("disk", "ssd")])));
+        assert!(Placement::default().matches(&labels(&[])));
+    }
+
+    #[test]
+    fn json_round_trips_with_human_units() {
+        let mut spec = spec();
+        spec.limits.timeout = Duration::from_millis(1500);
+        spec.limits.fuel = None;
+        spec.routes.push(Route {
+            host: Some("example.com".into()),
+            path_prefix: "/hello".into(),
+        });
+        spec.env.insert("MODE".into(), "dev".into());
+        spec.autoscale = Some(Autoscale {
+            min: 0,
+            max: 4,
+            target_concurrency: 10,
+            scale_to_zero_after: Duration::from_secs(300),
+        });
+        spec.volumes.push(Volume {
+            name: "data".into(),
+        });
+        let json = serde_json::to_value(&spec).expect("serialises");
+        assert_eq!(json["limits"]["timeout"], "1s 500ms");
+        assert_eq!(json["limits"]["memory"], "64MiB");
+        assert_eq!(json["limits"]["fuel"], "unlimited");
+        assert_eq!(json["autoscale"]["scale_to_zero_after"], "5m");
+        let back: ServiceSpec = serde_json::from_value(json).expect("parses");
+        assert_eq!(back, spec);
+    }
+
+    #[test]
+    fn fuel_reads_numbers_unlimited_and_null() {
+        let limits = |json: &str| {
+            serde_json::from_str::<Limits>(json)
+                .map(|l| l.fuel)
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(limits(r#"{"fuel": 5}"#), Ok(Some(5)));
+        assert_eq!(limits(r#"{"fuel": "unlimited"}"#), Ok(None));
+        assert_eq!(limits(r#"{"fuel": null}"#), Ok(None));
+        assert_eq!(limits("{}"), Ok(Some(1_000_000_000)));
+        let err = limits(r#"{"fuel": -1}"#).expect_err("negative fuel");
+        assert!(err.contains("fuel units"), "{err}");
+    }
+}

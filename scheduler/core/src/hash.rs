@@ -1,0 +1,105 @@
+//! Deterministic hashing and pseudo-random numbers, written out here so that
+//! results never depend on a hasher's random keys or on a library's version.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, DefaultHasher};
+
+/// A hash map whose hasher has fixed keys. Nothing iterates these maps (only
+/// lookups), so their order never reaches a plan; the fixed keys keep even
+/// their timing free of randomness.
+pub(crate) type FixedMap<K, V> = HashMap<K, V, BuildHasherDefault<DefaultHasher>>;
+
+/// SplitMix64's finaliser: spreads every input bit over every output bit.
+pub(crate) fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// A 64-bit hash of `text` (FNV-1a, then mixed), the same on every platform and release.
+pub(crate) fn hash_text(text: &str) -> u64 {
+    let fnv = text.bytes().fold(0xCBF2_9CE4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01B3)
+    });
+    mix(fnv)
+}
+
+/// A seeded pseudo-random sequence (SplitMix64), for synthetic clusters.
+pub(crate) struct SplitMix64(u64);
+
+impl SplitMix64 {
+    pub(crate) fn new(seed: u64) -> Self {
+        SplitMix64(seed)
+    }
+
+    pub(crate) fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        mix(self.0)
+    }
+
+    /// A number in `0..n`; `n` must not be 0. The modulo bias is far below
+    /// anything a synthetic cluster could show.
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+
+    /// One of `choices`, which must not be empty.
+    pub(crate) fn pick<'a, T>(&mut self, choices: &'a [T]) -> &'a T {
+        &choices[self.below(choices.len() as u64) as usize]
+    }
+}
+
+/// Visits `0..n` once each, in an order fixed by `key`: a start and a stride
+/// coprime with `n`. Different keys give different orders without building
+/// a permutation, so a walk costs nothing until it is followed.
+pub(crate) fn walk(n: usize, key: u64) -> impl Iterator<Item = usize> {
+    let n64 = n.max(1) as u64;
+    let start = key % n64;
+    let mut stride = if n64 <= 2 {
+        1
+    } else {
+        1 + (key >> 32) % (n64 - 1)
+    };
+    while gcd(stride, n64) != 1 {
+        stride = stride % (n64 - 1) + 1;
+    }
+    (0..n).scan(start, move |position, _| {
+        let current = *position;
+        *position = (*position + stride) % n64;
+        Some(current as usize)
+    })
+}
+
+fn gcd(mut a: u64, mut b: u64) -> u64 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn walks_visit_everything_once() {
+        for n in [0, 1, 2, 3, 4, 10, 12, 97, 100, 1024] {
+            for key in [0, 1, 7, u64::MAX, hash_text("svc"), mix(42)] {
+                let mut seen: Vec<usize> = walk(n, key).collect();
+                seen.sort_unstable();
+                assert_eq!(seen, (0..n).collect::<Vec<_>>(), "n={n} key={key}");
+            }
+        }
+    }
+
+    #[test]
+    fn hashes_are_fixed() {
+        assert_eq!(hash_text("default/hello"), hash_text("default/hello"));
+        assert_ne!(hash_text("default/hello"), hash_text("default/hellp"));
+        let mut a = SplitMix64::new(1);
+        let mut b = SplitMix64::new(1);
+        assert_eq!(a.next_u64(), b.next_u64());
+        assert!(a.below(3) < 3);
+    }
+}

@@ -1,0 +1,276 @@
+//! Choosing a host for one replica: filter → score → pick, over a
+//! deterministic sample of the replica's group (see the crate docs for why
+//! a sample, and why it still spreads exactly).
+
+use crate::cluster::{Cluster, Host, Service};
+use crate::hash::{mix, walk};
+use std::fmt::Write as _;
+use wharf_proto::{ByteSize, Placement};
+
+/// Why a host cannot take a replica.
+#[derive(Clone, Copy)]
+pub(crate) enum Rejection {
+    /// Less memory is free than the replica reserves.
+    Memory { free: u64 },
+    /// Fewer instance slots are free than the replica's concurrency.
+    Instances { free: u64 },
+}
+
+type Filter = fn(&Host<'_>, &Service<'_>) -> Result<(), Rejection>;
+
+/// The filters a candidate host must pass, in order. Two more come first and
+/// are not in this list: the host is ready, and it carries the labels the
+/// placement asks for. Neither changes during a reconcile, so they are applied
+/// once per distinct placement when the cluster's groups are built, and every
+/// candidate comes from its service's group. The two here change with every
+/// replica placed; memory is checked first because it is what runs out first
+/// on real hosts, so its reason is the one reported for a host short of both.
+const FILTERS: [Filter; 2] = [memory_fits, instances_fit];
+
+fn memory_fits(host: &Host<'_>, service: &Service<'_>) -> Result<(), Rejection> {
+    let free = host.free_memory();
+    if service.memory <= free {
+        Ok(())
+    } else {
+        Err(Rejection::Memory { free })
+    }
+}
+
+fn instances_fit(host: &Host<'_>, service: &Service<'_>) -> Result<(), Rejection> {
+    let free = host.free_instances();
+    if service.instances <= free {
+        Ok(())
+    } else {
+        Err(Rejection::Instances { free })
+    }
+}
+
+/// Whether `host` has room for a replica of `service`, or the first filter that says no.
+pub(crate) fn admits(host: &Host<'_>, service: &Service<'_>) -> Result<(), Rejection> {
+    FILTERS.iter().try_for_each(|filter| filter(host, service))
+}
+
+/// How much a host with the replica's component cached is preferred, in the
+/// per-mille units of [`Score::load`]: over a host up to a quarter less full.
+const CACHED_BONUS: i64 = 250;
+
+/// In-flight requests weigh a quarter as much as reservations: they are a
+/// moment's load, where reservations stay.
+const IN_FLIGHT_DIVISOR: i64 = 4;
+
+/// How good a host is for a replica; lower is better. The derived order
+/// compares the fields in the order written, so each breaks the ties of the
+/// one before:
+/// 1. `host_spread`: replicas of the service already on the host; fewest
+///    wins, so a service spreads evenly over its hosts.
+/// 2. `zone_spread`: replicas of the service already in the host's zone;
+///    fewest wins, so among equally spread hosts the emptiest zone is chosen.
+/// 3. `load`: the host's reserved share after placing, in per mille (the
+///    larger of memory and instances), plus in-flight requests per instance
+///    slot, less [`CACHED_BONUS`] if the component is cached there. Lowest
+///    wins: spread policy.
+/// 4. `host`: the host's index, which orders as its id, so ties are broken
+///    the same way every time.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Score {
+    host_spread: u32,
+    zone_spread: u32,
+    load: i64,
+    host: u32,
+}
+
+fn score(index: u32, host: &Host<'_>, service: &Service<'_>) -> Score {
+    let instance_slots = u64::from(host.capacity.instances);
+    let reserved = per_mille(
+        host.reserved_memory + service.memory,
+        host.capacity.memory.bytes(),
+    )
+    .max(per_mille(
+        host.reserved_instances + service.instances,
+        instance_slots,
+    ));
+    let in_flight = per_mille(host.in_flight, instance_slots) / IN_FLIGHT_DIVISOR;
+    let cached = if service.is_cached_on(index) {
+        CACHED_BONUS
+    } else {
+        0
+    };
+    Score {
+        host_spread: service.on_host(index),
+        zone_spread: service.in_zone(host.zone),
+        load: reserved + in_flight - cached,
+        host: index,
+    }
+}
+
+/// `part / whole` in thousandths, at most 1000.
+fn per_mille(part: u64, whole: u64) -> i64 {
+    (u128::from(part) * 1000 / u128::from(whole.max(1))).min(1000) as i64
+}
+
+/// How many admissible hosts at the spread level to score before picking:
+/// about log₂ of the group's size, as Nomad limits its candidates, and never
+/// fewer than two (the power of two choices).
+fn candidates_to_score(group_size: usize) -> usize {
+    ((usize::BITS - group_size.leading_zeros()) as usize).max(2)
+}
+
+/// Places replica `replica` of service `service` and returns the host's
+/// index, or says why no host can take it.
+///
+/// Candidates are the hosts of the service's group that have its component
+/// cached, then the whole group in an order fixed by the service and
+/// replica ([`walk`]). Each must pass [`FILTERS`]; the walk stops
+/// once it has scored [`candidates_to_score`] admissible hosts at the
+/// service's spread level (none with fewer of its replicas could take one),
+/// and the best [`Score`] seen wins. Only when fewer such hosts exist does
+/// the walk cover the whole group, which also teaches the service's `floor`
+/// or, finding no host, marks it exhausted.
+pub(crate) fn place(cluster: &mut Cluster<'_>, service: u32, replica: u32) -> Result<u32, String> {
+    let Cluster {
+        hosts,
+        services,
+        groups,
+        ready_hosts,
+        no_room,
+        ..
+    } = &mut *cluster;
+    let wanted = &mut services[service as usize];
+    if let Some(reason) = &wanted.exhausted {
+        return Err(reason.clone());
+    }
+    let group = &groups[wanted.group];
+    if group.hosts.is_empty() {
+        return Err(exhaust(
+            wanted,
+            no_host_reason(group.placement, *ready_hosts),
+        ));
+    }
+    let size = (wanted.group, wanted.memory, wanted.instances);
+    if let Some(reason) = no_room.get(&size) {
+        return Err(exhaust(wanted, reason.clone()));
+    }
+    let level = wanted.spread_level();
+    let enough = candidates_to_score(group.hosts.len());
+    let mut best: Option<Score> = None;
+    let mut at_level = 0;
+    let mut rejections = Rejections::default();
+    let mut walked_all = true;
+    let key = mix(wanted.hash ^ u64::from(replica));
+    // The hosts with the component cached are few and known, and a sample
+    // would rarely meet them, so up to `enough` of them go first, as extra
+    // candidates: the walk may meet them again, so only the walk counts
+    // towards `enough` and counts rejections, and each host counts once.
+    let cached = wanted
+        .cached_hosts(key, enough)
+        .filter(|host| group.hosts.binary_search(host).is_ok());
+    let walked = walk(group.hosts.len(), key).map(|position| group.hosts[position]);
+    for (index, in_walk) in cached
+        .map(|host| (host, false))
+        .chain(walked.map(|host| (host, true)))
+    {
+        let host = &hosts[index as usize];
+        if let Err(rejection) = admits(host, wanted) {
+            if in_walk {
+                rejections.count(rejection);
+            }
+            continue;
+        }
+        let candidate = score(index, host, wanted);
+        if best.is_none_or(|best| candidate < best) {
+            best = Some(candidate);
+        }
+        at_level += usize::from(in_walk && candidate.host_spread <= level);
+        if at_level >= enough {
+            walked_all = false;
+            break;
+        }
+    }
+    let Some(best) = best else {
+        let reason = rejections.describe(wanted, group.hosts.len(), group.placement);
+        no_room.insert(size, reason.clone());
+        return Err(exhaust(wanted, reason));
+    };
+    if walked_all {
+        wanted.floor = best.host_spread;
+    }
+    cluster.commit(best.host, service, replica);
+    Ok(best.host)
+}
+
+/// Remembers that no host can take a replica of `service`, and why.
+fn exhaust(service: &mut Service<'_>, reason: String) -> String {
+    service.exhausted = Some(reason.clone());
+    reason
+}
+
+fn no_host_reason(placement: &Placement, ready_hosts: usize) -> String {
+    if ready_hosts == 0 || placement.is_unconstrained() {
+        "no ready host".to_string()
+    } else {
+        format!("no ready host has labels {}", describe_labels(placement))
+    }
+}
+
+fn describe_labels(placement: &Placement) -> String {
+    let pairs: Vec<String> = placement
+        .labels
+        .iter()
+        .map(|(key, value)| format!("{key}={value}"))
+        .collect();
+    pairs.join(",")
+}
+
+/// What the filters said about the hosts of a group, for the reason a
+/// replica is unplaceable.
+#[derive(Default)]
+struct Rejections {
+    memory: usize,
+    most_free_memory: u64,
+    instances: usize,
+    most_free_instances: u64,
+}
+
+impl Rejections {
+    fn count(&mut self, rejection: Rejection) {
+        match rejection {
+            Rejection::Memory { free } => {
+                self.memory += 1;
+                self.most_free_memory = self.most_free_memory.max(free);
+            }
+            Rejection::Instances { free } => {
+                self.instances += 1;
+                self.most_free_instances = self.most_free_instances.max(free);
+            }
+        }
+    }
+
+    /// E.g. `insufficient memory on 3 of 3 ready hosts (needs 1GiB, most free 512MiB)`.
+    fn describe(&self, service: &Service<'_>, group_size: usize, placement: &Placement) -> String {
+        let hosts = if placement.is_unconstrained() {
+            "ready hosts".to_string()
+        } else {
+            format!("ready hosts with labels {}", describe_labels(placement))
+        };
+        let mut reason = String::new();
+        if self.memory > 0 {
+            let (needs, most_free) = (ByteSize(service.memory), ByteSize(self.most_free_memory));
+            _ = write!(
+                reason,
+                "insufficient memory on {} of {group_size} {hosts} (needs {needs}, most free {most_free})",
+                self.memory
+            );
+        }
+        if self.instances > 0 {
+            if !reason.is_empty() {
+                reason.push_str("; ");
+            }
+            _ = write!(
+                reason,
+                "insufficient instance slots on {} of {group_size} {hosts} (needs {}, most free {})",
+                self.instances, service.instances, self.most_free_instances
+            );
+        }
+        reason
+    }
+}

@@ -1,0 +1,139 @@
+//! Reconciliation: from a snapshot of what runs and what is wanted, the full
+//! assignment every host should have and the actions that lead there.
+
+use crate::cluster::Cluster;
+use crate::placement::{admits, place};
+use crate::snapshot::{Action, Plan, ReplicaRef, Snapshot, Unplaceable};
+use wharf_proto::HostId;
+
+/// Computes the plan for `snapshot`.
+///
+/// Level-triggered and idempotent: the same snapshot always gives the same
+/// plan, and once a plan's assignments are current, the next reconcile has
+/// no actions (unless something else changed). It works in two passes:
+///
+/// 1. Keep: every current replica stays where it is if its host is ready,
+///    its service still exists and still wants that many replicas, the host
+///    still carries the labels the placement asks for, it is not a duplicate
+///    of a replica already kept, and the host has room for it after the
+///    replicas kept before it (in service, replica order). Everything else
+///    is stopped. Keeping what fits is what makes plans stable: a replica is
+///    never moved just because a better host appeared.
+/// 2. Place: every desired replica without a host is placed (see
+///    the crate docs, *Placement*), round-robin over the services
+///    by replica index, so that when capacity runs short every service gets
+///    its first replicas before any gets its last.
+pub fn reconcile(snapshot: &Snapshot) -> Plan {
+    let mut cluster = Cluster::new(snapshot);
+    let stops = keep_current(&mut cluster, snapshot);
+    let (starts, unplaceable) = place_missing(&mut cluster);
+    build_plan(&cluster, stops, starts, unplaceable)
+}
+
+/// Keeps what may stay (see [`reconcile`]) and returns the stops for the rest.
+fn keep_current(cluster: &mut Cluster<'_>, snapshot: &Snapshot) -> Vec<Action> {
+    let mut stops = Vec::new();
+    for (host_id, replicas) in &snapshot.current {
+        let host = cluster.host(host_id);
+        let mut replicas: Vec<&ReplicaRef> = replicas.iter().collect();
+        replicas.sort();
+        for (service_id, replica) in replicas {
+            match host.zip(cluster.service(service_id)) {
+                Some((host, service)) if may_stay(cluster, host, service, *replica) => {
+                    cluster.commit(host, service, *replica);
+                }
+                _ => stops.push(Action::Stop {
+                    service: service_id.clone(),
+                    replica: *replica,
+                    host: host_id.clone(),
+                }),
+            }
+        }
+    }
+    stops
+}
+
+fn may_stay(cluster: &Cluster<'_>, host: u32, service: u32, replica: u32) -> bool {
+    let host = &cluster.hosts[host as usize];
+    let service = &cluster.services[service as usize];
+    host.info.ready
+        && service.assigned.get(replica as usize) == Some(&false)
+        && service.spec.placement.matches(&host.info.labels)
+        && admits(host, service).is_ok()
+}
+
+/// A replica placed by this reconcile: (service, replica, host), by index.
+type Placed = (u32, u32, u32);
+
+/// Places every desired replica that has no host yet.
+fn place_missing(cluster: &mut Cluster<'_>) -> (Vec<Placed>, Vec<(u32, u32, String)>) {
+    let mut missing: Vec<(u32, u32)> = Vec::new();
+    for (service, state) in cluster.services.iter().enumerate() {
+        let unassigned = state
+            .assigned
+            .iter()
+            .enumerate()
+            .filter(|(_, assigned)| !**assigned);
+        missing.extend(unassigned.map(|(replica, _)| (replica as u32, service as u32)));
+    }
+    // Round-robin: every service's replica 0, then every replica 1, ...
+    missing.sort_unstable();
+    let mut starts = Vec::with_capacity(missing.len());
+    let mut unplaceable = Vec::new();
+    for (replica, service) in missing {
+        match place(cluster, service, replica) {
+            Ok(host) => starts.push((service, replica, host)),
+            Err(reason) => unplaceable.push((service, replica, reason)),
+        }
+    }
+    starts.sort_unstable();
+    unplaceable.sort_unstable_by_key(|&(service, replica, _)| (service, replica));
+    (starts, unplaceable)
+}
+
+fn build_plan(
+    cluster: &Cluster<'_>,
+    mut actions: Vec<Action>,
+    starts: Vec<Placed>,
+    unplaceable: Vec<(u32, u32, String)>,
+) -> Plan {
+    let service_id = |service: u32| cluster.services[service as usize].id.clone();
+    let host_id = |host: u32| -> HostId { cluster.hosts[host as usize].info.id.clone() };
+    let assignments = cluster
+        .hosts
+        .iter()
+        .map(|host| {
+            let mut replicas = host.replicas.clone();
+            replicas.sort_unstable();
+            (
+                host.info.id.clone(),
+                replicas
+                    .into_iter()
+                    .map(|(service, replica)| (service_id(service), replica))
+                    .collect(),
+            )
+        })
+        .collect();
+    actions.extend(
+        starts
+            .into_iter()
+            .map(|(service, replica, host)| Action::Start {
+                service: service_id(service),
+                replica,
+                host: host_id(host),
+            }),
+    );
+    let unplaceable = unplaceable
+        .into_iter()
+        .map(|(service, replica, reason)| Unplaceable {
+            service: service_id(service),
+            replica,
+            reason,
+        })
+        .collect();
+    Plan {
+        assignments,
+        actions,
+        unplaceable,
+    }
+}

@@ -1,0 +1,93 @@
+//! What a reconcile reads (a [`Snapshot`] of the cluster and the desired
+//! state) and what it returns (a [`Plan`]).
+
+use std::collections::{BTreeMap, BTreeSet};
+use wharf_proto::{Capacity, Digest, HostId, ServiceId, ServiceSpec};
+
+/// One replica as assignments list it: the service and the replica's index in it.
+pub type ReplicaRef = (ServiceId, u32);
+
+/// Everything a reconcile decides from; the controller builds it from the
+/// stores and the heartbeats.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The hosts known to the control plane, ready or not. A host id that
+    /// appears twice counts once, as its first entry.
+    pub hosts: Vec<HostInfo>,
+    /// The desired services, each valid ([`ServiceSpec::validate`]);
+    /// `replicas` is the number wanted now. A service id that appears twice
+    /// counts once, as its first entry.
+    pub services: Vec<ServiceSpec>,
+    /// What each host is assigned now. Hosts missing from `hosts` are gone:
+    /// their replicas are placed elsewhere.
+    pub current: BTreeMap<HostId, Vec<ReplicaRef>>,
+}
+
+/// A host as the control plane last heard of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostInfo {
+    /// The host's id.
+    pub id: HostId,
+    /// Whether the host's heartbeats are current; replicas are only placed
+    /// on, and only kept on, ready hosts.
+    pub ready: bool,
+    /// The host's labels; a `zone` label also spreads replicas across zones.
+    pub labels: BTreeMap<String, String>,
+    /// What the host can hold in total.
+    pub capacity: Capacity,
+    /// Components the host has compiled and cached.
+    pub cached: BTreeSet<Digest>,
+    /// Requests the host is serving right now.
+    pub in_flight: u64,
+}
+
+/// The outcome of a reconcile: the full desired assignment of every host,
+/// the changes that lead there, and the replicas no host can take.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// What every host in the snapshot should run, sorted by service and
+    /// replica; empty for hosts that should run nothing (including hosts
+    /// that are not ready).
+    pub assignments: BTreeMap<HostId, Vec<ReplicaRef>>,
+    /// The differences from the current assignments: every stop first (by
+    /// host, service, replica), then every start (by service, replica). A
+    /// replica moved from one host to another is a stop and a start.
+    pub actions: Vec<Action>,
+    /// Desired replicas that no host can take now, by service and replica.
+    pub unplaceable: Vec<Unplaceable>,
+}
+
+/// One change to what a host runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Start replica `replica` of `service` on `host`.
+    Start {
+        /// The service.
+        service: ServiceId,
+        /// The replica's index.
+        replica: u32,
+        /// Where to start it.
+        host: HostId,
+    },
+    /// Stop replica `replica` of `service` on `host`.
+    Stop {
+        /// The service.
+        service: ServiceId,
+        /// The replica's index.
+        replica: u32,
+        /// Where it runs now.
+        host: HostId,
+    },
+}
+
+/// A desired replica that could not be placed, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unplaceable {
+    /// The service.
+    pub service: ServiceId,
+    /// The replica's index.
+    pub replica: u32,
+    /// What kept every host out, e.g. `no ready host has labels zone=b` or
+    /// `insufficient memory on 3 of 3 hosts (needs 1GiB, most free 512MiB)`.
+    pub reason: String,
+}

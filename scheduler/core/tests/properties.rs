@@ -1,0 +1,221 @@
+//! Invariants of `reconcile` on random small clusters: no host is ever
+//! over-committed, every placed replica satisfies its constraints, every
+//! desired replica is accounted for once, the actions lead from the current
+//! assignments to the planned ones, and plans are deterministic and settle.
+
+use proptest::prelude::*;
+use std::collections::{BTreeMap, BTreeSet};
+use wharf_proto::{ByteSize, Capacity, Digest, HostId, ServiceId, ServiceSpec};
+use wharf_scheduler_core::{Action, HostInfo, Plan, Snapshot, reconcile};
+
+const ZONES: [&str; 3] = ["a", "b", "c"];
+
+fn labels(zone: Option<usize>, ssd: bool) -> BTreeMap<String, String> {
+    let mut labels = BTreeMap::new();
+    if let Some(zone) = zone {
+        labels.insert("zone".to_string(), ZONES[zone].to_string());
+    }
+    if ssd {
+        labels.insert("disk".to_string(), "ssd".to_string());
+    }
+    labels
+}
+
+fn component(service: usize) -> Digest {
+    Digest::of(format!("svc-{service}").as_bytes())
+}
+
+fn arb_host() -> impl Strategy<Value = (bool, Option<usize>, bool, u64, u32, Vec<usize>, u64)> {
+    (
+        prop::bool::weighted(0.85),
+        prop::option::of(0..ZONES.len()),
+        any::<bool>(),
+        0..8192u64,
+        0..64u32,
+        prop::collection::vec(0..6usize, 0..3),
+        0..100u64,
+    )
+}
+
+fn arb_service() -> impl Strategy<Value = (u32, u64, u32, Option<usize>, bool)> {
+    (
+        0..8u32,
+        prop::sample::select(vec![1u64, 16, 64, 256]),
+        prop::sample::select(vec![1u32, 2, 4, 8]),
+        prop::option::of(0..ZONES.len()),
+        prop::bool::weighted(0.2),
+    )
+}
+
+prop_compose! {
+    /// Up to 10 hosts and 6 services, with current assignments that may name
+    /// hosts and services that do not exist, replicas above the desired
+    /// count, duplicates, and more than a host can hold.
+    fn arb_snapshot()(
+        hosts in prop::collection::vec(arb_host(), 0..10),
+        services in prop::collection::vec(arb_service(), 0..6),
+        current in prop::collection::vec((0..12usize, 0..8usize, 0..10u32), 0..30),
+    ) -> Snapshot {
+        let hosts = hosts
+            .into_iter()
+            .enumerate()
+            .map(|(i, (ready, zone, ssd, memory_mib, instances, cached, in_flight))| HostInfo {
+                id: HostId::new(format!("h{i}")).expect("valid host id"),
+                ready,
+                labels: labels(zone, ssd),
+                capacity: Capacity { memory: ByteSize::mib(memory_mib), instances },
+                cached: cached.into_iter().map(component).collect(),
+                in_flight,
+            })
+            .collect();
+        let services = services
+            .into_iter()
+            .enumerate()
+            .map(|(i, (replicas, memory_mib, concurrency, zone, ssd))| {
+                let mut spec = ServiceSpec::new(format!("svc-{i}"), component(i));
+                spec.replicas = replicas;
+                spec.limits.memory = ByteSize::mib(memory_mib);
+                spec.limits.concurrency = concurrency;
+                spec.placement.labels = labels(zone, ssd);
+                spec
+            })
+            .collect();
+        let mut assigned: BTreeMap<HostId, Vec<(ServiceId, u32)>> = BTreeMap::new();
+        for (host, service, replica) in current {
+            let host = HostId::new(format!("h{host}")).expect("valid host id");
+            let service = ServiceId::new("default", format!("svc-{service}")).expect("valid id");
+            assigned.entry(host).or_default().push((service, replica));
+        }
+        Snapshot { hosts, services, current: assigned }
+    }
+}
+
+fn check_invariants(snapshot: &Snapshot, plan: &Plan) -> Result<(), TestCaseError> {
+    let hosts: BTreeMap<&HostId, &HostInfo> =
+        snapshot.hosts.iter().rev().map(|h| (&h.id, h)).collect();
+    let services: BTreeMap<ServiceId, &ServiceSpec> = snapshot
+        .services
+        .iter()
+        .rev()
+        .map(|s| (s.id(), s))
+        .collect();
+    let mut placed = BTreeSet::new();
+    for (host_id, replicas) in &plan.assignments {
+        let host = hosts
+            .get(host_id)
+            .ok_or_else(|| TestCaseError::fail(format!("{host_id} is not in the snapshot")))?;
+        prop_assert!(
+            host.ready || replicas.is_empty(),
+            "{host_id} is not ready but runs {replicas:?}"
+        );
+        let (mut memory, mut instances) = (0u64, 0u64);
+        for (service, replica) in replicas {
+            let spec = services
+                .get(service)
+                .ok_or_else(|| TestCaseError::fail(format!("{service} does not exist")))?;
+            prop_assert!(
+                *replica < spec.replicas,
+                "{service}/{replica} is above the desired count"
+            );
+            prop_assert!(
+                spec.placement.matches(&host.labels),
+                "{service} does not match {host_id}'s labels"
+            );
+            prop_assert!(
+                placed.insert((service.clone(), *replica)),
+                "{service}/{replica} is placed twice"
+            );
+            memory += spec.reservation().bytes();
+            instances += u64::from(spec.limits.concurrency);
+        }
+        prop_assert!(
+            memory <= host.capacity.memory.bytes(),
+            "{host_id} over memory: {memory}"
+        );
+        prop_assert!(
+            instances <= u64::from(host.capacity.instances),
+            "{host_id} over instances: {instances}"
+        );
+    }
+    for unplaceable in &plan.unplaceable {
+        prop_assert!(!unplaceable.reason.is_empty());
+        let replica = (unplaceable.service.clone(), unplaceable.replica);
+        prop_assert!(
+            placed.insert(replica),
+            "{} is both placed and unplaceable",
+            unplaceable.service
+        );
+    }
+    let desired: BTreeSet<(ServiceId, u32)> = services
+        .iter()
+        .flat_map(|(id, spec)| (0..spec.replicas).map(move |r| (id.clone(), r)))
+        .collect();
+    prop_assert_eq!(
+        placed,
+        desired,
+        "every desired replica is placed or unplaceable, once"
+    );
+
+    // Applying the actions to the current assignments gives the planned
+    // ones. Counted, since the current ones may hold duplicates.
+    let mut after: BTreeMap<(HostId, ServiceId, u32), usize> = BTreeMap::new();
+    for (host, replicas) in &snapshot.current {
+        for (service, replica) in replicas {
+            *after
+                .entry((host.clone(), service.clone(), *replica))
+                .or_default() += 1;
+        }
+    }
+    for action in &plan.actions {
+        let (Action::Stop {
+            service,
+            replica,
+            host,
+        }
+        | Action::Start {
+            service,
+            replica,
+            host,
+        }) = action;
+        let count = after
+            .entry((host.clone(), service.clone(), *replica))
+            .or_default();
+        match action {
+            Action::Stop { .. } => {
+                prop_assert!(*count > 0, "{action:?} stops a replica that is not running");
+                *count -= 1;
+            }
+            Action::Start { .. } => {
+                prop_assert!(*count == 0, "{action:?} starts a replica that is running");
+                *count += 1;
+            }
+        }
+    }
+    after.retain(|_, count| *count > 0);
+    let planned: BTreeMap<(HostId, ServiceId, u32), usize> = plan
+        .assignments
+        .iter()
+        .flat_map(|(host, replicas)| {
+            replicas
+                .iter()
+                .map(move |(s, r)| ((host.clone(), s.clone(), *r), 1))
+        })
+        .collect();
+    prop_assert_eq!(after, planned);
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn plans_respect_capacity_and_constraints(snapshot in arb_snapshot()) {
+        let plan = reconcile(&snapshot);
+        check_invariants(&snapshot, &plan)?;
+        prop_assert_eq!(&reconcile(&snapshot), &plan, "the same snapshot gives the same plan");
+        let applied = Snapshot { current: plan.assignments.clone(), ..snapshot };
+        let again = reconcile(&applied);
+        prop_assert_eq!(again.actions, vec![]);
+        prop_assert_eq!(again.assignments, plan.assignments);
+    }
+}

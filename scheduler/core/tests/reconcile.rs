@@ -1,0 +1,483 @@
+//! Table tests of `reconcile` on small synthetic clusters, checked against a
+//! text rendering of the plan, plus larger checks of spread, stability and
+//! idempotence on simulated clusters.
+
+use std::collections::{BTreeMap, BTreeSet};
+use wharf_proto::{ByteSize, Capacity, Digest, HostId, ServiceId, ServiceSpec};
+use wharf_scheduler_core::{
+    Action, HostInfo, Plan, Snapshot, max_spread_imbalance, reconcile, simulate,
+};
+
+/// A ready host with 16GiB and 1024 instance slots, and `labels` written `key=value`.
+fn host(id: &str, labels: &[&str]) -> HostInfo {
+    HostInfo {
+        id: HostId::new(id).expect("valid host id"),
+        ready: true,
+        labels: labels
+            .iter()
+            .map(|label| {
+                let (key, value) = label.split_once('=').expect("labels are key=value");
+                (key.to_string(), value.to_string())
+            })
+            .collect(),
+        capacity: Capacity {
+            memory: ByteSize::gib(16),
+            instances: 1024,
+        },
+        cached: BTreeSet::new(),
+        in_flight: 0,
+    }
+}
+
+/// A service with `replicas` replicas, reserving the default 1GiB (64MiB × 16) each.
+fn service(name: &str, replicas: u32) -> ServiceSpec {
+    let mut spec = ServiceSpec::new(name, Digest::of(name.as_bytes()));
+    spec.replicas = replicas;
+    spec
+}
+
+fn snapshot(hosts: Vec<HostInfo>, services: Vec<ServiceSpec>) -> Snapshot {
+    Snapshot {
+        hosts,
+        services,
+        current: BTreeMap::new(),
+    }
+}
+
+/// `snapshot` with `current` written `host: svc/replica ...; host: ...` (default namespace).
+fn with_current(mut snapshot: Snapshot, current: &str) -> Snapshot {
+    for entry in current.split(';').map(str::trim).filter(|e| !e.is_empty()) {
+        let (host, replicas) = entry.split_once(':').expect("host: replicas");
+        let replicas = replicas
+            .split_whitespace()
+            .map(|r| {
+                let (name, index) = r.split_once('/').expect("name/replica");
+                (
+                    ServiceId::new("default", name).expect("valid name"),
+                    index.parse().expect("replica index"),
+                )
+            })
+            .collect();
+        snapshot
+            .current
+            .insert(HostId::new(host.trim()).expect("valid host id"), replicas);
+    }
+    snapshot
+}
+
+/// The plan as text: each host's assignment, then the actions, then the
+/// unplaceable replicas, one per line.
+fn render(plan: &Plan) -> String {
+    let replica = |service: &ServiceId, index: u32| format!("{}/{index}", service.name);
+    let mut lines = Vec::new();
+    for (host, replicas) in &plan.assignments {
+        let replicas: Vec<String> = replicas.iter().map(|(s, r)| replica(s, *r)).collect();
+        lines.push(
+            format!("{host}: {}", replicas.join(" "))
+                .trim_end()
+                .to_string(),
+        );
+    }
+    for action in &plan.actions {
+        lines.push(match action {
+            Action::Start {
+                service,
+                replica: r,
+                host,
+            } => format!("start {} on {host}", replica(service, *r)),
+            Action::Stop {
+                service,
+                replica: r,
+                host,
+            } => format!("stop {} on {host}", replica(service, *r)),
+        });
+    }
+    for unplaceable in &plan.unplaceable {
+        lines.push(format!(
+            "unplaceable {}: {}",
+            replica(&unplaceable.service, unplaceable.replica),
+            unplaceable.reason
+        ));
+    }
+    lines.join("\n")
+}
+
+/// Reconciles `snapshot`, compares the rendered plan with `expected` (whose
+/// lines are trimmed), and checks that applying the plan settles it.
+#[track_caller]
+fn check(snapshot: &Snapshot, expected: &str) -> Plan {
+    let plan = reconcile(snapshot);
+    let expected: Vec<&str> = expected
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    assert_eq!(render(&plan), expected.join("\n"));
+    assert_settles(snapshot, &plan);
+    plan
+}
+
+/// Applying `plan` and reconciling again gives no actions and the same assignments.
+#[track_caller]
+fn assert_settles(snapshot: &Snapshot, plan: &Plan) {
+    let applied = Snapshot {
+        current: plan.assignments.clone(),
+        ..snapshot.clone()
+    };
+    let again = reconcile(&applied);
+    assert_eq!(again.actions, vec![], "a settled cluster needs no actions");
+    assert_eq!(again.assignments, plan.assignments);
+    assert_eq!(again.unplaceable, plan.unplaceable);
+}
+
+/// Replicas of `name` per host, for every host of the plan.
+fn counts(plan: &Plan, name: &str) -> Vec<usize> {
+    plan.assignments
+        .values()
+        .map(|replicas| replicas.iter().filter(|(s, _)| s.name == name).count())
+        .collect()
+}
+
+#[test]
+fn spreads_replicas_over_equal_hosts() {
+    let hosts = || vec![host("h1", &[]), host("h2", &[]), host("h3", &[])];
+    check(
+        &snapshot(hosts(), vec![service("a", 3)]),
+        "h1: a/0
+         h2: a/1
+         h3: a/2
+         start a/0 on h1
+         start a/1 on h2
+         start a/2 on h3",
+    );
+    let plan = reconcile(&snapshot(hosts(), vec![service("a", 7)]));
+    let mut spread = counts(&plan, "a");
+    spread.sort_unstable();
+    assert_eq!(spread, [2, 2, 3]);
+}
+
+#[test]
+fn spreads_over_zones() {
+    let hosts = vec![
+        host("h1", &["zone=a"]),
+        host("h2", &["zone=a"]),
+        host("h3", &["zone=a"]),
+        host("h4", &["zone=b"]),
+        host("h5", &["zone=c"]),
+        host("h6", &["zone=c"]),
+    ];
+    let plan = reconcile(&snapshot(hosts, vec![service("a", 3)]));
+    let zones: BTreeSet<&str> = plan
+        .assignments
+        .iter()
+        .filter(|(_, replicas)| !replicas.is_empty())
+        .map(|(host, _)| match host.as_str() {
+            "h1" | "h2" | "h3" => "a",
+            "h4" => "b",
+            _ => "c",
+        })
+        .collect();
+    assert_eq!(zones, BTreeSet::from(["a", "b", "c"]));
+}
+
+#[test]
+fn places_only_on_hosts_with_the_labels() {
+    let mut zoned = service("a", 2);
+    zoned.placement.labels.insert("zone".into(), "b".into());
+    let mut nowhere = service("c", 1);
+    nowhere.placement.labels.insert("zone".into(), "z".into());
+    check(
+        &snapshot(
+            vec![
+                host("h1", &["zone=a"]),
+                host("h2", &["zone=b"]),
+                host("h3", &["zone=b"]),
+            ],
+            vec![zoned, nowhere],
+        ),
+        "h1:
+         h2: a/0
+         h3: a/1
+         start a/0 on h2
+         start a/1 on h3
+         unplaceable c/0: no ready host has labels zone=z",
+    );
+}
+
+#[test]
+fn never_exceeds_memory_or_instances() {
+    let mut small = host("h1", &[]);
+    small.capacity.memory = ByteSize::mib(2560);
+    check(
+        &snapshot(vec![small], vec![service("a", 3)]),
+        "h1: a/0 a/1
+         start a/0 on h1
+         start a/1 on h1
+         unplaceable a/2: insufficient memory on 1 of 1 ready hosts (needs 1GiB, most free 512MiB)",
+    );
+    let mut few_slots = host("h1", &["zone=a"]);
+    few_slots.capacity.instances = 20;
+    let mut a = service("a", 2);
+    a.placement.labels.insert("zone".into(), "a".into());
+    check(
+        &snapshot(vec![few_slots, host("h2", &["zone=b"])], vec![a]),
+        "h1: a/0
+         h2:
+         start a/0 on h1
+         unplaceable a/1: insufficient instance slots on 1 of 1 ready hosts with labels zone=a (needs 16, most free 4)",
+    );
+}
+
+#[test]
+fn reports_every_reason_a_host_was_refused() {
+    let mut short_of_memory = host("h1", &[]);
+    short_of_memory.capacity.memory = ByteSize::mib(512);
+    let mut short_of_slots = host("h2", &[]);
+    short_of_slots.capacity.instances = 8;
+    check(
+        &snapshot(vec![short_of_memory, short_of_slots], vec![service("a", 1)]),
+        "h1:
+         h2:
+         unplaceable a/0: insufficient memory on 1 of 2 ready hosts (needs 1GiB, most free 512MiB); \
+         insufficient instance slots on 1 of 2 ready hosts (needs 16, most free 8)",
+    );
+    let mut down = host("h1", &[]);
+    down.ready = false;
+    check(
+        &snapshot(vec![down], vec![service("a", 2)]),
+        "h1:
+         unplaceable a/0: no ready host
+         unplaceable a/1: no ready host",
+    );
+}
+
+#[test]
+fn short_capacity_goes_round_robin_over_services() {
+    let mut small = host("h1", &[]);
+    small.capacity.memory = ByteSize::gib(2);
+    let plan = reconcile(&snapshot(
+        vec![small],
+        vec![service("a", 2), service("b", 2)],
+    ));
+    let placed: Vec<String> = plan
+        .assignments
+        .values()
+        .flatten()
+        .map(|(s, r)| format!("{}/{r}", s.name))
+        .collect();
+    assert_eq!(placed, ["a/0", "b/0"]);
+    assert_eq!(plan.unplaceable.len(), 2);
+}
+
+#[test]
+fn moves_replicas_off_down_and_gone_hosts() {
+    let mut hosts = vec![host("h1", &[]), host("h2", &[]), host("h3", &[])];
+    hosts[0].ready = false;
+    check(
+        &with_current(snapshot(hosts, vec![service("a", 2)]), "h1: a/0; h2: a/1"),
+        "h1:
+         h2: a/1
+         h3: a/0
+         stop a/0 on h1
+         start a/0 on h3",
+    );
+    check(
+        &with_current(
+            snapshot(
+                vec![host("h2", &[]), host("h3", &[])],
+                vec![service("a", 2)],
+            ),
+            "h1: a/0; h2: a/1",
+        ),
+        "h2: a/1
+         h3: a/0
+         stop a/0 on h1
+         start a/0 on h3",
+    );
+}
+
+#[test]
+fn scale_down_removes_the_highest_indices_and_deleted_services() {
+    check(
+        &with_current(
+            snapshot(
+                vec![host("h1", &[]), host("h2", &[])],
+                vec![service("a", 2)],
+            ),
+            "h1: a/0 a/2 gone/0; h2: a/1 a/3",
+        ),
+        "h1: a/0
+         h2: a/1
+         stop a/2 on h1
+         stop gone/0 on h1
+         stop a/3 on h2",
+    );
+}
+
+#[test]
+fn keeps_placements_that_still_fit() {
+    // h1 is fuller and the component is cached on h2, but a/0 stays on h1.
+    let mut cached = host("h2", &[]);
+    cached.cached.insert(Digest::of(b"a"));
+    check(
+        &with_current(
+            snapshot(
+                vec![host("h1", &[]), cached],
+                vec![service("a", 1), service("b", 1)],
+            ),
+            "h1: a/0 b/0",
+        ),
+        "h1: a/0 b/0
+         h2:",
+    );
+}
+
+#[test]
+fn moves_replicas_whose_host_no_longer_qualifies() {
+    let mut zoned = service("a", 1);
+    zoned.placement.labels.insert("zone".into(), "b".into());
+    check(
+        &with_current(
+            snapshot(
+                vec![host("h1", &["zone=a"]), host("h2", &["zone=b"])],
+                vec![zoned],
+            ),
+            "h1: a/0",
+        ),
+        "h1:
+         h2: a/0
+         stop a/0 on h1
+         start a/0 on h2",
+    );
+    // h1 shrank to 1.5GiB: the first replica (by service, replica) stays.
+    let mut shrunk = host("h1", &[]);
+    shrunk.capacity.memory = ByteSize::mib(1536);
+    check(
+        &with_current(
+            snapshot(vec![shrunk, host("h2", &[])], vec![service("a", 2)]),
+            "h1: a/1 a/0",
+        ),
+        "h1: a/0
+         h2: a/1
+         stop a/1 on h1
+         start a/1 on h2",
+    );
+}
+
+#[test]
+fn stops_duplicates() {
+    check(
+        &with_current(
+            snapshot(
+                vec![host("h1", &[]), host("h2", &[])],
+                vec![service("a", 1)],
+            ),
+            "h1: a/0; h2: a/0",
+        ),
+        "h1: a/0
+         h2:
+         stop a/0 on h2",
+    );
+}
+
+#[test]
+fn prefers_cached_idle_and_empty_hosts() {
+    let mut cached = host("h2", &[]);
+    cached.cached.insert(Digest::of(b"a"));
+    check(
+        &snapshot(vec![host("h1", &[]), cached], vec![service("a", 1)]),
+        "h1:\nh2: a/0\nstart a/0 on h2",
+    );
+    let mut busy = host("h1", &[]);
+    busy.in_flight = 500;
+    check(
+        &snapshot(vec![busy, host("h2", &[])], vec![service("a", 1)]),
+        "h1:\nh2: a/0\nstart a/0 on h2",
+    );
+    check(
+        &with_current(
+            snapshot(
+                vec![host("h1", &[]), host("h2", &[])],
+                vec![service("a", 1), service("b", 1)],
+            ),
+            "h1: b/0",
+        ),
+        "h1: b/0
+         h2: a/0
+         start a/0 on h2",
+    );
+}
+
+#[test]
+fn ties_break_by_host_id() {
+    check(
+        &snapshot(
+            vec![host("h2", &[]), host("h1", &[])],
+            vec![service("a", 1)],
+        ),
+        "h1: a/0
+         h2:
+         start a/0 on h1",
+    );
+}
+
+#[test]
+fn equal_hosts_hold_replicas_within_one_of_each_other() {
+    let hosts = |n: usize| {
+        (0..n)
+            .map(|i| host(&format!("h{i}"), &[]))
+            .collect::<Vec<_>>()
+    };
+    for (host_count, replicas) in [(1000, 1000), (1000, 999), (300, 1000), (50, 3)] {
+        let snapshot = snapshot(hosts(host_count), vec![service("a", replicas)]);
+        let plan = reconcile(&snapshot);
+        let spread = counts(&plan, "a");
+        let (most, fewest) = (spread.iter().max().copied(), spread.iter().min().copied());
+        assert!(
+            most.zip(fewest)
+                .is_some_and(|(most, fewest)| most - fewest <= 1),
+            "{host_count} hosts, {replicas}"
+        );
+        let even = (replicas as usize).is_multiple_of(host_count);
+        assert_eq!(
+            max_spread_imbalance(&snapshot, &plan),
+            u32::from(!even),
+            "{host_count} hosts, {replicas}"
+        );
+        assert!(plan.unplaceable.is_empty());
+    }
+}
+
+#[test]
+fn simulated_clusters_spread_evenly_and_settle() {
+    let snapshot = simulate(500, 400, 5, 7);
+    let plan = reconcile(&snapshot);
+    assert_eq!(plan.actions.len(), 2000);
+    assert!(plan.unplaceable.is_empty());
+    assert_eq!(max_spread_imbalance(&snapshot, &plan), 1);
+    assert_eq!(
+        reconcile(&snapshot),
+        plan,
+        "the same snapshot gives the same plan"
+    );
+    assert_settles(&snapshot, &plan);
+
+    // A tenth of the hosts go down: only their replicas move, and evenly.
+    let mut degraded = Snapshot {
+        current: plan.assignments.clone(),
+        ..snapshot
+    };
+    for host in degraded.hosts.iter_mut().step_by(10) {
+        host.ready = false;
+    }
+    let moved: usize = degraded
+        .hosts
+        .iter()
+        .filter(|h| !h.ready)
+        .map(|h| plan.assignments[&h.id].len())
+        .sum();
+    let replan = reconcile(&degraded);
+    assert_eq!(replan.actions.len(), 2 * moved);
+    assert!(max_spread_imbalance(&degraded, &replan) <= 1);
+    assert_settles(&degraded, &replan);
+}

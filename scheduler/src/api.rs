@@ -1,0 +1,247 @@
+//! The REST API (JSON over HTTP, under `/v1`). Every error is
+//! `{"error": {"code": "...", "message": "..."}}` with a message that names
+//! the problem, and a refused request changes nothing.
+
+use crate::ControlPlane;
+use crate::status::service_view;
+use crate::store::{StoreError, Written};
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+use wharf_proto::{Digest, ServiceId, ServiceSpec};
+
+/// Largest component accepted by `POST /v1/artifacts`.
+pub const MAX_ARTIFACT: usize = 64 * 1024 * 1024;
+
+/// An API error: HTTP status, a stable code, and a message for people.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError { status, code, message: message.into() }
+    }
+
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, axum::Json(json!({"error": {"code": self.code, "message": self.message}}))).into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        let status = match &e {
+            StoreError::Conflict { .. } | StoreError::Exists(_) => StatusCode::CONFLICT,
+            StoreError::NotFound(_) => StatusCode::NOT_FOUND,
+            _ => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        let code = match &e {
+            StoreError::Conflict { .. } => "conflict",
+            StoreError::Exists(_) => "already_exists",
+            StoreError::NotFound(_) => "not_found",
+            _ => "store_unavailable",
+        };
+        ApiError::new(status, code, e.to_string())
+    }
+}
+
+type ApiResult<T = Response> = Result<T, ApiError>;
+
+/// The API's routes over a control plane.
+pub fn router(plane: ControlPlane) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/v1/artifacts", post(upload_artifact).get(list_artifacts))
+        .route("/v1/services", get(list_all_services))
+        .route("/v1/namespaces/{ns}/services", get(list_services))
+        .route("/v1/namespaces/{ns}/services/{name}", get(get_service).put(put_service).delete(delete_service))
+        .route("/v1/namespaces/{ns}/services/{name}/scale", post(scale_service))
+        .route("/v1/hosts", get(list_hosts))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such API path; see /v1/services, /v1/artifacts, /v1/hosts") })
+        .method_not_allowed_fallback(|| async { ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this path does not take that method") })
+        .layer(DefaultBodyLimit::max(MAX_ARTIFACT))
+        .with_state(plane)
+}
+
+async fn healthz() -> Response {
+    axum::Json(json!({"status": "ok"})).into_response()
+}
+
+async fn upload_artifact(State(plane): State<ControlPlane>, body: Bytes) -> ApiResult {
+    if body.is_empty() {
+        return Err(ApiError::bad_request("the request body is empty; send the component's bytes (Content-Type: application/wasm)"));
+    }
+    let digest = Digest::of(&body);
+    let check = plane.check.clone();
+    let bytes = body.clone();
+    tokio::task::spawn_blocking(move || check.check(&bytes))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("the component check failed: {e}")))?
+        .map_err(|message| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_component", message))?;
+    let created = plane.store.put_artifact(&digest, body.clone()).await?;
+    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, axum::Json(json!({"digest": digest, "size": body.len()}))).into_response())
+}
+
+async fn list_artifacts(State(plane): State<ControlPlane>) -> ApiResult {
+    let names = plane.store.artifacts().await?;
+    let digests: Vec<String> = names.into_iter().map(|hex| format!("sha256:{hex}")).collect();
+    Ok(axum::Json(json!({"artifacts": digests})).into_response())
+}
+
+async fn list_all_services(State(plane): State<ControlPlane>) -> ApiResult {
+    list(&plane, None).await
+}
+
+async fn list_services(State(plane): State<ControlPlane>, Path(ns): Path<String>) -> ApiResult {
+    list(&plane, Some(ns)).await
+}
+
+async fn list(plane: &ControlPlane, namespace: Option<String>) -> ApiResult {
+    let services = plane.store.services().await?;
+    let assignments = plane.store.assignments().await?;
+    let views: Vec<Value> = services
+        .iter()
+        .filter(|s| namespace.as_ref().is_none_or(|ns| &s.spec.namespace == ns))
+        .map(|s| service_view(plane, s, &assignments))
+        .collect();
+    Ok(axum::Json(json!({"services": views})).into_response())
+}
+
+fn service_id(ns: &str, name: &str) -> ApiResult<ServiceId> {
+    ServiceId::new(ns, name).map_err(|e| ApiError::bad_request(format!("bad service path {ns}/{name}: {e}")))
+}
+
+async fn get_service(State(plane): State<ControlPlane>, Path((ns, name)): Path<(String, String)>) -> ApiResult {
+    let id = service_id(&ns, &name)?;
+    let Some(stored) = plane.store.service(&id).await? else {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("service {id} not found")));
+    };
+    let assignments = plane.store.assignments().await?;
+    Ok(axum::Json(service_view(&plane, &stored, &assignments)).into_response())
+}
+
+/// `If-Match: <revision>` replaces only that revision; `If-None-Match: *` only creates.
+fn expected_revision(headers: &HeaderMap) -> ApiResult<Option<u64>> {
+    if headers.get("if-none-match").is_some_and(|v| v.as_bytes() == b"*") {
+        return Ok(Some(0));
+    }
+    match headers.get("if-match") {
+        None => Ok(None),
+        Some(value) => {
+            let text = value.to_str().unwrap_or("").trim().trim_matches('"');
+            text.parse::<u64>().map(Some).map_err(|_| ApiError::bad_request(format!("If-Match must be a revision number, got {text:?}")))
+        }
+    }
+}
+
+async fn put_service(State(plane): State<ControlPlane>, Path((ns, name)): Path<(String, String)>, headers: HeaderMap, body: Bytes) -> ApiResult {
+    let id = service_id(&ns, &name)?;
+    let expected = expected_revision(&headers)?;
+    let mut value: Value = serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))?;
+    let Some(object) = value.as_object_mut() else {
+        return Err(ApiError::bad_request("the body must be a JSON object: a service spec"));
+    };
+    // The path names the service; the body may repeat it, but not contradict it.
+    for (field, from_path) in [("namespace", &id.namespace), ("name", &id.name)] {
+        match object.get(field) {
+            None => {
+                object.insert(field.to_string(), Value::String(from_path.clone()));
+            }
+            Some(Value::String(given)) if given == from_path => {}
+            Some(given) => {
+                return Err(ApiError::bad_request(format!("{field}: the body says {given} but the path says {from_path:?}")));
+            }
+        }
+    }
+    let spec: ServiceSpec = serde_json::from_value(value).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_spec", format!("{e}")))?;
+    spec.validate().map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_spec", e.to_string()))?;
+    if !plane.store.has_artifact(&spec.component).await? {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "unknown_component",
+            format!("component: {} is not uploaded; POST its bytes to /v1/artifacts first", spec.component),
+        ));
+    }
+    let (stored, written) = plane.store.put_service(spec, expected).await?;
+    let status = match written {
+        Written::Created => StatusCode::CREATED,
+        Written::Updated | Written::Unchanged => StatusCode::OK,
+    };
+    let assignments = plane.store.assignments().await?;
+    let mut view = service_view(&plane, &stored, &assignments);
+    view["result"] = Value::String(format!("{written:?}").to_lowercase());
+    Ok((status, axum::Json(view)).into_response())
+}
+
+async fn delete_service(State(plane): State<ControlPlane>, Path((ns, name)): Path<(String, String)>, headers: HeaderMap) -> ApiResult {
+    let id = service_id(&ns, &name)?;
+    let expected = expected_revision(&headers)?;
+    let deleted = plane.store.delete_service(&id, expected).await?;
+    Ok(axum::Json(json!({"deleted": id.to_string(), "revision": deleted.revision})).into_response())
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Scale {
+    replicas: u32,
+}
+
+async fn scale_service(State(plane): State<ControlPlane>, Path((ns, name)): Path<(String, String)>, body: Bytes) -> ApiResult {
+    let id = service_id(&ns, &name)?;
+    let scale: Scale = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", format!("expected {{\"replicas\": N}} with N >= 0: {e}")))?;
+    // Compare-and-set, retried: a concurrent edit of another field is kept.
+    for _ in 0..5 {
+        let Some(stored) = plane.store.service(&id).await? else {
+            return Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("service {id} not found")));
+        };
+        let mut spec = stored.spec.clone();
+        spec.replicas = scale.replicas;
+        spec.validate().map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_spec", e.to_string()))?;
+        match plane.store.put_service(spec, Some(stored.revision)).await {
+            Ok((stored, _)) => {
+                let assignments = plane.store.assignments().await?;
+                return Ok(axum::Json(service_view(&plane, &stored, &assignments)).into_response());
+            }
+            Err(StoreError::Conflict { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(ApiError::new(StatusCode::CONFLICT, "conflict", format!("{id} kept changing; try again")))
+}
+
+async fn list_hosts(State(plane): State<ControlPlane>) -> ApiResult {
+    let hosts: Vec<Value> = plane
+        .hosts
+        .hosts()
+        .into_iter()
+        .map(|h| {
+            let hb = h.heartbeat;
+            json!({
+                "id": hb.host,
+                "ready": h.ready,
+                "addr": hb.addr,
+                "labels": hb.labels,
+                "capacity": hb.capacity,
+                "last_seen_ms": u64::try_from(h.seen.elapsed().as_millis()).unwrap_or(u64::MAX),
+                "replicas": hb.replicas,
+                "cached": hb.cached,
+            })
+        })
+        .collect();
+    Ok(axum::Json(json!({"hosts": hosts})).into_response())
+}

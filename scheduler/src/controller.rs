@@ -1,0 +1,114 @@
+//! The control loop: read the desired state and the hosts, let the pure core
+//! decide, write each host's assignment. Level-triggered and idempotent: it
+//! runs on every change and on a timer, and an unchanged world writes nothing.
+
+use crate::hosts::HostTable;
+use crate::store::{Store, StoreError};
+use futures::StreamExt;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::watch;
+use wharf_proto::{AssignedReplica, Assignment, HostId, ServiceId, StoredService};
+use wharf_scheduler_core::{HostInfo, Snapshot, Unplaceable, reconcile};
+
+/// How often the loop runs even when nothing announced a change.
+const RESYNC: Duration = Duration::from_secs(2);
+
+/// Replicas the last reconcile could not place, by service, for status.
+pub type UnplaceableMap = Arc<Mutex<BTreeMap<ServiceId, Vec<Unplaceable>>>>;
+
+/// Runs the control loop until `stop` turns true.
+pub async fn run(store: Store, hosts: HostTable, unplaceable: UnplaceableMap, mut stop: watch::Receiver<bool>) {
+    // Hosts that were up before a restart need a heartbeat interval or two to
+    // be heard again; deciding earlier would move their replicas away.
+    tokio::select! {
+        _ = tokio::time::sleep(hosts.timeout()) => {}
+        _ = stop.changed() => return,
+    }
+    let mut host_changes = hosts.changes();
+    let mut service_changes = match store.services_kv().watch(">").await {
+        Ok(watch) => Some(watch),
+        Err(e) => {
+            tracing::error!("cannot watch services, reconciling on a timer only: {e}");
+            None
+        }
+    };
+    loop {
+        if let Err(e) = reconcile_once(&store, &hosts, &unplaceable).await {
+            tracing::warn!("reconcile failed, retrying: {e}");
+        }
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(RESYNC) => {}
+            _ = host_changes.changed() => {}
+            Some(_) = next_event(&mut service_changes) => {}
+        }
+        // Coalesce a burst of changes (an apply of many services) into one pass.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn next_event(watch: &mut Option<wharf_bus::KvWatch>) -> Option<wharf_bus::KvEvent> {
+    match watch {
+        Some(watch) => watch.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// One pass: snapshot, decide, write the assignments that changed.
+pub async fn reconcile_once(store: &Store, hosts: &HostTable, unplaceable: &UnplaceableMap) -> Result<(), StoreError> {
+    let services = store.services().await?;
+    let assignments = store.assignments().await?;
+    let known = hosts.hosts();
+    let snapshot = Snapshot {
+        hosts: known
+            .iter()
+            .map(|h| HostInfo {
+                id: h.heartbeat.host.clone(),
+                ready: h.ready,
+                labels: h.heartbeat.labels.clone(),
+                capacity: h.heartbeat.capacity,
+                cached: h.heartbeat.cached.iter().cloned().collect(),
+                in_flight: h.heartbeat.replicas.iter().map(|r| r.in_flight).sum(),
+            })
+            .collect(),
+        services: services.iter().map(|s| s.spec.clone()).collect(),
+        current: assignments.iter().map(|a| (a.host.clone(), a.replicas.iter().map(|r| (r.service.clone(), r.replica)).collect())).collect(),
+    };
+    let plan = reconcile(&snapshot);
+    if let Ok(mut map) = unplaceable.lock() {
+        map.clear();
+        for u in plan.unplaceable {
+            map.entry(u.service.clone()).or_default().push(u);
+        }
+    }
+    let by_id: BTreeMap<ServiceId, &StoredService> = services.iter().map(|s| (s.spec.id(), s)).collect();
+    let current: BTreeMap<&HostId, &Assignment> = assignments.iter().map(|a| (&a.host, a)).collect();
+    let mut hosts_to_write: BTreeSet<&HostId> = plan.assignments.keys().collect();
+    hosts_to_write.extend(current.keys().copied());
+    for host in hosts_to_write {
+        let wanted: Vec<AssignedReplica> = plan
+            .assignments
+            .get(host)
+            .into_iter()
+            .flatten()
+            .filter_map(|(service, replica)| {
+                by_id.get(service).map(|stored| AssignedReplica {
+                    service: service.clone(),
+                    replica: *replica,
+                    spec: stored.spec.clone(),
+                    generation: stored.generation,
+                })
+            })
+            .collect();
+        let existing = current.get(host);
+        if existing.is_some_and(|a| a.replicas == wanted) {
+            continue;
+        }
+        let generation = existing.map_or(1, |a| a.generation + 1);
+        tracing::info!(host = %host, replicas = wanted.len(), "writing assignment");
+        store.put_assignment(&Assignment { host: host.clone(), replicas: wanted, revision: 0, generation }).await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,118 @@
+//! The hosts the control plane knows of, from their heartbeats. A host whose
+//! heartbeats stop for longer than the timeout is no longer ready, and the
+//! controller places its replicas elsewhere.
+
+use futures::StreamExt;
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use wharf_bus::Bus;
+use wharf_proto::names::HEARTBEAT_WILDCARD;
+use wharf_proto::{Heartbeat, HostId};
+
+/// A host as last heard of.
+#[derive(Debug, Clone)]
+pub struct HostEntry {
+    pub heartbeat: Heartbeat,
+    /// When the last heartbeat arrived (this process's clock).
+    pub seen: Instant,
+    /// Whether heartbeats are current.
+    pub ready: bool,
+}
+
+/// Last heartbeat of every host; readiness derived from its age.
+#[derive(Clone)]
+pub struct HostTable {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    hosts: RwLock<BTreeMap<HostId, (Heartbeat, Instant)>>,
+    timeout: Duration,
+    /// Bumped when a host appears, goes silent, comes back or its replicas' states change.
+    changes: watch::Sender<u64>,
+}
+
+impl HostTable {
+    /// Starts following heartbeats on `bus`. A host is ready while its last
+    /// heartbeat is younger than `timeout`.
+    pub async fn follow(bus: &Bus, timeout: Duration) -> Result<HostTable, wharf_bus::SubscribeError> {
+        let mut heartbeats = bus.subscribe(HEARTBEAT_WILDCARD).await?;
+        let (changes, _) = watch::channel(0);
+        let table = HostTable { inner: Arc::new(Inner { hosts: RwLock::new(BTreeMap::new()), timeout, changes }) };
+        let weak = Arc::downgrade(&table.inner);
+        tokio::spawn(async move {
+            while let Some(message) = heartbeats.next().await {
+                let Some(inner) = weak.upgrade() else { break };
+                match serde_json::from_slice::<Heartbeat>(&message.payload) {
+                    Ok(heartbeat) => HostTable { inner }.record(heartbeat),
+                    Err(e) => tracing::warn!(subject = %message.subject, "ignoring an unreadable heartbeat: {e}"),
+                }
+            }
+        });
+        // Notice hosts going silent, which no message announces.
+        let weak = Arc::downgrade(&table.inner);
+        tokio::spawn(async move {
+            let mut ready_before: Vec<HostId> = Vec::new();
+            loop {
+                tokio::time::sleep(timeout / 4).await;
+                let Some(inner) = weak.upgrade() else { break };
+                let table = HostTable { inner };
+                let ready: Vec<HostId> = table.hosts().into_iter().filter(|h| h.ready).map(|h| h.heartbeat.host).collect();
+                if ready != ready_before {
+                    for gone in ready_before.iter().filter(|h| !ready.contains(h)) {
+                        tracing::warn!(host = %gone, "host stopped sending heartbeats; it is down");
+                    }
+                    ready_before = ready;
+                    table.inner.changes.send_modify(|n| *n += 1);
+                }
+            }
+        });
+        Ok(table)
+    }
+
+    fn record(&self, heartbeat: Heartbeat) {
+        let changed = {
+            let Ok(mut hosts) = self.inner.hosts.write() else { return };
+            let previous = hosts.get(&heartbeat.host);
+            let changed = match previous {
+                None => {
+                    tracing::info!(host = %heartbeat.host, addr = ?heartbeat.addr, "host joined");
+                    true
+                }
+                Some((before, seen)) => {
+                    seen.elapsed() > self.inner.timeout
+                        || before.replicas.iter().map(|r| (&r.service, r.replica, r.generation, r.state)).ne(heartbeat.replicas.iter().map(|r| (&r.service, r.replica, r.generation, r.state)))
+                        || before.started_at_ms != heartbeat.started_at_ms
+                        || before.labels != heartbeat.labels
+                        || before.capacity != heartbeat.capacity
+                }
+            };
+            hosts.insert(heartbeat.host.clone(), (heartbeat, Instant::now()));
+            changed
+        };
+        if changed {
+            self.inner.changes.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// Every known host, ready or not, by id.
+    pub fn hosts(&self) -> Vec<HostEntry> {
+        let Ok(hosts) = self.inner.hosts.read() else { return Vec::new() };
+        hosts
+            .values()
+            .map(|(heartbeat, seen)| HostEntry { heartbeat: heartbeat.clone(), seen: *seen, ready: seen.elapsed() <= self.inner.timeout })
+            .collect()
+    }
+
+    /// A receiver that changes whenever the set of ready hosts or their replicas' states change.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.inner.changes.subscribe()
+    }
+
+    /// The heartbeat timeout.
+    pub fn timeout(&self) -> Duration {
+        self.inner.timeout
+    }
+}

@@ -1,0 +1,61 @@
+//! What a service looks like from outside: its stored spec plus where each
+//! replica runs and how it is doing, joined from assignments and heartbeats.
+
+use crate::ControlPlane;
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use wharf_proto::{Assignment, ReplicaState, StoredService};
+
+/// The JSON view of one service: `{"service": ..., "status": ...}`.
+pub fn service_view(plane: &ControlPlane, stored: &StoredService, assignments: &[Assignment]) -> Value {
+    let id = stored.spec.id();
+    let hosts: BTreeMap<_, _> = plane.hosts.hosts().into_iter().map(|h| (h.heartbeat.host.clone(), h)).collect();
+    let mut replicas = Vec::new();
+    let mut ready = 0;
+    let mut last_error: Option<String> = None;
+    for assignment in assignments {
+        for assigned in assignment.replicas.iter().filter(|r| r.service == id) {
+            let host = hosts.get(&assignment.host);
+            let reported = host.and_then(|h| h.heartbeat.replicas.iter().find(|r| r.service == id && r.replica == assigned.replica));
+            let (state, error) = match (host, reported) {
+                (Some(h), _) if !h.ready => ("lost".to_string(), Some(format!("host {} stopped sending heartbeats", assignment.host))),
+                (_, Some(r)) if r.generation != stored.generation => ("updating".to_string(), None),
+                (_, Some(r)) => (state_name(r.state).to_string(), r.error.clone()),
+                _ => ("pending".to_string(), None),
+            };
+            if state == "ready" {
+                ready += 1;
+            }
+            if let Some(e) = &error {
+                last_error = Some(e.clone());
+            }
+            replicas.push(json!({"replica": assigned.replica, "host": assignment.host, "state": state, "error": error}));
+        }
+    }
+    if let Ok(unplaceable) = plane.unplaceable.lock()
+        && let Some(list) = unplaceable.get(&id)
+    {
+        for u in list {
+            last_error = Some(format!("replica {} cannot be placed: {}", u.replica, u.reason));
+            replicas.push(json!({"replica": u.replica, "host": null, "state": "unplaceable", "error": u.reason}));
+        }
+    }
+    replicas.sort_by_key(|r| r["replica"].as_u64());
+    json!({
+        "service": stored,
+        "status": {
+            "desired": stored.spec.replicas,
+            "ready": ready,
+            "replicas": replicas,
+            "last_error": last_error,
+        }
+    })
+}
+
+fn state_name(state: ReplicaState) -> &'static str {
+    match state {
+        ReplicaState::Loading => "loading",
+        ReplicaState::Ready => "ready",
+        ReplicaState::Failed => "failed",
+    }
+}
