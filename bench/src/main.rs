@@ -26,9 +26,27 @@ struct Cli {
 enum Cmd {
     /// Host runtime: hello throughput/latency vs `wasmtime serve`, instantiation time, memory per workload.
     Host(HostArgs),
+    /// Placement core: replicas placed per second on a simulated cluster.
+    Placement(PlacementArgs),
     /// (internal) Loads N workloads in this process and prints its resident memory as JSON.
     #[command(hide = true)]
     RssProbe(rss::ProbeArgs),
+}
+
+#[derive(clap::Args)]
+struct PlacementArgs {
+    /// Simulated hosts.
+    #[arg(long, default_value_t = 10_000)]
+    hosts: usize,
+    /// Replicas to place (services of 10 replicas each).
+    #[arg(long, default_value_t = 100_000)]
+    replicas: usize,
+    /// Runs; the figures are the median run.
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Where to write the JSON results.
+    #[arg(long, default_value = "bench/results/placement.json")]
+    out: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -63,6 +81,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Cmd::Host(args) => tokio::runtime::Runtime::new()?.block_on(host(args)),
+        Cmd::Placement(args) => placement(args),
         Cmd::RssProbe(args) => tokio::runtime::Runtime::new()?.block_on(rss::probe(args)),
     }
 }
@@ -152,6 +171,41 @@ async fn host(args: HostArgs) -> anyhow::Result<()> {
     report.insert("connections".into(), args.connections.into());
     report.insert("seconds".into(), args.seconds.into());
 
+    if let Some(parent) = args.out.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(&args.out, serde_json::to_string_pretty(&report)? + "\n")?;
+    eprintln!("wrote {}", args.out.display());
+    Ok(())
+}
+
+/// One reconcile from empty, timed; the pure core runs on one thread.
+fn placement(args: PlacementArgs) -> anyhow::Result<()> {
+    let mut runs: Vec<wharf_scheduler_core::BenchResult> =
+        (0..args.runs.max(1)).map(|_| wharf_scheduler_core::bench_placement(args.hosts, args.replicas)).collect();
+    runs.sort_by(|a, b| a.per_second.total_cmp(&b.per_second));
+    let median = &runs[runs.len() / 2];
+    println!(
+        "placement: {} replicas on {} hosts in {:.3} s: {:.0} placements/s (median of {}; range {:.0}..{:.0}), max spread imbalance {} (target >= 50,000/s, imbalance <= 1)",
+        median.placements,
+        args.hosts,
+        median.seconds,
+        median.per_second,
+        runs.len(),
+        runs[0].per_second,
+        runs[runs.len() - 1].per_second,
+        median.max_spread_imbalance
+    );
+    let report = serde_json::json!({
+        "hosts": args.hosts,
+        "replicas": median.placements,
+        "seconds": median.seconds,
+        "placements_per_second": median.per_second,
+        "min_per_second": runs[0].per_second,
+        "max_per_second": runs[runs.len() - 1].per_second,
+        "max_spread_imbalance": median.max_spread_imbalance,
+        "runs": runs.len(),
+    });
     if let Some(parent) = args.out.parent() {
         std::fs::create_dir_all(parent)?;
     }

@@ -4,7 +4,6 @@
 
 use crate::wiring::{self, RuntimeCheck};
 use anyhow::{Context, bail};
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -85,7 +84,7 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyhow::Resu
     eprintln!("data directory: {}", data_dir.display());
     println!("Wharf is up: API http://{api_addr}  ingress http://{ingress_addr}");
     if let Some(dir) = samples {
-        let deployed = deploy_samples(&plane, &runtime, &dir, &ingress_addr.to_string()).await?;
+        let deployed = deploy_samples(&plane, &runtime, &dir).await?;
         wait_until_ready(&agent, &deployed, Duration::from_secs(120)).await;
         for id in &deployed {
             println!("  curl http://{ingress_addr}/{}", id.name);
@@ -128,7 +127,7 @@ fn find_samples(given: Option<&Path>) -> anyhow::Result<PathBuf> {
 
 /// Uploads and deploys each sample at `/<name>`, in-process (no HTTP round trip).
 /// A sample already deployed (perhaps changed by the user since) is left as it is.
-async fn deploy_samples(plane: &ControlPlane, runtime: &wharf_host::Runtime, dir: &Path, ingress: &str) -> anyhow::Result<Vec<ServiceId>> {
+async fn deploy_samples(plane: &ControlPlane, runtime: &wharf_host::Runtime, dir: &Path) -> anyhow::Result<Vec<ServiceId>> {
     let mut deployed = Vec::new();
     for name in SAMPLES {
         let path = dir.join(format!("{name}.wasm"));
@@ -139,11 +138,6 @@ async fn deploy_samples(plane: &ControlPlane, runtime: &wharf_host::Runtime, dir
         plane.store().put_artifact(&component.digest, bytes.into()).await?;
         let mut spec = ServiceSpec::new(*name, component.digest.clone());
         spec.routes = vec![Route { host: None, path_prefix: format!("/{name}") }];
-        if *name == "frontend" {
-            // frontend calls backend through this very ingress.
-            spec.env = BTreeMap::from([("BACKEND_URL".to_string(), format!("http://{ingress}/backend"))]);
-            spec.allow_outbound = vec![ingress.to_string()];
-        }
         let id = spec.id();
         if plane.store().service(&id).await?.is_none() {
             plane.store().put_service(spec, Some(0)).await?;

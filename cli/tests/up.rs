@@ -107,6 +107,11 @@ async fn deploy_curl_scale_delete_and_redeploy() {
     up.ok(&["deploy", &path("hello"), "--name", "web", "--route", "/web", "--env", "GREETING=v3"]);
     eventually(&format!("{}/web", up.ingress), 200, "v3").await;
 
+    // Service to service: frontend calls http://backend, which this cluster routes.
+    up.ok(&["deploy", &path("backend"), "--name", "backend"]);
+    up.ok(&["deploy", &path("frontend"), "--name", "frontend", "--route", "/frontend"]);
+    assert_eq!(curl(&format!("{}/frontend/x", up.ingress)).await, (200, "frontend got: backend ok /frontend/x\n".to_string()));
+
     let hosts = up.ok(&["get", "hosts"]);
     assert!(hosts.contains("test-host") && hosts.contains("yes"), "{hosts}");
 }

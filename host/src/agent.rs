@@ -5,7 +5,7 @@
 //! loads and unloads workloads to match, routes ingress requests to them, and
 //! publishes a heartbeat with what it actually runs.
 
-use crate::egress::EgressPolicy;
+use crate::egress::{EgressPolicy, ServiceCalls, ServiceLink};
 use crate::ingress::{Handler, RequestBody};
 use crate::limits::WorkloadLimits;
 use crate::metrics::HostMetrics;
@@ -18,12 +18,13 @@ use http::{Request, Response, StatusCode};
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 use wharf_bus::Bus;
-use wharf_proto::names::{ARTIFACTS_BUCKET, ASSIGNMENTS_BUCKET, artifact_object, assignment_key, host_heartbeat_subject};
-use wharf_proto::{AssignedReplica, Assignment, Capacity, Digest, Heartbeat, HostId, ReplicaState, ReplicaStatus, ServiceId, ServiceSpec};
+use wharf_proto::names::{ARTIFACTS_BUCKET, ASSIGNMENTS_BUCKET, SERVICES_BUCKET, artifact_object, assignment_key, host_heartbeat_subject};
+use wharf_proto::{AssignedReplica, Assignment, Capacity, Digest, Heartbeat, HostId, ReplicaState, ReplicaStatus, ServiceId, ServiceSpec, StoredService};
 
 /// How a host presents itself to the control plane.
 #[derive(Debug, Clone)]
@@ -72,7 +73,15 @@ struct Inner {
     started_at_ms: u64,
     /// std locks: held only to read or swap entries, never across an await.
     replicas: RwLock<BTreeMap<ReplicaKey, Replica>>,
+    /// Every service in the cluster, from the services bucket: any host's
+    /// ingress serves every route, locally or over the bus.
+    services: RwLock<BTreeMap<ServiceId, ServiceSpec>>,
     routes: RwLock<RouteTable>,
+    /// Services this host answers on the bus (it has a ready replica), with
+    /// the task that listens in the service's queue group.
+    listening: Mutex<BTreeMap<ServiceId, tokio::task::JoinHandle<()>>>,
+    /// Set when the host is draining: it takes no new work.
+    draining: AtomicBool,
     /// Bumped whenever a replica changes state, so waiters (tests, the CLI) can watch.
     changes: watch::Sender<u64>,
     stop: watch::Sender<bool>,
@@ -94,6 +103,8 @@ impl HostAgent {
             .watch(&assignment_key(&config.host))
             .await
             .map_err(|e| AgentError::Bus { what: "a watch on this host's assignment", source: Box::new(e) })?;
+        let services = bus.kv(SERVICES_BUCKET).await.map_err(|e| AgentError::Bus { what: "the services bucket", source: Box::new(e) })?;
+        let service_watch = services.watch(">").await.map_err(|e| AgentError::Bus { what: "a watch on the services", source: Box::new(e) })?;
         let (stop, _) = watch::channel(false);
         let (changes, _) = watch::channel(0);
         let agent = HostAgent {
@@ -104,7 +115,10 @@ impl HostAgent {
                 config,
                 started_at_ms: now_ms(),
                 replicas: RwLock::new(BTreeMap::new()),
+                services: RwLock::new(BTreeMap::new()),
                 routes: RwLock::new(RouteTable::default()),
+                listening: Mutex::new(BTreeMap::new()),
+                draining: AtomicBool::new(false),
                 changes,
                 stop,
             }),
@@ -128,6 +142,20 @@ impl HostAgent {
                         Err(e) => tracing::error!(revision = event.revision, "ignoring an unreadable assignment: {e}"),
                     },
                 }
+            }
+        });
+        let weak = Arc::downgrade(&agent.inner);
+        let mut stop = agent.inner.stop.subscribe();
+        tokio::spawn(async move {
+            let mut watch = service_watch;
+            loop {
+                let event = tokio::select! {
+                    _ = stop.changed() => break,
+                    event = watch.next() => event,
+                };
+                let Some(event) = event else { break };
+                let Some(inner) = weak.upgrade() else { break };
+                HostAgent { inner }.service_changed(&event.key, event.value.as_deref());
             }
         });
         let weak = Arc::downgrade(&agent.inner);
@@ -268,7 +296,9 @@ impl HostAgent {
             .await
             .map_err(|e| format!("the compile task failed: {e}"))?
             .map_err(|e| e.to_string())?;
-        Workload::new(&self.inner.runtime, component, workload_spec(&assigned.service, spec), &self.inner.metrics).map_err(|e| e.to_string())
+        let mut workload = workload_spec(&assigned.service, spec);
+        workload.services = Some(ServiceLink { calls: Arc::new(AgentCalls(Arc::downgrade(&self.inner))), namespace: assigned.service.namespace.clone() });
+        Workload::new(&self.inner.runtime, component, workload, &self.inner.metrics).map_err(|e| e.to_string())
     }
 
     async fn fetch_artifact(&self, digest: &Digest) -> Result<Vec<u8>, String> {
@@ -286,19 +316,129 @@ impl HostAgent {
         Err(format!("cannot fetch component {digest}: {last}"))
     }
 
-    fn replicas_changed(&self) {
+    /// A service was created, changed or deleted in the services bucket.
+    fn service_changed(&self, key: &str, value: Option<&[u8]>) {
+        let parsed = value.map(serde_json::from_slice::<StoredService>);
+        if let Ok(mut services) = self.inner.services.write() {
+            match parsed {
+                Some(Ok(stored)) => {
+                    services.insert(stored.spec.id(), stored.spec);
+                }
+                Some(Err(e)) => tracing::error!(key, "ignoring an unreadable service: {e}"),
+                None => services.retain(|id, _| id.key() != key),
+            }
+        }
+        self.rebuild_routes();
+    }
+
+    fn rebuild_routes(&self) {
         let table = {
-            let Ok(replicas) = self.inner.replicas.read() else { return };
-            let mut by_service: BTreeMap<&ServiceId, &[wharf_proto::Route]> = BTreeMap::new();
-            for ((service, _), replica) in replicas.iter() {
-                by_service.entry(service).or_insert(replica.spec.routes.as_slice());
+            let Ok(services) = self.inner.services.read() else { return };
+            let local = self.inner.replicas.read().map(|r| r.clone()).unwrap_or_default();
+            // Routes of every service, and of local replicas whose service the
+            // watch has not delivered yet (so a fresh host serves at once).
+            let mut by_service: BTreeMap<&ServiceId, &[wharf_proto::Route]> =
+                services.iter().map(|(id, spec)| (id, spec.routes.as_slice())).collect();
+            let table_local: Vec<(ServiceId, Vec<wharf_proto::Route>)> =
+                local.iter().map(|((id, _), r)| (id.clone(), r.spec.routes.clone())).collect();
+            for (id, routes) in &table_local {
+                by_service.entry(id).or_insert(routes.as_slice());
             }
             RouteTable::new(by_service)
         };
         if let Ok(mut routes) = self.inner.routes.write() {
             *routes = table;
         }
+    }
+
+    fn replicas_changed(&self) {
+        self.rebuild_routes();
+        self.update_listening();
         self.inner.changes.send_modify(|n| *n += 1);
+    }
+
+    /// Listens on the bus for exactly the services with a ready local replica.
+    fn update_listening(&self) {
+        let ready: BTreeSet<ServiceId> = if self.inner.draining.load(Ordering::Relaxed) {
+            BTreeSet::new()
+        } else {
+            self.inner
+                .replicas
+                .read()
+                .map(|r| r.iter().filter(|(_, r)| matches!(r.slot, Slot::Ready(_))).map(|((id, _), _)| id.clone()).collect())
+                .unwrap_or_default()
+        };
+        let Ok(mut listening) = self.inner.listening.lock() else { return };
+        listening.retain(|id, task| {
+            let keep = ready.contains(id) && !task.is_finished();
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        for id in ready {
+            if listening.contains_key(&id) {
+                continue;
+            }
+            let weak = Arc::downgrade(&self.inner);
+            let bus = self.inner.bus.clone();
+            let service = id.clone();
+            let task = tokio::spawn(async move {
+                let mut subscription = match bus.queue_subscribe(&service.subject(), &service.key()).await {
+                    Ok(subscription) => subscription,
+                    Err(e) => {
+                        tracing::error!(%service, "cannot listen for requests on the bus: {e}");
+                        return;
+                    }
+                };
+                while let Some(message) = subscription.next().await {
+                    let Some(inner) = weak.upgrade() else { break };
+                    let agent = HostAgent { inner };
+                    let service = service.clone();
+                    tokio::spawn(async move { agent.answer(&service, message).await });
+                }
+            });
+            listening.insert(id, task);
+        }
+    }
+
+    /// Serves one request that came over the bus, always locally.
+    async fn answer(&self, service: &ServiceId, message: wharf_bus::Message) {
+        let response = match crate::remote::decode_request(&message) {
+            Ok(request) => match self.least_busy(service) {
+                Some(workload) => workload.handle(request).await,
+                None => error_response(StatusCode::SERVICE_UNAVAILABLE, "not_ready", format!("service {service} has no ready replica on host {}", self.inner.config.host)),
+            },
+            Err(e) => error_response(StatusCode::BAD_REQUEST, "bad_request", format!("unreadable request from the bus: {e}")),
+        };
+        let payload = crate::remote::encode_reply(&self.inner.bus, response).await;
+        if let Err(e) = self.inner.bus.respond(&message, payload).await {
+            tracing::debug!(%service, "could not answer a bus request: {e}");
+        }
+    }
+
+    fn least_busy(&self, service: &ServiceId) -> Option<Workload> {
+        self.ready_workloads(service).into_iter().min_by_key(|w| w.load().in_flight)
+    }
+
+    /// Stops taking work: leaves every queue group and reports itself
+    /// draining, so the control plane places its replicas elsewhere; then
+    /// waits (up to `timeout`) for requests in flight to finish.
+    pub async fn drain(&self, timeout: Duration) {
+        self.inner.draining.store(true, Ordering::Relaxed);
+        self.update_listening();
+        self.send_heartbeat().await;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let in_flight: u64 = self.statuses().iter().map(|s| s.in_flight).sum();
+            if in_flight == 0 || tokio::time::Instant::now() >= deadline {
+                if in_flight > 0 {
+                    tracing::warn!("{in_flight} request(s) still in flight after {timeout:?}; stopping anyway");
+                }
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     async fn send_heartbeat(&self) {
@@ -312,6 +452,7 @@ impl HostAgent {
             replicas: self.statuses(),
             sent_at_ms: now_ms(),
             started_at_ms: self.inner.started_at_ms,
+            draining: self.inner.draining.load(Ordering::Relaxed),
         };
         let payload = match serde_json::to_vec(&heartbeat) {
             Ok(payload) => Bytes::from(payload),
@@ -334,17 +475,40 @@ impl HostAgent {
         let Some(service) = service else {
             return error_response(StatusCode::NOT_FOUND, "no_route", format!("no service is routed at {path} (host {})", host.as_deref().unwrap_or("any")));
         };
-        let ready = self.ready_workloads(&service);
-        // The least busy replica; ties go to the lowest index.
-        match ready.into_iter().min_by_key(|w| w.load().in_flight) {
-            Some(workload) => workload.handle(request).await,
-            None => {
-                let why = self.why_not_ready(&service);
-                let mut response = error_response(StatusCode::SERVICE_UNAVAILABLE, "not_ready", format!("service {service} has no ready replica: {why}"));
-                response.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
-                response
+        self.call(&service, request).await
+    }
+
+    /// Sends a request to `service`: to a ready local replica if there is
+    /// one (the least busy), else over the bus to a host that has one.
+    pub async fn call(&self, service: &ServiceId, request: Request<RequestBody>) -> Response<ResponseBody> {
+        if let Some(workload) = self.least_busy(service) {
+            return workload.handle(request).await;
+        }
+        let timeout = self.inner.services.read().ok().and_then(|s| s.get(service).map(|spec| spec.limits.timeout)).unwrap_or(Duration::from_secs(5));
+        // The deadline runs on the serving host; allow for a full queue wait and the hop.
+        let timeout = timeout + WorkloadLimits::default().queue_timeout + Duration::from_millis(500);
+        let response = crate::remote::call(&self.inner.bus, service, request, timeout).await;
+        if response.status() == StatusCode::SERVICE_UNAVAILABLE {
+            let local = self.why_not_ready(service);
+            if !local.is_empty() {
+                tracing::debug!(%service, "no replica answered: {local}");
             }
         }
+        response
+    }
+
+    /// Resolves the host part of an outgoing URL to a service: `name` (in
+    /// `namespace`) or `name.namespace`, if such a service exists.
+    pub fn resolve(&self, host: &str, namespace: &str) -> Option<ServiceId> {
+        let host = host.to_ascii_lowercase();
+        let (name, ns) = match host.split_once('.') {
+            Some((name, ns)) if !ns.contains('.') => (name.to_string(), ns.to_string()),
+            Some(_) => return None,
+            None => (host.clone(), namespace.to_string()),
+        };
+        let id = ServiceId::new(ns, name).ok()?;
+        let known = self.inner.services.read().ok().is_some_and(|s| s.contains_key(&id));
+        known.then_some(id)
     }
 
     fn why_not_ready(&self, service: &ServiceId) -> String {
@@ -356,7 +520,27 @@ impl HostAgent {
                 _ => None,
             })
             .collect();
-        if errors.is_empty() { "still loading".into() } else { errors.join("; ") }
+        errors.join("; ")
+    }
+}
+
+/// Service-to-service calls through the agent. Weak, so workloads (which
+/// the agent owns) do not keep the agent alive.
+struct AgentCalls(std::sync::Weak<Inner>);
+
+impl ServiceCalls for AgentCalls {
+    fn resolve(&self, host: &str, namespace: &str) -> Option<ServiceId> {
+        self.0.upgrade().and_then(|inner| HostAgent { inner }.resolve(host, namespace))
+    }
+
+    fn call(&self, service: ServiceId, request: Request<RequestBody>) -> Pin<Box<dyn Future<Output = Response<ResponseBody>> + Send>> {
+        let agent = self.0.upgrade().map(|inner| HostAgent { inner });
+        Box::pin(async move {
+            match agent {
+                Some(agent) => agent.call(&service, request).await,
+                None => error_response(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "the host is shutting down".into()),
+            }
+        })
     }
 }
 

@@ -2,8 +2,13 @@
 //! workload's allow-list. This is the hook where service-to-service calls will
 //! be routed onto the bus.
 
+use crate::ingress::RequestBody;
 use crate::logs::LogBuffer;
+use crate::workload::ResponseBody;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use wharf_proto::ServiceId;
 use wasmtime_wasi_http::{Error as HttpError, RequestOptions, WasiBody, WasiHttpHooks};
 
 /// Which outbound destinations one workload may reach.
@@ -45,10 +50,36 @@ impl EgressPolicy {
     }
 }
 
-/// The `wasi:http` hooks of one instance: the egress check in front of the real client.
+/// How a component's outgoing request to `http://<service>` reaches that
+/// service: the host agent implements it (locally or over the bus).
+pub trait ServiceCalls: Send + Sync + 'static {
+    /// The service an outgoing URL's host names (`name` in `namespace`, or
+    /// `name.namespace`), if there is one.
+    fn resolve(&self, host: &str, namespace: &str) -> Option<ServiceId>;
+    /// Sends the request to the service, with the same limits and errors as ingress traffic.
+    fn call(&self, service: ServiceId, request: http::Request<RequestBody>) -> Pin<Box<dyn Future<Output = http::Response<ResponseBody>> + Send>>;
+}
+
+/// Service-to-service calls for one workload: who routes them, and the
+/// namespace a bare service name is looked up in.
+#[derive(Clone)]
+pub struct ServiceLink {
+    pub calls: Arc<dyn ServiceCalls>,
+    pub namespace: String,
+}
+
+impl std::fmt::Debug for ServiceLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceLink").field("namespace", &self.namespace).finish_non_exhaustive()
+    }
+}
+
+/// The `wasi:http` hooks of one instance: calls to services go to them;
+/// anything else must pass the egress check before the real client sends it.
 pub(crate) struct EgressHooks {
     pub(crate) policy: EgressPolicy,
     pub(crate) logs: LogBuffer,
+    pub(crate) services: Option<ServiceLink>,
 }
 
 type SendFuture = Box<
@@ -65,6 +96,18 @@ impl WasiHttpHooks for EgressHooks {
     ) -> SendFuture {
         let uri = request.uri();
         let host = uri.host().unwrap_or_default();
+        // A service name with no port is a call to that service.
+        if uri.port().is_none()
+            && let Some(link) = &self.services
+            && let Some(service) = link.calls.resolve(host, &link.namespace)
+        {
+            drop(fut);
+            let response = link.calls.call(service, request);
+            return Box::new(async move {
+                let response = response.await;
+                Ok((response, Box::new(async { Ok(()) }) as Box<dyn Future<Output = _> + Send>))
+            });
+        }
         if !self.policy.permits(host, uri.port_u16()) {
             self.logs.push_host_note(&format!(
                 "wharf: outbound request to {uri} denied: {host} is not in this service's allowed outbound hosts ({})",

@@ -1,6 +1,6 @@
 //! The per-request state of one instance: what a wasmtime `Store` holds.
 
-use crate::egress::{EgressHooks, EgressPolicy};
+use crate::egress::EgressHooks;
 use crate::limits::MemoryLimiter;
 use crate::logs::{CapturedOutput, LogBuffer, LogStream};
 use wasmtime::component::ResourceTable;
@@ -21,7 +21,7 @@ pub(crate) struct InstanceState {
 }
 
 impl InstanceState {
-    pub(crate) fn new(env: &[(String, String)], memory: ByteSize, policy: EgressPolicy, logs: &LogBuffer) -> Self {
+    pub(crate) fn new(env: &[(String, String)], memory: ByteSize, hooks: EgressHooks, logs: &LogBuffer) -> Self {
         let stdout = logs.stream(LogStream::Stdout);
         let stderr = logs.stream(LogStream::Stderr);
         // No preopened directories and no sockets: the component reaches the
@@ -38,7 +38,7 @@ impl InstanceState {
             wasi,
             http: WasiHttpCtx::new(),
             table: ResourceTable::new(),
-            hooks: EgressHooks { policy, logs: logs.clone() },
+            hooks,
             limiter: MemoryLimiter::new(memory),
             stdout,
             stderr,

@@ -19,6 +19,7 @@ pub mod ingress;
 pub mod limits;
 pub mod logs;
 pub mod metrics;
+pub mod remote;
 pub mod routes;
 pub mod runtime;
 pub mod workload;

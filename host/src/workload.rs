@@ -1,7 +1,7 @@
 //! One loaded component with its limits, serving each request from a fresh
 //! instance and turning every way a request can fail into a clear response.
 
-use crate::egress::EgressPolicy;
+use crate::egress::{EgressHooks, EgressPolicy, ServiceLink};
 use crate::instance::InstanceState;
 use crate::limits::WorkloadLimits;
 use crate::logs::LogBuffer;
@@ -43,6 +43,8 @@ pub struct WorkloadSpec {
     pub egress: EgressPolicy,
     /// Log lines kept in memory.
     pub log_lines: usize,
+    /// Where calls to `http://<service>` go; `None` treats them as egress.
+    pub services: Option<ServiceLink>,
 }
 
 impl WorkloadSpec {
@@ -54,6 +56,7 @@ impl WorkloadSpec {
             env: Vec::new(),
             egress: EgressPolicy::default(),
             log_lines: 1000,
+            services: None,
         }
     }
 }
@@ -332,7 +335,8 @@ impl Workload {
 
     fn new_store(&self, deadline: Instant) -> Store<InstanceState> {
         let spec = &self.inner.spec;
-        let state = InstanceState::new(&spec.env, spec.limits.memory, spec.egress.clone(), &self.inner.logs);
+        let hooks = EgressHooks { policy: spec.egress.clone(), logs: self.inner.logs.clone(), services: spec.services.clone() };
+        let state = InstanceState::new(&spec.env, spec.limits.memory, hooks, &self.inner.logs);
         let mut store = Store::new(self.inner.runtime.engine(), state);
         store.limiter(|state| &mut state.limiter);
         // Fuel is always on in the engine; "unmetered" is simply a budget that never runs out.

@@ -94,6 +94,10 @@ pub struct Heartbeat {
     /// When the host process started, in milliseconds since the Unix epoch;
     /// a change means the host restarted.
     pub started_at_ms: u64,
+    /// The host is shutting down: it takes no new work, and its replicas
+    /// should be placed elsewhere now rather than after it goes silent.
+    #[serde(default)]
+    pub draining: bool,
 }
 
 /// How one replica on a host is doing.
@@ -212,6 +216,7 @@ mod tests {
             }],
             sent_at_ms: 20,
             started_at_ms: 10,
+            draining: false,
         };
         let mut json = round_trip(&heartbeat);
         assert_eq!(json["capacity"]["memory"], "16GiB");

@@ -85,6 +85,7 @@ impl HostTable {
                     seen.elapsed() > self.inner.timeout
                         || before.replicas.iter().map(|r| (&r.service, r.replica, r.generation, r.state)).ne(heartbeat.replicas.iter().map(|r| (&r.service, r.replica, r.generation, r.state)))
                         || before.started_at_ms != heartbeat.started_at_ms
+                        || before.draining != heartbeat.draining
                         || before.labels != heartbeat.labels
                         || before.capacity != heartbeat.capacity
                 }
@@ -102,7 +103,7 @@ impl HostTable {
         let Ok(hosts) = self.inner.hosts.read() else { return Vec::new() };
         hosts
             .values()
-            .map(|(heartbeat, seen)| HostEntry { heartbeat: heartbeat.clone(), seen: *seen, ready: seen.elapsed() <= self.inner.timeout })
+            .map(|(heartbeat, seen)| HostEntry { heartbeat: heartbeat.clone(), seen: *seen, ready: seen.elapsed() <= self.inner.timeout && !heartbeat.draining })
             .collect()
     }
 

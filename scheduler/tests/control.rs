@@ -49,6 +49,7 @@ async fn beat(bus: &Bus, host: &str) {
         replicas: Vec::new(),
         sent_at_ms: 0,
         started_at_ms: 1,
+        draining: false,
     };
     let subject = host_heartbeat_subject(&heartbeat.host);
     bus.publish(&subject, Bytes::from(serde_json::to_vec(&heartbeat).expect("json"))).await.expect("published");
