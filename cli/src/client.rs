@@ -61,6 +61,9 @@ pub struct DeployArgs {
     /// Host label every replica's host must have, KEY=VALUE. Repeatable.
     #[arg(long = "on", value_name = "KEY=VALUE", value_parser = crate::wiring::parse_pair)]
     placement: Vec<(String, String)>,
+    /// Spread replicas evenly over the values of this host label (e.g. zone).
+    #[arg(long, value_name = "LABEL")]
+    spread: Option<String>,
     /// Return without waiting for the replicas to be ready.
     #[arg(long)]
     no_wait: bool,
@@ -234,6 +237,7 @@ pub async fn deploy(args: DeployArgs) -> anyhow::Result<()> {
     spec.env = args.env.iter().cloned().collect();
     spec.allow_outbound = args.allow_outbound.clone();
     spec.placement.labels = args.placement.iter().cloned().collect();
+    spec.placement.spread = args.spread.clone();
     spec.validate()?;
     let digest = api.upload(&args.file).await?;
     spec.component = digest.clone();

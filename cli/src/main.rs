@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 mod client;
+mod cluster;
 mod serve;
 mod up;
 mod wiring;
@@ -24,6 +25,10 @@ struct Cli {
 enum Command {
     /// Run a one-node cluster: control plane, host and ingress in this process.
     Up(up::Args),
+    /// Run the control plane (API, controller) over NATS.
+    Scheduler(cluster::SchedulerArgs),
+    /// Run a worker host over NATS: runs its assigned replicas and serves every route.
+    Host(cluster::HostArgs),
     /// Upload a component and create or replace its service.
     Deploy(client::DeployArgs),
     /// Create or update the services a manifest describes (YAML, TOML or JSON).
@@ -52,6 +57,8 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Up(args) => up::run(args, shutdown_signal()).await,
+            Command::Scheduler(args) => cluster::scheduler(args, shutdown_signal()).await,
+            Command::Host(args) => cluster::host(args, shutdown_signal()).await,
             Command::Deploy(args) => client::deploy(args).await,
             Command::Apply(args) => client::apply(args).await,
             Command::Get(what) => client::get(what).await,

@@ -37,6 +37,9 @@ pub struct Args {
     /// Where the built samples are (default: sample-services/target/wasm32-wasip2/release under the current directory).
     #[arg(long, env = "WHARF_SAMPLES_DIR")]
     samples_dir: Option<PathBuf>,
+    /// Run over this NATS server (JetStream) instead of the in-process bus and embedded store.
+    #[arg(long, env = "WHARF_NATS")]
+    nats: Option<String>,
     #[command(flatten)]
     host: wiring::HostArgs,
 }
@@ -54,8 +57,10 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyhow::Resu
     let ingress_addr = ingress_listener.local_addr()?;
     let api_addr = api_listener.local_addr()?;
 
-    let store = LocalStore::open(data_dir.join("state.redb"))?;
-    let bus = Bus::local(store);
+    let bus = match &args.nats {
+        Some(url) => crate::cluster::NatsArgs { nats: url.clone(), nats_creds: None }.connect("wharf-up").await?,
+        None => Bus::local(LocalStore::open(data_dir.join("state.redb"))?),
+    };
     let runtime = args.host.runtime(Some(data_dir.join("compiled")))?;
     let metrics = HostMetrics::default();
     let plane = ControlPlane::start(&bus, Arc::new(RuntimeCheck(runtime.clone())), ControlPlaneConfig::default()).await?;
@@ -96,6 +101,7 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyhow::Resu
         result = api => bail!("the API server stopped: {}", result.map(|r| r.err().map(|e| e.to_string()).unwrap_or_default()).unwrap_or_else(|e| e.to_string())),
     }
     let _ = stop_tx.send(true);
+    agent.drain(Duration::from_secs(5)).await;
     agent.shutdown();
     plane.shutdown();
     let _ = tokio::time::timeout(Duration::from_secs(6), ingress).await;

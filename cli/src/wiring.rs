@@ -34,6 +34,16 @@ pub struct HostArgs {
 }
 
 impl HostArgs {
+    /// Sizing given directly rather than parsed from `up`'s flags.
+    pub fn new(host_id: Option<String>, labels: Vec<(String, String)>, max_instances: u32, memory: Option<ByteSize>) -> Self {
+        HostArgs { host_id, labels, max_instances, memory }
+    }
+
+    /// The default sizing, for processes that only check components.
+    pub fn default_sizing() -> Self {
+        Self::new(None, Vec::new(), 64, None)
+    }
+
     pub fn host_id(&self) -> anyhow::Result<HostId> {
         let raw = match &self.host_id {
             Some(id) => id.clone(),

@@ -1,0 +1,165 @@
+//! `wharf scheduler` and `wharf host`: the parts of a cluster as separate
+//! processes on many machines, over a real NATS server (or NATS cluster).
+
+use crate::wiring::{self, RuntimeCheck};
+use anyhow::Context;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use wharf_bus::{Bus, NatsAuth, NatsOptions};
+use wharf_host::agent::{AgentConfig, HostAgent};
+use wharf_host::metrics::HostMetrics;
+use wharf_scheduler::{ControlPlane, ControlPlaneConfig};
+
+/// How to reach NATS; shared by every command that runs over it.
+#[derive(clap::Args, Debug, Clone)]
+pub struct NatsArgs {
+    /// The NATS server (or a comma-separated list of cluster members), 2.10 or newer with JetStream.
+    #[arg(long, env = "WHARF_NATS")]
+    pub nats: String,
+    /// A NATS .creds file (user JWT + NKey seed).
+    #[arg(long, env = "WHARF_NATS_CREDS")]
+    pub nats_creds: Option<PathBuf>,
+}
+
+impl NatsArgs {
+    pub async fn connect(&self, name: &str) -> anyhow::Result<Bus> {
+        let auth = match &self.nats_creds {
+            Some(path) => NatsAuth::CredentialsFile(path.clone()),
+            None => NatsAuth::None,
+        };
+        let bus = Bus::connect_nats(&self.nats, NatsOptions { name: name.to_string(), auth, ..NatsOptions::default() }).await?;
+        tracing::info!(url = %self.nats, "connected to NATS");
+        Ok(bus)
+    }
+}
+
+/// Heartbeat timing shared by hosts and the control plane.
+#[derive(clap::Args, Debug, Clone)]
+pub struct HeartbeatArgs {
+    /// How often hosts send a heartbeat.
+    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+    pub heartbeat: Duration,
+    /// Heartbeats a host may miss before the control plane declares it down and places its replicas elsewhere.
+    #[arg(long, default_value_t = 3)]
+    pub missed_heartbeats: u32,
+}
+
+impl HeartbeatArgs {
+    pub fn host_timeout(&self) -> Duration {
+        self.heartbeat * self.missed_heartbeats.max(1)
+    }
+}
+
+#[derive(clap::Args)]
+#[command(after_help = "Example:\n  wharf scheduler --nats nats://10.0.0.1:4222 --api 0.0.0.0:7700")]
+pub struct SchedulerArgs {
+    #[command(flatten)]
+    nats: NatsArgs,
+    /// Address of the REST API.
+    #[arg(long, default_value = "127.0.0.1:7700")]
+    api: SocketAddr,
+    #[command(flatten)]
+    heartbeats: HeartbeatArgs,
+    /// Directory for the compile cache used to check uploaded components.
+    #[arg(long, env = "WHARF_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+#[command(after_help = "Example:\n  wharf host --nats nats://10.0.0.1:4222 --name edge-1 --labels zone=a,disk=ssd --memory 2GiB --listen 0.0.0.0:8080\n\n\
+On SIGTERM the host drains: it stops taking new requests, finishes those in flight, tells the control plane, and exits.")]
+pub struct HostArgs {
+    #[command(flatten)]
+    nats: NatsArgs,
+    /// This host's name in the cluster (default: the machine's host name).
+    #[arg(long)]
+    name: Option<String>,
+    /// Labels for placement, as KEY=VALUE[,KEY=VALUE...] (e.g. zone=a,disk=ssd).
+    #[arg(long, value_delimiter = ',', value_parser = wiring::parse_pair)]
+    labels: Vec<(String, String)>,
+    /// Memory offered to replicas (each reserves memory x concurrency); default: 80% of the machine's.
+    #[arg(long)]
+    memory: Option<wharf_proto::ByteSize>,
+    /// Instances that may run at once on this host, over all replicas.
+    #[arg(long, default_value_t = 1000)]
+    max_instances: u32,
+    /// Address of this host's HTTP ingress (every route in the cluster is served here).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Where this host keeps its compile cache (default: the user data dir).
+    #[arg(long, env = "WHARF_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// How often to send a heartbeat.
+    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+    heartbeat: Duration,
+    /// How long a draining host waits for requests in flight.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    drain_timeout: Duration,
+}
+
+fn data_dir(given: Option<PathBuf>, sub: &str) -> anyhow::Result<PathBuf> {
+    let dir = match given {
+        Some(dir) => dir,
+        None => dirs::data_dir().map(|d| d.join("wharf").join(sub)).context("no user data directory; pass --data-dir")?,
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    Ok(dir)
+}
+
+pub async fn scheduler(args: SchedulerArgs, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(args.api)
+        .await
+        .with_context(|| format!("cannot listen on {} (choose another address with --api)", args.api))?;
+    let addr = listener.local_addr()?;
+    let bus = args.nats.connect("wharf-scheduler").await?;
+    let dir = data_dir(args.data_dir, "scheduler")?;
+    let host_sizing = wiring::HostArgs::default_sizing();
+    let runtime = host_sizing.runtime(Some(dir.join("compiled")))?;
+    let plane = ControlPlane::start(&bus, Arc::new(RuntimeCheck(runtime)), ControlPlaneConfig { host_timeout: args.heartbeats.host_timeout() }).await?;
+    println!("Wharf scheduler: API http://{addr} over NATS {}", args.nats.nats);
+    plane.serve(listener, shutdown).await?;
+    plane.shutdown();
+    Ok(())
+}
+
+pub async fn host(args: HostArgs, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (choose another address with --listen)", args.listen))?;
+    let addr = listener.local_addr()?;
+    let sizing = wiring::HostArgs::new(args.name.clone(), args.labels.clone(), args.max_instances, args.memory);
+    let id = sizing.host_id()?;
+    let bus = args.nats.connect(&format!("wharf-host-{id}")).await?;
+    let dir = data_dir(args.data_dir, id.as_str())?;
+    let runtime = sizing.runtime(Some(dir.join("compiled")))?;
+    let metrics = HostMetrics::default();
+    let agent = HostAgent::start(
+        bus,
+        runtime,
+        metrics.clone(),
+        AgentConfig {
+            host: id.clone(),
+            labels: args.labels.iter().cloned().collect(),
+            capacity: sizing.capacity(),
+            ingress_addr: Some(addr.to_string()),
+            heartbeat_interval: args.heartbeat,
+        },
+    )
+    .await?;
+    println!("Wharf host {id}: ingress http://{addr} over NATS {}", args.nats.nats);
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let ingress = tokio::spawn(wharf_host::ingress::serve(listener, Arc::new(agent.clone()), metrics, async move {
+        let _ = stop_rx.wait_for(|s| *s).await;
+    }));
+    shutdown.await;
+    eprintln!("draining: no new requests; finishing those in flight (up to {:?})", args.drain_timeout);
+    let _ = stop_tx.send(true);
+    agent.drain(args.drain_timeout).await;
+    let _ = tokio::time::timeout(args.drain_timeout, ingress).await;
+    agent.shutdown();
+    eprintln!("host {id} stopped");
+    Ok(())
+}

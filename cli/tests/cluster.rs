@@ -1,0 +1,175 @@
+//! A real cluster: a real nats-server, one `wharf scheduler` and three
+//! `wharf host` processes in three zones, all on loopback.
+
+use serde_json::Value;
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use wharf_testkit::nats::NatsServer;
+use wharf_testkit::process::Process;
+use wharf_testkit::samples;
+
+const WHARF: &str = env!("CARGO_BIN_EXE_wharf");
+
+fn url_in(line: &str) -> String {
+    line.split_whitespace().find(|w| w.starts_with("http://")).expect("a URL").to_string()
+}
+
+fn scheduler(nats: &str, dir: &Path) -> (Process, String) {
+    let mut p = Process::spawn(WHARF, &["scheduler", "--nats", nats, "--api", "127.0.0.1:0", "--data-dir", dir.to_str().expect("utf-8")]);
+    let line = p.wait_for_line("Wharf scheduler: API", Duration::from_secs(60));
+    (p, url_in(&line))
+}
+
+struct Host {
+    process: Process,
+    name: String,
+    ingress: String,
+}
+
+fn host(nats: &str, name: &str, zone: &str, dir: &Path) -> Host {
+    let dir = dir.join(name);
+    let mut process = Process::spawn(
+        WHARF,
+        &["host", "--nats", nats, "--name", name, "--labels", &format!("zone={zone}"), "--listen", "127.0.0.1:0", "--data-dir", dir.to_str().expect("utf-8")],
+    );
+    let line = process.wait_for_line("ingress http://", Duration::from_secs(60));
+    Host { process, name: name.to_string(), ingress: url_in(&line) }
+}
+
+fn wharf(api: &str, args: &[&str]) -> String {
+    let output = Command::new(WHARF).args(args).env("WHARF_API", api).output().expect("wharf runs");
+    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success(), "wharf {args:?} failed:\n{text}");
+    text
+}
+
+fn service(api: &str, name: &str) -> Value {
+    serde_json::from_str(&wharf(api, &["get", "services", name, "-o", "json"])).expect("json")
+}
+
+/// Hosts running a ready replica of `name`.
+fn hosts_of(api: &str, name: &str) -> Vec<String> {
+    let view = service(api, name);
+    view["status"]["replicas"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["state"] == "ready")
+        .filter_map(|r| r["host"].as_str().map(str::to_string))
+        .collect()
+}
+
+async fn get(url: &str) -> Result<(u16, String), String> {
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().map_err(|e| e.to_string())?;
+    let response = client.get(url).send().await.map_err(|e| e.to_string())?;
+    let status = response.status().as_u16();
+    Ok((status, response.text().await.map_err(|e| e.to_string())?))
+}
+
+/// Polls until `url` answers 200 with `body`; returns how long that took.
+async fn until_ok(url: &str, body: &str, within: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        let got = get(url).await;
+        if matches!(&got, Ok((200, b)) if b.contains(body)) {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < within, "{url}: no 200 with {body:?} within {within:?}; last {got:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn sample(name: &str) -> String {
+    samples::path(name).to_str().expect("utf-8").to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_zones_spread_route_fail_over_and_survive_restarts() {
+    let mut nats = NatsServer::start();
+    let url = nats.url();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut sched, api) = scheduler(&url, &dir.path().join("scheduler"));
+    let mut hosts: Vec<Host> = [("host-a", "a"), ("host-b", "b"), ("host-c", "c")].iter().map(|(n, z)| host(&url, n, z, dir.path())).collect();
+
+    // Three replicas, spread over the zone label: one per zone.
+    wharf(&api, &["deploy", &sample("hello"), "--name", "web", "--route", "/web", "--replicas", "3", "--spread", "zone"]);
+    let mut placed = hosts_of(&api, "web");
+    placed.sort();
+    assert_eq!(placed, vec!["host-a", "host-b", "host-c"]);
+    for h in &hosts {
+        until_ok(&format!("{}/web", h.ingress), "Hello from Wharf!", Duration::from_secs(10)).await;
+    }
+
+    // frontend -> backend through the ingress of a host that runs neither.
+    wharf(&api, &["deploy", &sample("backend"), "--name", "backend"]);
+    wharf(&api, &["deploy", &sample("frontend"), "--name", "frontend", "--route", "/frontend"]);
+    let backend_host = hosts_of(&api, "backend").pop().expect("backend placed");
+    let frontend_host = hosts_of(&api, "frontend").pop().expect("frontend placed");
+    let bystander = hosts.iter().find(|h| h.name != backend_host && h.name != frontend_host).expect("a host running neither");
+    let (status, body) = get(&format!("{}/frontend/x", bystander.ingress)).await.expect("answered");
+    assert_eq!((status, body.as_str()), (200, "frontend got: backend ok /frontend/x\n"), "via {}", bystander.name);
+
+    // kill -9 the host running backend: a replacement comes up elsewhere.
+    let victim = hosts.iter().position(|h| h.name == backend_host).expect("victim");
+    let mut killed = hosts.remove(victim);
+    let started = Instant::now();
+    killed.process.kill();
+    let survivor = hosts[0].ingress.clone();
+    let recovered = until_ok(&format!("{survivor}/frontend/y"), "backend ok /frontend/y", Duration::from_secs(20)).await;
+    println!("failover: host {} killed -> backend answering again after {:.2?}", killed.name, started.elapsed().max(recovered));
+    let moved = hosts_of(&api, "backend");
+    assert!(!moved.is_empty() && !moved.contains(&killed.name), "backend moved off {}: {moved:?}", killed.name);
+
+    // kill -9 the scheduler under steady load: no request fails; the new one knows every service.
+    let failures = Arc::new(AtomicU64::new(0));
+    let served = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = tokio::spawn({
+        let (failures, served, stop) = (failures.clone(), served.clone(), stop.clone());
+        let target = format!("{}/web", hosts[1].ingress);
+        async move {
+            while !stop.load(Ordering::Relaxed) {
+                match get(&target).await {
+                    Ok((200, _)) => served.fetch_add(1, Ordering::Relaxed),
+                    other => {
+                        eprintln!("failed request during scheduler restart: {other:?}");
+                        failures.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    sched.kill();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (restarted, api) = scheduler(&url, &dir.path().join("scheduler"));
+    sched = restarted;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    load.await.expect("load task");
+    assert_eq!(failures.load(Ordering::Relaxed), 0, "requests failed while the scheduler was down");
+    assert!(served.load(Ordering::Relaxed) > 10, "the load ran");
+    let listed = wharf(&api, &["get", "services"]);
+    for name in ["default/web", "default/backend", "default/frontend"] {
+        assert!(listed.contains(name), "{name} missing after the scheduler restart:\n{listed}");
+    }
+
+    // Restart nats-server: service resumes without restarting any wharf process.
+    nats.restart();
+    until_ok(&format!("{}/web", hosts[0].ingress), "Hello from Wharf!", Duration::from_secs(20)).await;
+    until_ok(&format!("{}/frontend/z", hosts[1].ingress), "backend ok /frontend/z", Duration::from_secs(20)).await;
+    // The control plane works again too: a new deploy lands.
+    wharf(&api, &["deploy", &sample("echo"), "--name", "echo", "--route", "/echo"]);
+    until_ok(&format!("{}/echo", hosts[0].ingress), "\"path\": \"/echo\"", Duration::from_secs(20)).await;
+
+    // SIGTERM drains a host: it exits cleanly and its replicas move.
+    let mut leaving = hosts.remove(0);
+    let status = leaving.process.terminate(Duration::from_secs(20));
+    assert!(status.success(), "clean exit: {status}\n{}", leaving.process.output());
+    assert!(leaving.process.output().contains("draining"), "{}", leaving.process.output());
+    until_ok(&format!("{}/web", hosts[0].ingress), "Hello from Wharf!", Duration::from_secs(10)).await;
+    drop(sched);
+}
