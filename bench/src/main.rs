@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod cluster;
 mod load;
 mod rss;
 
@@ -26,6 +27,8 @@ struct Cli {
 enum Cmd {
     /// Host runtime: hello throughput/latency vs `wasmtime serve`, instantiation time, memory per workload.
     Host(HostArgs),
+    /// A real cluster on loopback: failover time, local vs NATS-hop latency, remote throughput.
+    Cluster(cluster::ClusterArgs),
     /// Placement core: replicas placed per second on a simulated cluster.
     Placement(PlacementArgs),
     /// (internal) Loads N workloads in this process and prints its resident memory as JSON.
@@ -82,6 +85,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Cmd::Host(args) => tokio::runtime::Runtime::new()?.block_on(host(args)),
         Cmd::Placement(args) => placement(args),
+        Cmd::Cluster(args) => tokio::runtime::Runtime::new()?.block_on(cluster::run(args)),
         Cmd::RssProbe(args) => tokio::runtime::Runtime::new()?.block_on(rss::probe(args)),
     }
 }

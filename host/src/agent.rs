@@ -82,6 +82,8 @@ struct Inner {
     listening: Mutex<BTreeMap<ServiceId, tokio::task::JoinHandle<()>>>,
     /// Set when the host is draining: it takes no new work.
     draining: AtomicBool,
+    /// Taken while precompiling, so at most one compile runs in the background.
+    precompiling: tokio::sync::Mutex<()>,
     /// Bumped whenever a replica changes state, so waiters (tests, the CLI) can watch.
     changes: watch::Sender<u64>,
     stop: watch::Sender<bool>,
@@ -119,45 +121,19 @@ impl HostAgent {
                 routes: RwLock::new(RouteTable::default()),
                 listening: Mutex::new(BTreeMap::new()),
                 draining: AtomicBool::new(false),
+                precompiling: tokio::sync::Mutex::new(()),
                 changes,
                 stop,
             }),
         };
-        let weak = Arc::downgrade(&agent.inner);
-        let mut stop = agent.inner.stop.subscribe();
-        tokio::spawn(async move {
-            let mut watch = watch;
-            loop {
-                let event = tokio::select! {
-                    _ = stop.changed() => break,
-                    event = watch.next() => event,
-                };
-                let Some(event) = event else { break };
-                let Some(inner) = weak.upgrade() else { break };
-                let agent = HostAgent { inner };
-                match event.value {
-                    None => agent.converge(Vec::new()),
-                    Some(bytes) => match serde_json::from_slice::<Assignment>(&bytes) {
-                        Ok(assignment) => agent.converge(assignment.replicas),
-                        Err(e) => tracing::error!(revision = event.revision, "ignoring an unreadable assignment: {e}"),
-                    },
-                }
-            }
+        agent.follow(watch, |agent, event| match event.value {
+            None => agent.converge(Vec::new()),
+            Some(bytes) => match serde_json::from_slice::<Assignment>(&bytes) {
+                Ok(assignment) => agent.converge(assignment.replicas),
+                Err(e) => tracing::error!(revision = event.revision, "ignoring an unreadable assignment: {e}"),
+            },
         });
-        let weak = Arc::downgrade(&agent.inner);
-        let mut stop = agent.inner.stop.subscribe();
-        tokio::spawn(async move {
-            let mut watch = service_watch;
-            loop {
-                let event = tokio::select! {
-                    _ = stop.changed() => break,
-                    event = watch.next() => event,
-                };
-                let Some(event) = event else { break };
-                let Some(inner) = weak.upgrade() else { break };
-                HostAgent { inner }.service_changed(&event.key, event.value.as_deref());
-            }
-        });
+        agent.follow(service_watch, |agent, event| agent.service_changed(&event.key, event.value.as_deref()));
         let weak = Arc::downgrade(&agent.inner);
         let mut stop = agent.inner.stop.subscribe();
         let interval = agent.inner.config.heartbeat_interval;
@@ -174,6 +150,23 @@ impl HostAgent {
             }
         });
         Ok(agent)
+    }
+
+    /// Applies every event of a KV watch until the agent stops.
+    fn follow(&self, mut watch: wharf_bus::KvWatch, apply: impl Fn(&HostAgent, wharf_bus::KvEvent) + Send + 'static) {
+        let weak = Arc::downgrade(&self.inner);
+        let mut stop = self.inner.stop.subscribe();
+        tokio::spawn(async move {
+            loop {
+                let event = tokio::select! {
+                    _ = stop.changed() => break,
+                    event = watch.next() => event,
+                };
+                let Some(event) = event else { break };
+                let Some(inner) = weak.upgrade() else { break };
+                apply(&HostAgent { inner }, event);
+            }
+        });
     }
 
     /// Stops the background tasks; workloads serving requests finish them.
@@ -322,6 +315,7 @@ impl HostAgent {
         if let Ok(mut services) = self.inner.services.write() {
             match parsed {
                 Some(Ok(stored)) => {
+                    self.precompile(stored.spec.component.clone());
                     services.insert(stored.spec.id(), stored.spec);
                 }
                 Some(Err(e)) => tracing::error!(key, "ignoring an unreadable service: {e}"),
@@ -329,6 +323,31 @@ impl HostAgent {
             }
         }
         self.rebuild_routes();
+    }
+
+    /// Compiles a service's component into the disk cache in the
+    /// background (one at a time), so that if a replica lands here later,
+    /// after a failover say, it starts without compiling.
+    fn precompile(&self, digest: Digest) {
+        let agent = self.clone();
+        tokio::spawn(async move {
+            let _turn = agent.inner.precompiling.lock().await;
+            if agent.inner.runtime.has_compiled(&digest) {
+                return;
+            }
+            let bytes = match agent.fetch_artifact(&digest).await {
+                Ok(bytes) => bytes,
+                Err(e) => {
+                    tracing::debug!(%digest, "not precompiled: {e}");
+                    return;
+                }
+            };
+            let runtime = agent.inner.runtime.clone();
+            let result = tokio::task::spawn_blocking(move || runtime.precompile(&bytes, &digest)).await;
+            if let Ok(Err(e)) = result {
+                tracing::debug!("precompile failed: {e}");
+            }
+        });
     }
 
     fn rebuild_routes(&self) {

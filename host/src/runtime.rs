@@ -205,6 +205,24 @@ impl Runtime {
         Ok(LoadedComponent { digest, pre, cached, load_time: started.elapsed() })
     }
 
+    /// Compiles a component into the disk cache only, without keeping it in
+    /// memory, so a replica placed here later starts without compiling.
+    /// Returns whether it compiled (false: already cached, or no cache dir).
+    pub fn precompile(&self, bytes: &[u8], digest: &Digest) -> Result<bool, LoadError> {
+        let Some(path) = self.cache_path(digest) else { return Ok(false) };
+        if path.exists() || self.inner.compiled.lock().is_ok_and(|c| c.contains_key(digest)) {
+            return Ok(false);
+        }
+        check_preamble(bytes)?;
+        let actual = Digest::of(bytes);
+        if actual != *digest {
+            return Err(LoadError::DigestMismatch { expected: digest.clone(), actual });
+        }
+        let component = Component::new(&self.inner.engine, bytes).map_err(|e| LoadError::Invalid(format!("{e:#}")))?;
+        self.write_cache(digest, &component);
+        Ok(true)
+    }
+
     /// Finds compiled code in memory, then on disk, then compiles.
     fn compile(&self, bytes: &[u8], digest: &Digest) -> Result<(Component, bool), LoadError> {
         if let Some(component) = self.inner.compiled.lock().ok().and_then(|c| c.get(digest).cloned()) {

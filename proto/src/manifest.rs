@@ -582,6 +582,72 @@ mod tests {
     }
 
     #[test]
+    fn spread_is_read_from_placement_in_every_format() {
+        let yaml = "name: api\ncomponent: { file: api.wasm }\nreplicas: 3\n\
+                    placement:\n  labels: { disk: ssd }\n  spread: zone\n";
+        let toml = "name = \"api\"\ncomponent = { file = \"api.wasm\" }\nreplicas = 3\n\
+                    [placement]\nlabels = { disk = \"ssd\" }\nspread = \"zone\"\n";
+        let json = r#"{"name": "api", "component": {"file": "api.wasm"}, "replicas": 3,
+                       "placement": {"labels": {"disk": "ssd"}, "spread": "zone"}}"#;
+        for (format, text) in [
+            (ManifestFormat::Yaml, yaml),
+            (ManifestFormat::Toml, toml),
+            (ManifestFormat::Json, json),
+        ] {
+            let services = check(format, text, Ok(&["default/api"]));
+            let placement = &services[0].placement;
+            assert_eq!(placement.spread.as_deref(), Some("zone"), "{format}");
+            assert_eq!(placement.labels["disk"], "ssd", "{format}");
+        }
+        // Spread alone is enough to keep `placement` when written back.
+        let text = "name: api\ncomponent: { file: api.wasm }\nplacement: { spread: rack }\n";
+        let manifest = check(ManifestFormat::Yaml, text, Ok(&["default/api"])).remove(0);
+        let written = serde_norway::to_string(&manifest).expect("serialises");
+        assert!(written.contains("spread: rack"), "{written}");
+        assert_eq!(
+            parse_manifest(&written, ManifestFormat::Yaml).expect("valid"),
+            vec![manifest]
+        );
+    }
+
+    #[test]
+    fn spread_errors_name_the_field() {
+        use ManifestFormat::Yaml;
+        check(
+            Yaml,
+            "services:\n  - name: a\n    component: { file: a.wasm }\n    placement: { spread: \"zone name\" }\n",
+            Err(
+                "services[0].placement.spread: \"zone name\" is not a label key: a label key must be non-empty, \
+                 without '=', ',' or whitespace",
+            ),
+        );
+        check(
+            Yaml,
+            "name: a\ncomponent: { file: a.wasm }\nplacement: { spread: \"\" }\n",
+            Err(
+                "placement.spread: \"\" is not a label key: a label key must be non-empty, without '=', ',' or \
+                 whitespace",
+            ),
+        );
+        // Only `placement.spread`: a top-level `spread` is an unknown field.
+        check(
+            Yaml,
+            "name: a\ncomponent: { file: a.wasm }\nspread: zone\n",
+            Err(
+                "spread: unknown field `spread`, expected one of `namespace`, `name`, `component`, `replicas`, \
+                 `limits`, `routes`, `env`, `placement`, `allow_outbound`, `autoscale`, `volumes` (line 3, column 1)",
+            ),
+        );
+        check(
+            Yaml,
+            "name: a\ncomponent: { file: a.wasm }\nplacement: { spraed: zone }\n",
+            Err(
+                "placement.spraed: unknown field `spraed`, expected `labels` or `spread` (line 3, column 14)",
+            ),
+        );
+    }
+
+    #[test]
     fn format_from_extension() {
         let format = |p: &str| ManifestFormat::from_path(Path::new(p));
         assert_eq!(format("app.yaml"), Ok(ManifestFormat::Yaml));

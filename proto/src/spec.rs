@@ -116,19 +116,39 @@ pub struct Route {
     pub path_prefix: String,
 }
 
-/// Where a service's replicas may run.
+/// Where a service's replicas may run, and how they spread.
+///
+/// In a manifest:
+///
+/// ```yaml
+/// placement:
+///   labels: { disk: ssd }   # only hosts with disk=ssd
+///   spread: zone            # replicas evenly over the hosts' `zone` values
+/// ```
+///
+/// `spread` lives only here: there is no top-level `spread`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Placement {
     /// Labels a host must carry, every one with the same value.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// A label key whose values are failure domains (`zone`, `rack`): the
+    /// service's replicas are spread evenly over the distinct values of that
+    /// label among the hosts that qualify, so that the replicas per value
+    /// differ by at most one while capacity allows. Hosts without the label
+    /// together count as one more value. Without it, replicas still spread
+    /// over hosts (and, as a preference only, over `zone`s).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spread: Option<String>,
 }
 
 impl Placement {
-    /// Whether any ready host will do.
+    /// Whether this is the default placement: any ready host will do and
+    /// no label is spread over. A spec with the default placement leaves
+    /// `placement` out when serialised.
     pub fn is_unconstrained(&self) -> bool {
-        self.labels.is_empty()
+        self.labels.is_empty() && self.spread.is_none()
     }
 
     /// Whether a host with `labels` satisfies this placement.
@@ -277,11 +297,8 @@ impl<C> ServiceSpec<C> {
         }
         for (key, value) in &self.placement.labels {
             let field = || format!("placement.labels[{key:?}]");
-            if key.is_empty() || key.contains(['=', ',']) || key.contains(char::is_whitespace) {
-                return Err(SpecError::new(
-                    field(),
-                    "a label key must be non-empty, without '=', ',' or whitespace",
-                ));
+            if !is_label_key(key) {
+                return Err(SpecError::new(field(), LABEL_KEY_RULE));
             }
             if value.contains(',') || value.contains(char::is_whitespace) {
                 return Err(SpecError::new(
@@ -289,6 +306,14 @@ impl<C> ServiceSpec<C> {
                     format!("label value {value:?} must not contain ',' or whitespace"),
                 ));
             }
+        }
+        if let Some(key) = &self.placement.spread
+            && !is_label_key(key)
+        {
+            return Err(SpecError::new(
+                "placement.spread",
+                format!("{key:?} is not a label key: {LABEL_KEY_RULE}"),
+            ));
         }
         for (i, host) in self.allow_outbound.iter().enumerate() {
             if host.is_empty() || host.contains(char::is_whitespace) {
@@ -316,6 +341,15 @@ impl<C> ServiceSpec<C> {
         }
         Ok(())
     }
+}
+
+/// What [`is_label_key`] asks of a host label's key.
+const LABEL_KEY_RULE: &str = "a label key must be non-empty, without '=', ',' or whitespace";
+
+/// Whether `key` can be a host label's key (`zone`, `disk`): hosts are
+/// given labels as `key=value,key=value`, so neither separator fits.
+fn is_label_key(key: &str) -> bool {
+    !key.is_empty() && !key.contains(['=', ',']) && !key.contains(char::is_whitespace)
 }
 
 fn label(field: &str, value: &str) -> Result<(), SpecError> {
@@ -592,6 +626,21 @@ mod tests {
             "whitespace",
         );
         check(
+            |s| s.placement.spread = Some(String::new()),
+            "placement.spread",
+            "\"\" is not a label key: a label key must be non-empty",
+        );
+        check(
+            |s| s.placement.spread = Some("zone a".into()),
+            "placement.spread",
+            "whitespace",
+        );
+        check(
+            |s| s.placement.spread = Some("zone=a".into()),
+            "placement.spread",
+            "without '='",
+        );
+        check(
             |s| s.allow_outbound = vec!["api.example.com".into(), "".into()],
             "allow_outbound[1]",
             "not a host",
@@ -643,11 +692,43 @@ mod tests {
         };
         let placement = Placement {
             labels: labels(&[("zone", "a"), ("disk", "ssd")]),
+            spread: None,
         };
         assert!(placement.matches(&labels(&[("zone", "a"), ("disk", "ssd"), ("gpu", "no")])));
         assert!(!placement.matches(&labels(&[("zone", "a")])));
         assert!(!placement.matches(&labels(&[("zone", "b"), ("disk", "ssd")])));
         assert!(Placement::default().matches(&labels(&[])));
+    }
+
+    #[test]
+    fn spread_is_a_placement_setting() {
+        let mut spec = spec();
+        spec.placement.spread = Some("zone".into());
+        assert_eq!(spec.validate(), Ok(()));
+        assert!(!spec.placement.is_unconstrained());
+        assert!(
+            spec.placement.matches(&BTreeMap::new()),
+            "spread filters no host"
+        );
+        let json = serde_json::to_value(&spec).expect("serialises");
+        assert_eq!(json["placement"], serde_json::json!({ "spread": "zone" }));
+        let back: ServiceSpec = serde_json::from_value(json).expect("parses");
+        assert_eq!(back, spec);
+
+        let json = serde_json::to_value(self::spec()).expect("serialises");
+        assert!(
+            json.get("placement").is_none(),
+            "default placement left out: {json}"
+        );
+        let placement: Placement =
+            serde_json::from_str(r#"{"labels": {"disk": "ssd"}}"#).expect("parses");
+        assert_eq!(placement.spread, None);
+        let err =
+            serde_json::from_str::<Placement>(r#"{"spraed": "zone"}"#).expect_err("unknown field");
+        assert!(
+            err.to_string().contains("expected `labels` or `spread`"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -56,7 +56,7 @@ impl HostTable {
         tokio::spawn(async move {
             let mut ready_before: Vec<HostId> = Vec::new();
             loop {
-                tokio::time::sleep(timeout / 4).await;
+                tokio::time::sleep((timeout / 8).min(std::time::Duration::from_millis(100))).await;
                 let Some(inner) = weak.upgrade() else { break };
                 let table = HostTable { inner };
                 let ready: Vec<HostId> = table.hosts().into_iter().filter(|h| h.ready).map(|h| h.heartbeat.host).collect();

@@ -8,7 +8,12 @@ fn main() {
     let replicas = args.next().and_then(Result::ok).unwrap_or(100_000);
     let result = wharf_scheduler_core::bench_placement(hosts, replicas);
     println!(
-        "placed {} replicas on {hosts} hosts in {:.3} s: {:.0} placements/s, max spread imbalance {}",
-        result.placements, result.seconds, result.per_second, result.max_spread_imbalance
+        "placed {} replicas on {hosts} hosts in {:.3} s: {:.0} placements/s, \
+         max spread imbalance {} (hosts) {} (spread-label domains)",
+        result.placements,
+        result.seconds,
+        result.per_second,
+        result.max_spread_imbalance,
+        result.max_domain_imbalance
     );
 }

@@ -2,10 +2,11 @@
 //! deterministic sample of the replica's group (see the crate docs for why
 //! a sample, and why it still spreads exactly).
 
-use crate::cluster::{Cluster, Host, Service};
+use crate::cluster::{Cluster, Host, Service, Spread};
 use crate::hash::{mix, walk};
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use wharf_proto::{ByteSize, Placement};
+use wharf_proto::ByteSize;
 
 /// Why a host cannot take a replica.
 #[derive(Clone, Copy)]
@@ -61,25 +62,29 @@ const IN_FLIGHT_DIVISOR: i64 = 4;
 /// How good a host is for a replica; lower is better. The derived order
 /// compares the fields in the order written, so each breaks the ties of the
 /// one before:
-/// 1. `host_spread`: replicas of the service already on the host; fewest
+/// 1. `domain_spread`: for a service with `placement.spread`, replicas of
+///    the service already in the host's domain (its value of the spread
+///    label); fewest wins. 0 for other services.
+/// 2. `host_spread`: replicas of the service already on the host; fewest
 ///    wins, so a service spreads evenly over its hosts.
-/// 2. `zone_spread`: replicas of the service already in the host's zone;
+/// 3. `zone_spread`: replicas of the service already in the host's zone;
 ///    fewest wins, so among equally spread hosts the emptiest zone is chosen.
-/// 3. `load`: the host's reserved share after placing, in per mille (the
+/// 4. `load`: the host's reserved share after placing, in per mille (the
 ///    larger of memory and instances), plus in-flight requests per instance
 ///    slot, less [`CACHED_BONUS`] if the component is cached there. Lowest
 ///    wins: spread policy.
-/// 4. `host`: the host's index, which orders as its id, so ties are broken
+/// 5. `host`: the host's index, which orders as its id, so ties are broken
 ///    the same way every time.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 struct Score {
+    domain_spread: u32,
     host_spread: u32,
     zone_spread: u32,
     load: i64,
     host: u32,
 }
 
-fn score(index: u32, host: &Host<'_>, service: &Service<'_>) -> Score {
+fn score(index: u32, host: &Host<'_>, service: &Service<'_>, domain_spread: u32) -> Score {
     let instance_slots = u64::from(host.capacity.instances);
     let reserved = per_mille(
         host.reserved_memory + service.memory,
@@ -96,6 +101,7 @@ fn score(index: u32, host: &Host<'_>, service: &Service<'_>) -> Score {
         0
     };
     Score {
+        domain_spread,
         host_spread: service.on_host(index),
         zone_spread: service.in_zone(host.zone),
         load: reserved + in_flight - cached,
@@ -126,41 +132,62 @@ fn candidates_to_score(group_size: usize) -> usize {
 /// and the best [`Score`] seen wins. Only when fewer such hosts exist does
 /// the walk cover the whole group, which also teaches the service's `floor`
 /// or, finding no host, marks it exhausted.
+///
+/// A service with `placement.spread` goes to [`place_spread`] instead.
 pub(crate) fn place(cluster: &mut Cluster<'_>, service: u32, replica: u32) -> Result<u32, String> {
+    let wanted = &cluster.services[service as usize];
+    if let Some(reason) = &wanted.exhausted {
+        return Err(reason.clone());
+    }
+    let group = &cluster.groups[wanted.group];
+    if group.hosts.is_empty() {
+        let reason = no_host_reason(group.labels, cluster.ready_hosts);
+        return Err(exhaust(&mut cluster.services[service as usize], reason));
+    }
+    let size = (wanted.group, wanted.memory, wanted.instances);
+    if let Some(reason) = cluster.no_room.get(&size) {
+        let reason = reason.clone();
+        return Err(exhaust(&mut cluster.services[service as usize], reason));
+    }
+    let placed = if wanted.spread.is_some() {
+        place_spread(cluster, service, replica)
+    } else {
+        place_over_group(cluster, service, replica)
+    };
+    match placed {
+        Some(host) => {
+            cluster.commit(host, service, replica);
+            Ok(host)
+        }
+        None => {
+            let reason = rejections_in_group(cluster, service);
+            cluster.no_room.insert(size, reason.clone());
+            Err(exhaust(&mut cluster.services[service as usize], reason))
+        }
+    }
+}
+
+/// The host for a replica of a service without a spread label (see
+/// [`place`]), or `None` when no host of its group has room.
+fn place_over_group(cluster: &mut Cluster<'_>, service: u32, replica: u32) -> Option<u32> {
     let Cluster {
         hosts,
         services,
         groups,
-        ready_hosts,
-        no_room,
         ..
     } = &mut *cluster;
     let wanted = &mut services[service as usize];
-    if let Some(reason) = &wanted.exhausted {
-        return Err(reason.clone());
-    }
     let group = &groups[wanted.group];
-    if group.hosts.is_empty() {
-        return Err(exhaust(
-            wanted,
-            no_host_reason(group.placement, *ready_hosts),
-        ));
-    }
-    let size = (wanted.group, wanted.memory, wanted.instances);
-    if let Some(reason) = no_room.get(&size) {
-        return Err(exhaust(wanted, reason.clone()));
-    }
-    let level = wanted.spread_level();
+    let level = wanted.hosts.level();
     let enough = candidates_to_score(group.hosts.len());
     let mut best: Option<Score> = None;
     let mut at_level = 0;
-    let mut rejections = Rejections::default();
     let mut walked_all = true;
     let key = mix(wanted.hash ^ u64::from(replica));
     // The hosts with the component cached are few and known, and a sample
     // would rarely meet them, so up to `enough` of them go first, as extra
     // candidates: the walk may meet them again, so only the walk counts
-    // towards `enough` and counts rejections, and each host counts once.
+    // towards `enough`.
     let cached = wanted
         .cached_hosts(key, enough)
         .filter(|host| group.hosts.binary_search(host).is_ok());
@@ -170,13 +197,10 @@ pub(crate) fn place(cluster: &mut Cluster<'_>, service: u32, replica: u32) -> Re
         .chain(walked.map(|host| (host, true)))
     {
         let host = &hosts[index as usize];
-        if let Err(rejection) = admits(host, wanted) {
-            if in_walk {
-                rejections.count(rejection);
-            }
+        if admits(host, wanted).is_err() {
             continue;
         }
-        let candidate = score(index, host, wanted);
+        let candidate = score(index, host, wanted, 0);
         if best.is_none_or(|best| candidate < best) {
             best = Some(candidate);
         }
@@ -186,16 +210,143 @@ pub(crate) fn place(cluster: &mut Cluster<'_>, service: u32, replica: u32) -> Re
             break;
         }
     }
-    let Some(best) = best else {
-        let reason = rejections.describe(wanted, group.hosts.len(), group.placement);
-        no_room.insert(size, reason.clone());
-        return Err(exhaust(wanted, reason));
-    };
+    let best = best?;
     if walked_all {
-        wanted.floor = best.host_spread;
+        wanted.hosts.floor = best.host_spread;
     }
-    cluster.commit(best.host, service, replica);
-    Ok(best.host)
+    Some(best.host)
+}
+
+/// The host for a replica of a service with `placement.spread` (see the
+/// crate docs, *Spread labels*), or `None` when no host of its group has room.
+///
+/// The domains holding the fewest of the service's replicas, among those
+/// not known to be full, are walked in an order fixed by the service and
+/// replica; within each, its hosts are walked the same way, as
+/// [`place_over_group`] walks a group, until a share of
+/// [`candidates_to_score`] admissible hosts at the domain's host spread level
+/// is found. The walk over domains stops once that many are found in all.
+/// A domain walked to the end learns its host floor, or that it is full. When
+/// every domain at the level turns out full, the domain floor rises and the
+/// next level is tried; past the fullest domain, no host has room.
+fn place_spread(cluster: &mut Cluster<'_>, service: u32, replica: u32) -> Option<u32> {
+    let wanted = &mut cluster.services[service as usize];
+    // Taken out while the walk reads the service, put back before returning.
+    let mut spread = wanted.spread.take()?;
+    let wanted = &cluster.services[service as usize];
+    let placed = walk_domains(cluster, wanted, &mut spread, replica);
+    cluster.services[service as usize].spread = Some(spread);
+    placed
+}
+
+/// The walk of [`place_spread`], for `wanted`, whose spread state is `spread`.
+fn walk_domains(
+    cluster: &Cluster<'_>,
+    wanted: &Service<'_>,
+    spread: &mut Spread,
+    replica: u32,
+) -> Option<u32> {
+    let group = &cluster.groups[wanted.group];
+    let partition = &cluster.partitions[spread.partition];
+    let domains = partition.domains();
+    let enough = candidates_to_score(group.hosts.len());
+    let per_domain = enough.div_ceil(domains).max(2);
+    let key = mix(wanted.hash ^ u64::from(replica));
+    loop {
+        let level = spread.domains.level();
+        if !spread.domains.reaches(level) {
+            // Every domain holds fewer than `level` replicas, so every one is full.
+            return None;
+        }
+        let mut best: Option<Score> = None;
+        // Cached hosts go first as extra candidates, as in
+        // `place_over_group`, but only where the replica may go: in a domain
+        // at the level, on a host at its domain's host spread level.
+        let cached = wanted
+            .cached_hosts(key, enough)
+            .filter(|host| group.hosts.binary_search(host).is_ok());
+        for index in cached {
+            let domain = cluster.domain_of(spread.partition, index);
+            let (count, full) = spread.peek(domain);
+            if full || count != level || wanted.on_host(index) > spread.host_level(domain) {
+                continue;
+            }
+            let host = &cluster.hosts[index as usize];
+            if admits(host, wanted).is_ok() {
+                let candidate = score(index, host, wanted, count);
+                if best.is_none_or(|best| candidate < best) {
+                    best = Some(candidate);
+                }
+            }
+        }
+        let mut found = 0;
+        for domain in walk(domains, key).map(|domain| domain as u32) {
+            let (count, full) = spread.peek(domain);
+            // A domain holding fewer than `level` replicas is full: `level`
+            // only rises past a count once every domain at it proved full.
+            if full || count != level {
+                continue;
+            }
+            let members = partition.hosts_of(domain);
+            let host_level = spread.host_level(domain);
+            let mut best_here: Option<Score> = None;
+            let mut at_level = 0;
+            let mut walked_all = true;
+            let walked = walk(members.len(), mix(key ^ u64::from(domain)));
+            for index in walked.map(|position| members[position]) {
+                let host = &cluster.hosts[index as usize];
+                if admits(host, wanted).is_err() {
+                    continue;
+                }
+                let candidate = score(index, host, wanted, count);
+                if best_here.is_none_or(|best| candidate < best) {
+                    best_here = Some(candidate);
+                }
+                at_level += usize::from(candidate.host_spread <= host_level);
+                if at_level >= per_domain {
+                    walked_all = false;
+                    break;
+                }
+            }
+            // A whole domain walked teaches its host floor, or that it is
+            // full; a floor no higher than the domain's level teaches nothing.
+            match best_here {
+                Some(best) if walked_all && best.host_spread > host_level => {
+                    spread.domain(domain, members.len()).hosts.floor = best.host_spread;
+                }
+                None if walked_all => spread.domain(domain, members.len()).full = true,
+                _ => {}
+            }
+            if let Some(candidate) = best_here
+                && best.is_none_or(|best| candidate < best)
+            {
+                best = Some(candidate);
+            }
+            found += at_level;
+            if found >= enough {
+                break;
+            }
+        }
+        match best {
+            Some(best) => return Some(best.host),
+            // Every domain at the level proved full.
+            None => spread.domains.floor = level + 1,
+        }
+    }
+}
+
+/// Why no host of `service`'s group can take a replica, from a scan of the
+/// group: every host fails a filter.
+fn rejections_in_group(cluster: &Cluster<'_>, service: u32) -> String {
+    let wanted = &cluster.services[service as usize];
+    let group = &cluster.groups[wanted.group];
+    let mut rejections = Rejections::default();
+    for &index in &group.hosts {
+        if let Err(rejection) = admits(&cluster.hosts[index as usize], wanted) {
+            rejections.count(rejection);
+        }
+    }
+    rejections.describe(wanted, group.hosts.len(), group.labels)
 }
 
 /// Remembers that no host can take a replica of `service`, and why.
@@ -204,17 +355,16 @@ fn exhaust(service: &mut Service<'_>, reason: String) -> String {
     reason
 }
 
-fn no_host_reason(placement: &Placement, ready_hosts: usize) -> String {
-    if ready_hosts == 0 || placement.is_unconstrained() {
+fn no_host_reason(labels: &BTreeMap<String, String>, ready_hosts: usize) -> String {
+    if ready_hosts == 0 || labels.is_empty() {
         "no ready host".to_string()
     } else {
-        format!("no ready host has labels {}", describe_labels(placement))
+        format!("no ready host has labels {}", describe_labels(labels))
     }
 }
 
-fn describe_labels(placement: &Placement) -> String {
-    let pairs: Vec<String> = placement
-        .labels
+fn describe_labels(labels: &BTreeMap<String, String>) -> String {
+    let pairs: Vec<String> = labels
         .iter()
         .map(|(key, value)| format!("{key}={value}"))
         .collect();
@@ -246,11 +396,16 @@ impl Rejections {
     }
 
     /// E.g. `insufficient memory on 3 of 3 ready hosts (needs 1GiB, most free 512MiB)`.
-    fn describe(&self, service: &Service<'_>, group_size: usize, placement: &Placement) -> String {
-        let hosts = if placement.is_unconstrained() {
+    fn describe(
+        &self,
+        service: &Service<'_>,
+        group_size: usize,
+        labels: &BTreeMap<String, String>,
+    ) -> String {
+        let hosts = if labels.is_empty() {
             "ready hosts".to_string()
         } else {
-            format!("ready hosts with labels {}", describe_labels(placement))
+            format!("ready hosts with labels {}", describe_labels(labels))
         };
         let mut reason = String::new();
         if self.memory > 0 {

@@ -18,7 +18,8 @@ use wharf_proto::HostId;
 ///    of a replica already kept, and the host has room for it after the
 ///    replicas kept before it (in service, replica order). Everything else
 ///    is stopped. Keeping what fits is what makes plans stable: a replica is
-///    never moved just because a better host appeared.
+///    never moved just because a better host appeared, nor to even out the
+///    domains of a spread label.
 /// 2. Place: every desired replica without a host is placed (see
 ///    the crate docs, *Placement*), round-robin over the services
 ///    by replica index, so that when capacity runs short every service gets

@@ -17,6 +17,8 @@ use wharf_proto::{ByteSize, Capacity, Digest, HostId, ServiceSpec};
 /// - Services `svc-0` … live in namespaces `ns-0` to `ns-7`, each with
 ///   `replicas_per_service` replicas of 16 to 128 MiB and concurrency 1 to 8.
 ///   Every tenth asks for one zone, every twenty-fifth for `disk=ssd`.
+///   Those numbered 3 modulo 7 spread over `disk` (a label only some hosts
+///   carry), the others numbered 1 modulo 3 over `zone`.
 /// - Nothing is assigned yet.
 pub fn simulate(hosts: usize, services: usize, replicas_per_service: u32, seed: u64) -> Snapshot {
     let mut rng = SplitMix64::new(seed);
@@ -37,6 +39,11 @@ pub fn simulate(hosts: usize, services: usize, replicas_per_service: u32, seed: 
                 spec.placement
                     .labels
                     .insert("disk".to_string(), "ssd".to_string());
+            }
+            if i % 7 == 3 {
+                spec.placement.spread = Some("disk".to_string());
+            } else if i % 3 == 1 {
+                spec.placement.spread = Some(ZONE_LABEL.to_string());
             }
             spec
         })
@@ -73,40 +80,94 @@ pub fn simulate(hosts: usize, services: usize, replicas_per_service: u32, seed: 
     }
 }
 
-/// The widest spread of any service in `plan`: over the hosts its replicas
-/// may run on (ready, with its labels), the most replicas on one host less
-/// the fewest. 0 when every service is perfectly even; 1 is the best possible
-/// when replicas do not divide evenly over hosts.
+/// The widest spread of any service in `plan` over hosts: over the hosts
+/// its replicas may run on (ready, with its labels) and, for a service with
+/// `placement.spread`, within each domain of the spread label, the most
+/// replicas on one host less the fewest. 0 when every service is perfectly
+/// even; 1 is the best possible when replicas do not divide evenly over hosts.
 pub fn max_spread_imbalance(snapshot: &Snapshot, plan: &Plan) -> u32 {
     let cluster = Cluster::new(snapshot);
-    let mut per_service: Vec<FixedMap<&HostId, u32>> = cluster
-        .services
-        .iter()
-        .map(|_| FixedMap::default())
-        .collect();
-    for (host, replicas) in &plan.assignments {
-        for (service, _) in replicas {
-            if let Some(index) = cluster.service(service) {
-                *per_service[index as usize].entry(host).or_insert(0) += 1;
+    let placed = placed_by_service(&cluster, plan);
+    let imbalance = |(service, hosts): (usize, &Vec<u32>)| {
+        let state = &cluster.services[service];
+        let mut per_host: FixedMap<u32, u32> = FixedMap::default();
+        for &host in hosts {
+            *per_host.entry(host).or_insert(0) += 1;
+        }
+        // Per domain (one for a service without a spread label): hosts
+        // holding a replica, the most on one, the fewest on one that holds any.
+        let mut per_domain: FixedMap<u32, (usize, u32, u32)> = FixedMap::default();
+        for (&host, &count) in &per_host {
+            let domain = state
+                .spread
+                .as_ref()
+                .map_or(0, |spread| cluster.domain_of(spread.partition, host));
+            let (holding, most, fewest) = per_domain.entry(domain).or_insert((0, 0, u32::MAX));
+            *holding += 1;
+            *most = (*most).max(count);
+            *fewest = (*fewest).min(count);
+        }
+        let domain_size = |domain: u32| match &state.spread {
+            None => cluster.groups[state.group].hosts.len(),
+            Some(spread) => cluster.partitions[spread.partition].hosts_of(domain).len(),
+        };
+        per_domain
+            .iter()
+            .map(|(&domain, &(holding, most, fewest))| {
+                let fewest = if holding < domain_size(domain) {
+                    0
+                } else {
+                    fewest
+                };
+                most - fewest
+            })
+            .max()
+            .unwrap_or(0)
+    };
+    placed.iter().enumerate().map(imbalance).max().unwrap_or(0)
+}
+
+/// The widest spread over domains of any service in `plan` with
+/// `placement.spread`: over the values of its spread label among the hosts
+/// its replicas may run on, the most replicas in one domain less the fewest.
+/// 1 is the best possible when replicas do not divide evenly over domains;
+/// 0 when no service has a spread label.
+pub fn max_domain_imbalance(snapshot: &Snapshot, plan: &Plan) -> u32 {
+    let cluster = Cluster::new(snapshot);
+    let placed = placed_by_service(&cluster, plan);
+    let imbalance = |(service, hosts): (usize, &Vec<u32>)| {
+        let Some(spread) = &cluster.services[service].spread else {
+            return 0;
+        };
+        let mut per_domain = vec![0u32; cluster.partitions[spread.partition].domains()];
+        for &host in hosts {
+            per_domain[cluster.domain_of(spread.partition, host) as usize] += 1;
+        }
+        let most = per_domain.iter().copied().max().unwrap_or(0);
+        let fewest = per_domain.iter().copied().min().unwrap_or(0);
+        most - fewest
+    };
+    placed.iter().enumerate().map(imbalance).max().unwrap_or(0)
+}
+
+/// Per service index, the indices of the hosts of its group its replicas
+/// are on in `plan`, once per replica.
+fn placed_by_service(cluster: &Cluster<'_>, plan: &Plan) -> Vec<Vec<u32>> {
+    let mut placed = vec![Vec::new(); cluster.services.len()];
+    for (host_id, replicas) in &plan.assignments {
+        let Some(host) = cluster.host(host_id) else {
+            continue;
+        };
+        for (service_id, _) in replicas {
+            if let Some(service) = cluster.service(service_id) {
+                let group = &cluster.groups[cluster.services[service as usize].group];
+                if group.hosts.binary_search(&host).is_ok() {
+                    placed[service as usize].push(host);
+                }
             }
         }
     }
-    let imbalance = |(service, counts): (usize, &FixedMap<&HostId, u32>)| {
-        let group_size = cluster.groups[cluster.services[service].group].hosts.len();
-        let most = counts.values().copied().max().unwrap_or(0);
-        let fewest = if counts.len() < group_size {
-            0
-        } else {
-            counts.values().copied().min().unwrap_or(0)
-        };
-        most - fewest
-    };
-    per_service
-        .iter()
-        .enumerate()
-        .map(imbalance)
-        .max()
-        .unwrap_or(0)
+    placed
 }
 
 /// What [`bench_placement`] measured.
@@ -120,6 +181,8 @@ pub struct BenchResult {
     pub per_second: f64,
     /// [`max_spread_imbalance`] of the plan.
     pub max_spread_imbalance: u32,
+    /// [`max_domain_imbalance`] of the plan.
+    pub max_domain_imbalance: u32,
 }
 
 /// The placement benchmark: places `replicas` replicas (rounded up to whole
@@ -145,5 +208,6 @@ pub fn bench_placement(hosts: usize, replicas: usize) -> BenchResult {
         seconds,
         per_second: placements as f64 / seconds.max(f64::MIN_POSITIVE),
         max_spread_imbalance: max_spread_imbalance(&snapshot, &plan),
+        max_domain_imbalance: max_domain_imbalance(&snapshot, &plan),
     }
 }

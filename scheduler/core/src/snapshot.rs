@@ -31,7 +31,9 @@ pub struct HostInfo {
     /// Whether the host's heartbeats are current; replicas are only placed
     /// on, and only kept on, ready hosts.
     pub ready: bool,
-    /// The host's labels; a `zone` label also spreads replicas across zones.
+    /// The host's labels, matched by `placement.labels` and grouped by
+    /// `placement.spread`; a `zone` label also breaks ties between hosts for
+    /// services without a spread label.
     pub labels: BTreeMap<String, String>,
     /// What the host can hold in total.
     pub capacity: Capacity,

@@ -37,13 +37,18 @@ fn arb_host() -> impl Strategy<Value = (bool, Option<usize>, bool, u64, u32, Vec
     )
 }
 
-fn arb_service() -> impl Strategy<Value = (u32, u64, u32, Option<usize>, bool)> {
+/// The labels a service may spread over: none, one every host may carry,
+/// one only some carry, one no host carries.
+const SPREADS: [Option<&str>; 4] = [None, Some("zone"), Some("disk"), Some("rack")];
+
+fn arb_service() -> impl Strategy<Value = (u32, u64, u32, Option<usize>, bool, usize)> {
     (
         0..8u32,
         prop::sample::select(vec![1u64, 16, 64, 256]),
         prop::sample::select(vec![1u32, 2, 4, 8]),
         prop::option::of(0..ZONES.len()),
         prop::bool::weighted(0.2),
+        0..SPREADS.len(),
     )
 }
 
@@ -71,12 +76,13 @@ prop_compose! {
         let services = services
             .into_iter()
             .enumerate()
-            .map(|(i, (replicas, memory_mib, concurrency, zone, ssd))| {
+            .map(|(i, (replicas, memory_mib, concurrency, zone, ssd, spread))| {
                 let mut spec = ServiceSpec::new(format!("svc-{i}"), component(i));
                 spec.replicas = replicas;
                 spec.limits.memory = ByteSize::mib(memory_mib);
                 spec.limits.concurrency = concurrency;
                 spec.placement.labels = labels(zone, ssd);
+                spec.placement.spread = SPREADS[spread].map(String::from);
                 spec
             })
             .collect();
@@ -217,5 +223,76 @@ proptest! {
         let again = reconcile(&applied);
         prop_assert_eq!(again.actions, vec![]);
         prop_assert_eq!(again.assignments, plan.assignments);
+    }
+
+    /// With room everywhere and nothing running yet, a service with a spread
+    /// label has replicas per value that differ by at most one, and replicas
+    /// per host within each value that differ by at most one.
+    #[test]
+    fn spread_is_exact_when_capacity_allows(
+        hosts in prop::collection::vec(
+            (prop::bool::weighted(0.85), prop::option::of(0..ZONES.len()), any::<bool>()),
+            0..24,
+        ),
+        services in prop::collection::vec(
+            (0..40u32, prop::option::of(0..ZONES.len()), prop::bool::weighted(0.3), 1..SPREADS.len()),
+            0..5,
+        ),
+    ) {
+        let hosts: Vec<HostInfo> = hosts
+            .into_iter()
+            .enumerate()
+            .map(|(i, (ready, zone, ssd))| HostInfo {
+                id: HostId::new(format!("h{i}")).expect("valid host id"),
+                ready,
+                labels: labels(zone, ssd),
+                capacity: Capacity { memory: ByteSize::gib(1024), instances: 1_000_000 },
+                cached: BTreeSet::new(),
+                in_flight: 0,
+            })
+            .collect();
+        let services: Vec<ServiceSpec> = services
+            .into_iter()
+            .enumerate()
+            .map(|(i, (replicas, zone, ssd, spread))| {
+                let mut spec = ServiceSpec::new(format!("svc-{i}"), component(i));
+                spec.replicas = replicas;
+                spec.placement.labels = labels(zone, ssd);
+                spec.placement.spread = SPREADS[spread].map(String::from);
+                spec
+            })
+            .collect();
+        let snapshot = Snapshot { hosts, services, current: BTreeMap::new() };
+        let plan = reconcile(&snapshot);
+        for spec in &snapshot.services {
+            let label = spec.placement.spread.as_deref().expect("every service spreads");
+            let qualifying: Vec<&HostInfo> = snapshot
+                .hosts
+                .iter()
+                .filter(|h| h.ready && spec.placement.matches(&h.labels))
+                .collect();
+            if qualifying.is_empty() {
+                continue;
+            }
+            // Replicas per host, grouped by the host's value of the label.
+            let mut per_value: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+            for host in qualifying {
+                let on_host = plan.assignments[&host.id]
+                    .iter()
+                    .filter(|(service, _)| service.name == spec.name)
+                    .count();
+                let value = host.labels.get(label).map_or("", String::as_str);
+                per_value.entry(value).or_default().push(on_host);
+            }
+            let totals: Vec<usize> = per_value.values().map(|hosts| hosts.iter().sum()).collect();
+            let spread = |counts: &[usize]| {
+                counts.iter().max().copied().unwrap_or(0) - counts.iter().min().copied().unwrap_or(0)
+            };
+            prop_assert!(spread(&totals) <= 1, "{}: per {label} value {per_value:?}", spec.name);
+            for (value, hosts) in &per_value {
+                prop_assert!(spread(hosts) <= 1, "{}: {label}={value} hosts {hosts:?}", spec.name);
+            }
+        }
+        prop_assert!(plan.unplaceable.iter().all(|u| u.reason.starts_with("no ready host")));
     }
 }

@@ -5,7 +5,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use wharf_proto::{ByteSize, Capacity, Digest, HostId, ServiceId, ServiceSpec};
 use wharf_scheduler_core::{
-    Action, HostInfo, Plan, Snapshot, max_spread_imbalance, reconcile, simulate,
+    Action, HostInfo, Plan, Snapshot, max_domain_imbalance, max_spread_imbalance, reconcile,
+    simulate,
 };
 
 /// A ready host with 16GiB and 1024 instance slots, and `labels` written `key=value`.
@@ -480,4 +481,314 @@ fn simulated_clusters_spread_evenly_and_settle() {
     assert_eq!(replan.actions.len(), 2 * moved);
     assert!(max_spread_imbalance(&degraded, &replan) <= 1);
     assert_settles(&degraded, &replan);
+}
+
+/// `service` with its replicas spread over the values of `label`.
+fn spread(name: &str, replicas: u32, label: &str) -> ServiceSpec {
+    let mut spec = service(name, replicas);
+    spec.placement.spread = Some(label.to_string());
+    spec
+}
+
+/// Replicas of `name` per value of `label` among the hosts of `snapshot`
+/// (`-` for hosts without it), as `value=count` in value order.
+fn per_value(snapshot: &Snapshot, plan: &Plan, name: &str, label: &str) -> String {
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for host in &snapshot.hosts {
+        let value = host.labels.get(label).map_or("-", String::as_str);
+        let replicas = plan.assignments[&host.id]
+            .iter()
+            .filter(|(s, _)| s.name == name)
+            .count();
+        *counts.entry(value).or_default() += replicas;
+    }
+    let pairs: Vec<String> = counts.iter().map(|(v, n)| format!("{v}={n}")).collect();
+    pairs.join(" ")
+}
+
+#[test]
+fn spread_zone_puts_one_replica_in_each_zone() {
+    let hosts = vec![
+        host("h1", &["zone=a"]),
+        host("h2", &["zone=b"]),
+        host("h3", &["zone=c"]),
+    ];
+    check(
+        &snapshot(hosts, vec![spread("a", 3, "zone")]),
+        "h1: a/0
+         h2: a/1
+         h3: a/2
+         start a/0 on h1
+         start a/1 on h2
+         start a/2 on h3",
+    );
+}
+
+fn two_hosts_per_zone() -> Vec<HostInfo> {
+    vec![
+        host("h1", &["zone=a"]),
+        host("h2", &["zone=a"]),
+        host("h3", &["zone=b"]),
+        host("h4", &["zone=b"]),
+        host("h5", &["zone=c"]),
+        host("h6", &["zone=c"]),
+    ]
+}
+
+#[test]
+fn spread_zone_over_two_hosts_per_zone() {
+    let three = snapshot(two_hosts_per_zone(), vec![spread("a", 3, "zone")]);
+    let plan = check(
+        &three,
+        "h1: a/0
+         h2:
+         h3: a/1
+         h4:
+         h5: a/2
+         h6:
+         start a/0 on h1
+         start a/1 on h3
+         start a/2 on h5",
+    );
+    assert_eq!(per_value(&three, &plan, "a", "zone"), "a=1 b=1 c=1");
+}
+
+#[test]
+fn four_replicas_over_three_zones_go_two_one_one() {
+    let four = snapshot(two_hosts_per_zone(), vec![spread("a", 4, "zone")]);
+    let plan = check(
+        &four,
+        "h1: a/0
+         h2: a/3
+         h3: a/1
+         h4:
+         h5: a/2
+         h6:
+         start a/0 on h1
+         start a/1 on h3
+         start a/2 on h5
+         start a/3 on h2",
+    );
+    let mut zones: Vec<String> = per_value(&four, &plan, "a", "zone")
+        .split(' ')
+        .map(|pair| pair[2..].to_string())
+        .collect();
+    zones.sort();
+    assert_eq!(zones, ["1", "1", "2"]);
+    // Within the zone holding two, they are on different hosts.
+    assert!(counts(&plan, "a").iter().all(|&n| n <= 1));
+    assert_eq!(max_domain_imbalance(&four, &plan), 1);
+    assert_eq!(max_spread_imbalance(&four, &plan), 1);
+}
+
+#[test]
+fn spread_over_zones_comes_before_spread_over_hosts() {
+    // Zone b has one host, so it takes two replicas while hosts elsewhere
+    // hold none: the label's values count first, hosts within each value.
+    let hosts = vec![
+        host("h1", &["zone=a"]),
+        host("h2", &["zone=a"]),
+        host("h3", &["zone=a"]),
+        host("h4", &["zone=b"]),
+        host("h5", &["zone=c"]),
+        host("h6", &["zone=c"]),
+    ];
+    let six = snapshot(hosts, vec![spread("a", 6, "zone")]);
+    let plan = check(
+        &six,
+        "h1: a/3
+         h2: a/0
+         h3:
+         h4: a/1 a/5
+         h5: a/2
+         h6: a/4
+         start a/0 on h2
+         start a/1 on h4
+         start a/2 on h5
+         start a/3 on h1
+         start a/4 on h6
+         start a/5 on h4",
+    );
+    assert_eq!(per_value(&six, &plan, "a", "zone"), "a=2 b=2 c=2");
+    assert_eq!(max_domain_imbalance(&six, &plan), 0);
+    // Without `spread`, hosts count first and the zone only breaks ties.
+    let plain = snapshot(six.hosts.clone(), vec![service("a", 6)]);
+    let plan = reconcile(&plain);
+    assert_eq!(per_value(&plain, &plan, "a", "zone"), "a=3 b=1 c=2");
+}
+
+#[test]
+fn spread_over_a_label_only_some_hosts_have() {
+    // Hosts without `rack` count together as one more value.
+    let hosts = || {
+        vec![
+            host("h1", &["rack=r1"]),
+            host("h2", &["rack=r2"]),
+            host("h3", &[]),
+            host("h4", &["zone=a"]),
+        ]
+    };
+    let three = snapshot(hosts(), vec![spread("a", 3, "rack")]);
+    let plan = check(
+        &three,
+        "h1: a/0
+         h2: a/2
+         h3:
+         h4: a/1
+         start a/0 on h1
+         start a/1 on h4
+         start a/2 on h2",
+    );
+    assert_eq!(per_value(&three, &plan, "a", "rack"), "-=1 r1=1 r2=1");
+    let six = snapshot(hosts(), vec![spread("a", 6, "rack")]);
+    let plan = check(
+        &six,
+        "h1: a/0 a/4
+         h2: a/2 a/5
+         h3: a/3
+         h4: a/1
+         start a/0 on h1
+         start a/1 on h4
+         start a/2 on h2
+         start a/3 on h3
+         start a/4 on h1
+         start a/5 on h2",
+    );
+    assert_eq!(per_value(&six, &plan, "a", "rack"), "-=2 r1=2 r2=2");
+}
+
+#[test]
+fn spread_with_a_label_constraint_counts_only_qualifying_hosts() {
+    let mut ssd = spread("a", 4, "zone");
+    ssd.placement.labels.insert("disk".into(), "ssd".into());
+    let four = snapshot(
+        vec![
+            host("h1", &["zone=a", "disk=ssd"]),
+            host("h2", &["zone=a"]),
+            host("h3", &["zone=b", "disk=ssd"]),
+            host("h4", &["zone=b", "disk=ssd"]),
+            host("h5", &["zone=c"]),
+        ],
+        vec![ssd],
+    );
+    // Zone c has no ssd host, so the replicas split over zones a and b.
+    let plan = check(
+        &four,
+        "h1: a/1 a/3
+         h2:
+         h3: a/0
+         h4: a/2
+         h5:
+         start a/0 on h3
+         start a/1 on h1
+         start a/2 on h4
+         start a/3 on h1",
+    );
+    assert_eq!(per_value(&four, &plan, "a", "zone"), "a=2 b=2 c=0");
+}
+
+#[test]
+fn a_replica_on_a_down_host_moves_within_its_zone() {
+    let mut hosts = two_hosts_per_zone();
+    hosts[0].ready = false;
+    check(
+        &with_current(
+            snapshot(hosts, vec![spread("a", 3, "zone")]),
+            "h1: a/0; h3: a/1; h5: a/2",
+        ),
+        "h1:
+         h2: a/0
+         h3: a/1
+         h4:
+         h5: a/2
+         h6:
+         stop a/0 on h1
+         start a/0 on h2",
+    );
+    // No other host in zone a: the replica goes to another zone (zone a is
+    // no longer among the values of qualifying hosts).
+    let mut down = vec![
+        host("h1", &["zone=a"]),
+        host("h3", &["zone=b"]),
+        host("h4", &["zone=b"]),
+        host("h5", &["zone=c"]),
+    ];
+    down[0].ready = false;
+    let plan = check(
+        &with_current(
+            snapshot(down, vec![spread("a", 3, "zone")]),
+            "h1: a/0; h3: a/1; h5: a/2",
+        ),
+        "h1:
+         h3: a/1
+         h4: a/0
+         h5: a/2
+         stop a/0 on h1
+         start a/0 on h4",
+    );
+    assert!(plan.unplaceable.is_empty());
+}
+
+#[test]
+fn a_full_zone_overflows_into_the_others() {
+    let mut small = host("h1", &["zone=a"]);
+    small.capacity.memory = ByteSize::gib(1);
+    let mut medium = host("h2", &["zone=b"]);
+    medium.capacity.memory = ByteSize::gib(3);
+    check(
+        &snapshot(vec![small, medium], vec![spread("a", 5, "zone")]),
+        "h1: a/1
+         h2: a/0 a/2 a/3
+         start a/0 on h2
+         start a/1 on h1
+         start a/2 on h2
+         start a/3 on h2
+         unplaceable a/4: insufficient memory on 2 of 2 ready hosts (needs 1GiB, most free 0)",
+    );
+}
+
+#[test]
+fn spread_keeps_running_replicas_where_they_are() {
+    // Spread is honoured when placing; replicas that fit are never moved
+    // to even the zones out.
+    let hosts = vec![
+        host("h1", &["zone=a"]),
+        host("h2", &["zone=a"]),
+        host("h3", &["zone=b"]),
+    ];
+    check(
+        &with_current(
+            snapshot(hosts.clone(), vec![spread("a", 2, "zone")]),
+            "h1: a/0; h2: a/1",
+        ),
+        "h1: a/0
+         h2: a/1
+         h3:",
+    );
+    check(
+        &with_current(
+            snapshot(hosts, vec![spread("a", 3, "zone")]),
+            "h1: a/0; h2: a/1",
+        ),
+        "h1: a/0
+         h2: a/1
+         h3: a/2
+         start a/2 on h3",
+    );
+}
+
+#[test]
+fn simulated_spread_services_are_even_over_their_domains() {
+    let snapshot = simulate(300, 300, 7, 3);
+    assert!(
+        snapshot
+            .services
+            .iter()
+            .any(|s| s.placement.spread.is_some())
+    );
+    let plan = reconcile(&snapshot);
+    assert!(plan.unplaceable.is_empty());
+    assert_eq!(max_domain_imbalance(&snapshot, &plan), 1);
+    assert_eq!(max_spread_imbalance(&snapshot, &plan), 1);
+    assert_settles(&snapshot, &plan);
 }
