@@ -120,7 +120,13 @@ async fn three_zones_spread_route_fail_over_and_survive_restarts() {
     let survivor = hosts[0].ingress.clone();
     let recovered = until_ok(&format!("{survivor}/frontend/y"), "backend ok /frontend/y", Duration::from_secs(20)).await;
     println!("failover: host {} killed -> backend answering again after {:.2?}", killed.name, started.elapsed().max(recovered));
-    let moved = hosts_of(&api, "backend");
+    // The status follows the new host's next heartbeat.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut moved = hosts_of(&api, "backend");
+    while moved.is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        moved = hosts_of(&api, "backend");
+    }
     assert!(!moved.is_empty() && !moved.contains(&killed.name), "backend moved off {}: {moved:?}", killed.name);
 
     // kill -9 the scheduler under steady load: no request fails; the new one knows every service.
