@@ -63,7 +63,7 @@ pub async fn probe(args: ProbeArgs) -> anyhow::Result<()> {
             continue;
         }
         let workload = Workload::new(&runtime, component, WorkloadSpec::new(format!("bench/hello-{i}")), &metrics)?;
-        let request = http::Request::get("/").body(Empty::<Bytes>::new().map_err(|never: Infallible| -> wasmtime_wasi_http::Error { match never {} }))?;
+        let request = http::Request::get("http://localhost/").body(Empty::<Bytes>::new().map_err(|never: Infallible| -> wasmtime_wasi_http::Error { match never {} }))?;
         let response = workload.handle(request).await;
         if !response.status().is_success() {
             bail!("workload {i} answered {}", response.status());
