@@ -61,6 +61,24 @@ pub struct DeployArgs {
     /// Host label every replica's host must have, KEY=VALUE. Repeatable.
     #[arg(long = "on", value_name = "KEY=VALUE", value_parser = crate::wiring::parse_pair)]
     placement: Vec<(String, String)>,
+    /// Autoscale: the fewest replicas (0 scales to zero when idle). Setting any autoscale flag replaces --replicas.
+    #[arg(long)]
+    min: Option<u32>,
+    /// Autoscale: the most replicas.
+    #[arg(long)]
+    max: Option<u32>,
+    /// Autoscale: in-flight requests per replica to aim for.
+    #[arg(long)]
+    target_concurrency: Option<u32>,
+    /// Autoscale: requests per second per replica to aim for.
+    #[arg(long, conflicts_with = "target_concurrency")]
+    target_rps: Option<u32>,
+    /// Autoscale: how long a lower count must be wanted before scaling down (e.g. 10s).
+    #[arg(long)]
+    scale_down_delay: Option<String>,
+    /// Autoscale: idle time before the last replica stops, with --min 0 (e.g. 30s).
+    #[arg(long)]
+    scale_to_zero_after: Option<String>,
     /// Spread replicas evenly over the values of this host label (e.g. zone).
     #[arg(long, value_name = "LABEL")]
     spread: Option<String>,
@@ -238,6 +256,20 @@ pub async fn deploy(args: DeployArgs) -> anyhow::Result<()> {
     spec.allow_outbound = args.allow_outbound.clone();
     spec.placement.labels = args.placement.iter().cloned().collect();
     spec.placement.spread = args.spread.clone();
+    if args.min.is_some() || args.max.is_some() || args.target_concurrency.is_some() || args.target_rps.is_some() || args.scale_to_zero_after.is_some() {
+        let text = serde_json::json!({
+            "min": args.min.unwrap_or(0),
+            "max": args.max.unwrap_or(args.min.unwrap_or(0).max(10)),
+            "target_concurrency": args.target_concurrency,
+            "target_rps": args.target_rps,
+            "scale_down_delay": args.scale_down_delay,
+            "scale_to_zero_after": args.scale_to_zero_after,
+        });
+        // Absent flags take the policy's defaults.
+        let fields: serde_json::Map<String, Value> = text.as_object().into_iter().flatten().filter(|(_, v)| !v.is_null()).map(|(k, v)| (k.clone(), v.clone())).collect();
+        spec.autoscale = Some(serde_json::from_value(Value::Object(fields)).context("bad autoscale flags")?);
+        spec.replicas = args.min.unwrap_or(0);
+    }
     spec.validate()?;
     let digest = api.upload(&args.file).await?;
     spec.component = digest.clone();
@@ -249,7 +281,7 @@ pub async fn deploy(args: DeployArgs) -> anyhow::Result<()> {
         view["service"]["generation"],
         digest.short()
     );
-    if !args.no_wait && spec.replicas > 0 {
+    if !args.no_wait && spec.replicas > 0 && spec.autoscale.is_none() {
         api.wait_ready(&[id.clone()], READY_TIMEOUT).await?;
         println!("{id}: {} replica(s) ready", spec.replicas);
     }
@@ -314,7 +346,7 @@ pub async fn get(what: GetWhat) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&json)?);
                 return Ok(());
             }
-            let mut rows = vec![vec!["SERVICE", "READY", "ROUTES", "COMPONENT", "GEN", "LAST ERROR"].into_iter().map(String::from).collect()];
+            let mut rows = vec![vec!["SERVICE", "READY", "IN FLIGHT", "RPS", "ROUTES", "COMPONENT", "GEN", "LAST ERROR"].into_iter().map(String::from).collect()];
             for view in &views {
                 let spec = &view["service"]["spec"];
                 let status = &view["status"];
@@ -322,6 +354,8 @@ pub async fn get(what: GetWhat) -> anyhow::Result<()> {
                 rows.push(vec![
                     format!("{}/{}", spec["namespace"].as_str().unwrap_or(""), spec["name"].as_str().unwrap_or("")),
                     format!("{}/{}", status["ready"], status["desired"]),
+                    status["in_flight"].to_string(),
+                    format!("{:.1}", status["rps"].as_f64().unwrap_or(0.0)),
                     if routes.is_empty() { "-".into() } else { routes.join(",") },
                     spec["component"].as_str().map(|d| d.chars().take(19).collect()).unwrap_or_default(),
                     view["service"]["generation"].to_string(),
@@ -355,6 +389,60 @@ pub async fn get(what: GetWhat) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct TopArgs {
+    /// Refresh interval.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    interval: Duration,
+    /// Print once and exit.
+    #[arg(long)]
+    once: bool,
+    #[command(flatten)]
+    api: ApiArgs,
+}
+
+/// `wharf top`: services with their load and the autoscaler's view, and hosts, refreshed.
+pub async fn top(args: TopArgs) -> anyhow::Result<()> {
+    let api = Api::new(&args.api);
+    loop {
+        let services = api.get("/v1/services").await?;
+        let hosts = api.get("/v1/hosts").await?;
+        let mut rows = vec![vec!["SERVICE", "READY", "IN FLIGHT", "RPS", "AUTOSCALE"].into_iter().map(String::from).collect()];
+        for view in services["services"].as_array().into_iter().flatten() {
+            let spec = &view["service"]["spec"];
+            let status = &view["status"];
+            let auto = &status["autoscale"];
+            let autoscale = if auto.is_null() {
+                "fixed".to_string()
+            } else {
+                format!("load {:.1} (burst {:.1}){}: {}", auto["stable_load"].as_f64().unwrap_or(0.0), auto["panic_load"].as_f64().unwrap_or(0.0), if auto["panicking"] == true { " PANIC" } else { "" }, auto["reason"].as_str().unwrap_or(""))
+            };
+            rows.push(vec![
+                format!("{}/{}", spec["namespace"].as_str().unwrap_or(""), spec["name"].as_str().unwrap_or("")),
+                format!("{}/{}", status["ready"], status["desired"]),
+                status["in_flight"].to_string(),
+                format!("{:.1}", status["rps"].as_f64().unwrap_or(0.0)),
+                autoscale,
+            ]);
+        }
+        rows.push(Vec::new());
+        rows.push(vec!["HOST", "READY", "REPLICAS", "IN FLIGHT", ""].into_iter().map(String::from).collect());
+        for host in hosts["hosts"].as_array().into_iter().flatten() {
+            let replicas = host["replicas"].as_array().map_or(0, Vec::len);
+            let in_flight: u64 = host["replicas"].as_array().into_iter().flatten().filter_map(|r| r["in_flight"].as_u64()).sum();
+            rows.push(vec![host["id"].as_str().unwrap_or("").to_string(), (if host["ready"] == true { "yes" } else { "no" }).to_string(), replicas.to_string(), in_flight.to_string(), String::new()]);
+        }
+        if !args.once {
+            print!("\x1b[2J\x1b[H");
+        }
+        print_table(&rows);
+        if args.once {
+            return Ok(());
+        }
+        tokio::time::sleep(args.interval).await;
+    }
 }
 
 pub async fn scale(args: ScaleArgs) -> anyhow::Result<()> {

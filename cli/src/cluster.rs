@@ -95,6 +95,9 @@ pub struct HostArgs {
     /// How often to send a heartbeat.
     #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
     heartbeat: Duration,
+    /// How long a request for a service scaled to zero is held before it gets 503.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    activation_timeout: Duration,
     /// How long a draining host waits for requests in flight.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     drain_timeout: Duration,
@@ -146,6 +149,7 @@ pub async fn host(args: HostArgs, shutdown: impl Future<Output = ()>) -> anyhow:
             capacity: sizing.capacity(),
             ingress_addr: Some(addr.to_string()),
             heartbeat_interval: args.heartbeat,
+            activation_timeout: args.activation_timeout,
         },
     )
     .await?;

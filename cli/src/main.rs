@@ -36,6 +36,8 @@ enum Command {
     /// List services or hosts.
     #[command(subcommand)]
     Get(client::GetWhat),
+    /// Live load per service and host, and the autoscaler's decisions.
+    Top(client::TopArgs),
     /// Change a service's replica count.
     Scale(client::ScaleArgs),
     /// Delete a service (its replicas stop, its routes go).
@@ -62,6 +64,7 @@ fn main() -> ExitCode {
             Command::Deploy(args) => client::deploy(args).await,
             Command::Apply(args) => client::apply(args).await,
             Command::Get(what) => client::get(what).await,
+            Command::Top(args) => client::top(args).await,
             Command::Scale(args) => client::scale(args).await,
             Command::Delete(args) => client::delete(args).await,
             Command::Serve(args) => serve::run(args, shutdown_signal()).await,

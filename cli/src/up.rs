@@ -74,6 +74,7 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyhow::Resu
             capacity: args.host.capacity(),
             ingress_addr: Some(ingress_addr.to_string()),
             heartbeat_interval: Duration::from_millis(500),
+            activation_timeout: Duration::from_secs(30),
         },
     )
     .await?;

@@ -24,7 +24,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 use wharf_bus::Bus;
 use wharf_proto::names::{ARTIFACTS_BUCKET, ASSIGNMENTS_BUCKET, SERVICES_BUCKET, artifact_object, assignment_key, host_heartbeat_subject};
-use wharf_proto::{AssignedReplica, Assignment, Capacity, Digest, Heartbeat, HostId, ReplicaState, ReplicaStatus, ServiceId, ServiceSpec, StoredService};
+use crate::remote::NoReplica;
+use wharf_proto::{AssignedReplica, Assignment, Capacity, Demand, Digest, Heartbeat, HostId, ReplicaState, ReplicaStatus, ServiceId, ServiceSpec, StoredService};
 
 /// How a host presents itself to the control plane.
 #[derive(Debug, Clone)]
@@ -39,6 +40,40 @@ pub struct AgentConfig {
     pub ingress_addr: Option<String>,
     /// How often to send a heartbeat.
     pub heartbeat_interval: Duration,
+    /// How long a request for a service scaled to zero is held before it gets 503.
+    pub activation_timeout: Duration,
+}
+
+/// How long an activation replica may serve before the control plane has
+/// placed the service on this host; after that the placement elsewhere wins.
+const ACTIVATION_GRACE: Duration = Duration::from_secs(10);
+
+/// Counts a request as held for activation while it waits.
+struct Held<'a> {
+    agent: &'a HostAgent,
+    service: ServiceId,
+}
+
+impl<'a> Held<'a> {
+    fn enter(agent: &'a HostAgent, service: &ServiceId) -> Self {
+        if let Ok(mut held) = agent.inner.held.lock() {
+            *held.entry(service.clone()).or_default() += 1;
+        }
+        Held { agent, service: service.clone() }
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut held) = self.agent.inner.held.lock()
+            && let Some(count) = held.get_mut(&self.service)
+        {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                held.remove(&self.service);
+            }
+        }
+    }
 }
 
 /// One replica this host has been assigned: loading, serving or failed.
@@ -82,6 +117,10 @@ struct Inner {
     listening: Mutex<BTreeMap<ServiceId, tokio::task::JoinHandle<()>>>,
     /// Set when the host is draining: it takes no new work.
     draining: AtomicBool,
+    /// Replicas started to serve requests held for activation, per service.
+    activations: Mutex<BTreeMap<ServiceId, Arc<tokio::sync::Mutex<Option<(Workload, std::time::Instant)>>>>>,
+    /// Requests held for activation right now, per service (reported as demand).
+    held: Mutex<BTreeMap<ServiceId, u64>>,
     /// Taken while precompiling, so at most one compile runs in the background.
     precompiling: tokio::sync::Mutex<()>,
     /// Bumped whenever a replica changes state, so waiters (tests, the CLI) can watch.
@@ -121,6 +160,8 @@ impl HostAgent {
                 routes: RwLock::new(RouteTable::default()),
                 listening: Mutex::new(BTreeMap::new()),
                 draining: AtomicBool::new(false),
+                activations: Mutex::new(BTreeMap::new()),
+                held: Mutex::new(BTreeMap::new()),
                 precompiling: tokio::sync::Mutex::new(()),
                 changes,
                 stop,
@@ -437,7 +478,28 @@ impl HostAgent {
     }
 
     fn least_busy(&self, service: &ServiceId) -> Option<Workload> {
-        self.ready_workloads(service).into_iter().min_by_key(|w| w.load().in_flight)
+        let assigned = self.ready_workloads(service).into_iter().min_by_key(|w| w.load().in_flight);
+        assigned.or_else(|| {
+            let slot = self.inner.activations.lock().ok()?.get(service)?.clone();
+            let activated = slot.try_lock().ok()?;
+            activated.as_ref().map(|(w, _)| w.clone())
+        })
+    }
+
+    /// Requests held for activation plus those in flight on activation
+    /// replicas: load the control plane's autoscaler does not see elsewhere.
+    fn demand(&self) -> Vec<Demand> {
+        let mut demand: BTreeMap<ServiceId, u64> = self.inner.held.lock().map(|h| h.clone()).unwrap_or_default();
+        if let Ok(slots) = self.inner.activations.lock() {
+            for (service, slot) in slots.iter() {
+                if let Ok(activated) = slot.try_lock()
+                    && let Some((workload, _)) = activated.as_ref()
+                {
+                    *demand.entry(service.clone()).or_default() += workload.load().in_flight;
+                }
+            }
+        }
+        demand.into_iter().map(|(service, waiting)| Demand { service, waiting }).collect()
     }
 
     /// Stops taking work: leaves every queue group and reports itself
@@ -461,6 +523,7 @@ impl HostAgent {
     }
 
     async fn send_heartbeat(&self) {
+        self.expire_activations();
         let config = &self.inner.config;
         let heartbeat = Heartbeat {
             host: config.host.clone(),
@@ -472,6 +535,7 @@ impl HostAgent {
             sent_at_ms: now_ms(),
             started_at_ms: self.inner.started_at_ms,
             draining: self.inner.draining.load(Ordering::Relaxed),
+            demand: self.demand(),
         };
         let payload = match serde_json::to_vec(&heartbeat) {
             Ok(payload) => Bytes::from(payload),
@@ -503,17 +567,110 @@ impl HostAgent {
         if let Some(workload) = self.least_busy(service) {
             return workload.handle(request).await;
         }
-        let timeout = self.inner.services.read().ok().and_then(|s| s.get(service).map(|spec| spec.limits.timeout)).unwrap_or(Duration::from_secs(5));
+        let spec = self.inner.services.read().ok().and_then(|s| s.get(service).cloned());
+        let timeout = spec.as_ref().map_or(Duration::from_secs(5), |spec| spec.limits.timeout);
         // The deadline runs on the serving host; allow for a full queue wait and the hop.
         let timeout = timeout + WorkloadLimits::default().queue_timeout + Duration::from_millis(500);
-        let response = crate::remote::call(&self.inner.bus, service, request, timeout).await;
-        if response.status() == StatusCode::SERVICE_UNAVAILABLE {
-            let local = self.why_not_ready(service);
-            if !local.is_empty() {
-                tracing::debug!(%service, "no replica answered: {local}");
+        let payload = match crate::remote::prepare(&self.inner.bus, request).await {
+            Ok(payload) => payload,
+            Err(response) => return response,
+        };
+        match crate::remote::send(&self.inner.bus, service, payload.clone(), timeout).await {
+            Ok(response) => response,
+            Err(NoReplica) => match spec {
+                Some(spec) if spec.autoscale.is_some() => self.activate(service, &spec, payload, timeout).await,
+                _ => {
+                    let local = self.why_not_ready(service);
+                    let why = if local.is_empty() { "has no ready replica on any host".to_string() } else { format!("has no ready replica: {local}") };
+                    crate::remote::not_ready(service, &why)
+                }
+            },
+        }
+    }
+
+    /// Scale from zero: holds a request for a service with no ready replica
+    /// while one starts, then serves it. The control plane is told at once;
+    /// if this host may run the service, it starts a replica itself (from
+    /// its compile cache, in milliseconds) rather than wait for a placement.
+    async fn activate(&self, service: &ServiceId, spec: &ServiceSpec, payload: Bytes, timeout: Duration) -> Response<ResponseBody> {
+        let started = std::time::Instant::now();
+        let _held = Held::enter(self, service);
+        self.announce_activation(service).await;
+        let may_run_here = !self.inner.draining.load(Ordering::Relaxed) && spec.placement.labels.iter().all(|(k, v)| self.inner.config.labels.get(k) == Some(v));
+        if may_run_here {
+            match self.activate_locally(service, spec).await {
+                Ok(workload) => {
+                    self.inner.metrics.activation(started.elapsed());
+                    return match crate::remote::decode_request_bytes(&payload) {
+                        Ok(request) => workload.handle(request).await,
+                        Err(e) => error_response(StatusCode::BAD_REQUEST, "bad_request", e),
+                    };
+                }
+                Err(e) => tracing::warn!(%service, "cannot start a replica here for activation: {e}"),
             }
         }
-        response
+        // Wait for a replica anywhere, polling with a growing pause.
+        let deadline = started + self.inner.config.activation_timeout;
+        let mut pause = Duration::from_millis(5);
+        while std::time::Instant::now() < deadline {
+            if let Some(workload) = self.least_busy(service) {
+                self.inner.metrics.activation(started.elapsed());
+                return match crate::remote::decode_request_bytes(&payload) {
+                    Ok(request) => workload.handle(request).await,
+                    Err(e) => error_response(StatusCode::BAD_REQUEST, "bad_request", e),
+                };
+            }
+            if let Ok(response) = crate::remote::send(&self.inner.bus, service, payload.clone(), timeout).await {
+                self.inner.metrics.activation(started.elapsed());
+                return response;
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(100));
+        }
+        crate::remote::not_ready(service, &format!("is starting (scaled to zero) but no replica was ready within {:?}; try again", self.inner.config.activation_timeout))
+    }
+
+    /// Tells the control plane a request is waiting for `service`.
+    async fn announce_activation(&self, service: &ServiceId) {
+        let message = serde_json::json!({"service": service, "host": self.inner.config.host});
+        let payload = Bytes::from(message.to_string());
+        if let Err(e) = self.inner.bus.publish(wharf_proto::names::ACTIVATE_SUBJECT, payload).await {
+            tracing::debug!(%service, "could not announce activation: {e}");
+        }
+    }
+
+    /// Starts (once, however many requests wait) a replica of `service` on
+    /// this host outside its assignment. It serves until an assigned replica
+    /// is ready here, or is dropped if the control plane places the service elsewhere.
+    async fn activate_locally(&self, service: &ServiceId, spec: &ServiceSpec) -> Result<Workload, String> {
+        let slot = {
+            let mut slots = self.inner.activations.lock().map_err(|_| "poisoned".to_string())?;
+            slots.entry(service.clone()).or_default().clone()
+        };
+        let mut activated = slot.lock().await;
+        if let Some((workload, _)) = activated.as_ref() {
+            return Ok(workload.clone());
+        }
+        let assigned = AssignedReplica { service: service.clone(), replica: u32::MAX, spec: spec.clone(), generation: 0 };
+        let workload = self.build_workload(&assigned).await?;
+        self.inner.metrics.cold_start();
+        tracing::info!(%service, "started a replica to serve requests held for activation");
+        *activated = Some((workload.clone(), std::time::Instant::now()));
+        Ok(workload)
+    }
+
+    /// Drops activation replicas that an assigned replica has replaced, or
+    /// that the control plane did not place here within the grace period.
+    fn expire_activations(&self) {
+        let Ok(mut slots) = self.inner.activations.lock() else { return };
+        slots.retain(|service, slot| {
+            let Ok(activated) = slot.try_lock() else { return true };
+            let Some((_, since)) = activated.as_ref() else { return false };
+            let replaced = !self.ready_workloads(service).is_empty();
+            let assigned_here = self.inner.replicas.read().is_ok_and(|r| r.keys().any(|(id, _)| id == service));
+            let stale = since.elapsed() > ACTIVATION_GRACE && !assigned_here;
+            !(replaced || stale)
+        });
     }
 
     /// Resolves the host part of an outgoing URL to a service: `name` (in

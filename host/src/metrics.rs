@@ -41,6 +41,8 @@ struct Inner {
     fuel: Family<ServiceLabels, Counter>,
     memory_peak: HistogramFamily,
     memory_reserved: Family<ServiceLabels, Gauge>,
+    cold_starts: Counter,
+    activation_wait: Histogram,
     /// Live workloads per service: replicas share a service's series, which
     /// are removed only when the last of them goes.
     users: std::sync::Mutex<std::collections::HashMap<String, usize>>,
@@ -71,6 +73,10 @@ impl Default for HostMetrics {
         let fuel = Family::<ServiceLabels, Counter>::default();
         let memory_peak = HistogramFamily::new_with_constructor(memory_histogram);
         let memory_reserved = Family::<ServiceLabels, Gauge>::default();
+        let cold_starts = Counter::default();
+        let activation_wait = latency_histogram();
+        registry.register("cold_starts", "Replicas started to serve requests held for a service scaled to zero", cold_starts.clone());
+        registry.register("activation_wait_seconds", "How long requests for a service scaled to zero were held", activation_wait.clone());
         registry.register("requests", "Requests served, by service and outcome", requests.clone());
         registry.register("request_duration_seconds", "Time from admission to the end of the request", latency.clone());
         registry.register("requests_in_flight", "Requests admitted or waiting for an instance", in_flight.clone());
@@ -79,7 +85,7 @@ impl Default for HostMetrics {
         registry.register("instance_memory_peak_bytes", "Peak linear memory of an instance", memory_peak.clone());
         registry.register("memory_reserved_bytes", "Memory reserved by a workload (memory cap x concurrency)", memory_reserved.clone());
         HostMetrics {
-            inner: Arc::new(Inner { registry, requests, latency, in_flight, instantiation, fuel, memory_peak, memory_reserved, users: Default::default() }),
+            inner: Arc::new(Inner { registry, requests, latency, in_flight, instantiation, fuel, memory_peak, memory_reserved, cold_starts, activation_wait, users: Default::default() }),
         }
     }
 }
@@ -102,6 +108,16 @@ impl HostMetrics {
             memory_reserved: inner.memory_reserved.get_or_create(&labels).clone(),
             labels,
         }
+    }
+
+    /// Counts a replica started for activation (a cold start).
+    pub fn cold_start(&self) {
+        self.inner.cold_starts.inc();
+    }
+
+    /// Records how long a request was held for activation.
+    pub fn activation(&self, waited: std::time::Duration) {
+        self.inner.activation_wait.observe(waited.as_secs_f64());
     }
 
     /// The Prometheus text exposition of every metric.

@@ -31,42 +31,58 @@ pub fn max_body(bus: &Bus) -> usize {
     bus.max_payload().saturating_sub(MAX_HEAD)
 }
 
-/// Sends `request` to `service` over the bus and waits up to `timeout` for the answer.
-pub async fn call(bus: &Bus, service: &ServiceId, request: Request<RequestBody>, timeout: Duration) -> Response<ResponseBody> {
+/// No host answers on the service's subject: it has no ready replica anywhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NoReplica;
+
+/// Reads a request whole and encodes it for the bus, or answers it at once
+/// (413) when its body cannot cross the bus.
+pub async fn prepare(bus: &Bus, request: Request<RequestBody>) -> Result<Bytes, Response<ResponseBody>> {
     let limit = max_body(bus);
     let (parts, body) = request.into_parts();
     let body = match Limited::new(body, limit).collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
-            return error_response(
+            return Err(error_response(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "too_large",
                 format!("the request body is larger than {limit} bytes, the most a request to another host can carry (the bus's max payload); send less, or raise max_payload on the NATS server"),
-            );
+            ));
         }
-        Err(e) => return error_response(StatusCode::BAD_REQUEST, "bad_request", format!("cannot read the request body: {e}")),
+        Err(e) => return Err(error_response(StatusCode::BAD_REQUEST, "bad_request", format!("cannot read the request body: {e}"))),
     };
-    let payload = encode_request(&parts, &body);
+    Ok(encode_request(&parts, &body))
+}
+
+/// Sends a prepared request to `service` over the bus and waits up to `timeout` for the answer.
+pub async fn send(bus: &Bus, service: &ServiceId, payload: Bytes, timeout: Duration) -> Result<Response<ResponseBody>, NoReplica> {
     match bus.request(&service.subject(), payload, timeout).await {
-        Ok(reply) => match decode_response(&reply.payload) {
+        Ok(reply) => Ok(match decode_response(&reply.payload) {
             Ok(response) => response,
             Err(e) => error_response(StatusCode::BAD_GATEWAY, "bad_gateway", format!("unreadable answer from a host running {service}: {e}")),
-        },
-        Err(RequestError::NoResponders { .. }) => {
-            let mut response = error_response(StatusCode::SERVICE_UNAVAILABLE, "not_ready", format!("service {service} has no ready replica on any host"));
-            response.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
-            response
-        }
+        }),
+        Err(RequestError::NoResponders { .. }) => Err(NoReplica),
         Err(RequestError::TimedOut { .. }) => {
-            error_response(StatusCode::GATEWAY_TIMEOUT, "deadline", format!("no answer from service {service} within {timeout:?}"))
+            Ok(error_response(StatusCode::GATEWAY_TIMEOUT, "deadline", format!("no answer from service {service} within {timeout:?}")))
         }
-        Err(e) => error_response(StatusCode::BAD_GATEWAY, "bus_error", format!("cannot reach service {service}: {e}")),
+        Err(e) => Ok(error_response(StatusCode::BAD_GATEWAY, "bus_error", format!("cannot reach service {service}: {e}"))),
     }
+}
+
+/// The answer when a service has no ready replica anywhere.
+pub fn not_ready(service: &ServiceId, why: &str) -> Response<ResponseBody> {
+    let mut response = error_response(StatusCode::SERVICE_UNAVAILABLE, "not_ready", format!("service {service} {why}"));
+    response.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+    response
 }
 
 /// Turns a request that arrived over the bus back into an HTTP request.
 pub fn decode_request(message: &Message) -> Result<Request<RequestBody>, String> {
-    let payload = &message.payload;
+    decode_request_bytes(&message.payload)
+}
+
+/// Turns an encoded request back into an HTTP request.
+pub fn decode_request_bytes(payload: &Bytes) -> Result<Request<RequestBody>, String> {
     let mut headers = [httparse::EMPTY_HEADER; 128];
     let mut parsed = httparse::Request::new(&mut headers);
     let head_len = match parsed.parse(payload) {

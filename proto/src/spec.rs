@@ -42,7 +42,9 @@ pub struct ServiceSpec<C = Digest> {
     pub name: String,
     /// The component every replica runs.
     pub component: C,
-    /// How many replicas should run (default 1).
+    /// How many replicas should run (default 1). A service has either a
+    /// fixed replica count or an `autoscale` policy: with a policy, this is
+    /// only the count it starts with, and the autoscaler decides afterwards.
     #[serde(default = "default_replicas")]
     pub replicas: u32,
     /// Per-instance and per-request limits.
@@ -62,6 +64,7 @@ pub struct ServiceSpec<C = Digest> {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allow_outbound: Vec<String>,
     /// Scaling with demand; without it the service keeps `replicas` replicas.
+    /// With it, `replicas` is only the starting count.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscale: Option<Autoscale>,
     /// Volumes the component may use.
@@ -160,6 +163,20 @@ impl Placement {
 }
 
 /// Scaling a service with its load, between `min` and `max` replicas.
+///
+/// The autoscaler (`wharf_scheduler_core::Autoscaler`) aims for a load per
+/// replica given by one target: `target_concurrency` (requests in flight)
+/// or `target_rps` (requests per second). Set at most one; with neither,
+/// the target is 10 requests in flight per replica ([`DEFAULT_TARGET_CONCURRENCY`]).
+///
+/// ```yaml
+/// autoscale:
+///   max: 20
+///   target_rps: 50            # or target_concurrency: 10, not both
+///   scale_down_delay: 10s     # a lower count must hold this long
+///   scale_to_zero_after: 30s  # with min 0: idle this long, then no replica
+///   stable_window: 30s        # load is averaged over this window
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Autoscale {
@@ -168,20 +185,96 @@ pub struct Autoscale {
     pub min: u32,
     /// The most replicas, at least 1.
     pub max: u32,
-    /// In-flight requests per replica the autoscaler aims for (default 10).
-    #[serde(default = "default_target_concurrency")]
-    pub target_concurrency: u32,
-    /// How long a service must be idle before its last replica stops (default 5m).
+    /// In-flight requests per replica the autoscaler aims for. Exclusive
+    /// with `target_rps`; see [`Autoscale::target`] for the default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_concurrency: Option<u32>,
+    /// Requests per second per replica the autoscaler aims for. Exclusive
+    /// with `target_concurrency`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_rps: Option<u32>,
+    /// How long a lower replica count must be wanted before the service
+    /// scales down to it (default 10s). Scaling up never waits.
+    #[serde(default = "default_scale_down_delay", with = "duration_text")]
+    pub scale_down_delay: Duration,
+    /// How long a service with `min: 0` must see no load at all before its
+    /// last replica stops (default 30s).
     #[serde(default = "default_scale_to_zero_after", with = "duration_text")]
     pub scale_to_zero_after: Duration,
+    /// The window the load is averaged over (default 30s). A tenth of it is
+    /// the panic window, which reacts to bursts.
+    #[serde(default = "default_stable_window", with = "duration_text")]
+    pub stable_window: Duration,
 }
 
-fn default_target_concurrency() -> u32 {
-    10
+/// The target when an [`Autoscale`] names none: requests in flight per replica.
+pub const DEFAULT_TARGET_CONCURRENCY: u32 = 10;
+/// The shortest [`Autoscale::stable_window`]: its panic window (a tenth)
+/// should still hold a sample or two.
+pub const MIN_STABLE_WINDOW: Duration = Duration::from_secs(6);
+/// The longest autoscaling window or delay.
+pub const MAX_AUTOSCALE_WINDOW: Duration = Duration::from_secs(3600);
+
+/// The load per replica an [`Autoscale`] policy aims for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AutoscaleTarget {
+    /// Requests in flight per replica.
+    Concurrency(u32),
+    /// Requests per second per replica.
+    Rps(u32),
+}
+
+impl AutoscaleTarget {
+    /// The target as a number of requests (in flight, or per second).
+    pub fn value(self) -> u32 {
+        match self {
+            AutoscaleTarget::Concurrency(n) | AutoscaleTarget::Rps(n) => n,
+        }
+    }
+}
+
+impl Autoscale {
+    /// A policy between `min` and `max` replicas with every other setting at
+    /// its default.
+    pub fn new(min: u32, max: u32) -> Self {
+        Autoscale {
+            min,
+            max,
+            target_concurrency: None,
+            target_rps: None,
+            scale_down_delay: default_scale_down_delay(),
+            scale_to_zero_after: default_scale_to_zero_after(),
+            stable_window: default_stable_window(),
+        }
+    }
+
+    /// The target in force: `target_rps` when set, else `target_concurrency`,
+    /// else [`DEFAULT_TARGET_CONCURRENCY`] in flight. [`Autoscale::validate`]
+    /// refuses a policy that sets both.
+    pub fn target(&self) -> AutoscaleTarget {
+        match (self.target_concurrency, self.target_rps) {
+            (_, Some(rps)) => AutoscaleTarget::Rps(rps),
+            (Some(n), None) => AutoscaleTarget::Concurrency(n),
+            (None, None) => AutoscaleTarget::Concurrency(DEFAULT_TARGET_CONCURRENCY),
+        }
+    }
+
+    /// The window bursts are measured over: a tenth of the stable window.
+    pub fn panic_window(&self) -> Duration {
+        self.stable_window / 10
+    }
+}
+
+fn default_scale_down_delay() -> Duration {
+    Duration::from_secs(10)
 }
 
 fn default_scale_to_zero_after() -> Duration {
-    Duration::from_secs(300)
+    Duration::from_secs(30)
+}
+
+fn default_stable_window() -> Duration {
+    Duration::from_secs(30)
 }
 
 /// A volume the component may use. Only named for now; storage options come later.
@@ -435,7 +528,7 @@ impl Route {
 }
 
 impl Autoscale {
-    /// Checks that the bounds and the target make sense.
+    /// Checks that the bounds, the target and the windows make sense.
     pub fn validate(&self) -> Result<(), SpecError> {
         in_range("max", self.max, 1, MAX_REPLICAS, u32::to_string)?;
         if self.min > self.max {
@@ -444,10 +537,42 @@ impl Autoscale {
                 format!("{} is more than max ({})", self.min, self.max),
             ));
         }
-        if self.target_concurrency == 0 {
-            return Err(SpecError::new("target_concurrency", "must be at least 1"));
+        if self.target_concurrency.is_some() && self.target_rps.is_some() {
+            return Err(SpecError::new(
+                "target_rps",
+                "set either target_concurrency or target_rps, not both",
+            ));
         }
-        Ok(())
+        for (field, target) in [
+            ("target_concurrency", self.target_concurrency),
+            ("target_rps", self.target_rps),
+        ] {
+            if target == Some(0) {
+                return Err(SpecError::new(field, "must be at least 1"));
+            }
+        }
+        let duration = |d: &Duration| format_duration(*d);
+        in_range(
+            "scale_down_delay",
+            self.scale_down_delay,
+            Duration::ZERO,
+            MAX_AUTOSCALE_WINDOW,
+            duration,
+        )?;
+        in_range(
+            "scale_to_zero_after",
+            self.scale_to_zero_after,
+            Duration::ZERO,
+            MAX_AUTOSCALE_WINDOW,
+            duration,
+        )?;
+        in_range(
+            "stable_window",
+            self.stable_window,
+            MIN_STABLE_WINDOW,
+            MAX_AUTOSCALE_WINDOW,
+            duration,
+        )
     }
 }
 
@@ -645,21 +770,61 @@ mod tests {
             "allow_outbound[1]",
             "not a host",
         );
-        let autoscale = |min, max| Autoscale {
-            min,
-            max,
-            target_concurrency: 10,
-            scale_to_zero_after: Duration::from_secs(60),
+        let autoscale = |change: fn(&mut Autoscale)| {
+            let mut policy = Autoscale::new(0, 4);
+            change(&mut policy);
+            move |s: &mut ServiceSpec| s.autoscale = Some(policy)
         };
         check(
-            |s| s.autoscale = Some(autoscale(3, 2)),
+            autoscale(|a| {
+                a.min = 3;
+                a.max = 2;
+            }),
             "autoscale.min",
-            "more than max (2)",
+            "3 is more than max (2)",
         );
         check(
-            |s| s.autoscale = Some(autoscale(0, 0)),
+            autoscale(|a| a.max = 0),
             "autoscale.max",
             "between 1 and 100000, got 0",
+        );
+        check(
+            autoscale(|a| a.max = MAX_REPLICAS + 1),
+            "autoscale.max",
+            "between 1 and 100000, got 100001",
+        );
+        check(
+            autoscale(|a| {
+                a.target_concurrency = Some(10);
+                a.target_rps = Some(100);
+            }),
+            "autoscale.target_rps",
+            "either target_concurrency or target_rps, not both",
+        );
+        check(
+            autoscale(|a| a.target_concurrency = Some(0)),
+            "autoscale.target_concurrency",
+            "at least 1",
+        );
+        check(
+            autoscale(|a| a.target_rps = Some(0)),
+            "autoscale.target_rps",
+            "at least 1",
+        );
+        check(
+            autoscale(|a| a.scale_down_delay = Duration::from_secs(3601)),
+            "autoscale.scale_down_delay",
+            "between 0s and 1h, got 1h 1s",
+        );
+        check(
+            autoscale(|a| a.scale_to_zero_after = Duration::from_secs(7200)),
+            "autoscale.scale_to_zero_after",
+            "between 0s and 1h, got 2h",
+        );
+        check(
+            autoscale(|a| a.stable_window = Duration::from_secs(5)),
+            "autoscale.stable_window",
+            "between 6s and 1h, got 5s",
         );
         let volume = |name: &str| Volume { name: name.into() };
         check(
@@ -742,10 +907,9 @@ mod tests {
         });
         spec.env.insert("MODE".into(), "dev".into());
         spec.autoscale = Some(Autoscale {
-            min: 0,
-            max: 4,
-            target_concurrency: 10,
+            target_rps: Some(50),
             scale_to_zero_after: Duration::from_secs(300),
+            ..Autoscale::new(0, 4)
         });
         spec.volumes.push(Volume {
             name: "data".into(),
@@ -755,8 +919,40 @@ mod tests {
         assert_eq!(json["limits"]["memory"], "64MiB");
         assert_eq!(json["limits"]["fuel"], "unlimited");
         assert_eq!(json["autoscale"]["scale_to_zero_after"], "5m");
+        assert_eq!(json["autoscale"]["stable_window"], "30s");
+        assert_eq!(json["autoscale"]["target_rps"], 50);
+        assert!(json["autoscale"].get("target_concurrency").is_none());
         let back: ServiceSpec = serde_json::from_value(json).expect("parses");
         assert_eq!(back, spec);
+    }
+
+    #[test]
+    fn autoscale_defaults_and_targets() {
+        let parse = |json: &str| serde_json::from_str::<Autoscale>(json).map_err(|e| e.to_string());
+        let policy = parse(r#"{"max": 5}"#).expect("parses");
+        assert_eq!(policy, Autoscale::new(0, 5));
+        assert_eq!(policy.target(), AutoscaleTarget::Concurrency(10));
+        assert_eq!(policy.scale_down_delay, Duration::from_secs(10));
+        assert_eq!(policy.scale_to_zero_after, Duration::from_secs(30));
+        assert_eq!(policy.stable_window, Duration::from_secs(30));
+        assert_eq!(policy.panic_window(), Duration::from_secs(3));
+        let policy = parse(r#"{"max": 5, "target_concurrency": 4}"#).expect("parses");
+        assert_eq!(policy.target(), AutoscaleTarget::Concurrency(4));
+        let policy = parse(r#"{"min": 1, "max": 5, "target_rps": 200, "stable_window": "1m"}"#)
+            .expect("parses");
+        assert_eq!(policy.target(), AutoscaleTarget::Rps(200));
+        assert_eq!(policy.target().value(), 200);
+        assert_eq!(policy.stable_window, Duration::from_secs(60));
+        assert!(
+            parse(r#"{"max": 5, "target": 3}"#)
+                .expect_err("unknown field")
+                .contains("unknown field `target`")
+        );
+        assert!(
+            parse(r#"{"max": 5, "scale_down_delay": "soon"}"#)
+                .expect_err("bad duration")
+                .contains("soon")
+        );
     }
 
     #[test]

@@ -98,6 +98,19 @@ pub struct Heartbeat {
     /// should be placed elsewhere now rather than after it goes silent.
     #[serde(default)]
     pub draining: bool,
+    /// Per service, requests this host holds for activation or serves on a
+    /// replica it started for them: demand the replicas' own load misses.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub demand: Vec<Demand>,
+}
+
+/// Requests waiting for (or served by an activation replica of) one service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Demand {
+    /// The service.
+    pub service: ServiceId,
+    /// Requests waiting or in flight.
+    pub waiting: u64,
 }
 
 /// How one replica on a host is doing.
@@ -217,6 +230,7 @@ mod tests {
             sent_at_ms: 20,
             started_at_ms: 10,
             draining: false,
+            demand: Vec::new(),
         };
         let mut json = round_trip(&heartbeat);
         assert_eq!(json["capacity"]["memory"], "16GiB");

@@ -2,6 +2,7 @@
 //! decide, write each host's assignment. Level-triggered and idempotent: it
 //! runs on every change and on a timer, and an unchanged world writes nothing.
 
+use crate::autoscale::Autoscaling;
 use crate::hosts::HostTable;
 use crate::store::{Store, StoreError};
 use futures::StreamExt;
@@ -12,14 +13,22 @@ use tokio::sync::watch;
 use wharf_proto::{AssignedReplica, Assignment, HostId, ServiceId, StoredService};
 use wharf_scheduler_core::{HostInfo, Snapshot, Unplaceable, reconcile};
 
-/// How often the loop runs even when nothing announced a change.
-const RESYNC: Duration = Duration::from_secs(2);
+/// How often the loop runs even when nothing announced a change; also the
+/// autoscaler's sampling period.
+const RESYNC: Duration = Duration::from_millis(500);
 
 /// Replicas the last reconcile could not place, by service, for status.
 pub type UnplaceableMap = Arc<Mutex<BTreeMap<ServiceId, Vec<Unplaceable>>>>;
 
 /// Runs the control loop until `stop` turns true.
-pub async fn run(store: Store, hosts: HostTable, unplaceable: UnplaceableMap, mut stop: watch::Receiver<bool>) {
+pub async fn run(
+    bus: wharf_bus::Bus,
+    store: Store,
+    hosts: HostTable,
+    unplaceable: UnplaceableMap,
+    autoscaling: Autoscaling,
+    mut stop: watch::Receiver<bool>,
+) {
     // Hosts that were up before a restart need a heartbeat interval or two to
     // be heard again; deciding earlier would move their replicas away.
     tokio::select! {
@@ -34,8 +43,15 @@ pub async fn run(store: Store, hosts: HostTable, unplaceable: UnplaceableMap, mu
             None
         }
     };
+    let mut activations = match bus.subscribe(wharf_proto::names::ACTIVATE_SUBJECT).await {
+        Ok(subscription) => Some(subscription),
+        Err(e) => {
+            tracing::error!("cannot follow activation requests; scale from zero waits for the autoscaler's next sample: {e}");
+            None
+        }
+    };
     loop {
-        if let Err(e) = reconcile_once(&store, &hosts, &unplaceable).await {
+        if let Err(e) = reconcile_once(&store, &hosts, &unplaceable, &autoscaling).await {
             tracing::warn!("reconcile failed, retrying: {e}");
         }
         tokio::select! {
@@ -43,9 +59,23 @@ pub async fn run(store: Store, hosts: HostTable, unplaceable: UnplaceableMap, mu
             _ = tokio::time::sleep(RESYNC) => {}
             _ = host_changes.changed() => {}
             Some(_) = next_event(&mut service_changes) => {}
+            Some(message) = next_message(&mut activations) => {
+                match serde_json::from_slice::<serde_json::Value>(&message.payload).ok().and_then(|v| v["service"].as_str().and_then(|s| s.parse::<ServiceId>().ok())) {
+                    Some(service) => autoscaling.announce(&service),
+                    None => tracing::warn!("ignoring an unreadable activation request"),
+                }
+                continue;
+            }
         }
         // Coalesce a burst of changes (an apply of many services) into one pass.
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn next_message(subscription: &mut Option<wharf_bus::Subscription>) -> Option<wharf_bus::Message> {
+    match subscription {
+        Some(subscription) => subscription.next().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -57,9 +87,10 @@ async fn next_event(watch: &mut Option<wharf_bus::KvWatch>) -> Option<wharf_bus:
 }
 
 /// One pass: snapshot, decide, write the assignments that changed.
-pub async fn reconcile_once(store: &Store, hosts: &HostTable, unplaceable: &UnplaceableMap) -> Result<(), StoreError> {
+pub async fn reconcile_once(store: &Store, hosts: &HostTable, unplaceable: &UnplaceableMap, autoscaling: &Autoscaling) -> Result<(), StoreError> {
     let services = store.services().await?;
     let assignments = store.assignments().await?;
+    autoscaling.tick(&services, &assignments, hosts);
     let known = hosts.hosts();
     let snapshot = Snapshot {
         hosts: known
@@ -73,7 +104,7 @@ pub async fn reconcile_once(store: &Store, hosts: &HostTable, unplaceable: &Unpl
                 in_flight: h.heartbeat.replicas.iter().map(|r| r.in_flight).sum(),
             })
             .collect(),
-        services: services.iter().map(|s| s.spec.clone()).collect(),
+        services: services.iter().map(|s| effective(&s.spec, &assignments, autoscaling)).collect(),
         current: assignments.iter().map(|a| (a.host.clone(), a.replicas.iter().map(|r| (r.service.clone(), r.replica)).collect())).collect(),
     };
     let plan = reconcile(&snapshot);
@@ -111,4 +142,19 @@ pub async fn reconcile_once(store: &Store, hosts: &HostTable, unplaceable: &Unpl
         store.put_assignment(&Assignment { host: host.clone(), replicas: wanted, revision: 0, generation }).await?;
     }
     Ok(())
+}
+
+/// The spec as placement sees it: an autoscaled service's replica count is
+/// the autoscaler's decision (or, before its first, what runs now, within
+/// the policy's bounds).
+fn effective(spec: &wharf_proto::ServiceSpec, assignments: &[Assignment], autoscaling: &Autoscaling) -> wharf_proto::ServiceSpec {
+    let mut spec = spec.clone();
+    if let Some(policy) = &spec.autoscale {
+        let id = spec.id();
+        spec.replicas = autoscaling.replicas(&id).unwrap_or_else(|| {
+            let current = assignments.iter().flat_map(|a| &a.replicas).filter(|r| r.service == id).count();
+            u32::try_from(current).unwrap_or(u32::MAX).clamp(policy.min, policy.max.max(policy.min))
+        });
+    }
+    spec
 }

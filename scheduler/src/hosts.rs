@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use wharf_bus::Bus;
 use wharf_proto::names::HEARTBEAT_WILDCARD;
-use wharf_proto::{Heartbeat, HostId};
+use wharf_proto::{Heartbeat, HostId, ServiceId};
 
 /// A host as last heard of.
 #[derive(Debug, Clone)]
@@ -19,6 +19,9 @@ pub struct HostEntry {
     pub seen: Instant,
     /// Whether heartbeats are current.
     pub ready: bool,
+    /// Requests per second per service on this host, from the request
+    /// counters of its last two heartbeats.
+    pub rps: BTreeMap<ServiceId, f64>,
 }
 
 /// Last heartbeat of every host; readiness derived from its age.
@@ -28,7 +31,7 @@ pub struct HostTable {
 }
 
 struct Inner {
-    hosts: RwLock<BTreeMap<HostId, (Heartbeat, Instant)>>,
+    hosts: RwLock<BTreeMap<HostId, (Heartbeat, Instant, BTreeMap<ServiceId, f64>)>>,
     timeout: Duration,
     /// Bumped when a host appears, goes silent, comes back or its replicas' states change.
     changes: watch::Sender<u64>,
@@ -81,7 +84,7 @@ impl HostTable {
                     tracing::info!(host = %heartbeat.host, addr = ?heartbeat.addr, "host joined");
                     true
                 }
-                Some((before, seen)) => {
+                Some((before, seen, _)) => {
                     seen.elapsed() > self.inner.timeout
                         || before.replicas.iter().map(|r| (&r.service, r.replica, r.generation, r.state)).ne(heartbeat.replicas.iter().map(|r| (&r.service, r.replica, r.generation, r.state)))
                         || before.started_at_ms != heartbeat.started_at_ms
@@ -90,7 +93,8 @@ impl HostTable {
                         || before.capacity != heartbeat.capacity
                 }
             };
-            hosts.insert(heartbeat.host.clone(), (heartbeat, Instant::now()));
+            let rps = previous.map(|(before, _, _)| request_rates(before, &heartbeat)).unwrap_or_default();
+            hosts.insert(heartbeat.host.clone(), (heartbeat, Instant::now(), rps));
             changed
         };
         if changed {
@@ -103,7 +107,12 @@ impl HostTable {
         let Ok(hosts) = self.inner.hosts.read() else { return Vec::new() };
         hosts
             .values()
-            .map(|(heartbeat, seen)| HostEntry { heartbeat: heartbeat.clone(), seen: *seen, ready: seen.elapsed() <= self.inner.timeout && !heartbeat.draining })
+            .map(|(heartbeat, seen, rps)| HostEntry {
+                heartbeat: heartbeat.clone(),
+                seen: *seen,
+                ready: seen.elapsed() <= self.inner.timeout && !heartbeat.draining,
+                rps: rps.clone(),
+            })
             .collect()
     }
 
@@ -116,4 +125,19 @@ impl HostTable {
     pub fn timeout(&self) -> Duration {
         self.inner.timeout
     }
+}
+
+/// Requests per second per service between two heartbeats of one host.
+fn request_rates(before: &Heartbeat, now: &Heartbeat) -> BTreeMap<ServiceId, f64> {
+    let seconds = now.sent_at_ms.saturating_sub(before.sent_at_ms) as f64 / 1000.0;
+    let mut rates = BTreeMap::new();
+    if seconds <= 0.0 {
+        return rates;
+    }
+    for replica in &now.replicas {
+        let earlier = before.replicas.iter().find(|r| r.service == replica.service && r.replica == replica.replica && r.generation == replica.generation);
+        let served = earlier.map_or(0, |e| replica.requests.saturating_sub(e.requests));
+        *rates.entry(replica.service.clone()).or_insert(0.0) += served as f64 / seconds;
+    }
+    rates
 }

@@ -6,6 +6,7 @@
 //! between the control plane and hosts is a `proto` message over the bus.
 
 pub mod api;
+pub mod autoscale;
 pub mod controller;
 pub mod hosts;
 pub mod status;
@@ -58,6 +59,7 @@ pub struct ControlPlane {
     pub(crate) hosts: HostTable,
     pub(crate) unplaceable: UnplaceableMap,
     pub(crate) check: Arc<dyn ComponentCheck>,
+    pub(crate) autoscaling: autoscale::Autoscaling,
     stop: Arc<watch::Sender<bool>>,
 }
 
@@ -67,8 +69,15 @@ impl ControlPlane {
         let store = Store::open(bus).await?;
         let hosts = HostTable::follow(bus, config.host_timeout).await?;
         let (stop, stopped) = watch::channel(false);
-        let plane = ControlPlane { store, hosts, unplaceable: Arc::default(), check, stop: Arc::new(stop) };
-        tokio::spawn(controller::run(plane.store.clone(), plane.hosts.clone(), plane.unplaceable.clone(), stopped));
+        let plane = ControlPlane { store, hosts, unplaceable: Arc::default(), check, autoscaling: Default::default(), stop: Arc::new(stop) };
+        tokio::spawn(controller::run(
+            bus.clone(),
+            plane.store.clone(),
+            plane.hosts.clone(),
+            plane.unplaceable.clone(),
+            plane.autoscaling.clone(),
+            stopped,
+        ));
         Ok(plane)
     }
 

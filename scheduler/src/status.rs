@@ -41,11 +41,23 @@ pub fn service_view(plane: &ControlPlane, stored: &StoredService, assignments: &
         }
     }
     replicas.sort_by_key(|r| r["replica"].as_u64());
+    let mut desired = stored.spec.replicas;
+    let autoscale = plane.autoscaling.decision(&id).map(|d| {
+        desired = d.replicas;
+        json!({"desired": d.replicas, "reason": d.reason, "stable_load": d.stable_load, "panic_load": d.panic_load, "panicking": d.panicking})
+    });
+    let (in_flight, rps) = hosts.values().filter(|h| h.ready).fold((0u64, 0.0f64), |(f, r), h| {
+        let flying: u64 = h.heartbeat.replicas.iter().filter(|x| x.service == id).map(|x| x.in_flight).sum();
+        (f + flying, r + h.rps.get(&id).copied().unwrap_or(0.0))
+    });
     json!({
         "service": stored,
         "status": {
-            "desired": stored.spec.replicas,
+            "desired": desired,
             "ready": ready,
+            "in_flight": in_flight,
+            "rps": rps,
+            "autoscale": autoscale,
             "replicas": replicas,
             "last_error": last_error,
         }

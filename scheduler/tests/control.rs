@@ -6,6 +6,7 @@ use std::time::Duration;
 use wharf_bus::{Bus, LocalStore};
 use wharf_proto::names::host_heartbeat_subject;
 use wharf_proto::{ByteSize, Capacity, Digest, Heartbeat, HostId, ServiceSpec};
+use wharf_scheduler::autoscale::Autoscaling;
 use wharf_scheduler::controller::{UnplaceableMap, reconcile_once};
 use wharf_scheduler::hosts::HostTable;
 use wharf_scheduler::store::{Store, StoreError, Written};
@@ -50,6 +51,7 @@ async fn beat(bus: &Bus, host: &str) {
         sent_at_ms: 0,
         started_at_ms: 1,
         draining: false,
+        demand: Vec::new(),
     };
     let subject = host_heartbeat_subject(&heartbeat.host);
     bus.publish(&subject, Bytes::from(serde_json::to_vec(&heartbeat).expect("json"))).await.expect("published");
@@ -67,12 +69,12 @@ async fn the_controller_spreads_replicas_and_moves_them_off_a_silent_host() {
         beat(&bus, "b").await;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    reconcile_once(&store, &hosts, &unplaceable).await.expect("reconcile");
+    reconcile_once(&store, &hosts, &unplaceable, &Autoscaling::default()).await.expect("reconcile");
     let assignments = store.assignments().await.expect("assignments");
     let counts: Vec<usize> = assignments.iter().map(|a| a.replicas.len()).collect();
     assert_eq!(counts, vec![2, 2], "spread evenly: {assignments:?}");
     // Reconciling an unchanged world writes nothing.
-    reconcile_once(&store, &hosts, &unplaceable).await.expect("reconcile");
+    reconcile_once(&store, &hosts, &unplaceable, &Autoscaling::default()).await.expect("reconcile");
     let again = store.assignments().await.expect("assignments");
     assert_eq!(again.iter().map(|a| a.revision).collect::<Vec<_>>(), assignments.iter().map(|a| a.revision).collect::<Vec<_>>());
 
@@ -81,7 +83,7 @@ async fn the_controller_spreads_replicas_and_moves_them_off_a_silent_host() {
         beat(&bus, "a").await;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    reconcile_once(&store, &hosts, &unplaceable).await.expect("reconcile");
+    reconcile_once(&store, &hosts, &unplaceable, &Autoscaling::default()).await.expect("reconcile");
     let moved = store.assignments().await.expect("assignments");
     let a = moved.iter().find(|x| x.host.as_str() == "a").expect("a");
     let b = moved.iter().find(|x| x.host.as_str() == "b").expect("b");

@@ -2,7 +2,9 @@
 //! the hosts, the desired services and the current assignments,
 //! [`reconcile()`] returns a [`Plan`]: every host's full assignment, the start
 //! and stop actions that lead there, and the replicas no host can take, each
-//! with a reason.
+//! with a reason. The [`Autoscaler`] decides how many replicas a service
+//! with an autoscale policy should run, from the load observed and a `now`
+//! passed in (see its module for the Knative-style rules).
 //!
 //! **Architecture invariant:** this crate knows nothing of NATS, tokio,
 //! axum, wasmtime or clocks, and draws no unseeded randomness. Its only
@@ -117,6 +119,7 @@
 //! over domains. A reconcile that changes nothing (all 100,000 kept) takes
 //! about 0.15 s.
 
+mod autoscale;
 mod cluster;
 mod hash;
 mod placement;
@@ -124,6 +127,7 @@ mod reconcile;
 mod simulate;
 mod snapshot;
 
+pub use autoscale::{Autoscaler, Decision};
 pub use cluster::ZONE_LABEL;
 pub use reconcile::reconcile;
 pub use simulate::{

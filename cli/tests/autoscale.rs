@@ -1,0 +1,138 @@
+//! Scaling with demand, to zero and back, on a real `wharf up`.
+
+use serde_json::Value;
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+use wharf_testkit::process::Process;
+use wharf_testkit::samples;
+
+const WHARF: &str = env!("CARGO_BIN_EXE_wharf");
+
+struct Up {
+    _process: Process,
+    api: String,
+    ingress: String,
+}
+
+fn up(dir: &Path) -> Up {
+    let mut process = Process::spawn(
+        WHARF,
+        &["up", "--data-dir", dir.to_str().expect("utf-8"), "--api", "127.0.0.1:0", "--listen", "127.0.0.1:0", "--host-id", "solo"],
+    );
+    let line = process.wait_for_line("Wharf is up", Duration::from_secs(60));
+    let urls: Vec<String> = line.split_whitespace().filter(|w| w.starts_with("http://")).map(str::to_string).collect();
+    process.wait_for_line("Ctrl-C stops", Duration::from_secs(60));
+    Up { _process: process, api: urls[0].clone(), ingress: urls[1].clone() }
+}
+
+impl Up {
+    fn wharf(&self, args: &[&str]) -> String {
+        let output = Command::new(WHARF).args(args).env("WHARF_API", &self.api).output().expect("wharf runs");
+        let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+        assert!(output.status.success(), "wharf {args:?} failed:\n{text}");
+        text
+    }
+
+    fn status(&self, name: &str) -> Value {
+        let view: Value = serde_json::from_str(&self.wharf(&["get", "services", name, "-o", "json"])).expect("json");
+        view["status"].clone()
+    }
+
+    /// Waits until `check` holds for the service's status; returns how long it took.
+    async fn until(&self, name: &str, within: Duration, what: &str, check: impl Fn(&Value) -> bool) -> Duration {
+        let started = Instant::now();
+        loop {
+            let status = self.status(name);
+            if check(&status) {
+                return started.elapsed();
+            }
+            assert!(started.elapsed() < within, "{name}: not {what} within {within:?}; status {status}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+fn manifest(dir: &Path, name: &str, sample: &str, max: u32) -> String {
+    let path = dir.join(format!("{name}.yaml"));
+    let text = format!(
+        "name: {name}\ncomponent: {{ file: {} }}\nroutes: [{{ path_prefix: /{name} }}]\nlimits: {{ concurrency: 50 }}\n\
+         autoscale: {{ min: 0, max: {max}, target_concurrency: 1, scale_down_delay: 1s, scale_to_zero_after: 2s, stable_window: 6s }}\n",
+        samples::path(sample).display()
+    );
+    std::fs::write(&path, text).expect("write manifest");
+    path.to_str().expect("utf-8").to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scales_from_zero_up_with_load_and_back_to_zero() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let up = up(&dir.path().join("data"));
+    up.wharf(&["apply", "--no-wait", "-f", &manifest(dir.path(), "slow", "sleep", 4)]);
+    up.until("slow", Duration::from_secs(10), "at zero", |s| s["ready"] == 0 && s["desired"] == 0).await;
+
+    // The first request is held while a replica starts, then served.
+    let client = reqwest::Client::new();
+    let url = format!("{}/slow?ms=10", up.ingress);
+    let first = client.get(&url).send().await.expect("answered");
+    assert_eq!(first.status(), 200);
+    assert_eq!(first.text().await.expect("body"), "slept 10 ms\n");
+
+    // Four clients keeping a 300 ms request in flight each: about four replicas (target 1 in flight each).
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut load = Vec::new();
+    for _ in 0..4 {
+        let (client, stop) = (client.clone(), stop.clone());
+        let url = format!("{}/slow?ms=300", up.ingress);
+        load.push(tokio::spawn(async move {
+            let mut failures = 0;
+            while !stop.load(Ordering::Relaxed) {
+                if !matches!(client.get(&url).send().await, Ok(r) if r.status() == 200) {
+                    failures += 1;
+                }
+            }
+            failures
+        }));
+    }
+    let rose = up.until("slow", Duration::from_secs(20), "scaled up to 3+", |s| s["ready"].as_u64().unwrap_or(0) >= 3).await;
+    println!("scaled up to 3+ ready replicas {rose:.1?} after the load started");
+    stop.store(true, Ordering::Relaxed);
+    for task in load {
+        assert_eq!(task.await.expect("load task"), 0, "no request failed under load");
+    }
+
+    // Idle: back down, then to zero after scale_to_zero_after.
+    let fell = up.until("slow", Duration::from_secs(40), "scaled to zero", |s| s["desired"] == 0 && s["ready"] == 0).await;
+    println!("scaled to zero {fell:.1?} after the load stopped");
+    let again = client.get(&url).send().await.expect("answered");
+    assert_eq!(again.status(), 200, "the next request after zero is served");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_200_at_zero_all_succeed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let up = up(&dir.path().join("data"));
+    up.wharf(&["apply", "--no-wait", "-f", &manifest(dir.path(), "burst", "hello", 10)]);
+    let client = reqwest::Client::builder().pool_max_idle_per_host(0).build().expect("client");
+    let url = format!("{}/burst", up.ingress);
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..200 {
+        let (client, url) = (client.clone(), url.clone());
+        tasks.spawn(async move {
+            match client.get(&url).send().await {
+                Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+                Err(e) => (0, e.to_string()),
+            }
+        });
+    }
+    let mut failures = Vec::new();
+    while let Some(result) = tasks.join_next().await {
+        let (status, body) = result.expect("task");
+        if status != 200 || body != "Hello from Wharf!\n" {
+            failures.push((status, body));
+        }
+    }
+    assert!(failures.is_empty(), "{} of 200 failed, e.g. {:?}", failures.len(), failures.first());
+}

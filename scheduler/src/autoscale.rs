@@ -1,0 +1,89 @@
+//! The autoscaler's I/O side: turns heartbeats (replica load, requests held
+//! for activation) and activation announcements into load samples for the
+//! pure `wharf_scheduler_core::Autoscaler`, and keeps its decisions for the
+//! controller (replica counts) and for status (the load behind them).
+
+use crate::hosts::HostTable;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+use wharf_proto::{Assignment, ServiceId, StoredService};
+use wharf_scheduler_core::{Autoscaler, Decision};
+
+/// Shared autoscaling state; cheap to clone.
+#[derive(Clone, Default)]
+pub struct Autoscaling {
+    inner: Arc<Mutex<State>>,
+}
+
+#[derive(Default)]
+struct State {
+    scaler: Autoscaler,
+    decisions: BTreeMap<ServiceId, Decision>,
+    /// Activation announcements not yet reflected in a heartbeat: demand now.
+    announced: BTreeMap<ServiceId, u64>,
+}
+
+impl Autoscaling {
+    /// Records that a request is waiting for `service` (an activation announcement).
+    pub fn announce(&self, service: &ServiceId) {
+        if let Ok(mut state) = self.inner.lock() {
+            *state.announced.entry(service.clone()).or_default() += 1;
+        }
+    }
+
+    /// Samples the load of every autoscaled service and decides its replica
+    /// count. Returns whether any decision changed.
+    pub fn tick(&self, services: &[StoredService], assignments: &[Assignment], hosts: &HostTable) -> bool {
+        let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)).unwrap_or(0);
+        let hosts = hosts.hosts();
+        let Ok(mut state) = self.inner.lock() else { return false };
+        let announced = std::mem::take(&mut state.announced);
+        let mut changed = false;
+        for stored in services {
+            let spec = &stored.spec;
+            let id = spec.id();
+            let Some(policy) = &spec.autoscale else {
+                if state.decisions.remove(&id).is_some() {
+                    state.scaler.forget(&id);
+                }
+                continue;
+            };
+            let mut in_flight = 0.0;
+            let mut rps = 0.0;
+            for host in hosts.iter().filter(|h| h.ready) {
+                in_flight += host.heartbeat.replicas.iter().filter(|r| r.service == id).map(|r| r.in_flight as f64).sum::<f64>();
+                in_flight += host.heartbeat.demand.iter().filter(|d| d.service == id).map(|d| d.waiting as f64).sum::<f64>();
+                rps += host.rps.get(&id).copied().unwrap_or(0.0);
+            }
+            in_flight += announced.get(&id).copied().unwrap_or(0) as f64;
+            let current = assignments.iter().flat_map(|a| &a.replicas).filter(|r| r.service == id).count();
+            let current = u32::try_from(current).unwrap_or(u32::MAX);
+            state.scaler.observe(&id, now_ms, in_flight, rps);
+            let decision = state.scaler.decide(&id, policy, now_ms, current);
+            let before = state.decisions.get(&id).map(|d| d.replicas);
+            if before != Some(decision.replicas) {
+                tracing::info!(service = %id, from = current, to = decision.replicas, "autoscale: {}", decision.reason);
+                changed = true;
+            }
+            state.decisions.insert(id, decision);
+        }
+        let known: Vec<ServiceId> = services.iter().map(|s| s.spec.id()).collect();
+        let gone: Vec<ServiceId> = state.decisions.keys().filter(|id| !known.contains(id)).cloned().collect();
+        for id in gone {
+            state.decisions.remove(&id);
+            state.scaler.forget(&id);
+        }
+        changed
+    }
+
+    /// The replica count the autoscaler wants for `service`, if it scales it.
+    pub fn replicas(&self, service: &ServiceId) -> Option<u32> {
+        self.inner.lock().ok()?.decisions.get(service).map(|d| d.replicas)
+    }
+
+    /// The last decision for `service`, for status.
+    pub fn decision(&self, service: &ServiceId) -> Option<Decision> {
+        self.inner.lock().ok()?.decisions.get(service).cloned()
+    }
+}
