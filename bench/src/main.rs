@@ -13,6 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod cluster;
+mod coldstart;
 mod load;
 mod rss;
 
@@ -29,6 +30,8 @@ enum Cmd {
     Host(HostArgs),
     /// A real cluster on loopback: failover time, local vs NATS-hop latency, remote throughput.
     Cluster(cluster::ClusterArgs),
+    /// Scale from zero: first-request latency (compiled and not), replicas following a step in load.
+    Coldstart(coldstart::ColdStartArgs),
     /// Placement core: replicas placed per second on a simulated cluster.
     Placement(PlacementArgs),
     /// (internal) Loads N workloads in this process and prints its resident memory as JSON.
@@ -85,6 +88,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Cmd::Host(args) => tokio::runtime::Runtime::new()?.block_on(host(args)),
         Cmd::Placement(args) => placement(args),
+        Cmd::Coldstart(args) => tokio::runtime::Runtime::new()?.block_on(coldstart::run(args)),
         Cmd::Cluster(args) => tokio::runtime::Runtime::new()?.block_on(cluster::run(args)),
         Cmd::RssProbe(args) => tokio::runtime::Runtime::new()?.block_on(rss::probe(args)),
     }

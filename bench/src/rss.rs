@@ -91,7 +91,7 @@ pub async fn time_instantiation(component: &Path, n: usize) -> anyhow::Result<(f
 
 /// A copy of a component with a custom section appended: a distinct digest,
 /// so a distinct compiled artifact, with the same behaviour.
-fn with_custom_section(bytes: &[u8], name: &str) -> Vec<u8> {
+pub fn with_custom_section(bytes: &[u8], name: &str) -> Vec<u8> {
     let mut payload = Vec::new();
     leb128(&mut payload, name.len() as u64);
     payload.extend_from_slice(name.as_bytes());

@@ -270,20 +270,21 @@ fn flapping_input_does_not_flap_the_count() {
         },
         &[(0, 5), (30, 6), (69, 5)],
     );
-    // Ten seconds at three times the load, ten idle: the first high phase
-    // trips the panic window, and after that the count only goes up while
-    // the phases last; it settles once they stop.
+    // A wide swing (150, 0, 150, ...; mean 75) from a steady 50: the count
+    // climbs with the stable average as the window fills (6, 7, 8 when it
+    // passes 50, 60, 70) and then never moves; the panic window's 100 is
+    // less than twice the 6 already running, so it never panics.
     check(
         "flapping wildly",
         &policy(1, 50),
         5,
-        200,
+        300,
         |s| match s {
-            ..30 | 120.. => 50.0,
-            _ if s % 20 < 10 => 150.0,
+            ..30 => 50.0,
+            _ if s % 2 == 0 => 150.0,
             _ => 0.0,
         },
-        &[(0, 5)],
+        &[(0, 5), (30, 6), (40, 7), (52, 8)],
     );
 }
 

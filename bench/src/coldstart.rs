@@ -1,0 +1,188 @@
+//! Scale from zero: the first request's latency after a service has scaled
+//! to zero, with its component already compiled on the host and without;
+//! and how fast replicas follow a step in load.
+
+use crate::load;
+use anyhow::{Context, bail};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use wharf_testkit::process::Process;
+
+#[derive(clap::Args)]
+pub struct ColdStartArgs {
+    /// The `wharf` binary (default: next to this one).
+    #[arg(long)]
+    wharf: Option<PathBuf>,
+    /// Cycles (scale to zero, then one request) with a compiled component.
+    #[arg(long, default_value_t = 20)]
+    cycles: usize,
+    /// Cold starts of never-compiled components.
+    #[arg(long, default_value_t = 10)]
+    uncompiled: usize,
+    /// Where to write the JSON results.
+    #[arg(long, default_value = "bench/results/coldstart.json")]
+    out: PathBuf,
+}
+
+struct Up {
+    _process: Process,
+    api: String,
+    ingress: String,
+    wharf: PathBuf,
+}
+
+impl Up {
+    fn wharf(&self, args: &[&str]) -> anyhow::Result<String> {
+        let output = Command::new(&self.wharf).args(args).env("WHARF_API", &self.api).stdin(Stdio::null()).output()?;
+        let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+        if !output.status.success() {
+            bail!("wharf {args:?} failed: {text}");
+        }
+        Ok(text)
+    }
+
+    fn status(&self, name: &str) -> anyhow::Result<serde_json::Value> {
+        let view: serde_json::Value = serde_json::from_str(&self.wharf(&["get", "services", name, "-o", "json"])?)?;
+        Ok(view["status"].clone())
+    }
+
+    async fn wait_for_zero(&self, name: &str) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let status = self.status(name)?;
+            if status["ready"] == 0 && status["desired"] == 0 {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("{name} did not scale to zero: {status}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+fn manifest(dir: &Path, name: &str, component: &Path) -> anyhow::Result<String> {
+    let path = dir.join(format!("{name}.yaml"));
+    std::fs::write(
+        &path,
+        format!(
+            "name: {name}\ncomponent: {{ file: {} }}\nroutes: [{{ path_prefix: /{name} }}]\nlimits: {{ concurrency: 64 }}\n\
+             autoscale: {{ min: 0, max: 8, target_concurrency: 1, scale_down_delay: 1s, scale_to_zero_after: 1s, stable_window: 6s }}\n",
+            component.display()
+        ),
+    )?;
+    Ok(path.to_str().context("utf-8")?.to_string())
+}
+
+pub async fn run(args: ColdStartArgs) -> anyhow::Result<()> {
+    let wharf = match args.wharf.clone() {
+        Some(path) => path,
+        None => std::env::current_exe()?.with_file_name("wharf"),
+    };
+    let dir = std::env::temp_dir().join(format!("wharf-bench-coldstart-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let mut process = Process::spawn_with(
+        Command::new(&wharf)
+            .args(["up", "--api", "127.0.0.1:0", "--listen", "127.0.0.1:0", "--host-id", "bench", "--data-dir"])
+            .arg(dir.join("data"))
+            .env("WHARF_LOG", "warn"),
+    );
+    let line = process.wait_for_line("Wharf is up", Duration::from_secs(60));
+    let urls: Vec<String> = line.split_whitespace().filter(|w| w.starts_with("http://")).map(str::to_string).collect();
+    let up = Up { _process: process, api: urls[0].clone(), ingress: urls[1].clone(), wharf };
+    let client = reqwest::Client::builder().pool_max_idle_per_host(1).build()?;
+    let hello = wharf_testkit::samples::path("hello");
+    let mut report = serde_json::Map::new();
+
+    // Compiled: the host compiled the component when it was deployed.
+    up.wharf(&["apply", "--no-wait", "-f", &manifest(&dir, "cold", &hello)?])?;
+    let mut compiled = Vec::new();
+    for cycle in 0..args.cycles {
+        up.wait_for_zero("cold").await?;
+        let started = Instant::now();
+        let response = client.get(format!("{}/cold", up.ingress)).send().await?;
+        let status = response.status();
+        response.bytes().await?;
+        let took = started.elapsed();
+        if !status.is_success() {
+            bail!("cycle {cycle}: {status}");
+        }
+        eprintln!("cold start {}/{} (compiled): {took:.2?}", cycle + 1, args.cycles);
+        compiled.push(took);
+    }
+    compiled.sort();
+    let (p50, p99) = (load::percentile(&compiled, 0.5) / 1000.0, load::percentile(&compiled, 0.99) / 1000.0);
+    println!("first request after scale to zero, component compiled on the host, {} cycles: p50 {p50:.2} ms, p99 {p99:.2} ms (target p99 < 10 ms)", compiled.len());
+    report.insert("compiled_p50_ms".into(), p50.into());
+    report.insert("compiled_p99_ms".into(), p99.into());
+
+    // Never compiled: a distinct component each time, requested as soon as it is deployed.
+    let bytes = std::fs::read(&hello)?;
+    let mut uncompiled = Vec::new();
+    for i in 0..args.uncompiled {
+        let variant = dir.join(format!("fresh{i}.wasm"));
+        std::fs::write(&variant, crate::rss::with_custom_section(&bytes, &format!("coldstart-{i}")))?;
+        let name = format!("fresh{i}");
+        up.wharf(&["apply", "--no-wait", "-f", &manifest(&dir, &name, &variant)?])?;
+        let started = Instant::now();
+        let response = client.get(format!("{}/{name}", up.ingress)).send().await?;
+        let status = response.status();
+        response.bytes().await?;
+        let took = started.elapsed();
+        if !status.is_success() {
+            bail!("{name}: {status}");
+        }
+        eprintln!("cold start {}/{} (not compiled): {took:.2?}", i + 1, args.uncompiled);
+        uncompiled.push(took);
+        up.wharf(&["delete", &name])?;
+    }
+    uncompiled.sort();
+    let (p50u, p99u) = (load::percentile(&uncompiled, 0.5) / 1000.0, load::percentile(&uncompiled, 0.99) / 1000.0);
+    println!("first request of a never-compiled component (compile included), {} services: p50 {p50u:.1} ms, p99 {p99u:.1} ms", uncompiled.len());
+    report.insert("uncompiled_p50_ms".into(), p50u.into());
+    report.insert("uncompiled_p99_ms".into(), p99u.into());
+
+    // A step in load: 8 clients keep a 200 ms request in flight each; time to 4 and to 8 ready replicas.
+    up.wait_for_zero("cold").await?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        let (client, stop) = (client.clone(), stop.clone());
+        let url = format!("{}/cold", up.ingress);
+        clients.push(tokio::spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = client.get(&url).send().await;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }));
+    }
+    let started = Instant::now();
+    let mut half = None;
+    while started.elapsed() < Duration::from_secs(30) {
+        if up.status("cold")?["ready"].as_u64().unwrap_or(0) >= 4 {
+            half = Some(started.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for client in clients {
+        let _ = client.await;
+    }
+    match half {
+        Some(half) => {
+            println!("step in load (0 -> 8 clients in a loop, target 1 in flight per replica): 4 ready replicas after {half:.2?}");
+            report.insert("step_to_4_ready_ms".into(), (half.as_secs_f64() * 1000.0).into());
+        }
+        None => println!("step in load: fewer than 4 ready replicas after 30 s"),
+    }
+    if let Some(parent) = args.out.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(&args.out, serde_json::to_string_pretty(&report)? + "\n")?;
+    eprintln!("wrote {}", args.out.display());
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
