@@ -62,6 +62,19 @@ impl Up {
     }
 }
 
+fn start_up(wharf: &Path, dir: &Path) -> anyhow::Result<Up> {
+    let mut process = Process::spawn_with(
+        Command::new(wharf)
+            .args(["up", "--api", "127.0.0.1:0", "--listen", "127.0.0.1:0", "--host-id", "bench", "--data-dir"])
+            .arg(dir.join("data"))
+            .env("WHARF_LOG", "warn"),
+    );
+    let line = process.wait_for_line("Wharf is up", Duration::from_secs(60));
+    let urls: Vec<String> = line.split_whitespace().filter(|w| w.starts_with("http://")).map(str::to_string).collect();
+    process.wait_for_line("Ctrl-C stops", Duration::from_secs(60));
+    Ok(Up { _process: process, api: urls[0].clone(), ingress: urls[1].clone(), wharf: wharf.to_path_buf() })
+}
+
 fn manifest(dir: &Path, name: &str, component: &Path) -> anyhow::Result<String> {
     let path = dir.join(format!("{name}.yaml"));
     std::fs::write(
@@ -83,15 +96,8 @@ pub async fn run(args: ColdStartArgs) -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("wharf-bench-coldstart-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
-    let mut process = Process::spawn_with(
-        Command::new(&wharf)
-            .args(["up", "--api", "127.0.0.1:0", "--listen", "127.0.0.1:0", "--host-id", "bench", "--data-dir"])
-            .arg(dir.join("data"))
-            .env("WHARF_LOG", "warn"),
-    );
-    let line = process.wait_for_line("Wharf is up", Duration::from_secs(60));
-    let urls: Vec<String> = line.split_whitespace().filter(|w| w.starts_with("http://")).map(str::to_string).collect();
-    let up = Up { _process: process, api: urls[0].clone(), ingress: urls[1].clone(), wharf };
+    let wharf_path = wharf.clone();
+    let up = start_up(&wharf, &dir)?;
     let client = reqwest::Client::builder().pool_max_idle_per_host(1).build()?;
     let hello = wharf_testkit::samples::path("hello");
     let mut report = serde_json::Map::new();
@@ -118,39 +124,41 @@ pub async fn run(args: ColdStartArgs) -> anyhow::Result<()> {
     report.insert("compiled_p50_ms".into(), p50.into());
     report.insert("compiled_p99_ms".into(), p99.into());
 
-    // Never compiled: a distinct component each time, requested as soon as it is deployed.
-    let bytes = std::fs::read(&hello)?;
+    // Not compiled: `wharf up` restarted with its compile cache emptied, then
+    // the first request for the service (still at zero).
+    let mut up = up;
     let mut uncompiled = Vec::new();
     for i in 0..args.uncompiled {
-        let variant = dir.join(format!("fresh{i}.wasm"));
-        std::fs::write(&variant, crate::rss::with_custom_section(&bytes, &format!("coldstart-{i}")))?;
-        let name = format!("fresh{i}");
-        up.wharf(&["apply", "--no-wait", "-f", &manifest(&dir, &name, &variant)?])?;
+        up.wait_for_zero("cold").await?;
+        drop(up);
+        std::fs::remove_dir_all(dir.join("data").join("compiled")).context("clear the compile cache")?;
+        up = start_up(&wharf_path, &dir)?;
         let started = Instant::now();
-        let response = client.get(format!("{}/{name}", up.ingress)).send().await?;
+        let response = client.get(format!("{}/cold", up.ingress)).send().await?;
         let status = response.status();
         response.bytes().await?;
         let took = started.elapsed();
         if !status.is_success() {
-            bail!("{name}: {status}");
+            bail!("uncompiled {i}: {status}");
         }
-        eprintln!("cold start {}/{} (not compiled): {took:.2?}", i + 1, args.uncompiled);
+        eprintln!("cold start {}/{} (empty compile cache): {took:.2?}", i + 1, args.uncompiled);
         uncompiled.push(took);
-        up.wharf(&["delete", &name])?;
     }
     uncompiled.sort();
     let (p50u, p99u) = (load::percentile(&uncompiled, 0.5) / 1000.0, load::percentile(&uncompiled, 0.99) / 1000.0);
-    println!("first request of a never-compiled component (compile included), {} services: p50 {p50u:.1} ms, p99 {p99u:.1} ms", uncompiled.len());
+    println!("first request after a restart with an empty compile cache (compile included), {} runs: p50 {p50u:.1} ms, p99 {p99u:.1} ms", uncompiled.len());
     report.insert("uncompiled_p50_ms".into(), p50u.into());
     report.insert("uncompiled_p99_ms".into(), p99u.into());
 
-    // A step in load: 8 clients keep a 200 ms request in flight each; time to 4 and to 8 ready replicas.
-    up.wait_for_zero("cold").await?;
+    // A step in load: 8 clients keep a 200 ms request in flight each; time to 4 ready replicas.
+    let sleep = wharf_testkit::samples::path("sleep");
+    up.wharf(&["apply", "--no-wait", "-f", &manifest(&dir, "step", &sleep)?])?;
+    up.wait_for_zero("step").await?;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut clients = Vec::new();
     for _ in 0..8 {
         let (client, stop) = (client.clone(), stop.clone());
-        let url = format!("{}/cold", up.ingress);
+        let url = format!("{}/step?ms=200", up.ingress);
         clients.push(tokio::spawn(async move {
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let _ = client.get(&url).send().await;
@@ -161,7 +169,7 @@ pub async fn run(args: ColdStartArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut half = None;
     while started.elapsed() < Duration::from_secs(30) {
-        if up.status("cold")?["ready"].as_u64().unwrap_or(0) >= 4 {
+        if up.status("step")?["ready"].as_u64().unwrap_or(0) >= 4 {
             half = Some(started.elapsed());
             break;
         }
@@ -173,7 +181,7 @@ pub async fn run(args: ColdStartArgs) -> anyhow::Result<()> {
     }
     match half {
         Some(half) => {
-            println!("step in load (0 -> 8 clients in a loop, target 1 in flight per replica): 4 ready replicas after {half:.2?}");
+            println!("step in load (0 -> 8 clients each keeping a 200 ms request in flight, target 1 in flight per replica): 4 ready replicas after {half:.2?}");
             report.insert("step_to_4_ready_ms".into(), (half.as_secs_f64() * 1000.0).into());
         }
         None => println!("step in load: fewer than 4 ready replicas after 30 s"),

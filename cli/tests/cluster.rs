@@ -179,3 +179,84 @@ async fn three_zones_spread_route_fail_over_and_survive_restarts() {
     until_ok(&format!("{}/web", hosts[0].ingress), "Hello from Wharf!", Duration::from_secs(10)).await;
     drop(sched);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scale_from_zero_and_back_across_hosts() {
+    let nats = NatsServer::start();
+    let url = nats.url();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_sched, api) = scheduler(&url, &dir.path().join("scheduler"));
+    let hosts: Vec<Host> = [("host-a", "a"), ("host-b", "b"), ("host-c", "c")].iter().map(|(n, z)| host(&url, n, z, dir.path())).collect();
+    let manifest = dir.path().join("auto.yaml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "services:\n  - name: auto\n    component: {{ file: {} }}\n    routes: [{{ path_prefix: /auto }}]\n    limits: {{ concurrency: 64 }}\n    \
+             autoscale: {{ min: 0, max: 6, target_concurrency: 1, scale_down_delay: 1s, scale_to_zero_after: 2s, stable_window: 6s }}\n",
+            sample("sleep")
+        ),
+    )
+    .expect("write");
+    wharf(&api, &["apply", "--no-wait", "-f", manifest.to_str().expect("utf-8")]);
+    let at_zero = |s: &Value| s["status"]["ready"] == 0 && s["status"]["desired"] == 0;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !at_zero(&service(&api, "auto")) {
+        assert!(Instant::now() < deadline, "never at zero: {}", service(&api, "auto"));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // A burst of 200 at zero through one host's ingress: all served.
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("client");
+    let mut burst = tokio::task::JoinSet::new();
+    for i in 0..200 {
+        let (client, url) = (client.clone(), format!("{}/auto?ms=20", hosts[i % 3].ingress));
+        burst.spawn(async move { client.get(url).send().await.map(|r| r.status().as_u16()).unwrap_or(0) });
+    }
+    let mut failed = 0;
+    while let Some(status) = burst.join_next().await {
+        if status.expect("task") != 200 {
+            failed += 1;
+        }
+    }
+    assert_eq!(failed, 0, "requests of the burst at zero failed");
+
+    // Load from every host's ingress: replicas rise and spread over hosts.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut load = Vec::new();
+    for i in 0..6 {
+        let (client, stop) = (client.clone(), stop.clone());
+        let url = format!("{}/auto?ms=300", hosts[i % 3].ingress);
+        load.push(tokio::spawn(async move {
+            let mut failures = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                if !matches!(client.get(&url).send().await, Ok(r) if r.status() == 200) {
+                    failures += 1;
+                }
+            }
+            failures
+        }));
+    }
+    let started = Instant::now();
+    loop {
+        let view = service(&api, "auto");
+        let on: std::collections::BTreeSet<String> =
+            view["status"]["replicas"].as_array().into_iter().flatten().filter(|r| r["state"] == "ready").filter_map(|r| r["host"].as_str().map(str::to_string)).collect();
+        if view["status"]["ready"].as_u64().unwrap_or(0) >= 4 && on.len() >= 2 {
+            println!("scaled to {} ready replicas on {} hosts after {:.1?}", view["status"]["ready"], on.len(), started.elapsed());
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "did not scale up across hosts: {view}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for task in load {
+        assert_eq!(task.await.expect("load"), 0, "no request failed under load");
+    }
+    let started = Instant::now();
+    while !at_zero(&service(&api, "auto")) {
+        assert!(started.elapsed() < Duration::from_secs(40), "never back to zero: {}", service(&api, "auto"));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (status, body) = get(&format!("{}/auto?ms=5", hosts[2].ingress)).await.expect("answered");
+    assert_eq!((status, body.as_str()), (200, "slept 5 ms\n"), "served again from zero");
+}
