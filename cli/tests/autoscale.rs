@@ -98,10 +98,16 @@ async fn scales_from_zero_up_with_load_and_back_to_zero() {
     }
     let rose = up.until("slow", Duration::from_secs(20), "scaled up to 3+", |s| s["ready"].as_u64().unwrap_or(0) >= 3).await;
     println!("scaled up to 3+ ready replicas {rose:.1?} after the load started");
+    let top = up.wharf(&["top", "--once"]);
+    assert!(top.contains("default/slow") && top.contains("load"), "{top}");
     stop.store(true, Ordering::Relaxed);
     for task in load {
         assert_eq!(task.await.expect("load task"), 0, "no request failed under load");
     }
+    let metrics = client.get(format!("{}/metrics", up.api)).send().await.expect("answered").text().await.expect("body");
+    assert!(metrics.contains(r#"wharf_autoscaler_decisions_total{service="default/slow",direction="up"}"#), "{metrics}");
+    let host_metrics = client.get(format!("{}/metrics", up.ingress)).send().await.expect("answered").text().await.expect("body");
+    assert!(host_metrics.contains("wharf_cold_starts_total 1"), "one activation replica was started: {host_metrics}");
 
     // Idle: back down, then to zero after scale_to_zero_after.
     let fell = up.until("slow", Duration::from_secs(40), "scaled to zero", |s| s["desired"] == 0 && s["ready"] == 0).await;

@@ -171,6 +171,23 @@ async fn three_zones_spread_route_fail_over_and_survive_restarts() {
     wharf(&api, &["deploy", &sample("echo"), "--name", "echo", "--route", "/echo"]);
     until_ok(&format!("{}/echo", hosts[0].ingress), "\"path\": \"/echo\"", Duration::from_secs(20)).await;
 
+    // A body larger than NATS' max payload is refused with 413 naming the limit, not cut.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut echo_on = hosts_of(&api, "echo");
+    while echo_on.is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        echo_on = hosts_of(&api, "echo");
+    }
+    let elsewhere = hosts.iter().find(|h| !echo_on.contains(&h.name)).expect("a host without echo");
+    let big = reqwest::Client::new().post(format!("{}/echo", elsewhere.ingress)).body(vec![b'x'; 2 << 20]).send().await.expect("answered");
+    assert_eq!(big.status(), 413);
+    let text = big.text().await.expect("body");
+    assert!(text.contains("larger than") && text.contains("max payload"), "{text}");
+    let small = reqwest::Client::new().post(format!("{}/echo", elsewhere.ingress)).body(vec![b'y'; 100 << 10]).send().await.expect("answered");
+    assert_eq!(small.status(), 200, "a 100 KiB body crosses the bus whole");
+    let json: Value = small.json().await.expect("json");
+    assert_eq!(json["body_len"], 100 << 10);
+
     // SIGTERM drains a host: it exits cleanly and its replicas move.
     let mut leaving = hosts.remove(0);
     let status = leaving.process.terminate(Duration::from_secs(20));

@@ -231,15 +231,21 @@ impl HostAgent {
         replicas
             .into_iter()
             .map(|((service, replica), r)| {
-                let (state, error, in_flight, requests) = match &r.slot {
-                    Slot::Loading => (ReplicaState::Loading, None, 0, 0),
-                    Slot::Ready(w) => {
-                        let load = w.load();
-                        (ReplicaState::Ready, None, load.in_flight, load.requests)
-                    }
-                    Slot::Failed(e) => (ReplicaState::Failed, Some(e.clone()), 0, 0),
+                let (state, error, load) = match &r.slot {
+                    Slot::Loading => (ReplicaState::Loading, None, None),
+                    Slot::Ready(w) => (ReplicaState::Ready, None, Some(w.load())),
+                    Slot::Failed(e) => (ReplicaState::Failed, Some(e.clone()), None),
                 };
-                ReplicaStatus { service, replica, generation: r.generation, state, error, in_flight, requests }
+                ReplicaStatus {
+                    service,
+                    replica,
+                    generation: r.generation,
+                    state,
+                    error,
+                    in_flight: load.as_ref().map_or(0, |l| l.in_flight),
+                    requests: load.as_ref().map_or(0, |l| l.requests),
+                    latency_micros: load.as_ref().map_or(0, |l| l.latency_micros),
+                }
             })
             .collect()
     }
@@ -323,13 +329,24 @@ impl HostAgent {
     async fn build_workload(&self, assigned: &AssignedReplica) -> Result<Workload, String> {
         let spec = &assigned.spec;
         let digest = spec.component.clone();
-        let bytes = self.fetch_artifact(&digest).await?;
+        // Compiled here before: no need to fetch the artifact again.
         let runtime = self.inner.runtime.clone();
-        let expected = digest.clone();
-        let component = tokio::task::spawn_blocking(move || runtime.load(&bytes, Some(&expected)))
-            .await
-            .map_err(|e| format!("the compile task failed: {e}"))?
-            .map_err(|e| e.to_string())?;
+        let cached = {
+            let digest = digest.clone();
+            tokio::task::spawn_blocking(move || runtime.load_compiled(&digest)).await.map_err(|e| format!("the load task failed: {e}"))?
+        };
+        let component = match cached {
+            Some(loaded) => loaded.map_err(|e| e.to_string())?,
+            None => {
+                let bytes = self.fetch_artifact(&digest).await?;
+                let runtime = self.inner.runtime.clone();
+                let expected = digest.clone();
+                tokio::task::spawn_blocking(move || runtime.load(&bytes, Some(&expected)))
+                    .await
+                    .map_err(|e| format!("the compile task failed: {e}"))?
+                    .map_err(|e| e.to_string())?
+            }
+        };
         let mut workload = workload_spec(&assigned.service, spec);
         workload.services = Some(ServiceLink { calls: Arc::new(AgentCalls(Arc::downgrade(&self.inner))), namespace: assigned.service.namespace.clone() });
         Workload::new(&self.inner.runtime, component, workload, &self.inner.metrics).map_err(|e| e.to_string())
@@ -486,6 +503,12 @@ impl HostAgent {
         })
     }
 
+    /// Memory reserved by the replicas assigned here.
+    fn memory_reserved(&self) -> wharf_proto::ByteSize {
+        let Ok(replicas) = self.inner.replicas.read() else { return wharf_proto::ByteSize::default() };
+        wharf_proto::ByteSize(replicas.values().map(|r| r.spec.reservation().bytes()).sum())
+    }
+
     /// Requests held for activation plus those in flight on activation
     /// replicas: load the control plane's autoscaler does not see elsewhere.
     fn demand(&self) -> Vec<Demand> {
@@ -536,6 +559,8 @@ impl HostAgent {
             started_at_ms: self.inner.started_at_ms,
             draining: self.inner.draining.load(Ordering::Relaxed),
             demand: self.demand(),
+            memory_reserved: self.memory_reserved(),
+            memory_in_use: resident_memory(),
         };
         let payload = match serde_json::to_vec(&heartbeat) {
             Ok(payload) => Bytes::from(payload),
@@ -745,6 +770,14 @@ pub fn workload_spec(service: &ServiceId, spec: &ServiceSpec) -> WorkloadSpec {
     workload.env = spec.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     workload.egress = EgressPolicy::allow(spec.allow_outbound.iter().cloned());
     workload
+}
+
+/// This process's resident set, from /proc (0 where there is none).
+fn resident_memory() -> wharf_proto::ByteSize {
+    let kib = std::fs::read_to_string("/proc/self/status").ok().and_then(|status| {
+        status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+    });
+    wharf_proto::ByteSize(kib.unwrap_or(0) * 1024)
 }
 
 fn now_ms() -> u64 {

@@ -189,6 +189,27 @@ impl Runtime {
             return Err(LoadError::DigestMismatch { expected: expected.clone(), actual: digest });
         }
         let (component, cached) = self.compile(bytes, &digest)?;
+        self.prepare(component, digest, cached, started)
+    }
+
+    /// Loads a component this host has compiled before (in memory or in the
+    /// disk cache) without its bytes: `None` if it has not. The checks on
+    /// the bytes passed when it was compiled; the link checks run again.
+    pub fn load_compiled(&self, digest: &Digest) -> Option<Result<LoadedComponent, LoadError>> {
+        let started = Instant::now();
+        let component = match self.inner.compiled.lock().ok().and_then(|c| c.get(digest).cloned()) {
+            Some(component) => component,
+            None => {
+                let component = self.read_cache(digest)?;
+                self.remember(digest, &component);
+                component
+            }
+        };
+        Some(self.prepare(component, digest.clone(), true, started))
+    }
+
+    /// Links a compiled component and checks its world.
+    fn prepare(&self, component: Component, digest: Digest, cached: bool, started: Instant) -> Result<LoadedComponent, LoadError> {
         let instance_pre = self.inner.linker.instantiate_pre(&component).map_err(|e| self.explain_link_error(&component, e))?;
         let exports: Vec<String> =
             component.component_type().exports(&self.inner.engine).map(|(name, _)| name.to_string()).collect();

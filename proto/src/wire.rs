@@ -102,6 +102,12 @@ pub struct Heartbeat {
     /// replica it started for them: demand the replicas' own load misses.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub demand: Vec<Demand>,
+    /// Memory the host's replicas reserve (memory cap x concurrency each).
+    #[serde(default)]
+    pub memory_reserved: ByteSize,
+    /// Memory the host process holds (resident set), when known.
+    #[serde(default)]
+    pub memory_in_use: ByteSize,
 }
 
 /// Requests waiting for (or served by an activation replica of) one service.
@@ -133,6 +139,10 @@ pub struct ReplicaStatus {
     /// Requests served since the replica started.
     #[serde(default)]
     pub requests: u64,
+    /// Sum of those requests' durations in microseconds (with `requests`,
+    /// the mean latency between two heartbeats).
+    #[serde(default)]
+    pub latency_micros: u64,
 }
 
 /// The life of a replica on its host.
@@ -226,11 +236,14 @@ mod tests {
                 error: Some("trap".into()),
                 in_flight: 3,
                 requests: 100,
+                latency_micros: 5000,
             }],
             sent_at_ms: 20,
             started_at_ms: 10,
             draining: false,
             demand: Vec::new(),
+            memory_reserved: ByteSize::mib(64),
+            memory_in_use: ByteSize::mib(20),
         };
         let mut json = round_trip(&heartbeat);
         assert_eq!(json["capacity"]["memory"], "16GiB");

@@ -70,10 +70,15 @@ pub fn router(plane: ControlPlane) -> Router {
         .route("/v1/namespaces/{ns}/services/{name}", get(get_service).put(put_service).delete(delete_service))
         .route("/v1/namespaces/{ns}/services/{name}/scale", post(scale_service))
         .route("/v1/hosts", get(list_hosts))
+        .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such API path; see /v1/services, /v1/artifacts, /v1/hosts") })
         .method_not_allowed_fallback(|| async { ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this path does not take that method") })
         .layer(DefaultBodyLimit::max(MAX_ARTIFACT))
         .with_state(plane)
+}
+
+async fn metrics(State(plane): State<ControlPlane>) -> Response {
+    ([(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], plane.autoscaling.metrics()).into_response()
 }
 
 async fn healthz() -> Response {
@@ -237,6 +242,11 @@ async fn list_hosts(State(plane): State<ControlPlane>) -> ApiResult {
                 "addr": hb.addr,
                 "labels": hb.labels,
                 "capacity": hb.capacity,
+                "memory_reserved": hb.memory_reserved,
+                "memory_in_use": hb.memory_in_use,
+                "draining": hb.draining,
+                "rps": h.rps.iter().map(|(k, v)| (k.to_string(), *v)).collect::<std::collections::BTreeMap<_, _>>(),
+                "latency_ms": h.latency_ms.iter().map(|(k, v)| (k.to_string(), *v)).collect::<std::collections::BTreeMap<_, _>>(),
                 "last_seen_ms": u64::try_from(h.seen.elapsed().as_millis()).unwrap_or(u64::MAX),
                 "replicas": hb.replicas,
                 "cached": hb.cached,

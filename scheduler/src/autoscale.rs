@@ -20,6 +20,8 @@ pub struct Autoscaling {
 struct State {
     scaler: Autoscaler,
     decisions: BTreeMap<ServiceId, Decision>,
+    /// Decisions that changed a service's replica count, by service and direction.
+    changes: BTreeMap<(ServiceId, &'static str), u64>,
     /// Activation announcements not yet reflected in a heartbeat: demand now.
     announced: BTreeMap<ServiceId, u64>,
 }
@@ -65,6 +67,12 @@ impl Autoscaling {
             if before != Some(decision.replicas) {
                 tracing::info!(service = %id, from = current, to = decision.replicas, "autoscale: {}", decision.reason);
                 changed = true;
+                let direction = match decision.replicas.cmp(&current) {
+                    std::cmp::Ordering::Greater => "up",
+                    std::cmp::Ordering::Less => "down",
+                    std::cmp::Ordering::Equal => "hold",
+                };
+                *state.changes.entry((id.clone(), direction)).or_default() += 1;
             }
             state.decisions.insert(id, decision);
         }
@@ -80,6 +88,26 @@ impl Autoscaling {
     /// The replica count the autoscaler wants for `service`, if it scales it.
     pub fn replicas(&self, service: &ServiceId) -> Option<u32> {
         self.inner.lock().ok()?.decisions.get(service).map(|d| d.replicas)
+    }
+
+    /// Prometheus text: decisions that changed a replica count, and the
+    /// replicas each autoscaled service wants now.
+    pub fn metrics(&self) -> String {
+        use std::fmt::Write;
+        let Ok(state) = self.inner.lock() else { return String::new() };
+        let mut out = String::new();
+        out.push_str("# HELP wharf_autoscaler_decisions Autoscaler decisions that changed a service's replica count.\n# TYPE wharf_autoscaler_decisions counter\n");
+        for ((service, direction), count) in &state.changes {
+            let _ = writeln!(out, "wharf_autoscaler_decisions_total{{service=\"{service}\",direction=\"{direction}\"}} {count}");
+        }
+        out.push_str("# HELP wharf_autoscaler_desired_replicas Replicas the autoscaler wants.\n# TYPE wharf_autoscaler_desired_replicas gauge\n");
+        for (service, decision) in &state.decisions {
+            let _ = writeln!(out, "wharf_autoscaler_desired_replicas{{service=\"{service}\"}} {}", decision.replicas);
+            let _ = writeln!(out, "wharf_autoscaler_load{{service=\"{service}\",window=\"stable\"}} {}", decision.stable_load);
+            let _ = writeln!(out, "wharf_autoscaler_load{{service=\"{service}\",window=\"panic\"}} {}", decision.panic_load);
+        }
+        out.push_str("# EOF\n");
+        out
     }
 
     /// The last decision for `service`, for status.

@@ -22,6 +22,8 @@ pub struct HostEntry {
     /// Requests per second per service on this host, from the request
     /// counters of its last two heartbeats.
     pub rps: BTreeMap<ServiceId, f64>,
+    /// Mean latency per service over the same interval, in milliseconds.
+    pub latency_ms: BTreeMap<ServiceId, f64>,
 }
 
 /// Last heartbeat of every host; readiness derived from its age.
@@ -31,7 +33,7 @@ pub struct HostTable {
 }
 
 struct Inner {
-    hosts: RwLock<BTreeMap<HostId, (Heartbeat, Instant, BTreeMap<ServiceId, f64>)>>,
+    hosts: RwLock<BTreeMap<HostId, (Heartbeat, Instant, Rates)>>,
     timeout: Duration,
     /// Bumped when a host appears, goes silent, comes back or its replicas' states change.
     changes: watch::Sender<u64>,
@@ -107,11 +109,12 @@ impl HostTable {
         let Ok(hosts) = self.inner.hosts.read() else { return Vec::new() };
         hosts
             .values()
-            .map(|(heartbeat, seen, rps)| HostEntry {
+            .map(|(heartbeat, seen, rates)| HostEntry {
                 heartbeat: heartbeat.clone(),
                 seen: *seen,
                 ready: seen.elapsed() <= self.inner.timeout && !heartbeat.draining,
-                rps: rps.clone(),
+                rps: rates.rps.clone(),
+                latency_ms: rates.latency_ms.clone(),
             })
             .collect()
     }
@@ -127,17 +130,33 @@ impl HostTable {
     }
 }
 
-/// Requests per second per service between two heartbeats of one host.
-fn request_rates(before: &Heartbeat, now: &Heartbeat) -> BTreeMap<ServiceId, f64> {
+/// Load per service between two heartbeats of one host.
+#[derive(Debug, Clone, Default)]
+struct Rates {
+    rps: BTreeMap<ServiceId, f64>,
+    latency_ms: BTreeMap<ServiceId, f64>,
+}
+
+/// Requests per second and mean latency per service between two heartbeats of one host.
+fn request_rates(before: &Heartbeat, now: &Heartbeat) -> Rates {
     let seconds = now.sent_at_ms.saturating_sub(before.sent_at_ms) as f64 / 1000.0;
-    let mut rates = BTreeMap::new();
+    let mut rates = Rates::default();
     if seconds <= 0.0 {
         return rates;
     }
+    let mut totals: BTreeMap<ServiceId, (u64, u64)> = BTreeMap::new();
     for replica in &now.replicas {
         let earlier = before.replicas.iter().find(|r| r.service == replica.service && r.replica == replica.replica && r.generation == replica.generation);
-        let served = earlier.map_or(0, |e| replica.requests.saturating_sub(e.requests));
-        *rates.entry(replica.service.clone()).or_insert(0.0) += served as f64 / seconds;
+        let (requests, micros) = earlier.map_or((0, 0), |e| (replica.requests.saturating_sub(e.requests), replica.latency_micros.saturating_sub(e.latency_micros)));
+        let total = totals.entry(replica.service.clone()).or_default();
+        total.0 += requests;
+        total.1 += micros;
+    }
+    for (service, (requests, micros)) in totals {
+        rates.rps.insert(service.clone(), requests as f64 / seconds);
+        if requests > 0 {
+            rates.latency_ms.insert(service, micros as f64 / requests as f64 / 1000.0);
+        }
     }
     rates
 }

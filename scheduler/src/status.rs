@@ -50,6 +50,9 @@ pub fn service_view(plane: &ControlPlane, stored: &StoredService, assignments: &
         let flying: u64 = h.heartbeat.replicas.iter().filter(|x| x.service == id).map(|x| x.in_flight).sum();
         (f + flying, r + h.rps.get(&id).copied().unwrap_or(0.0))
     });
+    // Mean latency weighted by each host's request rate.
+    let weighted: f64 = hosts.values().filter(|h| h.ready).map(|h| h.rps.get(&id).copied().unwrap_or(0.0) * h.latency_ms.get(&id).copied().unwrap_or(0.0)).sum();
+    let latency_ms = if rps > 0.0 { Some(weighted / rps) } else { None };
     json!({
         "service": stored,
         "status": {
@@ -57,6 +60,7 @@ pub fn service_view(plane: &ControlPlane, stored: &StoredService, assignments: &
             "ready": ready,
             "in_flight": in_flight,
             "rps": rps,
+            "latency_ms": latency_ms,
             "autoscale": autoscale,
             "replicas": replicas,
             "last_error": last_error,

@@ -52,6 +52,8 @@ async fn beat(bus: &Bus, host: &str) {
         started_at_ms: 1,
         draining: false,
         demand: Vec::new(),
+        memory_reserved: ByteSize::default(),
+        memory_in_use: ByteSize::default(),
     };
     let subject = host_heartbeat_subject(&heartbeat.host);
     bus.publish(&subject, Bytes::from(serde_json::to_vec(&heartbeat).expect("json"))).await.expect("published");
