@@ -79,6 +79,9 @@ pub struct DeployArgs {
     /// Autoscale: idle time before the last replica stops, with --min 0 (e.g. 30s).
     #[arg(long)]
     scale_to_zero_after: Option<String>,
+    /// A wasi:keyvalue bucket the component may open (in its namespace). Repeatable.
+    #[arg(long = "keyvalue", value_name = "BUCKET")]
+    keyvalue: Vec<String>,
     /// Spread replicas evenly over the values of this host label (e.g. zone).
     #[arg(long, value_name = "LABEL")]
     spread: Option<String>,
@@ -123,6 +126,72 @@ pub enum GetWhat {
         #[command(flatten)]
         api: ApiArgs,
     },
+}
+
+/// `wharf kv`: operators' access to services' key-value data.
+#[derive(clap::Subcommand)]
+pub enum KvCommand {
+    /// Print a key's value.
+    Get { bucket: String, key: String, #[command(flatten)] scope: KvScope },
+    /// Set a key's value.
+    Put { bucket: String, key: String, value: String, #[command(flatten)] scope: KvScope },
+    /// List a bucket's keys.
+    List { bucket: String, #[command(flatten)] scope: KvScope },
+    /// Delete a key.
+    Delete { bucket: String, key: String, #[command(flatten)] scope: KvScope },
+}
+
+#[derive(clap::Args)]
+pub struct KvScope {
+    /// The namespace the bucket belongs to.
+    #[arg(long, short = 'n', default_value = "default")]
+    namespace: String,
+    #[command(flatten)]
+    api: ApiArgs,
+}
+
+pub async fn kv(command: KvCommand) -> anyhow::Result<()> {
+    let (scope, path, method, body) = match &command {
+        KvCommand::Get { bucket, key, scope } => (scope, format!("{bucket}/{}", encode_segment(key)), reqwest::Method::GET, None),
+        KvCommand::Put { bucket, key, value, scope } => (scope, format!("{bucket}/{}", encode_segment(key)), reqwest::Method::PUT, Some(value.clone())),
+        KvCommand::List { bucket, scope } => (scope, bucket.clone(), reqwest::Method::GET, None),
+        KvCommand::Delete { bucket, key, scope } => (scope, format!("{bucket}/{}", encode_segment(key)), reqwest::Method::DELETE, None),
+    };
+    let api = Api::new(&scope.api);
+    let url = format!("{}/v1/namespaces/{}/kv/{path}", api.base, scope.namespace);
+    let mut request = api.http.request(method, url);
+    if let Some(body) = body {
+        request = request.body(body);
+    }
+    if let KvCommand::Get { .. } = command {
+        let response = request.send().await.map_err(|e| anyhow::anyhow!("cannot reach the Wharf API at {}: {e}", api.base))?;
+        if response.status().is_success() {
+            let bytes = response.bytes().await?;
+            println!("{}", String::from_utf8_lossy(&bytes));
+            return Ok(());
+        }
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        bail!("{}", body["error"]["message"].as_str().unwrap_or("the API refused the request"));
+    }
+    let answer = api.call(request).await?;
+    match command {
+        KvCommand::List { .. } => {
+            for key in answer["keys"].as_array().into_iter().flatten() {
+                println!("{}", key.as_str().unwrap_or(""));
+            }
+        }
+        KvCommand::Put { key, .. } => println!("{key} set"),
+        KvCommand::Delete { key, .. } => println!("{key} deleted"),
+        KvCommand::Get { .. } => {}
+    }
+    Ok(())
+}
+
+/// Percent-encodes a key for one URL path segment.
+fn encode_segment(key: &str) -> String {
+    key.bytes()
+        .map(|b| if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
+        .collect()
 }
 
 #[derive(clap::Args)]
@@ -256,6 +325,7 @@ pub async fn deploy(args: DeployArgs) -> anyhow::Result<()> {
     spec.allow_outbound = args.allow_outbound.clone();
     spec.placement.labels = args.placement.iter().cloned().collect();
     spec.placement.spread = args.spread.clone();
+    spec.keyvalue = args.keyvalue.clone();
     if args.min.is_some() || args.max.is_some() || args.target_concurrency.is_some() || args.target_rps.is_some() || args.scale_to_zero_after.is_some() {
         let text = serde_json::json!({
             "min": args.min.unwrap_or(0),

@@ -36,6 +36,9 @@ enum Command {
     /// List services or hosts.
     #[command(subcommand)]
     Get(client::GetWhat),
+    /// Read and write services' key-value data (wasi:keyvalue buckets).
+    #[command(subcommand)]
+    Kv(client::KvCommand),
     /// Live load per service and host, and the autoscaler's decisions.
     Top(client::TopArgs),
     /// Change a service's replica count.
@@ -65,6 +68,7 @@ fn main() -> ExitCode {
             Command::Apply(args) => client::apply(args).await,
             Command::Get(what) => client::get(what).await,
             Command::Top(args) => client::top(args).await,
+            Command::Kv(command) => client::kv(command).await,
             Command::Scale(args) => client::scale(args).await,
             Command::Delete(args) => client::delete(args).await,
             Command::Serve(args) => serve::run(args, shutdown_signal()).await,

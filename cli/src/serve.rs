@@ -42,6 +42,9 @@ pub struct Args {
     /// An environment variable the component sees, as KEY=VALUE. Repeatable.
     #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
     env: Vec<(String, String)>,
+    /// A wasi:keyvalue bucket the component may open (kept in memory while serving). Repeatable.
+    #[arg(long = "keyvalue", value_name = "BUCKET")]
+    keyvalue: Vec<String>,
     /// Directory for compiled code (default: the user cache dir, e.g. ~/.cache/wharf/compiled).
     #[arg(long, value_name = "DIR")]
     cache_dir: Option<PathBuf>,
@@ -104,6 +107,8 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyhow::Resu
     };
     spec.env = args.env;
     spec.egress = EgressPolicy::allow(args.allow_outbound);
+    let memory_bus = wharf_bus::Bus::local(wharf_bus::LocalStore::in_memory()?);
+    spec.keyvalue = Some(wharf_host::keyvalue::KeyValueAccess::new(memory_bus, "default", &spec.service, args.keyvalue));
     let metrics = HostMetrics::default();
     let how = if component.cached { "loaded compiled code from cache" } else { "compiled" };
     let took = component.load_time;

@@ -349,6 +349,12 @@ impl HostAgent {
         };
         let mut workload = workload_spec(&assigned.service, spec);
         workload.services = Some(ServiceLink { calls: Arc::new(AgentCalls(Arc::downgrade(&self.inner))), namespace: assigned.service.namespace.clone() });
+        workload.keyvalue = Some(crate::keyvalue::KeyValueAccess::new(
+            self.inner.bus.clone(),
+            &assigned.service.namespace,
+            &assigned.service.to_string(),
+            spec.keyvalue.iter().cloned(),
+        ));
         Workload::new(&self.inner.runtime, component, workload, &self.inner.metrics).map_err(|e| e.to_string())
     }
 

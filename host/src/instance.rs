@@ -1,6 +1,7 @@
 //! The per-request state of one instance: what a wasmtime `Store` holds.
 
 use crate::egress::EgressHooks;
+use crate::keyvalue::{KeyValue, KeyValueAccess};
 use crate::limits::MemoryLimiter;
 use crate::logs::{CapturedOutput, LogBuffer, LogStream};
 use wasmtime::component::ResourceTable;
@@ -18,10 +19,12 @@ pub(crate) struct InstanceState {
     pub(crate) limiter: MemoryLimiter,
     stdout: CapturedOutput,
     stderr: CapturedOutput,
+    keyvalue: Option<KeyValueAccess>,
+    logs: LogBuffer,
 }
 
 impl InstanceState {
-    pub(crate) fn new(env: &[(String, String)], memory: ByteSize, hooks: EgressHooks, logs: &LogBuffer) -> Self {
+    pub(crate) fn new(env: &[(String, String)], memory: ByteSize, hooks: EgressHooks, keyvalue: Option<KeyValueAccess>, logs: &LogBuffer) -> Self {
         let stdout = logs.stream(LogStream::Stdout);
         let stderr = logs.stream(LogStream::Stderr);
         // No preopened directories and no sockets: the component reaches the
@@ -42,7 +45,14 @@ impl InstanceState {
             limiter: MemoryLimiter::new(memory),
             stdout,
             stderr,
+            keyvalue,
+            logs: logs.clone(),
         }
+    }
+
+    /// The `wasi:keyvalue` view of this instance.
+    pub(crate) fn keyvalue(&mut self) -> KeyValue<'_> {
+        KeyValue { access: self.keyvalue.as_ref(), table: &mut self.table, logs: &self.logs }
     }
 
     /// Flushes partial log lines once the instance is done.

@@ -16,6 +16,7 @@
 pub mod agent;
 pub mod egress;
 pub mod ingress;
+pub mod keyvalue;
 pub mod limits;
 pub mod logs;
 pub mod metrics;

@@ -45,6 +45,8 @@ pub struct WorkloadSpec {
     pub log_lines: usize,
     /// Where calls to `http://<service>` go; `None` treats them as egress.
     pub services: Option<ServiceLink>,
+    /// The key-value buckets the component may open; `None`: none at all.
+    pub keyvalue: Option<crate::keyvalue::KeyValueAccess>,
 }
 
 impl WorkloadSpec {
@@ -57,6 +59,7 @@ impl WorkloadSpec {
             egress: EgressPolicy::default(),
             log_lines: 1000,
             services: None,
+            keyvalue: None,
         }
     }
 }
@@ -336,7 +339,7 @@ impl Workload {
     fn new_store(&self, deadline: Instant) -> Store<InstanceState> {
         let spec = &self.inner.spec;
         let hooks = EgressHooks { policy: spec.egress.clone(), logs: self.inner.logs.clone(), services: spec.services.clone() };
-        let state = InstanceState::new(&spec.env, spec.limits.memory, hooks, &self.inner.logs);
+        let state = InstanceState::new(&spec.env, spec.limits.memory, hooks, spec.keyvalue.clone(), &self.inner.logs);
         let mut store = Store::new(self.inner.runtime.engine(), state);
         store.limiter(|state| &mut state.limiter);
         // Fuel is always on in the engine; "unmetered" is simply a budget that never runs out.

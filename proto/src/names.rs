@@ -38,6 +38,39 @@ pub const ASSIGNMENTS_BUCKET: &str = "wharf-assignments";
 /// Object store of component artifacts, keyed by digest.
 pub const ARTIFACTS_BUCKET: &str = "wharf-artifacts";
 
+/// A `wasi:keyvalue` key as stored in its namespace's KV bucket ([`kv_bucket`]): `<bucket>.<key>`, where bytes outside `[A-Za-z0-9_-]` become
+/// `=XX`, so any key fits NATS' key alphabet and decoding is exact.
+pub fn kv_key(bucket: &str, key: &str) -> String {
+    let mut out = String::with_capacity(bucket.len() + 1 + key.len());
+    out.push_str(bucket);
+    out.push('.');
+    for byte in key.bytes() {
+        if byte.is_ascii_alphanumeric() || byte == b'_' || byte == b'-' {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("={byte:02X}"));
+        }
+    }
+    out
+}
+
+/// The `(bucket, key)` a stored key of [`kv_key`] names, if it is in `bucket`.
+pub fn kv_key_decode(bucket: &str, stored: &str) -> Option<String> {
+    let encoded = stored.strip_prefix(bucket)?.strip_prefix('.')?;
+    let mut bytes = Vec::with_capacity(encoded.len());
+    let mut chars = encoded.bytes();
+    while let Some(b) = chars.next() {
+        if b == b'=' {
+            let hi = chars.next()?;
+            let lo = chars.next()?;
+            bytes.push(u8::from_str_radix(std::str::from_utf8(&[hi, lo]).ok()?, 16).ok()?);
+        } else {
+            bytes.push(b);
+        }
+    }
+    String::from_utf8(bytes).ok()
+}
+
 /// The name of a component's object in [`ARTIFACTS_BUCKET`]: its digest's hex.
 pub fn artifact_object(digest: &crate::Digest) -> String {
     digest.hex()
@@ -219,6 +252,22 @@ impl fmt::Display for ServiceId {
 impl fmt::Debug for ServiceId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "ServiceId({self})")
+    }
+}
+
+#[cfg(test)]
+mod kv_key_tests {
+    use super::*;
+
+    #[test]
+    fn keys_round_trip_through_the_nats_alphabet() {
+        for key in ["hits", "a.b/c d", "ünï=cødé", "", "=41"] {
+            let stored = kv_key("counter", key);
+            assert!(stored.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_=.".contains(&b)), "{stored}");
+            assert_eq!(kv_key_decode("counter", &stored).as_deref(), Some(key));
+        }
+        assert_eq!(kv_key_decode("other", &kv_key("counter", "k")), None);
+        assert_eq!(kv_key_decode("count", &kv_key("counter", "k")), None, "a prefix of another bucket's name");
     }
 }
 

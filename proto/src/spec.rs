@@ -70,6 +70,10 @@ pub struct ServiceSpec<C = Digest> {
     /// Volumes the component may use.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<Volume>,
+    /// `wasi:keyvalue` buckets the component may open, by name (DNS labels).
+    /// They live in the namespace; opening any other bucket fails.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keyvalue: Vec<String>,
 }
 
 fn default_namespace() -> String {
@@ -329,6 +333,7 @@ impl<C> ServiceSpec<C> {
             allow_outbound: Vec::new(),
             autoscale: None,
             volumes: Vec::new(),
+            keyvalue: Vec::new(),
         }
     }
 
@@ -366,6 +371,7 @@ impl<C> ServiceSpec<C> {
             allow_outbound: self.allow_outbound,
             autoscale: self.autoscale,
             volumes: self.volumes,
+            keyvalue: self.keyvalue,
         }
     }
 
@@ -420,6 +426,14 @@ impl<C> ServiceSpec<C> {
         }
         if let Some(autoscale) = &self.autoscale {
             autoscale.validate().map_err(|e| e.within("autoscale"))?;
+        }
+        let mut buckets = BTreeSet::new();
+        for (i, bucket) in self.keyvalue.iter().enumerate() {
+            let field = format!("keyvalue[{i}]");
+            label(&field, bucket)?;
+            if !buckets.insert(bucket) {
+                return Err(SpecError::new(field, format!("bucket {bucket:?} is declared twice")));
+            }
         }
         let mut volumes = BTreeSet::new();
         for (i, volume) in self.volumes.iter().enumerate() {

@@ -69,6 +69,8 @@ pub fn router(plane: ControlPlane) -> Router {
         .route("/v1/namespaces/{ns}/services", get(list_services))
         .route("/v1/namespaces/{ns}/services/{name}", get(get_service).put(put_service).delete(delete_service))
         .route("/v1/namespaces/{ns}/services/{name}/scale", post(scale_service))
+        .route("/v1/namespaces/{ns}/kv/{bucket}", get(kv_list))
+        .route("/v1/namespaces/{ns}/kv/{bucket}/{key}", get(kv_get).put(kv_put).delete(kv_delete))
         .route("/v1/hosts", get(list_hosts))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such API path; see /v1/services, /v1/artifacts, /v1/hosts") })
@@ -254,4 +256,49 @@ async fn list_hosts(State(plane): State<ControlPlane>) -> ApiResult {
         })
         .collect();
     Ok(axum::Json(json!({"hosts": hosts})).into_response())
+}
+
+/// The namespace's KV bucket and the stored key, after checking the names.
+async fn kv_target(plane: &ControlPlane, ns: &str, bucket: &str) -> ApiResult<wharf_bus::Kv> {
+    wharf_proto::names::check_label(ns).map_err(|e| ApiError::bad_request(format!("namespace {ns:?}: {e}")))?;
+    wharf_proto::names::check_label(bucket).map_err(|e| ApiError::bad_request(format!("bucket {bucket:?}: {e}")))?;
+    plane
+        .bus
+        .kv(&wharf_proto::names::kv_bucket(ns))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", format!("the key-value store failed: {e}")))
+}
+
+fn kv_failed(e: wharf_bus::KvError) -> ApiError {
+    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", format!("the key-value store failed: {e}"))
+}
+
+async fn kv_list(State(plane): State<ControlPlane>, Path((ns, bucket)): Path<(String, String)>) -> ApiResult {
+    let kv = kv_target(&plane, &ns, &bucket).await?;
+    let mut keys: Vec<String> = kv.keys().await.map_err(kv_failed)?.iter().filter_map(|k| wharf_proto::names::kv_key_decode(&bucket, k)).collect();
+    keys.sort();
+    Ok(axum::Json(json!({"namespace": ns, "bucket": bucket, "keys": keys})).into_response())
+}
+
+async fn kv_get(State(plane): State<ControlPlane>, Path((ns, bucket, key)): Path<(String, String, String)>) -> ApiResult {
+    let kv = kv_target(&plane, &ns, &bucket).await?;
+    match kv.get(&wharf_proto::names::kv_key(&bucket, &key)).await.map_err(kv_failed)? {
+        Some(entry) => Ok(([(axum::http::header::CONTENT_TYPE, "application/octet-stream")], entry.value).into_response()),
+        None => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no key {key:?} in bucket {bucket} of namespace {ns}"))),
+    }
+}
+
+async fn kv_put(State(plane): State<ControlPlane>, Path((ns, bucket, key)): Path<(String, String, String)>, body: Bytes) -> ApiResult {
+    let kv = kv_target(&plane, &ns, &bucket).await?;
+    let revision = kv.put(&wharf_proto::names::kv_key(&bucket, &key), body).await.map_err(|e| match e {
+        wharf_bus::KvError::ValueTooLarge { .. } => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", e.to_string()),
+        e => kv_failed(e),
+    })?;
+    Ok(axum::Json(json!({"namespace": ns, "bucket": bucket, "key": key, "revision": revision})).into_response())
+}
+
+async fn kv_delete(State(plane): State<ControlPlane>, Path((ns, bucket, key)): Path<(String, String, String)>) -> ApiResult {
+    let kv = kv_target(&plane, &ns, &bucket).await?;
+    kv.delete(&wharf_proto::names::kv_key(&bucket, &key)).await.map_err(kv_failed)?;
+    Ok(axum::Json(json!({"deleted": key})).into_response())
 }

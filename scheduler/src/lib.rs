@@ -60,6 +60,7 @@ pub struct ControlPlane {
     pub(crate) unplaceable: UnplaceableMap,
     pub(crate) check: Arc<dyn ComponentCheck>,
     pub(crate) autoscaling: autoscale::Autoscaling,
+    pub(crate) bus: Bus,
     stop: Arc<watch::Sender<bool>>,
 }
 
@@ -69,7 +70,7 @@ impl ControlPlane {
         let store = Store::open(bus).await?;
         let hosts = HostTable::follow(bus, config.host_timeout).await?;
         let (stop, stopped) = watch::channel(false);
-        let plane = ControlPlane { store, hosts, unplaceable: Arc::default(), check, autoscaling: Default::default(), stop: Arc::new(stop) };
+        let plane = ControlPlane { store, hosts, unplaceable: Arc::default(), check, autoscaling: Default::default(), bus: bus.clone(), stop: Arc::new(stop) };
         tokio::spawn(controller::run(
             bus.clone(),
             plane.store.clone(),

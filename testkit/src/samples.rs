@@ -22,6 +22,8 @@ pub const NAMES: &[&str] = &[
     "frontend",
     "backend",
     "notcomponent",
+    "counter",
+    "notes",
 ];
 
 /// The target the samples are built for; also names the output subdirectory.

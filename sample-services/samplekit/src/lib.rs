@@ -62,6 +62,14 @@ impl Target {
             .map(|(_, value)| value)
     }
 
+    /// The first query parameter called `name`, percent-decoded.
+    ///
+    /// For parameters that carry names and paths rather than numbers.
+    /// `+` stays a `+`; bytes that do not decode to UTF-8 are replaced.
+    pub fn text(&self, name: &str) -> Option<String> {
+        self.param(name).map(percent_decode)
+    }
+
     /// The query parameter `name` as a whole number, or `default` when it is absent.
     ///
     /// The error is a ready-made `400` body naming the parameter.
@@ -73,6 +81,30 @@ impl Target {
             }),
         }
     }
+}
+
+/// Decodes `%XX` escapes; a `%` not followed by two hex digits is kept as it is.
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut index = 0;
+    while index < bytes.len() {
+        let escaped = bytes
+            .get(index + 1..index + 3)
+            .and_then(|hex| std::str::from_utf8(hex).ok())
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        match (bytes[index], escaped) {
+            (b'%', Some(byte)) => {
+                decoded.push(byte);
+                index += 3;
+            }
+            (byte, _) => {
+                decoded.push(byte);
+                index += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&decoded).into_owned()
 }
 
 /// The method's name as it appears on the wire.
@@ -201,6 +233,16 @@ mod tests {
         assert!(target.number("x", 1).is_err());
         assert_eq!(target.path_with_query(), "/a/b?n=5&x");
         assert_eq!(Target::parse("").path_with_query(), "/");
+    }
+
+    #[test]
+    fn text_parameters_are_percent_decoded() {
+        let target = Target::parse("/?path=%2Fdata%2F..%2Fetc&raw=/a/b&bad=100%&odd=%zz+1");
+        assert_eq!(target.text("path").as_deref(), Some("/data/../etc"));
+        assert_eq!(target.text("raw").as_deref(), Some("/a/b"));
+        assert_eq!(target.text("bad").as_deref(), Some("100%"));
+        assert_eq!(target.text("odd").as_deref(), Some("%zz+1"));
+        assert_eq!(target.text("none"), None);
     }
 
     #[test]
