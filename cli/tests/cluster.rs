@@ -277,3 +277,48 @@ async fn scale_from_zero_and_back_across_hosts() {
     let (status, body) = get(&format!("{}/auto?ms=5", hosts[2].ingress)).await.expect("answered");
     assert_eq!((status, body.as_str()), (200, "slept 5 ms\n"), "served again from zero");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_counter_over_three_hosts_counts_exactly_and_survives_failures() {
+    let mut nats = NatsServer::start();
+    let url = nats.url();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_sched, api) = scheduler(&url, &dir.path().join("scheduler"));
+    let mut hosts: Vec<Host> = [("host-a", "a"), ("host-b", "b"), ("host-c", "c")].iter().map(|(n, z)| host(&url, n, z, dir.path())).collect();
+    wharf(&api, &["deploy", &sample("counter"), "--name", "counter", "--route", "/", "--replicas", "3", "--spread", "zone", "--keyvalue", "counter"]);
+
+    // 1,000 increments spread over the three hosts' ingresses, 30 at a time.
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("client");
+    let mut tasks = tokio::task::JoinSet::new();
+    for worker in 0..30usize {
+        let client = client.clone();
+        let ingresses: Vec<String> = hosts.iter().map(|h| h.ingress.clone()).collect();
+        tasks.spawn(async move {
+            let mut failures = Vec::new();
+            for i in (worker..1000).step_by(30) {
+                match client.get(format!("{}/hit", ingresses[i % 3])).send().await {
+                    Ok(r) if r.status() == 200 => {}
+                    Ok(r) => failures.push(format!("{} {}", r.status(), r.text().await.unwrap_or_default())),
+                    Err(e) => failures.push(e.to_string()),
+                }
+            }
+            failures
+        });
+    }
+    let mut failures = Vec::new();
+    while let Some(result) = tasks.join_next().await {
+        failures.extend(result.expect("task"));
+    }
+    assert!(failures.is_empty(), "{} increments failed, e.g. {:?}", failures.len(), failures.first());
+    assert_eq!(get(&format!("{}/get?key=hits", hosts[0].ingress)).await.expect("answered"), (200, "1000".to_string()));
+
+    // kill -9 a host serving counter: the count goes on from the others.
+    let mut killed = hosts.remove(0);
+    killed.process.kill();
+    until_ok(&format!("{}/hit", hosts[0].ingress), "1001", Duration::from_secs(10)).await;
+
+    // Restart nats-server: the data is still there.
+    nats.restart();
+    until_ok(&format!("{}/get?key=hits", hosts[1].ingress), "1001", Duration::from_secs(20)).await;
+    until_ok(&format!("{}/hit", hosts[1].ingress), "1002", Duration::from_secs(20)).await;
+}

@@ -1,0 +1,103 @@
+//! Services' key-value data (wasi:keyvalue) on a real `wharf up`: atomic,
+//! scoped to declared buckets, kept across restarts, reachable by `wharf kv`.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+use wharf_testkit::process::Process;
+use wharf_testkit::samples;
+
+const WHARF: &str = env!("CARGO_BIN_EXE_wharf");
+
+struct Up {
+    process: Process,
+    api: String,
+    ingress: String,
+}
+
+fn up(dir: &Path) -> Up {
+    let mut process = Process::spawn(
+        WHARF,
+        &["up", "--data-dir", dir.to_str().expect("utf-8"), "--api", "127.0.0.1:0", "--listen", "127.0.0.1:0", "--host-id", "store"],
+    );
+    let line = process.wait_for_line("Wharf is up", Duration::from_secs(60));
+    let urls: Vec<String> = line.split_whitespace().filter(|w| w.starts_with("http://")).map(str::to_string).collect();
+    process.wait_for_line("Ctrl-C stops", Duration::from_secs(60));
+    Up { process, api: urls[0].clone(), ingress: urls[1].clone() }
+}
+
+impl Up {
+    fn wharf(&self, args: &[&str]) -> (bool, String) {
+        let output = Command::new(WHARF).args(args).env("WHARF_API", &self.api).output().expect("wharf runs");
+        (output.status.success(), format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr)))
+    }
+}
+
+async fn get(url: &str) -> (u16, String) {
+    let response = reqwest::get(url).await.expect("answered");
+    (response.status().as_u16(), response.text().await.expect("body"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counts_atomically_keeps_data_across_restarts_and_stays_in_its_buckets() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let mut cluster = up(&data);
+    let counter = samples::path("counter");
+    let (ok, out) = cluster.wharf(&["deploy", counter.to_str().expect("utf-8"), "--name", "counter", "--route", "/", "--replicas", "2", "--keyvalue", "counter"]);
+    assert!(ok, "{out}");
+
+    // 200 increments from 50 concurrent clients over two replicas: exactly 200, every value once.
+    let client = reqwest::Client::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..50 {
+        let (client, url) = (client.clone(), format!("{}/hit", cluster.ingress));
+        tasks.spawn(async move {
+            let mut seen = Vec::new();
+            for _ in 0..4 {
+                let response = client.get(&url).send().await.expect("answered");
+                assert_eq!(response.status(), 200);
+                seen.push(response.text().await.expect("body").trim().parse::<u64>().expect("a number"));
+            }
+            seen
+        });
+    }
+    let mut values = Vec::new();
+    while let Some(seen) = tasks.join_next().await {
+        values.extend(seen.expect("task"));
+    }
+    values.sort_unstable();
+    assert_eq!(values, (1..=200).collect::<Vec<u64>>(), "every increment returned a distinct value");
+    assert_eq!(get(&format!("{}/get?key=hits", cluster.ingress)).await, (200, "200".to_string()));
+
+    // A bucket the spec does not declare is refused, by name.
+    let (status, body) = get(&format!("{}/hit?bucket=secrets", cluster.ingress)).await;
+    assert_eq!(status, 500, "{body}");
+    assert!(body.contains("`secrets` is not declared") && body.contains("counter"), "{body}");
+
+    // Operators see and change the same data.
+    let (ok, out) = cluster.wharf(&["kv", "get", "counter", "hits"]);
+    assert!(ok && out.trim() == "200", "{out}");
+    assert!(cluster.wharf(&["kv", "put", "counter", "greeting", "hello there"]).0);
+    assert_eq!(get(&format!("{}/get?key=greeting", cluster.ingress)).await, (200, "hello there".to_string()));
+    let (_, keys) = cluster.wharf(&["kv", "list", "counter"]);
+    assert_eq!(keys.lines().collect::<Vec<_>>(), vec!["greeting", "hits"]);
+    assert!(cluster.wharf(&["kv", "delete", "counter", "greeting"]).0);
+    let (ok, out) = cluster.wharf(&["kv", "get", "counter", "greeting"]);
+    assert!(!ok && out.contains("no key"), "{out}");
+    let (ok, out) = cluster.wharf(&["kv", "get", "counter", "hits", "--namespace", "other"]);
+    assert!(!ok && out.contains("no key"), "namespaces do not share data: {out}");
+
+    // kill -9, start again: the count goes on.
+    cluster.process.kill();
+    let cluster = up(&data);
+    let mut next = (0, String::new());
+    for _ in 0..100 {
+        next = get(&format!("{}/hit", cluster.ingress)).await;
+        if next.0 == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(next, (200, "201\n".to_string()));
+}
