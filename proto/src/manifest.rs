@@ -415,7 +415,7 @@ mod tests {
             &two("name: b\n    component: { file: b.wasm }\n    replicaz: 2"),
             Err(
                 "services[1].replicaz: unknown field `replicaz`, expected one of `namespace`, `name`, `component`, \
-                 `replicas`, `limits`, `routes`, `env`, `placement`, `allow_outbound`, `autoscale`, `volumes` (line 6, column 5)",
+                 `replicas`, `limits`, `routes`, `env`, `placement`, `allow_outbound`, `autoscale`, `volumes`, `keyvalue` (line 6, column 5)",
             ),
         );
         check(
@@ -538,8 +538,8 @@ mod tests {
             &two("name = \"b\"\ncomponent = { file = \"b.wasm\" }\nreplicaz = 2"),
             Err(
                 "services[1].replicaz: unknown field `replicaz`, expected one of `namespace`, `name`, `component`, \
-                 `replicas`, `limits`, `routes`, `env`, `placement`, `allow_outbound`, `autoscale`, `volumes` \
-                 (line 8, column 1)",
+                 `replicas`, `limits`, `routes`, `env`, `placement`, `allow_outbound`, `autoscale`, `volumes`, \
+                 `keyvalue` (line 8, column 1)",
             ),
         );
         check(
@@ -635,7 +635,7 @@ mod tests {
             "name: a\ncomponent: { file: a.wasm }\nspread: zone\n",
             Err(
                 "spread: unknown field `spread`, expected one of `namespace`, `name`, `component`, `replicas`, \
-                 `limits`, `routes`, `env`, `placement`, `allow_outbound`, `autoscale`, `volumes` (line 3, column 1)",
+                 `limits`, `routes`, `env`, `placement`, `allow_outbound`, `autoscale`, `volumes`, `keyvalue` (line 3, column 1)",
             ),
         );
         check(
