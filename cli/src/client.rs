@@ -79,6 +79,10 @@ pub struct DeployArgs {
     /// Autoscale: idle time before the last replica stops, with --min 0 (e.g. 30s).
     #[arg(long)]
     scale_to_zero_after: Option<String>,
+    /// A volume: a directory on the host the component sees at PATH (default /data), as NAME[:PATH].
+    /// The service is pinned to the host that holds it. Repeatable.
+    #[arg(long = "volume", value_name = "NAME[:PATH]")]
+    volumes: Vec<String>,
     /// A wasi:keyvalue bucket the component may open (in its namespace). Repeatable.
     #[arg(long = "keyvalue", value_name = "BUCKET")]
     keyvalue: Vec<String>,
@@ -326,6 +330,14 @@ pub async fn deploy(args: DeployArgs) -> anyhow::Result<()> {
     spec.placement.labels = args.placement.iter().cloned().collect();
     spec.placement.spread = args.spread.clone();
     spec.keyvalue = args.keyvalue.clone();
+    spec.volumes = args
+        .volumes
+        .iter()
+        .map(|v| match v.split_once(':') {
+            Some((name, path)) => wharf_proto::Volume { name: name.to_string(), path: path.to_string() },
+            None => wharf_proto::Volume { name: v.clone(), path: "/data".to_string() },
+        })
+        .collect();
     if args.min.is_some() || args.max.is_some() || args.target_concurrency.is_some() || args.target_rps.is_some() || args.scale_to_zero_after.is_some() {
         let text = serde_json::json!({
             "min": args.min.unwrap_or(0),

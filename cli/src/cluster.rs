@@ -150,6 +150,7 @@ pub async fn host(args: HostArgs, shutdown: impl Future<Output = ()>) -> anyhow:
             ingress_addr: Some(addr.to_string()),
             heartbeat_interval: args.heartbeat,
             activation_timeout: args.activation_timeout,
+            volumes_dir: Some(dir.join("volumes")),
         },
     )
     .await?;

@@ -75,6 +75,7 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyhow::Resu
             ingress_addr: Some(ingress_addr.to_string()),
             heartbeat_interval: Duration::from_millis(500),
             activation_timeout: Duration::from_secs(30),
+            volumes_dir: Some(data_dir.join("volumes")),
         },
     )
     .await?;

@@ -321,4 +321,28 @@ async fn a_counter_over_three_hosts_counts_exactly_and_survives_failures() {
     nats.restart();
     until_ok(&format!("{}/get?key=hits", hosts[1].ingress), "1001", Duration::from_secs(20)).await;
     until_ok(&format!("{}/hit", hosts[1].ingress), "1002", Duration::from_secs(20)).await;
+
+    // A service with a volume is pinned to its host: when that host is gone
+    // it waits, pending with the reason, rather than start empty elsewhere.
+    wharf(&api, &["deploy", &sample("notes"), "--name", "notes", "--route", "/notes", "--volume", "data"]);
+    // The pin follows the first ready replica; give the controller a pass to record it.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let pinned = hosts_of(&api, "notes").pop().expect("notes placed");
+    let index = hosts.iter().position(|h| h.name == pinned).expect("pinned host alive");
+    let saved = reqwest::Client::new().put(format!("{}/notes/plan", hosts[index].ingress)).body("v1").send().await.expect("answered");
+    assert_eq!(saved.status(), 200);
+    let mut gone = hosts.remove(index);
+    gone.process.kill();
+    let started = Instant::now();
+    loop {
+        let view = service(&api, "notes");
+        let replicas = view["status"]["replicas"].as_array().cloned().unwrap_or_default();
+        let waiting = replicas.iter().any(|r| r["state"] == "unplaceable" && r["error"].as_str().is_some_and(|e| e.contains(&format!("volumes are on host {pinned}"))));
+        if waiting {
+            assert_eq!(view["status"]["ready"], 0, "not started elsewhere: {view}");
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(15), "notes never shown waiting for its volume: {view}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

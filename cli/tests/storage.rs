@@ -101,3 +101,44 @@ async fn counts_atomically_keeps_data_across_restarts_and_stays_in_its_buckets()
     }
     assert_eq!(next, (200, "201\n".to_string()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_keeps_files_and_nothing_escapes_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let mut cluster = up(&data);
+    let notes = samples::path("notes");
+    let (ok, out) = cluster.wharf(&["deploy", notes.to_str().expect("utf-8"), "--name", "notes", "--route", "/", "--volume", "data"]);
+    assert!(ok, "{out}");
+    let client = reqwest::Client::new();
+    let saved = client.put(format!("{}/notes/todo", cluster.ingress)).body("buy rope").send().await.expect("answered");
+    assert_eq!(saved.status(), 200);
+    assert_eq!(get(&format!("{}/notes/todo", cluster.ingress)).await, (200, "buy rope".to_string()));
+    // The file is where the volume lives on the host, and nowhere else.
+    let on_disk = data.join("volumes/default/notes/data/todo");
+    assert_eq!(std::fs::read_to_string(&on_disk).expect("on the host's disk"), "buy rope");
+
+    // Escapes: `..`, an absolute path, a symlink pointing out. Each fails.
+    std::fs::write(dir.path().join("secret.txt"), "outside").expect("write");
+    #[cfg(unix)]
+    std::os::unix::fs::symlink(dir.path(), data.join("volumes/default/notes/data/link")).expect("symlink");
+    for path in ["/data/../secret.txt", "../secret.txt", dir.path().join("secret.txt").to_str().expect("utf-8"), "/data/link/secret.txt", "/etc/passwd"] {
+        let (status, body) = get(&format!("{}/escape?path={path}", cluster.ingress)).await;
+        assert_eq!(status, 403, "{path} must not be readable: {body}");
+        assert!(body.contains("cannot open"), "{body}");
+    }
+
+    // The files outlive the process.
+    let status = cluster.process.terminate(Duration::from_secs(15));
+    assert!(status.success());
+    let cluster = up(&data);
+    let mut got = (0, String::new());
+    for _ in 0..100 {
+        got = get(&format!("{}/notes/todo", cluster.ingress)).await;
+        if got.0 == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(got, (200, "buy rope".to_string()));
+}

@@ -42,6 +42,9 @@ pub struct AgentConfig {
     pub heartbeat_interval: Duration,
     /// How long a request for a service scaled to zero is held before it gets 503.
     pub activation_timeout: Duration,
+    /// Where services' volumes live on this host (`<dir>/<ns>/<service>/<volume>`);
+    /// `None`: this host cannot run services with volumes.
+    pub volumes_dir: Option<std::path::PathBuf>,
 }
 
 /// How long an activation replica may serve before the control plane has
@@ -349,6 +352,14 @@ impl HostAgent {
         };
         let mut workload = workload_spec(&assigned.service, spec);
         workload.services = Some(ServiceLink { calls: Arc::new(AgentCalls(Arc::downgrade(&self.inner))), namespace: assigned.service.namespace.clone() });
+        for volume in &spec.volumes {
+            let Some(root) = &self.inner.config.volumes_dir else {
+                return Err(format!("volume {} needs a data directory, and host {} has none", volume.name, self.inner.config.host));
+            };
+            let dir = root.join(&assigned.service.namespace).join(&assigned.service.name).join(&volume.name);
+            std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create volume {} at {}: {e}", volume.name, dir.display()))?;
+            workload.volumes.push((dir, volume.path.clone()));
+        }
         workload.keyvalue = Some(crate::keyvalue::KeyValueAccess::new(
             self.inner.bus.clone(),
             &assigned.service.namespace,
@@ -627,7 +638,10 @@ impl HostAgent {
         let started = std::time::Instant::now();
         let _held = Held::enter(self, service);
         self.announce_activation(service).await;
-        let may_run_here = !self.inner.draining.load(Ordering::Relaxed) && spec.placement.labels.iter().all(|(k, v)| self.inner.config.labels.get(k) == Some(v));
+        // A service with volumes runs only where its volumes are: never here by activation.
+        let may_run_here = !self.inner.draining.load(Ordering::Relaxed)
+            && spec.volumes.is_empty()
+            && spec.placement.labels.iter().all(|(k, v)| self.inner.config.labels.get(k) == Some(v));
         if may_run_here {
             match self.activate_locally(service, spec).await {
                 Ok(workload) => {

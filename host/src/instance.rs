@@ -24,20 +24,29 @@ pub(crate) struct InstanceState {
 }
 
 impl InstanceState {
-    pub(crate) fn new(env: &[(String, String)], memory: ByteSize, hooks: EgressHooks, keyvalue: Option<KeyValueAccess>, logs: &LogBuffer) -> Self {
+    /// Fails only if a volume's directory cannot be opened.
+    pub(crate) fn new(
+        env: &[(String, String)],
+        memory: ByteSize,
+        hooks: EgressHooks,
+        keyvalue: Option<KeyValueAccess>,
+        volumes: &[(std::path::PathBuf, String)],
+        logs: &LogBuffer,
+    ) -> Result<Self, String> {
         let stdout = logs.stream(LogStream::Stdout);
         let stderr = logs.stream(LogStream::Stderr);
-        // No preopened directories and no sockets: the component reaches the
-        // outside world only through wasi:http, past the egress hooks.
-        let wasi = WasiCtx::builder()
-            .envs(env)
-            .stdout(stdout.clone())
-            .stderr(stderr.clone())
-            .allow_tcp(false)
-            .allow_udp(false)
-            .allow_ip_name_lookup(false)
-            .build();
-        InstanceState {
+        // No sockets, and no directories but the service's own volumes
+        // (capability-based: nothing outside them can be named). The
+        // component reaches the outside world only through wasi:http.
+        let mut builder = WasiCtx::builder();
+        builder.envs(env).stdout(stdout.clone()).stderr(stderr.clone()).allow_tcp(false).allow_udp(false).allow_ip_name_lookup(false);
+        for (dir, path) in volumes {
+            builder
+                .preopened_dir(dir, path, wasmtime_wasi::FsPerms::ReadWrite)
+                .map_err(|e| format!("cannot open the volume at {} ({}): {e:#}", path, dir.display()))?;
+        }
+        let wasi = builder.build();
+        Ok(InstanceState {
             wasi,
             http: WasiHttpCtx::new(),
             table: ResourceTable::new(),
@@ -47,7 +56,7 @@ impl InstanceState {
             stderr,
             keyvalue,
             logs: logs.clone(),
-        }
+        })
     }
 
     /// The `wasi:keyvalue` view of this instance.

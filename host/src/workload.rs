@@ -47,6 +47,8 @@ pub struct WorkloadSpec {
     pub services: Option<ServiceLink>,
     /// The key-value buckets the component may open; `None`: none at all.
     pub keyvalue: Option<crate::keyvalue::KeyValueAccess>,
+    /// Host directories the component sees, with the path it sees each at.
+    pub volumes: Vec<(std::path::PathBuf, String)>,
 }
 
 impl WorkloadSpec {
@@ -60,6 +62,7 @@ impl WorkloadSpec {
             log_lines: 1000,
             services: None,
             keyvalue: None,
+            volumes: Vec::new(),
         }
     }
 }
@@ -285,7 +288,14 @@ impl Workload {
             }
         };
         let deadline = Instant::now() + limits.timeout;
-        let mut store = self.new_store(deadline);
+        let mut store = match self.new_store(deadline) {
+            Ok(store) => store,
+            Err(e) => {
+                let outcome = Outcome::HostError(e);
+                self.record(&outcome, started.elapsed());
+                return self.error_response(&outcome);
+            }
+        };
         let (sender, receiver) = tokio::sync::oneshot::channel();
         let prepared = store
             .data_mut()
@@ -327,7 +337,7 @@ impl Workload {
     pub async fn time_instantiations(&self, n: usize) -> Result<Vec<Duration>, wasmtime::Error> {
         let mut times = Vec::with_capacity(n);
         for _ in 0..n {
-            let mut store = self.new_store(Instant::now() + self.inner.spec.limits.timeout);
+            let mut store = self.new_store(Instant::now() + self.inner.spec.limits.timeout).map_err(wasmtime::Error::msg)?;
             let started = Instant::now();
             let instance = self.inner.component.pre.instantiate_async(&mut store).await?;
             times.push(started.elapsed());
@@ -336,10 +346,10 @@ impl Workload {
         Ok(times)
     }
 
-    fn new_store(&self, deadline: Instant) -> Store<InstanceState> {
+    fn new_store(&self, deadline: Instant) -> Result<Store<InstanceState>, String> {
         let spec = &self.inner.spec;
         let hooks = EgressHooks { policy: spec.egress.clone(), logs: self.inner.logs.clone(), services: spec.services.clone() };
-        let state = InstanceState::new(&spec.env, spec.limits.memory, hooks, spec.keyvalue.clone(), &self.inner.logs);
+        let state = InstanceState::new(&spec.env, spec.limits.memory, hooks, spec.keyvalue.clone(), &spec.volumes, &self.inner.logs)?;
         let mut store = Store::new(self.inner.runtime.engine(), state);
         store.limiter(|state| &mut state.limiter);
         // Fuel is always on in the engine; "unmetered" is simply a budget that never runs out.
@@ -352,7 +362,7 @@ impl Workload {
         store.epoch_deadline_callback(move |_| {
             Ok(if Instant::now() >= deadline { UpdateDeadline::Interrupt } else { UpdateDeadline::Yield(1) })
         });
-        store
+        Ok(store)
     }
 
     async fn run(

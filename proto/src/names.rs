@@ -79,6 +79,14 @@ pub fn artifact_object(digest: &crate::Digest) -> String {
 /// KV bucket of the hosts the control plane has seen, keyed by host id.
 pub const HOSTS_BUCKET: &str = "wharf-hosts";
 
+/// KV bucket recording which host holds each service's volumes (key: the
+/// service key, value: the host id).
+pub const VOLUMES_BUCKET: &str = "wharf-volumes";
+
+/// The label every host carries implicitly with its own id; the control
+/// plane pins services with volumes to their host with it.
+pub const HOST_LABEL: &str = "wharf.host";
+
 /// The `wasi:keyvalue` bucket shared by the services of one namespace.
 pub fn kv_bucket(namespace: &str) -> String {
     format!("wharf-kv-{namespace}")

@@ -281,12 +281,21 @@ fn default_stable_window() -> Duration {
     Duration::from_secs(30)
 }
 
-/// A volume the component may use. Only named for now; storage options come later.
+/// A directory on the host that the component sees at `path`: local
+/// persistent storage. A service with a volume is pinned to the host that
+/// holds it, like a local persistent volume in Kubernetes.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Volume {
     /// The volume's name, a DNS label unique within the service.
     pub name: String,
+    /// Where the component sees it (default `/data`): an absolute path.
+    #[serde(default = "default_volume_path")]
+    pub path: String,
+}
+
+fn default_volume_path() -> String {
+    "/data".to_string()
 }
 
 /// What is wrong with a spec, and where: `field` is a path such as
@@ -436,6 +445,7 @@ impl<C> ServiceSpec<C> {
             }
         }
         let mut volumes = BTreeSet::new();
+        let mut paths = BTreeSet::new();
         for (i, volume) in self.volumes.iter().enumerate() {
             let field = format!("volumes[{i}].name");
             label(&field, &volume.name)?;
@@ -444,6 +454,13 @@ impl<C> ServiceSpec<C> {
                     field,
                     format!("volume {:?} is declared twice", volume.name),
                 ));
+            }
+            let path_field = format!("volumes[{i}].path");
+            if !volume.path.starts_with('/') || volume.path.split('/').any(|part| part == ".." || part == ".") || volume.path.contains(char::is_whitespace) {
+                return Err(SpecError::new(path_field, format!("{:?} must be an absolute path without `.` or `..`", volume.path)));
+            }
+            if !paths.insert(&volume.path) {
+                return Err(SpecError::new(path_field, format!("two volumes are mounted at {:?}", volume.path)));
             }
         }
         Ok(())
@@ -840,7 +857,7 @@ mod tests {
             "autoscale.stable_window",
             "between 6s and 1h, got 5s",
         );
-        let volume = |name: &str| Volume { name: name.into() };
+        let volume = |name: &str| Volume { name: name.into(), path: format!("/{name}") };
         check(
             |s| s.volumes = vec![volume("data"), volume("Data")],
             "volumes[1].name",
@@ -927,6 +944,7 @@ mod tests {
         });
         spec.volumes.push(Volume {
             name: "data".into(),
+            path: "/data".into(),
         });
         let json = serde_json::to_value(&spec).expect("serialises");
         assert_eq!(json["limits"]["timeout"], "1s 500ms");

@@ -247,6 +247,8 @@ async fn list_hosts(State(plane): State<ControlPlane>) -> ApiResult {
                 "memory_reserved": hb.memory_reserved,
                 "memory_in_use": hb.memory_in_use,
                 "draining": hb.draining,
+                "sent_at_ms": hb.sent_at_ms,
+                "started_at_ms": hb.started_at_ms,
                 "rps": h.rps.iter().map(|(k, v)| (k.to_string(), *v)).collect::<std::collections::BTreeMap<_, _>>(),
                 "latency_ms": h.latency_ms.iter().map(|(k, v)| (k.to_string(), *v)).collect::<std::collections::BTreeMap<_, _>>(),
                 "last_seen_ms": u64::try_from(h.seen.elapsed().as_millis()).unwrap_or(u64::MAX),

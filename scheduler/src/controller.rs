@@ -90,6 +90,7 @@ async fn next_event(watch: &mut Option<wharf_bus::KvWatch>) -> Option<wharf_bus:
 pub async fn reconcile_once(store: &Store, hosts: &HostTable, unplaceable: &UnplaceableMap, autoscaling: &Autoscaling) -> Result<(), StoreError> {
     let services = store.services().await?;
     let assignments = store.assignments().await?;
+    let pins = store.volume_pins().await?;
     autoscaling.tick(&services, &assignments, hosts);
     let known = hosts.hosts();
     let snapshot = Snapshot {
@@ -98,20 +99,43 @@ pub async fn reconcile_once(store: &Store, hosts: &HostTable, unplaceable: &Unpl
             .map(|h| HostInfo {
                 id: h.heartbeat.host.clone(),
                 ready: h.ready,
-                labels: h.heartbeat.labels.clone(),
+                labels: {
+                    let mut labels = h.heartbeat.labels.clone();
+                    labels.insert(wharf_proto::names::HOST_LABEL.to_string(), h.heartbeat.host.to_string());
+                    labels
+                },
                 capacity: h.heartbeat.capacity,
                 cached: h.heartbeat.cached.iter().cloned().collect(),
                 in_flight: h.heartbeat.replicas.iter().map(|r| r.in_flight).sum(),
             })
             .collect(),
-        services: services.iter().map(|s| effective(&s.spec, &assignments, autoscaling)).collect(),
+        services: services.iter().map(|s| effective(&s.spec, &assignments, autoscaling, pins.get(&s.spec.id()))).collect(),
         current: assignments.iter().map(|a| (a.host.clone(), a.replicas.iter().map(|r| (r.service.clone(), r.replica)).collect())).collect(),
     };
     let plan = reconcile(&snapshot);
     if let Ok(mut map) = unplaceable.lock() {
         map.clear();
-        for u in plan.unplaceable {
+        for mut u in plan.unplaceable.clone() {
+            if let Some(host) = pins.get(&u.service) {
+                u.reason = format!("its volumes are on host {host}, which is not ready; it waits for that host rather than start empty elsewhere ({})", u.reason);
+            }
             map.entry(u.service.clone()).or_default().push(u);
+        }
+    }
+    // A service with volumes is pinned to the host where its first replica
+    // became ready (not merely placed: a host that dies before reporting
+    // would otherwise keep the volume forever).
+    for stored in services.iter().filter(|s| !s.spec.volumes.is_empty()) {
+        let id = stored.spec.id();
+        if pins.contains_key(&id) {
+            continue;
+        }
+        let serving = known.iter().filter(|h| h.ready).find(|h| {
+            h.heartbeat.replicas.iter().any(|r| r.service == id && r.state == wharf_proto::ReplicaState::Ready && r.generation == stored.generation)
+        });
+        if let Some(host) = serving {
+            tracing::info!(service = %id, host = %host.heartbeat.host, "volumes pinned to host");
+            store.pin_volumes(&id, &host.heartbeat.host).await?;
         }
     }
     let by_id: BTreeMap<ServiceId, &StoredService> = services.iter().map(|s| (s.spec.id(), s)).collect();
@@ -147,7 +171,7 @@ pub async fn reconcile_once(store: &Store, hosts: &HostTable, unplaceable: &Unpl
 /// The spec as placement sees it: an autoscaled service's replica count is
 /// the autoscaler's decision (or, before its first, what runs now, within
 /// the policy's bounds).
-fn effective(spec: &wharf_proto::ServiceSpec, assignments: &[Assignment], autoscaling: &Autoscaling) -> wharf_proto::ServiceSpec {
+fn effective(spec: &wharf_proto::ServiceSpec, assignments: &[Assignment], autoscaling: &Autoscaling, pin: Option<&HostId>) -> wharf_proto::ServiceSpec {
     let mut spec = spec.clone();
     if let Some(policy) = &spec.autoscale {
         let id = spec.id();
@@ -155,6 +179,16 @@ fn effective(spec: &wharf_proto::ServiceSpec, assignments: &[Assignment], autosc
             let current = assignments.iter().flat_map(|a| &a.replicas).filter(|r| r.service == id).count();
             u32::try_from(current).unwrap_or(u32::MAX).clamp(policy.min, policy.max.max(policy.min))
         });
+    }
+    // Volumes stay with their host: pinned services go only there; an
+    // unpinned one is placed once (one replica) to choose that host.
+    if !spec.volumes.is_empty() {
+        match pin {
+            Some(host) => {
+                spec.placement.labels.insert(wharf_proto::names::HOST_LABEL.to_string(), host.to_string());
+            }
+            None => spec.replicas = spec.replicas.min(1),
+        }
     }
     spec
 }

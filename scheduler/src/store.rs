@@ -5,7 +5,7 @@
 use bytes::Bytes;
 use std::time::{SystemTime, UNIX_EPOCH};
 use wharf_bus::{Bus, Kv, KvError, ObjectError, Objects};
-use wharf_proto::names::{ARTIFACTS_BUCKET, ASSIGNMENTS_BUCKET, SERVICES_BUCKET, artifact_object, assignment_key};
+use wharf_proto::names::{ARTIFACTS_BUCKET, ASSIGNMENTS_BUCKET, SERVICES_BUCKET, VOLUMES_BUCKET, artifact_object, assignment_key};
 use wharf_proto::{Assignment, Digest, HostId, ServiceId, ServiceSpec, StoredService};
 
 /// Handles to the buckets holding the cluster's desired state.
@@ -14,6 +14,7 @@ pub struct Store {
     services: Kv,
     assignments: Kv,
     artifacts: Objects,
+    volumes: Kv,
 }
 
 /// Why a store operation failed.
@@ -51,6 +52,7 @@ impl Store {
             services: bus.kv(SERVICES_BUCKET).await?,
             assignments: bus.kv(ASSIGNMENTS_BUCKET).await?,
             artifacts: bus.objects(ARTIFACTS_BUCKET).await?,
+            volumes: bus.kv(VOLUMES_BUCKET).await?,
         })
     }
 
@@ -129,6 +131,9 @@ impl Store {
             return Err(StoreError::Conflict { service: id.clone(), given: rev, current: stored.revision });
         }
         self.services.delete(&id.key()).await?;
+        if !stored.spec.volumes.is_empty() {
+            self.unpin_volumes(id).await?;
+        }
         Ok(stored)
     }
 
@@ -169,6 +174,37 @@ impl Store {
     /// Writes one host's whole assignment.
     pub async fn put_assignment(&self, assignment: &Assignment) -> Result<(), StoreError> {
         self.assignments.put(&assignment_key(&assignment.host), encode(assignment)).await?;
+        Ok(())
+    }
+
+    /// The host each service with volumes is pinned to.
+    pub async fn volume_pins(&self) -> Result<std::collections::BTreeMap<ServiceId, HostId>, StoreError> {
+        let mut pins = std::collections::BTreeMap::new();
+        for entry in self.volumes.entries().await? {
+            let host = String::from_utf8_lossy(&entry.value).to_string();
+            match (entry.key.split_once('.'), HostId::new(host)) {
+                (Some((ns, name)), Ok(host)) => {
+                    if let Ok(id) = ServiceId::new(ns, name) {
+                        pins.insert(id, host);
+                    }
+                }
+                _ => tracing::warn!(key = %entry.key, "ignoring an unreadable volume pin"),
+            }
+        }
+        Ok(pins)
+    }
+
+    /// Pins a service's volumes to `host` (once; an existing pin stays).
+    pub async fn pin_volumes(&self, service: &ServiceId, host: &HostId) -> Result<(), StoreError> {
+        match self.volumes.create(&service.key(), Bytes::from(host.as_str().to_string())).await {
+            Ok(_) | Err(KvError::AlreadyExists { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Forgets where a deleted service's volumes were (their data stays on that host's disk).
+    pub async fn unpin_volumes(&self, service: &ServiceId) -> Result<(), StoreError> {
+        self.volumes.delete(&service.key()).await?;
         Ok(())
     }
 

@@ -40,14 +40,31 @@ async fn writes_are_compare_and_set_and_idempotent() {
     assert!(store.service(&current.spec.id()).await.expect("read").is_none());
 }
 
+fn ready_replica(spec: &ServiceSpec, replica: u32) -> wharf_proto::ReplicaStatus {
+    wharf_proto::ReplicaStatus {
+        service: spec.id(),
+        replica,
+        generation: 1,
+        state: wharf_proto::ReplicaState::Ready,
+        error: None,
+        in_flight: 0,
+        requests: 0,
+        latency_micros: 0,
+    }
+}
+
 async fn beat(bus: &Bus, host: &str) {
+    beat_with(bus, host, Vec::new()).await;
+}
+
+async fn beat_with(bus: &Bus, host: &str, replicas: Vec<wharf_proto::ReplicaStatus>) {
     let heartbeat = Heartbeat {
         host: HostId::new(host).expect("id"),
         addr: None,
         labels: Default::default(),
         capacity: Capacity { memory: ByteSize::gib(16), instances: 1000 },
         cached: Vec::new(),
-        replicas: Vec::new(),
+        replicas,
         sent_at_ms: 0,
         started_at_ms: 1,
         draining: false,
@@ -90,4 +107,47 @@ async fn the_controller_spreads_replicas_and_moves_them_off_a_silent_host() {
     let a = moved.iter().find(|x| x.host.as_str() == "a").expect("a");
     let b = moved.iter().find(|x| x.host.as_str() == "b").expect("b");
     assert_eq!((a.replicas.len(), b.replicas.len()), (4, 0), "{moved:?}");
+}
+
+#[tokio::test]
+async fn a_service_with_a_volume_is_pinned_to_a_ready_host_and_waits_for_it() {
+    let bus = bus();
+    let store = Store::open(&bus).await.expect("store");
+    let hosts = HostTable::follow(&bus, Duration::from_millis(600)).await.expect("hosts");
+    let unplaceable = UnplaceableMap::default();
+    let scaling = Autoscaling::default();
+    for _ in 0..3 {
+        beat(&bus, "a").await;
+        beat(&bus, "b").await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // a goes silent before the service exists.
+    for _ in 0..10 {
+        beat(&bus, "b").await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut notes = spec("notes", 2);
+    notes.volumes = vec![wharf_proto::Volume { name: "data".into(), path: "/data".into() }];
+    store.put_service(notes.clone(), None).await.expect("put");
+    reconcile_once(&store, &hosts, &unplaceable, &scaling).await.expect("reconcile");
+    assert!(store.volume_pins().await.expect("pins").is_empty(), "not pinned before a replica is ready");
+    let first = store.assignments().await.expect("assignments");
+    let placed: Vec<_> = first.iter().filter(|a| !a.replicas.is_empty()).map(|a| a.host.as_str().to_string()).collect();
+    assert_eq!(placed, vec!["b".to_string()], "one replica first, on the ready host");
+    beat_with(&bus, "b", vec![ready_replica(&notes, 0)]).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    reconcile_once(&store, &hosts, &unplaceable, &scaling).await.expect("reconcile");
+    let pins = store.volume_pins().await.expect("pins");
+    assert_eq!(pins.get(&notes.id()).map(|h| h.as_str()), Some("b"), "pinned to the host where it became ready");
+    reconcile_once(&store, &hosts, &unplaceable, &scaling).await.expect("reconcile");
+    let assignments = store.assignments().await.expect("assignments");
+    let on_b = assignments.iter().find(|x| x.host.as_str() == "b").map_or(0, |x| x.replicas.len());
+    assert_eq!(on_b, 2, "both replicas with the volume's host: {assignments:?}");
+
+    // b goes silent too: the replicas wait for it, with the reason.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    reconcile_once(&store, &hosts, &unplaceable, &scaling).await.expect("reconcile");
+    let reasons = unplaceable.lock().expect("lock").get(&notes.id()).cloned().unwrap_or_default();
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    assert!(reasons[0].reason.contains("volumes are on host b"), "{}", reasons[0].reason);
 }
