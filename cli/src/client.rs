@@ -83,6 +83,12 @@ pub struct DeployArgs {
     /// The service is pinned to the host that holds it. Repeatable.
     #[arg(long = "volume", value_name = "NAME[:PATH]")]
     volumes: Vec<String>,
+    /// Runtime configuration (wasi:config) as KEY=VALUE. Repeatable.
+    #[arg(long = "config", value_name = "KEY=VALUE", value_parser = crate::wiring::parse_pair)]
+    config: Vec<(String, String)>,
+    /// A secret of the namespace to hand to the component (as the config value of that name). Repeatable.
+    #[arg(long = "secret", value_name = "NAME")]
+    secrets: Vec<String>,
     /// A wasi:keyvalue bucket the component may open (in its namespace). Repeatable.
     #[arg(long = "keyvalue", value_name = "BUCKET")]
     keyvalue: Vec<String>,
@@ -187,6 +193,47 @@ pub async fn kv(command: KvCommand) -> anyhow::Result<()> {
         KvCommand::Put { key, .. } => println!("{key} set"),
         KvCommand::Delete { key, .. } => println!("{key} deleted"),
         KvCommand::Get { .. } => {}
+    }
+    Ok(())
+}
+
+/// `wharf secret`: secrets per namespace. Values are write-only.
+#[derive(clap::Subcommand)]
+pub enum SecretCommand {
+    /// Store a secret (the value from the argument, or from stdin with `-`).
+    Set { name: String, value: String, #[command(flatten)] scope: KvScope },
+    /// List the namespace's secrets (names only).
+    List { #[command(flatten)] scope: KvScope },
+    /// Delete a secret.
+    Delete { name: String, #[command(flatten)] scope: KvScope },
+}
+
+pub async fn secret(command: SecretCommand) -> anyhow::Result<()> {
+    match command {
+        SecretCommand::Set { name, value, scope } => {
+            let value = if value == "-" {
+                let mut text = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)?;
+                text.trim_end_matches('\n').to_string()
+            } else {
+                value
+            };
+            let api = Api::new(&scope.api);
+            api.call(api.http.put(format!("{}/v1/namespaces/{}/secrets/{name}", api.base, scope.namespace)).body(value)).await?;
+            println!("secret {name} stored in namespace {}", scope.namespace);
+        }
+        SecretCommand::List { scope } => {
+            let api = Api::new(&scope.api);
+            let answer = api.get(&format!("/v1/namespaces/{}/secrets", scope.namespace)).await?;
+            for name in answer["secrets"].as_array().into_iter().flatten() {
+                println!("{}", name.as_str().unwrap_or(""));
+            }
+        }
+        SecretCommand::Delete { name, scope } => {
+            let api = Api::new(&scope.api);
+            api.call(api.http.delete(format!("{}/v1/namespaces/{}/secrets/{name}", api.base, scope.namespace))).await?;
+            println!("secret {name} deleted");
+        }
     }
     Ok(())
 }
@@ -330,6 +377,8 @@ pub async fn deploy(args: DeployArgs) -> anyhow::Result<()> {
     spec.placement.labels = args.placement.iter().cloned().collect();
     spec.placement.spread = args.spread.clone();
     spec.keyvalue = args.keyvalue.clone();
+    spec.config = args.config.iter().cloned().collect();
+    spec.secrets = args.secrets.clone();
     spec.volumes = args
         .volumes
         .iter()

@@ -39,6 +39,9 @@ enum Command {
     /// Read and write services' key-value data (wasi:keyvalue buckets).
     #[command(subcommand)]
     Kv(client::KvCommand),
+    /// Store, list and delete secrets (granted to services with --secret).
+    #[command(subcommand)]
+    Secret(client::SecretCommand),
     /// Live load per service and host, and the autoscaler's decisions.
     Top(client::TopArgs),
     /// Change a service's replica count.
@@ -69,6 +72,7 @@ fn main() -> ExitCode {
             Command::Get(what) => client::get(what).await,
             Command::Top(args) => client::top(args).await,
             Command::Kv(command) => client::kv(command).await,
+            Command::Secret(command) => client::secret(command).await,
             Command::Scale(args) => client::scale(args).await,
             Command::Delete(args) => client::delete(args).await,
             Command::Serve(args) => serve::run(args, shutdown_signal()).await,

@@ -74,6 +74,12 @@ async fn counts_atomically_keeps_data_across_restarts_and_stays_in_its_buckets()
     let (status, body) = get(&format!("{}/hit?bucket=secrets", cluster.ingress)).await;
     assert_eq!(status, 500, "{body}");
     assert!(body.contains("`secrets` is not declared") && body.contains("counter"), "{body}");
+    // There is no way to name another namespace's data: such names are just undeclared buckets.
+    for other in ["other.counter", "other/counter", "wharf-kv-other"] {
+        let (status, body) = get(&format!("{}/hit?bucket={other}", cluster.ingress)).await;
+        assert_eq!(status, 500, "{other}: {body}");
+        assert!(body.contains("is not declared"), "{other}: {body}");
+    }
 
     // Operators see and change the same data.
     let (ok, out) = cluster.wharf(&["kv", "get", "counter", "hits"]);
@@ -141,4 +147,45 @@ async fn a_volume_keeps_files_and_nothing_escapes_it() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(got, (200, "buy rope".to_string()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_and_secrets_reach_the_component_and_secrets_are_never_shown() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cluster = up(&dir.path().join("data"));
+    let secret_value = "hunter2-very-secret";
+    let (ok, out) = cluster.wharf(&["secret", "set", "db-password", secret_value]);
+    assert!(ok, "{out}");
+    let settings = samples::path("settings");
+    let settings = settings.to_str().expect("utf-8");
+    // A secret that does not exist: the replica fails with a message naming it.
+    let (ok, out) = cluster.wharf(&["deploy", settings, "--name", "broken", "--route", "/broken", "--secret", "nope", "--no-wait"]);
+    assert!(ok, "{out}");
+    let (ok, out) = cluster.wharf(&["deploy", settings, "--name", "settings", "--route", "/", "--config", "mode=prod", "--secret", "db-password"]);
+    assert!(ok, "{out}");
+    assert_eq!(get(&format!("{}/?key=mode", cluster.ingress)).await, (200, "prod".to_string()));
+    assert_eq!(get(&format!("{}/?key=db-password", cluster.ingress)).await, (200, secret_value.to_string()));
+    assert_eq!(get(&format!("{}/?key=other", cluster.ingress)).await.0, 404);
+
+    // Nowhere in what Wharf shows: get, status, the secret list, metrics, its own output.
+    let mut shown = Vec::new();
+    for args in [&["get", "services", "-o", "json"][..], &["get", "services"], &["get", "hosts", "-o", "json"], &["secret", "list"]] {
+        shown.push(cluster.wharf(args).1);
+    }
+    assert!(shown[3].contains("db-password"), "the name is listed: {}", shown[3]);
+    shown.push(reqwest::get(format!("{}/metrics", cluster.api)).await.expect("metrics").text().await.expect("body"));
+    shown.push(reqwest::get(format!("{}/metrics", cluster.ingress)).await.expect("metrics").text().await.expect("body"));
+    shown.push(cluster.process.output());
+    for text in &shown {
+        assert!(!text.contains(secret_value), "the secret value leaked into: {text}");
+    }
+    let mut broken = String::new();
+    for _ in 0..50 {
+        broken = cluster.wharf(&["get", "services", "broken", "-o", "json"]).1;
+        if broken.contains("secret nope") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(broken.contains("secret nope is granted to the service but does not exist"), "{broken}");
 }

@@ -360,6 +360,18 @@ impl HostAgent {
             std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create volume {} at {}: {e}", volume.name, dir.display()))?;
             workload.volumes.push((dir, volume.path.clone()));
         }
+        workload.config.0 = spec.config.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        if !spec.secrets.is_empty() {
+            let secrets = self.inner.bus.kv(wharf_proto::names::SECRETS_BUCKET).await.map_err(|e| format!("cannot open the secret store: {e}"))?;
+            let namespace = &assigned.service.namespace;
+            for name in &spec.secrets {
+                match secrets.get(&wharf_proto::names::secret_key(namespace, name)).await {
+                    Ok(Some(entry)) => workload.config.0.push((name.clone(), String::from_utf8_lossy(&entry.value).into_owned())),
+                    Ok(None) => return Err(format!("secret {name} is granted to the service but does not exist in namespace {namespace}; create it with `wharf secret set {name} ...`")),
+                    Err(e) => return Err(format!("cannot read secret {name}: {e}")),
+                }
+            }
+        }
         workload.keyvalue = Some(crate::keyvalue::KeyValueAccess::new(
             self.inner.bus.clone(),
             &assigned.service.namespace,

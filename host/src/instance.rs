@@ -20,6 +20,7 @@ pub(crate) struct InstanceState {
     stdout: CapturedOutput,
     stderr: CapturedOutput,
     keyvalue: Option<KeyValueAccess>,
+    config: std::sync::Arc<wasmtime_wasi_config::WasiConfigVariables>,
     logs: LogBuffer,
 }
 
@@ -31,6 +32,7 @@ impl InstanceState {
         hooks: EgressHooks,
         keyvalue: Option<KeyValueAccess>,
         volumes: &[(std::path::PathBuf, String)],
+        config: std::sync::Arc<wasmtime_wasi_config::WasiConfigVariables>,
         logs: &LogBuffer,
     ) -> Result<Self, String> {
         let stdout = logs.stream(LogStream::Stdout);
@@ -55,8 +57,14 @@ impl InstanceState {
             stdout,
             stderr,
             keyvalue,
+            config,
             logs: logs.clone(),
         })
+    }
+
+    /// The `wasi:config` view of this instance.
+    pub(crate) fn config(&mut self) -> wasmtime_wasi_config::WasiConfig<'_> {
+        wasmtime_wasi_config::WasiConfig::from(&*self.config)
     }
 
     /// The `wasi:keyvalue` view of this instance.

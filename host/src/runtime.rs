@@ -76,7 +76,7 @@ pub enum LoadError {
     #[error("invalid component: {0}")]
     Invalid(String),
     /// The component imports something this host does not provide.
-    #[error("the component imports `{import}`, which Wharf hosts do not provide (they provide WASI 0.2: wasi:http, wasi:cli, wasi:io, wasi:clocks, wasi:random, wasi:filesystem, wasi:sockets; and wasi:keyvalue 0.2.0-draft): {detail}")]
+    #[error("the component imports `{import}`, which Wharf hosts do not provide (they provide WASI 0.2: wasi:http, wasi:cli, wasi:io, wasi:clocks, wasi:random, wasi:filesystem, wasi:sockets; wasi:keyvalue 0.2.0-draft and wasi:config 0.2.0-rc.1): {detail}")]
     UnsupportedImport { import: String, detail: String },
     /// The component does not export the HTTP handler.
     #[error("the component does not export `{HTTP_HANDLER_EXPORT}` (the wasi:http/proxy world); its exports are: {exports}{hint}")]
@@ -140,6 +140,7 @@ impl Runtime {
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(RuntimeError::Link)?;
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker).map_err(RuntimeError::Link)?;
         crate::keyvalue::add_to_linker(&mut linker, InstanceState::keyvalue).map_err(RuntimeError::Link)?;
+        wasmtime_wasi_config::add_to_linker(&mut linker, InstanceState::config).map_err(RuntimeError::Link)?;
         if let Some(dir) = &config.cache_dir {
             std::fs::create_dir_all(dir).map_err(|source| RuntimeError::CacheDir { path: dir.clone(), source })?;
         }

@@ -49,6 +49,19 @@ pub struct WorkloadSpec {
     pub keyvalue: Option<crate::keyvalue::KeyValueAccess>,
     /// Host directories the component sees, with the path it sees each at.
     pub volumes: Vec<(std::path::PathBuf, String)>,
+    /// Runtime configuration (`wasi:config`), secrets included.
+    pub config: ConfigValues,
+}
+
+/// Runtime configuration values; `Debug` shows only the keys, since some
+/// values are secrets.
+#[derive(Clone, Default)]
+pub struct ConfigValues(pub Vec<(String, String)>);
+
+impl std::fmt::Debug for ConfigValues {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.0.iter().map(|(k, _)| format!("{k}=<hidden>"))).finish()
+    }
 }
 
 impl WorkloadSpec {
@@ -63,6 +76,7 @@ impl WorkloadSpec {
             services: None,
             keyvalue: None,
             volumes: Vec::new(),
+            config: ConfigValues::default(),
         }
     }
 }
@@ -173,6 +187,8 @@ struct WorkloadInner {
     runtime: Runtime,
     spec: WorkloadSpec,
     logs: LogBuffer,
+    /// The runtime configuration, built once and shared by every instance.
+    config: Arc<wasmtime_wasi_config::WasiConfigVariables>,
     /// One permit per instance that may run at once.
     permits: Arc<Semaphore>,
     metrics: ServiceMetrics,
@@ -219,6 +235,7 @@ impl Workload {
         Ok(Workload {
             inner: Arc::new(WorkloadInner {
                 logs: LogBuffer::new(service.clone(), spec.log_lines),
+                config: Arc::new(spec.config.0.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()),
                 service,
                 component,
                 runtime: runtime.clone(),
@@ -349,7 +366,7 @@ impl Workload {
     fn new_store(&self, deadline: Instant) -> Result<Store<InstanceState>, String> {
         let spec = &self.inner.spec;
         let hooks = EgressHooks { policy: spec.egress.clone(), logs: self.inner.logs.clone(), services: spec.services.clone() };
-        let state = InstanceState::new(&spec.env, spec.limits.memory, hooks, spec.keyvalue.clone(), &spec.volumes, &self.inner.logs)?;
+        let state = InstanceState::new(&spec.env, spec.limits.memory, hooks, spec.keyvalue.clone(), &spec.volumes, self.inner.config.clone(), &self.inner.logs)?;
         let mut store = Store::new(self.inner.runtime.engine(), state);
         store.limiter(|state| &mut state.limiter);
         // Fuel is always on in the engine; "unmetered" is simply a budget that never runs out.

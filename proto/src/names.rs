@@ -79,6 +79,15 @@ pub fn artifact_object(digest: &crate::Digest) -> String {
 /// KV bucket of the hosts the control plane has seen, keyed by host id.
 pub const HOSTS_BUCKET: &str = "wharf-hosts";
 
+/// KV bucket of secrets (key: [`secret_key`]); values never leave it except
+/// into the components granted them.
+pub const SECRETS_BUCKET: &str = "wharf-secrets";
+
+/// A secret's key in [`SECRETS_BUCKET`]: `<namespace>.<name>`.
+pub fn secret_key(namespace: &str, name: &str) -> String {
+    format!("{namespace}.{name}")
+}
+
 /// KV bucket recording which host holds each service's volumes (key: the
 /// service key, value: the host id).
 pub const VOLUMES_BUCKET: &str = "wharf-volumes";

@@ -74,6 +74,14 @@ pub struct ServiceSpec<C = Digest> {
     /// They live in the namespace; opening any other bucket fails.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub keyvalue: Vec<String>,
+    /// Runtime configuration the component reads through `wasi:config`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub config: BTreeMap<String, String>,
+    /// Secrets of the namespace granted to the service, by name; each is
+    /// handed to the component as the config value of the same name. Only
+    /// names are ever stored in the spec.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<String>,
 }
 
 fn default_namespace() -> String {
@@ -343,6 +351,8 @@ impl<C> ServiceSpec<C> {
             autoscale: None,
             volumes: Vec::new(),
             keyvalue: Vec::new(),
+            config: BTreeMap::new(),
+            secrets: Vec::new(),
         }
     }
 
@@ -381,6 +391,8 @@ impl<C> ServiceSpec<C> {
             autoscale: self.autoscale,
             volumes: self.volumes,
             keyvalue: self.keyvalue,
+            config: self.config,
+            secrets: self.secrets,
         }
     }
 
@@ -435,6 +447,22 @@ impl<C> ServiceSpec<C> {
         }
         if let Some(autoscale) = &self.autoscale {
             autoscale.validate().map_err(|e| e.within("autoscale"))?;
+        }
+        for key in self.config.keys() {
+            if key.is_empty() || key.contains(char::is_whitespace) {
+                return Err(SpecError::new(format!("config.{key}"), "config keys must be non-empty without whitespace"));
+            }
+        }
+        let mut granted = BTreeSet::new();
+        for (i, secret) in self.secrets.iter().enumerate() {
+            let field = format!("secrets[{i}]");
+            label(&field, secret)?;
+            if self.config.contains_key(secret) {
+                return Err(SpecError::new(field, format!("secret {secret:?} has the same name as a config key")));
+            }
+            if !granted.insert(secret) {
+                return Err(SpecError::new(field, format!("secret {secret:?} is granted twice")));
+            }
         }
         let mut buckets = BTreeSet::new();
         for (i, bucket) in self.keyvalue.iter().enumerate() {

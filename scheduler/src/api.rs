@@ -71,6 +71,8 @@ pub fn router(plane: ControlPlane) -> Router {
         .route("/v1/namespaces/{ns}/services/{name}/scale", post(scale_service))
         .route("/v1/namespaces/{ns}/kv/{bucket}", get(kv_list))
         .route("/v1/namespaces/{ns}/kv/{bucket}/{key}", get(kv_get).put(kv_put).delete(kv_delete))
+        .route("/v1/namespaces/{ns}/secrets", get(secret_list))
+        .route("/v1/namespaces/{ns}/secrets/{name}", axum::routing::put(secret_put).delete(secret_delete))
         .route("/v1/hosts", get(list_hosts))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such API path; see /v1/services, /v1/artifacts, /v1/hosts") })
@@ -303,4 +305,33 @@ async fn kv_delete(State(plane): State<ControlPlane>, Path((ns, bucket, key)): P
     let kv = kv_target(&plane, &ns, &bucket).await?;
     kv.delete(&wharf_proto::names::kv_key(&bucket, &key)).await.map_err(kv_failed)?;
     Ok(axum::Json(json!({"deleted": key})).into_response())
+}
+
+/// The secrets bucket, after checking the names. Values go in and never come out.
+async fn secrets(plane: &ControlPlane, ns: &str, name: Option<&str>) -> ApiResult<wharf_bus::Kv> {
+    wharf_proto::names::check_label(ns).map_err(|e| ApiError::bad_request(format!("namespace {ns:?}: {e}")))?;
+    if let Some(name) = name {
+        wharf_proto::names::check_label(name).map_err(|e| ApiError::bad_request(format!("secret name {name:?}: {e}")))?;
+    }
+    plane.bus.kv(wharf_proto::names::SECRETS_BUCKET).await.map_err(kv_failed)
+}
+
+async fn secret_list(State(plane): State<ControlPlane>, Path(ns): Path<String>) -> ApiResult {
+    let kv = secrets(&plane, &ns, None).await?;
+    let prefix = format!("{ns}.");
+    let mut names: Vec<String> = kv.keys().await.map_err(kv_failed)?.into_iter().filter_map(|k| k.strip_prefix(&prefix).map(str::to_string)).collect();
+    names.sort();
+    Ok(axum::Json(json!({"namespace": ns, "secrets": names})).into_response())
+}
+
+async fn secret_put(State(plane): State<ControlPlane>, Path((ns, name)): Path<(String, String)>, body: Bytes) -> ApiResult {
+    let kv = secrets(&plane, &ns, Some(&name)).await?;
+    kv.put(&wharf_proto::names::secret_key(&ns, &name), body).await.map_err(kv_failed)?;
+    Ok(axum::Json(json!({"namespace": ns, "secret": name, "stored": true})).into_response())
+}
+
+async fn secret_delete(State(plane): State<ControlPlane>, Path((ns, name)): Path<(String, String)>) -> ApiResult {
+    let kv = secrets(&plane, &ns, Some(&name)).await?;
+    kv.delete(&wharf_proto::names::secret_key(&ns, &name)).await.map_err(kv_failed)?;
+    Ok(axum::Json(json!({"deleted": name})).into_response())
 }

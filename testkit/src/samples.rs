@@ -24,6 +24,7 @@ pub const NAMES: &[&str] = &[
     "notcomponent",
     "counter",
     "notes",
+    "settings",
 ];
 
 /// The target the samples are built for; also names the output subdirectory.
