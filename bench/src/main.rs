@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 mod cluster;
 mod coldstart;
+mod kvbench;
 mod load;
 mod rss;
 
@@ -32,6 +33,8 @@ enum Cmd {
     Cluster(cluster::ClusterArgs),
     /// Scale from zero: first-request latency (compiled and not), replicas following a step in load.
     Coldstart(coldstart::ColdStartArgs),
+    /// wasi:keyvalue get/set latency from inside a component vs raw JetStream KV.
+    Kv(kvbench::KvArgs),
     /// Placement core: replicas placed per second on a simulated cluster.
     Placement(PlacementArgs),
     /// (internal) Loads N workloads in this process and prints its resident memory as JSON.
@@ -88,6 +91,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Cmd::Host(args) => tokio::runtime::Runtime::new()?.block_on(host(args)),
         Cmd::Placement(args) => placement(args),
+        Cmd::Kv(args) => tokio::runtime::Runtime::new()?.block_on(kvbench::run(args)),
         Cmd::Coldstart(args) => tokio::runtime::Runtime::new()?.block_on(coldstart::run(args)),
         Cmd::Cluster(args) => tokio::runtime::Runtime::new()?.block_on(cluster::run(args)),
         Cmd::RssProbe(args) => tokio::runtime::Runtime::new()?.block_on(rss::probe(args)),

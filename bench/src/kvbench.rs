@@ -1,0 +1,125 @@
+//! `wasi:keyvalue` from inside a component vs a raw JetStream KV get/put
+//! from Rust, in the same run, against the same nats-server.
+
+use crate::load;
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use wharf_testkit::nats::NatsServer;
+use wharf_testkit::process::Process;
+
+#[derive(clap::Args)]
+pub struct KvArgs {
+    /// The `wharf` binary (default: next to this one).
+    #[arg(long)]
+    wharf: Option<PathBuf>,
+    /// Sequential operations per figure.
+    #[arg(long, default_value_t = 2000)]
+    ops: usize,
+    /// Where to write the JSON results.
+    #[arg(long, default_value = "bench/results/kv.json")]
+    out: PathBuf,
+}
+
+async fn timed(client: &reqwest::Client, n: usize, request: impl Fn(&reqwest::Client) -> reqwest::RequestBuilder) -> anyhow::Result<(f64, f64)> {
+    for _ in 0..100 {
+        request(client).send().await?.bytes().await?;
+    }
+    let mut times = Vec::with_capacity(n);
+    for _ in 0..n {
+        let started = Instant::now();
+        let response = request(client).send().await?;
+        let status = response.status();
+        response.bytes().await?;
+        if !(status.is_success() || status.as_u16() == 400) {
+            bail!("answered {status}");
+        }
+        times.push(started.elapsed());
+    }
+    times.sort();
+    Ok((load::percentile(&times, 0.5), load::percentile(&times, 0.99)))
+}
+
+pub async fn run(args: KvArgs) -> anyhow::Result<()> {
+    let wharf = match args.wharf.clone() {
+        Some(path) => path,
+        None => std::env::current_exe()?.with_file_name("wharf"),
+    };
+    let nats = NatsServer::start();
+    let dir = std::env::temp_dir().join(format!("wharf-bench-kv-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let mut process = Process::spawn_with(
+        Command::new(&wharf)
+            .args(["up", "--nats", &nats.url(), "--api", "127.0.0.1:0", "--listen", "127.0.0.1:0", "--host-id", "kv", "--data-dir"])
+            .arg(dir.join("data"))
+            .env("WHARF_LOG", "warn"),
+    );
+    let line = process.wait_for_line("Wharf is up", Duration::from_secs(60));
+    let urls: Vec<String> = line.split_whitespace().filter(|w| w.starts_with("http://")).map(str::to_string).collect();
+    process.wait_for_line("Ctrl-C stops", Duration::from_secs(60));
+    let (api, ingress) = (urls[0].clone(), urls[1].clone());
+    let counter = wharf_testkit::samples::path("counter");
+    let output = Command::new(&wharf)
+        .args(["deploy"])
+        .arg(&counter)
+        .args(["--name", "counter", "--route", "/", "--keyvalue", "counter"])
+        .env("WHARF_API", &api)
+        .stdin(Stdio::null())
+        .output()?;
+    if !output.status.success() {
+        bail!("deploy failed: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    let client = reqwest::Client::builder().pool_max_idle_per_host(1).build()?;
+    client.put(format!("{ingress}/set?key=k")).body("v".repeat(100)).send().await?;
+
+    // The same request path without touching the store: /get without a key answers 400 before any KV call.
+    let baseline = timed(&client, args.ops, |c| c.get(format!("{ingress}/get"))).await?;
+    let get = timed(&client, args.ops, |c| c.get(format!("{ingress}/get?key=k"))).await?;
+    let set = timed(&client, args.ops, |c| c.put(format!("{ingress}/set?key=k")).body("v".repeat(100))).await?;
+
+    // Raw JetStream KV from Rust, the same bucket, through wharf-bus (async-nats).
+    let bus = wharf_bus::Bus::connect_nats(&nats.url(), wharf_bus::NatsOptions::default()).await?;
+    let kv = bus.kv(&wharf_proto::names::kv_bucket("default")).await?;
+    let key = wharf_proto::names::kv_key("counter", "raw");
+    let value = Bytes::from("v".repeat(100));
+    kv.put(&key, value.clone()).await?;
+    let mut raw_get = Vec::new();
+    let mut raw_put = Vec::new();
+    for _ in 0..args.ops {
+        let started = Instant::now();
+        kv.get(&key).await?.context("raw key present")?;
+        raw_get.push(started.elapsed());
+        let started = Instant::now();
+        kv.put(&key, value.clone()).await?;
+        raw_put.push(started.elapsed());
+    }
+    raw_get.sort();
+    raw_put.sort();
+    let raw_get = (load::percentile(&raw_get, 0.5), load::percentile(&raw_get, 0.99));
+    let raw_put = (load::percentile(&raw_put, 0.5), load::percentile(&raw_put, 0.99));
+    println!("wasi:keyvalue over JetStream KV (counter sample via wharf up --nats), {} sequential ops each:", args.ops);
+    println!("  request without a KV call (baseline):  p50 {:.0} µs, p99 {:.0} µs", baseline.0, baseline.1);
+    println!("  request with bucket.get (100 B):       p50 {:.0} µs, p99 {:.0} µs -> the get adds {:.0} µs at p50", get.0, get.1, get.0 - baseline.0);
+    println!("  request with bucket.set (100 B):       p50 {:.0} µs, p99 {:.0} µs -> the set adds {:.0} µs at p50", set.0, set.1, set.0 - baseline.0);
+    println!("  raw JetStream KV get from Rust:        p50 {:.0} µs, p99 {:.0} µs", raw_get.0, raw_get.1);
+    println!("  raw JetStream KV put from Rust:        p50 {:.0} µs, p99 {:.0} µs", raw_put.0, raw_put.1);
+    println!("  ratio, component get cost / raw get: {:.2}x; component set cost / raw put: {:.2}x", (get.0 - baseline.0) / raw_get.0, (set.0 - baseline.0) / raw_put.0);
+    let report = serde_json::json!({
+        "ops": args.ops,
+        "baseline_p50_micros": baseline.0, "baseline_p99_micros": baseline.1,
+        "component_get_p50_micros": get.0, "component_get_p99_micros": get.1,
+        "component_set_p50_micros": set.0, "component_set_p99_micros": set.1,
+        "raw_get_p50_micros": raw_get.0, "raw_get_p99_micros": raw_get.1,
+        "raw_put_p50_micros": raw_put.0, "raw_put_p99_micros": raw_put.1,
+    });
+    if let Some(parent) = args.out.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(&args.out, serde_json::to_string_pretty(&report)? + "\n")?;
+    eprintln!("wrote {}", args.out.display());
+    drop(process);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
