@@ -5,9 +5,8 @@
 use crate::load;
 use anyhow::{Context, bail};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use wharf_testkit::process::Process;
+use wharf_testkit::wharf::Up;
 
 #[derive(clap::Args)]
 pub struct ColdStartArgs {
@@ -25,54 +24,43 @@ pub struct ColdStartArgs {
     out: PathBuf,
 }
 
-struct Up {
-    _process: Process,
-    api: String,
-    ingress: String,
-    wharf: PathBuf,
+fn start_up(wharf: &Path, dir: &Path) -> Up {
+    Up::start(wharf, &dir.join("data"), &["--host-id", "bench"])
 }
 
-impl Up {
-    fn wharf(&self, args: &[&str]) -> anyhow::Result<String> {
-        let output = Command::new(&self.wharf).args(args).env("WHARF_API", &self.api).stdin(Stdio::null()).output()?;
-        let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
-        if !output.status.success() {
-            bail!("wharf {args:?} failed: {text}");
-        }
-        Ok(text)
-    }
-
-    fn status(&self, name: &str) -> anyhow::Result<serde_json::Value> {
-        let view: serde_json::Value = serde_json::from_str(&self.wharf(&["get", "services", name, "-o", "json"])?)?;
-        Ok(view["status"].clone())
-    }
-
-    async fn wait_for_zero(&self, name: &str) -> anyhow::Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let status = self.status(name)?;
-            if status["ready"] == 0 && status["desired"] == 0 {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("{name} did not scale to zero: {status}");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+fn run_ok(up: &Up, args: &[&str]) -> anyhow::Result<String> {
+    match up.wharf(args) {
+        (true, text) => Ok(text),
+        (false, text) => bail!("wharf {args:?} failed: {text}"),
     }
 }
 
-fn start_up(wharf: &Path, dir: &Path) -> anyhow::Result<Up> {
-    let mut process = Process::spawn_with(
-        Command::new(wharf)
-            .args(["up", "--api", "127.0.0.1:0", "--listen", "127.0.0.1:0", "--host-id", "bench", "--data-dir"])
-            .arg(dir.join("data"))
-            .env("WHARF_LOG", "warn"),
-    );
-    let line = process.wait_for_line("Wharf is up", Duration::from_secs(60));
-    let urls: Vec<String> = line.split_whitespace().filter(|w| w.starts_with("http://")).map(str::to_string).collect();
-    process.wait_for_line("Ctrl-C stops", Duration::from_secs(60));
-    Ok(Up { _process: process, api: urls[0].clone(), ingress: urls[1].clone(), wharf: wharf.to_path_buf() })
+/// Waits until the service has no replica desired or ready.
+async fn wait_for_zero(up: &Up, name: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = &up.service(name)["status"];
+        if status["ready"] == 0 && status["desired"] == 0 {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{name} did not scale to zero: {status}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Times one GET; fails unless it succeeds.
+async fn time_get(client: &reqwest::Client, url: &str) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let response = client.get(url).send().await?;
+    let status = response.status();
+    response.bytes().await?;
+    let took = started.elapsed();
+    if !status.is_success() {
+        bail!("{url}: {status}");
+    }
+    Ok(took)
 }
 
 fn manifest(dir: &Path, name: &str, component: &Path) -> anyhow::Result<String> {
@@ -97,24 +85,17 @@ pub async fn run(args: ColdStartArgs) -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let wharf_path = wharf.clone();
-    let up = start_up(&wharf, &dir)?;
+    let up = start_up(&wharf, &dir);
     let client = reqwest::Client::builder().pool_max_idle_per_host(1).build()?;
     let hello = wharf_testkit::samples::path("hello");
     let mut report = serde_json::Map::new();
 
     // Compiled: the host compiled the component when it was deployed.
-    up.wharf(&["apply", "--no-wait", "-f", &manifest(&dir, "cold", &hello)?])?;
+    run_ok(&up, &["apply", "--no-wait", "-f", &manifest(&dir, "cold", &hello)?])?;
     let mut compiled = Vec::new();
     for cycle in 0..args.cycles {
-        up.wait_for_zero("cold").await?;
-        let started = Instant::now();
-        let response = client.get(format!("{}/cold", up.ingress)).send().await?;
-        let status = response.status();
-        response.bytes().await?;
-        let took = started.elapsed();
-        if !status.is_success() {
-            bail!("cycle {cycle}: {status}");
-        }
+        wait_for_zero(&up, "cold").await?;
+        let took = time_get(&client, &format!("{}/cold", up.ingress)).await.with_context(|| format!("cycle {cycle}"))?;
         eprintln!("cold start {}/{} (compiled): {took:.2?}", cycle + 1, args.cycles);
         compiled.push(took);
     }
@@ -129,18 +110,11 @@ pub async fn run(args: ColdStartArgs) -> anyhow::Result<()> {
     let mut up = up;
     let mut uncompiled = Vec::new();
     for i in 0..args.uncompiled {
-        up.wait_for_zero("cold").await?;
+        wait_for_zero(&up, "cold").await?;
         drop(up);
         std::fs::remove_dir_all(dir.join("data").join("compiled")).context("clear the compile cache")?;
-        up = start_up(&wharf_path, &dir)?;
-        let started = Instant::now();
-        let response = client.get(format!("{}/cold", up.ingress)).send().await?;
-        let status = response.status();
-        response.bytes().await?;
-        let took = started.elapsed();
-        if !status.is_success() {
-            bail!("uncompiled {i}: {status}");
-        }
+        up = start_up(&wharf_path, &dir);
+        let took = time_get(&client, &format!("{}/cold", up.ingress)).await.with_context(|| format!("uncompiled run {i}"))?;
         eprintln!("cold start {}/{} (empty compile cache): {took:.2?}", i + 1, args.uncompiled);
         uncompiled.push(took);
     }
@@ -152,8 +126,8 @@ pub async fn run(args: ColdStartArgs) -> anyhow::Result<()> {
 
     // A step in load: 8 clients keep a 200 ms request in flight each; time to 4 ready replicas.
     let sleep = wharf_testkit::samples::path("sleep");
-    up.wharf(&["apply", "--no-wait", "-f", &manifest(&dir, "step", &sleep)?])?;
-    up.wait_for_zero("step").await?;
+    run_ok(&up, &["apply", "--no-wait", "-f", &manifest(&dir, "step", &sleep)?])?;
+    wait_for_zero(&up, "step").await?;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut clients = Vec::new();
     for _ in 0..8 {
@@ -169,7 +143,7 @@ pub async fn run(args: ColdStartArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut half = None;
     while started.elapsed() < Duration::from_secs(30) {
-        if up.status("step")?["ready"].as_u64().unwrap_or(0) >= 4 {
+        if up.service("step")["status"]["ready"].as_u64().unwrap_or(0) >= 4 {
             half = Some(started.elapsed());
             break;
         }

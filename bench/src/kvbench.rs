@@ -5,10 +5,9 @@ use crate::load;
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use wharf_testkit::nats::NatsServer;
-use wharf_testkit::process::Process;
+use wharf_testkit::wharf::Up;
 
 #[derive(clap::Args)]
 pub struct KvArgs {
@@ -50,26 +49,12 @@ pub async fn run(args: KvArgs) -> anyhow::Result<()> {
     let nats = NatsServer::start();
     let dir = std::env::temp_dir().join(format!("wharf-bench-kv-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let mut process = Process::spawn_with(
-        Command::new(&wharf)
-            .args(["up", "--nats", &nats.url(), "--api", "127.0.0.1:0", "--listen", "127.0.0.1:0", "--host-id", "kv", "--data-dir"])
-            .arg(dir.join("data"))
-            .env("WHARF_LOG", "warn"),
-    );
-    let line = process.wait_for_line("Wharf is up", Duration::from_secs(60));
-    let urls: Vec<String> = line.split_whitespace().filter(|w| w.starts_with("http://")).map(str::to_string).collect();
-    process.wait_for_line("Ctrl-C stops", Duration::from_secs(60));
-    let (api, ingress) = (urls[0].clone(), urls[1].clone());
+    let up = Up::start(&wharf, &dir.join("data"), &["--nats", &nats.url(), "--host-id", "kv"]);
+    let ingress = up.ingress.clone();
     let counter = wharf_testkit::samples::path("counter");
-    let output = Command::new(&wharf)
-        .args(["deploy"])
-        .arg(&counter)
-        .args(["--name", "counter", "--route", "/", "--keyvalue", "counter"])
-        .env("WHARF_API", &api)
-        .stdin(Stdio::null())
-        .output()?;
-    if !output.status.success() {
-        bail!("deploy failed: {}", String::from_utf8_lossy(&output.stderr));
+    let (ok, text) = up.wharf(&["deploy", counter.to_str().context("utf-8 path")?, "--name", "counter", "--route", "/", "--keyvalue", "counter"]);
+    if !ok {
+        bail!("deploy failed: {text}");
     }
     let client = reqwest::Client::builder().pool_max_idle_per_host(1).build()?;
     client.put(format!("{ingress}/set?key=k")).body("v".repeat(100)).send().await?;
@@ -119,7 +104,7 @@ pub async fn run(args: KvArgs) -> anyhow::Result<()> {
     }
     std::fs::write(&args.out, serde_json::to_string_pretty(&report)? + "\n")?;
     eprintln!("wrote {}", args.out.display());
-    drop(process);
+    drop(up);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

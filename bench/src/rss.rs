@@ -45,7 +45,7 @@ pub async fn run_probe(me: &Path, cache: &Path, workloads: usize, prepare: bool)
     if !output.status.success() {
         bail!("rss-probe failed: {}", String::from_utf8_lossy(&output.stderr));
     }
-    Ok(serde_json::from_slice(&output.stdout).context("rss-probe output")?)
+    serde_json::from_slice(&output.stdout).context("rss-probe output")
 }
 
 /// The probe itself: a host runtime as `wharf` sizes it by default, with

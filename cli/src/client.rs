@@ -413,7 +413,7 @@ pub async fn deploy(args: DeployArgs) -> anyhow::Result<()> {
         digest.short()
     );
     if !args.no_wait && spec.replicas > 0 && spec.autoscale.is_none() {
-        api.wait_ready(&[id.clone()], READY_TIMEOUT).await?;
+        api.wait_ready(std::slice::from_ref(&id), READY_TIMEOUT).await?;
         println!("{id}: {} replica(s) ready", spec.replicas);
     }
     Ok(())

@@ -2,56 +2,32 @@
 
 use serde_json::Value;
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
-use wharf_testkit::process::Process;
+use wharf_testkit::wharf::Up;
 use wharf_testkit::samples;
 
 const WHARF: &str = env!("CARGO_BIN_EXE_wharf");
 
-struct Up {
-    _process: Process,
-    api: String,
-    ingress: String,
-}
-
 fn up(dir: &Path) -> Up {
-    let mut process = Process::spawn(
-        WHARF,
-        &["up", "--data-dir", dir.to_str().expect("utf-8"), "--api", "127.0.0.1:0", "--listen", "127.0.0.1:0", "--host-id", "solo"],
-    );
-    let line = process.wait_for_line("Wharf is up", Duration::from_secs(60));
-    let urls: Vec<String> = line.split_whitespace().filter(|w| w.starts_with("http://")).map(str::to_string).collect();
-    process.wait_for_line("Ctrl-C stops", Duration::from_secs(60));
-    Up { _process: process, api: urls[0].clone(), ingress: urls[1].clone() }
+    Up::start(Path::new(WHARF), dir, &["--host-id", "solo"])
 }
 
-impl Up {
-    fn wharf(&self, args: &[&str]) -> String {
-        let output = Command::new(WHARF).args(args).env("WHARF_API", &self.api).output().expect("wharf runs");
-        let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
-        assert!(output.status.success(), "wharf {args:?} failed:\n{text}");
-        text
-    }
+fn status(up: &Up, name: &str) -> Value {
+    up.service(name)["status"].clone()
+}
 
-    fn status(&self, name: &str) -> Value {
-        let view: Value = serde_json::from_str(&self.wharf(&["get", "services", name, "-o", "json"])).expect("json");
-        view["status"].clone()
-    }
-
-    /// Waits until `check` holds for the service's status; returns how long it took.
-    async fn until(&self, name: &str, within: Duration, what: &str, check: impl Fn(&Value) -> bool) -> Duration {
-        let started = Instant::now();
-        loop {
-            let status = self.status(name);
-            if check(&status) {
-                return started.elapsed();
-            }
-            assert!(started.elapsed() < within, "{name}: not {what} within {within:?}; status {status}");
-            tokio::time::sleep(Duration::from_millis(200)).await;
+/// Waits until `check` holds for the service's status; returns how long it took.
+async fn until(up: &Up, name: &str, within: Duration, what: &str, check: impl Fn(&Value) -> bool) -> Duration {
+    let started = Instant::now();
+    loop {
+        let status = status(up, name);
+        if check(&status) {
+            return started.elapsed();
         }
+        assert!(started.elapsed() < within, "{name}: not {what} within {within:?}; status {status}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
@@ -70,8 +46,8 @@ fn manifest(dir: &Path, name: &str, sample: &str, max: u32) -> String {
 async fn scales_from_zero_up_with_load_and_back_to_zero() {
     let dir = tempfile::tempdir().expect("tempdir");
     let up = up(&dir.path().join("data"));
-    up.wharf(&["apply", "--no-wait", "-f", &manifest(dir.path(), "slow", "sleep", 4)]);
-    up.until("slow", Duration::from_secs(10), "at zero", |s| s["ready"] == 0 && s["desired"] == 0).await;
+    up.ok(&["apply", "--no-wait", "-f", &manifest(dir.path(), "slow", "sleep", 4)]);
+    until(&up, "slow", Duration::from_secs(10), "at zero", |s| s["ready"] == 0 && s["desired"] == 0).await;
 
     // The first request is held while a replica starts, then served.
     let client = reqwest::Client::new();
@@ -96,9 +72,9 @@ async fn scales_from_zero_up_with_load_and_back_to_zero() {
             failures
         }));
     }
-    let rose = up.until("slow", Duration::from_secs(20), "scaled up to 3+", |s| s["ready"].as_u64().unwrap_or(0) >= 3).await;
+    let rose = until(&up, "slow", Duration::from_secs(20), "scaled up to 3+", |s| s["ready"].as_u64().unwrap_or(0) >= 3).await;
     println!("scaled up to 3+ ready replicas {rose:.1?} after the load started");
-    let top = up.wharf(&["top", "--once"]);
+    let top = up.ok(&["top", "--once"]);
     assert!(top.contains("default/slow") && top.contains("load"), "{top}");
     stop.store(true, Ordering::Relaxed);
     for task in load {
@@ -110,7 +86,7 @@ async fn scales_from_zero_up_with_load_and_back_to_zero() {
     assert!(host_metrics.contains("wharf_cold_starts_total 1"), "one activation replica was started: {host_metrics}");
 
     // Idle: back down, then to zero after scale_to_zero_after.
-    let fell = up.until("slow", Duration::from_secs(40), "scaled to zero", |s| s["desired"] == 0 && s["ready"] == 0).await;
+    let fell = until(&up, "slow", Duration::from_secs(40), "scaled to zero", |s| s["desired"] == 0 && s["ready"] == 0).await;
     println!("scaled to zero {fell:.1?} after the load stopped");
     let again = client.get(&url).send().await.expect("answered");
     assert_eq!(again.status(), 200, "the next request after zero is served");
@@ -120,7 +96,7 @@ async fn scales_from_zero_up_with_load_and_back_to_zero() {
 async fn a_burst_of_200_at_zero_all_succeed() {
     let dir = tempfile::tempdir().expect("tempdir");
     let up = up(&dir.path().join("data"));
-    up.wharf(&["apply", "--no-wait", "-f", &manifest(dir.path(), "burst", "hello", 10)]);
+    up.ok(&["apply", "--no-wait", "-f", &manifest(dir.path(), "burst", "hello", 10)]);
     let client = reqwest::Client::builder().pool_max_idle_per_host(0).build().expect("client");
     let url = format!("{}/burst", up.ingress);
     let mut tasks = tokio::task::JoinSet::new();

@@ -2,35 +2,14 @@
 //! scoped to declared buckets, kept across restarts, reachable by `wharf kv`.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
-use wharf_testkit::process::Process;
+use wharf_testkit::wharf::Up;
 use wharf_testkit::samples;
 
 const WHARF: &str = env!("CARGO_BIN_EXE_wharf");
 
-struct Up {
-    process: Process,
-    api: String,
-    ingress: String,
-}
-
 fn up(dir: &Path) -> Up {
-    let mut process = Process::spawn(
-        WHARF,
-        &["up", "--data-dir", dir.to_str().expect("utf-8"), "--api", "127.0.0.1:0", "--listen", "127.0.0.1:0", "--host-id", "store"],
-    );
-    let line = process.wait_for_line("Wharf is up", Duration::from_secs(60));
-    let urls: Vec<String> = line.split_whitespace().filter(|w| w.starts_with("http://")).map(str::to_string).collect();
-    process.wait_for_line("Ctrl-C stops", Duration::from_secs(60));
-    Up { process, api: urls[0].clone(), ingress: urls[1].clone() }
-}
-
-impl Up {
-    fn wharf(&self, args: &[&str]) -> (bool, String) {
-        let output = Command::new(WHARF).args(args).env("WHARF_API", &self.api).output().expect("wharf runs");
-        (output.status.success(), format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr)))
-    }
+    Up::start(Path::new(WHARF), dir, &["--host-id", "store"])
 }
 
 async fn get(url: &str) -> (u16, String) {

@@ -3,50 +3,18 @@
 
 use serde_json::Value;
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
-use wharf_testkit::process::Process;
+use wharf_testkit::wharf::Up;
 use wharf_testkit::samples;
 
 const WHARF: &str = env!("CARGO_BIN_EXE_wharf");
 
-/// A `wharf up` process and the addresses it printed.
-struct Up {
-    process: Process,
-    api: String,
-    ingress: String,
+fn start(data_dir: &Path) -> Up {
+    Up::start(Path::new(WHARF), data_dir, &["--host-id", "test-host"])
 }
 
-impl Up {
-    fn start(data_dir: &Path) -> Up {
-        let mut process = Process::spawn(
-            WHARF,
-            &["up", "--data-dir", data_dir.to_str().expect("utf-8"), "--api", "127.0.0.1:0", "--listen", "127.0.0.1:0", "--host-id", "test-host"],
-        );
-        let line = process.wait_for_line("Wharf is up", Duration::from_secs(60));
-        let urls: Vec<&str> = line.split_whitespace().filter(|w| w.starts_with("http://")).collect();
-        assert_eq!(urls.len(), 2, "{line}");
-        process.wait_for_line("Ctrl-C stops", Duration::from_secs(60));
-        Up { api: urls[0].to_string(), ingress: urls[1].to_string(), process }
-    }
-
-    /// Runs a client command against this cluster; returns (success, stdout + stderr).
-    fn wharf(&self, args: &[&str]) -> (bool, String) {
-        let output = Command::new(WHARF).args(args).env("WHARF_API", &self.api).output().expect("wharf runs");
-        let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
-        (output.status.success(), text)
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let (ok, text) = self.wharf(args);
-        assert!(ok, "wharf {args:?} failed:\n{text}\n--- wharf up output:\n{}", self.process.output());
-        text
-    }
-
-    fn services(&self) -> Value {
-        let text = self.ok(&["get", "services", "-o", "json"]);
-        serde_json::from_str(&text).expect("json")
-    }
+fn services(up: &Up) -> Value {
+    serde_json::from_str(&up.ok(&["get", "services", "-o", "json"])).expect("json")
 }
 
 async fn curl(url: &str) -> (u16, String) {
@@ -74,7 +42,7 @@ fn path(sample: &str) -> String {
 #[tokio::test]
 async fn deploy_curl_scale_delete_and_redeploy() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let up = Up::start(dir.path());
+    let up = start(dir.path());
     let out = up.ok(&["deploy", &path("hello"), "--name", "web", "--route", "/web"]);
     assert!(out.contains("default/web: 1 replica(s) ready"), "{out}");
     assert_eq!(curl(&format!("{}/web", up.ingress)).await, (200, "Hello from Wharf!\n".to_string()));
@@ -82,7 +50,7 @@ async fn deploy_curl_scale_delete_and_redeploy() {
     up.ok(&["scale", "web", "3"]);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let services = up.services();
+        let services = services(&up);
         let status = &services[0]["status"];
         if status["ready"] == 3 {
             assert_eq!(status["desired"], 3);
@@ -119,18 +87,18 @@ async fn deploy_curl_scale_delete_and_redeploy() {
 #[tokio::test]
 async fn state_survives_kill_9_and_sigterm() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut up = Up::start(dir.path());
+    let mut up = start(dir.path());
     up.ok(&["deploy", &path("hello"), "--name", "hello", "--route", "/hello", "--env", "GREETING=persisted"]);
     up.ok(&["deploy", &path("echo"), "--name", "echo", "--namespace", "other", "--route", "/echo"]);
     up.process.kill();
 
-    let mut up = Up::start(dir.path());
+    let mut up = start(dir.path());
     eventually(&format!("{}/hello", up.ingress), 200, "persisted").await;
     eventually(&format!("{}/echo", up.ingress), 200, "\"path\": \"/echo\"").await;
     let status = up.process.terminate(Duration::from_secs(15));
     assert!(status.success(), "clean exit on SIGTERM: {status}");
 
-    let up = Up::start(dir.path());
+    let up = start(dir.path());
     eventually(&format!("{}/hello", up.ingress), 200, "persisted").await;
     let services = up.ok(&["get", "services"]);
     assert!(services.contains("default/hello") && services.contains("other/echo"), "{services}");
@@ -139,7 +107,7 @@ async fn state_survives_kill_9_and_sigterm() {
 #[tokio::test]
 async fn bad_manifests_are_refused_by_name_and_change_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let up = Up::start(&dir.path().join("data"));
+    let up = start(&dir.path().join("data"));
     let hello = path("hello");
     let garbage = dir.path().join("garbage.wasm");
     std::fs::write(&garbage, b"this is not a component").expect("write");
@@ -163,7 +131,7 @@ async fn bad_manifests_are_refused_by_name_and_change_nothing() {
         assert!(!ok, "{file} must be refused");
         assert!(out.contains(expected), "{file}: expected {expected:?} in: {out}");
     }
-    let services = up.services();
+    let services = services(&up);
     assert_eq!(services, serde_json::json!([]), "nothing was applied");
 
     // A good manifest applies, and applying it again changes nothing.
@@ -179,7 +147,7 @@ async fn bad_manifests_are_refused_by_name_and_change_nothing() {
 #[tokio::test]
 async fn the_api_refuses_bad_requests_with_json_errors() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let up = Up::start(dir.path());
+    let up = start(dir.path());
     let http = reqwest::Client::new();
     let api = &up.api;
 

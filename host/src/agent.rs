@@ -96,6 +96,9 @@ struct Replica {
 
 type ReplicaKey = (ServiceId, u32);
 
+/// One service's activation replica, if started, and when; locked while it starts.
+type ActivationSlot = Arc<tokio::sync::Mutex<Option<(Workload, std::time::Instant)>>>;
+
 /// The running agent. Cheap to clone; the background tasks stop when
 /// [`HostAgent::shutdown`] is called or the last clone is dropped.
 #[derive(Clone)]
@@ -121,7 +124,7 @@ struct Inner {
     /// Set when the host is draining: it takes no new work.
     draining: AtomicBool,
     /// Replicas started to serve requests held for activation, per service.
-    activations: Mutex<BTreeMap<ServiceId, Arc<tokio::sync::Mutex<Option<(Workload, std::time::Instant)>>>>>,
+    activations: Mutex<BTreeMap<ServiceId, ActivationSlot>>,
     /// Requests held for activation right now, per service (reported as demand).
     held: Mutex<BTreeMap<ServiceId, u64>>,
     /// Taken while precompiling, so at most one compile runs in the background.

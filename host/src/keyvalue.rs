@@ -133,7 +133,7 @@ impl store::Host for KeyValue<'_> {
         let Some(access) = self.access else {
             return Err(StoreError::NoSuchStore);
         };
-        if !access.buckets.iter().any(|b| *b == identifier) {
+        if !access.buckets.contains(&identifier) {
             let declared = if access.buckets.is_empty() { "none".to_string() } else { access.buckets.join(", ") };
             let message = format!(
                 "bucket `{identifier}` is not declared by service {} (it may open: {declared}; declare buckets under `keyvalue:` in the spec)",

@@ -270,7 +270,7 @@ impl Runtime {
     /// The components this host holds compiled in memory, in digest order.
     pub fn compiled_digests(&self) -> Vec<Digest> {
         let mut digests: Vec<Digest> = self.inner.compiled.lock().map(|c| c.keys().cloned().collect()).unwrap_or_default();
-        digests.sort_by(|a, b| a.hex().cmp(&b.hex()));
+        digests.sort_by_key(Digest::hex);
         digests
     }
 

@@ -159,7 +159,7 @@ impl Outcome {
 }
 
 fn humanize(d: Duration) -> String {
-    if d.as_millis() >= 1000 && d.as_millis() % 1000 == 0 { format!("{}s", d.as_secs()) } else { format!("{}ms", d.as_millis()) }
+    if d.as_millis() >= 1000 && d.as_millis().is_multiple_of(1000) { format!("{}s", d.as_secs()) } else { format!("{}ms", d.as_millis()) }
 }
 
 /// Counters a host reports in its heartbeats.
@@ -356,9 +356,8 @@ impl Workload {
         for _ in 0..n {
             let mut store = self.new_store(Instant::now() + self.inner.spec.limits.timeout).map_err(wasmtime::Error::msg)?;
             let started = Instant::now();
-            let instance = self.inner.component.pre.instantiate_async(&mut store).await?;
+            self.inner.component.pre.instantiate_async(&mut store).await?;
             times.push(started.elapsed());
-            drop(instance);
         }
         Ok(times)
     }

@@ -67,7 +67,7 @@ impl Store {
         for entry in self.services.entries().await? {
             services.push(decode_service(&entry.key, &entry.value, entry.revision)?);
         }
-        services.sort_by(|a, b| a.spec.id().cmp(&b.spec.id()));
+        services.sort_by_key(|s| s.spec.id());
         Ok(services)
     }
 

@@ -6,3 +6,4 @@
 pub mod nats;
 pub mod process;
 pub mod samples;
+pub mod wharf;
