@@ -46,6 +46,7 @@ struct Cluster {
     nats: NatsServer,
     dir: PathBuf,
     api: String,
+    token: String,
     hosts: Vec<(String, Process, String)>,
     _scheduler: Process,
     next_host: usize,
@@ -67,7 +68,8 @@ impl Cluster {
                 .env("WHARF_LOG", "warn"),
         );
         let api = url_in(&scheduler.wait_for_line("Wharf scheduler: API", Duration::from_secs(60)))?;
-        let mut cluster = Cluster { wharf, nats, dir, api, hosts: Vec::new(), _scheduler: scheduler, next_host: 0, heartbeat: heartbeat.into(), missed };
+        let token = std::fs::read_to_string(dir.join("scheduler").join("admin-token")).context("the scheduler's admin token")?.trim().to_string();
+        let mut cluster = Cluster { wharf, nats, dir, api, token, hosts: Vec::new(), _scheduler: scheduler, next_host: 0, heartbeat: heartbeat.into(), missed };
         for _ in 0..3 {
             cluster.add_host()?;
         }
@@ -91,7 +93,7 @@ impl Cluster {
     }
 
     fn wharf(&self, args: &[&str]) -> anyhow::Result<String> {
-        let output = Command::new(&self.wharf).args(args).env("WHARF_API", &self.api).stdin(Stdio::null()).output()?;
+        let output = Command::new(&self.wharf).args(args).env("WHARF_API", &self.api).env("WHARF_TOKEN", &self.token).stdin(Stdio::null()).output()?;
         let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
         if !output.status.success() {
             bail!("wharf {args:?} failed: {text}");

@@ -14,6 +14,20 @@ pub struct ApiArgs {
     /// The control plane's API (as printed by `wharf up`).
     #[arg(long, global = true, env = "WHARF_API", default_value = "http://127.0.0.1:7700")]
     api: String,
+    /// API token (default: WHARF_TOKEN, else ~/.config/wharf/token, else the
+    /// admin token `wharf up` wrote in its default data directory).
+    #[arg(long, global = true, env = "WHARF_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+impl ApiArgs {
+    fn token(&self) -> Option<String> {
+        if let Some(token) = &self.token {
+            return Some(token.trim().to_string());
+        }
+        let candidates = [dirs::config_dir().map(|d| d.join("wharf").join("token")), dirs::data_dir().map(|d| d.join("wharf").join("admin-token"))];
+        candidates.into_iter().flatten().find_map(|path| std::fs::read_to_string(path).ok()).map(|t| t.trim().to_string())
+    }
 }
 
 /// Output format.
@@ -197,6 +211,38 @@ pub async fn kv(command: KvCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `wharf token`: API tokens.
+#[derive(clap::Subcommand)]
+pub enum TokenCommand {
+    /// Create a token and print it (the only time it is shown).
+    Create(TokenArgs),
+}
+
+#[derive(clap::Args)]
+pub struct TokenArgs {
+    /// A namespace the token may act in. Repeatable.
+    #[arg(long = "namespace", short = 'n')]
+    namespaces: Vec<String>,
+    /// Allow writes too (default: read only).
+    #[arg(long)]
+    write: bool,
+    /// A cluster admin token instead.
+    #[arg(long, conflicts_with_all = ["namespaces", "write"])]
+    admin: bool,
+    #[command(flatten)]
+    api: ApiArgs,
+}
+
+/// `wharf token create`: prints a new token (the only time it is shown).
+pub async fn token(command: TokenCommand) -> anyhow::Result<()> {
+    let TokenCommand::Create(args) = command;
+    let api = Api::new(&args.api);
+    let body = json!({"namespaces": args.namespaces, "write": args.write, "admin": args.admin});
+    let answer = api.call(api.http.post(format!("{}/v1/tokens", api.base)).json(&body)).await?;
+    println!("{}", answer["token"].as_str().unwrap_or(""));
+    Ok(())
+}
+
 /// `wharf secret`: secrets per namespace. Values are write-only.
 #[derive(clap::Subcommand)]
 pub enum SecretCommand {
@@ -271,7 +317,15 @@ struct Api {
 
 impl Api {
     fn new(args: &ApiArgs) -> Api {
-        Api { base: args.api.trim_end_matches('/').to_string(), http: reqwest::Client::new() }
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(token) = args.token()
+            && let Ok(mut value) = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+        {
+            value.set_sensitive(true);
+            headers.insert(reqwest::header::AUTHORIZATION, value);
+        }
+        let http = reqwest::Client::builder().default_headers(headers).build().unwrap_or_default();
+        Api { base: args.api.trim_end_matches('/').to_string(), http }
     }
 
     async fn call(&self, request: reqwest::RequestBuilder) -> anyhow::Result<Value> {

@@ -121,8 +121,11 @@ pub async fn scheduler(args: SchedulerArgs, shutdown: impl Future<Output = ()> +
     let dir = data_dir(args.data_dir, "scheduler")?;
     let host_sizing = wiring::HostArgs::default_sizing();
     let runtime = host_sizing.runtime(Some(dir.join("compiled")))?;
-    let plane = ControlPlane::start(&bus, Arc::new(RuntimeCheck(runtime)), ControlPlaneConfig { host_timeout: args.heartbeats.host_timeout() }).await?;
+    let token_file = dir.join("admin-token");
+    let config = ControlPlaneConfig { host_timeout: args.heartbeats.host_timeout(), admin_token_file: Some(token_file.clone()) };
+    let plane = ControlPlane::start(&bus, Arc::new(RuntimeCheck(runtime)), config).await?;
     println!("Wharf scheduler: API http://{addr} over NATS {}", args.nats.nats);
+    eprintln!("admin token: {}", token_file.display());
     plane.serve(listener, shutdown).await?;
     plane.shutdown();
     Ok(())

@@ -40,6 +40,9 @@ enum Command {
     /// Read and write services' key-value data (wasi:keyvalue buckets).
     #[command(subcommand)]
     Kv(client::KvCommand),
+    /// Create API tokens bound to namespaces (read, or --write), or admin tokens.
+    #[command(subcommand)]
+    Token(client::TokenCommand),
     /// Store, list and delete secrets (granted to services with --secret).
     #[command(subcommand)]
     Secret(client::SecretCommand),
@@ -74,6 +77,7 @@ fn main() -> ExitCode {
             Command::Top(args) => client::top(args).await,
             Command::Kv(command) => client::kv(command).await,
             Command::Secret(command) => client::secret(command).await,
+            Command::Token(command) => client::token(command).await,
             Command::Scale(args) => client::scale(args).await,
             Command::Delete(args) => client::delete(args).await,
             Command::Serve(args) => serve::run(args, shutdown_signal()).await,

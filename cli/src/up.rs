@@ -63,7 +63,9 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyhow::Resu
     };
     let runtime = args.host.runtime(Some(data_dir.join("compiled")))?;
     let metrics = HostMetrics::default();
-    let plane = ControlPlane::start(&bus, Arc::new(RuntimeCheck(runtime.clone())), ControlPlaneConfig::default()).await?;
+    let token_file = data_dir.join("admin-token");
+    let config = ControlPlaneConfig { admin_token_file: Some(token_file.clone()), ..ControlPlaneConfig::default() };
+    let plane = ControlPlane::start(&bus, Arc::new(RuntimeCheck(runtime.clone())), config).await?;
     let agent = HostAgent::start(
         bus.clone(),
         runtime.clone(),
@@ -89,6 +91,7 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyhow::Resu
     let ingress = tokio::spawn(wharf_host::ingress::serve(ingress_listener, Arc::new(agent.clone()), metrics, ingress_stop));
 
     eprintln!("data directory: {}", data_dir.display());
+    eprintln!("admin token: {} (the CLI reads it from there, or set WHARF_TOKEN)", token_file.display());
     println!("Wharf is up: API http://{api_addr}  ingress http://{ingress_addr}");
     if let Some(dir) = samples {
         let deployed = deploy_samples(&plane, &runtime, &dir).await?;

@@ -17,10 +17,17 @@ fn url_in(line: &str) -> String {
     line.split_whitespace().find(|w| w.starts_with("http://")).expect("a URL").to_string()
 }
 
-fn scheduler(nats: &str, dir: &Path) -> (Process, String) {
+/// The control plane's API and its admin token.
+struct Api {
+    url: String,
+    token: String,
+}
+
+fn scheduler(nats: &str, dir: &Path) -> (Process, Api) {
     let mut p = Process::spawn(WHARF, &["scheduler", "--nats", nats, "--api", "127.0.0.1:0", "--data-dir", dir.to_str().expect("utf-8")]);
     let line = p.wait_for_line("Wharf scheduler: API", Duration::from_secs(60));
-    (p, url_in(&line))
+    let token = std::fs::read_to_string(dir.join("admin-token")).expect("admin token written on start").trim().to_string();
+    (p, Api { url: url_in(&line), token })
 }
 
 struct Host {
@@ -39,19 +46,19 @@ fn host(nats: &str, name: &str, zone: &str, dir: &Path) -> Host {
     Host { process, name: name.to_string(), ingress: url_in(&line) }
 }
 
-fn wharf(api: &str, args: &[&str]) -> String {
-    let output = Command::new(WHARF).args(args).env("WHARF_API", api).output().expect("wharf runs");
+fn wharf(api: &Api, args: &[&str]) -> String {
+    let output = Command::new(WHARF).args(args).env("WHARF_API", &api.url).env("WHARF_TOKEN", &api.token).output().expect("wharf runs");
     let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
     assert!(output.status.success(), "wharf {args:?} failed:\n{text}");
     text
 }
 
-fn service(api: &str, name: &str) -> Value {
+fn service(api: &Api, name: &str) -> Value {
     serde_json::from_str(&wharf(api, &["get", "services", name, "-o", "json"])).expect("json")
 }
 
 /// Hosts running a ready replica of `name`.
-fn hosts_of(api: &str, name: &str) -> Vec<String> {
+fn hosts_of(api: &Api, name: &str) -> Vec<String> {
     let view = service(api, name);
     view["status"]["replicas"]
         .as_array()

@@ -148,7 +148,9 @@ async fn bad_manifests_are_refused_by_name_and_change_nothing() {
 async fn the_api_refuses_bad_requests_with_json_errors() {
     let dir = tempfile::tempdir().expect("tempdir");
     let up = start(dir.path());
-    let http = reqwest::Client::new();
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(reqwest::header::AUTHORIZATION, format!("Bearer {}", up.token).parse().expect("header"));
+    let http = reqwest::Client::builder().default_headers(headers).build().expect("client");
     let api = &up.api;
 
     let refused = http.post(format!("{api}/v1/artifacts")).body(samples::bytes("notcomponent")).send().await.expect("answered");
@@ -187,4 +189,49 @@ async fn the_api_refuses_bad_requests_with_json_errors() {
     let body: Value = nowhere.json().await.expect("json");
     assert_eq!(body["error"]["code"], "not_found");
     assert_eq!(http.get(format!("{api}/healthz")).send().await.expect("answered").status(), 200);
+}
+
+#[tokio::test]
+async fn tokens_are_required_and_scoped_to_namespaces_and_roles() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let up = start(dir.path());
+    let token_file = dir.path().join("admin-token");
+    assert!(up.token.starts_with("wharf_"), "an admin token was created on first start");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&token_file).expect("token file").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "only the operator can read the admin token");
+    }
+    let api = &up.api;
+    let anonymous = reqwest::Client::new();
+    let no_token = anonymous.get(format!("{api}/v1/services")).send().await.expect("answered");
+    assert_eq!(no_token.status(), 401);
+    let body: Value = no_token.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "unauthenticated");
+    let bad = anonymous.get(format!("{api}/v1/services")).bearer_auth("wharf_0123456789ab_nope").send().await.expect("answered");
+    assert_eq!(bad.status(), 401);
+    assert_eq!(anonymous.get(format!("{api}/healthz")).send().await.expect("answered").status(), 200);
+
+    // Tokens bound to namespace `shop`: one read-only, one read-write.
+    let reader = up.ok(&["token", "create", "-n", "shop"]).trim().to_string();
+    let writer = up.ok(&["token", "create", "-n", "shop", "--write"]).trim().to_string();
+    let hello = samples::path("hello");
+    let hello = hello.to_str().expect("utf-8");
+    let as_token = |token: &str, args: &[&str]| {
+        let output = std::process::Command::new(WHARF).args(args).env("WHARF_API", api).env("WHARF_TOKEN", token).output().expect("runs");
+        (output.status.success(), format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr)))
+    };
+    let (ok, out) = as_token(&writer, &["deploy", hello, "--name", "web", "--namespace", "shop", "--no-wait"]);
+    assert!(ok, "a write token deploys in its namespace: {out}");
+    let (ok, out) = as_token(&writer, &["deploy", hello, "--name", "web", "--namespace", "other", "--no-wait"]);
+    assert!(!ok && out.contains("only in namespace(s) shop, not other"), "wrong namespace: {out}");
+    let (ok, out) = as_token(&reader, &["scale", "shop/web", "2"]);
+    assert!(!ok && out.contains("may only read"), "read-only token writing: {out}");
+    let (ok, out) = as_token(&reader, &["get", "services", "shop/web"]);
+    assert!(ok && out.contains("shop/web"), "a read token reads: {out}");
+    let (ok, out) = as_token(&reader, &["token", "create", "--admin"]);
+    assert!(!ok && out.contains("only admin tokens"), "{out}");
+    let raw = anonymous.delete(format!("{api}/v1/namespaces/shop/services/web")).bearer_auth(&reader).send().await.expect("answered");
+    assert_eq!(raw.status(), 403);
 }

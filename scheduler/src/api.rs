@@ -30,7 +30,7 @@ impl ApiError {
         ApiError { status, code, message: message.into() }
     }
 
-    fn bad_request(message: impl Into<String>) -> Self {
+    pub(crate) fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "invalid_request", message)
     }
 }
@@ -75,8 +75,10 @@ pub fn router(plane: ControlPlane) -> Router {
         .route("/v1/namespaces/{ns}/secrets/{name}", axum::routing::put(secret_put).delete(secret_delete))
         .route("/v1/hosts", get(list_hosts))
         .route("/metrics", get(metrics))
+        .route("/v1/tokens", post(create_token))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such API path; see /v1/services, /v1/artifacts, /v1/hosts") })
         .method_not_allowed_fallback(|| async { ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this path does not take that method") })
+        .layer(axum::middleware::from_fn_with_state(plane.clone(), crate::auth::authorise))
         .layer(DefaultBodyLimit::max(MAX_ARTIFACT))
         .with_state(plane)
 }
@@ -334,4 +336,37 @@ async fn secret_delete(State(plane): State<ControlPlane>, Path((ns, name)): Path
     let kv = secrets(&plane, &ns, Some(&name)).await?;
     kv.delete(&wharf_proto::names::secret_key(&ns, &name)).await.map_err(kv_failed)?;
     Ok(axum::Json(json!({"deleted": name})).into_response())
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewToken {
+    /// Namespaces the token may act in; empty with `admin: true` for an admin token.
+    #[serde(default)]
+    namespaces: Vec<String>,
+    #[serde(default)]
+    write: bool,
+    #[serde(default)]
+    admin: bool,
+}
+
+async fn create_token(State(plane): State<ControlPlane>, body: Bytes) -> ApiResult {
+    let Some(tokens) = &plane.tokens else {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", "authentication is off on this control plane"));
+    };
+    let new: NewToken = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("expected {{\"namespaces\": [..], \"write\": bool}} or {{\"admin\": true}}: {e}")))?;
+    let role = if new.admin {
+        crate::auth::Role::Admin
+    } else {
+        if new.namespaces.is_empty() {
+            return Err(ApiError::bad_request("namespaces: a token needs at least one namespace (or admin: true)"));
+        }
+        for ns in &new.namespaces {
+            wharf_proto::names::check_label(ns).map_err(|e| ApiError::bad_request(format!("namespaces: {ns:?}: {e}")))?;
+        }
+        crate::auth::Role::Namespaces { namespaces: new.namespaces, write: new.write }
+    };
+    let token = tokens.create(role.clone()).await.map_err(kv_failed)?;
+    Ok((StatusCode::CREATED, axum::Json(json!({"token": token, "role": role}))).into_response())
 }

@@ -6,6 +6,7 @@
 //! between the control plane and hosts is a `proto` message over the bus.
 
 pub mod api;
+pub mod auth;
 pub mod autoscale;
 pub mod controller;
 pub mod hosts;
@@ -34,11 +35,14 @@ pub trait ComponentCheck: Send + Sync + 'static {
 pub struct ControlPlaneConfig {
     /// A host silent for longer than this is down.
     pub host_timeout: Duration,
+    /// Where the admin token lives (created on first start). `None` turns
+    /// authentication off: only for in-process tests of the API.
+    pub admin_token_file: Option<std::path::PathBuf>,
 }
 
 impl Default for ControlPlaneConfig {
     fn default() -> Self {
-        ControlPlaneConfig { host_timeout: Duration::from_secs(2) }
+        ControlPlaneConfig { host_timeout: Duration::from_secs(2), admin_token_file: None }
     }
 }
 
@@ -49,6 +53,8 @@ pub enum StartError {
     Store(#[from] StoreError),
     #[error("cannot follow host heartbeats: {0}")]
     Heartbeats(#[from] wharf_bus::SubscribeError),
+    #[error("cannot set up API tokens: {0:#}")]
+    Tokens(anyhow::Error),
 }
 
 /// A running control plane; cheap to clone. The controller stops when
@@ -61,6 +67,7 @@ pub struct ControlPlane {
     pub(crate) check: Arc<dyn ComponentCheck>,
     pub(crate) autoscaling: autoscale::Autoscaling,
     pub(crate) bus: Bus,
+    pub(crate) tokens: Option<auth::Tokens>,
     stop: Arc<watch::Sender<bool>>,
 }
 
@@ -69,8 +76,26 @@ impl ControlPlane {
     pub async fn start(bus: &Bus, check: Arc<dyn ComponentCheck>, config: ControlPlaneConfig) -> Result<ControlPlane, StartError> {
         let store = Store::open(bus).await?;
         let hosts = HostTable::follow(bus, config.host_timeout).await?;
+        let tokens = match &config.admin_token_file {
+            Some(file) => {
+                let tokens = auth::Tokens::open(bus).await.map_err(|e| StartError::Tokens(e.into()))?;
+                tokens.ensure_admin(file).await.map_err(StartError::Tokens)?;
+                tracing::info!("admin token in {}", file.display());
+                Some(tokens)
+            }
+            None => None,
+        };
         let (stop, stopped) = watch::channel(false);
-        let plane = ControlPlane { store, hosts, unplaceable: Arc::default(), check, autoscaling: Default::default(), bus: bus.clone(), stop: Arc::new(stop) };
+        let plane = ControlPlane {
+            store,
+            hosts,
+            unplaceable: Arc::default(),
+            check,
+            autoscaling: Default::default(),
+            bus: bus.clone(),
+            tokens,
+            stop: Arc::new(stop),
+        };
         tokio::spawn(controller::run(
             bus.clone(),
             plane.store.clone(),

@@ -14,6 +14,8 @@ pub struct Up {
     pub api: String,
     /// The ingress's base URL.
     pub ingress: String,
+    /// The admin token `wharf up` created in its data directory.
+    pub token: String,
     wharf: std::path::PathBuf,
 }
 
@@ -35,12 +37,13 @@ impl Up {
         let urls: Vec<String> = line.split_whitespace().filter(|w| w.starts_with("http://")).map(str::to_string).collect();
         assert_eq!(urls.len(), 2, "expected the API and ingress URLs in: {line}");
         process.wait_for_line("Ctrl-C stops", Duration::from_secs(60));
-        Up { process, api: urls[0].clone(), ingress: urls[1].clone(), wharf: wharf.to_path_buf() }
+        let token = std::fs::read_to_string(data_dir.join("admin-token")).map(|t| t.trim().to_string()).unwrap_or_default();
+        Up { process, api: urls[0].clone(), ingress: urls[1].clone(), token, wharf: wharf.to_path_buf() }
     }
 
     /// Runs a client command against this cluster: (success, stdout + stderr).
     pub fn wharf(&self, args: &[&str]) -> (bool, String) {
-        let output = Command::new(&self.wharf).args(args).env("WHARF_API", &self.api).stdin(Stdio::null()).output();
+        let output = Command::new(&self.wharf).args(args).env("WHARF_API", &self.api).env("WHARF_TOKEN", &self.token).stdin(Stdio::null()).output();
         match output {
             Ok(output) => (
                 output.status.success(),

@@ -1,0 +1,195 @@
+//! API authentication and authorisation: bearer tokens, each either a
+//! cluster admin or bound to namespaces with a role (read or write).
+//!
+//! A token is `wharf_<id>_<secret>`. Only its sha256 is stored (bucket
+//! `wharf-tokens`, key = id), so the store never holds a usable token. The
+//! first start of a control plane creates an admin token and writes it to a
+//! file (mode 0600) that only the operator can read.
+
+use crate::ControlPlane;
+use crate::api::ApiError;
+use axum::extract::{Request, State};
+use axum::http::{Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::Response;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+use std::path::Path;
+use wharf_bus::{Bus, Kv};
+
+/// KV bucket of token records (hashes and roles).
+pub const TOKENS_BUCKET: &str = "wharf-tokens";
+
+/// What a token may do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Role {
+    /// Everything, in every namespace, including tokens.
+    Admin,
+    /// Only these namespaces; reads, and writes when `write`.
+    Namespaces { namespaces: Vec<String>, write: bool },
+}
+
+/// A stored token: its hash and role, never the token itself.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenRecord {
+    /// sha256 of the whole token, hex.
+    pub hash: String,
+    pub role: Role,
+    pub created_at_ms: u64,
+}
+
+/// The token store.
+#[derive(Clone)]
+pub struct Tokens {
+    kv: Kv,
+}
+
+impl Tokens {
+    pub async fn open(bus: &Bus) -> Result<Tokens, wharf_bus::KvError> {
+        Ok(Tokens { kv: bus.kv(TOKENS_BUCKET).await? })
+    }
+
+    /// Makes a new token with `role`; returns it (the only time it is seen).
+    pub async fn create(&self, role: Role) -> Result<String, wharf_bus::KvError> {
+        let id = hex::encode(rand::random::<[u8; 6]>());
+        let secret = hex::encode(rand::random::<[u8; 24]>());
+        let token = format!("wharf_{id}_{secret}");
+        self.register(&token, role).await?;
+        Ok(token)
+    }
+
+    async fn register(&self, token: &str, role: Role) -> Result<(), wharf_bus::KvError> {
+        let Some(id) = token_id(token) else { return Ok(()) };
+        let record = TokenRecord { hash: hash(token), role, created_at_ms: crate::store::now_ms() };
+        self.kv.put(id, Bytes::from(serde_json::to_vec(&record).unwrap_or_default())).await?;
+        Ok(())
+    }
+
+    /// The role of `token`, if it is a known token.
+    pub async fn check(&self, token: &str) -> Option<Role> {
+        let id = token_id(token)?;
+        let entry = self.kv.get(id).await.ok()??;
+        let record: TokenRecord = serde_json::from_slice(&entry.value).ok()?;
+        constant_time_eq(record.hash.as_bytes(), hash(token).as_bytes()).then_some(record.role)
+    }
+
+    /// Makes sure an admin token exists in `file`, creating one (and the file,
+    /// mode 0600) on first start, and registering the file's token if the
+    /// store lost it. Returns the token.
+    pub async fn ensure_admin(&self, file: &Path) -> anyhow::Result<String> {
+        if let Ok(text) = std::fs::read_to_string(file) {
+            let token = text.trim().to_string();
+            if self.check(&token).await.is_none() {
+                self.register(&token, Role::Admin).await?;
+            }
+            return Ok(token);
+        }
+        let token = self.create(Role::Admin).await?;
+        if let Some(dir) = file.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        write_private(file, &token)?;
+        Ok(token)
+    }
+}
+
+fn write_private(file: &Path, token: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut f = options.open(file)?;
+    f.write_all(token.as_bytes())?;
+    f.write_all(b"\n")
+}
+
+fn token_id(token: &str) -> Option<&str> {
+    let rest = token.strip_prefix("wharf_")?;
+    let (id, secret) = rest.split_once('_')?;
+    (id.len() == 12 && id.bytes().all(|b| b.is_ascii_hexdigit()) && !secret.is_empty()).then_some(id)
+}
+
+fn hash(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The namespace a request path acts in, if any (`/v1/namespaces/{ns}/...`).
+fn namespace_of(path: &str) -> Option<&str> {
+    path.strip_prefix("/v1/namespaces/")?.split('/').next().filter(|ns| !ns.is_empty())
+}
+
+/// The middleware: 401 without a valid token, 403 when the token's role
+/// does not allow the request. `/healthz` and `/metrics` need no token.
+pub async fn authorise(State(plane): State<ControlPlane>, request: Request, next: Next) -> Result<Response, ApiError> {
+    let path = request.uri().path().to_string();
+    if path == "/healthz" || path == "/metrics" {
+        return Ok(next.run(request).await);
+    }
+    let Some(tokens) = &plane.tokens else {
+        return Ok(next.run(request).await);
+    };
+    let token = request
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", "no token: send `Authorization: Bearer <token>` (the CLI reads WHARF_TOKEN or ~/.config/wharf/token)"))?;
+    let role = tokens
+        .check(token)
+        .await
+        .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", "unknown or revoked token"))?;
+    let writes = !matches!(*request.method(), Method::GET | Method::HEAD);
+    match role {
+        Role::Admin => {}
+        Role::Namespaces { namespaces, write } => {
+            let allowed = namespaces.join(", ");
+            if path.starts_with("/v1/tokens") {
+                return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", "only admin tokens manage tokens"));
+            }
+            match namespace_of(&path) {
+                Some(ns) if !namespaces.iter().any(|n| n == ns) => {
+                    return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", format!("this token may act only in namespace(s) {allowed}, not {ns}")));
+                }
+                Some(_) => {}
+                // Artifacts are content-addressed and shared; hosts are read-only views.
+                None if path.starts_with("/v1/artifacts") || path == "/v1/hosts" => {}
+                None => {
+                    return Err(ApiError::new(
+                        StatusCode::FORBIDDEN,
+                        "forbidden",
+                        format!("this token may act only in namespace(s) {allowed}; use /v1/namespaces/<ns>/... (the CLI: -n <ns>)"),
+                    ));
+                }
+            }
+            if writes && !write {
+                return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", format!("this token may only read in namespace(s) {allowed}")));
+            }
+        }
+    }
+    Ok(next.run(request).await)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_ids_are_checked_and_hashes_compared_whole() {
+        assert_eq!(token_id("wharf_0123456789ab_secret"), Some("0123456789ab"));
+        assert_eq!(token_id("wharf_xyz_secret"), None);
+        assert_eq!(token_id("Bearer nothing"), None);
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+        assert_eq!(namespace_of("/v1/namespaces/shop/services/web"), Some("shop"));
+        assert_eq!(namespace_of("/v1/services"), None);
+    }
+}
