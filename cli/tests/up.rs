@@ -163,6 +163,8 @@ async fn the_api_refuses_bad_requests_with_json_errors() {
     let digest = uploaded["digest"].as_str().expect("digest").to_string();
     let url = format!("{api}/v1/namespaces/default/services/web");
 
+    let oversized = http.put(&url).body(vec![b' '; 2 << 20]).send().await.expect("answered");
+    assert_eq!(oversized.status(), 413, "a 2 MiB spec is refused");
     let bad_json = http.put(&url).body("{not json").send().await.expect("answered");
     assert_eq!(bad_json.status(), 400);
     let unknown = http.put(&url).json(&serde_json::json!({"component": "sha256:nothex", "name": "web"})).send().await.expect("answered");

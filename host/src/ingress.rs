@@ -24,6 +24,15 @@ pub const METRICS_PATH: &str = "/metrics";
 /// type `wasi:http` expects, so it can go straight into a component.
 pub type RequestBody = http_body_util::combinators::UnsyncBoxBody<Bytes, wasmtime_wasi_http::Error>;
 
+/// The largest request head (target and headers) accepted; larger ones get
+/// 431 before any handler runs. (hyper's own buffer limit is set to four
+/// times this, so it bounds memory without cutting our clearer answer short.)
+pub const MAX_HEAD: usize = 64 * 1024;
+
+/// The largest request body accepted; a larger declared `Content-Length`
+/// gets 413 at once, and a longer streamed body is cut off with an error.
+pub const MAX_BODY: u64 = 16 * 1024 * 1024;
+
 /// How long open connections get to finish after shutdown begins.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -70,6 +79,7 @@ where
             });
             let connection = hyper::server::conn::http1::Builder::new()
                 .keep_alive(true)
+                .max_buf_size(MAX_HEAD * 4)
                 .serve_connection(TokioIo::new(stream), service);
             tokio::pin!(connection);
             tokio::select! {
@@ -107,7 +117,30 @@ async fn dispatch<H: Handler + ?Sized>(handler: &H, metrics: &HostMetrics, reque
         );
         return response;
     }
-    let request = request.map(|body| body.map_err(wasmtime_wasi_http::Error::from).boxed_unsync());
+    let head: usize = request.uri().to_string().len() + request.headers().iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum::<usize>();
+    if head > MAX_HEAD {
+        return error_response(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "too_large",
+            format!("the request's headers are {head} bytes; this ingress accepts at most {MAX_HEAD} bytes"),
+        );
+    }
+    let declared = request.headers().get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > MAX_BODY) {
+        return error_response(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("the request body is {} bytes; this ingress accepts at most {MAX_BODY} bytes", declared.unwrap_or(0)),
+        );
+    }
+    let request = request.map(|body| {
+        http_body_util::Limited::new(body, usize::try_from(MAX_BODY).unwrap_or(usize::MAX))
+            .map_err(|e| match e.downcast::<hyper::Error>() {
+                Ok(e) => wasmtime_wasi_http::Error::from(*e),
+                Err(_) => wasmtime_wasi_http::Error::HttpRequestBodySize(Some(MAX_BODY)),
+            })
+            .boxed_unsync()
+    });
     handler.handle(request).await
 }
 

@@ -337,3 +337,29 @@ fn compiled_code_is_cached_on_disk_by_digest() {
     let reloaded = third.load(&bytes, None).expect("loads despite a corrupt cache");
     assert!(!reloaded.cached);
 }
+
+/// Sends raw bytes to the server and returns the status line it answers with.
+async fn raw_status(url: &str, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = url.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let _ = stream.write_all(request).await;
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut answer)).await.expect("answered in time").expect("read");
+    String::from_utf8_lossy(&answer[..n]).lines().next().unwrap_or_default().to_string()
+}
+
+#[tokio::test]
+async fn oversized_heads_and_bodies_are_refused_before_the_component_runs() {
+    let host = Host::new();
+    let echo = host.serve("echo", |_| {}).await;
+    let huge_header = format!("GET / HTTP/1.1\r\nhost: x\r\nx-big: {}\r\n\r\n", "a".repeat(100 * 1024));
+    let status = raw_status(&echo.url, huge_header.as_bytes()).await;
+    assert!(status.contains("431"), "{status}");
+    let huge_body = format!("POST / HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n", ingress::MAX_BODY + 1);
+    let status = raw_status(&echo.url, huge_body.as_bytes()).await;
+    assert!(status.contains("413"), "{status}");
+    assert_eq!(echo.workload.load().requests, 0, "the component never ran");
+    // Within the limits, all is served.
+    assert_eq!(host.get(&format!("{}/", echo.url)).await.0, 200);
+}

@@ -136,6 +136,9 @@ pub enum ManifestError {
     /// The manifest holds no service.
     #[error("the manifest describes no service: give one service, or a list under `services`")]
     Empty,
+    /// The manifest is larger than [`MAX_MANIFEST_BYTES`] or lists more than [`MAX_MANIFEST_SERVICES`] services.
+    #[error("the manifest is too large: {0}")]
+    TooLarge(String),
     /// A service parsed but breaks a rule of specs.
     #[error(transparent)]
     Invalid(#[from] SpecError),
@@ -187,6 +190,22 @@ pub fn parse_manifest(
     text: &str,
     format: ManifestFormat,
 ) -> Result<Vec<ServiceManifest>, ManifestError> {
+    if text.len() > MAX_MANIFEST_BYTES {
+        return Err(ManifestError::TooLarge(format!("{} bytes, at most {MAX_MANIFEST_BYTES} are read", text.len())));
+    }
+    let services = parse_unbounded(text, format)?;
+    if services.len() > MAX_MANIFEST_SERVICES {
+        return Err(ManifestError::TooLarge(format!("{} services, at most {MAX_MANIFEST_SERVICES} in one manifest", services.len())));
+    }
+    Ok(services)
+}
+
+/// The largest manifest [`parse_manifest`] reads.
+pub const MAX_MANIFEST_BYTES: usize = 1024 * 1024;
+/// The most services one manifest may describe.
+pub const MAX_MANIFEST_SERVICES: usize = 1000;
+
+fn parse_unbounded(text: &str, format: ManifestFormat) -> Result<Vec<ServiceManifest>, ManifestError> {
     // The shape is read first, then the text again into the right type, so
     // that errors keep the line numbers of the original text. Manifests are
     // small; reading twice costs nothing that matters.
@@ -320,6 +339,21 @@ fn location_of(text: &str, offset: usize) -> Location {
     Location {
         line: before.matches('\n').count() + 1,
         column: before[line_start..].chars().count() + 1,
+    }
+}
+
+#[cfg(test)]
+mod limit_tests {
+    use super::*;
+
+    #[test]
+    fn oversized_manifests_are_refused() {
+        let big = format!("name: a\ncomponent: {{ file: a.wasm }}\nenv: {{ X: \"{}\" }}\n", "x".repeat(MAX_MANIFEST_BYTES));
+        let error = parse_manifest(&big, ManifestFormat::Yaml).expect_err("too big");
+        assert!(error.to_string().contains("too large"), "{error}");
+        let many: String = (0..=MAX_MANIFEST_SERVICES).map(|i| format!("  - name: s{i}\n    component: {{ file: a.wasm }}\n")).collect();
+        let error = parse_manifest(&format!("services:\n{many}"), ManifestFormat::Yaml).expect_err("too many");
+        assert!(error.to_string().contains("1001 services"), "{error}");
     }
 }
 

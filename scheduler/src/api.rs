@@ -17,6 +17,16 @@ use wharf_proto::{Digest, ServiceId, ServiceSpec};
 /// Largest component accepted by `POST /v1/artifacts`.
 pub const MAX_ARTIFACT: usize = 64 * 1024 * 1024;
 
+/// Largest body of any other request (a spec, a value, a secret).
+pub const MAX_BODY: usize = 1024 * 1024;
+
+fn check_size(body: &Bytes) -> ApiResult<()> {
+    if body.len() > MAX_BODY {
+        return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", format!("the body is {} bytes; at most {MAX_BODY} are accepted here", body.len())));
+    }
+    Ok(())
+}
+
 /// An API error: HTTP status, a stable code, and a message for people.
 #[derive(Debug)]
 pub struct ApiError {
@@ -161,6 +171,7 @@ fn expected_revision(headers: &HeaderMap) -> ApiResult<Option<u64>> {
 
 async fn put_service(State(plane): State<ControlPlane>, Path((ns, name)): Path<(String, String)>, headers: HeaderMap, body: Bytes) -> ApiResult {
     let id = service_id(&ns, &name)?;
+    check_size(&body)?;
     let expected = expected_revision(&headers)?;
     let mut value: Value = serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))?;
     let Some(object) = value.as_object_mut() else {
@@ -295,6 +306,7 @@ async fn kv_get(State(plane): State<ControlPlane>, Path((ns, bucket, key)): Path
 }
 
 async fn kv_put(State(plane): State<ControlPlane>, Path((ns, bucket, key)): Path<(String, String, String)>, body: Bytes) -> ApiResult {
+    check_size(&body)?;
     let kv = kv_target(&plane, &ns, &bucket).await?;
     let revision = kv.put(&wharf_proto::names::kv_key(&bucket, &key), body).await.map_err(|e| match e {
         wharf_bus::KvError::ValueTooLarge { .. } => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", e.to_string()),
@@ -327,6 +339,7 @@ async fn secret_list(State(plane): State<ControlPlane>, Path(ns): Path<String>) 
 }
 
 async fn secret_put(State(plane): State<ControlPlane>, Path((ns, name)): Path<(String, String)>, body: Bytes) -> ApiResult {
+    check_size(&body)?;
     let kv = secrets(&plane, &ns, Some(&name)).await?;
     kv.put(&wharf_proto::names::secret_key(&ns, &name), body).await.map_err(kv_failed)?;
     Ok(axum::Json(json!({"namespace": ns, "secret": name, "stored": true})).into_response())
