@@ -211,6 +211,48 @@ pub async fn kv(command: KvCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `wharf namespace`: namespaces and their quotas.
+#[derive(clap::Subcommand)]
+pub enum NamespaceCommand {
+    /// Set a namespace's quotas (admin only); an absent flag means no limit.
+    Set {
+        name: String,
+        /// Replicas over all its services (an autoscaled service counts its max).
+        #[arg(long)]
+        max_replicas: Option<u32>,
+        /// Memory reserved over all its replicas (memory x concurrency each).
+        #[arg(long)]
+        max_memory: Option<ByteSize>,
+        /// Requests per second at each host's ingress.
+        #[arg(long)]
+        max_rps: Option<u32>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Show a namespace's quotas and what it uses.
+    Get {
+        name: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+pub async fn namespace(command: NamespaceCommand) -> anyhow::Result<()> {
+    match command {
+        NamespaceCommand::Set { name, max_replicas, max_memory, max_rps, api } => {
+            let api = Api::new(&api);
+            let body = json!({"quota": {"replicas": max_replicas, "memory": max_memory, "rps": max_rps}});
+            api.call(api.http.put(format!("{}/v1/namespaces/{name}", api.base)).json(&body)).await?;
+            println!("namespace {name} quota set");
+        }
+        NamespaceCommand::Get { name, api } => {
+            let api = Api::new(&api);
+            println!("{}", serde_json::to_string_pretty(&api.get(&format!("/v1/namespaces/{name}")).await?)?);
+        }
+    }
+    Ok(())
+}
+
 /// `wharf token`: API tokens.
 #[derive(clap::Subcommand)]
 pub enum TokenCommand {

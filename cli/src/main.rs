@@ -40,6 +40,9 @@ enum Command {
     /// Read and write services' key-value data (wasi:keyvalue buckets).
     #[command(subcommand)]
     Kv(client::KvCommand),
+    /// Namespaces and their quotas (replicas, memory, requests/s).
+    #[command(subcommand)]
+    Namespace(client::NamespaceCommand),
     /// Create API tokens bound to namespaces (read, or --write), or admin tokens.
     #[command(subcommand)]
     Token(client::TokenCommand),
@@ -78,6 +81,7 @@ fn main() -> ExitCode {
             Command::Kv(command) => client::kv(command).await,
             Command::Secret(command) => client::secret(command).await,
             Command::Token(command) => client::token(command).await,
+            Command::Namespace(command) => client::namespace(command).await,
             Command::Scale(args) => client::scale(args).await,
             Command::Delete(args) => client::delete(args).await,
             Command::Serve(args) => serve::run(args, shutdown_signal()).await,

@@ -232,8 +232,46 @@ async fn tokens_are_required_and_scoped_to_namespaces_and_roles() {
     assert!(!ok && out.contains("may only read"), "read-only token writing: {out}");
     let (ok, out) = as_token(&reader, &["get", "services", "shop/web"]);
     assert!(ok && out.contains("shop/web"), "a read token reads: {out}");
+    let (ok, out) = as_token(&writer, &["namespace", "set", "shop", "--max-replicas", "100"]);
+    assert!(!ok && out.contains("only admin tokens set namespace quotas"), "{out}");
     let (ok, out) = as_token(&reader, &["token", "create", "--admin"]);
     assert!(!ok && out.contains("only admin tokens"), "{out}");
     let raw = anonymous.delete(format!("{api}/v1/namespaces/shop/services/web")).bearer_auth(&reader).send().await.expect("answered");
     assert_eq!(raw.status(), 403);
+}
+
+#[tokio::test]
+async fn namespace_quotas_refuse_with_the_quota_and_numbers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let up = start(dir.path());
+    up.ok(&["namespace", "set", "shop", "--max-replicas", "3", "--max-memory", "300MiB", "--max-rps", "5"]);
+    let hello = samples::path("hello");
+    let hello = hello.to_str().expect("utf-8");
+    // 2 replicas x 16 MiB x concurrency 4 = 128 MiB: within both quotas.
+    up.ok(&["deploy", hello, "--name", "web", "-n", "shop", "--route", "/shop", "--replicas", "2", "--memory", "16MiB", "--concurrency", "4"]);
+    let (ok, out) = up.wharf(&["scale", "shop/web", "4"]);
+    assert!(!ok && out.contains("quota replicas=3 exceeded") && out.contains("asks for 4"), "{out}");
+    let (ok, out) = up.wharf(&["deploy", hello, "--name", "big", "-n", "shop", "--memory", "64MiB", "--concurrency", "4", "--no-wait"]);
+    assert!(!ok && out.contains("quota memory=300MiB exceeded") && out.contains("reserve 128MiB"), "{out}");
+    let usage: Value = serde_json::from_str(&up.ok(&["namespace", "get", "shop"])).expect("json");
+    assert_eq!(usage["usage"]["replicas"], 2, "refused changes changed nothing: {usage}");
+
+    // The ingress holds the namespace to 5 requests/s (bursts of 5).
+    let client = reqwest::Client::new();
+    let mut statuses = Vec::new();
+    for _ in 0..20 {
+        let response = client.get(format!("{}/shop", up.ingress)).send().await.expect("answered");
+        statuses.push(response.status().as_u16());
+        if response.status() == 429 {
+            assert!(response.text().await.expect("body").contains("quota of 5 requests/s"));
+        }
+    }
+    let served = statuses.iter().filter(|s| **s == 200).count();
+    assert!((5..=7).contains(&served), "about 5 of a quick burst of 20 are served: {statuses:?}");
+    assert!(statuses.contains(&429));
+    // Another namespace is not limited.
+    up.ok(&["deploy", hello, "--name", "free", "--route", "/free"]);
+    for _ in 0..20 {
+        assert_eq!(client.get(format!("{}/free", up.ingress)).send().await.expect("answered").status(), 200);
+    }
 }

@@ -51,6 +51,32 @@ pub struct AgentConfig {
 /// placed the service on this host; after that the placement elsewhere wins.
 const ACTIVATION_GRACE: Duration = Duration::from_secs(10);
 
+/// A token bucket: `rps` tokens a second, bursts of up to `rps`.
+struct RateBucket {
+    rps: u32,
+    tokens: f64,
+    last: std::time::Instant,
+}
+
+impl RateBucket {
+    fn new(rps: u32) -> Self {
+        RateBucket { rps, tokens: f64::from(rps), last: std::time::Instant::now() }
+    }
+
+    fn take(&mut self) -> bool {
+        let now = std::time::Instant::now();
+        let rate = f64::from(self.rps);
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * rate).min(rate.max(1.0));
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 /// Counts a request as held for activation while it waits.
 struct Held<'a> {
     agent: &'a HostAgent,
@@ -127,6 +153,8 @@ struct Inner {
     activations: Mutex<BTreeMap<ServiceId, ActivationSlot>>,
     /// Requests held for activation right now, per service (reported as demand).
     held: Mutex<BTreeMap<ServiceId, u64>>,
+    /// Namespaces' request-rate quotas at this ingress, and their token buckets.
+    rates: Mutex<BTreeMap<String, RateBucket>>,
     /// Taken while precompiling, so at most one compile runs in the background.
     precompiling: tokio::sync::Mutex<()>,
     /// Bumped whenever a replica changes state, so waiters (tests, the CLI) can watch.
@@ -168,6 +196,7 @@ impl HostAgent {
                 draining: AtomicBool::new(false),
                 activations: Mutex::new(BTreeMap::new()),
                 held: Mutex::new(BTreeMap::new()),
+                rates: Mutex::new(BTreeMap::new()),
                 precompiling: tokio::sync::Mutex::new(()),
                 changes,
                 stop,
@@ -181,6 +210,9 @@ impl HostAgent {
             },
         });
         agent.follow(service_watch, |agent, event| agent.service_changed(&event.key, event.value.as_deref()));
+        let namespaces = agent.inner.bus.kv(wharf_proto::names::NAMESPACES_BUCKET).await.map_err(|e| AgentError::Bus { what: "the namespaces bucket", source: Box::new(e) })?;
+        let namespace_watch = namespaces.watch(">").await.map_err(|e| AgentError::Bus { what: "a watch on the namespaces", source: Box::new(e) })?;
+        agent.follow(namespace_watch, |agent, event| agent.namespace_changed(&event.key, event.value.as_deref()));
         let weak = Arc::downgrade(&agent.inner);
         let mut stop = agent.inner.stop.subscribe();
         let interval = agent.inner.config.heartbeat_interval;
@@ -399,6 +431,28 @@ impl HostAgent {
         Err(format!("cannot fetch component {digest}: {last}"))
     }
 
+    /// A namespace's quota changed: keep its ingress rate limit.
+    fn namespace_changed(&self, namespace: &str, value: Option<&[u8]>) {
+        let rps = value.and_then(|v| serde_json::from_slice::<wharf_proto::Namespace>(v).ok()).and_then(|n| n.quota.rps);
+        if let Ok(mut rates) = self.inner.rates.lock() {
+            match rps {
+                Some(rps) => {
+                    rates.insert(namespace.to_string(), RateBucket::new(rps));
+                }
+                None => {
+                    rates.remove(namespace);
+                }
+            }
+        }
+    }
+
+    /// Takes one request from the namespace's rate quota; false when it is spent.
+    fn admit(&self, namespace: &str) -> Option<u32> {
+        let mut rates = self.inner.rates.lock().ok()?;
+        let bucket = rates.get_mut(namespace)?;
+        if bucket.take() { None } else { Some(bucket.rps) }
+    }
+
     /// A service was created, changed or deleted in the services bucket.
     fn service_changed(&self, key: &str, value: Option<&[u8]>) {
         let parsed = value.map(serde_json::from_slice::<StoredService>);
@@ -615,6 +669,15 @@ impl HostAgent {
         let Some(service) = service else {
             return error_response(StatusCode::NOT_FOUND, "no_route", format!("no service is routed at {path} (host {})", host.as_deref().unwrap_or("any")));
         };
+        if let Some(rps) = self.admit(&service.namespace) {
+            let mut response = error_response(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!("namespace {} is over its quota of {rps} requests/s at this ingress", service.namespace),
+            );
+            response.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+            return response;
+        }
         self.call(&service, request).await
     }
 

@@ -16,5 +16,5 @@ pub use names::{HostId, NameError, ServiceId};
 pub use spec::{Autoscale, Limits, Placement, Route, ServiceSpec, SpecError, Volume};
 pub use units::{ByteSize, ByteSizeError, DurationError};
 pub use wire::{
-    AssignedReplica, Assignment, Capacity, Demand, Heartbeat, ReplicaState, ReplicaStatus, StoredService,
+    AssignedReplica, Assignment, Capacity, Demand, Heartbeat, Namespace, Quota, ReplicaState, ReplicaStatus, StoredService,
 };

@@ -79,6 +79,9 @@ pub fn artifact_object(digest: &crate::Digest) -> String {
 /// KV bucket of the hosts the control plane has seen, keyed by host id.
 pub const HOSTS_BUCKET: &str = "wharf-hosts";
 
+/// KV bucket of namespaces and their quotas (key: the namespace).
+pub const NAMESPACES_BUCKET: &str = "wharf-namespaces";
+
 /// KV bucket of secrets (key: [`secret_key`]); values never leave it except
 /// into the components granted them.
 pub const SECRETS_BUCKET: &str = "wharf-secrets";

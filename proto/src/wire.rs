@@ -255,3 +255,27 @@ mod tests {
         );
     }
 }
+
+/// A namespace and its quotas, stored in [`crate::names::NAMESPACES_BUCKET`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Namespace {
+    /// Limits on what the namespace's services may use; absent = unlimited.
+    #[serde(default)]
+    pub quota: Quota,
+}
+
+/// A namespace's limits.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Quota {
+    /// Replicas over all its services (an autoscaled service counts its `max`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<u32>,
+    /// Memory reserved over all its replicas (memory cap x concurrency each).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<ByteSize>,
+    /// Requests per second its services may take at each host's ingress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rps: Option<u32>,
+}

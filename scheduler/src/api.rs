@@ -76,6 +76,8 @@ pub fn router(plane: ControlPlane) -> Router {
         .route("/healthz", get(healthz))
         .route("/v1/artifacts", post(upload_artifact).get(list_artifacts))
         .route("/v1/services", get(list_all_services))
+        .route("/v1/namespaces", get(list_namespaces))
+        .route("/v1/namespaces/{ns}", get(get_namespace).put(put_namespace))
         .route("/v1/namespaces/{ns}/services", get(list_services))
         .route("/v1/namespaces/{ns}/services/{name}", get(get_service).put(put_service).delete(delete_service))
         .route("/v1/namespaces/{ns}/services/{name}/scale", post(scale_service))
@@ -198,6 +200,7 @@ async fn put_service(State(plane): State<ControlPlane>, Path((ns, name)): Path<(
             format!("component: {} is not uploaded; POST its bytes to /v1/artifacts first", spec.component),
         ));
     }
+    check_quota(&plane, &spec).await?;
     let (stored, written) = plane.store.put_service(spec, expected).await?;
     let status = match written {
         Written::Created => StatusCode::CREATED,
@@ -234,6 +237,7 @@ async fn scale_service(State(plane): State<ControlPlane>, Path((ns, name)): Path
         let mut spec = stored.spec.clone();
         spec.replicas = scale.replicas;
         spec.validate().map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_spec", e.to_string()))?;
+        check_quota(&plane, &spec).await?;
         match plane.store.put_service(spec, Some(stored.revision)).await {
             Ok((stored, _)) => {
                 let assignments = plane.store.assignments().await?;
@@ -382,4 +386,92 @@ async fn create_token(State(plane): State<ControlPlane>, body: Bytes) -> ApiResu
     };
     let token = tokens.create(role.clone()).await.map_err(kv_failed)?;
     Ok((StatusCode::CREATED, axum::Json(json!({"token": token, "role": role}))).into_response())
+}
+
+/// The namespaces bucket.
+async fn namespaces(plane: &ControlPlane) -> ApiResult<wharf_bus::Kv> {
+    plane.bus.kv(wharf_proto::names::NAMESPACES_BUCKET).await.map_err(kv_failed)
+}
+
+/// A namespace's record (default: no quota).
+async fn namespace(plane: &ControlPlane, ns: &str) -> ApiResult<wharf_proto::Namespace> {
+    match namespaces(plane).await?.get(ns).await.map_err(kv_failed)? {
+        Some(entry) => serde_json::from_slice(&entry.value).map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "corrupt", format!("namespace {ns} is unreadable: {e}"))),
+        None => Ok(wharf_proto::Namespace::default()),
+    }
+}
+
+/// Replicas and reserved memory a service counts against its namespace's quota.
+fn usage_of(spec: &ServiceSpec) -> (u64, u64) {
+    let replicas = u64::from(spec.autoscale.as_ref().map_or(spec.replicas, |a| a.max));
+    (replicas, replicas.saturating_mul(spec.reservation().bytes()))
+}
+
+/// What the namespace's services use now, leaving out `except`.
+async fn usage(plane: &ControlPlane, ns: &str, except: Option<&ServiceId>) -> ApiResult<(u64, u64)> {
+    let services = plane.store.services().await?;
+    Ok(services.iter().filter(|s| s.spec.namespace == ns && Some(&s.spec.id()) != except).map(|s| usage_of(&s.spec)).fold((0, 0), |(r, m), (r2, m2)| (r + r2, m + m2)))
+}
+
+/// Refuses `spec` if it would take its namespace past a quota, naming the
+/// quota, its limit and what is in use.
+async fn check_quota(plane: &ControlPlane, spec: &ServiceSpec) -> ApiResult<()> {
+    let ns = &spec.namespace;
+    let quota = namespace(plane, ns).await?.quota;
+    if quota.replicas.is_none() && quota.memory.is_none() {
+        return Ok(());
+    }
+    let id = spec.id();
+    let (used_replicas, used_memory) = usage(plane, ns, Some(&id)).await?;
+    let (replicas, memory) = usage_of(spec);
+    if let Some(limit) = quota.replicas
+        && used_replicas + replicas > u64::from(limit)
+    {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "quota_exceeded",
+            format!("namespace {ns}: quota replicas={limit} exceeded: other services use {used_replicas}, {id} asks for {replicas}"),
+        ));
+    }
+    if let Some(limit) = quota.memory
+        && used_memory + memory > limit.bytes()
+    {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "quota_exceeded",
+            format!(
+                "namespace {ns}: quota memory={limit} exceeded: other services reserve {}, {id} asks for {} (memory x concurrency x replicas)",
+                wharf_proto::ByteSize(used_memory),
+                wharf_proto::ByteSize(memory)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+async fn list_namespaces(State(plane): State<ControlPlane>) -> ApiResult {
+    let kv = namespaces(&plane).await?;
+    let mut names: Vec<String> = kv.keys().await.map_err(kv_failed)?;
+    for stored in plane.store.services().await? {
+        names.push(stored.spec.namespace);
+    }
+    names.sort();
+    names.dedup();
+    Ok(axum::Json(json!({"namespaces": names})).into_response())
+}
+
+async fn get_namespace(State(plane): State<ControlPlane>, Path(ns): Path<String>) -> ApiResult {
+    wharf_proto::names::check_label(&ns).map_err(|e| ApiError::bad_request(format!("namespace {ns:?}: {e}")))?;
+    let record = namespace(&plane, &ns).await?;
+    let (replicas, memory) = usage(&plane, &ns, None).await?;
+    Ok(axum::Json(json!({"namespace": ns, "quota": record.quota, "usage": {"replicas": replicas, "memory": wharf_proto::ByteSize(memory)}})).into_response())
+}
+
+async fn put_namespace(State(plane): State<ControlPlane>, Path(ns): Path<String>, body: Bytes) -> ApiResult {
+    wharf_proto::names::check_label(&ns).map_err(|e| ApiError::bad_request(format!("namespace {ns:?}: {e}")))?;
+    check_size(&body)?;
+    let record: wharf_proto::Namespace = serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("expected {{\"quota\": {{\"replicas\": N, \"memory\": \"4GiB\", \"rps\": N}}}}: {e}")))?;
+    let kv = namespaces(&plane).await?;
+    kv.put(&ns, Bytes::from(serde_json::to_vec(&record).unwrap_or_default())).await.map_err(kv_failed)?;
+    Ok(axum::Json(json!({"namespace": ns, "quota": record.quota})).into_response())
 }

@@ -154,6 +154,11 @@ pub async fn authorise(State(plane): State<ControlPlane>, request: Request, next
             if path.starts_with("/v1/tokens") {
                 return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", "only admin tokens manage tokens"));
             }
+            // A namespace's own record holds its quota: only admins change it.
+            let is_namespace_record = namespace_of(&path).is_some_and(|ns| path.trim_end_matches('/') == format!("/v1/namespaces/{ns}"));
+            if writes && is_namespace_record {
+                return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", "only admin tokens set namespace quotas"));
+            }
             match namespace_of(&path) {
                 Some(ns) if !namespaces.iter().any(|n| n == ns) => {
                     return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", format!("this token may act only in namespace(s) {allowed}, not {ns}")));
