@@ -16,6 +16,7 @@ mod cluster;
 mod coldstart;
 mod kvbench;
 mod load;
+mod noisy;
 mod rss;
 
 #[derive(Parser)]
@@ -35,6 +36,8 @@ enum Cmd {
     Coldstart(coldstart::ColdStartArgs),
     /// wasi:keyvalue get/set latency from inside a component vs raw JetStream KV.
     Kv(kvbench::KvArgs),
+    /// Noisy neighbours: tenant B's latency with tenant A spinning and allocating to its caps.
+    Noisy(noisy::NoisyArgs),
     /// Placement core: replicas placed per second on a simulated cluster.
     Placement(PlacementArgs),
     /// (internal) Loads N workloads in this process and prints its resident memory as JSON.
@@ -91,6 +94,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Cmd::Host(args) => tokio::runtime::Runtime::new()?.block_on(host(args)),
         Cmd::Placement(args) => placement(args),
+        Cmd::Noisy(args) => tokio::runtime::Runtime::new()?.block_on(noisy::run(args)),
         Cmd::Kv(args) => tokio::runtime::Runtime::new()?.block_on(kvbench::run(args)),
         Cmd::Coldstart(args) => tokio::runtime::Runtime::new()?.block_on(coldstart::run(args)),
         Cmd::Cluster(args) => tokio::runtime::Runtime::new()?.block_on(cluster::run(args)),

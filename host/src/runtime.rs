@@ -120,6 +120,10 @@ struct RuntimeInner {
     /// artifact shares code with the first. Held only for lookups and inserts.
     compiled: Mutex<HashMap<Digest, Component>>,
     config: RuntimeConfig,
+    /// Slices of CPU for long-running requests: one fewer than the cores, so
+    /// short requests (every request's first 10 ms) always find a core free
+    /// however many tenants spin. Fair: waiters are served in order.
+    heavy_slices: Arc<tokio::sync::Semaphore>,
 }
 
 impl Drop for RuntimeInner {
@@ -156,6 +160,9 @@ impl Runtime {
                 engine_hash,
                 compiled: Mutex::new(HashMap::new()),
                 config,
+                heavy_slices: Arc::new(tokio::sync::Semaphore::new(
+                    std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1)),
+                )),
             }),
         })
     }
@@ -163,6 +170,10 @@ impl Runtime {
     /// The engine's configuration.
     pub fn config(&self) -> &RuntimeConfig {
         &self.inner.config
+    }
+
+    pub(crate) fn heavy_slices(&self) -> Arc<tokio::sync::Semaphore> {
+        self.inner.heavy_slices.clone()
     }
 
     pub(crate) fn engine(&self) -> &Engine {

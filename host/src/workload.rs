@@ -26,6 +26,10 @@ pub type ResponseBody = HyperOutgoingBody;
 /// Header naming the failure on every error response Wharf itself writes.
 pub const ERROR_HEADER: &str = "x-wharf-error";
 
+/// Epoch ticks (2 ms each) a request runs before it counts as heavy and
+/// must queue for CPU slices.
+const LIGHT_TICKS: u32 = 5;
+
 /// Time past the deadline before a request stuck in a host call is abandoned.
 /// Guest code is interrupted at the deadline itself (within one epoch tick).
 const DEADLINE_GRACE: Duration = Duration::from_millis(20);
@@ -373,10 +377,37 @@ impl Workload {
             tracing::error!("could not set fuel (a bug): {e:#}");
         }
         store.set_epoch_deadline(1);
-        // Every tick: trap if the deadline has passed, else yield to the
-        // scheduler so a spinning guest cannot hold a runtime thread.
+        // Every tick (2 ms): trap past the deadline; else yield to the
+        // scheduler so a spinning guest cannot hold a runtime thread. After
+        // its first LIGHT_TICKS a request is heavy: each further slice waits
+        // for one of the runtime's heavy-slice permits (fewer than the cores),
+        // so a tenant spinning at full concurrency cannot starve the short
+        // requests of another.
+        let heavy = self.inner.runtime.heavy_slices();
+        let held: Arc<std::sync::Mutex<Option<tokio::sync::OwnedSemaphorePermit>>> = Arc::default();
+        let mut ticks = 0u32;
         store.epoch_deadline_callback(move |_| {
-            Ok(if Instant::now() >= deadline { UpdateDeadline::Interrupt } else { UpdateDeadline::Yield(1) })
+            if Instant::now() >= deadline {
+                return Ok(UpdateDeadline::Interrupt);
+            }
+            ticks = ticks.saturating_add(1);
+            if ticks <= LIGHT_TICKS {
+                return Ok(UpdateDeadline::Yield(1));
+            }
+            if let Ok(mut slot) = held.lock() {
+                slot.take();
+            }
+            let (heavy, held) = (heavy.clone(), held.clone());
+            Ok(UpdateDeadline::YieldCustom(
+                1,
+                Box::pin(async move {
+                    if let Ok(permit) = heavy.acquire_owned().await
+                        && let Ok(mut slot) = held.lock()
+                    {
+                        *slot = Some(permit);
+                    }
+                }),
+            ))
         });
         Ok(store)
     }
