@@ -223,11 +223,7 @@ async fn measure(args: &ClusterArgs, wharf: PathBuf, dir: &Path) -> anyhow::Resu
     report.insert("heartbeat".into(), args.heartbeat.clone().into());
     report.insert("missed_heartbeats".into(), args.missed.into());
 
-    if let Some(parent) = args.out.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    std::fs::write(&args.out, serde_json::to_string_pretty(&report)? + "\n")?;
-    eprintln!("wrote {}", args.out.display());
+    crate::write_report(&args.out, &report)?;
     Ok(())
 }
 

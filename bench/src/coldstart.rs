@@ -160,11 +160,7 @@ pub async fn run(args: ColdStartArgs) -> anyhow::Result<()> {
         }
         None => println!("step in load: fewer than 4 ready replicas after 30 s"),
     }
-    if let Some(parent) = args.out.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    std::fs::write(&args.out, serde_json::to_string_pretty(&report)? + "\n")?;
-    eprintln!("wrote {}", args.out.display());
+    crate::write_report(&args.out, &report)?;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

@@ -99,11 +99,7 @@ pub async fn run(args: KvArgs) -> anyhow::Result<()> {
         "raw_get_p50_micros": raw_get.0, "raw_get_p99_micros": raw_get.1,
         "raw_put_p50_micros": raw_put.0, "raw_put_p99_micros": raw_put.1,
     });
-    if let Some(parent) = args.out.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    std::fs::write(&args.out, serde_json::to_string_pretty(&report)? + "\n")?;
-    eprintln!("wrote {}", args.out.display());
+    crate::write_report(&args.out, &report)?;
     drop(up);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())

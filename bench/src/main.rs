@@ -187,11 +187,7 @@ async fn host(args: HostArgs) -> anyhow::Result<()> {
     report.insert("connections".into(), args.connections.into());
     report.insert("seconds".into(), args.seconds.into());
 
-    if let Some(parent) = args.out.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    std::fs::write(&args.out, serde_json::to_string_pretty(&report)? + "\n")?;
-    eprintln!("wrote {}", args.out.display());
+    write_report(&args.out, &report)?;
     Ok(())
 }
 
@@ -222,11 +218,17 @@ fn placement(args: PlacementArgs) -> anyhow::Result<()> {
         "max_spread_imbalance": median.max_spread_imbalance,
         "runs": runs.len(),
     });
-    if let Some(parent) = args.out.parent() {
+    write_report(&args.out, &report)?;
+    Ok(())
+}
+
+/// Writes a harness's figures as pretty JSON to `out` (creating its folder).
+fn write_report(out: &Path, report: &impl serde::Serialize) -> anyhow::Result<()> {
+    if let Some(parent) = out.parent() {
         std::fs::create_dir_all(parent)?;
     }
-    std::fs::write(&args.out, serde_json::to_string_pretty(&report)? + "\n")?;
-    eprintln!("wrote {}", args.out.display());
+    std::fs::write(out, serde_json::to_string_pretty(report)? + "\n")?;
+    eprintln!("wrote {}", out.display());
     Ok(())
 }
 

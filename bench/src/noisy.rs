@@ -80,11 +80,7 @@ pub async fn run(args: NoisyArgs) -> anyhow::Result<()> {
     let report = serde_json::json!({
         "idle": idle, "noisy": noisy, "p99_ratio": ratio, "noise_requests": noise_requests,
     });
-    if let Some(parent) = args.out.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    std::fs::write(&args.out, serde_json::to_string_pretty(&report)? + "\n")?;
-    eprintln!("wrote {}", args.out.display());
+    crate::write_report(&args.out, &report)?;
     drop(up);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
