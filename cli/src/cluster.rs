@@ -20,15 +20,22 @@ pub struct NatsArgs {
     #[arg(long, env = "WHARF_NATS")]
     pub nats: String,
     /// A NATS .creds file (user JWT + NKey seed).
-    #[arg(long, env = "WHARF_NATS_CREDS")]
+    #[arg(long, env = "WHARF_NATS_CREDS", conflicts_with = "nats_user")]
     pub nats_creds: Option<PathBuf>,
+    /// A NATS user (see deploy/nats/ for the roles: scheduler, host).
+    #[arg(long, env = "WHARF_NATS_USER")]
+    pub nats_user: Option<String>,
+    /// The NATS user's password.
+    #[arg(long, env = "WHARF_NATS_PASSWORD", hide_env_values = true, requires = "nats_user")]
+    pub nats_password: Option<String>,
 }
 
 impl NatsArgs {
     pub async fn connect(&self, name: &str) -> anyhow::Result<Bus> {
-        let auth = match &self.nats_creds {
-            Some(path) => NatsAuth::CredentialsFile(path.clone()),
-            None => NatsAuth::None,
+        let auth = match (&self.nats_creds, &self.nats_user) {
+            (Some(path), _) => NatsAuth::CredentialsFile(path.clone()),
+            (None, Some(user)) => NatsAuth::UserPassword { user: user.clone(), password: self.nats_password.clone().unwrap_or_default() },
+            (None, None) => NatsAuth::None,
         };
         let bus = Bus::connect_nats(&self.nats, NatsOptions { name: name.to_string(), auth, ..NatsOptions::default() }).await?;
         tracing::info!(url = %self.nats, "connected to NATS");

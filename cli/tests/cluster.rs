@@ -353,3 +353,54 @@ async fn a_counter_over_three_hosts_counts_exactly_and_survives_failures() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// The shipped roles (deploy/nats/roles.conf) with two test users.
+fn nats_with_roles() -> NatsServer {
+    let roles = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/nats/roles.conf")).expect("roles.conf");
+    NatsServer::start_with_config(&format!(
+        "{roles}\nauthorization {{\n  users = [\n    {{ user: scheduler, password: s3cret-s, permissions: $WHARF_SCHEDULER }}\n    {{ user: host, password: s3cret-h, permissions: $WHARF_HOST }}\n  ]\n}}\n"
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hosts_with_host_credentials_serve_but_cannot_write_desired_state() {
+    let nats = nats_with_roles();
+    let url = nats.url();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sched_dir = dir.path().join("scheduler");
+    let mut sched = Process::spawn(
+        WHARF,
+        &["scheduler", "--nats", &url, "--nats-user", "scheduler", "--nats-password", "s3cret-s", "--api", "127.0.0.1:0", "--data-dir", sched_dir.to_str().expect("utf-8")],
+    );
+    let line = sched.wait_for_line("Wharf scheduler: API", Duration::from_secs(60));
+    let api = Api { url: url_in(&line), token: std::fs::read_to_string(sched_dir.join("admin-token")).expect("token").trim().to_string() };
+    let host_dir = dir.path().join("h");
+    let mut host = Process::spawn(
+        WHARF,
+        &["host", "--nats", &url, "--nats-user", "host", "--nats-password", "s3cret-h", "--name", "h1", "--listen", "127.0.0.1:0", "--data-dir", host_dir.to_str().expect("utf-8")],
+    );
+    let ingress = url_in(&host.wait_for_line("ingress http://", Duration::from_secs(60)));
+
+    // With host credentials the host runs what it is assigned, serves, and stores services' data.
+    wharf(&api, &["deploy", &sample("counter"), "--name", "counter", "--route", "/", "--keyvalue", "counter"]);
+    until_ok(&format!("{ingress}/hit"), "1", Duration::from_secs(20)).await;
+
+    // The same credentials cannot touch desired state: the NATS server refuses.
+    let as_host = wharf_bus::Bus::connect_nats(
+        &url,
+        wharf_bus::NatsOptions { auth: wharf_bus::NatsAuth::UserPassword { user: "host".into(), password: "s3cret-h".into() }, ..Default::default() },
+    )
+    .await
+    .expect("host credentials connect");
+    for bucket in [wharf_proto::names::SERVICES_BUCKET, wharf_proto::names::ASSIGNMENTS_BUCKET, wharf_scheduler::auth::TOKENS_BUCKET] {
+        let kv = as_host.kv(bucket).await.expect("a host may open (read) the bucket");
+        let refused = kv.put("default.counter", bytes::Bytes::from_static(b"{}")).await;
+        assert!(refused.is_err(), "a host wrote to {bucket}");
+    }
+    let data = as_host.kv(&wharf_proto::names::kv_bucket("default")).await.expect("data bucket");
+    assert!(data.put("counter.other", bytes::Bytes::from_static(b"1")).await.is_ok(), "hosts write services' data");
+    // Nothing changed: the service is as deployed and still served.
+    assert_eq!(service(&api, "counter")["service"]["generation"], 1);
+    until_ok(&format!("{ingress}/hit"), "2", Duration::from_secs(5)).await;
+    drop(host);
+}

@@ -173,12 +173,12 @@ pub enum AgentError {
 impl HostAgent {
     /// Starts watching this host's assignment and sending heartbeats.
     pub async fn start(bus: Bus, runtime: Runtime, metrics: HostMetrics, config: AgentConfig) -> Result<HostAgent, AgentError> {
-        let assignments = bus.kv(ASSIGNMENTS_BUCKET).await.map_err(|e| AgentError::Bus { what: "the assignments bucket", source: Box::new(e) })?;
+        let assignments = open_kv(&bus, ASSIGNMENTS_BUCKET).await.map_err(|e| AgentError::Bus { what: "the assignments bucket", source: Box::new(e) })?;
         let watch = assignments
             .watch(&assignment_key(&config.host))
             .await
             .map_err(|e| AgentError::Bus { what: "a watch on this host's assignment", source: Box::new(e) })?;
-        let services = bus.kv(SERVICES_BUCKET).await.map_err(|e| AgentError::Bus { what: "the services bucket", source: Box::new(e) })?;
+        let services = open_kv(&bus, SERVICES_BUCKET).await.map_err(|e| AgentError::Bus { what: "the services bucket", source: Box::new(e) })?;
         let service_watch = services.watch(">").await.map_err(|e| AgentError::Bus { what: "a watch on the services", source: Box::new(e) })?;
         let (stop, _) = watch::channel(false);
         let (changes, _) = watch::channel(0);
@@ -210,7 +210,7 @@ impl HostAgent {
             },
         });
         agent.follow(service_watch, |agent, event| agent.service_changed(&event.key, event.value.as_deref()));
-        let namespaces = agent.inner.bus.kv(wharf_proto::names::NAMESPACES_BUCKET).await.map_err(|e| AgentError::Bus { what: "the namespaces bucket", source: Box::new(e) })?;
+        let namespaces = open_kv(&agent.inner.bus, wharf_proto::names::NAMESPACES_BUCKET).await.map_err(|e| AgentError::Bus { what: "the namespaces bucket", source: Box::new(e) })?;
         let namespace_watch = namespaces.watch(">").await.map_err(|e| AgentError::Bus { what: "a watch on the namespaces", source: Box::new(e) })?;
         agent.follow(namespace_watch, |agent, event| agent.namespace_changed(&event.key, event.value.as_deref()));
         let weak = Arc::downgrade(&agent.inner);
@@ -868,6 +868,25 @@ pub fn workload_spec(service: &ServiceId, spec: &ServiceSpec) -> WorkloadSpec {
     workload.env = spec.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     workload.egress = EgressPolicy::allow(spec.allow_outbound.iter().cloned());
     workload
+}
+
+/// Opens a bucket the control plane owns, waiting for the control plane to
+/// create it if the host may not (as under the shipped NATS roles).
+async fn open_kv(bus: &Bus, bucket: &str) -> Result<wharf_bus::Kv, wharf_bus::KvError> {
+    let mut waited = Duration::ZERO;
+    loop {
+        match bus.kv(bucket).await {
+            Ok(kv) => return Ok(kv),
+            Err(e) if waited < Duration::from_secs(60) => {
+                if waited.is_zero() {
+                    tracing::warn!("waiting for the control plane to create bucket {bucket}: {e}");
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                waited += Duration::from_millis(500);
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// This process's resident set, from /proc (0 where there is none).

@@ -201,6 +201,10 @@ async fn put_service(State(plane): State<ControlPlane>, Path((ns, name)): Path<(
         ));
     }
     check_quota(&plane, &spec).await?;
+    if !spec.keyvalue.is_empty() {
+        // Hosts may only open data buckets, not create them.
+        plane.bus.kv(&wharf_proto::names::kv_bucket(&spec.namespace)).await.map_err(kv_failed)?;
+    }
     let (stored, written) = plane.store.put_service(spec, expected).await?;
     let status = match written {
         Written::Created => StatusCode::CREATED,

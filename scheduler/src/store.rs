@@ -48,6 +48,11 @@ pub enum Written {
 impl Store {
     /// Opens (creating when missing) the buckets on `bus`.
     pub async fn open(bus: &Bus) -> Result<Store, StoreError> {
+        // The control plane creates every bucket it owns, so hosts (which
+        // may not create buckets under the shipped NATS roles) only open them.
+        for bucket in [wharf_proto::names::NAMESPACES_BUCKET, wharf_proto::names::SECRETS_BUCKET] {
+            bus.kv(bucket).await?;
+        }
         Ok(Store {
             services: bus.kv(SERVICES_BUCKET).await?,
             assignments: bus.kv(ASSIGNMENTS_BUCKET).await?,
