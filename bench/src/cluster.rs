@@ -51,7 +51,6 @@ struct Cluster {
     _scheduler: Process,
     next_host: usize,
     heartbeat: String,
-    missed: u32,
 }
 
 fn url_in(line: &str) -> anyhow::Result<String> {
@@ -69,7 +68,7 @@ impl Cluster {
         );
         let api = url_in(&scheduler.wait_for_line("Wharf scheduler: API", Duration::from_secs(60)))?;
         let token = std::fs::read_to_string(dir.join("scheduler").join("admin-token")).context("the scheduler's admin token")?.trim().to_string();
-        let mut cluster = Cluster { wharf, nats, dir, api, token, hosts: Vec::new(), _scheduler: scheduler, next_host: 0, heartbeat: heartbeat.into(), missed };
+        let mut cluster = Cluster { wharf, nats, dir, api, token, hosts: Vec::new(), _scheduler: scheduler, next_host: 0, heartbeat: heartbeat.into() };
         for _ in 0..3 {
             cluster.add_host()?;
         }
@@ -88,7 +87,6 @@ impl Cluster {
         );
         let ingress = url_in(&process.wait_for_line("ingress http://", Duration::from_secs(60)))?;
         self.hosts.push((name, process, ingress));
-        let _ = self.missed;
         Ok(())
     }
 

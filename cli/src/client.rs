@@ -483,19 +483,26 @@ pub async fn deploy(args: DeployArgs) -> anyhow::Result<()> {
             None => wharf_proto::Volume { name: v.clone(), path: "/data".to_string() },
         })
         .collect();
-    if args.min.is_some() || args.max.is_some() || args.target_concurrency.is_some() || args.target_rps.is_some() || args.scale_to_zero_after.is_some() {
-        let text = serde_json::json!({
-            "min": args.min.unwrap_or(0),
-            "max": args.max.unwrap_or(args.min.unwrap_or(0).max(10)),
-            "target_concurrency": args.target_concurrency,
-            "target_rps": args.target_rps,
-            "scale_down_delay": args.scale_down_delay,
-            "scale_to_zero_after": args.scale_to_zero_after,
-        });
+    let autoscaled = args.min.is_some()
+        || args.max.is_some()
+        || args.target_concurrency.is_some()
+        || args.target_rps.is_some()
+        || args.scale_down_delay.is_some()
+        || args.scale_to_zero_after.is_some();
+    if autoscaled {
         // Absent flags take the policy's defaults.
-        let fields: serde_json::Map<String, Value> = text.as_object().into_iter().flatten().filter(|(_, v)| !v.is_null()).map(|(k, v)| (k.clone(), v.clone())).collect();
-        spec.autoscale = Some(serde_json::from_value(Value::Object(fields)).context("bad autoscale flags")?);
-        spec.replicas = args.min.unwrap_or(0);
+        let min = args.min.unwrap_or(0);
+        let mut policy = wharf_proto::Autoscale::new(min, args.max.unwrap_or(min.max(10)));
+        policy.target_concurrency = args.target_concurrency;
+        policy.target_rps = args.target_rps;
+        if let Some(delay) = &args.scale_down_delay {
+            policy.scale_down_delay = wharf_proto::units::parse_duration(delay).with_context(|| format!("--scale-down-delay {delay}"))?;
+        }
+        if let Some(idle) = &args.scale_to_zero_after {
+            policy.scale_to_zero_after = wharf_proto::units::parse_duration(idle).with_context(|| format!("--scale-to-zero-after {idle}"))?;
+        }
+        spec.autoscale = Some(policy);
+        spec.replicas = min;
     }
     spec.validate()?;
     let digest = api.upload(&args.file).await?;

@@ -265,9 +265,9 @@ impl HostAgent {
 
     /// The current status of every replica on this host.
     pub fn statuses(&self) -> Vec<ReplicaStatus> {
-        let replicas = self.inner.replicas.read().map(|r| r.clone()).unwrap_or_default();
+        let Ok(replicas) = self.inner.replicas.read() else { return Vec::new() };
         replicas
-            .into_iter()
+            .iter()
             .map(|((service, replica), r)| {
                 let (state, error, load) = match &r.slot {
                     Slot::Loading => (ReplicaState::Loading, None, None),
@@ -275,8 +275,8 @@ impl HostAgent {
                     Slot::Failed(e) => (ReplicaState::Failed, Some(e.clone()), None),
                 };
                 ReplicaStatus {
-                    service,
-                    replica,
+                    service: service.clone(),
+                    replica: *replica,
                     generation: r.generation,
                     state,
                     error,
@@ -497,15 +497,13 @@ impl HostAgent {
     fn rebuild_routes(&self) {
         let table = {
             let Ok(services) = self.inner.services.read() else { return };
-            let local = self.inner.replicas.read().map(|r| r.clone()).unwrap_or_default();
+            let Ok(local) = self.inner.replicas.read() else { return };
             // Routes of every service, and of local replicas whose service the
             // watch has not delivered yet (so a fresh host serves at once).
             let mut by_service: BTreeMap<&ServiceId, &[wharf_proto::Route]> =
                 services.iter().map(|(id, spec)| (id, spec.routes.as_slice())).collect();
-            let table_local: Vec<(ServiceId, Vec<wharf_proto::Route>)> =
-                local.iter().map(|((id, _), r)| (id.clone(), r.spec.routes.clone())).collect();
-            for (id, routes) in &table_local {
-                by_service.entry(id).or_insert(routes.as_slice());
+            for ((id, _), replica) in local.iter() {
+                by_service.entry(id).or_insert(replica.spec.routes.as_slice());
             }
             RouteTable::new(by_service)
         };
@@ -581,7 +579,17 @@ impl HostAgent {
     }
 
     fn least_busy(&self, service: &ServiceId) -> Option<Workload> {
-        let assigned = self.ready_workloads(service).into_iter().min_by_key(|w| w.load().in_flight);
+        // Scanned under the lock: this is on every request's path.
+        let assigned = self.inner.replicas.read().ok().and_then(|replicas| {
+            replicas
+                .range((service.clone(), 0)..=(service.clone(), u32::MAX))
+                .filter_map(|(_, r)| match &r.slot {
+                    Slot::Ready(w) => Some(w),
+                    _ => None,
+                })
+                .min_by_key(|w| w.load().in_flight)
+                .cloned()
+        });
         assigned.or_else(|| {
             let slot = self.inner.activations.lock().ok()?.get(service)?.clone();
             let activated = slot.try_lock().ok()?;

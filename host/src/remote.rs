@@ -23,9 +23,6 @@ const MAX_HEAD: usize = 64 * 1024;
 /// Headers that belong to one hop and are not forwarded.
 const HOP_HEADERS: &[&str] = &["connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection"];
 
-/// Header carrying the service a forwarded request is for.
-pub const SERVICE_HEADER: &str = "x-wharf-service";
-
 /// The largest body that can cross the bus.
 pub fn max_body(bus: &Bus) -> usize {
     bus.max_payload().saturating_sub(MAX_HEAD)

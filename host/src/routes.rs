@@ -68,11 +68,6 @@ impl RouteTable {
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
-
-    /// Every route as `(host, prefix, service)`, most specific first.
-    pub fn routes(&self) -> impl Iterator<Item = (Option<&str>, &str, &ServiceId)> {
-        self.entries.iter().map(|e| (e.host.as_deref(), e.prefix.as_str(), &e.service))
-    }
 }
 
 /// `/api/` and `/api` are the same prefix.

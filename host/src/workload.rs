@@ -384,7 +384,9 @@ impl Workload {
         // so a tenant spinning at full concurrency cannot starve the short
         // requests of another.
         let heavy = self.inner.runtime.heavy_slices();
-        let held: Arc<std::sync::Mutex<Option<tokio::sync::OwnedSemaphorePermit>>> = Arc::default();
+        // The permit a heavy slice holds; made on the first heavy tick, so
+        // short requests (nearly all) allocate nothing for it.
+        let mut held: Option<Arc<std::sync::Mutex<Option<tokio::sync::OwnedSemaphorePermit>>>> = None;
         let mut ticks = 0u32;
         store.epoch_deadline_callback(move |_| {
             if Instant::now() >= deadline {
@@ -394,6 +396,7 @@ impl Workload {
             if ticks <= LIGHT_TICKS {
                 return Ok(UpdateDeadline::Yield(1));
             }
+            let held = held.get_or_insert_with(Arc::default);
             if let Ok(mut slot) = held.lock() {
                 slot.take();
             }

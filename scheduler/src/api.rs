@@ -3,7 +3,7 @@
 //! the problem, and a refused request changes nothing.
 
 use crate::ControlPlane;
-use crate::status::service_view;
+use crate::status::{service_view, service_views};
 use crate::store::{StoreError, Written};
 use axum::Router;
 use axum::body::Bytes;
@@ -136,11 +136,7 @@ async fn list_services(State(plane): State<ControlPlane>, Path(ns): Path<String>
 async fn list(plane: &ControlPlane, namespace: Option<String>) -> ApiResult {
     let services = plane.store.services().await?;
     let assignments = plane.store.assignments().await?;
-    let views: Vec<Value> = services
-        .iter()
-        .filter(|s| namespace.as_ref().is_none_or(|ns| &s.spec.namespace == ns))
-        .map(|s| service_view(plane, s, &assignments))
-        .collect();
+    let views = service_views(plane, services.iter().filter(|s| namespace.as_ref().is_none_or(|ns| &s.spec.namespace == ns)), &assignments);
     Ok(axum::Json(json!({"services": views})).into_response())
 }
 

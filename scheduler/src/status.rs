@@ -4,12 +4,26 @@
 use crate::ControlPlane;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
-use wharf_proto::{Assignment, ReplicaState, StoredService};
+use crate::hosts::HostEntry;
+use wharf_proto::{Assignment, HostId, ReplicaState, StoredService};
 
 /// The JSON view of one service: `{"service": ..., "status": ...}`.
 pub fn service_view(plane: &ControlPlane, stored: &StoredService, assignments: &[Assignment]) -> Value {
+    view(plane, stored, assignments, &host_map(plane))
+}
+
+/// The views of several services, reading the host table once.
+pub fn service_views<'a>(plane: &ControlPlane, services: impl IntoIterator<Item = &'a StoredService>, assignments: &[Assignment]) -> Vec<Value> {
+    let hosts = host_map(plane);
+    services.into_iter().map(|stored| view(plane, stored, assignments, &hosts)).collect()
+}
+
+fn host_map(plane: &ControlPlane) -> BTreeMap<HostId, HostEntry> {
+    plane.hosts.hosts().into_iter().map(|h| (h.heartbeat.host.clone(), h)).collect()
+}
+
+fn view(plane: &ControlPlane, stored: &StoredService, assignments: &[Assignment], hosts: &BTreeMap<HostId, HostEntry>) -> Value {
     let id = stored.spec.id();
-    let hosts: BTreeMap<_, _> = plane.hosts.hosts().into_iter().map(|h| (h.heartbeat.host.clone(), h)).collect();
     let mut replicas = Vec::new();
     let mut ready = 0;
     let mut last_error: Option<String> = None;

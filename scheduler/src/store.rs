@@ -212,12 +212,6 @@ impl Store {
         self.volumes.delete(&service.key()).await?;
         Ok(())
     }
-
-    /// Removes a host's assignment (the host is gone for good).
-    pub async fn delete_assignment(&self, host: &HostId) -> Result<(), StoreError> {
-        self.assignments.delete(&assignment_key(host)).await?;
-        Ok(())
-    }
 }
 
 fn decode_service(key: &str, value: &[u8], revision: u64) -> Result<StoredService, StoreError> {
