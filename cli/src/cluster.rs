@@ -93,6 +93,11 @@ pub struct HostArgs {
     /// Instances that may run at once on this host, over all replicas.
     #[arg(long, default_value_t = 1000)]
     max_instances: u32,
+    /// OS priority of the threads that run requests past their first few milliseconds of
+    /// CPU (and the excess of a tenant crowding out others): `idle` (Linux SCHED_IDLE: only
+    /// CPU nothing else wants) or a nice value 0-19 (keeps a share of a busy host).
+    #[arg(long, default_value_t = wharf_host::cpu::BackgroundPriority::Idle)]
+    background_priority: wharf_host::cpu::BackgroundPriority,
     /// Address of this host's HTTP ingress (every route in the cluster is served here).
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
@@ -143,7 +148,8 @@ pub async fn host(args: HostArgs, shutdown: impl Future<Output = ()>) -> anyhow:
         .await
         .with_context(|| format!("cannot listen on {} (choose another address with --listen)", args.listen))?;
     let addr = listener.local_addr()?;
-    let sizing = wiring::HostArgs::new(args.name.clone(), args.labels.clone(), args.max_instances, args.memory);
+    let mut sizing = wiring::HostArgs::new(args.name.clone(), args.labels.clone(), args.max_instances, args.memory);
+    sizing.background_priority = args.background_priority;
     let id = sizing.host_id()?;
     let bus = args.nats.connect(&format!("wharf-host-{id}")).await?;
     let dir = data_dir(args.data_dir, id.as_str())?;

@@ -90,6 +90,7 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyhow::Resu
         max_instances: args.concurrency,
         max_instance_memory: args.memory,
         cache_dir,
+        ..RuntimeConfig::default()
     })?;
     let loader = runtime.clone();
     let component = tokio::task::spawn_blocking(move || loader.load(&bytes, None))

@@ -31,12 +31,17 @@ pub struct HostArgs {
     /// Memory offered to replicas (each reserves memory x concurrency); default: 80% of the machine's.
     #[arg(long)]
     pub memory: Option<ByteSize>,
+    /// OS priority of the threads that run requests past their first few milliseconds of
+    /// CPU (and the excess of a tenant crowding out others): `idle` (Linux SCHED_IDLE: only
+    /// CPU nothing else wants) or a nice value 0-19 (keeps a share of a busy host).
+    #[arg(long, default_value_t = wharf_host::cpu::BackgroundPriority::Idle)]
+    pub background_priority: wharf_host::cpu::BackgroundPriority,
 }
 
 impl HostArgs {
     /// Sizing given directly rather than parsed from `up`'s flags.
     pub fn new(host_id: Option<String>, labels: Vec<(String, String)>, max_instances: u32, memory: Option<ByteSize>) -> Self {
-        HostArgs { host_id, labels, max_instances, memory }
+        HostArgs { host_id, labels, max_instances, memory, background_priority: wharf_host::cpu::BackgroundPriority::Idle }
     }
 
     /// The default sizing, for processes that only check components.
@@ -58,7 +63,12 @@ impl HostArgs {
     }
 
     pub fn runtime(&self, cache_dir: Option<PathBuf>) -> anyhow::Result<Runtime> {
-        Ok(Runtime::new(RuntimeConfig { max_instances: self.max_instances, max_instance_memory: wharf_proto::spec::MAX_MEMORY, cache_dir })?)
+        Ok(Runtime::new(RuntimeConfig {
+            max_instances: self.max_instances,
+            max_instance_memory: wharf_proto::spec::MAX_MEMORY,
+            cache_dir,
+            background: self.background_priority,
+        })?)
     }
 }
 

@@ -13,7 +13,7 @@ use wharf_proto::ByteSize;
 fn runtime() -> &'static Runtime {
     static RUNTIME: OnceLock<Runtime> = OnceLock::new();
     RUNTIME.get_or_init(|| {
-        Runtime::new(RuntimeConfig { max_instances: 1, max_instance_memory: ByteSize::mib(16), cache_dir: None })
+        Runtime::new(RuntimeConfig { max_instances: 1, max_instance_memory: ByteSize::mib(16), cache_dir: None, ..RuntimeConfig::default() })
             .expect("the fuzzing engine must start")
     })
 }

@@ -5,6 +5,7 @@
 //!   on-disk compile cache, and loading a component with its checks.
 //! - [`workload`]: one loaded component with its limits; serves each request
 //!   from a fresh instance and turns every failure into a clear response.
+//! - [`cpu`]: foreground/background CPU tiers, fair between namespaces.
 //! - [`limits`]: per-instance memory cap and per-request budgets.
 //! - [`logs`]: a component's stdout/stderr captured as tagged log lines.
 //! - [`egress`]: the outbound-request policy (allow-list) for `wasi:http`.
@@ -14,6 +15,7 @@
 //! - [`ingress`]: the HTTP server that hands requests to a [`ingress::Handler`].
 
 pub mod agent;
+pub mod cpu;
 pub mod egress;
 pub mod ingress;
 pub mod keyvalue;

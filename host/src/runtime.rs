@@ -36,11 +36,18 @@ pub struct RuntimeConfig {
     pub max_instance_memory: ByteSize,
     /// Where compiled components are cached; `None` keeps them in memory only.
     pub cache_dir: Option<PathBuf>,
+    /// OS priority of the threads that run long requests. See [`crate::cpu`].
+    pub background: crate::cpu::BackgroundPriority,
 }
 
 impl Default for RuntimeConfig {
     fn default() -> Self {
-        RuntimeConfig { max_instances: 1000, max_instance_memory: ByteSize::gib(1), cache_dir: None }
+        RuntimeConfig {
+            max_instances: 1000,
+            max_instance_memory: ByteSize::gib(1),
+            cache_dir: None,
+            background: crate::cpu::BackgroundPriority::Idle,
+        }
     }
 }
 
@@ -54,6 +61,9 @@ pub enum RuntimeError {
     /// The WASI interfaces could not be linked (a bug).
     #[error("could not link the WASI interfaces (a bug in Wharf): {0:#}")]
     Link(wasmtime::Error),
+    /// The background thread pool could not start.
+    #[error("could not start the background thread pool for long-running requests: {0}")]
+    BackgroundPool(std::io::Error),
     /// The compile cache directory could not be created.
     #[error("could not create the compile cache directory {path}: {source}")]
     CacheDir { path: PathBuf, source: std::io::Error },
@@ -120,10 +130,9 @@ struct RuntimeInner {
     /// artifact shares code with the first. Held only for lookups and inserts.
     compiled: Mutex<HashMap<Digest, Component>>,
     config: RuntimeConfig,
-    /// Slices of CPU for long-running requests: one fewer than the cores, so
-    /// short requests (every request's first 10 ms) always find a core free
-    /// however many tenants spin. Fair: waiters are served in order.
-    heavy_slices: Arc<tokio::sync::Semaphore>,
+    /// Where long-running requests go: a low-priority pool shared fairly
+    /// between namespaces (see [`crate::cpu`]).
+    cpu: crate::cpu::CpuScheduler,
 }
 
 impl Drop for RuntimeInner {
@@ -151,6 +160,13 @@ impl Runtime {
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
         let engine_hash = format!("{:016x}", hasher.finish());
+        let weak = engine.weak();
+        let preempt: crate::cpu::Preempt = Box::new(move || {
+            if let Some(engine) = weak.upgrade() {
+                engine.increment_epoch();
+            }
+        });
+        let cpu = crate::cpu::CpuScheduler::new(config.background, Some(preempt)).map_err(RuntimeError::BackgroundPool)?;
         spawn_epoch_ticker(engine.weak());
         Ok(Runtime {
             inner: Arc::new(RuntimeInner {
@@ -160,9 +176,7 @@ impl Runtime {
                 engine_hash,
                 compiled: Mutex::new(HashMap::new()),
                 config,
-                heavy_slices: Arc::new(tokio::sync::Semaphore::new(
-                    std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1)),
-                )),
+                cpu,
             }),
         })
     }
@@ -172,8 +186,14 @@ impl Runtime {
         &self.inner.config
     }
 
-    pub(crate) fn heavy_slices(&self) -> Arc<tokio::sync::Semaphore> {
-        self.inner.heavy_slices.clone()
+    pub(crate) fn cpu(&self) -> &crate::cpu::CpuScheduler {
+        &self.inner.cpu
+    }
+
+    /// Requests that ran long enough to be moved to the background pool
+    /// since the host started.
+    pub fn demoted_requests(&self) -> u64 {
+        self.inner.cpu.demoted()
     }
 
     pub(crate) fn engine(&self) -> &Engine {
@@ -389,7 +409,17 @@ fn engine_config(config: &RuntimeConfig) -> Config {
         .total_tables(max_instances.saturating_mul(TABLES_PER_COMPONENT))
         .max_tables_per_component(MAX_TABLES_PER_COMPONENT)
         .total_stacks(max_instances)
-        .max_memory_size(usize::try_from(config.max_instance_memory.bytes()).unwrap_or(usize::MAX));
+        .max_memory_size(usize::try_from(config.max_instance_memory.bytes()).unwrap_or(usize::MAX))
+        // Reset what a request dirtied with memset rather than madvise, up
+        // to a limit: madvise unmaps pages, and unmapping interrupts every
+        // other core (a TLB shootdown), so one tenant's request churn would
+        // otherwise slow the requests of all. PAGEMAP_SCAN (Linux 6.7+)
+        // finds the dirty pages so only those are reset.
+        .linear_memory_keep_resident(KEEP_RESIDENT_MEMORY)
+        .table_keep_resident(KEEP_RESIDENT_TABLE)
+        .async_stack_keep_resident(KEEP_RESIDENT_STACK)
+        .pagemap_scan(wasmtime::Enabled::Auto)
+        .decommit_batch_size(DECOMMIT_BATCH);
     let mut wasm = Config::new();
     wasm.wasm_component_model(true)
         .consume_fuel(true)
@@ -397,6 +427,14 @@ fn engine_config(config: &RuntimeConfig) -> Config {
         .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     wasm
 }
+
+/// Bytes of each linear memory, table and async stack kept resident between
+/// instances (reset in place), and how many larger decommits are batched
+/// into one madvise pass.
+const KEEP_RESIDENT_MEMORY: usize = 1 << 20;
+const KEEP_RESIDENT_TABLE: usize = 64 << 10;
+const KEEP_RESIDENT_STACK: usize = 128 << 10;
+const DECOMMIT_BATCH: usize = 16;
 
 const CORE_INSTANCES_PER_COMPONENT: u32 = 8;
 const MAX_CORE_INSTANCES_PER_COMPONENT: u32 = 64;

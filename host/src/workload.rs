@@ -1,6 +1,7 @@
 //! One loaded component with its limits, serving each request from a fresh
 //! instance and turning every way a request can fail into a clear response.
 
+use crate::cpu::{Demotion, FOREGROUND_TICKS};
 use crate::egress::{EgressHooks, EgressPolicy, ServiceLink};
 use crate::instance::InstanceState;
 use crate::limits::WorkloadLimits;
@@ -25,10 +26,6 @@ pub type ResponseBody = HyperOutgoingBody;
 
 /// Header naming the failure on every error response Wharf itself writes.
 pub const ERROR_HEADER: &str = "x-wharf-error";
-
-/// Epoch ticks (2 ms each) a request runs before it counts as heavy and
-/// must queue for CPU slices.
-const LIGHT_TICKS: u32 = 5;
 
 /// Time past the deadline before a request stuck in a host call is abandoned.
 /// Guest code is interrupted at the deadline itself (within one epoch tick).
@@ -187,6 +184,8 @@ pub struct Workload {
 
 struct WorkloadInner {
     service: Arc<str>,
+    /// The namespace part of `service`: whom the CPU is shared between.
+    namespace: Arc<str>,
     component: LoadedComponent,
     runtime: Runtime,
     spec: WorkloadSpec,
@@ -233,6 +232,7 @@ impl Workload {
             return Err(WorkloadError::ZeroConcurrency);
         }
         let service: Arc<str> = spec.service.as_str().into();
+        let namespace: Arc<str> = spec.service.split_once('/').map_or(spec.service.as_str(), |(ns, _)| ns).into();
         let metrics = metrics.service(&spec.service);
         let reserved = spec.limits.memory.bytes().saturating_mul(u64::from(spec.limits.concurrency));
         metrics.memory_reserved.inc_by(i64::try_from(reserved).unwrap_or(i64::MAX));
@@ -241,6 +241,7 @@ impl Workload {
                 logs: LogBuffer::new(service.clone(), spec.log_lines),
                 config: Arc::new(spec.config.0.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()),
                 service,
+                namespace,
                 component,
                 runtime: runtime.clone(),
                 permits: Arc::new(Semaphore::new(spec.limits.concurrency as usize)),
@@ -309,7 +310,8 @@ impl Workload {
             }
         };
         let deadline = Instant::now() + limits.timeout;
-        let mut store = match self.new_store(deadline) {
+        let demotion = Arc::new(Demotion::default());
+        let mut store = match self.new_store(deadline, demotion.clone()) {
             Ok(store) => store,
             Err(e) => {
                 let outcome = Outcome::HostError(e);
@@ -336,7 +338,17 @@ impl Workload {
         // after the response head has been handed back.
         let task = tokio::spawn(async move {
             let _permit = permit;
-            let outcome = this.run(&mut store, req, out, deadline).await;
+            let guest = {
+                let this = this.clone();
+                Box::pin(async move { this.run(&mut store, req, out, deadline).await })
+            };
+            // The guest's own deadline stops it; this one covers a guest
+            // that cannot get the CPU to notice.
+            let cutoff = deadline + 2 * DEADLINE_GRACE;
+            let outcome = match this.inner.runtime.cpu().run(&this.inner.namespace, &demotion, cutoff, guest).await {
+                Some(outcome) => outcome,
+                None => Outcome::Deadline { timeout: this.inner.spec.limits.timeout },
+            };
             this.record(&outcome, started.elapsed());
             outcome
         });
@@ -358,7 +370,8 @@ impl Workload {
     pub async fn time_instantiations(&self, n: usize) -> Result<Vec<Duration>, wasmtime::Error> {
         let mut times = Vec::with_capacity(n);
         for _ in 0..n {
-            let mut store = self.new_store(Instant::now() + self.inner.spec.limits.timeout).map_err(wasmtime::Error::msg)?;
+            let deadline = Instant::now() + self.inner.spec.limits.timeout;
+            let mut store = self.new_store(deadline, Arc::default()).map_err(wasmtime::Error::msg)?;
             let started = Instant::now();
             self.inner.component.pre.instantiate_async(&mut store).await?;
             times.push(started.elapsed());
@@ -366,7 +379,7 @@ impl Workload {
         Ok(times)
     }
 
-    fn new_store(&self, deadline: Instant) -> Result<Store<InstanceState>, String> {
+    fn new_store(&self, deadline: Instant, demotion: Arc<Demotion>) -> Result<Store<InstanceState>, String> {
         let spec = &self.inner.spec;
         let hooks = EgressHooks { policy: spec.egress.clone(), logs: self.inner.logs.clone(), services: spec.services.clone() };
         let state = InstanceState::new(&spec.env, spec.limits.memory, hooks, spec.keyvalue.clone(), &spec.volumes, self.inner.config.clone(), &self.inner.logs)?;
@@ -377,40 +390,19 @@ impl Workload {
             tracing::error!("could not set fuel (a bug): {e:#}");
         }
         store.set_epoch_deadline(1);
-        // Every tick (2 ms): trap past the deadline; else yield to the
-        // scheduler so a spinning guest cannot hold a runtime thread. After
-        // its first LIGHT_TICKS a request is heavy: each further slice waits
-        // for one of the runtime's heavy-slice permits (fewer than the cores),
-        // so a tenant spinning at full concurrency cannot starve the short
-        // requests of another.
-        let heavy = self.inner.runtime.heavy_slices();
-        // The permit a heavy slice holds; made on the first heavy tick, so
-        // short requests (nearly all) allocate nothing for it.
-        let mut held: Option<Arc<std::sync::Mutex<Option<tokio::sync::OwnedSemaphorePermit>>>> = None;
+        // Every tick (2 ms): trap past the deadline; else yield, so a
+        // spinning guest never holds a thread. Past its first few ticks the
+        // request is demoted to the background pool (see `crate::cpu`).
         let mut ticks = 0u32;
         store.epoch_deadline_callback(move |_| {
             if Instant::now() >= deadline {
                 return Ok(UpdateDeadline::Interrupt);
             }
             ticks = ticks.saturating_add(1);
-            if ticks <= LIGHT_TICKS {
-                return Ok(UpdateDeadline::Yield(1));
+            if ticks > FOREGROUND_TICKS {
+                demotion.demote();
             }
-            let held = held.get_or_insert_with(Arc::default);
-            if let Ok(mut slot) = held.lock() {
-                slot.take();
-            }
-            let (heavy, held) = (heavy.clone(), held.clone());
-            Ok(UpdateDeadline::YieldCustom(
-                1,
-                Box::pin(async move {
-                    if let Ok(permit) = heavy.acquire_owned().await
-                        && let Ok(mut slot) = held.lock()
-                    {
-                        *slot = Some(permit);
-                    }
-                }),
-            ))
+            Ok(UpdateDeadline::Yield(1))
         });
         Ok(store)
     }

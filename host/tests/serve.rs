@@ -26,7 +26,7 @@ struct Served {
 
 impl Host {
     fn new() -> Self {
-        let runtime = Runtime::new(RuntimeConfig { max_instances: 200, max_instance_memory: ByteSize::mib(256), cache_dir: None })
+        let runtime = Runtime::new(RuntimeConfig { max_instances: 200, max_instance_memory: ByteSize::mib(256), cache_dir: None, ..RuntimeConfig::default() })
             .expect("runtime starts");
         Host { runtime, metrics: HostMetrics::default(), client: reqwest::Client::new() }
     }
@@ -162,6 +162,49 @@ async fn spin_past_its_deadline_gets_504() {
     assert_eq!((status, error.as_deref()), (504, Some("deadline")), "{body}");
     assert!(started.elapsed() < Duration::from_secs(3), "interrupted near the deadline, took {:?}", started.elapsed());
     assert_eq!(host.get(&format!("{}/?n=10", spin.url)).await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_spinning_at_full_concurrency_does_not_hold_up_another_tenants_requests() {
+    let host = Host::new();
+    let spin = host
+        .serve("spin", |spec| {
+            spec.service = "noisy/spin".into();
+            spec.limits.concurrency = 8;
+            spec.limits.fuel = None;
+            spec.limits.timeout = Duration::from_secs(4);
+        })
+        .await;
+    let hello = host.serve("hello", |spec| spec.service = "quiet/hello".into()).await;
+    let demoted_before = host.runtime.demoted_requests();
+    // Eight requests that would spin far past their deadline: more than the cores.
+    let mut spinning = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let client = host.client.clone();
+        let url = format!("{}/?n=10000000000000", spin.url);
+        spinning.spawn(async move {
+            let response = client.get(url).send().await.expect("answered");
+            (response.status().as_u16(), response.headers().get("x-wharf-error").map(|v| v.to_str().unwrap_or("?").to_string()))
+        });
+    }
+    let waiting = std::time::Instant::now();
+    while spin.workload.load().in_flight < 8 {
+        assert!(waiting.elapsed() < Duration::from_secs(3), "the spinning requests never all arrived");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    for _ in 0..50 {
+        assert_eq!(host.get(&format!("{}/", hello.url)).await.0, 200);
+    }
+    assert_eq!(spin.workload.load().in_flight, 8, "all 50 hello requests were answered while every spinning request was still running");
+    assert!(
+        host.runtime.demoted_requests() >= demoted_before + 8,
+        "the long requests moved to the background pool ({} demoted)",
+        host.runtime.demoted_requests() - demoted_before
+    );
+    // The spinners, held back, still end at their deadline with its error.
+    while let Some(result) = spinning.join_next().await {
+        assert_eq!(result.expect("spinning request"), (504, Some("deadline".to_string())));
+    }
 }
 
 #[tokio::test]
@@ -318,7 +361,7 @@ async fn refused_loads_leave_running_workloads_serving() {
 #[test]
 fn compiled_code_is_cached_on_disk_by_digest() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = || RuntimeConfig { max_instances: 4, max_instance_memory: ByteSize::mib(64), cache_dir: Some(dir.path().into()) };
+    let config = || RuntimeConfig { max_instances: 4, max_instance_memory: ByteSize::mib(64), cache_dir: Some(dir.path().into()), ..RuntimeConfig::default() };
     let bytes = samples::bytes("hello");
     let first = Runtime::new(config()).expect("runtime");
     let loaded = first.load(&bytes, None).expect("loads");
