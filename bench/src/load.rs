@@ -1,7 +1,10 @@
-//! A closed-loop HTTP/1.1 load generator: `connections` keep-alive
-//! connections, each sending its next request as soon as the last is
-//! answered, for a fixed time. Every latency is recorded, so percentiles are
-//! exact rather than bucketed.
+//! An HTTP/1.1 load generator over `connections` keep-alive connections, for
+//! a fixed time. Closed loop ([`run`]): each connection sends its next
+//! request as soon as the last is answered. Paced ([`run_paced`]): requests
+//! go out on a fixed schedule, and a request held back by a slow answer to
+//! the one before counts from when it was due, so a stall is charged to
+//! every request it delayed. Every latency
+//! is recorded, so percentiles are exact rather than bucketed.
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
@@ -24,13 +27,29 @@ pub struct LoadReport {
 /// Sends GET `path` to `addr` over `connections` connections for `warmup`
 /// (not counted) and then `duration`.
 pub async fn run(addr: SocketAddr, path: &str, connections: usize, warmup: Duration, duration: Duration) -> anyhow::Result<LoadReport> {
+    drive(addr, path, connections, None, warmup, duration).await
+}
+
+/// Sends GET `path` at `rate` requests per second in all, spread over
+/// `connections`, for `warmup` (not counted) and then `duration`.
+pub async fn run_paced(addr: SocketAddr, path: &str, connections: usize, rate: f64, warmup: Duration, duration: Duration) -> anyhow::Result<LoadReport> {
+    if rate.is_nan() || rate <= 0.0 {
+        bail!("the request rate must be positive");
+    }
+    let interval = Duration::from_secs_f64(connections as f64 / rate);
+    drive(addr, path, connections, Some(interval), warmup, duration).await
+}
+
+async fn drive(addr: SocketAddr, path: &str, connections: usize, pace: Option<Duration>, warmup: Duration, duration: Duration) -> anyhow::Result<LoadReport> {
     let start = Instant::now();
     let measure_from = start + warmup;
     let end = measure_from + duration;
     let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..connections {
+    for i in 0..connections {
         let path = path.to_string();
-        tasks.spawn(async move { connection(addr, path, measure_from, end).await });
+        // Paced connections start staggered so their requests interleave.
+        let first = pace.map(|p| start + p.mul_f64(i as f64 / connections as f64));
+        tasks.spawn(async move { connection(addr, path, pace.zip(first), measure_from, end).await });
     }
     let mut latencies = Vec::new();
     let mut errors = 0;
@@ -63,8 +82,11 @@ pub fn percentile(sorted: &[Duration], q: f64) -> f64 {
     sorted[rank.min(sorted.len() - 1)].as_secs_f64() * 1e6
 }
 
-async fn connection(addr: SocketAddr, path: String, measure_from: Instant, end: Instant) -> anyhow::Result<(Vec<Duration>, u64)> {
+/// One connection's requests; with `pace = (interval, first)`, request k is
+/// due at `first + k * interval` and its latency counts from then.
+async fn connection(addr: SocketAddr, path: String, pace: Option<(Duration, Instant)>, measure_from: Instant, end: Instant) -> anyhow::Result<(Vec<Duration>, u64)> {
     let mut latencies = Vec::with_capacity(1 << 16);
+    let mut due = pace.map(|(_, first)| first);
     let mut errors = 0;
     'reconnect: while Instant::now() < end {
         let stream = tokio::net::TcpStream::connect(addr).await.with_context(|| format!("connect {addr}"))?;
@@ -72,9 +94,23 @@ async fn connection(addr: SocketAddr, path: String, measure_from: Instant, end: 
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(conn);
         loop {
-            let now = Instant::now();
+            // A request sent late because the last one was still being
+            // answered counts from when it was due; one the timer woke up
+            // for counts from the wake-up (the timer's millisecond rounding
+            // is not the server's doing).
+            let now = match due {
+                Some(at) if Instant::now() < at => {
+                    tokio::time::sleep_until(at.into()).await;
+                    Instant::now()
+                }
+                Some(at) => at,
+                None => Instant::now(),
+            };
             if now >= end {
                 break 'reconnect;
+            }
+            if let (Some(at), Some((interval, _))) = (due.as_mut(), pace) {
+                *at += interval;
             }
             let request = http::Request::get(&path).header(http::header::HOST, addr.to_string()).body(Empty::<Bytes>::new())?;
             if sender.ready().await.is_err() {

@@ -1,5 +1,11 @@
 //! Noisy neighbours: tenant A's `spin` and `hog` at full concurrency on the
 //! same host as tenant B's `hello`; B's latency with A noisy vs A idle.
+//!
+//! B sends at a fixed rate (`--rate`), as a latency-sensitive service with
+//! its own modest load would; its p99 with A noisy over its p99 with A idle
+//! is the figure with a target. B is also run closed loop (each connection
+//! sending as fast as answers come): then B alone saturates the machine, so
+//! with A noisy its throughput shows the share of the host it still gets.
 
 use crate::load;
 use anyhow::{Context, bail};
@@ -20,6 +26,13 @@ pub struct NoisyArgs {
     /// Connections tenant B's load uses.
     #[arg(long, default_value_t = 4)]
     connections: usize,
+    /// Tenant B's paced request rate (requests/s over all its connections).
+    #[arg(long, default_value_t = 500.0)]
+    rate: f64,
+    /// OS priority (nice) of tenant A's client threads. They share this
+    /// machine's cores with the host under test, which remote clients would not.
+    #[arg(long, default_value_t = 0)]
+    noise_nice: i32,
     /// Where to write the JSON results.
     #[arg(long, default_value = "bench/results/noisy.json")]
     out: PathBuf,
@@ -47,17 +60,36 @@ pub async fn run(args: NoisyArgs) -> anyhow::Result<()> {
     let addr: std::net::SocketAddr = up.ingress.trim_start_matches("http://").parse()?;
     let seconds = Duration::from_secs(args.seconds);
 
-    let idle = load::run(addr, "/b", args.connections, Duration::from_secs(1), seconds).await?;
-    println!("tenant B hello, A idle:  p50 {:.0} µs, p99 {:.0} µs, {:.0} req/s", idle.p50_micros, idle.p99_micros, idle.requests_per_second);
+    let warmup = Duration::from_secs(1);
+    let (connections, rate) = (args.connections, args.rate);
+    let paced = move || isolated(move || load::run_paced(addr, "/b", connections, rate, warmup, seconds));
+    let closed = move || isolated(move || load::run(addr, "/b", connections, warmup, seconds));
+    let idle = paced().await?;
+    println!("tenant B hello at {} req/s, A idle:  p50 {:.0} µs, p99 {:.0} µs", args.rate, idle.p50_micros, idle.p99_micros);
+    let idle_closed = closed().await?;
+    println!("tenant B hello closed loop, A idle:  p50 {:.0} µs, p99 {:.0} µs, {:.0} req/s", idle_closed.p50_micros, idle_closed.p99_micros, idle_closed.requests_per_second);
 
-    // A at full concurrency: 16 clients spinning to their fuel budget, 16 allocating to their memory cap.
+    // A at full concurrency: 16 clients spinning to their fuel budget, 16
+    // allocating to their memory cap. A's clients run on their own threads,
+    // so B's requests never queue behind them inside this process.
+    let nice = args.noise_nice;
+    let noise_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("noise")
+        .on_thread_start(move || {
+            if nice != 0 && let Err(e) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), nice) {
+                eprintln!("could not set the noise threads' nice to {nice}: {e}");
+            }
+        })
+        .enable_all()
+        .build()?;
     let stop = Arc::new(AtomicBool::new(false));
     let client = reqwest::Client::new();
     let mut noise = Vec::new();
     for i in 0..32 {
         let (client, stop) = (client.clone(), stop.clone());
         let url = if i % 2 == 0 { format!("{}/a/spin?n=100000000000", up.ingress) } else { format!("{}/a/hog?mb=200", up.ingress) };
-        noise.push(tokio::spawn(async move {
+        noise.push(noise_runtime.spawn(async move {
             let mut answered = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 if client.get(&url).send().await.is_ok() {
@@ -68,20 +100,40 @@ pub async fn run(args: NoisyArgs) -> anyhow::Result<()> {
         }));
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let noisy = load::run(addr, "/b", args.connections, Duration::from_secs(1), seconds).await?;
+    let noisy = paced().await?;
+    let noisy_closed = closed().await?;
     stop.store(true, Ordering::Relaxed);
     let mut noise_requests = 0;
     for task in noise {
         noise_requests += task.await.unwrap_or(0);
     }
-    println!("tenant B hello, A noisy: p50 {:.0} µs, p99 {:.0} µs, {:.0} req/s ({} errors; A's requests answered meanwhile: {noise_requests})", noisy.p50_micros, noisy.p99_micros, noisy.requests_per_second, noisy.errors);
+    println!("tenant B hello at {} req/s, A noisy: p50 {:.0} µs, p99 {:.0} µs ({} errors)", args.rate, noisy.p50_micros, noisy.p99_micros, noisy.errors);
+    println!(
+        "tenant B hello closed loop, A noisy: p50 {:.0} µs, p99 {:.0} µs, {:.0} req/s ({} errors; A's requests answered meanwhile: {noise_requests})",
+        noisy_closed.p50_micros, noisy_closed.p99_micros, noisy_closed.requests_per_second, noisy_closed.errors
+    );
     let ratio = noisy.p99_micros / idle.p99_micros;
-    println!("B's p99 with A noisy / A idle: {ratio:.2}x (target <= 2x)");
+    let share = noisy_closed.requests_per_second / idle_closed.requests_per_second;
+    println!("B's p99 with A noisy / A idle: {ratio:.2}x (target <= 2x); closed-loop throughput kept: {:.0}%", share * 100.0);
     let report = serde_json::json!({
-        "idle": idle, "noisy": noisy, "p99_ratio": ratio, "noise_requests": noise_requests,
+        "rate": args.rate, "idle": idle, "noisy": noisy, "p99_ratio": ratio,
+        "idle_closed_loop": idle_closed, "noisy_closed_loop": noisy_closed, "closed_loop_share": share,
+        "noise_requests": noise_requests,
     });
+    noise_runtime.shutdown_background();
     crate::write_report(&args.out, &report)?;
     drop(up);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// Runs one measurement on a thread and runtime of its own.
+async fn isolated<F, Fut>(measure: F) -> anyhow::Result<load::LoadReport>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<load::LoadReport>>,
+{
+    tokio::task::spawn_blocking(move || tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(measure()))
+        .await
+        .context("the measuring thread panicked")?
 }
