@@ -166,7 +166,7 @@ pub async fn host(args: HostArgs, shutdown: impl Future<Output = ()>) -> anyhow:
     .await?;
     println!("Wharf host {id}: ingress http://{addr} over NATS {}", args.nats.nats);
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-    let ingress = tokio::spawn(wharf_host::ingress::serve(listener, Arc::new(agent.clone()), metrics, async move {
+    let ingress = tokio::spawn(wharf_host::ingress::serve(listener, None, Arc::new(agent.clone()), metrics, async move {
         let _ = stop_rx.wait_for(|s| *s).await;
     }));
     shutdown.await;

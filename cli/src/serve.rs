@@ -130,6 +130,6 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyhow::Resu
     });
     eprintln!("{} ({}): {how} in {took:.1?}", args.file.display(), digest.short());
     println!("serving http://{addr}/ (metrics at http://{addr}/metrics); Ctrl-C stops");
-    wharf_host::ingress::serve(listener, Arc::new(workload), metrics, shutdown).await?;
+    wharf_host::ingress::serve(listener, None, Arc::new(workload), metrics, shutdown).await?;
     Ok(())
 }

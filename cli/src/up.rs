@@ -88,7 +88,7 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyhow::Resu
         let plane = plane.clone();
         async move { plane.serve(api_listener, api_stop).await }
     });
-    let ingress = tokio::spawn(wharf_host::ingress::serve(ingress_listener, Arc::new(agent.clone()), metrics, ingress_stop));
+    let ingress = tokio::spawn(wharf_host::ingress::serve(ingress_listener, None, Arc::new(agent.clone()), metrics, ingress_stop));
 
     eprintln!("data directory: {}", data_dir.display());
     eprintln!("admin token: {} (the CLI reads it from there, or set WHARF_TOKEN)", token_file.display());
