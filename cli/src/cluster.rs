@@ -133,7 +133,7 @@ pub async fn scheduler(args: SchedulerArgs, shutdown: impl Future<Output = ()> +
     let plane = ControlPlane::start(&bus, Arc::new(RuntimeCheck(runtime)), config).await?;
     println!("Wharf scheduler: API http://{addr} over NATS {}", args.nats.nats);
     eprintln!("admin token: {}", token_file.display());
-    plane.serve(listener, shutdown).await?;
+    plane.serve(listener, None, shutdown).await?;
     plane.shutdown();
     Ok(())
 }

@@ -86,7 +86,7 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyhow::Resu
     let ingress_stop = wait_for(stop_rx);
     let api = tokio::spawn({
         let plane = plane.clone();
-        async move { plane.serve(api_listener, api_stop).await }
+        async move { plane.serve(api_listener, None, api_stop).await }
     });
     let ingress = tokio::spawn(wharf_host::ingress::serve(ingress_listener, None, Arc::new(agent.clone()), metrics, ingress_stop));
 
