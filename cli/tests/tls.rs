@@ -1,16 +1,107 @@
-//! HTTPS for the API and the ingress, end to end: bad certificate files
-//! are refused at startup.
+//! HTTPS for the API and the ingress, end to end: a real `wharf up` with a
+//! CA and certificate made at test time, the CLI with and without that CA,
+//! and bad certificate files refused at startup.
 
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 use wharf_testkit::process::Process;
-use wharf_testkit::tls;
+use wharf_testkit::samples;
+use wharf_testkit::tls::{self, TestCerts};
+use wharf_testkit::wharf::Up;
 
 const WHARF: &str = env!("CARGO_BIN_EXE_wharf");
 
 fn text(path: &Path) -> &str {
     path.to_str().expect("utf-8 path")
+}
+
+/// A client command against `up` with `env` added. The config directory is
+/// an empty one, so no `~/.config/wharf/ca.pem` of the machine's can help.
+fn client(up: &Up, config_home: &Path, args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
+    let output = Command::new(WHARF)
+        .args(args)
+        .env("WHARF_API", &up.api)
+        .env("WHARF_TOKEN", &up.token)
+        .env("XDG_CONFIG_HOME", config_home)
+        .env_remove("WHARF_CA_CERT")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .output()
+        .expect("wharf runs");
+    (output.status.success(), format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr)))
+}
+
+/// An HTTP client that trusts the test CA (and nothing else).
+fn trusting(certs: &TestCerts) -> reqwest::Client {
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(&certs.ca).expect("read CA")).expect("CA parses");
+    reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(ca)
+        .timeout(Duration::from_secs(5))
+        .build()
+        .expect("client")
+}
+
+#[tokio::test]
+async fn api_and_ingress_serve_https_and_the_cli_needs_the_ca() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certs = tls::write(dir.path());
+    let config_home = dir.path().join("config");
+    std::fs::create_dir_all(&config_home).expect("config dir");
+    let (cert, key) = (text(&certs.cert), text(&certs.key));
+    let mut up = Up::start(
+        Path::new(WHARF),
+        &dir.path().join("data"),
+        &["--host-id", "test-host", "--api-tls-cert", cert, "--api-tls-key", key, "--tls-cert", cert, "--tls-key", key],
+    );
+    assert!(up.api.starts_with("https://") && up.ingress.starts_with("https://"), "printed {} and {}", up.api, up.ingress);
+    let ingress_addr = up.ingress.trim_start_matches("https://").to_string();
+    let api_addr = up.api.trim_start_matches("https://").to_string();
+
+    // Clients that connect and never start a handshake must not hold up
+    // anyone else: the next clients are served well before the 10 s
+    // handshake timeout would free an accept loop that waited on them.
+    let _stalled = [
+        std::net::TcpStream::connect(&ingress_addr).expect("connect to the ingress"),
+        std::net::TcpStream::connect(&api_addr).expect("connect to the API"),
+    ];
+    let https = trusting(&certs);
+    for url in [format!("{}/metrics", up.ingress), format!("{}/healthz", up.api)] {
+        let response = https.get(&url).send().await.unwrap_or_else(|e| panic!("{url} behind a stalled client: {e:?}"));
+        assert_eq!(response.status(), 200, "{url}");
+    }
+
+    let hello = samples::path("hello");
+    let ca = text(&certs.ca);
+    let (ok, out) = client(&up, &config_home, &["deploy", text(&hello), "--name", "hello", "--route", "/hello"], &[("WHARF_CA_CERT", ca)]);
+    assert!(ok && out.contains("ready"), "deploy over https with WHARF_CA_CERT: {out}\n--- wharf up:\n{}", up.process.output());
+    let (ok, out) = client(&up, &config_home, &["get", "services", "--ca-cert", ca], &[]);
+    assert!(ok && out.contains("default/hello"), "get services with --ca-cert: {out}");
+
+    for url in [format!("{}/hello", up.ingress), format!("https://localhost:{}/hello", ingress_addr.rsplit(':').next().unwrap_or_default())] {
+        let response = https.get(&url).send().await.unwrap_or_else(|e| panic!("{url}: {e:?}"));
+        assert_eq!(response.status(), 200, "{url}");
+        assert_eq!(response.text().await.expect("body"), "Hello from Wharf!\n");
+    }
+
+    // Plain HTTP to a TLS port gets no answer from a service; the next client is served.
+    let plain = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().expect("client");
+    for addr in [&ingress_addr, &api_addr] {
+        let answer = plain.get(format!("http://{addr}/hello")).send().await;
+        assert!(!matches!(&answer, Ok(r) if r.status().is_success()), "plain http to {addr} was answered: {answer:?}");
+    }
+    let again = https.get(format!("{}/hello", up.ingress)).send().await.expect("still serving after bad clients");
+    assert_eq!(again.status(), 200);
+
+    // Without the CA the CLI refuses the API's certificate and says what to do.
+    let (ok, out) = client(&up, &config_home, &["get", "services"], &[]);
+    assert!(!ok, "get services without the CA succeeded: {out}");
+    assert!(out.contains("certificate") && out.contains("--ca-cert"), "{out}");
+
+    // Graceful shutdown works with TLS, stalled handshakes included.
+    let status = up.process.terminate(Duration::from_secs(15));
+    assert!(status.success(), "clean exit on SIGTERM: {status}\n{}", up.process.output());
 }
 
 /// Runs `wharf args` and returns (exit code, output); panics if it is still
