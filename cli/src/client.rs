@@ -11,16 +11,28 @@ use wharf_proto::{ByteSize, ComponentRef, Digest, ManifestFormat, Route, Service
 /// Where the API is; shared by every client command.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ApiArgs {
-    /// The control plane's API (as printed by `wharf up`).
+    /// The control plane's API (as printed by `wharf up`; https://... when it serves TLS).
     #[arg(long, global = true, env = "WHARF_API", default_value = "http://127.0.0.1:7700")]
     api: String,
     /// API token (default: WHARF_TOKEN, else ~/.config/wharf/token, else the
     /// admin token `wharf up` wrote in its default data directory).
     #[arg(long, global = true, env = "WHARF_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// A PEM CA certificate (or bundle) to trust for an https:// API, besides
+    /// the system's roots (default: WHARF_CA_CERT, else ~/.config/wharf/ca.pem
+    /// if it exists).
+    #[arg(long, global = true, env = "WHARF_CA_CERT", value_name = "PATH")]
+    ca_cert: Option<PathBuf>,
 }
 
 impl ApiArgs {
+    fn ca_cert(&self) -> Option<PathBuf> {
+        if let Some(path) = &self.ca_cert {
+            return Some(path.clone());
+        }
+        dirs::config_dir().map(|d| d.join("wharf").join("ca.pem")).filter(|path| path.is_file())
+    }
+
     fn token(&self) -> Option<String> {
         if let Some(token) = &self.token {
             return Some(token.trim().to_string());
@@ -181,14 +193,14 @@ pub async fn kv(command: KvCommand) -> anyhow::Result<()> {
         KvCommand::List { bucket, scope } => (scope, bucket.clone(), reqwest::Method::GET, None),
         KvCommand::Delete { bucket, key, scope } => (scope, format!("{bucket}/{}", encode_segment(key)), reqwest::Method::DELETE, None),
     };
-    let api = Api::new(&scope.api);
+    let api = Api::new(&scope.api)?;
     let url = format!("{}/v1/namespaces/{}/kv/{path}", api.base, scope.namespace);
     let mut request = api.http.request(method, url);
     if let Some(body) = body {
         request = request.body(body);
     }
     if let KvCommand::Get { .. } = command {
-        let response = request.send().await.map_err(|e| anyhow::anyhow!("cannot reach the Wharf API at {}: {e}", api.base))?;
+        let response = request.send().await.map_err(|e| api.unreachable(&e))?;
         if response.status().is_success() {
             let bytes = response.bytes().await?;
             println!("{}", String::from_utf8_lossy(&bytes));
@@ -240,13 +252,13 @@ pub enum NamespaceCommand {
 pub async fn namespace(command: NamespaceCommand) -> anyhow::Result<()> {
     match command {
         NamespaceCommand::Set { name, max_replicas, max_memory, max_rps, api } => {
-            let api = Api::new(&api);
+            let api = Api::new(&api)?;
             let body = json!({"quota": {"replicas": max_replicas, "memory": max_memory, "rps": max_rps}});
             api.call(api.http.put(format!("{}/v1/namespaces/{name}", api.base)).json(&body)).await?;
             println!("namespace {name} quota set");
         }
         NamespaceCommand::Get { name, api } => {
-            let api = Api::new(&api);
+            let api = Api::new(&api)?;
             println!("{}", serde_json::to_string_pretty(&api.get(&format!("/v1/namespaces/{name}")).await?)?);
         }
     }
@@ -278,7 +290,7 @@ pub struct TokenArgs {
 /// `wharf token create`: prints a new token (the only time it is shown).
 pub async fn token(command: TokenCommand) -> anyhow::Result<()> {
     let TokenCommand::Create(args) = command;
-    let api = Api::new(&args.api);
+    let api = Api::new(&args.api)?;
     let body = json!({"namespaces": args.namespaces, "write": args.write, "admin": args.admin});
     let answer = api.call(api.http.post(format!("{}/v1/tokens", api.base)).json(&body)).await?;
     println!("{}", answer["token"].as_str().unwrap_or(""));
@@ -306,19 +318,19 @@ pub async fn secret(command: SecretCommand) -> anyhow::Result<()> {
             } else {
                 value
             };
-            let api = Api::new(&scope.api);
+            let api = Api::new(&scope.api)?;
             api.call(api.http.put(format!("{}/v1/namespaces/{}/secrets/{name}", api.base, scope.namespace)).body(value)).await?;
             println!("secret {name} stored in namespace {}", scope.namespace);
         }
         SecretCommand::List { scope } => {
-            let api = Api::new(&scope.api);
+            let api = Api::new(&scope.api)?;
             let answer = api.get(&format!("/v1/namespaces/{}/secrets", scope.namespace)).await?;
             for name in answer["secrets"].as_array().into_iter().flatten() {
                 println!("{}", name.as_str().unwrap_or(""));
             }
         }
         SecretCommand::Delete { name, scope } => {
-            let api = Api::new(&scope.api);
+            let api = Api::new(&scope.api)?;
             api.call(api.http.delete(format!("{}/v1/namespaces/{}/secrets/{name}", api.base, scope.namespace))).await?;
             println!("secret {name} deleted");
         }
@@ -358,7 +370,7 @@ struct Api {
 }
 
 impl Api {
-    fn new(args: &ApiArgs) -> Api {
+    fn new(args: &ApiArgs) -> anyhow::Result<Api> {
         let mut headers = reqwest::header::HeaderMap::new();
         if let Some(token) = args.token()
             && let Ok(mut value) = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
@@ -366,14 +378,38 @@ impl Api {
             value.set_sensitive(true);
             headers.insert(reqwest::header::AUTHORIZATION, value);
         }
-        let http = reqwest::Client::builder().default_headers(headers).build().unwrap_or_default();
-        Api { base: args.api.trim_end_matches('/').to_string(), http }
+        let mut builder = reqwest::Client::builder().default_headers(headers);
+        if let Some(path) = args.ca_cert() {
+            let pem = std::fs::read(&path).with_context(|| format!("cannot read the CA certificate {} (--ca-cert, WHARF_CA_CERT)", path.display()))?;
+            let roots = reqwest::Certificate::from_pem_bundle(&pem).with_context(|| format!("cannot read the CA certificate {}", path.display()))?;
+            if roots.is_empty() {
+                bail!("no certificate in {} (expected PEM: -----BEGIN CERTIFICATE-----)", path.display());
+            }
+            for root in roots {
+                builder = builder.add_root_certificate(root);
+            }
+        }
+        let http = builder.build().map_err(|e| anyhow::anyhow!("cannot set up the HTTP client: {}", error_chain(&e)))?;
+        Ok(Api { base: args.api.trim_end_matches('/').to_string(), http })
+    }
+
+    /// Says why a request got no answer, with every cause (a TLS failure is
+    /// only visible in the innermost one) and what to try.
+    fn unreachable(&self, e: &reqwest::Error) -> anyhow::Error {
+        let text = error_chain(e);
+        let hint = if text.contains("certificate") {
+            "the API's TLS certificate is not trusted: pass the CA that signed it with --ca-cert or WHARF_CA_CERT"
+        } else if self.base.starts_with("http://") && !e.is_connect() && !e.is_timeout() {
+            // Something answered, but not in plain HTTP: most likely TLS.
+            "if the API is served over HTTPS, use an https:// URL (--api or WHARF_API)"
+        } else {
+            "is `wharf up` running? (set --api or WHARF_API)"
+        };
+        anyhow::anyhow!("cannot reach the Wharf API at {}: {text}; {hint}", self.base)
     }
 
     async fn call(&self, request: reqwest::RequestBuilder) -> anyhow::Result<Value> {
-        let response = request.send().await.map_err(|e| {
-            anyhow::anyhow!("cannot reach the Wharf API at {}: {e}; is `wharf up` running? (set --api or WHARF_API)", self.base)
-        })?;
+        let response = request.send().await.map_err(|e| self.unreachable(&e))?;
         let status = response.status();
         let body: Value = response.json().await.unwrap_or(Value::Null);
         if status.is_success() {
@@ -435,6 +471,21 @@ impl Api {
     }
 }
 
+/// An error and its causes, outermost first, without repeats.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(inner) = cause {
+        let message = inner.to_string();
+        if !text.contains(&message) {
+            text.push_str(": ");
+            text.push_str(&message);
+        }
+        cause = inner.source();
+    }
+    text
+}
+
 fn service_path(id: &ServiceId) -> String {
     format!("/v1/namespaces/{}/services/{}", id.namespace, id.name)
 }
@@ -446,7 +497,7 @@ fn parse_id(name: &str) -> anyhow::Result<ServiceId> {
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
 
 pub async fn deploy(args: DeployArgs) -> anyhow::Result<()> {
-    let api = Api::new(&args.api);
+    let api = Api::new(&args.api)?;
     let name = match &args.name {
         Some(name) => name.clone(),
         None => args.file.file_stem().map(|s| s.to_string_lossy().to_ascii_lowercase().replace('_', "-")).context("cannot name the service from the file; pass --name")?,
@@ -523,7 +574,7 @@ pub async fn deploy(args: DeployArgs) -> anyhow::Result<()> {
 }
 
 pub async fn apply(args: ApplyArgs) -> anyhow::Result<()> {
-    let api = Api::new(&args.api);
+    let api = Api::new(&args.api)?;
     let format = ManifestFormat::from_path(&args.file)?;
     let text = std::fs::read_to_string(&args.file).with_context(|| format!("cannot read {}", args.file.display()))?;
     let manifests = parse_manifest(&text, format).with_context(|| format!("{} is not a valid manifest", args.file.display()))?;
@@ -564,7 +615,7 @@ pub async fn apply(args: ApplyArgs) -> anyhow::Result<()> {
 pub async fn get(what: GetWhat) -> anyhow::Result<()> {
     match what {
         GetWhat::Services { name, output, api } => {
-            let api = Api::new(&api);
+            let api = Api::new(&api)?;
             // One service prints as an object, a listing as an array.
             let (views, json) = match name {
                 Some(name) => {
@@ -599,7 +650,7 @@ pub async fn get(what: GetWhat) -> anyhow::Result<()> {
             print_table(&rows);
         }
         GetWhat::Hosts { output, api } => {
-            let api = Api::new(&api);
+            let api = Api::new(&api)?;
             let hosts = api.get("/v1/hosts").await?;
             if output == Output::Json {
                 println!("{}", serde_json::to_string_pretty(&hosts)?);
@@ -639,7 +690,7 @@ pub struct TopArgs {
 
 /// `wharf top`: services with their load and the autoscaler's view, and hosts, refreshed.
 pub async fn top(args: TopArgs) -> anyhow::Result<()> {
-    let api = Api::new(&args.api);
+    let api = Api::new(&args.api)?;
     loop {
         let services = api.get("/v1/services").await?;
         let hosts = api.get("/v1/hosts").await?;
@@ -680,7 +731,7 @@ pub async fn top(args: TopArgs) -> anyhow::Result<()> {
 }
 
 pub async fn scale(args: ScaleArgs) -> anyhow::Result<()> {
-    let api = Api::new(&args.api);
+    let api = Api::new(&args.api)?;
     let id = parse_id(&args.name)?;
     let url = format!("{}{}/scale", api.base, service_path(&id));
     api.call(api.http.post(url).json(&json!({"replicas": args.replicas}))).await?;
@@ -689,7 +740,7 @@ pub async fn scale(args: ScaleArgs) -> anyhow::Result<()> {
 }
 
 pub async fn delete(args: DeleteArgs) -> anyhow::Result<()> {
-    let api = Api::new(&args.api);
+    let api = Api::new(&args.api)?;
     let id = parse_id(&args.name)?;
     api.call(api.http.delete(format!("{}{}", api.base, service_path(&id)))).await?;
     println!("{id} deleted");

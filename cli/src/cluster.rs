@@ -61,7 +61,7 @@ impl HeartbeatArgs {
 }
 
 #[derive(clap::Args)]
-#[command(after_help = "Example:\n  wharf scheduler --nats nats://10.0.0.1:4222 --api 0.0.0.0:7700")]
+#[command(after_help = "Examples:\n  wharf scheduler --nats nats://10.0.0.1:4222 --api 0.0.0.0:7700\n  wharf scheduler --nats nats://10.0.0.1:4222 --api 0.0.0.0:7700 --api-tls-cert api.pem --api-tls-key api.key")]
 pub struct SchedulerArgs {
     #[command(flatten)]
     nats: NatsArgs,
@@ -73,10 +73,12 @@ pub struct SchedulerArgs {
     /// Directory for the compile cache used to check uploaded components.
     #[arg(long, env = "WHARF_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    api_tls: wiring::ApiTlsArgs,
 }
 
 #[derive(clap::Args)]
-#[command(after_help = "Example:\n  wharf host --nats nats://10.0.0.1:4222 --name edge-1 --labels zone=a,disk=ssd --memory 2GiB --listen 0.0.0.0:8080\n\n\
+#[command(after_help = "Examples:\n  wharf host --nats nats://10.0.0.1:4222 --name edge-1 --labels zone=a,disk=ssd --memory 2GiB --listen 0.0.0.0:8080\n  wharf host --nats nats://10.0.0.1:4222 --listen 0.0.0.0:443 --tls-cert site.pem --tls-key site.key\n\n\
 On SIGTERM the host drains: it stops taking new requests, finishes those in flight, tells the control plane, and exits.")]
 pub struct HostArgs {
     #[command(flatten)]
@@ -113,6 +115,8 @@ pub struct HostArgs {
     /// How long a draining host waits for requests in flight.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     drain_timeout: Duration,
+    #[command(flatten)]
+    tls: wiring::IngressTlsArgs,
 }
 
 fn data_dir(given: Option<PathBuf>, sub: &str) -> anyhow::Result<PathBuf> {
@@ -125,6 +129,7 @@ fn data_dir(given: Option<PathBuf>, sub: &str) -> anyhow::Result<PathBuf> {
 }
 
 pub async fn scheduler(args: SchedulerArgs, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    let tls = args.api_tls.load()?;
     let listener = tokio::net::TcpListener::bind(args.api)
         .await
         .with_context(|| format!("cannot listen on {} (choose another address with --api)", args.api))?;
@@ -136,14 +141,15 @@ pub async fn scheduler(args: SchedulerArgs, shutdown: impl Future<Output = ()> +
     let token_file = dir.join("admin-token");
     let config = ControlPlaneConfig { host_timeout: args.heartbeats.host_timeout(), admin_token_file: Some(token_file.clone()) };
     let plane = ControlPlane::start(&bus, Arc::new(RuntimeCheck(runtime)), config).await?;
-    println!("Wharf scheduler: API http://{addr} over NATS {}", args.nats.nats);
+    println!("Wharf scheduler: API {}://{addr} over NATS {}", wiring::scheme(tls.as_ref()), args.nats.nats);
     eprintln!("admin token: {}", token_file.display());
-    plane.serve(listener, shutdown).await?;
+    plane.serve(listener, tls, shutdown).await?;
     plane.shutdown();
     Ok(())
 }
 
 pub async fn host(args: HostArgs, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let tls = args.tls.load()?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {} (choose another address with --listen)", args.listen))?;
@@ -170,9 +176,9 @@ pub async fn host(args: HostArgs, shutdown: impl Future<Output = ()>) -> anyhow:
         },
     )
     .await?;
-    println!("Wharf host {id}: ingress http://{addr} over NATS {}", args.nats.nats);
+    println!("Wharf host {id}: ingress {}://{addr} over NATS {}", wiring::scheme(tls.as_ref()), args.nats.nats);
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-    let ingress = tokio::spawn(wharf_host::ingress::serve(listener, Arc::new(agent.clone()), metrics, async move {
+    let ingress = tokio::spawn(wharf_host::ingress::serve(listener, tls, Arc::new(agent.clone()), metrics, async move {
         let _ = stop_rx.wait_for(|s| *s).await;
     }));
     shutdown.await;

@@ -12,7 +12,7 @@ use wharf_host::{Runtime, RuntimeConfig, Workload, WorkloadLimits, WorkloadSpec}
 use wharf_proto::ByteSize;
 
 #[derive(clap::Args)]
-#[command(after_help = "Examples:\n  wharf serve hello.wasm\n  wharf serve api.wasm --listen 0.0.0.0:8080 --memory 128MiB --timeout 2s\n  wharf serve client.wasm --allow-outbound api.example.com --env MODE=dev\n\n\
+#[command(after_help = "Examples:\n  wharf serve hello.wasm\n  wharf serve api.wasm --listen 0.0.0.0:8080 --memory 128MiB --timeout 2s\n  wharf serve hello.wasm --tls-cert site.pem --tls-key site.key\n  wharf serve client.wasm --allow-outbound api.example.com --env MODE=dev\n\n\
 Each request runs in a fresh instance. Failures answer with a status and an x-wharf-error header:\n  trap 500, fuel_exhausted 500, memory_limit 500, deadline 504, overloaded 503 (Retry-After).\n\
 Prometheus metrics are served at /metrics.")]
 pub struct Args {
@@ -51,6 +51,8 @@ pub struct Args {
     /// Do not read or write the compile cache.
     #[arg(long, conflicts_with = "cache_dir")]
     no_cache: bool,
+    #[command(flatten)]
+    tls: crate::wiring::IngressTlsArgs,
 }
 
 #[derive(Clone, Copy)]
@@ -84,6 +86,8 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyhow::Resu
     if args.concurrency == 0 {
         bail!("--concurrency must be at least 1");
     }
+    let tls = args.tls.load()?;
+    let scheme = crate::wiring::scheme(tls.as_ref());
     let bytes = std::fs::read(&args.file).with_context(|| format!("cannot read {}", args.file.display()))?;
     let cache_dir = if args.no_cache { None } else { args.cache_dir.clone().or_else(default_cache_dir) };
     let runtime = Runtime::new(RuntimeConfig {
@@ -130,7 +134,7 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyhow::Resu
         }
     });
     eprintln!("{} ({}): {how} in {took:.1?}", args.file.display(), digest.short());
-    println!("serving http://{addr}/ (metrics at http://{addr}/metrics); Ctrl-C stops");
-    wharf_host::ingress::serve(listener, Arc::new(workload), metrics, shutdown).await?;
+    println!("serving {scheme}://{addr}/ (metrics at {scheme}://{addr}/metrics); Ctrl-C stops");
+    wharf_host::ingress::serve(listener, tls, Arc::new(workload), metrics, shutdown).await?;
     Ok(())
 }

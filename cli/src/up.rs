@@ -19,7 +19,7 @@ use wharf_scheduler::{ControlPlane, ControlPlaneConfig};
 const SAMPLES: &[&str] = &["hello", "echo", "spin", "hog", "panic", "sleep", "backend", "frontend"];
 
 #[derive(clap::Args)]
-#[command(after_help = "Examples:\n  wharf up --samples            # then: curl http://127.0.0.1:8080/hello\n  wharf up --data-dir /var/lib/wharf --listen 0.0.0.0:80\n\n\
+#[command(after_help = "Examples:\n  wharf up --samples            # then: curl http://127.0.0.1:8080/hello\n  wharf up --data-dir /var/lib/wharf --listen 0.0.0.0:80\n  wharf up --tls-cert site.pem --tls-key site.key --api-tls-cert api.pem --api-tls-key api.key\n\n\
 State (services, components, compiled code) lives in the data directory and survives restarts, including kill -9.")]
 pub struct Args {
     /// Where state lives (default: the user data dir, e.g. ~/.local/share/wharf).
@@ -42,9 +42,17 @@ pub struct Args {
     nats: Option<String>,
     #[command(flatten)]
     host: wiring::HostArgs,
+    #[command(flatten)]
+    api_tls: wiring::ApiTlsArgs,
+    #[command(flatten)]
+    tls: wiring::IngressTlsArgs,
 }
 
 pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    // Certificates first: a bad file stops us before anything is created or served.
+    let api_tls = args.api_tls.load()?;
+    let ingress_tls = args.tls.load()?;
+    let (api_scheme, ingress_scheme) = (wiring::scheme(api_tls.as_ref()), wiring::scheme(ingress_tls.as_ref()));
     let data_dir = match args.data_dir.clone() {
         Some(dir) => dir,
         None => dirs::data_dir().map(|d| d.join("wharf")).context("no user data directory; pass --data-dir")?,
@@ -86,18 +94,18 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyhow::Resu
     let ingress_stop = wait_for(stop_rx);
     let api = tokio::spawn({
         let plane = plane.clone();
-        async move { plane.serve(api_listener, api_stop).await }
+        async move { plane.serve(api_listener, api_tls, api_stop).await }
     });
-    let ingress = tokio::spawn(wharf_host::ingress::serve(ingress_listener, Arc::new(agent.clone()), metrics, ingress_stop));
+    let ingress = tokio::spawn(wharf_host::ingress::serve(ingress_listener, ingress_tls, Arc::new(agent.clone()), metrics, ingress_stop));
 
     eprintln!("data directory: {}", data_dir.display());
     eprintln!("admin token: {} (the CLI reads it from there, or set WHARF_TOKEN)", token_file.display());
-    println!("Wharf is up: API http://{api_addr}  ingress http://{ingress_addr}");
+    println!("Wharf is up: API {api_scheme}://{api_addr}  ingress {ingress_scheme}://{ingress_addr}");
     if let Some(dir) = samples {
         let deployed = deploy_samples(&plane, &runtime, &dir).await?;
         wait_until_ready(&agent, &deployed, Duration::from_secs(120)).await;
         for id in &deployed {
-            println!("  curl http://{ingress_addr}/{}", id.name);
+            println!("  curl {ingress_scheme}://{ingress_addr}/{}", id.name);
         }
     }
     println!("Ctrl-C stops; `wharf get services` lists what runs.");

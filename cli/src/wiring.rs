@@ -1,7 +1,9 @@
-//! Pieces shared by the commands that run a host (`up`, later `host`).
+//! Pieces shared by the commands that run a host or the API (`up`, `host`,
+//! `scheduler`, `serve`): sizing, labels, TLS files.
 
 use anyhow::Context;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use wharf_host::tls::TlsAcceptor;
 use wharf_host::{Runtime, RuntimeConfig};
 use wharf_proto::{ByteSize, Capacity, HostId};
 use wharf_scheduler::ComponentCheck;
@@ -70,6 +72,56 @@ impl HostArgs {
             background: self.background_priority,
         })?)
     }
+}
+
+/// HTTPS for an ingress (`up`, `host`, `serve`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct IngressTlsArgs {
+    /// Serve the ingress over HTTPS with this PEM certificate chain (the server's certificate first, then any intermediates). Needs --tls-key.
+    #[arg(long, value_name = "PATH", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key (PKCS#8, PKCS#1 or SEC1) of --tls-cert.
+    #[arg(long, value_name = "PATH", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+}
+
+impl IngressTlsArgs {
+    /// The acceptor for the ingress, or `None` for plain HTTP.
+    pub fn load(&self) -> anyhow::Result<Option<TlsAcceptor>> {
+        load_tls(self.tls_cert.as_deref(), self.tls_key.as_deref()).context("cannot serve the ingress over HTTPS (--tls-cert, --tls-key)")
+    }
+}
+
+/// HTTPS for the REST API (`up`, `scheduler`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct ApiTlsArgs {
+    /// Serve the API over HTTPS with this PEM certificate chain (the server's certificate first, then any intermediates). Needs --api-tls-key.
+    /// Clients then use https:// and, for a private CA, --ca-cert.
+    #[arg(long, value_name = "PATH", requires = "api_tls_key")]
+    api_tls_cert: Option<PathBuf>,
+    /// The PEM private key (PKCS#8, PKCS#1 or SEC1) of --api-tls-cert.
+    #[arg(long, value_name = "PATH", requires = "api_tls_cert")]
+    api_tls_key: Option<PathBuf>,
+}
+
+impl ApiTlsArgs {
+    /// The acceptor for the API, or `None` for plain HTTP.
+    pub fn load(&self) -> anyhow::Result<Option<TlsAcceptor>> {
+        load_tls(self.api_tls_cert.as_deref(), self.api_tls_key.as_deref()).context("cannot serve the API over HTTPS (--api-tls-cert, --api-tls-key)")
+    }
+}
+
+fn load_tls(cert: Option<&Path>, key: Option<&Path>) -> anyhow::Result<Option<TlsAcceptor>> {
+    match (cert, key) {
+        (Some(cert), Some(key)) => Ok(Some(wharf_host::tls::load(cert, key)?)),
+        // clap's `requires` refuses half a pair before this runs.
+        _ => Ok(None),
+    }
+}
+
+/// The URL scheme a listener serves: `https` with TLS, else `http`.
+pub fn scheme(tls: Option<&TlsAcceptor>) -> &'static str {
+    if tls.is_some() { "https" } else { "http" }
 }
 
 pub fn parse_pair(s: &str) -> Result<(String, String), String> {

@@ -1,10 +1,12 @@
 //! The HTTP/1.1 server in front of a host's workloads.
 //!
-//! It accepts connections, answers `/metrics` itself, and hands every other
-//! request to a [`Handler`]. It knows nothing about routing: `wharf serve`
-//! passes one workload, a cluster host passes its route table.
+//! It accepts connections (plain, or TLS with an acceptor from
+//! [`crate::tls`]), answers `/metrics` itself, and hands every other request
+//! to a [`Handler`]. It knows nothing about routing: `wharf serve` passes one
+//! workload, a cluster host passes its route table.
 
 use crate::metrics::HostMetrics;
+use crate::tls::{self, TlsAcceptor};
 use crate::workload::{ResponseBody, error_response, full_body};
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode};
@@ -12,6 +14,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,9 +45,10 @@ pub trait Handler: Send + Sync + 'static {
     fn handle(&self, request: Request<RequestBody>) -> Pin<Box<dyn Future<Output = Response<ResponseBody>> + Send + '_>>;
 }
 
-/// Serves HTTP/1.1 on `listener` until `shutdown` resolves, then stops
-/// accepting and gives open connections a few seconds to finish.
-pub async fn serve<H, S>(listener: TcpListener, handler: Arc<H>, metrics: HostMetrics, shutdown: S) -> std::io::Result<()>
+/// Serves HTTP/1.1 on `listener` (HTTPS when `tls` is given) until
+/// `shutdown` resolves, then stops accepting and gives open connections a
+/// few seconds to finish.
+pub async fn serve<H, S>(listener: TcpListener, tls: Option<TlsAcceptor>, handler: Arc<H>, metrics: HostMetrics, shutdown: S) -> std::io::Result<()>
 where
     H: Handler,
     S: Future<Output = ()>,
@@ -71,25 +75,19 @@ where
         let handler = handler.clone();
         let metrics = metrics.clone();
         let mut stop = stop_rx.clone();
+        let tls = tls.clone();
         connections.spawn(async move {
-            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-                let handler = handler.clone();
-                let metrics = metrics.clone();
-                async move { Ok::<_, std::convert::Infallible>(dispatch(&*handler, &metrics, request).await) }
-            });
-            let connection = hyper::server::conn::http1::Builder::new()
-                .keep_alive(true)
-                .max_buf_size(MAX_HEAD * 4)
-                .serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(connection);
-            tokio::select! {
-                result = connection.as_mut() => {
-                    if let Err(e) = result { tracing::debug!("connection from {peer} ended: {e}"); }
-                }
-                _ = stop.changed() => {
-                    connection.as_mut().graceful_shutdown();
-                    if let Err(e) = connection.await { tracing::debug!("connection from {peer} ended: {e}"); }
-                }
+            let Some(tls) = tls else {
+                return serve_connection(TokioIo::new(stream), peer, handler, metrics, stop).await;
+            };
+            // The handshake runs here, in the connection's own task, so a
+            // slow or broken client never holds up accepting the next one.
+            let stream = tokio::select! {
+                stream = tls::handshake(&tls, stream, peer) => stream,
+                _ = stop.changed() => None,
+            };
+            if let Some(stream) = stream {
+                serve_connection(TokioIo::new(stream), peer, handler, metrics, stop).await;
             }
         });
         // Reap finished connections so the set does not grow without bound.
@@ -103,6 +101,31 @@ where
         connections.abort_all();
     }
     Ok(())
+}
+
+/// Serves one connection's requests until the client closes it or `stop`
+/// changes, then lets the request in progress finish.
+async fn serve_connection<H, IO>(io: TokioIo<IO>, peer: SocketAddr, handler: Arc<H>, metrics: HostMetrics, mut stop: tokio::sync::watch::Receiver<bool>)
+where
+    H: Handler,
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+        let handler = handler.clone();
+        let metrics = metrics.clone();
+        async move { Ok::<_, std::convert::Infallible>(dispatch(&*handler, &metrics, request).await) }
+    });
+    let connection = hyper::server::conn::http1::Builder::new().keep_alive(true).max_buf_size(MAX_HEAD * 4).serve_connection(io, service);
+    tokio::pin!(connection);
+    tokio::select! {
+        result = connection.as_mut() => {
+            if let Err(e) = result { tracing::debug!("connection from {peer} ended: {e}"); }
+        }
+        _ = stop.changed() => {
+            connection.as_mut().graceful_shutdown();
+            if let Err(e) = connection.await { tracing::debug!("connection from {peer} ended: {e}"); }
+        }
+    }
 }
 
 async fn dispatch<H: Handler + ?Sized>(handler: &H, metrics: &HostMetrics, request: Request<Incoming>) -> Response<ResponseBody> {

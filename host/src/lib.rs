@@ -13,6 +13,8 @@
 //! - [`agent`]: keeps the host running what its assignment says; heartbeats.
 //! - [`routes`]: the ingress route table (host name + path prefix).
 //! - [`ingress`]: the HTTP server that hands requests to a [`ingress::Handler`].
+//! - [`tls`]: certificate and key loading and the handshake, for the ingress
+//!   and the control plane's API alike.
 
 pub mod agent;
 pub mod cpu;
@@ -25,6 +27,7 @@ pub mod metrics;
 pub mod remote;
 pub mod routes;
 pub mod runtime;
+pub mod tls;
 pub mod workload;
 
 mod instance;

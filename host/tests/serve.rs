@@ -42,7 +42,7 @@ impl Host {
         let handler = Arc::new(workload.clone());
         let metrics = self.metrics.clone();
         tokio::spawn(async move {
-            let _ = ingress::serve(listener, handler, metrics, async move {
+            let _ = ingress::serve(listener, None, handler, metrics, async move {
                 let _ = stopped.await;
             })
             .await;

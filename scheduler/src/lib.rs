@@ -13,6 +13,8 @@ pub mod hosts;
 pub mod status;
 pub mod store;
 
+mod tls;
+
 use controller::UnplaceableMap;
 use hosts::HostTable;
 use std::future::Future;
@@ -122,8 +124,18 @@ impl ControlPlane {
         let _ = self.stop.send(true);
     }
 
-    /// Serves the REST API on `listener` until `shutdown` resolves.
-    pub async fn serve(&self, listener: tokio::net::TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
-        axum::serve(listener, api::router(self.clone())).with_graceful_shutdown(shutdown).await
+    /// Serves the REST API on `listener` (HTTPS when `tls` is given) until
+    /// `shutdown` resolves.
+    pub async fn serve(
+        &self,
+        listener: tokio::net::TcpListener,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let router = api::router(self.clone());
+        match tls {
+            None => axum::serve(listener, router).with_graceful_shutdown(shutdown).await,
+            Some(acceptor) => axum::serve(tls::TlsListener::new(listener, acceptor), router).with_graceful_shutdown(shutdown).await,
+        }
     }
 }

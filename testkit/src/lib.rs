@@ -1,9 +1,11 @@
 //! Test support shared by Wharf's suites: real sample components and real NATS servers.
 //!
 //! Nothing here mocks a part of Wharf: `samples` builds the components in
-//! `sample-services/` with cargo, and `nats` starts a real `nats-server`.
+//! `sample-services/` with cargo, `nats` starts a real `nats-server`, and
+//! `tls` makes real certificates.
 
 pub mod nats;
 pub mod process;
 pub mod samples;
+pub mod tls;
 pub mod wharf;

@@ -10,7 +10,8 @@ use std::time::Duration;
 pub struct Up {
     /// The process, for its output or to stop it.
     pub process: Process,
-    /// The REST API's base URL, e.g. `http://127.0.0.1:7700`.
+    /// The REST API's base URL, e.g. `http://127.0.0.1:7700` (`https://` when
+    /// started with `--api-tls-cert`).
     pub api: String,
     /// The ingress's base URL.
     pub ingress: String,
@@ -34,7 +35,7 @@ impl Up {
         }
         let mut process = Process::spawn_with(&mut command);
         let line = process.wait_for_line("Wharf is up", Duration::from_secs(60));
-        let urls: Vec<String> = line.split_whitespace().filter(|w| w.starts_with("http://")).map(str::to_string).collect();
+        let urls: Vec<String> = line.split_whitespace().filter(|w| w.starts_with("http://") || w.starts_with("https://")).map(str::to_string).collect();
         assert_eq!(urls.len(), 2, "expected the API and ingress URLs in: {line}");
         process.wait_for_line("Ctrl-C stops", Duration::from_secs(60));
         let token = std::fs::read_to_string(data_dir.join("admin-token")).map(|t| t.trim().to_string()).unwrap_or_default();
