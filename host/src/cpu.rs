@@ -2,15 +2,15 @@
 //!
 //! Two levels, like an operating system's feedback queue:
 //!
-//! - Every request starts in the *foreground*: guest code runs on the task
-//!   that accepted the request, at normal OS priority, yielding every epoch
-//!   tick. Nearly all requests finish here within a millisecond.
-//! - A request whose guest has run for more than [`FOREGROUND_TICKS`] epoch
-//!   ticks is *demoted*: its future moves to the background pool, whose
-//!   threads run at a low OS priority (`nice`), so the kernel hands a core to
-//!   any foreground work the moment it wakes. In the background, guest code
-//!   runs one slice (one epoch tick) at a time, and each slice needs one of a
-//!   fixed number of slots (one per core).
+//! - A request starts in the *foreground*: guest code runs on the task that
+//!   accepted the request, at normal OS priority, yielding every epoch tick.
+//!   Nearly all requests finish here within a millisecond.
+//! - It moves to the *background* when its guest has run for more than
+//!   [`FOREGROUND_TICKS`] epoch ticks, or starts there when its namespace
+//!   has recently used more CPU than the average of the active namespaces
+//!   ([`Usage`]). The background is a pool of threads at a low OS priority
+//!   ([`BackgroundPriority`], by default `SCHED_IDLE`): the kernel gives a
+//!   core to any foreground thread the moment it wakes.
 //!
 //! In both levels guest code runs only while holding a slot of that level's
 //! [`FairGate`] (one slot per core), taken afresh for every poll of the
@@ -19,9 +19,11 @@
 //! request, a key-value read) holds no slot.
 //!
 //! So a tenant flooding a host with requests, or spinning at full
-//! concurrency, gets its share of the CPU and no more: another tenant's
-//! short requests go ahead of its queue, and tenants with long requests split
-//! the background evenly however many requests each has in flight.
+//! concurrency, runs on the CPU the others leave: another tenant's short
+//! requests go ahead of it, and tenants with long requests split the
+//! background evenly however many requests each has in flight. The price is
+//! paid by the greedy tenant: while others keep the host busy, its
+//! background requests wait, up to their deadline.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -117,7 +119,7 @@ impl Drop for CpuScheduler {
 
 impl CpuScheduler {
     /// A background pool of one thread (and one slot) per core, its threads
-    /// at OS priority `nice`.
+    /// at `priority`; `preempt` ends running guests' slices early.
     pub(crate) fn new(priority: BackgroundPriority, preempt: Option<Preempt>) -> std::io::Result<Self> {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let pool = tokio::runtime::Builder::new_multi_thread()
@@ -136,13 +138,14 @@ impl CpuScheduler {
         })
     }
 
-    /// Requests demoted to the background since the host started.
+    /// Requests that ran in the background since the host started.
     pub(crate) fn demoted(&self) -> u64 {
         self.demoted.load(Ordering::Relaxed)
     }
 
     /// Runs a guest future for `namespace`: in the caller's task until
-    /// `demotion` is set, then in the background pool. Returns `None` if
+    /// `demotion` is set, then in the background pool (there from the start
+    /// if the namespace is over its share). Returns `None` if
     /// `deadline` passes while the request is in the background (it may be
     /// waiting for CPU); the guest is then cancelled.
     pub(crate) async fn run<T: Send + 'static>(
@@ -609,6 +612,32 @@ mod tests {
         drop(b_slot);
         let _a_slot = poll_once(&mut a1).expect("a next: b's one long slice put it past a");
         assert!(poll_once(&mut b2).is_none());
+    }
+
+    #[test]
+    fn a_namespace_over_the_average_of_the_active_ones_is_over_its_share() {
+        let usage = Usage::default();
+        let (a, b) = (ns("a"), ns("b"));
+        usage.charge(&a, 50_000);
+        assert!(!usage.over_share("a"), "alone, a namespace may use the whole host");
+        usage.charge(&b, 100);
+        assert!(usage.over_share("a"), "a used 50 ms, b 0.1 ms");
+        assert!(!usage.over_share("b"));
+        assert!(!usage.over_share("c"), "a namespace never seen has used nothing");
+        usage.charge(&b, 200_000);
+        assert!(usage.over_share("b") && !usage.over_share("a"), "now b has used more");
+        let small = Usage::default();
+        small.charge(&a, 1_500);
+        small.charge(&b, 10);
+        assert!(!small.over_share("a"), "below the floor a namespace is never held back");
+    }
+
+    #[test]
+    fn recent_use_halves_every_half_life() {
+        let start = Instant::now();
+        let recent = Recent { micros: 8_000.0, at: start };
+        let later = recent.now(start + 2 * USAGE_HALF_LIFE);
+        assert!((later - 2_000.0).abs() < 1.0, "{later}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -190,8 +190,8 @@ impl Runtime {
         &self.inner.cpu
     }
 
-    /// Requests that ran long enough to be moved to the background pool
-    /// since the host started.
+    /// Requests that ran in the background pool (they ran long, or their
+    /// namespace was over its share of the CPU) since the host started.
     pub fn demoted_requests(&self) -> u64 {
         self.inner.cpu.demoted()
     }
