@@ -145,29 +145,44 @@ impl CpuScheduler {
 
     /// Runs a guest future for `namespace`: in the caller's task until
     /// `demotion` is set, then in the background pool (there from the start
-    /// if the namespace is over its share). Returns `None` if
-    /// `deadline` passes while the request is in the background (it may be
-    /// waiting for CPU); the guest is then cancelled.
+    /// if the namespace is over its share); says whether it went there.
+    /// The value is `None` if `deadline` passes while the request is in the
+    /// background (it may be waiting for CPU); the guest is then cancelled.
     pub(crate) async fn run<T: Send + 'static>(
         &self,
         namespace: &Arc<str>,
         demotion: &Demotion,
         deadline: Instant,
+        guest: GuestFuture<T>,
+    ) -> (Option<T>, bool) {
+        match self.foreground_then_background(namespace, demotion, deadline, guest).await {
+            Ok(value) => (Some(value), false),
+            Err(value) => (value, true),
+        }
+    }
+
+    /// `Ok` if the guest finished in the foreground, else what the
+    /// background made of it.
+    async fn foreground_then_background<T: Send + 'static>(
+        &self,
+        namespace: &Arc<str>,
+        demotion: &Demotion,
+        deadline: Instant,
         mut guest: GuestFuture<T>,
-    ) -> Option<T> {
+    ) -> Result<T, Option<T>> {
         // A namespace that has recently used more CPU than the average of
         // the active ones starts its requests in the background.
         self.usage.charge(namespace, REQUEST_OVERHEAD_MICROS);
         if !self.usage.over_share(namespace)
             && let Some(value) = gated(&self.foreground, namespace, &mut guest, Some(demotion)).await
         {
-            return Some(value);
+            return Ok(value);
         }
-        let Some(pool) = &self.pool else { return None };
+        let Some(pool) = &self.pool else { return Err(None) };
         self.demoted.fetch_add(1, Ordering::Relaxed);
         let (gate, namespace) = (self.background.clone(), namespace.clone());
         let mut task = pool.spawn(async move { gated(&gate, &namespace, &mut guest, None).await });
-        match tokio::time::timeout_at(deadline.into(), &mut task).await {
+        Err(match tokio::time::timeout_at(deadline.into(), &mut task).await {
             Ok(Ok(value)) => value,
             // The guest panicked the host code polling it (a bug) or the pool is shutting down.
             Ok(Err(join)) => {
@@ -180,7 +195,7 @@ impl CpuScheduler {
                 task.abort();
                 None
             }
-        }
+        })
     }
 }
 
@@ -668,7 +683,7 @@ mod tests {
             n
         });
         let far = Instant::now() + Duration::from_secs(30);
-        assert_eq!(scheduler.run(&ns("a"), &demotion, far, steps).await, Some(10));
+        assert_eq!(scheduler.run(&ns("a"), &demotion, far, steps).await, (Some(10), true));
         assert_eq!(scheduler.demoted(), 1);
         let never: GuestFuture<u32> = Box::pin(async {
             tokio::task::yield_now().await;
@@ -678,10 +693,10 @@ mod tests {
         assert!(matches!("idle".parse(), Ok(BackgroundPriority::Idle)));
         assert!(matches!("10".parse(), Ok(BackgroundPriority::Nice(10))));
         assert!("20".parse::<BackgroundPriority>().is_err_and(|e| e.contains("0 to 19")));
-        assert_eq!(scheduler.run(&ns("a"), &demotion, soon, never).await, None, "past its deadline the guest is abandoned");
+        assert_eq!(scheduler.run(&ns("a"), &demotion, soon, never).await, (None, true), "past its deadline the guest is abandoned");
         // A guest that finishes in the foreground never reaches the pool.
         let quick: GuestFuture<u32> = Box::pin(async { 7 });
-        assert_eq!(scheduler.run(&ns("a"), &Demotion::default(), far, quick).await, Some(7));
+        assert_eq!(scheduler.run(&ns("a"), &Demotion::default(), far, quick).await, (Some(7), false));
         assert_eq!(scheduler.demoted(), 2);
     }
 }

@@ -39,6 +39,7 @@ struct Inner {
     in_flight: Family<ServiceLabels, Gauge>,
     instantiation: HistogramFamily,
     fuel: Family<ServiceLabels, Counter>,
+    background: Family<ServiceLabels, Counter>,
     memory_peak: HistogramFamily,
     memory_reserved: Family<ServiceLabels, Gauge>,
     cold_starts: Counter,
@@ -71,6 +72,7 @@ impl Default for HostMetrics {
         let in_flight = Family::<ServiceLabels, Gauge>::default();
         let instantiation = HistogramFamily::new_with_constructor(instantiation_histogram);
         let fuel = Family::<ServiceLabels, Counter>::default();
+        let background = Family::<ServiceLabels, Counter>::default();
         let memory_peak = HistogramFamily::new_with_constructor(memory_histogram);
         let memory_reserved = Family::<ServiceLabels, Gauge>::default();
         let cold_starts = Counter::default();
@@ -82,10 +84,23 @@ impl Default for HostMetrics {
         registry.register("requests_in_flight", "Requests admitted or waiting for an instance", in_flight.clone());
         registry.register("instantiation_seconds", "Time to create a fresh instance for a request", instantiation.clone());
         registry.register("fuel_consumed", "Fuel burned by requests", fuel.clone());
+        registry.register(
+            "background_requests",
+            "Requests that ran in the background CPU level (long-running, or their namespace over its share)",
+            background.clone(),
+        );
         registry.register("instance_memory_peak_bytes", "Peak linear memory of an instance", memory_peak.clone());
         registry.register("memory_reserved_bytes", "Memory reserved by a workload (memory cap x concurrency)", memory_reserved.clone());
         HostMetrics {
-            inner: Arc::new(Inner { registry, requests, latency, in_flight, instantiation, fuel, memory_peak, memory_reserved, cold_starts, activation_wait, users: Default::default() }),
+            inner: Arc::new(Inner {
+                registry,
+                requests,
+                latency,
+                in_flight,
+                instantiation,
+                fuel,
+                background,
+                memory_peak, memory_reserved, cold_starts, activation_wait, users: Default::default() }),
         }
     }
 }
@@ -104,6 +119,7 @@ impl HostMetrics {
             in_flight: inner.in_flight.get_or_create(&labels).clone(),
             instantiation: inner.instantiation.get_or_create(&labels).clone(),
             fuel: inner.fuel.get_or_create(&labels).clone(),
+            background: inner.background.get_or_create(&labels).clone(),
             memory_peak: inner.memory_peak.get_or_create(&labels).clone(),
             memory_reserved: inner.memory_reserved.get_or_create(&labels).clone(),
             labels,
@@ -144,6 +160,7 @@ impl HostMetrics {
         inner.in_flight.remove(labels);
         inner.instantiation.remove(labels);
         inner.fuel.remove(labels);
+        inner.background.remove(labels);
         inner.memory_peak.remove(labels);
         inner.memory_reserved.remove(labels);
     }
@@ -158,6 +175,7 @@ pub struct ServiceMetrics {
     pub(crate) in_flight: Gauge,
     pub(crate) instantiation: Histogram,
     pub(crate) fuel: Counter,
+    pub(crate) background: Counter,
     pub(crate) memory_peak: Histogram,
     pub(crate) memory_reserved: Gauge,
 }

@@ -345,10 +345,11 @@ impl Workload {
             // The guest's own deadline stops it; this one covers a guest
             // that cannot get the CPU to notice.
             let cutoff = deadline + 2 * DEADLINE_GRACE;
-            let outcome = match this.inner.runtime.cpu().run(&this.inner.namespace, &demotion, cutoff, guest).await {
-                Some(outcome) => outcome,
-                None => Outcome::Deadline { timeout: this.inner.spec.limits.timeout },
-            };
+            let (outcome, background) = this.inner.runtime.cpu().run(&this.inner.namespace, &demotion, cutoff, guest).await;
+            if background {
+                this.inner.metrics.background.inc();
+            }
+            let outcome = outcome.unwrap_or(Outcome::Deadline { timeout: this.inner.spec.limits.timeout });
             this.record(&outcome, started.elapsed());
             outcome
         });

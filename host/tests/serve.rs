@@ -205,6 +205,9 @@ async fn a_tenant_spinning_at_full_concurrency_does_not_hold_up_another_tenants_
     while let Some(result) = spinning.join_next().await {
         assert_eq!(result.expect("spinning request"), (504, Some("deadline".to_string())));
     }
+    let metrics = host.metrics.encode();
+    assert!(metrics.contains(r#"wharf_background_requests_total{service="noisy/spin"} 8"#), "{metrics}");
+    assert!(!metrics.contains(r#"wharf_background_requests_total{service="quiet/hello"} "#) || metrics.contains(r#"wharf_background_requests_total{service="quiet/hello"} 0"#), "{metrics}");
 }
 
 #[tokio::test]
