@@ -29,6 +29,13 @@ pub struct NoisyArgs {
     /// Tenant B's paced request rate (requests/s over all its connections).
     #[arg(long, default_value_t = 500.0)]
     rate: f64,
+    /// MiB each of tenant A's `hog` requests allocates (its cap is 64 MiB:
+    /// the default fails at once; under the cap it fills memory and frees it).
+    #[arg(long, default_value_t = 200)]
+    hog_mb: u64,
+    /// The host's `--background-priority` (`idle` or a nice value).
+    #[arg(long, default_value = "idle")]
+    background_priority: wharf_host::cpu::BackgroundPriority,
     /// OS priority (nice) of tenant A's client threads. They share this
     /// machine's cores with the host under test, which remote clients would not.
     #[arg(long, default_value_t = 0)]
@@ -52,7 +59,8 @@ pub async fn run(args: NoisyArgs) -> anyhow::Result<()> {
     };
     let dir = std::env::temp_dir().join(format!("wharf-bench-noisy-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let up = Up::start(&wharf, &dir.join("data"), &["--host-id", "noisy"]);
+    let priority = args.background_priority.to_string();
+    let up = Up::start(&wharf, &dir.join("data"), &["--host-id", "noisy", "--background-priority", &priority]);
     let sample = |name: &str| wharf_testkit::samples::path(name).to_str().map(str::to_string).context("utf-8 path");
     deploy(&up, &["deploy", &sample("spin")?, "--name", "spin", "-n", "tenant-a", "--route", "/a/spin", "--concurrency", "16"])?;
     deploy(&up, &["deploy", &sample("hog")?, "--name", "hog", "-n", "tenant-a", "--route", "/a/hog", "--concurrency", "16", "--memory", "64MiB"])?;
@@ -84,11 +92,12 @@ pub async fn run(args: NoisyArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let stop = Arc::new(AtomicBool::new(false));
+    let hog_mb = args.hog_mb;
     let client = reqwest::Client::new();
     let mut noise = Vec::new();
     for i in 0..32 {
         let (client, stop) = (client.clone(), stop.clone());
-        let url = if i % 2 == 0 { format!("{}/a/spin?n=100000000000", up.ingress) } else { format!("{}/a/hog?mb=200", up.ingress) };
+        let url = if i % 2 == 0 { format!("{}/a/spin?n=100000000000", up.ingress) } else { format!("{}/a/hog?mb={hog_mb}", up.ingress) };
         noise.push(noise_runtime.spawn(async move {
             let mut answered = 0u64;
             while !stop.load(Ordering::Relaxed) {
@@ -116,7 +125,7 @@ pub async fn run(args: NoisyArgs) -> anyhow::Result<()> {
     let share = noisy_closed.requests_per_second / idle_closed.requests_per_second;
     println!("B's p99 with A noisy / A idle: {ratio:.2}x (target <= 2x); closed-loop throughput kept: {:.0}%", share * 100.0);
     let report = serde_json::json!({
-        "rate": args.rate, "idle": idle, "noisy": noisy, "p99_ratio": ratio,
+        "rate": args.rate, "hog_mb": args.hog_mb, "idle": idle, "noisy": noisy, "p99_ratio": ratio,
         "idle_closed_loop": idle_closed, "noisy_closed_loop": noisy_closed, "closed_loop_share": share,
         "noise_requests": noise_requests,
     });
