@@ -394,13 +394,18 @@ impl Workload {
         // Every tick (2 ms): trap past the deadline; else yield, so a
         // spinning guest never holds a thread. Past its first few ticks the
         // request is demoted to the background pool (see `crate::cpu`).
+        // The epoch also advances early when a tenant is waiting for a
+        // foreground slot, so ticks alone would demote a short request
+        // caught by a few of those; it must also have been around that long.
         let mut ticks = 0u32;
+        let created = Instant::now();
         store.epoch_deadline_callback(move |_| {
-            if Instant::now() >= deadline {
+            let now = Instant::now();
+            if now >= deadline {
                 return Ok(UpdateDeadline::Interrupt);
             }
             ticks = ticks.saturating_add(1);
-            if ticks > FOREGROUND_TICKS {
+            if ticks > FOREGROUND_TICKS && now.duration_since(created) >= crate::runtime::EPOCH_TICK * FOREGROUND_TICKS {
                 demotion.demote();
             }
             Ok(UpdateDeadline::Yield(1))
