@@ -203,7 +203,7 @@ impl CpuScheduler {
 /// during each poll, so a guest waiting in a host call holds no slot.
 /// Returns `None` if `demotion` is set after a poll.
 async fn gated<T>(gate: &Arc<FairGate>, namespace: &Arc<str>, guest: &mut GuestFuture<T>, demotion: Option<&Demotion>) -> Option<T> {
-    let wakeup = Arc::new(Wakeup { woken: AtomicBool::new(true), task: Mutex::new(None) });
+    let wakeup = Arc::new(Wakeup { woken: AtomicBool::new(true), task: futures::task::AtomicWaker::new() });
     let waker = Waker::from(wakeup.clone());
     loop {
         std::future::poll_fn(|cx| wakeup.ready(cx)).await;
@@ -221,14 +221,12 @@ async fn gated<T>(gate: &Arc<FairGate>, namespace: &Arc<str>, guest: &mut GuestF
 /// Remembers that the guest was woken, and wakes the task polling it.
 struct Wakeup {
     woken: AtomicBool,
-    task: Mutex<Option<Waker>>,
+    task: futures::task::AtomicWaker,
 }
 
 impl Wakeup {
     fn ready(&self, cx: &mut Context<'_>) -> Poll<()> {
-        if let Ok(mut task) = self.task.lock() {
-            *task = Some(cx.waker().clone());
-        }
+        self.task.register(cx.waker());
         if self.woken.swap(false, Ordering::AcqRel) { Poll::Ready(()) } else { Poll::Pending }
     }
 }
@@ -240,10 +238,7 @@ impl Wake for Wakeup {
 
     fn wake_by_ref(self: &Arc<Self>) {
         self.woken.store(true, Ordering::Release);
-        let task = self.task.lock().ok().and_then(|mut task| task.take());
-        if let Some(task) = task {
-            task.wake();
-        }
+        self.task.wake();
     }
 }
 
@@ -303,19 +298,12 @@ struct GateState {
     tenants: HashMap<Arc<str>, Tenant>,
 }
 
+#[derive(Default)]
 struct Tenant {
     /// Microseconds of slot time used.
     used: u64,
     holding: usize,
     waiting: VecDeque<tokio::sync::oneshot::Sender<Slot>>,
-    /// When it last asked for or gave back a slot.
-    seen: Instant,
-}
-
-impl Default for Tenant {
-    fn default() -> Self {
-        Tenant { used: 0, holding: 0, waiting: VecDeque::new(), seen: Instant::now() }
-    }
 }
 
 /// How long a namespace counts as active after it last used the CPU.
@@ -412,7 +400,6 @@ impl FairGate {
             let mut state = self.lock();
             let clock = state.clock;
             let tenant = state.tenants.entry(namespace.clone()).or_default();
-            tenant.seen = Instant::now();
             if tenant.holding == 0 && tenant.waiting.is_empty() {
                 tenant.used = tenant.used.max(clock);
             }
@@ -453,7 +440,6 @@ impl FairGate {
         let tenant = tenant_mut(&mut state, namespace);
         tenant.used = tenant.used.saturating_add(used);
         tenant.holding = tenant.holding.saturating_sub(1);
-        tenant.seen = Instant::now();
         loop {
             let next = state
                 .tenants
@@ -477,8 +463,12 @@ impl FairGate {
                 }
             }
         }
-        let clock = state.clock;
-        state.tenants.retain(|_, t| t.holding > 0 || !t.waiting.is_empty() || t.used > clock || t.seen.elapsed() < ACTIVE_WINDOW);
+        // An idle namespace at or below the clock would start from the clock
+        // anyway: forget it, now and then rather than on every release.
+        if state.tenants.len() > 16 {
+            let clock = state.clock;
+            state.tenants.retain(|_, t| t.holding > 0 || !t.waiting.is_empty() || t.used > clock);
+        }
     }
 
     /// Slots free right now (for tests and metrics).
