@@ -116,13 +116,8 @@ async fn ok(client: &reqwest::Client, url: &str) -> bool {
 }
 
 pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
-    let wharf = match args.wharf.clone() {
-        Some(path) => path,
-        None => std::env::current_exe()?.with_file_name("wharf"),
-    };
-    let dir = std::env::temp_dir().join(format!("wharf-bench-cluster-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
+    let wharf = crate::wharf_binary(args.wharf.as_ref())?;
+    let dir = crate::scratch_dir("cluster")?;
     let result = measure(&args, wharf, &dir).await;
     let _ = std::fs::remove_dir_all(&dir);
     result

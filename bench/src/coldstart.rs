@@ -77,13 +77,8 @@ fn manifest(dir: &Path, name: &str, component: &Path) -> anyhow::Result<String> 
 }
 
 pub async fn run(args: ColdStartArgs) -> anyhow::Result<()> {
-    let wharf = match args.wharf.clone() {
-        Some(path) => path,
-        None => std::env::current_exe()?.with_file_name("wharf"),
-    };
-    let dir = std::env::temp_dir().join(format!("wharf-bench-coldstart-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
+    let wharf = crate::wharf_binary(args.wharf.as_ref())?;
+    let dir = crate::scratch_dir("coldstart")?;
     let wharf_path = wharf.clone();
     let up = start_up(&wharf, &dir);
     let client = reqwest::Client::builder().pool_max_idle_per_host(1).build()?;

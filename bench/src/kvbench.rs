@@ -42,13 +42,9 @@ async fn timed(client: &reqwest::Client, n: usize, request: impl Fn(&reqwest::Cl
 }
 
 pub async fn run(args: KvArgs) -> anyhow::Result<()> {
-    let wharf = match args.wharf.clone() {
-        Some(path) => path,
-        None => std::env::current_exe()?.with_file_name("wharf"),
-    };
+    let wharf = crate::wharf_binary(args.wharf.as_ref())?;
     let nats = NatsServer::start();
-    let dir = std::env::temp_dir().join(format!("wharf-bench-kv-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
+    let dir = crate::scratch_dir("kv")?;
     let up = Up::start(&wharf, &dir.join("data"), &["--nats", &nats.url(), "--host-id", "kv"]);
     let ingress = up.ingress.clone();
     let counter = wharf_testkit::samples::path("counter");

@@ -102,11 +102,24 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// The `wharf` binary to measure: the one given, or the one next to this.
+fn wharf_binary(given: Option<&PathBuf>) -> std::io::Result<PathBuf> {
+    match given {
+        Some(path) => Ok(path.clone()),
+        None => Ok(std::env::current_exe()?.with_file_name("wharf")),
+    }
+}
+
+/// A fresh scratch directory for one harness run, unique to this process.
+fn scratch_dir(harness: &str) -> std::io::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("wharf-bench-{harness}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
 async fn host(args: HostArgs) -> anyhow::Result<()> {
-    let wharf = match args.wharf.clone() {
-        Some(path) => path,
-        None => std::env::current_exe()?.with_file_name("wharf"),
-    };
+    let wharf = wharf_binary(args.wharf.as_ref())?;
     if !wharf.is_file() {
         bail!("{} not found: build it first with `cargo build --release --bin wharf` (or pass --wharf)", wharf.display());
     }

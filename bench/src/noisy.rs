@@ -53,12 +53,8 @@ fn deploy(up: &Up, args: &[&str]) -> anyhow::Result<()> {
 }
 
 pub async fn run(args: NoisyArgs) -> anyhow::Result<()> {
-    let wharf = match args.wharf.clone() {
-        Some(path) => path,
-        None => std::env::current_exe()?.with_file_name("wharf"),
-    };
-    let dir = std::env::temp_dir().join(format!("wharf-bench-noisy-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
+    let wharf = crate::wharf_binary(args.wharf.as_ref())?;
+    let dir = crate::scratch_dir("noisy")?;
     let priority = args.background_priority.to_string();
     let up = Up::start(&wharf, &dir.join("data"), &["--host-id", "noisy", "--background-priority", &priority]);
     let sample = |name: &str| wharf_testkit::samples::path(name).to_str().map(str::to_string).context("utf-8 path");
