@@ -281,13 +281,14 @@ async fn list_hosts(State(plane): State<ControlPlane>) -> ApiResult {
 
 /// The namespace's KV bucket and the stored key, after checking the names.
 async fn kv_target(plane: &ControlPlane, ns: &str, bucket: &str) -> ApiResult<wharf_bus::Kv> {
-    wharf_proto::names::check_label(ns).map_err(|e| ApiError::bad_request(format!("namespace {ns:?}: {e}")))?;
+    check_namespace(ns)?;
     wharf_proto::names::check_label(bucket).map_err(|e| ApiError::bad_request(format!("bucket {bucket:?}: {e}")))?;
-    plane
-        .bus
-        .kv(&wharf_proto::names::kv_bucket(ns))
-        .await
-        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", format!("the key-value store failed: {e}")))
+    plane.bus.kv(&wharf_proto::names::kv_bucket(ns)).await.map_err(kv_failed)
+}
+
+/// Refuses a namespace name that is not a label.
+fn check_namespace(ns: &str) -> ApiResult<()> {
+    wharf_proto::names::check_label(ns).map_err(|e| ApiError::bad_request(format!("namespace {ns:?}: {e}")))
 }
 
 fn kv_failed(e: wharf_bus::KvError) -> ApiError {
@@ -326,16 +327,16 @@ async fn kv_delete(State(plane): State<ControlPlane>, Path((ns, bucket, key)): P
 }
 
 /// The secrets bucket, after checking the names. Values go in and never come out.
-async fn secrets(plane: &ControlPlane, ns: &str, name: Option<&str>) -> ApiResult<wharf_bus::Kv> {
-    wharf_proto::names::check_label(ns).map_err(|e| ApiError::bad_request(format!("namespace {ns:?}: {e}")))?;
+fn secrets<'a>(plane: &'a ControlPlane, ns: &str, name: Option<&str>) -> ApiResult<&'a wharf_bus::Kv> {
+    check_namespace(ns)?;
     if let Some(name) = name {
         wharf_proto::names::check_label(name).map_err(|e| ApiError::bad_request(format!("secret name {name:?}: {e}")))?;
     }
-    plane.bus.kv(wharf_proto::names::SECRETS_BUCKET).await.map_err(kv_failed)
+    Ok(plane.store.secrets_kv())
 }
 
 async fn secret_list(State(plane): State<ControlPlane>, Path(ns): Path<String>) -> ApiResult {
-    let kv = secrets(&plane, &ns, None).await?;
+    let kv = secrets(&plane, &ns, None)?;
     let prefix = format!("{ns}.");
     let mut names: Vec<String> = kv.keys().await.map_err(kv_failed)?.into_iter().filter_map(|k| k.strip_prefix(&prefix).map(str::to_string)).collect();
     names.sort();
@@ -344,13 +345,13 @@ async fn secret_list(State(plane): State<ControlPlane>, Path(ns): Path<String>) 
 
 async fn secret_put(State(plane): State<ControlPlane>, Path((ns, name)): Path<(String, String)>, body: Bytes) -> ApiResult {
     check_size(&body)?;
-    let kv = secrets(&plane, &ns, Some(&name)).await?;
+    let kv = secrets(&plane, &ns, Some(&name))?;
     kv.put(&wharf_proto::names::secret_key(&ns, &name), body).await.map_err(kv_failed)?;
     Ok(axum::Json(json!({"namespace": ns, "secret": name, "stored": true})).into_response())
 }
 
 async fn secret_delete(State(plane): State<ControlPlane>, Path((ns, name)): Path<(String, String)>) -> ApiResult {
-    let kv = secrets(&plane, &ns, Some(&name)).await?;
+    let kv = secrets(&plane, &ns, Some(&name))?;
     kv.delete(&wharf_proto::names::secret_key(&ns, &name)).await.map_err(kv_failed)?;
     Ok(axum::Json(json!({"deleted": name})).into_response())
 }
@@ -389,13 +390,13 @@ async fn create_token(State(plane): State<ControlPlane>, body: Bytes) -> ApiResu
 }
 
 /// The namespaces bucket.
-async fn namespaces(plane: &ControlPlane) -> ApiResult<wharf_bus::Kv> {
-    plane.bus.kv(wharf_proto::names::NAMESPACES_BUCKET).await.map_err(kv_failed)
+fn namespaces(plane: &ControlPlane) -> &wharf_bus::Kv {
+    plane.store.namespaces_kv()
 }
 
 /// A namespace's record (default: no quota).
 async fn namespace(plane: &ControlPlane, ns: &str) -> ApiResult<wharf_proto::Namespace> {
-    match namespaces(plane).await?.get(ns).await.map_err(kv_failed)? {
+    match namespaces(plane).get(ns).await.map_err(kv_failed)? {
         Some(entry) => serde_json::from_slice(&entry.value).map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "corrupt", format!("namespace {ns} is unreadable: {e}"))),
         None => Ok(wharf_proto::Namespace::default()),
     }
@@ -450,7 +451,7 @@ async fn check_quota(plane: &ControlPlane, spec: &ServiceSpec) -> ApiResult<()> 
 }
 
 async fn list_namespaces(State(plane): State<ControlPlane>) -> ApiResult {
-    let kv = namespaces(&plane).await?;
+    let kv = namespaces(&plane);
     let mut names: Vec<String> = kv.keys().await.map_err(kv_failed)?;
     for stored in plane.store.services().await? {
         names.push(stored.spec.namespace);
@@ -461,17 +462,17 @@ async fn list_namespaces(State(plane): State<ControlPlane>) -> ApiResult {
 }
 
 async fn get_namespace(State(plane): State<ControlPlane>, Path(ns): Path<String>) -> ApiResult {
-    wharf_proto::names::check_label(&ns).map_err(|e| ApiError::bad_request(format!("namespace {ns:?}: {e}")))?;
+    check_namespace(&ns)?;
     let record = namespace(&plane, &ns).await?;
     let (replicas, memory) = usage(&plane, &ns, None).await?;
     Ok(axum::Json(json!({"namespace": ns, "quota": record.quota, "usage": {"replicas": replicas, "memory": wharf_proto::ByteSize(memory)}})).into_response())
 }
 
 async fn put_namespace(State(plane): State<ControlPlane>, Path(ns): Path<String>, body: Bytes) -> ApiResult {
-    wharf_proto::names::check_label(&ns).map_err(|e| ApiError::bad_request(format!("namespace {ns:?}: {e}")))?;
+    check_namespace(&ns)?;
     check_size(&body)?;
     let record: wharf_proto::Namespace = serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("expected {{\"quota\": {{\"replicas\": N, \"memory\": \"4GiB\", \"rps\": N}}}}: {e}")))?;
-    let kv = namespaces(&plane).await?;
+    let kv = namespaces(&plane);
     kv.put(&ns, Bytes::from(serde_json::to_vec(&record).unwrap_or_default())).await.map_err(kv_failed)?;
     Ok(axum::Json(json!({"namespace": ns, "quota": record.quota})).into_response())
 }

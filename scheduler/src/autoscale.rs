@@ -3,7 +3,7 @@
 //! pure `wharf_scheduler_core::Autoscaler`, and keeps its decisions for the
 //! controller (replica counts) and for status (the load behind them).
 
-use crate::hosts::HostTable;
+use crate::hosts::HostEntry;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -36,9 +36,8 @@ impl Autoscaling {
 
     /// Samples the load of every autoscaled service and decides its replica
     /// count. Returns whether any decision changed.
-    pub fn tick(&self, services: &[StoredService], assignments: &[Assignment], hosts: &HostTable) -> bool {
+    pub fn tick(&self, services: &[StoredService], assignments: &[Assignment], hosts: &[HostEntry]) -> bool {
         let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)).unwrap_or(0);
-        let hosts = hosts.hosts();
         let Ok(mut state) = self.inner.lock() else { return false };
         let announced = std::mem::take(&mut state.announced);
         let mut changed = false;
@@ -76,7 +75,7 @@ impl Autoscaling {
             }
             state.decisions.insert(id, decision);
         }
-        let known: Vec<ServiceId> = services.iter().map(|s| s.spec.id()).collect();
+        let known: std::collections::HashSet<ServiceId> = services.iter().map(|s| s.spec.id()).collect();
         let gone: Vec<ServiceId> = state.decisions.keys().filter(|id| !known.contains(id)).cloned().collect();
         for id in gone {
             state.decisions.remove(&id);

@@ -91,8 +91,8 @@ pub async fn reconcile_once(store: &Store, hosts: &HostTable, unplaceable: &Unpl
     let services = store.services().await?;
     let assignments = store.assignments().await?;
     let pins = store.volume_pins().await?;
-    autoscaling.tick(&services, &assignments, hosts);
     let known = hosts.hosts();
+    autoscaling.tick(&services, &assignments, &known);
     let snapshot = Snapshot {
         hosts: known
             .iter()
@@ -115,7 +115,7 @@ pub async fn reconcile_once(store: &Store, hosts: &HostTable, unplaceable: &Unpl
     let plan = reconcile(&snapshot);
     if let Ok(mut map) = unplaceable.lock() {
         map.clear();
-        for mut u in plan.unplaceable.clone() {
+        for mut u in plan.unplaceable {
             if let Some(host) = pins.get(&u.service) {
                 u.reason = format!("its volumes are on host {host}, which is not ready; it waits for that host rather than start empty elsewhere ({})", u.reason);
             }

@@ -15,6 +15,8 @@ pub struct Store {
     assignments: Kv,
     artifacts: Objects,
     volumes: Kv,
+    namespaces: Kv,
+    secrets: Kv,
 }
 
 /// Why a store operation failed.
@@ -50,15 +52,24 @@ impl Store {
     pub async fn open(bus: &Bus) -> Result<Store, StoreError> {
         // The control plane creates every bucket it owns, so hosts (which
         // may not create buckets under the shipped NATS roles) only open them.
-        for bucket in [wharf_proto::names::NAMESPACES_BUCKET, wharf_proto::names::SECRETS_BUCKET] {
-            bus.kv(bucket).await?;
-        }
         Ok(Store {
             services: bus.kv(SERVICES_BUCKET).await?,
             assignments: bus.kv(ASSIGNMENTS_BUCKET).await?,
             artifacts: bus.objects(ARTIFACTS_BUCKET).await?,
             volumes: bus.kv(VOLUMES_BUCKET).await?,
+            namespaces: bus.kv(wharf_proto::names::NAMESPACES_BUCKET).await?,
+            secrets: bus.kv(wharf_proto::names::SECRETS_BUCKET).await?,
         })
+    }
+
+    /// The namespaces bucket (quotas).
+    pub fn namespaces_kv(&self) -> &Kv {
+        &self.namespaces
+    }
+
+    /// The secrets bucket.
+    pub fn secrets_kv(&self) -> &Kv {
+        &self.secrets
     }
 
     /// The services bucket, for watching.
