@@ -670,12 +670,12 @@ impl HostAgent {
 
     /// Routes one ingress request to a ready local replica.
     pub async fn route(&self, request: Request<RequestBody>) -> Response<ResponseBody> {
-        let host = request.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string);
-        let host = host.or_else(|| request.uri().authority().map(|a| a.to_string()));
-        let path = request.uri().path().to_string();
-        let service = self.inner.routes.read().ok().and_then(|routes| routes.lookup(host.as_deref(), &path).cloned());
+        let host = request.headers().get(http::header::HOST).and_then(|h| h.to_str().ok());
+        let host = host.or_else(|| request.uri().authority().map(|a| a.as_str()));
+        let path = request.uri().path();
+        let service = self.inner.routes.read().ok().and_then(|routes| routes.lookup(host, path).cloned());
         let Some(service) = service else {
-            return error_response(StatusCode::NOT_FOUND, "no_route", format!("no service is routed at {path} (host {})", host.as_deref().unwrap_or("any")));
+            return error_response(StatusCode::NOT_FOUND, "no_route", format!("no service is routed at {path} (host {})", host.unwrap_or("any")));
         };
         if let Some(rps) = self.admit(&service.namespace) {
             let mut response = error_response(
@@ -695,8 +695,8 @@ impl HostAgent {
         if let Some(workload) = self.least_busy(service) {
             return workload.handle(request).await;
         }
-        let spec = self.inner.services.read().ok().and_then(|s| s.get(service).cloned());
-        let timeout = spec.as_ref().map_or(Duration::from_secs(5), |spec| spec.limits.timeout);
+        let timeout = self.inner.services.read().ok().and_then(|s| s.get(service).map(|spec| spec.limits.timeout));
+        let timeout = timeout.unwrap_or(Duration::from_secs(5));
         // The deadline runs on the serving host; allow for a full queue wait and the hop.
         let timeout = timeout + WorkloadLimits::default().queue_timeout + Duration::from_millis(500);
         let payload = match crate::remote::prepare(&self.inner.bus, request).await {
@@ -705,7 +705,8 @@ impl HostAgent {
         };
         match crate::remote::send(&self.inner.bus, service, payload.clone(), timeout).await {
             Ok(response) => response,
-            Err(NoReplica) => match spec {
+            // Only now is the whole spec needed (and cloned).
+            Err(NoReplica) => match self.inner.services.read().ok().and_then(|s| s.get(service).cloned()) {
                 Some(spec) if spec.autoscale.is_some() => self.activate(service, &spec, payload, timeout).await,
                 _ => {
                     let local = self.why_not_ready(service);
@@ -713,6 +714,15 @@ impl HostAgent {
                     crate::remote::not_ready(service, &why)
                 }
             },
+        }
+    }
+
+    /// Serves a request held for activation on `workload`, now ready.
+    async fn serve_held(&self, workload: &Workload, payload: &Bytes, started: std::time::Instant) -> Response<ResponseBody> {
+        self.inner.metrics.activation(started.elapsed());
+        match crate::remote::decode_request_bytes(payload) {
+            Ok(request) => workload.handle(request).await,
+            Err(e) => error_response(StatusCode::BAD_REQUEST, "bad_request", e),
         }
     }
 
@@ -730,13 +740,7 @@ impl HostAgent {
             && spec.placement.labels.iter().all(|(k, v)| self.inner.config.labels.get(k) == Some(v));
         if may_run_here {
             match self.activate_locally(service, spec).await {
-                Ok(workload) => {
-                    self.inner.metrics.activation(started.elapsed());
-                    return match crate::remote::decode_request_bytes(&payload) {
-                        Ok(request) => workload.handle(request).await,
-                        Err(e) => error_response(StatusCode::BAD_REQUEST, "bad_request", e),
-                    };
-                }
+                Ok(workload) => return self.serve_held(&workload, &payload, started).await,
                 Err(e) => tracing::warn!(%service, "cannot start a replica here for activation: {e}"),
             }
         }
@@ -745,11 +749,7 @@ impl HostAgent {
         let mut pause = Duration::from_millis(5);
         while std::time::Instant::now() < deadline {
             if let Some(workload) = self.least_busy(service) {
-                self.inner.metrics.activation(started.elapsed());
-                return match crate::remote::decode_request_bytes(&payload) {
-                    Ok(request) => workload.handle(request).await,
-                    Err(e) => error_response(StatusCode::BAD_REQUEST, "bad_request", e),
-                };
+                return self.serve_held(&workload, &payload, started).await;
             }
             if let Ok(response) = crate::remote::send(&self.inner.bus, service, payload.clone(), timeout).await {
                 self.inner.metrics.activation(started.elapsed());

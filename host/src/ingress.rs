@@ -140,7 +140,7 @@ async fn dispatch<H: Handler + ?Sized>(handler: &H, metrics: &HostMetrics, reque
         );
         return response;
     }
-    let head: usize = request.uri().to_string().len() + request.headers().iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum::<usize>();
+    let head: usize = uri_len(request.uri()) + request.headers().iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum::<usize>();
     if head > MAX_HEAD {
         return error_response(
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -171,5 +171,33 @@ async fn dispatch<H: Handler + ?Sized>(handler: &H, metrics: &HostMetrics, reque
 impl Handler for crate::workload::Workload {
     fn handle(&self, request: Request<RequestBody>) -> Pin<Box<dyn Future<Output = Response<ResponseBody>> + Send + '_>> {
         Box::pin(crate::workload::Workload::handle(self, request))
+    }
+}
+
+/// The length of a URI as written, without writing it anywhere.
+fn uri_len(uri: &http::Uri) -> usize {
+    struct Count(usize);
+    impl std::fmt::Write for Count {
+        fn write_str(&mut self, s: &str) -> std::fmt::Result {
+            self.0 += s.len();
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // Writing to a counter cannot fail.
+    let _ = std::fmt::Write::write_fmt(&mut count, format_args!("{uri}"));
+    count.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::uri_len;
+
+    #[test]
+    fn uri_len_is_the_length_of_the_written_uri() {
+        for uri in ["/", "/a/b?x=1&y=%20", "http://example.com:8080/path?q", "*"] {
+            let uri: http::Uri = uri.parse().expect("a valid uri");
+            assert_eq!(uri_len(&uri), uri.to_string().len(), "{uri}");
+        }
     }
 }

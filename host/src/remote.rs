@@ -17,15 +17,13 @@ use std::time::Duration;
 use wharf_bus::{Bus, Message, RequestError};
 use wharf_proto::ServiceId;
 
-/// Room kept in a message for the head.
-const MAX_HEAD: usize = 64 * 1024;
-
 /// Headers that belong to one hop and are not forwarded.
 const HOP_HEADERS: &[&str] = &["connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection"];
 
 /// The largest body that can cross the bus.
 pub fn max_body(bus: &Bus) -> usize {
-    bus.max_payload().saturating_sub(MAX_HEAD)
+    // Room is kept for the head: at most what an ingress accepts.
+    bus.max_payload().saturating_sub(crate::ingress::MAX_HEAD)
 }
 
 /// No host answers on the service's subject: it has no ready replica anywhere.
@@ -68,9 +66,8 @@ pub async fn send(bus: &Bus, service: &ServiceId, payload: Bytes, timeout: Durat
 
 /// The answer when a service has no ready replica anywhere.
 pub fn not_ready(service: &ServiceId, why: &str) -> Response<ResponseBody> {
-    let mut response = error_response(StatusCode::SERVICE_UNAVAILABLE, "not_ready", format!("service {service} {why}"));
-    response.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
-    response
+    // A 503: error_response adds the Retry-After.
+    error_response(StatusCode::SERVICE_UNAVAILABLE, "not_ready", format!("service {service} {why}"))
 }
 
 /// Turns a request that arrived over the bus back into an HTTP request.
