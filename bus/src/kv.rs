@@ -69,6 +69,11 @@ impl Kv {
         }
     }
 
+    /// The largest value a write accepts, in bytes.
+    pub fn max_value(&self) -> usize {
+        self.max_value
+    }
+
     /// The current value of `key`, or `None` if it has none (never set, or deleted).
     pub async fn get(&self, key: &str) -> Result<Option<Entry>, KvError> {
         subject::check_key(key).map_err(KvError::InvalidName)?;

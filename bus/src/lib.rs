@@ -268,6 +268,23 @@ enum SubscriptionInner {
     Local(local::LocalSubscription),
 }
 
+impl Subscription {
+    /// Unsubscribes while keeping what was already sent to this subscriber:
+    /// the stream yields the messages in flight, then ends. A queue group
+    /// member that stops this way answers every request NATS handed it.
+    pub async fn drain(&mut self) {
+        match &mut self.inner {
+            SubscriptionInner::Nats(subscriber) => {
+                if let Err(e) = subscriber.drain().await {
+                    // The connection is gone: nothing more will arrive anyway.
+                    tracing::debug!("cannot drain a subscription: {e}");
+                }
+            }
+            SubscriptionInner::Local(subscription) => subscription.drain(),
+        }
+    }
+}
+
 impl Stream for Subscription {
     type Item = Message;
 

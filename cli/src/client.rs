@@ -5,7 +5,7 @@ use anyhow::{Context, bail};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use wharf_proto::{ByteSize, ComponentRef, Digest, ManifestFormat, Route, ServiceId, ServiceSpec, parse_manifest};
 
 /// Where the API is; shared by every client command.
@@ -50,7 +50,14 @@ pub enum Output {
 }
 
 #[derive(clap::Args)]
-#[command(after_help = "Examples:\n  wharf deploy hello.wasm --name hello --route /hello\n  wharf deploy api.wasm --name api --namespace shop --replicas 3 --memory 128MiB --env MODE=prod")]
+#[command(after_help = "Deploying an existing service changes only what the flags set; the rest \
+(replicas, routes, env, autoscaling, ...) is kept. A change to what runs (component, env, config, \
+secrets, limits, routes, health) makes a new revision, rolled out without dropping the one that \
+serves: new replicas start and pass their readiness check before old ones stop; a rollout that \
+fails goes back to the last good revision (see `wharf rollout`).\n\n\
+Examples:\n  wharf deploy hello.wasm --name hello --route /hello\n  \
+wharf deploy api.wasm --name api --namespace shop --replicas 3 --memory 128MiB --env MODE=prod\n  \
+wharf deploy api-v2.wasm --name api --namespace shop --readiness /healthz --canary 10")]
 pub struct DeployArgs {
     /// The component to deploy.
     file: PathBuf,
@@ -60,12 +67,12 @@ pub struct DeployArgs {
     /// The namespace.
     #[arg(long, short = 'n', default_value = "default")]
     namespace: String,
-    /// Path prefix routed to the service by the ingress. Repeatable.
+    /// Path prefix routed to the service by the ingress. Repeatable; replaces the routes.
     #[arg(long = "route", value_name = "PREFIX")]
     routes: Vec<String>,
-    /// Replicas to run.
-    #[arg(long, default_value_t = 1)]
-    replicas: u32,
+    /// Replicas to run (default 1 for a new service; kept for an existing one).
+    #[arg(long)]
+    replicas: Option<u32>,
     /// Linear-memory cap per instance.
     #[arg(long)]
     memory: Option<ByteSize>,
@@ -78,13 +85,13 @@ pub struct DeployArgs {
     /// Instances per replica at once.
     #[arg(long)]
     concurrency: Option<u32>,
-    /// Environment variable KEY=VALUE. Repeatable.
+    /// Environment variable KEY=VALUE. Repeatable; replaces the environment.
     #[arg(long = "env", value_name = "KEY=VALUE", value_parser = crate::wiring::parse_pair)]
     env: Vec<(String, String)>,
-    /// Outbound host the component may call. Repeatable.
+    /// Outbound host the component may call. Repeatable; replaces the list.
     #[arg(long = "allow-outbound", value_name = "HOST")]
     allow_outbound: Vec<String>,
-    /// Host label every replica's host must have, KEY=VALUE. Repeatable.
+    /// Host label every replica's host must have, KEY=VALUE. Repeatable; replaces the labels.
     #[arg(long = "on", value_name = "KEY=VALUE", value_parser = crate::wiring::parse_pair)]
     placement: Vec<(String, String)>,
     /// Autoscale: the fewest replicas (0 scales to zero when idle). Setting any autoscale flag replaces --replicas.
@@ -106,22 +113,42 @@ pub struct DeployArgs {
     #[arg(long)]
     scale_to_zero_after: Option<String>,
     /// A volume: a directory on the host the component sees at PATH (default /data), as NAME[:PATH].
-    /// The service is pinned to the host that holds it. Repeatable.
+    /// The service is pinned to the host that holds it. Repeatable; replaces the volumes.
     #[arg(long = "volume", value_name = "NAME[:PATH]")]
     volumes: Vec<String>,
-    /// Runtime configuration (wasi:config) as KEY=VALUE. Repeatable.
+    /// Runtime configuration (wasi:config) as KEY=VALUE. Repeatable; replaces the configuration.
     #[arg(long = "config", value_name = "KEY=VALUE", value_parser = crate::wiring::parse_pair)]
     config: Vec<(String, String)>,
-    /// A secret of the namespace to hand to the component (as the config value of that name). Repeatable.
+    /// A secret of the namespace to hand to the component (as the config value of that name). Repeatable; replaces the list.
     #[arg(long = "secret", value_name = "NAME")]
     secrets: Vec<String>,
-    /// A wasi:keyvalue bucket the component may open (in its namespace). Repeatable.
+    /// A wasi:keyvalue bucket the component may open (in its namespace). Repeatable; replaces the list.
     #[arg(long = "keyvalue", value_name = "BUCKET")]
     keyvalue: Vec<String>,
     /// Spread replicas evenly over the values of this host label (e.g. zone).
     #[arg(long, value_name = "LABEL")]
     spread: Option<String>,
-    /// Return without waiting for the replicas to be ready.
+    /// Readiness check: a replica takes traffic once `GET PATH` answers 2xx.
+    #[arg(long, value_name = "PATH")]
+    readiness: Option<String>,
+    /// Roll out as a canary: the new revision takes PERCENT of the requests
+    /// until `wharf rollout promote` (or `abort`).
+    #[arg(long, value_name = "PERCENT")]
+    canary: Option<u32>,
+    /// Rolling update: replicas allowed above the count (e.g. 25% or 1).
+    #[arg(long, value_name = "AMOUNT")]
+    max_surge: Option<wharf_proto::Amount>,
+    /// Rolling update: ready replicas allowed below the count (e.g. 0 or 10%).
+    #[arg(long, value_name = "AMOUNT")]
+    max_unavailable: Option<wharf_proto::Amount>,
+    /// How long a rollout may go without a new replica becoming ready before it fails (e.g. 2m).
+    #[arg(long, value_name = "DURATION")]
+    progress_deadline: Option<String>,
+    /// Deploy even if a secret it grants does not exist yet: the rollout
+    /// waits for it (and the old revision keeps serving).
+    #[arg(long)]
+    force: bool,
+    /// Return without waiting for the rollout.
     #[arg(long)]
     no_wait: bool,
     #[command(flatten)]
@@ -135,7 +162,11 @@ pub struct ApplyArgs {
     /// The manifest file (.yaml, .yml, .toml or .json).
     #[arg(short = 'f', long = "file")]
     file: PathBuf,
-    /// Return without waiting for the replicas to be ready.
+    /// Apply even if a secret a service grants does not exist yet: its
+    /// rollout waits for it.
+    #[arg(long)]
+    force: bool,
+    /// Return without waiting for the rollouts.
     #[arg(long)]
     no_wait: bool,
     #[command(flatten)]
@@ -364,13 +395,13 @@ pub struct DeleteArgs {
 }
 
 /// A thin JSON client for the API that turns every failure into a clear message.
-struct Api {
-    base: String,
-    http: reqwest::Client,
+pub(crate) struct Api {
+    pub(crate) base: String,
+    pub(crate) http: reqwest::Client,
 }
 
 impl Api {
-    fn new(args: &ApiArgs) -> anyhow::Result<Api> {
+    pub(crate) fn new(args: &ApiArgs) -> anyhow::Result<Api> {
         let mut headers = reqwest::header::HeaderMap::new();
         if let Some(token) = args.token()
             && let Ok(mut value) = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
@@ -408,7 +439,7 @@ impl Api {
         anyhow::anyhow!("cannot reach the Wharf API at {}: {text}; {hint}", self.base)
     }
 
-    async fn call(&self, request: reqwest::RequestBuilder) -> anyhow::Result<Value> {
+    pub(crate) async fn call(&self, request: reqwest::RequestBuilder) -> anyhow::Result<Value> {
         let response = request.send().await.map_err(|e| self.unreachable(&e))?;
         let status = response.status();
         let body: Value = response.json().await.unwrap_or(Value::Null);
@@ -430,45 +461,30 @@ impl Api {
         body["digest"].as_str().context("the API returned no digest")?.parse().context("the API returned a bad digest")
     }
 
-    async fn put(&self, spec: &ServiceSpec) -> anyhow::Result<Value> {
+    async fn put(&self, spec: &ServiceSpec, cause: &str, force: bool) -> anyhow::Result<Value> {
         let url = format!("{}/v1/namespaces/{}/services/{}", self.base, spec.namespace, spec.name);
-        self.call(self.http.put(url).json(spec)).await
+        self.call(self.http.put(url).query(&[("cause", cause)]).query(&[("force", force)]).json(spec)).await
     }
 
-    async fn get(&self, path: &str) -> anyhow::Result<Value> {
+    /// The stored spec of `id`, if the service exists.
+    async fn existing(&self, id: &ServiceId) -> anyhow::Result<Option<ServiceSpec>> {
+        let response = self.http.get(format!("{}{}", self.base, service_path(id))).send().await.map_err(|e| self.unreachable(&e))?;
+        if response.status() == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        let status = response.status();
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        if !status.is_success() {
+            bail!("{} ({})", body["error"]["message"].as_str().unwrap_or("the API refused to show the service"), status);
+        }
+        let spec = serde_json::from_value(body["service"]["spec"].clone()).context("the API returned an unreadable spec")?;
+        Ok(Some(spec))
+    }
+
+    pub(crate) async fn get(&self, path: &str) -> anyhow::Result<Value> {
         self.call(self.http.get(format!("{}{path}", self.base))).await
     }
 
-    /// Waits until every service is ready at its current generation.
-    async fn wait_ready(&self, ids: &[ServiceId], timeout: Duration) -> anyhow::Result<()> {
-        let deadline = Instant::now() + timeout;
-        let mut last = String::new();
-        loop {
-            let mut waiting = Vec::new();
-            for id in ids {
-                let view = self.get(&service_path(id)).await?;
-                let status = &view["status"];
-                let desired = status["desired"].as_u64().unwrap_or(0);
-                let ready = status["ready"].as_u64().unwrap_or(0);
-                if ready < desired {
-                    let why = status["last_error"].as_str().map(|e| format!(": {e}")).unwrap_or_default();
-                    waiting.push(format!("{id} {ready}/{desired} ready{why}"));
-                }
-            }
-            if waiting.is_empty() {
-                return Ok(());
-            }
-            let now = waiting.join(", ");
-            if now != last {
-                eprintln!("waiting: {now}");
-                last = now;
-            }
-            if Instant::now() > deadline {
-                bail!("not ready after {timeout:?}: {last}");
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
 }
 
 /// An error and its causes, outermost first, without repeats.
@@ -486,15 +502,16 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
-fn service_path(id: &ServiceId) -> String {
+pub(crate) fn service_path(id: &ServiceId) -> String {
     format!("/v1/namespaces/{}/services/{}", id.namespace, id.name)
 }
 
-fn parse_id(name: &str) -> anyhow::Result<ServiceId> {
+pub(crate) fn parse_id(name: &str) -> anyhow::Result<ServiceId> {
     name.parse().with_context(|| format!("`{name}` is not a service name (`name` or `namespace/name`, lowercase letters, digits and '-')"))
 }
 
-const READY_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long `deploy`, `apply` and the rollout commands wait by default.
+pub(crate) const READY_TIMEOUT: Duration = Duration::from_secs(300);
 
 pub async fn deploy(args: DeployArgs) -> anyhow::Result<()> {
     let api = Api::new(&args.api)?;
@@ -502,11 +519,60 @@ pub async fn deploy(args: DeployArgs) -> anyhow::Result<()> {
         Some(name) => name.clone(),
         None => args.file.file_stem().map(|s| s.to_string_lossy().to_ascii_lowercase().replace('_', "-")).context("cannot name the service from the file; pass --name")?,
     };
-    // Check everything we can before uploading anything.
-    let mut spec = ServiceSpec::new(name, Digest::of(b""));
-    spec.namespace = args.namespace.clone();
-    spec.replicas = args.replicas;
-    spec.routes = args.routes.iter().map(|p| Route { host: None, path_prefix: p.clone() }).collect();
+    let id = ServiceId::new(args.namespace.clone(), name.clone()).with_context(|| format!("--name {name} / --namespace {}", args.namespace))?;
+    // An existing service keeps whatever the flags do not set.
+    let existing = api.existing(&id).await?;
+    let mut spec = existing.clone().unwrap_or_else(|| {
+        let mut spec = ServiceSpec::new(name, Digest::of(b""));
+        spec.namespace = args.namespace.clone();
+        spec
+    });
+    apply_flags(&args, &mut spec)?;
+    spec.validate()?;
+    let digest = api.upload(&args.file).await?;
+    spec.component = digest.clone();
+    if let Some(percent) = args.canary {
+        if existing.is_none() {
+            bail!("--canary needs a service already running to split traffic with; deploy it first without --canary");
+        }
+        spec.traffic = vec![
+            wharf_proto::TrafficTarget { revision: Some(current_stable(&api, &id).await?), latest: false, percent: 100 - percent.min(99) },
+            wharf_proto::TrafficTarget { revision: None, latest: true, percent: percent.min(99) },
+        ];
+    } else {
+        spec.traffic.clear();
+    }
+    let view = api.put(&spec, "deploy", args.force).await?;
+    println!(
+        "{} {id}: revision {} (component {})",
+        view["result"].as_str().unwrap_or("deployed"),
+        view["service"]["revision"],
+        digest.short()
+    );
+    if !args.no_wait {
+        crate::rollout::wait(&api, &id, READY_TIMEOUT).await?;
+        println!("{id}: rolled out");
+    }
+    Ok(())
+}
+
+/// The stable revision of `id`, which a canary splits traffic with.
+async fn current_stable(api: &Api, id: &ServiceId) -> anyhow::Result<u64> {
+    let status = api.get(&format!("{}/rollout", service_path(id))).await?;
+    match status["rollout"]["stable"].as_u64().filter(|n| *n != 0) {
+        Some(stable) => Ok(stable),
+        None => bail!("{id} has no stable revision yet (its first rollout has not finished); wait for it, then deploy the canary"),
+    }
+}
+
+/// Sets on `spec` what the deploy flags set, and nothing else.
+fn apply_flags(args: &DeployArgs, spec: &mut ServiceSpec) -> anyhow::Result<()> {
+    if let Some(replicas) = args.replicas {
+        spec.replicas = replicas;
+    }
+    if !args.routes.is_empty() {
+        spec.routes = args.routes.iter().map(|p| Route { host: None, path_prefix: p.clone() }).collect();
+    }
     if let Some(memory) = args.memory {
         spec.limits.memory = memory;
     }
@@ -519,21 +585,49 @@ pub async fn deploy(args: DeployArgs) -> anyhow::Result<()> {
     if let Some(concurrency) = args.concurrency {
         spec.limits.concurrency = concurrency;
     }
-    spec.env = args.env.iter().cloned().collect();
-    spec.allow_outbound = args.allow_outbound.clone();
-    spec.placement.labels = args.placement.iter().cloned().collect();
-    spec.placement.spread = args.spread.clone();
-    spec.keyvalue = args.keyvalue.clone();
-    spec.config = args.config.iter().cloned().collect();
-    spec.secrets = args.secrets.clone();
-    spec.volumes = args
-        .volumes
-        .iter()
-        .map(|v| match v.split_once(':') {
-            Some((name, path)) => wharf_proto::Volume { name: name.to_string(), path: path.to_string() },
-            None => wharf_proto::Volume { name: v.clone(), path: "/data".to_string() },
-        })
-        .collect();
+    if !args.env.is_empty() {
+        spec.env = args.env.iter().cloned().collect();
+    }
+    if !args.allow_outbound.is_empty() {
+        spec.allow_outbound = args.allow_outbound.clone();
+    }
+    if !args.placement.is_empty() {
+        spec.placement.labels = args.placement.iter().cloned().collect();
+    }
+    if args.spread.is_some() {
+        spec.placement.spread = args.spread.clone();
+    }
+    if !args.keyvalue.is_empty() {
+        spec.keyvalue = args.keyvalue.clone();
+    }
+    if !args.config.is_empty() {
+        spec.config = args.config.iter().cloned().collect();
+    }
+    if !args.secrets.is_empty() {
+        spec.secrets = args.secrets.clone();
+    }
+    if !args.volumes.is_empty() {
+        spec.volumes = args
+            .volumes
+            .iter()
+            .map(|v| match v.split_once(':') {
+                Some((name, path)) => wharf_proto::Volume { name: name.to_string(), path: path.to_string() },
+                None => wharf_proto::Volume { name: v.clone(), path: "/data".to_string() },
+            })
+            .collect();
+    }
+    if let Some(path) = &args.readiness {
+        spec.health.readiness = Some(wharf_proto::Readiness::new(path.clone()));
+    }
+    if let Some(surge) = args.max_surge {
+        spec.rollout.max_surge = surge;
+    }
+    if let Some(unavailable) = args.max_unavailable {
+        spec.rollout.max_unavailable = unavailable;
+    }
+    if let Some(deadline) = &args.progress_deadline {
+        spec.rollout.progress_deadline = wharf_proto::units::parse_duration(deadline).with_context(|| format!("--progress-deadline {deadline}"))?;
+    }
     let autoscaled = args.min.is_some()
         || args.max.is_some()
         || args.target_concurrency.is_some()
@@ -541,11 +635,16 @@ pub async fn deploy(args: DeployArgs) -> anyhow::Result<()> {
         || args.scale_down_delay.is_some()
         || args.scale_to_zero_after.is_some();
     if autoscaled {
-        // Absent flags take the policy's defaults.
-        let min = args.min.unwrap_or(0);
-        let mut policy = wharf_proto::Autoscale::new(min, args.max.unwrap_or(min.max(10)));
-        policy.target_concurrency = args.target_concurrency;
-        policy.target_rps = args.target_rps;
+        // Flags given change the policy (the existing one, or the defaults).
+        let min = args.min.or(spec.autoscale.as_ref().map(|a| a.min)).unwrap_or(0);
+        let max = args.max.or(spec.autoscale.as_ref().map(|a| a.max)).unwrap_or(min.max(10));
+        let mut policy = spec.autoscale.clone().unwrap_or_else(|| wharf_proto::Autoscale::new(min, max));
+        policy.min = min;
+        policy.max = max;
+        if args.target_concurrency.is_some() || args.target_rps.is_some() {
+            policy.target_concurrency = args.target_concurrency;
+            policy.target_rps = args.target_rps;
+        }
         if let Some(delay) = &args.scale_down_delay {
             policy.scale_down_delay = wharf_proto::units::parse_duration(delay).with_context(|| format!("--scale-down-delay {delay}"))?;
         }
@@ -553,22 +652,9 @@ pub async fn deploy(args: DeployArgs) -> anyhow::Result<()> {
             policy.scale_to_zero_after = wharf_proto::units::parse_duration(idle).with_context(|| format!("--scale-to-zero-after {idle}"))?;
         }
         spec.autoscale = Some(policy);
-        spec.replicas = min;
-    }
-    spec.validate()?;
-    let digest = api.upload(&args.file).await?;
-    spec.component = digest.clone();
-    let view = api.put(&spec).await?;
-    let id = spec.id();
-    println!(
-        "{} {id} (generation {}, component {})",
-        view["result"].as_str().unwrap_or("deployed"),
-        view["service"]["generation"],
-        digest.short()
-    );
-    if !args.no_wait && spec.replicas > 0 && spec.autoscale.is_none() {
-        api.wait_ready(std::slice::from_ref(&id), READY_TIMEOUT).await?;
-        println!("{id}: {} replica(s) ready", spec.replicas);
+        if args.replicas.is_none() {
+            spec.replicas = min;
+        }
     }
     Ok(())
 }
@@ -599,15 +685,15 @@ pub async fn apply(args: ApplyArgs) -> anyhow::Result<()> {
     }
     let mut ids = Vec::new();
     for spec in &specs {
-        let view = api.put(spec).await.with_context(|| format!("service {}", spec.id()))?;
-        println!("{} {}", spec.id(), view["result"].as_str().unwrap_or("applied"));
-        if spec.replicas > 0 {
-            ids.push(spec.id());
-        }
+        let view = api.put(spec, "apply", args.force).await.with_context(|| format!("service {}", spec.id()))?;
+        println!("{} {}: revision {}", spec.id(), view["result"].as_str().unwrap_or("applied"), view["service"]["revision"]);
+        ids.push(spec.id());
     }
     if !args.no_wait {
-        api.wait_ready(&ids, READY_TIMEOUT).await?;
-        println!("all ready");
+        for id in &ids {
+            crate::rollout::wait(&api, id, READY_TIMEOUT).await?;
+        }
+        println!("all rolled out");
     }
     Ok(())
 }
@@ -631,7 +717,7 @@ pub async fn get(what: GetWhat) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&json)?);
                 return Ok(());
             }
-            let mut rows = vec![vec!["SERVICE", "READY", "IN FLIGHT", "RPS", "ROUTES", "COMPONENT", "GEN", "LAST ERROR"].into_iter().map(String::from).collect()];
+            let mut rows = vec![vec!["SERVICE", "READY", "REV", "ROLLOUT", "IN FLIGHT", "RPS", "ROUTES", "COMPONENT", "LAST ERROR"].into_iter().map(String::from).collect()];
             for view in &views {
                 let spec = &view["service"]["spec"];
                 let status = &view["status"];
@@ -639,11 +725,12 @@ pub async fn get(what: GetWhat) -> anyhow::Result<()> {
                 rows.push(vec![
                     format!("{}/{}", spec["namespace"].as_str().unwrap_or(""), spec["name"].as_str().unwrap_or("")),
                     format!("{}/{}", status["ready"], status["desired"]),
+                    view["service"]["revision"].to_string(),
+                    rollout_column(&status["rollout"]),
                     status["in_flight"].to_string(),
                     format!("{:.1}", status["rps"].as_f64().unwrap_or(0.0)),
                     if routes.is_empty() { "-".into() } else { routes.join(",") },
                     spec["component"].as_str().map(|d| d.chars().take(19).collect()).unwrap_or_default(),
-                    view["service"]["generation"].to_string(),
                     status["last_error"].as_str().unwrap_or("").to_string(),
                 ]);
             }
@@ -674,6 +761,22 @@ pub async fn get(what: GetWhat) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A rollout in a few words: `complete`, `progressing`, `canary 1:90% 2:10%`, `failed (r3) -> r2`.
+fn rollout_column(rollout: &Value) -> String {
+    let phase = rollout["phase"].as_str().unwrap_or("-");
+    let traffic: Vec<String> = rollout["traffic"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|w| format!("{}:{}%", w["revision"], w["percent"]))
+        .collect();
+    match phase {
+        "failed" => format!("failed (r{}) -> r{}", rollout["failed"]["revision"], rollout["stable"]),
+        _ if traffic.len() > 1 => format!("{phase} {}", traffic.join(" ")),
+        _ => phase.to_string(),
+    }
 }
 
 #[derive(clap::Args)]
@@ -747,7 +850,7 @@ pub async fn delete(args: DeleteArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_table(rows: &[Vec<String>]) {
+pub(crate) fn print_table(rows: &[Vec<String>]) {
     let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..columns).map(|c| rows.iter().filter_map(|r| r.get(c)).map(|s| s.chars().count()).max().unwrap_or(0)).collect();
     for row in rows {

@@ -75,6 +75,17 @@ pub struct SchedulerArgs {
     data_dir: Option<PathBuf>,
     #[command(flatten)]
     api_tls: wiring::ApiTlsArgs,
+    /// This scheduler's name in the leader lease (default: host name, process id and a random suffix).
+    /// Run several schedulers over one NATS: all serve the API, one leads.
+    #[arg(long)]
+    name: Option<String>,
+    /// How long the leader's lease lasts without renewal: a dead leader is
+    /// replaced about this long after its last renewal.
+    #[arg(long, default_value = "1500ms", value_parser = humantime::parse_duration)]
+    lease_ttl: Duration,
+    /// Revisions kept per service.
+    #[arg(long, default_value_t = wharf_scheduler::store::DEFAULT_REVISION_HISTORY)]
+    revision_history: usize,
 }
 
 #[derive(clap::Args)]
@@ -115,6 +126,10 @@ pub struct HostArgs {
     /// How long a draining host waits for requests in flight.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     drain_timeout: Duration,
+    /// Requests from other hosts answered at once; past it the host reads
+    /// no more from the bus until one finishes.
+    #[arg(long, default_value_t = wharf_host::agent::DEFAULT_MAX_BUS_HANDLERS)]
+    max_bus_handlers: usize,
     #[command(flatten)]
     tls: wiring::IngressTlsArgs,
 }
@@ -139,9 +154,19 @@ pub async fn scheduler(args: SchedulerArgs, shutdown: impl Future<Output = ()> +
     let host_sizing = wiring::HostArgs::default_sizing();
     let runtime = host_sizing.runtime(Some(dir.join("compiled")))?;
     let token_file = dir.join("admin-token");
-    let config = ControlPlaneConfig { host_timeout: args.heartbeats.host_timeout(), admin_token_file: Some(token_file.clone()) };
+    let mut config = ControlPlaneConfig {
+        host_timeout: args.heartbeats.host_timeout(),
+        admin_token_file: Some(token_file.clone()),
+        revision_history: args.revision_history,
+        ..ControlPlaneConfig::default()
+    };
+    if let Some(name) = args.name {
+        config.name = name;
+    }
+    config.lease = wharf_scheduler::leader::LeaseConfig::with_ttl(args.lease_ttl);
+    let name = config.name.clone();
     let plane = ControlPlane::start(&bus, Arc::new(RuntimeCheck(runtime)), config).await?;
-    println!("Wharf scheduler: API {}://{addr} over NATS {}", wiring::scheme(tls.as_ref()), args.nats.nats);
+    println!("Wharf scheduler: API {}://{addr} over NATS {} (this scheduler: {name})", wiring::scheme(tls.as_ref()), args.nats.nats);
     eprintln!("admin token: {}", token_file.display());
     plane.serve(listener, tls, shutdown).await?;
     plane.shutdown();
@@ -173,6 +198,7 @@ pub async fn host(args: HostArgs, shutdown: impl Future<Output = ()>) -> anyhow:
             heartbeat_interval: args.heartbeat,
             activation_timeout: args.activation_timeout,
             volumes_dir: Some(dir.join("volumes")),
+            max_bus_handlers: args.max_bus_handlers,
         },
     )
     .await?;

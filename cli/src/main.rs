@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 mod client;
 mod cluster;
+mod rollout;
 mod serve;
 mod up;
 mod wiring;
@@ -53,6 +54,9 @@ enum Command {
     Top(client::TopArgs),
     /// Change a service's replica count.
     Scale(client::ScaleArgs),
+    /// Revisions and rollouts: status, history, undo, canary, promote, abort.
+    #[command(subcommand)]
+    Rollout(rollout::RolloutCommand),
     /// Delete a service (its replicas stop, its routes go).
     Delete(client::DeleteArgs),
     /// Serve one component over HTTP with no control plane (the development loop).
@@ -83,6 +87,7 @@ fn main() -> ExitCode {
             Command::Token(command) => client::token(command).await,
             Command::Namespace(command) => client::namespace(command).await,
             Command::Scale(args) => client::scale(args).await,
+            Command::Rollout(command) => rollout::rollout(command).await,
             Command::Delete(args) => client::delete(args).await,
             Command::Serve(args) => serve::run(args, shutdown_signal()).await,
         }

@@ -86,6 +86,7 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyhow::Resu
             heartbeat_interval: Duration::from_millis(500),
             activation_timeout: Duration::from_secs(30),
             volumes_dir: Some(data_dir.join("volumes")),
+            max_bus_handlers: wharf_host::agent::DEFAULT_MAX_BUS_HANDLERS,
         },
     )
     .await?;
@@ -159,7 +160,8 @@ async fn deploy_samples(plane: &ControlPlane, runtime: &wharf_host::Runtime, dir
         spec.routes = vec![Route { host: None, path_prefix: format!("/{name}") }];
         let id = spec.id();
         if plane.store().service(&id).await?.is_none() {
-            plane.store().put_service(spec, Some(0)).await?;
+            let change = wharf_scheduler::store::Change { by: "wharf up".to_string(), cause: "sample".to_string() };
+            plane.store().put_service(spec, Some(0), &change, None).await?;
         }
         deployed.push(id);
     }
@@ -170,7 +172,7 @@ async fn wait_until_ready(agent: &HostAgent, services: &[ServiceId], timeout: Du
     let mut changes = agent.changes();
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        let waiting: Vec<&ServiceId> = services.iter().filter(|s| agent.ready_workloads(s).is_empty()).collect();
+        let waiting: Vec<&ServiceId> = services.iter().filter(|s| agent.ready_workload(s).is_none()).collect();
         if waiting.is_empty() {
             return;
         }

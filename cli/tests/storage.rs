@@ -137,8 +137,11 @@ async fn config_and_secrets_reach_the_component_and_secrets_are_never_shown() {
     assert!(ok, "{out}");
     let settings = samples::path("settings");
     let settings = settings.to_str().expect("utf-8");
-    // A secret that does not exist: the replica fails with a message naming it.
+    // A secret that does not exist is refused at deploy, naming it; forced,
+    // the replica fails with a message naming it.
     let (ok, out) = cluster.wharf(&["deploy", settings, "--name", "broken", "--route", "/broken", "--secret", "nope", "--no-wait"]);
+    assert!(!ok && out.contains("secret nope does not exist in namespace default"), "{out}");
+    let (ok, out) = cluster.wharf(&["deploy", settings, "--name", "broken", "--route", "/broken", "--secret", "nope", "--no-wait", "--force"]);
     assert!(ok, "{out}");
     let (ok, out) = cluster.wharf(&["deploy", settings, "--name", "settings", "--route", "/", "--config", "mode=prod", "--secret", "db-password"]);
     assert!(ok, "{out}");

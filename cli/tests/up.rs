@@ -44,7 +44,7 @@ async fn deploy_curl_scale_delete_and_redeploy() {
     let dir = tempfile::tempdir().expect("tempdir");
     let up = start(dir.path());
     let out = up.ok(&["deploy", &path("hello"), "--name", "web", "--route", "/web"]);
-    assert!(out.contains("default/web: 1 replica(s) ready"), "{out}");
+    assert!(out.contains("created default/web: revision 1") && out.contains("default/web: rolled out"), "{out}");
     assert_eq!(curl(&format!("{}/web", up.ingress)).await, (200, "Hello from Wharf!\n".to_string()));
 
     up.ok(&["scale", "web", "3"]);

@@ -28,7 +28,28 @@ pub fn max_body(bus: &Bus) -> usize {
 
 /// No host answers on the service's subject: it has no ready replica anywhere.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct NoReplica;
+pub enum NoReplica {
+    /// Nobody listens on the subject.
+    NoResponders,
+    /// The host that took the request has no ready replica any more (it
+    /// was being stopped): the request did not run and may be sent again.
+    NotHere,
+}
+
+/// Header on the answer of a host that took a bus request but has no
+/// ready replica for it any more (see [`NoReplica::NotHere`]).
+pub const NOT_HERE_HEADER: &str = "x-wharf-not-here";
+
+/// The answer of a host with no ready replica for a request that reached it.
+pub fn not_here(service: &ServiceId, host: &str) -> Response<ResponseBody> {
+    let mut response = error_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "not_ready",
+        format!("service {service} has no ready replica on host {host} any more"),
+    );
+    response.headers_mut().insert(NOT_HERE_HEADER, HeaderValue::from_static("1"));
+    response
+}
 
 /// Reads a request whole and encodes it for the bus, or answers it at once
 /// (413) when its body cannot cross the bus.
@@ -49,14 +70,16 @@ pub async fn prepare(bus: &Bus, request: Request<RequestBody>) -> Result<Bytes, 
     Ok(encode_request(&parts, &body))
 }
 
-/// Sends a prepared request to `service` over the bus and waits up to `timeout` for the answer.
-pub async fn send(bus: &Bus, service: &ServiceId, payload: Bytes, timeout: Duration) -> Result<Response<ResponseBody>, NoReplica> {
-    match bus.request(&service.subject(), payload, timeout).await {
-        Ok(reply) => Ok(match decode_response(&reply.payload) {
-            Ok(response) => response,
-            Err(e) => error_response(StatusCode::BAD_GATEWAY, "bad_gateway", format!("unreadable answer from a host running {service}: {e}")),
-        }),
-        Err(RequestError::NoResponders { .. }) => Err(NoReplica),
+/// Sends a prepared request to `service` on `subject` over the bus and
+/// waits up to `timeout` for the answer.
+pub async fn send(bus: &Bus, service: &ServiceId, subject: &str, payload: Bytes, timeout: Duration) -> Result<Response<ResponseBody>, NoReplica> {
+    match bus.request(subject, payload, timeout).await {
+        Ok(reply) => match decode_response(&reply.payload) {
+            Ok(response) if response.headers().contains_key(NOT_HERE_HEADER) => Err(NoReplica::NotHere),
+            Ok(response) => Ok(response),
+            Err(e) => Ok(error_response(StatusCode::BAD_GATEWAY, "bad_gateway", format!("unreadable answer from a host running {service}: {e}"))),
+        },
+        Err(RequestError::NoResponders { .. }) => Err(NoReplica::NoResponders),
         Err(RequestError::TimedOut { .. }) => {
             Ok(error_response(StatusCode::GATEWAY_TIMEOUT, "deadline", format!("no answer from service {service} within {timeout:?}")))
         }

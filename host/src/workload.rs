@@ -164,7 +164,7 @@ fn humanize(d: Duration) -> String {
 }
 
 /// Counters a host reports in its heartbeats.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WorkloadLoad {
     /// Requests admitted or waiting right now.
     pub in_flight: u64,
@@ -172,8 +172,15 @@ pub struct WorkloadLoad {
     pub requests: u64,
     /// Of those, the ones that did not end [`Outcome::Ok`].
     pub failures: u64,
+    /// Of those, the ones answered with a server error (5xx: traps,
+    /// exhausted budgets, deadlines, or the component's own 5xx), except
+    /// requests refused for load (`overloaded`): what outlier ejection and
+    /// canary analysis count as failed.
+    pub errors: u64,
     /// Sum of their durations in microseconds.
     pub latency_micros: u64,
+    /// Their durations in buckets (see [`wharf_proto::latency`]).
+    pub latency: wharf_proto::LatencyHistogram,
 }
 
 /// A component loaded with its limits. Cheap to clone.
@@ -198,8 +205,14 @@ struct WorkloadInner {
     in_flight: AtomicU64,
     requests: AtomicU64,
     failures: AtomicU64,
+    errors: AtomicU64,
     latency_micros: AtomicU64,
+    /// Requests per latency bucket ([`wharf_proto::latency::BUCKET_BOUNDS_MICROS`], then one more).
+    latency: [AtomicU64; LATENCY_BUCKETS],
 }
+
+/// The buckets of a workload's latency histogram: the proto's bounds plus the overflow.
+const LATENCY_BUCKETS: usize = wharf_proto::latency::BUCKET_BOUNDS_MICROS.len() + 1;
 
 impl Drop for WorkloadInner {
     fn drop(&mut self) {
@@ -250,7 +263,9 @@ impl Workload {
                 in_flight: AtomicU64::new(0),
                 requests: AtomicU64::new(0),
                 failures: AtomicU64::new(0),
+                errors: AtomicU64::new(0),
                 latency_micros: AtomicU64::new(0),
+                latency: std::array::from_fn(|_| AtomicU64::new(0)),
             }),
         })
     }
@@ -275,6 +290,11 @@ impl Workload {
         &self.inner.logs
     }
 
+    /// Requests admitted or waiting right now (cheap: for picking a replica per request).
+    pub fn in_flight(&self) -> u64 {
+        self.inner.in_flight.load(Ordering::Relaxed)
+    }
+
     /// Current load counters.
     pub fn load(&self) -> WorkloadLoad {
         let inner = &self.inner;
@@ -282,7 +302,9 @@ impl Workload {
             in_flight: inner.in_flight.load(Ordering::Relaxed),
             requests: inner.requests.load(Ordering::Relaxed),
             failures: inner.failures.load(Ordering::Relaxed),
+            errors: inner.errors.load(Ordering::Relaxed),
             latency_micros: inner.latency_micros.load(Ordering::Relaxed),
+            latency: wharf_proto::LatencyHistogram::from_counts(inner.latency.iter().map(|c| c.load(Ordering::Relaxed)).collect()),
         }
     }
 
@@ -293,6 +315,19 @@ impl Workload {
     /// failure becomes a response with a clear message and an
     /// [`ERROR_HEADER`]; nothing a component does can fail the host.
     pub async fn handle<B>(&self, request: Request<B>) -> Response<ResponseBody>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<wasmtime_wasi_http::Error>,
+    {
+        let response = self.serve(request).await;
+        let refused_for_load = response.headers().get(ERROR_HEADER).is_some_and(|v| v == "overloaded");
+        if response.status().is_server_error() && !refused_for_load {
+            self.inner.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        response
+    }
+
+    async fn serve<B>(&self, request: Request<B>) -> Response<ResponseBody>
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<wasmtime_wasi_http::Error>,
@@ -449,7 +484,10 @@ impl Workload {
         inner.metrics.count(outcome.label());
         inner.metrics.latency.observe(elapsed.as_secs_f64());
         inner.requests.fetch_add(1, Ordering::Relaxed);
-        inner.latency_micros.fetch_add(u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX), Ordering::Relaxed);
+        let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        inner.latency_micros.fetch_add(micros, Ordering::Relaxed);
+        let bucket = wharf_proto::latency::bucket_of(micros);
+        inner.latency[bucket.min(LATENCY_BUCKETS - 1)].fetch_add(1, Ordering::Relaxed);
         if *outcome != Outcome::Ok {
             inner.failures.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(service = %inner.service, outcome = outcome.label(), "{}", outcome.message(&inner.service));

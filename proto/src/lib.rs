@@ -2,9 +2,13 @@
 //! names of every subject and bucket. Pure data and validation; no I/O.
 
 pub mod digest;
+pub mod latency;
 pub mod manifest;
 pub mod names;
+pub mod rollout;
 pub mod spec;
+pub mod status;
+pub mod strict;
 pub mod units;
 pub mod wire;
 
@@ -13,8 +17,15 @@ pub use manifest::{
     ComponentRef, Location, ManifestError, ManifestFormat, ServiceManifest, parse_manifest,
 };
 pub use names::{HostId, NameError, ServiceId};
+pub use rollout::{Amount, CanaryPolicy, Ejection, Health, Readiness, RolloutPolicy, TrafficTarget};
 pub use spec::{Autoscale, Limits, Placement, Route, ServiceSpec, SpecError, Volume};
 pub use units::{ByteSize, ByteSizeError, DurationError};
+pub use latency::LatencyHistogram;
+pub use status::{
+    AutoscaleSummary, EjectedReplica, FailedRollout, RevisionCount, RolloutPhase, RolloutState, ServiceStatus, TrafficWeight,
+    UnplaceableReplica,
+};
 pub use wire::{
-    AssignedReplica, Assignment, Capacity, Demand, Heartbeat, Namespace, Quota, ReplicaState, ReplicaStatus, StoredService,
+    Activation, AssignedReplica, Assignment, Capacity, Demand, Heartbeat, Lease, Namespace, Quota, ReplicaKey, ReplicaState,
+    ReplicaStatus, Revision, StoredService,
 };

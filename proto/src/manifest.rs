@@ -5,6 +5,7 @@
 use crate::Digest;
 use crate::names::ServiceId;
 use crate::spec::{ServiceSpec, SpecError};
+use crate::strict;
 use serde::de::{DeserializeOwned, IgnoredAny};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -210,7 +211,7 @@ fn parse_unbounded(text: &str, format: ManifestFormat) -> Result<Vec<ServiceMani
     // that errors keep the line numbers of the original text. Manifests are
     // small; reading twice costs nothing that matters.
     let is_list = matches!(
-        deserialize::<Shape>(text, format),
+        deserialize_lenient::<Shape>(text, format),
         Ok(Shape { services: Some(_) })
     );
     let (services, entry_path): (Vec<ServiceManifest>, fn(usize) -> String) = if is_list {
@@ -255,14 +256,48 @@ fn is_blank(text: &str, format: ManifestFormat) -> bool {
         .all(|line| line.is_empty() || line.starts_with(comment) || line == "---")
 }
 
-/// Deserialises `text` in `format`, with the path to the field at fault in any error.
+/// Deserialises `text` in `format`, with the path to the field at fault in
+/// any error. A field the types do not know is an error too (see
+/// [`crate::strict`]), located in the text by its key.
 fn deserialize<T: DeserializeOwned>(
     text: &str,
     format: ManifestFormat,
 ) -> Result<T, ManifestError> {
-    match format {
-        ManifestFormat::Yaml => serde_path_to_error::deserialize(
+    let mut ignored = Vec::new();
+    let value = deserialize_collecting(text, format, &mut ignored)?;
+    match ignored.into_iter().next() {
+        None => Ok(value),
+        Some(path) => {
+            let unknown = strict::unknown_field(path);
+            let location = locate_key(text, format, &unknown.key);
+            Err(ManifestError::Parse {
+                field: unknown.path,
+                message: unknown.message,
+                location,
+            })
+        }
+    }
+}
+
+/// Like [`deserialize`], but skipping unknown fields: for looking at a
+/// document's shape only.
+fn deserialize_lenient<T: DeserializeOwned>(
+    text: &str,
+    format: ManifestFormat,
+) -> Result<T, ManifestError> {
+    deserialize_collecting(text, format, &mut Vec::new())
+}
+
+/// Deserialises `text`, collecting the paths of fields the types skipped.
+fn deserialize_collecting<T: DeserializeOwned>(
+    text: &str,
+    format: ManifestFormat,
+    ignored: &mut Vec<String>,
+) -> Result<T, ManifestError> {
+    let value = match format {
+        ManifestFormat::Yaml => strict::deserialize_collecting(
             serde_norway::Deserializer::from_str(text),
+            ignored,
         )
         .map_err(|e| {
             let location = e.inner().location().map(|l| Location {
@@ -270,7 +305,7 @@ fn deserialize<T: DeserializeOwned>(
                 column: l.column(),
             });
             parse_error(e.path().to_string(), &e.inner().to_string(), location)
-        }),
+        })?,
         ManifestFormat::Toml => {
             let toml_error = |field: String, e: &toml::de::Error| {
                 let location = e.span().map(|span| location_of(text, span.start));
@@ -278,8 +313,8 @@ fn deserialize<T: DeserializeOwned>(
             };
             let deserializer =
                 toml::Deserializer::parse(text).map_err(|e| toml_error(String::new(), &e))?;
-            serde_path_to_error::deserialize(deserializer)
-                .map_err(|e| toml_error(e.path().to_string(), e.inner()))
+            strict::deserialize_collecting(deserializer, ignored)
+                .map_err(|e| toml_error(e.path().to_string(), e.inner()))?
         }
         ManifestFormat::Json => {
             let mut deserializer = serde_json::Deserializer::from_str(text);
@@ -290,14 +325,41 @@ fn deserialize<T: DeserializeOwned>(
                 });
                 parse_error(field, &e.to_string(), location)
             };
-            let value = serde_path_to_error::deserialize(&mut deserializer)
+            let value = strict::deserialize_collecting(&mut deserializer, ignored)
                 .map_err(|e| json_error(e.path().to_string(), e.inner()))?;
             deserializer
                 .end()
                 .map_err(|e| json_error(String::new(), &e))?;
-            Ok(value)
+            value
+        }
+    };
+    Ok(value)
+}
+
+/// Where `key` is first written as a key in `text` (bare or quoted, in a
+/// block or a flow/inline mapping): for pointing at an unknown field, which
+/// the parsers themselves do not report once the types accept it.
+fn locate_key(text: &str, format: ManifestFormat, key: &str) -> Option<Location> {
+    let separator = match format {
+        ManifestFormat::Toml => '=',
+        ManifestFormat::Yaml | ManifestFormat::Json => ':',
+    };
+    let quoted = format!("\"{key}\"");
+    for (index, line) in text.lines().enumerate() {
+        for (at, token) in line.match_indices(key).map(|(at, t)| (at, t.len())).chain(line.match_indices(&quoted).map(|(at, t)| (at, t.len()))) {
+            let before = line[..at].trim_end().chars().last();
+            let opens = matches!(before, None | Some('{' | ',' | '-'));
+            let closes = line[at + token..].trim_start().starts_with(separator);
+            let whole = !line[..at].ends_with(|c: char| c.is_alphanumeric() || c == '_');
+            if opens && closes && whole {
+                return Some(Location {
+                    line: index + 1,
+                    column: line[..at].chars().count() + 1,
+                });
+            }
         }
     }
+    None
 }
 
 /// Builds a [`ManifestError::Parse`], taking out of `message` the path and the
@@ -449,7 +511,7 @@ mod tests {
             &two("name: b\n    component: { file: b.wasm }\n    replicaz: 2"),
             Err(
                 "services[1].replicaz: unknown field `replicaz`, expected one of `namespace`, `name`, `component`, \
-                 `replicas`, `limits`, `routes`, `env`, `placement`, `allow_outbound`, `autoscale`, `volumes`, `keyvalue`, `config`, `secrets` (line 6, column 5)",
+                 `replicas`, `limits`, `routes`, `env`, `placement`, `allow_outbound`, `autoscale`, `volumes`, `keyvalue`, `config`, `secrets`, `health`, `rollout`, `traffic` (line 6, column 5)",
             ),
         );
         check(
@@ -573,7 +635,7 @@ mod tests {
             Err(
                 "services[1].replicaz: unknown field `replicaz`, expected one of `namespace`, `name`, `component`, \
                  `replicas`, `limits`, `routes`, `env`, `placement`, `allow_outbound`, `autoscale`, `volumes`, \
-                 `keyvalue`, `config`, `secrets` (line 8, column 1)",
+                 `keyvalue`, `config`, `secrets`, `health`, `rollout`, `traffic` (line 8, column 1)",
             ),
         );
         check(
@@ -669,7 +731,7 @@ mod tests {
             "name: a\ncomponent: { file: a.wasm }\nspread: zone\n",
             Err(
                 "spread: unknown field `spread`, expected one of `namespace`, `name`, `component`, `replicas`, \
-                 `limits`, `routes`, `env`, `placement`, `allow_outbound`, `autoscale`, `volumes`, `keyvalue`, `config`, `secrets` (line 3, column 1)",
+                 `limits`, `routes`, `env`, `placement`, `allow_outbound`, `autoscale`, `volumes`, `keyvalue`, `config`, `secrets`, `health`, `rollout`, `traffic` (line 3, column 1)",
             ),
         );
         check(

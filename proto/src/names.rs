@@ -24,6 +24,26 @@ pub fn service_subject(namespace: &str, name: &str) -> String {
     format!("wharf.svc.{namespace}.{name}")
 }
 
+/// Requests pinned to one revision of a service (a traffic split or an
+/// `x-wharf-revision` header); hosts with a ready replica of that revision
+/// join its queue group. A separate subject from [`service_subject`]
+/// (one more token), so neither matches the other.
+pub fn revision_subject(namespace: &str, name: &str, revision: u64) -> String {
+    format!("wharf.svc.{namespace}.{name}.{revision}")
+}
+
+/// A host announces here that it has a ready replica of a service (it
+/// started listening on the service's subject), so requests held for the
+/// service's activation elsewhere wake at once.
+pub fn service_ready_subject(namespace: &str, name: &str) -> String {
+    format!("wharf.ready.{namespace}.{name}")
+}
+
+/// The queue group of [`revision_subject`].
+pub fn revision_queue_group(namespace: &str, name: &str, revision: u64) -> String {
+    format!("{namespace}.{name}.{revision}")
+}
+
 /// Log lines of a service's replicas, for `wharf logs --follow`.
 pub fn logs_subject(namespace: &str, name: &str) -> String {
     format!("wharf.logs.{namespace}.{name}")
@@ -34,6 +54,31 @@ pub const SERVICES_BUCKET: &str = "wharf-services";
 
 /// KV bucket of assignments ([`crate::Assignment`]), keyed by [`assignment_key`].
 pub const ASSIGNMENTS_BUCKET: &str = "wharf-assignments";
+
+/// KV bucket of revisions ([`crate::Revision`]): every spec a service has
+/// run, immutable, keyed by [`revision_key`].
+pub const REVISIONS_BUCKET: &str = "wharf-revisions";
+
+/// The key of one revision of a service in [`REVISIONS_BUCKET`]: `<ns>.<name>.<number>`.
+pub fn revision_key(service: &ServiceId, number: u64) -> String {
+    format!("{}.{}.{number}", service.namespace, service.name)
+}
+
+/// The pattern matching every revision key of a service.
+pub fn revision_pattern(service: &ServiceId) -> String {
+    format!("{}.{}.*", service.namespace, service.name)
+}
+
+/// KV bucket the control plane's leader writes each service's observed
+/// state and rollout in ([`crate::ServiceStatus`]), keyed by [`service_key`].
+/// Every scheduler's API reads it; hosts read the traffic split from it.
+pub const STATUS_BUCKET: &str = "wharf-status";
+
+/// KV bucket holding the control plane's leader lease ([`crate::Lease`]) under [`LEADER_KEY`].
+pub const LEADER_BUCKET: &str = "wharf-leader";
+
+/// The key of the controller's lease in [`LEADER_BUCKET`].
+pub const LEADER_KEY: &str = "controller";
 
 /// Object store of component artifacts, keyed by digest.
 pub const ARTIFACTS_BUCKET: &str = "wharf-artifacts";

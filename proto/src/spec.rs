@@ -4,6 +4,7 @@
 
 use crate::Digest;
 use crate::names::{DEFAULT_NAMESPACE, NameError, ServiceId, check_label};
+use crate::rollout::{Health, RolloutPolicy, TrafficTarget};
 use crate::units::{ByteSize, duration_text, format_duration};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -30,10 +31,19 @@ pub const MAX_REPLICAS: u32 = 100_000;
 /// `C` is how the component is named. A stored spec pins it by [`Digest`];
 /// a manifest may name a file instead (see [`crate::ServiceManifest`]), which
 /// the CLI uploads and replaces by its digest with [`ServiceSpec::with_component`].
-/// Every field but `name` and `component` has a default, and unknown fields
-/// are refused so that a typo is an error, not a silently ignored setting.
+/// Every field but `name` and `component` has a default. Unknown fields are
+/// refused where people write specs (manifests and the API, through
+/// [`crate::strict`]), so that a typo is an error, not a silently ignored
+/// setting; between processes they are ignored, so that a newer sender does
+/// not break an older reader.
+///
+/// A spec has two parts. Its *template* (the component and everything that
+/// changes how a replica runs: env, config, secrets, buckets, limits,
+/// routes, placement, volumes, health checks) is what a revision captures:
+/// changing it makes a new revision. `replicas`, `autoscale`, `rollout` and
+/// `traffic` say how many run and how the service moves between revisions;
+/// changing them makes none. See [`ServiceSpec::same_template`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ServiceSpec<C = Digest> {
     /// The namespace, a DNS label (default `default`).
     #[serde(default = "default_namespace")]
@@ -82,6 +92,16 @@ pub struct ServiceSpec<C = Digest> {
     /// names are ever stored in the spec.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub secrets: Vec<String>,
+    /// When a replica takes traffic (readiness) and when it is taken out (ejection).
+    #[serde(default, skip_serializing_if = "Health::is_default")]
+    pub health: Health,
+    /// How a new revision replaces the running one.
+    #[serde(default, skip_serializing_if = "RolloutPolicy::is_default")]
+    pub rollout: RolloutPolicy,
+    /// An explicit split of the traffic between revisions; empty: the
+    /// rollout policy decides (the latest revision, once rolled out).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub traffic: Vec<TrafficTarget>,
 }
 
 fn default_namespace() -> String {
@@ -94,7 +114,7 @@ fn default_replicas() -> u32 {
 
 /// Limits on each instance of a replica and on each request it serves.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct Limits {
     /// Linear-memory cap of one instance (default 64MiB).
     pub memory: ByteSize,
@@ -122,7 +142,6 @@ impl Default for Limits {
 
 /// An ingress route: requests whose host and path match go to the service.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Route {
     /// The `Host` the request must name; any host when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -143,7 +162,7 @@ pub struct Route {
 ///
 /// `spread` lives only here: there is no top-level `spread`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct Placement {
     /// Labels a host must carry, every one with the same value.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
@@ -190,7 +209,6 @@ impl Placement {
 ///   stable_window: 30s        # load is averaged over this window
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Autoscale {
     /// The fewest replicas; 0 lets the service scale to zero (default 0).
     #[serde(default)]
@@ -293,7 +311,6 @@ fn default_stable_window() -> Duration {
 /// persistent storage. A service with a volume is pinned to the host that
 /// holds it, like a local persistent volume in Kubernetes.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Volume {
     /// The volume's name, a DNS label unique within the service.
     pub name: String,
@@ -353,6 +370,9 @@ impl<C> ServiceSpec<C> {
             keyvalue: Vec::new(),
             config: BTreeMap::new(),
             secrets: Vec::new(),
+            health: Health::default(),
+            rollout: RolloutPolicy::default(),
+            traffic: Vec::new(),
         }
     }
 
@@ -393,7 +413,32 @@ impl<C> ServiceSpec<C> {
             keyvalue: self.keyvalue,
             config: self.config,
             secrets: self.secrets,
+            health: self.health,
+            rollout: self.rollout,
+            traffic: self.traffic,
         }
+    }
+
+    /// Whether `other` runs the same way: equal but for `replicas`,
+    /// `autoscale`, `rollout` and `traffic`. Two specs with the same
+    /// template are the same revision.
+    pub fn same_template(&self, other: &Self) -> bool
+    where
+        C: PartialEq,
+    {
+        self.component == other.component
+            && self.namespace == other.namespace
+            && self.name == other.name
+            && self.limits == other.limits
+            && self.routes == other.routes
+            && self.env == other.env
+            && self.placement == other.placement
+            && self.allow_outbound == other.allow_outbound
+            && self.volumes == other.volumes
+            && self.keyvalue == other.keyvalue
+            && self.config == other.config
+            && self.secrets == other.secrets
+            && self.health == other.health
     }
 
     /// Checks every field; the error names the first field found wrong.
@@ -472,6 +517,9 @@ impl<C> ServiceSpec<C> {
                 return Err(SpecError::new(field, format!("bucket {bucket:?} is declared twice")));
             }
         }
+        self.health.validate().map_err(|e| e.within("health"))?;
+        self.rollout.validate().map_err(|e| e.within("rollout"))?;
+        TrafficTarget::validate_split(&self.traffic)?;
         let mut volumes = BTreeSet::new();
         let mut paths = BTreeSet::new();
         for (i, volume) in self.volumes.iter().enumerate() {
@@ -947,8 +995,8 @@ mod tests {
         let placement: Placement =
             serde_json::from_str(r#"{"labels": {"disk": "ssd"}}"#).expect("parses");
         assert_eq!(placement.spread, None);
-        let err =
-            serde_json::from_str::<Placement>(r#"{"spraed": "zone"}"#).expect_err("unknown field");
+        let err = crate::strict::from_json::<Placement>(br#"{"spraed": "zone"}"#)
+            .expect_err("unknown field");
         assert!(
             err.to_string().contains("expected `labels` or `spread`"),
             "{err}"
@@ -988,7 +1036,7 @@ mod tests {
 
     #[test]
     fn autoscale_defaults_and_targets() {
-        let parse = |json: &str| serde_json::from_str::<Autoscale>(json).map_err(|e| e.to_string());
+        let parse = |json: &str| crate::strict::from_json::<Autoscale>(json.as_bytes()).map_err(|e| e.to_string());
         let policy = parse(r#"{"max": 5}"#).expect("parses");
         assert_eq!(policy, Autoscale::new(0, 5));
         assert_eq!(policy.target(), AutoscaleTarget::Concurrency(10));

@@ -7,6 +7,7 @@
 
 use crate::names::{HostId, ServiceId};
 use crate::spec::ServiceSpec;
+use crate::latency::LatencyHistogram;
 use crate::{ByteSize, Digest};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -16,18 +17,59 @@ use std::collections::BTreeMap;
 pub struct StoredService {
     /// The spec as last applied.
     pub spec: ServiceSpec,
-    /// The KV revision this value was read at, for compare-and-set. The
-    /// bucket's own revision is authoritative: readers overwrite this field,
-    /// and whatever a writer puts here is ignored.
+    /// The KV revision this value was read at: the compare-and-set token
+    /// (`If-Match`). The bucket's own revision is authoritative: readers
+    /// overwrite this field, and whatever a writer puts here is ignored.
+    #[serde(default)]
+    pub version: u64,
+    /// Bumped on every write of the record (a new template or a scale).
+    pub generation: u64,
+    /// The revision the spec's template is ([`Revision::number`]); 0 in a
+    /// record written before revisions existed, until the control plane
+    /// gives it one.
     #[serde(default)]
     pub revision: u64,
-    /// Bumped on every change to the spec, so hosts can tell a replica of
-    /// the old spec from one of the new.
-    pub generation: u64,
+    /// The highest revision number this service has used, so that numbers
+    /// never repeat once old revisions are pruned.
+    #[serde(default)]
+    pub last_revision: u64,
+    /// A revision whose canary was promoted by hand (`wharf rollout
+    /// promote`): it is rolled out without further analysis.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub promoted: u64,
+    /// The numbers of the revisions kept in the revisions bucket, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<u64>,
     /// When the service was first created, in milliseconds since the Unix epoch.
     pub created_at_ms: u64,
-    /// When the spec last changed, in milliseconds since the Unix epoch.
+    /// When the record last changed, in milliseconds since the Unix epoch.
     pub updated_at_ms: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// One revision of a service: a spec it ran, immutable once written, in
+/// [`crate::names::REVISIONS_BUCKET`]. Every change to the template (see
+/// [`ServiceSpec::same_template`]) makes the next number; a change back to
+/// a template a kept revision has reuses that revision.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revision {
+    /// The service.
+    pub service: ServiceId,
+    /// Its number, from 1.
+    pub number: u64,
+    /// The spec as applied then; only its template matters.
+    pub spec: ServiceSpec,
+    /// When it was made, in milliseconds since the Unix epoch.
+    pub created_at_ms: u64,
+    /// Who made it: the token's name, or `admin`.
+    #[serde(default)]
+    pub created_by: String,
+    /// Why: `deploy`, `apply`, `undo to revision 2`, ...
+    #[serde(default)]
+    pub cause: String,
 }
 
 /// Everything one host must run: the full desired set, not a change to it,
@@ -40,24 +82,88 @@ pub struct Assignment {
     /// The replicas the host must run; any other it runs, it stops.
     #[serde(default)]
     pub replicas: Vec<AssignedReplica>,
-    /// The KV revision this value was read at (see [`StoredService::revision`]).
+    /// The KV revision this value was read at (see [`StoredService::version`]).
     #[serde(default)]
-    pub revision: u64,
+    pub version: u64,
     /// Bumped by the scheduler every time it rewrites this assignment.
     pub generation: u64,
+    /// The lease epoch of the leader that wrote it ([`Lease::epoch`]). A
+    /// host ignores an assignment older than the newest epoch it has seen,
+    /// so a deposed leader's late write cannot undo its successor's.
+    #[serde(default)]
+    pub epoch: u64,
 }
 
-/// One replica a host must run.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// One replica a host must run: which revision of which service, and the
+/// attempt. Specs are not embedded: the host reads the revision from
+/// [`crate::names::REVISIONS_BUCKET`], so an assignment's size does not
+/// depend on env or config.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct AssignedReplica {
     /// The service the replica belongs to.
     pub service: ServiceId,
-    /// The replica's index within its service, from 0.
+    /// The revision it runs.
+    #[serde(default)]
+    pub revision: u64,
+    /// The replica's index within its revision, from 0.
     pub replica: u32,
-    /// The spec to run it with.
-    pub spec: ServiceSpec,
-    /// The spec's generation ([`StoredService::generation`]).
-    pub generation: u64,
+    /// Bumped by the control plane to have a failed replica tried again:
+    /// a host reloads a failed replica when the attempt changes.
+    #[serde(default)]
+    pub attempt: u32,
+}
+
+impl AssignedReplica {
+    /// The replica's identity on a host: everything but the attempt.
+    pub fn key(&self) -> ReplicaKey {
+        ReplicaKey { service: self.service.clone(), revision: self.revision, replica: self.replica }
+    }
+}
+
+/// A replica's identity: service, revision and index.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ReplicaKey {
+    /// The service.
+    pub service: ServiceId,
+    /// The revision.
+    pub revision: u64,
+    /// The index within the revision.
+    pub replica: u32,
+}
+
+impl std::fmt::Display for ReplicaKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} revision {} replica {}", self.service, self.revision, self.replica)
+    }
+}
+
+/// The control plane's leader lease, in [`crate::names::LEADER_BUCKET`]:
+/// held while renewed by compare-and-set within `ttl_ms`; taken over by
+/// another scheduler once it has not changed for that long.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    /// Who holds it: a scheduler's id.
+    pub holder: String,
+    /// Bumped at every change of holder; fences the leader's writes.
+    pub epoch: u64,
+    /// How long the lease lasts without renewal, in milliseconds.
+    pub ttl_ms: u64,
+    /// When the holder last renewed it, by its own clock (informative:
+    /// others judge expiry by when they saw it change, not by this).
+    pub renewed_at_ms: u64,
+    /// The holder gave it up (shut down): another may take it at once.
+    #[serde(default)]
+    pub released: bool,
+}
+
+/// A host announcing that a request waits for a service with no ready
+/// replica (scale from zero), on [`crate::names::ACTIVATE_SUBJECT`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Activation {
+    /// The service the request is for.
+    pub service: ServiceId,
+    /// The host holding the request.
+    pub host: HostId,
 }
 
 /// What a host can hold, in the units replicas reserve.
@@ -124,25 +230,47 @@ pub struct Demand {
 pub struct ReplicaStatus {
     /// The service the replica belongs to.
     pub service: ServiceId,
-    /// The replica's index within its service.
+    /// The revision it runs.
+    #[serde(default)]
+    pub revision: u64,
+    /// The replica's index within its revision.
     pub replica: u32,
-    /// The generation of the spec the replica runs.
-    pub generation: u64,
+    /// The attempt it is at ([`AssignedReplica::attempt`]).
+    #[serde(default)]
+    pub attempt: u32,
     /// Whether it serves requests yet.
     pub state: ReplicaState,
     /// Why it failed, when `state` is [`ReplicaState::Failed`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Attempts of this replica that failed on this host (loads and
+    /// readiness checks), since it was assigned here.
+    #[serde(default)]
+    pub failures: u32,
     /// Requests being served right now.
     #[serde(default)]
     pub in_flight: u64,
     /// Requests served since the replica started.
     #[serde(default)]
     pub requests: u64,
+    /// Of those, requests that failed: traps, exhausted fuel or memory,
+    /// deadlines and 5xx answers (not requests refused for load).
+    #[serde(default)]
+    pub errors: u64,
     /// Sum of those requests' durations in microseconds (with `requests`,
     /// the mean latency between two heartbeats).
     #[serde(default)]
     pub latency_micros: u64,
+    /// The requests' durations, counted in buckets since the replica started.
+    #[serde(default, skip_serializing_if = "LatencyHistogram::is_empty")]
+    pub latency: LatencyHistogram,
+}
+
+impl ReplicaStatus {
+    /// The replica's identity.
+    pub fn key(&self) -> ReplicaKey {
+        ReplicaKey { service: self.service.clone(), revision: self.revision, replica: self.replica }
+    }
 }
 
 /// The life of a replica on its host.
@@ -151,9 +279,11 @@ pub struct ReplicaStatus {
 pub enum ReplicaState {
     /// Fetching, checking or compiling the component.
     Loading,
+    /// Loaded; its readiness check has not passed yet.
+    Probing,
     /// Serving requests.
     Ready,
-    /// Could not be loaded; see [`ReplicaStatus::error`].
+    /// Could not be loaded or did not become ready; see [`ReplicaStatus::error`].
     Failed,
 }
 
@@ -184,37 +314,65 @@ mod tests {
     fn stored_service_round_trips() {
         let stored = StoredService {
             spec: spec(),
-            revision: 7,
+            version: 7,
             generation: 3,
+            revision: 2,
+            last_revision: 2,
+            promoted: 0,
+            history: vec![1, 2],
             created_at_ms: 1,
             updated_at_ms: 2,
         };
         let json = round_trip(&stored);
         assert_eq!(json["spec"]["name"], "hello");
-        let mut without_revision = json;
-        without_revision
+        let mut without_version = json;
+        without_version
             .as_object_mut()
             .expect("an object")
-            .remove("revision");
-        let read: StoredService = serde_json::from_value(without_revision).expect("parses");
-        assert_eq!(read.revision, 0);
+            .remove("version");
+        let read: StoredService = serde_json::from_value(without_version).expect("parses");
+        assert_eq!(read.version, 0);
     }
 
     #[test]
-    fn assignment_round_trips() {
+    fn assignments_name_revisions_and_stay_small() {
+        let mut big = spec();
+        big.env.insert("BIG".into(), "x".repeat(900 * 1024));
         let assignment = Assignment {
             host: host(),
             replicas: vec![AssignedReplica {
-                service: spec().id(),
+                service: big.id(),
+                revision: 3,
                 replica: 2,
-                spec: spec(),
-                generation: 4,
+                attempt: 1,
             }],
-            revision: 0,
+            version: 0,
             generation: 9,
+            epoch: 4,
         };
         let json = round_trip(&assignment);
         assert_eq!(json["replicas"][0]["service"], "default/hello");
+        assert!(json.to_string().len() < 200, "an assignment does not carry specs: {json}");
+    }
+
+    #[test]
+    fn messages_from_a_newer_version_are_read() {
+        let mut json = serde_json::to_value(StoredService {
+            spec: spec(),
+            version: 0,
+            generation: 1,
+            revision: 1,
+            last_revision: 1,
+            promoted: 0,
+            history: vec![1],
+            created_at_ms: 1,
+            updated_at_ms: 1,
+        })
+        .expect("serialises");
+        json["added_later"] = serde_json::json!({"x": 1});
+        json["spec"]["limits"]["added_later"] = serde_json::json!(true);
+        let read: StoredService = serde_json::from_value(json).expect("a newer record still reads");
+        assert_eq!(read.spec, spec());
     }
 
     #[test]
@@ -230,13 +388,17 @@ mod tests {
             cached: vec![Digest::of(b"hello")],
             replicas: vec![ReplicaStatus {
                 service: spec().id(),
+                revision: 1,
                 replica: 0,
-                generation: 1,
+                attempt: 2,
                 state: ReplicaState::Failed,
                 error: Some("trap".into()),
+                failures: 2,
                 in_flight: 3,
                 requests: 100,
+                errors: 4,
                 latency_micros: 5000,
+                latency: LatencyHistogram::default(),
             }],
             sent_at_ms: 20,
             started_at_ms: 10,
@@ -258,7 +420,6 @@ mod tests {
 
 /// A namespace and its quotas, stored in [`crate::names::NAMESPACES_BUCKET`].
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Namespace {
     /// Limits on what the namespace's services may use; absent = unlimited.
     #[serde(default)]
@@ -267,7 +428,6 @@ pub struct Namespace {
 
 /// A namespace's limits.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Quota {
     /// Replicas over all its services (an autoscaled service counts its `max`).
     #[serde(default, skip_serializing_if = "Option::is_none")]

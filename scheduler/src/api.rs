@@ -3,8 +3,10 @@
 //! the problem, and a refused request changes nothing.
 
 use crate::ControlPlane;
-use crate::status::{service_view, service_views};
-use crate::store::{StoreError, Written};
+use crate::auth::Principal;
+use crate::status::Views;
+use crate::store::{Change, StoreError, Written};
+use axum::Extension;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, State};
@@ -12,7 +14,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
-use wharf_proto::{Digest, ServiceId, ServiceSpec};
+use wharf_proto::{Digest, ServiceId, ServiceSpec, StoredService};
 
 /// Largest component accepted by `POST /v1/artifacts`.
 pub const MAX_ARTIFACT: usize = 64 * 1024 * 1024;
@@ -31,7 +33,7 @@ fn check_size(body: &Bytes) -> ApiResult<()> {
 #[derive(Debug)]
 pub struct ApiError {
     status: StatusCode,
-    code: &'static str,
+    pub(crate) code: &'static str,
     message: String,
 }
 
@@ -54,14 +56,16 @@ impl IntoResponse for ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         let status = match &e {
-            StoreError::Conflict { .. } | StoreError::Exists(_) => StatusCode::CONFLICT,
+            StoreError::Conflict { .. } | StoreError::Exists(_) | StoreError::Fenced { .. } => StatusCode::CONFLICT,
             StoreError::NotFound(_) => StatusCode::NOT_FOUND,
+            StoreError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             _ => StatusCode::SERVICE_UNAVAILABLE,
         };
         let code = match &e {
-            StoreError::Conflict { .. } => "conflict",
+            StoreError::Conflict { .. } | StoreError::Fenced { .. } => "conflict",
             StoreError::Exists(_) => "already_exists",
             StoreError::NotFound(_) => "not_found",
+            StoreError::TooLarge { .. } => "too_large",
             _ => "store_unavailable",
         };
         ApiError::new(status, code, e.to_string())
@@ -81,6 +85,13 @@ pub fn router(plane: ControlPlane) -> Router {
         .route("/v1/namespaces/{ns}/services", get(list_services))
         .route("/v1/namespaces/{ns}/services/{name}", get(get_service).put(put_service).delete(delete_service))
         .route("/v1/namespaces/{ns}/services/{name}/scale", post(scale_service))
+        .route("/v1/namespaces/{ns}/services/{name}/revisions", get(crate::rollout_api::list_revisions))
+        .route("/v1/namespaces/{ns}/services/{name}/revisions/{number}", get(crate::rollout_api::get_revision))
+        .route("/v1/namespaces/{ns}/services/{name}/rollout", get(crate::rollout_api::get_rollout))
+        .route("/v1/namespaces/{ns}/services/{name}/rollout/undo", post(crate::rollout_api::undo))
+        .route("/v1/namespaces/{ns}/services/{name}/rollout/canary", post(crate::rollout_api::canary))
+        .route("/v1/namespaces/{ns}/services/{name}/rollout/promote", post(crate::rollout_api::promote))
+        .route("/v1/namespaces/{ns}/services/{name}/rollout/abort", post(crate::rollout_api::abort))
         .route("/v1/namespaces/{ns}/kv/{bucket}", get(kv_list))
         .route("/v1/namespaces/{ns}/kv/{bucket}/{key}", get(kv_get).put(kv_put).delete(kv_delete))
         .route("/v1/namespaces/{ns}/secrets", get(secret_list))
@@ -99,8 +110,12 @@ async fn metrics(State(plane): State<ControlPlane>) -> Response {
     ([(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], plane.autoscaling.metrics()).into_response()
 }
 
-async fn healthz() -> Response {
-    axum::Json(json!({"status": "ok"})).into_response()
+async fn healthz(State(plane): State<ControlPlane>) -> Response {
+    let leadership = match plane.leadership() {
+        crate::leader::Leadership::Leader { epoch } => json!({"leader": true, "epoch": epoch}),
+        crate::leader::Leadership::Follower { leader } => json!({"leader": false, "lease_holder": leader}),
+    };
+    axum::Json(json!({"status": "ok", "scheduler": plane.config.name, "leadership": leadership})).into_response()
 }
 
 async fn upload_artifact(State(plane): State<ControlPlane>, body: Bytes) -> ApiResult {
@@ -134,23 +149,34 @@ async fn list_services(State(plane): State<ControlPlane>, Path(ns): Path<String>
 }
 
 async fn list(plane: &ControlPlane, namespace: Option<String>) -> ApiResult {
-    let services = plane.store.services().await?;
-    let assignments = plane.store.assignments().await?;
-    let views = service_views(plane, services.iter().filter(|s| namespace.as_ref().is_none_or(|ns| &s.spec.namespace == ns)), &assignments);
+    let services = plane.informer.read(|state| {
+        state.services.values().filter(|s| namespace.as_ref().is_none_or(|ns| &s.spec.namespace == ns)).cloned().collect::<Vec<_>>()
+    });
+    let views = Views::gather(plane);
+    let views: Vec<Value> = services.iter().map(|stored| views.view(plane, stored)).collect();
     Ok(axum::Json(json!({"services": views})).into_response())
 }
 
-fn service_id(ns: &str, name: &str) -> ApiResult<ServiceId> {
+pub(crate) fn service_id(ns: &str, name: &str) -> ApiResult<ServiceId> {
     ServiceId::new(ns, name).map_err(|e| ApiError::bad_request(format!("bad service path {ns}/{name}: {e}")))
+}
+
+/// A service as this scheduler knows it: from memory, else (just written
+/// elsewhere, not seen yet) from the store.
+pub(crate) async fn find_service(plane: &ControlPlane, id: &ServiceId) -> ApiResult<std::sync::Arc<StoredService>> {
+    if let Some(stored) = plane.informer.service(id) {
+        return Ok(stored);
+    }
+    match plane.store.service(id).await? {
+        Some(stored) => Ok(std::sync::Arc::new(stored)),
+        None => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("service {id} not found"))),
+    }
 }
 
 async fn get_service(State(plane): State<ControlPlane>, Path((ns, name)): Path<(String, String)>) -> ApiResult {
     let id = service_id(&ns, &name)?;
-    let Some(stored) = plane.store.service(&id).await? else {
-        return Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("service {id} not found")));
-    };
-    let assignments = plane.store.assignments().await?;
-    Ok(axum::Json(service_view(&plane, &stored, &assignments)).into_response())
+    let stored = find_service(&plane, &id).await?;
+    Ok(axum::Json(Views::gather(&plane).view(&plane, &stored)).into_response())
 }
 
 /// `If-Match: <revision>` replaces only that revision; `If-None-Match: *` only creates.
@@ -167,7 +193,25 @@ fn expected_revision(headers: &HeaderMap) -> ApiResult<Option<u64>> {
     }
 }
 
-async fn put_service(State(plane): State<ControlPlane>, Path((ns, name)): Path<(String, String)>, headers: HeaderMap, body: Bytes) -> ApiResult {
+#[derive(serde::Deserialize, Default)]
+struct PutQuery {
+    /// Skip the checks of references (secrets) at write time: the rollout
+    /// waits for them instead.
+    #[serde(default)]
+    force: bool,
+    /// Why, recorded in the revision (`deploy`, `apply`).
+    #[serde(default)]
+    cause: Option<String>,
+}
+
+async fn put_service(
+    State(plane): State<ControlPlane>,
+    Path((ns, name)): Path<(String, String)>,
+    axum::extract::Query(query): axum::extract::Query<PutQuery>,
+    principal: Option<Extension<Principal>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult {
     let id = service_id(&ns, &name)?;
     check_size(&body)?;
     let expected = expected_revision(&headers)?;
@@ -187,7 +231,33 @@ async fn put_service(State(plane): State<ControlPlane>, Path((ns, name)): Path<(
             }
         }
     }
-    let spec: ServiceSpec = serde_json::from_value(value).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_spec", format!("{e}")))?;
+    let spec: ServiceSpec =
+        wharf_proto::strict::from_value(value).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_spec", e.to_string()))?;
+    let change = Change {
+        by: principal.map(|Extension(p)| p.0).unwrap_or_else(|| "anonymous".to_string()),
+        cause: query.cause.unwrap_or_else(|| "apply".to_string()),
+    };
+    let (stored, written) = write_spec(&plane, spec, expected, &change, query.force).await?;
+    let status = match written {
+        Written::Created => StatusCode::CREATED,
+        Written::Updated | Written::Unchanged => StatusCode::OK,
+    };
+    let mut view = Views::gather(&plane).view(&plane, &stored);
+    view["result"] = Value::String(format!("{written:?}").to_lowercase());
+    Ok((status, axum::Json(view)).into_response())
+}
+
+/// Checks a spec and writes it: valid, its component uploaded, within its
+/// namespace's quota, every reference it makes resolvable (unless
+/// `force`), room for a replica on some host. Shared by every path that
+/// changes a spec (put, scale, undo, canary).
+pub(crate) async fn write_spec(
+    plane: &ControlPlane,
+    spec: ServiceSpec,
+    expected: Option<u64>,
+    change: &Change,
+    force: bool,
+) -> ApiResult<(StoredService, Written)> {
     spec.validate().map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_spec", e.to_string()))?;
     if !plane.store.has_artifact(&spec.component).await? {
         return Err(ApiError::new(
@@ -196,27 +266,98 @@ async fn put_service(State(plane): State<ControlPlane>, Path((ns, name)): Path<(
             format!("component: {} is not uploaded; POST its bytes to /v1/artifacts first", spec.component),
         ));
     }
-    check_quota(&plane, &spec).await?;
+    check_quota(plane, &spec).await?;
+    check_references(plane, &spec, force).await?;
+    check_fits(plane, &spec)?;
     if !spec.keyvalue.is_empty() {
         // Hosts may only open data buckets, not create them.
         plane.bus.kv(&wharf_proto::names::kv_bucket(&spec.namespace)).await.map_err(kv_failed)?;
     }
-    let (stored, written) = plane.store.put_service(spec, expected).await?;
-    let status = match written {
-        Written::Created => StatusCode::CREATED,
-        Written::Updated | Written::Unchanged => StatusCode::OK,
-    };
-    let assignments = plane.store.assignments().await?;
-    let mut view = service_view(&plane, &stored, &assignments);
-    view["result"] = Value::String(format!("{written:?}").to_lowercase());
-    Ok((status, axum::Json(view)).into_response())
+    let id = spec.id();
+    let stored = plane.informer.service(&id);
+    if let Some(stored) = &stored {
+        check_traffic(stored, &spec)?;
+    } else if spec.traffic.iter().any(|t| t.revision.is_some()) {
+        return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_spec", format!("traffic: {id} has no revisions yet; a new service can only name `latest: true`")));
+    }
+    let keep = plane.informer.status(&id).map(|s| s.rollout.stable).filter(|n| *n != 0);
+    Ok(plane.store.put_service(spec, expected, change, keep).await?)
+}
+
+/// Refuses what the API can know is wrong before any host tries: a
+/// granted secret that does not exist (unless `force`).
+async fn check_references(plane: &ControlPlane, spec: &ServiceSpec, force: bool) -> ApiResult<()> {
+    if force {
+        return Ok(());
+    }
+    for secret in &spec.secrets {
+        let key = wharf_proto::names::secret_key(&spec.namespace, secret);
+        if plane.store.secrets_kv().get(&key).await.map_err(kv_failed)?.is_none() {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "missing_secret",
+                format!(
+                    "secrets: secret {secret} does not exist in namespace {}; create it first (`wharf secret set {secret} ...`), or deploy with --force to let the rollout wait for it",
+                    spec.namespace
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a replica no known host could ever hold (its memory reservation
+/// or instance slots above every host's whole capacity).
+fn check_fits(plane: &ControlPlane, spec: &ServiceSpec) -> ApiResult<()> {
+    let hosts = plane.hosts.hosts();
+    if hosts.is_empty() {
+        return Ok(());
+    }
+    let memory = spec.reservation();
+    let biggest = hosts.iter().map(|h| h.heartbeat.capacity.memory).max().unwrap_or_default();
+    if memory > biggest {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "does_not_fit",
+            format!(
+                "limits: a replica reserves {memory} (memory {} x concurrency {}), more than the largest host holds ({biggest}); lower limits.memory or limits.concurrency",
+                spec.limits.memory, spec.limits.concurrency
+            ),
+        ));
+    }
+    let slots = hosts.iter().map(|h| h.heartbeat.capacity.instances).max().unwrap_or(0);
+    if spec.limits.concurrency > slots {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "does_not_fit",
+            format!("limits.concurrency: {} instances at once is more than the largest host runs ({slots})", spec.limits.concurrency),
+        ));
+    }
+    Ok(())
+}
+
+/// A traffic split may name only revisions the service keeps.
+fn check_traffic(stored: &StoredService, spec: &ServiceSpec) -> ApiResult<()> {
+    let kept = crate::store::kept(stored);
+    for (i, target) in spec.traffic.iter().enumerate() {
+        if let Some(n) = target.revision
+            && !kept.contains(&n)
+        {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_spec",
+                format!("traffic[{i}]: {} has no revision {n} (kept: {kept:?})", stored.spec.id()),
+            ));
+        }
+    }
+    Ok(())
 }
 
 async fn delete_service(State(plane): State<ControlPlane>, Path((ns, name)): Path<(String, String)>, headers: HeaderMap) -> ApiResult {
     let id = service_id(&ns, &name)?;
     let expected = expected_revision(&headers)?;
     let deleted = plane.store.delete_service(&id, expected).await?;
-    Ok(axum::Json(json!({"deleted": id.to_string(), "revision": deleted.revision})).into_response())
+    Ok(axum::Json(json!({"deleted": id.to_string(), "version": deleted.version})).into_response())
 }
 
 #[derive(serde::Deserialize)]
@@ -225,26 +366,42 @@ struct Scale {
     replicas: u32,
 }
 
-async fn scale_service(State(plane): State<ControlPlane>, Path((ns, name)): Path<(String, String)>, body: Bytes) -> ApiResult {
+async fn scale_service(
+    State(plane): State<ControlPlane>,
+    Path((ns, name)): Path<(String, String)>,
+    principal: Option<Extension<Principal>>,
+    body: Bytes,
+) -> ApiResult {
     let id = service_id(&ns, &name)?;
     let scale: Scale = serde_json::from_slice(&body)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", format!("expected {{\"replicas\": N}} with N >= 0: {e}")))?;
-    // Compare-and-set, retried: a concurrent edit of another field is kept.
+    let change = Change { by: principal.map(|Extension(p)| p.0).unwrap_or_default(), cause: "scale".to_string() };
+    let stored = edit_spec(&plane, &id, &change, |spec| {
+        spec.replicas = scale.replicas;
+        Ok(())
+    })
+    .await?;
+    Ok(axum::Json(Views::gather(&plane).view(&plane, &stored)).into_response())
+}
+
+/// Changes a stored spec by compare-and-set, retried: a concurrent edit of
+/// another field is kept.
+pub(crate) async fn edit_spec(
+    plane: &ControlPlane,
+    id: &ServiceId,
+    change: &Change,
+    mut edit: impl FnMut(&mut ServiceSpec) -> ApiResult<()>,
+) -> ApiResult<StoredService> {
     for _ in 0..5 {
-        let Some(stored) = plane.store.service(&id).await? else {
+        let Some(stored) = plane.store.service(id).await? else {
             return Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("service {id} not found")));
         };
         let mut spec = stored.spec.clone();
-        spec.replicas = scale.replicas;
-        spec.validate().map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_spec", e.to_string()))?;
-        check_quota(&plane, &spec).await?;
-        match plane.store.put_service(spec, Some(stored.revision)).await {
-            Ok((stored, _)) => {
-                let assignments = plane.store.assignments().await?;
-                return Ok(axum::Json(service_view(&plane, &stored, &assignments)).into_response());
-            }
-            Err(StoreError::Conflict { .. }) => continue,
-            Err(e) => return Err(e.into()),
+        edit(&mut spec)?;
+        match write_spec(plane, spec, Some(stored.version), change, true).await {
+            Ok((stored, _)) => return Ok(stored),
+            Err(e) if e.code == "conflict" => continue,
+            Err(e) => return Err(e),
         }
     }
     Err(ApiError::new(StatusCode::CONFLICT, "conflict", format!("{id} kept changing; try again")))
@@ -409,9 +566,15 @@ fn usage_of(spec: &ServiceSpec) -> (u64, u64) {
 }
 
 /// What the namespace's services use now, leaving out `except`.
-async fn usage(plane: &ControlPlane, ns: &str, except: Option<&ServiceId>) -> ApiResult<(u64, u64)> {
-    let services = plane.store.services().await?;
-    Ok(services.iter().filter(|s| s.spec.namespace == ns && Some(&s.spec.id()) != except).map(|s| usage_of(&s.spec)).fold((0, 0), |(r, m), (r2, m2)| (r + r2, m + m2)))
+fn usage(plane: &ControlPlane, ns: &str, except: Option<&ServiceId>) -> (u64, u64) {
+    plane.informer.read(|state| {
+        state
+            .services
+            .values()
+            .filter(|s| s.spec.namespace == ns && Some(&s.spec.id()) != except)
+            .map(|s| usage_of(&s.spec))
+            .fold((0, 0), |(r, m), (r2, m2)| (r + r2, m + m2))
+    })
 }
 
 /// Refuses `spec` if it would take its namespace past a quota, naming the
@@ -423,7 +586,7 @@ async fn check_quota(plane: &ControlPlane, spec: &ServiceSpec) -> ApiResult<()> 
         return Ok(());
     }
     let id = spec.id();
-    let (used_replicas, used_memory) = usage(plane, ns, Some(&id)).await?;
+    let (used_replicas, used_memory) = usage(plane, ns, Some(&id));
     let (replicas, memory) = usage_of(spec);
     if let Some(limit) = quota.replicas
         && used_replicas + replicas > u64::from(limit)
@@ -453,9 +616,7 @@ async fn check_quota(plane: &ControlPlane, spec: &ServiceSpec) -> ApiResult<()> 
 async fn list_namespaces(State(plane): State<ControlPlane>) -> ApiResult {
     let kv = namespaces(&plane);
     let mut names: Vec<String> = kv.keys().await.map_err(kv_failed)?;
-    for stored in plane.store.services().await? {
-        names.push(stored.spec.namespace);
-    }
+    names.extend(plane.informer.read(|state| state.services.values().map(|s| s.spec.namespace.clone()).collect::<Vec<_>>()));
     names.sort();
     names.dedup();
     Ok(axum::Json(json!({"namespaces": names})).into_response())
@@ -464,14 +625,14 @@ async fn list_namespaces(State(plane): State<ControlPlane>) -> ApiResult {
 async fn get_namespace(State(plane): State<ControlPlane>, Path(ns): Path<String>) -> ApiResult {
     check_namespace(&ns)?;
     let record = namespace(&plane, &ns).await?;
-    let (replicas, memory) = usage(&plane, &ns, None).await?;
+    let (replicas, memory) = usage(&plane, &ns, None);
     Ok(axum::Json(json!({"namespace": ns, "quota": record.quota, "usage": {"replicas": replicas, "memory": wharf_proto::ByteSize(memory)}})).into_response())
 }
 
 async fn put_namespace(State(plane): State<ControlPlane>, Path(ns): Path<String>, body: Bytes) -> ApiResult {
     check_namespace(&ns)?;
     check_size(&body)?;
-    let record: wharf_proto::Namespace = serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("expected {{\"quota\": {{\"replicas\": N, \"memory\": \"4GiB\", \"rps\": N}}}}: {e}")))?;
+    let record: wharf_proto::Namespace = wharf_proto::strict::from_json(&body).map_err(|e| ApiError::bad_request(format!("expected {{\"quota\": {{\"replicas\": N, \"memory\": \"4GiB\", \"rps\": N}}}}: {e}")))?;
     let kv = namespaces(&plane);
     kv.put(&ns, Bytes::from(serde_json::to_vec(&record).unwrap_or_default())).await.map_err(kv_failed)?;
     Ok(axum::Json(json!({"namespace": ns, "quota": record.quota})).into_response())

@@ -125,9 +125,14 @@ fn namespace_of(path: &str) -> Option<&str> {
     path.strip_prefix("/v1/namespaces/")?.split('/').next().filter(|ns| !ns.is_empty())
 }
 
+/// Who made a request, for the records it writes (a revision's `created_by`):
+/// `admin` or `token <id>`.
+#[derive(Debug, Clone)]
+pub struct Principal(pub String);
+
 /// The middleware: 401 without a valid token, 403 when the token's role
 /// does not allow the request. `/healthz` and `/metrics` need no token.
-pub async fn authorise(State(plane): State<ControlPlane>, request: Request, next: Next) -> Result<Response, ApiError> {
+pub async fn authorise(State(plane): State<ControlPlane>, mut request: Request, next: Next) -> Result<Response, ApiError> {
     let path = request.uri().path().to_string();
     if path == "/healthz" || path == "/metrics" {
         return Ok(next.run(request).await);
@@ -147,6 +152,11 @@ pub async fn authorise(State(plane): State<ControlPlane>, request: Request, next
         .await
         .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", "unknown or revoked token"))?;
     let writes = !matches!(*request.method(), Method::GET | Method::HEAD);
+    let principal = match &role {
+        Role::Admin => "admin".to_string(),
+        Role::Namespaces { .. } => format!("token {}", token_id(token).unwrap_or("?")),
+    };
+    request.extensions_mut().insert(Principal(principal));
     match role {
         Role::Admin => {}
         Role::Namespaces { namespaces, write } => {

@@ -7,7 +7,7 @@ use crate::hosts::HostEntry;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
-use wharf_proto::{Assignment, ServiceId, StoredService};
+use wharf_proto::{ServiceId, StoredService};
 use wharf_scheduler_core::{Autoscaler, Decision};
 
 /// Shared autoscaling state; cheap to clone.
@@ -36,30 +36,43 @@ impl Autoscaling {
 
     /// Samples the load of every autoscaled service and decides its replica
     /// count. Returns whether any decision changed.
-    pub fn tick(&self, services: &[StoredService], assignments: &[Assignment], hosts: &[HostEntry]) -> bool {
+    pub fn tick<'a>(
+        &self,
+        services: impl IntoIterator<Item = &'a StoredService>,
+        current: &std::collections::HashMap<ServiceId, u32>,
+        hosts: &[HostEntry],
+    ) -> bool {
         let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)).unwrap_or(0);
         let Ok(mut state) = self.inner.lock() else { return false };
         let announced = std::mem::take(&mut state.announced);
+        // Load per service, summed over the ready hosts once (not once per service).
+        let mut load: std::collections::HashMap<ServiceId, (f64, f64)> = std::collections::HashMap::new();
+        for host in hosts.iter().filter(|h| h.ready) {
+            for replica in &host.heartbeat.replicas {
+                load.entry(replica.service.clone()).or_default().0 += replica.in_flight as f64;
+            }
+            for demand in &host.heartbeat.demand {
+                load.entry(demand.service.clone()).or_default().0 += demand.waiting as f64;
+            }
+            for (service, rps) in &host.rps {
+                load.entry(service.clone()).or_default().1 += rps;
+            }
+        }
         let mut changed = false;
+        let mut known: std::collections::HashSet<ServiceId> = std::collections::HashSet::new();
         for stored in services {
             let spec = &stored.spec;
             let id = spec.id();
+            known.insert(id.clone());
             let Some(policy) = &spec.autoscale else {
                 if state.decisions.remove(&id).is_some() {
                     state.scaler.forget(&id);
                 }
                 continue;
             };
-            let mut in_flight = 0.0;
-            let mut rps = 0.0;
-            for host in hosts.iter().filter(|h| h.ready) {
-                in_flight += host.heartbeat.replicas.iter().filter(|r| r.service == id).map(|r| r.in_flight as f64).sum::<f64>();
-                in_flight += host.heartbeat.demand.iter().filter(|d| d.service == id).map(|d| d.waiting as f64).sum::<f64>();
-                rps += host.rps.get(&id).copied().unwrap_or(0.0);
-            }
+            let (mut in_flight, rps) = load.get(&id).copied().unwrap_or((0.0, 0.0));
             in_flight += announced.get(&id).copied().unwrap_or(0) as f64;
-            let current = assignments.iter().flat_map(|a| &a.replicas).filter(|r| r.service == id).count();
-            let current = u32::try_from(current).unwrap_or(u32::MAX);
+            let current = current.get(&id).copied().unwrap_or(0);
             state.scaler.observe(&id, now_ms, in_flight, rps);
             let decision = state.scaler.decide(&id, policy, now_ms, current);
             let before = state.decisions.get(&id).map(|d| d.replicas);
@@ -75,7 +88,6 @@ impl Autoscaling {
             }
             state.decisions.insert(id, decision);
         }
-        let known: std::collections::HashSet<ServiceId> = services.iter().map(|s| s.spec.id()).collect();
         let gone: Vec<ServiceId> = state.decisions.keys().filter(|id| !known.contains(id)).cloned().collect();
         for id in gone {
             state.decisions.remove(&id);
@@ -107,6 +119,11 @@ impl Autoscaling {
         }
         out.push_str("# EOF\n");
         out
+    }
+
+    /// Whether any service is autoscaled (then load must be sampled regularly).
+    pub fn active(&self) -> bool {
+        self.inner.lock().is_ok_and(|state| !state.decisions.is_empty())
     }
 
     /// The last decision for `service`, for status.

@@ -1,74 +1,116 @@
-//! The control loop: read the desired state and the hosts, let the pure core
-//! decide, write each host's assignment. Level-triggered and idempotent: it
-//! runs on every change and on a timer, and an unchanged world writes nothing.
+//! The control loop of the leader: read the informer's state and the hosts'
+//! heartbeats, let the pure core decide (autoscale, rollout, retries,
+//! placement), write what changed: each host's assignment and each
+//! service's status, by compare-and-set, carrying the lease epoch.
+//!
+//! Level-triggered and idempotent: a pass runs on every change the
+//! informer or the host table announces (bursts coalesced), on an
+//! activation, and when a decision asked to look again at a given time (a
+//! backoff, a deadline, a canary step's end). With nothing changing, no
+//! pass runs at all, whatever the number of services; with autoscaled
+//! services, their load is sampled every 500 ms.
+//!
+//! State kept here, lost (and rebuilt) when leadership moves: when each
+//! failure was first seen (for backoffs), hosts each replica should avoid,
+//! canary baselines, outlier windows. A new leader starts the backoffs and
+//! windows afresh from what the heartbeats say.
 
 use crate::autoscale::Autoscaling;
-use crate::hosts::HostTable;
+use crate::hosts::{HostEntry, HostTable};
+use crate::informer::{Informer, problems_of};
 use crate::store::{Store, StoreError};
 use futures::StreamExt;
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
-use wharf_proto::{AssignedReplica, Assignment, HostId, ServiceId, StoredService};
-use wharf_scheduler_core::{HostInfo, Snapshot, Unplaceable, reconcile};
+use wharf_proto::status::MAX_LISTED;
+use wharf_proto::{
+    Activation, AssignedReplica, Assignment, AutoscaleSummary, EjectedReplica, HostId, ReplicaKey, ReplicaState,
+    ReplicaStatus, RevisionCount, RolloutPhase, ServiceId, ServiceSpec, ServiceStatus, StoredService, UnplaceableReplica,
+};
+use wharf_scheduler_core::{
+    FailedReplica, HostInfo, ObservedReplica, ObservedState, ReplicaTraffic, RetryAction, RetryPolicy, RolloutInput, Snapshot,
+    StepTraffic, Workload, WorkloadId, outliers, plan_rollout, reconcile, retry,
+};
 
-/// How often the loop runs even when nothing announced a change; also the
-/// autoscaler's sampling period.
-const RESYNC: Duration = Duration::from_millis(500);
+/// How often autoscaled services' load is sampled (the autoscaler's tick).
+const AUTOSCALE_TICK: Duration = Duration::from_millis(500);
 
-/// Replicas the last reconcile could not place, by service, for status.
-pub type UnplaceableMap = Arc<Mutex<BTreeMap<ServiceId, Vec<Unplaceable>>>>;
+/// How often replicas' failure rates are checked for outliers.
+const HEALTH_TICK: Duration = Duration::from_secs(1);
 
-/// Runs the control loop until `stop` turns true.
-pub async fn run(
-    bus: wharf_bus::Bus,
-    store: Store,
-    hosts: HostTable,
-    unplaceable: UnplaceableMap,
-    autoscaling: Autoscaling,
-    mut stop: watch::Receiver<bool>,
-) {
-    // Hosts that were up before a restart need a heartbeat interval or two to
-    // be heard again; deciding earlier would move their replicas away.
+/// Pause after a trigger before a pass, so a burst (an apply of many
+/// services, heartbeats of many hosts) makes one pass.
+const COALESCE: Duration = Duration::from_millis(20);
+
+/// What the controller needs from the control plane.
+#[derive(Clone)]
+pub struct Context {
+    pub bus: wharf_bus::Bus,
+    pub store: Store,
+    pub informer: Informer,
+    pub hosts: HostTable,
+    pub autoscaling: Autoscaling,
+    /// How to retry failed replicas.
+    pub retry: RetryPolicy,
+}
+
+/// Runs the control loop as leader with `epoch` until `stop` turns true.
+pub async fn run(context: Context, epoch: u64, mut stop: watch::Receiver<bool>) {
+    // Decide only on the whole state: every record replayed, and every host
+    // alive before this process started heard at least once (deciding
+    // earlier would move their replicas away).
     tokio::select! {
-        _ = tokio::time::sleep(hosts.timeout()) => {}
+        _ = async { tokio::join!(context.informer.synced(), context.hosts.warmed_up()) } => {}
         _ = stop.changed() => return,
     }
-    let mut host_changes = hosts.changes();
-    let mut service_changes = match store.services_kv().watch(">").await {
-        Ok(watch) => Some(watch),
-        Err(e) => {
-            tracing::error!("cannot watch services, reconciling on a timer only: {e}");
-            None
-        }
-    };
-    let mut activations = match bus.subscribe(wharf_proto::names::ACTIVATE_SUBJECT).await {
+    let mut controller = Controller::new(context, epoch);
+    let mut informer_changes = controller.context.informer.changes();
+    let mut host_changes = controller.context.hosts.changes();
+    let mut activations = match controller.context.bus.subscribe(wharf_proto::names::ACTIVATE_SUBJECT).await {
         Ok(subscription) => Some(subscription),
         Err(e) => {
             tracing::error!("cannot follow activation requests; scale from zero waits for the autoscaler's next sample: {e}");
             None
         }
     };
+    let mut health = tokio::time::interval(HEALTH_TICK);
+    health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut autoscale = tokio::time::interval(AUTOSCALE_TICK);
+    autoscale.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        if let Err(e) = reconcile_once(&store, &hosts, &unplaceable, &autoscaling).await {
-            tracing::warn!("reconcile failed, retrying: {e}");
-        }
-        tokio::select! {
-            _ = stop.changed() => return,
-            _ = tokio::time::sleep(RESYNC) => {}
-            _ = host_changes.changed() => {}
-            Some(_) = next_event(&mut service_changes) => {}
-            Some(message) = next_message(&mut activations) => {
-                match serde_json::from_slice::<serde_json::Value>(&message.payload).ok().and_then(|v| v["service"].as_str().and_then(|s| s.parse::<ServiceId>().ok())) {
-                    Some(service) => autoscaling.announce(&service),
-                    None => tracing::warn!("ignoring an unreadable activation request"),
+        let wake = controller.pass().await;
+        let sleep = match wake {
+            Some(at_ms) => Duration::from_millis(at_ms.saturating_sub(crate::store::now_ms()).max(1)),
+            None => Duration::from_secs(3600),
+        };
+        let sleep = tokio::time::sleep(sleep);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                _ = stop.changed() => return,
+                () = &mut sleep => break,
+                Ok(()) = informer_changes.changed() => break,
+                Ok(()) = host_changes.changed() => break,
+                _ = autoscale.tick(), if controller.context.autoscaling.active() => break,
+                _ = health.tick() => {
+                    if controller.check_outliers() {
+                        break;
+                    }
                 }
-                continue;
+                Some(message) = next_message(&mut activations) => {
+                    match serde_json::from_slice::<Activation>(&message.payload) {
+                        Ok(activation) => {
+                            controller.context.autoscaling.announce(&activation.service);
+                            break;
+                        }
+                        Err(e) => tracing::warn!("ignoring an unreadable activation request: {e}"),
+                    }
+                }
             }
         }
-        // Coalesce a burst of changes (an apply of many services) into one pass.
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(COALESCE).await;
     }
 }
 
@@ -79,116 +121,667 @@ async fn next_message(subscription: &mut Option<wharf_bus::Subscription>) -> Opt
     }
 }
 
-async fn next_event(watch: &mut Option<wharf_bus::KvWatch>) -> Option<wharf_bus::KvEvent> {
-    match watch {
-        Some(watch) => watch.next().await,
-        None => std::future::pending().await,
-    }
+/// What was last written (or read, at the start of leadership) under a key,
+/// with its version: the next write is compare-and-set against it.
+struct Written<T> {
+    value: T,
+    version: u64,
 }
 
-/// One pass: snapshot, decide, write the assignments that changed.
-pub async fn reconcile_once(store: &Store, hosts: &HostTable, unplaceable: &UnplaceableMap, autoscaling: &Autoscaling) -> Result<(), StoreError> {
-    let services = store.services().await?;
-    let assignments = store.assignments().await?;
-    let pins = store.volume_pins().await?;
-    let known = hosts.hosts();
-    autoscaling.tick(&services, &assignments, &known);
-    let snapshot = Snapshot {
-        hosts: known
-            .iter()
-            .map(|h| HostInfo {
-                id: h.heartbeat.host.clone(),
-                ready: h.ready,
-                labels: {
-                    let mut labels = h.heartbeat.labels.clone();
-                    labels.insert(wharf_proto::names::HOST_LABEL.to_string(), h.heartbeat.host.to_string());
-                    labels
-                },
-                capacity: h.heartbeat.capacity,
-                cached: h.heartbeat.cached.iter().cloned().collect(),
-                in_flight: h.heartbeat.replicas.iter().map(|r| r.in_flight).sum(),
-            })
-            .collect(),
-        services: services.iter().map(|s| effective(&s.spec, &assignments, autoscaling, pins.get(&s.spec.id()))).collect(),
-        current: assignments.iter().map(|a| (a.host.clone(), a.replicas.iter().map(|r| (r.service.clone(), r.replica)).collect())).collect(),
-    };
-    let plan = reconcile(&snapshot);
-    if let Ok(mut map) = unplaceable.lock() {
-        map.clear();
-        for mut u in plan.unplaceable {
-            if let Some(host) = pins.get(&u.service) {
-                u.reason = format!("its volumes are on host {host}, which is not ready; it waits for that host rather than start empty elsewhere ({})", u.reason);
-            }
-            map.entry(u.service.clone()).or_default().push(u);
-        }
-    }
-    // A service with volumes is pinned to the host where its first replica
-    // became ready (not merely placed: a host that dies before reporting
-    // would otherwise keep the volume forever).
-    for stored in services.iter().filter(|s| !s.spec.volumes.is_empty()) {
-        let id = stored.spec.id();
-        if pins.contains_key(&id) {
-            continue;
-        }
-        let serving = known.iter().filter(|h| h.ready).find(|h| {
-            h.heartbeat.replicas.iter().any(|r| r.service == id && r.state == wharf_proto::ReplicaState::Ready && r.generation == stored.generation)
+/// A failure of a replica on a host, as first seen.
+#[derive(Clone, Copy)]
+struct FailureSeen {
+    attempt: u32,
+    failures: u32,
+    since_ms: u64,
+}
+
+/// A replica's request counters at one moment, for outlier windows.
+#[derive(Clone, Copy)]
+struct Sample {
+    at_ms: u64,
+    requests: u64,
+    errors: u64,
+}
+
+/// The controller's memory (see the module docs).
+struct Controller {
+    context: Context,
+    epoch: u64,
+    assignments: BTreeMap<HostId, Written<Assignment>>,
+    statuses: BTreeMap<ServiceId, Written<ServiceStatus>>,
+    failures: HashMap<(ReplicaKey, HostId), FailureSeen>,
+    avoid: HashMap<ReplicaKey, BTreeSet<HostId>>,
+    /// Replicas no host could take at the last pass.
+    unplaceable: BTreeMap<ServiceId, Vec<UnplaceableReplica>>,
+    /// Per (service, canary revision, step): each replica's counters when the step started.
+    baselines: HashMap<(ServiceId, u64, u32), HashMap<ReplicaKey, StepTraffic>>,
+    /// Per replica, request counters over the outlier window.
+    samples: HashMap<ReplicaKey, VecDeque<Sample>>,
+    /// Replicas ejected recently, per service.
+    ejected: BTreeMap<ServiceId, Vec<EjectedReplica>>,
+    /// Services whose records could not be written at the last pass, and why.
+    write_problems: BTreeMap<ServiceId, String>,
+}
+
+impl Controller {
+    fn new(context: Context, epoch: u64) -> Controller {
+        let (assignments, statuses) = context.informer.read(|state| {
+            let assignments = state
+                .assignments
+                .iter()
+                .map(|(host, a)| (host.clone(), Written { value: (**a).clone(), version: a.version }))
+                .collect();
+            let statuses = state
+                .statuses
+                .iter()
+                .map(|(id, s)| (id.clone(), Written { value: (**s).clone(), version: s.version }))
+                .collect();
+            (assignments, statuses)
         });
-        if let Some(host) = serving {
-            tracing::info!(service = %id, host = %host.heartbeat.host, "volumes pinned to host");
-            store.pin_volumes(&id, &host.heartbeat.host).await?;
+        Controller {
+            context,
+            epoch,
+            assignments,
+            statuses,
+            failures: HashMap::new(),
+            avoid: HashMap::new(),
+            unplaceable: BTreeMap::new(),
+            baselines: HashMap::new(),
+            samples: HashMap::new(),
+            ejected: BTreeMap::new(),
+            write_problems: BTreeMap::new(),
         }
     }
-    let by_id: BTreeMap<ServiceId, &StoredService> = services.iter().map(|s| (s.spec.id(), s)).collect();
-    let current: BTreeMap<&HostId, &Assignment> = assignments.iter().map(|a| (&a.host, a)).collect();
-    let mut hosts_to_write: BTreeSet<&HostId> = plan.assignments.keys().collect();
-    hosts_to_write.extend(current.keys().copied());
-    for host in hosts_to_write {
-        let wanted: Vec<AssignedReplica> = plan
-            .assignments
-            .get(host)
-            .into_iter()
-            .flatten()
-            .filter_map(|(service, replica)| {
-                by_id.get(service).map(|stored| AssignedReplica {
-                    service: service.clone(),
-                    replica: *replica,
-                    spec: stored.spec.clone(),
-                    generation: stored.generation,
+
+    /// One pass; returns when to run again at the latest.
+    async fn pass(&mut self) -> Option<u64> {
+        let now = crate::store::now_ms();
+        let hosts = self.context.hosts.hosts();
+        let (services, pins, problems) = self.context.informer.read(|state| {
+            (state.services.values().cloned().collect::<Vec<Arc<StoredService>>>(), state.pins.clone(), problems_of(state))
+        });
+        self.adopt_legacy(&services).await;
+        let ready: HashMap<&HostId, &HostEntry> = hosts.iter().filter(|h| h.ready).map(|h| (&h.heartbeat.host, h)).collect();
+        let reports: HashMap<(ReplicaKey, &HostId), &ReplicaStatus> = hosts
+            .iter()
+            .filter(|h| h.ready)
+            .flat_map(|h| h.heartbeat.replicas.iter().map(move |r| ((r.key(), &h.heartbeat.host), r)))
+            .collect();
+        self.note_failures(&reports, now);
+
+        // What each service runs now, from the assignments.
+        let mut by_service: HashMap<ServiceId, Vec<(HostId, AssignedReplica)>> = HashMap::new();
+        for (host, written) in &self.assignments {
+            for replica in &written.value.replicas {
+                by_service.entry(replica.service.clone()).or_default().push((host.clone(), replica.clone()));
+            }
+        }
+        let current: HashMap<ServiceId, u32> = by_service.iter().map(|(id, r)| (id.clone(), r.len() as u32)).collect();
+        self.context.autoscaling.tick(services.iter().map(|s| s.as_ref()), &current, &hosts);
+
+        // Old revisions' specs, fetched before deciding.
+        self.prefetch_revisions(&services, &by_service).await;
+
+        let mut wake: Option<u64> = None;
+        let mut workloads = Vec::new();
+        let mut next_statuses: BTreeMap<ServiceId, ServiceStatus> = BTreeMap::new();
+        let mut attempts: HashMap<ReplicaKey, u32> = HashMap::new();
+        for stored in &services {
+            let id = stored.spec.id();
+            if stored.revision == 0 {
+                continue;
+            }
+            let assigned = by_service.get(&id).map(Vec::as_slice).unwrap_or(&[]);
+            let observed = self.observe(&id, assigned, &ready, &reports, now);
+            let replicas = self.desired_replicas(stored, assigned.len());
+            let previous = self.statuses.get(&id).map(|w| w.value.rollout.clone()).unwrap_or_default();
+            let step = self.step_traffic(&id, &previous, assigned, &reports);
+            let plan = plan_rollout(&RolloutInput {
+                now_ms: now,
+                latest: stored.revision,
+                replicas,
+                policy: &stored.spec.rollout,
+                traffic: &stored.spec.traffic,
+                promoted: stored.promoted == stored.revision,
+                state: &previous,
+                observed: &observed,
+                step_traffic: step.as_ref().map(|(canary, stable)| (canary, stable)),
+            });
+            for event in &plan.events {
+                tracing::info!(service = %id, "{event}");
+            }
+            wake = earliest(wake, plan.wake_at_ms);
+            if plan.state.phase == RolloutPhase::Canary && plan.state.step_started_at_ms != 0 {
+                self.baseline(&id, &plan.state, assigned, &reports);
+            }
+            wake = earliest(wake, self.retries(assigned, &reports, &ready, &mut attempts, now));
+            let mut problem = problems.get(&id).cloned().or_else(|| self.write_problems.get(&id).cloned());
+            for (revision, count) in &plan.wanted {
+                match self.spec_of(stored, *revision) {
+                    Some(spec) => workloads.push(self.workload(&id, *revision, *count, spec, pins.get(&id))),
+                    None => {
+                        problem = Some(format!("revision {revision} is missing from the store; its replicas cannot run"));
+                    }
+                }
+            }
+            let status = ServiceStatus {
+                service: id.clone(),
+                rollout: plan.state,
+                wanted: plan.wanted.iter().map(|(revision, replicas)| RevisionCount { revision: *revision, replicas: *replicas }).collect(),
+                unplaceable: Vec::new(),
+                unplaceable_more: 0,
+                autoscale: self
+                    .context
+                    .autoscaling
+                    .decision(&id)
+                    .map(|d| AutoscaleSummary { replicas: d.replicas, reason: d.reason }),
+                ejected: self.ejected.get(&id).cloned().unwrap_or_default(),
+                problem,
+                observed_generation: stored.generation,
+                epoch: self.epoch,
+                version: 0,
+            };
+            next_statuses.insert(id, status);
+        }
+
+        let snapshot = Snapshot {
+            hosts: hosts.iter().map(host_info).collect(),
+            services: workloads,
+            current: self
+                .assignments
+                .iter()
+                .map(|(host, a)| {
+                    let replicas =
+                        a.value.replicas.iter().map(|r| (WorkloadId::new(r.service.clone(), r.revision), r.replica)).collect();
+                    (host.clone(), replicas)
                 })
+                .collect(),
+        };
+        let plan = reconcile(&snapshot);
+        self.unplaceable.clear();
+        for u in &plan.unplaceable {
+            let reason = match pins.get(&u.service.service) {
+                Some(host) => format!(
+                    "its volumes are on host {host}, which is not ready; it waits for that host rather than start empty elsewhere ({})",
+                    u.reason
+                ),
+                None => u.reason.clone(),
+            };
+            self.unplaceable.entry(u.service.service.clone()).or_default().push(UnplaceableReplica {
+                revision: u.service.revision,
+                replica: u.replica,
+                reason,
+            });
+        }
+        for (id, status) in &mut next_statuses {
+            if let Some(list) = self.unplaceable.get(id) {
+                status.unplaceable = list.iter().take(MAX_LISTED).cloned().collect();
+                status.unplaceable_more = list.len().saturating_sub(MAX_LISTED) as u32;
+            }
+        }
+        self.write_assignments(&plan.assignments, &attempts).await;
+        self.write_statuses(next_statuses).await;
+        self.pin_volumes(&services, &hosts).await;
+        wake
+    }
+
+    /// Gives a service stored before revisions existed its first revision.
+    async fn adopt_legacy(&self, services: &[Arc<StoredService>]) {
+        for stored in services.iter().filter(|s| s.revision == 0) {
+            let change = crate::store::Change { by: "control plane".to_string(), cause: "adopted (stored before revisions)".to_string() };
+            match self.context.store.put_service(stored.spec.clone(), Some(stored.version), &change, None).await {
+                Ok(_) | Err(StoreError::Conflict { .. }) => {}
+                Err(e) => tracing::warn!(service = %stored.spec.id(), "cannot give the service its first revision: {e}"),
+            }
+        }
+    }
+
+    /// Records when each failure (replica, host, attempt) was first seen,
+    /// and forgets those that are over.
+    fn note_failures(&mut self, reports: &HashMap<(ReplicaKey, &HostId), &ReplicaStatus>, now: u64) {
+        let mut seen = HashSet::new();
+        for ((key, host), report) in reports {
+            if report.state != ReplicaState::Failed {
+                continue;
+            }
+            let id = (key.clone(), (*host).clone());
+            let entry = self
+                .failures
+                .entry(id.clone())
+                .or_insert(FailureSeen { attempt: report.attempt, failures: report.failures, since_ms: now });
+            if entry.attempt != report.attempt || entry.failures != report.failures {
+                *entry = FailureSeen { attempt: report.attempt, failures: report.failures, since_ms: now };
+            }
+            seen.insert(id);
+        }
+        self.failures.retain(|id, _| seen.contains(id));
+    }
+
+    /// Each assigned replica of a service and how it is doing.
+    fn observe(
+        &self,
+        id: &ServiceId,
+        assigned: &[(HostId, AssignedReplica)],
+        ready: &HashMap<&HostId, &HostEntry>,
+        reports: &HashMap<(ReplicaKey, &HostId), &ReplicaStatus>,
+        now: u64,
+    ) -> Vec<ObservedReplica> {
+        let mut observed: Vec<ObservedReplica> = assigned
+            .iter()
+            .map(|(host, replica)| {
+                let key = replica.key();
+                let state = if !ready.contains_key(host) {
+                    ObservedState::Lost { reason: format!("host {host} is not ready") }
+                } else {
+                    match reports.get(&(key.clone(), host)) {
+                        Some(report) if report.attempt == replica.attempt => match report.state {
+                            ReplicaState::Ready => ObservedState::Ready,
+                            ReplicaState::Loading | ReplicaState::Probing => ObservedState::Starting,
+                            ReplicaState::Failed => ObservedState::Failed {
+                                failures: report.failures.max(1),
+                                since_ms: self.failures.get(&(key, host.clone())).map_or(now, |f| f.since_ms),
+                                error: report.error.clone().unwrap_or_else(|| "failed".to_string()),
+                            },
+                        },
+                        _ => ObservedState::Starting,
+                    }
+                };
+                ObservedReplica { revision: replica.revision, replica: replica.replica, host: Some(host.clone()), state }
             })
             .collect();
-        let existing = current.get(host);
-        if existing.is_some_and(|a| a.replicas == wanted) {
-            continue;
+        for u in self.unplaceable.get(id).into_iter().flatten() {
+            if !observed.iter().any(|o| o.revision == u.revision && o.replica == u.replica) {
+                observed.push(ObservedReplica {
+                    revision: u.revision,
+                    replica: u.replica,
+                    host: None,
+                    state: ObservedState::Lost { reason: format!("replica {} cannot be placed: {}", u.replica, u.reason) },
+                });
+            }
         }
-        let generation = existing.map_or(1, |a| a.generation + 1);
-        tracing::info!(host = %host, replicas = wanted.len(), "writing assignment");
-        store.put_assignment(&Assignment { host: host.clone(), replicas: wanted, revision: 0, generation }).await?;
+        observed
     }
-    Ok(())
+
+    /// Replicas a service should run now: the autoscaler's decision or the spec's count.
+    fn desired_replicas(&self, stored: &StoredService, running: usize) -> u32 {
+        let spec = &stored.spec;
+        let mut replicas = match &spec.autoscale {
+            Some(policy) => self.context.autoscaling.replicas(&spec.id()).unwrap_or_else(|| {
+                u32::try_from(running).unwrap_or(u32::MAX).clamp(policy.min, policy.max.max(policy.min))
+            }),
+            None => spec.replicas,
+        };
+        // A service with volumes is placed once (one replica) until its
+        // volumes are pinned to a host.
+        if !spec.volumes.is_empty() && !self.context.informer.read(|s| s.pins.contains_key(&spec.id())) {
+            replicas = replicas.min(1);
+        }
+        replicas
+    }
+
+    /// Fetches the specs of the revisions a pass may need that are not cached.
+    async fn prefetch_revisions(&self, services: &[Arc<StoredService>], by_service: &HashMap<ServiceId, Vec<(HostId, AssignedReplica)>>) {
+        for stored in services {
+            let id = stored.spec.id();
+            let mut needed: BTreeSet<u64> = by_service.get(&id).into_iter().flatten().map(|(_, r)| r.revision).collect();
+            if let Some(status) = self.statuses.get(&id) {
+                needed.insert(status.value.rollout.stable);
+            }
+            needed.extend(stored.spec.traffic.iter().filter_map(|t| t.revision));
+            needed.remove(&stored.revision);
+            needed.remove(&0);
+            for number in needed {
+                if self.context.informer.cached_revision(&id, number).is_none()
+                    && let Err(e) = self.context.informer.revision(&id, number).await
+                {
+                    tracing::warn!(service = %id, number, "cannot read a revision: {e}");
+                }
+            }
+        }
+    }
+
+    /// The spec of revision `revision` of `stored`'s service.
+    fn spec_of(&self, stored: &StoredService, revision: u64) -> Option<Arc<ServiceSpec>> {
+        if revision == stored.revision {
+            return Some(Arc::new(stored.spec.clone()));
+        }
+        self.context.informer.cached_revision(&stored.spec.id(), revision).map(|r| Arc::new(r.spec.clone()))
+    }
+
+    /// A revision as placement sees it: its volume pin applied, its hosts to avoid.
+    fn workload(&self, id: &ServiceId, revision: u64, replicas: u32, spec: Arc<ServiceSpec>, pin: Option<&HostId>) -> Workload {
+        let spec = match pin {
+            Some(host) if !spec.volumes.is_empty() => {
+                let mut pinned = (*spec).clone();
+                pinned.placement.labels.insert(wharf_proto::names::HOST_LABEL.to_string(), host.to_string());
+                Arc::new(pinned)
+            }
+            _ => spec,
+        };
+        let avoid = (0..replicas)
+            .filter_map(|replica| {
+                let key = ReplicaKey { service: id.clone(), revision, replica };
+                self.avoid.get(&key).map(|hosts| (replica, hosts.clone()))
+            })
+            .collect();
+        Workload { id: WorkloadId::new(id.clone(), revision), spec, replicas, avoid }
+    }
+
+    /// Retry decisions for a service's failed replicas: attempts to bump go
+    /// into `attempts`, hosts to leave into the avoid sets. Returns when to
+    /// look again.
+    fn retries(
+        &mut self,
+        assigned: &[(HostId, AssignedReplica)],
+        reports: &HashMap<(ReplicaKey, &HostId), &ReplicaStatus>,
+        ready: &HashMap<&HostId, &HostEntry>,
+        attempts: &mut HashMap<ReplicaKey, u32>,
+        now: u64,
+    ) -> Option<u64> {
+        let mut wake = None;
+        for (host, replica) in assigned {
+            let key = replica.key();
+            let Some(report) = reports.get(&(key.clone(), host)) else { continue };
+            if report.state != ReplicaState::Failed {
+                continue;
+            }
+            let Some(seen) = self.failures.get(&(key.clone(), host.clone())) else { continue };
+            let avoided = self.avoid.get(&key);
+            let elsewhere = ready.keys().any(|h| *h != host && avoided.is_none_or(|a| !a.contains(*h)));
+            let failed = FailedReplica {
+                failures: report.failures.max(1),
+                since_ms: seen.since_ms,
+                assigned_attempt: replica.attempt,
+                reported_attempt: report.attempt,
+                elsewhere,
+            };
+            match retry(&self.context.retry, &failed, now) {
+                RetryAction::Wait { until_ms } => wake = earliest(wake, until_ms),
+                RetryAction::Retry { attempt } => {
+                    tracing::info!(replica = %key, %host, attempt, "retrying a failed replica: {}", report.error.as_deref().unwrap_or(""));
+                    attempts.insert(key, attempt);
+                }
+                RetryAction::Move => {
+                    tracing::info!(replica = %key, %host, "moving a replica that failed {} times on its host", report.failures);
+                    self.avoid.entry(key).or_default().insert(host.clone());
+                }
+            }
+        }
+        wake
+    }
+
+    /// For a canary step under way: the canary's and the stable revision's
+    /// requests since the step began.
+    fn step_traffic(
+        &self,
+        id: &ServiceId,
+        state: &wharf_proto::RolloutState,
+        assigned: &[(HostId, AssignedReplica)],
+        reports: &HashMap<(ReplicaKey, &HostId), &ReplicaStatus>,
+    ) -> Option<(StepTraffic, StepTraffic)> {
+        if state.phase != RolloutPhase::Canary || state.step_started_at_ms == 0 {
+            return None;
+        }
+        let baseline = self.baselines.get(&(id.clone(), state.latest, state.step))?;
+        let mut canary = StepTraffic::default();
+        let mut stable = StepTraffic::default();
+        for (host, replica) in assigned {
+            let key = replica.key();
+            let Some(report) = reports.get(&(key.clone(), host)) else { continue };
+            let into = if replica.revision == state.latest {
+                &mut canary
+            } else if replica.revision == state.stable {
+                &mut stable
+            } else {
+                continue;
+            };
+            let delta = since(report, baseline.get(&key));
+            into.requests += delta.requests;
+            into.errors += delta.errors;
+            into.latency.merge(&delta.latency);
+        }
+        Some((canary, stable))
+    }
+
+    /// Records each replica's counters when a canary step starts.
+    fn baseline(
+        &mut self,
+        id: &ServiceId,
+        state: &wharf_proto::RolloutState,
+        assigned: &[(HostId, AssignedReplica)],
+        reports: &HashMap<(ReplicaKey, &HostId), &ReplicaStatus>,
+    ) {
+        let key = (id.clone(), state.latest, state.step);
+        if self.baselines.contains_key(&key) {
+            return;
+        }
+        self.baselines.retain(|(service, _, _), _| service != id);
+        let counters = assigned
+            .iter()
+            .filter_map(|(host, replica)| {
+                let report = reports.get(&(replica.key(), host))?;
+                Some((replica.key(), StepTraffic { requests: report.requests, errors: report.errors, latency: report.latency.clone() }))
+            })
+            .collect();
+        self.baselines.insert(key, counters);
+    }
+
+    /// Samples replicas' request counters and ejects outliers (see
+    /// [`wharf_scheduler_core::outliers`]): the replica's host is added to
+    /// those it avoids, so the next pass moves it. Returns whether it ejected any.
+    fn check_outliers(&mut self) -> bool {
+        let now = crate::store::now_ms();
+        let hosts = self.context.hosts.hosts();
+        let mut per_service: BTreeMap<ServiceId, Vec<(ReplicaKey, HostId, u64, u64)>> = BTreeMap::new();
+        let mut live = HashSet::new();
+        // Only hosts that reported requests: at idle this costs nothing per service.
+        for host in hosts.iter().filter(|h| h.ready && !h.rps.is_empty()) {
+            for report in host.heartbeat.replicas.iter().filter(|r| r.state == ReplicaState::Ready) {
+                let key = report.key();
+                let Some(window) = self
+                    .context
+                    .informer
+                    .service(&report.service)
+                    .map(|s| s.spec.health.ejection.clone())
+                    .filter(|e| e.enabled)
+                else {
+                    continue;
+                };
+                let samples = self.samples.entry(key.clone()).or_default();
+                samples.push_back(Sample { at_ms: now, requests: report.requests, errors: report.errors });
+                let horizon = now.saturating_sub(u64::try_from(window.window.as_millis()).unwrap_or(u64::MAX));
+                while samples.len() > 1 && samples.front().is_some_and(|s| s.at_ms < horizon) {
+                    samples.pop_front();
+                }
+                let (first, last) = (samples.front().copied(), samples.back().copied());
+                if let (Some(first), Some(last)) = (first, last) {
+                    let requests = last.requests.saturating_sub(first.requests);
+                    let errors = last.errors.saturating_sub(first.errors);
+                    per_service.entry(report.service.clone()).or_default().push((key.clone(), host.heartbeat.host.clone(), requests, errors));
+                }
+                live.insert(key);
+            }
+        }
+        self.samples.retain(|key, _| live.contains(key));
+        let mut ejected_any = false;
+        for (service, replicas) in per_service {
+            let Some(stored) = self.context.informer.service(&service) else { continue };
+            let policy = &stored.spec.health.ejection;
+            let window_ms = u64::try_from(policy.window.as_millis()).unwrap_or(u64::MAX);
+            let recent = self.ejected.entry(service.clone()).or_default();
+            recent.retain(|e| now.saturating_sub(e.at_ms) < window_ms.max(60_000));
+            let traffic: Vec<ReplicaTraffic> = replicas
+                .iter()
+                .map(|(key, _, requests, errors)| ReplicaTraffic {
+                    requests: *requests,
+                    errors: *errors,
+                    ejected: recent.iter().any(|e| e.revision == key.revision && e.replica == key.replica && now.saturating_sub(e.at_ms) < window_ms),
+                })
+                .collect();
+            for (index, reason) in outliers(policy, &traffic) {
+                let (key, host, _, _) = &replicas[index];
+                tracing::warn!(replica = %key, %host, "ejecting an outlier: {reason}");
+                self.avoid.entry(key.clone()).or_default().insert(host.clone());
+                self.samples.remove(key);
+                recent.push(EjectedReplica { revision: key.revision, replica: key.replica, host: host.clone(), reason, at_ms: now });
+                if recent.len() > MAX_LISTED {
+                    recent.remove(0);
+                }
+                ejected_any = true;
+            }
+        }
+        ejected_any
+    }
+
+    /// Writes the assignments that changed, each compare-and-set.
+    async fn write_assignments(&mut self, planned: &BTreeMap<HostId, Vec<(WorkloadId, u32)>>, attempts: &HashMap<ReplicaKey, u32>) {
+        let mut hosts: BTreeSet<HostId> = planned.keys().cloned().collect();
+        hosts.extend(self.assignments.keys().cloned());
+        for host in hosts {
+            let existing = self.assignments.get(&host);
+            let current_attempt: HashMap<ReplicaKey, u32> =
+                existing.map(|w| w.value.replicas.iter().map(|r| (r.key(), r.attempt)).collect()).unwrap_or_default();
+            let mut wanted: Vec<AssignedReplica> = planned
+                .get(&host)
+                .into_iter()
+                .flatten()
+                .map(|(workload, replica)| {
+                    let key = ReplicaKey { service: workload.service.clone(), revision: workload.revision, replica: *replica };
+                    let attempt = attempts.get(&key).copied().or_else(|| current_attempt.get(&key).copied()).unwrap_or(0);
+                    AssignedReplica { service: key.service, revision: key.revision, replica: key.replica, attempt }
+                })
+                .collect();
+            wanted.sort();
+            if existing.is_some_and(|w| w.value.replicas == wanted) {
+                continue;
+            }
+            let (generation, expected) = existing.map_or((1, 0), |w| (w.value.generation + 1, w.version));
+            let assignment = Assignment { host: host.clone(), replicas: wanted, version: 0, generation, epoch: self.epoch };
+            match self.context.store.put_assignment(&assignment, expected).await {
+                Ok(version) => {
+                    tracing::info!(host = %host, replicas = assignment.replicas.len(), "wrote assignment");
+                    self.assignments.insert(host, Written { value: assignment, version });
+                }
+                Err(e) => self.write_failed(&format!("the assignment of host {host}"), e, |c| {
+                    if let Some(current) = c.context.informer.read(|s| s.assignments.get(&host).cloned()) {
+                        c.assignments.insert(host.clone(), Written { value: (*current).clone(), version: current.version });
+                    }
+                }),
+            }
+        }
+    }
+
+    /// Writes the statuses that changed, and deletes those of services gone.
+    async fn write_statuses(&mut self, next: BTreeMap<ServiceId, ServiceStatus>) {
+        self.write_problems.clear();
+        let gone: Vec<ServiceId> = self.statuses.keys().filter(|id| !next.contains_key(*id)).cloned().collect();
+        for id in gone {
+            let still_running = self.assignments.values().any(|a| a.value.replicas.iter().any(|r| r.service == id));
+            if still_running {
+                continue;
+            }
+            match self.context.store.delete_status(&id).await {
+                Ok(()) => {
+                    self.statuses.remove(&id);
+                    self.ejected.remove(&id);
+                    self.avoid.retain(|key, _| key.service != id);
+                }
+                Err(e) => tracing::warn!(service = %id, "cannot delete the status of a deleted service: {e}"),
+            }
+        }
+        for (id, status) in next {
+            let existing = self.statuses.get(&id);
+            if existing.is_some_and(|w| same_status(&w.value, &status)) {
+                continue;
+            }
+            let expected = existing.map_or(0, |w| w.version);
+            match self.context.store.put_status(&status, expected).await {
+                Ok(version) => {
+                    self.statuses.insert(id, Written { value: status, version });
+                }
+                Err(e) => {
+                    self.write_problems.insert(id.clone(), format!("its status could not be written: {e}"));
+                    self.write_failed(&format!("the status of {id}"), e, |c| {
+                        if let Some(current) = c.context.informer.status(&id) {
+                            c.statuses.insert(id.clone(), Written { value: (*current).clone(), version: current.version });
+                        }
+                    });
+                }
+            }
+        }
+    }
+
+    /// A write that failed: logged; a fenced one re-reads the record from
+    /// the informer (another leader may have written it; the lease will tell).
+    fn write_failed(&mut self, what: &str, error: StoreError, reread: impl FnOnce(&mut Controller)) {
+        match &error {
+            StoreError::Fenced { .. } => {
+                tracing::warn!("{what} changed under this leader: {error}");
+                reread(self);
+            }
+            _ => tracing::warn!("cannot write {what}: {error}"),
+        }
+    }
+
+    /// Pins each service with volumes to the host where its current
+    /// revision first became ready (not merely placed: a host that dies
+    /// before reporting would otherwise keep the volume forever).
+    async fn pin_volumes(&self, services: &[Arc<StoredService>], hosts: &[HostEntry]) {
+        for stored in services.iter().filter(|s| !s.spec.volumes.is_empty()) {
+            let id = stored.spec.id();
+            if self.context.informer.read(|s| s.pins.contains_key(&id)) {
+                continue;
+            }
+            let serving = hosts.iter().filter(|h| h.ready).find(|h| {
+                h.heartbeat.replicas.iter().any(|r| r.service == id && r.state == ReplicaState::Ready && r.revision == stored.revision)
+            });
+            if let Some(host) = serving {
+                tracing::info!(service = %id, host = %host.heartbeat.host, "volumes pinned to host");
+                if let Err(e) = self.context.store.pin_volumes(&id, &host.heartbeat.host).await {
+                    tracing::warn!(service = %id, "cannot pin volumes: {e}");
+                }
+            }
+        }
+    }
 }
 
-/// The spec as placement sees it: an autoscaled service's replica count is
-/// the autoscaler's decision (or, before its first, what runs now, within
-/// the policy's bounds).
-fn effective(spec: &wharf_proto::ServiceSpec, assignments: &[Assignment], autoscaling: &Autoscaling, pin: Option<&HostId>) -> wharf_proto::ServiceSpec {
-    let mut spec = spec.clone();
-    if let Some(policy) = &spec.autoscale {
-        let id = spec.id();
-        spec.replicas = autoscaling.replicas(&id).unwrap_or_else(|| {
-            let current = assignments.iter().flat_map(|a| &a.replicas).filter(|r| r.service == id).count();
-            u32::try_from(current).unwrap_or(u32::MAX).clamp(policy.min, policy.max.max(policy.min))
-        });
+use std::collections::HashSet;
+
+/// Whether two statuses say the same (their versions aside).
+fn same_status(a: &ServiceStatus, b: &ServiceStatus) -> bool {
+    ServiceStatus { version: 0, ..a.clone() } == ServiceStatus { version: 0, ..b.clone() }
+}
+
+/// A replica's requests since `baseline` (all of them when there is none,
+/// or when it restarted since).
+fn since(report: &ReplicaStatus, baseline: Option<&StepTraffic>) -> StepTraffic {
+    match baseline {
+        Some(b) if report.requests >= b.requests => StepTraffic {
+            requests: report.requests - b.requests,
+            errors: report.errors.saturating_sub(b.errors),
+            latency: report.latency.since(&b.latency),
+        },
+        _ => StepTraffic { requests: report.requests, errors: report.errors, latency: report.latency.clone() },
     }
-    // Volumes stay with their host: pinned services go only there; an
-    // unpinned one is placed once (one replica) to choose that host.
-    if !spec.volumes.is_empty() {
-        match pin {
-            Some(host) => {
-                spec.placement.labels.insert(wharf_proto::names::HOST_LABEL.to_string(), host.to_string());
-            }
-            None => spec.replicas = spec.replicas.min(1),
-        }
+}
+
+fn host_info(h: &HostEntry) -> HostInfo {
+    let mut labels = h.heartbeat.labels.clone();
+    labels.insert(wharf_proto::names::HOST_LABEL.to_string(), h.heartbeat.host.to_string());
+    HostInfo {
+        id: h.heartbeat.host.clone(),
+        ready: h.ready,
+        labels,
+        capacity: h.heartbeat.capacity,
+        cached: h.heartbeat.cached.iter().cloned().collect(),
+        in_flight: h.heartbeat.replicas.iter().map(|r| r.in_flight).sum(),
     }
-    spec
+}
+
+fn earliest(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
 }

@@ -35,6 +35,8 @@ pub struct HostTable {
 struct Inner {
     hosts: RwLock<BTreeMap<HostId, (Heartbeat, Instant, Rates)>>,
     timeout: Duration,
+    /// When the table started following heartbeats.
+    started: Instant,
     /// Bumped when a host appears, goes silent, comes back or its replicas' states change.
     changes: watch::Sender<u64>,
 }
@@ -45,7 +47,7 @@ impl HostTable {
     pub async fn follow(bus: &Bus, timeout: Duration) -> Result<HostTable, wharf_bus::SubscribeError> {
         let mut heartbeats = bus.subscribe(HEARTBEAT_WILDCARD).await?;
         let (changes, _) = watch::channel(0);
-        let table = HostTable { inner: Arc::new(Inner { hosts: RwLock::new(BTreeMap::new()), timeout, changes }) };
+        let table = HostTable { inner: Arc::new(Inner { hosts: RwLock::new(BTreeMap::new()), timeout, started: Instant::now(), changes }) };
         let weak = Arc::downgrade(&table.inner);
         tokio::spawn(async move {
             while let Some(message) = heartbeats.next().await {
@@ -87,8 +89,9 @@ impl HostTable {
                     true
                 }
                 Some((before, seen, _)) => {
+                    let shape = |r: &'_ wharf_proto::ReplicaStatus| (r.service.clone(), r.revision, r.replica, r.attempt, r.state, r.failures);
                     seen.elapsed() > self.inner.timeout
-                        || before.replicas.iter().map(|r| (&r.service, r.replica, r.generation, r.state)).ne(heartbeat.replicas.iter().map(|r| (&r.service, r.replica, r.generation, r.state)))
+                        || before.replicas.iter().map(shape).ne(heartbeat.replicas.iter().map(shape))
                         || before.started_at_ms != heartbeat.started_at_ms
                         || before.draining != heartbeat.draining
                         || before.labels != heartbeat.labels
@@ -124,6 +127,13 @@ impl HostTable {
         self.inner.changes.subscribe()
     }
 
+    /// Waits until the table has followed heartbeats for one timeout: every
+    /// live host has been heard by then.
+    pub async fn warmed_up(&self) {
+        let until = self.inner.started + self.inner.timeout;
+        tokio::time::sleep_until(until.into()).await;
+    }
+
     /// The heartbeat timeout.
     pub fn timeout(&self) -> Duration {
         self.inner.timeout
@@ -145,8 +155,11 @@ fn request_rates(before: &Heartbeat, now: &Heartbeat) -> Rates {
         return rates;
     }
     let mut totals: BTreeMap<ServiceId, (u64, u64)> = BTreeMap::new();
+    // Indexed once: a host may report thousands of replicas.
+    let earlier_of: std::collections::HashMap<(&ServiceId, u64, u32), &wharf_proto::ReplicaStatus> =
+        before.replicas.iter().map(|r| ((&r.service, r.revision, r.replica), r)).collect();
     for replica in &now.replicas {
-        let earlier = before.replicas.iter().find(|r| r.service == replica.service && r.replica == replica.replica && r.generation == replica.generation);
+        let earlier = earlier_of.get(&(&replica.service, replica.revision, replica.replica));
         let (requests, micros) = earlier.map_or((0, 0), |e| (replica.requests.saturating_sub(e.requests), replica.latency_micros.saturating_sub(e.latency_micros)));
         let total = totals.entry(replica.service.clone()).or_default();
         total.0 += requests;

@@ -10,13 +10,17 @@ pub mod auth;
 pub mod autoscale;
 pub mod controller;
 pub mod hosts;
+pub mod informer;
+pub mod leader;
+pub mod rollout_api;
 pub mod status;
 pub mod store;
 
 mod tls;
 
-use controller::UnplaceableMap;
 use hosts::HostTable;
+use informer::Informer;
+use leader::{LeaseConfig, Leadership};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,12 +44,35 @@ pub struct ControlPlaneConfig {
     /// Where the admin token lives (created on first start). `None` turns
     /// authentication off: only for in-process tests of the API.
     pub admin_token_file: Option<std::path::PathBuf>,
+    /// This scheduler's name in the leader lease (unique per process).
+    pub name: String,
+    /// Leader lease timings.
+    pub lease: LeaseConfig,
+    /// Revisions kept per service.
+    pub revision_history: usize,
+    /// How failed replicas are retried and moved.
+    pub retry: wharf_scheduler_core::RetryPolicy,
 }
 
 impl Default for ControlPlaneConfig {
     fn default() -> Self {
-        ControlPlaneConfig { host_timeout: Duration::from_secs(2), admin_token_file: None }
+        ControlPlaneConfig {
+            host_timeout: Duration::from_secs(2),
+            admin_token_file: None,
+            name: default_name(),
+            lease: LeaseConfig::default(),
+            revision_history: store::DEFAULT_REVISION_HISTORY,
+            retry: wharf_scheduler_core::RetryPolicy::default(),
+        }
     }
+}
+
+/// A scheduler's default name: the machine's host name, the process id and
+/// a random suffix, so two processes never share one.
+pub fn default_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
+    let host = if host.is_empty() { "scheduler".to_string() } else { host };
+    format!("{host}-{}-{:04x}", std::process::id(), rand::random::<u16>())
 }
 
 /// Why the control plane could not start.
@@ -59,24 +86,29 @@ pub enum StartError {
     Tokens(anyhow::Error),
 }
 
-/// A running control plane; cheap to clone. The controller stops when
-/// [`ControlPlane::shutdown`] is called.
+/// A running control plane; cheap to clone. Every one serves the API; the
+/// one holding the leader lease also runs the controller. Everything stops
+/// when [`ControlPlane::shutdown`] is called.
 #[derive(Clone)]
 pub struct ControlPlane {
     pub(crate) store: Store,
+    pub(crate) informer: Informer,
     pub(crate) hosts: HostTable,
-    pub(crate) unplaceable: UnplaceableMap,
     pub(crate) check: Arc<dyn ComponentCheck>,
     pub(crate) autoscaling: autoscale::Autoscaling,
     pub(crate) bus: Bus,
     pub(crate) tokens: Option<auth::Tokens>,
+    pub(crate) leadership: watch::Receiver<Leadership>,
+    pub(crate) config: ControlPlaneConfig,
     stop: Arc<watch::Sender<bool>>,
 }
 
 impl ControlPlane {
-    /// Opens the store, follows heartbeats and starts the controller.
+    /// Opens the store, follows its state and the heartbeats, and campaigns
+    /// for leadership; while it leads, it runs the controller.
     pub async fn start(bus: &Bus, check: Arc<dyn ComponentCheck>, config: ControlPlaneConfig) -> Result<ControlPlane, StartError> {
-        let store = Store::open(bus).await?;
+        let store = Store::open(bus).await?.with_history(config.revision_history);
+        let informer = Informer::start(store.clone()).await?;
         let hosts = HostTable::follow(bus, config.host_timeout).await?;
         let tokens = match &config.admin_token_file {
             Some(file) => {
@@ -88,25 +120,44 @@ impl ControlPlane {
             None => None,
         };
         let (stop, stopped) = watch::channel(false);
-        let plane = ControlPlane {
+        let leadership = leader::campaign(store.leader_kv().clone(), config.name.clone(), config.lease, stopped.clone());
+        let autoscaling = autoscale::Autoscaling::default();
+        let context = controller::Context {
+            bus: bus.clone(),
+            store: store.clone(),
+            informer: informer.clone(),
+            hosts: hosts.clone(),
+            autoscaling: autoscaling.clone(),
+            retry: config.retry,
+        };
+        tokio::spawn(lead(context, leadership.clone(), stopped));
+        Ok(ControlPlane {
             store,
+            informer,
             hosts,
-            unplaceable: Arc::default(),
             check,
-            autoscaling: Default::default(),
+            autoscaling,
             bus: bus.clone(),
             tokens,
+            leadership,
+            config,
             stop: Arc::new(stop),
-        };
-        tokio::spawn(controller::run(
-            bus.clone(),
-            plane.store.clone(),
-            plane.hosts.clone(),
-            plane.unplaceable.clone(),
-            plane.autoscaling.clone(),
-            stopped,
-        ));
-        Ok(plane)
+        })
+    }
+
+    /// Whether this scheduler leads now.
+    pub fn leadership(&self) -> Leadership {
+        self.leadership.borrow().clone()
+    }
+
+    /// Follows this scheduler's leadership.
+    pub fn leadership_changes(&self) -> watch::Receiver<Leadership> {
+        self.leadership.clone()
+    }
+
+    /// The state the control plane keeps in memory.
+    pub fn informer(&self) -> &Informer {
+        &self.informer
     }
 
     /// The desired-state store.
@@ -119,7 +170,7 @@ impl ControlPlane {
         &self.hosts
     }
 
-    /// Stops the controller.
+    /// Stops the controller and gives up the lease.
     pub fn shutdown(&self) {
         let _ = self.stop.send(true);
     }
@@ -136,6 +187,42 @@ impl ControlPlane {
         match tls {
             None => axum::serve(listener, router).with_graceful_shutdown(shutdown).await,
             Some(acceptor) => axum::serve(tls::TlsListener::new(listener, acceptor), router).with_graceful_shutdown(shutdown).await,
+        }
+    }
+}
+
+/// Runs the controller whenever this scheduler leads, and stops it when it
+/// no longer does.
+async fn lead(context: controller::Context, mut leadership: watch::Receiver<Leadership>, mut stop: watch::Receiver<bool>) {
+    loop {
+        let epoch = leadership.borrow_and_update().epoch();
+        match epoch {
+            Some(epoch) => {
+                let (quit, quitting) = watch::channel(false);
+                let task = tokio::spawn(controller::run(context.clone(), epoch, quitting));
+                // Lead until the epoch changes or the process stops.
+                loop {
+                    tokio::select! {
+                        changed = leadership.changed() => {
+                            if changed.is_err() || leadership.borrow().epoch() != Some(epoch) {
+                                break;
+                            }
+                        }
+                        _ = stop.changed() => break,
+                    }
+                }
+                let _ = quit.send(true);
+                task.abort();
+                if *stop.borrow() {
+                    return;
+                }
+            }
+            None => {
+                tokio::select! {
+                    changed = leadership.changed() => if changed.is_err() { return },
+                    _ = stop.changed() => return,
+                }
+            }
         }
     }
 }

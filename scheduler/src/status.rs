@@ -1,90 +1,161 @@
-//! What a service looks like from outside: its stored spec plus where each
-//! replica runs and how it is doing, joined from assignments and heartbeats.
+//! What a service looks like from outside: its stored spec, its rollout and
+//! traffic split as the leader last wrote them, and where each replica runs
+//! and how it is doing, joined from the assignments and the heartbeats.
+//! Everything comes from memory (the informer and the host table), so any
+//! scheduler answers, and a listing costs one pass over the assignments.
 
 use crate::ControlPlane;
-use serde_json::{Value, json};
-use std::collections::BTreeMap;
 use crate::hosts::HostEntry;
-use wharf_proto::{Assignment, HostId, ReplicaState, StoredService};
+use crate::informer::State;
+use serde_json::{Value, json};
+use std::collections::{BTreeMap, HashMap};
+use wharf_proto::{AssignedReplica, HostId, ReplicaKey, ReplicaState, ReplicaStatus, ServiceId, ServiceStatus, StoredService};
 
-/// The JSON view of one service: `{"service": ..., "status": ...}`.
-pub fn service_view(plane: &ControlPlane, stored: &StoredService, assignments: &[Assignment]) -> Value {
-    view(plane, stored, assignments, &host_map(plane))
+/// What views need from the cluster, gathered and indexed once per
+/// request, so a listing of every service costs one pass over the
+/// assignments and the heartbeats.
+pub struct Views {
+    hosts: BTreeMap<HostId, HostEntry>,
+    /// Assigned replicas per service, with their hosts.
+    assigned: HashMap<ServiceId, Vec<(HostId, AssignedReplica)>>,
+    statuses: HashMap<ServiceId, ServiceStatus>,
+    /// Replicas' reports per service, from ready and unready hosts alike.
+    reports: HashMap<ServiceId, HashMap<(ReplicaKey, HostId), ReplicaStatus>>,
+    /// Per service over ready hosts: requests in flight, requests/s, and
+    /// requests/s x mean latency (for a weighted mean).
+    load: HashMap<ServiceId, (u64, f64, f64)>,
 }
 
-/// The views of several services, reading the host table once.
-pub fn service_views<'a>(plane: &ControlPlane, services: impl IntoIterator<Item = &'a StoredService>, assignments: &[Assignment]) -> Vec<Value> {
-    let hosts = host_map(plane);
-    services.into_iter().map(|stored| view(plane, stored, assignments, &hosts)).collect()
-}
+impl Views {
+    /// Reads the host table and the informer's assignments and statuses.
+    pub fn gather(plane: &ControlPlane) -> Views {
+        let hosts: BTreeMap<HostId, HostEntry> = plane.hosts.hosts().into_iter().map(|h| (h.heartbeat.host.clone(), h)).collect();
+        let (assigned, statuses) = plane.informer.read(|state: &State| {
+            let mut assigned: HashMap<ServiceId, Vec<(HostId, AssignedReplica)>> = HashMap::new();
+            for (host, assignment) in &state.assignments {
+                for replica in &assignment.replicas {
+                    assigned.entry(replica.service.clone()).or_default().push((host.clone(), replica.clone()));
+                }
+            }
+            let statuses = state.statuses.iter().map(|(id, s)| (id.clone(), (**s).clone())).collect();
+            (assigned, statuses)
+        });
+        let mut reports: HashMap<ServiceId, HashMap<(ReplicaKey, HostId), ReplicaStatus>> = HashMap::new();
+        let mut load: HashMap<ServiceId, (u64, f64, f64)> = HashMap::new();
+        for host in hosts.values() {
+            let host: &HostEntry = host;
+            for report in &host.heartbeat.replicas {
+                reports.entry(report.service.clone()).or_default().insert((report.key(), host.heartbeat.host.clone()), report.clone());
+                if host.ready {
+                    load.entry(report.service.clone()).or_default().0 += report.in_flight;
+                }
+            }
+            if host.ready {
+                for (service, rps) in &host.rps {
+                    let entry = load.entry(service.clone()).or_default();
+                    entry.1 += rps;
+                    entry.2 += rps * host.latency_ms.get(service).copied().unwrap_or(0.0);
+                }
+            }
+        }
+        Views { hosts, assigned, statuses, reports, load }
+    }
 
-fn host_map(plane: &ControlPlane) -> BTreeMap<HostId, HostEntry> {
-    plane.hosts.hosts().into_iter().map(|h| (h.heartbeat.host.clone(), h)).collect()
-}
-
-fn view(plane: &ControlPlane, stored: &StoredService, assignments: &[Assignment], hosts: &BTreeMap<HostId, HostEntry>) -> Value {
-    let id = stored.spec.id();
-    let mut replicas = Vec::new();
-    let mut ready = 0;
-    let mut last_error: Option<String> = None;
-    for assignment in assignments {
-        for assigned in assignment.replicas.iter().filter(|r| r.service == id) {
-            let host = hosts.get(&assignment.host);
-            let reported = host.and_then(|h| h.heartbeat.replicas.iter().find(|r| r.service == id && r.replica == assigned.replica));
-            let (state, error) = match (host, reported) {
-                (Some(h), _) if !h.ready => ("lost".to_string(), Some(format!("host {} stopped sending heartbeats", assignment.host))),
-                (_, Some(r)) if r.generation != stored.generation => ("updating".to_string(), None),
-                (_, Some(r)) => (state_name(r.state).to_string(), r.error.clone()),
-                _ => ("pending".to_string(), None),
+    /// The JSON view of one service: `{"service": ..., "status": ...}`.
+    pub fn view(&self, plane: &ControlPlane, stored: &StoredService) -> Value {
+        let id = stored.spec.id();
+        let record = self.statuses.get(&id);
+        let no_reports = HashMap::new();
+        let reports = self.reports.get(&id).unwrap_or(&no_reports);
+        let mut replicas = Vec::new();
+        let mut ready = 0;
+        let mut last_error: Option<String> = None;
+        let mut per_revision: BTreeMap<u64, (u32, u32)> = BTreeMap::new();
+        for (host, assigned) in self.assigned.get(&id).into_iter().flatten() {
+            let entry = self.hosts.get(host);
+            let reported = reports.get(&(assigned.key(), host.clone()));
+            let (state, error) = match (entry, reported) {
+                (Some(h), _) if !h.ready => ("lost", Some(format!("host {host} stopped sending heartbeats"))),
+                (None, _) => ("lost", Some(format!("host {host} is unknown (never heard from)"))),
+                (_, Some(r)) if r.attempt != assigned.attempt => ("loading", None),
+                (_, Some(r)) => (state_name(r.state), r.error.clone()),
+                _ => ("pending", None),
             };
+            let counts = per_revision.entry(assigned.revision).or_default();
+            counts.0 += 1;
             if state == "ready" {
                 ready += 1;
+                counts.1 += 1;
             }
             if let Some(e) = &error {
                 last_error = Some(e.clone());
             }
-            replicas.push(json!({"replica": assigned.replica, "host": assignment.host, "state": state, "error": error}));
+            replicas.push(json!({
+                "revision": assigned.revision,
+                "replica": assigned.replica,
+                "host": host,
+                "state": state,
+                "attempt": assigned.attempt,
+                "failures": reported.map_or(0, |r| r.failures),
+                "error": error,
+            }));
         }
+        for u in record.map(|r| r.unplaceable.as_slice()).unwrap_or(&[]) {
+            last_error = Some(format!("replica {} of revision {} cannot be placed: {}", u.replica, u.revision, u.reason));
+            replicas.push(json!({"revision": u.revision, "replica": u.replica, "host": null, "state": "unplaceable", "error": u.reason}));
+        }
+        replicas.sort_by_key(|r| (r["revision"].as_u64(), r["replica"].as_u64()));
+        let mut desired = stored.spec.replicas;
+        // The leader's live decision when this scheduler leads, else the one it recorded.
+        let autoscale = match plane.autoscaling.decision(&id) {
+            Some(d) => {
+                desired = d.replicas;
+                Some(json!({"desired": d.replicas, "reason": d.reason, "stable_load": d.stable_load, "panic_load": d.panic_load, "panicking": d.panicking}))
+            }
+            None => record.and_then(|r| r.autoscale.as_ref()).map(|a| {
+                desired = a.replicas;
+                json!({"desired": a.replicas, "reason": a.reason})
+            }),
+        };
+        // Mean latency weighted by each host's request rate.
+        let (in_flight, rps, weighted) = self.load.get(&id).copied().unwrap_or((0, 0.0, 0.0));
+        let latency_ms = if rps > 0.0 { Some(weighted / rps) } else { None };
+        let revisions: Vec<Value> = record
+            .map(|r| r.wanted.as_slice())
+            .unwrap_or(&[])
+            .iter()
+            .map(|w| {
+                let (assigned, ready) = per_revision.get(&w.revision).copied().unwrap_or((0, 0));
+                json!({"revision": w.revision, "wanted": w.replicas, "assigned": assigned, "ready": ready})
+            })
+            .collect();
+        if let Some(problem) = record.and_then(|r| r.problem.clone()) {
+            last_error = Some(problem);
+        }
+        json!({
+            "service": stored,
+            "status": {
+                "desired": desired,
+                "ready": ready,
+                "in_flight": in_flight,
+                "rps": rps,
+                "latency_ms": latency_ms,
+                "autoscale": autoscale,
+                "rollout": record.map(|r| &r.rollout),
+                "revisions": revisions,
+                "ejected": record.map(|r| r.ejected.as_slice()).unwrap_or(&[]),
+                "replicas": replicas,
+                "last_error": last_error,
+                "problem": record.and_then(|r| r.problem.clone()),
+            }
+        })
     }
-    if let Ok(unplaceable) = plane.unplaceable.lock()
-        && let Some(list) = unplaceable.get(&id)
-    {
-        for u in list {
-            last_error = Some(format!("replica {} cannot be placed: {}", u.replica, u.reason));
-            replicas.push(json!({"replica": u.replica, "host": null, "state": "unplaceable", "error": u.reason}));
-        }
-    }
-    replicas.sort_by_key(|r| r["replica"].as_u64());
-    let mut desired = stored.spec.replicas;
-    let autoscale = plane.autoscaling.decision(&id).map(|d| {
-        desired = d.replicas;
-        json!({"desired": d.replicas, "reason": d.reason, "stable_load": d.stable_load, "panic_load": d.panic_load, "panicking": d.panicking})
-    });
-    let (in_flight, rps) = hosts.values().filter(|h| h.ready).fold((0u64, 0.0f64), |(f, r), h| {
-        let flying: u64 = h.heartbeat.replicas.iter().filter(|x| x.service == id).map(|x| x.in_flight).sum();
-        (f + flying, r + h.rps.get(&id).copied().unwrap_or(0.0))
-    });
-    // Mean latency weighted by each host's request rate.
-    let weighted: f64 = hosts.values().filter(|h| h.ready).map(|h| h.rps.get(&id).copied().unwrap_or(0.0) * h.latency_ms.get(&id).copied().unwrap_or(0.0)).sum();
-    let latency_ms = if rps > 0.0 { Some(weighted / rps) } else { None };
-    json!({
-        "service": stored,
-        "status": {
-            "desired": desired,
-            "ready": ready,
-            "in_flight": in_flight,
-            "rps": rps,
-            "latency_ms": latency_ms,
-            "autoscale": autoscale,
-            "replicas": replicas,
-            "last_error": last_error,
-        }
-    })
 }
 
 fn state_name(state: ReplicaState) -> &'static str {
     match state {
         ReplicaState::Loading => "loading",
+        ReplicaState::Probing => "probing",
         ReplicaState::Ready => "ready",
         ReplicaState::Failed => "failed",
     }

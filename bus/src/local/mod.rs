@@ -71,10 +71,10 @@ impl LocalBus {
         Subscription {
             inner: SubscriptionInner::Local(LocalSubscription {
                 receiver,
-                _registration: Registration {
+                registration: Some(Registration {
                     router: Arc::downgrade(&self.router),
                     id,
-                },
+                }),
             }),
         }
     }
@@ -196,8 +196,15 @@ impl Subscriber {
 /// A subscription's receiving end.
 pub(crate) struct LocalSubscription {
     receiver: mpsc::Receiver<Message>,
-    /// Unsubscribes when the subscription is dropped.
-    _registration: Registration,
+    /// Unsubscribes when the subscription is dropped (or drained).
+    registration: Option<Registration>,
+}
+
+impl LocalSubscription {
+    /// Unsubscribes; messages already delivered stay readable, then the stream ends.
+    pub(crate) fn drain(&mut self) {
+        self.registration = None;
+    }
 }
 
 impl Stream for LocalSubscription {

@@ -7,7 +7,9 @@ use crate::hash::{FixedMap, hash_text};
 use crate::snapshot::{HostInfo, Snapshot};
 use std::collections::BTreeMap;
 use std::rc::Rc;
-use wharf_proto::{Capacity, Digest, HostId, ServiceId, ServiceSpec};
+use crate::snapshot::{Workload, WorkloadId};
+use std::collections::BTreeSet;
+use wharf_proto::{Capacity, Digest, HostId, ServiceSpec};
 
 /// The label whose values are zones. A service without `placement.spread`
 /// prefers, among hosts holding equally few of its replicas, the zone with
@@ -54,7 +56,9 @@ impl Host<'_> {
 /// A desired service and where its replicas are so far.
 pub(crate) struct Service<'a> {
     pub(crate) spec: &'a ServiceSpec,
-    pub(crate) id: ServiceId,
+    pub(crate) id: WorkloadId,
+    /// Hosts each replica should avoid (see [`Workload::avoid`]).
+    pub(crate) avoid: &'a BTreeMap<u32, BTreeSet<HostId>>,
     /// A fixed hash of the id, from which each replica's candidate order is drawn.
     pub(crate) hash: u64,
     /// The memory one replica reserves, in bytes.
@@ -66,7 +70,7 @@ pub(crate) struct Service<'a> {
     /// The hosts that have the component cached, by index, in order; shared
     /// by the services that run the same component.
     cached_on: Rc<[u32]>,
-    /// Which replica indices (below `spec.replicas`) have a host.
+    /// Which replica indices (below the workload's `replicas`) have a host.
     pub(crate) assigned: Vec<bool>,
     /// Replicas of this service per host index; absent means none.
     per_host: FixedMap<u32, u32>,
@@ -265,7 +269,7 @@ pub(crate) struct Cluster<'a> {
     /// the first was refused.
     pub(crate) no_room: FixedMap<(usize, u64, u64), String>,
     host_index: FixedMap<&'a HostId, u32>,
-    service_index: FixedMap<ServiceId, u32>,
+    service_index: FixedMap<WorkloadId, u32>,
 }
 
 impl<'a> Cluster<'a> {
@@ -310,17 +314,18 @@ impl<'a> Cluster<'a> {
             .map(|(digest, hosts)| (digest, hosts.into()))
             .collect();
 
-        let mut specs: Vec<(ServiceId, &ServiceSpec)> = snapshot
+        let mut specs: Vec<(WorkloadId, &Workload)> = snapshot
             .services
             .iter()
-            .map(|spec| (spec.id(), spec))
+            .map(|workload| (workload.id.clone(), workload))
             .collect();
         specs.sort_by(|a, b| a.0.cmp(&b.0));
         specs.dedup_by(|later, first| later.0 == first.0);
         let mut groups = GroupIndex::new(&hosts);
         let services: Vec<Service> = specs
             .into_iter()
-            .map(|(id, spec)| {
+            .map(|(id, workload)| {
+                let spec: &ServiceSpec = &workload.spec;
                 let group = groups.group_of(&spec.placement.labels, &hosts);
                 let spread = spec.placement.spread.as_deref().map(|label| {
                     let partition = groups.partition_of(group, label, &hosts);
@@ -331,9 +336,12 @@ impl<'a> Cluster<'a> {
                     }
                 });
                 Service {
-                    hash: hash_text(&id.to_string()),
+                    // The service, not the revision: every revision of a
+                    // service walks the hosts in the same order.
+                    hash: hash_text(&id.service.to_string()),
                     id,
                     spec,
+                    avoid: &workload.avoid,
                     memory: spec.reservation().bytes(),
                     instances: u64::from(spec.limits.concurrency),
                     group,
@@ -341,7 +349,7 @@ impl<'a> Cluster<'a> {
                         .get(&spec.component)
                         .cloned()
                         .unwrap_or_else(|| Rc::from([])),
-                    assigned: vec![false; spec.replicas as usize],
+                    assigned: vec![false; workload.replicas as usize],
                     per_host: FixedMap::default(),
                     per_zone: FixedMap::default(),
                     hosts: Levels::new(groups.groups[group].hosts.len()),
@@ -374,7 +382,7 @@ impl<'a> Cluster<'a> {
     }
 
     /// The index of the service with id `id`.
-    pub(crate) fn service(&self, id: &ServiceId) -> Option<u32> {
+    pub(crate) fn service(&self, id: &WorkloadId) -> Option<u32> {
         self.service_index.get(id).copied()
     }
 

@@ -122,15 +122,19 @@
 mod autoscale;
 mod cluster;
 mod hash;
+mod health;
 mod placement;
 mod reconcile;
+mod rollout;
 mod simulate;
 mod snapshot;
 
 pub use autoscale::{Autoscaler, Decision};
 pub use cluster::ZONE_LABEL;
+pub use health::{FailedReplica, ReplicaTraffic, RetryAction, RetryPolicy, outliers, retry};
 pub use reconcile::reconcile;
+pub use rollout::{ObservedReplica, ObservedState, RolloutInput, RolloutPlan, StepTraffic, plan_rollout};
 pub use simulate::{
     BenchResult, bench_placement, max_domain_imbalance, max_spread_imbalance, simulate,
 };
-pub use snapshot::{Action, HostInfo, Plan, ReplicaRef, Snapshot, Unplaceable};
+pub use snapshot::{Action, HostInfo, Plan, ReplicaRef, Snapshot, Unplaceable, Workload, WorkloadId};

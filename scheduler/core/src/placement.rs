@@ -167,6 +167,37 @@ pub(crate) fn place(cluster: &mut Cluster<'_>, service: u32, replica: u32) -> Re
     }
 }
 
+/// Places replica `replica` of `service` on a host it is not asked to
+/// avoid, if it is asked to avoid any and some other host of its group has
+/// room: the best [`Score`] over the whole group (a replica that failed on
+/// a host is rare enough to afford the full scan). `None` when it avoids no
+/// host or no other host has room; then it is placed as any replica, back
+/// on an avoided host if that is the only one with room.
+///
+/// It only reads the service's placement caches (floors, exhausted) and
+/// never sets them: an answer about one replica's hosts says nothing of
+/// the service's others.
+pub(crate) fn place_avoiding(cluster: &mut Cluster<'_>, service: u32, replica: u32) -> Option<u32> {
+    let wanted = &cluster.services[service as usize];
+    let avoid = wanted.avoid.get(&replica).filter(|avoid| !avoid.is_empty())?;
+    let group = &cluster.groups[wanted.group];
+    let mut best: Option<Score> = None;
+    for &index in &group.hosts {
+        let host = &cluster.hosts[index as usize];
+        if avoid.contains(&host.info.id) || admits(host, wanted).is_err() {
+            continue;
+        }
+        let in_domain = wanted.spread.as_ref().map_or(0, |spread| spread.peek(cluster.domain_of(spread.partition, index)).0);
+        let candidate = score(index, host, wanted, in_domain);
+        if best.is_none_or(|best| candidate < best) {
+            best = Some(candidate);
+        }
+    }
+    let host = best?.host;
+    cluster.commit(host, service, replica);
+    Some(host)
+}
+
 /// The host for a replica of a service without a spread label (see
 /// [`place`]), or `None` when no host of its group has room.
 fn place_over_group(cluster: &mut Cluster<'_>, service: u32, replica: u32) -> Option<u32> {

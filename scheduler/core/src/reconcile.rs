@@ -2,7 +2,7 @@
 //! assignment every host should have and the actions that lead there.
 
 use crate::cluster::Cluster;
-use crate::placement::{admits, place};
+use crate::placement::{admits, place, place_avoiding};
 use crate::snapshot::{Action, Plan, ReplicaRef, Snapshot, Unplaceable};
 use wharf_proto::HostId;
 
@@ -15,13 +15,15 @@ use wharf_proto::HostId;
 /// 1. Keep: every current replica stays where it is if its host is ready,
 ///    its service still exists and still wants that many replicas, the host
 ///    still carries the labels the placement asks for, it is not a duplicate
-///    of a replica already kept, and the host has room for it after the
+///    of a replica already kept, the replica is not asked to avoid the host
+///    (see [`crate::Workload::avoid`]), and the host has room for it after the
 ///    replicas kept before it (in service, replica order). Everything else
 ///    is stopped. Keeping what fits is what makes plans stable: a replica is
 ///    never moved just because a better host appeared, nor to even out the
 ///    domains of a spread label.
 /// 2. Place: every desired replica without a host is placed (see
-///    the crate docs, *Placement*), round-robin over the services
+///    the crate docs, *Placement*; a replica with hosts to avoid is placed
+///    on the best other host with room, else as any replica), round-robin over the services
 ///    by replica index, so that when capacity runs short every service gets
 ///    its first replicas before any gets its last.
 pub fn reconcile(snapshot: &Snapshot) -> Plan {
@@ -60,6 +62,7 @@ fn may_stay(cluster: &Cluster<'_>, host: u32, service: u32, replica: u32) -> boo
     host.info.ready
         && service.assigned.get(replica as usize) == Some(&false)
         && service.spec.placement.matches(&host.info.labels)
+        && !service.avoid.get(&replica).is_some_and(|avoid| avoid.contains(&host.info.id))
         && admits(host, service).is_ok()
 }
 
@@ -82,7 +85,11 @@ fn place_missing(cluster: &mut Cluster<'_>) -> (Vec<Placed>, Vec<(u32, u32, Stri
     let mut starts = Vec::with_capacity(missing.len());
     let mut unplaceable = Vec::new();
     for (replica, service) in missing {
-        match place(cluster, service, replica) {
+        let placed = match place_avoiding(cluster, service, replica) {
+            Some(host) => Ok(host),
+            None => place(cluster, service, replica),
+        };
+        match placed {
             Ok(host) => starts.push((service, replica, host)),
             Err(reason) => unplaceable.push((service, replica, reason)),
         }
@@ -113,6 +120,28 @@ fn build_plan(
                     .map(|(service, replica)| (service_id(service), replica))
                     .collect(),
             )
+        })
+        .collect();
+    // A replica stopped on a host it should avoid and placed back there
+    // (no other host had room) did not move: neither action happens.
+    let starts: Vec<Placed> = starts
+        .into_iter()
+        .filter(|&(service, replica, host)| {
+            let avoided = cluster.services[service as usize]
+                .avoid
+                .get(&replica)
+                .is_some_and(|avoid| avoid.contains(&cluster.hosts[host as usize].info.id));
+            if !avoided {
+                return true;
+            }
+            let stop = Action::Stop { service: service_id(service), replica, host: host_id(host) };
+            match actions.iter().position(|action| *action == stop) {
+                Some(at) => {
+                    actions.remove(at);
+                    false
+                }
+                None => true,
+            }
         })
         .collect();
     actions.extend(

@@ -3,7 +3,7 @@
 use crate::cluster::{Cluster, ZONE_LABEL};
 use crate::hash::{FixedMap, SplitMix64};
 use crate::reconcile::reconcile;
-use crate::snapshot::{HostInfo, Plan, Snapshot};
+use crate::snapshot::{HostInfo, Plan, Snapshot, Workload};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 use wharf_proto::{ByteSize, Capacity, Digest, HostId, ServiceSpec};
@@ -75,7 +75,7 @@ pub fn simulate(hosts: usize, services: usize, replicas_per_service: u32, seed: 
         .collect();
     Snapshot {
         hosts,
-        services: specs,
+        services: specs.into_iter().map(|spec| Workload::new(spec, 1)).collect(),
         current: BTreeMap::new(),
     }
 }

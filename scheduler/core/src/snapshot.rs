@@ -2,10 +2,65 @@
 //! state) and what it returns (a [`Plan`]).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::sync::Arc;
 use wharf_proto::{Capacity, Digest, HostId, ServiceId, ServiceSpec};
 
-/// One replica as assignments list it: the service and the replica's index in it.
-pub type ReplicaRef = (ServiceId, u32);
+/// One replica as assignments list it: the workload and the replica's index in it.
+pub type ReplicaRef = (WorkloadId, u32);
+
+/// What placement places: one revision of a service. Replicas of different
+/// revisions of a service are placed independently, each revision spread
+/// over hosts (and its spread label) on its own.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct WorkloadId {
+    /// The service.
+    pub service: ServiceId,
+    /// The revision.
+    pub revision: u64,
+}
+
+impl WorkloadId {
+    /// Revision `revision` of `service`.
+    pub fn new(service: ServiceId, revision: u64) -> Self {
+        WorkloadId { service, revision }
+    }
+}
+
+impl fmt::Display for WorkloadId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@{}", self.service, self.revision)
+    }
+}
+
+/// A revision of a service with the number of its replicas wanted now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Workload {
+    /// Which service and revision.
+    pub id: WorkloadId,
+    /// The revision's spec: placement reads its labels, spread, limits and
+    /// component (not `replicas`: see [`Workload::replicas`]).
+    pub spec: Arc<ServiceSpec>,
+    /// How many replicas of this revision should run (indices `0..replicas`).
+    pub replicas: u32,
+    /// Hosts a replica should not run on (it failed or was ejected there),
+    /// by replica index. Soft: such a replica is moved off the host, and
+    /// placed elsewhere when another host has room, else back there.
+    pub avoid: BTreeMap<u32, BTreeSet<HostId>>,
+}
+
+impl Workload {
+    /// Revision `revision` of the service `spec` describes, with the spec's
+    /// `replicas` and no host to avoid.
+    pub fn new(spec: ServiceSpec, revision: u64) -> Self {
+        Workload {
+            id: WorkloadId::new(spec.id(), revision),
+            replicas: spec.replicas,
+            spec: Arc::new(spec),
+            avoid: BTreeMap::new(),
+        }
+    }
+}
 
 /// Everything a reconcile decides from; the controller builds it from the
 /// stores and the heartbeats.
@@ -14,10 +69,10 @@ pub struct Snapshot {
     /// The hosts known to the control plane, ready or not. A host id that
     /// appears twice counts once, as its first entry.
     pub hosts: Vec<HostInfo>,
-    /// The desired services, each valid ([`ServiceSpec::validate`]);
-    /// `replicas` is the number wanted now. A service id that appears twice
-    /// counts once, as its first entry.
-    pub services: Vec<ServiceSpec>,
+    /// The desired workloads (revisions of services), each spec valid
+    /// ([`ServiceSpec::validate`]). A workload id that appears twice counts
+    /// once, as its first entry.
+    pub services: Vec<Workload>,
     /// What each host is assigned now. Hosts missing from `hosts` are gone:
     /// their replicas are placed elsewhere.
     pub current: BTreeMap<HostId, Vec<ReplicaRef>>,
@@ -64,8 +119,8 @@ pub struct Plan {
 pub enum Action {
     /// Start replica `replica` of `service` on `host`.
     Start {
-        /// The service.
-        service: ServiceId,
+        /// The workload.
+        service: WorkloadId,
         /// The replica's index.
         replica: u32,
         /// Where to start it.
@@ -73,8 +128,8 @@ pub enum Action {
     },
     /// Stop replica `replica` of `service` on `host`.
     Stop {
-        /// The service.
-        service: ServiceId,
+        /// The workload.
+        service: WorkloadId,
         /// The replica's index.
         replica: u32,
         /// Where it runs now.
@@ -85,8 +140,8 @@ pub enum Action {
 /// A desired replica that could not be placed, and why.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Unplaceable {
-    /// The service.
-    pub service: ServiceId,
+    /// The workload.
+    pub service: WorkloadId,
     /// The replica's index.
     pub replica: u32,
     /// What kept every host out, e.g. `no ready host has labels zone=b` or

@@ -6,7 +6,7 @@
 use proptest::prelude::*;
 use std::collections::{BTreeMap, BTreeSet};
 use wharf_proto::{ByteSize, Capacity, Digest, HostId, ServiceId, ServiceSpec};
-use wharf_scheduler_core::{Action, HostInfo, Plan, Snapshot, reconcile};
+use wharf_scheduler_core::{Action, HostInfo, Plan, Snapshot, Workload, WorkloadId, reconcile};
 
 const ZONES: [&str; 3] = ["a", "b", "c"];
 
@@ -58,8 +58,8 @@ prop_compose! {
     /// count, duplicates, and more than a host can hold.
     fn arb_snapshot()(
         hosts in prop::collection::vec(arb_host(), 0..10),
-        services in prop::collection::vec(arb_service(), 0..6),
-        current in prop::collection::vec((0..12usize, 0..8usize, 0..10u32), 0..30),
+        services in prop::collection::vec((arb_service(), 1..3u64, prop::collection::vec((0..10u32, 0..12usize), 0..4)), 0..6),
+        current in prop::collection::vec((0..12usize, 0..8usize, 1..3u64, 0..10u32), 0..30),
     ) -> Snapshot {
         let hosts = hosts
             .into_iter()
@@ -73,24 +73,31 @@ prop_compose! {
                 in_flight,
             })
             .collect();
+        // Services may appear as two revisions (two workloads), and a
+        // replica may be asked to avoid hosts (that may not exist).
         let services = services
             .into_iter()
             .enumerate()
-            .map(|(i, (replicas, memory_mib, concurrency, zone, ssd, spread))| {
-                let mut spec = ServiceSpec::new(format!("svc-{i}"), component(i));
+            .map(|(i, ((replicas, memory_mib, concurrency, zone, ssd, spread), revision, avoid))| {
+                let mut spec = ServiceSpec::new(format!("svc-{}", i / 2), component(i));
                 spec.replicas = replicas;
                 spec.limits.memory = ByteSize::mib(memory_mib);
                 spec.limits.concurrency = concurrency;
                 spec.placement.labels = labels(zone, ssd);
                 spec.placement.spread = SPREADS[spread].map(String::from);
-                spec
+                let mut workload = Workload::new(spec, revision);
+                for (replica, host) in avoid {
+                    let host = HostId::new(format!("h{host}")).expect("valid host id");
+                    workload.avoid.entry(replica).or_default().insert(host);
+                }
+                workload
             })
             .collect();
-        let mut assigned: BTreeMap<HostId, Vec<(ServiceId, u32)>> = BTreeMap::new();
-        for (host, service, replica) in current {
+        let mut assigned: BTreeMap<HostId, Vec<(WorkloadId, u32)>> = BTreeMap::new();
+        for (host, service, revision, replica) in current {
             let host = HostId::new(format!("h{host}")).expect("valid host id");
             let service = ServiceId::new("default", format!("svc-{service}")).expect("valid id");
-            assigned.entry(host).or_default().push((service, replica));
+            assigned.entry(host).or_default().push((WorkloadId::new(service, revision), replica));
         }
         Snapshot { hosts, services, current: assigned }
     }
@@ -99,11 +106,11 @@ prop_compose! {
 fn check_invariants(snapshot: &Snapshot, plan: &Plan) -> Result<(), TestCaseError> {
     let hosts: BTreeMap<&HostId, &HostInfo> =
         snapshot.hosts.iter().rev().map(|h| (&h.id, h)).collect();
-    let services: BTreeMap<ServiceId, &ServiceSpec> = snapshot
+    let services: BTreeMap<WorkloadId, &Workload> = snapshot
         .services
         .iter()
         .rev()
-        .map(|s| (s.id(), s))
+        .map(|s| (s.id.clone(), s))
         .collect();
     let mut placed = BTreeSet::new();
     for (host_id, replicas) in &plan.assignments {
@@ -116,13 +123,26 @@ fn check_invariants(snapshot: &Snapshot, plan: &Plan) -> Result<(), TestCaseErro
         );
         let (mut memory, mut instances) = (0u64, 0u64);
         for (service, replica) in replicas {
-            let spec = services
+            let workload = services
                 .get(service)
                 .ok_or_else(|| TestCaseError::fail(format!("{service} does not exist")))?;
+            let spec = &workload.spec;
             prop_assert!(
-                *replica < spec.replicas,
+                *replica < workload.replicas,
                 "{service}/{replica} is above the desired count"
             );
+            if workload.avoid.get(replica).is_some_and(|avoid| avoid.contains(host_id)) {
+                // Only where no other host of its group had room for it.
+                let elsewhere = snapshot.hosts.iter().any(|h| {
+                    h.ready && h.id != *host_id
+                        && !workload.avoid[replica].contains(&h.id)
+                        && spec.placement.matches(&h.labels)
+                        && plan.assignments.get(&h.id).is_some_and(|on| on.is_empty())
+                        && h.capacity.memory.bytes() >= spec.reservation().bytes()
+                        && u64::from(h.capacity.instances) >= u64::from(spec.limits.concurrency)
+                });
+                prop_assert!(!elsewhere, "{service}/{replica} is on {host_id}, which it avoids, while an empty host could take it");
+            }
             prop_assert!(
                 spec.placement.matches(&host.labels),
                 "{service} does not match {host_id}'s labels"
@@ -152,9 +172,9 @@ fn check_invariants(snapshot: &Snapshot, plan: &Plan) -> Result<(), TestCaseErro
             unplaceable.service
         );
     }
-    let desired: BTreeSet<(ServiceId, u32)> = services
+    let desired: BTreeSet<(WorkloadId, u32)> = services
         .iter()
-        .flat_map(|(id, spec)| (0..spec.replicas).map(move |r| (id.clone(), r)))
+        .flat_map(|(id, workload)| (0..workload.replicas).map(move |r| (id.clone(), r)))
         .collect();
     prop_assert_eq!(
         placed,
@@ -164,7 +184,7 @@ fn check_invariants(snapshot: &Snapshot, plan: &Plan) -> Result<(), TestCaseErro
 
     // Applying the actions to the current assignments gives the planned
     // ones. Counted, since the current ones may hold duplicates.
-    let mut after: BTreeMap<(HostId, ServiceId, u32), usize> = BTreeMap::new();
+    let mut after: BTreeMap<(HostId, WorkloadId, u32), usize> = BTreeMap::new();
     for (host, replicas) in &snapshot.current {
         for (service, replica) in replicas {
             *after
@@ -198,7 +218,7 @@ fn check_invariants(snapshot: &Snapshot, plan: &Plan) -> Result<(), TestCaseErro
         }
     }
     after.retain(|_, count| *count > 0);
-    let planned: BTreeMap<(HostId, ServiceId, u32), usize> = plan
+    let planned: BTreeMap<(HostId, WorkloadId, u32), usize> = plan
         .assignments
         .iter()
         .flat_map(|(host, replicas)| {
@@ -262,9 +282,10 @@ proptest! {
                 spec
             })
             .collect();
-        let snapshot = Snapshot { hosts, services, current: BTreeMap::new() };
+        let snapshot = Snapshot { hosts, services: services.into_iter().map(|spec| Workload::new(spec, 1)).collect(), current: BTreeMap::new() };
         let plan = reconcile(&snapshot);
-        for spec in &snapshot.services {
+        for workload in &snapshot.services {
+            let spec = &workload.spec;
             let label = spec.placement.spread.as_deref().expect("every service spreads");
             let qualifying: Vec<&HostInfo> = snapshot
                 .hosts
@@ -279,7 +300,7 @@ proptest! {
             for host in qualifying {
                 let on_host = plan.assignments[&host.id]
                     .iter()
-                    .filter(|(service, _)| service.name == spec.name)
+                    .filter(|(service, _)| service.service.name == spec.name)
                     .count();
                 let value = host.labels.get(label).map_or("", String::as_str);
                 per_value.entry(value).or_default().push(on_host);

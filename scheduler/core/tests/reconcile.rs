@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use wharf_proto::{ByteSize, Capacity, Digest, HostId, ServiceId, ServiceSpec};
 use wharf_scheduler_core::{
-    Action, HostInfo, Plan, Snapshot, max_domain_imbalance, max_spread_imbalance, reconcile,
+    Action, HostInfo, Plan, Snapshot, Workload, WorkloadId, max_domain_imbalance, max_spread_imbalance, reconcile,
     simulate,
 };
 
@@ -40,7 +40,7 @@ fn service(name: &str, replicas: u32) -> ServiceSpec {
 fn snapshot(hosts: Vec<HostInfo>, services: Vec<ServiceSpec>) -> Snapshot {
     Snapshot {
         hosts,
-        services,
+        services: services.into_iter().map(|spec| Workload::new(spec, 1)).collect(),
         current: BTreeMap::new(),
     }
 }
@@ -54,7 +54,7 @@ fn with_current(mut snapshot: Snapshot, current: &str) -> Snapshot {
             .map(|r| {
                 let (name, index) = r.split_once('/').expect("name/replica");
                 (
-                    ServiceId::new("default", name).expect("valid name"),
+                    WorkloadId::new(ServiceId::new("default", name).expect("valid name"), 1),
                     index.parse().expect("replica index"),
                 )
             })
@@ -69,7 +69,7 @@ fn with_current(mut snapshot: Snapshot, current: &str) -> Snapshot {
 /// The plan as text: each host's assignment, then the actions, then the
 /// unplaceable replicas, one per line.
 fn render(plan: &Plan) -> String {
-    let replica = |service: &ServiceId, index: u32| format!("{}/{index}", service.name);
+    let replica = |service: &WorkloadId, index: u32| format!("{}/{index}", service.service.name);
     let mut lines = Vec::new();
     for (host, replicas) in &plan.assignments {
         let replicas: Vec<String> = replicas.iter().map(|(s, r)| replica(s, *r)).collect();
@@ -135,7 +135,7 @@ fn assert_settles(snapshot: &Snapshot, plan: &Plan) {
 fn counts(plan: &Plan, name: &str) -> Vec<usize> {
     plan.assignments
         .values()
-        .map(|replicas| replicas.iter().filter(|(s, _)| s.name == name).count())
+        .map(|replicas| replicas.iter().filter(|(s, _)| s.service.name == name).count())
         .collect()
 }
 
@@ -264,7 +264,7 @@ fn short_capacity_goes_round_robin_over_services() {
         .assignments
         .values()
         .flatten()
-        .map(|(s, r)| format!("{}/{r}", s.name))
+        .map(|(s, r)| format!("{}/{r}", s.service.name))
         .collect();
     assert_eq!(placed, ["a/0", "b/0"]);
     assert_eq!(plan.unplaceable.len(), 2);
@@ -498,7 +498,7 @@ fn per_value(snapshot: &Snapshot, plan: &Plan, name: &str, label: &str) -> Strin
         let value = host.labels.get(label).map_or("-", String::as_str);
         let replicas = plan.assignments[&host.id]
             .iter()
-            .filter(|(s, _)| s.name == name)
+            .filter(|(s, _)| s.service.name == name)
             .count();
         *counts.entry(value).or_default() += replicas;
     }
@@ -784,7 +784,7 @@ fn simulated_spread_services_are_even_over_their_domains() {
         snapshot
             .services
             .iter()
-            .any(|s| s.placement.spread.is_some())
+            .any(|s| s.spec.placement.spread.is_some())
     );
     let plan = reconcile(&snapshot);
     assert!(plan.unplaceable.is_empty());

@@ -1,0 +1,211 @@
+//! Scale from zero: a request for an autoscaled service with no ready
+//! replica anywhere is held while one starts. The control plane is told at
+//! once (an [`Activation`] on the bus); if this host may run the service,
+//! it starts a replica itself from its compile cache (milliseconds) rather
+//! than wait for a placement. Held requests wake when a replica becomes
+//! ready here, or when another host announces one on the service's ready
+//! subject; a slow poll is only the fallback for a lost announcement.
+
+use super::HostAgent;
+use crate::workload::{ResponseBody, Workload, error_response};
+use bytes::Bytes;
+use futures::StreamExt;
+use http::{Response, StatusCode};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+use wharf_proto::names::service_ready_subject;
+use wharf_proto::{Activation, Demand, ServiceId};
+
+/// How long an activation replica may serve before the control plane has
+/// placed the service on this host; after that the placement elsewhere wins.
+const ACTIVATION_GRACE: Duration = Duration::from_secs(10);
+
+/// How often a held request looks for a replica elsewhere when no
+/// announcement came (announcements are published at most once).
+const FALLBACK_POLL: Duration = Duration::from_millis(500);
+
+/// One service's activation replica, if started, and when; locked while it starts.
+type ActivationSlot = Arc<tokio::sync::Mutex<Option<(Workload, Instant)>>>;
+
+/// Activation state of this host.
+#[derive(Default)]
+pub(crate) struct Activations {
+    /// Replicas started to serve held requests, per service. Held only to
+    /// find or insert a slot; a slot's own lock is held while it starts.
+    slots: Mutex<BTreeMap<ServiceId, ActivationSlot>>,
+    /// Requests held right now, per service (reported as demand).
+    held: Mutex<BTreeMap<ServiceId, u64>>,
+}
+
+/// Counts a request as held for activation while it waits.
+struct Held<'a> {
+    activations: &'a Activations,
+    service: ServiceId,
+}
+
+impl<'a> Held<'a> {
+    fn enter(activations: &'a Activations, service: &ServiceId) -> Self {
+        if let Ok(mut held) = activations.held.lock() {
+            *held.entry(service.clone()).or_default() += 1;
+        }
+        Held { activations, service: service.clone() }
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut held) = self.activations.held.lock()
+            && let Some(count) = held.get_mut(&self.service)
+        {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                held.remove(&self.service);
+            }
+        }
+    }
+}
+
+impl Activations {
+    /// The activation replica of `service`, if one serves.
+    pub(crate) fn replica(&self, service: &ServiceId) -> Option<Workload> {
+        let slot = self.slots.lock().ok()?.get(service)?.clone();
+        let activated = slot.try_lock().ok()?;
+        activated.as_ref().map(|(w, _)| w.clone())
+    }
+
+    /// Requests held plus those in flight on activation replicas: load the
+    /// control plane's autoscaler does not see elsewhere.
+    pub(crate) fn demand(&self) -> Vec<Demand> {
+        let mut demand: BTreeMap<ServiceId, u64> = self.held.lock().map(|h| h.clone()).unwrap_or_default();
+        if let Ok(slots) = self.slots.lock() {
+            for (service, slot) in slots.iter() {
+                if let Ok(activated) = slot.try_lock()
+                    && let Some((workload, _)) = activated.as_ref()
+                {
+                    *demand.entry(service.clone()).or_default() += workload.in_flight();
+                }
+            }
+        }
+        demand.into_iter().map(|(service, waiting)| Demand { service, waiting }).collect()
+    }
+
+    /// Drops activation replicas that an assigned replica has replaced
+    /// (`replaced`), or that the control plane did not place here within
+    /// the grace period (`assigned_here` false).
+    pub(crate) fn expire(&self, replaced: impl Fn(&ServiceId) -> bool, assigned_here: impl Fn(&ServiceId) -> bool) {
+        let Ok(mut slots) = self.slots.lock() else { return };
+        slots.retain(|service, slot| {
+            let Ok(activated) = slot.try_lock() else { return true };
+            let Some((_, since)) = activated.as_ref() else { return false };
+            let stale = since.elapsed() > ACTIVATION_GRACE && !assigned_here(service);
+            !(replaced(service) || stale)
+        });
+    }
+}
+
+impl HostAgent {
+    /// Holds a request for a service with no ready replica while one
+    /// starts, then serves it (see the module docs).
+    pub(super) async fn activate(&self, service: &ServiceId, payload: Bytes, timeout: Duration) -> Response<ResponseBody> {
+        let started = Instant::now();
+        let activations = &self.inner.activations;
+        let _held = Held::enter(activations, service);
+        // Listen for announcements before announcing, so none is missed.
+        let mut announcements = match self.inner.bus.subscribe(&service_ready_subject(&service.namespace, &service.name)).await {
+            Ok(subscription) => Some(subscription),
+            Err(e) => {
+                tracing::debug!(%service, "cannot follow ready announcements; polling: {e}");
+                None
+            }
+        };
+        self.announce_activation(service).await;
+        if self.may_activate_here(service) {
+            match self.activate_locally(service).await {
+                Ok(workload) => return self.serve_held(&workload, &payload, started).await,
+                Err(e) => tracing::warn!(%service, "cannot start a replica here for activation: {e}"),
+            }
+        }
+        let deadline = started + self.inner.config.activation_timeout;
+        let mut changes = self.changes();
+        loop {
+            if let Some(workload) = self.inner.replicas.least_busy(service, None) {
+                return self.serve_held(&workload, &payload, started).await;
+            }
+            if let Ok(response) = self.send(service, None, payload.clone(), timeout).await {
+                self.inner.metrics.activation(started.elapsed());
+                return response;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            let wait = (deadline - now).min(FALLBACK_POLL);
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = changes.changed() => {}
+                Some(_) = async { match &mut announcements { Some(s) => s.next().await, None => std::future::pending().await } } => {}
+            }
+        }
+        crate::remote::not_ready(
+            service,
+            &format!("is starting (scaled to zero) but no replica was ready within {:?}; try again", self.inner.config.activation_timeout),
+        )
+    }
+
+    /// Whether this host may start a replica of `service` for activation:
+    /// not draining, no volumes (they live where they are), its labels match.
+    fn may_activate_here(&self, service: &ServiceId) -> bool {
+        let Some(spec) = self.inner.directory.spec(service) else { return false };
+        !self.inner.draining.load(Ordering::Relaxed)
+            && spec.volumes.is_empty()
+            && spec.placement.labels.iter().all(|(k, v)| self.inner.config.labels.get(k) == Some(v))
+    }
+
+    /// Serves a request held for activation on `workload`, now ready.
+    async fn serve_held(&self, workload: &Workload, payload: &Bytes, started: Instant) -> Response<ResponseBody> {
+        self.inner.metrics.activation(started.elapsed());
+        match crate::remote::decode_request_bytes(payload) {
+            Ok(request) => workload.handle(request).await,
+            Err(e) => error_response(StatusCode::BAD_REQUEST, "bad_request", e),
+        }
+    }
+
+    /// Tells the control plane a request is waiting for `service`.
+    async fn announce_activation(&self, service: &ServiceId) {
+        let message = Activation { service: service.clone(), host: self.inner.config.host.clone() };
+        let payload = match serde_json::to_vec(&message) {
+            Ok(payload) => Bytes::from(payload),
+            Err(e) => {
+                tracing::error!("cannot encode an activation (a bug): {e}");
+                return;
+            }
+        };
+        if let Err(e) = self.inner.bus.publish(wharf_proto::names::ACTIVATE_SUBJECT, payload).await {
+            tracing::debug!(%service, "could not announce activation: {e}");
+        }
+    }
+
+    /// Starts (once, however many requests wait) a replica of `service` on
+    /// this host outside its assignment, running the revision that takes
+    /// most of its traffic. It serves until an assigned replica is ready
+    /// here, or is dropped if the control plane places the service elsewhere.
+    async fn activate_locally(&self, service: &ServiceId) -> Result<Workload, String> {
+        let slot = {
+            let mut slots = self.inner.activations.slots.lock().map_err(|_| "poisoned".to_string())?;
+            slots.entry(service.clone()).or_default().clone()
+        };
+        let mut activated = slot.lock().await;
+        if let Some((workload, _)) = activated.as_ref() {
+            return Ok(workload.clone());
+        }
+        let revision = self.inner.directory.serving_revision(service).ok_or_else(|| format!("service {service} is unknown here"))?;
+        let spec = self.inner.directory.revision(service, revision).await?;
+        let workload = self.build_workload(service, revision, &spec).await?;
+        self.inner.metrics.cold_start();
+        tracing::info!(%service, revision, "started a replica to serve requests held for activation");
+        *activated = Some((workload.clone(), Instant::now()));
+        Ok(workload)
+    }
+}

@@ -1,0 +1,204 @@
+//! What this host knows of every service in the cluster, for routing: the
+//! latest spec of each (routes, limits, autoscaling) from the services
+//! bucket, how its traffic is split between revisions from the status
+//! bucket, the route table built from both, and the specs of revisions,
+//! read from the revisions bucket when needed and cached (they never change).
+
+use crate::routes::RouteTable;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use wharf_bus::Kv;
+use wharf_proto::names::revision_key;
+use wharf_proto::{Revision, ServiceId, ServiceSpec, ServiceStatus, StoredService, TrafficWeight};
+
+/// A service as routing sees it.
+struct Known {
+    /// The latest spec and its revision.
+    spec: Arc<ServiceSpec>,
+    revision: u64,
+}
+
+/// How a service's requests are split between revisions.
+#[derive(Default)]
+struct Split {
+    weights: Vec<TrafficWeight>,
+    /// Requests routed so far, for an exact split (see [`Directory::pick`]).
+    counter: AtomicU64,
+}
+
+#[derive(Default)]
+struct State {
+    services: BTreeMap<ServiceId, Known>,
+    splits: BTreeMap<ServiceId, Split>,
+    routes: RouteTable,
+}
+
+/// The directory (see the module docs). One lock for the known services,
+/// the splits and the route table, which are rebuilt together; reads on
+/// the request path take it shared.
+pub(crate) struct Directory {
+    state: RwLock<State>,
+    revisions_kv: Kv,
+    /// Revisions read so far.
+    revisions: Mutex<HashMap<(ServiceId, u64), Arc<ServiceSpec>>>,
+}
+
+impl Directory {
+    pub(crate) fn new(revisions_kv: Kv) -> Directory {
+        Directory { state: RwLock::default(), revisions_kv, revisions: Mutex::default() }
+    }
+
+    fn read<T>(&self, read: impl FnOnce(&State) -> T) -> T {
+        match self.state.read() {
+            Ok(state) => read(&state),
+            Err(poisoned) => read(&poisoned.into_inner()),
+        }
+    }
+
+    fn write<T>(&self, write: impl FnOnce(&mut State) -> T) -> T {
+        match self.state.write() {
+            Ok(mut state) => write(&mut state),
+            Err(poisoned) => write(&mut poisoned.into_inner()),
+        }
+    }
+
+    /// A service was created, changed (`Some`) or deleted (`None`).
+    /// Returns the service's component, to compile ahead.
+    pub(crate) fn service_changed(&self, key: &str, value: Option<&[u8]>, local: &BTreeMap<ServiceId, Arc<ServiceSpec>>) -> Option<wharf_proto::Digest> {
+        let parsed = value.map(serde_json::from_slice::<StoredService>);
+        let mut component = None;
+        self.write(|state| {
+            match parsed {
+                Some(Ok(stored)) => {
+                    component = Some(stored.spec.component.clone());
+                    state.services.insert(stored.spec.id(), Known { revision: stored.revision, spec: Arc::new(stored.spec) });
+                }
+                Some(Err(e)) => tracing::error!(key, "ignoring an unreadable service: {e}"),
+                None => {
+                    state.services.retain(|id, _| id.key() != key);
+                    state.splits.retain(|id, _| id.key() != key);
+                }
+            }
+            state.routes = build_routes(state, local);
+        });
+        component
+    }
+
+    /// A service's status changed: keep its traffic split.
+    pub(crate) fn status_changed(&self, value: Option<&[u8]>) {
+        let Some(value) = value else { return };
+        let status = match serde_json::from_slice::<ServiceStatus>(value) {
+            Ok(status) => status,
+            Err(e) => {
+                tracing::error!("ignoring an unreadable service status: {e}");
+                return;
+            }
+        };
+        self.write(|state| match state.splits.get_mut(&status.service) {
+            Some(split) => split.weights = status.rollout.traffic,
+            None => {
+                state.splits.insert(status.service, Split { weights: status.rollout.traffic, counter: AtomicU64::new(0) });
+            }
+        });
+    }
+
+    /// Rebuilds the route table (local replicas changed).
+    pub(crate) fn rebuild_routes(&self, local: &BTreeMap<ServiceId, Arc<ServiceSpec>>) {
+        self.write(|state| state.routes = build_routes(state, local));
+    }
+
+    /// The service a request for `host` and `path` goes to.
+    pub(crate) fn lookup(&self, host: Option<&str>, path: &str) -> Option<ServiceId> {
+        self.read(|state| state.routes.lookup(host, path).cloned())
+    }
+
+    /// The latest spec of `service`, if it exists.
+    pub(crate) fn spec(&self, service: &ServiceId) -> Option<Arc<ServiceSpec>> {
+        self.read(|state| state.services.get(service).map(|k| k.spec.clone()))
+    }
+
+    /// Whether `service` exists.
+    pub(crate) fn exists(&self, service: &ServiceId) -> bool {
+        self.read(|state| state.services.contains_key(service))
+    }
+
+    /// The revision the next request for `service` goes to, when its
+    /// traffic is split; `None`: any ready replica of any revision.
+    ///
+    /// The n-th request is mapped to slot `n * 61 mod 100` (61 is coprime
+    /// with 100, so every 100 consecutive requests cover the 100 slots
+    /// once), and slots are dealt to revisions by their percents: each
+    /// revision gets its exact share of every 100 requests at this host.
+    pub(crate) fn pick(&self, service: &ServiceId) -> Option<u64> {
+        self.read(|state| {
+            let split = state.splits.get(service)?;
+            if split.weights.len() < 2 {
+                return split.weights.first().map(|w| w.revision);
+            }
+            let n = split.counter.fetch_add(1, Ordering::Relaxed);
+            let slot = (n.wrapping_mul(61) % 100) as u32;
+            let mut upto = 0;
+            for weight in &split.weights {
+                upto += weight.percent;
+                if slot < upto {
+                    return Some(weight.revision);
+                }
+            }
+            split.weights.last().map(|w| w.revision)
+        })
+    }
+
+    /// The revision a replica started for activation should run: the one
+    /// taking most of the traffic, else the latest.
+    pub(crate) fn serving_revision(&self, service: &ServiceId) -> Option<u64> {
+        self.read(|state| {
+            let heaviest = state.splits.get(service).and_then(|s| s.weights.iter().max_by_key(|w| w.percent).map(|w| w.revision));
+            heaviest.or_else(|| state.services.get(service).map(|k| k.revision))
+        })
+    }
+
+    /// The spec of revision `number` of `service`: the latest spec, a
+    /// cached revision, or one read from the revisions bucket.
+    pub(crate) async fn revision(&self, service: &ServiceId, number: u64) -> Result<Arc<ServiceSpec>, String> {
+        let latest = self.read(|state| state.services.get(service).filter(|k| k.revision == number).map(|k| k.spec.clone()));
+        if let Some(spec) = latest {
+            return Ok(spec);
+        }
+        let key = (service.clone(), number);
+        if let Some(spec) = self.revisions.lock().ok().and_then(|cache| cache.get(&key).cloned()) {
+            return Ok(spec);
+        }
+        let entry = self
+            .revisions_kv
+            .get(&revision_key(service, number))
+            .await
+            .map_err(|e| format!("cannot read revision {number} of {service}: {e}"))?
+            .ok_or_else(|| format!("revision {number} of {service} is not in the store"))?;
+        let revision: Revision = serde_json::from_slice(&entry.value).map_err(|e| format!("revision {number} of {service} is unreadable: {e}"))?;
+        let spec = Arc::new(revision.spec);
+        if let Ok(mut cache) = self.revisions.lock() {
+            cache.insert(key, spec.clone());
+        }
+        Ok(spec)
+    }
+
+    /// Forgets cached revisions not in use by `keep`.
+    pub(crate) fn forget_revisions(&self, keep: impl Fn(&ServiceId, u64) -> bool) {
+        if let Ok(mut cache) = self.revisions.lock() {
+            cache.retain(|(id, number), _| keep(id, *number));
+        }
+    }
+}
+
+/// The route table: every service's latest routes, and those of local
+/// replicas whose service the watch has not delivered yet (so a fresh host
+/// serves at once).
+fn build_routes(state: &State, local: &BTreeMap<ServiceId, Arc<ServiceSpec>>) -> RouteTable {
+    let mut by_service: BTreeMap<&ServiceId, &[wharf_proto::Route]> =
+        state.services.iter().map(|(id, known)| (id, known.spec.routes.as_slice())).collect();
+    for (id, spec) in local {
+        by_service.entry(id).or_insert(spec.routes.as_slice());
+    }
+    RouteTable::new(by_service)
+}

@@ -1,0 +1,344 @@
+//! The host agent: keeps this host running exactly what its assignment
+//! says, serves every route, and reports.
+//!
+//! One concern per module, each over its own state:
+//!
+//! - [`replicas`]: the replicas assigned here and their states, and those
+//!   draining (one lock).
+//! - [`converge`]: following the assignment (level-triggered: every value
+//!   is the whole desired set), loading replicas with their readiness
+//!   checks; fenced by the leader's epoch.
+//! - [`directory`]: every service's latest spec, traffic split and routes;
+//!   revisions' specs (one lock, plus a cache).
+//! - [`routing`]: ingress and service-to-service requests, local or over
+//!   the bus; answering bus requests; the queue subscriptions.
+//! - [`activation`]: holding requests for services at zero while a replica starts.
+//! - [`heartbeat`]: the heartbeat tick and draining.
+//! - [`rates`]: namespaces' request-rate quotas at this ingress.
+//!
+//! What may change what: assignment events change `replicas` (and through
+//! it `listening` and the route table); service and status events change
+//! `directory`; namespace events change `rates`; requests only read.
+
+mod activation;
+mod converge;
+mod directory;
+mod heartbeat;
+mod rates;
+mod replicas;
+mod routing;
+
+pub use routing::REVISION_HEADER;
+
+use crate::egress::{EgressPolicy, ServiceCalls};
+use crate::ingress::{Handler, RequestBody};
+use crate::limits::WorkloadLimits;
+use crate::metrics::HostMetrics;
+use crate::runtime::Runtime;
+use crate::workload::{ResponseBody, Workload, WorkloadSpec, error_response};
+use futures::StreamExt;
+use http::{Request, Response, StatusCode};
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::{Semaphore, watch};
+use wharf_bus::Bus;
+use wharf_proto::names::{ASSIGNMENTS_BUCKET, REVISIONS_BUCKET, SERVICES_BUCKET, STATUS_BUCKET, assignment_key};
+use wharf_proto::{Capacity, HostId, ReplicaStatus, ServiceId, ServiceSpec};
+
+/// How a host presents itself to the control plane.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// This host's id, unique in the cluster.
+    pub host: HostId,
+    /// Labels matched against services' placement constraints.
+    pub labels: BTreeMap<String, String>,
+    /// What this host offers to replicas.
+    pub capacity: Capacity,
+    /// Where this host's ingress listens, reported in heartbeats.
+    pub ingress_addr: Option<String>,
+    /// How often to send a heartbeat.
+    pub heartbeat_interval: Duration,
+    /// How long a request for a service scaled to zero is held before it gets 503.
+    pub activation_timeout: Duration,
+    /// Where services' volumes live on this host (`<dir>/<ns>/<service>/<volume>`);
+    /// `None`: this host cannot run services with volumes.
+    pub volumes_dir: Option<std::path::PathBuf>,
+    /// Requests from the bus answered at once; past it, the host reads no
+    /// more from the bus until one finishes (NATS buffers, then drops).
+    pub max_bus_handlers: usize,
+}
+
+/// The default bound on bus requests answered at once.
+pub const DEFAULT_MAX_BUS_HANDLERS: usize = 1024;
+
+/// The running agent. Cheap to clone; the background tasks stop when
+/// [`HostAgent::shutdown`] is called or the last clone is dropped.
+#[derive(Clone)]
+pub struct HostAgent {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    bus: Bus,
+    runtime: Runtime,
+    metrics: HostMetrics,
+    config: AgentConfig,
+    started_at_ms: u64,
+    /// The replicas assigned here (its own lock).
+    replicas: replicas::ReplicaSet,
+    /// What this host knows of every service (its own lock).
+    directory: directory::Directory,
+    /// The queue subscriptions this host listens on, by service and
+    /// revision; changed only by `update_listening`.
+    listening: Mutex<BTreeMap<routing::Listen, routing::Listener>>,
+    /// Bounds the bus requests answered at once.
+    handlers: Arc<Semaphore>,
+    /// Scale from zero (its own locks).
+    activations: activation::Activations,
+    /// Namespaces' rate quotas (its own lock).
+    rates: rates::Rates,
+    /// Set when the host is draining: it takes no new work.
+    draining: AtomicBool,
+    /// The newest leader epoch seen on an assignment (fencing).
+    epoch: AtomicU64,
+    /// Taken while precompiling, so at most one compile runs in the background.
+    precompiling: tokio::sync::Mutex<()>,
+    /// Bumped whenever a replica changes state, so waiters (held requests,
+    /// tests, the CLI) can watch.
+    changes: watch::Sender<u64>,
+    stop: watch::Sender<bool>,
+}
+
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// A bucket or a watch could not be opened.
+    #[error("cannot open {what} on the bus: {source}")]
+    Bus { what: &'static str, source: Box<dyn std::error::Error + Send + Sync> },
+}
+
+fn bus_error(what: &'static str) -> impl FnOnce(wharf_bus::KvError) -> AgentError {
+    move |e| AgentError::Bus { what, source: Box::new(e) }
+}
+
+impl HostAgent {
+    /// Starts following this host's assignment, the services, their
+    /// statuses and the namespaces, and sending heartbeats.
+    pub async fn start(bus: Bus, runtime: Runtime, metrics: HostMetrics, config: AgentConfig) -> Result<HostAgent, AgentError> {
+        let assignments = open_kv(&bus, ASSIGNMENTS_BUCKET).await.map_err(bus_error("the assignments bucket"))?;
+        let assignment = assignments.watch(&assignment_key(&config.host)).await.map_err(bus_error("a watch on this host's assignment"))?;
+        let services = open_kv(&bus, SERVICES_BUCKET).await.map_err(bus_error("the services bucket"))?;
+        let service_watch = services.watch(">").await.map_err(bus_error("a watch on the services"))?;
+        let statuses = open_kv(&bus, STATUS_BUCKET).await.map_err(bus_error("the status bucket"))?;
+        let status_watch = statuses.watch(">").await.map_err(bus_error("a watch on the services' statuses"))?;
+        let revisions = open_kv(&bus, REVISIONS_BUCKET).await.map_err(bus_error("the revisions bucket"))?;
+        let namespaces = open_kv(&bus, wharf_proto::names::NAMESPACES_BUCKET).await.map_err(bus_error("the namespaces bucket"))?;
+        let namespace_watch = namespaces.watch(">").await.map_err(bus_error("a watch on the namespaces"))?;
+        let (stop, _) = watch::channel(false);
+        let (changes, _) = watch::channel(0);
+        let handlers = Arc::new(Semaphore::new(config.max_bus_handlers.max(1)));
+        let agent = HostAgent {
+            inner: Arc::new(Inner {
+                bus,
+                runtime,
+                metrics,
+                config,
+                started_at_ms: now_ms(),
+                replicas: replicas::ReplicaSet::default(),
+                directory: directory::Directory::new(revisions),
+                listening: Mutex::new(BTreeMap::new()),
+                handlers,
+                activations: activation::Activations::default(),
+                rates: rates::Rates::default(),
+                draining: AtomicBool::new(false),
+                epoch: AtomicU64::new(0),
+                precompiling: tokio::sync::Mutex::new(()),
+                changes,
+                stop,
+            }),
+        };
+        agent.follow(assignment, |agent, event| agent.assignment_changed(event.value.as_deref(), event.revision));
+        agent.follow(service_watch, |agent, event| {
+            let local = agent.inner.replicas.specs();
+            if let Some(component) = agent.inner.directory.service_changed(&event.key, event.value.as_deref(), &local) {
+                agent.precompile(component);
+            }
+        });
+        agent.follow(status_watch, |agent, event| agent.inner.directory.status_changed(event.value.as_deref()));
+        agent.follow(namespace_watch, |agent, event| agent.inner.rates.set(&event.key, event.value.as_deref()));
+        let weak = Arc::downgrade(&agent.inner);
+        let mut stop = agent.inner.stop.subscribe();
+        let interval = agent.inner.config.heartbeat_interval;
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(interval);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = stop.changed() => break,
+                    _ = ticker.tick() => {}
+                }
+                let Some(inner) = weak.upgrade() else { break };
+                HostAgent { inner }.tick().await;
+            }
+        });
+        Ok(agent)
+    }
+
+    /// Applies every event of a KV watch until the agent stops.
+    fn follow(&self, mut watch: wharf_bus::KvWatch, apply: impl Fn(&HostAgent, wharf_bus::KvEvent) + Send + 'static) {
+        let weak = Arc::downgrade(&self.inner);
+        let mut stop = self.inner.stop.subscribe();
+        tokio::spawn(async move {
+            loop {
+                let event = tokio::select! {
+                    _ = stop.changed() => break,
+                    event = watch.next() => event,
+                };
+                let Some(event) = event else { break };
+                let Some(inner) = weak.upgrade() else { break };
+                apply(&HostAgent { inner }, event);
+            }
+        });
+    }
+
+    /// Stops the background tasks; workloads serving requests finish them.
+    pub fn shutdown(&self) {
+        let _ = self.inner.stop.send(true);
+    }
+
+    /// This host's id.
+    pub fn host(&self) -> &HostId {
+        &self.inner.config.host
+    }
+
+    /// The host's metrics.
+    pub fn metrics(&self) -> &HostMetrics {
+        &self.inner.metrics
+    }
+
+    /// The current status of every replica on this host.
+    pub fn statuses(&self) -> Vec<ReplicaStatus> {
+        self.inner.replicas.statuses()
+    }
+
+    /// A receiver that changes whenever a replica changes state.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.inner.changes.subscribe()
+    }
+
+    /// The ready workloads of `service` on this host (any revision).
+    pub fn ready_workload(&self, service: &ServiceId) -> Option<Workload> {
+        self.inner.replicas.least_busy(service, None)
+    }
+
+    /// Resolves the host part of an outgoing URL to a service: `name` (in
+    /// `namespace`) or `name.namespace`, if such a service exists.
+    pub fn resolve(&self, host: &str, namespace: &str) -> Option<ServiceId> {
+        let host = host.to_ascii_lowercase();
+        let (name, ns) = match host.split_once('.') {
+            Some((name, ns)) if !ns.contains('.') => (name.to_string(), ns.to_string()),
+            Some(_) => return None,
+            None => (host.clone(), namespace.to_string()),
+        };
+        let id = ServiceId::new(ns, name).ok()?;
+        self.inner.directory.exists(&id).then_some(id)
+    }
+
+    /// A replica changed state: routes, queue groups and waiters follow.
+    fn replicas_changed(&self) {
+        self.inner.directory.rebuild_routes(&self.inner.replicas.specs());
+        self.update_listening();
+        self.inner.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+}
+
+/// Service-to-service calls through the agent. Weak, so workloads (which
+/// the agent owns) do not keep the agent alive.
+struct AgentCalls(std::sync::Weak<Inner>);
+
+impl ServiceCalls for AgentCalls {
+    fn resolve(&self, host: &str, namespace: &str) -> Option<ServiceId> {
+        self.0.upgrade().and_then(|inner| HostAgent { inner }.resolve(host, namespace))
+    }
+
+    fn call(&self, service: ServiceId, request: Request<RequestBody>) -> Pin<Box<dyn Future<Output = Response<ResponseBody>> + Send>> {
+        let agent = self.0.upgrade().map(|inner| HostAgent { inner });
+        Box::pin(async move {
+            match agent {
+                Some(agent) => agent.call(&service, request).await,
+                None => error_response(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "the host is shutting down".into()),
+            }
+        })
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+impl Handler for HostAgent {
+    fn handle(&self, request: Request<RequestBody>) -> Pin<Box<dyn Future<Output = Response<ResponseBody>> + Send + '_>> {
+        Box::pin(self.route(request))
+    }
+}
+
+/// Environment variables every instance sees besides its spec's, as
+/// Kubernetes' downward API gives a pod its node's name: which host,
+/// service and revision serve it. They win over the spec's own.
+pub const HOST_ENV: &str = "WHARF_HOST";
+/// See [`HOST_ENV`].
+pub const SERVICE_ENV: &str = "WHARF_SERVICE";
+/// See [`HOST_ENV`].
+pub const REVISION_ENV: &str = "WHARF_REVISION";
+
+/// What a workload runs with, from its revision's spec, on `host`.
+pub fn workload_spec(service: &ServiceId, revision: u64, spec: &ServiceSpec, host: &HostId) -> WorkloadSpec {
+    let mut workload = WorkloadSpec::new(service.to_string());
+    workload.limits = WorkloadLimits {
+        memory: spec.limits.memory,
+        fuel: spec.limits.fuel,
+        timeout: spec.limits.timeout,
+        concurrency: spec.limits.concurrency,
+        ..WorkloadLimits::default()
+    };
+    workload.env = spec
+        .env
+        .iter()
+        .filter(|(k, _)| ![HOST_ENV, SERVICE_ENV, REVISION_ENV].contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    workload.env.push((HOST_ENV.to_string(), host.to_string()));
+    workload.env.push((SERVICE_ENV.to_string(), service.to_string()));
+    workload.env.push((REVISION_ENV.to_string(), revision.to_string()));
+    workload.egress = EgressPolicy::allow(spec.allow_outbound.iter().cloned());
+    workload
+}
+
+/// Opens a bucket the control plane owns, waiting for the control plane to
+/// create it if the host may not (as under the shipped NATS roles).
+async fn open_kv(bus: &Bus, bucket: &str) -> Result<wharf_bus::Kv, wharf_bus::KvError> {
+    let mut waited = Duration::ZERO;
+    loop {
+        match bus.kv(bucket).await {
+            Ok(kv) => return Ok(kv),
+            Err(e) if waited < Duration::from_secs(60) => {
+                if waited.is_zero() {
+                    tracing::warn!("waiting for the control plane to create bucket {bucket}: {e}");
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                waited += Duration::from_millis(500);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)).unwrap_or(0)
+}

@@ -1,0 +1,237 @@
+//! Serving requests: from the ingress (routed by host name and path) and
+//! from other components, to a ready local replica when there is one, else
+//! over the bus to a host that has one; and answering the requests that
+//! reach this host over the bus.
+//!
+//! A service whose traffic is split picks a revision per request (see
+//! [`super::directory::Directory::pick`]) and sends it on the revision's
+//! own subject; otherwise any ready replica of any revision will do (the
+//! service's subject). An `x-wharf-revision: N` header pins a request to
+//! revision N.
+//!
+//! A host listens, in queue groups, exactly for the services and revisions
+//! it has a ready replica of. When it stops, it drains: it unsubscribes and
+//! still answers what NATS already handed it (from the replica being
+//! stopped, or with a "not here" answer the sender retries elsewhere), so
+//! a replica going away never loses a request in flight to it.
+
+use super::HostAgent;
+use crate::ingress::RequestBody;
+use crate::limits::WorkloadLimits;
+use crate::remote::NoReplica;
+use crate::workload::{ResponseBody, error_response};
+use bytes::Bytes;
+use futures::StreamExt;
+use http::{Request, Response, StatusCode};
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tokio::sync::oneshot;
+use wharf_proto::ServiceId;
+use wharf_proto::names::{revision_queue_group, revision_subject};
+
+/// Header pinning a request to one revision of its service.
+pub const REVISION_HEADER: &str = "x-wharf-revision";
+
+/// Times a request is sent again when the host that took it had no replica
+/// any more (it was being stopped); each time NATS picks a member anew.
+const NOT_HERE_RETRIES: usize = 5;
+
+/// What a host listens on: a service's subject (`None`) or one revision's.
+pub(crate) type Listen = (ServiceId, Option<u64>);
+
+/// A listening task and the signal that makes it drain and stop.
+pub(crate) struct Listener {
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl HostAgent {
+    /// Routes one ingress request by host name and path.
+    pub async fn route(&self, request: Request<RequestBody>) -> Response<ResponseBody> {
+        let host = request.headers().get(http::header::HOST).and_then(|h| h.to_str().ok());
+        let host = host.or_else(|| request.uri().authority().map(|a| a.as_str()));
+        let path = request.uri().path();
+        let Some(service) = self.inner.directory.lookup(host, path) else {
+            return error_response(StatusCode::NOT_FOUND, "no_route", format!("no service is routed at {path} (host {})", host.unwrap_or("any")));
+        };
+        if let Some(rps) = self.inner.rates.over(&service.namespace) {
+            let mut response = error_response(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!("namespace {} is over its quota of {rps} requests/s at this ingress", service.namespace),
+            );
+            response.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+            return response;
+        }
+        self.call(&service, request).await
+    }
+
+    /// Sends a request to `service`: to a ready local replica if there is
+    /// one (the least busy of the revision picked), else over the bus.
+    pub async fn call(&self, service: &ServiceId, request: Request<RequestBody>) -> Response<ResponseBody> {
+        let pinned = match request.headers().get(REVISION_HEADER) {
+            None => None,
+            Some(value) => match value.to_str().ok().and_then(|v| v.trim().parse::<u64>().ok()) {
+                Some(revision) => Some(revision),
+                None => {
+                    return error_response(
+                        StatusCode::BAD_REQUEST,
+                        "bad_request",
+                        format!("{REVISION_HEADER} must be a revision number, got {value:?}"),
+                    );
+                }
+            },
+        };
+        let revision = pinned.or_else(|| self.inner.directory.pick(service));
+        let local = self.inner.replicas.least_busy(service, revision);
+        let local = local.or_else(|| pinned.is_none().then(|| self.inner.activations.replica(service)).flatten());
+        if let Some(workload) = local {
+            return workload.handle(request).await;
+        }
+        let spec = self.inner.directory.spec(service);
+        let timeout = spec.as_ref().map_or(Duration::from_secs(5), |s| s.limits.timeout);
+        // The deadline runs on the serving host; allow for a full queue wait and the hop.
+        let timeout = timeout + WorkloadLimits::default().queue_timeout + Duration::from_millis(500);
+        let payload = match crate::remote::prepare(&self.inner.bus, request).await {
+            Ok(payload) => payload,
+            Err(response) => return response,
+        };
+        match self.send(service, revision, payload.clone(), timeout).await {
+            Ok(response) => return response,
+            Err(NoReplica::NotHere | NoReplica::NoResponders) if revision.is_some() && pinned.is_none() => {
+                // The split named a revision nobody serves right now (it is
+                // starting or stopping): any ready replica will do.
+                if let Ok(response) = self.send(service, None, payload.clone(), timeout).await {
+                    return response;
+                }
+            }
+            Err(_) => {}
+        }
+        if let Some(pinned) = pinned {
+            return crate::remote::not_ready(service, &format!("has no ready replica of revision {pinned}"));
+        }
+        match spec {
+            Some(spec) if spec.autoscale.is_some() => self.activate(service, payload, timeout).await,
+            _ => {
+                let local = self.inner.replicas.why_not_ready(service);
+                let why = if local.is_empty() { "has no ready replica on any host".to_string() } else { format!("has no ready replica: {local}") };
+                crate::remote::not_ready(service, &why)
+            }
+        }
+    }
+
+    /// Sends a prepared request on the service's (or revision's) subject,
+    /// again when the host that took it had no replica any more.
+    pub(super) async fn send(&self, service: &ServiceId, revision: Option<u64>, payload: Bytes, timeout: Duration) -> Result<Response<ResponseBody>, NoReplica> {
+        let subject = match revision {
+            Some(revision) => revision_subject(&service.namespace, &service.name, revision),
+            None => service.subject(),
+        };
+        let mut outcome = Err(NoReplica::NoResponders);
+        for attempt in 0..NOT_HERE_RETRIES {
+            outcome = crate::remote::send(&self.inner.bus, service, &subject, payload.clone(), timeout).await;
+            if !matches!(outcome, Err(NoReplica::NotHere)) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2 << attempt)).await;
+        }
+        outcome
+    }
+
+    /// Serves one request that came over the bus, always locally (a second
+    /// hop could loop): the least busy ready replica, else one being
+    /// stopped, else a "not here" answer the sender retries elsewhere.
+    async fn answer(&self, service: &ServiceId, revision: Option<u64>, message: wharf_bus::Message) {
+        let response = match crate::remote::decode_request(&message) {
+            Ok(request) => {
+                let workload = self.inner.replicas.least_busy(service, revision).or_else(|| self.inner.replicas.draining(service, revision));
+                match workload {
+                    Some(workload) => workload.handle(request).await,
+                    None => crate::remote::not_here(service, self.inner.config.host.as_str()),
+                }
+            }
+            Err(e) => error_response(StatusCode::BAD_REQUEST, "bad_request", format!("unreadable request from the bus: {e}")),
+        };
+        let payload = crate::remote::encode_reply(&self.inner.bus, response).await;
+        if let Err(e) = self.inner.bus.respond(&message, payload).await {
+            tracing::debug!(%service, "could not answer a bus request: {e}");
+        }
+    }
+
+    /// Listens on the bus for exactly the services and revisions with a
+    /// ready local replica (none while draining); stops listening drains.
+    pub(super) fn update_listening(&self) {
+        let wanted: BTreeSet<Listen> = if self.inner.draining.load(Ordering::Relaxed) {
+            BTreeSet::new()
+        } else {
+            let ready = self.inner.replicas.ready();
+            let mut wanted: BTreeSet<Listen> = ready.iter().map(|(service, _)| (service.clone(), None)).collect();
+            wanted.extend(ready.into_iter().map(|(service, revision)| (service, Some(revision))));
+            wanted
+        };
+        let Ok(mut listening) = self.inner.listening.lock() else { return };
+        listening.retain(|listen, listener| {
+            let keep = wanted.contains(listen) && !listener.task.is_finished();
+            if !keep && let Some(stop) = listener.stop.take() {
+                let _ = stop.send(());
+            }
+            keep || !listener.task.is_finished()
+        });
+        for listen in wanted {
+            if listening.get(&listen).is_some_and(|l| l.stop.is_some()) {
+                continue;
+            }
+            let (stop, stopped) = oneshot::channel();
+            let task = tokio::spawn(listen_on(Arc::downgrade(&self.inner), listen.clone(), stopped));
+            listening.insert(listen, Listener { stop: Some(stop), task });
+        }
+    }
+}
+
+/// One queue subscription: answers each request in a task of its own (at
+/// most the host's handler bound at once), until told to stop; then drains.
+async fn listen_on(agent: std::sync::Weak<super::Inner>, (service, revision): Listen, mut stop: oneshot::Receiver<()>) {
+    let Some(inner) = agent.upgrade() else { return };
+    let (subject, group) = match revision {
+        Some(revision) => (revision_subject(&service.namespace, &service.name, revision), revision_queue_group(&service.namespace, &service.name, revision)),
+        None => (service.subject(), service.key()),
+    };
+    let handlers = inner.handlers.clone();
+    let mut subscription = match inner.bus.queue_subscribe(&subject, &group).await {
+        Ok(subscription) => subscription,
+        Err(e) => {
+            tracing::error!(%service, "cannot listen for requests on the bus: {e}");
+            return;
+        }
+    };
+    if revision.is_none() {
+        // Requests held for activation on other hosts wake now.
+        let ready = wharf_proto::names::service_ready_subject(&service.namespace, &service.name);
+        if let Err(e) = inner.bus.publish(&ready, Bytes::new()).await {
+            tracing::debug!(%service, "could not announce a ready replica: {e}");
+        }
+    }
+    drop(inner);
+    let mut draining = false;
+    loop {
+        let message = tokio::select! {
+            message = subscription.next() => message,
+            _ = &mut stop, if !draining => {
+                draining = true;
+                subscription.drain().await;
+                continue;
+            }
+        };
+        let Some(message) = message else { break };
+        let Some(inner) = agent.upgrade() else { break };
+        let Ok(permit) = handlers.clone().acquire_owned().await else { break };
+        let agent = HostAgent { inner };
+        let service = service.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            agent.answer(&service, revision, message).await;
+        });
+    }
+}
