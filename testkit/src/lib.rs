@@ -4,6 +4,7 @@
 //! `sample-services/` with cargo, `nats` starts a real `nats-server`, and
 //! `tls` makes real certificates.
 
+pub mod cluster;
 pub mod load;
 pub mod nats;
 pub mod process;

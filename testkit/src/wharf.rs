@@ -3,7 +3,7 @@
 
 use crate::process::Process;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 /// A running `wharf up` (killed when dropped).
@@ -44,14 +44,7 @@ impl Up {
 
     /// Runs a client command against this cluster: (success, stdout + stderr).
     pub fn wharf(&self, args: &[&str]) -> (bool, String) {
-        let output = Command::new(&self.wharf).args(args).env("WHARF_API", &self.api).env("WHARF_TOKEN", &self.token).stdin(Stdio::null()).output();
-        match output {
-            Ok(output) => (
-                output.status.success(),
-                format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr)),
-            ),
-            Err(e) => (false, format!("cannot run {}: {e}", self.wharf.display())),
-        }
+        crate::cluster::run(&self.wharf, &self.api, &self.token, args)
     }
 
     /// Runs a client command that must succeed and returns its output.
