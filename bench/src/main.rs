@@ -17,6 +17,7 @@ mod coldstart;
 mod kvbench;
 mod load;
 mod noisy;
+mod rollout;
 mod rss;
 
 #[derive(Parser)]
@@ -38,6 +39,8 @@ enum Cmd {
     Kv(kvbench::KvArgs),
     /// Noisy neighbours: tenant B's latency with tenant A spinning and allocating to its caps.
     Noisy(noisy::NoisyArgs),
+    /// Rollouts on a real cluster under load: a rolling update's duration and failed requests, a failed canary's rollback time.
+    Rollout(rollout::RolloutArgs),
     /// Placement core: replicas placed per second on a simulated cluster.
     Placement(PlacementArgs),
     /// (internal) Loads N workloads in this process and prints its resident memory as JSON.
@@ -98,6 +101,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Kv(args) => tokio::runtime::Runtime::new()?.block_on(kvbench::run(args)),
         Cmd::Coldstart(args) => tokio::runtime::Runtime::new()?.block_on(coldstart::run(args)),
         Cmd::Cluster(args) => tokio::runtime::Runtime::new()?.block_on(cluster::run(args)),
+        Cmd::Rollout(args) => tokio::runtime::Runtime::new()?.block_on(rollout::run(args)),
         Cmd::RssProbe(args) => tokio::runtime::Runtime::new()?.block_on(rss::probe(args)),
     }
 }

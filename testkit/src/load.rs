@@ -19,6 +19,9 @@ pub struct Tally {
     pub bodies: BTreeMap<String, u64>,
     /// How long the load ran.
     pub elapsed: Duration,
+    /// When it started, in milliseconds since the Unix epoch (to line
+    /// failures up with times other processes report).
+    pub started_at_ms: u64,
 }
 
 impl Tally {
@@ -45,6 +48,7 @@ pub struct Load {
     tally: Arc<Mutex<Tally>>,
     workers: Vec<tokio::task::JoinHandle<()>>,
     started: Instant,
+    started_at_ms: u64,
 }
 
 impl Load {
@@ -90,13 +94,19 @@ impl Load {
                 }));
             }
         }
-        Load { stop, tally, workers: handles, started }
+        let started_at_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .unwrap_or(0)
+            .saturating_sub(u64::try_from(started.elapsed().as_millis()).unwrap_or(0));
+        Load { stop, tally, workers: handles, started, started_at_ms }
     }
 
     /// What was seen so far.
     pub fn snapshot(&self) -> Tally {
         let mut tally = self.tally.lock().map(|t| t.clone()).unwrap_or_default();
         tally.elapsed = self.started.elapsed();
+        tally.started_at_ms = self.started_at_ms;
         tally
     }
 
@@ -108,6 +118,7 @@ impl Load {
         }
         let mut tally = self.tally.lock().map(|t| t.clone()).unwrap_or_default();
         tally.elapsed = self.started.elapsed();
+        tally.started_at_ms = self.started_at_ms;
         tally
     }
 }
