@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 mod cluster;
 mod coldstart;
+mod control;
 mod kvbench;
 mod load;
 mod noisy;
@@ -33,6 +34,8 @@ enum Cmd {
     Host(HostArgs),
     /// A real cluster on loopback: failover time, local vs NATS-hop latency, remote throughput.
     Cluster(cluster::ClusterArgs),
+    /// The control plane at scale: simulated hosts over real NATS, two schedulers; placement time, idle cost, leader takeover.
+    Control(control::ControlArgs),
     /// Scale from zero: first-request latency (compiled and not), replicas following a step in load.
     Coldstart(coldstart::ColdStartArgs),
     /// wasi:keyvalue get/set latency from inside a component vs raw JetStream KV.
@@ -101,6 +104,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Kv(args) => tokio::runtime::Runtime::new()?.block_on(kvbench::run(args)),
         Cmd::Coldstart(args) => tokio::runtime::Runtime::new()?.block_on(coldstart::run(args)),
         Cmd::Cluster(args) => tokio::runtime::Runtime::new()?.block_on(cluster::run(args)),
+        Cmd::Control(args) => tokio::runtime::Runtime::new()?.block_on(control::run(args)),
         Cmd::Rollout(args) => tokio::runtime::Runtime::new()?.block_on(rollout::run(args)),
         Cmd::RssProbe(args) => tokio::runtime::Runtime::new()?.block_on(rss::probe(args)),
     }
