@@ -185,7 +185,10 @@ impl NatsCluster {
                     cluster.wait_until_ready();
                     return cluster;
                 }
-                Err(StartFailure { port_taken: true, report }) => last_failure = report,
+                Err(StartFailure {
+                    port_taken: true,
+                    report,
+                }) => last_failure = report,
                 Err(failure) => panic!("{failure}"),
             }
         }
@@ -300,7 +303,9 @@ impl NatsCluster {
                         .enumerate()
                         .map(|(index, node)| format!("\n--- log of n{index}:\n{}", node.log()))
                         .collect();
-                    panic!("the cluster did not become ready within {CLUSTER_TIMEOUT:?}: {reason}{logs}");
+                    panic!(
+                        "the cluster did not become ready within {CLUSTER_TIMEOUT:?}: {reason}{logs}"
+                    );
                 }
                 Err(_) => thread::sleep(Duration::from_millis(50)),
             }
@@ -380,7 +385,9 @@ impl NatsCluster {
             match &leader {
                 None => leader = Some(seen.to_owned()),
                 Some(first) if first != seen => {
-                    return Err(format!("nodes disagree on the meta leader: {first}, {seen}"));
+                    return Err(format!(
+                        "nodes disagree on the meta leader: {first}, {seen}"
+                    ));
                 }
                 Some(_) => {}
             }
@@ -405,7 +412,9 @@ impl NatsCluster {
                     && replica["offline"] != true
             });
             if !current {
-                return Err(format!("the meta leader {leader} does not see {name} as current"));
+                return Err(format!(
+                    "the meta leader {leader} does not see {name} as current"
+                ));
             }
         }
         Ok(())
@@ -565,7 +574,9 @@ impl Node {
             let log = self.log();
             return Err(StartFailure {
                 port_taken: log.contains("address already in use"),
-                report: format!("nats-server exited ({status}) before it could {what}; its log:\n{log}"),
+                report: format!(
+                    "nats-server exited ({status}) before it could {what}; its log:\n{log}"
+                ),
             });
         }
         if Instant::now() > deadline {

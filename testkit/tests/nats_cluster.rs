@@ -30,14 +30,21 @@ impl RawClient {
         let mut reader = BufReader::new(stream);
         let mut line = String::new();
         reader.read_line(&mut line).expect("INFO line");
-        let info = serde_json::from_str(line.trim_start_matches("INFO ").trim()).expect("INFO JSON");
-        let mut client = RawClient { reader, writer, info };
+        let info =
+            serde_json::from_str(line.trim_start_matches("INFO ").trim()).expect("INFO JSON");
+        let mut client = RawClient {
+            reader,
+            writer,
+            info,
+        };
         client.send("CONNECT {\"verbose\":false,\"headers\":true}\r\nSUB _INBOX.raw 1\r\n");
         client
     }
 
     fn send(&mut self, text: &str) {
-        self.writer.write_all(text.as_bytes()).expect("write to the node");
+        self.writer
+            .write_all(text.as_bytes())
+            .expect("write to the node");
     }
 
     /// Sends `payload` to `subject` and returns the JSON reply.
@@ -50,7 +57,10 @@ impl RawClient {
     /// timeout (as when JetStream has no stream leader to answer).
     fn try_request(&mut self, subject: &str, payload: &Value) -> Option<Value> {
         let body = payload.to_string();
-        self.send(&format!("PUB {subject} _INBOX.raw {}\r\n{body}\r\n", body.len()));
+        self.send(&format!(
+            "PUB {subject} _INBOX.raw {}\r\n{body}\r\n",
+            body.len()
+        ));
         loop {
             let mut line = String::new();
             self.reader.read_line(&mut line).ok()?;
@@ -87,7 +97,9 @@ fn three_nodes_form_one_jetstream_cluster() {
         let client = RawClient::connect(url);
         assert_eq!(client.info["server_name"], format!("n{index}"));
         assert_eq!(client.info["jetstream"], true);
-        let connect_urls = client.info["connect_urls"].as_array().expect("connect_urls");
+        let connect_urls = client.info["connect_urls"]
+            .as_array()
+            .expect("connect_urls");
         assert_eq!(connect_urls.len(), 3, "{:?}", client.info);
     }
     // A stream with three replicas needs all three JetStream peers.
