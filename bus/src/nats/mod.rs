@@ -2,28 +2,32 @@
 //!
 //! Names, payload sizes and values have been checked by the caller in
 //! `lib.rs`, `kv.rs` or `objects.rs`; this module only translates calls and
-//! errors between async-nats and the bus's types.
+//! errors between async-nats and the bus's types. Submodules: `buckets`
+//! (creating buckets and keeping their settings), `kv` (KV operations and
+//! watches that outlive node losses), `objects`, and `system` (the
+//! system-account connection and its disconnect advisories).
+
+mod buckets;
+mod kv;
+mod objects;
+mod system;
 
 use std::fmt;
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use async_nats::jetstream::{self, kv, object_store, stream::StorageType};
-use async_nats::{ConnectErrorKind, Event, RequestErrorKind};
+use async_nats::jetstream;
+use async_nats::{ConnectErrorKind, Event, RequestErrorKind, ServerAddr};
 use bytes::Bytes;
-use futures::future::{self, BoxFuture};
-use futures::stream::BoxStream;
-use futures::{FutureExt, Stream, StreamExt, TryStreamExt};
-use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 
-use crate::error::{
-    BackendError, ConnectError, KvError, ObjectError, PublishError, RequestError, SubscribeError,
-};
-use crate::{ConnectionState, Entry, KvEvent, Message, Subscription, SubscriptionInner};
+pub(crate) use kv::{NatsKv, NatsWatch};
+pub(crate) use objects::NatsObjects;
+pub(crate) use system::NatsDisconnects;
+
+use crate::error::{BackendError, ConnectError, PublishError, RequestError, SubscribeError};
+use crate::{ConnectionState, Message, Subscription, SubscriptionInner};
 
 /// The oldest nats-server accepted: async-nats 0.51 cannot create KV buckets on 2.9.
 const MIN_SERVER_VERSION: (u64, u64) = (2, 10);
@@ -36,6 +40,15 @@ pub struct NatsOptions {
     pub auth: NatsAuth,
     /// How long one attempt to reach a server may take.
     pub connect_timeout: Duration,
+    /// Copies of each bucket the bus creates, on different servers of a
+    /// cluster. `None`: one per server the cluster has, up to 3; an existing
+    /// bucket with more copies keeps them. `Some(n)`: exactly `n`, also for
+    /// existing buckets opened with [`Bus::kv_with`](crate::Bus::kv_with).
+    pub replicas: Option<usize>,
+    /// A user of the server's system account, for a second connection that
+    /// hears the server's disconnect advisories
+    /// ([`Bus::client_disconnects`](crate::Bus::client_disconnects)); `None`: no such connection.
+    pub system_auth: Option<NatsAuth>,
 }
 
 impl Default for NatsOptions {
@@ -44,6 +57,8 @@ impl Default for NatsOptions {
             name: "wharf".to_owned(),
             auth: NatsAuth::None,
             connect_timeout: Duration::from_secs(5),
+            replicas: None,
+            system_auth: None,
         }
     }
 }
@@ -82,69 +97,50 @@ pub(crate) struct NatsBus {
     jetstream: jetstream::Context,
     /// Fed by the client's event callback.
     connection: watch::Receiver<ConnectionState>,
+    /// [`NatsOptions::replicas`].
+    replicas: Option<usize>,
+    /// The connection to the system account, if credentials for it were given.
+    system: Option<async_nats::Client>,
 }
 
 impl NatsBus {
-    pub(crate) async fn connect(url: &str, options: NatsOptions) -> Result<NatsBus, ConnectError> {
+    pub(crate) async fn connect(urls: &str, options: NatsOptions) -> Result<NatsBus, ConnectError> {
+        let addrs = server_addrs(urls)?;
         let (state, connection) = watch::channel(ConnectionState::Connected);
         let state = Arc::new(state);
-        // `retry_on_initial_connect` is deliberately not set: a wrong URL must
-        // fail here with a clear error rather than retry in the background.
-        // Once connected, reconnection is unlimited, so a NATS restart or a
-        // network blip never leaves a Wharf process disconnected for good.
-        let mut connect = async_nats::ConnectOptions::new()
-            .name(options.name)
-            .connection_timeout(options.connect_timeout)
-            .max_reconnects(None)
-            .event_callback(move |event| {
-                let state = Arc::clone(&state);
-                async move {
-                    let new = match event {
-                        Event::Connected => ConnectionState::Connected,
-                        Event::Disconnected => ConnectionState::Disconnected,
-                        _ => return,
-                    };
-                    // Only real changes wake receivers: the first connect's
-                    // event arrives after the channel already says `Connected`,
-                    // and must not look like a reconnect to `NatsWatch`.
-                    state.send_if_modified(|current| {
-                        let changed = *current != new;
-                        *current = new;
-                        changed
-                    });
-                }
-            });
-        connect = match options.auth {
-            NatsAuth::None => connect,
-            NatsAuth::UserPassword { user, password } => connect.user_and_password(user, password),
-            NatsAuth::CredentialsFile(path) => connect
-                .credentials_file(&path)
-                .await
-                .map_err(|source| ConnectError::CredentialsFile { path, source })?,
-        };
-        let client = connect.connect(url).await.map_err(|err| {
-            let url = url.to_owned();
-            let kind = err.kind();
-            let source: BackendError = Box::new(err);
-            match kind {
-                ConnectErrorKind::ServerParse => ConnectError::InvalidUrl { url, source },
-                ConnectErrorKind::Authentication | ConnectErrorKind::AuthorizationViolation => {
-                    ConnectError::Unauthorized { url, source }
-                }
-                _ => ConnectError::Unreachable { url, source },
+        let on_event = move |event| {
+            let state = Arc::clone(&state);
+            async move {
+                let new = match event {
+                    Event::Connected => ConnectionState::Connected,
+                    Event::Disconnected => ConnectionState::Disconnected,
+                    _ => return,
+                };
+                // Only real changes wake receivers: the first connect's
+                // event arrives after the channel already says `Connected`,
+                // and must not look like a reconnect to `NatsWatch`.
+                state.send_if_modified(|current| {
+                    let changed = *current != new;
+                    *current = new;
+                    changed
+                });
             }
-        })?;
+        };
+        let connect = client_options(&options.name, &options.auth, options.connect_timeout)
+            .await?
+            .event_callback(on_event);
+        let client = open(connect, &addrs, urls).await?;
 
         let info = client.server_info();
         if !version_at_least(&info.version, MIN_SERVER_VERSION) {
             return Err(ConnectError::ServerTooOld {
-                url: url.to_owned(),
+                url: urls.to_owned(),
                 version: info.version,
             });
         }
         if !info.jetstream {
             return Err(ConnectError::JetStreamDisabled {
-                url: url.to_owned(),
+                url: urls.to_owned(),
             });
         }
         let jetstream = jetstream::new(client.clone());
@@ -153,13 +149,19 @@ impl NatsBus {
             .query_account()
             .await
             .map_err(|err| ConnectError::JetStreamUnavailable {
-                url: url.to_owned(),
+                url: urls.to_owned(),
                 source: Box::new(err),
             })?;
+        let system = match &options.system_auth {
+            Some(auth) => Some(system::connect(&addrs, urls, &options, auth).await?),
+            None => None,
+        };
         Ok(NatsBus {
             client,
             jetstream,
             connection,
+            replicas: options.replicas,
+            system,
         })
     }
 
@@ -228,54 +230,80 @@ impl NatsBus {
     pub(crate) fn connection_changes(&self) -> watch::Receiver<ConnectionState> {
         self.connection.clone()
     }
+}
 
-    pub(crate) async fn kv(&self, bucket: &str) -> Result<NatsKv, KvError> {
-        // Opening the existing bucket first respects a bucket made elsewhere
-        // with other settings. If that fails for any reason, creating it
-        // either works (JetStream creates idempotently, so racing processes
-        // both succeed) or reports the real problem.
-        let store = match self.jetstream.get_key_value(bucket).await {
-            Ok(store) => store,
-            Err(_) => self
-                .jetstream
-                .create_key_value(kv::Config {
-                    bucket: bucket.to_owned(),
-                    // Wharf's state is level-triggered: only the latest value matters.
-                    history: 1,
-                    max_value_size: -1,
-                    max_bytes: -1,
-                    storage: StorageType::File,
-                    ..Default::default()
+/// Parses `urls`, one NATS server URL or several separated by commas (the
+/// members of a cluster). The client tries them in random order, at first
+/// and whenever it reconnects, and adds the other members each server
+/// advertises.
+fn server_addrs(urls: &str) -> Result<Vec<ServerAddr>, ConnectError> {
+    urls.split(',')
+        .map(str::trim)
+        .map(|url| {
+            if url.is_empty() {
+                return Err(ConnectError::InvalidUrl {
+                    url: urls.to_owned(),
+                    source: "the list holds an empty URL".into(),
+                });
+            }
+            url.parse::<ServerAddr>()
+                .map_err(|err| ConnectError::InvalidUrl {
+                    url: url.to_owned(),
+                    source: Box::new(err),
                 })
-                .await
-                .map_err(|err| kv_unavailable(bucket, err))?,
-        };
-        Ok(NatsKv {
-            store,
-            bucket: bucket.to_owned(),
-            connection: self.connection.clone(),
         })
-    }
+        .collect()
+}
 
-    pub(crate) async fn objects(&self, bucket: &str) -> Result<NatsObjects, ObjectError> {
-        // As in `kv`: open first, create if that fails.
-        let store = match self.jetstream.get_object_store(bucket).await {
-            Ok(store) => store,
-            Err(_) => self
-                .jetstream
-                .create_object_store(object_store::Config {
-                    bucket: bucket.to_owned(),
-                    storage: StorageType::File,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|err| objects_unavailable(bucket, err))?,
-        };
-        Ok(NatsObjects {
-            store,
-            bucket: bucket.to_owned(),
-        })
-    }
+/// The options every connection of the bus shares: its name, credentials and patience.
+async fn client_options(
+    name: &str,
+    auth: &NatsAuth,
+    timeout: Duration,
+) -> Result<async_nats::ConnectOptions, ConnectError> {
+    // `retry_on_initial_connect` is deliberately not set: a wrong URL must
+    // fail here with a clear error rather than retry in the background.
+    // Once connected, reconnection is unlimited, so a NATS restart, the loss
+    // of a cluster node or a network blip never leaves a Wharf process
+    // disconnected for good.
+    let connect = async_nats::ConnectOptions::new()
+        .name(name)
+        .connection_timeout(timeout)
+        .max_reconnects(None);
+    Ok(match auth {
+        NatsAuth::None => connect,
+        NatsAuth::UserPassword { user, password } => {
+            connect.user_and_password(user.clone(), password.clone())
+        }
+        NatsAuth::CredentialsFile(path) => {
+            connect.credentials_file(path).await.map_err(|source| {
+                ConnectError::CredentialsFile {
+                    path: path.clone(),
+                    source,
+                }
+            })?
+        }
+    })
+}
+
+/// Connects with `options` to one of `addrs` (`urls` as given, for errors).
+async fn open(
+    options: async_nats::ConnectOptions,
+    addrs: &[ServerAddr],
+    urls: &str,
+) -> Result<async_nats::Client, ConnectError> {
+    options.connect(addrs).await.map_err(|err| {
+        let url = urls.to_owned();
+        let kind = err.kind();
+        let source: BackendError = Box::new(err);
+        match kind {
+            ConnectErrorKind::ServerParse => ConnectError::InvalidUrl { url, source },
+            ConnectErrorKind::Authentication | ConnectErrorKind::AuthorizationViolation => {
+                ConnectError::Unauthorized { url, source }
+            }
+            _ => ConnectError::Unreachable { url, source },
+        }
+    })
 }
 
 /// Converts a received message; status-only messages never reach subscriptions.
@@ -284,330 +312,6 @@ pub(crate) fn message(message: async_nats::Message) -> Message {
         subject: message.subject.to_string(),
         payload: message.payload,
         reply: message.reply.map(|reply| reply.to_string()),
-    }
-}
-
-/// A JetStream KV bucket.
-pub(crate) struct NatsKv {
-    store: kv::Store,
-    bucket: String,
-    /// For watches, which start afresh when the connection comes back.
-    connection: watch::Receiver<ConnectionState>,
-}
-
-impl NatsKv {
-    pub(crate) async fn get(&self, key: &str) -> Result<Option<Entry>, KvError> {
-        let entry = self
-            .store
-            .entry(key)
-            .await
-            .map_err(|err| self.unavailable(err))?;
-        // A deleted key's last entry is its delete marker.
-        Ok(entry
-            .filter(|entry| entry.operation == kv::Operation::Put)
-            .map(|entry| Entry {
-                key: entry.key,
-                value: entry.value,
-                revision: entry.revision,
-            }))
-    }
-
-    pub(crate) async fn put(&self, key: &str, value: Bytes) -> Result<u64, KvError> {
-        self.store
-            .put(key, value)
-            .await
-            .map_err(|err| self.unavailable(err))
-    }
-
-    pub(crate) async fn create(&self, key: &str, value: Bytes) -> Result<u64, KvError> {
-        self.store.create(key, value).await.map_err(|err| {
-            if err.kind() == kv::CreateErrorKind::AlreadyExists {
-                KvError::AlreadyExists {
-                    bucket: self.bucket.clone(),
-                    key: key.to_owned(),
-                }
-            } else {
-                self.unavailable(err)
-            }
-        })
-    }
-
-    pub(crate) async fn update(
-        &self,
-        key: &str,
-        value: Bytes,
-        expected: u64,
-    ) -> Result<u64, KvError> {
-        self.store
-            .update(key, value, expected)
-            .await
-            .map_err(|err| {
-                if err.kind() == kv::UpdateErrorKind::WrongLastRevision {
-                    KvError::RevisionMismatch {
-                        bucket: self.bucket.clone(),
-                        key: key.to_owned(),
-                        expected,
-                    }
-                } else {
-                    self.unavailable(err)
-                }
-            })
-    }
-
-    pub(crate) async fn delete(&self, key: &str) -> Result<(), KvError> {
-        self.store
-            .delete(key)
-            .await
-            .map_err(|err| self.unavailable(err))
-    }
-
-    pub(crate) async fn keys(&self) -> Result<Vec<String>, KvError> {
-        self.store
-            .keys()
-            .await
-            .map_err(|err| self.unavailable(err))?
-            .try_collect()
-            .await
-            .map_err(|err| self.unavailable(err))
-    }
-
-    pub(crate) async fn entries(&self) -> Result<Vec<Entry>, KvError> {
-        // async-nats has no "current entries" call (its history consumer
-        // rejects `>`), so fetch the keys, then their values concurrently
-        // over the one connection. A key deleted in between is left out.
-        let keys = self.keys().await?;
-        let entries = future::try_join_all(keys.iter().map(|key| self.get(key))).await?;
-        Ok(entries.into_iter().flatten().collect())
-    }
-
-    pub(crate) async fn watch(&self, pattern: &str) -> Result<NatsWatch, KvError> {
-        // The stream's last sequence before the watch starts bounds the
-        // replay of current values; see `NatsWatch::replayed_up_to`.
-        let info = self
-            .store
-            .stream
-            .get_info()
-            .await
-            .map_err(|err| self.unavailable(err))?;
-        let watch = self
-            .store
-            .watch_with_history(pattern)
-            .await
-            .map_err(|err| self.unavailable(err))?;
-        Ok(NatsWatch {
-            store: self.store.clone(),
-            pattern: pattern.to_owned(),
-            state: WatchState::Open(Box::new(watch)),
-            seen_up_to: 0,
-            replayed_up_to: info.state.last_sequence,
-            reconnections: reconnections(self.connection.clone()),
-        })
-    }
-
-    fn unavailable(&self, err: impl Into<BackendError>) -> KvError {
-        kv_unavailable(&self.bucket, err)
-    }
-}
-
-/// A JetStream KV watch, turned into [`KvEvent`]s, that outlives NATS restarts.
-///
-/// async-nats' watch (an ordered consumer) notices a lost consumer only after
-/// missing heartbeats for 10 s, and a restarted server has lost it; it then
-/// yields an error and recreates itself. This watch instead starts a new one
-/// as soon as the client reconnects, or after any error, resuming after the
-/// last revision it yielded, and retries until that works. So it yields no
-/// errors, and misses or repeats no change.
-pub(crate) struct NatsWatch {
-    store: kv::Store,
-    pattern: String,
-    state: WatchState,
-    /// The highest revision handled so far; a new watch resumes after it,
-    /// and anything at or below it is not yielded again.
-    seen_up_to: u64,
-    /// The stream's last revision when the watch began: entries up to it are
-    /// the replay of current values. For a deleted key the replay holds its
-    /// delete marker, which NATS keeps; that is not a change the watcher
-    /// should see (the in-process store has nothing to replay for such a
-    /// key), so such deletes are skipped.
-    replayed_up_to: u64,
-    /// Yields each time the connection comes back.
-    reconnections: BoxStream<'static, ()>,
-}
-
-/// The watch is boxed: it is large, and a `Reopening` state would carry its size for nothing.
-enum WatchState {
-    Open(Box<kv::Watch>),
-    Reopening(BoxFuture<'static, kv::Watch>),
-}
-
-impl NatsWatch {
-    fn reopen(&mut self) {
-        let (store, pattern) = (self.store.clone(), self.pattern.clone());
-        let from = self.seen_up_to + 1;
-        self.state = WatchState::Reopening(Box::pin(async move {
-            let mut delay = Duration::from_millis(50);
-            loop {
-                // From a revision, not "current values": the values up to it
-                // have been yielded already, and the changes after it are
-                // exactly what is missing (with history 1, only each key's
-                // latest change is kept, which is all a level-triggered
-                // watcher needs).
-                match store.watch_from_revision(&pattern, from).await {
-                    Ok(watch) => return watch,
-                    Err(err) => {
-                        tracing::warn!(
-                            bucket = %store.name,
-                            %pattern,
-                            "cannot renew KV watch, retrying in {delay:?}: {err}"
-                        );
-                        tokio::time::sleep(delay).await;
-                        delay = (delay * 2).min(Duration::from_secs(5));
-                    }
-                }
-            }
-        }));
-    }
-}
-
-impl Stream for NatsWatch {
-    type Item = KvEvent;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<KvEvent>> {
-        loop {
-            if let Poll::Ready(Some(())) = self.reconnections.poll_next_unpin(cx) {
-                self.reopen();
-            }
-            let watch = match &mut self.state {
-                WatchState::Open(watch) => watch,
-                WatchState::Reopening(renewal) => {
-                    let watch = ready!(renewal.poll_unpin(cx));
-                    self.state = WatchState::Open(Box::new(watch));
-                    continue;
-                }
-            };
-            let entry = match ready!(watch.poll_next_unpin(cx)) {
-                // The client is gone, and with it any hope of more changes.
-                None => return Poll::Ready(None),
-                Some(Err(err)) => {
-                    tracing::warn!(
-                        bucket = %self.store.name,
-                        pattern = %self.pattern,
-                        "KV watch failed, renewing it: {err}"
-                    );
-                    self.reopen();
-                    continue;
-                }
-                Some(Ok(entry)) => entry,
-            };
-            if entry.revision <= self.seen_up_to {
-                continue;
-            }
-            self.seen_up_to = entry.revision;
-            let deleted = entry.operation != kv::Operation::Put;
-            if deleted && entry.revision <= self.replayed_up_to {
-                continue;
-            }
-            return Poll::Ready(Some(KvEvent {
-                key: entry.key,
-                value: (!deleted).then_some(entry.value),
-                revision: entry.revision,
-            }));
-        }
-    }
-}
-
-/// A stream that yields whenever `connection` changes back to connected; it
-/// ends when the client is dropped, and stays ended (fused).
-fn reconnections(mut connection: watch::Receiver<ConnectionState>) -> BoxStream<'static, ()> {
-    // A clone remembers what its original last saw; only later changes count.
-    connection.mark_unchanged();
-    futures::stream::unfold(connection, |mut connection| async move {
-        loop {
-            connection.changed().await.ok()?;
-            if *connection.borrow_and_update() == ConnectionState::Connected {
-                return Some(((), connection));
-            }
-        }
-    })
-    .fuse()
-    .boxed()
-}
-
-/// A JetStream object store bucket.
-pub(crate) struct NatsObjects {
-    store: object_store::ObjectStore,
-    bucket: String,
-}
-
-impl NatsObjects {
-    pub(crate) async fn put(&self, name: &str, data: Bytes) -> Result<(), ObjectError> {
-        let mut reader: &[u8] = &data;
-        self.store
-            .put(name, &mut reader)
-            .await
-            .map(drop)
-            .map_err(|err| self.unavailable(err))
-    }
-
-    pub(crate) async fn get(&self, name: &str) -> Result<Option<Bytes>, ObjectError> {
-        let mut object = match self.store.get(name).await {
-            Ok(object) => object,
-            Err(err) if err.kind() == object_store::GetErrorKind::NotFound => return Ok(None),
-            Err(err) => return Err(self.unavailable(err)),
-        };
-        let mut data = Vec::with_capacity(object.info.size);
-        object
-            .read_to_end(&mut data)
-            .await
-            .map_err(|err| self.unavailable(err))?;
-        Ok(Some(data.into()))
-    }
-
-    pub(crate) async fn exists(&self, name: &str) -> Result<bool, ObjectError> {
-        match self.store.info(name).await {
-            // A deleted object keeps its metadata, marked deleted.
-            Ok(info) => Ok(!info.deleted),
-            Err(err) if err.kind() == object_store::InfoErrorKind::NotFound => Ok(false),
-            Err(err) => Err(self.unavailable(err)),
-        }
-    }
-
-    pub(crate) async fn delete(&self, name: &str) -> Result<(), ObjectError> {
-        match self.store.delete(name).await {
-            Err(err) if err.kind() != object_store::DeleteErrorKind::NotFound => {
-                Err(self.unavailable(err))
-            }
-            _ => Ok(()),
-        }
-    }
-
-    pub(crate) async fn list(&self) -> Result<Vec<String>, ObjectError> {
-        self.store
-            .list()
-            .await
-            .map_err(|err| self.unavailable(err))?
-            .map_ok(|info| info.name)
-            .try_collect()
-            .await
-            .map_err(|err| self.unavailable(err))
-    }
-
-    fn unavailable(&self, err: impl Into<BackendError>) -> ObjectError {
-        objects_unavailable(&self.bucket, err)
-    }
-}
-
-fn kv_unavailable(bucket: &str, err: impl Into<BackendError>) -> KvError {
-    KvError::Unavailable {
-        bucket: bucket.to_owned(),
-        source: err.into(),
-    }
-}
-
-fn objects_unavailable(bucket: &str, err: impl Into<BackendError>) -> ObjectError {
-    ObjectError::Unavailable {
-        bucket: bucket.to_owned(),
-        source: err.into(),
     }
 }
 
@@ -644,6 +348,30 @@ mod tests {
                 expected,
                 "{version}"
             );
+        }
+    }
+
+    #[test]
+    fn urls_are_split_on_commas_and_each_is_checked() {
+        let addrs = server_addrs("nats://127.0.0.1:4222, nats://127.0.0.1:4223,127.0.0.1:4224")
+            .expect("three URLs");
+        assert_eq!(addrs.len(), 3);
+        for (urls, bad) in [
+            (
+                "nats://127.0.0.1:4222,nats://127.0.0.1:notaport",
+                "nats://127.0.0.1:notaport",
+            ),
+            (
+                "nats://127.0.0.1:4222,,nats://127.0.0.1:4223",
+                "nats://127.0.0.1:4222,,nats://127.0.0.1:4223",
+            ),
+            ("", ""),
+            ("http://127.0.0.1:4222", "http://127.0.0.1:4222"),
+        ] {
+            match server_addrs(urls) {
+                Err(ConnectError::InvalidUrl { url, .. }) => assert_eq!(url, bad, "{urls}"),
+                other => panic!("{urls}: {other:?}"),
+            }
         }
     }
 }
