@@ -750,3 +750,81 @@ impl LocalObjects {
             })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kib() -> Bytes {
+        Bytes::from(vec![b'x'; 1024])
+    }
+
+    /// Makes `bucket` look as a store written before limits were kept left it:
+    /// no limit row, no size row.
+    fn forget_limits(store: &LocalStore, bucket: &str) {
+        let name = kv_table_name(bucket);
+        let txn = store.inner.db.begin_write().expect("write");
+        txn.open_table(BUCKET_LIMITS)
+            .expect("limits")
+            .remove(name.as_str())
+            .expect("remove");
+        txn.open_table(BUCKET_SIZES)
+            .expect("sizes")
+            .remove(name.as_str())
+            .expect("remove");
+        txn.commit().expect("commit");
+    }
+
+    #[tokio::test]
+    async fn buckets_from_before_limits_keep_no_limit_until_their_owner_sets_one() {
+        let store = LocalStore::in_memory().expect("store");
+        let kv = store
+            .open_kv("legacy", BucketOptions::default(), false)
+            .await
+            .expect("open");
+        for index in 0..8 {
+            kv.put(&format!("k{index}"), kib()).await.expect("put");
+        }
+        forget_limits(&store, "legacy");
+
+        // Opened as it is, the old bucket keeps having no limit.
+        let kv = store
+            .open_kv("legacy", BucketOptions::max_bytes(4096), false)
+            .await
+            .expect("open");
+        kv.put("k8", kib()).await.expect("no limit yet");
+
+        // Its owner sets one; its size is counted from its entries.
+        let kv = store
+            .open_kv("legacy", BucketOptions::max_bytes(16 * 1024), true)
+            .await
+            .expect("open");
+        let mut stored = 9;
+        let err = loop {
+            match kv.put(&format!("k{stored}"), kib()).await {
+                Ok(_) => stored += 1,
+                Err(err) => break err,
+            }
+        };
+        assert!(
+            matches!(
+                err,
+                KvError::BucketFull {
+                    max_bytes: 16384,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        // The same number fit as in a bucket counted from the start.
+        assert_eq!(stored, 15);
+    }
+
+    #[test]
+    fn entries_are_counted_as_nats_counts_them() {
+        // Measured on nats-server 2.15: a put of 1 KiB to key `k0` of bucket
+        // `cap` takes 1064 bytes; a delete marker of `a` in bucket `sz`, 73.
+        assert_eq!(kv_record_size("cap", "k0", Some(1024)), 1064);
+        assert_eq!(kv_record_size("sz", "a", None), 73);
+    }
+}

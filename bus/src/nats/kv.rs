@@ -186,6 +186,9 @@ impl NatsKv {
     }
 }
 
+/// How long one attempt to renew a watch may take before the next starts.
+const RENEW_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// A JetStream KV watch, turned into [`KvEvent`]s, that outlives NATS
 /// restarts and the loss of a cluster node.
 ///
@@ -232,7 +235,14 @@ impl NatsWatch {
                 // exactly what is missing (with history 1, only each key's
                 // latest change is kept, which is all a level-triggered
                 // watcher needs).
-                match store.watch_from_revision(&pattern, from).await {
+                // Each attempt is bounded: one made as the client reconnects
+                // can go unanswered for the JetStream API's whole 10 s
+                // timeout, while a second one a moment later succeeds.
+                let attempt = store.watch_from_revision(&pattern, from);
+                match tokio::time::timeout(RENEW_ATTEMPT_TIMEOUT, attempt)
+                    .await
+                    .unwrap_or_else(|_| Err(kv::WatchError::new(kv::WatchErrorKind::TimedOut)))
+                {
                     Ok(watch) => return watch,
                     Err(err) => {
                         tracing::warn!(
