@@ -77,7 +77,23 @@ impl NatsServer {
     pub fn start_with_config(config: &str) -> NatsServer {
         let dir = temp_dir();
         let config_path = write_config(dir.path(), config);
-        let mut node = Node::new(dir.path().to_owned(), config_path, Vec::new(), None);
+        NatsServer::run(dir, ConfigFile::generated(config_path))
+    }
+
+    /// Starts a server from a config file as shipped (e.g.
+    /// `deploy/nats/nats-server.conf`). Its includes resolve relative to the
+    /// file; the address and ports come from flags, which override it.
+    ///
+    /// # Panics
+    ///
+    /// As [`NatsServer::start`], including when the server rejects the config.
+    pub fn start_from(file: &ConfigFile) -> NatsServer {
+        NatsServer::run(temp_dir(), file.clone())
+    }
+
+    /// Starts the server of `file` in `dir`, and waits until it accepts connections.
+    fn run(dir: TempDir, file: ConfigFile) -> NatsServer {
+        let mut node = Node::new(dir.path().to_owned(), file, None);
         if let Err(failure) = node.spawn() {
             panic!("{failure}");
         }
@@ -127,6 +143,30 @@ impl NatsServer {
     }
 }
 
+/// A nats-server config file to start a server from, as it is shipped.
+#[derive(Debug, Clone)]
+pub struct ConfigFile {
+    pub path: PathBuf,
+    /// Environment variables for the server process, for `$VAR` references (passwords, ...).
+    pub env: Vec<(String, String)>,
+    /// The variable the file takes its JetStream store directory from
+    /// (`store_dir: $VAR`), which the harness sets to the server's own
+    /// temporary store. `None`: the file sets no `store_dir`, and the store
+    /// comes from the `-sd` flag (nats-server refuses both at once).
+    pub store_dir_var: Option<String>,
+}
+
+impl ConfigFile {
+    /// A config the harness wrote, whose store comes from `-sd`.
+    fn generated(path: PathBuf) -> ConfigFile {
+        ConfigFile {
+            path,
+            env: Vec::new(),
+            store_dir_var: None,
+        }
+    }
+}
+
 /// How to start a [`NatsCluster`] beyond the defaults.
 #[derive(Debug, Clone, Default)]
 pub struct ClusterOptions {
@@ -134,12 +174,9 @@ pub struct ClusterOptions {
     pub config: String,
     /// One config file per node to start from instead of a generated one
     /// (e.g. `deploy/nats/cluster/node-a.conf`); as many as the cluster has
-    /// nodes. Includes in them resolve relative to the file, as usual. The
-    /// address, ports, routes, node and cluster names and the JetStream store
-    /// still come from flags, which override the file.
-    pub config_files: Vec<PathBuf>,
-    /// Environment variables for the server processes, for `$VAR` references in configs.
-    pub env: Vec<(String, String)>,
+    /// nodes. The address, ports, routes, and node and cluster names still
+    /// come from flags, which override the file.
+    pub config_files: Vec<ConfigFile>,
 }
 
 /// Several nats-server processes on loopback, clustered with routes, with
@@ -212,14 +249,14 @@ impl NatsCluster {
                 .unwrap_or_else(|err| panic!("cannot create {}: {err}", node_dir.display()));
             let config = match options.config_files.get(index) {
                 Some(file) => file.clone(),
-                None => write_config(&node_dir, &options.config),
+                None => ConfigFile::generated(write_config(&node_dir, &options.config)),
             };
             let seat = ClusterSeat {
                 name: format!("n{index}"),
                 port: *route_port,
                 routes: routes.clone(),
             };
-            nodes.push(Node::new(node_dir, config, options.env.clone(), Some(seat)));
+            nodes.push(Node::new(node_dir, config, Some(seat)));
         }
         let mut cluster = NatsCluster { _dir: dir, nodes };
         for node in &mut cluster.nodes {
@@ -435,8 +472,7 @@ struct Node {
     binary: PathBuf,
     /// Holds the JetStream store, the log and the ports directory.
     dir: PathBuf,
-    config: PathBuf,
-    env: Vec<(String, String)>,
+    config: ConfigFile,
     cluster: Option<ClusterSeat>,
     /// `None` while stopped.
     child: Option<Child>,
@@ -459,17 +495,11 @@ impl std::fmt::Display for StartFailure {
 }
 
 impl Node {
-    fn new(
-        dir: PathBuf,
-        config: PathBuf,
-        env: Vec<(String, String)>,
-        cluster: Option<ClusterSeat>,
-    ) -> Node {
+    fn new(dir: PathBuf, config: ConfigFile, cluster: Option<ClusterSeat>) -> Node {
         Node {
             binary: server_binary(),
             dir,
             config,
-            env,
             cluster,
             child: None,
             port: 0,
@@ -502,9 +532,10 @@ impl Node {
             0 => "-1".to_owned(),
             port => port.to_string(),
         };
+        let store = self.dir.join("jetstream");
         let mut args: Vec<OsString> = vec![
             "-c".into(),
-            self.config.clone().into(),
+            self.config.path.clone().into(),
             "-a".into(),
             "127.0.0.1".into(),
             "-p".into(),
@@ -512,13 +543,16 @@ impl Node {
             "-m".into(),
             port_arg(self.monitor_port).into(),
             "-js".into(),
-            "-sd".into(),
-            self.dir.join("jetstream").into(),
             "-l".into(),
             self.log_path().into(),
             "--ports_file_dir".into(),
             ports_dir.clone().into(),
         ];
+        let mut env = self.config.env.clone();
+        match &self.config.store_dir_var {
+            Some(var) => env.push((var.clone(), store.display().to_string())),
+            None => args.extend(["-sd".into(), store.into()]),
+        }
         if let Some(seat) = &self.cluster {
             args.extend(
                 [
@@ -534,12 +568,15 @@ impl Node {
                 .map(OsString::from),
             );
         }
+        // A config the server rejects is reported on stderr, before any log file is open.
+        let stderr = fs::File::create(self.stderr_path())
+            .unwrap_or_else(|err| panic!("cannot create {}: {err}", self.stderr_path().display()));
         let child = Command::new(&self.binary)
             .args(&args)
-            .envs(self.env.iter().map(|(key, value)| (key, value)))
+            .envs(env)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .unwrap_or_else(|err| panic!("cannot run {}: {err}", self.binary.display()));
         let pid = child.id();
@@ -645,8 +682,18 @@ impl Node {
         self.dir.join("nats.log")
     }
 
+    fn stderr_path(&self) -> PathBuf {
+        self.dir.join("stderr.log")
+    }
+
+    /// The log, and whatever the server wrote to stderr.
     fn log(&self) -> String {
-        fs::read_to_string(self.log_path()).unwrap_or_else(|err| format!("(no log: {err})"))
+        let log =
+            fs::read_to_string(self.log_path()).unwrap_or_else(|err| format!("(no log: {err})"));
+        match fs::read_to_string(self.stderr_path()) {
+            Ok(stderr) if !stderr.trim().is_empty() => format!("{log}\nstderr:\n{stderr}"),
+            _ => log,
+        }
     }
 }
 
