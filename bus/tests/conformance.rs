@@ -645,6 +645,14 @@ mod cases {
         Bytes::from(vec![b'x'; 1024])
     }
 
+    /// Asserts that `err` says a bucket of `max_bytes` is full.
+    fn assert_full(err: &KvError, max_bytes: u64) {
+        assert!(
+            matches!(err, KvError::BucketFull { max_bytes: max, .. } if *max == max_bytes),
+            "{err:?}"
+        );
+    }
+
     pub async fn kv_buckets_refuse_writes_past_their_limit(bus: Bus) {
         let kv = bus
             .kv_with("capped", BucketOptions::max_bytes(16 * 1024))
@@ -695,16 +703,7 @@ mod cases {
         // Opening without options keeps the bucket's limit.
         let plain = bus.kv("resized").await.expect("kv");
         let err = plain.put("more", kib()).await.expect_err("still full");
-        assert!(
-            matches!(
-                err,
-                KvError::BucketFull {
-                    max_bytes: 8192,
-                    ..
-                }
-            ),
-            "{err:?}"
-        );
+        assert_full(&err, 8192);
 
         // Opening with options raises it.
         let kv = bus
@@ -712,16 +711,7 @@ mod cases {
             .await
             .expect("kv");
         let (err, large) = fill(&kv).await;
-        assert!(
-            matches!(
-                err,
-                KvError::BucketFull {
-                    max_bytes: 32768,
-                    ..
-                }
-            ),
-            "{err:?}"
-        );
+        assert_full(&err, 32768);
         assert!(large > small * 3, "{small} entries, then {large}");
 
         // Lowering it below what the bucket holds keeps the data and refuses
@@ -736,16 +726,7 @@ mod cases {
             .await
             .expect("a value replaced in place");
         let err = kv.put("new", kib()).await.expect_err("over the new limit");
-        assert!(
-            matches!(
-                err,
-                KvError::BucketFull {
-                    max_bytes: 4096,
-                    ..
-                }
-            ),
-            "{err:?}"
-        );
+        assert_full(&err, 4096);
 
         // And no limit at all.
         let kv = bus
@@ -764,16 +745,7 @@ mod cases {
         let bus = bus.with_storage_limits(limits);
         assert_eq!(bus.storage_limits(), limits);
         let (err, _) = fill(&bus.kv("small-state").await.expect("kv")).await;
-        assert!(
-            matches!(
-                err,
-                KvError::BucketFull {
-                    max_bytes: 8192,
-                    ..
-                }
-            ),
-            "{err:?}"
-        );
+        assert_full(&err, 8192);
         // A data bucket gets the limit its owner asks for.
         let data = bus
             .kv_with("data", bus.storage_limits().data)

@@ -366,6 +366,22 @@ fn options(name: &str, auth: NatsAuth, system_auth: Option<NatsAuth>) -> NatsOpt
     }
 }
 
+/// A scheduler's bus on `server`, with the system account, and its disconnect advisories.
+async fn listen_for_disconnects(server: &NatsServer) -> (Bus, wharf_bus::ClientDisconnects) {
+    let scheduler = Bus::connect_nats(
+        &server.url(),
+        options(
+            "wharf-scheduler",
+            user("scheduler", "s"),
+            Some(user("system", "sys")),
+        ),
+    )
+    .await
+    .expect("connect with the system account");
+    let disconnects = scheduler.client_disconnects().await.expect("advisories");
+    (scheduler, disconnects)
+}
+
 /// The next disconnect, or a panic after `within`.
 async fn next_gone(disconnects: &mut wharf_bus::ClientDisconnects, within: Duration) -> ClientGone {
     tokio::time::timeout(within, disconnects.next())
@@ -391,17 +407,7 @@ async fn a_killed_client_is_reported_within_a_second() {
     }
 
     let server = server_with_a_system_account();
-    let scheduler = Bus::connect_nats(
-        &server.url(),
-        options(
-            "wharf-scheduler",
-            user("scheduler", "s"),
-            Some(user("system", "sys")),
-        ),
-    )
-    .await
-    .expect("connect with the system account");
-    let mut disconnects = scheduler.client_disconnects().await.expect("advisories");
+    let (_scheduler, mut disconnects) = listen_for_disconnects(&server).await;
 
     let mut child = Command::new(std::env::current_exe().expect("test binary"))
         .args([
@@ -443,17 +449,7 @@ async fn a_killed_client_is_reported_within_a_second() {
 #[tokio::test]
 async fn disconnects_are_those_of_the_bus_account_only() {
     let server = server_with_a_system_account();
-    let scheduler = Bus::connect_nats(
-        &server.url(),
-        options(
-            "wharf-scheduler",
-            user("scheduler", "s"),
-            Some(user("system", "sys")),
-        ),
-    )
-    .await
-    .expect("connect");
-    let mut disconnects = scheduler.client_disconnects().await.expect("advisories");
+    let (_scheduler, mut disconnects) = listen_for_disconnects(&server).await;
 
     // Another application's client leaves first, then one of Wharf's: the
     // server sends their advisories in that order, so receiving Wharf's

@@ -352,30 +352,27 @@ impl NatsCluster {
     /// The node that currently leads JetStream stream `stream` (a KV bucket
     /// `b` is stream `KV_b`, an object store `o` is `OBJ_o`), if any running node knows one.
     pub fn stream_leader(&self, stream: &str) -> Option<usize> {
-        let leader = self.running().find_map(|(_, node)| {
-            let jsz = node.monitor("/jsz?accounts=true&streams=true")?;
-            jsz["account_details"]
-                .as_array()?
-                .iter()
-                .filter_map(|account| account["stream_detail"].as_array())
-                .flatten()
-                .find(|detail| detail["name"] == stream)
-                .and_then(|detail| detail["cluster"]["leader"].as_str().map(str::to_owned))
-        })?;
-        self.index_of(&leader)
+        let detail = self.stream_detail(stream, "")?;
+        self.index_of(detail["cluster"]["leader"].as_str()?)
     }
 
     /// How many replicas stream `stream` has, as its configuration says.
     pub fn stream_replicas(&self, stream: &str) -> Option<u64> {
+        self.stream_detail(stream, "&config=true")?["config"]["num_replicas"].as_u64()
+    }
+
+    /// What the first running node that has stream `stream` says of it in
+    /// `/jsz` (with `extra` query parameters).
+    fn stream_detail(&self, stream: &str, extra: &str) -> Option<Value> {
         self.running().find_map(|(_, node)| {
-            let jsz = node.monitor("/jsz?accounts=true&streams=true&config=true")?;
+            let jsz = node.monitor(&format!("/jsz?accounts=true&streams=true{extra}"))?;
             jsz["account_details"]
                 .as_array()?
                 .iter()
                 .filter_map(|account| account["stream_detail"].as_array())
                 .flatten()
                 .find(|detail| detail["name"] == stream)
-                .and_then(|detail| detail["config"]["num_replicas"].as_u64())
+                .cloned()
         })
     }
 

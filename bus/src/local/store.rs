@@ -137,16 +137,13 @@ impl LocalStore {
         update: bool,
     ) -> Result<LocalKv, KvError> {
         let name = kv_table_name(bucket);
-        self.blocking(move |store| store.open_bucket(&name, options, update))
-            .await
-            .map_err(|source| KvError::Unavailable {
-                bucket: bucket.to_owned(),
-                source,
-            })?;
-        Ok(LocalKv {
+        let kv = LocalKv {
             store: self.clone(),
             bucket: bucket.to_owned(),
-        })
+        };
+        kv.run(move |store| store.open_bucket(&name, options, update))
+            .await?;
+        Ok(kv)
     }
 
     /// Opens object bucket `bucket`, as [`LocalStore::open_kv`] does KV buckets.
@@ -157,16 +154,14 @@ impl LocalStore {
         update: bool,
     ) -> Result<LocalObjects, ObjectError> {
         let name = objects_table_name(bucket);
-        self.blocking(move |store| store.open_bucket(&name, options, update))
-            .await
-            .map_err(|source| ObjectError::Unavailable {
-                bucket: bucket.to_owned(),
-                source,
-            })?;
-        Ok(LocalObjects {
+        let objects = LocalObjects {
             store: self.clone(),
             bucket: bucket.to_owned(),
-        })
+        };
+        objects
+            .run(move |store| store.open_bucket(&name, options, update))
+            .await?;
+        Ok(objects)
     }
 
     /// Runs `task` on the blocking pool.

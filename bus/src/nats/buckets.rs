@@ -55,24 +55,22 @@ impl NatsBus {
         options: BucketOptions,
         update: bool,
     ) -> Result<NatsKv, KvError> {
-        let store = match self.jetstream.get_key_value(bucket).await {
-            Ok(store) => store,
-            // Whatever the reason opening failed, creating either works
-            // (JetStream creates idempotently) or reports the real problem.
-            Err(_) => match self.create_kv(bucket, options).await {
-                Ok(store) => return Ok(self.kv_handle(bucket, store)),
-                // Another process may have created it meanwhile, with other settings.
-                Err(err) => self
-                    .jetstream
-                    .get_key_value(bucket)
-                    .await
-                    .map_err(|_| err)?,
-            },
-        };
-        if update {
-            self.update(Kind::Kv, bucket, options).await;
-        }
-        Ok(self.kv_handle(bucket, store))
+        let store = self
+            .open_or_create(
+                Kind::Kv,
+                bucket,
+                options,
+                update,
+                async || self.jetstream.get_key_value(bucket).await.ok(),
+                async || self.create_kv(bucket, options).await,
+            )
+            .await?;
+        Ok(NatsKv::new(
+            store,
+            bucket,
+            self.client.clone(),
+            self.connection.clone(),
+        ))
     }
 
     /// Opens object bucket `bucket`, as [`NatsBus::kv`] does KV buckets.
@@ -82,21 +80,45 @@ impl NatsBus {
         options: BucketOptions,
         update: bool,
     ) -> Result<NatsObjects, ObjectError> {
-        let store = match self.jetstream.get_object_store(bucket).await {
-            Ok(store) => store,
-            Err(_) => match self.create_objects(bucket, options).await {
-                Ok(store) => return Ok(self.objects_handle(bucket, store)),
-                Err(err) => self
-                    .jetstream
-                    .get_object_store(bucket)
-                    .await
-                    .map_err(|_| err)?,
+        let store = self
+            .open_or_create(
+                Kind::Objects,
+                bucket,
+                options,
+                update,
+                async || self.jetstream.get_object_store(bucket).await.ok(),
+                async || self.create_objects(bucket, options).await,
+            )
+            .await?;
+        Ok(NatsObjects::new(store, bucket, self.jetstream.clone()))
+    }
+
+    /// Opens a bucket with `open`, or creates it with `create` if that fails:
+    /// whatever the reason opening failed, creating either works (JetStream
+    /// creates idempotently) or reports the real problem, unless another
+    /// process created the bucket meanwhile, with other settings, which a
+    /// second `open` finds. With `update`, a bucket that existed is brought
+    /// to `options`.
+    async fn open_or_create<S, E>(
+        &self,
+        kind: Kind,
+        bucket: &str,
+        options: BucketOptions,
+        update: bool,
+        open: impl AsyncFn() -> Option<S>,
+        create: impl AsyncFnOnce() -> Result<S, E>,
+    ) -> Result<S, E> {
+        let store = match open().await {
+            Some(store) => store,
+            None => match create().await {
+                Ok(store) => return Ok(store),
+                Err(err) => open().await.ok_or(err)?,
             },
         };
         if update {
-            self.update(Kind::Objects, bucket, options).await;
+            self.update(kind, bucket, options).await;
         }
-        Ok(self.objects_handle(bucket, store))
+        Ok(store)
     }
 
     /// How many servers the cluster has: those the server advertises, or
@@ -165,14 +187,6 @@ impl NatsBus {
                     None => super::objects::unavailable(bucket, err),
                 },
             )
-    }
-
-    fn kv_handle(&self, bucket: &str, store: kv::Store) -> NatsKv {
-        NatsKv::new(store, bucket, self.client.clone(), self.connection.clone())
-    }
-
-    fn objects_handle(&self, bucket: &str, store: object_store::ObjectStore) -> NatsObjects {
-        NatsObjects::new(store, bucket, self.jetstream.clone())
     }
 
     /// Brings the stream behind `bucket` to `options` and this bus's copies;
