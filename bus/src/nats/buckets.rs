@@ -49,28 +49,34 @@ impl Kind {
 impl NatsBus {
     /// Opens KV bucket `bucket`, creating it with `options` if missing; with
     /// `update`, an existing bucket is brought to `options` and this bus's copies.
+    ///
+    /// Whatever the reason opening fails, creating either works (JetStream
+    /// creates idempotently) or reports the real problem, unless another
+    /// process created the bucket meanwhile, with other settings, which a
+    /// second opening finds. [`NatsBus::objects`] takes the same steps with
+    /// the other store type; one generic function over async closures would
+    /// make the callers' futures lose `Send`.
     pub(crate) async fn kv(
         &self,
         bucket: &str,
         options: BucketOptions,
         update: bool,
     ) -> Result<NatsKv, KvError> {
-        let store = self
-            .open_or_create(
-                Kind::Kv,
-                bucket,
-                options,
-                update,
-                async || self.jetstream.get_key_value(bucket).await.ok(),
-                async || self.create_kv(bucket, options).await,
-            )
-            .await?;
-        Ok(NatsKv::new(
-            store,
-            bucket,
-            self.client.clone(),
-            self.connection.clone(),
-        ))
+        let store = match self.jetstream.get_key_value(bucket).await {
+            Ok(store) => store,
+            Err(_) => match self.create_kv(bucket, options).await {
+                Ok(created) => return Ok(self.kv_handle(bucket, created)),
+                Err(err) => self
+                    .jetstream
+                    .get_key_value(bucket)
+                    .await
+                    .map_err(|_| err)?,
+            },
+        };
+        if update {
+            self.update(Kind::Kv, bucket, options).await;
+        }
+        Ok(self.kv_handle(bucket, store))
     }
 
     /// Opens object bucket `bucket`, as [`NatsBus::kv`] does KV buckets.
@@ -80,45 +86,29 @@ impl NatsBus {
         options: BucketOptions,
         update: bool,
     ) -> Result<NatsObjects, ObjectError> {
-        let store = self
-            .open_or_create(
-                Kind::Objects,
-                bucket,
-                options,
-                update,
-                async || self.jetstream.get_object_store(bucket).await.ok(),
-                async || self.create_objects(bucket, options).await,
-            )
-            .await?;
-        Ok(NatsObjects::new(store, bucket, self.jetstream.clone()))
-    }
-
-    /// Opens a bucket with `open`, or creates it with `create` if that fails:
-    /// whatever the reason opening failed, creating either works (JetStream
-    /// creates idempotently) or reports the real problem, unless another
-    /// process created the bucket meanwhile, with other settings, which a
-    /// second `open` finds. With `update`, a bucket that existed is brought
-    /// to `options`.
-    async fn open_or_create<S, E>(
-        &self,
-        kind: Kind,
-        bucket: &str,
-        options: BucketOptions,
-        update: bool,
-        open: impl AsyncFn() -> Option<S>,
-        create: impl AsyncFnOnce() -> Result<S, E>,
-    ) -> Result<S, E> {
-        let store = match open().await {
-            Some(store) => store,
-            None => match create().await {
-                Ok(store) => return Ok(store),
-                Err(err) => open().await.ok_or(err)?,
+        let store = match self.jetstream.get_object_store(bucket).await {
+            Ok(store) => store,
+            Err(_) => match self.create_objects(bucket, options).await {
+                Ok(created) => return Ok(self.objects_handle(bucket, created)),
+                Err(err) => self
+                    .jetstream
+                    .get_object_store(bucket)
+                    .await
+                    .map_err(|_| err)?,
             },
         };
         if update {
-            self.update(kind, bucket, options).await;
+            self.update(Kind::Objects, bucket, options).await;
         }
-        Ok(store)
+        Ok(self.objects_handle(bucket, store))
+    }
+
+    fn kv_handle(&self, bucket: &str, store: kv::Store) -> NatsKv {
+        NatsKv::new(store, bucket, self.client.clone(), self.connection.clone())
+    }
+
+    fn objects_handle(&self, bucket: &str, store: object_store::ObjectStore) -> NatsObjects {
+        NatsObjects::new(store, bucket, self.jetstream.clone())
     }
 
     /// How many servers the cluster has: those the server advertises, or
