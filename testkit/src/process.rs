@@ -41,14 +41,8 @@ impl Process {
             .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
         let (tx, lines) = channel();
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let stdout = child
-            .stdout
-            .take()
-            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>);
-        let stderr = child
-            .stderr
-            .take()
-            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>);
+        let stdout = child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>);
+        let stderr = child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>);
         for stream in [stdout, stderr].into_iter().flatten() {
             let tx = tx.clone();
             let seen = seen.clone();
@@ -61,12 +55,7 @@ impl Process {
                 }
             });
         }
-        Process {
-            child,
-            lines,
-            seen,
-            name,
-        }
+        Process { child, lines, seen, name }
     }
 
     /// Waits up to `timeout` for an output line containing `needle` and returns it.
@@ -83,19 +72,11 @@ impl Process {
                 Ok(line) if line.contains(needle) => return line,
                 Ok(_) => {}
                 Err(RecvTimeoutError::Timeout) => {
-                    panic!(
-                        "{} printed no line containing {needle:?} within {timeout:?}; output:\n{}",
-                        self.name,
-                        self.output()
-                    )
+                    panic!("{} printed no line containing {needle:?} within {timeout:?}; output:\n{}", self.name, self.output())
                 }
                 Err(RecvTimeoutError::Disconnected) => {
                     let status = self.child.wait().map(|s| s.to_string()).unwrap_or_default();
-                    panic!(
-                        "{} exited ({status}) before printing {needle:?}; output:\n{}",
-                        self.name,
-                        self.output()
-                    )
+                    panic!("{} exited ({status}) before printing {needle:?}; output:\n{}", self.name, self.output())
                 }
             }
         }
@@ -118,9 +99,7 @@ impl Process {
     /// If it does not exit in time.
     pub fn terminate(&mut self, timeout: Duration) -> ExitStatus {
         // std has no SIGTERM; `kill` is on every machine the tests run on.
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
         self.wait(timeout)
     }
 
@@ -145,11 +124,7 @@ impl Process {
             }
             if Instant::now() > deadline {
                 self.kill();
-                panic!(
-                    "{} did not exit within {timeout:?}; output:\n{}",
-                    self.name,
-                    self.output()
-                );
+                panic!("{} did not exit within {timeout:?}; output:\n{}", self.name, self.output());
             }
             std::thread::sleep(Duration::from_millis(20));
         }

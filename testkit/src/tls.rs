@@ -25,30 +25,14 @@ pub struct TestCerts {
 pub fn write(dir: &Path) -> TestCerts {
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA parameters");
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "Wharf test CA");
-    let ca =
-        rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().expect("CA key"))
-            .expect("CA certificate");
+    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "Wharf test CA");
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().expect("CA key")).expect("CA certificate");
     let server_key = rcgen::KeyPair::generate().expect("server key");
-    let server_params =
-        rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
-            .expect("server parameters");
-    let server = server_params
-        .signed_by(&server_key, &ca)
-        .expect("server certificate");
+    let server_params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).expect("server parameters");
+    let server = server_params.signed_by(&server_key, &ca).expect("server certificate");
     let other_key = rcgen::KeyPair::generate().expect("other key");
-    let certs = TestCerts {
-        ca: dir.join("ca.pem"),
-        cert: dir.join("server.pem"),
-        key: dir.join("server.key"),
-        other_key: dir.join("other.key"),
-    };
-    let write = |path: &Path, text: String| {
-        std::fs::write(path, text)
-            .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()))
-    };
+    let certs = TestCerts { ca: dir.join("ca.pem"), cert: dir.join("server.pem"), key: dir.join("server.key"), other_key: dir.join("other.key") };
+    let write = |path: &Path, text: String| std::fs::write(path, text).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
     write(&certs.ca, ca.pem());
     write(&certs.cert, format!("{}{}", server.pem(), ca.pem()));
     write(&certs.key, server_key.serialize_pem());

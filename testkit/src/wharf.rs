@@ -29,56 +29,26 @@ impl Up {
     /// If it does not start within a minute.
     pub fn start(wharf: &Path, data_dir: &Path, extra: &[&str]) -> Up {
         let mut command = Command::new(wharf);
-        command
-            .arg("up")
-            .arg("--data-dir")
-            .arg(data_dir)
-            .args(["--api", "127.0.0.1:0", "--listen", "127.0.0.1:0"])
-            .args(extra);
+        command.arg("up").arg("--data-dir").arg(data_dir).args(["--api", "127.0.0.1:0", "--listen", "127.0.0.1:0"]).args(extra);
         if std::env::var_os("WHARF_LOG").is_none() {
             command.env("WHARF_LOG", "warn");
         }
         let mut process = Process::spawn_with(&mut command);
         let line = process.wait_for_line("Wharf is up", Duration::from_secs(60));
-        let urls: Vec<String> = line
-            .split_whitespace()
-            .filter(|w| w.starts_with("http://") || w.starts_with("https://"))
-            .map(str::to_string)
-            .collect();
-        assert_eq!(
-            urls.len(),
-            2,
-            "expected the API and ingress URLs in: {line}"
-        );
+        let urls: Vec<String> = line.split_whitespace().filter(|w| w.starts_with("http://") || w.starts_with("https://")).map(str::to_string).collect();
+        assert_eq!(urls.len(), 2, "expected the API and ingress URLs in: {line}");
         process.wait_for_line("Ctrl-C stops", Duration::from_secs(60));
-        let token = std::fs::read_to_string(data_dir.join("admin-token"))
-            .map(|t| t.trim().to_string())
-            .unwrap_or_default();
-        Up {
-            process,
-            api: urls[0].clone(),
-            ingress: urls[1].clone(),
-            token,
-            wharf: wharf.to_path_buf(),
-        }
+        let token = std::fs::read_to_string(data_dir.join("admin-token")).map(|t| t.trim().to_string()).unwrap_or_default();
+        Up { process, api: urls[0].clone(), ingress: urls[1].clone(), token, wharf: wharf.to_path_buf() }
     }
 
     /// Runs a client command against this cluster: (success, stdout + stderr).
     pub fn wharf(&self, args: &[&str]) -> (bool, String) {
-        let output = Command::new(&self.wharf)
-            .args(args)
-            .env("WHARF_API", &self.api)
-            .env("WHARF_TOKEN", &self.token)
-            .stdin(Stdio::null())
-            .output();
+        let output = Command::new(&self.wharf).args(args).env("WHARF_API", &self.api).env("WHARF_TOKEN", &self.token).stdin(Stdio::null()).output();
         match output {
             Ok(output) => (
                 output.status.success(),
-                format!(
-                    "{}{}",
-                    String::from_utf8_lossy(&output.stdout),
-                    String::from_utf8_lossy(&output.stderr)
-                ),
+                format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr)),
             ),
             Err(e) => (false, format!("cannot run {}: {e}", self.wharf.display())),
         }
@@ -91,21 +61,13 @@ impl Up {
     /// If the command fails; the message holds its output and the cluster's.
     pub fn ok(&self, args: &[&str]) -> String {
         let (ok, text) = self.wharf(args);
-        assert!(
-            ok,
-            "wharf {args:?} failed:\n{text}\n--- wharf up output:\n{}",
-            self.process.output()
-        );
+        assert!(ok, "wharf {args:?} failed:\n{text}\n--- wharf up output:\n{}", self.process.output());
         text
     }
 
     /// `wharf get services NAME -o json`, parsed; `Null` if it fails.
     pub fn service(&self, name: &str) -> serde_json::Value {
         let (ok, text) = self.wharf(&["get", "services", name, "-o", "json"]);
-        if ok {
-            serde_json::from_str(&text).unwrap_or(serde_json::Value::Null)
-        } else {
-            serde_json::Value::Null
-        }
+        if ok { serde_json::from_str(&text).unwrap_or(serde_json::Value::Null) } else { serde_json::Value::Null }
     }
 }
