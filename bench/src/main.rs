@@ -16,6 +16,7 @@ mod cluster;
 mod coldstart;
 mod kvbench;
 mod load;
+mod natsha;
 mod noisy;
 mod rss;
 
@@ -36,6 +37,8 @@ enum Cmd {
     Coldstart(coldstart::ColdStartArgs),
     /// wasi:keyvalue get/set latency from inside a component vs raw JetStream KV.
     Kv(kvbench::KvArgs),
+    /// JetStream KV on one nats-server vs a 3-node cluster: put/get/watch latency, writes resuming after kill -9.
+    NatsHa(natsha::NatsHaArgs),
     /// Noisy neighbours: tenant B's latency with tenant A spinning and allocating to its caps.
     Noisy(noisy::NoisyArgs),
     /// Placement core: replicas placed per second on a simulated cluster.
@@ -96,6 +99,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Placement(args) => placement(args),
         Cmd::Noisy(args) => tokio::runtime::Runtime::new()?.block_on(noisy::run(args)),
         Cmd::Kv(args) => tokio::runtime::Runtime::new()?.block_on(kvbench::run(args)),
+        Cmd::NatsHa(args) => tokio::runtime::Runtime::new()?.block_on(natsha::run(args)),
         Cmd::Coldstart(args) => tokio::runtime::Runtime::new()?.block_on(coldstart::run(args)),
         Cmd::Cluster(args) => tokio::runtime::Runtime::new()?.block_on(cluster::run(args)),
         Cmd::RssProbe(args) => tokio::runtime::Runtime::new()?.block_on(rss::probe(args)),

@@ -350,29 +350,41 @@ impl NatsCluster {
     }
 
     /// The node that currently leads JetStream stream `stream` (a KV bucket
-    /// `b` is stream `KV_b`, an object store `o` is `OBJ_o`), if any running node knows one.
+    /// `b` is stream `KV_b`, an object store `o` is `OBJ_o`), by its own
+    /// account: other nodes' views lag behind an election.
     pub fn stream_leader(&self, stream: &str) -> Option<usize> {
-        let detail = self.stream_detail(stream, "")?;
-        self.index_of(detail["cluster"]["leader"].as_str()?)
+        self.running().find_map(|(index, node)| {
+            let detail = node.stream_detail(stream, "")?;
+            (detail["cluster"]["leader"] == self.name(index).as_str()).then_some(index)
+        })
+    }
+
+    /// Whether stream `stream` has a leader that sees every other running
+    /// node's copy as current (caught up).
+    pub fn stream_is_current(&self, stream: &str) -> bool {
+        let Some(leader) = self.stream_leader(stream) else {
+            return false;
+        };
+        let Some(detail) = self.nodes[leader].stream_detail(stream, "") else {
+            return false;
+        };
+        let replicas = detail["cluster"]["replicas"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        self.running()
+            .filter(|(index, _)| *index != leader)
+            .all(|(index, _)| {
+                replicas.iter().any(|replica| {
+                    replica["name"] == self.name(index).as_str() && replica["current"] == true
+                })
+            })
     }
 
     /// How many replicas stream `stream` has, as its configuration says.
     pub fn stream_replicas(&self, stream: &str) -> Option<u64> {
-        self.stream_detail(stream, "&config=true")?["config"]["num_replicas"].as_u64()
-    }
-
-    /// What the first running node that has stream `stream` says of it in
-    /// `/jsz` (with `extra` query parameters).
-    fn stream_detail(&self, stream: &str, extra: &str) -> Option<Value> {
         self.running().find_map(|(_, node)| {
-            let jsz = node.monitor(&format!("/jsz?accounts=true&streams=true{extra}"))?;
-            jsz["account_details"]
-                .as_array()?
-                .iter()
-                .filter_map(|account| account["stream_detail"].as_array())
-                .flatten()
-                .find(|detail| detail["name"] == stream)
-                .cloned()
+            node.stream_detail(stream, "&config=true")?["config"]["num_replicas"].as_u64()
         })
     }
 
@@ -673,6 +685,18 @@ impl Node {
         let (head, body) = response.split_once("\r\n\r\n")?;
         head.starts_with("HTTP/1.0 200").then_some(())?;
         serde_json::from_str(body).ok()
+    }
+
+    /// What this node says of stream `stream` in `/jsz` (with `extra` query parameters), if it holds it.
+    fn stream_detail(&self, stream: &str, extra: &str) -> Option<Value> {
+        let jsz = self.monitor(&format!("/jsz?accounts=true&streams=true{extra}"))?;
+        jsz["account_details"]
+            .as_array()?
+            .iter()
+            .filter_map(|account| account["stream_detail"].as_array())
+            .flatten()
+            .find(|detail| detail["name"] == stream)
+            .cloned()
     }
 
     fn log_path(&self) -> PathBuf {
