@@ -42,7 +42,7 @@ pub struct NatsArgs {
     #[arg(long, env = "WHARF_NATS_SYSTEM_CREDS")]
     pub nats_system_creds: Option<PathBuf>,
     /// Copies of each bucket Wharf creates, on different NATS servers, 1 to 5 (default: one per
-    /// server of the cluster, up to 3). Existing buckets the scheduler owns are changed to it.
+    /// server of the cluster, up to 3). The scheduler also changes namespaces' data buckets to it.
     #[arg(long, env = "WHARF_KV_REPLICAS", value_parser = clap::value_parser!(u8).range(1..=5))]
     pub kv_replicas: Option<u8>,
     /// Size limit of each bucket of the control plane's state (services, assignments, ...); 0 for none.
