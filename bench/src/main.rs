@@ -17,6 +17,7 @@ mod coldstart;
 mod control;
 mod kvbench;
 mod load;
+mod natsha;
 mod noisy;
 mod rollout;
 mod rss;
@@ -40,6 +41,8 @@ enum Cmd {
     Coldstart(coldstart::ColdStartArgs),
     /// wasi:keyvalue get/set latency from inside a component vs raw JetStream KV.
     Kv(kvbench::KvArgs),
+    /// JetStream KV on one nats-server vs a 3-node cluster: put/get/watch latency, writes resuming after kill -9.
+    NatsHa(natsha::NatsHaArgs),
     /// Noisy neighbours: tenant B's latency with tenant A spinning and allocating to its caps.
     Noisy(noisy::NoisyArgs),
     /// Rollouts on a real cluster under load: a rolling update's duration and failed requests, a failed canary's rollback time.
@@ -102,6 +105,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Placement(args) => placement(args),
         Cmd::Noisy(args) => tokio::runtime::Runtime::new()?.block_on(noisy::run(args)),
         Cmd::Kv(args) => tokio::runtime::Runtime::new()?.block_on(kvbench::run(args)),
+        Cmd::NatsHa(args) => tokio::runtime::Runtime::new()?.block_on(natsha::run(args)),
         Cmd::Coldstart(args) => tokio::runtime::Runtime::new()?.block_on(coldstart::run(args)),
         Cmd::Cluster(args) => tokio::runtime::Runtime::new()?.block_on(cluster::run(args)),
         Cmd::Control(args) => tokio::runtime::Runtime::new()?.block_on(control::run(args)),

@@ -78,6 +78,21 @@ pub enum ConnectError {
         #[source]
         source: BackendError,
     },
+    /// The second connection, to the system account (for disconnect advisories), failed.
+    #[error(
+        "cannot connect to the NATS system account at {url} (used to hear at once when a client disconnects): {source}"
+    )]
+    SystemAccount {
+        url: String,
+        #[source]
+        source: Box<ConnectError>,
+    },
+    /// The system-account credentials connect, but to an ordinary account.
+    #[error(
+        "the NATS credentials given for the system account connect to an ordinary account at {url}: \
+         no server answers its system requests; name a user of the server's `system_account`"
+    )]
+    NotSystemAccount { url: String },
 }
 
 /// Why [`LocalStore::open`](crate::LocalStore::open) or [`LocalStore::in_memory`](crate::LocalStore::in_memory) failed.
@@ -201,6 +216,16 @@ pub enum KvError {
         size: usize,
         max: usize,
     },
+    /// The write would take the bucket past its size limit
+    /// ([`BucketOptions::max_bytes`](crate::BucketOptions::max_bytes)); nothing was written.
+    #[error(
+        "KV bucket `{bucket}` is full: it may hold {}, and this write would take it past that; delete keys or raise the bucket's limit",
+        describe_bytes(*max_bytes)
+    )]
+    BucketFull { bucket: String, max_bytes: u64 },
+    /// The bucket could not be created with the settings asked for.
+    #[error(transparent)]
+    Settings(BucketSettingsError),
     /// NATS failed or timed out, or the embedded store failed.
     #[error("KV bucket `{bucket}` is unavailable: {source}")]
     Unavailable {
@@ -216,6 +241,20 @@ pub enum ObjectError {
     /// The bucket or object name breaks the naming rules.
     #[error(transparent)]
     InvalidName(NameError),
+    /// The object would take the store past its size limit
+    /// ([`BucketOptions::max_bytes`](crate::BucketOptions::max_bytes)); nothing was written.
+    #[error(
+        "object bucket `{bucket}` is full: it may hold {}, and storing {size} more bytes would take it past that; delete objects or raise the bucket's limit",
+        describe_bytes(*max_bytes)
+    )]
+    BucketFull {
+        bucket: String,
+        max_bytes: u64,
+        size: u64,
+    },
+    /// The bucket could not be created with the settings asked for.
+    #[error(transparent)]
+    Settings(BucketSettingsError),
     /// NATS failed or timed out, or the embedded store failed.
     #[error("object bucket `{bucket}` is unavailable: {source}")]
     Unavailable {
@@ -223,4 +262,60 @@ pub enum ObjectError {
         #[source]
         source: BackendError,
     },
+}
+
+/// Why JetStream refused to create a bucket with the settings asked for.
+#[derive(Debug, Error)]
+pub enum BucketSettingsError {
+    /// JetStream reserves each bucket's size limit on every server holding a
+    /// copy, and the servers' storage (`max_file_store`) is spoken for.
+    #[error(
+        "JetStream cannot reserve {} for bucket `{bucket}` on the servers that would hold it: their storage is spoken for; \
+         lower the buckets' size limits (--kv-max-bytes, --data-kv-max-bytes, --objects-max-bytes) or give JetStream more storage (max_file_store)",
+        max_bytes.map_or_else(|| "room".to_owned(), describe_bytes)
+    )]
+    InsufficientStorage {
+        bucket: String,
+        max_bytes: Option<u64>,
+    },
+    /// The bucket needs more copies than there are JetStream servers to hold them.
+    #[error(
+        "bucket `{bucket}` needs {replicas} copies on different NATS servers, more than the servers can place; \
+         run a NATS cluster of at least {replicas} JetStream servers, or ask for fewer copies (--kv-replicas)"
+    )]
+    TooFewServers { bucket: String, replicas: usize },
+}
+
+/// Why [`Bus::client_disconnects`](crate::Bus::client_disconnects) cannot report disconnects.
+#[derive(Debug, Error)]
+pub enum DisconnectsError {
+    /// No system-account credentials were given, so the bus cannot hear the server's advisories.
+    #[error(
+        "disconnect advisories are not available: they need a connection to the NATS system account \
+         (--nats-system-user and --nats-system-password, or --nats-system-creds); until then, departures show only as missed heartbeats"
+    )]
+    NotConfigured,
+    /// The subscription to the advisories failed.
+    #[error("cannot subscribe to NATS disconnect advisories: {source}")]
+    Unavailable {
+        #[source]
+        source: BackendError,
+    },
+}
+
+/// `bytes` as a person would say it: `64 MiB` when it is a whole number of a unit, else `1000 bytes`.
+pub(crate) fn describe_bytes(bytes: u64) -> String {
+    const UNITS: [(u64, &str); 4] = [
+        (1 << 40, "TiB"),
+        (1 << 30, "GiB"),
+        (1 << 20, "MiB"),
+        (1 << 10, "KiB"),
+    ];
+    UNITS
+        .iter()
+        .find(|(unit, _)| bytes >= *unit && bytes.is_multiple_of(*unit))
+        .map_or_else(
+            || format!("{bytes} bytes"),
+            |(unit, name)| format!("{} {name}", bytes / unit),
+        )
 }

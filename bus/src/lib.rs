@@ -5,7 +5,10 @@
 //!
 //! - **NATS** ([`Bus::connect_nats`]): core NATS for messages, JetStream KV
 //!   for buckets, JetStream Object Store for objects. This is how Wharf
-//!   spreads over many machines; NATS is the distributed engine.
+//!   spreads over many machines; NATS is the distributed engine. Over a NATS
+//!   cluster the bus knows every member, reconnects to another when one goes,
+//!   keeps each bucket on up to three servers, and hears from the system
+//!   account when another client disconnects.
 //! - **In-process** ([`Bus::local`]): messages are routed inside the process,
 //!   and state lives in an embedded [redb](https://docs.rs/redb) database
 //!   ([`LocalStore`]), in a file that survives `kill -9` or in memory. This is
@@ -19,7 +22,8 @@
 //! bucket (the JetStream stream sequence, or a counter kept in redb), deletes
 //! that take a revision of their own, and watches that first replay the
 //! current values and then follow every change (over NATS, also across a
-//! server restart).
+//! server restart or the loss of a cluster node), and buckets with a size
+//! limit that refuse a write past it ([`BucketOptions`]).
 //!
 //! `Bus` holds a private enum of the two implementations rather than an
 //! `Arc<dyn Trait>`: the set is closed (two, both in this crate), an enum needs
@@ -34,6 +38,8 @@
 //! This crate knows nothing of Wharf's domain: subjects, keys and bucket names
 //! are strings and payloads are bytes. Which names exist is `proto`'s business.
 
+mod buckets;
+mod disconnects;
 mod error;
 mod kv;
 mod local;
@@ -50,9 +56,11 @@ use bytes::Bytes;
 use futures::Stream;
 use tokio::sync::watch;
 
+pub use buckets::{BucketOptions, StorageLimits};
+pub use disconnects::{ClientDisconnects, ClientGone, DisconnectReason};
 pub use error::{
-    BackendError, ConnectError, KvError, NameError, ObjectError, OpenStoreError, PublishError,
-    RequestError, SubscribeError,
+    BackendError, BucketSettingsError, ConnectError, DisconnectsError, KvError, NameError,
+    ObjectError, OpenStoreError, PublishError, RequestError, SubscribeError,
 };
 pub use kv::{Entry, Kv, KvEvent, KvWatch};
 pub use local::LocalStore;
@@ -63,6 +71,8 @@ pub use objects::Objects;
 #[derive(Clone)]
 pub struct Bus {
     backend: Backend,
+    /// The limits of buckets [`Bus::kv`] and [`Bus::objects`] create.
+    limits: StorageLimits,
 }
 
 /// The NATS side sits behind an `Arc` because async-nats' client and
@@ -93,16 +103,21 @@ pub enum ConnectionState {
 }
 
 impl Bus {
-    /// Connects to the NATS server (or cluster) at `url`, e.g. `nats://127.0.0.1:4222`.
+    /// Connects to the NATS server at `urls`, e.g. `nats://127.0.0.1:4222`,
+    /// or to a cluster: several URLs separated by commas.
     ///
-    /// Fails at once, with an error naming the URL, if nothing answers there:
-    /// only after this first connection succeeds does the client reconnect by
-    /// itself, forever, whenever the connection drops. Also refuses servers
-    /// older than 2.10 and servers without JetStream.
-    pub async fn connect_nats(url: &str, options: NatsOptions) -> Result<Bus, ConnectError> {
-        let bus = nats::NatsBus::connect(url, options).await?;
+    /// Fails at once, with an error naming the URL, if nothing answers at any
+    /// of them: only after this first connection succeeds does the client
+    /// reconnect by itself, forever, whenever the connection drops, to any
+    /// member of the cluster (those given, and those the servers advertise).
+    /// Also refuses servers older than 2.10 and servers without JetStream,
+    /// and, with [`NatsOptions::system_auth`], credentials that do not reach
+    /// the system account.
+    pub async fn connect_nats(urls: &str, options: NatsOptions) -> Result<Bus, ConnectError> {
+        let bus = nats::NatsBus::connect(urls, options).await?;
         Ok(Bus {
             backend: Backend::Nats(Arc::new(bus)),
+            limits: StorageLimits::default(),
         })
     }
 
@@ -113,7 +128,19 @@ impl Bus {
     pub fn local(store: LocalStore) -> Bus {
         Bus {
             backend: Backend::Local(local::LocalBus::new(store)),
+            limits: StorageLimits::default(),
         }
+    }
+
+    /// This bus, creating buckets with `limits` instead of the defaults; clones made afterwards share them.
+    pub fn with_storage_limits(mut self, limits: StorageLimits) -> Bus {
+        self.limits = limits;
+        self
+    }
+
+    /// The limits buckets are created with; [`StorageLimits::data`] is for the caller's data buckets.
+    pub fn storage_limits(&self) -> StorageLimits {
+        self.limits
     }
 
     /// Publishes `payload` to `subject`, for every plain subscriber and one member of each queue group.
@@ -226,25 +253,89 @@ impl Bus {
         }
     }
 
-    /// Opens KV bucket `bucket` (letters, digits, `-`, `_`), creating it if missing.
+    /// Opens KV bucket `bucket` (letters, digits, `-`, `_`) as it is,
+    /// creating it if missing as a bucket of state
+    /// ([`StorageLimits::state`]).
+    ///
+    /// For processes that use buckets others own: an existing bucket's
+    /// settings are left alone. The owner opens with [`Bus::kv_with`].
     pub async fn kv(&self, bucket: &str) -> Result<Kv, KvError> {
+        self.open_kv(bucket, self.limits.state, false).await
+    }
+
+    /// Opens KV bucket `bucket` with `options`: creates it so if missing, and
+    /// updates an existing bucket whose size limit or copies differ (logging
+    /// the change, or a warning saying why the server refused it; the bucket
+    /// is then used as it is).
+    ///
+    /// For the process that owns the bucket. Keep a separate bucket for each
+    /// party that may fill one (e.g. each tenant's data apart from the
+    /// control plane's state), each with its own limit.
+    pub async fn kv_with(&self, bucket: &str, options: BucketOptions) -> Result<Kv, KvError> {
+        self.open_kv(bucket, options, true).await
+    }
+
+    async fn open_kv(
+        &self,
+        bucket: &str,
+        options: BucketOptions,
+        update: bool,
+    ) -> Result<Kv, KvError> {
         subject::check_bucket(bucket).map_err(KvError::InvalidName)?;
         // Over NATS a conditional write carries its expected revision in a
         // header, and headers count against max_payload; leaving the same room
         // in both implementations keeps their limits identical.
         let max_value = self.max_payload().saturating_sub(kv::HEADER_ROOM);
         match &self.backend {
-            Backend::Nats(bus) => Ok(Kv::nats(bus.kv(bucket).await?, max_value)),
-            Backend::Local(bus) => Ok(Kv::local(bus.store().kv(bucket), max_value)),
+            Backend::Nats(bus) => Ok(Kv::nats(bus.kv(bucket, options, update).await?, max_value)),
+            Backend::Local(bus) => Ok(Kv::local(
+                bus.store().open_kv(bucket, options, update).await?,
+                max_value,
+            )),
         }
     }
 
-    /// Opens object bucket `bucket` (letters, digits, `-`, `_`), creating it if missing.
+    /// Opens object bucket `bucket` (letters, digits, `-`, `_`) as it is,
+    /// creating it if missing with [`StorageLimits::objects`].
     pub async fn objects(&self, bucket: &str) -> Result<Objects, ObjectError> {
+        self.open_objects(bucket, self.limits.objects, false).await
+    }
+
+    /// Opens object bucket `bucket` with `options`, creating or updating it as [`Bus::kv_with`] does.
+    pub async fn objects_with(
+        &self,
+        bucket: &str,
+        options: BucketOptions,
+    ) -> Result<Objects, ObjectError> {
+        self.open_objects(bucket, options, true).await
+    }
+
+    async fn open_objects(
+        &self,
+        bucket: &str,
+        options: BucketOptions,
+        update: bool,
+    ) -> Result<Objects, ObjectError> {
         subject::check_bucket(bucket).map_err(ObjectError::InvalidName)?;
         match &self.backend {
-            Backend::Nats(bus) => Ok(Objects::nats(bus.objects(bucket).await?)),
-            Backend::Local(bus) => Ok(Objects::local(bus.store().objects(bucket))),
+            Backend::Nats(bus) => Ok(Objects::nats(bus.objects(bucket, options, update).await?)),
+            Backend::Local(bus) => Ok(Objects::local(
+                bus.store().open_objects(bucket, options, update).await?,
+            )),
+        }
+    }
+
+    /// The clients whose connections to the bus close from now on, as the
+    /// server reports them: at once, rather than after missed heartbeats.
+    ///
+    /// Over NATS this needs [`NatsOptions::system_auth`]; without it the
+    /// answer is [`DisconnectsError::NotConfigured`], and callers rely on
+    /// heartbeats alone. The in-process bus has no other clients, so its
+    /// stream never yields (see [`ClientDisconnects`]).
+    pub async fn client_disconnects(&self) -> Result<ClientDisconnects, DisconnectsError> {
+        match &self.backend {
+            Backend::Nats(bus) => Ok(ClientDisconnects::nats(bus.client_disconnects().await?)),
+            Backend::Local(_) => Ok(ClientDisconnects::never()),
         }
     }
 

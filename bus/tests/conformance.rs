@@ -70,8 +70,12 @@ conformance!(
     kv_watch_replays_current_values_then_follows_changes,
     kv_watch_pattern_filters_keys,
     kv_values_are_limited_like_nats_messages,
+    kv_buckets_refuse_writes_past_their_limit,
+    kv_with_updates_an_existing_bucket_and_kv_leaves_it_alone,
+    kv_creates_state_buckets_with_the_bus_limits,
     objects_hold_large_blobs,
     objects_are_listed_and_deleted,
+    objects_refuse_blobs_past_their_limit,
 );
 
 /// How long a test waits for something that should happen.
@@ -108,7 +112,10 @@ mod cases {
 
     use bytes::Bytes;
     use futures::StreamExt;
-    use wharf_bus::{Bus, KvError, KvEvent, PublishError, RequestError, SubscribeError};
+    use wharf_bus::{
+        BucketOptions, Bus, Kv, KvError, KvEvent, ObjectError, PublishError, RequestError,
+        StorageLimits, SubscribeError,
+    };
 
     use super::{PATIENCE, bytes, next, stays_silent};
 
@@ -622,5 +629,155 @@ mod cases {
             .delete("never")
             .await
             .expect("delete an object never stored");
+    }
+
+    /// Puts 1 KiB values under new keys `k0`, `k1`, ... until the bucket refuses one; returns that error and how many were stored.
+    async fn fill(kv: &Kv) -> (KvError, usize) {
+        for index in 0..1024 {
+            if let Err(err) = kv.put(&format!("k{index}"), kib()).await {
+                return (err, index);
+            }
+        }
+        panic!("the bucket took 1 MiB without refusing a write");
+    }
+
+    fn kib() -> Bytes {
+        Bytes::from(vec![b'x'; 1024])
+    }
+
+    /// Asserts that `err` says a bucket of `max_bytes` is full.
+    fn assert_full(err: &KvError, max_bytes: u64) {
+        assert!(
+            matches!(err, KvError::BucketFull { max_bytes: max, .. } if *max == max_bytes),
+            "{err:?}"
+        );
+    }
+
+    pub async fn kv_buckets_refuse_writes_past_their_limit(bus: Bus) {
+        let kv = bus
+            .kv_with("capped", BucketOptions::max_bytes(16 * 1024))
+            .await
+            .expect("kv");
+        let (err, stored) = fill(&kv).await;
+        assert!(
+            matches!(&err, KvError::BucketFull { bucket, max_bytes: 16384 } if bucket == "capped"),
+            "{err:?}"
+        );
+        let message = err.to_string();
+        assert!(
+            message.contains("`capped`") && message.contains("16 KiB"),
+            "{message}"
+        );
+        // Each entry takes its key and value plus some bookkeeping, so a
+        // little under 16 fit.
+        assert!((12..16).contains(&stored), "{stored} entries of 1 KiB fit");
+
+        // The refused write changed nothing; neither does a create.
+        let refused = format!("k{stored}");
+        assert_eq!(kv.get(&refused).await.expect("get"), None);
+        let err = kv.create("other", kib()).await.expect_err("bucket full");
+        assert!(matches!(err, KvError::BucketFull { .. }), "{err:?}");
+        assert_eq!(kv.keys().await.expect("keys").len(), stored);
+        for index in 0..stored {
+            let entry = kv
+                .get(&format!("k{index}"))
+                .await
+                .expect("get")
+                .expect("an acknowledged write is kept");
+            assert_eq!(entry.value, kib());
+        }
+
+        // Deleting keys makes room again.
+        kv.delete("k0").await.expect("delete");
+        kv.delete("k1").await.expect("delete");
+        kv.put(&refused, kib()).await.expect("room after deleting");
+    }
+
+    pub async fn kv_with_updates_an_existing_bucket_and_kv_leaves_it_alone(bus: Bus) {
+        let kv = bus
+            .kv_with("resized", BucketOptions::max_bytes(8 * 1024))
+            .await
+            .expect("kv");
+        let (_, small) = fill(&kv).await;
+
+        // Opening without options keeps the bucket's limit.
+        let plain = bus.kv("resized").await.expect("kv");
+        let err = plain.put("more", kib()).await.expect_err("still full");
+        assert_full(&err, 8192);
+
+        // Opening with options raises it.
+        let kv = bus
+            .kv_with("resized", BucketOptions::max_bytes(32 * 1024))
+            .await
+            .expect("kv");
+        let (err, large) = fill(&kv).await;
+        assert_full(&err, 32768);
+        assert!(large > small * 3, "{small} entries, then {large}");
+
+        // Lowering it below what the bucket holds keeps the data and refuses
+        // writes that grow the bucket; replacing a value by one no larger
+        // does not grow it.
+        let kv = bus
+            .kv_with("resized", BucketOptions::max_bytes(4 * 1024))
+            .await
+            .expect("kv");
+        assert_eq!(kv.keys().await.expect("keys").len(), large);
+        kv.put("k0", kib())
+            .await
+            .expect("a value replaced in place");
+        let err = kv.put("new", kib()).await.expect_err("over the new limit");
+        assert_full(&err, 4096);
+
+        // And no limit at all.
+        let kv = bus
+            .kv_with("resized", BucketOptions::default())
+            .await
+            .expect("kv");
+        kv.put("unlimited", kib()).await.expect("no limit");
+    }
+
+    pub async fn kv_creates_state_buckets_with_the_bus_limits(bus: Bus) {
+        assert_eq!(bus.storage_limits(), StorageLimits::default());
+        let limits = StorageLimits {
+            state: BucketOptions::max_bytes(8 * 1024),
+            ..StorageLimits::default()
+        };
+        let bus = bus.with_storage_limits(limits);
+        assert_eq!(bus.storage_limits(), limits);
+        let (err, _) = fill(&bus.kv("small-state").await.expect("kv")).await;
+        assert_full(&err, 8192);
+        // A data bucket gets the limit its owner asks for.
+        let data = bus
+            .kv_with("data", bus.storage_limits().data)
+            .await
+            .expect("kv");
+        data.put("k", kib()).await.expect("room in the data bucket");
+    }
+
+    pub async fn objects_refuse_blobs_past_their_limit(bus: Bus) {
+        let objects = bus
+            .objects_with("capped-objects", BucketOptions::max_bytes(1024 * 1024))
+            .await
+            .expect("objects");
+        let blob = |fill: u8| Bytes::from(vec![fill; 600 * 1024]);
+        objects.put("first", blob(1)).await.expect("put");
+        let err = objects
+            .put("second", blob(2))
+            .await
+            .expect_err("no room for a second");
+        assert!(
+            matches!(&err, ObjectError::BucketFull { bucket, max_bytes: 1048576, size: 614400 } if bucket == "capped-objects"),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("1 MiB"), "{err}");
+        assert_eq!(objects.list().await.expect("list"), ["first"]);
+        assert!(objects.get("first").await.expect("get") == Some(blob(1)));
+
+        objects.delete("first").await.expect("delete");
+        objects
+            .put("second", blob(2))
+            .await
+            .expect("room after deleting");
+        assert!(objects.get("second").await.expect("get") == Some(blob(2)));
     }
 }

@@ -167,3 +167,16 @@ async fn redb_store_survives_kill_9() {
         .expect("put");
     assert_eq!(next, entries.len() as u64 + 1, "revisions carry on");
 }
+
+#[tokio::test]
+async fn the_in_process_bus_reports_no_disconnects() {
+    // It has no other clients to lose: the stream stays silent, and open.
+    let bus = Bus::local(LocalStore::in_memory().expect("store"));
+    let mut disconnects = bus.client_disconnects().await.expect("always available");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), disconnects.next())
+            .await
+            .is_err(),
+        "the in-process bus reported a disconnect"
+    );
+}

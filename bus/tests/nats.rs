@@ -1,13 +1,19 @@
 //! What only the NATS bus has to show: clear connect errors, authentication,
-//! the server's limits, and reconnecting by itself after the server restarts.
+//! the server's limits, reconnecting by itself after the server restarts,
+//! several server URLs, and disconnect advisories from the system account.
 
+use std::io::BufRead;
 use std::net::TcpListener;
 use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::StreamExt;
-use wharf_bus::{Bus, ConnectError, ConnectionState, NatsAuth, NatsOptions};
+use wharf_bus::{
+    BucketSettingsError, Bus, ClientGone, ConnectError, ConnectionState, DisconnectReason,
+    DisconnectsError, KvError, NatsAuth, NatsOptions,
+};
 use wharf_testkit::nats::NatsServer;
 
 const PATIENCE: Duration = Duration::from_secs(10);
@@ -46,6 +52,117 @@ async fn connect_refuses_a_malformed_url() {
         .err()
         .expect("malformed URL");
     assert!(matches!(err, ConnectError::InvalidUrl { .. }), "{err:?}");
+}
+
+/// A loopback port nobody listens on: bound, then released.
+fn dead_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("free port")
+        .port()
+}
+
+#[tokio::test]
+async fn connect_takes_several_urls_and_names_a_bad_one() {
+    let server = NatsServer::start();
+    // The dead URL first: the client tries the others too.
+    let urls = format!("nats://127.0.0.1:{}, {}", dead_port(), server.url());
+    let bus = Bus::connect_nats(&urls, NatsOptions::default())
+        .await
+        .expect("one of the URLs answers");
+    bus.kv("listed").await.expect("kv");
+
+    let urls = format!("{},nats://127.0.0.1:notaport", server.url());
+    let err = Bus::connect_nats(&urls, NatsOptions::default())
+        .await
+        .err()
+        .expect("a malformed URL in the list");
+    match err {
+        ConnectError::InvalidUrl { url, .. } => assert_eq!(url, "nats://127.0.0.1:notaport"),
+        other => panic!("{other:?}"),
+    }
+    let err = Bus::connect_nats(&format!("{},", server.url()), NatsOptions::default())
+        .await
+        .err()
+        .expect("an empty URL in the list");
+    assert!(
+        err.to_string().contains("the list holds an empty URL"),
+        "{err}"
+    );
+
+    let urls = format!(
+        "nats://127.0.0.1:{},nats://127.0.0.1:{}",
+        dead_port(),
+        dead_port()
+    );
+    let err = Bus::connect_nats(&urls, NatsOptions::default())
+        .await
+        .err()
+        .expect("nothing answers");
+    assert!(matches!(err, ConnectError::Unreachable { .. }), "{err:?}");
+    assert!(err.to_string().contains(&urls), "{err}");
+}
+
+#[tokio::test]
+async fn one_server_gets_one_copy_and_more_are_refused_clearly() {
+    let server = NatsServer::start();
+    let bus = Bus::connect_nats(&server.url(), NatsOptions::default())
+        .await
+        .expect("connect");
+    // Not clustered: one copy, without being told.
+    bus.kv("single").await.expect("kv with one copy");
+    let options = NatsOptions {
+        replicas: Some(3),
+        ..NatsOptions::default()
+    };
+    let bus = Bus::connect_nats(&server.url(), options)
+        .await
+        .expect("connect");
+    let err = bus
+        .kv("triple")
+        .await
+        .err()
+        .expect("three copies on one server");
+    assert!(
+        matches!(
+            &err,
+            KvError::Settings(BucketSettingsError::TooFewServers { bucket, replicas: 3 }) if bucket == "triple"
+        ),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("--kv-replicas"), "{err}");
+    // The bucket that exists keeps working: updating it to three copies is refused and logged.
+    bus.kv_with("single", bus.storage_limits().state)
+        .await
+        .expect("an existing bucket whose update is refused is used as it is");
+}
+
+#[tokio::test]
+async fn a_bucket_larger_than_the_servers_can_reserve_is_refused_clearly() {
+    let server = NatsServer::start_with_config("jetstream { max_file_store: 64MB }");
+    let bus = Bus::connect_nats(&server.url(), NatsOptions::default())
+        .await
+        .expect("connect");
+    let err = bus
+        .kv_with("huge", wharf_bus::BucketOptions::max_bytes(1 << 30))
+        .await
+        .err()
+        .expect("1 GiB on a server with 64 MB");
+    assert!(
+        matches!(
+            &err,
+            KvError::Settings(BucketSettingsError::InsufficientStorage {
+                max_bytes: Some(1073741824),
+                ..
+            })
+        ),
+        "{err:?}"
+    );
+    let message = err.to_string();
+    assert!(
+        message.contains("1 GiB") && message.contains("max_file_store"),
+        "{message}"
+    );
 }
 
 #[tokio::test]
@@ -214,5 +331,203 @@ async fn reconnects_by_itself_when_the_server_comes_back() {
     assert_eq!(
         (event.key.as_str(), event.revision),
         ("default.after", revision)
+    );
+}
+
+/// A server with accounts: Wharf's users in WHARF (with JetStream), another
+/// application's user in OTHER, and a system account user.
+fn server_with_a_system_account() -> NatsServer {
+    NatsServer::start_with_config(
+        r#"
+        accounts {
+          WHARF: { jetstream: enabled, users: [ { user: scheduler, password: s }, { user: host, password: h } ] }
+          OTHER: { jetstream: enabled, users: [ { user: other, password: o } ] }
+          SYS: { users: [ { user: system, password: sys } ] }
+        }
+        system_account: SYS
+        "#,
+    )
+}
+
+fn user(user: &str, password: &str) -> NatsAuth {
+    NatsAuth::UserPassword {
+        user: user.to_owned(),
+        password: password.to_owned(),
+    }
+}
+
+/// Options for `name` as `user`, with or without the system account.
+fn options(name: &str, auth: NatsAuth, system_auth: Option<NatsAuth>) -> NatsOptions {
+    NatsOptions {
+        name: name.to_owned(),
+        auth,
+        system_auth,
+        ..NatsOptions::default()
+    }
+}
+
+/// A scheduler's bus on `server`, with the system account, and its disconnect advisories.
+async fn listen_for_disconnects(server: &NatsServer) -> (Bus, wharf_bus::ClientDisconnects) {
+    let scheduler = Bus::connect_nats(
+        &server.url(),
+        options(
+            "wharf-scheduler",
+            user("scheduler", "s"),
+            Some(user("system", "sys")),
+        ),
+    )
+    .await
+    .expect("connect with the system account");
+    let disconnects = scheduler.client_disconnects().await.expect("advisories");
+    (scheduler, disconnects)
+}
+
+/// The next disconnect, or a panic after `within`.
+async fn next_gone(disconnects: &mut wharf_bus::ClientDisconnects, within: Duration) -> ClientGone {
+    tokio::time::timeout(within, disconnects.next())
+        .await
+        .unwrap_or_else(|_| panic!("no disconnect advisory within {within:?}"))
+        .expect("the advisories ended")
+}
+
+/// Set in the child process of [`a_killed_client_is_reported_within_a_second`], to the server's URL.
+const DISCONNECT_CHILD_VAR: &str = "WHARF_BUS_DISCONNECT_CHILD";
+
+#[tokio::test]
+async fn a_killed_client_is_reported_within_a_second() {
+    if let Some(url) = std::env::var_os(DISCONNECT_CHILD_VAR) {
+        // The child: connect as a host would, say so, and wait to be killed.
+        let url = url.to_string_lossy().into_owned();
+        let _bus = Bus::connect_nats(&url, options("wharf-host-x", user("host", "h"), None))
+            .await
+            .expect("the child connects");
+        println!("connected");
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        return;
+    }
+
+    let server = server_with_a_system_account();
+    let (_scheduler, mut disconnects) = listen_for_disconnects(&server).await;
+
+    let mut child = Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "--exact",
+            "a_killed_client_is_reported_within_a_second",
+            "--nocapture",
+        ])
+        .env(DISCONNECT_CHILD_VAR, server.url())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start the child");
+    let mut lines = std::io::BufReader::new(child.stdout.take().expect("child stdout")).lines();
+    loop {
+        match lines.next() {
+            Some(Ok(line)) if line == "connected" => break,
+            Some(Ok(_)) => {}
+            other => panic!("the child ended before connecting: {other:?}"),
+        }
+    }
+    child.kill().expect("SIGKILL the child");
+    child.wait().expect("reap the child");
+    // Once reaped, the kernel has closed the child's socket: from here on
+    // it is the server's and the bus's time.
+    let killed = Instant::now();
+
+    let gone = next_gone(&mut disconnects, Duration::from_secs(5)).await;
+    let elapsed = killed.elapsed();
+    assert_eq!(gone.name, "wharf-host-x");
+    assert_eq!(gone.user, "host");
+    assert_eq!(gone.account, "WHARF");
+    assert_eq!(gone.reason, DisconnectReason::ClientClosed);
+    assert!(!gone.server.is_empty());
+    assert!(
+        elapsed < Duration::from_secs(1),
+        "reported after {elapsed:?}"
+    );
+}
+
+#[tokio::test]
+async fn disconnects_are_those_of_the_bus_account_only() {
+    let server = server_with_a_system_account();
+    let (_scheduler, mut disconnects) = listen_for_disconnects(&server).await;
+
+    // Another application's client leaves first, then one of Wharf's: the
+    // server sends their advisories in that order, so receiving Wharf's
+    // first shows the other one was not delivered.
+    let other = Bus::connect_nats(
+        &server.url(),
+        options("not-wharf", user("other", "o"), None),
+    )
+    .await
+    .expect("connect");
+    let host = Bus::connect_nats(
+        &server.url(),
+        options("wharf-host-y", user("host", "h"), None),
+    )
+    .await
+    .expect("connect");
+    drop(other);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(host);
+    let gone = next_gone(&mut disconnects, PATIENCE).await;
+    assert_eq!(
+        (gone.name.as_str(), gone.account.as_str()),
+        ("wharf-host-y", "WHARF")
+    );
+    assert_eq!(gone.reason, DisconnectReason::ClientClosed);
+}
+
+#[tokio::test]
+async fn disconnects_need_the_system_account() {
+    let server = server_with_a_system_account();
+    let bus = Bus::connect_nats(
+        &server.url(),
+        options("wharf-scheduler", user("scheduler", "s"), None),
+    )
+    .await
+    .expect("connect");
+    let err = bus
+        .client_disconnects()
+        .await
+        .err()
+        .expect("no system account");
+    assert!(matches!(err, DisconnectsError::NotConfigured), "{err:?}");
+    let message = err.to_string();
+    assert!(
+        message.contains("--nats-system-user") && message.contains("heartbeats"),
+        "{message}"
+    );
+
+    let err = Bus::connect_nats(
+        &server.url(),
+        options(
+            "wharf-scheduler",
+            user("scheduler", "s"),
+            Some(user("system", "wrong")),
+        ),
+    )
+    .await
+    .err()
+    .expect("a wrong system password");
+    assert!(
+        matches!(&err, ConnectError::SystemAccount { source, .. } if matches!(**source, ConnectError::Unauthorized { .. })),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("system account"), "{err}");
+
+    let err = Bus::connect_nats(
+        &server.url(),
+        options(
+            "wharf-scheduler",
+            user("scheduler", "s"),
+            Some(user("other", "o")),
+        ),
+    )
+    .await
+    .err()
+    .expect("an ordinary user as the system account");
+    assert!(
+        matches!(err, ConnectError::NotSystemAccount { .. }),
+        "{err:?}"
     );
 }

@@ -8,15 +8,17 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use wharf_bus::{Bus, NatsAuth, NatsOptions};
+use wharf_bus::{BucketOptions, Bus, NatsAuth, NatsOptions, StorageLimits};
+use wharf_proto::ByteSize;
 use wharf_host::agent::{AgentConfig, HostAgent};
 use wharf_host::metrics::HostMetrics;
 use wharf_scheduler::{ControlPlane, ControlPlaneConfig};
 
-/// How to reach NATS; shared by every command that runs over it.
+/// How to reach NATS, and how the buckets Wharf keeps there are laid out; shared by every command that runs over it.
 #[derive(clap::Args, Debug, Clone)]
 pub struct NatsArgs {
-    /// The NATS server (or a comma-separated list of cluster members), 2.10 or newer with JetStream.
+    /// The NATS server, or the members of a NATS cluster separated by commas
+    /// (nats://10.0.0.1:4222,nats://10.0.0.2:4222); 2.10 or newer with JetStream.
     #[arg(long, env = "WHARF_NATS")]
     pub nats: String,
     /// A NATS .creds file (user JWT + NKey seed).
@@ -28,18 +30,80 @@ pub struct NatsArgs {
     /// The NATS user's password.
     #[arg(long, env = "WHARF_NATS_PASSWORD", hide_env_values = true, requires = "nats_user")]
     pub nats_password: Option<String>,
+    /// A user of the NATS system account, for a second connection that hears at once when
+    /// another process's connection closes (deploy/nats/ names one: system); without it only
+    /// missed heartbeats tell.
+    #[arg(long, env = "WHARF_NATS_SYSTEM_USER", conflicts_with = "nats_system_creds")]
+    pub nats_system_user: Option<String>,
+    /// The NATS system user's password.
+    #[arg(long, env = "WHARF_NATS_SYSTEM_PASSWORD", hide_env_values = true, requires = "nats_system_user")]
+    pub nats_system_password: Option<String>,
+    /// A .creds file of a NATS system account user, instead of --nats-system-user.
+    #[arg(long, env = "WHARF_NATS_SYSTEM_CREDS")]
+    pub nats_system_creds: Option<PathBuf>,
+    /// Copies of each bucket Wharf creates, on different NATS servers, 1 to 5 (default: one per
+    /// server of the cluster, up to 3). The scheduler also changes namespaces' data buckets to it.
+    #[arg(long, env = "WHARF_KV_REPLICAS", value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub kv_replicas: Option<u8>,
+    /// Size limit of each bucket of the control plane's state (services, assignments, ...); 0 for none.
+    #[arg(long, env = "WHARF_KV_MAX_BYTES", default_value_t = ByteSize(StorageLimits::DEFAULT_STATE_BYTES))]
+    pub kv_max_bytes: ByteSize,
+    /// Size limit of each namespace's data bucket (wharf-kv-<namespace>), so that no tenant can
+    /// fill the storage the control plane needs; 0 for none.
+    #[arg(long, env = "WHARF_DATA_KV_MAX_BYTES", default_value_t = ByteSize(StorageLimits::DEFAULT_DATA_BYTES))]
+    pub data_kv_max_bytes: ByteSize,
+    /// Size limit of the component store; 0 for none.
+    #[arg(long, env = "WHARF_OBJECTS_MAX_BYTES", default_value_t = ByteSize(StorageLimits::DEFAULT_OBJECT_BYTES))]
+    pub objects_max_bytes: ByteSize,
 }
 
 impl NatsArgs {
+    /// The server (or cluster) at `urls`, with every other setting at its default.
+    pub fn at(urls: &str) -> NatsArgs {
+        NatsArgs {
+            nats: urls.to_owned(),
+            nats_creds: None,
+            nats_user: None,
+            nats_password: None,
+            nats_system_user: None,
+            nats_system_password: None,
+            nats_system_creds: None,
+            kv_replicas: None,
+            kv_max_bytes: ByteSize(StorageLimits::DEFAULT_STATE_BYTES),
+            data_kv_max_bytes: ByteSize(StorageLimits::DEFAULT_DATA_BYTES),
+            objects_max_bytes: ByteSize(StorageLimits::DEFAULT_OBJECT_BYTES),
+        }
+    }
+
     pub async fn connect(&self, name: &str) -> anyhow::Result<Bus> {
-        let auth = match (&self.nats_creds, &self.nats_user) {
-            (Some(path), _) => NatsAuth::CredentialsFile(path.clone()),
-            (None, Some(user)) => NatsAuth::UserPassword { user: user.clone(), password: self.nats_password.clone().unwrap_or_default() },
-            (None, None) => NatsAuth::None,
+        let system_auth = match (&self.nats_system_creds, &self.nats_system_user) {
+            (None, None) => None,
+            (creds, user) => Some(auth(creds, user, &self.nats_system_password)),
         };
-        let bus = Bus::connect_nats(&self.nats, NatsOptions { name: name.to_string(), auth, ..NatsOptions::default() }).await?;
+        let options = NatsOptions {
+            name: name.to_string(),
+            auth: auth(&self.nats_creds, &self.nats_user, &self.nats_password),
+            replicas: self.kv_replicas.map(usize::from),
+            system_auth,
+            ..NatsOptions::default()
+        };
+        let bus = Bus::connect_nats(&self.nats, options).await?.with_storage_limits(self.storage_limits());
         tracing::info!(url = %self.nats, "connected to NATS");
         Ok(bus)
+    }
+
+    fn storage_limits(&self) -> StorageLimits {
+        let limit = |size: ByteSize| BucketOptions { max_bytes: Some(size.bytes()).filter(|bytes| *bytes > 0) };
+        StorageLimits { state: limit(self.kv_max_bytes), data: limit(self.data_kv_max_bytes), objects: limit(self.objects_max_bytes) }
+    }
+}
+
+/// Credentials from a .creds file, or a user and password, or none.
+fn auth(creds: &Option<PathBuf>, user: &Option<String>, password: &Option<String>) -> NatsAuth {
+    match (creds, user) {
+        (Some(path), _) => NatsAuth::CredentialsFile(path.clone()),
+        (None, Some(user)) => NatsAuth::UserPassword { user: user.clone(), password: password.clone().unwrap_or_default() },
+        (None, None) => NatsAuth::None,
     }
 }
 

@@ -66,7 +66,7 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyhow::Resu
     let api_addr = api_listener.local_addr()?;
 
     let bus = match &args.nats {
-        Some(url) => crate::cluster::NatsArgs { nats: url.clone(), nats_creds: None, nats_user: None, nats_password: None }.connect("wharf-up").await?,
+        Some(url) => crate::cluster::NatsArgs::at(url).connect("wharf-up").await?,
         None => Bus::local(LocalStore::open(data_dir.join("state.redb"))?),
     };
     let runtime = args.host.runtime(Some(data_dir.join("compiled")))?;

@@ -271,7 +271,7 @@ pub(crate) async fn write_spec(
     check_fits(plane, &spec)?;
     if !spec.keyvalue.is_empty() {
         // Hosts may only open data buckets, not create them.
-        plane.bus.kv(&wharf_proto::names::kv_bucket(&spec.namespace)).await.map_err(kv_failed)?;
+        data_bucket(&plane, &spec.namespace).await?;
     }
     let id = spec.id();
     let stored = plane.informer.service(&id);
@@ -440,7 +440,15 @@ async fn list_hosts(State(plane): State<ControlPlane>) -> ApiResult {
 async fn kv_target(plane: &ControlPlane, ns: &str, bucket: &str) -> ApiResult<wharf_bus::Kv> {
     check_namespace(ns)?;
     wharf_proto::names::check_label(bucket).map_err(|e| ApiError::bad_request(format!("bucket {bucket:?}: {e}")))?;
-    plane.bus.kv(&wharf_proto::names::kv_bucket(ns)).await.map_err(kv_failed)
+    data_bucket(plane, ns).await
+}
+
+/// Namespace `ns`'s data bucket, created (or brought) to the data buckets'
+/// size limit: each tenant's data lives in a bucket of its own, apart from the
+/// control plane's state, so no tenant can fill the storage it needs.
+async fn data_bucket(plane: &ControlPlane, ns: &str) -> ApiResult<wharf_bus::Kv> {
+    let limits = plane.bus.storage_limits();
+    plane.bus.kv_with(&wharf_proto::names::kv_bucket(ns), limits.data).await.map_err(kv_failed)
 }
 
 /// Refuses a namespace name that is not a label.
@@ -472,6 +480,7 @@ async fn kv_put(State(plane): State<ControlPlane>, Path((ns, bucket, key)): Path
     let kv = kv_target(&plane, &ns, &bucket).await?;
     let revision = kv.put(&wharf_proto::names::kv_key(&bucket, &key), body).await.map_err(|e| match e {
         wharf_bus::KvError::ValueTooLarge { .. } => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", e.to_string()),
+        wharf_bus::KvError::BucketFull { .. } => ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "bucket_full", e.to_string()),
         e => kv_failed(e),
     })?;
     Ok(axum::Json(json!({"namespace": ns, "bucket": bucket, "key": key, "revision": revision})).into_response())

@@ -8,6 +8,13 @@
 //!   with no value, as NATS keeps a delete marker, so compare-and-set
 //!   against a delete's revision behaves as over NATS.
 //! - `objects/<bucket>`: name → content.
+//! - `bucket-limits`: `kv/<bucket>` or `objects/<bucket>` → the bucket's
+//!   size limit (`None`: none). A row means the bucket exists; stores written
+//!   before limits existed have buckets without one, which have no limit.
+//! - `bucket-sizes`: the same names → the bytes the bucket holds, counted as
+//!   NATS counts a stream's bytes (see [`kv_record_size`]), so that a bucket
+//!   fills up at about the same write in both implementations. A bucket
+//!   without a row (from an older store) is counted once, on its next write.
 //!
 //! redb commits are durable when they return (fsync) and crash safe, so the
 //! file survives `kill -9` mid-write. Every redb call may block, so each runs
@@ -26,14 +33,28 @@ use futures::Stream;
 use redb::backends::InMemoryBackend;
 use redb::{
     Database, DatabaseError, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition,
-    TableError,
+    TableError, TableHandle, WriteTransaction,
 };
 use tokio::sync::mpsc;
 
-use crate::error::{KvError, ObjectError, OpenStoreError};
-use crate::{Entry, KvEvent, subject};
+use crate::error::{KvError, ObjectError, OpenStoreError, describe_bytes};
+use crate::{BucketOptions, Entry, KvEvent, subject};
 
 const REVISIONS: TableDefinition<&str, u64> = TableDefinition::new("kv-revisions");
+
+const BUCKET_LIMITS: TableDefinition<&str, Option<u64>> = TableDefinition::new("bucket-limits");
+
+const BUCKET_SIZES: TableDefinition<&str, u64> = TableDefinition::new("bucket-sizes");
+
+/// nats-server's file store counts each message as 30 bytes of record
+/// (length, sequence, timestamp, hash) plus its subject, headers and payload.
+const RECORD_OVERHEAD: u64 = 30;
+
+/// A KV entry's subject is `$KV.<bucket>.<key>`: the bucket and key plus these.
+const KV_SUBJECT_EXTRA: u64 = 5;
+
+/// A delete marker's headers (`KV-Operation: DEL`) and their length field.
+const DELETE_MARKER_HEADERS: u64 = 35;
 
 /// (revision, value); no value means the key was deleted at that revision.
 type KvRow = (u64, Option<&'static [u8]>);
@@ -107,18 +128,40 @@ impl LocalStore {
         }
     }
 
-    pub(crate) fn kv(&self, bucket: &str) -> LocalKv {
-        LocalKv {
+    /// Opens KV bucket `bucket`: creates it with `options` if missing, and
+    /// with `update` sets an existing bucket's limit to `options`.
+    pub(crate) async fn open_kv(
+        &self,
+        bucket: &str,
+        options: BucketOptions,
+        update: bool,
+    ) -> Result<LocalKv, KvError> {
+        let name = kv_table_name(bucket);
+        let kv = LocalKv {
             store: self.clone(),
             bucket: bucket.to_owned(),
-        }
+        };
+        kv.run(move |store| store.open_bucket(&name, options, update))
+            .await?;
+        Ok(kv)
     }
 
-    pub(crate) fn objects(&self, bucket: &str) -> LocalObjects {
-        LocalObjects {
+    /// Opens object bucket `bucket`, as [`LocalStore::open_kv`] does KV buckets.
+    pub(crate) async fn open_objects(
+        &self,
+        bucket: &str,
+        options: BucketOptions,
+        update: bool,
+    ) -> Result<LocalObjects, ObjectError> {
+        let name = objects_table_name(bucket);
+        let objects = LocalObjects {
             store: self.clone(),
             bucket: bucket.to_owned(),
-        }
+        };
+        objects
+            .run(move |store| store.open_bucket(&name, options, update))
+            .await?;
+        Ok(objects)
     }
 
     /// Runs `task` on the blocking pool.
@@ -149,10 +192,63 @@ enum Condition {
 #[derive(Clone, Copy)]
 enum Written {
     Revision(u64),
+    /// The condition did not hold.
     Refused,
+    /// The bucket would have grown past this limit.
+    Full(u64),
 }
 
 impl StoreInner {
+    /// Creates bucket `name` (a table name) with `options` if it does not
+    /// exist; with `update`, sets an existing bucket's limit to `options`.
+    fn open_bucket(
+        &self,
+        name: &str,
+        options: BucketOptions,
+        update: bool,
+    ) -> Result<(), redb::Error> {
+        // Opening is frequent and changes nothing but the first time: read first.
+        let read = self.db.begin_read()?;
+        let current = match open_read(&read, BUCKET_LIMITS)? {
+            Some(limits) => limits.get(name)?.map(|row| row.value()),
+            None => None,
+        };
+        let exists = current.is_some() || bucket_predates_limits(&read, name)?;
+        drop(read);
+        let limit = current.flatten();
+        if exists && (!update || limit == options.max_bytes) {
+            return Ok(());
+        }
+        let txn = self.db.begin_write()?;
+        txn.open_table(BUCKET_LIMITS)?
+            .insert(name, options.max_bytes)?;
+        let held = txn
+            .open_table(BUCKET_SIZES)?
+            .get(name)?
+            .map(|row| row.value());
+        txn.commit()?;
+        if exists {
+            let describe =
+                |limit: Option<u64>| limit.map_or_else(|| "no limit".to_owned(), describe_bytes);
+            tracing::info!(
+                bucket = name,
+                "bucket `{name}` limit changed from {} to {}",
+                describe(limit),
+                describe(options.max_bytes)
+            );
+            if let (Some(held), Some(max)) = (held, options.max_bytes)
+                && held > max
+            {
+                tracing::warn!(
+                    bucket = name,
+                    "bucket `{name}` holds {held} bytes, more than its new limit of {}: writes are refused until data is deleted",
+                    describe_bytes(max)
+                );
+            }
+        }
+        Ok(())
+    }
+
     fn kv_get(&self, bucket: &str, key: &str) -> Result<Option<(u64, Bytes)>, redb::Error> {
         let txn = self.db.begin_read()?;
         let Some(table) = open_read(&txn, kv_table(&kv_table_name(bucket)))? else {
@@ -192,7 +288,8 @@ impl StoreInner {
         Ok((entries, revision))
     }
 
-    /// Writes `value` (`None` deletes) to `key` if `condition` holds, then tells the watchers.
+    /// Writes `value` (`None` deletes) to `key` if `condition` holds and the
+    /// bucket has room, then tells the watchers.
     fn kv_write(
         &self,
         bucket: &str,
@@ -202,27 +299,37 @@ impl StoreInner {
     ) -> Result<Written, redb::Error> {
         let _writer = lock(&self.kv_writer);
         let txn = self.db.begin_write()?;
+        let name = kv_table_name(bucket);
         let written = {
-            let mut table = txn.open_table(kv_table(&kv_table_name(bucket)))?;
+            let mut table = txn.open_table(kv_table(&name))?;
             let current = table.get(key)?.map(|row| {
                 let (revision, value) = row.value();
-                (revision, value.is_some())
+                (revision, value.map(<[u8]>::len))
             });
             let allowed = match condition {
                 Condition::Always => true,
-                Condition::Vacant => !matches!(current, Some((_, true))),
+                Condition::Vacant => !matches!(current, Some((_, Some(_)))),
                 Condition::Revision(expected) => {
                     current.map_or(0, |(revision, _)| revision) == expected
                 }
             };
-            if allowed {
-                let mut revisions = txn.open_table(REVISIONS)?;
-                let revision = revisions.get(bucket)?.map_or(0, |row| row.value()) + 1;
-                revisions.insert(bucket, revision)?;
-                table.insert(key, (revision, value.as_deref()))?;
-                Written::Revision(revision)
-            } else {
-                Written::Refused
+            let replaced = current.map_or(0, |(_, old)| kv_record_size(bucket, key, old));
+            let added = kv_record_size(bucket, key, value.as_deref().map(<[u8]>::len));
+            let held = bucket_size(&txn, &name, || kv_table_size(bucket, &table))?;
+            let after = held.saturating_sub(replaced) + added;
+            match (allowed, bucket_limit(&txn, &name)?) {
+                (false, _) => Written::Refused,
+                // As in NATS, a write that does not grow the bucket is
+                // allowed even past the limit (e.g. after it was lowered).
+                (true, Some(max)) if after > max && after > held => Written::Full(max),
+                (true, _) => {
+                    let mut revisions = txn.open_table(REVISIONS)?;
+                    let revision = revisions.get(bucket)?.map_or(0, |row| row.value()) + 1;
+                    revisions.insert(bucket, revision)?;
+                    table.insert(key, (revision, value.as_deref()))?;
+                    txn.open_table(BUCKET_SIZES)?.insert(name.as_str(), after)?;
+                    Written::Revision(revision)
+                }
             }
         };
         match written {
@@ -237,7 +344,7 @@ impl StoreInner {
                     },
                 );
             }
-            Written::Refused => txn.abort()?,
+            Written::Refused | Written::Full(_) => txn.abort()?,
         }
         Ok(written)
     }
@@ -253,12 +360,35 @@ impl StoreInner {
         });
     }
 
-    fn object_put(&self, bucket: &str, name: &str, data: &[u8]) -> Result<(), redb::Error> {
+    /// Stores object `name`, unless that would take the bucket past its
+    /// limit: then returns the limit. As over NATS, the new object needs room
+    /// beside the one it replaces.
+    fn object_put(
+        &self,
+        bucket: &str,
+        name: &str,
+        data: &[u8],
+    ) -> Result<Option<u64>, redb::Error> {
         let txn = self.db.begin_write()?;
-        txn.open_table(objects_table(&objects_table_name(bucket)))?
-            .insert(name, data)?;
+        let table_name = objects_table_name(bucket);
+        {
+            let mut table = txn.open_table(objects_table(&table_name))?;
+            let held = bucket_size(&txn, &table_name, || objects_table_size(&table))?;
+            let replaced = table
+                .get(name)?
+                .map_or(0, |old| object_size(name, old.value().len()));
+            let added = object_size(name, data.len());
+            if let Some(max) = bucket_limit(&txn, &table_name)?
+                && held + added > max
+            {
+                return Ok(Some(max));
+            }
+            table.insert(name, data)?;
+            txn.open_table(BUCKET_SIZES)?
+                .insert(table_name.as_str(), held - replaced + added)?;
+        }
         txn.commit()?;
-        Ok(())
+        Ok(None)
     }
 
     fn object_get(&self, bucket: &str, name: &str) -> Result<Option<Bytes>, redb::Error> {
@@ -280,8 +410,16 @@ impl StoreInner {
 
     fn object_delete(&self, bucket: &str, name: &str) -> Result<(), redb::Error> {
         let txn = self.db.begin_write()?;
-        txn.open_table(objects_table(&objects_table_name(bucket)))?
-            .remove(name)?;
+        let table_name = objects_table_name(bucket);
+        {
+            let mut table = txn.open_table(objects_table(&table_name))?;
+            let held = bucket_size(&txn, &table_name, || objects_table_size(&table))?;
+            let removed = table
+                .remove(name)?
+                .map_or(0, |old| object_size(name, old.value().len()));
+            txn.open_table(BUCKET_SIZES)?
+                .insert(table_name.as_str(), held.saturating_sub(removed))?;
+        }
         txn.commit()?;
         Ok(())
     }
@@ -297,6 +435,75 @@ impl StoreInner {
         }
         Ok(names)
     }
+}
+
+/// The bytes a KV entry takes, as NATS counts its message: `value_len` bytes
+/// of value, or a delete marker (`None`). The headers of a conditional write
+/// (some 60 bytes) are left out, as the stored row does not say how it was written.
+fn kv_record_size(bucket: &str, key: &str, value_len: Option<usize>) -> u64 {
+    let base = RECORD_OVERHEAD + KV_SUBJECT_EXTRA + (bucket.len() + key.len()) as u64;
+    match value_len {
+        Some(len) => base + len as u64,
+        None => base + DELETE_MARKER_HEADERS,
+    }
+}
+
+/// The bytes an object takes: its name and content.
+fn object_size(name: &str, len: usize) -> u64 {
+    (name.len() + len) as u64
+}
+
+/// The limit of bucket `name`, if it has one.
+fn bucket_limit(txn: &WriteTransaction, name: &str) -> Result<Option<u64>, redb::Error> {
+    let limits = txn.open_table(BUCKET_LIMITS)?;
+    let limit = limits.get(name)?.and_then(|row| row.value());
+    Ok(limit)
+}
+
+/// The bytes bucket `name` holds; `count` adds them up for a bucket not counted before.
+fn bucket_size(
+    txn: &WriteTransaction,
+    name: &str,
+    count: impl FnOnce() -> Result<u64, redb::Error>,
+) -> Result<u64, redb::Error> {
+    let held = txn
+        .open_table(BUCKET_SIZES)?
+        .get(name)?
+        .map(|row| row.value());
+    match held {
+        Some(held) => Ok(held),
+        None => count(),
+    }
+}
+
+fn kv_table_size(
+    bucket: &str,
+    table: &redb::Table<'_, &'static str, KvRow>,
+) -> Result<u64, redb::Error> {
+    let mut total = 0;
+    for row in table.iter()? {
+        let (key, row) = row?;
+        let (_, value) = row.value();
+        total += kv_record_size(bucket, key.value(), value.map(<[u8]>::len));
+    }
+    Ok(total)
+}
+
+fn objects_table_size(
+    table: &redb::Table<'_, &'static str, &'static [u8]>,
+) -> Result<u64, redb::Error> {
+    let mut total = 0;
+    for row in table.iter()? {
+        let (name, data) = row?;
+        total += object_size(name.value(), data.value().len());
+    }
+    Ok(total)
+}
+
+/// Whether bucket `name` (a table name) was written before limits were kept: it has a table.
+fn bucket_predates_limits(txn: &ReadTransaction, name: &str) -> Result<bool, redb::Error> {
+    let exists = txn.list_tables()?.any(|table| table.name() == name);
+    Ok(exists)
 }
 
 fn kv_table_name(bucket: &str) -> String {
@@ -429,6 +636,7 @@ impl LocalKv {
         let (bucket, key) = (self.bucket.clone(), key.to_owned());
         match (written, condition) {
             (Written::Revision(revision), _) => Ok(revision),
+            (Written::Full(max_bytes), _) => Err(KvError::BucketFull { bucket, max_bytes }),
             (Written::Refused, Condition::Revision(expected)) => Err(KvError::RevisionMismatch {
                 bucket,
                 key,
@@ -487,8 +695,18 @@ pub(crate) struct LocalObjects {
 impl LocalObjects {
     pub(crate) async fn put(&self, name: &str, data: Bytes) -> Result<(), ObjectError> {
         let (bucket, name) = (self.bucket.clone(), name.to_owned());
-        self.run(move |store| store.object_put(&bucket, &name, &data))
-            .await
+        let size = data.len() as u64;
+        match self
+            .run(move |store| store.object_put(&bucket, &name, &data))
+            .await?
+        {
+            None => Ok(()),
+            Some(max_bytes) => Err(ObjectError::BucketFull {
+                bucket: self.bucket.clone(),
+                max_bytes,
+                size,
+            }),
+        }
     }
 
     pub(crate) async fn get(&self, name: &str) -> Result<Option<Bytes>, ObjectError> {
@@ -525,5 +743,83 @@ impl LocalObjects {
                 bucket: self.bucket.clone(),
                 source,
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kib() -> Bytes {
+        Bytes::from(vec![b'x'; 1024])
+    }
+
+    /// Makes `bucket` look as a store written before limits were kept left it:
+    /// no limit row, no size row.
+    fn forget_limits(store: &LocalStore, bucket: &str) {
+        let name = kv_table_name(bucket);
+        let txn = store.inner.db.begin_write().expect("write");
+        txn.open_table(BUCKET_LIMITS)
+            .expect("limits")
+            .remove(name.as_str())
+            .expect("remove");
+        txn.open_table(BUCKET_SIZES)
+            .expect("sizes")
+            .remove(name.as_str())
+            .expect("remove");
+        txn.commit().expect("commit");
+    }
+
+    #[tokio::test]
+    async fn buckets_from_before_limits_keep_no_limit_until_their_owner_sets_one() {
+        let store = LocalStore::in_memory().expect("store");
+        let kv = store
+            .open_kv("legacy", BucketOptions::default(), false)
+            .await
+            .expect("open");
+        for index in 0..8 {
+            kv.put(&format!("k{index}"), kib()).await.expect("put");
+        }
+        forget_limits(&store, "legacy");
+
+        // Opened as it is, the old bucket keeps having no limit.
+        let kv = store
+            .open_kv("legacy", BucketOptions::max_bytes(4096), false)
+            .await
+            .expect("open");
+        kv.put("k8", kib()).await.expect("no limit yet");
+
+        // Its owner sets one; its size is counted from its entries.
+        let kv = store
+            .open_kv("legacy", BucketOptions::max_bytes(16 * 1024), true)
+            .await
+            .expect("open");
+        let mut stored = 9;
+        let err = loop {
+            match kv.put(&format!("k{stored}"), kib()).await {
+                Ok(_) => stored += 1,
+                Err(err) => break err,
+            }
+        };
+        assert!(
+            matches!(
+                err,
+                KvError::BucketFull {
+                    max_bytes: 16384,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        // The same number fit as in a bucket counted from the start.
+        assert_eq!(stored, 15);
+    }
+
+    #[test]
+    fn entries_are_counted_as_nats_counts_them() {
+        // Measured on nats-server 2.15: a put of 1 KiB to key `k0` of bucket
+        // `cap` takes 1064 bytes; a delete marker of `a` in bucket `sz`, 73.
+        assert_eq!(kv_record_size("cap", "k0", Some(1024)), 1064);
+        assert_eq!(kv_record_size("sz", "a", None), 73);
     }
 }

@@ -1,0 +1,377 @@
+//! The NATS implementation: core NATS for messages, JetStream KV and Object Store for state.
+//!
+//! Names, payload sizes and values have been checked by the caller in
+//! `lib.rs`, `kv.rs` or `objects.rs`; this module only translates calls and
+//! errors between async-nats and the bus's types. Submodules: `buckets`
+//! (creating buckets and keeping their settings), `kv` (KV operations and
+//! watches that outlive node losses), `objects`, and `system` (the
+//! system-account connection and its disconnect advisories).
+
+mod buckets;
+mod kv;
+mod objects;
+mod system;
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use async_nats::{ConnectErrorKind, Event, RequestErrorKind, ServerAddr};
+use bytes::Bytes;
+use tokio::sync::watch;
+
+pub(crate) use kv::{NatsKv, NatsWatch};
+pub(crate) use objects::NatsObjects;
+pub(crate) use system::NatsDisconnects;
+
+use crate::error::{BackendError, ConnectError, PublishError, RequestError, SubscribeError};
+use crate::{ConnectionState, Message, Subscription, SubscriptionInner};
+
+/// The oldest nats-server accepted: async-nats 0.51 cannot create KV buckets on 2.9.
+const MIN_SERVER_VERSION: (u64, u64) = (2, 10);
+
+/// How to connect to NATS.
+#[derive(Debug, Clone)]
+pub struct NatsOptions {
+    /// The connection's name in the server's monitoring and logs, e.g. `wharf-host-a1`.
+    pub name: String,
+    pub auth: NatsAuth,
+    /// How long one attempt to reach a server may take.
+    pub connect_timeout: Duration,
+    /// Copies of each bucket the bus creates, on different servers of a
+    /// cluster. `None`: one per server the cluster has, up to 3; an existing
+    /// bucket with more copies keeps them. `Some(n)`: exactly `n`, also for
+    /// existing buckets opened with [`Bus::kv_with`](crate::Bus::kv_with).
+    pub replicas: Option<usize>,
+    /// A user of the server's system account, for a second connection that
+    /// hears the server's disconnect advisories
+    /// ([`Bus::client_disconnects`](crate::Bus::client_disconnects)); `None`: no such connection.
+    pub system_auth: Option<NatsAuth>,
+}
+
+impl Default for NatsOptions {
+    fn default() -> NatsOptions {
+        NatsOptions {
+            name: "wharf".to_owned(),
+            auth: NatsAuth::None,
+            connect_timeout: Duration::from_secs(5),
+            replicas: None,
+            system_auth: None,
+        }
+    }
+}
+
+/// How the connection proves who it is to the server.
+#[derive(Clone, Default)]
+pub enum NatsAuth {
+    /// No credentials, for servers without authorization.
+    #[default]
+    None,
+    /// A user and password from the server's `authorization` block.
+    UserPassword { user: String, password: String },
+    /// A `.creds` file holding a user JWT and NKey seed (decentralised auth).
+    CredentialsFile(PathBuf),
+}
+
+// Hand-written so that a password never ends up in a log.
+impl fmt::Debug for NatsAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NatsAuth::None => f.write_str("None"),
+            NatsAuth::UserPassword { user, .. } => f
+                .debug_struct("UserPassword")
+                .field("user", user)
+                .field("password", &"<redacted>")
+                .finish(),
+            NatsAuth::CredentialsFile(path) => {
+                f.debug_tuple("CredentialsFile").field(path).finish()
+            }
+        }
+    }
+}
+
+pub(crate) struct NatsBus {
+    client: async_nats::Client,
+    jetstream: jetstream::Context,
+    /// Fed by the client's event callback.
+    connection: watch::Receiver<ConnectionState>,
+    /// [`NatsOptions::replicas`].
+    replicas: Option<usize>,
+    /// The connection to the system account, if credentials for it were given.
+    system: Option<async_nats::Client>,
+}
+
+impl NatsBus {
+    pub(crate) async fn connect(urls: &str, options: NatsOptions) -> Result<NatsBus, ConnectError> {
+        let addrs = server_addrs(urls)?;
+        let (state, connection) = watch::channel(ConnectionState::Connected);
+        let state = Arc::new(state);
+        let on_event = move |event| {
+            let state = Arc::clone(&state);
+            async move {
+                let new = match event {
+                    Event::Connected => ConnectionState::Connected,
+                    Event::Disconnected => ConnectionState::Disconnected,
+                    _ => return,
+                };
+                // Only real changes wake receivers: the first connect's
+                // event arrives after the channel already says `Connected`,
+                // and must not look like a reconnect to `NatsWatch`.
+                state.send_if_modified(|current| {
+                    let changed = *current != new;
+                    *current = new;
+                    changed
+                });
+            }
+        };
+        let connect = client_options(&options.name, &options.auth, options.connect_timeout)
+            .await?
+            .event_callback(on_event);
+        let client = open(connect, &addrs, urls).await?;
+
+        let info = client.server_info();
+        if !version_at_least(&info.version, MIN_SERVER_VERSION) {
+            return Err(ConnectError::ServerTooOld {
+                url: urls.to_owned(),
+                version: info.version,
+            });
+        }
+        if !info.jetstream {
+            return Err(ConnectError::JetStreamDisabled {
+                url: urls.to_owned(),
+            });
+        }
+        let jetstream = jetstream::new(client.clone());
+        // The server may run JetStream without granting it to this account.
+        jetstream
+            .query_account()
+            .await
+            .map_err(|err| ConnectError::JetStreamUnavailable {
+                url: urls.to_owned(),
+                source: Box::new(err),
+            })?;
+        let system = match &options.system_auth {
+            Some(auth) => Some(system::connect(&addrs, urls, &options, auth).await?),
+            None => None,
+        };
+        Ok(NatsBus {
+            client,
+            jetstream,
+            connection,
+            replicas: options.replicas,
+            system,
+        })
+    }
+
+    pub(crate) async fn publish(&self, subject: &str, payload: Bytes) -> Result<(), PublishError> {
+        self.client
+            .publish(subject.to_owned(), payload)
+            .await
+            .map_err(|err| PublishError::Unavailable {
+                subject: subject.to_owned(),
+                source: Box::new(err),
+            })
+    }
+
+    pub(crate) async fn subscribe(
+        &self,
+        subject: &str,
+        group: Option<&str>,
+    ) -> Result<Subscription, SubscribeError> {
+        let subscriber = match group {
+            None => self.client.subscribe(subject.to_owned()).await,
+            Some(group) => {
+                self.client
+                    .queue_subscribe(subject.to_owned(), group.to_owned())
+                    .await
+            }
+        };
+        subscriber
+            .map(|subscriber| Subscription {
+                inner: SubscriptionInner::Nats(subscriber),
+            })
+            .map_err(|err| SubscribeError::Unavailable {
+                subject: subject.to_owned(),
+                source: Box::new(err),
+            })
+    }
+
+    pub(crate) async fn request(
+        &self,
+        subject: &str,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<Message, RequestError> {
+        let request = async_nats::Request::new()
+            .payload(payload)
+            .timeout(Some(timeout));
+        match self.client.send_request(subject.to_owned(), request).await {
+            Ok(reply) => Ok(message(reply)),
+            Err(err) => {
+                let subject = subject.to_owned();
+                Err(match err.kind() {
+                    RequestErrorKind::NoResponders => RequestError::NoResponders { subject },
+                    RequestErrorKind::TimedOut => RequestError::TimedOut { subject, timeout },
+                    _ => RequestError::Unavailable {
+                        subject,
+                        source: Box::new(err),
+                    },
+                })
+            }
+        }
+    }
+
+    pub(crate) fn max_payload(&self) -> usize {
+        self.client.max_payload()
+    }
+
+    pub(crate) fn connection_changes(&self) -> watch::Receiver<ConnectionState> {
+        self.connection.clone()
+    }
+}
+
+/// Parses `urls`, one NATS server URL or several separated by commas (the
+/// members of a cluster). The client tries them in random order, at first
+/// and whenever it reconnects, and adds the other members each server
+/// advertises.
+fn server_addrs(urls: &str) -> Result<Vec<ServerAddr>, ConnectError> {
+    urls.split(',')
+        .map(str::trim)
+        .map(|url| {
+            if url.is_empty() {
+                return Err(ConnectError::InvalidUrl {
+                    url: urls.to_owned(),
+                    source: "the list holds an empty URL".into(),
+                });
+            }
+            url.parse::<ServerAddr>()
+                .map_err(|err| ConnectError::InvalidUrl {
+                    url: url.to_owned(),
+                    source: Box::new(err),
+                })
+        })
+        .collect()
+}
+
+/// The options every connection of the bus shares: its name, credentials and patience.
+async fn client_options(
+    name: &str,
+    auth: &NatsAuth,
+    timeout: Duration,
+) -> Result<async_nats::ConnectOptions, ConnectError> {
+    // `retry_on_initial_connect` is deliberately not set: a wrong URL must
+    // fail here with a clear error rather than retry in the background.
+    // Once connected, reconnection is unlimited, so a NATS restart, the loss
+    // of a cluster node or a network blip never leaves a Wharf process
+    // disconnected for good.
+    let connect = async_nats::ConnectOptions::new()
+        .name(name)
+        .connection_timeout(timeout)
+        .max_reconnects(None);
+    Ok(match auth {
+        NatsAuth::None => connect,
+        NatsAuth::UserPassword { user, password } => {
+            connect.user_and_password(user.clone(), password.clone())
+        }
+        NatsAuth::CredentialsFile(path) => {
+            connect.credentials_file(path).await.map_err(|source| {
+                ConnectError::CredentialsFile {
+                    path: path.clone(),
+                    source,
+                }
+            })?
+        }
+    })
+}
+
+/// Connects with `options` to one of `addrs` (`urls` as given, for errors).
+async fn open(
+    options: async_nats::ConnectOptions,
+    addrs: &[ServerAddr],
+    urls: &str,
+) -> Result<async_nats::Client, ConnectError> {
+    options.connect(addrs).await.map_err(|err| {
+        let url = urls.to_owned();
+        let kind = err.kind();
+        let source: BackendError = Box::new(err);
+        match kind {
+            ConnectErrorKind::ServerParse => ConnectError::InvalidUrl { url, source },
+            ConnectErrorKind::Authentication | ConnectErrorKind::AuthorizationViolation => {
+                ConnectError::Unauthorized { url, source }
+            }
+            _ => ConnectError::Unreachable { url, source },
+        }
+    })
+}
+
+/// Converts a received message; status-only messages never reach subscriptions.
+pub(crate) fn message(message: async_nats::Message) -> Message {
+    Message {
+        subject: message.subject.to_string(),
+        payload: message.payload,
+        reply: message.reply.map(|reply| reply.to_string()),
+    }
+}
+
+/// Whether a server version such as `2.10.4` or `2.11.0-RC.1` is at least `(major, minor)`.
+fn version_at_least(version: &str, minimum: (u64, u64)) -> bool {
+    let mut numbers = version.split('.').map(|part| {
+        let digits: String = part.chars().take_while(char::is_ascii_digit).collect();
+        digits.parse::<u64>()
+    });
+    match (numbers.next(), numbers.next()) {
+        (Some(Ok(major)), Some(Ok(minor))) => (major, minor) >= minimum,
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_versions_are_compared() {
+        for (version, expected) in [
+            ("2.10.0", true),
+            ("2.15.1", true),
+            ("2.11.0-RC.1", true),
+            ("3.0.0", true),
+            ("2.9.10", false),
+            ("1.4.1", false),
+            ("", false),
+            ("garbage", false),
+        ] {
+            assert_eq!(
+                version_at_least(version, MIN_SERVER_VERSION),
+                expected,
+                "{version}"
+            );
+        }
+    }
+
+    #[test]
+    fn urls_are_split_on_commas_and_each_is_checked() {
+        let addrs = server_addrs("nats://127.0.0.1:4222, nats://127.0.0.1:4223,127.0.0.1:4224")
+            .expect("three URLs");
+        assert_eq!(addrs.len(), 3);
+        for (urls, bad) in [
+            (
+                "nats://127.0.0.1:4222,nats://127.0.0.1:notaport",
+                "nats://127.0.0.1:notaport",
+            ),
+            (
+                "nats://127.0.0.1:4222,,nats://127.0.0.1:4223",
+                "nats://127.0.0.1:4222,,nats://127.0.0.1:4223",
+            ),
+            ("", ""),
+            ("http://127.0.0.1:4222", "http://127.0.0.1:4222"),
+        ] {
+            match server_addrs(urls) {
+                Err(ConnectError::InvalidUrl { url, .. }) => assert_eq!(url, bad, "{urls}"),
+                other => panic!("{urls}: {other:?}"),
+            }
+        }
+    }
+}
