@@ -13,6 +13,17 @@ pub fn host_heartbeat_subject(host: &HostId) -> String {
     format!("wharf.host.{host}.heartbeat")
 }
 
+/// The name a host gives its NATS connection, so the control plane can
+/// tell from a disconnect advisory which host went away.
+pub fn host_connection_name(host: &HostId) -> String {
+    format!("wharf-host-{host}")
+}
+
+/// The host a NATS connection name of [`host_connection_name`] belongs to.
+pub fn host_of_connection(name: &str) -> Option<HostId> {
+    HostId::new(name.strip_prefix("wharf-host-")?).ok()
+}
+
 /// Matches the heartbeat subject of every host.
 pub const HEARTBEAT_WILDCARD: &str = "wharf.host.*.heartbeat";
 

@@ -11,6 +11,10 @@ use wharf_bus::Bus;
 use wharf_proto::names::HEARTBEAT_WILDCARD;
 use wharf_proto::{Heartbeat, HostId, ServiceId};
 
+/// How long after a disconnect advisory a heartbeat still counts as one
+/// sent before it (in flight on another connection).
+const DISCONNECT_SETTLE: Duration = Duration::from_millis(200);
+
 /// A host as last heard of.
 #[derive(Debug, Clone)]
 pub struct HostEntry {
@@ -33,7 +37,11 @@ pub struct HostTable {
 }
 
 struct Inner {
+    /// The last heartbeat of each host, when it came, the rates from it.
     hosts: RwLock<BTreeMap<HostId, (Heartbeat, Instant, Rates)>>,
+    /// Hosts whose NATS connection closed (a disconnect advisory), and
+    /// when: not ready until a heartbeat comes after that.
+    gone: RwLock<BTreeMap<HostId, Instant>>,
     timeout: Duration,
     /// When the table started following heartbeats.
     started: Instant,
@@ -47,7 +55,10 @@ impl HostTable {
     pub async fn follow(bus: &Bus, timeout: Duration) -> Result<HostTable, wharf_bus::SubscribeError> {
         let mut heartbeats = bus.subscribe(HEARTBEAT_WILDCARD).await?;
         let (changes, _) = watch::channel(0);
-        let table = HostTable { inner: Arc::new(Inner { hosts: RwLock::new(BTreeMap::new()), timeout, started: Instant::now(), changes }) };
+        let table = HostTable {
+            inner: Arc::new(Inner { hosts: RwLock::new(BTreeMap::new()), gone: RwLock::default(), timeout, started: Instant::now(), changes }),
+        };
+        table.follow_disconnects(bus).await;
         let weak = Arc::downgrade(&table.inner);
         tokio::spawn(async move {
             while let Some(message) = heartbeats.next().await {
@@ -79,7 +90,48 @@ impl HostTable {
         Ok(table)
     }
 
+    /// Marks a host down the moment its NATS connection closes (a killed
+    /// process's socket is closed by the kernel at once), from the server's
+    /// disconnect advisories, when the bus has system credentials; missed
+    /// heartbeats stay the rule for partitions and hung processes.
+    async fn follow_disconnects(&self, bus: &Bus) {
+        let mut gone = match bus.client_disconnects().await {
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::info!("hosts that die are noticed by missed heartbeats only: {e}");
+                return;
+            }
+        };
+        let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            while let Some(client) = gone.next().await {
+                // A server shutting down hands its clients to another.
+                if client.reason == wharf_bus::DisconnectReason::ServerShutdown {
+                    continue;
+                }
+                let Some(host) = wharf_proto::names::host_of_connection(&client.name) else { continue };
+                let Some(inner) = weak.upgrade() else { break };
+                let table = HostTable { inner };
+                if !table.inner.hosts.read().is_ok_and(|h| h.contains_key(&host)) {
+                    continue;
+                }
+                tracing::warn!(%host, reason = ?client.reason, "host's connection to NATS closed; it is down");
+                if let Ok(mut gone) = table.inner.gone.write() {
+                    gone.insert(host, Instant::now());
+                }
+                table.inner.changes.send_modify(|n| *n += 1);
+            }
+        });
+    }
+
     fn record(&self, heartbeat: Heartbeat) {
+        // A heartbeat that comes well after a disconnect means the host is
+        // back (it reconnected); one right after it was in flight before.
+        if let Ok(mut gone) = self.inner.gone.write()
+            && gone.get(&heartbeat.host).is_some_and(|at| at.elapsed() > DISCONNECT_SETTLE)
+        {
+            gone.remove(&heartbeat.host);
+        }
         let changed = {
             let Ok(mut hosts) = self.inner.hosts.write() else { return };
             let previous = hosts.get(&heartbeat.host);
@@ -110,12 +162,13 @@ impl HostTable {
     /// Every known host, ready or not, by id.
     pub fn hosts(&self) -> Vec<HostEntry> {
         let Ok(hosts) = self.inner.hosts.read() else { return Vec::new() };
+        let gone = self.inner.gone.read().map(|g| g.clone()).unwrap_or_default();
         hosts
             .values()
             .map(|(heartbeat, seen, rates)| HostEntry {
                 heartbeat: heartbeat.clone(),
                 seen: *seen,
-                ready: seen.elapsed() <= self.inner.timeout && !heartbeat.draining,
+                ready: seen.elapsed() <= self.inner.timeout && !heartbeat.draining && !gone.contains_key(&heartbeat.host),
                 rps: rates.rps.clone(),
                 latency_ms: rates.latency_ms.clone(),
             })

@@ -24,6 +24,9 @@ use wharf_proto::{Assignment, Digest, HostId, Revision, ServiceId, ServiceSpec, 
 /// the service serves as stable, which is never pruned).
 pub const DEFAULT_REVISION_HISTORY: usize = 10;
 
+/// How many times a state bucket's limit the revisions bucket may hold.
+const REVISIONS_ROOM: u64 = 8;
+
 /// Handles to the buckets holding the cluster's state.
 #[derive(Clone)]
 pub struct Store {
@@ -88,17 +91,23 @@ impl Store {
     /// Opens (creating when missing) the buckets on `bus`.
     pub async fn open(bus: &Bus) -> Result<Store, StoreError> {
         // The control plane creates every bucket it owns, so hosts (which
-        // may not create buckets under the shipped NATS roles) only open them.
+        // may not create buckets under the shipped NATS roles) only open
+        // them; opened with their options, an existing bucket takes the
+        // copies and limits configured now.
+        let limits = bus.storage_limits();
+        let state = limits.state;
+        // Revisions hold up to `history` specs per service: room for more.
+        let revisions = wharf_bus::BucketOptions { max_bytes: state.max_bytes.map(|b| b.saturating_mul(REVISIONS_ROOM)) };
         Ok(Store {
-            services: bus.kv(SERVICES_BUCKET).await?,
-            revisions: bus.kv(REVISIONS_BUCKET).await?,
-            status: bus.kv(STATUS_BUCKET).await?,
-            assignments: bus.kv(ASSIGNMENTS_BUCKET).await?,
-            leader: bus.kv(LEADER_BUCKET).await?,
-            artifacts: bus.objects(ARTIFACTS_BUCKET).await?,
-            volumes: bus.kv(VOLUMES_BUCKET).await?,
-            namespaces: bus.kv(wharf_proto::names::NAMESPACES_BUCKET).await?,
-            secrets: bus.kv(wharf_proto::names::SECRETS_BUCKET).await?,
+            services: bus.kv_with(SERVICES_BUCKET, state).await?,
+            revisions: bus.kv_with(REVISIONS_BUCKET, revisions).await?,
+            status: bus.kv_with(STATUS_BUCKET, state).await?,
+            assignments: bus.kv_with(ASSIGNMENTS_BUCKET, state).await?,
+            leader: bus.kv_with(LEADER_BUCKET, state).await?,
+            artifacts: bus.objects_with(ARTIFACTS_BUCKET, limits.objects).await?,
+            volumes: bus.kv_with(VOLUMES_BUCKET, state).await?,
+            namespaces: bus.kv_with(wharf_proto::names::NAMESPACES_BUCKET, state).await?,
+            secrets: bus.kv_with(wharf_proto::names::SECRETS_BUCKET, state).await?,
             history: DEFAULT_REVISION_HISTORY,
         })
     }

@@ -104,7 +104,7 @@ impl NatsBus {
     }
 
     fn kv_handle(&self, bucket: &str, store: kv::Store) -> NatsKv {
-        NatsKv::new(store, bucket, self.client.clone(), self.connection.clone())
+        NatsKv::new(store, bucket, self.client.clone(), self.jetstream.clone(), self.connection.clone())
     }
 
     fn objects_handle(&self, bucket: &str, store: object_store::ObjectStore) -> NatsObjects {

@@ -15,12 +15,35 @@ use super::buckets::jetstream_code;
 use crate::error::{BackendError, KvError};
 use crate::{ConnectionState, Entry, KvEvent};
 
+/// How long a read or a write keeps trying while the bucket cannot answer:
+/// a server of the cluster lost, the bucket's stream electing a leader (4
+/// to 7 s after its leader is killed), a reconnection. Past it, the error.
+const RIDE_OVER: Duration = Duration::from_secs(15);
+
+/// About the bytes a write's headers take in the stream.
+const WRITE_HEADERS: usize = 128;
+
+/// The pause between two tries, doubling up to a second.
+const FIRST_PAUSE: Duration = Duration::from_millis(50);
+
 /// A JetStream KV bucket.
+///
+/// Reads and writes ride over the loss of a server and the elections that
+/// follow: they are tried again for up to [`RIDE_OVER`]. A write that may
+/// or may not have been stored (its server died before answering) is sent
+/// again *as the same message*: every write carries a `Nats-Msg-Id`
+/// derived from what it writes (and, for compare-and-set, the revision it
+/// expects), and JetStream stores a message id once within its duplicate
+/// window, answering a repeat with the first answer. So a retried write is
+/// stored exactly once, and a counter incremented by compare-and-set across
+/// a node's death counts every increment once.
 pub(crate) struct NatsKv {
     store: kv::Store,
     bucket: String,
     /// For watches, which follow the stream's leader elections.
     client: async_nats::Client,
+    /// For writes with headers of our own (message ids).
+    jetstream: async_nats::jetstream::Context,
     /// For watches, which start afresh when the connection comes back.
     connection: watch::Receiver<ConnectionState>,
 }
@@ -30,22 +53,108 @@ impl NatsKv {
         store: kv::Store,
         bucket: &str,
         client: async_nats::Client,
+        jetstream: async_nats::jetstream::Context,
         connection: watch::Receiver<ConnectionState>,
     ) -> NatsKv {
         NatsKv {
             store,
             bucket: bucket.to_owned(),
             client,
+            jetstream,
             connection,
         }
     }
 
+    /// Tries `attempt` until it succeeds, fails for good, or [`RIDE_OVER`]
+    /// has passed; `Err(Retry(e))` asks for another try.
+    async fn ride_over<T, F, Fut>(&self, mut attempt: F) -> Result<T, KvError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, Attempt>>,
+    {
+        let started = tokio::time::Instant::now();
+        let mut pause = FIRST_PAUSE;
+        loop {
+            match attempt().await {
+                Ok(value) => return Ok(value),
+                Err(Attempt::Final(err)) => return Err(err),
+                Err(Attempt::Retry(err)) => {
+                    if started.elapsed() + pause > RIDE_OVER {
+                        return Err(err);
+                    }
+                    tracing::debug!(bucket = %self.bucket, "KV call failed, trying again in {pause:?}: {err}");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+
+    /// Publishes one write to `key` with a message id (see [`NatsKv`]),
+    /// compare-and-set against `expected` when given.
+    async fn write(&self, key: &str, value: Bytes, expected: Option<u64>) -> Result<u64, KvError> {
+        let mut subject = String::new();
+        if self.store.use_jetstream_prefix {
+            // The store was opened through a JetStream domain's prefix.
+            subject.push_str(&self.store.prefix);
+        } else {
+            subject.push_str(self.store.put_prefix.as_deref().unwrap_or(&self.store.prefix));
+        }
+        subject.push_str(key);
+        let id = message_id(&self.bucket, key, expected, &value);
+        // The message's headers (id, expected sequence) count against the
+        // bucket's limit too.
+        let size = key.len() + value.len() + WRITE_HEADERS;
+        self.ride_over(|| {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
+            if let Some(expected) = expected {
+                headers.insert(async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, expected.to_string().as_str());
+            }
+            let (subject, value) = (subject.clone(), value.clone());
+            // Whether the connection dropped during this try: then a missing
+            // answer is the server's death, not a refusal (a write the
+            // server refuses for permissions also goes unanswered).
+            let mut connection = self.connection.clone();
+            connection.mark_unchanged();
+            async move {
+                let ack = match self.jetstream.publish_with_headers(subject, headers, value).await {
+                    Ok(ack) => ack.await,
+                    Err(err) => return Err(Attempt::Retry(self.unavailable(err))),
+                };
+                let reconnected = connection.has_changed().unwrap_or(true);
+                match ack {
+                    Ok(ack) => Ok(ack.sequence),
+                    Err(err) if err.kind() == async_nats::jetstream::context::PublishErrorKind::WrongLastSequence => {
+                        Err(Attempt::Final(KvError::RevisionMismatch { bucket: self.bucket.clone(), key: key.to_owned(), expected: expected.unwrap_or(0) }))
+                    }
+                    Err(err) if is_transient(&err, reconnected) => Err(Attempt::Retry(self.unavailable(err))),
+                    Err(err) => Err(Attempt::Final(self.write_failed(err, size).await)),
+                }
+            }
+        })
+        .await
+    }
+
     pub(crate) async fn get(&self, key: &str) -> Result<Option<Entry>, KvError> {
         let entry = self
-            .store
-            .entry(key)
-            .await
-            .map_err(|err| self.unavailable(err))?;
+            .ride_over(|| {
+                let mut connection = self.connection.clone();
+                connection.mark_unchanged();
+                async move {
+                    self.store.entry(key).await.map_err(|err| {
+                        // As for writes: a timeout on a steady connection
+                        // is a refusal, not a lost server.
+                        let reconnected = connection.has_changed().unwrap_or(true);
+                        if err.kind() == kv::EntryErrorKind::TimedOut && !reconnected {
+                            Attempt::Final(self.unavailable(err))
+                        } else {
+                            Attempt::Retry(self.unavailable(err))
+                        }
+                    })
+                }
+            })
+            .await?;
         // A deleted key's last entry is its delete marker.
         Ok(entry
             .filter(|entry| entry.operation == kv::Operation::Put)
@@ -57,11 +166,7 @@ impl NatsKv {
     }
 
     pub(crate) async fn put(&self, key: &str, value: Bytes) -> Result<u64, KvError> {
-        let size = key.len() + value.len();
-        match self.store.put(key, value).await {
-            Ok(revision) => Ok(revision),
-            Err(err) => Err(self.write_failed(err, size).await),
-        }
+        self.write(key, value, None).await
     }
 
     pub(crate) async fn create(&self, key: &str, value: Bytes) -> Result<u64, KvError> {
@@ -84,18 +189,7 @@ impl NatsKv {
         value: Bytes,
         expected: u64,
     ) -> Result<u64, KvError> {
-        let size = key.len() + value.len();
-        match self.store.update(key, value, expected).await {
-            Ok(revision) => Ok(revision),
-            Err(err) if err.kind() == kv::UpdateErrorKind::WrongLastRevision => {
-                Err(KvError::RevisionMismatch {
-                    bucket: self.bucket.clone(),
-                    key: key.to_owned(),
-                    expected,
-                })
-            }
-            Err(err) => Err(self.write_failed(err, size).await),
-        }
+        self.write(key, value, Some(expected)).await
     }
 
     pub(crate) async fn delete(&self, key: &str) -> Result<(), KvError> {
@@ -183,6 +277,44 @@ impl NatsKv {
 
     fn unavailable(&self, err: impl Into<BackendError>) -> KvError {
         unavailable(&self.bucket, err)
+    }
+}
+
+/// The outcome of one try of a KV call that may be tried again.
+enum Attempt {
+    /// Try again (until [`RIDE_OVER`]); this error if not.
+    Retry(KvError),
+    /// Done: this error is the answer.
+    Final(KvError),
+}
+
+/// A write's message id: the same for the same write (bucket, key, value
+/// and expected revision), so a write sent again is stored once. Two
+/// identical plain puts in a row are also one, which changes nothing.
+fn message_id(bucket: &str, key: &str, expected: Option<u64>, value: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    let expected = expected.map_or([0xff; 8], u64::to_be_bytes);
+    for part in [bucket.as_bytes(), key.as_bytes(), &expected[..], value] {
+        hash.update((part.len() as u64).to_be_bytes());
+        hash.update(part);
+    }
+    hex::encode(&hash.finalize()[..16])
+}
+
+/// Whether a publish failed for want of an answer that a retry may get:
+/// nobody listening while the stream elects a leader, a lost connection,
+/// or a timeout across a reconnection (`reconnected`). A timeout on a
+/// steady connection is a refusal (permissions) or a server that cannot
+/// store it, and is not retried.
+fn is_transient(err: &async_nats::jetstream::context::PublishError, reconnected: bool) -> bool {
+    use async_nats::jetstream::context::PublishErrorKind;
+    let code = jetstream_code(err);
+    match err.kind() {
+        PublishErrorKind::TimedOut => reconnected,
+        PublishErrorKind::BrokenPipe | PublishErrorKind::StreamNotFound => true,
+        PublishErrorKind::Other => code.is_some_and(|code| code == ErrorCode::CLUSTER_NOT_AVAILABLE),
+        _ => false,
     }
 }
 
