@@ -4,6 +4,7 @@
 pub mod digest;
 pub mod manifest;
 pub mod names;
+pub mod oci;
 pub mod spec;
 pub mod units;
 pub mod wire;
@@ -13,6 +14,7 @@ pub use manifest::{
     ComponentRef, Location, ManifestError, ManifestFormat, ServiceManifest, parse_manifest,
 };
 pub use names::{HostId, NameError, ServiceId};
+pub use oci::{OciReference, OciReferenceError};
 pub use spec::{Autoscale, Limits, Placement, Route, ServiceSpec, SpecError, Volume};
 pub use units::{ByteSize, ByteSizeError, DurationError};
 pub use wire::{

@@ -82,6 +82,10 @@ pub struct ServiceSpec<C = Digest> {
     /// names are ever stored in the spec.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub secrets: Vec<String>,
+    /// Where the component was pulled from (`oci://REGISTRY/REPO:TAG`), for
+    /// people; `component` pins what runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<crate::OciReference>,
 }
 
 fn default_namespace() -> String {
@@ -353,6 +357,7 @@ impl<C> ServiceSpec<C> {
             keyvalue: Vec::new(),
             config: BTreeMap::new(),
             secrets: Vec::new(),
+            source: None,
         }
     }
 
@@ -393,6 +398,7 @@ impl<C> ServiceSpec<C> {
             keyvalue: self.keyvalue,
             config: self.config,
             secrets: self.secrets,
+            source: self.source,
         }
     }
 
