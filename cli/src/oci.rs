@@ -295,6 +295,12 @@ impl Registry {
             }
             OciDistributionError::UnauthorizedError { .. } => anyhow::anyhow!("{repository}: {credentials} (HTTP 401)"),
             OciDistributionError::ServerError { code: code @ (401 | 403), .. } => anyhow::anyhow!("{repository}: {credentials} (HTTP {code})"),
+            // Some registries answer a blob's digest asked for as a manifest
+            // with a server error (distribution 2.8: 500, it fails to parse
+            // the component as JSON).
+            OciDistributionError::ServerError { code, .. } if reference.digest().is_some() => anyhow::anyhow!(
+                "{repository}: the registry could not serve {wanted} (HTTP {code}); the digest after @ must be the manifest's, as `wharf push` prints it, not the component's"
+            ),
             OciDistributionError::AuthenticationFailure(reason) => anyhow::anyhow!("{repository}: the registry's token service refused: {reason}; {credentials}"),
             OciDistributionError::DigestError(_) => {
                 anyhow::anyhow!("{repository}: what the registry sent for {wanted} does not match its digest; refusing it ({})", error_chain(&error))
@@ -322,12 +328,19 @@ async fn speaks_plain_http(registry: &str) -> bool {
     match client.get(format!("https://{registry}/v2/")).send().await {
         Ok(_) => false,
         Err(e) => {
+            tracing::debug!(registry, "HTTPS probe failed: {e:?}");
+            use tokio_rustls::rustls::Error as TlsError;
             let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
             while let Some(error) = cause {
-                if let Some(tls) = error.downcast_ref::<tokio_rustls::rustls::Error>() {
-                    return matches!(tls, tokio_rustls::rustls::Error::InvalidMessage(_));
+                if let Some(tls) = error.downcast_ref::<TlsError>() {
+                    return matches!(tls, TlsError::InvalidMessage(_));
                 }
-                cause = error.source();
+                // An io::Error's source() skips the error it wraps (and
+                // hyper wraps io::Errors in io::Errors): step into it instead.
+                cause = match error.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
+                    Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+                    None => error.source(),
+                };
             }
             false
         }
