@@ -13,6 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod cluster;
+mod codecache;
 mod coldstart;
 mod kvbench;
 mod load;
@@ -34,6 +35,8 @@ enum Cmd {
     Cluster(cluster::ClusterArgs),
     /// Scale from zero: first-request latency (compiled and not), replicas following a step in load.
     Coldstart(coldstart::ColdStartArgs),
+    /// Compiled-code cache: first request with code in memory vs after eviction (from disk) vs cold compile.
+    Codecache(codecache::CodeCacheArgs),
     /// wasi:keyvalue get/set latency from inside a component vs raw JetStream KV.
     Kv(kvbench::KvArgs),
     /// Noisy neighbours: tenant B's latency with tenant A spinning and allocating to its caps.
@@ -97,6 +100,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Noisy(args) => tokio::runtime::Runtime::new()?.block_on(noisy::run(args)),
         Cmd::Kv(args) => tokio::runtime::Runtime::new()?.block_on(kvbench::run(args)),
         Cmd::Coldstart(args) => tokio::runtime::Runtime::new()?.block_on(coldstart::run(args)),
+        Cmd::Codecache(args) => tokio::runtime::Runtime::new()?.block_on(codecache::run(args)),
         Cmd::Cluster(args) => tokio::runtime::Runtime::new()?.block_on(cluster::run(args)),
         Cmd::RssProbe(args) => tokio::runtime::Runtime::new()?.block_on(rss::probe(args)),
     }

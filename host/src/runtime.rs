@@ -27,9 +27,10 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(2);
 /// The export every Wharf component must have.
 pub const HTTP_HANDLER_EXPORT: &str = "wasi:http/incoming-handler";
 
-/// The default budget of compiled code kept in memory: a few hundred
-/// typical Rust components (a `hello` compiles to about 1 MiB), while a
-/// host with thousands of idle services stays small.
+/// The default budget of compiled code kept in memory: about a thousand
+/// small Rust components (a `hello` holds 256 KiB of code,
+/// bench/RESULTS.md), while a host with thousands of idle services stays
+/// bounded.
 pub const DEFAULT_CODE_CACHE: ByteSize = ByteSize::mib(256);
 
 /// How a host's engine is sized.
