@@ -47,3 +47,15 @@ if ! find_nats; then
     find_nats || die "the installed nats-server is older than 2.10"
 fi
 export WHARF_NATS_SERVER
+
+# Debian's docker-registry (the CNCF distribution registry) for the OCI tests.
+if [ -z "${WHARF_DOCKER_REGISTRY:-}" ] && ! command -v docker-registry >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        say "installing docker-registry (Debian package) for the OCI registry tests"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends docker-registry >/dev/null \
+            || { apt-get update >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends docker-registry >/dev/null; } \
+            || die "could not install docker-registry; install it (apt-get install docker-registry) or set WHARF_DOCKER_REGISTRY to a registry binary"
+    else
+        die "docker-registry not found: install it (sudo apt-get install docker-registry) or set WHARF_DOCKER_REGISTRY to a registry binary (distribution's 'registry')"
+    fi
+fi

@@ -13,6 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod cluster;
+mod codecache;
 mod coldstart;
 mod control;
 mod kvbench;
@@ -39,6 +40,8 @@ enum Cmd {
     Control(control::ControlArgs),
     /// Scale from zero: first-request latency (compiled and not), replicas following a step in load.
     Coldstart(coldstart::ColdStartArgs),
+    /// Compiled-code cache: first request with code in memory vs after eviction (from disk) vs cold compile.
+    Codecache(codecache::CodeCacheArgs),
     /// wasi:keyvalue get/set latency from inside a component vs raw JetStream KV.
     Kv(kvbench::KvArgs),
     /// JetStream KV on one nats-server vs a 3-node cluster: put/get/watch latency, writes resuming after kill -9.
@@ -107,6 +110,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Kv(args) => tokio::runtime::Runtime::new()?.block_on(kvbench::run(args)),
         Cmd::NatsHa(args) => tokio::runtime::Runtime::new()?.block_on(natsha::run(args)),
         Cmd::Coldstart(args) => tokio::runtime::Runtime::new()?.block_on(coldstart::run(args)),
+        Cmd::Codecache(args) => tokio::runtime::Runtime::new()?.block_on(codecache::run(args)),
         Cmd::Cluster(args) => tokio::runtime::Runtime::new()?.block_on(cluster::run(args)),
         Cmd::Control(args) => tokio::runtime::Runtime::new()?.block_on(control::run(args)),
         Cmd::Rollout(args) => tokio::runtime::Runtime::new()?.block_on(rollout::run(args)),

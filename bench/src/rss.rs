@@ -63,18 +63,24 @@ pub async fn probe(args: ProbeArgs) -> anyhow::Result<()> {
             continue;
         }
         let workload = Workload::new(&runtime, component, WorkloadSpec::new(format!("bench/hello-{i}")), &metrics)?;
-        let request = http::Request::get("http://localhost/").body(Empty::<Bytes>::new().map_err(|never: Infallible| -> wasmtime_wasi_http::Error { match never {} }))?;
-        let response = workload.handle(request).await;
-        if !response.status().is_success() {
-            bail!("workload {i} answered {}", response.status());
-        }
-        response.into_body().collect().await.map_err(|e| anyhow::anyhow!("body: {e:?}"))?;
+        serve_one(&workload).await.with_context(|| format!("workload {i}"))?;
         loaded.push(workload);
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     let probe = Probe { workloads: args.workloads, rss_bytes: resident_bytes()? };
     println!("{}", serde_json::to_string(&probe)?);
     drop(loaded);
+    Ok(())
+}
+
+/// Sends one GET to a workload directly (no HTTP server) and reads the whole answer.
+pub async fn serve_one(workload: &Workload) -> anyhow::Result<()> {
+    let request = http::Request::get("http://localhost/").body(Empty::<Bytes>::new().map_err(|never: Infallible| -> wasmtime_wasi_http::Error { match never {} }))?;
+    let response = workload.handle(request).await;
+    if !response.status().is_success() {
+        bail!("answered {}", response.status());
+    }
+    response.into_body().collect().await.map_err(|e| anyhow::anyhow!("body: {e:?}"))?;
     Ok(())
 }
 

@@ -57,10 +57,13 @@ serves: new replicas start and pass their readiness check before old ones stop; 
 fails goes back to the last good revision (see `wharf rollout`).\n\n\
 Examples:\n  wharf deploy hello.wasm --name hello --route /hello\n  \
 wharf deploy api.wasm --name api --namespace shop --replicas 3 --memory 128MiB --env MODE=prod\n  \
-wharf deploy api-v2.wasm --name api --namespace shop --readiness /healthz --canary 10")]
+wharf deploy api-v2.wasm --name api --namespace shop --readiness /healthz --canary 10\n  \
+wharf deploy oci://ghcr.io/org/api:1.0 --route /api")]
 pub struct DeployArgs {
-    /// The component to deploy.
+    /// The component to deploy: a file, or oci://REGISTRY/REPOSITORY:TAG (or @sha256:...) in a registry.
     file: PathBuf,
+    #[command(flatten)]
+    registry: crate::oci::RegistryArgs,
     /// The service's name (a DNS label); default: the file's name.
     #[arg(long)]
     name: Option<String>,
@@ -166,6 +169,8 @@ pub struct ApplyArgs {
     /// rollout waits for it.
     #[arg(long)]
     force: bool,
+    #[command(flatten)]
+    registry: crate::oci::RegistryArgs,
     /// Return without waiting for the rollouts.
     #[arg(long)]
     no_wait: bool,
@@ -454,10 +459,25 @@ impl Api {
 
     async fn upload(&self, file: &Path) -> anyhow::Result<Digest> {
         let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+        self.upload_bytes(bytes, &file.display()).await
+    }
+
+    /// Pulls a component from its registry (digest checked) and uploads it.
+    async fn upload_pulled(&self, reference: &wharf_proto::OciReference, registry: &crate::oci::RegistryArgs) -> anyhow::Result<Digest> {
+        let pulled = crate::oci::pull(reference, registry).await?;
+        let digest = self.upload_bytes(pulled.bytes, reference).await?;
+        if digest != pulled.digest {
+            bail!("{reference}: the API stored {digest}, not the pulled {} (a bug)", pulled.digest);
+        }
+        eprintln!("pulled {reference} (manifest {}, component {digest})", pulled.manifest);
+        Ok(digest)
+    }
+
+    async fn upload_bytes(&self, bytes: Vec<u8>, what: &dyn std::fmt::Display) -> anyhow::Result<Digest> {
         let body = self
             .call(self.http.post(format!("{}/v1/artifacts", self.base)).header("content-type", "application/wasm").body(bytes))
             .await
-            .with_context(|| format!("{} was refused", file.display()))?;
+            .with_context(|| format!("{what} was refused"))?;
         body["digest"].as_str().context("the API returned no digest")?.parse().context("the API returned a bad digest")
     }
 
@@ -488,7 +508,7 @@ impl Api {
 }
 
 /// An error and its causes, outermost first, without repeats.
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut cause = e.source();
     while let Some(inner) = cause {
@@ -515,9 +535,11 @@ pub(crate) const READY_TIMEOUT: Duration = Duration::from_secs(300);
 
 pub async fn deploy(args: DeployArgs) -> anyhow::Result<()> {
     let api = Api::new(&args.api)?;
-    let name = match &args.name {
-        Some(name) => name.clone(),
-        None => args.file.file_stem().map(|s| s.to_string_lossy().to_ascii_lowercase().replace('_', "-")).context("cannot name the service from the file; pass --name")?,
+    let oci = crate::oci::reference_in(&args.file)?;
+    let name = match (&args.name, &oci) {
+        (Some(name), _) => name.clone(),
+        (None, Some(reference)) => reference.name().replace(['_', '.'], "-"),
+        (None, None) => args.file.file_stem().map(|s| s.to_string_lossy().to_ascii_lowercase().replace('_', "-")).context("cannot name the service from the file; pass --name")?,
     };
     let id = ServiceId::new(args.namespace.clone(), name.clone()).with_context(|| format!("--name {name} / --namespace {}", args.namespace))?;
     // An existing service keeps whatever the flags do not set.
@@ -528,8 +550,12 @@ pub async fn deploy(args: DeployArgs) -> anyhow::Result<()> {
         spec
     });
     apply_flags(&args, &mut spec)?;
+    spec.source = oci.clone();
     spec.validate()?;
-    let digest = api.upload(&args.file).await?;
+    let digest = match &oci {
+        Some(reference) => api.upload_pulled(reference, &args.registry).await?,
+        None => api.upload(&args.file).await?,
+    };
     spec.component = digest.clone();
     if let Some(percent) = args.canary {
         if existing.is_none() {
@@ -680,6 +706,7 @@ pub async fn apply(args: ApplyArgs) -> anyhow::Result<()> {
         let digest = match &manifest.component {
             ComponentRef::File(path) => api.upload(&base.join(path)).await?,
             ComponentRef::Digest(digest) => digest.clone(),
+            ComponentRef::Oci(reference) => api.upload_pulled(reference, &args.registry).await?,
         };
         specs.push(manifest.into_spec(digest));
     }
@@ -717,7 +744,7 @@ pub async fn get(what: GetWhat) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&json)?);
                 return Ok(());
             }
-            let mut rows = vec![vec!["SERVICE", "READY", "REV", "ROLLOUT", "IN FLIGHT", "RPS", "ROUTES", "COMPONENT", "LAST ERROR"].into_iter().map(String::from).collect()];
+            let mut rows = vec![vec!["SERVICE", "READY", "REV", "ROLLOUT", "IN FLIGHT", "RPS", "ROUTES", "COMPONENT", "SOURCE", "LAST ERROR"].into_iter().map(String::from).collect()];
             for view in &views {
                 let spec = &view["service"]["spec"];
                 let status = &view["status"];
@@ -731,6 +758,7 @@ pub async fn get(what: GetWhat) -> anyhow::Result<()> {
                     format!("{:.1}", status["rps"].as_f64().unwrap_or(0.0)),
                     if routes.is_empty() { "-".into() } else { routes.join(",") },
                     spec["component"].as_str().map(|d| d.chars().take(19).collect()).unwrap_or_default(),
+                    spec["source"].as_str().unwrap_or("upload").to_string(),
                     status["last_error"].as_str().unwrap_or("").to_string(),
                 ]);
             }

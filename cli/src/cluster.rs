@@ -175,6 +175,10 @@ pub struct HostArgs {
     /// CPU nothing else wants) or a nice value 0-19 (keeps a share of a busy host).
     #[arg(long, default_value_t = wharf_host::cpu::BackgroundPriority::Idle)]
     background_priority: wharf_host::cpu::BackgroundPriority,
+    /// Compiled code kept in memory for quick starts; past it the least recently used
+    /// components are dropped from memory and reloaded from the disk cache when needed.
+    #[arg(long, default_value_t = wharf_host::runtime::DEFAULT_CODE_CACHE)]
+    code_cache: wharf_proto::ByteSize,
     /// Address of this host's HTTP ingress (every route in the cluster is served here).
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
@@ -245,11 +249,12 @@ pub async fn host(args: HostArgs, shutdown: impl Future<Output = ()>) -> anyhow:
     let addr = listener.local_addr()?;
     let mut sizing = wiring::HostArgs::new(args.name.clone(), args.labels.clone(), args.max_instances, args.memory);
     sizing.background_priority = args.background_priority;
+    sizing.code_cache = args.code_cache;
     let id = sizing.host_id()?;
     let bus = args.nats.connect(&wharf_proto::names::host_connection_name(&id)).await?;
     let dir = data_dir(args.data_dir, id.as_str())?;
     let runtime = sizing.runtime(Some(dir.join("compiled")))?;
-    let metrics = HostMetrics::default();
+    let metrics = HostMetrics::for_runtime(&runtime);
     let agent = HostAgent::start(
         bus,
         runtime,

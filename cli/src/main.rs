@@ -7,6 +7,7 @@ use std::process::ExitCode;
 mod client;
 mod cluster;
 mod rollout;
+mod oci;
 mod serve;
 mod up;
 mod wiring;
@@ -31,10 +32,12 @@ enum Command {
     Scheduler(cluster::SchedulerArgs),
     /// Run a worker host over NATS: runs its assigned replicas and serves every route.
     Host(cluster::HostArgs),
-    /// Upload a component and create or replace its service.
+    /// Upload a component (a file, or oci://REGISTRY/REPOSITORY:TAG) and create or replace its service.
     Deploy(client::DeployArgs),
     /// Create or update the services a manifest describes (YAML, TOML or JSON).
     Apply(client::ApplyArgs),
+    /// Publish a component to an OCI registry (the wasm OCI artifact layout).
+    Push(oci::PushArgs),
     /// List services or hosts.
     #[command(subcommand)]
     Get(client::GetWhat),
@@ -80,6 +83,7 @@ fn main() -> ExitCode {
             Command::Host(args) => cluster::host(args, shutdown_signal()).await,
             Command::Deploy(args) => client::deploy(args).await,
             Command::Apply(args) => client::apply(args).await,
+            Command::Push(args) => oci::push(args).await,
             Command::Get(what) => client::get(what).await,
             Command::Top(args) => client::top(args).await,
             Command::Kv(command) => client::kv(command).await,

@@ -70,7 +70,7 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyhow::Resu
         None => Bus::local(LocalStore::open(data_dir.join("state.redb"))?),
     };
     let runtime = args.host.runtime(Some(data_dir.join("compiled")))?;
-    let metrics = HostMetrics::default();
+    let metrics = HostMetrics::for_runtime(&runtime);
     let token_file = data_dir.join("admin-token");
     let config = ControlPlaneConfig { admin_token_file: Some(token_file.clone()), ..ControlPlaneConfig::default() };
     let plane = ControlPlane::start(&bus, Arc::new(RuntimeCheck(runtime.clone())), config).await?;

@@ -38,12 +38,23 @@ pub struct HostArgs {
     /// CPU nothing else wants) or a nice value 0-19 (keeps a share of a busy host).
     #[arg(long, default_value_t = wharf_host::cpu::BackgroundPriority::Idle)]
     pub background_priority: wharf_host::cpu::BackgroundPriority,
+    /// Compiled code kept in memory for quick starts; past it the least recently used
+    /// components are dropped from memory and reloaded from the disk cache when needed.
+    #[arg(long, default_value_t = wharf_host::runtime::DEFAULT_CODE_CACHE)]
+    pub code_cache: ByteSize,
 }
 
 impl HostArgs {
     /// Sizing given directly rather than parsed from `up`'s flags.
     pub fn new(host_id: Option<String>, labels: Vec<(String, String)>, max_instances: u32, memory: Option<ByteSize>) -> Self {
-        HostArgs { host_id, labels, max_instances, memory, background_priority: wharf_host::cpu::BackgroundPriority::Idle }
+        HostArgs {
+            host_id,
+            labels,
+            max_instances,
+            memory,
+            background_priority: wharf_host::cpu::BackgroundPriority::Idle,
+            code_cache: wharf_host::runtime::DEFAULT_CODE_CACHE,
+        }
     }
 
     /// The default sizing, for processes that only check components.
@@ -69,6 +80,7 @@ impl HostArgs {
             max_instances: self.max_instances,
             max_instance_memory: wharf_proto::spec::MAX_MEMORY,
             cache_dir,
+            code_cache: self.code_cache,
             background: self.background_priority,
         })?)
     }

@@ -3,6 +3,8 @@
 //! The pieces, each in its own module:
 //! - [`runtime`]: the wasmtime engine (pooling allocator, fuel, epochs), the
 //!   on-disk compile cache, and loading a component with its checks.
+//! - [`code_cache`]: compiled code in memory, an LRU within a byte budget,
+//!   with one load per digest however many ask at once.
 //! - [`workload`]: one loaded component with its limits; serves each request
 //!   from a fresh instance and turns every failure into a clear response.
 //! - [`cpu`]: foreground/background CPU tiers, fair between namespaces.
@@ -17,6 +19,7 @@
 //!   and the control plane's API alike.
 
 pub mod agent;
+pub mod code_cache;
 pub mod cpu;
 pub mod egress;
 pub mod ingress;

@@ -65,8 +65,30 @@ fn memory_histogram() -> Histogram {
 }
 
 impl Default for HostMetrics {
+    /// The host's metrics without a compiled-code cache's (see [`HostMetrics::for_runtime`]).
     fn default() -> Self {
+        HostMetrics::build(None)
+    }
+}
+
+impl HostMetrics {
+    /// The host's metrics, with those of `runtime`'s compiled-code cache.
+    pub fn for_runtime(runtime: &crate::Runtime) -> Self {
+        HostMetrics::build(Some(runtime.code_cache_metrics()))
+    }
+
+    fn build(cache: Option<&crate::code_cache::CodeCacheMetrics>) -> Self {
         let mut registry = Registry::with_prefix("wharf");
+        if let Some(cache) = cache {
+            let cache = cache.clone();
+            registry.register("code_cache_hits", "Loads of compiled code answered from memory", cache.hits);
+            registry.register("code_cache_misses", "Loads of compiled code not in memory (then read from disk or compiled)", cache.misses);
+            registry.register("code_cache_disk_loads", "Compiled components read back from the disk cache", cache.disk_loads);
+            registry.register("code_cache_compiles", "Components compiled", cache.compiles);
+            registry.register("code_cache_evictions", "Compiled components dropped from memory to stay within --code-cache", cache.evictions);
+            registry.register("code_cache_bytes", "Bytes of compiled code the cache holds in memory", cache.bytes);
+            registry.register("code_cache_entries", "Compiled components the cache holds in memory", cache.entries);
+        }
         let requests = Family::<OutcomeLabels, Counter>::default();
         let latency = HistogramFamily::new_with_constructor(latency_histogram);
         let in_flight = Family::<ServiceLabels, Gauge>::default();

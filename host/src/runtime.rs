@@ -1,17 +1,18 @@
 //! The wasmtime engine a host runs every component on, and loading a component
 //! into it: the checks a component must pass before it can run, and the
-//! on-disk cache of compiled code.
+//! caches of compiled code: in memory (an LRU within a byte budget, see
+//! [`crate::code_cache`]) over the disk.
 //!
 //! One [`Runtime`] per host. Its engine uses the pooling allocator (instance
 //! slots reserved up front, sized from the host's configured capacity), fuel
 //! for per-request CPU budgets, and epoch interruption for wall-clock
 //! deadlines; a background thread advances the epoch every [`EPOCH_TICK`].
 
+use crate::code_cache::{CodeCache, CodeCacheMetrics, CodeCacheStats, Loaded, Source};
 use crate::instance::InstanceState;
-use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
@@ -26,6 +27,12 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(2);
 /// The export every Wharf component must have.
 pub const HTTP_HANDLER_EXPORT: &str = "wasi:http/incoming-handler";
 
+/// The default budget of compiled code kept in memory: about a thousand
+/// small Rust components (a `hello` holds 256 KiB of code,
+/// bench/RESULTS.md), while a host with thousands of idle services stays
+/// bounded.
+pub const DEFAULT_CODE_CACHE: ByteSize = ByteSize::mib(256);
+
 /// How a host's engine is sized.
 #[derive(Debug, Clone)]
 pub struct RuntimeConfig {
@@ -36,6 +43,10 @@ pub struct RuntimeConfig {
     pub max_instance_memory: ByteSize,
     /// Where compiled components are cached; `None` keeps them in memory only.
     pub cache_dir: Option<PathBuf>,
+    /// The most compiled code kept in memory for components, least recently
+    /// used dropped first (it stays on disk). Code a running replica uses
+    /// stays in memory with the replica whatever the budget.
+    pub code_cache: ByteSize,
     /// OS priority of the threads that run long requests. See [`crate::cpu`].
     pub background: crate::cpu::BackgroundPriority,
 }
@@ -46,6 +57,7 @@ impl Default for RuntimeConfig {
             max_instances: 1000,
             max_instance_memory: ByteSize::gib(1),
             cache_dir: None,
+            code_cache: DEFAULT_CODE_CACHE,
             background: crate::cpu::BackgroundPriority::Idle,
         }
     }
@@ -127,8 +139,9 @@ struct RuntimeInner {
     /// Hash of the engine's code-generation settings; part of every cache file name.
     engine_hash: String,
     /// Compiled components by digest, so a second replica of the same
-    /// artifact shares code with the first. Held only for lookups and inserts.
-    compiled: Mutex<HashMap<Digest, Component>>,
+    /// artifact shares code with the first; loads of one digest at once
+    /// share one compile.
+    compiled: CodeCache<Component>,
     config: RuntimeConfig,
     /// Where long-running requests go: a low-priority pool shared fairly
     /// between namespaces (see [`crate::cpu`]).
@@ -174,7 +187,7 @@ impl Runtime {
                 linker,
                 cache_dir: config.cache_dir.clone(),
                 engine_hash,
-                compiled: Mutex::new(HashMap::new()),
+                compiled: CodeCache::new(config.code_cache.bytes()),
                 config,
                 cpu,
             }),
@@ -202,8 +215,17 @@ impl Runtime {
 
     /// Whether this host already has `digest` compiled (in memory or on disk).
     pub fn has_compiled(&self, digest: &Digest) -> bool {
-        let in_memory = self.inner.compiled.lock().map(|c| c.contains_key(digest)).unwrap_or(false);
-        in_memory || self.cache_path(digest).is_some_and(|p| p.exists())
+        self.inner.compiled.contains(digest) || self.cache_path(digest).is_some_and(|p| p.exists())
+    }
+
+    /// The compiled-code cache's counters and gauges, for `/metrics`.
+    pub fn code_cache_metrics(&self) -> &CodeCacheMetrics {
+        self.inner.compiled.metrics()
+    }
+
+    /// The compiled-code cache's counters now.
+    pub fn code_cache_stats(&self) -> CodeCacheStats {
+        self.inner.compiled.stats()
     }
 
     /// Checks and compiles a component. Blocking and CPU-heavy on a cache
@@ -230,15 +252,21 @@ impl Runtime {
     /// the bytes passed when it was compiled; the link checks run again.
     pub fn load_compiled(&self, digest: &Digest) -> Option<Result<LoadedComponent, LoadError>> {
         let started = Instant::now();
-        let component = match self.inner.compiled.lock().ok().and_then(|c| c.get(digest).cloned()) {
-            Some(component) => component,
-            None => {
-                let component = self.read_cache(digest)?;
-                self.remember(digest, &component);
-                component
-            }
+        let found = self.inner.compiled.get_or_load(digest, true, || Ok::<_, std::convert::Infallible>(self.read_cache(digest)));
+        let (component, _) = match found {
+            Ok(found) => found?,
+            Err(never) => match never {},
         };
         Some(self.prepare(component, digest.clone(), true, started))
+    }
+
+    /// The names of a loaded component's imports and exports, as an OCI
+    /// artifact's config lists them.
+    pub fn interfaces(&self, loaded: &LoadedComponent) -> (Vec<String>, Vec<String>) {
+        let component_type = loaded.pre.instance_pre().component().component_type();
+        let imports = component_type.imports(&self.inner.engine).map(|(name, _)| name.to_string()).collect();
+        let exports = component_type.exports(&self.inner.engine).map(|(name, _)| name.to_string()).collect();
+        (imports, exports)
     }
 
     /// Links a compiled component and checks its world.
@@ -264,7 +292,7 @@ impl Runtime {
     /// Returns whether it compiled (false: already cached, or no cache dir).
     pub fn precompile(&self, bytes: &[u8], digest: &Digest) -> Result<bool, LoadError> {
         let Some(path) = self.cache_path(digest) else { return Ok(false) };
-        if path.exists() || self.inner.compiled.lock().is_ok_and(|c| c.contains_key(digest)) {
+        if path.exists() || self.inner.compiled.contains(digest) {
             return Ok(false);
         }
         check_preamble(bytes)?;
@@ -272,44 +300,41 @@ impl Runtime {
         if actual != *digest {
             return Err(LoadError::DigestMismatch { expected: digest.clone(), actual });
         }
-        let component = Component::new(&self.inner.engine, bytes).map_err(|e| LoadError::Invalid(format!("{e:#}")))?;
-        self.write_cache(digest, &component);
-        Ok(true)
+        // Through the cache's single flight, so a replica loading the same
+        // digest meanwhile waits for this compile instead of repeating it.
+        let compiled = self.inner.compiled.get_or_load(digest, false, || self.read_or_compile(bytes, digest))?;
+        Ok(compiled.is_some_and(|(_, source)| source == Source::Compiled))
     }
 
-    /// Finds compiled code in memory, then on disk, then compiles.
+    /// Finds compiled code in memory, then on disk, then compiles; concurrent
+    /// calls for one digest share one compile.
     fn compile(&self, bytes: &[u8], digest: &Digest) -> Result<(Component, bool), LoadError> {
-        if let Some(component) = self.inner.compiled.lock().ok().and_then(|c| c.get(digest).cloned()) {
-            return Ok((component, true));
-        }
-        if let Some(component) = self.read_cache(digest) {
-            self.remember(digest, &component);
-            return Ok((component, true));
+        let found = self.inner.compiled.get_or_load(digest, true, || self.read_or_compile(bytes, digest))?;
+        // `read_or_compile` always yields a component or an error.
+        let (component, source) = found.ok_or_else(|| LoadError::Invalid("the compile produced nothing (a bug in Wharf)".into()))?;
+        Ok((component, source != Source::Compiled))
+    }
+
+    /// Deserializes from the disk cache, else compiles and writes the disk cache.
+    fn read_or_compile(&self, bytes: &[u8], digest: &Digest) -> Result<Option<Loaded<Component>>, LoadError> {
+        if let Some(loaded) = self.read_cache(digest) {
+            return Ok(Some(loaded));
         }
         let component = Component::new(&self.inner.engine, bytes).map_err(|e| LoadError::Invalid(format!("{e:#}")))?;
         self.write_cache(digest, &component);
-        self.remember(digest, &component);
-        Ok((component, false))
-    }
-
-    fn remember(&self, digest: &Digest, component: &Component) {
-        if let Ok(mut compiled) = self.inner.compiled.lock() {
-            compiled.insert(digest.clone(), component.clone());
-        }
+        Ok(Some(Loaded { bytes: code_size(&component), value: component, source: Source::Compiled }))
     }
 
     /// The components this host holds compiled in memory, in digest order.
     pub fn compiled_digests(&self) -> Vec<Digest> {
-        let mut digests: Vec<Digest> = self.inner.compiled.lock().map(|c| c.keys().cloned().collect()).unwrap_or_default();
+        let mut digests = self.inner.compiled.digests();
         digests.sort_by_key(Digest::hex);
         digests
     }
 
     /// Drops the in-memory compiled code of `digest` (its disk cache stays).
     pub fn forget(&self, digest: &Digest) {
-        if let Ok(mut compiled) = self.inner.compiled.lock() {
-            compiled.remove(digest);
-        }
+        self.inner.compiled.remove(digest);
     }
 
     fn cache_path(&self, digest: &Digest) -> Option<PathBuf> {
@@ -317,7 +342,7 @@ impl Runtime {
         Some(dir.join(format!("{}-{}.cwasm", digest.hex(), self.inner.engine_hash)))
     }
 
-    fn read_cache(&self, digest: &Digest) -> Option<Component> {
+    fn read_cache(&self, digest: &Digest) -> Option<Loaded<Component>> {
         let path = self.cache_path(digest)?;
         let bytes = match std::fs::read(&path) {
             Ok(bytes) => bytes,
@@ -336,7 +361,7 @@ impl Runtime {
         #[allow(unsafe_code, reason = "loading our own compiled code from the cache is unsafe by wasmtime's API")]
         let loaded = unsafe { Component::deserialize(&self.inner.engine, &bytes) };
         match loaded {
-            Ok(component) => Some(component),
+            Ok(component) => Some(Loaded { bytes: code_size(&component), value: component, source: Source::Disk }),
             Err(e) => {
                 tracing::warn!(path = %path.display(), "discarding unusable compiled cache entry: {e:#}");
                 let _ = std::fs::remove_file(&path);
@@ -387,13 +412,23 @@ fn check_preamble(bytes: &[u8]) -> Result<(), LoadError> {
     Ok(())
 }
 
+/// Bytes of compiled code (and its metadata) a component holds in memory.
+fn code_size(component: &Component) -> u64 {
+    let range = component.image_range();
+    u64::try_from(range.end.addr().saturating_sub(range.start.addr())).unwrap_or(u64::MAX)
+}
+
+/// Writes through a temporary file of a unique name in the same directory,
+/// then renames it into place, so a reader never sees half a file and two
+/// writers (two hosts sharing a cache directory, or a precompile racing a
+/// load) never write into the same temporary file.
 fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let mut file = std::fs::File::create(&tmp)?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut file = tempfile::Builder::new().prefix(".compiling-").suffix(".tmp").tempfile_in(dir)?;
     file.write_all(bytes)?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path)
+    file.as_file().sync_all()?;
+    file.persist(path).map(|_| ()).map_err(|e| e.error)
 }
 
 fn engine_config(config: &RuntimeConfig) -> Config {

@@ -6,7 +6,7 @@ use std::time::Duration;
 use wharf_host::egress::EgressPolicy;
 use wharf_host::ingress;
 use wharf_host::metrics::HostMetrics;
-use wharf_host::{LoadError, Runtime, RuntimeConfig, Workload, WorkloadLimits, WorkloadSpec};
+use wharf_host::{LoadError, LoadedComponent, Runtime, RuntimeConfig, Workload, WorkloadLimits, WorkloadSpec};
 use wharf_proto::{ByteSize, Digest};
 use wharf_testkit::samples;
 
@@ -28,13 +28,22 @@ impl Host {
     fn new() -> Self {
         let runtime = Runtime::new(RuntimeConfig { max_instances: 200, max_instance_memory: ByteSize::mib(256), cache_dir: None, ..RuntimeConfig::default() })
             .expect("runtime starts");
-        Host { runtime, metrics: HostMetrics::default(), client: reqwest::Client::new() }
+        Host::with(runtime)
+    }
+
+    fn with(runtime: Runtime) -> Self {
+        let metrics = HostMetrics::for_runtime(&runtime);
+        Host { runtime, metrics, client: reqwest::Client::new() }
     }
 
     async fn serve(&self, sample: &str, configure: impl FnOnce(&mut WorkloadSpec)) -> Served {
+        let component = self.runtime.load(&samples::bytes(sample), None).expect("sample loads");
+        self.serve_loaded(sample, component, configure).await
+    }
+
+    async fn serve_loaded(&self, sample: &str, component: LoadedComponent, configure: impl FnOnce(&mut WorkloadSpec)) -> Served {
         let mut spec = WorkloadSpec::new(format!("test/{sample}"));
         configure(&mut spec);
-        let component = self.runtime.load(&samples::bytes(sample), None).expect("sample loads");
         let workload = Workload::new(&self.runtime, component, spec, &self.metrics).expect("workload starts");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
         let url = format!("http://{}", listener.local_addr().expect("local addr"));
@@ -382,6 +391,113 @@ fn compiled_code_is_cached_on_disk_by_digest() {
     let third = Runtime::new(config()).expect("runtime");
     let reloaded = third.load(&bytes, None).expect("loads despite a corrupt cache");
     assert!(!reloaded.cached);
+}
+
+/// The files in a compile cache directory, by name, sorted.
+fn cache_files(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir).expect("dir").flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    names
+}
+
+#[tokio::test]
+async fn evicted_code_is_reloaded_from_disk_without_compiling_and_serves() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // One byte: only the most recently used component stays in memory.
+    let runtime = Runtime::new(RuntimeConfig {
+        max_instances: 8,
+        max_instance_memory: ByteSize::mib(64),
+        cache_dir: Some(dir.path().into()),
+        code_cache: ByteSize(1),
+        ..RuntimeConfig::default()
+    })
+    .expect("runtime");
+    let host = Host::with(runtime.clone());
+    let hello = runtime.load(&samples::bytes("hello"), None).expect("hello loads");
+    let echo = runtime.load(&samples::bytes("echo"), None).expect("echo loads");
+    let stats = runtime.code_cache_stats();
+    assert_eq!((stats.compiles, stats.evictions, stats.entries), (2, 1, 1), "{stats:?}");
+    assert!(stats.bytes > 0, "the held component is counted: {stats:?}");
+    assert_eq!(runtime.compiled_digests(), vec![echo.digest.clone()]);
+    assert!(runtime.has_compiled(&hello.digest), "still on disk");
+    drop(hello);
+
+    // The first request for hello after the eviction: from disk, not compiled.
+    let digest = Digest::of(&samples::bytes("hello"));
+    let reloaded = runtime.load_compiled(&digest).expect("on disk").expect("loads");
+    assert!(reloaded.cached);
+    let stats = runtime.code_cache_stats();
+    assert_eq!((stats.compiles, stats.disk_loads, stats.evictions), (2, 1, 2), "{stats:?}");
+    let served = host.serve_loaded("hello", reloaded, |_| {}).await;
+    let (status, _, body) = host.get(&format!("{}/", served.url)).await;
+    assert_eq!(status, 200);
+    assert!(body.contains("Hello"), "{body}");
+
+    // Loading with the bytes also prefers the disk over compiling.
+    assert!(runtime.load(&samples::bytes("echo"), None).expect("echo loads").cached);
+    assert_eq!(runtime.code_cache_stats().compiles, 2);
+    let metrics = host.metrics.encode();
+    for name in ["wharf_code_cache_hits_total", "wharf_code_cache_misses_total 4", "wharf_code_cache_disk_loads_total 2", "wharf_code_cache_compiles_total 2", "wharf_code_cache_evictions_total 3", "wharf_code_cache_bytes"] {
+        assert!(metrics.contains(name), "{name} missing from:\n{metrics}");
+    }
+}
+
+#[test]
+fn concurrent_loads_of_one_digest_compile_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let runtime = Runtime::new(RuntimeConfig { max_instances: 8, max_instance_memory: ByteSize::mib(64), cache_dir: Some(dir.path().into()), ..RuntimeConfig::default() })
+        .expect("runtime");
+    let bytes = Arc::new(samples::bytes("hello"));
+    let barrier = Arc::new(std::sync::Barrier::new(8));
+    let loads: Vec<_> = (0..8)
+        .map(|_| {
+            let (runtime, bytes, barrier) = (runtime.clone(), bytes.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                runtime.load(&bytes, None).map(|loaded| loaded.digest)
+            })
+        })
+        .collect();
+    for load in loads {
+        assert_eq!(load.join().expect("no panic").expect("loads"), Digest::of(&bytes));
+    }
+    let stats = runtime.code_cache_stats();
+    assert_eq!(stats.compiles, 1, "{stats:?}");
+    assert_eq!(stats.hits + stats.misses, 8, "{stats:?}");
+    assert_eq!(cache_files(dir.path()).len(), 1, "one compiled file, no temporary ones: {:?}", cache_files(dir.path()));
+}
+
+#[test]
+fn hosts_sharing_a_cache_directory_never_write_the_same_temporary_file() {
+    // Two runtimes (two host processes, say) compile the same component at
+    // once into one directory; each must write a complete file.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = || RuntimeConfig { max_instances: 4, max_instance_memory: ByteSize::mib(64), cache_dir: Some(dir.path().into()), ..RuntimeConfig::default() };
+    let bytes = Arc::new(samples::bytes("spin"));
+    let barrier = Arc::new(std::sync::Barrier::new(4));
+    let loads: Vec<_> = (0..4)
+        .map(|_| {
+            let runtime = Runtime::new(config()).expect("runtime");
+            let (bytes, barrier) = (bytes.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                // A precompile and a load race in each runtime too.
+                let precompiled = runtime.precompile(&bytes, &Digest::of(&bytes));
+                let loaded = runtime.load(&bytes, None);
+                (precompiled.map(|_| ()), loaded.map(|_| ()))
+            })
+        })
+        .collect();
+    for load in loads {
+        let (precompiled, loaded) = load.join().expect("no panic");
+        precompiled.expect("precompiles");
+        loaded.expect("loads");
+    }
+    let files = cache_files(dir.path());
+    assert_eq!(files.len(), 1, "one compiled file, no temporary ones: {files:?}");
+    let fresh = Runtime::new(config()).expect("runtime");
+    assert!(fresh.load(&bytes, None).expect("the cached file is whole").cached);
+    assert_eq!(fresh.code_cache_stats().disk_loads, 1);
 }
 
 /// Sends raw bytes to the server and returns the status line it answers with.

@@ -6,6 +6,7 @@ pub mod latency;
 pub mod manifest;
 pub mod names;
 pub mod rollout;
+pub mod oci;
 pub mod spec;
 pub mod status;
 pub mod strict;
@@ -18,6 +19,7 @@ pub use manifest::{
 };
 pub use names::{HostId, NameError, ServiceId};
 pub use rollout::{Amount, CanaryPolicy, Ejection, Health, Readiness, RolloutPolicy, TrafficTarget};
+pub use oci::{OciReference, OciReferenceError};
 pub use spec::{Autoscale, Limits, Placement, Route, ServiceSpec, SpecError, Volume};
 pub use units::{ByteSize, ByteSizeError, DurationError};
 pub use latency::LatencyHistogram;

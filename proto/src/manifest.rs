@@ -2,7 +2,7 @@
 //! one service or several. Errors name the field (`services[1].replicas`),
 //! the problem and, where the format tells, the line.
 
-use crate::Digest;
+use crate::{Digest, OciReference};
 use crate::names::ServiceId;
 use crate::spec::{ServiceSpec, SpecError};
 use crate::strict;
@@ -16,7 +16,8 @@ use std::path::{Path, PathBuf};
 /// is a file to upload or a digest already uploaded.
 pub type ServiceManifest = ServiceSpec<ComponentRef>;
 
-/// How a manifest names a component: `file: hello.wasm` or `digest: sha256:...`.
+/// How a manifest names a component: `file: hello.wasm`, `digest: sha256:...`
+/// or `oci: ghcr.io/org/app:1.0`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "ComponentRefFields", into = "ComponentRefFields")]
 pub enum ComponentRef {
@@ -24,6 +25,9 @@ pub enum ComponentRef {
     File(PathBuf),
     /// A component already in the artifact store.
     Digest(Digest),
+    /// A component in an OCI registry, pulled and uploaded like a file; the
+    /// spec records it as its `source`.
+    Oci(OciReference),
 }
 
 /// The written form of [`ComponentRef`]: a mapping with exactly one of the keys.
@@ -34,16 +38,19 @@ struct ComponentRefFields {
     file: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     digest: Option<Digest>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    oci: Option<OciReference>,
 }
 
 impl TryFrom<ComponentRefFields> for ComponentRef {
     type Error = &'static str;
     fn try_from(fields: ComponentRefFields) -> Result<Self, Self::Error> {
-        match (fields.file, fields.digest) {
-            (Some(file), None) => Ok(ComponentRef::File(file)),
-            (None, Some(digest)) => Ok(ComponentRef::Digest(digest)),
+        match (fields.file, fields.digest, fields.oci) {
+            (Some(file), None, None) => Ok(ComponentRef::File(file)),
+            (None, Some(digest), None) => Ok(ComponentRef::Digest(digest)),
+            (None, None, Some(oci)) => Ok(ComponentRef::Oci(oci)),
             _ => Err(
-                "give the component as exactly one of `file: path/to/component.wasm` or `digest: sha256:...`",
+                "give the component as exactly one of `file: path/to/component.wasm`, `digest: sha256:...` or `oci: REGISTRY/REPOSITORY:TAG`",
             ),
         }
     }
@@ -55,18 +62,29 @@ impl From<ComponentRef> for ComponentRefFields {
             ComponentRef::File(file) => ComponentRefFields {
                 file: Some(file),
                 digest: None,
+                oci: None,
             },
             ComponentRef::Digest(digest) => ComponentRefFields {
                 file: None,
                 digest: Some(digest),
+                oci: None,
+            },
+            ComponentRef::Oci(oci) => ComponentRefFields {
+                file: None,
+                digest: None,
+                oci: Some(oci),
             },
         }
     }
 }
 
 impl ServiceManifest {
-    /// The spec to store once the component is known by `digest`.
-    pub fn into_spec(self, digest: Digest) -> ServiceSpec {
+    /// The spec to store once the component is known by `digest`. A
+    /// component pulled from a registry is recorded as the spec's `source`.
+    pub fn into_spec(mut self, digest: Digest) -> ServiceSpec {
+        if let ComponentRef::Oci(reference) = &self.component {
+            self.source = Some(reference.clone());
+        }
         self.with_component(digest)
     }
 }
@@ -511,7 +529,7 @@ mod tests {
             &two("name: b\n    component: { file: b.wasm }\n    replicaz: 2"),
             Err(
                 "services[1].replicaz: unknown field `replicaz`, expected one of `namespace`, `name`, `component`, \
-                 `replicas`, `limits`, `routes`, `env`, `placement`, `allow_outbound`, `autoscale`, `volumes`, `keyvalue`, `config`, `secrets`, `health`, `rollout`, `traffic` (line 6, column 5)",
+                 `replicas`, `limits`, `routes`, `env`, `placement`, `allow_outbound`, `autoscale`, `volumes`, `keyvalue`, `config`, `secrets`, `health`, `rollout`, `traffic`, `source` (line 6, column 5)",
             ),
         );
         check(
@@ -546,8 +564,8 @@ mod tests {
             Yaml,
             &two("name: b\n    component: {}"),
             Err(
-                "services[1].component: give the component as exactly one of `file: path/to/component.wasm` or \
-                 `digest: sha256:...` (line 4, column 5)",
+                "services[1].component: give the component as exactly one of `file: path/to/component.wasm`, \
+                 `digest: sha256:...` or `oci: REGISTRY/REPOSITORY:TAG` (line 4, column 5)",
             ),
         );
         check(
@@ -635,7 +653,7 @@ mod tests {
             Err(
                 "services[1].replicaz: unknown field `replicaz`, expected one of `namespace`, `name`, `component`, \
                  `replicas`, `limits`, `routes`, `env`, `placement`, `allow_outbound`, `autoscale`, `volumes`, \
-                 `keyvalue`, `config`, `secrets`, `health`, `rollout`, `traffic` (line 8, column 1)",
+                 `keyvalue`, `config`, `secrets`, `health`, `rollout`, `traffic`, `source` (line 8, column 1)",
             ),
         );
         check(
@@ -731,7 +749,7 @@ mod tests {
             "name: a\ncomponent: { file: a.wasm }\nspread: zone\n",
             Err(
                 "spread: unknown field `spread`, expected one of `namespace`, `name`, `component`, `replicas`, \
-                 `limits`, `routes`, `env`, `placement`, `allow_outbound`, `autoscale`, `volumes`, `keyvalue`, `config`, `secrets`, `health`, `rollout`, `traffic` (line 3, column 1)",
+                 `limits`, `routes`, `env`, `placement`, `allow_outbound`, `autoscale`, `volumes`, `keyvalue`, `config`, `secrets`, `health`, `rollout`, `traffic`, `source` (line 3, column 1)",
             ),
         );
         check(
@@ -773,5 +791,38 @@ mod tests {
         assert_eq!(spec.component, digest);
         assert_eq!(spec.replicas, 2);
         assert_eq!(spec.validate(), Ok(()));
+    }
+
+    #[test]
+    fn oci_components_become_the_spec_source() {
+        let text = "name: app\ncomponent: { oci: \"127.0.0.1:5000/wharf/app:v1\" }\n";
+        let manifest = parse_manifest(text, ManifestFormat::Yaml).expect("valid").remove(0);
+        let ComponentRef::Oci(reference) = &manifest.component else { panic!("{:?}", manifest.component) };
+        assert_eq!((reference.registry(), reference.repository(), reference.tag()), ("127.0.0.1:5000", "wharf/app", Some("v1")));
+        let digest = Digest::of(b"app");
+        let spec = manifest.clone().into_spec(digest.clone());
+        assert_eq!(spec.component, digest);
+        assert_eq!(spec.source.as_ref().map(ToString::to_string).as_deref(), Some("oci://127.0.0.1:5000/wharf/app:v1"));
+        // The stored spec round-trips with its source.
+        let json = serde_json::to_string(&spec).expect("serialises");
+        assert!(json.contains("\"source\":\"oci://127.0.0.1:5000/wharf/app:v1\""), "{json}");
+        assert_eq!(serde_json::from_str::<ServiceSpec>(&json).expect("parses"), spec);
+        // A file upload records no source.
+        let file = parse_manifest("name: a\ncomponent: { file: a.wasm }\n", ManifestFormat::Yaml).expect("valid").remove(0);
+        assert_eq!(file.into_spec(digest).source, None);
+    }
+
+    #[test]
+    fn bad_oci_references_and_ambiguous_components_name_the_field() {
+        check(
+            ManifestFormat::Yaml,
+            "name: a\ncomponent: { oci: \"app:1\" }\n",
+            Err("component.oci: \"app:1\" is not an OCI reference (REGISTRY/REPOSITORY:TAG or REGISTRY/REPOSITORY@sha256:...): name the registry first, e.g. ghcr.io/org/app:1.0 or 127.0.0.1:5000/app:1.0 (line 2, column 12)"),
+        );
+        check(
+            ManifestFormat::Yaml,
+            "name: a\ncomponent: { oci: \"ghcr.io/a:1\", file: a.wasm }\n",
+            Err("component: give the component as exactly one of `file: path/to/component.wasm`, `digest: sha256:...` or `oci: REGISTRY/REPOSITORY:TAG` (line 1, column 1)"),
+        );
     }
 }

@@ -102,6 +102,10 @@ pub struct ServiceSpec<C = Digest> {
     /// rollout policy decides (the latest revision, once rolled out).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub traffic: Vec<TrafficTarget>,
+    /// Where the component was pulled from (`oci://REGISTRY/REPO:TAG`), for
+    /// people; `component` pins what runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<crate::OciReference>,
 }
 
 fn default_namespace() -> String {
@@ -373,6 +377,7 @@ impl<C> ServiceSpec<C> {
             health: Health::default(),
             rollout: RolloutPolicy::default(),
             traffic: Vec::new(),
+            source: None,
         }
     }
 
@@ -416,6 +421,7 @@ impl<C> ServiceSpec<C> {
             health: self.health,
             rollout: self.rollout,
             traffic: self.traffic,
+            source: self.source,
         }
     }
 
