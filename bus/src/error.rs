@@ -201,6 +201,10 @@ pub enum KvError {
         size: usize,
         max: usize,
     },
+    /// The bucket holds as much as its size limit ([`KvOptions::max_bytes`](crate::KvOptions))
+    /// allows; the write changed nothing. Delete data, or raise the limit.
+    #[error("KV bucket `{bucket}` is full (at most {max_bytes} bytes); the write of key `{key}` was refused and changed nothing")]
+    BucketFull { bucket: String, key: String, max_bytes: u64 },
     /// NATS failed or timed out, or the embedded store failed.
     #[error("KV bucket `{bucket}` is unavailable: {source}")]
     Unavailable {

@@ -54,7 +54,7 @@ pub use error::{
     BackendError, ConnectError, KvError, NameError, ObjectError, OpenStoreError, PublishError,
     RequestError, SubscribeError,
 };
-pub use kv::{Entry, Kv, KvEvent, KvWatch};
+pub use kv::{Entry, KeyPage, Kv, KvEvent, KvOptions, KvWatch};
 pub use local::LocalStore;
 pub use nats::{NatsAuth, NatsOptions};
 pub use objects::Objects;
@@ -228,14 +228,25 @@ impl Bus {
 
     /// Opens KV bucket `bucket` (letters, digits, `-`, `_`), creating it if missing.
     pub async fn kv(&self, bucket: &str) -> Result<Kv, KvError> {
+        self.kv_open(bucket, None).await
+    }
+
+    /// Opens KV bucket `bucket` with `options`, creating it if missing and
+    /// otherwise changing its settings to `options` (which needs the right
+    /// to change streams over NATS).
+    pub async fn kv_with(&self, bucket: &str, options: KvOptions) -> Result<Kv, KvError> {
+        self.kv_open(bucket, Some(options)).await
+    }
+
+    async fn kv_open(&self, bucket: &str, options: Option<KvOptions>) -> Result<Kv, KvError> {
         subject::check_bucket(bucket).map_err(KvError::InvalidName)?;
         // Over NATS a conditional write carries its expected revision in a
         // header, and headers count against max_payload; leaving the same room
         // in both implementations keeps their limits identical.
         let max_value = self.max_payload().saturating_sub(kv::HEADER_ROOM);
         match &self.backend {
-            Backend::Nats(bus) => Ok(Kv::nats(bus.kv(bucket).await?, max_value)),
-            Backend::Local(bus) => Ok(Kv::local(bus.store().kv(bucket), max_value)),
+            Backend::Nats(bus) => Ok(Kv::nats(bus.kv(bucket, options).await?, max_value)),
+            Backend::Local(bus) => Ok(Kv::local(bus.store().kv(bucket, options).await?, max_value)),
         }
     }
 

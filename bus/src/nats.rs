@@ -23,7 +23,11 @@ use tokio::sync::watch;
 use crate::error::{
     BackendError, ConnectError, KvError, ObjectError, PublishError, RequestError, SubscribeError,
 };
-use crate::{ConnectionState, Entry, KvEvent, Message, Subscription, SubscriptionInner};
+use crate::{ConnectionState, Entry, KeyPage, KvEvent, KvOptions, Message, Subscription, SubscriptionInner};
+
+/// How long a page of keys waits for the server's next message before it
+/// gives up (the consumer delivers a page at once; this only bounds a stall).
+const PAGE_STALL: Duration = Duration::from_secs(5);
 
 /// The oldest nats-server accepted: async-nats 0.51 cannot create KV buckets on 2.9.
 const MIN_SERVER_VERSION: (u64, u64) = (2, 10);
@@ -229,13 +233,25 @@ impl NatsBus {
         self.connection.clone()
     }
 
-    pub(crate) async fn kv(&self, bucket: &str) -> Result<NatsKv, KvError> {
+    pub(crate) async fn kv(&self, bucket: &str, options: Option<KvOptions>) -> Result<NatsKv, KvError> {
         // Opening the existing bucket first respects a bucket made elsewhere
-        // with other settings. If that fails for any reason, creating it
-        // either works (JetStream creates idempotently, so racing processes
-        // both succeed) or reports the real problem.
+        // with other settings (unless `options` says what they must be). If
+        // that fails for any reason, creating it either works (JetStream
+        // creates idempotently, so racing processes both succeed) or reports
+        // the real problem.
+        let max_bytes = options.and_then(|o| o.max_bytes).map_or(-1, |max| i64::try_from(max).unwrap_or(i64::MAX));
         let store = match self.jetstream.get_key_value(bucket).await {
-            Ok(store) => store,
+            Ok(mut store) => {
+                if options.is_some() {
+                    let mut info = store.stream.get_info().await.map_err(|err| kv_unavailable(bucket, err))?;
+                    if info.config.max_bytes != max_bytes {
+                        info.config.max_bytes = max_bytes;
+                        self.jetstream.update_stream(&info.config).await.map_err(|err| kv_unavailable(bucket, err))?;
+                        store = self.jetstream.get_key_value(bucket).await.map_err(|err| kv_unavailable(bucket, err))?;
+                    }
+                }
+                store
+            }
             Err(_) => self
                 .jetstream
                 .create_key_value(kv::Config {
@@ -243,16 +259,19 @@ impl NatsBus {
                     // Wharf's state is level-triggered: only the latest value matters.
                     history: 1,
                     max_value_size: -1,
-                    max_bytes: -1,
+                    max_bytes,
                     storage: StorageType::File,
                     ..Default::default()
                 })
                 .await
                 .map_err(|err| kv_unavailable(bucket, err))?,
         };
+        let max_bytes = u64::try_from(store.stream.cached_info().config.max_bytes).unwrap_or(0);
         Ok(NatsKv {
             store,
             bucket: bucket.to_owned(),
+            max_bytes,
+            client: self.client.clone(),
             connection: self.connection.clone(),
         })
     }
@@ -291,6 +310,10 @@ pub(crate) fn message(message: async_nats::Message) -> Message {
 pub(crate) struct NatsKv {
     store: kv::Store,
     bucket: String,
+    /// The bucket's byte limit when it was opened (0: none), for errors.
+    max_bytes: u64,
+    /// For the inboxes of key pages' consumers.
+    client: async_nats::Client,
     /// For watches, which start afresh when the connection comes back.
     connection: watch::Receiver<ConnectionState>,
 }
@@ -316,7 +339,7 @@ impl NatsKv {
         self.store
             .put(key, value)
             .await
-            .map_err(|err| self.unavailable(err))
+            .map_err(|err| self.write_failed(key, err))
     }
 
     pub(crate) async fn create(&self, key: &str, value: Bytes) -> Result<u64, KvError> {
@@ -327,7 +350,7 @@ impl NatsKv {
                     key: key.to_owned(),
                 }
             } else {
-                self.unavailable(err)
+                self.write_failed(key, err)
             }
         })
     }
@@ -349,7 +372,7 @@ impl NatsKv {
                         expected,
                     }
                 } else {
-                    self.unavailable(err)
+                    self.write_failed(key, err)
                 }
             })
     }
@@ -358,7 +381,55 @@ impl NatsKv {
         self.store
             .delete(key)
             .await
-            .map_err(|err| self.unavailable(err))
+            .map_err(|err| self.write_failed(key, err))
+    }
+
+    /// Reads keys from an ordered consumer that starts after revision
+    /// `after`, delivers only headers, and is dropped as soon as the page
+    /// is full. The bucket keeps one message per key, so each message is
+    /// one key's latest change; deletes are skipped.
+    pub(crate) async fn keys_page(&self, prefix: &str, after: u64, limit: usize) -> Result<KeyPage, KvError> {
+        use jetstream::consumer::{DeliverPolicy, push::OrderedConfig};
+        let consumer = self
+            .store
+            .stream
+            .create_consumer(OrderedConfig {
+                deliver_subject: self.client.new_inbox(),
+                filter_subject: format!("{}{prefix}>", self.store.prefix),
+                headers_only: true,
+                deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: after.saturating_add(1) },
+                ..Default::default()
+            })
+            .await
+            .map_err(|err| self.unavailable(err))?;
+        let mut page = KeyPage { keys: Vec::new(), next: None };
+        if consumer.cached_info().num_pending == 0 {
+            return Ok(page);
+        }
+        let mut messages = consumer.messages().await.map_err(|err| self.unavailable(err))?;
+        loop {
+            let message = match tokio::time::timeout(PAGE_STALL, messages.next()).await {
+                Ok(Some(Ok(message))) => message,
+                Ok(Some(Err(err))) => return Err(self.unavailable(err)),
+                Ok(None) => return Ok(page),
+                Err(_) => return Err(self.unavailable(format!("no keys arrived for {PAGE_STALL:?}"))),
+            };
+            let (sequence, pending) = match message.info() {
+                Ok(info) => (info.stream_sequence, info.pending),
+                Err(err) => return Err(self.unavailable(err.to_string())),
+            };
+            let deleted = message.headers.as_ref().and_then(|headers| headers.get("KV-Operation")).is_some_and(|op| op.as_str() != "PUT");
+            if !deleted && let Some(key) = message.subject.as_str().strip_prefix(self.store.prefix.as_str()) {
+                page.keys.push(key.to_owned());
+            }
+            if pending == 0 {
+                return Ok(page);
+            }
+            if page.keys.len() == limit {
+                page.next = Some(sequence);
+                return Ok(page);
+            }
+        }
     }
 
     pub(crate) async fn keys(&self) -> Result<Vec<String>, KvError> {
@@ -406,6 +477,15 @@ impl NatsKv {
 
     fn unavailable(&self, err: impl Into<BackendError>) -> KvError {
         kv_unavailable(&self.bucket, err)
+    }
+
+    /// A failed write: [`KvError::BucketFull`] when the stream refused it
+    /// for its byte limit, else unavailable.
+    fn write_failed<E: std::error::Error + Send + Sync + 'static>(&self, key: &str, err: E) -> KvError {
+        if is_bucket_full(&err) {
+            return KvError::BucketFull { bucket: self.bucket.clone(), key: key.to_owned(), max_bytes: self.max_bytes };
+        }
+        self.unavailable(err)
     }
 }
 
@@ -595,6 +675,21 @@ impl NatsObjects {
     fn unavailable(&self, err: impl Into<BackendError>) -> ObjectError {
         objects_unavailable(&self.bucket, err)
     }
+}
+
+/// Whether a write failed because the stream is at its byte limit. The
+/// server answers with its generic "store failed" code (10077), which also
+/// covers disk errors, so the description is checked as well: it is the
+/// server's fixed text for this case (`ErrMaxBytes`).
+fn is_bucket_full(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(err);
+    while let Some(err) = current {
+        if let Some(js) = err.downcast_ref::<jetstream::Error>() {
+            return js.error_code() == jetstream::ErrorCode::STREAM_STORE_FAILED && js.to_string().contains("maximum bytes exceeded");
+        }
+        current = err.source();
+    }
+    false
 }
 
 fn kv_unavailable(bucket: &str, err: impl Into<BackendError>) -> KvError {

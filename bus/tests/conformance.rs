@@ -70,6 +70,9 @@ conformance!(
     kv_watch_replays_current_values_then_follows_changes,
     kv_watch_pattern_filters_keys,
     kv_values_are_limited_like_nats_messages,
+    kv_keys_page_reads_a_prefix_in_bounded_pages,
+    kv_size_limit_refuses_new_keys_and_changes_nothing,
+    kv_keys_longer_than_a_subject_may_be_are_refused,
     objects_hold_large_blobs,
     objects_are_listed_and_deleted,
 );
@@ -108,7 +111,7 @@ mod cases {
 
     use bytes::Bytes;
     use futures::StreamExt;
-    use wharf_bus::{Bus, KvError, KvEvent, PublishError, RequestError, SubscribeError};
+    use wharf_bus::{Bus, KvError, KvEvent, KvOptions, PublishError, RequestError, SubscribeError};
 
     use super::{PATIENCE, bytes, next, stays_silent};
 
@@ -576,6 +579,75 @@ mod cases {
             matches!(err, KvError::ValueTooLarge { size, .. } if size == max + 1),
             "{err:?}"
         );
+    }
+
+    pub async fn kv_keys_page_reads_a_prefix_in_bounded_pages(bus: Bus) {
+        let kv = bus.kv("paged").await.expect("kv");
+        for i in 0..25 {
+            kv.put(&format!("a.k{i}"), bytes("v")).await.expect("put");
+        }
+        kv.put("b.other", bytes("v")).await.expect("put");
+        kv.put("ab.near", bytes("v")).await.expect("put");
+        kv.delete("a.k3").await.expect("delete");
+        let mut seen = BTreeSet::new();
+        let (mut after, mut pages) = (0, 0);
+        loop {
+            let page = kv.keys_page("a.", after, 10).await.expect("page");
+            pages += 1;
+            assert!(page.keys.len() <= 10, "a page holds at most its limit: {page:?}");
+            for key in &page.keys {
+                assert!(seen.insert(key.clone()), "{key} listed twice");
+            }
+            match page.next {
+                Some(next) => after = next,
+                None => break,
+            }
+            assert!(pages < 10, "paging ends");
+        }
+        let expected: BTreeSet<String> = (0..25).filter(|i| *i != 3).map(|i| format!("a.k{i}")).collect();
+        assert_eq!(seen, expected, "every live key under the prefix once, nothing else");
+        assert_eq!(pages, 3, "24 keys in pages of 10");
+        let all = kv.keys_page("", 0, 100).await.expect("every key");
+        assert_eq!((all.keys.len(), all.next), (26, None));
+        assert!(kv.keys_page("b.", 0, 10).await.expect("page").keys == ["b.other"]);
+        assert!(kv.keys_page("zz.", 0, 10).await.expect("empty").keys.is_empty());
+        assert!(matches!(kv.keys_page("a..", 0, 10).await, Err(KvError::InvalidName(_))));
+    }
+
+    pub async fn kv_size_limit_refuses_new_keys_and_changes_nothing(bus: Bus) {
+        let max_bytes = 16 * 1024;
+        let kv = bus.kv_with("sized", KvOptions { max_bytes: Some(max_bytes) }).await.expect("kv");
+        let value = Bytes::from(vec![7; 1024]);
+        let mut stored = 0;
+        let refused = loop {
+            match kv.put(&format!("k{stored}"), value.clone()).await {
+                Ok(_) => stored += 1,
+                Err(err) => break err,
+            }
+            assert!(stored < 40, "a 16 KiB bucket took {stored} KiB");
+        };
+        assert!(matches!(&refused, KvError::BucketFull { key, max_bytes: 16384, .. } if *key == format!("k{stored}")), "{refused:?}");
+        assert!(refused.to_string().contains("full"), "{refused}");
+        assert!((12..16).contains(&stored), "about 16 KiB of 1 KiB values fit: {stored}");
+        assert_eq!(kv.get(&format!("k{stored}")).await.expect("get"), None, "the refused write left nothing");
+        assert_eq!(kv.get("k0").await.expect("get").map(|e| e.value), Some(value.clone()), "earlier values are intact");
+        assert!(matches!(kv.create("fresh", value.clone()).await, Err(KvError::BucketFull { .. })));
+        // Replacing a key's value still works when full (its old message goes).
+        kv.put("k0", bytes("smaller")).await.expect("a key may be rewritten");
+        // A higher limit takes effect on the open bucket.
+        let kv = bus.kv_with("sized", KvOptions { max_bytes: Some(4 * max_bytes) }).await.expect("raise the limit");
+        kv.put(&format!("k{stored}"), value.clone()).await.expect("fits under the raised limit");
+        assert_eq!(kv.keys().await.expect("keys").len(), stored + 1);
+    }
+
+    pub async fn kv_keys_longer_than_a_subject_may_be_are_refused(bus: Bus) {
+        let kv = bus.kv("long").await.expect("kv");
+        let long = "k".repeat(5000);
+        assert!(matches!(kv.put(&long, bytes("v")).await, Err(KvError::InvalidName(_))));
+        assert!(matches!(kv.get(&long).await, Err(KvError::InvalidName(_))));
+        // The connection is still usable afterwards.
+        kv.put("short", bytes("v")).await.expect("put after a refused key");
+        assert!(kv.get("short").await.expect("get").is_some());
     }
 
     pub async fn objects_hold_large_blobs(bus: Bus) {

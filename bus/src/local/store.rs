@@ -31,9 +31,27 @@ use redb::{
 use tokio::sync::mpsc;
 
 use crate::error::{KvError, ObjectError, OpenStoreError};
-use crate::{Entry, KvEvent, subject};
+use crate::{Entry, KeyPage, KvEvent, KvOptions, subject};
 
 const REVISIONS: TableDefinition<&str, u64> = TableDefinition::new("kv-revisions");
+
+/// Byte limits of buckets that have one ([`KvOptions::max_bytes`]).
+const LIMITS: TableDefinition<&str, u64> = TableDefinition::new("kv-limits");
+
+/// Bytes each bucket holds, counted as NATS counts its stream ([`stored_size`]).
+const USAGE: TableDefinition<&str, u64> = TableDefinition::new("kv-bytes");
+
+/// The bytes a key's latest change takes, as nats-server's file store
+/// counts a message (22 bytes of record, the subject `$KV.<bucket>.<key>`,
+/// headers, the value and an 8-byte checksum). A delete is a message with a
+/// `KV-Operation: DEL` header and no value.
+fn stored_size(bucket: &str, key: &str, value: Option<usize>) -> u64 {
+    const RECORD: usize = 22 + 8;
+    const DELETE_HEADER: usize = "NATS/1.0\r\nKV-Operation: DEL\r\n\r\n".len();
+    let subject = "$KV.".len() + bucket.len() + 1 + key.len();
+    let rest = value.unwrap_or(DELETE_HEADER);
+    u64::try_from(RECORD + subject + rest).unwrap_or(u64::MAX)
+}
 
 /// (revision, value); no value means the key was deleted at that revision.
 type KvRow = (u64, Option<&'static [u8]>);
@@ -107,11 +125,18 @@ impl LocalStore {
         }
     }
 
-    pub(crate) fn kv(&self, bucket: &str) -> LocalKv {
-        LocalKv {
+    /// The bucket `bucket`; with `options`, its byte limit is set to them
+    /// first (and what it holds counted afresh).
+    pub(crate) async fn kv(&self, bucket: &str, options: Option<KvOptions>) -> Result<LocalKv, KvError> {
+        let kv = LocalKv {
             store: self.clone(),
             bucket: bucket.to_owned(),
+        };
+        if let Some(options) = options {
+            let owned = bucket.to_owned();
+            kv.run(move |store| store.kv_set_limit(&owned, options.max_bytes)).await?;
         }
+        Ok(kv)
     }
 
     pub(crate) fn objects(&self, bucket: &str) -> LocalObjects {
@@ -150,6 +175,8 @@ enum Condition {
 enum Written {
     Revision(u64),
     Refused,
+    /// The bucket is at its byte limit (this many bytes).
+    Full(u64),
 }
 
 impl StoreInner {
@@ -192,6 +219,59 @@ impl StoreInner {
         Ok((entries, revision))
     }
 
+    /// Sets (or, with `None`, removes) `bucket`'s byte limit and counts the
+    /// bytes it holds now.
+    fn kv_set_limit(&self, bucket: &str, max_bytes: Option<u64>) -> Result<(), redb::Error> {
+        let _writer = lock(&self.kv_writer);
+        let txn = self.db.begin_write()?;
+        {
+            let table = txn.open_table(kv_table(&kv_table_name(bucket)))?;
+            let mut used = 0u64;
+            for row in table.iter()? {
+                let (key, row) = row?;
+                used = used.saturating_add(stored_size(bucket, key.value(), row.value().1.map(<[u8]>::len)));
+            }
+            txn.open_table(USAGE)?.insert(bucket, used)?;
+            let mut limits = txn.open_table(LIMITS)?;
+            match max_bytes {
+                Some(max) => limits.insert(bucket, max).map(drop)?,
+                None => limits.remove(bucket).map(drop)?,
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// At most `limit` live keys under `prefix` changed after `after`,
+    /// oldest first: a range scan of the prefix that keeps only the `limit`
+    /// oldest candidates in memory.
+    fn kv_keys_page(&self, bucket: &str, prefix: &str, after: u64, limit: usize) -> Result<KeyPage, redb::Error> {
+        let txn = self.db.begin_read()?;
+        let mut oldest = std::collections::BinaryHeap::new();
+        if let Some(table) = open_read(&txn, kv_table(&kv_table_name(bucket)))? {
+            for row in table.range(prefix..)? {
+                let (key, row) = row?;
+                let key = key.value();
+                if !key.starts_with(prefix) {
+                    break;
+                }
+                if let (revision, Some(_)) = row.value()
+                    && revision > after
+                {
+                    oldest.push((revision, key.to_owned()));
+                    // One past the page, to know whether another follows.
+                    if oldest.len() > limit + 1 {
+                        oldest.pop();
+                    }
+                }
+            }
+        }
+        let mut keys = oldest.into_sorted_vec();
+        let next = (keys.len() > limit).then(|| keys[limit - 1].0);
+        keys.truncate(limit);
+        Ok(KeyPage { keys: keys.into_iter().map(|(_, key)| key).collect(), next })
+    }
+
     /// Writes `value` (`None` deletes) to `key` if `condition` holds, then tells the watchers.
     fn kv_write(
         &self,
@@ -215,7 +295,18 @@ impl StoreInner {
                     current.map_or(0, |(revision, _)| revision) == expected
                 }
             };
-            if allowed {
+            let old_size = table.get(key)?.map_or(0, |row| stored_size(bucket, key, row.value().1.map(<[u8]>::len)));
+            let new_size = stored_size(bucket, key, value.as_ref().map(Bytes::len));
+            let mut usage = txn.open_table(USAGE)?;
+            let used = usage.get(bucket)?.map_or(0, |row| row.value());
+            let max = txn.open_table(LIMITS)?.get(bucket)?.map(|row| row.value());
+            // As nats-server with "discard new": a write that adds a key
+            // must fit; one that replaces a key's latest change may go ahead.
+            let full = max.filter(|&max| current.is_none() && used.saturating_add(new_size) > max);
+            if let (true, Some(max)) = (allowed, full) {
+                Written::Full(max)
+            } else if allowed {
+                usage.insert(bucket, used.saturating_sub(old_size).saturating_add(new_size))?;
                 let mut revisions = txn.open_table(REVISIONS)?;
                 let revision = revisions.get(bucket)?.map_or(0, |row| row.value()) + 1;
                 revisions.insert(bucket, revision)?;
@@ -237,7 +328,7 @@ impl StoreInner {
                     },
                 );
             }
-            Written::Refused => txn.abort()?,
+            Written::Refused | Written::Full(_) => txn.abort()?,
         }
         Ok(written)
     }
@@ -380,6 +471,11 @@ impl LocalKv {
         Ok(entries.into_iter().map(|entry| entry.key).collect())
     }
 
+    pub(crate) async fn keys_page(&self, prefix: &str, after: u64, limit: usize) -> Result<KeyPage, KvError> {
+        let (bucket, prefix) = (self.bucket.clone(), prefix.to_owned());
+        self.run(move |store| store.kv_keys_page(&bucket, &prefix, after, limit)).await
+    }
+
     pub(crate) async fn entries(&self) -> Result<Vec<Entry>, KvError> {
         let bucket = self.bucket.clone();
         let (entries, _) = self.run(move |store| store.kv_scan(&bucket, ">")).await?;
@@ -435,6 +531,7 @@ impl LocalKv {
                 expected,
             }),
             (Written::Refused, _) => Err(KvError::AlreadyExists { bucket, key }),
+            (Written::Full(max_bytes), _) => Err(KvError::BucketFull { bucket, key, max_bytes }),
         }
     }
 
