@@ -2,6 +2,7 @@
 //! names of every subject and bucket. Pure data and validation; no I/O.
 
 pub mod digest;
+pub mod egress;
 pub mod manifest;
 pub mod names;
 pub mod spec;

@@ -278,4 +278,18 @@ pub struct Quota {
     /// Requests per second its services may take at each host's ingress.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rps: Option<u32>,
+    /// Bytes its `wasi:keyvalue` data may take (the size limit of its data
+    /// bucket); absent: [`Quota::DEFAULT_KV_BYTES`], not unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_bytes: Option<ByteSize>,
+}
+
+impl Quota {
+    /// A namespace's data limit when its quota sets none: 1 GiB.
+    pub const DEFAULT_KV_BYTES: ByteSize = ByteSize(1 << 30);
+
+    /// The size limit of the namespace's data bucket.
+    pub fn kv_bytes(&self) -> ByteSize {
+        self.kv_bytes.unwrap_or(Self::DEFAULT_KV_BYTES)
+    }
 }
