@@ -153,7 +153,7 @@ async fn config_and_secrets_reach_the_component_and_secrets_are_never_shown() {
     }
     assert!(shown[3].contains("db-password"), "the name is listed: {}", shown[3]);
     shown.push(reqwest::get(format!("{}/metrics", cluster.api)).await.expect("metrics").text().await.expect("body"));
-    shown.push(reqwest::get(format!("{}/metrics", cluster.ingress)).await.expect("metrics").text().await.expect("body"));
+    shown.push(reqwest::get(format!("{}/metrics", cluster.admin)).await.expect("metrics").text().await.expect("body"));
     shown.push(cluster.process.output());
     for text in &shown {
         assert!(!text.contains(secret_value), "the secret value leaked into: {text}");

@@ -38,6 +38,13 @@ pub struct RuntimeConfig {
     pub cache_dir: Option<PathBuf>,
     /// OS priority of the threads that run long requests. See [`crate::cpu`].
     pub background: crate::cpu::BackgroundPriority,
+    /// How fast each service may log. See [`crate::logs`].
+    pub logs: crate::logs::LogLimits,
+    /// Bounds on each `wasi:keyvalue` call. See [`crate::keyvalue`].
+    pub keyvalue: crate::keyvalue::KeyValueLimits,
+    /// The non-public address ranges components may reach anyway (none by
+    /// default). See [`wharf_proto::egress`].
+    pub private_egress: wharf_proto::egress::PrivateEgress,
 }
 
 impl Default for RuntimeConfig {
@@ -47,6 +54,9 @@ impl Default for RuntimeConfig {
             max_instance_memory: ByteSize::gib(1),
             cache_dir: None,
             background: crate::cpu::BackgroundPriority::Idle,
+            logs: crate::logs::LogLimits::default(),
+            keyvalue: crate::keyvalue::KeyValueLimits::default(),
+            private_egress: wharf_proto::egress::PrivateEgress::default(),
         }
     }
 }
@@ -64,6 +74,9 @@ pub enum RuntimeError {
     /// The background thread pool could not start.
     #[error("could not start the background thread pool for long-running requests: {0}")]
     BackgroundPool(std::io::Error),
+    /// The thread that writes components' logs could not start.
+    #[error("could not start the log writer thread: {0}")]
+    LogWriter(std::io::Error),
     /// The compile cache directory could not be created.
     #[error("could not create the compile cache directory {path}: {source}")]
     CacheDir { path: PathBuf, source: std::io::Error },
@@ -133,6 +146,8 @@ struct RuntimeInner {
     /// Where long-running requests go: a low-priority pool shared fairly
     /// between namespaces (see [`crate::cpu`]).
     cpu: crate::cpu::CpuScheduler,
+    /// Writes components' log lines to the host's log, within each service's rate.
+    logs: crate::logs::LogSink,
 }
 
 impl Drop for RuntimeInner {
@@ -167,6 +182,7 @@ impl Runtime {
             }
         });
         let cpu = crate::cpu::CpuScheduler::new(config.background, Some(preempt)).map_err(RuntimeError::BackgroundPool)?;
+        let logs = crate::logs::LogSink::start(config.logs).map_err(RuntimeError::LogWriter)?;
         spawn_epoch_ticker(engine.weak());
         Ok(Runtime {
             inner: Arc::new(RuntimeInner {
@@ -177,8 +193,14 @@ impl Runtime {
                 compiled: Mutex::new(HashMap::new()),
                 config,
                 cpu,
+                logs,
             }),
         })
+    }
+
+    /// Where this host's workloads send their log lines.
+    pub(crate) fn log_sink(&self) -> &crate::logs::LogSink {
+        &self.inner.logs
     }
 
     /// The engine's configuration.

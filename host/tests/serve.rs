@@ -40,9 +40,8 @@ impl Host {
         let url = format!("http://{}", listener.local_addr().expect("local addr"));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let handler = Arc::new(workload.clone());
-        let metrics = self.metrics.clone();
         tokio::spawn(async move {
-            let _ = ingress::serve(listener, None, handler, metrics, async move {
+            let _ = ingress::serve(listener, None, wharf_edge::ServerConfig::default(), handler, async move {
                 let _ = stopped.await;
             })
             .await;
@@ -295,12 +294,18 @@ async fn metrics_report_requests_latency_and_instantiation() {
     for _ in 0..3 {
         host.get(&format!("{}/", hello.url)).await;
     }
-    let (status, _, text) = host.get(&format!("{}/metrics", hello.url)).await;
+    // Metrics are on the admin listener; on the ingress /metrics is the component's.
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
+    let admin_url = format!("http://{}", admin.local_addr().expect("local addr"));
+    tokio::spawn(wharf_host::admin::serve(admin, wharf_edge::ServerConfig::default(), host.metrics.clone(), std::future::pending()));
+    let (status, _, body) = host.get(&format!("{}/metrics", hello.url)).await;
+    assert_eq!((status, body.as_str()), (200, "Hello from Wharf!\n"), "the component answers /metrics on the ingress");
+    let (status, _, text) = host.get(&format!("{admin_url}/metrics")).await;
     assert_eq!(status, 200);
     for needle in [
-        r#"wharf_requests_total{service="test/hello",outcome="ok"} 3"#,
-        r#"wharf_request_duration_seconds_count{service="test/hello"} 3"#,
-        r#"wharf_instantiation_seconds_count{service="test/hello"} 3"#,
+        r#"wharf_requests_total{service="test/hello",outcome="ok"} 4"#,
+        r#"wharf_request_duration_seconds_count{service="test/hello"} 4"#,
+        r#"wharf_instantiation_seconds_count{service="test/hello"} 4"#,
         "wharf_requests_in_flight",
         "wharf_fuel_consumed",
         "wharf_instance_memory_peak_bytes",

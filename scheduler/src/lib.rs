@@ -13,8 +13,6 @@ pub mod hosts;
 pub mod status;
 pub mod store;
 
-mod tls;
-
 use controller::UnplaceableMap;
 use hosts::HostTable;
 use std::future::Future;
@@ -40,11 +38,14 @@ pub struct ControlPlaneConfig {
     /// Where the admin token lives (created on first start). `None` turns
     /// authentication off: only for in-process tests of the API.
     pub admin_token_file: Option<std::path::PathBuf>,
+    /// Non-public address ranges services may name in `allow_outbound`
+    /// (hosts enforce their own `--allow-private-egress` on every connection).
+    pub private_egress: wharf_proto::egress::PrivateEgress,
 }
 
 impl Default for ControlPlaneConfig {
     fn default() -> Self {
-        ControlPlaneConfig { host_timeout: Duration::from_secs(2), admin_token_file: None }
+        ControlPlaneConfig { host_timeout: Duration::from_secs(2), admin_token_file: None, private_egress: Default::default() }
     }
 }
 
@@ -70,6 +71,7 @@ pub struct ControlPlane {
     pub(crate) autoscaling: autoscale::Autoscaling,
     pub(crate) bus: Bus,
     pub(crate) tokens: Option<auth::Tokens>,
+    pub(crate) private_egress: wharf_proto::egress::PrivateEgress,
     stop: Arc<watch::Sender<bool>>,
 }
 
@@ -96,6 +98,7 @@ impl ControlPlane {
             autoscaling: Default::default(),
             bus: bus.clone(),
             tokens,
+            private_egress: config.private_egress.clone(),
             stop: Arc::new(stop),
         };
         tokio::spawn(controller::run(
@@ -125,17 +128,17 @@ impl ControlPlane {
     }
 
     /// Serves the REST API on `listener` (HTTPS when `tls` is given) until
-    /// `shutdown` resolves.
+    /// `shutdown` resolves, on the same bounded edge server as a host's
+    /// ingress (connection cap, header, idle and body clocks, TLS handshake
+    /// in each connection's own task).
     pub async fn serve(
         &self,
         listener: tokio::net::TcpListener,
         tls: Option<tokio_rustls::TlsAcceptor>,
+        config: wharf_edge::ServerConfig,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        let router = api::router(self.clone());
-        match tls {
-            None => axum::serve(listener, router).with_graceful_shutdown(shutdown).await,
-            Some(acceptor) => axum::serve(tls::TlsListener::new(listener, acceptor), router).with_graceful_shutdown(shutdown).await,
-        }
+        let service = hyper_util::service::TowerToHyperService::new(api::router(self.clone()));
+        wharf_edge::serve(listener, tls, config, service, shutdown).await
     }
 }
