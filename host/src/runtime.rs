@@ -269,11 +269,7 @@ impl Runtime {
         let exports: Vec<String> =
             component.component_type().exports(&self.inner.engine).map(|(name, _)| name.to_string()).collect();
         if !exports.iter().any(|name| export_matches(name)) {
-            let hint = if exports.iter().any(|e| e.starts_with("wasi:cli/run")) {
-                " (it looks like a command with a main function; Wharf runs HTTP services built with the wasi:http/proxy world)"
-            } else {
-                ""
-            };
+            let hint = if exports.iter().any(|e| e.starts_with("wasi:cli/run")) { COMMAND_HINT } else { "" };
             let exports = if exports.is_empty() { "none".to_string() } else { exports.join(", ") };
             return Err(LoadError::WrongWorld { exports, hint });
         }
@@ -308,6 +304,8 @@ impl Runtime {
             self.remember(digest, &component);
             return Ok((component, true));
         }
+        // Refuse what cannot run before paying for a compile.
+        check_component(bytes)?;
         let component = Component::new(&self.inner.engine, bytes).map_err(|e| LoadError::Invalid(format!("{e:#}")))?;
         self.write_cache(digest, &component);
         self.remember(digest, &component);
@@ -389,6 +387,56 @@ impl Runtime {
         LoadError::UnsupportedImport { import, detail }
     }
 }
+
+/// The packages whose interfaces a host links (any version: the link check
+/// after compiling holds components to the versions it provides).
+const PROVIDED_PACKAGES: &[&str] =
+    &["wasi:io", "wasi:clocks", "wasi:random", "wasi:filesystem", "wasi:sockets", "wasi:cli", "wasi:http", "wasi:keyvalue", "wasi:config"];
+
+/// The checks of [`Runtime::load`] that need no compiling, in its order:
+/// wasm magic, component rather than core module, validation, every
+/// top-level import from a package hosts provide, and the
+/// `wasi:http/incoming-handler` export. What only the compiled component
+/// shows (the exact types) is checked when it is linked.
+pub fn check_component(bytes: &[u8]) -> Result<(), LoadError> {
+    check_preamble(bytes)?;
+    wasmparser::Validator::new_with_features(wasmparser::WasmFeatures::default())
+        .validate_all(bytes)
+        .map_err(|e| LoadError::Invalid(format!("{e:#}")))?;
+    let (mut imports, mut exports) = (Vec::new(), Vec::new());
+    // Nested modules and components open with a version and close with an
+    // end; only the outermost component's imports and exports matter.
+    let mut depth = 0usize;
+    for payload in wasmparser::Parser::new(0).parse_all(bytes) {
+        match payload.map_err(|e| LoadError::Invalid(format!("{e:#}")))? {
+            wasmparser::Payload::Version { .. } => depth += 1,
+            wasmparser::Payload::End(_) => depth = depth.saturating_sub(1),
+            wasmparser::Payload::ComponentImportSection(reader) if depth == 1 => {
+                for import in reader {
+                    imports.push(import.map_err(|e| LoadError::Invalid(format!("{e:#}")))?.name.name.to_string());
+                }
+            }
+            wasmparser::Payload::ComponentExportSection(reader) if depth == 1 => {
+                for export in reader {
+                    exports.push(export.map_err(|e| LoadError::Invalid(format!("{e:#}")))?.name.name.to_string());
+                }
+            }
+            _ => {}
+        }
+    }
+    if let Some(import) = imports.iter().find(|name| !PROVIDED_PACKAGES.iter().any(|package| name.strip_prefix(package).is_some_and(|rest| rest.starts_with('/')))) {
+        return Err(LoadError::UnsupportedImport { import: import.clone(), detail: "no host links that package".into() });
+    }
+    if !exports.iter().any(|name| export_matches(name)) {
+        let hint = if exports.iter().any(|e| e.starts_with("wasi:cli/run")) { COMMAND_HINT } else { "" };
+        let exports = if exports.is_empty() { "none".to_string() } else { exports.join(", ") };
+        return Err(LoadError::WrongWorld { exports, hint });
+    }
+    Ok(())
+}
+
+/// What [`LoadError::WrongWorld`] adds for a command component.
+const COMMAND_HINT: &str = " (it looks like a command with a main function; Wharf runs HTTP services built with the wasi:http/proxy world)";
 
 fn export_matches(name: &str) -> bool {
     name == HTTP_HANDLER_EXPORT || name.strip_prefix(HTTP_HANDLER_EXPORT).is_some_and(|rest| rest.starts_with("@0.2"))
@@ -493,6 +541,15 @@ mod tests {
         assert!(matches!(check_preamble(b"hello world"), Err(LoadError::NotWasm { found }) if found.starts_with("bytes 68 65")));
         assert!(matches!(check_preamble(b"\0asm\x01\0\0\0"), Err(LoadError::CoreModule)));
         assert!(check_preamble(b"\0asm\x0d\0\x01\0").is_ok());
+    }
+
+    #[test]
+    fn components_are_checked_without_compiling() {
+        assert!(check_component(&wharf_testkit::samples::bytes("hello")).is_ok());
+        assert!(matches!(check_component(b"\0asm\x0d\0\x01\0"), Err(LoadError::WrongWorld { exports, .. }) if exports == "none"));
+        let foreign = wat::parse_str(r#"(component (import "acme:thing/api@1.0.0" (instance)))"#).expect("wat");
+        assert!(matches!(check_component(&foreign), Err(LoadError::UnsupportedImport { import, .. }) if import == "acme:thing/api@1.0.0"));
+        assert!(matches!(check_component(b"\0asm\x0d\0\x01\0\xff"), Err(LoadError::Invalid(_))));
     }
 
     #[test]
