@@ -210,18 +210,21 @@ pub async fn kv(command: KvCommand) -> anyhow::Result<()> {
         bail!("{}", body["error"]["message"].as_str().unwrap_or("the API refused the request"));
     }
     if let KvCommand::List { .. } = command {
-        // Pages of keys until the API says there is no next one.
-        let mut after = 0;
+        // Pages of keys until the API says there is no next one, printed sorted.
+        let (mut keys, mut after) = (Vec::new(), 0);
         loop {
             let page = api.call(api.http.get(format!("{url}?after={after}"))).await?;
-            for key in page["keys"].as_array().into_iter().flatten() {
-                println!("{}", key.as_str().unwrap_or(""));
-            }
+            keys.extend(page["keys"].as_array().into_iter().flatten().filter_map(|k| k.as_str().map(str::to_string)));
             match page["next"].as_u64() {
                 Some(next) => after = next,
-                None => return Ok(()),
+                None => break,
             }
         }
+        keys.sort();
+        for key in keys {
+            println!("{key}");
+        }
+        return Ok(());
     }
     api.call(request).await?;
     match command {

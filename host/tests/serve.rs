@@ -7,6 +7,7 @@ use wharf_host::egress::EgressPolicy;
 use wharf_host::ingress;
 use wharf_host::metrics::HostMetrics;
 use wharf_host::{LoadError, Runtime, RuntimeConfig, Workload, WorkloadLimits, WorkloadSpec};
+use wharf_proto::egress::PrivateEgress;
 use wharf_proto::{ByteSize, Digest};
 use wharf_testkit::samples;
 
@@ -26,7 +27,12 @@ struct Served {
 
 impl Host {
     fn new() -> Self {
-        let runtime = Runtime::new(RuntimeConfig { max_instances: 200, max_instance_memory: ByteSize::mib(256), cache_dir: None, ..RuntimeConfig::default() })
+        Self::with(RuntimeConfig::default())
+    }
+
+    /// A host whose runtime has `config`'s host-call policies.
+    fn with(config: RuntimeConfig) -> Self {
+        let runtime = Runtime::new(RuntimeConfig { max_instances: 200, max_instance_memory: ByteSize::mib(256), cache_dir: None, ..config })
             .expect("runtime starts");
         Host { runtime, metrics: HostMetrics::default(), client: reqwest::Client::new() }
     }
@@ -267,7 +273,9 @@ async fn a_full_workload_answers_503_with_retry_after() {
 
 #[tokio::test]
 async fn outbound_calls_are_denied_unless_allowed() {
-    let host = Host::new();
+    // The backend listens on loopback, which hosts refuse unless the admin
+    // allows it: this host does.
+    let host = Host::with(RuntimeConfig { private_egress: PrivateEgress::parse("127.0.0.0/8").expect("range"), ..RuntimeConfig::default() });
     let backend = host.serve("backend", |_| {}).await;
     let backend_authority = backend.url.trim_start_matches("http://").to_string();
     let denied = host.serve("frontend", |spec| spec.env = vec![("BACKEND_URL".into(), backend.url.clone())]).await;
@@ -284,6 +292,41 @@ async fn outbound_calls_are_denied_unless_allowed() {
         })
         .await;
     let (status, _, body) = host.get(&format!("{}/x", allowed.url)).await;
+    assert_eq!((status, body.as_str()), (200, "frontend got: backend ok /x\n"));
+}
+
+#[tokio::test]
+async fn an_allowed_name_that_resolves_to_loopback_is_refused_after_resolution() {
+    // A real backend on loopback, reachable in principle.
+    let open = Host::with(RuntimeConfig { private_egress: PrivateEgress::parse("127.0.0.1").expect("range"), ..RuntimeConfig::default() });
+    let backend = open.serve("backend", |_| {}).await;
+    let port = backend.url.rsplit(':').next().expect("port").to_string();
+    // `localhost` resolves to 127.0.0.1 through /etc/hosts; the allow-list
+    // lets the name through, the address check after resolution does not.
+    let via_name = format!("http://localhost:{port}");
+    let host = Host::new();
+    let frontend = host
+        .serve("frontend", |spec| {
+            spec.env = vec![("BACKEND_URL".into(), via_name.clone())];
+            spec.egress = EgressPolicy::allow([format!("localhost:{port}")]);
+        })
+        .await;
+    let (status, _, body) = host.get(&format!("{}/x", frontend.url)).await;
+    assert_eq!(status, 502, "{body}");
+    assert!(body.to_lowercase().contains("prohibited"), "the guest gets a clear egress error: {body}");
+    let notes = frontend.workload.logs().recent();
+    assert!(
+        notes.iter().any(|l| l.line.contains("localhost resolves to 127.0.0.1") && l.line.contains("loopback") && l.line.contains("--allow-private-egress")),
+        "{notes:?}"
+    );
+    // The same name through a host whose admin allows loopback reaches the backend.
+    let allowed = open
+        .serve("frontend", |spec| {
+            spec.env = vec![("BACKEND_URL".into(), via_name.clone())];
+            spec.egress = EgressPolicy::allow([format!("localhost:{port}")]);
+        })
+        .await;
+    let (status, _, body) = open.get(&format!("{}/x", allowed.url)).await;
     assert_eq!((status, body.as_str()), (200, "frontend got: backend ok /x\n"));
 }
 
