@@ -457,3 +457,32 @@ async fn oversized_heads_and_bodies_are_refused_before_the_component_runs() {
     // Within the limits, all is served.
     assert_eq!(host.get(&format!("{}/", echo.url)).await.0, 200);
 }
+
+#[tokio::test]
+async fn key_value_calls_are_bounded_by_the_host_limits() {
+    use wharf_host::keyvalue::{KeyValueAccess, KeyValueLimits};
+    let limits = KeyValueLimits { page_keys: 10, batch_keys: 5, batch_bytes: 1024 };
+    let host = Host::with(RuntimeConfig { keyvalue: limits, ..RuntimeConfig::default() });
+    let bus = wharf_bus::Bus::local(wharf_bus::LocalStore::in_memory().expect("store"));
+    let counter = host.serve("counter", |spec| spec.keyvalue = Some(KeyValueAccess::new(bus.clone(), "test", "counter", ["counter".to_string()]))).await;
+    for i in 0..25 {
+        let response = host.client.put(format!("{}/set?key=k{i:02}", counter.url)).body(vec![b'v'; 600]).send().await.expect("answered");
+        assert_eq!(response.status(), 200);
+    }
+    // list-keys: pages of 10 with a cursor, every key once.
+    let (status, _, body) = host.get(&format!("{}/keys", counter.url)).await;
+    assert_eq!(status, 200, "{body}");
+    let mut lines = body.lines();
+    assert_eq!(lines.next(), Some("pages: 3"), "{body}");
+    assert_eq!(lines.collect::<Vec<_>>(), (0..25).map(|i| format!("k{i:02}")).collect::<Vec<_>>());
+    // get-many: at most 5 keys, at most 1 KiB of values.
+    let (status, _, body) = host.get(&format!("{}/many?keys=k00", counter.url)).await;
+    assert_eq!((status, body.as_str()), (200, "found 1\n"));
+    let (status, _, body) = host.get(&format!("{}/many?keys=k00,k01,k02,k03,k04,k05", counter.url)).await;
+    assert!(status == 500 && body.contains("6 keys in one call") && body.contains("at most 5"), "{body}");
+    let (status, _, body) = host.get(&format!("{}/many?keys=k00,k01", counter.url)).await;
+    assert!(status == 500 && body.contains("more than 1KiB"), "two 600-byte values pass the budget: {body}");
+    // A key past 1 KiB is refused in the guest, before the bus.
+    let (status, _, body) = host.get(&format!("{}/get?key={}", counter.url, "k".repeat(1025))).await;
+    assert!(status == 500 && body.contains("1025 bytes"), "{body}");
+}
