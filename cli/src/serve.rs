@@ -54,6 +54,8 @@ pub struct Args {
     #[command(flatten)]
     tls: crate::wiring::IngressTlsArgs,
     #[command(flatten)]
+    guest: crate::wiring::GuestArgs,
+    #[command(flatten)]
     admin: crate::wiring::AdminArgs,
     #[command(flatten)]
     edge: crate::wiring::EdgeArgs,
@@ -95,12 +97,9 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyhow::Resu
     let scheme = crate::wiring::scheme(tls.as_ref());
     let bytes = std::fs::read(&args.file).with_context(|| format!("cannot read {}", args.file.display()))?;
     let cache_dir = if args.no_cache { None } else { args.cache_dir.clone().or_else(default_cache_dir) };
-    let runtime = Runtime::new(RuntimeConfig {
-        max_instances: args.concurrency,
-        max_instance_memory: args.memory,
-        cache_dir,
-        ..RuntimeConfig::default()
-    })?;
+    let mut config = RuntimeConfig { max_instances: args.concurrency, max_instance_memory: args.memory, cache_dir, ..RuntimeConfig::default() };
+    args.guest.apply(&mut config)?;
+    let runtime = Runtime::new(config)?;
     let loader = runtime.clone();
     let component = tokio::task::spawn_blocking(move || loader.load(&bytes, None))
         .await

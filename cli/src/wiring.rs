@@ -87,7 +87,7 @@ impl Default for GuestArgs {
 
 impl GuestArgs {
     /// Checks the values and fills the runtime's share of its config.
-    fn apply(&self, config: &mut RuntimeConfig) -> anyhow::Result<()> {
+    pub fn apply(&self, config: &mut RuntimeConfig) -> anyhow::Result<()> {
         if !(self.log_rate > 0.0 && self.log_burst >= 1.0) {
             anyhow::bail!("--log-rate must be above 0 and --log-burst at least 1 (got {} and {})", self.log_rate, self.log_burst);
         }

@@ -81,3 +81,24 @@ fn rejects_bad_flags_naming_them() {
         assert!(wharf.output().contains(expected), "{flag} {value}: {}", wharf.output());
     }
 }
+
+#[tokio::test]
+async fn loopback_egress_needs_the_admin_flag() {
+    let mut backend = serve(&samples::path("backend"), &[]);
+    let port = url_of(&mut backend).trim_end_matches('/').rsplit(':').next().expect("port").to_string();
+    let target = format!("localhost:{port}");
+    let env = format!("BACKEND_URL=http://{target}");
+    let frontend = samples::path("frontend");
+    // Allowed by name, refused by address: localhost is loopback.
+    let mut walled = serve(&frontend, &["--allow-outbound", &target, "--env", &env]);
+    let url = url_of(&mut walled);
+    let response = reqwest::get(format!("{url}x")).await.expect("answered");
+    assert_eq!(response.status(), 502);
+    assert!(response.text().await.expect("body").contains("Prohibited"));
+    walled.wait_for_line("resolves to 127.0.0.1, a loopback address", Duration::from_secs(10));
+    // The admin opens loopback: the call goes through.
+    let mut open = serve(&frontend, &["--allow-outbound", &target, "--env", &env, "--allow-private-egress", "127.0.0.0/8"]);
+    let url = url_of(&mut open);
+    let body = reqwest::get(format!("{url}x")).await.expect("answered").text().await.expect("body");
+    assert_eq!(body, "frontend got: backend ok /x\n");
+}
