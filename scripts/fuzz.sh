@@ -15,7 +15,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 fuzz_dir="$root/fuzz"
 seconds="${FUZZ_SECONDS:-60}"
-all_targets=(manifest wire artifact)
+all_targets=(manifest wire bus_http artifact_check artifact)
 if (($# > 0)); then targets=("$@"); else targets=("${all_targets[@]}"); fi
 
 if ! rustup run nightly rustc --version >/dev/null 2>&1; then
@@ -35,7 +35,11 @@ seed() {
     if [[ -d "$fuzz_dir/seeds/$target" ]]; then
         cp -n "$fuzz_dir/seeds/$target"/* "$corpus"/ 2>/dev/null || true
     fi
-    if [[ "$target" == artifact ]]; then
+    if [[ "$target" == bus_http ]]; then
+        printf 'GET /a?b=1 HTTP/1.1\r\nhost: web.shop\r\nx-one: 1\r\n\r\nbody' >"$corpus/get.http"
+        printf 'POST / HTTP/1.1\r\ncontent-type: text/plain\r\n\r\n' >"$corpus/post.http"
+    fi
+    if [[ "$target" == artifact || "$target" == artifact_check ]]; then
         # An empty core module (`(module)`) and an empty component: both
         # valid wasm that `Runtime::load` must refuse with an error.
         printf '\0asm\x01\0\0\0' >"$corpus/empty-module.wasm"
@@ -57,7 +61,7 @@ for target in "${targets[@]}"; do
     # -max_len: components are larger than libFuzzer's 4 KiB default, and
     # the other targets gain nothing from megabyte inputs.
     max_len=4096
-    [[ "$target" == artifact ]] && max_len=262144
+    [[ "$target" == artifact || "$target" == artifact_check ]] && max_len=262144
     if ! cargo +nightly fuzz run "$target" "corpus/$target" -- \
         -max_total_time="$seconds" -max_len="$max_len" -print_final_stats=1; then
         failed+=("$target")

@@ -81,7 +81,7 @@ impl Cluster {
         self.next_host += 1;
         let mut process = Process::spawn_with(
             Command::new(&self.wharf)
-                .args(["host", "--nats", &self.nats.url(), "--name", &name, "--labels", &format!("zone={zone}"), "--listen", "127.0.0.1:0", "--heartbeat", &self.heartbeat, "--data-dir"])
+                .args(["host", "--nats", &self.nats.url(), "--name", &name, "--labels", &format!("zone={zone}"), "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--heartbeat", &self.heartbeat, "--data-dir"])
                 .arg(self.dir.join(&name))
                 .env("WHARF_LOG", "warn"),
         );

@@ -155,7 +155,7 @@ async fn host(args: HostArgs) -> anyhow::Result<()> {
             Command::new(&wharf)
                 .arg("serve")
                 .arg(&hello)
-                .args(["--listen", &format!("127.0.0.1:{port}"), "--concurrency", "256", "--cache-dir"])
+                .args(["--listen", &format!("127.0.0.1:{port}"), "--admin-listen", "127.0.0.1:0", "--concurrency", "256", "--cache-dir"])
                 .arg(&cache)
                 .env("WHARF_LOG", "warn"),
             port,

@@ -44,6 +44,16 @@ pub struct Entry {
     pub revision: u64,
 }
 
+/// One page of [`Kv::keys_page`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyPage {
+    /// Keys with a value, oldest change first.
+    pub keys: Vec<String>,
+    /// Where the next page starts (pass it as `after`), or `None` if this
+    /// page reached the end.
+    pub next: Option<u64>,
+}
+
 /// One change seen by a [`KvWatch`], or one current value it replays first.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KvEvent {
@@ -137,6 +147,27 @@ impl Kv {
         };
         keys.sort_unstable();
         Ok(keys)
+    }
+
+    /// At most `limit` keys that start with `prefix` (empty, or ending with
+    /// `.`) and whose last change came after revision `after` (0: from the
+    /// start), oldest change first.
+    ///
+    /// Reading stops once the page is full, so a page costs what it holds,
+    /// not what the bucket holds. A key changed while pages are read moves to
+    /// a later revision and may appear again on a later page.
+    pub async fn keys_page(&self, prefix: &str, after: u64, limit: usize) -> Result<KeyPage, KvError> {
+        if !prefix.is_empty() {
+            let tokens = prefix.strip_suffix('.').unwrap_or("");
+            subject::check_key(tokens).map_err(KvError::InvalidName)?;
+        }
+        if limit == 0 {
+            return Ok(KeyPage { keys: Vec::new(), next: Some(after) });
+        }
+        match &self.inner {
+            KvInner::Nats(kv) => kv.keys_page(prefix, after, limit).await,
+            KvInner::Local(kv) => kv.keys_page(prefix, after, limit).await,
+        }
     }
 
     /// The current entries, sorted by key.

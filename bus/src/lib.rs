@@ -62,7 +62,7 @@ pub use error::{
     BackendError, BucketSettingsError, ConnectError, DisconnectsError, KvError, NameError,
     ObjectError, OpenStoreError, PublishError, RequestError, SubscribeError,
 };
-pub use kv::{Entry, Kv, KvEvent, KvWatch};
+pub use kv::{Entry, KeyPage, Kv, KvEvent, KvWatch};
 pub use local::LocalStore;
 pub use nats::{NatsAuth, NatsOptions};
 pub use objects::Objects;

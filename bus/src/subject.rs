@@ -31,9 +31,19 @@ pub(crate) fn check_queue_group(group: &str) -> Result<(), NameError> {
     Ok(())
 }
 
-/// Checks a KV key: the characters NATS KV allows (`a-z A-Z 0-9 - / _ = .`),
-/// with `.` separating non-empty tokens as in subjects.
+/// The longest KV key, in bytes. A key travels in a NATS subject, and a
+/// protocol line over the server's 4 KiB `max_control_line` makes it close
+/// the whole connection (every request on it fails); this leaves room for
+/// the `$KV.<bucket>.` prefix and a reply subject.
+pub(crate) const MAX_KEY_LEN: usize = 3584;
+
+/// Checks a KV key: at most [`MAX_KEY_LEN`] bytes of the characters NATS KV
+/// allows (`a-z A-Z 0-9 - / _ = .`), with `.` separating non-empty tokens as in subjects.
 pub(crate) fn check_key(key: &str) -> Result<(), NameError> {
+    if key.len() > MAX_KEY_LEN {
+        let shown: String = key.chars().take(64).collect();
+        return Err(invalid("key", &format!("{shown}…"), "it is longer than 3,584 bytes, the most a key may be"));
+    }
     check_tokens(key, "key", false, is_key_char)
 }
 

@@ -73,6 +73,8 @@ conformance!(
     kv_buckets_refuse_writes_past_their_limit,
     kv_with_updates_an_existing_bucket_and_kv_leaves_it_alone,
     kv_creates_state_buckets_with_the_bus_limits,
+    kv_keys_page_reads_a_prefix_in_bounded_pages,
+    kv_keys_longer_than_a_subject_may_be_are_refused,
     objects_hold_large_blobs,
     objects_are_listed_and_deleted,
     objects_refuse_blobs_past_their_limit,
@@ -583,6 +585,49 @@ mod cases {
             matches!(err, KvError::ValueTooLarge { size, .. } if size == max + 1),
             "{err:?}"
         );
+    }
+
+    pub async fn kv_keys_page_reads_a_prefix_in_bounded_pages(bus: Bus) {
+        let kv = bus.kv("paged").await.expect("kv");
+        for i in 0..25 {
+            kv.put(&format!("a.k{i}"), bytes("v")).await.expect("put");
+        }
+        kv.put("b.other", bytes("v")).await.expect("put");
+        kv.put("ab.near", bytes("v")).await.expect("put");
+        kv.delete("a.k3").await.expect("delete");
+        let mut seen = BTreeSet::new();
+        let (mut after, mut pages) = (0, 0);
+        loop {
+            let page = kv.keys_page("a.", after, 10).await.expect("page");
+            pages += 1;
+            assert!(page.keys.len() <= 10, "a page holds at most its limit: {page:?}");
+            for key in &page.keys {
+                assert!(seen.insert(key.clone()), "{key} listed twice");
+            }
+            match page.next {
+                Some(next) => after = next,
+                None => break,
+            }
+            assert!(pages < 10, "paging ends");
+        }
+        let expected: BTreeSet<String> = (0..25).filter(|i| *i != 3).map(|i| format!("a.k{i}")).collect();
+        assert_eq!(seen, expected, "every live key under the prefix once, nothing else");
+        assert_eq!(pages, 3, "24 keys in pages of 10");
+        let all = kv.keys_page("", 0, 100).await.expect("every key");
+        assert_eq!((all.keys.len(), all.next), (26, None));
+        assert!(kv.keys_page("b.", 0, 10).await.expect("page").keys == ["b.other"]);
+        assert!(kv.keys_page("zz.", 0, 10).await.expect("empty").keys.is_empty());
+        assert!(matches!(kv.keys_page("a..", 0, 10).await, Err(KvError::InvalidName(_))));
+    }
+
+    pub async fn kv_keys_longer_than_a_subject_may_be_are_refused(bus: Bus) {
+        let kv = bus.kv("long").await.expect("kv");
+        let long = "k".repeat(5000);
+        assert!(matches!(kv.put(&long, bytes("v")).await, Err(KvError::InvalidName(_))));
+        assert!(matches!(kv.get(&long).await, Err(KvError::InvalidName(_))));
+        // The connection is still usable afterwards.
+        kv.put("short", bytes("v")).await.expect("put after a refused key");
+        assert!(kv.get("short").await.expect("get").is_some());
     }
 
     pub async fn objects_hold_large_blobs(bus: Bus) {

@@ -224,14 +224,14 @@ pub struct KvScope {
 
 pub async fn kv(command: KvCommand) -> anyhow::Result<()> {
     let (scope, path, method, body) = match &command {
-        KvCommand::Get { bucket, key, scope } => (scope, format!("{bucket}/{}", encode_segment(key)), reqwest::Method::GET, None),
-        KvCommand::Put { bucket, key, value, scope } => (scope, format!("{bucket}/{}", encode_segment(key)), reqwest::Method::PUT, Some(value.clone())),
-        KvCommand::List { bucket, scope } => (scope, bucket.clone(), reqwest::Method::GET, None),
-        KvCommand::Delete { bucket, key, scope } => (scope, format!("{bucket}/{}", encode_segment(key)), reqwest::Method::DELETE, None),
+        KvCommand::Get { bucket, key, scope } => (scope, format!("{}/{}", encode_segment(bucket), encode_segment(key)), reqwest::Method::GET, None),
+        KvCommand::Put { bucket, key, value, scope } => (scope, format!("{}/{}", encode_segment(bucket), encode_segment(key)), reqwest::Method::PUT, Some(value.clone())),
+        KvCommand::List { bucket, scope } => (scope, encode_segment(bucket), reqwest::Method::GET, None),
+        KvCommand::Delete { bucket, key, scope } => (scope, format!("{}/{}", encode_segment(bucket), encode_segment(key)), reqwest::Method::DELETE, None),
     };
     let api = Api::new(&scope.api)?;
     let url = format!("{}/v1/namespaces/{}/kv/{path}", api.base, scope.namespace);
-    let mut request = api.http.request(method, url);
+    let mut request = api.http.request(method, &url);
     if let Some(body) = body {
         request = request.body(body);
     }
@@ -245,16 +245,28 @@ pub async fn kv(command: KvCommand) -> anyhow::Result<()> {
         let body: Value = response.json().await.unwrap_or(Value::Null);
         bail!("{}", body["error"]["message"].as_str().unwrap_or("the API refused the request"));
     }
-    let answer = api.call(request).await?;
-    match command {
-        KvCommand::List { .. } => {
-            for key in answer["keys"].as_array().into_iter().flatten() {
-                println!("{}", key.as_str().unwrap_or(""));
+    if let KvCommand::List { .. } = command {
+        // Pages of keys until the API says there is no next one, printed sorted.
+        let (mut keys, mut after) = (Vec::new(), 0);
+        loop {
+            let page = api.call(api.http.get(format!("{url}?after={after}"))).await?;
+            keys.extend(page["keys"].as_array().into_iter().flatten().filter_map(|k| k.as_str().map(str::to_string)));
+            match page["next"].as_u64() {
+                Some(next) => after = next,
+                None => break,
             }
         }
+        keys.sort();
+        for key in keys {
+            println!("{key}");
+        }
+        return Ok(());
+    }
+    api.call(request).await?;
+    match command {
         KvCommand::Put { key, .. } => println!("{key} set"),
         KvCommand::Delete { key, .. } => println!("{key} deleted"),
-        KvCommand::Get { .. } => {}
+        KvCommand::List { .. } | KvCommand::Get { .. } => {}
     }
     Ok(())
 }
@@ -274,6 +286,9 @@ pub enum NamespaceCommand {
         /// Requests per second at each host's ingress.
         #[arg(long)]
         max_rps: Option<u32>,
+        /// Bytes its services' key-value data may take (absent: 1GiB); a write past it is refused.
+        #[arg(long)]
+        kv_bytes: Option<ByteSize>,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -287,9 +302,9 @@ pub enum NamespaceCommand {
 
 pub async fn namespace(command: NamespaceCommand) -> anyhow::Result<()> {
     match command {
-        NamespaceCommand::Set { name, max_replicas, max_memory, max_rps, api } => {
+        NamespaceCommand::Set { name, max_replicas, max_memory, max_rps, kv_bytes, api } => {
             let api = Api::new(&api)?;
-            let body = json!({"quota": {"replicas": max_replicas, "memory": max_memory, "rps": max_rps}});
+            let body = json!({"quota": {"replicas": max_replicas, "memory": max_memory, "rps": max_rps, "kv_bytes": kv_bytes}});
             api.call(api.http.put(format!("{}/v1/namespaces/{name}", api.base)).json(&body)).await?;
             println!("namespace {name} quota set");
         }

@@ -150,10 +150,15 @@ pub struct SchedulerArgs {
     /// Revisions kept per service.
     #[arg(long, default_value_t = wharf_scheduler::store::DEFAULT_REVISION_HISTORY)]
     revision_history: usize,
+    #[command(flatten)]
+    edge: wiring::EdgeArgs,
+    /// Non-public address ranges services may name in allow_outbound (CIDR,...); give hosts the same with their --allow-private-egress.
+    #[arg(long, value_name = "CIDR,...", default_value = "", value_parser = |s: &str| wharf_proto::egress::PrivateEgress::parse(s).map_err(|e| e.to_string()))]
+    allow_private_egress: wharf_proto::egress::PrivateEgress,
 }
 
 #[derive(clap::Args)]
-#[command(after_help = "Examples:\n  wharf host --nats nats://10.0.0.1:4222 --name edge-1 --labels zone=a,disk=ssd --memory 2GiB --listen 0.0.0.0:8080\n  wharf host --nats nats://10.0.0.1:4222 --listen 0.0.0.0:443 --tls-cert site.pem --tls-key site.key\n\n\
+#[command(after_help = "Examples:\n  wharf host --nats nats://10.0.0.1:4222 --name edge-1 --labels zone=a,disk=ssd --memory 2GiB --listen 0.0.0.0:8080\n  wharf host --nats nats://10.0.0.1:4222 --listen 0.0.0.0:443 --tls-cert site.pem --tls-key site.key\n  wharf host --nats nats://10.0.0.1:4222 --admin-listen 10.0.0.5:7701   # metrics for a Prometheus on the private network\n\n\
 On SIGTERM the host drains: it stops taking new requests, finishes those in flight, tells the control plane, and exits.")]
 pub struct HostArgs {
     #[command(flatten)]
@@ -179,6 +184,8 @@ pub struct HostArgs {
     /// components are dropped from memory and reloaded from the disk cache when needed.
     #[arg(long, default_value_t = wharf_host::runtime::DEFAULT_CODE_CACHE)]
     code_cache: wharf_proto::ByteSize,
+    #[command(flatten)]
+    guest: wiring::GuestArgs,
     /// Address of this host's HTTP ingress (every route in the cluster is served here).
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
@@ -200,6 +207,10 @@ pub struct HostArgs {
     max_bus_handlers: usize,
     #[command(flatten)]
     tls: wiring::IngressTlsArgs,
+    #[command(flatten)]
+    admin: wiring::AdminArgs,
+    #[command(flatten)]
+    edge: wiring::EdgeArgs,
 }
 
 fn data_dir(given: Option<PathBuf>, sub: &str) -> anyhow::Result<PathBuf> {
@@ -213,6 +224,7 @@ fn data_dir(given: Option<PathBuf>, sub: &str) -> anyhow::Result<PathBuf> {
 
 pub async fn scheduler(args: SchedulerArgs, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
     let tls = args.api_tls.load()?;
+    let edge = args.edge.config()?;
     let listener = tokio::net::TcpListener::bind(args.api)
         .await
         .with_context(|| format!("cannot listen on {} (choose another address with --api)", args.api))?;
@@ -226,6 +238,7 @@ pub async fn scheduler(args: SchedulerArgs, shutdown: impl Future<Output = ()> +
         host_timeout: args.heartbeats.host_timeout(),
         admin_token_file: Some(token_file.clone()),
         revision_history: args.revision_history,
+        private_egress: args.allow_private_egress.clone(),
         ..ControlPlaneConfig::default()
     };
     if let Some(name) = args.name {
@@ -236,20 +249,24 @@ pub async fn scheduler(args: SchedulerArgs, shutdown: impl Future<Output = ()> +
     let plane = ControlPlane::start(&bus, Arc::new(RuntimeCheck(runtime)), config).await?;
     println!("Wharf scheduler: API {}://{addr} over NATS {} (this scheduler: {name})", wiring::scheme(tls.as_ref()), args.nats.nats);
     eprintln!("admin token: {}", token_file.display());
-    plane.serve(listener, tls, shutdown).await?;
+    plane.serve(listener, tls, edge, shutdown).await?;
     plane.shutdown();
     Ok(())
 }
 
 pub async fn host(args: HostArgs, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let tls = args.tls.load()?;
+    let edge = args.edge.config()?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {} (choose another address with --listen)", args.listen))?;
+    let admin_listener = args.admin.bind().await?;
     let addr = listener.local_addr()?;
+    let admin_addr = admin_listener.local_addr()?;
     let mut sizing = wiring::HostArgs::new(args.name.clone(), args.labels.clone(), args.max_instances, args.memory);
     sizing.background_priority = args.background_priority;
     sizing.code_cache = args.code_cache;
+    sizing.guest = args.guest.clone();
     let id = sizing.host_id()?;
     let bus = args.nats.connect(&wharf_proto::names::host_connection_name(&id)).await?;
     let dir = data_dir(args.data_dir, id.as_str())?;
@@ -272,10 +289,13 @@ pub async fn host(args: HostArgs, shutdown: impl Future<Output = ()>) -> anyhow:
     )
     .await?;
     println!("Wharf host {id}: ingress {}://{addr} over NATS {}", wiring::scheme(tls.as_ref()), args.nats.nats);
-    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-    let ingress = tokio::spawn(wharf_host::ingress::serve(listener, tls, Arc::new(agent.clone()), metrics, async move {
-        let _ = stop_rx.wait_for(|s| *s).await;
-    }));
+    println!("admin endpoints (metrics): http://{admin_addr}/metrics");
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut stop: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    let ingress = tokio::spawn(wharf_host::ingress::serve(listener, tls, edge.clone(), Arc::new(agent.clone()), stopped(stop_rx.clone())));
+    tokio::spawn(wharf_host::admin::serve(admin_listener, edge, metrics, stopped(stop_rx)));
     shutdown.await;
     eprintln!("draining: no new requests; finishing those in flight (up to {:?})", args.drain_timeout);
     let _ = stop_tx.send(true);

@@ -14,7 +14,7 @@ use wharf_proto::ByteSize;
 #[derive(clap::Args)]
 #[command(after_help = "Examples:\n  wharf serve hello.wasm\n  wharf serve api.wasm --listen 0.0.0.0:8080 --memory 128MiB --timeout 2s\n  wharf serve hello.wasm --tls-cert site.pem --tls-key site.key\n  wharf serve client.wasm --allow-outbound api.example.com --env MODE=dev\n\n\
 Each request runs in a fresh instance. Failures answer with a status and an x-wharf-error header:\n  trap 500, fuel_exhausted 500, memory_limit 500, deadline 504, overloaded 503 (Retry-After).\n\
-Prometheus metrics are served at /metrics.")]
+Prometheus metrics are served on the admin listener (--admin-listen, 127.0.0.1:7701), not on --listen.")]
 pub struct Args {
     /// The component to serve: a wasm32-wasip2 component exporting wasi:http/incoming-handler.
     file: PathBuf,
@@ -53,6 +53,12 @@ pub struct Args {
     no_cache: bool,
     #[command(flatten)]
     tls: crate::wiring::IngressTlsArgs,
+    #[command(flatten)]
+    guest: crate::wiring::GuestArgs,
+    #[command(flatten)]
+    admin: crate::wiring::AdminArgs,
+    #[command(flatten)]
+    edge: crate::wiring::EdgeArgs,
 }
 
 #[derive(Clone, Copy)]
@@ -87,15 +93,13 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyhow::Resu
         bail!("--concurrency must be at least 1");
     }
     let tls = args.tls.load()?;
+    let edge = args.edge.config()?;
     let scheme = crate::wiring::scheme(tls.as_ref());
     let bytes = std::fs::read(&args.file).with_context(|| format!("cannot read {}", args.file.display()))?;
     let cache_dir = if args.no_cache { None } else { args.cache_dir.clone().or_else(default_cache_dir) };
-    let runtime = Runtime::new(RuntimeConfig {
-        max_instances: args.concurrency,
-        max_instance_memory: args.memory,
-        cache_dir,
-        ..RuntimeConfig::default()
-    })?;
+    let mut config = RuntimeConfig { max_instances: args.concurrency, max_instance_memory: args.memory, cache_dir, ..RuntimeConfig::default() };
+    args.guest.apply(&mut config)?;
+    let runtime = Runtime::new(config)?;
     let loader = runtime.clone();
     let component = tokio::task::spawn_blocking(move || loader.load(&bytes, None))
         .await
@@ -123,6 +127,8 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyhow::Resu
         .await
         .with_context(|| format!("cannot listen on {} (is another server using it? pick one with --listen)", args.listen))?;
     let addr = listener.local_addr()?;
+    let admin_listener = args.admin.bind().await?;
+    let admin_addr = admin_listener.local_addr()?;
     let mut logs = workload.logs().follow();
     tokio::spawn(async move {
         loop {
@@ -134,7 +140,13 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyhow::Resu
         }
     });
     eprintln!("{} ({}): {how} in {took:.1?}", args.file.display(), digest.short());
-    println!("serving {scheme}://{addr}/ (metrics at {scheme}://{addr}/metrics); Ctrl-C stops");
-    wharf_host::ingress::serve(listener, tls, Arc::new(workload), metrics, shutdown).await?;
+    println!("serving {scheme}://{addr}/ (metrics at http://{admin_addr}/metrics); Ctrl-C stops");
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let admin = tokio::spawn(wharf_host::admin::serve(admin_listener, edge.clone(), metrics, async move {
+        let _ = stop_rx.wait_for(|s| *s).await;
+    }));
+    wharf_host::ingress::serve(listener, tls, edge, Arc::new(workload), shutdown).await?;
+    let _ = stop_tx.send(true);
+    let _ = admin.await;
     Ok(())
 }

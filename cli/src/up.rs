@@ -19,7 +19,7 @@ use wharf_scheduler::{ControlPlane, ControlPlaneConfig};
 const SAMPLES: &[&str] = &["hello", "echo", "spin", "hog", "panic", "sleep", "backend", "frontend"];
 
 #[derive(clap::Args)]
-#[command(after_help = "Examples:\n  wharf up --samples            # then: curl http://127.0.0.1:8080/hello\n  wharf up --data-dir /var/lib/wharf --listen 0.0.0.0:80\n  wharf up --tls-cert site.pem --tls-key site.key --api-tls-cert api.pem --api-tls-key api.key\n\n\
+#[command(after_help = "Examples:\n  wharf up --samples            # then: curl http://127.0.0.1:8080/hello\n  wharf up --data-dir /var/lib/wharf --listen 0.0.0.0:80\n  wharf up --tls-cert site.pem --tls-key site.key --api-tls-cert api.pem --api-tls-key api.key\n  wharf up --admin-listen 127.0.0.1:9100 --max-connections 20000 --header-timeout 5s\n\n\
 State (services, components, compiled code) lives in the data directory and survives restarts, including kill -9.")]
 pub struct Args {
     /// Where state lives (default: the user data dir, e.g. ~/.local/share/wharf).
@@ -46,6 +46,10 @@ pub struct Args {
     api_tls: wiring::ApiTlsArgs,
     #[command(flatten)]
     tls: wiring::IngressTlsArgs,
+    #[command(flatten)]
+    admin: wiring::AdminArgs,
+    #[command(flatten)]
+    edge: wiring::EdgeArgs,
 }
 
 pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
@@ -53,6 +57,7 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyhow::Resu
     let api_tls = args.api_tls.load()?;
     let ingress_tls = args.tls.load()?;
     let (api_scheme, ingress_scheme) = (wiring::scheme(api_tls.as_ref()), wiring::scheme(ingress_tls.as_ref()));
+    let edge = args.edge.config()?;
     let data_dir = match args.data_dir.clone() {
         Some(dir) => dir,
         None => dirs::data_dir().map(|d| d.join("wharf")).context("no user data directory; pass --data-dir")?,
@@ -62,8 +67,10 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyhow::Resu
     // Bind first: a port in use is the most common failure, and says so at once.
     let api_listener = bind(args.api, "--api").await?;
     let ingress_listener = bind(args.listen, "--listen").await?;
+    let admin_listener = args.admin.bind().await?;
     let ingress_addr = ingress_listener.local_addr()?;
     let api_addr = api_listener.local_addr()?;
+    let admin_addr = admin_listener.local_addr()?;
 
     let bus = match &args.nats {
         Some(url) => crate::cluster::NatsArgs::at(url).connect("wharf-up").await?,
@@ -72,7 +79,11 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyhow::Resu
     let runtime = args.host.runtime(Some(data_dir.join("compiled")))?;
     let metrics = HostMetrics::for_runtime(&runtime);
     let token_file = data_dir.join("admin-token");
-    let config = ControlPlaneConfig { admin_token_file: Some(token_file.clone()), ..ControlPlaneConfig::default() };
+    let config = ControlPlaneConfig {
+        admin_token_file: Some(token_file.clone()),
+        private_egress: args.host.guest.allow_private_egress.clone(),
+        ..ControlPlaneConfig::default()
+    };
     let plane = ControlPlane::start(&bus, Arc::new(RuntimeCheck(runtime.clone())), config).await?;
     let agent = HostAgent::start(
         bus.clone(),
@@ -92,16 +103,19 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyhow::Resu
     .await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let api_stop = wait_for(stop_rx.clone());
-    let ingress_stop = wait_for(stop_rx);
+    let ingress_stop = wait_for(stop_rx.clone());
     let api = tokio::spawn({
         let plane = plane.clone();
-        async move { plane.serve(api_listener, api_tls, api_stop).await }
+        let edge = edge.clone();
+        async move { plane.serve(api_listener, api_tls, edge, api_stop).await }
     });
-    let ingress = tokio::spawn(wharf_host::ingress::serve(ingress_listener, ingress_tls, Arc::new(agent.clone()), metrics, ingress_stop));
+    let ingress = tokio::spawn(wharf_host::ingress::serve(ingress_listener, ingress_tls, edge.clone(), Arc::new(agent.clone()), ingress_stop));
+    tokio::spawn(wharf_host::admin::serve(admin_listener, edge, metrics, wait_for(stop_rx)));
 
     eprintln!("data directory: {}", data_dir.display());
     eprintln!("admin token: {} (the CLI reads it from there, or set WHARF_TOKEN)", token_file.display());
     println!("Wharf is up: API {api_scheme}://{api_addr}  ingress {ingress_scheme}://{ingress_addr}");
+    println!("admin endpoints (metrics): http://{admin_addr}/metrics");
     if let Some(dir) = samples {
         let deployed = deploy_samples(&plane, &runtime, &dir).await?;
         wait_until_ready(&agent, &deployed, Duration::from_secs(120)).await;

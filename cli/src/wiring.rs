@@ -1,10 +1,14 @@
 //! Pieces shared by the commands that run a host or the API (`up`, `host`,
-//! `scheduler`, `serve`): sizing, labels, TLS files.
+//! `scheduler`, `serve`): sizing, labels, TLS files, the bounds every
+//! listener puts on its clients, and the admin listener.
 
 use anyhow::Context;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 use wharf_host::tls::TlsAcceptor;
 use wharf_host::{Runtime, RuntimeConfig};
+use wharf_proto::egress::PrivateEgress;
 use wharf_proto::{ByteSize, Capacity, HostId};
 use wharf_scheduler::ComponentCheck;
 
@@ -42,6 +46,67 @@ pub struct HostArgs {
     /// components are dropped from memory and reloaded from the disk cache when needed.
     #[arg(long, default_value_t = wharf_host::runtime::DEFAULT_CODE_CACHE)]
     pub code_cache: ByteSize,
+    #[command(flatten)]
+    pub guest: GuestArgs,
+}
+
+/// What each component on a host may spend through its host calls: log
+/// lines, key-value pages and batches, and the private networks it may call.
+#[derive(clap::Args, Debug, Clone, PartialEq)]
+pub struct GuestArgs {
+    /// Log lines per second each service may write on this host (over all its replicas); more are dropped and counted.
+    #[arg(long, default_value_t = 100.0)]
+    pub log_rate: f64,
+    /// Log lines a service may write at once after a quiet spell.
+    #[arg(long, default_value_t = 1000.0)]
+    pub log_burst: f64,
+    /// Keys in one page of a component's wasi:keyvalue list-keys.
+    #[arg(long, default_value_t = 1000)]
+    pub kv_page_keys: usize,
+    /// Keys in one wasi:keyvalue get-many, set-many or delete-many.
+    #[arg(long, default_value_t = 1000)]
+    pub kv_batch_keys: usize,
+    /// Bytes of values one wasi:keyvalue get-many may return.
+    #[arg(long, default_value = "16MiB")]
+    pub kv_batch_bytes: ByteSize,
+    /// Non-public address ranges components may call (CIDR,...; e.g. 10.0.0.0/8,127.0.0.1). Loopback, link-local, private ranges and this host's addresses are refused otherwise, after name resolution and in allow_outbound at deploy.
+    #[arg(long, value_name = "CIDR,...", default_value = "", value_parser = parse_private_egress)]
+    pub allow_private_egress: PrivateEgress,
+}
+
+impl Default for GuestArgs {
+    fn default() -> Self {
+        let logs = wharf_host::logs::LogLimits::default();
+        let kv = wharf_host::keyvalue::KeyValueLimits::default();
+        GuestArgs {
+            log_rate: logs.lines_per_second,
+            log_burst: logs.burst,
+            kv_page_keys: kv.page_keys,
+            kv_batch_keys: kv.batch_keys,
+            kv_batch_bytes: ByteSize(kv.batch_bytes),
+            allow_private_egress: PrivateEgress::default(),
+        }
+    }
+}
+
+impl GuestArgs {
+    /// Checks the values and fills the runtime's share of its config.
+    pub fn apply(&self, config: &mut RuntimeConfig) -> anyhow::Result<()> {
+        if !(self.log_rate > 0.0 && self.log_burst >= 1.0) {
+            anyhow::bail!("--log-rate must be above 0 and --log-burst at least 1 (got {} and {})", self.log_rate, self.log_burst);
+        }
+        if self.kv_page_keys == 0 || self.kv_batch_keys == 0 || self.kv_batch_bytes.bytes() == 0 {
+            anyhow::bail!("--kv-page-keys, --kv-batch-keys and --kv-batch-bytes must be at least 1");
+        }
+        config.logs = wharf_host::logs::LogLimits { lines_per_second: self.log_rate, burst: self.log_burst };
+        config.keyvalue = wharf_host::keyvalue::KeyValueLimits { page_keys: self.kv_page_keys, batch_keys: self.kv_batch_keys, batch_bytes: self.kv_batch_bytes.bytes() };
+        config.private_egress = self.allow_private_egress.clone();
+        Ok(())
+    }
+}
+
+fn parse_private_egress(s: &str) -> Result<PrivateEgress, String> {
+    PrivateEgress::parse(s).map_err(|e| e.to_string())
 }
 
 impl HostArgs {
@@ -54,6 +119,7 @@ impl HostArgs {
             memory,
             background_priority: wharf_host::cpu::BackgroundPriority::Idle,
             code_cache: wharf_host::runtime::DEFAULT_CODE_CACHE,
+            guest: GuestArgs::default(),
         }
     }
 
@@ -76,13 +142,16 @@ impl HostArgs {
     }
 
     pub fn runtime(&self, cache_dir: Option<PathBuf>) -> anyhow::Result<Runtime> {
-        Ok(Runtime::new(RuntimeConfig {
+        let mut config = RuntimeConfig {
             max_instances: self.max_instances,
             max_instance_memory: wharf_proto::spec::MAX_MEMORY,
             cache_dir,
             code_cache: self.code_cache,
             background: self.background_priority,
-        })?)
+            ..RuntimeConfig::default()
+        };
+        self.guest.apply(&mut config)?;
+        Ok(Runtime::new(config)?)
     }
 }
 
@@ -131,6 +200,89 @@ fn load_tls(cert: Option<&Path>, key: Option<&Path>) -> anyhow::Result<Option<Tl
     }
 }
 
+/// The bounds every listener of the process (ingress, API, admin) puts on
+/// its clients. Defaults follow nginx and Envoy; see `wharf_edge::ServerConfig`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct EdgeArgs {
+    /// How long a client has to send a whole request head (from connecting, or from the first byte of a later request); slower clients are closed.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    header_timeout: Duration,
+    /// How long a kept-alive connection may wait for its next request before it is closed (nginx's keepalive_timeout).
+    #[arg(long, default_value = "75s", value_parser = humantime::parse_duration)]
+    idle_timeout: Duration,
+    /// How long a request body may go without new data while the server waits for it; the request then fails (nginx's client_body_timeout).
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    body_timeout: Duration,
+    /// Connections each listener keeps open at once; past it new connections are answered 503 and closed, established ones keep working.
+    #[arg(long, default_value_t = 10_000)]
+    max_connections: usize,
+    /// Bytes each connection may buffer (its request head, and response bytes waiting to be sent).
+    #[arg(long, default_value = "256KiB")]
+    connection_buffer: ByteSize,
+    /// How long a client has to finish a TLS handshake.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    tls_handshake_timeout: Duration,
+}
+
+impl EdgeArgs {
+    /// The checked server bounds. Raises this process's open-file limit to
+    /// what the system allows, and warns if the connection cap does not fit in it.
+    pub fn config(&self) -> anyhow::Result<wharf_edge::ServerConfig> {
+        let config = wharf_edge::ServerConfig {
+            header_read_timeout: self.header_timeout,
+            idle_timeout: self.idle_timeout,
+            body_read_timeout: self.body_timeout,
+            max_connections: self.max_connections,
+            max_buffer: usize::try_from(self.connection_buffer.bytes()).unwrap_or(usize::MAX),
+            tls_handshake_timeout: self.tls_handshake_timeout,
+            ..wharf_edge::ServerConfig::default()
+        };
+        config.validate().context("bad listener bounds (--header-timeout, --idle-timeout, --body-timeout, --max-connections, --connection-buffer, --tls-handshake-timeout)")?;
+        if let Some(files) = raise_open_file_limit() {
+            // Room for the store, NATS, compiled code and volumes besides client sockets.
+            const RESERVED: u64 = 1024;
+            if u64::try_from(config.max_connections).unwrap_or(u64::MAX).saturating_add(RESERVED) > files {
+                tracing::warn!(
+                    "--max-connections {} does not fit this process's open-file limit of {files} (less {RESERVED} for everything else); accepts will fail before the cap refuses cleanly: raise the limit (ulimit -n) or lower the cap",
+                    config.max_connections
+                );
+            }
+        }
+        Ok(config)
+    }
+}
+
+/// Raises the soft limit on open files to the hard limit, as servers that
+/// hold many connections do, and returns the limit now in force.
+fn raise_open_file_limit() -> Option<u64> {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let (Some(current), maximum) = (limit.current, limit.maximum) else { return None };
+    let wanted = maximum.unwrap_or(current);
+    if wanted > current && setrlimit(Resource::Nofile, Rlimit { current: Some(wanted), maximum }).is_ok() {
+        return Some(wanted);
+    }
+    Some(current)
+}
+
+/// The admin listener (`up`, `host`, `serve`): operator endpoints such as
+/// `/metrics`, off the public ingress.
+#[derive(clap::Args, Debug, Clone)]
+pub struct AdminArgs {
+    /// Address of the admin listener, which serves /metrics and /healthz (loopback by default; the public ingress serves tenants' routes only).
+    #[arg(long, default_value = "127.0.0.1:7701")]
+    pub admin_listen: SocketAddr,
+}
+
+impl AdminArgs {
+    /// Binds the admin address, saying which flag to change when it is taken.
+    pub async fn bind(&self) -> anyhow::Result<tokio::net::TcpListener> {
+        tokio::net::TcpListener::bind(self.admin_listen)
+            .await
+            .with_context(|| format!("cannot listen on {} for the admin endpoints (choose another address with --admin-listen)", self.admin_listen))
+    }
+}
+
 /// The URL scheme a listener serves: `https` with TLS, else `http`.
 pub fn scheme(tls: Option<&TlsAcceptor>) -> &'static str {
     if tls.is_some() { "https" } else { "http" }
@@ -165,4 +317,49 @@ fn machine_memory() -> u64 {
             text.lines().find_map(|l| l.strip_prefix("MemTotal:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         })
         .map_or(8 << 30, |kib| kib * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(clap::Parser)]
+    struct Flags {
+        #[command(flatten)]
+        edge: EdgeArgs,
+        #[command(flatten)]
+        guest: GuestArgs,
+    }
+
+    #[test]
+    fn guest_flag_defaults_are_the_host_defaults() {
+        let flags = Flags::try_parse_from(["wharf"]).expect("defaults parse");
+        assert_eq!(flags.guest, GuestArgs::default());
+        let mut config = RuntimeConfig::default();
+        flags.guest.apply(&mut config).expect("valid");
+        assert_eq!(config.logs, wharf_host::logs::LogLimits::default());
+        assert_eq!(config.keyvalue, wharf_host::keyvalue::KeyValueLimits::default());
+    }
+
+    #[test]
+    fn bad_guest_limits_are_refused() {
+        let error = Flags::try_parse_from(["wharf", "--allow-private-egress", "10.0.0.0/99"]).err().expect("refused").to_string();
+        assert!(error.contains("10.0.0.0/99"), "{error}");
+        let flags = Flags::try_parse_from(["wharf", "--log-rate", "0"]).expect("parses");
+        assert!(flags.guest.apply(&mut RuntimeConfig::default()).is_err());
+    }
+
+    #[test]
+    fn listener_flag_defaults_are_the_edge_defaults() {
+        let flags = Flags::try_parse_from(["wharf"]).expect("defaults parse");
+        assert_eq!(flags.edge.config().expect("valid"), wharf_edge::ServerConfig::default());
+    }
+
+    #[test]
+    fn bad_listener_bounds_are_refused_naming_the_flags() {
+        let flags = Flags::try_parse_from(["wharf", "--max-connections", "0"]).expect("parses");
+        let message = format!("{:#}", flags.edge.config().expect_err("refused"));
+        assert!(message.contains("--max-connections") && message.contains("at least 1"), "{message}");
+    }
 }

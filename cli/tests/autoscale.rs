@@ -82,7 +82,7 @@ async fn scales_from_zero_up_with_load_and_back_to_zero() {
     }
     let metrics = client.get(format!("{}/metrics", up.api)).send().await.expect("answered").text().await.expect("body");
     assert!(metrics.contains(r#"wharf_autoscaler_decisions_total{service="default/slow",direction="up"}"#), "{metrics}");
-    let host_metrics = client.get(format!("{}/metrics", up.ingress)).send().await.expect("answered").text().await.expect("body");
+    let host_metrics = client.get(format!("{}/metrics", up.admin)).send().await.expect("answered").text().await.expect("body");
     assert!(host_metrics.contains("wharf_cold_starts_total 1"), "one activation replica was started: {host_metrics}");
 
     // Idle: back down, then to zero after scale_to_zero_after.

@@ -40,7 +40,7 @@ fn host(nats: &str, name: &str, zone: &str, dir: &Path) -> Host {
     let dir = dir.join(name);
     let mut process = Process::spawn(
         WHARF,
-        &["host", "--nats", nats, "--name", name, "--labels", &format!("zone={zone}"), "--listen", "127.0.0.1:0", "--data-dir", dir.to_str().expect("utf-8")],
+        &["host", "--nats", nats, "--name", name, "--labels", &format!("zone={zone}"), "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--data-dir", dir.to_str().expect("utf-8")],
     );
     let line = process.wait_for_line("ingress http://", Duration::from_secs(60));
     Host { process, name: name.to_string(), ingress: url_in(&line) }
@@ -377,7 +377,7 @@ async fn hosts_with_host_credentials_serve_but_cannot_write_desired_state() {
     let host_dir = dir.path().join("h");
     let mut host = Process::spawn(
         WHARF,
-        &["host", "--nats", &url, "--nats-user", "host", "--nats-password", "s3cret-h", "--name", "h1", "--listen", "127.0.0.1:0", "--data-dir", host_dir.to_str().expect("utf-8")],
+        &["host", "--nats", &url, "--nats-user", "host", "--nats-password", "s3cret-h", "--name", "h1", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--data-dir", host_dir.to_str().expect("utf-8")],
     );
     let ingress = url_in(&host.wait_for_line("ingress http://", Duration::from_secs(60)));
 

@@ -156,7 +156,7 @@ async fn config_and_secrets_reach_the_component_and_secrets_are_never_shown() {
     }
     assert!(shown[3].contains("db-password"), "the name is listed: {}", shown[3]);
     shown.push(reqwest::get(format!("{}/metrics", cluster.api)).await.expect("metrics").text().await.expect("body"));
-    shown.push(reqwest::get(format!("{}/metrics", cluster.ingress)).await.expect("metrics").text().await.expect("body"));
+    shown.push(reqwest::get(format!("{}/metrics", cluster.admin)).await.expect("metrics").text().await.expect("body"));
     shown.push(cluster.process.output());
     for text in &shown {
         assert!(!text.contains(secret_value), "the secret value leaked into: {text}");
@@ -170,4 +170,96 @@ async fn config_and_secrets_reach_the_component_and_secrets_are_never_shown() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(broken.contains("secret nope is granted to the service but does not exist"), "{broken}");
+}
+
+/// `PUT body` to `url`: (status, body).
+async fn put(url: &str, body: Vec<u8>) -> (u16, String) {
+    let response = reqwest::Client::new().put(url).body(body).send().await.expect("answered");
+    (response.status().as_u16(), response.text().await.expect("body"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buckets_named_as_other_platforms_name_them_are_deployed_and_kept_apart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cluster = up(&dir.path().join("data"));
+    let counter = samples::path("counter");
+    // Underscores, dots and capitals, as wasi:keyvalue allows and other platforms use.
+    let buckets = ["user_sessions", "app.cache.v2", "MyBucket"];
+    let mut args = vec!["deploy", counter.to_str().expect("utf-8"), "--name", "counter", "--route", "/"];
+    for bucket in buckets {
+        args.extend(["--keyvalue", bucket]);
+    }
+    let (ok, out) = cluster.wharf(&args);
+    assert!(ok, "deployed with those names granted: {out}");
+    for bucket in buckets {
+        let (status, body) = put(&format!("{}/set?bucket={bucket}&key=k", cluster.ingress), format!("in {bucket}").into_bytes()).await;
+        assert_eq!(status, 200, "{bucket}: {body}");
+    }
+    for bucket in buckets {
+        assert_eq!(get(&format!("{}/get?bucket={bucket}&key=k", cluster.ingress)).await, (200, format!("in {bucket}")), "each bucket reads back its own value");
+        assert_eq!(cluster.ok(&["kv", "get", bucket, "k"]).trim(), format!("in {bucket}"), "wharf kv takes the same identifiers");
+        assert!(cluster.ok(&["kv", "list", bucket]).lines().any(|l| l == "k"));
+    }
+    // A near miss of a granted name is another bucket, and not granted.
+    let (status, body) = get(&format!("{}/get?bucket=mybucket&key=k", cluster.ingress)).await;
+    assert_eq!(status, 500, "{body}");
+    assert!(body.contains("is not declared"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_too_long_for_nats_is_an_error_in_the_guest_and_the_host_keeps_its_connection() {
+    let nats = wharf_testkit::nats::NatsServer::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cluster = Up::start(Path::new(WHARF), &dir.path().join("data"), &["--host-id", "store", "--nats", &nats.url()]);
+    let counter = samples::path("counter");
+    let (ok, out) = cluster.wharf(&["deploy", counter.to_str().expect("utf-8"), "--name", "counter", "--route", "/", "--keyvalue", "counter"]);
+    assert!(ok, "{out}");
+    let long = "k".repeat(5000);
+    let (status, body) = put(&format!("{}/set?key={long}", cluster.ingress), b"v".to_vec()).await;
+    assert_eq!(status, 500, "{body}");
+    assert!(body.contains("5000 bytes") && body.contains("at most 1024"), "a clear error in the guest: {body}");
+    let (status, body) = get(&format!("{}/get?key={long}", cluster.ingress)).await;
+    assert!(status == 500 && body.contains("at most 1024"), "{body}");
+    // The host's connection survived: data still flows and heartbeats still arrive.
+    assert_eq!(get(&format!("{}/hit", cluster.ingress)).await, (200, "1\n".to_string()));
+    let (ok, out) = cluster.wharf(&["kv", "get", "counter", &long]);
+    assert!(!ok && out.contains("at most 1024"), "the API refuses it too: {out}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let hosts = cluster.ok(&["get", "hosts", "-o", "json"]);
+    let hosts: serde_json::Value = serde_json::from_str(&hosts).expect("json");
+    let host = &hosts["hosts"][0];
+    assert_eq!(host["ready"], true, "heartbeats continue: {hosts}");
+    assert!(host["last_seen_ms"].as_u64().is_some_and(|ms| ms < 2000), "{hosts}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_data_bucket_refuses_the_write_and_the_service_keeps_serving() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cluster = up(&dir.path().join("data"));
+    cluster.ok(&["namespace", "set", "default", "--kv-bytes", "64KiB"]);
+    let counter = samples::path("counter");
+    let (ok, out) = cluster.wharf(&["deploy", counter.to_str().expect("utf-8"), "--name", "counter", "--route", "/", "--keyvalue", "counter"]);
+    assert!(ok, "{out}");
+    assert_eq!(get(&format!("{}/hit", cluster.ingress)).await, (200, "1\n".to_string()));
+    let value = vec![b'x'; 8 * 1024];
+    let mut stored = 0;
+    let refusal = loop {
+        let (status, body) = put(&format!("{}/set?key=k{stored}", cluster.ingress), value.clone()).await;
+        if status != 200 {
+            break (status, body);
+        }
+        stored += 1;
+        assert!(stored < 20, "64 KiB took {stored} values of 8 KiB");
+    };
+    assert_eq!(refusal.0, 500, "{}", refusal.1);
+    assert!(refusal.1.contains("data is full") && refusal.1.contains("kv_bytes") && refusal.1.contains("64KiB"), "a clear error: {}", refusal.1);
+    assert!((5..8).contains(&stored), "about 64 KiB fit: {stored}");
+    // Nothing else changed, and the service keeps serving.
+    assert_eq!(get(&format!("{}/get?key=k{stored}", cluster.ingress)).await.0, 404, "the refused key was not written");
+    assert_eq!(get(&format!("{}/get?key=k0", cluster.ingress)).await, (200, String::from_utf8(value.clone()).expect("utf-8")));
+    assert_eq!(get(&format!("{}/hit", cluster.ingress)).await, (200, "2\n".to_string()), "existing keys can still change");
+    // The admin raises the quota: the write goes through.
+    cluster.ok(&["namespace", "set", "default", "--kv-bytes", "1MiB"]);
+    let (status, body) = put(&format!("{}/set?key=k{stored}", cluster.ingress), value).await;
+    assert_eq!(status, 200, "{body}");
 }

@@ -285,3 +285,50 @@ async fn namespace_quotas_refuse_with_the_quota_and_numbers() {
         assert_eq!(client.get(format!("{}/free", up.ingress)).send().await.expect("answered").status(), 200);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_on_the_admin_listener_and_a_tenant_may_route_metrics() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let up = start(&dir.path().join("data"));
+    assert!(up.admin.starts_with("http://127.0.0.1:"), "loopback by default: {}", up.admin);
+    up.ok(&["deploy", &path("hello"), "--name", "stats", "--route", "/metrics"]);
+    // On the public ingress /metrics is the tenant's route...
+    eventually(&format!("{}/metrics", up.ingress), 200, "Hello from Wharf!").await;
+    // ...and the host's metrics are on the admin listener only.
+    let (status, text) = curl(&format!("{}/metrics", up.admin)).await;
+    assert_eq!(status, 200);
+    assert!(text.contains(r#"wharf_requests_total{service="default/stats",outcome="ok"}"#), "{text}");
+    assert_eq!(curl(&format!("{}/healthz", up.admin)).await, (200, "ok\n".to_string()));
+    assert_eq!(curl(&format!("{}/stats", up.admin)).await.0, 404, "the admin listener serves no tenant routes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listener_flags_bound_the_api_and_the_ingress() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let up = Up::start(Path::new(WHARF), &dir.path().join("data"), &["--host-id", "test-host", "--header-timeout", "1s", "--max-connections", "8"]);
+    let addr = |url: &str| url.trim_start_matches("http://").to_string();
+    // A half-sent head to the API is closed after the header timeout.
+    let mut slow = tokio::net::TcpStream::connect(addr(&up.api)).await.expect("connect");
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n").await.expect("half a head");
+    let started = Instant::now();
+    let mut buf = [0u8; 512];
+    let closed = tokio::time::timeout(Duration::from_secs(20), slow.read(&mut buf)).await.expect("closed within 20 s");
+    assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+    assert!(started.elapsed() >= Duration::from_millis(900), "closed after {:?}, before the 1 s header timeout", started.elapsed());
+    // Past 8 connections the ingress answers 503 and closes; the 8 keep working.
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        held.push(tokio::net::TcpStream::connect(addr(&up.ingress)).await.expect("connect"));
+    }
+    let mut refused = tokio::net::TcpStream::connect(addr(&up.ingress)).await.expect("connect");
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), refused.read_to_end(&mut answer)).await.expect("closed at once");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 503") && answer.contains("8 open connections"), "{answer}");
+    let first = &mut held[0];
+    first.write_all(b"GET /nothing HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await.expect("send");
+    let mut reply = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), first.read_to_end(&mut reply)).await.expect("answered").expect("read");
+    assert!(String::from_utf8_lossy(&reply).starts_with("HTTP/1.1 404"), "an established connection is served past the cap");
+}

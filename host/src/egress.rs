@@ -1,6 +1,7 @@
-//! Outbound `wasi:http` requests: denied unless the destination is on the
-//! workload's allow-list. This is the hook where service-to-service calls will
-//! be routed onto the bus.
+//! Outbound `wasi:http` requests: calls to services go to them (locally or
+//! over the bus); anything else is denied unless the destination is on the
+//! workload's allow-list, and then sent by [`crate::outbound`], which also
+//! refuses addresses in private ranges after resolving the name.
 
 use crate::ingress::RequestBody;
 use crate::logs::LogBuffer;
@@ -78,6 +79,8 @@ impl std::fmt::Debug for ServiceLink {
 /// anything else must pass the egress check before the real client sends it.
 pub(crate) struct EgressHooks {
     pub(crate) policy: EgressPolicy,
+    /// The non-public ranges the host's admin opened (the runtime's config).
+    pub(crate) private: wharf_proto::egress::PrivateEgress,
     pub(crate) logs: LogBuffer,
     pub(crate) services: Option<ServiceLink>,
 }
@@ -116,12 +119,16 @@ impl WasiHttpHooks for EgressHooks {
             return Box::new(async { Err(HttpError::HttpRequestDenied) });
         }
         // The body-writing future only matters to embedders that drive it
-        // themselves; the default client drives the body on its own.
+        // themselves; hyper drives the body on its own.
         drop(fut);
+        let (private, logs) = (self.private.clone(), self.logs.clone());
         Box::new(async move {
-            use http_body_util::BodyExt;
-            let (response, io) = wasmtime_wasi_http::default_send_request(request, options).await?;
-            Ok((response.map(BodyExt::boxed_unsync), Box::new(io) as Box<dyn Future<Output = _> + Send>))
+            crate::outbound::send(request, options, &private).await.map_err(|refused| {
+                if !refused.note.is_empty() {
+                    logs.push_host_note(&refused.note);
+                }
+                refused.error
+            })
         })
     }
 }

@@ -2,17 +2,42 @@
 //! backed by the bus: a JetStream KV bucket per namespace over NATS, the
 //! embedded store in single-node mode.
 //!
-//! A service may open only the buckets its spec declares (`keyvalue:`);
-//! they live inside its namespace's KV bucket (`wharf-kv-<ns>`), each key
-//! stored as `<bucket>.<encoded key>`. Opening anything else fails with an
-//! error that says which buckets the service may open.
+//! A service may open only the buckets its spec declares (`keyvalue:`), by
+//! any identifier; they live inside its namespace's KV bucket
+//! (`wharf-kv-<ns>`), each key stored as `<bucket token>.<encoded key>`
+//! ([`wharf_proto::names::kv_bucket_token`]). Opening anything else fails
+//! with an error that says which buckets the service may open.
+//!
+//! Every call is bounded before it reaches the bus ([`KeyValueLimits`]):
+//! keys by length (a key too long for a NATS subject would close the host's
+//! connection), `list-keys` by page (the guest gets a page and a cursor; the
+//! host reads no more of the bucket than the page), and the batch calls by
+//! count and, for `get-many`, by the bytes they return.
 
 use crate::logs::LogBuffer;
 use bytes::Bytes;
 use std::sync::Arc;
 use wasmtime::component::{HasData, Resource, ResourceTable};
 use wharf_bus::{Bus, Kv, KvError};
-use wharf_proto::names::{kv_key, kv_key_decode};
+use wharf_proto::names::{check_kv_key, kv_bucket_token, kv_key, kv_key_decode};
+
+/// Bounds on each `wasi:keyvalue` call a component makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyValueLimits {
+    /// Keys in one `list-keys` page. 1,000: with keys of at most 1 KiB, a
+    /// page is at most about 1 MiB.
+    pub page_keys: usize,
+    /// Keys in one `get-many`, `set-many` or `delete-many`. 1,000.
+    pub batch_keys: usize,
+    /// Bytes of values one `get-many` may return. 16 MiB, the ingress's body limit.
+    pub batch_bytes: u64,
+}
+
+impl Default for KeyValueLimits {
+    fn default() -> Self {
+        KeyValueLimits { page_keys: 1000, batch_keys: 1000, batch_bytes: 16 * 1024 * 1024 }
+    }
+}
 
 mod generated {
     wasmtime::component::bindgen!({
@@ -33,7 +58,8 @@ use generated::wasi::keyvalue::{atomics, batch, store};
 /// The most attempts an atomic increment makes against concurrent writers.
 const CAS_ATTEMPTS: u32 = 1000;
 
-/// An open bucket: the namespace's KV bucket and this bucket's key prefix.
+/// An open bucket: the namespace's KV bucket and this bucket's token, the
+/// first part of its keys.
 pub struct Bucket {
     kv: Kv,
     name: String,
@@ -54,8 +80,19 @@ impl From<wasmtime::component::ResourceTableError> for StoreError {
 
 impl From<KvError> for StoreError {
     fn from(e: KvError) -> Self {
-        StoreError::Other(e.to_string())
+        StoreError::Other(match e {
+            KvError::BucketFull { max_bytes, .. } => format!(
+                "this namespace's data is full (its quota kv_bytes allows {}); the write changed nothing: delete data, or ask an admin to raise the quota (wharf namespace set NS --kv-bytes SIZE)",
+                wharf_proto::ByteSize(max_bytes)
+            ),
+            e => e.to_string(),
+        })
     }
+}
+
+/// Refuses a key over [`wharf_proto::names::MAX_KV_KEY`] before it reaches the bus.
+fn checked(key: &str) -> Result<(), StoreError> {
+    check_kv_key(key).map_err(StoreError::Other)
 }
 
 /// What one workload may reach: the bus, its namespace and its declared buckets.
@@ -67,6 +104,7 @@ pub struct KeyValueAccess {
     service: String,
     buckets: Arc<[String]>,
     kv: Arc<tokio::sync::OnceCell<Kv>>,
+    limits: KeyValueLimits,
 }
 
 impl std::fmt::Debug for KeyValueAccess {
@@ -84,7 +122,14 @@ impl KeyValueAccess {
             service: service.to_string(),
             buckets: buckets.into_iter().collect(),
             kv: Arc::new(tokio::sync::OnceCell::new()),
+            limits: KeyValueLimits::default(),
         }
+    }
+
+    /// The same access within the host's `limits` (the runtime's config).
+    pub fn with_limits(mut self, limits: KeyValueLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     async fn namespace_kv(&self) -> Result<Kv, StoreError> {
@@ -122,6 +167,10 @@ pub(crate) fn add_to_linker<T: Send + 'static>(linker: &mut wasmtime::component:
 }
 
 impl KeyValue<'_> {
+    fn limits(&self) -> KeyValueLimits {
+        self.access.map(|access| access.limits).unwrap_or_default()
+    }
+
     fn bucket(&self, bucket: &Resource<Bucket>) -> Result<(Kv, String), StoreError> {
         let bucket = self.table.get(bucket)?;
         Ok((bucket.kv.clone(), bucket.name.clone()))
@@ -143,7 +192,7 @@ impl store::Host for KeyValue<'_> {
             return Err(StoreError::AccessDenied(message));
         }
         let kv = access.namespace_kv().await?;
-        Ok(self.table.push(Bucket { kv, name: identifier })?)
+        Ok(self.table.push(Bucket { kv, name: kv_bucket_token(&identifier) })?)
     }
 
     fn convert_error(&mut self, err: StoreError) -> wasmtime::Result<store::Error> {
@@ -158,33 +207,38 @@ impl store::Host for KeyValue<'_> {
 
 impl store::HostBucket for KeyValue<'_> {
     async fn get(&mut self, bucket: Resource<Bucket>, key: String) -> Result<Option<Vec<u8>>, StoreError> {
+        checked(&key)?;
         let (kv, name) = self.bucket(&bucket)?;
         Ok(kv.get(&kv_key(&name, &key)).await?.map(|e| e.value.to_vec()))
     }
 
     async fn set(&mut self, bucket: Resource<Bucket>, key: String, value: Vec<u8>) -> Result<(), StoreError> {
+        checked(&key)?;
         let (kv, name) = self.bucket(&bucket)?;
         kv.put(&kv_key(&name, &key), Bytes::from(value)).await?;
         Ok(())
     }
 
     async fn delete(&mut self, bucket: Resource<Bucket>, key: String) -> Result<(), StoreError> {
+        checked(&key)?;
         let (kv, name) = self.bucket(&bucket)?;
         kv.delete(&kv_key(&name, &key)).await?;
         Ok(())
     }
 
     async fn exists(&mut self, bucket: Resource<Bucket>, key: String) -> Result<bool, StoreError> {
+        checked(&key)?;
         let (kv, name) = self.bucket(&bucket)?;
         Ok(kv.get(&kv_key(&name, &key)).await?.is_some())
     }
 
+    /// One page of keys, oldest change first; the cursor is where the next
+    /// page starts (a revision of the namespace's bucket).
     async fn list_keys(&mut self, bucket: Resource<Bucket>, cursor: Option<u64>) -> Result<store::KeyResponse, StoreError> {
         let (kv, name) = self.bucket(&bucket)?;
-        let mut keys: Vec<String> = kv.keys().await?.iter().filter_map(|k| kv_key_decode(&name, k)).collect();
-        keys.sort();
-        let start = usize::try_from(cursor.unwrap_or(0)).unwrap_or(usize::MAX).min(keys.len());
-        Ok(store::KeyResponse { keys: keys[start..].to_vec(), cursor: None })
+        let page = kv.keys_page(&format!("{name}."), cursor.unwrap_or(0), self.limits().page_keys).await?;
+        let keys = page.keys.iter().filter_map(|k| kv_key_decode(&name, k)).collect();
+        Ok(store::KeyResponse { keys, cursor: page.next })
     }
 
     async fn drop(&mut self, bucket: Resource<Bucket>) -> wasmtime::Result<()> {
@@ -196,6 +250,7 @@ impl store::HostBucket for KeyValue<'_> {
 impl atomics::Host for KeyValue<'_> {
     /// Compare-and-set on the stored revision, retried while other writers win.
     async fn increment(&mut self, bucket: Resource<Bucket>, key: String, delta: u64) -> Result<u64, StoreError> {
+        checked(&key)?;
         let (kv, name) = self.bucket(&bucket)?;
         let stored = kv_key(&name, &key);
         for _ in 0..CAS_ATTEMPTS {
@@ -223,18 +278,42 @@ impl atomics::Host for KeyValue<'_> {
     }
 }
 
+impl KeyValue<'_> {
+    /// Refuses a batch of more keys than a call may carry, or with a key too long.
+    fn check_batch<'k>(&self, keys: impl ExactSizeIterator<Item = &'k String>) -> Result<(), StoreError> {
+        let count = keys.len();
+        if count > self.limits().batch_keys {
+            return Err(StoreError::Other(format!("{count} keys in one call; a batch call takes at most {} (split it)", self.limits().batch_keys)));
+        }
+        keys.into_iter().try_for_each(|key| checked(key))
+    }
+}
+
 impl batch::Host for KeyValue<'_> {
+    /// Values in the order asked; fails, returning nothing, once their
+    /// bytes pass the per-call budget.
     async fn get_many(&mut self, bucket: Resource<Bucket>, keys: Vec<String>) -> Result<Vec<Option<(String, Vec<u8>)>>, StoreError> {
+        self.check_batch(keys.iter())?;
         let (kv, name) = self.bucket(&bucket)?;
+        let budget = self.limits().batch_bytes;
         let mut out = Vec::with_capacity(keys.len());
+        let mut bytes = 0u64;
         for key in keys {
             let value = kv.get(&kv_key(&name, &key)).await?;
+            bytes = bytes.saturating_add(value.as_ref().map_or(0, |e| e.value.len() as u64));
+            if bytes > budget {
+                return Err(StoreError::Other(format!(
+                    "get-many would return more than {} of values; one call returns at most that (ask for fewer keys at a time)",
+                    wharf_proto::ByteSize(budget)
+                )));
+            }
             out.push(value.map(|e| (key, e.value.to_vec())));
         }
         Ok(out)
     }
 
     async fn set_many(&mut self, bucket: Resource<Bucket>, key_values: Vec<(String, Vec<u8>)>) -> Result<(), StoreError> {
+        self.check_batch(key_values.iter().map(|(key, _)| key))?;
         let (kv, name) = self.bucket(&bucket)?;
         for (key, value) in key_values {
             kv.put(&kv_key(&name, &key), Bytes::from(value)).await?;
@@ -243,6 +322,7 @@ impl batch::Host for KeyValue<'_> {
     }
 
     async fn delete_many(&mut self, bucket: Resource<Bucket>, keys: Vec<String>) -> Result<(), StoreError> {
+        self.check_batch(keys.iter())?;
         let (kv, name) = self.bucket(&bucket)?;
         for key in keys {
             kv.delete(&kv_key(&name, &key)).await?;

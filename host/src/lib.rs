@@ -18,6 +18,7 @@
 //! - [`tls`]: certificate and key loading and the handshake, for the ingress
 //!   and the control plane's API alike.
 
+pub mod admin;
 pub mod agent;
 pub mod code_cache;
 pub mod cpu;
@@ -27,6 +28,7 @@ pub mod keyvalue;
 pub mod limits;
 pub mod logs;
 pub mod metrics;
+mod outbound;
 pub mod remote;
 pub mod routes;
 pub mod runtime;

@@ -40,6 +40,7 @@ struct Inner {
     instantiation: HistogramFamily,
     fuel: Family<ServiceLabels, Counter>,
     background: Family<ServiceLabels, Counter>,
+    log_lines_dropped: Family<ServiceLabels, Counter>,
     memory_peak: HistogramFamily,
     memory_reserved: Family<ServiceLabels, Gauge>,
     cold_starts: Counter,
@@ -95,6 +96,7 @@ impl HostMetrics {
         let instantiation = HistogramFamily::new_with_constructor(instantiation_histogram);
         let fuel = Family::<ServiceLabels, Counter>::default();
         let background = Family::<ServiceLabels, Counter>::default();
+        let log_lines_dropped = Family::<ServiceLabels, Counter>::default();
         let memory_peak = HistogramFamily::new_with_constructor(memory_histogram);
         let memory_reserved = Family::<ServiceLabels, Gauge>::default();
         let cold_starts = Counter::default();
@@ -111,6 +113,11 @@ impl HostMetrics {
             "Requests that ran in the background CPU level (long-running, or their namespace over its share)",
             background.clone(),
         );
+        registry.register(
+            "log_lines_dropped",
+            "Guest log lines dropped: over the service's log rate (--log-rate), or the host's log writer was behind",
+            log_lines_dropped.clone(),
+        );
         registry.register("instance_memory_peak_bytes", "Peak linear memory of an instance", memory_peak.clone());
         registry.register("memory_reserved_bytes", "Memory reserved by a workload (memory cap x concurrency)", memory_reserved.clone());
         HostMetrics {
@@ -122,6 +129,7 @@ impl HostMetrics {
                 instantiation,
                 fuel,
                 background,
+                log_lines_dropped,
                 memory_peak, memory_reserved, cold_starts, activation_wait, users: Default::default() }),
         }
     }
@@ -142,6 +150,7 @@ impl HostMetrics {
             instantiation: inner.instantiation.get_or_create(&labels).clone(),
             fuel: inner.fuel.get_or_create(&labels).clone(),
             background: inner.background.get_or_create(&labels).clone(),
+            log_lines_dropped: inner.log_lines_dropped.get_or_create(&labels).clone(),
             memory_peak: inner.memory_peak.get_or_create(&labels).clone(),
             memory_reserved: inner.memory_reserved.get_or_create(&labels).clone(),
             labels,
@@ -183,6 +192,7 @@ impl HostMetrics {
         inner.instantiation.remove(labels);
         inner.fuel.remove(labels);
         inner.background.remove(labels);
+        inner.log_lines_dropped.remove(labels);
         inner.memory_peak.remove(labels);
         inner.memory_reserved.remove(labels);
     }
@@ -198,6 +208,7 @@ pub struct ServiceMetrics {
     pub(crate) instantiation: Histogram,
     pub(crate) fuel: Counter,
     pub(crate) background: Counter,
+    pub(crate) log_lines_dropped: Counter,
     pub(crate) memory_peak: Histogram,
     pub(crate) memory_reserved: Gauge,
 }

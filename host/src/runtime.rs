@@ -49,6 +49,13 @@ pub struct RuntimeConfig {
     pub code_cache: ByteSize,
     /// OS priority of the threads that run long requests. See [`crate::cpu`].
     pub background: crate::cpu::BackgroundPriority,
+    /// How fast each service may log. See [`crate::logs`].
+    pub logs: crate::logs::LogLimits,
+    /// Bounds on each `wasi:keyvalue` call. See [`crate::keyvalue`].
+    pub keyvalue: crate::keyvalue::KeyValueLimits,
+    /// The non-public address ranges components may reach anyway (none by
+    /// default). See [`wharf_proto::egress`].
+    pub private_egress: wharf_proto::egress::PrivateEgress,
 }
 
 impl Default for RuntimeConfig {
@@ -59,6 +66,9 @@ impl Default for RuntimeConfig {
             cache_dir: None,
             code_cache: DEFAULT_CODE_CACHE,
             background: crate::cpu::BackgroundPriority::Idle,
+            logs: crate::logs::LogLimits::default(),
+            keyvalue: crate::keyvalue::KeyValueLimits::default(),
+            private_egress: wharf_proto::egress::PrivateEgress::default(),
         }
     }
 }
@@ -76,6 +86,9 @@ pub enum RuntimeError {
     /// The background thread pool could not start.
     #[error("could not start the background thread pool for long-running requests: {0}")]
     BackgroundPool(std::io::Error),
+    /// The thread that writes components' logs could not start.
+    #[error("could not start the log writer thread: {0}")]
+    LogWriter(std::io::Error),
     /// The compile cache directory could not be created.
     #[error("could not create the compile cache directory {path}: {source}")]
     CacheDir { path: PathBuf, source: std::io::Error },
@@ -146,6 +159,8 @@ struct RuntimeInner {
     /// Where long-running requests go: a low-priority pool shared fairly
     /// between namespaces (see [`crate::cpu`]).
     cpu: crate::cpu::CpuScheduler,
+    /// Writes components' log lines to the host's log, within each service's rate.
+    logs: crate::logs::LogSink,
 }
 
 impl Drop for RuntimeInner {
@@ -180,6 +195,7 @@ impl Runtime {
             }
         });
         let cpu = crate::cpu::CpuScheduler::new(config.background, Some(preempt)).map_err(RuntimeError::BackgroundPool)?;
+        let logs = crate::logs::LogSink::start(config.logs).map_err(RuntimeError::LogWriter)?;
         spawn_epoch_ticker(engine.weak());
         Ok(Runtime {
             inner: Arc::new(RuntimeInner {
@@ -190,8 +206,14 @@ impl Runtime {
                 compiled: CodeCache::new(config.code_cache.bytes()),
                 config,
                 cpu,
+                logs,
             }),
         })
+    }
+
+    /// Where this host's workloads send their log lines.
+    pub(crate) fn log_sink(&self) -> &crate::logs::LogSink {
+        &self.inner.logs
     }
 
     /// The engine's configuration.
@@ -275,11 +297,7 @@ impl Runtime {
         let exports: Vec<String> =
             component.component_type().exports(&self.inner.engine).map(|(name, _)| name.to_string()).collect();
         if !exports.iter().any(|name| export_matches(name)) {
-            let hint = if exports.iter().any(|e| e.starts_with("wasi:cli/run")) {
-                " (it looks like a command with a main function; Wharf runs HTTP services built with the wasi:http/proxy world)"
-            } else {
-                ""
-            };
+            let hint = if exports.iter().any(|e| e.starts_with("wasi:cli/run")) { COMMAND_HINT } else { "" };
             let exports = if exports.is_empty() { "none".to_string() } else { exports.join(", ") };
             return Err(LoadError::WrongWorld { exports, hint });
         }
@@ -320,6 +338,8 @@ impl Runtime {
         if let Some(loaded) = self.read_cache(digest) {
             return Ok(Some(loaded));
         }
+        // Refuse what cannot run before paying for a compile.
+        check_component(bytes)?;
         let component = Component::new(&self.inner.engine, bytes).map_err(|e| LoadError::Invalid(format!("{e:#}")))?;
         self.write_cache(digest, &component);
         Ok(Some(Loaded { bytes: code_size(&component), value: component, source: Source::Compiled }))
@@ -392,6 +412,56 @@ impl Runtime {
         LoadError::UnsupportedImport { import, detail }
     }
 }
+
+/// The packages whose interfaces a host links (any version: the link check
+/// after compiling holds components to the versions it provides).
+const PROVIDED_PACKAGES: &[&str] =
+    &["wasi:io", "wasi:clocks", "wasi:random", "wasi:filesystem", "wasi:sockets", "wasi:cli", "wasi:http", "wasi:keyvalue", "wasi:config"];
+
+/// The checks of [`Runtime::load`] that need no compiling, in its order:
+/// wasm magic, component rather than core module, validation, every
+/// top-level import from a package hosts provide, and the
+/// `wasi:http/incoming-handler` export. What only the compiled component
+/// shows (the exact types) is checked when it is linked.
+pub fn check_component(bytes: &[u8]) -> Result<(), LoadError> {
+    check_preamble(bytes)?;
+    wasmparser::Validator::new_with_features(wasmparser::WasmFeatures::default())
+        .validate_all(bytes)
+        .map_err(|e| LoadError::Invalid(format!("{e:#}")))?;
+    let (mut imports, mut exports) = (Vec::new(), Vec::new());
+    // Nested modules and components open with a version and close with an
+    // end; only the outermost component's imports and exports matter.
+    let mut depth = 0usize;
+    for payload in wasmparser::Parser::new(0).parse_all(bytes) {
+        match payload.map_err(|e| LoadError::Invalid(format!("{e:#}")))? {
+            wasmparser::Payload::Version { .. } => depth += 1,
+            wasmparser::Payload::End(_) => depth = depth.saturating_sub(1),
+            wasmparser::Payload::ComponentImportSection(reader) if depth == 1 => {
+                for import in reader {
+                    imports.push(import.map_err(|e| LoadError::Invalid(format!("{e:#}")))?.name.name.to_string());
+                }
+            }
+            wasmparser::Payload::ComponentExportSection(reader) if depth == 1 => {
+                for export in reader {
+                    exports.push(export.map_err(|e| LoadError::Invalid(format!("{e:#}")))?.name.name.to_string());
+                }
+            }
+            _ => {}
+        }
+    }
+    if let Some(import) = imports.iter().find(|name| !PROVIDED_PACKAGES.iter().any(|package| name.strip_prefix(package).is_some_and(|rest| rest.starts_with('/')))) {
+        return Err(LoadError::UnsupportedImport { import: import.clone(), detail: "no host links that package".into() });
+    }
+    if !exports.iter().any(|name| export_matches(name)) {
+        let hint = if exports.iter().any(|e| e.starts_with("wasi:cli/run")) { COMMAND_HINT } else { "" };
+        let exports = if exports.is_empty() { "none".to_string() } else { exports.join(", ") };
+        return Err(LoadError::WrongWorld { exports, hint });
+    }
+    Ok(())
+}
+
+/// What [`LoadError::WrongWorld`] adds for a command component.
+const COMMAND_HINT: &str = " (it looks like a command with a main function; Wharf runs HTTP services built with the wasi:http/proxy world)";
 
 fn export_matches(name: &str) -> bool {
     name == HTTP_HANDLER_EXPORT || name.strip_prefix(HTTP_HANDLER_EXPORT).is_some_and(|rest| rest.starts_with("@0.2"))
@@ -506,6 +576,15 @@ mod tests {
         assert!(matches!(check_preamble(b"hello world"), Err(LoadError::NotWasm { found }) if found.starts_with("bytes 68 65")));
         assert!(matches!(check_preamble(b"\0asm\x01\0\0\0"), Err(LoadError::CoreModule)));
         assert!(check_preamble(b"\0asm\x0d\0\x01\0").is_ok());
+    }
+
+    #[test]
+    fn components_are_checked_without_compiling() {
+        assert!(check_component(&wharf_testkit::samples::bytes("hello")).is_ok());
+        assert!(matches!(check_component(b"\0asm\x0d\0\x01\0"), Err(LoadError::WrongWorld { exports, .. }) if exports == "none"));
+        let foreign = wat::parse_str(r#"(component (import "acme:thing/api@1.0.0" (instance)))"#).expect("wat");
+        assert!(matches!(check_component(&foreign), Err(LoadError::UnsupportedImport { import, .. }) if import == "acme:thing/api@1.0.0"));
+        assert!(matches!(check_component(b"\0asm\x0d\0\x01\0\xff"), Err(LoadError::Invalid(_))));
     }
 
     #[test]

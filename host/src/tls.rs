@@ -1,5 +1,6 @@
 //! TLS for Wharf's listeners: loads a PEM certificate chain and private key
-//! into a rustls acceptor, and runs one connection's handshake.
+//! into a rustls acceptor (the edge server runs each connection's handshake,
+//! under its own timeout).
 //!
 //! The ingress and the control plane's API both take the [`TlsAcceptor`]
 //! built here (the CLI loads it once, before binding anything), so every
@@ -8,18 +9,11 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::rustls::pki_types::pem::{self, PemObject};
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::rustls::{self, ServerConfig};
 
 pub use tokio_rustls::TlsAcceptor;
-pub use tokio_rustls::server::TlsStream;
-
-/// How long a client gets to complete the TLS handshake. The handshake runs
-/// in the connection's own task, so a slow client only holds itself up.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a certificate and key could not be turned into a TLS acceptor. Every
 /// variant names the file it is about.
@@ -76,26 +70,6 @@ pub fn load(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
             error => TlsError::Unusable { cert: cert.to_path_buf(), key: key.to_path_buf(), error },
         })?;
     Ok(TlsAcceptor::from(Arc::new(config)))
-}
-
-/// Runs the server side of the handshake on one accepted connection, giving
-/// up after [`HANDSHAKE_TIMEOUT`]. A failure concerns only this client, so it
-/// is logged at debug and the connection is dropped.
-pub async fn handshake<S>(acceptor: &TlsAcceptor, stream: S, peer: std::net::SocketAddr) -> Option<TlsStream<S>>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-        Ok(Ok(stream)) => Some(stream),
-        Ok(Err(e)) => {
-            tracing::debug!("TLS handshake with {peer} failed: {e}");
-            None
-        }
-        Err(_) => {
-            tracing::debug!("TLS handshake with {peer} timed out after {HANDSHAKE_TIMEOUT:?}");
-            None
-        }
-    }
 }
 
 #[cfg(test)]

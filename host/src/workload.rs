@@ -251,7 +251,7 @@ impl Workload {
         metrics.memory_reserved.inc_by(i64::try_from(reserved).unwrap_or(i64::MAX));
         Ok(Workload {
             inner: Arc::new(WorkloadInner {
-                logs: LogBuffer::new(service.clone(), spec.log_lines),
+                logs: LogBuffer::new(service.clone(), spec.log_lines, runtime.log_sink(), metrics.log_lines_dropped.clone()),
                 config: Arc::new(spec.config.0.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()),
                 service,
                 namespace,
@@ -417,8 +417,14 @@ impl Workload {
 
     fn new_store(&self, deadline: Instant, demotion: Arc<Demotion>) -> Result<Store<InstanceState>, String> {
         let spec = &self.inner.spec;
-        let hooks = EgressHooks { policy: spec.egress.clone(), logs: self.inner.logs.clone(), services: spec.services.clone() };
-        let state = InstanceState::new(&spec.env, spec.limits.memory, hooks, spec.keyvalue.clone(), &spec.volumes, self.inner.config.clone(), &self.inner.logs)?;
+        let hooks = EgressHooks {
+            policy: spec.egress.clone(),
+            private: self.inner.runtime.config().private_egress.clone(),
+            logs: self.inner.logs.clone(),
+            services: spec.services.clone(),
+        };
+        let keyvalue = spec.keyvalue.clone().map(|access| access.with_limits(self.inner.runtime.config().keyvalue));
+        let state = InstanceState::new(&spec.env, spec.limits.memory, hooks, keyvalue, &spec.volumes, self.inner.config.clone(), &self.inner.logs)?;
         let mut store = Store::new(self.inner.runtime.engine(), state);
         store.limiter(|state| &mut state.limiter);
         // Fuel is always on in the engine; "unmetered" is simply a budget that never runs out.

@@ -7,6 +7,7 @@ use wharf_host::egress::EgressPolicy;
 use wharf_host::ingress;
 use wharf_host::metrics::HostMetrics;
 use wharf_host::{LoadError, LoadedComponent, Runtime, RuntimeConfig, Workload, WorkloadLimits, WorkloadSpec};
+use wharf_proto::egress::PrivateEgress;
 use wharf_proto::{ByteSize, Digest};
 use wharf_testkit::samples;
 
@@ -26,12 +27,17 @@ struct Served {
 
 impl Host {
     fn new() -> Self {
-        let runtime = Runtime::new(RuntimeConfig { max_instances: 200, max_instance_memory: ByteSize::mib(256), cache_dir: None, ..RuntimeConfig::default() })
-            .expect("runtime starts");
-        Host::with(runtime)
+        Self::with(RuntimeConfig::default())
     }
 
-    fn with(runtime: Runtime) -> Self {
+    /// A host whose runtime has `config`'s host-call policies.
+    fn with(config: RuntimeConfig) -> Self {
+        let runtime = Runtime::new(RuntimeConfig { max_instances: 200, max_instance_memory: ByteSize::mib(256), cache_dir: None, ..config })
+            .expect("runtime starts");
+        Host::with_runtime(runtime)
+    }
+
+    fn with_runtime(runtime: Runtime) -> Self {
         let metrics = HostMetrics::for_runtime(&runtime);
         Host { runtime, metrics, client: reqwest::Client::new() }
     }
@@ -49,9 +55,8 @@ impl Host {
         let url = format!("http://{}", listener.local_addr().expect("local addr"));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let handler = Arc::new(workload.clone());
-        let metrics = self.metrics.clone();
         tokio::spawn(async move {
-            let _ = ingress::serve(listener, None, handler, metrics, async move {
+            let _ = ingress::serve(listener, None, wharf_edge::ServerConfig::default(), handler, async move {
                 let _ = stopped.await;
             })
             .await;
@@ -277,7 +282,9 @@ async fn a_full_workload_answers_503_with_retry_after() {
 
 #[tokio::test]
 async fn outbound_calls_are_denied_unless_allowed() {
-    let host = Host::new();
+    // The backend listens on loopback, which hosts refuse unless the admin
+    // allows it: this host does.
+    let host = Host::with(RuntimeConfig { private_egress: PrivateEgress::parse("127.0.0.0/8").expect("range"), ..RuntimeConfig::default() });
     let backend = host.serve("backend", |_| {}).await;
     let backend_authority = backend.url.trim_start_matches("http://").to_string();
     let denied = host.serve("frontend", |spec| spec.env = vec![("BACKEND_URL".into(), backend.url.clone())]).await;
@@ -298,18 +305,59 @@ async fn outbound_calls_are_denied_unless_allowed() {
 }
 
 #[tokio::test]
+async fn an_allowed_name_that_resolves_to_loopback_is_refused_after_resolution() {
+    // A real backend on loopback, reachable in principle.
+    let open = Host::with(RuntimeConfig { private_egress: PrivateEgress::parse("127.0.0.1").expect("range"), ..RuntimeConfig::default() });
+    let backend = open.serve("backend", |_| {}).await;
+    let port = backend.url.rsplit(':').next().expect("port").to_string();
+    // `localhost` resolves to 127.0.0.1 through /etc/hosts; the allow-list
+    // lets the name through, the address check after resolution does not.
+    let via_name = format!("http://localhost:{port}");
+    let host = Host::new();
+    let frontend = host
+        .serve("frontend", |spec| {
+            spec.env = vec![("BACKEND_URL".into(), via_name.clone())];
+            spec.egress = EgressPolicy::allow([format!("localhost:{port}")]);
+        })
+        .await;
+    let (status, _, body) = host.get(&format!("{}/x", frontend.url)).await;
+    assert_eq!(status, 502, "{body}");
+    assert!(body.to_lowercase().contains("prohibited"), "the guest gets a clear egress error: {body}");
+    let notes = frontend.workload.logs().recent();
+    assert!(
+        notes.iter().any(|l| l.line.contains("localhost resolves to 127.0.0.1") && l.line.contains("loopback") && l.line.contains("--allow-private-egress")),
+        "{notes:?}"
+    );
+    // The same name through a host whose admin allows loopback reaches the backend.
+    let allowed = open
+        .serve("frontend", |spec| {
+            spec.env = vec![("BACKEND_URL".into(), via_name.clone())];
+            spec.egress = EgressPolicy::allow([format!("localhost:{port}")]);
+        })
+        .await;
+    let (status, _, body) = open.get(&format!("{}/x", allowed.url)).await;
+    assert_eq!((status, body.as_str()), (200, "frontend got: backend ok /x\n"));
+}
+
+#[tokio::test]
 async fn metrics_report_requests_latency_and_instantiation() {
     let host = Host::new();
     let hello = host.serve("hello", |_| {}).await;
     for _ in 0..3 {
         host.get(&format!("{}/", hello.url)).await;
     }
-    let (status, _, text) = host.get(&format!("{}/metrics", hello.url)).await;
+    // Metrics are on the admin listener; on the ingress /metrics is the component's.
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
+    let admin_url = format!("http://{}", admin.local_addr().expect("local addr"));
+    tokio::spawn(wharf_host::admin::serve(admin, wharf_edge::ServerConfig::default(), host.metrics.clone(), std::future::pending()));
+    let (status, _, body) = host.get(&format!("{}/metrics", hello.url)).await;
+    assert_eq!((status, body.as_str()), (200, "Hello from Wharf!\n"), "the component answers /metrics on the ingress");
+    let (status, _, text) = host.get(&format!("{admin_url}/metrics")).await;
     assert_eq!(status, 200);
     for needle in [
-        r#"wharf_requests_total{service="test/hello",outcome="ok"} 3"#,
-        r#"wharf_request_duration_seconds_count{service="test/hello"} 3"#,
-        r#"wharf_instantiation_seconds_count{service="test/hello"} 3"#,
+        r#"wharf_requests_total{service="test/hello",outcome="ok"} 4"#,
+        r#"wharf_request_duration_seconds_count{service="test/hello"} 4"#,
+        r#"wharf_instantiation_seconds_count{service="test/hello"} 4"#,
         "wharf_requests_in_flight",
         "wharf_fuel_consumed",
         "wharf_instance_memory_peak_bytes",
@@ -412,7 +460,7 @@ async fn evicted_code_is_reloaded_from_disk_without_compiling_and_serves() {
         ..RuntimeConfig::default()
     })
     .expect("runtime");
-    let host = Host::with(runtime.clone());
+    let host = Host::with_runtime(runtime.clone());
     let hello = runtime.load(&samples::bytes("hello"), None).expect("hello loads");
     let echo = runtime.load(&samples::bytes("echo"), None).expect("echo loads");
     let stats = runtime.code_cache_stats();
@@ -524,4 +572,33 @@ async fn oversized_heads_and_bodies_are_refused_before_the_component_runs() {
     assert_eq!(echo.workload.load().requests, 0, "the component never ran");
     // Within the limits, all is served.
     assert_eq!(host.get(&format!("{}/", echo.url)).await.0, 200);
+}
+
+#[tokio::test]
+async fn key_value_calls_are_bounded_by_the_host_limits() {
+    use wharf_host::keyvalue::{KeyValueAccess, KeyValueLimits};
+    let limits = KeyValueLimits { page_keys: 10, batch_keys: 5, batch_bytes: 1024 };
+    let host = Host::with(RuntimeConfig { keyvalue: limits, ..RuntimeConfig::default() });
+    let bus = wharf_bus::Bus::local(wharf_bus::LocalStore::in_memory().expect("store"));
+    let counter = host.serve("counter", |spec| spec.keyvalue = Some(KeyValueAccess::new(bus.clone(), "test", "counter", ["counter".to_string()]))).await;
+    for i in 0..25 {
+        let response = host.client.put(format!("{}/set?key=k{i:02}", counter.url)).body(vec![b'v'; 600]).send().await.expect("answered");
+        assert_eq!(response.status(), 200);
+    }
+    // list-keys: pages of 10 with a cursor, every key once.
+    let (status, _, body) = host.get(&format!("{}/keys", counter.url)).await;
+    assert_eq!(status, 200, "{body}");
+    let mut lines = body.lines();
+    assert_eq!(lines.next(), Some("pages: 3"), "{body}");
+    assert_eq!(lines.collect::<Vec<_>>(), (0..25).map(|i| format!("k{i:02}")).collect::<Vec<_>>());
+    // get-many: at most 5 keys, at most 1 KiB of values.
+    let (status, _, body) = host.get(&format!("{}/many?keys=k00", counter.url)).await;
+    assert_eq!((status, body.as_str()), (200, "found 1\n"));
+    let (status, _, body) = host.get(&format!("{}/many?keys=k00,k01,k02,k03,k04,k05", counter.url)).await;
+    assert!(status == 500 && body.contains("6 keys in one call") && body.contains("at most 5"), "{body}");
+    let (status, _, body) = host.get(&format!("{}/many?keys=k00,k01", counter.url)).await;
+    assert!(status == 500 && body.contains("more than 1KiB"), "two 600-byte values pass the budget: {body}");
+    // A key past 1 KiB is refused in the guest, before the bus.
+    let (status, _, body) = host.get(&format!("{}/get?key={}", counter.url, "k".repeat(1025))).await;
+    assert!(status == 500 && body.contains("1025 bytes"), "{body}");
 }

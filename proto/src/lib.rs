@@ -3,6 +3,7 @@
 
 pub mod digest;
 pub mod latency;
+pub mod egress;
 pub mod manifest;
 pub mod names;
 pub mod rollout;

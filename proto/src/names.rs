@@ -94,8 +94,51 @@ pub const LEADER_KEY: &str = "controller";
 /// Object store of component artifacts, keyed by digest.
 pub const ARTIFACTS_BUCKET: &str = "wharf-artifacts";
 
-/// A `wasi:keyvalue` key as stored in its namespace's KV bucket ([`kv_bucket`]): `<bucket>.<key>`, where bytes outside `[A-Za-z0-9_-]` become
-/// `=XX`, so any key fits NATS' key alphabet and decoding is exact.
+/// The longest `wasi:keyvalue` bucket identifier a spec may declare, in bytes.
+pub const MAX_KV_IDENTIFIER: usize = 256;
+
+/// The longest `wasi:keyvalue` key, in bytes. Stored, a key may take three
+/// times its length ([`kv_key`]); at this bound the NATS subject that
+/// carries it stays well inside the server's 4 KiB control line, whose
+/// overrun closes the whole connection.
+pub const MAX_KV_KEY: usize = 1024;
+
+/// Checks a `wasi:keyvalue` key (from a component or the API) before it is
+/// stored: at most [`MAX_KV_KEY`] bytes.
+pub fn check_kv_key(key: &str) -> Result<(), String> {
+    if key.len() > MAX_KV_KEY {
+        return Err(format!("the key is {} bytes long; keys are at most {MAX_KV_KEY} bytes", key.len()));
+    }
+    Ok(())
+}
+
+/// The token a `wasi:keyvalue` bucket identifier becomes inside its
+/// namespace's KV bucket, the first part of every key of [`kv_key`].
+///
+/// `wasi:keyvalue`'s `open` takes any string. A DNS label (what Wharf
+/// accepted before) is its own token, so data stored under it stays where
+/// it is; anything else becomes a readable part (letters, digits and `-`,
+/// others as `-`, at most 32) plus `_` and 32 hex digits of its SHA-256.
+/// The `_` never appears in a label, so the two forms cannot collide, and
+/// two identifiers share a token only if their hashes' first 128 bits do.
+pub fn kv_bucket_token(identifier: &str) -> String {
+    let is_label = !identifier.is_empty()
+        && identifier.len() <= 63
+        && identifier.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !identifier.starts_with('-')
+        && !identifier.ends_with('-');
+    if is_label {
+        return identifier.to_string();
+    }
+    use sha2::Digest as _;
+    let readable: String = identifier.chars().take(32).map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' }).collect();
+    let hash = hex::encode(sha2::Sha256::digest(identifier.as_bytes()));
+    format!("{readable}_{}", &hash[..32])
+}
+
+/// A `wasi:keyvalue` key as stored in its namespace's KV bucket ([`kv_bucket`]): `<bucket token>.<key>`, where bytes outside `[A-Za-z0-9_-]` become
+/// `=XX`, so any key fits NATS' key alphabet and decoding is exact. `bucket`
+/// is the identifier's [`kv_bucket_token`].
 pub fn kv_key(bucket: &str, key: &str) -> String {
     let mut out = String::with_capacity(bucket.len() + 1 + key.len());
     out.push_str(bucket);
@@ -344,6 +387,28 @@ mod kv_key_tests {
         }
         assert_eq!(kv_key_decode("other", &kv_key("counter", "k")), None);
         assert_eq!(kv_key_decode("count", &kv_key("counter", "k")), None, "a prefix of another bucket's name");
+    }
+
+    #[test]
+    fn any_bucket_identifier_gets_a_distinct_token_in_the_key_alphabet() {
+        assert_eq!(kv_bucket_token("counter"), "counter", "labels keep their stored data");
+        let identifiers = ["my_bucket", "my.bucket", "My-Bucket", "my-bucket_", "data/2024", "ünï", " ", "a".repeat(MAX_KV_IDENTIFIER).leak()];
+        let mut tokens = std::collections::BTreeSet::new();
+        for identifier in identifiers {
+            let token = kv_bucket_token(identifier);
+            assert!(token.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b)) && token.len() <= 65, "{identifier:?} -> {token}");
+            assert!(token.contains('_'), "{identifier:?} -> {token} cannot collide with a label");
+            assert!(tokens.insert(token), "{identifier:?} collides");
+        }
+        assert!(kv_bucket_token("my.bucket").starts_with("my-bucket_"));
+        assert_ne!(kv_bucket_token("my.bucket"), kv_bucket_token("my-bucket_"));
+    }
+
+    #[test]
+    fn keys_are_bounded() {
+        assert!(check_kv_key(&"k".repeat(MAX_KV_KEY)).is_ok());
+        let message = check_kv_key(&"k".repeat(5000)).expect_err("too long");
+        assert!(message.contains("5000 bytes") && message.contains("1024"), "{message}");
     }
 }
 

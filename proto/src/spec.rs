@@ -80,7 +80,7 @@ pub struct ServiceSpec<C = Digest> {
     /// Volumes the component may use.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<Volume>,
-    /// `wasi:keyvalue` buckets the component may open, by name (DNS labels).
+    /// `wasi:keyvalue` buckets the component may open, by the identifier it passes to `open` (any string of 1 to 256 bytes).
     /// They live in the namespace; opening any other bucket fails.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub keyvalue: Vec<String>,
@@ -518,7 +518,13 @@ impl<C> ServiceSpec<C> {
         let mut buckets = BTreeSet::new();
         for (i, bucket) in self.keyvalue.iter().enumerate() {
             let field = format!("keyvalue[{i}]");
-            label(&field, bucket)?;
+            // `wasi:keyvalue` takes any string; only its length is bounded.
+            if bucket.is_empty() || bucket.len() > crate::names::MAX_KV_IDENTIFIER {
+                return Err(SpecError::new(
+                    field,
+                    format!("a bucket identifier must be 1 to {} bytes long (got {})", crate::names::MAX_KV_IDENTIFIER, bucket.len()),
+                ));
+            }
             if !buckets.insert(bucket) {
                 return Err(SpecError::new(field, format!("bucket {bucket:?} is declared twice")));
             }

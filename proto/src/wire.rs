@@ -438,4 +438,10 @@ pub struct Quota {
     /// Requests per second its services may take at each host's ingress.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rps: Option<u32>,
+    /// Bytes its `wasi:keyvalue` data may take (the size limit of its data
+    /// bucket); absent: the cluster's default for data buckets
+    /// (`--data-kv-max-bytes`, 64 MiB), not unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_bytes: Option<ByteSize>,
 }
+

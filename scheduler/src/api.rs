@@ -266,6 +266,7 @@ pub(crate) async fn write_spec(
             format!("component: {} is not uploaded; POST its bytes to /v1/artifacts first", spec.component),
         ));
     }
+    check_egress(plane, &spec)?;
     check_quota(plane, &spec).await?;
     check_references(plane, &spec, force).await?;
     check_fits(plane, &spec)?;
@@ -436,19 +437,49 @@ async fn list_hosts(State(plane): State<ControlPlane>) -> ApiResult {
     Ok(axum::Json(json!({"hosts": hosts})).into_response())
 }
 
-/// The namespace's KV bucket and the stored key, after checking the names.
-async fn kv_target(plane: &ControlPlane, ns: &str, bucket: &str) -> ApiResult<wharf_bus::Kv> {
-    check_namespace(ns)?;
-    wharf_proto::names::check_label(bucket).map_err(|e| ApiError::bad_request(format!("bucket {bucket:?}: {e}")))?;
-    data_bucket(plane, ns).await
+/// Refuses `allow_outbound` entries that name a non-public address (a
+/// literal such as 169.254.169.254, or `localhost`) the admin has not opened.
+fn check_egress(plane: &ControlPlane, spec: &ServiceSpec) -> ApiResult<()> {
+    for (i, entry) in spec.allow_outbound.iter().enumerate() {
+        plane.config.private_egress.check_entry(entry).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_spec", format!("allow_outbound[{i}]: {e}")))?;
+    }
+    Ok(())
 }
 
-/// Namespace `ns`'s data bucket, created (or brought) to the data buckets'
-/// size limit: each tenant's data lives in a bucket of its own, apart from the
-/// control plane's state, so no tenant can fill the storage it needs.
+/// Namespace `ns`'s data bucket, created (or brought) to its size limit:
+/// the namespace's quota `kv_bytes`, or the bus's limit for data buckets.
+/// Each tenant's data lives in a bucket of its own, apart from the control
+/// plane's state, so no tenant can fill the storage another needs.
 async fn data_bucket(plane: &ControlPlane, ns: &str) -> ApiResult<wharf_bus::Kv> {
-    let limits = plane.bus.storage_limits();
-    plane.bus.kv_with(&wharf_proto::names::kv_bucket(ns), limits.data).await.map_err(kv_failed)
+    let options = match namespace(plane, ns).await?.quota.kv_bytes {
+        Some(max) => wharf_bus::BucketOptions::max_bytes(max.bytes()),
+        None => plane.bus.storage_limits().data,
+    };
+    plane.bus.kv_with(&wharf_proto::names::kv_bucket(ns), options).await.map_err(kv_failed)
+}
+
+/// The namespace's KV bucket and the bucket's token, after checking the
+/// names (any identifier a component may open) and, if given, the key.
+async fn kv_target(plane: &ControlPlane, ns: &str, bucket: &str, key: Option<&str>) -> ApiResult<(wharf_bus::Kv, String)> {
+    check_namespace(ns)?;
+    if bucket.is_empty() || bucket.len() > wharf_proto::names::MAX_KV_IDENTIFIER {
+        return Err(ApiError::bad_request(format!("a bucket identifier is 1 to {} bytes long (got {})", wharf_proto::names::MAX_KV_IDENTIFIER, bucket.len())));
+    }
+    if let Some(key) = key {
+        wharf_proto::names::check_kv_key(key).map_err(ApiError::bad_request)?;
+    }
+    let kv = data_bucket(plane, ns).await?;
+    Ok((kv, wharf_proto::names::kv_bucket_token(bucket)))
+}
+
+/// Keys in one page of `GET /v1/namespaces/{ns}/kv/{bucket}`.
+const KV_PAGE_KEYS: usize = 1000;
+
+/// Where a key listing continues: `?after=<cursor>` from the previous page's `next`.
+#[derive(serde::Deserialize)]
+struct KvPage {
+    #[serde(default)]
+    after: u64,
 }
 
 /// Refuses a namespace name that is not a label.
@@ -460,16 +491,18 @@ fn kv_failed(e: wharf_bus::KvError) -> ApiError {
     ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", format!("the key-value store failed: {e}"))
 }
 
-async fn kv_list(State(plane): State<ControlPlane>, Path((ns, bucket)): Path<(String, String)>) -> ApiResult {
-    let kv = kv_target(&plane, &ns, &bucket).await?;
-    let mut keys: Vec<String> = kv.keys().await.map_err(kv_failed)?.iter().filter_map(|k| wharf_proto::names::kv_key_decode(&bucket, k)).collect();
-    keys.sort();
-    Ok(axum::Json(json!({"namespace": ns, "bucket": bucket, "keys": keys})).into_response())
+/// One page of keys, oldest change first, and `next`: the cursor of the
+/// following page (`null` at the end).
+async fn kv_list(State(plane): State<ControlPlane>, Path((ns, bucket)): Path<(String, String)>, axum::extract::Query(page): axum::extract::Query<KvPage>) -> ApiResult {
+    let (kv, token) = kv_target(&plane, &ns, &bucket, None).await?;
+    let found = kv.keys_page(&format!("{token}."), page.after, KV_PAGE_KEYS).await.map_err(kv_failed)?;
+    let keys: Vec<String> = found.keys.iter().filter_map(|k| wharf_proto::names::kv_key_decode(&token, k)).collect();
+    Ok(axum::Json(json!({"namespace": ns, "bucket": bucket, "keys": keys, "next": found.next})).into_response())
 }
 
 async fn kv_get(State(plane): State<ControlPlane>, Path((ns, bucket, key)): Path<(String, String, String)>) -> ApiResult {
-    let kv = kv_target(&plane, &ns, &bucket).await?;
-    match kv.get(&wharf_proto::names::kv_key(&bucket, &key)).await.map_err(kv_failed)? {
+    let (kv, token) = kv_target(&plane, &ns, &bucket, Some(&key)).await?;
+    match kv.get(&wharf_proto::names::kv_key(&token, &key)).await.map_err(kv_failed)? {
         Some(entry) => Ok(([(axum::http::header::CONTENT_TYPE, "application/octet-stream")], entry.value).into_response()),
         None => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no key {key:?} in bucket {bucket} of namespace {ns}"))),
     }
@@ -477,18 +510,18 @@ async fn kv_get(State(plane): State<ControlPlane>, Path((ns, bucket, key)): Path
 
 async fn kv_put(State(plane): State<ControlPlane>, Path((ns, bucket, key)): Path<(String, String, String)>, body: Bytes) -> ApiResult {
     check_size(&body)?;
-    let kv = kv_target(&plane, &ns, &bucket).await?;
-    let revision = kv.put(&wharf_proto::names::kv_key(&bucket, &key), body).await.map_err(|e| match e {
+    let (kv, token) = kv_target(&plane, &ns, &bucket, Some(&key)).await?;
+    let revision = kv.put(&wharf_proto::names::kv_key(&token, &key), body).await.map_err(|e| match e {
         wharf_bus::KvError::ValueTooLarge { .. } => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", e.to_string()),
-        wharf_bus::KvError::BucketFull { .. } => ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "bucket_full", e.to_string()),
+        wharf_bus::KvError::BucketFull { .. } => ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "quota_exceeded", format!("namespace {ns}: quota kv_bytes reached: {e}")),
         e => kv_failed(e),
     })?;
     Ok(axum::Json(json!({"namespace": ns, "bucket": bucket, "key": key, "revision": revision})).into_response())
 }
 
 async fn kv_delete(State(plane): State<ControlPlane>, Path((ns, bucket, key)): Path<(String, String, String)>) -> ApiResult {
-    let kv = kv_target(&plane, &ns, &bucket).await?;
-    kv.delete(&wharf_proto::names::kv_key(&bucket, &key)).await.map_err(kv_failed)?;
+    let (kv, token) = kv_target(&plane, &ns, &bucket, Some(&key)).await?;
+    kv.delete(&wharf_proto::names::kv_key(&token, &key)).await.map_err(kv_failed)?;
     Ok(axum::Json(json!({"deleted": key})).into_response())
 }
 
@@ -641,8 +674,13 @@ async fn get_namespace(State(plane): State<ControlPlane>, Path(ns): Path<String>
 async fn put_namespace(State(plane): State<ControlPlane>, Path(ns): Path<String>, body: Bytes) -> ApiResult {
     check_namespace(&ns)?;
     check_size(&body)?;
-    let record: wharf_proto::Namespace = wharf_proto::strict::from_json(&body).map_err(|e| ApiError::bad_request(format!("expected {{\"quota\": {{\"replicas\": N, \"memory\": \"4GiB\", \"rps\": N}}}}: {e}")))?;
+    let record: wharf_proto::Namespace = wharf_proto::strict::from_json(&body).map_err(|e| ApiError::bad_request(format!("expected {{\"quota\": {{\"replicas\": N, \"memory\": \"4GiB\", \"rps\": N, \"kv_bytes\": \"1GiB\"}}}}: {e}")))?;
     let kv = namespaces(&plane);
     kv.put(&ns, Bytes::from(serde_json::to_vec(&record).unwrap_or_default())).await.map_err(kv_failed)?;
+    // The data bucket's size limit follows the quota at once (if the
+    // namespace has data; a bucket is otherwise made at its first deploy).
+    if plane.informer.read(|state| state.services.values().any(|s| s.spec.namespace == ns && !s.spec.keyvalue.is_empty())) {
+        data_bucket(&plane, &ns).await?;
+    }
     Ok(axum::Json(json!({"namespace": ns, "quota": record.quota})).into_response())
 }

@@ -16,8 +16,6 @@ pub mod rollout_api;
 pub mod status;
 pub mod store;
 
-mod tls;
-
 use hosts::HostTable;
 use informer::Informer;
 use leader::{LeaseConfig, Leadership};
@@ -52,6 +50,9 @@ pub struct ControlPlaneConfig {
     pub revision_history: usize,
     /// How failed replicas are retried and moved.
     pub retry: wharf_scheduler_core::RetryPolicy,
+    /// Non-public address ranges services may name in `allow_outbound`
+    /// (hosts enforce their own `--allow-private-egress` on every connection).
+    pub private_egress: wharf_proto::egress::PrivateEgress,
 }
 
 impl Default for ControlPlaneConfig {
@@ -63,6 +64,7 @@ impl Default for ControlPlaneConfig {
             lease: LeaseConfig::default(),
             revision_history: store::DEFAULT_REVISION_HISTORY,
             retry: wharf_scheduler_core::RetryPolicy::default(),
+            private_egress: Default::default(),
         }
     }
 }
@@ -176,18 +178,18 @@ impl ControlPlane {
     }
 
     /// Serves the REST API on `listener` (HTTPS when `tls` is given) until
-    /// `shutdown` resolves.
+    /// `shutdown` resolves, on the same bounded edge server as a host's
+    /// ingress (connection cap, header, idle and body clocks, TLS handshake
+    /// in each connection's own task).
     pub async fn serve(
         &self,
         listener: tokio::net::TcpListener,
         tls: Option<tokio_rustls::TlsAcceptor>,
+        config: wharf_edge::ServerConfig,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        let router = api::router(self.clone());
-        match tls {
-            None => axum::serve(listener, router).with_graceful_shutdown(shutdown).await,
-            Some(acceptor) => axum::serve(tls::TlsListener::new(listener, acceptor), router).with_graceful_shutdown(shutdown).await,
-        }
+        let service = hyper_util::service::TowerToHyperService::new(api::router(self.clone()));
+        wharf_edge::serve(listener, tls, config, service, shutdown).await
     }
 }
 

@@ -15,6 +15,8 @@ pub struct Up {
     pub api: String,
     /// The ingress's base URL.
     pub ingress: String,
+    /// The admin listener's base URL (`/metrics`), on a free loopback port.
+    pub admin: String,
     /// The admin token `wharf up` created in its data directory.
     pub token: String,
     wharf: std::path::PathBuf,
@@ -29,7 +31,7 @@ impl Up {
     /// If it does not start within a minute.
     pub fn start(wharf: &Path, data_dir: &Path, extra: &[&str]) -> Up {
         let mut command = Command::new(wharf);
-        command.arg("up").arg("--data-dir").arg(data_dir).args(["--api", "127.0.0.1:0", "--listen", "127.0.0.1:0"]).args(extra);
+        command.arg("up").arg("--data-dir").arg(data_dir).args(["--api", "127.0.0.1:0", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]).args(extra);
         if std::env::var_os("WHARF_LOG").is_none() {
             command.env("WHARF_LOG", "warn");
         }
@@ -37,9 +39,12 @@ impl Up {
         let line = process.wait_for_line("Wharf is up", Duration::from_secs(60));
         let urls: Vec<String> = line.split_whitespace().filter(|w| w.starts_with("http://") || w.starts_with("https://")).map(str::to_string).collect();
         assert_eq!(urls.len(), 2, "expected the API and ingress URLs in: {line}");
+        let admin_line = process.wait_for_line("admin endpoints", Duration::from_secs(60));
+        let admin = admin_line.split_whitespace().find(|w| w.starts_with("http://")).map(|url| url.trim_end_matches("/metrics").to_string());
+        let admin = admin.unwrap_or_else(|| panic!("expected the admin URL in: {admin_line}"));
         process.wait_for_line("Ctrl-C stops", Duration::from_secs(60));
         let token = std::fs::read_to_string(data_dir.join("admin-token")).map(|t| t.trim().to_string()).unwrap_or_default();
-        Up { process, api: urls[0].clone(), ingress: urls[1].clone(), token, wharf: wharf.to_path_buf() }
+        Up { process, api: urls[0].clone(), ingress: urls[1].clone(), admin, token, wharf: wharf.to_path_buf() }
     }
 
     /// Runs a client command against this cluster: (success, stdout + stderr).

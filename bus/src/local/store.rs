@@ -38,7 +38,7 @@ use redb::{
 use tokio::sync::mpsc;
 
 use crate::error::{KvError, ObjectError, OpenStoreError, describe_bytes};
-use crate::{BucketOptions, Entry, KvEvent, subject};
+use crate::{BucketOptions, Entry, KeyPage, KvEvent, subject};
 
 const REVISIONS: TableDefinition<&str, u64> = TableDefinition::new("kv-revisions");
 
@@ -286,6 +286,36 @@ impl StoreInner {
             }
         }
         Ok((entries, revision))
+    }
+
+    /// At most `limit` live keys under `prefix` changed after `after`,
+    /// oldest first: a range scan of the prefix that keeps only the `limit`
+    /// oldest candidates in memory.
+    fn kv_keys_page(&self, bucket: &str, prefix: &str, after: u64, limit: usize) -> Result<KeyPage, redb::Error> {
+        let txn = self.db.begin_read()?;
+        let mut oldest = std::collections::BinaryHeap::new();
+        if let Some(table) = open_read(&txn, kv_table(&kv_table_name(bucket)))? {
+            for row in table.range(prefix..)? {
+                let (key, row) = row?;
+                let key = key.value();
+                if !key.starts_with(prefix) {
+                    break;
+                }
+                if let (revision, Some(_)) = row.value()
+                    && revision > after
+                {
+                    oldest.push((revision, key.to_owned()));
+                    // One past the page, to know whether another follows.
+                    if oldest.len() > limit + 1 {
+                        oldest.pop();
+                    }
+                }
+            }
+        }
+        let mut keys = oldest.into_sorted_vec();
+        let next = (keys.len() > limit).then(|| keys[limit - 1].0);
+        keys.truncate(limit);
+        Ok(KeyPage { keys: keys.into_iter().map(|(_, key)| key).collect(), next })
     }
 
     /// Writes `value` (`None` deletes) to `key` if `condition` holds and the
@@ -585,6 +615,11 @@ impl LocalKv {
     pub(crate) async fn keys(&self) -> Result<Vec<String>, KvError> {
         let entries = self.entries().await?;
         Ok(entries.into_iter().map(|entry| entry.key).collect())
+    }
+
+    pub(crate) async fn keys_page(&self, prefix: &str, after: u64, limit: usize) -> Result<KeyPage, KvError> {
+        let (bucket, prefix) = (self.bucket.clone(), prefix.to_owned());
+        self.run(move |store| store.kv_keys_page(&bucket, &prefix, after, limit)).await
     }
 
     pub(crate) async fn entries(&self) -> Result<Vec<Entry>, KvError> {

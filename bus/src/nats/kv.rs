@@ -13,7 +13,11 @@ use tokio::sync::watch;
 
 use super::buckets::jetstream_code;
 use crate::error::{BackendError, KvError};
-use crate::{ConnectionState, Entry, KvEvent};
+use crate::{ConnectionState, Entry, KeyPage, KvEvent};
+
+/// How long a page of keys waits for the server's next message before it
+/// gives up (the consumer delivers a page at once; this only bounds a stall).
+const PAGE_STALL: Duration = Duration::from_secs(5);
 
 /// How long a read or a write keeps trying while the bucket cannot answer:
 /// a server of the cluster lost, the bucket's stream electing a leader (4
@@ -196,6 +200,54 @@ impl NatsKv {
         match self.store.delete(key).await {
             Ok(()) => Ok(()),
             Err(err) => Err(self.write_failed(err, key.len()).await),
+        }
+    }
+
+    /// Reads keys from an ordered consumer that starts after revision
+    /// `after`, delivers only headers, and is dropped as soon as the page
+    /// is full. The bucket keeps one message per key, so each message is
+    /// one key's latest change; deletes are skipped.
+    pub(crate) async fn keys_page(&self, prefix: &str, after: u64, limit: usize) -> Result<KeyPage, KvError> {
+        use async_nats::jetstream::consumer::{DeliverPolicy, push::OrderedConfig};
+        let consumer = self
+            .store
+            .stream
+            .create_consumer(OrderedConfig {
+                deliver_subject: self.client.new_inbox(),
+                filter_subject: format!("{}{prefix}>", self.store.prefix),
+                headers_only: true,
+                deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: after.saturating_add(1) },
+                ..Default::default()
+            })
+            .await
+            .map_err(|err| self.unavailable(err))?;
+        let mut page = KeyPage { keys: Vec::new(), next: None };
+        if consumer.cached_info().num_pending == 0 {
+            return Ok(page);
+        }
+        let mut messages = consumer.messages().await.map_err(|err| self.unavailable(err))?;
+        loop {
+            let message = match tokio::time::timeout(PAGE_STALL, messages.next()).await {
+                Ok(Some(Ok(message))) => message,
+                Ok(Some(Err(err))) => return Err(self.unavailable(err)),
+                Ok(None) => return Ok(page),
+                Err(_) => return Err(self.unavailable(format!("no keys arrived for {PAGE_STALL:?}"))),
+            };
+            let (sequence, pending) = match message.info() {
+                Ok(info) => (info.stream_sequence, info.pending),
+                Err(err) => return Err(self.unavailable(err.to_string())),
+            };
+            let deleted = message.headers.as_ref().and_then(|headers| headers.get("KV-Operation")).is_some_and(|op| op.as_str() != "PUT");
+            if !deleted && let Some(key) = message.subject.as_str().strip_prefix(self.store.prefix.as_str()) {
+                page.keys.push(key.to_owned());
+            }
+            if pending == 0 {
+                return Ok(page);
+            }
+            if page.keys.len() == limit {
+                page.next = Some(sequence);
+                return Ok(page);
+            }
         }
     }
 

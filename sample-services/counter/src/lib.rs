@@ -1,9 +1,11 @@
-//! `counter`: counts its requests in a `wasi:keyvalue` bucket, and reads and writes keys there.
+//! `counter`: counts its requests in a `wasi:keyvalue` bucket, and reads and
+//! writes keys there: `/get?key=`, `PUT /set?key=`, `/keys` (every key, page
+//! by page, and how many pages) and `/many?keys=a,b` (one `get-many`).
 
 use samplekit::{Target, method_name, read_request_body, respond};
 use wasi::http::types::{IncomingRequest, Method, ResponseOutparam};
 
-use keyvalue::wasi::keyvalue::{atomics, store};
+use keyvalue::wasi::keyvalue::{atomics, batch, store};
 
 /// Bindings for the `wasi:keyvalue` imports, which the `wasi` crate does not
 /// carry. In a module of their own because the generated root module is
@@ -55,6 +57,8 @@ impl wasi::exports::http::incoming_handler::Guest for Counter {
                     ),
                 ),
             },
+            "/keys" => keys(&bucket_name),
+            "/many" => many(&bucket_name, &target.text("keys").unwrap_or_default()),
             _ => increment(&bucket_name),
         };
         respond(out, status, content_type, &body);
@@ -112,6 +116,44 @@ fn get(bucket_name: &str, key: &str) -> Reply {
             &format!("cannot get {key:?} from bucket {bucket_name:?}"),
             &error,
         ),
+    }
+}
+
+/// Every key of the bucket, following `list-keys` cursors: a first line
+/// `pages: N`, then the keys sorted, one a line.
+fn keys(bucket_name: &str) -> Reply {
+    let bucket = match open(bucket_name) {
+        Ok(bucket) => bucket,
+        Err(reply) => return reply,
+    };
+    let (mut keys, mut cursor, mut pages) = (Vec::new(), None, 0);
+    loop {
+        match bucket.list_keys(cursor) {
+            Ok(page) => {
+                pages += 1;
+                keys.extend(page.keys);
+                match page.cursor {
+                    Some(next) => cursor = Some(next),
+                    None => break,
+                }
+            }
+            Err(error) => return failed(&format!("cannot list bucket {bucket_name:?}"), &error),
+        }
+    }
+    keys.sort();
+    text(200, format!("pages: {pages}\n{}", keys.iter().map(|k| format!("{k}\n")).collect::<String>()))
+}
+
+/// One `get-many` of the comma-separated `keys`: how many were found.
+fn many(bucket_name: &str, keys: &str) -> Reply {
+    let bucket = match open(bucket_name) {
+        Ok(bucket) => bucket,
+        Err(reply) => return reply,
+    };
+    let keys: Vec<String> = keys.split(',').filter(|k| !k.is_empty()).map(str::to_owned).collect();
+    match batch::get_many(&bucket, &keys) {
+        Ok(found) => text(200, format!("found {}\n", found.iter().flatten().count())),
+        Err(error) => failed(&format!("cannot get {} keys from bucket {bucket_name:?}", keys.len()), &error),
     }
 }
 

@@ -1,4 +1,6 @@
-//! `spin`: burns CPU for `?n=N` iterations (default 1000), to exercise fuel limits and deadlines.
+//! `spin`: burns CPU for `?n=N` iterations (default 1000), to exercise fuel
+//! limits and deadlines; `?log=N` also writes N lines to stdout, to exercise
+//! the host's log limits.
 
 use std::hint::black_box;
 
@@ -15,6 +17,13 @@ impl wasi::exports::http::incoming_handler::Guest for Spin {
             Ok(n) => n,
             Err(message) => return respond_text(out, 400, &message),
         };
+        let lines = match Target::of(&request).number("log", 0) {
+            Ok(n) => n,
+            Err(message) => return respond_text(out, 400, &message),
+        };
+        for line in 0..lines {
+            println!("spin: log line {line}");
+        }
         let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
         for i in 0..iterations {
             // `black_box` on every step keeps the optimiser from folding the
