@@ -85,7 +85,7 @@ async fn the_scheduler_lays_out_its_buckets_as_told() {
     };
     assert_eq!(refusal.0, 507, "{refusal:?}");
     let body: Value = serde_json::from_str(&refusal.1).expect("a JSON error");
-    assert_eq!(body["error"]["code"], "bucket_full", "{body}");
+    assert_eq!(body["error"]["code"], "quota_exceeded", "{body}");
     let message = body["error"]["message"].as_str().unwrap_or_default();
     assert!(
         message.contains("wharf-kv-default") && message.contains("16 KiB"),

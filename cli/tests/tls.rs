@@ -137,7 +137,7 @@ fn bad_certificate_files_stop_startup_naming_the_file() {
             ["scheduler", "--nats", nats, "--api", "127.0.0.1:0", "--api-tls-cert", missing, "--api-tls-key", key].map(String::from).to_vec(),
             vec!["cannot read the TLS certificate", missing],
         ),
-        (["host", "--nats", nats, "--listen", "127.0.0.1:0", "--tls-cert", cert, "--tls-key", other].map(String::from).to_vec(), vec!["does not match", other]),
+        (["host", "--nats", nats, "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--tls-cert", cert, "--tls-key", other].map(String::from).to_vec(), vec!["does not match", other]),
         (["serve", "hello.wasm", "--listen", "127.0.0.1:0", "--tls-cert", cert, "--tls-key", garbage].map(String::from).to_vec(), vec!["no private key in", garbage]),
     ];
     for (args, wanted) in cases {
