@@ -344,3 +344,45 @@ async fn a_disconnect_on_any_server_is_heard() {
     assert_eq!(gone.server, cluster.name(2));
     assert_eq!(gone.reason, DisconnectReason::ClientClosed);
 }
+
+/// A clustered stream refuses a compare-and-set with an error code of its
+/// own (10164, not 10071): it is still a revision mismatch, or an existing
+/// key for a create, never "unavailable"; and two writers of the same
+/// value expecting the same revision are two writes, one of them refused.
+#[tokio::test]
+async fn compare_and_set_conflicts_are_named_on_a_cluster() {
+    let cluster = NatsCluster::start(3);
+    let bus = connect(&cluster, named("wharf-test")).await;
+    let kv = bus.kv("cas").await.expect("kv");
+    let first = kv.put("n", Bytes::from_static(b"5")).await.expect("put");
+    kv.update("n", Bytes::from_static(b"6"), first).await.expect("update");
+    let stale = kv.update("n", Bytes::from_static(b"7"), first).await;
+    assert!(matches!(stale, Err(wharf_bus::KvError::RevisionMismatch { .. })), "{stale:?}");
+    let taken = kv.create("n", Bytes::from_static(b"8")).await;
+    assert!(matches!(taken, Err(wharf_bus::KvError::AlreadyExists { .. })), "{taken:?}");
+
+    // Ten increments by compare-and-set from two clients at once count ten.
+    let other = connect(&cluster, named("wharf-test-2")).await;
+    let kvs = [kv.clone(), other.kv("cas").await.expect("kv")];
+    let mut tasks = tokio::task::JoinSet::new();
+    for kv in kvs {
+        tasks.spawn(async move {
+            for _ in 0..5 {
+                loop {
+                    let entry = kv.get("n").await.expect("get").expect("a value");
+                    let value: u64 = std::str::from_utf8(&entry.value).expect("utf-8").parse().expect("a number");
+                    match kv.update("n", Bytes::from((value + 1).to_string()), entry.revision).await {
+                        Ok(_) => break,
+                        Err(wharf_bus::KvError::RevisionMismatch { .. }) => continue,
+                        Err(e) => panic!("increment failed: {e}"),
+                    }
+                }
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.expect("task");
+    }
+    let entry = kv.get("n").await.expect("get").expect("a value");
+    assert_eq!(entry.value, Bytes::from_static(b"16"));
+}

@@ -75,6 +75,7 @@ conformance!(
     kv_creates_state_buckets_with_the_bus_limits,
     kv_keys_page_reads_a_prefix_in_bounded_pages,
     kv_keys_longer_than_a_subject_may_be_are_refused,
+    kv_identical_writes_are_each_a_write,
     objects_hold_large_blobs,
     objects_are_listed_and_deleted,
     objects_refuse_blobs_past_their_limit,
@@ -618,6 +619,26 @@ mod cases {
         assert!(kv.keys_page("b.", 0, 10).await.expect("page").keys == ["b.other"]);
         assert!(kv.keys_page("zz.", 0, 10).await.expect("empty").keys.is_empty());
         assert!(matches!(kv.keys_page("a..", 0, 10).await, Err(KvError::InvalidName(_))));
+    }
+
+    /// Two writers that write the same value expecting the same revision
+    /// are two writes: one wins, the other is refused (a counter loses no
+    /// increment); and a value put again after another is stored again.
+    pub async fn kv_identical_writes_are_each_a_write(bus: Bus) {
+        let kv = bus.kv("same").await.expect("kv");
+        let first = kv.put("n", bytes("5")).await.expect("put");
+        let (a, b) = futures::join!(kv.update("n", bytes("6"), first), kv.update("n", bytes("6"), first));
+        assert!(a.is_ok() != b.is_ok(), "exactly one compare-and-set wins: {a:?} {b:?}");
+        let refused = if a.is_ok() { b } else { a };
+        assert!(matches!(refused, Err(KvError::RevisionMismatch { .. })), "{refused:?}");
+        let after = kv.update("n", bytes("6"), first).await;
+        assert!(matches!(after, Err(KvError::RevisionMismatch { .. })), "the same write later is refused too: {after:?}");
+
+        kv.put("k", bytes("v")).await.expect("put");
+        kv.put("k", bytes("w")).await.expect("put");
+        let last = kv.put("k", bytes("v")).await.expect("put");
+        let entry = kv.get("k").await.expect("get").expect("a value");
+        assert_eq!((entry.value, entry.revision), (bytes("v"), last), "the repeated value is stored again");
     }
 
     pub async fn kv_keys_longer_than_a_subject_may_be_are_refused(bus: Bus) {

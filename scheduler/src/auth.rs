@@ -67,12 +67,13 @@ impl Tokens {
         Ok(())
     }
 
-    /// The role of `token`, if it is a known token.
-    pub async fn check(&self, token: &str) -> Option<Role> {
-        let id = token_id(token)?;
-        let entry = self.kv.get(id).await.ok()??;
-        let record: TokenRecord = serde_json::from_slice(&entry.value).ok()?;
-        constant_time_eq(record.hash.as_bytes(), hash(token).as_bytes()).then_some(record.role)
+    /// The role of `token`, if it is a known token; an error if the store
+    /// cannot say (which is not the same as an unknown token).
+    pub async fn check(&self, token: &str) -> Result<Option<Role>, wharf_bus::KvError> {
+        let Some(id) = token_id(token) else { return Ok(None) };
+        let Some(entry) = self.kv.get(id).await? else { return Ok(None) };
+        let Ok(record) = serde_json::from_slice::<TokenRecord>(&entry.value) else { return Ok(None) };
+        Ok(constant_time_eq(record.hash.as_bytes(), hash(token).as_bytes()).then_some(record.role))
     }
 
     /// Makes sure an admin token exists in `file`, creating one (and the file,
@@ -81,7 +82,7 @@ impl Tokens {
     pub async fn ensure_admin(&self, file: &Path) -> anyhow::Result<String> {
         if let Ok(text) = std::fs::read_to_string(file) {
             let token = text.trim().to_string();
-            if self.check(&token).await.is_none() {
+            if self.check(&token).await?.is_none() {
                 self.register(&token, Role::Admin).await?;
             }
             return Ok(token);
@@ -150,6 +151,7 @@ pub async fn authorise(State(plane): State<ControlPlane>, mut request: Request, 
     let role = tokens
         .check(token)
         .await
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", format!("cannot check the token now: {e}")))?
         .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", "unknown or revoked token"))?;
     let writes = !matches!(*request.method(), Method::GET | Method::HEAD);
     let principal = match &role {

@@ -35,10 +35,9 @@ const FIRST_PAUSE: Duration = Duration::from_millis(50);
 /// Reads and writes ride over the loss of a server and the elections that
 /// follow: they are tried again for up to [`RIDE_OVER`]. A write that may
 /// or may not have been stored (its server died before answering) is sent
-/// again *as the same message*: every write carries a `Nats-Msg-Id`
-/// derived from what it writes (and, for compare-and-set, the revision it
-/// expects), and JetStream stores a message id once within its duplicate
-/// window, answering a repeat with the first answer. So a retried write is
+/// again *as the same message*: every write call carries a `Nats-Msg-Id`
+/// of its own, the same on each try, and JetStream stores a message id once
+/// within its duplicate window, answering a repeat with the first answer. So a retried write is
 /// stored exactly once, and a counter incremented by compare-and-set across
 /// a node's death counts every increment once.
 pub(crate) struct NatsKv {
@@ -67,6 +66,11 @@ impl NatsKv {
             jetstream,
             connection,
         }
+    }
+
+    /// Whether the server is one of a cluster (it advertises others).
+    fn clustered(&self) -> bool {
+        self.client.server_info().connect_urls.len() > 1
     }
 
     /// Tries `attempt` until it succeeds, fails for good, or [`RIDE_OVER`]
@@ -105,7 +109,7 @@ impl NatsKv {
             subject.push_str(self.store.put_prefix.as_deref().unwrap_or(&self.store.prefix));
         }
         subject.push_str(key);
-        let id = message_id(&self.bucket, key, expected, &value);
+        let id = message_id();
         // The message's headers (id, expected sequence) count against the
         // bucket's limit too.
         let size = key.len() + value.len() + WRITE_HEADERS;
@@ -126,10 +130,15 @@ impl NatsKv {
                     Ok(ack) => ack.await,
                     Err(err) => return Err(Attempt::Retry(self.unavailable(err))),
                 };
-                let reconnected = connection.has_changed().unwrap_or(true);
+                let reconnected = connection.has_changed().unwrap_or(true) || self.clustered();
                 match ack {
                     Ok(ack) => Ok(ack.sequence),
-                    Err(err) if err.kind() == async_nats::jetstream::context::PublishErrorKind::WrongLastSequence => {
+                    // Servers from 2.11 answer a failed compare-and-set with
+                    // a constant code of their own (10164) rather than 10071.
+                    Err(err)
+                        if err.kind() == async_nats::jetstream::context::PublishErrorKind::WrongLastSequence
+                            || jetstream_code(&err) == Some(ErrorCode::STREAM_WRONG_LAST_SEQUENCE_CONSTANT) =>
+                    {
                         Err(Attempt::Final(KvError::RevisionMismatch { bucket: self.bucket.clone(), key: key.to_owned(), expected: expected.unwrap_or(0) }))
                     }
                     Err(err) if is_transient(&err, reconnected) => Err(Attempt::Retry(self.unavailable(err))),
@@ -149,7 +158,7 @@ impl NatsKv {
                     self.store.entry(key).await.map_err(|err| {
                         // As for writes: a timeout on a steady connection
                         // is a refusal, not a lost server.
-                        let reconnected = connection.has_changed().unwrap_or(true);
+                        let reconnected = connection.has_changed().unwrap_or(true) || self.clustered();
                         if err.kind() == kv::EntryErrorKind::TimedOut && !reconnected {
                             Attempt::Final(self.unavailable(err))
                         } else {
@@ -177,7 +186,12 @@ impl NatsKv {
         let size = key.len() + value.len();
         match self.store.create(key, value).await {
             Ok(revision) => Ok(revision),
-            Err(err) if err.kind() == kv::CreateErrorKind::AlreadyExists => {
+            // From 2.11 a clustered stream refuses the create's
+            // compare-and-set with 10164, which async-nats does not map.
+            Err(err)
+                if err.kind() == kv::CreateErrorKind::AlreadyExists
+                    || jetstream_code(&err) == Some(ErrorCode::STREAM_WRONG_LAST_SEQUENCE_CONSTANT) =>
+            {
                 Err(KvError::AlreadyExists {
                     bucket: self.bucket.clone(),
                     key: key.to_owned(),
@@ -340,32 +354,33 @@ enum Attempt {
     Final(KvError),
 }
 
-/// A write's message id: the same for the same write (bucket, key, value
-/// and expected revision), so a write sent again is stored once. Two
-/// identical plain puts in a row are also one, which changes nothing.
-fn message_id(bucket: &str, key: &str, expected: Option<u64>, value: &[u8]) -> String {
-    use sha2::{Digest, Sha256};
-    let mut hash = Sha256::new();
-    let expected = expected.map_or([0xff; 8], u64::to_be_bytes);
-    for part in [bucket.as_bytes(), key.as_bytes(), &expected[..], value] {
-        hash.update((part.len() as u64).to_be_bytes());
-        hash.update(part);
-    }
-    hex::encode(&hash.finalize()[..16])
+/// A fresh message id for one write call: every try of that call sends
+/// it, so a write sent again is stored once; no other write shares it, so
+/// two writers of the same value expecting the same revision never pass for
+/// one (the second must see its compare-and-set refused), and a value put
+/// again later is stored again.
+fn message_id() -> String {
+    hex::encode(rand::random::<[u8; 16]>())
 }
 
 /// Whether a publish failed for want of an answer that a retry may get:
 /// nobody listening while the stream elects a leader, a lost connection,
-/// or a timeout across a reconnection (`reconnected`). A timeout on a
-/// steady connection is a refusal (permissions) or a server that cannot
-/// store it, and is not retried.
+/// or a timeout across a reconnection or in a cluster (`reconnected`). A
+/// timeout on a steady connection to a lone server is a refusal
+/// (permissions) or a server that cannot store it, and is not retried; in
+/// a cluster it is also what the loss of another node looks like (the
+/// stream's leader died with the request), so it is retried there.
 fn is_transient(err: &async_nats::jetstream::context::PublishError, reconnected: bool) -> bool {
     use async_nats::jetstream::context::PublishErrorKind;
     let code = jetstream_code(err);
     match err.kind() {
         PublishErrorKind::TimedOut => reconnected,
         PublishErrorKind::BrokenPipe | PublishErrorKind::StreamNotFound => true,
-        PublishErrorKind::Other => code.is_some_and(|code| code == ErrorCode::CLUSTER_NOT_AVAILABLE),
+        // A retried write whose first try the stream is still storing
+        // (through its new leader): the next try gets the first's answer.
+        PublishErrorKind::Other => {
+            code.is_some_and(|code| code == ErrorCode::CLUSTER_NOT_AVAILABLE || code == ErrorCode::STREAM_DUPLICATE_MESSAGE_CONFLICT)
+        }
         _ => false,
     }
 }
