@@ -272,7 +272,7 @@ pub(crate) async fn write_spec(
     check_fits(plane, &spec)?;
     if !spec.keyvalue.is_empty() {
         // Hosts may only open data buckets, not create them.
-        data_bucket(&plane, &spec.namespace).await?;
+        data_bucket(plane, &spec.namespace).await?;
     }
     let id = spec.id();
     let stored = plane.informer.service(&id);
