@@ -47,7 +47,7 @@ enum Command {
     /// Namespaces and their quotas (replicas, memory, requests/s).
     #[command(subcommand)]
     Namespace(client::NamespaceCommand),
-    /// Create API tokens bound to namespaces (read, or --write), or admin tokens.
+    /// Create, list and revoke API tokens: bound to namespaces (read, or --write), or admin.
     #[command(subcommand)]
     Token(client::TokenCommand),
     /// Store, list and delete secrets (granted to services with --secret).
@@ -111,7 +111,9 @@ fn init_logging(filter: &str) {
         eprintln!("warning: bad log filter {filter:?} ({e}); using `info`");
         tracing_subscriber::EnvFilter::new("info")
     });
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    // Colour only on a terminal: redirected to a file or a pipe, the log is plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none();
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).with_target(false).init();
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

@@ -15,6 +15,7 @@ pub mod leader;
 pub mod rollout_api;
 pub mod status;
 pub mod store;
+pub mod tokens_api;
 
 use hosts::HostTable;
 use informer::Informer;
