@@ -612,6 +612,23 @@ impl Api {
 
 }
 
+/// Reads a stream of JSON lines (the API's `follow=true` answers) and hands
+/// each to `each` until the server ends the stream; lines that are not JSON
+/// are skipped.
+pub(crate) async fn each_json_line(mut response: reqwest::Response, mut each: impl FnMut(Value)) -> anyhow::Result<()> {
+    let mut pending: Vec<u8> = Vec::new();
+    while let Some(chunk) = response.chunk().await.context("the stream from the API broke off")? {
+        pending.extend_from_slice(&chunk);
+        while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=end).collect();
+            if let Ok(value) = serde_json::from_slice::<Value>(&line) {
+                each(value);
+            }
+        }
+    }
+    Ok(())
+}
+
 /// An error and its causes, outermost first, without repeats.
 pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 mod client;
 mod cluster;
+mod logs;
 mod rollout;
 mod oci;
 mod serve;
@@ -60,6 +61,8 @@ enum Command {
     /// Revisions and rollouts: status, history, undo, canary, promote, abort.
     #[command(subcommand)]
     Rollout(rollout::RolloutCommand),
+    /// Print a service's log lines from every replica on every host (-f to follow).
+    Logs(logs::LogsArgs),
     /// Delete a service (its replicas stop, its routes go).
     Delete(client::DeleteArgs),
     /// Serve one component over HTTP with no control plane (the development loop).
@@ -92,6 +95,7 @@ fn main() -> ExitCode {
             Command::Namespace(command) => client::namespace(command).await,
             Command::Scale(args) => client::scale(args).await,
             Command::Rollout(command) => rollout::rollout(command).await,
+            Command::Logs(args) => logs::logs(args).await,
             Command::Delete(args) => client::delete(args).await,
             Command::Serve(args) => serve::run(args, shutdown_signal()).await,
         }

@@ -12,6 +12,7 @@ pub mod controller;
 pub mod hosts;
 pub mod informer;
 pub mod leader;
+pub mod logs_api;
 pub mod rollout_api;
 pub mod status;
 pub mod store;
