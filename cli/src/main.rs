@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 mod client;
 mod cluster;
+mod events;
 mod logs;
 mod rollout;
 mod oci;
@@ -63,6 +64,11 @@ enum Command {
     Rollout(rollout::RolloutCommand),
     /// Print a service's log lines from every replica on every host (-f to follow).
     Logs(logs::LogsArgs),
+    /// Show everything known about a service: spec, revisions, replicas, load and recent events.
+    #[command(subcommand)]
+    Describe(events::DescribeWhat),
+    /// List what the control plane did and why (placements, failures, retries, moves, scaling, rollouts).
+    Events(events::EventsArgs),
     /// Delete a service (its replicas stop, its routes go).
     Delete(client::DeleteArgs),
     /// Serve one component over HTTP with no control plane (the development loop).
@@ -96,6 +102,8 @@ fn main() -> ExitCode {
             Command::Scale(args) => client::scale(args).await,
             Command::Rollout(command) => rollout::rollout(command).await,
             Command::Logs(args) => logs::logs(args).await,
+            Command::Describe(what) => events::describe(what).await,
+            Command::Events(args) => events::events(args).await,
             Command::Delete(args) => client::delete(args).await,
             Command::Serve(args) => serve::run(args, shutdown_signal()).await,
         }

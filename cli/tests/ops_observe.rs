@@ -1,7 +1,8 @@
 //! What operators look at, on three real hosts over a real nats-server:
 //! `wharf logs` merges every replica's lines from every host (`-f` within a
-//! second of their being written), and a token for one namespace cannot
-//! read another's logs.
+//! second of their being written), `wharf describe service` shows a
+//! replica's failures, retries and move with their reasons, and a token for
+//! one namespace reads neither the logs nor the events of another.
 
 use std::path::Path;
 use std::process::Command;
@@ -28,7 +29,7 @@ async fn wait_spread(scheduler: &Scheduler, name: &str, hosts: &[&str]) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn logs_from_three_hosts_and_tokens_stay_in_their_namespace() {
+async fn logs_from_three_hosts_describe_shows_failures_and_moves_and_tokens_stay_in_their_namespace() {
     let nats = NatsServer::start();
     let dir = tempfile::tempdir().expect("tempdir");
     let wharf = Path::new(WHARF);
@@ -75,19 +76,57 @@ async fn logs_from_three_hosts_and_tokens_stay_in_their_namespace() {
     }
     follower.kill();
 
-    // A token for namespace shop cannot read default's logs.
+    // A token for namespace shop reads neither the logs nor the events of default.
     let shop = scheduler.ok(&["token", "create", "-n", "shop"]).trim().to_string();
     let as_shop = |args: &[&str]| {
         let output = Command::new(WHARF).args(args).env("WHARF_API", &scheduler.api).env("WHARF_TOKEN", &shop).output().expect("runs");
         (output.status.success(), format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr)))
     };
-    for args in [&["logs", "web"][..], &["logs", "web", "-f"]] {
+    for args in [&["logs", "web"][..], &["logs", "web", "-f"], &["events"], &["events", "-f"], &["describe", "service", "web"]] {
         let (ok, text) = as_shop(args);
         assert!(!ok && text.contains("may act only in namespace(s) shop, not default"), "{args:?}: {text}");
         assert!(!text.contains("served /web"), "{args:?} showed default's lines: {text}");
     }
-    for path in ["/v1/namespaces/default/services/web/logs?follow=true", "/v1/namespaces/default/services/web/logs"] {
+    let (ok, text) = as_shop(&["events", "-n", "shop"]);
+    assert!(ok, "its own namespace's events: {text}");
+    for path in ["/v1/namespaces/default/services/web/logs?follow=true", "/v1/namespaces/default/events"] {
         let response = client.get(format!("{}{path}", scheduler.api)).bearer_auth(&shop).send().await.expect("answered");
         assert_eq!(response.status(), 403, "{path}");
     }
+
+    // A replica that fails its readiness check on host-b: failed, retried
+    // with backoff, then moved; describe says so, with the reasons.
+    scheduler.ok(&["deploy", hello, "--name", "flaky", "--route", "/flaky", "--replicas", "3", "--spread", "zone", "--readiness", "/ready", "--env", "FAIL_ON_HOST=host-b", "--no-wait"]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let described = loop {
+        let text = scheduler.ok(&["describe", "service", "flaky"]);
+        let moved = text.lines().any(|l| l.contains("Moving") && l.contains("host-b"));
+        let placed_elsewhere = text.lines().filter(|l| l.contains("Placed")).count() >= 4;
+        if moved && placed_elsewhere {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "no move of the failing replica within 60 s:\n{text}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let event = |reason: &str| described.lines().find(|l| l.contains(reason)).unwrap_or_else(|| panic!("no {reason} event:\n{described}")).to_string();
+    let failed = event("Failed");
+    assert!(failed.contains("host-b") && failed.contains("readiness check GET /ready failed") && failed.contains("retry in"), "{failed}");
+    assert!(event("Retrying").contains("host-b"), "{described}");
+    assert!(event("Moving").contains("failed 3 times on host host-b"), "{described}");
+    assert!(described.contains("Service:     default/flaky") && described.contains("Revisions:") && described.contains("Replicas:"), "{described}");
+    // The same events on the API, for this service only.
+    let events: serde_json::Value = client
+        .get(format!("{}/v1/namespaces/default/events?service=flaky", scheduler.api))
+        .bearer_auth(&scheduler.token)
+        .send()
+        .await
+        .expect("answered")
+        .json()
+        .await
+        .expect("json");
+    let events = events["events"].as_array().cloned().unwrap_or_default();
+    assert!(events.iter().all(|e| e["service"] == "default/flaky"), "{events:?}");
+    assert!(events.iter().any(|e| e["reason"] == "Moving" && e["host"] == "host-b" && e["replica"].is_u64()), "{events:?}");
+    let (ok, text) = scheduler.wharf(&["events", "--limit", "2"]);
+    assert!(ok && text.lines().count() == 3, "a header and the newest two: {text}");
 }

@@ -32,6 +32,11 @@ fn help_opens_by_saying_what_wharf_is() {
     let (ok, text) = wharf(&["--help"], &[]);
     assert!(ok, "{text}");
     assert!(text.starts_with("Wharf: an orchestrator for WebAssembly"), "{text}");
+    for command in ["logs", "events", "describe"] {
+        assert!(text.contains(&format!("  {command} ")), "`{command}` is listed:\n{text}");
+    }
+    let (ok, text) = wharf(&["logs", "--help"], &[]);
+    assert!(ok && text.contains("--follow") && text.contains("--since") && text.contains("--tail") && text.contains("--replica") && text.contains("--host"), "{text}");
 }
 
 #[test]
@@ -66,7 +71,14 @@ async fn up_takes_host_spellings_namespace_tokens_list_their_services_and_revoke
     let hello = samples::path("hello");
     let hello = hello.to_str().expect("utf-8");
     up.ok(&["deploy", hello, "--name", "cart", "--namespace", "shop", "--no-wait"]);
-    up.ok(&["deploy", hello, "--name", "web", "--no-wait"]);
+    up.ok(&["deploy", hello, "--name", "web", "--route", "/web"]);
+    // One node, the in-process bus: logs and events work the same.
+    let response = reqwest::get(format!("{}/web/one", up.ingress)).await.expect("answered");
+    assert_eq!(response.status(), 200);
+    let logs = up.ok(&["logs", "web"]);
+    assert!(logs.lines().any(|l| l == "[box-1 r0 rev1] hello: served /web/one"), "{logs}");
+    let events = up.ok(&["events"]);
+    assert!(events.lines().any(|l| l.contains("default/web") && l.contains("Placed") && l.contains("box-1")), "{events}");
     let shop = up.ok(&["token", "create", "-n", "shop"]).trim().to_string();
     let as_shop = |args: &[&str]| wharf(args, &[("WHARF_API", &up.api), ("WHARF_TOKEN", &shop)]);
     // A namespace token lists its own services, and only those.

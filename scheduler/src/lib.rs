@@ -9,6 +9,8 @@ pub mod api;
 pub mod auth;
 pub mod autoscale;
 pub mod controller;
+pub mod events;
+pub mod events_api;
 pub mod hosts;
 pub mod informer;
 pub mod leader;
@@ -88,6 +90,9 @@ pub enum StartError {
     Heartbeats(#[from] wharf_bus::SubscribeError),
     #[error("cannot set up API tokens: {0:#}")]
     Tokens(anyhow::Error),
+    /// The events bucket could not be opened or created.
+    #[error("cannot open the events bucket: {0}")]
+    Events(wharf_bus::KvError),
 }
 
 /// A running control plane; cheap to clone. Every one serves the API; the
@@ -102,6 +107,8 @@ pub struct ControlPlane {
     pub(crate) autoscaling: autoscale::Autoscaling,
     pub(crate) bus: Bus,
     pub(crate) tokens: Option<auth::Tokens>,
+    /// The events bucket (`wharf-events`), read by the API; the leader writes it through `controller::Context::events`.
+    pub(crate) events: wharf_bus::Kv,
     pub(crate) leadership: watch::Receiver<Leadership>,
     pub(crate) config: ControlPlaneConfig,
     stop: Arc<watch::Sender<bool>>,
@@ -123,6 +130,7 @@ impl ControlPlane {
             }
             None => None,
         };
+        let events = bus.kv(wharf_proto::names::EVENTS_BUCKET).await.map_err(StartError::Events)?;
         let (stop, stopped) = watch::channel(false);
         let leadership = leader::campaign(store.leader_kv().clone(), config.name.clone(), config.lease, stopped.clone());
         let autoscaling = autoscale::Autoscaling::default();
@@ -133,6 +141,7 @@ impl ControlPlane {
             hosts: hosts.clone(),
             autoscaling: autoscaling.clone(),
             retry: config.retry,
+            events: events::Recorder::start(events.clone()),
         };
         tokio::spawn(lead(context, leadership.clone(), stopped));
         Ok(ControlPlane {
@@ -143,6 +152,7 @@ impl ControlPlane {
             autoscaling,
             bus: bus.clone(),
             tokens,
+            events,
             leadership,
             config,
             stop: Arc::new(stop),
@@ -203,6 +213,8 @@ async fn lead(context: controller::Context, mut leadership: watch::Receiver<Lead
         match epoch {
             Some(epoch) => {
                 let (quit, quitting) = watch::channel(false);
+                // Another leader may have recorded events meanwhile: number on from the bucket.
+                context.events.renumber();
                 let task = tokio::spawn(controller::run(context.clone(), epoch, quitting));
                 // Lead until the epoch changes or the process stops.
                 loop {
