@@ -102,6 +102,7 @@ pub fn router(plane: ControlPlane) -> Router {
         .merge(crate::tokens_api::routes())
         .merge(crate::logs_api::routes())
         .merge(crate::events_api::routes())
+        .merge(crate::dashboard::routes())
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such API path; see /v1/services, /v1/artifacts, /v1/hosts") })
         .method_not_allowed_fallback(|| async { ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this path does not take that method") })
         .layer(axum::middleware::from_fn_with_state(plane.clone(), crate::auth::authorise))

@@ -9,6 +9,7 @@ pub mod api;
 pub mod auth;
 pub mod autoscale;
 pub mod controller;
+pub mod dashboard;
 pub mod events;
 pub mod events_api;
 pub mod hosts;
