@@ -55,6 +55,10 @@ async fn logs_from_three_hosts_describe_shows_failures_and_moves_and_tokens_stay
     let record: serde_json::Value = serde_json::from_str(json.trim()).expect("one JSON line");
     assert_eq!((record["host"].as_str(), record["revision"].as_u64()), (Some("host-b"), Some(1)), "{json}");
     assert!(record["line"].as_str().is_some_and(|l| l.contains("before-host-b")), "{json}");
+    let (ok, text) = scheduler.wharf(&["logs", "web", "--host", "host-z"]);
+    assert!(!ok && text.contains("host host-z runs no replica of default/web"), "{text}");
+    let (ok, text) = scheduler.wharf(&["logs", "nothing"]);
+    assert!(!ok && text.contains("service default/nothing not found"), "{text}");
     let (ok, text) = scheduler.wharf(&["logs", "web", "--since", "ten minutes"]);
     assert!(!ok && text.contains("--since"), "a bad duration is refused naming the flag: {text}");
 

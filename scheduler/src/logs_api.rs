@@ -94,6 +94,11 @@ async fn logs(
     let service = crate::api::service_id(&ns, &name)?;
     crate::api::find_service(&plane, &service).await?;
     let wanted = check(service, &params)?;
+    if let Some(host) = &wanted.host
+        && hosts_of(&plane, &wanted).is_empty()
+    {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("host {host} runs no replica of {} (`wharf get services {}` shows where they run)", wanted.service, wanted.service)));
+    }
     if params.follow != Some(true) {
         let (lines, missing) = recent(&plane, &wanted).await;
         let truncated = lines.1;
