@@ -11,6 +11,7 @@ mod logs;
 mod rollout;
 mod oci;
 mod serve;
+mod telemetry;
 mod up;
 mod wiring;
 
@@ -23,6 +24,12 @@ struct Cli {
     /// Log filter (also RUST_LOG), e.g. `info`, `wharf_host=debug`.
     #[arg(long, global = true, default_value = "info", env = "WHARF_LOG")]
     log: String,
+    /// Export the request path's spans (ingress, hops between hosts, calls between services,
+    /// instantiation, the guest) to this OpenTelemetry collector over OTLP/HTTP
+    /// (e.g. http://127.0.0.1:4318); W3C traceparent headers are honoured and passed on.
+    /// Without it nothing is exported.
+    #[arg(long, global = true, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
+    otlp_endpoint: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -77,7 +84,8 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli.log);
+    // Held to the end of `main`: dropping it flushes spans still to be exported.
+    let _telemetry = telemetry::init(&cli.log, cli.otlp_endpoint.as_deref());
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -115,17 +123,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn init_logging(filter: &str) {
-    let filter = std::env::var("RUST_LOG").ok().unwrap_or_else(|| filter.to_string());
-    let filter = tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|e| {
-        eprintln!("warning: bad log filter {filter:?} ({e}); using `info`");
-        tracing_subscriber::EnvFilter::new("info")
-    });
-    // Colour only on a terminal: redirected to a file or a pipe, the log is plain text.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none();
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).with_target(false).init();
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

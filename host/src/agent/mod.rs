@@ -286,8 +286,11 @@ impl Drop for Inner {
 }
 
 impl Handler for HostAgent {
-    fn handle(&self, request: Request<RequestBody>) -> Pin<Box<dyn Future<Output = Response<ResponseBody>> + Send + '_>> {
-        Box::pin(self.route(request))
+    fn handle(&self, mut request: Request<RequestBody>) -> Pin<Box<dyn Future<Output = Response<ResponseBody>> + Send + '_>> {
+        let span = tracing::trace_span!(target: crate::trace::TARGET, "ingress", host = %self.inner.config.host, method = %request.method(), path = %request.uri().path());
+        crate::trace::continue_from(&span, request.headers());
+        crate::trace::inject(&span, request.headers_mut());
+        Box::pin(tracing::Instrument::instrument(self.route(request), span))
     }
 }
 
