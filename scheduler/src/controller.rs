@@ -648,6 +648,8 @@ impl Controller {
             for (index, reason) in outliers(policy, &traffic) {
                 let (key, host, _, _) = &replicas[index];
                 tracing::warn!(replica = %key, %host, "ejecting an outlier: {reason}");
+                let message = format!("replica {} ejected on host {host} and replaced on another host: {reason}", key.replica);
+                self.context.events.record(NewEvent::new(&service, "Ejected", message).replica(Some(host), key.revision, key.replica));
                 self.avoid.entry(key.clone()).or_default().insert(host.clone());
                 self.samples.remove(key);
                 recent.push(EjectedReplica { revision: key.revision, replica: key.replica, host: host.clone(), reason, at_ms: now });
