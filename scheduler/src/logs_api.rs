@@ -182,17 +182,18 @@ impl Drop for FollowerSlot {
 async fn follow(plane: ControlPlane, wanted: Wanted) -> Result<Response, ApiError> {
     let slot = FollowerSlot::take(&FOLLOWERS, MAX_FOLLOWERS, "logs")?;
     // Subscribe before asking for history, so no line falls between the two;
-    // a line in both is dropped by its (host, revision, replica, seq).
+    // a line in both is dropped by its (host, revision, replica, seq) and
+    // time: a replica loaded again numbers its lines from 1, later.
     let subject = logs_subject(&wanted.service.namespace, &wanted.service.name);
     let live = plane.bus.subscribe(&subject).await.map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "bus_unavailable", format!("cannot follow {subject}: {e}")))?;
     let ((history, _), missing) = recent(&plane, &wanted).await;
-    let mut seen: BTreeMap<(HostId, u64, u32), u64> = BTreeMap::new();
+    let mut seen = Sent::new();
     let mut first = Vec::new();
     for host in missing {
         first.push(json_line(&serde_json::json!({"notice": format!("no recent lines from {host}")})));
     }
     for record in history {
-        seen.insert((record.host.clone(), record.revision, record.replica), record.seq);
+        seen.insert((record.host.clone(), record.revision, record.replica), (record.seq, record.time_ms));
         first.push(json_line(&record));
     }
     let wanted = Arc::new(wanted);
@@ -201,7 +202,7 @@ async fn follow(plane: ControlPlane, wanted: Wanted) -> Result<Response, ApiErro
         let line = serde_json::from_slice::<LogRecord>(&message.payload).ok().filter(|record| {
             let replica_ok = wanted.query.replica.is_none_or(|r| record.replica == r);
             let host_ok = wanted.host.as_ref().is_none_or(|h| *h == record.host);
-            let fresh = seen.get(&(record.host.clone(), record.revision, record.replica)).is_none_or(|last| record.seq > *last);
+            let fresh = not_sent(&seen, record);
             replica_ok && host_ok && fresh
         });
         futures::future::ready(line.map(|record| json_line(&record)))
@@ -213,8 +214,48 @@ async fn follow(plane: ControlPlane, wanted: Wanted) -> Result<Response, ApiErro
     Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(stream)).into_response())
 }
 
+/// The last line sent from history per (host, revision, replica): its seq and time.
+type Sent = BTreeMap<(HostId, u64, u32), (u64, u64)>;
+
+/// Whether a live `record` was not already sent from history: newer in its
+/// ring, or from a ring started since (a replica loaded again numbers from 1).
+fn not_sent(sent: &Sent, record: &LogRecord) -> bool {
+    sent.get(&(record.host.clone(), record.revision, record.replica)).is_none_or(|(seq, time_ms)| record.seq > *seq || record.time_ms > *time_ms)
+}
+
 fn json_line(value: &impl serde::Serialize) -> Bytes {
     let mut bytes = serde_json::to_vec(value).unwrap_or_default();
     bytes.push(b'\n');
     Bytes::from(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wharf_proto::observe::LogStreamName;
+
+    fn line(host: &str, replica: u32, seq: u64, time_ms: u64) -> LogRecord {
+        LogRecord {
+            time_ms,
+            host: HostId::new(host).expect("label"),
+            service: "default/web".parse().expect("id"),
+            revision: 1,
+            replica,
+            stream: LogStreamName::Stdout,
+            seq,
+            line: String::new(),
+        }
+    }
+
+    #[test]
+    fn live_lines_already_sent_from_history_are_dropped_and_a_reloaded_replica_is_not_mistaken_for_them() {
+        let mut sent = Sent::new();
+        sent.insert((HostId::new("a").expect("label"), 1, 0), (10, 5_000));
+        assert!(!not_sent(&sent, &line("a", 0, 9, 4_990)), "in history");
+        assert!(!not_sent(&sent, &line("a", 0, 10, 5_000)), "the last one in history");
+        assert!(not_sent(&sent, &line("a", 0, 11, 5_001)), "the next one");
+        assert!(not_sent(&sent, &line("a", 0, 1, 6_000)), "a replica loaded again starts at 1, later");
+        assert!(not_sent(&sent, &line("a", 1, 3, 4_000)), "another replica");
+        assert!(not_sent(&sent, &line("b", 0, 3, 4_000)), "another host");
+    }
 }
