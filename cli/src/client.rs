@@ -15,7 +15,8 @@ pub struct ApiArgs {
     #[arg(long, global = true, env = "WHARF_API", default_value = "http://127.0.0.1:7700")]
     api: String,
     /// API token (default: WHARF_TOKEN, else ~/.config/wharf/token, else the
-    /// admin token `wharf up` wrote in its default data directory).
+    /// admin token `wharf up` or `wharf scheduler` wrote: in $WHARF_DATA_DIR,
+    /// or in their default data directories).
     #[arg(long, global = true, env = "WHARF_TOKEN", hide_env_values = true)]
     token: Option<String>,
     /// A PEM CA certificate (or bundle) to trust for an https:// API, besides
@@ -37,9 +38,27 @@ impl ApiArgs {
         if let Some(token) = &self.token {
             return Some(token.trim().to_string());
         }
-        let candidates = [dirs::config_dir().map(|d| d.join("wharf").join("token")), dirs::data_dir().map(|d| d.join("wharf").join("admin-token"))];
-        candidates.into_iter().flatten().find_map(|path| std::fs::read_to_string(path).ok()).map(|t| t.trim().to_string())
+        token_files().into_iter().find_map(|path| std::fs::read_to_string(path).ok()).map(|t| t.trim().to_string()).filter(|t| !t.is_empty())
     }
+}
+
+/// Where the CLI looks for a token when none is given, in order: the
+/// user's own token file, then the admin token a control plane wrote in
+/// the data directory `WHARF_DATA_DIR` names, in `wharf up`'s default one
+/// and in `wharf scheduler`'s (`<data dir>/wharf/scheduler`).
+fn token_files() -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    if let Some(config) = dirs::config_dir() {
+        files.push(config.join("wharf").join("token"));
+    }
+    if let Some(dir) = std::env::var_os("WHARF_DATA_DIR").filter(|d| !d.is_empty()) {
+        files.push(PathBuf::from(dir).join("admin-token"));
+    }
+    if let Some(data) = dirs::data_dir() {
+        files.push(data.join("wharf").join("admin-token"));
+        files.push(data.join("wharf").join("scheduler").join("admin-token"));
+    }
+    files
 }
 
 /// Output format.
@@ -185,6 +204,9 @@ pub enum GetWhat {
     Services {
         /// One service (`name` or `namespace/name`).
         name: Option<String>,
+        /// List only this namespace's services (default: every namespace the token may see).
+        #[arg(short = 'n', long, conflicts_with = "name")]
+        namespace: Option<String>,
         #[arg(short = 'o', long, value_enum, default_value = "table")]
         output: Output,
         #[command(flatten)]
@@ -321,6 +343,21 @@ pub async fn namespace(command: NamespaceCommand) -> anyhow::Result<()> {
 pub enum TokenCommand {
     /// Create a token and print it (the only time it is shown).
     Create(TokenArgs),
+    /// List tokens: id, role, created (never the tokens themselves).
+    List {
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Output,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Revoke a token by its id (the 12 hex digits after `wharf_`, as `list` shows); it gets 401 from then on.
+    /// The admin token in a control plane's data directory is registered again when it starts: to replace it, delete that file and restart.
+    Revoke {
+        /// The token's id.
+        id: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
 }
 
 #[derive(clap::Args)]
@@ -340,11 +377,45 @@ pub struct TokenArgs {
 
 /// `wharf token create`: prints a new token (the only time it is shown).
 pub async fn token(command: TokenCommand) -> anyhow::Result<()> {
-    let TokenCommand::Create(args) = command;
+    let args = match command {
+        TokenCommand::Create(args) => args,
+        TokenCommand::List { output, api } => return list_tokens(output, &api).await,
+        TokenCommand::Revoke { id, api } => {
+            let api = Api::new(&api)?;
+            let answer = api.call(api.http.delete(format!("{}/v1/tokens/{id}", api.base))).await?;
+            println!("token {} revoked", answer["revoked"].as_str().unwrap_or(&id));
+            return Ok(());
+        }
+    };
     let api = Api::new(&args.api)?;
     let body = json!({"namespaces": args.namespaces, "write": args.write, "admin": args.admin});
     let answer = api.call(api.http.post(format!("{}/v1/tokens", api.base)).json(&body)).await?;
     println!("{}", answer["token"].as_str().unwrap_or(""));
+    Ok(())
+}
+
+/// `wharf token list`.
+async fn list_tokens(output: Output, api: &ApiArgs) -> anyhow::Result<()> {
+    let api = Api::new(api)?;
+    let answer = api.get("/v1/tokens").await?;
+    if output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(&answer)?);
+        return Ok(());
+    }
+    let mut rows = vec![vec!["ID".to_string(), "ROLE".to_string(), "CREATED".to_string()]];
+    for token in answer["tokens"].as_array().into_iter().flatten() {
+        let role = &token["role"];
+        let role = match role["kind"].as_str() {
+            Some("admin") => "admin".to_string(),
+            _ => {
+                let namespaces: Vec<&str> = role["namespaces"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+                format!("{} in {}", if role["write"].as_bool() == Some(true) { "write" } else { "read" }, namespaces.join(","))
+            }
+        };
+        let created = token["created_at_ms"].as_u64().map(|ms| humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string());
+        rows.push(vec![token["id"].as_str().unwrap_or("").to_string(), role, created.unwrap_or_default()]);
+    }
+    print_table(&rows);
     Ok(())
 }
 
@@ -418,12 +489,16 @@ pub struct DeleteArgs {
 pub(crate) struct Api {
     pub(crate) base: String,
     pub(crate) http: reqwest::Client,
+    /// Whether a token is sent; without one, a 401 says where the CLI looked.
+    has_token: bool,
 }
 
 impl Api {
     pub(crate) fn new(args: &ApiArgs) -> anyhow::Result<Api> {
         let mut headers = reqwest::header::HeaderMap::new();
-        if let Some(token) = args.token()
+        let token = args.token();
+        let has_token = token.is_some();
+        if let Some(token) = token
             && let Ok(mut value) = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
         {
             value.set_sensitive(true);
@@ -441,14 +516,16 @@ impl Api {
             }
         }
         let http = builder.build().map_err(|e| anyhow::anyhow!("cannot set up the HTTP client: {}", error_chain(&e)))?;
-        Ok(Api { base: args.api.trim_end_matches('/').to_string(), http })
+        Ok(Api { base: args.api.trim_end_matches('/').to_string(), http, has_token })
     }
 
     /// Says why a request got no answer, with every cause (a TLS failure is
     /// only visible in the innermost one) and what to try.
     fn unreachable(&self, e: &reqwest::Error) -> anyhow::Error {
         let text = error_chain(e);
-        let hint = if text.contains("certificate") {
+        let hint = if text.contains("CaUsedAsEndEntity") {
+            "the API's certificate is a CA certificate (CA:TRUE, what `openssl req -x509` makes by default) used as a server certificate, which TLS clients refuse even when it is trusted: make one with `-addext basicConstraints=critical,CA:FALSE` (README, TLS)"
+        } else if text.contains("certificate") {
             "the API's TLS certificate is not trusted: pass the CA that signed it with --ca-cert or WHARF_CA_CERT"
         } else if self.base.starts_with("http://") && !e.is_connect() && !e.is_timeout() {
             // Something answered, but not in plain HTTP: most likely TLS.
@@ -460,11 +537,24 @@ impl Api {
     }
 
     pub(crate) async fn call(&self, request: reqwest::RequestBuilder) -> anyhow::Result<Value> {
+        let response = self.send(request).await?;
+        Ok(response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Sends `request`; the response if it succeeded, else the API's error as a message.
+    pub(crate) async fn send(&self, request: reqwest::RequestBuilder) -> anyhow::Result<reqwest::Response> {
         let response = request.send().await.map_err(|e| self.unreachable(&e))?;
         let status = response.status();
-        let body: Value = response.json().await.unwrap_or(Value::Null);
         if status.is_success() {
-            return Ok(body);
+            return Ok(response);
+        }
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        if status == reqwest::StatusCode::UNAUTHORIZED && !self.has_token {
+            let looked: Vec<String> = token_files().iter().map(|f| f.display().to_string()).collect();
+            bail!(
+                "the API needs a token and none was found: pass --token or set WHARF_TOKEN (e.g. export WHARF_TOKEN=$(cat <data-dir>/admin-token)); looked in {}",
+                looked.join(", ")
+            );
         }
         match body["error"]["message"].as_str() {
             Some(message) => bail!("{message} ({})", body["error"]["code"].as_str().unwrap_or("error")),
@@ -520,6 +610,23 @@ impl Api {
         self.call(self.http.get(format!("{}{path}", self.base))).await
     }
 
+}
+
+/// Reads a stream of JSON lines (the API's `follow=true` answers) and hands
+/// each to `each` until the server ends the stream; lines that are not JSON
+/// are skipped.
+pub(crate) async fn each_json_line(mut response: reqwest::Response, mut each: impl FnMut(Value)) -> anyhow::Result<()> {
+    let mut pending: Vec<u8> = Vec::new();
+    while let Some(chunk) = response.chunk().await.context("the stream from the API broke off")? {
+        pending.extend_from_slice(&chunk);
+        while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=end).collect();
+            if let Ok(value) = serde_json::from_slice::<Value>(&line) {
+                each(value);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// An error and its causes, outermost first, without repeats.
@@ -742,7 +849,7 @@ pub async fn apply(args: ApplyArgs) -> anyhow::Result<()> {
 
 pub async fn get(what: GetWhat) -> anyhow::Result<()> {
     match what {
-        GetWhat::Services { name, output, api } => {
+        GetWhat::Services { name, namespace, output, api } => {
             let api = Api::new(&api)?;
             // One service prints as an object, a listing as an array.
             let (views, json) = match name {
@@ -751,7 +858,11 @@ pub async fn get(what: GetWhat) -> anyhow::Result<()> {
                     (vec![view.clone()], view)
                 }
                 None => {
-                    let list = api.get("/v1/services").await?["services"].clone();
+                    let path = match &namespace {
+                        Some(ns) => format!("/v1/namespaces/{ns}/services"),
+                        None => "/v1/services".to_string(),
+                    };
+                    let list = api.get(&path).await?["services"].clone();
                     (list.as_array().cloned().unwrap_or_default(), list)
                 }
             };

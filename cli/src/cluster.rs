@@ -163,11 +163,11 @@ On SIGTERM the host drains: it stops taking new requests, finishes those in flig
 pub struct HostArgs {
     #[command(flatten)]
     nats: NatsArgs,
-    /// This host's name in the cluster (default: the machine's host name).
-    #[arg(long)]
+    /// This host's name in the cluster (default: the machine's host name); `wharf up` spells it the same.
+    #[arg(long, visible_alias = "host-id", env = "WHARF_HOST_ID")]
     name: Option<String>,
-    /// Labels for placement, as KEY=VALUE[,KEY=VALUE...] (e.g. zone=a,disk=ssd).
-    #[arg(long, value_delimiter = ',', value_parser = wiring::parse_pair)]
+    /// Labels for placement, as KEY=VALUE (e.g. zone=a); repeat the flag or separate pairs with commas (zone=a,disk=ssd).
+    #[arg(long, visible_alias = "label", value_name = "KEY=VALUE", value_delimiter = ',', value_parser = wiring::parse_pair)]
     labels: Vec<(String, String)>,
     /// Memory offered to replicas (each reserves memory x concurrency); default: 80% of the machine's.
     #[arg(long)]
@@ -230,6 +230,7 @@ pub async fn scheduler(args: SchedulerArgs, shutdown: impl Future<Output = ()> +
         .with_context(|| format!("cannot listen on {} (choose another address with --api)", args.api))?;
     let addr = listener.local_addr()?;
     let bus = args.nats.connect("wharf-scheduler").await?;
+    let default_dir = args.data_dir.is_none();
     let dir = data_dir(args.data_dir, "scheduler")?;
     let host_sizing = wiring::HostArgs::default_sizing();
     let runtime = host_sizing.runtime(Some(dir.join("compiled")))?;
@@ -248,7 +249,7 @@ pub async fn scheduler(args: SchedulerArgs, shutdown: impl Future<Output = ()> +
     let name = config.name.clone();
     let plane = ControlPlane::start(&bus, Arc::new(RuntimeCheck(runtime)), config).await?;
     println!("Wharf scheduler: API {}://{addr} over NATS {} (this scheduler: {name})", wiring::scheme(tls.as_ref()), args.nats.nats);
-    eprintln!("admin token: {}", token_file.display());
+    eprintln!("{}", wiring::admin_token_note(&token_file, default_dir));
     plane.serve(listener, tls, edge, shutdown).await?;
     plane.shutdown();
     Ok(())
@@ -257,17 +258,17 @@ pub async fn scheduler(args: SchedulerArgs, shutdown: impl Future<Output = ()> +
 pub async fn host(args: HostArgs, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let tls = args.tls.load()?;
     let edge = args.edge.config()?;
+    let mut sizing = wiring::HostArgs::new(args.name.clone(), args.labels.clone(), args.max_instances, args.memory);
+    sizing.background_priority = args.background_priority;
+    sizing.code_cache = args.code_cache;
+    sizing.guest = args.guest.clone();
+    let id = sizing.host_id()?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {} (choose another address with --listen)", args.listen))?;
     let admin_listener = args.admin.bind().await?;
     let addr = listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
-    let mut sizing = wiring::HostArgs::new(args.name.clone(), args.labels.clone(), args.max_instances, args.memory);
-    sizing.background_priority = args.background_priority;
-    sizing.code_cache = args.code_cache;
-    sizing.guest = args.guest.clone();
-    let id = sizing.host_id()?;
     let bus = args.nats.connect(&wharf_proto::names::host_connection_name(&id)).await?;
     let dir = data_dir(args.data_dir, id.as_str())?;
     let runtime = sizing.runtime(Some(dir.join("compiled")))?;

@@ -6,9 +6,12 @@ use std::process::ExitCode;
 
 mod client;
 mod cluster;
+mod events;
+mod logs;
 mod rollout;
 mod oci;
 mod serve;
+mod telemetry;
 mod up;
 mod wiring;
 
@@ -21,6 +24,12 @@ struct Cli {
     /// Log filter (also RUST_LOG), e.g. `info`, `wharf_host=debug`.
     #[arg(long, global = true, default_value = "info", env = "WHARF_LOG")]
     log: String,
+    /// Export the request path's spans (ingress, hops between hosts, calls between services,
+    /// instantiation, the guest) to this OpenTelemetry collector over OTLP/HTTP
+    /// (e.g. http://127.0.0.1:4318); W3C traceparent headers are honoured and passed on.
+    /// Without it nothing is exported.
+    #[arg(long, global = true, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
+    otlp_endpoint: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -47,7 +56,7 @@ enum Command {
     /// Namespaces and their quotas (replicas, memory, requests/s).
     #[command(subcommand)]
     Namespace(client::NamespaceCommand),
-    /// Create API tokens bound to namespaces (read, or --write), or admin tokens.
+    /// Create, list and revoke API tokens: bound to namespaces (read, or --write), or admin.
     #[command(subcommand)]
     Token(client::TokenCommand),
     /// Store, list and delete secrets (granted to services with --secret).
@@ -60,6 +69,13 @@ enum Command {
     /// Revisions and rollouts: status, history, undo, canary, promote, abort.
     #[command(subcommand)]
     Rollout(rollout::RolloutCommand),
+    /// Print a service's log lines from every replica on every host (-f to follow).
+    Logs(logs::LogsArgs),
+    /// Show everything known about a service: spec, revisions, replicas, load and recent events.
+    #[command(subcommand)]
+    Describe(events::DescribeWhat),
+    /// List what the control plane did and why (placements, failures, retries, moves, scaling, rollouts).
+    Events(events::EventsArgs),
     /// Delete a service (its replicas stop, its routes go).
     Delete(client::DeleteArgs),
     /// Serve one component over HTTP with no control plane (the development loop).
@@ -68,7 +84,8 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli.log);
+    // Held to the end of `main`: dropping it flushes spans still to be exported.
+    let _telemetry = telemetry::init(&cli.log, cli.otlp_endpoint.as_deref());
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -92,6 +109,9 @@ fn main() -> ExitCode {
             Command::Namespace(command) => client::namespace(command).await,
             Command::Scale(args) => client::scale(args).await,
             Command::Rollout(command) => rollout::rollout(command).await,
+            Command::Logs(args) => logs::logs(args).await,
+            Command::Describe(what) => events::describe(what).await,
+            Command::Events(args) => events::events(args).await,
             Command::Delete(args) => client::delete(args).await,
             Command::Serve(args) => serve::run(args, shutdown_signal()).await,
         }
@@ -103,15 +123,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn init_logging(filter: &str) {
-    let filter = std::env::var("RUST_LOG").ok().unwrap_or_else(|| filter.to_string());
-    let filter = tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|e| {
-        eprintln!("warning: bad log filter {filter:?} ({e}); using `info`");
-        tracing_subscriber::EnvFilter::new("info")
-    });
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

@@ -129,16 +129,8 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyhow::Resu
     let addr = listener.local_addr()?;
     let admin_listener = args.admin.bind().await?;
     let admin_addr = admin_listener.local_addr()?;
-    let mut logs = workload.logs().follow();
-    tokio::spawn(async move {
-        loop {
-            match logs.recv().await {
-                Ok(line) => eprintln!("[{} {}] {}", line.service, line.stream.as_str(), line.line),
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => eprintln!("[wharf] {n} log lines skipped"),
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
-            }
-        }
-    });
+    // The component's lines reach stderr once, through the runtime's log
+    // writer (rate-limited, tagged with the service): no second follower here.
     eprintln!("{} ({}): {how} in {took:.1?}", args.file.display(), digest.short());
     println!("serving {scheme}://{addr}/ (metrics at http://{admin_addr}/metrics); Ctrl-C stops");
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);

@@ -58,6 +58,7 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyhow::Resu
     let ingress_tls = args.tls.load()?;
     let (api_scheme, ingress_scheme) = (wiring::scheme(api_tls.as_ref()), wiring::scheme(ingress_tls.as_ref()));
     let edge = args.edge.config()?;
+    let host_id = args.host.host_id()?;
     let data_dir = match args.data_dir.clone() {
         Some(dir) => dir,
         None => dirs::data_dir().map(|d| d.join("wharf")).context("no user data directory; pass --data-dir")?,
@@ -90,7 +91,7 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyhow::Resu
         runtime.clone(),
         metrics.clone(),
         AgentConfig {
-            host: args.host.host_id()?,
+            host: host_id,
             labels: args.host.labels.iter().cloned().collect(),
             capacity: args.host.capacity(),
             ingress_addr: Some(ingress_addr.to_string()),
@@ -113,7 +114,7 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyhow::Resu
     tokio::spawn(wharf_host::admin::serve(admin_listener, edge, metrics, wait_for(stop_rx)));
 
     eprintln!("data directory: {}", data_dir.display());
-    eprintln!("admin token: {} (the CLI reads it from there, or set WHARF_TOKEN)", token_file.display());
+    eprintln!("{}", wiring::admin_token_note(&token_file, args.data_dir.is_none()));
     println!("Wharf is up: API {api_scheme}://{api_addr}  ingress {ingress_scheme}://{ingress_addr}");
     println!("admin endpoints (metrics): http://{admin_addr}/metrics");
     if let Some(dir) = samples {

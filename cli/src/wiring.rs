@@ -25,11 +25,11 @@ impl ComponentCheck for RuntimeCheck {
 /// How a host is sized and labelled.
 #[derive(clap::Args, Debug, Clone)]
 pub struct HostArgs {
-    /// This host's id in the cluster (default: the machine's host name).
-    #[arg(long, env = "WHARF_HOST_ID")]
+    /// This host's name in the cluster (default: the machine's host name); `wharf host` spells it the same.
+    #[arg(long = "host-id", visible_alias = "name", env = "WHARF_HOST_ID")]
     host_id: Option<String>,
-    /// A label for placement constraints, as KEY=VALUE (e.g. zone=a). Repeatable.
-    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_pair)]
+    /// Labels for placement, as KEY=VALUE (e.g. zone=a); repeat the flag or separate pairs with commas (zone=a,disk=ssd).
+    #[arg(long = "label", visible_alias = "labels", value_name = "KEY=VALUE", value_delimiter = ',', value_parser = parse_pair)]
     pub labels: Vec<(String, String)>,
     /// Instances that may run at once on this host, over all replicas.
     #[arg(long, default_value_t = 1000)]
@@ -133,7 +133,7 @@ impl HostArgs {
             Some(id) => id.clone(),
             None => machine_name(),
         };
-        HostId::new(raw.clone()).with_context(|| format!("host id {raw:?} is not usable (lowercase letters, digits and '-'); pass --host-id"))
+        HostId::new(raw.clone()).with_context(|| format!("host id {raw:?} is not usable as a host name (lowercase letters, digits and '-'); pass one with --name (or --host-id)"))
     }
 
     pub fn capacity(&self) -> Capacity {
@@ -319,6 +319,18 @@ fn machine_memory() -> u64 {
         .map_or(8 << 30, |kib| kib * 1024)
 }
 
+/// Where the admin token is and how the CLI will find it: by itself when
+/// `found_by_cli` (the default data directory, or the one `WHARF_DATA_DIR`
+/// names), else only through `WHARF_TOKEN`.
+pub fn admin_token_note(file: &Path, found_by_cli: bool) -> String {
+    let named_by_env = std::env::var_os("WHARF_DATA_DIR").is_some_and(|dir| file.parent() == Some(Path::new(&dir)));
+    if found_by_cli || named_by_env {
+        format!("admin token: {} (the CLI on this machine reads it from there; elsewhere set WHARF_TOKEN)", file.display())
+    } else {
+        format!("admin token: {} (the CLI does not look there: export WHARF_TOKEN=$(cat {}), or WHARF_DATA_DIR={})", file.display(), file.display(), file.parent().map(|d| d.display().to_string()).unwrap_or_default())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -363,3 +375,4 @@ mod tests {
         assert!(message.contains("--max-connections") && message.contains("at least 1"), "{message}");
     }
 }
+

@@ -61,6 +61,8 @@ async fn rollouts_across_hosts_lose_no_request_and_outliers_are_replaced() {
     };
     let reason = view["status"]["ejected"][0]["reason"].as_str().unwrap_or("");
     assert!(reason.contains("requests failed"), "{reason}");
+    let events = scheduler.ok(&["events", "--service", "flaky"]);
+    assert!(events.lines().any(|l| l.contains("Ejected") && l.contains("host-b") && l.contains("requests failed")), "the ejection is an event: {events}");
     let before = load.snapshot().failures.len();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let tally = load.stop().await;

@@ -32,8 +32,13 @@ async fn serves_hello_with_its_env_and_stops_on_sigterm() {
     let (url, metrics_url) = urls_of(&mut wharf);
     let body = reqwest::get(&url).await.expect("answered").text().await.expect("body");
     assert_eq!(body, "hi there\n");
-    // The component's stdout is printed, tagged with the service.
-    wharf.wait_for_line("[default/hello stdout] hello: served /", Duration::from_secs(10));
+    // The component's stdout is printed once, tagged with the service, and
+    // without colour codes when stderr is not a terminal.
+    let line = wharf.wait_for_line("hello: served /", Duration::from_secs(10));
+    assert!(line.contains("service=default/hello") && line.contains("stream=\"stdout\""), "{line}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(wharf.output().matches("hello: served /").count(), 1, "each guest line is logged once:\n{}", wharf.output());
+    assert!(!wharf.output().contains('\u{1b}'), "no ANSI escape codes in a redirected log:\n{}", wharf.output());
     let metrics = reqwest::get(&metrics_url).await.expect("answered").text().await.expect("body");
     assert!(metrics.contains(r#"wharf_requests_total{service="default/hello",outcome="ok"} 1"#), "{metrics}");
     // The public port serves the component only: /metrics there is the component's.

@@ -93,7 +93,7 @@ type SendFuture = Box<
 impl WasiHttpHooks for EgressHooks {
     fn send_request(
         &mut self,
-        request: http::Request<WasiBody>,
+        mut request: http::Request<WasiBody>,
         options: Option<RequestOptions>,
         fut: Box<dyn Future<Output = Result<(), HttpError>> + Send>,
     ) -> SendFuture {
@@ -105,7 +105,10 @@ impl WasiHttpHooks for EgressHooks {
             && let Some(service) = link.calls.resolve(host, &link.namespace)
         {
             drop(fut);
-            let response = link.calls.call(service, request);
+            // Called from inside the guest's span: the call is its child, and the request carries it.
+            let span = tracing::trace_span!(target: crate::trace::TARGET, "call", service = %service);
+            crate::trace::inject(&span, request.headers_mut());
+            let response = tracing::Instrument::instrument(link.calls.call(service, request), span);
             return Box::new(async move {
                 let response = response.await;
                 Ok((response, Box::new(async { Ok(()) }) as Box<dyn Future<Output = _> + Send>))

@@ -16,6 +16,7 @@
 
 use crate::logs::LogBuffer;
 use bytes::Bytes;
+use tracing::Instrument;
 use std::sync::Arc;
 use wasmtime::component::{HasData, Resource, ResourceTable};
 use wharf_bus::{Bus, Kv, KvError};
@@ -205,31 +206,36 @@ impl store::Host for KeyValue<'_> {
     }
 }
 
+/// The span of one key-value host call (see `crate::trace`), a child of the guest's.
+fn call_span(operation: &'static str) -> tracing::Span {
+    tracing::trace_span!(target: crate::trace::TARGET, "keyvalue", operation)
+}
+
 impl store::HostBucket for KeyValue<'_> {
     async fn get(&mut self, bucket: Resource<Bucket>, key: String) -> Result<Option<Vec<u8>>, StoreError> {
         checked(&key)?;
         let (kv, name) = self.bucket(&bucket)?;
-        Ok(kv.get(&kv_key(&name, &key)).await?.map(|e| e.value.to_vec()))
+        Ok(Instrument::instrument(kv.get(&kv_key(&name, &key)), call_span("get")).await?.map(|e| e.value.to_vec()))
     }
 
     async fn set(&mut self, bucket: Resource<Bucket>, key: String, value: Vec<u8>) -> Result<(), StoreError> {
         checked(&key)?;
         let (kv, name) = self.bucket(&bucket)?;
-        kv.put(&kv_key(&name, &key), Bytes::from(value)).await?;
+        Instrument::instrument(kv.put(&kv_key(&name, &key), Bytes::from(value)), call_span("set")).await?;
         Ok(())
     }
 
     async fn delete(&mut self, bucket: Resource<Bucket>, key: String) -> Result<(), StoreError> {
         checked(&key)?;
         let (kv, name) = self.bucket(&bucket)?;
-        kv.delete(&kv_key(&name, &key)).await?;
+        Instrument::instrument(kv.delete(&kv_key(&name, &key)), call_span("delete")).await?;
         Ok(())
     }
 
     async fn exists(&mut self, bucket: Resource<Bucket>, key: String) -> Result<bool, StoreError> {
         checked(&key)?;
         let (kv, name) = self.bucket(&bucket)?;
-        Ok(kv.get(&kv_key(&name, &key)).await?.is_some())
+        Ok(Instrument::instrument(kv.get(&kv_key(&name, &key)), call_span("exists")).await?.is_some())
     }
 
     /// One page of keys, oldest change first; the cursor is where the next
@@ -254,7 +260,7 @@ impl atomics::Host for KeyValue<'_> {
         let (kv, name) = self.bucket(&bucket)?;
         let stored = kv_key(&name, &key);
         for _ in 0..CAS_ATTEMPTS {
-            let current = kv.get(&stored).await?;
+            let current = Instrument::instrument(kv.get(&stored), call_span("increment")).await?;
             let value = match &current {
                 Some(entry) => std::str::from_utf8(&entry.value)
                     .ok()

@@ -33,6 +33,7 @@ pub mod remote;
 pub mod routes;
 pub mod runtime;
 pub mod tls;
+pub mod trace;
 pub mod workload;
 
 mod instance;

@@ -55,6 +55,9 @@ pub struct LogLine {
     pub stream: LogStream,
     /// The text, without its newline; invalid UTF-8 is replaced.
     pub line: String,
+    /// Its number in this buffer, from 1: readers that see a line both in
+    /// [`LogBuffer::recent`] and from [`LogBuffer::follow`] keep one.
+    pub seq: u64,
 }
 
 /// How fast each service may log on a host.
@@ -219,6 +222,8 @@ struct Ring {
     lines: VecDeque<LogLine>,
     capacity: usize,
     dropped: u64,
+    /// Lines pushed so far: the last line's `seq`.
+    written: u64,
 }
 
 impl LogBuffer {
@@ -229,7 +234,7 @@ impl LogBuffer {
         LogBuffer {
             out: sink.service(&service, dropped_metric),
             service,
-            ring: Arc::new(Mutex::new(Ring { lines: VecDeque::new(), capacity: capacity.max(1), dropped: 0 })),
+            ring: Arc::new(Mutex::new(Ring { lines: VecDeque::new(), capacity: capacity.max(1), dropped: 0, written: 0 })),
             live,
         }
     }
@@ -259,22 +264,27 @@ impl LogBuffer {
         if !self.out.admit() {
             return;
         }
-        let line = LogLine {
+        let mut line = LogLine {
             time: SystemTime::now(),
             service: self.service.clone(),
             stream,
             line: String::from_utf8_lossy(text).into_owned(),
+            seq: 0,
         };
-        self.out.write(line.clone());
+        // Numbered and sent to followers under the ring's lock, so followers
+        // see lines in `seq` order.
         if let Ok(mut ring) = self.ring.lock() {
+            ring.written += 1;
+            line.seq = ring.written;
             if ring.lines.len() == ring.capacity {
                 ring.lines.pop_front();
                 ring.dropped += 1;
             }
             ring.lines.push_back(line.clone());
+            // Nobody following is the common case, not an error.
+            let _ = self.live.send(line.clone());
         }
-        // Nobody following is the common case, not an error.
-        let _ = self.live.send(line);
+        self.out.write(line);
     }
 
     /// The WASI stdout/stderr implementation feeding this buffer.
@@ -406,6 +416,18 @@ mod tests {
         let lines: Vec<String> = buffer.recent().into_iter().map(|l| l.line).collect();
         assert_eq!(lines, ["three", "four", "fi"]);
         assert_eq!(buffer.dropped(), 2);
+    }
+
+    #[test]
+    fn lines_are_numbered_in_the_ring_and_for_followers_alike() {
+        let (buffer, _) = buffer(2, LogLimits::default());
+        let mut follower = buffer.follow();
+        let out = buffer.stream(LogStream::Stderr);
+        out.write_bytes(b"a\nb\nc\n");
+        let kept: Vec<(u64, String)> = buffer.recent().into_iter().map(|l| (l.seq, l.line)).collect();
+        assert_eq!(kept, [(2, "b".to_string()), (3, "c".to_string())]);
+        let followed: Vec<u64> = (0..3).map(|_| follower.try_recv().expect("a line").seq).collect();
+        assert_eq!(followed, [1, 2, 3]);
     }
 
     #[test]

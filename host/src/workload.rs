@@ -369,13 +369,16 @@ impl Workload {
             }
         };
         let this = self.clone();
+        // The guest's span, a child of the request's: calls it makes to
+        // other services continue its trace (see `egress.rs`).
+        let span = tracing::trace_span!(target: crate::trace::TARGET, "guest", service = %self.inner.spec.service);
         // The guest runs in its own task so it can keep streaming the body
         // after the response head has been handed back.
         let task = tokio::spawn(async move {
             let _permit = permit;
             let guest = {
                 let this = this.clone();
-                Box::pin(async move { this.run(&mut store, req, out, deadline).await })
+                Box::pin(tracing::Instrument::instrument(async move { this.run(&mut store, req, out, deadline).await }, span))
             };
             // The guest's own deadline stops it; this one covers a guest
             // that cannot get the CPU to notice.
@@ -466,7 +469,8 @@ impl Workload {
         let pre = self.inner.component.pre.clone();
         let call = async {
             let instantiating = Instant::now();
-            let proxy = pre.instantiate_async(&mut *store).await?;
+            let instantiation = tracing::trace_span!(target: crate::trace::TARGET, "instantiate");
+            let proxy = tracing::Instrument::instrument(pre.instantiate_async(&mut *store), instantiation).await?;
             metrics.instantiation.observe(instantiating.elapsed().as_secs_f64());
             proxy.wasi_http_incoming_handler().call_handle(&mut *store, req, out).await
         };

@@ -6,6 +6,7 @@ pub mod latency;
 pub mod egress;
 pub mod manifest;
 pub mod names;
+pub mod observe;
 pub mod rollout;
 pub mod oci;
 pub mod spec;

@@ -60,6 +60,27 @@ pub fn logs_subject(namespace: &str, name: &str) -> String {
     format!("wharf.logs.{namespace}.{name}")
 }
 
+/// A host answers requests for the recent log lines of the replicas it runs here
+/// ([`crate::observe::LogQuery`]).
+pub fn host_logs_subject(host: &HostId) -> String {
+    format!("wharf.host.{host}.logs")
+}
+
+/// KV bucket of the control plane's events ([`crate::observe::Event`]),
+/// keyed by [`event_key`]: a ring of slots per namespace.
+pub const EVENTS_BUCKET: &str = "wharf-events";
+
+/// The key of event `seq` of `namespace` in [`EVENTS_BUCKET`]: its slot in
+/// the namespace's ring of [`crate::observe::EVENTS_PER_NAMESPACE`].
+pub fn event_key(namespace: &str, seq: u64) -> String {
+    format!("{namespace}.{}", seq % crate::observe::EVENTS_PER_NAMESPACE)
+}
+
+/// Matches every event key of `namespace` (for a watch).
+pub fn events_pattern(namespace: &str) -> String {
+    format!("{namespace}.*")
+}
+
 /// KV bucket of desired services ([`crate::StoredService`]), keyed by [`service_key`].
 pub const SERVICES_BUCKET: &str = "wharf-services";
 
@@ -427,6 +448,10 @@ mod tests {
             "wharf.svc.default.hello"
         );
         assert_eq!(logs_subject("shop", "cart"), "wharf.logs.shop.cart");
+        assert_eq!(host_logs_subject(&host("edge-1")), "wharf.host.edge-1.logs");
+        assert_eq!(event_key("shop", 7), "shop.7");
+        assert_eq!(event_key("shop", crate::observe::EVENTS_PER_NAMESPACE + 7), "shop.7", "a ring: the slot repeats");
+        assert_eq!(events_pattern("shop"), "shop.*");
         assert_eq!(
             host_heartbeat_subject(&host("h-1")),
             "wharf.host.h-1.heartbeat"

@@ -99,6 +99,10 @@ pub fn router(plane: ControlPlane) -> Router {
         .route("/v1/hosts", get(list_hosts))
         .route("/metrics", get(metrics))
         .route("/v1/tokens", post(create_token))
+        .merge(crate::tokens_api::routes())
+        .merge(crate::logs_api::routes())
+        .merge(crate::events_api::routes())
+        .merge(crate::dashboard::routes())
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such API path; see /v1/services, /v1/artifacts, /v1/hosts") })
         .method_not_allowed_fallback(|| async { ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this path does not take that method") })
         .layer(axum::middleware::from_fn_with_state(plane.clone(), crate::auth::authorise))
@@ -140,18 +144,18 @@ async fn list_artifacts(State(plane): State<ControlPlane>) -> ApiResult {
     Ok(axum::Json(json!({"artifacts": digests})).into_response())
 }
 
-async fn list_all_services(State(plane): State<ControlPlane>) -> ApiResult {
-    list(&plane, None).await
+/// Every service the token may see: all of them for an admin, those of its namespaces for a namespace token.
+async fn list_all_services(State(plane): State<ControlPlane>, visible: Option<axum::Extension<crate::auth::Visible>>) -> ApiResult {
+    let visible = visible.map_or(crate::auth::Visible(None), |axum::Extension(v)| v);
+    list(&plane, |ns| visible.allows(ns)).await
 }
 
 async fn list_services(State(plane): State<ControlPlane>, Path(ns): Path<String>) -> ApiResult {
-    list(&plane, Some(ns)).await
+    list(&plane, |namespace| namespace == ns).await
 }
 
-async fn list(plane: &ControlPlane, namespace: Option<String>) -> ApiResult {
-    let services = plane.informer.read(|state| {
-        state.services.values().filter(|s| namespace.as_ref().is_none_or(|ns| &s.spec.namespace == ns)).cloned().collect::<Vec<_>>()
-    });
+async fn list(plane: &ControlPlane, shown: impl Fn(&str) -> bool) -> ApiResult {
+    let services = plane.informer.read(|state| state.services.values().filter(|s| shown(&s.spec.namespace)).cloned().collect::<Vec<_>>());
     let views = Views::gather(plane);
     let views: Vec<Value> = services.iter().map(|stored| views.view(plane, stored)).collect();
     Ok(axum::Json(json!({"services": views})).into_response())

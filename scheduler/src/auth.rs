@@ -76,6 +76,23 @@ impl Tokens {
         Ok(constant_time_eq(record.hash.as_bytes(), hash(token).as_bytes()).then_some(record.role))
     }
 
+    /// Every token's id and record (its hash, role and creation time), by id.
+    /// A record that cannot be read is skipped: it grants nothing either.
+    pub async fn list(&self) -> Result<Vec<(String, TokenRecord)>, wharf_bus::KvError> {
+        let entries = self.kv.entries().await?;
+        Ok(entries.into_iter().filter_map(|e| serde_json::from_slice(&e.value).ok().map(|record| (e.key, record))).collect())
+    }
+
+    /// Deletes the token with id `id`; from then on it gets 401. `Ok(false)` if there is no such token.
+    pub async fn revoke(&self, id: &str) -> Result<bool, wharf_bus::KvError> {
+        let valid = id.len() == 12 && id.bytes().all(|b| b.is_ascii_hexdigit());
+        if !valid || self.kv.get(id).await?.is_none() {
+            return Ok(false);
+        }
+        self.kv.delete(id).await?;
+        Ok(true)
+    }
+
     /// Makes sure an admin token exists in `file`, creating one (and the file,
     /// mode 0600) on first start, and registering the file's token if the
     /// store lost it. Returns the token.
@@ -131,11 +148,24 @@ fn namespace_of(path: &str) -> Option<&str> {
 #[derive(Debug, Clone)]
 pub struct Principal(pub String);
 
+/// The namespaces a request may see, for listings that span namespaces
+/// (`GET /v1/services`): `None` for every namespace (admin, or no auth).
+#[derive(Debug, Clone)]
+pub struct Visible(pub Option<Vec<String>>);
+
+impl Visible {
+    /// Whether `namespace` may be shown.
+    pub fn allows(&self, namespace: &str) -> bool {
+        self.0.as_ref().is_none_or(|namespaces| namespaces.iter().any(|n| n == namespace))
+    }
+}
+
 /// The middleware: 401 without a valid token, 403 when the token's role
-/// does not allow the request. `/healthz` and `/metrics` need no token.
+/// does not allow the request. `/healthz`, `/metrics` and `/ui` need no token.
 pub async fn authorise(State(plane): State<ControlPlane>, mut request: Request, next: Next) -> Result<Response, ApiError> {
     let path = request.uri().path().to_string();
-    if path == "/healthz" || path == "/metrics" {
+    // The dashboard's page holds no data: its script calls the API with a token.
+    if path == "/healthz" || path == "/metrics" || path == "/ui" {
         return Ok(next.run(request).await);
     }
     let Some(tokens) = &plane.tokens else {
@@ -159,6 +189,10 @@ pub async fn authorise(State(plane): State<ControlPlane>, mut request: Request, 
         Role::Namespaces { .. } => format!("token {}", token_id(token).unwrap_or("?")),
     };
     request.extensions_mut().insert(Principal(principal));
+    request.extensions_mut().insert(Visible(match &role {
+        Role::Admin => None,
+        Role::Namespaces { namespaces, .. } => Some(namespaces.clone()),
+    }));
     match role {
         Role::Admin => {}
         Role::Namespaces { namespaces, write } => {
@@ -178,6 +212,8 @@ pub async fn authorise(State(plane): State<ControlPlane>, mut request: Request, 
                 Some(_) => {}
                 // Artifacts are content-addressed and shared; hosts are read-only views.
                 None if path.starts_with("/v1/artifacts") || path == "/v1/hosts" => {}
+                // The listing across namespaces shows a namespace token its own (see `Visible`).
+                None if path == "/v1/services" && !writes => {}
                 None => {
                     return Err(ApiError::new(
                         StatusCode::FORBIDDEN,

@@ -16,6 +16,7 @@
 //! windows afresh from what the heartbeats say.
 
 use crate::autoscale::Autoscaling;
+use crate::events::NewEvent;
 use crate::hosts::{HostEntry, HostTable};
 use crate::informer::{Informer, problems_of};
 use crate::store::{Store, StoreError};
@@ -54,6 +55,8 @@ pub struct Context {
     pub autoscaling: Autoscaling,
     /// How to retry failed replicas.
     pub retry: RetryPolicy,
+    /// Where what the controller decides, and why, is recorded (`events.rs`).
+    pub events: crate::events::Recorder,
 }
 
 /// Runs the control loop as leader with `epoch` until `stop` turns true.
@@ -250,7 +253,9 @@ impl Controller {
             });
             for event in &plan.events {
                 tracing::info!(service = %id, "{event}");
+                self.context.events.record(NewEvent::new(&id, "Rollout", event.clone()));
             }
+            crate::events::scaled(&self.context.events, &id, self.statuses.get(&id).and_then(|w| w.value.autoscale.as_ref()), self.context.autoscaling.decision(&id).as_ref());
             wake = earliest(wake, plan.wake_at_ms);
             if plan.state.phase == RolloutPhase::Canary && plan.state.step_started_at_ms != 0 {
                 self.baseline(&id, &plan.state, assigned, &reports);
@@ -308,6 +313,11 @@ impl Controller {
                 ),
                 None => u.reason.clone(),
             };
+            self.context.events.record_once(
+                format!("unplaceable/{}/{}/{}/{reason}", u.service.service, u.service.revision, u.replica),
+                NewEvent::new(&u.service.service, "Unplaceable", format!("replica {} of revision {} cannot be placed: {reason}", u.replica, u.service.revision))
+                    .replica(None, u.service.revision, u.replica),
+            );
             self.unplaceable.entry(u.service.service.clone()).or_default().push(UnplaceableReplica {
                 revision: u.service.revision,
                 replica: u.replica,
@@ -496,14 +506,30 @@ impl Controller {
                 reported_attempt: report.attempt,
                 elsewhere,
             };
+            let error = report.error.as_deref().unwrap_or("no reason reported");
+            let about = |reason, message: String| NewEvent::new(&key.service, reason, message).replica(Some(host), key.revision, key.replica);
             match retry(&self.context.retry, &failed, now) {
-                RetryAction::Wait { until_ms } => wake = earliest(wake, until_ms),
+                RetryAction::Wait { until_ms } => {
+                    wake = earliest(wake, until_ms);
+                    // `None`: the host has not acted on the last attempt yet; its failure is told once it has.
+                    let Some(until_ms) = until_ms else { continue };
+                    let retry_in = wharf_proto::units::format_duration(Duration::from_millis(until_ms.saturating_sub(now).div_ceil(1000) * 1000));
+                    self.context.events.record_once(
+                        format!("failed/{key}/{host}/{}/{}", report.attempt, report.failures),
+                        about("Failed", format!("replica {} failed on host {host} (attempt {}): {error}; retry in {retry_in}", key.replica, report.attempt)),
+                    );
+                }
                 RetryAction::Retry { attempt } => {
                     tracing::info!(replica = %key, %host, attempt, "retrying a failed replica: {}", report.error.as_deref().unwrap_or(""));
+                    self.context.events.record(about("Retrying", format!("replica {} retried on host {host} as attempt {attempt} (it failed: {error})", key.replica)));
                     attempts.insert(key, attempt);
                 }
                 RetryAction::Move => {
                     tracing::info!(replica = %key, %host, "moving a replica that failed {} times on its host", report.failures);
+                    self.context.events.record_once(
+                        format!("moving/{key}/{host}"),
+                        about("Moving", format!("replica {} failed {} times on host {host} (last: {error}); placing it on another host", key.replica, report.failures)),
+                    );
                     self.avoid.entry(key).or_default().insert(host.clone());
                 }
             }
@@ -622,6 +648,8 @@ impl Controller {
             for (index, reason) in outliers(policy, &traffic) {
                 let (key, host, _, _) = &replicas[index];
                 tracing::warn!(replica = %key, %host, "ejecting an outlier: {reason}");
+                let message = format!("replica {} ejected on host {host} and replaced on another host: {reason}", key.replica);
+                self.context.events.record(NewEvent::new(&service, "Ejected", message).replica(Some(host), key.revision, key.replica));
                 self.avoid.entry(key.clone()).or_default().insert(host.clone());
                 self.samples.remove(key);
                 recent.push(EjectedReplica { revision: key.revision, replica: key.replica, host: host.clone(), reason, at_ms: now });
@@ -661,6 +689,7 @@ impl Controller {
             match self.context.store.put_assignment(&assignment, expected).await {
                 Ok(version) => {
                     tracing::info!(host = %host, replicas = assignment.replicas.len(), "wrote assignment");
+                    crate::events::assignment_changed(&self.context.events, &host, existing.map_or(&[][..], |w| &w.value.replicas), &assignment.replicas);
                     self.assignments.insert(host, Written { value: assignment, version });
                 }
                 Err(e) => self.write_failed(&format!("the assignment of host {host}"), e, |c| {

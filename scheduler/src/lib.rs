@@ -9,12 +9,17 @@ pub mod api;
 pub mod auth;
 pub mod autoscale;
 pub mod controller;
+pub mod dashboard;
+pub mod events;
+pub mod events_api;
 pub mod hosts;
 pub mod informer;
 pub mod leader;
+pub mod logs_api;
 pub mod rollout_api;
 pub mod status;
 pub mod store;
+pub mod tokens_api;
 
 use hosts::HostTable;
 use informer::Informer;
@@ -86,6 +91,9 @@ pub enum StartError {
     Heartbeats(#[from] wharf_bus::SubscribeError),
     #[error("cannot set up API tokens: {0:#}")]
     Tokens(anyhow::Error),
+    /// The events bucket could not be opened or created.
+    #[error("cannot open the events bucket: {0}")]
+    Events(wharf_bus::KvError),
 }
 
 /// A running control plane; cheap to clone. Every one serves the API; the
@@ -100,6 +108,8 @@ pub struct ControlPlane {
     pub(crate) autoscaling: autoscale::Autoscaling,
     pub(crate) bus: Bus,
     pub(crate) tokens: Option<auth::Tokens>,
+    /// The events bucket (`wharf-events`), read by the API; the leader writes it through `controller::Context::events`.
+    pub(crate) events: wharf_bus::Kv,
     pub(crate) leadership: watch::Receiver<Leadership>,
     pub(crate) config: ControlPlaneConfig,
     stop: Arc<watch::Sender<bool>>,
@@ -121,6 +131,7 @@ impl ControlPlane {
             }
             None => None,
         };
+        let events = bus.kv(wharf_proto::names::EVENTS_BUCKET).await.map_err(StartError::Events)?;
         let (stop, stopped) = watch::channel(false);
         let leadership = leader::campaign(store.leader_kv().clone(), config.name.clone(), config.lease, stopped.clone());
         let autoscaling = autoscale::Autoscaling::default();
@@ -131,6 +142,7 @@ impl ControlPlane {
             hosts: hosts.clone(),
             autoscaling: autoscaling.clone(),
             retry: config.retry,
+            events: events::Recorder::start(events.clone()),
         };
         tokio::spawn(lead(context, leadership.clone(), stopped));
         Ok(ControlPlane {
@@ -141,6 +153,7 @@ impl ControlPlane {
             autoscaling,
             bus: bus.clone(),
             tokens,
+            events,
             leadership,
             config,
             stop: Arc::new(stop),
@@ -201,6 +214,8 @@ async fn lead(context: controller::Context, mut leadership: watch::Receiver<Lead
         match epoch {
             Some(epoch) => {
                 let (quit, quitting) = watch::channel(false);
+                // Another leader may have recorded events meanwhile: number on from the bucket.
+                context.events.renumber();
                 let task = tokio::spawn(controller::run(context.clone(), epoch, quitting));
                 // Lead until the epoch changes or the process stops.
                 loop {

@@ -94,7 +94,11 @@ impl Host {
         let dir = dir.join(name);
         let labels = format!("zone={zone}");
         let dir = dir.to_str().expect("a UTF-8 path");
-        let mut args = vec!["host", "--nats", nats, "--name", name, "--labels", &labels, "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--data-dir", dir];
+        let mut args = vec!["host", "--nats", nats, "--name", name, "--labels", &labels, "--listen", "127.0.0.1:0", "--data-dir", dir];
+        // Hosts of one test share the machine: each takes a free admin port unless told one.
+        if !extra.contains(&"--admin-listen") {
+            args.extend_from_slice(&["--admin-listen", "127.0.0.1:0"]);
+        }
         args.extend_from_slice(extra);
         let mut process = Process::spawn_with(Command::new(wharf).args(&args).env("WHARF_LOG", std::env::var("WHARF_LOG").unwrap_or_else(|_| "info".into())));
         let line = process.wait_for_line("ingress http://", Duration::from_secs(60));

@@ -70,7 +70,10 @@ impl HostAgent {
             }
         };
         let workload = match self.build_workload(&assigned.service, assigned.revision, &spec).await {
-            Ok(workload) => workload,
+            Ok(workload) => {
+                self.publish_logs(key.clone(), &workload);
+                workload
+            }
             Err(error) => {
                 self.settle(&assigned, Slot::Failed(error), Some(spec));
                 return;

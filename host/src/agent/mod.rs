@@ -15,6 +15,7 @@
 //! - [`activation`]: holding requests for services at zero while a replica starts.
 //! - [`heartbeat`]: the heartbeat tick and draining.
 //! - [`rates`]: namespaces' request-rate quotas at this ingress.
+//! - [`logs`]: replicas' log lines for `wharf logs`, published and asked for.
 //!
 //! What may change what: assignment events change `replicas` (and through
 //! it `listening` and the route table); service and status events change
@@ -24,6 +25,7 @@ mod activation;
 mod converge;
 mod directory;
 mod heartbeat;
+mod logs;
 mod rates;
 mod replicas;
 mod routing;
@@ -170,6 +172,7 @@ impl HostAgent {
         });
         agent.follow(status_watch, |agent, event| agent.inner.directory.status_changed(event.value.as_deref()));
         agent.follow(namespace_watch, |agent, event| agent.inner.rates.set(&event.key, event.value.as_deref()));
+        agent.answer_log_queries().await.map_err(|e| AgentError::Bus { what: "the subscription for log queries", source: Box::new(e) })?;
         let weak = Arc::downgrade(&agent.inner);
         let mut stop = agent.inner.stop.subscribe();
         let interval = agent.inner.config.heartbeat_interval;
@@ -283,8 +286,11 @@ impl Drop for Inner {
 }
 
 impl Handler for HostAgent {
-    fn handle(&self, request: Request<RequestBody>) -> Pin<Box<dyn Future<Output = Response<ResponseBody>> + Send + '_>> {
-        Box::pin(self.route(request))
+    fn handle(&self, mut request: Request<RequestBody>) -> Pin<Box<dyn Future<Output = Response<ResponseBody>> + Send + '_>> {
+        let span = tracing::trace_span!(target: crate::trace::TARGET, "ingress", host = %self.inner.config.host, method = %request.method(), path = %request.uri().path());
+        crate::trace::continue_from(&span, request.headers());
+        crate::trace::inject(&span, request.headers_mut());
+        Box::pin(tracing::Instrument::instrument(self.route(request), span))
     }
 }
 

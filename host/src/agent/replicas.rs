@@ -186,6 +186,19 @@ impl ReplicaSet {
         })
     }
 
+    /// The workloads of `service` here, ready or draining, with their keys:
+    /// whose log lines a `wharf logs` asks this host for.
+    pub(crate) fn workloads_of(&self, service: &ServiceId) -> Vec<(ReplicaKey, Workload)> {
+        self.read(|table| {
+            let ready = table.assigned.range(of_service(service)).filter_map(|(key, replica)| match &replica.slot {
+                Slot::Ready(workload) => Some((key.clone(), workload.clone())),
+                _ => None,
+            });
+            let draining = table.draining.iter().filter(|d| d.key.service == *service).map(|d| (d.key.clone(), d.workload.clone()));
+            ready.chain(draining).collect()
+        })
+    }
+
     /// The (service, revision) pairs with a ready replica here.
     pub(crate) fn ready(&self) -> BTreeSet<(ServiceId, u64)> {
         self.read(|table| {

@@ -94,11 +94,15 @@ impl HostAgent {
         let timeout = spec.as_ref().map_or(Duration::from_secs(5), |s| s.limits.timeout);
         // The deadline runs on the serving host; allow for a full queue wait and the hop.
         let timeout = timeout + WorkloadLimits::default().queue_timeout + Duration::from_millis(500);
+        // The hop to another host: its own span, whose context the request carries.
+        let hop = tracing::trace_span!(target: crate::trace::TARGET, "hop", from = %self.inner.config.host, service = %service);
+        let mut request = request;
+        crate::trace::inject(&hop, request.headers_mut());
         let payload = match crate::remote::prepare(&self.inner.bus, request).await {
             Ok(payload) => payload,
             Err(response) => return response,
         };
-        match self.send(service, revision, payload.clone(), timeout).await {
+        match tracing::Instrument::instrument(self.send(service, revision, payload.clone(), timeout), hop).await {
             Ok(response) => return response,
             Err(NoReplica::NotHere | NoReplica::NoResponders) if revision.is_some() && pinned.is_none() => {
                 // The split named a revision nobody serves right now (it is
@@ -145,10 +149,13 @@ impl HostAgent {
     /// stopped, else a "not here" answer the sender retries elsewhere.
     async fn answer(&self, service: &ServiceId, revision: Option<u64>, message: wharf_bus::Message) {
         let response = match crate::remote::decode_request(&message) {
-            Ok(request) => {
+            Ok(mut request) => {
+                let span = tracing::trace_span!(target: crate::trace::TARGET, "from bus", host = %self.inner.config.host, service = %service);
+                crate::trace::continue_from(&span, request.headers());
+                crate::trace::inject(&span, request.headers_mut());
                 let workload = self.inner.replicas.least_busy(service, revision).or_else(|| self.inner.replicas.draining(service, revision));
                 match workload {
-                    Some(workload) => workload.handle(request).await,
+                    Some(workload) => tracing::Instrument::instrument(workload.handle(request), span).await,
                     None => crate::remote::not_here(service, self.inner.config.host.as_str()),
                 }
             }
