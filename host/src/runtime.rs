@@ -111,7 +111,7 @@ pub enum LoadError {
     #[error("invalid component: {0}")]
     Invalid(String),
     /// The component imports something this host does not provide.
-    #[error("the component imports `{import}`, which Wharf hosts do not provide (they provide WASI 0.2: wasi:http, wasi:cli, wasi:io, wasi:clocks, wasi:random, wasi:filesystem, wasi:sockets; wasi:keyvalue 0.2.0-draft and wasi:config 0.2.0-rc.1): {detail}")]
+    #[error("the component imports `{import}`, which Wharf hosts do not provide (they provide WASI 0.2: wasi:http, wasi:cli, wasi:io, wasi:clocks, wasi:random, wasi:filesystem, wasi:sockets; wasi:keyvalue 0.2.0-draft, wasi:config 0.2.0-rc.1 and wasmcloud:messaging 0.2.0): {detail}")]
     UnsupportedImport { import: String, detail: String },
     /// The component does not export the HTTP handler.
     #[error("the component does not export `{HTTP_HANDLER_EXPORT}` (the wasi:http/proxy world); its exports are: {exports}{hint}")]
@@ -119,6 +119,23 @@ pub enum LoadError {
     /// The export exists but its type does not match wasi:http 0.2.
     #[error("the component's `{HTTP_HANDLER_EXPORT}` export does not match wasi:http 0.2: {0}")]
     IncompatibleExport(String),
+    /// The messaging handler export exists but its type does not match.
+    #[error("the component's `wasmcloud:messaging/handler@0.2.0` export does not match wasmcloud:messaging 0.2.0: {0}")]
+    IncompatibleHandler(String),
+}
+
+impl LoadedComponent {
+    /// Whether the component exports the message handler triggers call.
+    pub fn handles_messages(&self) -> bool {
+        self.messaging.is_some()
+    }
+}
+
+/// The names of a component's top-level exports, read without compiling
+/// (the control plane checks a triggered service's handler with it).
+pub fn component_exports(bytes: &[u8]) -> Result<Vec<String>, LoadError> {
+    check_preamble(bytes)?;
+    Ok(top_level(bytes)?.1)
 }
 
 /// A component that passed every check, compiled and pre-linked.
@@ -127,6 +144,8 @@ pub struct LoadedComponent {
     /// The sha256 of the component's bytes.
     pub digest: Digest,
     pub(crate) pre: ProxyPre<InstanceState>,
+    /// The `wasmcloud:messaging/handler` export, if the component has it.
+    pub(crate) messaging: Option<crate::messaging::MessagingPre<InstanceState>>,
     /// Whether the compiled code came from the cache (memory or disk).
     pub cached: bool,
     /// Time spent compiling or loading compiled code.
@@ -182,6 +201,7 @@ impl Runtime {
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker).map_err(RuntimeError::Link)?;
         crate::keyvalue::add_to_linker(&mut linker, InstanceState::keyvalue).map_err(RuntimeError::Link)?;
         wasmtime_wasi_config::add_to_linker(&mut linker, InstanceState::config).map_err(RuntimeError::Link)?;
+        crate::messaging::add_to_linker(&mut linker, InstanceState::messaging).map_err(RuntimeError::Link)?;
         if let Some(dir) = &config.cache_dir {
             std::fs::create_dir_all(dir).map_err(|source| RuntimeError::CacheDir { path: dir.clone(), source })?;
         }
@@ -301,8 +321,13 @@ impl Runtime {
             let exports = if exports.is_empty() { "none".to_string() } else { exports.join(", ") };
             return Err(LoadError::WrongWorld { exports, hint });
         }
+        let messaging = if exports.iter().any(|name| name == wharf_proto::trigger::MESSAGE_HANDLER_EXPORT) {
+            Some(crate::messaging::MessagingPre::new(instance_pre.clone()).map_err(|e| LoadError::IncompatibleHandler(format!("{e:#}")))?)
+        } else {
+            None
+        };
         let pre = ProxyPre::new(instance_pre).map_err(|e| LoadError::IncompatibleExport(format!("{e:#}")))?;
-        Ok(LoadedComponent { digest, pre, cached, load_time: started.elapsed() })
+        Ok(LoadedComponent { digest, pre, messaging, cached, load_time: started.elapsed() })
     }
 
     /// Compiles a component into the disk cache only, without keeping it in
@@ -416,7 +441,7 @@ impl Runtime {
 /// The packages whose interfaces a host links (any version: the link check
 /// after compiling holds components to the versions it provides).
 const PROVIDED_PACKAGES: &[&str] =
-    &["wasi:io", "wasi:clocks", "wasi:random", "wasi:filesystem", "wasi:sockets", "wasi:cli", "wasi:http", "wasi:keyvalue", "wasi:config"];
+    &["wasi:io", "wasi:clocks", "wasi:random", "wasi:filesystem", "wasi:sockets", "wasi:cli", "wasi:http", "wasi:keyvalue", "wasi:config", "wasmcloud:messaging"];
 
 /// The checks of [`Runtime::load`] that need no compiling, in its order:
 /// wasm magic, component rather than core module, validation, every
@@ -428,6 +453,20 @@ pub fn check_component(bytes: &[u8]) -> Result<(), LoadError> {
     wasmparser::Validator::new_with_features(wasmparser::WasmFeatures::default())
         .validate_all(bytes)
         .map_err(|e| LoadError::Invalid(format!("{e:#}")))?;
+    let (imports, exports) = top_level(bytes)?;
+    if let Some(import) = imports.iter().find(|name| !PROVIDED_PACKAGES.iter().any(|package| name.strip_prefix(package).is_some_and(|rest| rest.starts_with('/')))) {
+        return Err(LoadError::UnsupportedImport { import: import.clone(), detail: "no host links that package".into() });
+    }
+    if !exports.iter().any(|name| export_matches(name)) {
+        let hint = if exports.iter().any(|e| e.starts_with("wasi:cli/run")) { COMMAND_HINT } else { "" };
+        let exports = if exports.is_empty() { "none".to_string() } else { exports.join(", ") };
+        return Err(LoadError::WrongWorld { exports, hint });
+    }
+    Ok(())
+}
+
+/// The top-level imports and exports of a component, by name.
+fn top_level(bytes: &[u8]) -> Result<(Vec<String>, Vec<String>), LoadError> {
     let (mut imports, mut exports) = (Vec::new(), Vec::new());
     // Nested modules and components open with a version and close with an
     // end; only the outermost component's imports and exports matter.
@@ -449,15 +488,7 @@ pub fn check_component(bytes: &[u8]) -> Result<(), LoadError> {
             _ => {}
         }
     }
-    if let Some(import) = imports.iter().find(|name| !PROVIDED_PACKAGES.iter().any(|package| name.strip_prefix(package).is_some_and(|rest| rest.starts_with('/')))) {
-        return Err(LoadError::UnsupportedImport { import: import.clone(), detail: "no host links that package".into() });
-    }
-    if !exports.iter().any(|name| export_matches(name)) {
-        let hint = if exports.iter().any(|e| e.starts_with("wasi:cli/run")) { COMMAND_HINT } else { "" };
-        let exports = if exports.is_empty() { "none".to_string() } else { exports.join(", ") };
-        return Err(LoadError::WrongWorld { exports, hint });
-    }
-    Ok(())
+    Ok((imports, exports))
 }
 
 /// What [`LoadError::WrongWorld`] adds for a command component.

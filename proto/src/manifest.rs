@@ -529,7 +529,7 @@ mod tests {
             &two("name: b\n    component: { file: b.wasm }\n    replicaz: 2"),
             Err(
                 "services[1].replicaz: unknown field `replicaz`, expected one of `namespace`, `name`, `component`, \
-                 `replicas`, `limits`, `routes`, `env`, `placement`, `allow_outbound`, `autoscale`, `volumes`, `keyvalue`, `config`, `secrets`, `health`, `rollout`, `traffic`, `source` (line 6, column 5)",
+                 `replicas`, `limits`, `routes`, `env`, `placement`, `allow_outbound`, `autoscale`, `volumes`, `keyvalue`, `config`, `secrets`, `health`, `rollout`, `traffic`, `source`, `triggers` (line 6, column 5)",
             ),
         );
         check(
@@ -653,7 +653,7 @@ mod tests {
             Err(
                 "services[1].replicaz: unknown field `replicaz`, expected one of `namespace`, `name`, `component`, \
                  `replicas`, `limits`, `routes`, `env`, `placement`, `allow_outbound`, `autoscale`, `volumes`, \
-                 `keyvalue`, `config`, `secrets`, `health`, `rollout`, `traffic`, `source` (line 8, column 1)",
+                 `keyvalue`, `config`, `secrets`, `health`, `rollout`, `traffic`, `source`, `triggers` (line 8, column 1)",
             ),
         );
         check(
@@ -749,7 +749,7 @@ mod tests {
             "name: a\ncomponent: { file: a.wasm }\nspread: zone\n",
             Err(
                 "spread: unknown field `spread`, expected one of `namespace`, `name`, `component`, `replicas`, \
-                 `limits`, `routes`, `env`, `placement`, `allow_outbound`, `autoscale`, `volumes`, `keyvalue`, `config`, `secrets`, `health`, `rollout`, `traffic`, `source` (line 3, column 1)",
+                 `limits`, `routes`, `env`, `placement`, `allow_outbound`, `autoscale`, `volumes`, `keyvalue`, `config`, `secrets`, `health`, `rollout`, `traffic`, `source`, `triggers` (line 3, column 1)",
             ),
         );
         check(
