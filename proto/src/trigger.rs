@@ -189,11 +189,16 @@ pub struct Delivery {
     pub reply_to: Option<String>,
 }
 
-/// How a delivered message's handler ended: `None` for success, else why not.
+/// How a handed-over message's handler ended.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeliveryResult {
+    /// Why the handler failed; `None` when it succeeded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The host had no replica left to run it (it stopped meanwhile): the
+    /// sender tries again elsewhere.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub not_here: bool,
 }
 
 impl Delivery {

@@ -193,6 +193,13 @@ impl HostAgent {
                 }
             }
         }
+        if !spec.triggers.is_empty() && !component.handles_messages() {
+            return Err(format!(
+                "the service has triggers, but its component does not export `{}`",
+                wharf_proto::trigger::MESSAGE_HANDLER_EXPORT
+            ));
+        }
+        workload.messaging = Some(crate::messaging::MessagingAccess::new(self.inner.bus.clone(), &service.namespace, &service.to_string()));
         workload.keyvalue =
             Some(crate::keyvalue::KeyValueAccess::new(self.inner.bus.clone(), &service.namespace, &service.to_string(), spec.keyvalue.iter().cloned()));
         Workload::new(&self.inner.runtime, component, workload, &self.inner.metrics).map_err(|e| e.to_string())
