@@ -90,6 +90,10 @@ impl ComponentCheck for Accept {
     fn check(&self, _: &[u8]) -> Result<(), String> {
         Ok(())
     }
+
+    fn exports(&self, _: &[u8]) -> Result<Vec<String>, String> {
+        Ok(Vec::new())
+    }
 }
 
 fn config(name: &str) -> ControlPlaneConfig {
