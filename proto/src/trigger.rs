@@ -44,7 +44,7 @@ pub struct Trigger {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_deliver: Option<u32>,
     /// Where a message goes after `max_deliver` failed deliveries, relative
-    /// to the namespace (default `<service>.dead-letter`; only with `stream`).
+    /// to the namespace (default `dead-letter.<service>`; only with `stream`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dead_letter: Option<String>,
 }
@@ -65,7 +65,7 @@ impl Trigger {
 
     /// The dead-letter subject, relative to the namespace.
     pub fn dead_letter(&self, service: &str) -> String {
-        self.dead_letter.clone().unwrap_or_else(|| format!("{service}.dead-letter"))
+        self.dead_letter.clone().unwrap_or_else(|| format!("dead-letter.{service}"))
     }
 
     /// Checks the subject, the stream's name and the delivery settings;

@@ -25,6 +25,7 @@ pub const NAMES: &[&str] = &[
     "counter",
     "notes",
     "settings",
+    "messenger",
 ];
 
 /// The target the samples are built for; also names the output subdirectory.

@@ -1,14 +1,16 @@
 //! `messenger`: a message handler (`wasmcloud:messaging/handler` 0.2.0)
 //! for trigger tests, which also answers HTTP.
 //!
-//! Each message: a body `fail` fails the handler; `publish SUBJECT TEXT`
+//! Each message: a body starting with `fail` is counted (below), then
+//! fails the handler; `publish SUBJECT TEXT`
 //! publishes TEXT on SUBJECT; `spin` loops until its budget runs out;
 //! anything else adds 1 to the key named by the body in the `wasi:keyvalue`
 //! bucket `BUCKET` (default `messages`). A message with a reply subject is
 //! answered `handled <body>`.
 //!
-//! HTTP: `GET /publish?subject=S&body=B` publishes (`200 published`, or
-//! `502` with the host's error); `GET /request?subject=S&body=B` sends a
+//! HTTP (under any route prefix): `GET …/publish?subject=S&body=B`
+//! publishes (`200 published`, or `502` with the host's error);
+//! `GET …/request?subject=S&body=B` sends a
 //! request and answers with the reply; anything else `200 messenger\n`.
 
 use samplekit::{Target, respond_text};
@@ -53,8 +55,10 @@ mod handler_export {
 impl Handler for Messenger {
     fn handle_message(msg: BrokerMessage) -> Result<(), String> {
         let body = String::from_utf8_lossy(&msg.body).into_owned();
-        if body == "fail" {
-            return Err("messenger: asked to fail".to_owned());
+        if body.starts_with("fail") {
+            // Counted first, so a test can tell how often it was delivered.
+            count(&body)?;
+            return Err(format!("messenger: asked to fail ({body})"));
         }
         if body == "spin" {
             let mut n: u64 = 0;
@@ -88,12 +92,14 @@ impl wasi::exports::http::incoming_handler::Guest for Messenger {
         let target = Target::of(&request);
         let subject = target.text("subject").unwrap_or_default();
         let body = target.text("body").unwrap_or_default();
-        match target.path.as_str() {
-            "/publish" => match consumer::publish(&BrokerMessage { subject, body: body.into_bytes(), reply_to: None }) {
+        // Under whatever route prefix the service is given.
+        let action = target.path.rsplit('/').next().unwrap_or_default();
+        match action {
+            "publish" => match consumer::publish(&BrokerMessage { subject, body: body.into_bytes(), reply_to: None }) {
                 Ok(()) => respond_text(out, 200, "published\n"),
                 Err(error) => respond_text(out, 502, &format!("messenger: {error}\n")),
             },
-            "/request" => match consumer::request(&subject, body.as_bytes(), 2000) {
+            "request" => match consumer::request(&subject, body.as_bytes(), 2000) {
                 Ok(reply) => respond_text(out, 200, &String::from_utf8_lossy(&reply.body)),
                 Err(error) => respond_text(out, 502, &format!("messenger: {error}\n")),
             },
