@@ -77,29 +77,46 @@ pub struct Delivered {
 }
 
 impl Bus {
-    /// Opens (creating what is missing) the stream and durable consumer of
-    /// `config` and starts pulling messages.
-    pub async fn stream_consumer(&self, config: &StreamConsumerConfig) -> Result<StreamMessages, StreamError> {
+    /// Makes sure stream `stream` exists and keeps `subject`: creates it
+    /// (with as many copies as the bus gives its buckets: up to 3 on a
+    /// cluster), or adds the subject to an existing one. Changes nothing
+    /// when both are there, so a process without the right to create
+    /// streams can call it on a stream that is ready.
+    pub async fn ensure_stream(&self, stream: &str, subject: &str) -> Result<(), StreamError> {
+        self.open_stream(stream, subject).await.map(drop)
+    }
+
+    async fn open_stream(&self, name: &str, subject: &str) -> Result<jetstream::stream::Stream, StreamError> {
         let Backend::Nats(nats) = &self.backend else {
-            return Err(StreamError::Unsupported { stream: config.stream.clone() });
+            return Err(StreamError::Unsupported { stream: name.to_owned() });
         };
         let js = nats.jetstream();
-        let stream_failed = |source: BackendError| StreamError::Stream { stream: config.stream.clone(), subject: config.subject.clone(), source };
-        let stream = js
-            .get_or_create_stream(jetstream::stream::Config {
-                name: config.stream.clone(),
-                subjects: vec![config.subject.clone()],
-                // As many copies as the bus gives its buckets: up to 3 on a cluster.
-                num_replicas: nats.replicas_for_new(),
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| stream_failed(Box::new(e)))?;
-        let mut stream_config = stream.cached_info().config.clone();
-        if !stream_config.subjects.contains(&config.subject) {
-            stream_config.subjects.push(config.subject.clone());
-            js.update_stream(&stream_config).await.map_err(|e| stream_failed(Box::new(e)))?;
+        let failed = |source: BackendError| StreamError::Stream { stream: name.to_owned(), subject: subject.to_owned(), source };
+        let stream = match js.get_stream(name).await {
+            Ok(stream) => stream,
+            Err(e) if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(ref js_error) if js_error.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) => js
+                .get_or_create_stream(jetstream::stream::Config {
+                    name: name.to_owned(),
+                    subjects: vec![subject.to_owned()],
+                    num_replicas: nats.replicas_for_new(),
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| failed(Box::new(e)))?,
+            Err(e) => return Err(failed(Box::new(e))),
+        };
+        let mut config = stream.cached_info().config.clone();
+        if !config.subjects.iter().any(|s| s == subject) {
+            config.subjects.push(subject.to_owned());
+            js.update_stream(&config).await.map_err(|e| failed(Box::new(e)))?;
         }
+        Ok(stream)
+    }
+
+    /// Opens (creating what is missing, see [`Bus::ensure_stream`]) the
+    /// stream and durable consumer of `config` and starts pulling messages.
+    pub async fn stream_consumer(&self, config: &StreamConsumerConfig) -> Result<StreamMessages, StreamError> {
+        let stream = self.open_stream(&config.stream, &config.subject).await?;
         let consumer_failed =
             |source: BackendError| StreamError::Consumer { stream: config.stream.clone(), consumer: config.consumer.clone(), source };
         let consumer: jetstream::consumer::PullConsumer = stream

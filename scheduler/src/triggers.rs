@@ -1,13 +1,35 @@
-//! The checks a service with message triggers gets when it is written:
-//! its component must export the handler triggers call, so a deploy that
-//! could never handle a message is refused with the export's name rather
-//! than failing on every host.
+//! What a service with message triggers gets when it is written: its
+//! component must export the handler triggers call, so a deploy that could
+//! never handle a message is refused with the export's name rather than
+//! failing on every host; and the control plane, which owns streams (hosts
+//! may not create them under the shipped NATS roles), creates each stream
+//! trigger's stream.
 
 use crate::ControlPlane;
 use crate::api::ApiError;
 use axum::http::StatusCode;
 use wharf_proto::ServiceSpec;
-use wharf_proto::trigger::MESSAGE_HANDLER_EXPORT;
+use wharf_bus::StreamError;
+use wharf_proto::trigger::{MESSAGE_HANDLER_EXPORT, message_subject, stream_name};
+
+/// Creates (or extends with the trigger's subject) the stream of every
+/// stream trigger. Over the in-process bus, which has no streams, a stream
+/// trigger is refused.
+pub(crate) async fn ensure_streams(plane: &ControlPlane, spec: &ServiceSpec) -> Result<(), ApiError> {
+    for (i, trigger) in spec.triggers.iter().enumerate() {
+        let Some(stream) = &trigger.stream else { continue };
+        let name = stream_name(&spec.namespace, stream);
+        let subject = message_subject(&spec.namespace, &trigger.subject);
+        plane.bus.ensure_stream(&name, &subject).await.map_err(|e| {
+            let status = match e {
+                StreamError::Unsupported { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+                _ => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            ApiError::new(status, "stream_unavailable", format!("triggers[{i}].stream: {e}"))
+        })?;
+    }
+    Ok(())
+}
 
 /// Refuses a service with triggers whose component lacks [`MESSAGE_HANDLER_EXPORT`].
 pub(crate) async fn check_handler(plane: &ControlPlane, spec: &ServiceSpec) -> Result<(), ApiError> {
