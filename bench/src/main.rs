@@ -22,6 +22,7 @@ mod natsha;
 mod noisy;
 mod rollout;
 mod rss;
+mod triggers;
 
 #[derive(Parser)]
 #[command(name = "wharf-bench", about = "Wharf's benchmarks: print figures and record them in bench/results/")]
@@ -50,6 +51,8 @@ enum Cmd {
     Noisy(noisy::NoisyArgs),
     /// Rollouts on a real cluster under load: a rolling update's duration and failed requests, a failed canary's rollback time.
     Rollout(rollout::RolloutArgs),
+    /// Message triggers: messages/s through a trigger (core NATS, JetStream) vs a raw async-nats subscriber doing the same work.
+    Triggers(triggers::TriggerArgs),
     /// Placement core: replicas placed per second on a simulated cluster.
     Placement(PlacementArgs),
     /// (internal) Loads N workloads in this process and prints its resident memory as JSON.
@@ -114,6 +117,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Cluster(args) => tokio::runtime::Runtime::new()?.block_on(cluster::run(args)),
         Cmd::Control(args) => tokio::runtime::Runtime::new()?.block_on(control::run(args)),
         Cmd::Rollout(args) => tokio::runtime::Runtime::new()?.block_on(rollout::run(args)),
+        Cmd::Triggers(args) => tokio::runtime::Runtime::new()?.block_on(triggers::run(args)),
         Cmd::RssProbe(args) => tokio::runtime::Runtime::new()?.block_on(rss::probe(args)),
     }
 }
