@@ -2,8 +2,9 @@
 //! messages of a JetStream-backed trigger each handled exactly once (counted
 //! in a key-value bucket), a failing handler redelivered then dead-lettered,
 //! a component publishing and answering requests, a service at zero woken
-//! by a message, publishing on another namespace's subject refused, and a
-//! component without the handler refused at deploy.
+//! by a message, publishing on another namespace's subject refused, a
+//! looping handler stopped without holding up others, and a component
+//! without the handler refused at deploy.
 
 use futures::StreamExt;
 use std::path::Path;
@@ -69,7 +70,7 @@ async fn message_triggers_across_three_hosts() {
         &format!(
             "services:\n\
              - name: orders\n  component: {{ file: {messenger} }}\n  replicas: 3\n  placement: {{ spread: zone }}\n  limits: {{ concurrency: 64 }}\n  keyvalue: [messages]\n  routes: [{{ path_prefix: /orders }}]\n  triggers: [{{ subject: \"orders.>\", stream: orders, max_deliver: 3 }}]\n\
-             - name: asker\n  component: {{ file: {messenger} }}\n  keyvalue: [messages]\n  triggers: [{{ subject: \"ask.>\" }}]\n"
+             - name: asker\n  component: {{ file: {messenger} }}\n  keyvalue: [messages]\n  limits: {{ timeout: 1s }}\n  triggers: [{{ subject: \"ask.>\" }}]\n"
         ),
     );
     scheduler.ok(&["apply", "-f", &manifest]);
@@ -148,6 +149,15 @@ async fn message_triggers_across_three_hosts() {
     // A core trigger with a reply subject: the handler answers the request.
     let reply = client.request("wharf.msg.default.ask.question", "q1".into()).await.expect("an answer");
     assert_eq!(&reply.payload[..], b"handled q1");
+
+    // A handler that loops is stopped at its deadline; meanwhile the same
+    // service and the others keep answering.
+    client.publish("wharf.msg.default.ask.loop", "spin".into()).await.expect("publish");
+    client.flush().await.expect("flush");
+    let asked = Instant::now();
+    let reply = client.request("wharf.msg.default.ask.again", "q2".into()).await.expect("an answer beside a looping handler");
+    assert_eq!(&reply.payload[..], b"handled q2");
+    assert!(asked.elapsed() < Duration::from_millis(900), "answered in {:?}, before the loop's deadline", asked.elapsed());
 
     // A service at zero is woken by a message, which is then handled.
     let sleepy = write(
