@@ -53,12 +53,18 @@ impl Drop for Task {
     }
 }
 
+/// One triggered service's intakes: the triggers they follow, one task each.
+struct Intakes {
+    triggers: Vec<Trigger>,
+    _tasks: Vec<Task>,
+}
+
 /// The trigger tasks of this host. Each map has its own lock, held only to
 /// compare and swap tasks.
 #[derive(Default)]
 pub(crate) struct Triggers {
-    /// Per triggered service: the triggers its intakes follow, and one task per trigger.
-    intakes: Mutex<BTreeMap<ServiceId, (Vec<Trigger>, Vec<Task>)>>,
+    /// Per triggered service, its intakes.
+    intakes: Mutex<BTreeMap<ServiceId, Intakes>>,
     /// Per service with a ready replica here: the delivery listener.
     deliveries: Mutex<BTreeMap<ServiceId, Task>>,
 }
@@ -71,7 +77,7 @@ impl HostAgent {
         let wanted: BTreeMap<ServiceId, Arc<ServiceSpec>> =
             if draining { BTreeMap::new() } else { self.inner.directory.triggered().into_iter().collect() };
         if let Ok(mut intakes) = self.inner.triggers.intakes.lock() {
-            intakes.retain(|service, (triggers, _)| wanted.get(service).is_some_and(|spec| spec.triggers == *triggers));
+            intakes.retain(|service, intake| wanted.get(service).is_some_and(|spec| spec.triggers == intake.triggers));
             for (service, spec) in &wanted {
                 if intakes.contains_key(service) {
                     continue;
@@ -81,7 +87,7 @@ impl HostAgent {
                     .iter()
                     .map(|trigger| Task(tokio::spawn(intake(Arc::downgrade(&self.inner), service.clone(), spec.clone(), trigger.clone()))))
                     .collect();
-                intakes.insert(service.clone(), (spec.triggers.clone(), tasks));
+                intakes.insert(service.clone(), Intakes { triggers: spec.triggers.clone(), _tasks: tasks });
             }
         }
         if let Ok(mut deliveries) = self.inner.triggers.deliveries.lock() {
