@@ -461,7 +461,6 @@ impl Workload {
         message: crate::messaging::BrokerMessage,
         deadline: Instant,
     ) -> Outcome {
-        let limits = &self.inner.spec.limits;
         let metrics = &self.inner.metrics;
         let call = async {
             let instantiating = Instant::now();
@@ -470,18 +469,10 @@ impl Workload {
             instance.wasmcloud_messaging_handler().call_handle_message(&mut *store, &message).await
         };
         let result = tokio::time::timeout_at((deadline + DEADLINE_GRACE).into(), call).await;
-        let state = store.data();
-        state.finish_logs();
-        metrics.memory_peak.observe(state.limiter.peak as f64);
-        let budget = limits.fuel.unwrap_or(u64::MAX);
-        if let Ok(left) = store.get_fuel() {
-            metrics.fuel.inc_by(budget - left);
-        }
-        match result {
-            Ok(Ok(Ok(()))) => Outcome::Ok,
-            Ok(Ok(Err(error))) => Outcome::HandlerError(error),
-            Ok(Err(error)) => classify(&error, state.limiter.denied, limits),
-            Err(_elapsed) => Outcome::Deadline { timeout: limits.timeout },
+        match self.finish(store, result) {
+            Ok(Ok(())) => Outcome::Ok,
+            Ok(Err(error)) => Outcome::HandlerError(error),
+            Err(outcome) => outcome,
         }
     }
 
@@ -547,7 +538,6 @@ impl Workload {
         out: wasmtime::component::Resource<wasmtime_wasi_http::p2::types::HostResponseOutparam>,
         deadline: Instant,
     ) -> Outcome {
-        let limits = &self.inner.spec.limits;
         let metrics = &self.inner.metrics;
         let pre = self.inner.component.pre.clone();
         let call = async {
@@ -557,6 +547,14 @@ impl Workload {
             proxy.wasi_http_incoming_handler().call_handle(&mut *store, req, out).await
         };
         let result = tokio::time::timeout_at((deadline + DEADLINE_GRACE).into(), call).await;
+        self.finish(store, result).err().unwrap_or(Outcome::Ok)
+    }
+
+    /// After a guest call: flushes its logs, records its memory peak and
+    /// fuel, and names what stopped it, if anything did.
+    fn finish<T>(&self, store: &Store<InstanceState>, result: Result<wasmtime::Result<T>, tokio::time::error::Elapsed>) -> Result<T, Outcome> {
+        let limits = &self.inner.spec.limits;
+        let metrics = &self.inner.metrics;
         let state = store.data();
         state.finish_logs();
         metrics.memory_peak.observe(state.limiter.peak as f64);
@@ -565,9 +563,9 @@ impl Workload {
             metrics.fuel.inc_by(budget - left);
         }
         match result {
-            Ok(Ok(())) => Outcome::Ok,
-            Ok(Err(error)) => classify(&error, state.limiter.denied, limits),
-            Err(_elapsed) => Outcome::Deadline { timeout: limits.timeout },
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(error)) => Err(classify(&error, state.limiter.denied, limits)),
+            Err(_elapsed) => Err(Outcome::Deadline { timeout: limits.timeout }),
         }
     }
 
