@@ -128,6 +128,15 @@ pub struct DeployArgs {
     /// A wasi:keyvalue bucket the component may open (in its namespace). Repeatable; replaces the list.
     #[arg(long = "keyvalue", value_name = "BUCKET")]
     keyvalue: Vec<String>,
+    /// A message trigger: each message on SUBJECT (relative to the namespace;
+    /// `*` and a final `>` match) invokes the component's
+    /// wasmcloud:messaging handler. `SUBJECT@STREAM` reads it from JetStream
+    /// stream STREAM (at least once, acknowledged after success, 5
+    /// deliveries, then `dead-letter.<service>`); plain SUBJECT is core NATS
+    /// (at most once). Repeatable; replaces the triggers. Other settings:
+    /// `triggers:` in a manifest.
+    #[arg(long = "trigger", value_name = "SUBJECT[@STREAM]")]
+    triggers: Vec<String>,
     /// Spread replicas evenly over the values of this host label (e.g. zone).
     #[arg(long, value_name = "LABEL")]
     spread: Option<String>,
@@ -640,6 +649,16 @@ fn apply_flags(args: &DeployArgs, spec: &mut ServiceSpec) -> anyhow::Result<()> 
     }
     if !args.keyvalue.is_empty() {
         spec.keyvalue = args.keyvalue.clone();
+    }
+    if !args.triggers.is_empty() {
+        spec.triggers = args
+            .triggers
+            .iter()
+            .map(|t| match t.split_once('@') {
+                Some((subject, stream)) => wharf_proto::Trigger { stream: Some(stream.to_string()), ..wharf_proto::Trigger::subject(subject) },
+                None => wharf_proto::Trigger::subject(t),
+            })
+            .collect();
     }
     if !args.config.is_empty() {
         spec.config = args.config.iter().cloned().collect();
