@@ -782,7 +782,12 @@ pub async fn get(what: GetWhat) -> anyhow::Result<()> {
             for view in &views {
                 let spec = &view["service"]["spec"];
                 let status = &view["status"];
-                let routes: Vec<String> = spec["routes"].as_array().into_iter().flatten().map(|r| format!("{}{}", r["host"].as_str().unwrap_or(""), r["path_prefix"].as_str().unwrap_or(""))).collect();
+                let mut routes: Vec<String> = spec["routes"].as_array().into_iter().flatten().map(|r| format!("{}{}", r["host"].as_str().unwrap_or(""), r["path_prefix"].as_str().unwrap_or(""))).collect();
+                // Message triggers are ways in too: `msg:SUBJECT[@STREAM]`.
+                routes.extend(spec["triggers"].as_array().into_iter().flatten().map(|t| match t["stream"].as_str() {
+                    Some(stream) => format!("msg:{}@{stream}", t["subject"].as_str().unwrap_or("")),
+                    None => format!("msg:{}", t["subject"].as_str().unwrap_or("")),
+                }));
                 rows.push(vec![
                     format!("{}/{}", spec["namespace"].as_str().unwrap_or(""), spec["name"].as_str().unwrap_or("")),
                     format!("{}/{}", status["ready"], status["desired"]),

@@ -74,6 +74,8 @@ async fn message_triggers_across_three_hosts() {
         ),
     );
     scheduler.ok(&["apply", "-f", &manifest]);
+    let table = scheduler.ok(&["get", "services"]);
+    assert!(table.contains("/orders,msg:orders.>@orders") && table.contains("msg:ask.>"), "{table}");
     let mut placed = scheduler.hosts_of("orders");
     placed.sort();
     assert_eq!(placed, ["host-a", "host-b", "host-c"]);
@@ -177,4 +179,36 @@ async fn message_triggers_across_three_hosts() {
     let reply = client.send_request("wharf.msg.default.wake.now", request).await.expect("woken and answered");
     assert_eq!(&reply.payload[..], b"handled up");
     eprintln!("a service at zero answered its first message in {:?}", woken.elapsed());
+}
+
+/// Single-node `wharf up` (the in-process bus): a core trigger fed by
+/// another component's publish, and a stream trigger refused at deploy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn core_triggers_in_one_process_and_streams_refused_without_nats() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let up = wharf_testkit::wharf::Up::start(Path::new(WHARF), &dir.path().join("data"), &["--host-id", "one"]);
+    let messenger = samples::path("messenger");
+    let messenger = messenger.to_str().expect("utf-8");
+    up.ok(&["deploy", messenger, "--name", "sender", "--route", "/sender"]);
+    up.ok(&["deploy", messenger, "--name", "worker", "--keyvalue", "messages", "--trigger", "work.>"]);
+    let table = up.ok(&["get", "services"]);
+    assert!(table.contains("msg:work.>"), "{table}");
+
+    let http = reqwest::Client::new();
+    let response = http.get(format!("{}/sender/publish?subject=work.item&body=item-1", up.ingress)).send().await.expect("answered");
+    assert_eq!(response.status(), 200);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (ok, out) = up.wharf(&["kv", "get", "messages", "item-1"]);
+        if ok && out.trim() == "1" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the worker never counted the message: {out}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let (ok, out) = up.wharf(&["deploy", messenger, "--name", "streamer", "--trigger", "jobs.>@jobs"]);
+    assert!(!ok && out.contains("JetStream streams need NATS"), "{out}");
+    let (ok, _) = up.wharf(&["get", "services", "streamer"]);
+    assert!(!ok, "nothing was stored");
 }
