@@ -182,7 +182,8 @@ async fn message_triggers_across_three_hosts() {
 }
 
 /// Single-node `wharf up` (the in-process bus): a core trigger fed by
-/// another component's publish, and a stream trigger refused at deploy.
+/// another component's publish, a component with only the message handler
+/// answering another's request, and a stream trigger refused at deploy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn core_triggers_in_one_process_and_streams_refused_without_nats() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -206,6 +207,17 @@ async fn core_triggers_in_one_process_and_streams_refused_without_nats() {
         assert!(Instant::now() < deadline, "the worker never counted the message: {out}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+
+    // A component with only the message handler (no HTTP) answers requests
+    // another component makes; without triggers it is refused at deploy.
+    let listener = samples::path("listener");
+    let listener = listener.to_str().expect("utf-8");
+    up.ok(&["deploy", listener, "--name", "listener", "--trigger", "listen.>"]);
+    let response = http.get(format!("{}/sender/request?subject=listen.now&body=hi", up.ingress)).send().await.expect("answered");
+    let (status, text) = (response.status(), response.text().await.expect("body"));
+    assert_eq!((status.as_u16(), text.as_str()), (200, "heard hi"));
+    let (ok, out) = up.wharf(&["deploy", listener, "--name", "deaf"]);
+    assert!(!ok && out.contains("does not export `wasi:http/incoming-handler`") && out.contains("add triggers"), "{out}");
 
     let (ok, out) = up.wharf(&["deploy", messenger, "--name", "streamer", "--trigger", "jobs.>@jobs"]);
     assert!(!ok && out.contains("JetStream streams need NATS"), "{out}");

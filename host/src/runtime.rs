@@ -113,8 +113,8 @@ pub enum LoadError {
     /// The component imports something this host does not provide.
     #[error("the component imports `{import}`, which Wharf hosts do not provide (they provide WASI 0.2: wasi:http, wasi:cli, wasi:io, wasi:clocks, wasi:random, wasi:filesystem, wasi:sockets; wasi:keyvalue 0.2.0-draft, wasi:config 0.2.0-rc.1 and wasmcloud:messaging 0.2.0): {detail}")]
     UnsupportedImport { import: String, detail: String },
-    /// The component does not export the HTTP handler.
-    #[error("the component does not export `{HTTP_HANDLER_EXPORT}` (the wasi:http/proxy world); its exports are: {exports}{hint}")]
+    /// The component exports neither the HTTP handler nor the message handler.
+    #[error("the component does not export `{HTTP_HANDLER_EXPORT}` (the wasi:http/proxy world) or `wasmcloud:messaging/handler@0.2.0` (for message triggers); its exports are: {exports}{hint}")]
     WrongWorld { exports: String, hint: &'static str },
     /// The export exists but its type does not match wasi:http 0.2.
     #[error("the component's `{HTTP_HANDLER_EXPORT}` export does not match wasi:http 0.2: {0}")]
@@ -128,6 +128,11 @@ impl LoadedComponent {
     /// Whether the component exports the message handler triggers call.
     pub fn handles_messages(&self) -> bool {
         self.messaging.is_some()
+    }
+
+    /// Whether the component exports the HTTP handler.
+    pub fn handles_http(&self) -> bool {
+        self.pre.is_some()
     }
 }
 
@@ -143,7 +148,9 @@ pub fn component_exports(bytes: &[u8]) -> Result<Vec<String>, LoadError> {
 pub struct LoadedComponent {
     /// The sha256 of the component's bytes.
     pub digest: Digest,
-    pub(crate) pre: ProxyPre<InstanceState>,
+    pub(crate) instance_pre: wasmtime::component::InstancePre<InstanceState>,
+    /// The `wasi:http/incoming-handler` export, if the component has it.
+    pub(crate) pre: Option<ProxyPre<InstanceState>>,
     /// The `wasmcloud:messaging/handler` export, if the component has it.
     pub(crate) messaging: Option<crate::messaging::MessagingPre<InstanceState>>,
     /// Whether the compiled code came from the cache (memory or disk).
@@ -305,7 +312,7 @@ impl Runtime {
     /// The names of a loaded component's imports and exports, as an OCI
     /// artifact's config lists them.
     pub fn interfaces(&self, loaded: &LoadedComponent) -> (Vec<String>, Vec<String>) {
-        let component_type = loaded.pre.instance_pre().component().component_type();
+        let component_type = loaded.instance_pre.component().component_type();
         let imports = component_type.imports(&self.inner.engine).map(|(name, _)| name.to_string()).collect();
         let exports = component_type.exports(&self.inner.engine).map(|(name, _)| name.to_string()).collect();
         (imports, exports)
@@ -316,18 +323,18 @@ impl Runtime {
         let instance_pre = self.inner.linker.instantiate_pre(&component).map_err(|e| self.explain_link_error(&component, e))?;
         let exports: Vec<String> =
             component.component_type().exports(&self.inner.engine).map(|(name, _)| name.to_string()).collect();
-        if !exports.iter().any(|name| export_matches(name)) {
-            let hint = if exports.iter().any(|e| e.starts_with("wasi:cli/run")) { COMMAND_HINT } else { "" };
-            let exports = if exports.is_empty() { "none".to_string() } else { exports.join(", ") };
-            return Err(LoadError::WrongWorld { exports, hint });
-        }
+        check_world(&exports)?;
         let messaging = if exports.iter().any(|name| name == wharf_proto::trigger::MESSAGE_HANDLER_EXPORT) {
             Some(crate::messaging::MessagingPre::new(instance_pre.clone()).map_err(|e| LoadError::IncompatibleHandler(format!("{e:#}")))?)
         } else {
             None
         };
-        let pre = ProxyPre::new(instance_pre).map_err(|e| LoadError::IncompatibleExport(format!("{e:#}")))?;
-        Ok(LoadedComponent { digest, pre, messaging, cached, load_time: started.elapsed() })
+        let pre = if exports.iter().any(|name| export_matches(name)) {
+            Some(ProxyPre::new(instance_pre.clone()).map_err(|e| LoadError::IncompatibleExport(format!("{e:#}")))?)
+        } else {
+            None
+        };
+        Ok(LoadedComponent { digest, instance_pre, pre, messaging, cached, load_time: started.elapsed() })
     }
 
     /// Compiles a component into the disk cache only, without keeping it in
@@ -457,12 +464,17 @@ pub fn check_component(bytes: &[u8]) -> Result<(), LoadError> {
     if let Some(import) = imports.iter().find(|name| !PROVIDED_PACKAGES.iter().any(|package| name.strip_prefix(package).is_some_and(|rest| rest.starts_with('/')))) {
         return Err(LoadError::UnsupportedImport { import: import.clone(), detail: "no host links that package".into() });
     }
-    if !exports.iter().any(|name| export_matches(name)) {
-        let hint = if exports.iter().any(|e| e.starts_with("wasi:cli/run")) { COMMAND_HINT } else { "" };
-        let exports = if exports.is_empty() { "none".to_string() } else { exports.join(", ") };
-        return Err(LoadError::WrongWorld { exports, hint });
+    check_world(&exports)
+}
+
+/// A component must export the HTTP handler, the message handler, or both.
+fn check_world(exports: &[String]) -> Result<(), LoadError> {
+    if exports.iter().any(|name| export_matches(name) || name == wharf_proto::trigger::MESSAGE_HANDLER_EXPORT) {
+        return Ok(());
     }
-    Ok(())
+    let hint = if exports.iter().any(|e| e.starts_with("wasi:cli/run")) { COMMAND_HINT } else { "" };
+    let exports = if exports.is_empty() { "none".to_string() } else { exports.join(", ") };
+    Err(LoadError::WrongWorld { exports, hint })
 }
 
 /// The top-level imports and exports of a component, by name.

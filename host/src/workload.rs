@@ -108,6 +108,8 @@ pub enum Outcome {
     HostError(String),
     /// The message handler returned an error.
     HandlerError(String),
+    /// The component has no HTTP handler (it only handles messages).
+    NoHttpHandler,
 }
 
 impl Outcome {
@@ -124,6 +126,7 @@ impl Outcome {
             Outcome::NoResponse => "no_response",
             Outcome::HostError(_) => "host_error",
             Outcome::HandlerError(_) => "handler_error",
+            Outcome::NoHttpHandler => "no_http_handler",
         }
     }
 
@@ -133,6 +136,7 @@ impl Outcome {
             Outcome::Deadline { .. } => StatusCode::GATEWAY_TIMEOUT,
             Outcome::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Outcome::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Outcome::NoHttpHandler => StatusCode::NOT_FOUND,
             Outcome::Trap(_)
             | Outcome::FuelExhausted { .. }
             | Outcome::MemoryLimit { .. }
@@ -163,6 +167,10 @@ impl Outcome {
             Outcome::NoResponse => format!("{service}: the component returned without setting a response"),
             Outcome::HostError(detail) => format!("{service}: the host could not run the component: {detail}"),
             Outcome::HandlerError(detail) => format!("{service}: the message handler failed: {detail}"),
+            Outcome::NoHttpHandler => format!(
+                "{service}: the component does not export `{}`; it handles only messages (its triggers)",
+                crate::runtime::HTTP_HANDLER_EXPORT
+            ),
         }
     }
 }
@@ -485,7 +493,7 @@ impl Workload {
             let deadline = Instant::now() + self.inner.spec.limits.timeout;
             let mut store = self.new_store(deadline, Arc::default()).map_err(wasmtime::Error::msg)?;
             let started = Instant::now();
-            self.inner.component.pre.instantiate_async(&mut store).await?;
+            self.inner.component.instance_pre.instantiate_async(&mut store).await?;
             times.push(started.elapsed());
         }
         Ok(times)
@@ -539,7 +547,9 @@ impl Workload {
         deadline: Instant,
     ) -> Outcome {
         let metrics = &self.inner.metrics;
-        let pre = self.inner.component.pre.clone();
+        let Some(pre) = self.inner.component.pre.clone() else {
+            return Outcome::NoHttpHandler;
+        };
         let call = async {
             let instantiating = Instant::now();
             let proxy = pre.instantiate_async(&mut *store).await?;

@@ -267,7 +267,7 @@ pub(crate) async fn write_spec(
         ));
     }
     check_egress(plane, &spec)?;
-    crate::triggers::check_handler(plane, &spec).await?;
+    crate::triggers::check_exports(plane, &spec).await?;
     crate::triggers::ensure_streams(plane, &spec).await?;
     check_quota(plane, &spec).await?;
     check_references(plane, &spec, force).await?;

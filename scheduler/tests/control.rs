@@ -92,7 +92,7 @@ impl ComponentCheck for Accept {
     }
 
     fn exports(&self, _: &[u8]) -> Result<Vec<String>, String> {
-        Ok(Vec::new())
+        Ok(vec!["wasi:http/incoming-handler@0.2.0".to_string()])
     }
 }
 

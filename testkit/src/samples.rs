@@ -26,6 +26,7 @@ pub const NAMES: &[&str] = &[
     "notes",
     "settings",
     "messenger",
+    "listener",
 ];
 
 /// The target the samples are built for; also names the output subdirectory.

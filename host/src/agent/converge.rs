@@ -199,6 +199,12 @@ impl HostAgent {
                 wharf_proto::trigger::MESSAGE_HANDLER_EXPORT
             ));
         }
+        if spec.triggers.is_empty() && !component.handles_http() {
+            return Err(format!(
+                "the component exports no `{}`, and the service has no triggers for its message handler",
+                crate::runtime::HTTP_HANDLER_EXPORT
+            ));
+        }
         workload.messaging = Some(crate::messaging::MessagingAccess::new(self.inner.bus.clone(), &service.namespace, &service.to_string()));
         workload.keyvalue =
             Some(crate::keyvalue::KeyValueAccess::new(self.inner.bus.clone(), &service.namespace, &service.to_string(), spec.keyvalue.iter().cloned()));
