@@ -163,7 +163,8 @@ async fn trigger_stream(js: &async_nats::jetstream::Context, n: usize) -> anyhow
     let started = Instant::now();
     publish_stream(js, "wharf.msg.default.stream.x", n).await?;
     wait(started, || async {
-        let mut consumer: async_nats::jetstream::consumer::PullConsumer = js.get_consumer_from_stream("wharf-bench-stream", "wharf-msg-default-bench").await?;
+        let name = wharf_proto::trigger::consumer_name("bench-stream", "stream.>");
+        let mut consumer: async_nats::jetstream::consumer::PullConsumer = js.get_consumer_from_stream(&name, "wharf-msg-default-bench").await?;
         let info = consumer.info().await?;
         Ok(info.num_pending == 0 && info.num_ack_pending == 0)
     })

@@ -119,9 +119,10 @@ impl Bus {
         let stream = self.open_stream(&config.stream, &config.subject).await?;
         let consumer_failed =
             |source: BackendError| StreamError::Consumer { stream: config.stream.clone(), consumer: config.consumer.clone(), source };
+        // Create or update: a redeploy that changes max_deliver or the ack
+        // wait reaches the consumer every host shares.
         let consumer: jetstream::consumer::PullConsumer = stream
-            .get_or_create_consumer(
-                &config.consumer,
+            .create_consumer(
                 pull::Config {
                     durable_name: Some(config.consumer.clone()),
                     filter_subject: config.subject.clone(),

@@ -101,8 +101,9 @@ async fn message_triggers_across_three_hosts() {
     }
     let deadline = Instant::now() + Duration::from_secs(120);
     let counted = loop {
+        let name = wharf_proto::trigger::consumer_name("orders", "orders.>");
         let mut consumer: async_nats::jetstream::consumer::PullConsumer =
-            js.get_consumer_from_stream("wharf-orders", "wharf-msg-default-orders").await.expect("the trigger's consumer");
+            js.get_consumer_from_stream(&name, "wharf-msg-default-orders").await.expect("the trigger's consumer");
         let info = consumer.info().await.expect("consumer info").clone();
         if info.num_pending == 0 && info.num_ack_pending == 0 {
             break counts(&js).await;
@@ -205,6 +206,16 @@ async fn core_triggers_in_one_process_and_streams_refused_without_nats() {
             break;
         }
         assert!(Instant::now() < deadline, "the worker never counted the message: {out}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Counted once the handler has returned, a moment after its write.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let metrics = http.get(format!("{}/metrics", up.admin)).send().await.expect("metrics").text().await.expect("body");
+        if metrics.contains("wharf_trigger_messages_total{service=\"default/worker\",result=\"handled\"} 1") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the message is not counted: {metrics}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 

@@ -160,10 +160,14 @@ pub fn stream_name(namespace: &str, stream: &str) -> String {
     format!("wharf-msg-{namespace}-{stream}")
 }
 
-/// The durable consumer of a service on a stream (one per service, shared by
-/// every host, so each message goes to one of them).
-pub fn consumer_name(service: &str) -> String {
-    format!("wharf-{service}")
+/// The durable consumer of a service's trigger on `subject` (one per
+/// service and subject, shared by every host, so each message goes to one
+/// of them): `wharf-<service>-<16 hex digits of the subject's SHA-256>`, as
+/// consumer names may hold no `.`, `*` or `>`.
+pub fn consumer_name(service: &str, subject: &str) -> String {
+    use sha2::Digest as _;
+    let hash = hex::encode(sha2::Sha256::digest(subject.as_bytes()));
+    format!("wharf-{service}-{}", &hash[..16])
 }
 
 /// Where hosts with a ready replica of a triggered service take messages
@@ -260,6 +264,8 @@ mod tests {
         assert_eq!(relative_subject("shop", "wharf.msg.shopping.orders"), None);
         assert_eq!(subject_namespace("wharf.msg.other.x"), Some("other"));
         assert_eq!(subject_namespace("orders.x"), None);
+        let (a, b) = (consumer_name("orders", "orders.>"), consumer_name("orders", "refunds.>"));
+        assert!(a.starts_with("wharf-orders-") && a.len() == "wharf-orders-".len() + 16 && a != b, "{a} {b}");
     }
 
     #[test]

@@ -164,7 +164,7 @@ async fn intake(agent: Weak<Inner>, service: ServiceId, spec: Arc<ServiceSpec>, 
             let config = StreamConsumerConfig {
                 stream: stream_name(&service.namespace, stream),
                 subject,
-                consumer: consumer_name(&service.name),
+                consumer: consumer_name(&service.name, &trigger.subject),
                 max_deliver: trigger.max_deliver(),
                 // Long enough for the longest wait for a replica plus a handler's deadline, twice over.
                 ack_wait: 2 * (spec.limits.timeout + Duration::from_secs(35)),
@@ -206,9 +206,15 @@ async fn intake_core(agent: Weak<Inner>, service: ServiceId, spec: Arc<ServiceSp
                 body: message.payload.to_vec(),
                 reply_to: message.reply,
             };
-            if let Err(e) = (HostAgent { inner }).dispatch(&service, &spec, message).await {
-                tracing::debug!(%service, "a message was not handled (core NATS: not delivered again): {e}");
-            }
+            let agent = HostAgent { inner };
+            let result = match agent.dispatch(&service, &spec, message).await {
+                Ok(()) => "handled",
+                Err(e) => {
+                    tracing::debug!(%service, "a message was not handled (core NATS: not delivered again): {e}");
+                    "failed"
+                }
+            };
+            agent.inner.metrics.trigger_message(&service.to_string(), result);
         });
     }
 }
@@ -260,23 +266,24 @@ async fn intake_stream(agent: Weak<Inner>, service: ServiceId, spec: Arc<Service
                     reply_to: None,
                 };
                 let agent = HostAgent { inner };
-                let settled = match agent.dispatch(&service, &spec, message).await {
-                    Ok(()) => delivered.ack().await,
+                let (result, settled) = match agent.dispatch(&service, &spec, message).await {
+                    Ok(()) => ("handled", delivered.ack().await),
                     Err(e) if delivered.delivered >= u64::from(max_deliver) => {
                         tracing::warn!(%service, deliveries = delivered.delivered, "a message failed its last delivery; moving it to {dead_letter}: {e}");
                         match agent.inner.bus.publish(&dead_letter, delivered.payload.clone()).await {
-                            Ok(()) => delivered.ack().await,
+                            Ok(()) => ("dead_lettered", delivered.ack().await),
                             Err(publish) => {
                                 tracing::error!(%service, "cannot dead-letter a message on {dead_letter}: {publish}");
-                                delivered.nak(REDELIVERY_DELAY).await
+                                ("redelivered", delivered.nak(REDELIVERY_DELAY).await)
                             }
                         }
                     }
                     Err(e) => {
                         tracing::debug!(%service, deliveries = delivered.delivered, "a message failed; it will be delivered again: {e}");
-                        delivered.nak(REDELIVERY_DELAY).await
+                        ("redelivered", delivered.nak(REDELIVERY_DELAY).await)
                     }
                 };
+                agent.inner.metrics.trigger_message(&service.to_string(), result);
                 if let Err(e) = settled {
                     tracing::debug!(%service, "cannot acknowledge a message (it will be delivered again): {e}");
                 }
