@@ -9,7 +9,8 @@
 //!   (its intake, dispatch, the handler in a fresh instance, ack for
 //!   JetStream);
 //! - `raw + wasm`: an async-nats subscriber (or pull consumer) in this
-//!   process running the same handler through `wharf_host::Workload`;
+//!   process running the same handler through `wharf_host::Workload`,
+//!   holding as many messages at once as a trigger's intake (the concurrency);
 //! - `raw`: the same subscriber doing nothing per message (the floor).
 //!
 //! Each run publishes every message, then waits until all are handled;
@@ -43,9 +44,6 @@ pub struct TriggerArgs {
     out: PathBuf,
 }
 
-/// Messages handled at once by a raw subscriber: the host's default bound on bus handlers.
-const RAW_IN_FLIGHT: usize = 1024;
-
 /// What a raw subscriber does per message.
 #[derive(Clone)]
 enum Work {
@@ -60,7 +58,7 @@ impl Work {
             Work::Wasm(workload) => workload
                 .handle_message(BrokerMessage { subject: subject.to_string(), body: body.to_vec(), reply_to: None })
                 .await
-                .map_err(anyhow::Error::msg),
+                .map_err(anyhow::Error::from),
         }
     }
 }
@@ -106,12 +104,15 @@ pub async fn run(args: TriggerArgs) -> anyhow::Result<()> {
 
     // Core NATS.
     let core_trigger = trigger_core(&client, &up.admin, n).await?;
-    let core_wasm = raw_core(&client, n, wasm.clone()).await?;
-    let core_raw = raw_core(&client, n, Work::Nothing).await?;
+    // A raw subscriber holds as many messages at once as a trigger's intake:
+    // the replica's concurrency.
+    let in_flight = args.concurrency as usize;
+    let core_wasm = raw_core(&client, n, in_flight, wasm.clone()).await?;
+    let core_raw = raw_core(&client, n, in_flight, Work::Nothing).await?;
     // JetStream.
     let stream_trigger = trigger_stream(&js, n).await?;
-    let stream_wasm = raw_stream(&js, "wasm", n, wasm.clone()).await?;
-    let stream_raw = raw_stream(&js, "nothing", n, Work::Nothing).await?;
+    let stream_wasm = raw_stream(&js, "wasm", n, in_flight, wasm.clone()).await?;
+    let stream_raw = raw_stream(&js, "nothing", n, in_flight, Work::Nothing).await?;
 
     let rate = |d: Duration| n as f64 / d.as_secs_f64();
     let per = |d: Duration| d.as_secs_f64() * 1e6 / n as f64;
@@ -202,13 +203,13 @@ where
     }
 }
 
-async fn raw_core(client: &async_nats::Client, n: usize, work: Work) -> anyhow::Result<Duration> {
+async fn raw_core(client: &async_nats::Client, n: usize, in_flight: usize, work: Work) -> anyhow::Result<Duration> {
     let subject = "raw.core.x";
     let mut subscriber = client.subscribe(subject).await?;
     client.flush().await?;
     let done = Arc::new(AtomicUsize::new(0));
     let (finished, mut all) = tokio::sync::watch::channel(false);
-    let permits = Arc::new(tokio::sync::Semaphore::new(RAW_IN_FLIGHT));
+    let permits = Arc::new(tokio::sync::Semaphore::new(in_flight));
     let consumer = {
         let done = done.clone();
         tokio::spawn(async move {
@@ -238,7 +239,7 @@ async fn raw_core(client: &async_nats::Client, n: usize, work: Work) -> anyhow::
     Ok(elapsed)
 }
 
-async fn raw_stream(js: &async_nats::jetstream::Context, name: &str, n: usize, work: Work) -> anyhow::Result<Duration> {
+async fn raw_stream(js: &async_nats::jetstream::Context, name: &str, n: usize, in_flight: usize, work: Work) -> anyhow::Result<Duration> {
     use async_nats::jetstream::{consumer, stream};
     let subject = format!("raw.stream.{name}");
     let stream = js.get_or_create_stream(stream::Config { name: format!("raw-{name}"), subjects: vec![subject.clone()], ..Default::default() }).await?;
@@ -256,7 +257,7 @@ async fn raw_stream(js: &async_nats::jetstream::Context, name: &str, n: usize, w
     let mut messages = consumer.messages().await?;
     let done = Arc::new(AtomicUsize::new(0));
     let (finished, mut all) = tokio::sync::watch::channel(false);
-    let permits = Arc::new(tokio::sync::Semaphore::new(RAW_IN_FLIGHT));
+    let permits = Arc::new(tokio::sync::Semaphore::new(in_flight));
     let pulling = {
         let done = done.clone();
         tokio::spawn(async move {

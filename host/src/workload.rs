@@ -239,6 +239,18 @@ impl Drop for WorkloadInner {
     }
 }
 
+/// Why a message was not handled.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MessageError {
+    /// No instance came free within the queue timeout: the handler never
+    /// ran, so the message is not the handler's failure (try again).
+    #[error("{0}")]
+    Overloaded(String),
+    /// The handler ran and failed: its own error, a trap or a budget.
+    #[error("{0}")]
+    Failed(String),
+}
+
 /// Why a workload could not be created.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkloadError {
@@ -418,19 +430,20 @@ impl Workload {
 
     /// Handles one message of a trigger in a fresh instance, under the same
     /// permits, fuel, memory cap, deadline and CPU levels as a request.
-    /// `Err` says why it failed (the handler's own error, a trap, a budget);
-    /// the outcome is counted like a request's.
-    pub async fn handle_message(&self, message: crate::messaging::BrokerMessage) -> Result<(), String> {
+    /// `Err` says why it failed (the handler's own error, a trap, a budget,
+    /// or no instance free in time); the outcome is counted like a request's.
+    pub async fn handle_message(&self, message: crate::messaging::BrokerMessage) -> Result<(), MessageError> {
         let started = Instant::now();
         let outcome = self.serve_message(message).await;
         self.record(&outcome, started.elapsed());
-        if outcome == Outcome::Ok {
-            return Ok(());
+        match outcome {
+            Outcome::Ok => Ok(()),
+            Outcome::Overloaded { .. } => Err(MessageError::Overloaded(outcome.message(&self.inner.service))),
+            outcome => {
+                self.inner.errors.fetch_add(1, Ordering::Relaxed);
+                Err(MessageError::Failed(outcome.message(&self.inner.service)))
+            }
         }
-        if !matches!(outcome, Outcome::Overloaded { .. }) {
-            self.inner.errors.fetch_add(1, Ordering::Relaxed);
-        }
-        Err(outcome.message(&self.inner.service))
     }
 
     async fn serve_message(&self, message: crate::messaging::BrokerMessage) -> Outcome {

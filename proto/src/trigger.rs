@@ -203,6 +203,10 @@ pub struct DeliveryResult {
     /// sender tries again elsewhere.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub not_here: bool,
+    /// The handler never ran: no instance came free in time. The sender
+    /// tries again; it is not a failed delivery.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub overloaded: bool,
 }
 
 impl Delivery {

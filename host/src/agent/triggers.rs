@@ -19,7 +19,7 @@
 
 use super::{HostAgent, Inner};
 use crate::messaging::BrokerMessage;
-use crate::workload::Workload;
+use crate::workload::{MessageError, Workload};
 use bytes::Bytes;
 use futures::StreamExt;
 use std::collections::BTreeMap;
@@ -115,11 +115,19 @@ impl HostAgent {
         let mut woken = false;
         let mut changes = self.changes();
         loop {
+            // A handler that never ran for want of a free instance is not a
+            // failed delivery: wait for one (up to the deadline) instead.
             if let Some(workload) = self.local_workload(service) {
-                return workload.handle_message(message).await;
+                match workload.handle_message(message.clone()).await {
+                    Ok(()) => return Ok(()),
+                    Err(MessageError::Failed(e)) => return Err(e),
+                    Err(MessageError::Overloaded(e)) if Instant::now() >= deadline => return Err(e),
+                    Err(MessageError::Overloaded(_)) => continue,
+                }
             }
             match self.inner.bus.request(&delivery_subject(&service.namespace, &service.name), payload.clone(), timeout).await {
                 Ok(reply) => match serde_json::from_slice::<DeliveryResult>(&reply.payload) {
+                    Ok(result) if result.overloaded && Instant::now() < deadline => continue,
                     Ok(result) if !result.not_here => return result.error.map_or(Ok(()), Err),
                     Ok(_) => {}
                     Err(e) => return Err(format!("the host that handled the message answered unreadably: {e}")),
@@ -155,6 +163,14 @@ impl HostAgent {
     }
 }
 
+/// Messages one intake has in hand at once: as many as one replica runs at
+/// once (every host takes in, so the cluster holds one replica's worth per
+/// host), so a slow service neither waits past its queue timeout for
+/// instances nor takes the host's bus handlers from other services.
+fn intake_bound(spec: &ServiceSpec) -> Arc<tokio::sync::Semaphore> {
+    Arc::new(tokio::sync::Semaphore::new(usize::try_from(spec.limits.concurrency).unwrap_or(1).max(1)))
+}
+
 /// Takes in one trigger's messages until the task is dropped or the agent stops.
 async fn intake(agent: Weak<Inner>, service: ServiceId, spec: Arc<ServiceSpec>, trigger: Trigger) {
     let subject = message_subject(&service.namespace, &trigger.subject);
@@ -188,6 +204,7 @@ async fn intake_core(agent: Weak<Inner>, service: ServiceId, spec: Arc<ServiceSp
         }
     };
     let handlers = inner.handlers.clone();
+    let in_flight = intake_bound(&spec);
     let mut stop = inner.stop.subscribe();
     drop(inner);
     loop {
@@ -197,10 +214,11 @@ async fn intake_core(agent: Weak<Inner>, service: ServiceId, spec: Arc<ServiceSp
         };
         let Some(message) = message else { return };
         let Ok(permit) = handlers.clone().acquire_owned().await else { return };
+        let Ok(own) = in_flight.clone().acquire_owned().await else { return };
         let Some(inner) = agent.upgrade() else { return };
         let (service, spec) = (service.clone(), spec.clone());
         tokio::spawn(async move {
-            let _permit = permit;
+            let _permits = (permit, own);
             let message = BrokerMessage {
                 subject: relative_subject(&service.namespace, &message.subject).unwrap_or(&message.subject).to_string(),
                 body: message.payload.to_vec(),
@@ -226,6 +244,7 @@ async fn intake_stream(agent: Weak<Inner>, service: ServiceId, spec: Arc<Service
         let Some(inner) = agent.upgrade() else { return };
         let mut stop = inner.stop.subscribe();
         let handlers = inner.handlers.clone();
+        let in_flight = intake_bound(&spec);
         let opened = inner.bus.stream_consumer(&config).await;
         drop(inner);
         let mut messages = match opened {
@@ -256,10 +275,11 @@ async fn intake_stream(agent: Weak<Inner>, service: ServiceId, spec: Arc<Service
                 Some(Ok(delivered)) => delivered,
             };
             let Ok(permit) = handlers.clone().acquire_owned().await else { return };
+            let Ok(own) = in_flight.clone().acquire_owned().await else { return };
             let Some(inner) = agent.upgrade() else { return };
             let (service, spec, dead_letter, max_deliver) = (service.clone(), spec.clone(), dead_letter.clone(), config.max_deliver);
             tokio::spawn(async move {
-                let _permit = permit;
+                let _permits = (permit, own);
                 let message = BrokerMessage {
                     subject: relative_subject(&service.namespace, &delivered.subject).unwrap_or(&delivered.subject).to_string(),
                     body: delivered.payload.to_vec(),
@@ -319,12 +339,16 @@ async fn deliver(agent: Weak<Inner>, service: ServiceId) {
             let _permit = permit;
             let agent = HostAgent { inner };
             let result = match Delivery::decode(&request.payload) {
-                Err(e) => DeliveryResult { error: Some(e), not_here: false },
+                Err(e) => DeliveryResult { error: Some(e), not_here: false, overloaded: false },
                 Ok((head, body)) => match agent.local_workload(&service) {
-                    None => DeliveryResult { error: None, not_here: true },
+                    None => DeliveryResult { error: None, not_here: true, overloaded: false },
                     Some(workload) => {
                         let message = BrokerMessage { subject: head.subject, body: body.to_vec(), reply_to: head.reply_to };
-                        DeliveryResult { error: workload.handle_message(message).await.err(), not_here: false }
+                        match workload.handle_message(message).await {
+                            Ok(()) => DeliveryResult { error: None, not_here: false, overloaded: false },
+                            Err(MessageError::Overloaded(e)) => DeliveryResult { error: Some(e), not_here: false, overloaded: true },
+                            Err(MessageError::Failed(e)) => DeliveryResult { error: Some(e), not_here: false, overloaded: false },
+                        }
                     }
                 },
             };
