@@ -24,7 +24,8 @@ use wharf_proto::{ByteSize, Digest};
 /// the time slice and the resolution of deadlines.
 pub const EPOCH_TICK: Duration = Duration::from_millis(2);
 
-/// The export every Wharf component must have.
+/// The export of a component that serves HTTP (a component has it, the
+/// message handler, or both).
 pub const HTTP_HANDLER_EXPORT: &str = "wasi:http/incoming-handler";
 
 /// The default budget of compiled code kept in memory: about a thousand
@@ -282,7 +283,8 @@ impl Runtime {
     ///
     /// The checks, in order: wasm magic; component rather than core module;
     /// `expected` digest; wasmtime's validation; every import provided by
-    /// this host; the `wasi:http/incoming-handler` export with the right type.
+    /// this host; the `wasi:http/incoming-handler` or
+    /// `wasmcloud:messaging/handler` export (or both), with the right types.
     pub fn load(&self, bytes: &[u8], expected: Option<&Digest>) -> Result<LoadedComponent, LoadError> {
         let started = Instant::now();
         check_preamble(bytes)?;
@@ -453,7 +455,7 @@ const PROVIDED_PACKAGES: &[&str] =
 /// The checks of [`Runtime::load`] that need no compiling, in its order:
 /// wasm magic, component rather than core module, validation, every
 /// top-level import from a package hosts provide, and the
-/// `wasi:http/incoming-handler` export. What only the compiled component
+/// `wasi:http/incoming-handler` or `wasmcloud:messaging/handler` export. What only the compiled component
 /// shows (the exact types) is checked when it is linked.
 pub fn check_component(bytes: &[u8]) -> Result<(), LoadError> {
     check_preamble(bytes)?;
@@ -624,6 +626,11 @@ mod tests {
     #[test]
     fn components_are_checked_without_compiling() {
         assert!(check_component(&wharf_testkit::samples::bytes("hello")).is_ok());
+        assert!(check_component(&wharf_testkit::samples::bytes("listener")).is_ok(), "a message handler alone is a world");
+        assert_eq!(
+            component_exports(&wharf_testkit::samples::bytes("listener")).expect("exports"),
+            [wharf_proto::trigger::MESSAGE_HANDLER_EXPORT]
+        );
         assert!(matches!(check_component(b"\0asm\x0d\0\x01\0"), Err(LoadError::WrongWorld { exports, .. }) if exports == "none"));
         let foreign = wat::parse_str(r#"(component (import "acme:thing/api@1.0.0" (instance)))"#).expect("wat");
         assert!(matches!(check_component(&foreign), Err(LoadError::UnsupportedImport { import, .. }) if import == "acme:thing/api@1.0.0"));
