@@ -53,10 +53,16 @@ impl Drop for Task {
     }
 }
 
-/// One triggered service's intakes: the triggers they follow, one task each.
+/// One triggered service's intakes: the spec they follow, one task per trigger.
 struct Intakes {
-    triggers: Vec<Trigger>,
+    spec: Arc<ServiceSpec>,
     _tasks: Vec<Task>,
+}
+
+/// Whether intakes started from `old` still fit `new`: the same triggers,
+/// and the same limits and autoscaling, which they wait and bound by.
+fn same_intakes(old: &ServiceSpec, new: &ServiceSpec) -> bool {
+    old.triggers == new.triggers && old.limits == new.limits && old.autoscale.is_some() == new.autoscale.is_some()
 }
 
 /// The trigger tasks of this host. Each map has its own lock, held only to
@@ -77,7 +83,7 @@ impl HostAgent {
         let wanted: BTreeMap<ServiceId, Arc<ServiceSpec>> =
             if draining { BTreeMap::new() } else { self.inner.directory.triggered().into_iter().collect() };
         if let Ok(mut intakes) = self.inner.triggers.intakes.lock() {
-            intakes.retain(|service, intake| wanted.get(service).is_some_and(|spec| spec.triggers == intake.triggers));
+            intakes.retain(|service, intake| wanted.get(service).is_some_and(|spec| same_intakes(&intake.spec, spec)));
             for (service, spec) in &wanted {
                 if intakes.contains_key(service) {
                     continue;
@@ -87,7 +93,7 @@ impl HostAgent {
                     .iter()
                     .map(|trigger| Task(tokio::spawn(intake(Arc::downgrade(&self.inner), service.clone(), spec.clone(), trigger.clone()))))
                     .collect();
-                intakes.insert(service.clone(), Intakes { triggers: spec.triggers.clone(), _tasks: tasks });
+                intakes.insert(service.clone(), Intakes { spec: spec.clone(), _tasks: tasks });
             }
         }
         if let Ok(mut deliveries) = self.inner.triggers.deliveries.lock() {
