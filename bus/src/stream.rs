@@ -166,9 +166,4 @@ impl Delivered {
     pub async fn nak(&self, delay: Duration) -> Result<(), BackendError> {
         self.message.ack_with(AckKind::Nak(Some(delay))).await
     }
-
-    /// Still working on it: restart the acknowledgement clock.
-    pub async fn in_progress(&self) -> Result<(), BackendError> {
-        self.message.ack_with(AckKind::Progress).await
-    }
 }
