@@ -40,13 +40,13 @@ pub(crate) struct Activations {
 }
 
 /// Counts a request as held for activation while it waits.
-struct Held<'a> {
+pub(super) struct Held<'a> {
     activations: &'a Activations,
     service: ServiceId,
 }
 
 impl<'a> Held<'a> {
-    fn enter(activations: &'a Activations, service: &ServiceId) -> Self {
+    pub(super) fn enter(activations: &'a Activations, service: &ServiceId) -> Self {
         if let Ok(mut held) = activations.held.lock() {
             *held.entry(service.clone()).or_default() += 1;
         }

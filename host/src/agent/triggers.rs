@@ -119,6 +119,8 @@ impl HostAgent {
         let timeout = spec.limits.timeout + crate::limits::WorkloadLimits::default().queue_timeout + Duration::from_secs(1);
         let payload = Bytes::from(Delivery { subject: message.subject.clone(), reply_to: message.reply_to.clone() }.encode(&message.body));
         let mut woken = false;
+        // Reported as demand while it waits for a replica, as a held request is.
+        let mut held = None;
         let mut changes = self.changes();
         loop {
             // A handler that never ran for want of a free instance is not a
@@ -143,6 +145,7 @@ impl HostAgent {
             }
             if !woken && spec.autoscale.is_some() {
                 woken = true;
+                held = Some(super::activation::Held::enter(&self.inner.activations, service));
                 self.announce_activation(service).await;
                 if self.may_activate_here(service) {
                     match self.activate_locally(service).await {
@@ -156,6 +159,7 @@ impl HostAgent {
             }
             let now = Instant::now();
             if now >= deadline {
+                drop(held);
                 return Err(format!(
                     "no replica of {service} was ready within {}",
                     wharf_proto::units::format_duration(self.inner.config.activation_timeout)
