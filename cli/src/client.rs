@@ -168,7 +168,7 @@ pub struct DeployArgs {
 }
 
 #[derive(clap::Args)]
-#[command(after_help = "A manifest holds one service or a list under `services`, in YAML, TOML or JSON:\n\n  services:\n    - name: hello\n      component: { file: hello.wasm }\n      replicas: 2\n      routes: [{ path_prefix: /hello }]\n      limits: { memory: 64MiB, timeout: 2s }\n\n\
+#[command(after_help = "A manifest holds one service or a list under `services`, in YAML, TOML or JSON:\n\n  services:\n    - name: hello\n      component: { file: hello.wasm }\n      replicas: 2\n      routes: [{ path_prefix: /hello }]\n      limits: { memory: 64MiB, timeout: 2s }\n    - name: orders\n      component: { file: orders.wasm }\n      triggers: [{ subject: \"orders.>\", stream: orders, max_deliver: 5 }]\n\n\
 Applying is idempotent. Every service is checked before any is written.")]
 pub struct ApplyArgs {
     /// The manifest file (.yaml, .yml, .toml or .json).
