@@ -23,6 +23,7 @@ mod noisy;
 mod rollout;
 mod rss;
 mod tracing;
+mod triggers;
 
 #[derive(Parser)]
 #[command(name = "wharf-bench", about = "Wharf's benchmarks: print figures and record them in bench/results/")]
@@ -53,6 +54,8 @@ enum Cmd {
     Rollout(rollout::RolloutArgs),
     /// Traces: hello throughput with no OTLP endpoint vs exporting every request's spans.
     Tracing(tracing::TracingArgs),
+    /// Message triggers: messages/s through a trigger (core NATS, JetStream) vs a raw async-nats subscriber doing the same work.
+    Triggers(triggers::TriggerArgs),
     /// Placement core: replicas placed per second on a simulated cluster.
     Placement(PlacementArgs),
     /// (internal) Loads N workloads in this process and prints its resident memory as JSON.
@@ -118,6 +121,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Control(args) => tokio::runtime::Runtime::new()?.block_on(control::run(args)),
         Cmd::Rollout(args) => tokio::runtime::Runtime::new()?.block_on(rollout::run(args)),
         Cmd::Tracing(args) => tokio::runtime::Runtime::new()?.block_on(tracing::run(args)),
+        Cmd::Triggers(args) => tokio::runtime::Runtime::new()?.block_on(triggers::run(args)),
         Cmd::RssProbe(args) => tokio::runtime::Runtime::new()?.block_on(rss::probe(args)),
     }
 }

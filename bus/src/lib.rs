@@ -45,6 +45,7 @@ mod kv;
 mod local;
 mod nats;
 mod objects;
+mod stream;
 mod subject;
 
 use std::pin::Pin;
@@ -66,6 +67,7 @@ pub use kv::{Entry, KeyPage, Kv, KvEvent, KvWatch};
 pub use local::LocalStore;
 pub use nats::{NatsAuth, NatsOptions};
 pub use objects::Objects;
+pub use stream::{Delivered, StreamConsumerConfig, StreamError, StreamMessages};
 
 /// A handle to the bus; clone it freely, all clones share one connection or one in-process router and store.
 #[derive(Clone)]

@@ -147,6 +147,15 @@ pub struct DeployArgs {
     /// A wasi:keyvalue bucket the component may open (in its namespace). Repeatable; replaces the list.
     #[arg(long = "keyvalue", value_name = "BUCKET")]
     keyvalue: Vec<String>,
+    /// A message trigger: each message on SUBJECT (relative to the namespace;
+    /// `*` and a final `>` match) invokes the component's
+    /// wasmcloud:messaging handler. `SUBJECT@STREAM` reads it from JetStream
+    /// stream STREAM (at least once, acknowledged after success, 5
+    /// deliveries, then `dead-letter.<service>`); plain SUBJECT is core NATS
+    /// (at most once). Repeatable; replaces the triggers. Other settings:
+    /// `triggers:` in a manifest.
+    #[arg(long = "trigger", value_name = "SUBJECT[@STREAM]")]
+    triggers: Vec<String>,
     /// Spread replicas evenly over the values of this host label (e.g. zone).
     #[arg(long, value_name = "LABEL")]
     spread: Option<String>,
@@ -178,7 +187,7 @@ pub struct DeployArgs {
 }
 
 #[derive(clap::Args)]
-#[command(after_help = "A manifest holds one service or a list under `services`, in YAML, TOML or JSON:\n\n  services:\n    - name: hello\n      component: { file: hello.wasm }\n      replicas: 2\n      routes: [{ path_prefix: /hello }]\n      limits: { memory: 64MiB, timeout: 2s }\n\n\
+#[command(after_help = "A manifest holds one service or a list under `services`, in YAML, TOML or JSON:\n\n  services:\n    - name: hello\n      component: { file: hello.wasm }\n      replicas: 2\n      routes: [{ path_prefix: /hello }]\n      limits: { memory: 64MiB, timeout: 2s }\n    - name: orders\n      component: { file: orders.wasm }\n      triggers: [{ subject: \"orders.>\", stream: orders, max_deliver: 5 }]\n\n\
 Applying is idempotent. Every service is checked before any is written.")]
 pub struct ApplyArgs {
     /// The manifest file (.yaml, .yml, .toml or .json).
@@ -748,6 +757,16 @@ fn apply_flags(args: &DeployArgs, spec: &mut ServiceSpec) -> anyhow::Result<()> 
     if !args.keyvalue.is_empty() {
         spec.keyvalue = args.keyvalue.clone();
     }
+    if !args.triggers.is_empty() {
+        spec.triggers = args
+            .triggers
+            .iter()
+            .map(|t| match t.split_once('@') {
+                Some((subject, stream)) => wharf_proto::Trigger { stream: Some(stream.to_string()), ..wharf_proto::Trigger::subject(subject) },
+                None => wharf_proto::Trigger::subject(t),
+            })
+            .collect();
+    }
     if !args.config.is_empty() {
         spec.config = args.config.iter().cloned().collect();
     }
@@ -874,7 +893,12 @@ pub async fn get(what: GetWhat) -> anyhow::Result<()> {
             for view in &views {
                 let spec = &view["service"]["spec"];
                 let status = &view["status"];
-                let routes: Vec<String> = spec["routes"].as_array().into_iter().flatten().map(|r| format!("{}{}", r["host"].as_str().unwrap_or(""), r["path_prefix"].as_str().unwrap_or(""))).collect();
+                let mut routes: Vec<String> = spec["routes"].as_array().into_iter().flatten().map(|r| format!("{}{}", r["host"].as_str().unwrap_or(""), r["path_prefix"].as_str().unwrap_or(""))).collect();
+                // Message triggers are ways in too: `msg:SUBJECT[@STREAM]`.
+                routes.extend(spec["triggers"].as_array().into_iter().flatten().map(|t| match t["stream"].as_str() {
+                    Some(stream) => format!("msg:{}@{stream}", t["subject"].as_str().unwrap_or("")),
+                    None => format!("msg:{}", t["subject"].as_str().unwrap_or("")),
+                }));
                 rows.push(vec![
                     format!("{}/{}", spec["namespace"].as_str().unwrap_or(""), spec["name"].as_str().unwrap_or("")),
                     format!("{}/{}", status["ready"], status["desired"]),

@@ -105,6 +105,12 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyhow::Resu
         .await
         .context("the compile task failed")?
         .with_context(|| format!("cannot serve {}", args.file.display()))?;
+    if !component.handles_http() {
+        bail!(
+            "cannot serve {}: it exports no `wasi:http/incoming-handler`, only a message handler; deploy it with --trigger to a cluster instead",
+            args.file.display()
+        );
+    }
     let name = args.file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "component".into());
     let mut spec = WorkloadSpec::new(format!("default/{name}"));
     spec.limits = WorkloadLimits {

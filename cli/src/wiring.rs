@@ -20,6 +20,10 @@ impl ComponentCheck for RuntimeCheck {
     fn check(&self, bytes: &[u8]) -> Result<(), String> {
         self.0.load(bytes, None).map(|_| ()).map_err(|e| e.to_string())
     }
+
+    fn exports(&self, bytes: &[u8]) -> Result<Vec<String>, String> {
+        wharf_host::runtime::component_exports(bytes).map_err(|e| e.to_string())
+    }
 }
 
 /// How a host is sized and labelled.

@@ -3,6 +3,7 @@
 use crate::egress::EgressHooks;
 use crate::keyvalue::{KeyValue, KeyValueAccess};
 use crate::limits::MemoryLimiter;
+use crate::messaging::{Messaging, MessagingAccess};
 use crate::logs::{CapturedOutput, LogBuffer, LogStream};
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
@@ -22,6 +23,9 @@ pub(crate) struct InstanceState {
     keyvalue: Option<KeyValueAccess>,
     config: std::sync::Arc<wasmtime_wasi_config::WasiConfigVariables>,
     logs: LogBuffer,
+    messaging: Option<MessagingAccess>,
+    /// The reply subject of the message this instance handles, if any.
+    reply_to: Option<String>,
 }
 
 impl InstanceState {
@@ -59,6 +63,8 @@ impl InstanceState {
             keyvalue,
             config,
             logs: logs.clone(),
+            messaging: None,
+            reply_to: None,
         })
     }
 
@@ -70,6 +76,17 @@ impl InstanceState {
     /// The `wasi:keyvalue` view of this instance.
     pub(crate) fn keyvalue(&mut self) -> KeyValue<'_> {
         KeyValue { access: self.keyvalue.as_ref(), table: &mut self.table, logs: &self.logs }
+    }
+
+    /// Gives the instance messaging, and the reply subject of the message it handles.
+    pub(crate) fn set_messaging(&mut self, access: Option<MessagingAccess>, reply_to: Option<String>) {
+        self.messaging = access;
+        self.reply_to = reply_to;
+    }
+
+    /// The `wasmcloud:messaging` view of this instance.
+    pub(crate) fn messaging(&mut self) -> Messaging<'_> {
+        Messaging { access: self.messaging.as_ref(), reply_to: self.reply_to.as_deref(), logs: &self.logs }
     }
 
     /// Flushes partial log lines once the instance is done.

@@ -10,6 +10,8 @@
 //! - [`cpu`]: foreground/background CPU tiers, fair between namespaces.
 //! - [`limits`]: per-instance memory cap and per-request budgets.
 //! - [`logs`]: a component's stdout/stderr captured as tagged log lines.
+//! - [`messaging`]: `wasmcloud:messaging` for components: publish and
+//!   request within the namespace; the handler export triggers call.
 //! - [`egress`]: the outbound-request policy (allow-list) for `wasi:http`.
 //! - [`metrics`]: Prometheus metrics for every workload on the host.
 //! - [`agent`]: keeps the host running what its assignment says; heartbeats.
@@ -26,6 +28,7 @@ pub mod egress;
 pub mod ingress;
 pub mod keyvalue;
 pub mod limits;
+pub mod messaging;
 pub mod logs;
 pub mod metrics;
 mod outbound;

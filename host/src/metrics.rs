@@ -24,6 +24,16 @@ pub struct OutcomeLabels {
     pub outcome: String,
 }
 
+/// Labels of the trigger message counter: the service and what became of the message.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TriggerLabels {
+    /// `namespace/name`.
+    pub service: String,
+    /// `handled`, `failed` (core NATS: not delivered again), `redelivered`
+    /// or `dead_lettered` (streams).
+    pub result: &'static str,
+}
+
 type HistogramFamily = Family<ServiceLabels, Histogram, fn() -> Histogram>;
 
 /// The host's metric families. Cheap to clone; clones share the metrics.
@@ -45,6 +55,7 @@ struct Inner {
     memory_reserved: Family<ServiceLabels, Gauge>,
     cold_starts: Counter,
     activation_wait: Histogram,
+    trigger_messages: Family<TriggerLabels, Counter>,
     /// Live workloads per service: replicas share a service's series, which
     /// are removed only when the last of them goes.
     users: std::sync::Mutex<std::collections::HashMap<String, usize>>,
@@ -100,6 +111,12 @@ impl HostMetrics {
         let memory_peak = HistogramFamily::new_with_constructor(memory_histogram);
         let memory_reserved = Family::<ServiceLabels, Gauge>::default();
         let cold_starts = Counter::default();
+        let trigger_messages = Family::<TriggerLabels, Counter>::default();
+        registry.register(
+            "trigger_messages",
+            "Messages this host took in for triggers, by service and what became of them (handled, failed, redelivered, dead_lettered)",
+            trigger_messages.clone(),
+        );
         let activation_wait = latency_histogram();
         registry.register("cold_starts", "Replicas started to serve requests held for a service scaled to zero", cold_starts.clone());
         registry.register("activation_wait_seconds", "How long requests for a service scaled to zero were held", activation_wait.clone());
@@ -130,7 +147,7 @@ impl HostMetrics {
                 fuel,
                 background,
                 log_lines_dropped,
-                memory_peak, memory_reserved, cold_starts, activation_wait, users: Default::default() }),
+                memory_peak, memory_reserved, cold_starts, activation_wait, trigger_messages, users: Default::default() }),
         }
     }
 }
@@ -155,6 +172,11 @@ impl HostMetrics {
             memory_reserved: inner.memory_reserved.get_or_create(&labels).clone(),
             labels,
         }
+    }
+
+    /// Counts a message a trigger took in, by what became of it (see [`TriggerLabels`]).
+    pub fn trigger_message(&self, service: &str, result: &'static str) {
+        self.inner.trigger_messages.get_or_create(&TriggerLabels { service: service.to_string(), result }).inc();
     }
 
     /// Counts a replica started for activation (a cold start).

@@ -24,7 +24,8 @@ use wharf_proto::{ByteSize, Digest};
 /// the time slice and the resolution of deadlines.
 pub const EPOCH_TICK: Duration = Duration::from_millis(2);
 
-/// The export every Wharf component must have.
+/// The export of a component that serves HTTP (a component has it, the
+/// message handler, or both).
 pub const HTTP_HANDLER_EXPORT: &str = "wasi:http/incoming-handler";
 
 /// The default budget of compiled code kept in memory: about a thousand
@@ -111,14 +112,36 @@ pub enum LoadError {
     #[error("invalid component: {0}")]
     Invalid(String),
     /// The component imports something this host does not provide.
-    #[error("the component imports `{import}`, which Wharf hosts do not provide (they provide WASI 0.2: wasi:http, wasi:cli, wasi:io, wasi:clocks, wasi:random, wasi:filesystem, wasi:sockets; wasi:keyvalue 0.2.0-draft and wasi:config 0.2.0-rc.1): {detail}")]
+    #[error("the component imports `{import}`, which Wharf hosts do not provide (they provide WASI 0.2: wasi:http, wasi:cli, wasi:io, wasi:clocks, wasi:random, wasi:filesystem, wasi:sockets; wasi:keyvalue 0.2.0-draft, wasi:config 0.2.0-rc.1 and wasmcloud:messaging 0.2.0): {detail}")]
     UnsupportedImport { import: String, detail: String },
-    /// The component does not export the HTTP handler.
-    #[error("the component does not export `{HTTP_HANDLER_EXPORT}` (the wasi:http/proxy world); its exports are: {exports}{hint}")]
+    /// The component exports neither the HTTP handler nor the message handler.
+    #[error("the component does not export `{HTTP_HANDLER_EXPORT}` (the wasi:http/proxy world) or `wasmcloud:messaging/handler@0.2.0` (for message triggers); its exports are: {exports}{hint}")]
     WrongWorld { exports: String, hint: &'static str },
     /// The export exists but its type does not match wasi:http 0.2.
     #[error("the component's `{HTTP_HANDLER_EXPORT}` export does not match wasi:http 0.2: {0}")]
     IncompatibleExport(String),
+    /// The messaging handler export exists but its type does not match.
+    #[error("the component's `wasmcloud:messaging/handler@0.2.0` export does not match wasmcloud:messaging 0.2.0: {0}")]
+    IncompatibleHandler(String),
+}
+
+impl LoadedComponent {
+    /// Whether the component exports the message handler triggers call.
+    pub fn handles_messages(&self) -> bool {
+        self.messaging.is_some()
+    }
+
+    /// Whether the component exports the HTTP handler.
+    pub fn handles_http(&self) -> bool {
+        self.pre.is_some()
+    }
+}
+
+/// The names of a component's top-level exports, read without compiling
+/// (the control plane checks a triggered service's handler with it).
+pub fn component_exports(bytes: &[u8]) -> Result<Vec<String>, LoadError> {
+    check_preamble(bytes)?;
+    Ok(top_level(bytes)?.1)
 }
 
 /// A component that passed every check, compiled and pre-linked.
@@ -126,7 +149,11 @@ pub enum LoadError {
 pub struct LoadedComponent {
     /// The sha256 of the component's bytes.
     pub digest: Digest,
-    pub(crate) pre: ProxyPre<InstanceState>,
+    pub(crate) instance_pre: wasmtime::component::InstancePre<InstanceState>,
+    /// The `wasi:http/incoming-handler` export, if the component has it.
+    pub(crate) pre: Option<ProxyPre<InstanceState>>,
+    /// The `wasmcloud:messaging/handler` export, if the component has it.
+    pub(crate) messaging: Option<crate::messaging::MessagingPre<InstanceState>>,
     /// Whether the compiled code came from the cache (memory or disk).
     pub cached: bool,
     /// Time spent compiling or loading compiled code.
@@ -182,6 +209,7 @@ impl Runtime {
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker).map_err(RuntimeError::Link)?;
         crate::keyvalue::add_to_linker(&mut linker, InstanceState::keyvalue).map_err(RuntimeError::Link)?;
         wasmtime_wasi_config::add_to_linker(&mut linker, InstanceState::config).map_err(RuntimeError::Link)?;
+        crate::messaging::add_to_linker(&mut linker, InstanceState::messaging).map_err(RuntimeError::Link)?;
         if let Some(dir) = &config.cache_dir {
             std::fs::create_dir_all(dir).map_err(|source| RuntimeError::CacheDir { path: dir.clone(), source })?;
         }
@@ -255,7 +283,8 @@ impl Runtime {
     ///
     /// The checks, in order: wasm magic; component rather than core module;
     /// `expected` digest; wasmtime's validation; every import provided by
-    /// this host; the `wasi:http/incoming-handler` export with the right type.
+    /// this host; the `wasi:http/incoming-handler` or
+    /// `wasmcloud:messaging/handler` export (or both), with the right types.
     pub fn load(&self, bytes: &[u8], expected: Option<&Digest>) -> Result<LoadedComponent, LoadError> {
         let started = Instant::now();
         check_preamble(bytes)?;
@@ -285,7 +314,7 @@ impl Runtime {
     /// The names of a loaded component's imports and exports, as an OCI
     /// artifact's config lists them.
     pub fn interfaces(&self, loaded: &LoadedComponent) -> (Vec<String>, Vec<String>) {
-        let component_type = loaded.pre.instance_pre().component().component_type();
+        let component_type = loaded.instance_pre.component().component_type();
         let imports = component_type.imports(&self.inner.engine).map(|(name, _)| name.to_string()).collect();
         let exports = component_type.exports(&self.inner.engine).map(|(name, _)| name.to_string()).collect();
         (imports, exports)
@@ -296,13 +325,18 @@ impl Runtime {
         let instance_pre = self.inner.linker.instantiate_pre(&component).map_err(|e| self.explain_link_error(&component, e))?;
         let exports: Vec<String> =
             component.component_type().exports(&self.inner.engine).map(|(name, _)| name.to_string()).collect();
-        if !exports.iter().any(|name| export_matches(name)) {
-            let hint = if exports.iter().any(|e| e.starts_with("wasi:cli/run")) { COMMAND_HINT } else { "" };
-            let exports = if exports.is_empty() { "none".to_string() } else { exports.join(", ") };
-            return Err(LoadError::WrongWorld { exports, hint });
-        }
-        let pre = ProxyPre::new(instance_pre).map_err(|e| LoadError::IncompatibleExport(format!("{e:#}")))?;
-        Ok(LoadedComponent { digest, pre, cached, load_time: started.elapsed() })
+        check_world(&exports)?;
+        let messaging = if exports.iter().any(|name| name == wharf_proto::trigger::MESSAGE_HANDLER_EXPORT) {
+            Some(crate::messaging::MessagingPre::new(instance_pre.clone()).map_err(|e| LoadError::IncompatibleHandler(format!("{e:#}")))?)
+        } else {
+            None
+        };
+        let pre = if exports.iter().any(|name| export_matches(name)) {
+            Some(ProxyPre::new(instance_pre.clone()).map_err(|e| LoadError::IncompatibleExport(format!("{e:#}")))?)
+        } else {
+            None
+        };
+        Ok(LoadedComponent { digest, instance_pre, pre, messaging, cached, load_time: started.elapsed() })
     }
 
     /// Compiles a component into the disk cache only, without keeping it in
@@ -416,18 +450,37 @@ impl Runtime {
 /// The packages whose interfaces a host links (any version: the link check
 /// after compiling holds components to the versions it provides).
 const PROVIDED_PACKAGES: &[&str] =
-    &["wasi:io", "wasi:clocks", "wasi:random", "wasi:filesystem", "wasi:sockets", "wasi:cli", "wasi:http", "wasi:keyvalue", "wasi:config"];
+    &["wasi:io", "wasi:clocks", "wasi:random", "wasi:filesystem", "wasi:sockets", "wasi:cli", "wasi:http", "wasi:keyvalue", "wasi:config", "wasmcloud:messaging"];
 
 /// The checks of [`Runtime::load`] that need no compiling, in its order:
 /// wasm magic, component rather than core module, validation, every
 /// top-level import from a package hosts provide, and the
-/// `wasi:http/incoming-handler` export. What only the compiled component
+/// `wasi:http/incoming-handler` or `wasmcloud:messaging/handler` export. What only the compiled component
 /// shows (the exact types) is checked when it is linked.
 pub fn check_component(bytes: &[u8]) -> Result<(), LoadError> {
     check_preamble(bytes)?;
     wasmparser::Validator::new_with_features(wasmparser::WasmFeatures::default())
         .validate_all(bytes)
         .map_err(|e| LoadError::Invalid(format!("{e:#}")))?;
+    let (imports, exports) = top_level(bytes)?;
+    if let Some(import) = imports.iter().find(|name| !PROVIDED_PACKAGES.iter().any(|package| name.strip_prefix(package).is_some_and(|rest| rest.starts_with('/')))) {
+        return Err(LoadError::UnsupportedImport { import: import.clone(), detail: "no host links that package".into() });
+    }
+    check_world(&exports)
+}
+
+/// A component must export the HTTP handler, the message handler, or both.
+fn check_world(exports: &[String]) -> Result<(), LoadError> {
+    if exports.iter().any(|name| export_matches(name) || name == wharf_proto::trigger::MESSAGE_HANDLER_EXPORT) {
+        return Ok(());
+    }
+    let hint = if exports.iter().any(|e| e.starts_with("wasi:cli/run")) { COMMAND_HINT } else { "" };
+    let exports = if exports.is_empty() { "none".to_string() } else { exports.join(", ") };
+    Err(LoadError::WrongWorld { exports, hint })
+}
+
+/// The top-level imports and exports of a component, by name.
+fn top_level(bytes: &[u8]) -> Result<(Vec<String>, Vec<String>), LoadError> {
     let (mut imports, mut exports) = (Vec::new(), Vec::new());
     // Nested modules and components open with a version and close with an
     // end; only the outermost component's imports and exports matter.
@@ -449,15 +502,7 @@ pub fn check_component(bytes: &[u8]) -> Result<(), LoadError> {
             _ => {}
         }
     }
-    if let Some(import) = imports.iter().find(|name| !PROVIDED_PACKAGES.iter().any(|package| name.strip_prefix(package).is_some_and(|rest| rest.starts_with('/')))) {
-        return Err(LoadError::UnsupportedImport { import: import.clone(), detail: "no host links that package".into() });
-    }
-    if !exports.iter().any(|name| export_matches(name)) {
-        let hint = if exports.iter().any(|e| e.starts_with("wasi:cli/run")) { COMMAND_HINT } else { "" };
-        let exports = if exports.is_empty() { "none".to_string() } else { exports.join(", ") };
-        return Err(LoadError::WrongWorld { exports, hint });
-    }
-    Ok(())
+    Ok((imports, exports))
 }
 
 /// What [`LoadError::WrongWorld`] adds for a command component.
@@ -581,6 +626,11 @@ mod tests {
     #[test]
     fn components_are_checked_without_compiling() {
         assert!(check_component(&wharf_testkit::samples::bytes("hello")).is_ok());
+        assert!(check_component(&wharf_testkit::samples::bytes("listener")).is_ok(), "a message handler alone is a world");
+        assert_eq!(
+            component_exports(&wharf_testkit::samples::bytes("listener")).expect("exports"),
+            [wharf_proto::trigger::MESSAGE_HANDLER_EXPORT]
+        );
         assert!(matches!(check_component(b"\0asm\x0d\0\x01\0"), Err(LoadError::WrongWorld { exports, .. }) if exports == "none"));
         let foreign = wat::parse_str(r#"(component (import "acme:thing/api@1.0.0" (instance)))"#).expect("wat");
         assert!(matches!(check_component(&foreign), Err(LoadError::UnsupportedImport { import, .. }) if import == "acme:thing/api@1.0.0"));

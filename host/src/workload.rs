@@ -52,6 +52,8 @@ pub struct WorkloadSpec {
     pub volumes: Vec<(std::path::PathBuf, String)>,
     /// Runtime configuration (`wasi:config`), secrets included.
     pub config: ConfigValues,
+    /// Publishing and requesting over `wasmcloud:messaging`; `None`: refused.
+    pub messaging: Option<crate::messaging::MessagingAccess>,
 }
 
 /// Runtime configuration values; `Debug` shows only the keys, since some
@@ -78,6 +80,7 @@ impl WorkloadSpec {
             keyvalue: None,
             volumes: Vec::new(),
             config: ConfigValues::default(),
+            messaging: None,
         }
     }
 }
@@ -103,6 +106,10 @@ pub enum Outcome {
     NoResponse,
     /// The host could not run the component (e.g. no instance slot in the pool).
     HostError(String),
+    /// The message handler returned an error.
+    HandlerError(String),
+    /// The component has no HTTP handler (it only handles messages).
+    NoHttpHandler,
 }
 
 impl Outcome {
@@ -118,6 +125,8 @@ impl Outcome {
             Outcome::BadRequest(_) => "bad_request",
             Outcome::NoResponse => "no_response",
             Outcome::HostError(_) => "host_error",
+            Outcome::HandlerError(_) => "handler_error",
+            Outcome::NoHttpHandler => "no_http_handler",
         }
     }
 
@@ -127,11 +136,13 @@ impl Outcome {
             Outcome::Deadline { .. } => StatusCode::GATEWAY_TIMEOUT,
             Outcome::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Outcome::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Outcome::NoHttpHandler => StatusCode::NOT_FOUND,
             Outcome::Trap(_)
             | Outcome::FuelExhausted { .. }
             | Outcome::MemoryLimit { .. }
             | Outcome::NoResponse
-            | Outcome::HostError(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            | Outcome::HostError(_)
+            | Outcome::HandlerError(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -155,6 +166,11 @@ impl Outcome {
             Outcome::BadRequest(detail) => format!("{service}: bad request: {detail}"),
             Outcome::NoResponse => format!("{service}: the component returned without setting a response"),
             Outcome::HostError(detail) => format!("{service}: the host could not run the component: {detail}"),
+            Outcome::HandlerError(detail) => format!("{service}: the message handler failed: {detail}"),
+            Outcome::NoHttpHandler => format!(
+                "{service}: the component does not export `{}`; it handles only messages (its triggers)",
+                crate::runtime::HTTP_HANDLER_EXPORT
+            ),
         }
     }
 }
@@ -221,6 +237,18 @@ impl Drop for WorkloadInner {
         self.metrics.memory_reserved.dec_by(i64::try_from(reserved).unwrap_or(i64::MAX));
         self.metrics.forget();
     }
+}
+
+/// Why a message was not handled.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MessageError {
+    /// No instance came free within the queue timeout: the handler never
+    /// ran, so the message is not the handler's failure (try again).
+    #[error("{0}")]
+    Overloaded(String),
+    /// The handler ran and failed: its own error, a trap or a budget.
+    #[error("{0}")]
+    Failed(String),
 }
 
 /// Why a workload could not be created.
@@ -403,6 +431,75 @@ impl Workload {
         }
     }
 
+    /// Handles one message of a trigger in a fresh instance, under the same
+    /// permits, fuel, memory cap, deadline and CPU levels as a request.
+    /// `Err` says why it failed (the handler's own error, a trap, a budget,
+    /// or no instance free in time); the outcome is counted like a request's.
+    pub async fn handle_message(&self, message: crate::messaging::BrokerMessage) -> Result<(), MessageError> {
+        let started = Instant::now();
+        let outcome = self.serve_message(message).await;
+        self.record(&outcome, started.elapsed());
+        match outcome {
+            Outcome::Ok => Ok(()),
+            Outcome::Overloaded { .. } => Err(MessageError::Overloaded(outcome.message(&self.inner.service))),
+            outcome => {
+                self.inner.errors.fetch_add(1, Ordering::Relaxed);
+                Err(MessageError::Failed(outcome.message(&self.inner.service)))
+            }
+        }
+    }
+
+    async fn serve_message(&self, message: crate::messaging::BrokerMessage) -> Outcome {
+        let _in_flight = InFlight::enter(self);
+        let Some(pre) = self.inner.component.messaging.clone() else {
+            return Outcome::BadRequest(format!("the component does not export `{}`", wharf_proto::trigger::MESSAGE_HANDLER_EXPORT));
+        };
+        let limits = &self.inner.spec.limits;
+        let permit = match tokio::time::timeout(limits.queue_timeout, self.inner.permits.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => permit,
+            _ => return Outcome::Overloaded { concurrency: limits.concurrency, waited: limits.queue_timeout },
+        };
+        let deadline = Instant::now() + limits.timeout;
+        let demotion = Arc::new(Demotion::default());
+        let mut store = match self.new_store(deadline, demotion.clone()) {
+            Ok(store) => store,
+            Err(e) => return Outcome::HostError(e),
+        };
+        store.data_mut().set_messaging(self.inner.spec.messaging.clone(), message.reply_to.clone());
+        let this = self.clone();
+        let guest = Box::pin(async move {
+            let _permit = permit;
+            this.run_message(&mut store, pre, message, deadline).await
+        });
+        let (outcome, background) = self.inner.runtime.cpu().run(&self.inner.namespace, &demotion, deadline + 2 * DEADLINE_GRACE, guest).await;
+        if background {
+            self.inner.metrics.background.inc();
+        }
+        outcome.unwrap_or(Outcome::Deadline { timeout: limits.timeout })
+    }
+
+    async fn run_message(
+        &self,
+        store: &mut Store<InstanceState>,
+        pre: crate::messaging::MessagingPre<InstanceState>,
+        message: crate::messaging::BrokerMessage,
+        deadline: Instant,
+    ) -> Outcome {
+        let metrics = &self.inner.metrics;
+        let call = async {
+            let instantiating = Instant::now();
+            let instance = pre.instantiate_async(&mut *store).await?;
+            metrics.instantiation.observe(instantiating.elapsed().as_secs_f64());
+            instance.wasmcloud_messaging_handler().call_handle_message(&mut *store, &message).await
+        };
+        let result = tokio::time::timeout_at((deadline + DEADLINE_GRACE).into(), call).await;
+        match self.finish(store, result) {
+            Ok(Ok(())) => Outcome::Ok,
+            Ok(Err(error)) => Outcome::HandlerError(error),
+            Err(outcome) => outcome,
+        }
+    }
+
     /// Instantiates the component `n` times, each in a fresh store as a
     /// request would, without calling it; returns each instantiation's time.
     /// This is the per-request cold-start cost, for benchmarks.
@@ -412,7 +509,7 @@ impl Workload {
             let deadline = Instant::now() + self.inner.spec.limits.timeout;
             let mut store = self.new_store(deadline, Arc::default()).map_err(wasmtime::Error::msg)?;
             let started = Instant::now();
-            self.inner.component.pre.instantiate_async(&mut store).await?;
+            self.inner.component.instance_pre.instantiate_async(&mut store).await?;
             times.push(started.elapsed());
         }
         Ok(times)
@@ -427,7 +524,8 @@ impl Workload {
             services: spec.services.clone(),
         };
         let keyvalue = spec.keyvalue.clone().map(|access| access.with_limits(self.inner.runtime.config().keyvalue));
-        let state = InstanceState::new(&spec.env, spec.limits.memory, hooks, keyvalue, &spec.volumes, self.inner.config.clone(), &self.inner.logs)?;
+        let mut state = InstanceState::new(&spec.env, spec.limits.memory, hooks, keyvalue, &spec.volumes, self.inner.config.clone(), &self.inner.logs)?;
+        state.set_messaging(spec.messaging.clone(), None);
         let mut store = Store::new(self.inner.runtime.engine(), state);
         store.limiter(|state| &mut state.limiter);
         // Fuel is always on in the engine; "unmetered" is simply a budget that never runs out.
@@ -464,9 +562,10 @@ impl Workload {
         out: wasmtime::component::Resource<wasmtime_wasi_http::p2::types::HostResponseOutparam>,
         deadline: Instant,
     ) -> Outcome {
-        let limits = &self.inner.spec.limits;
         let metrics = &self.inner.metrics;
-        let pre = self.inner.component.pre.clone();
+        let Some(pre) = self.inner.component.pre.clone() else {
+            return Outcome::NoHttpHandler;
+        };
         let call = async {
             let instantiating = Instant::now();
             let instantiation = tracing::trace_span!(target: crate::trace::TARGET, "instantiate");
@@ -475,6 +574,14 @@ impl Workload {
             proxy.wasi_http_incoming_handler().call_handle(&mut *store, req, out).await
         };
         let result = tokio::time::timeout_at((deadline + DEADLINE_GRACE).into(), call).await;
+        self.finish(store, result).err().unwrap_or(Outcome::Ok)
+    }
+
+    /// After a guest call: flushes its logs, records its memory peak and
+    /// fuel, and names what stopped it, if anything did.
+    fn finish<T>(&self, store: &Store<InstanceState>, result: Result<wasmtime::Result<T>, tokio::time::error::Elapsed>) -> Result<T, Outcome> {
+        let limits = &self.inner.spec.limits;
+        let metrics = &self.inner.metrics;
         let state = store.data();
         state.finish_logs();
         metrics.memory_peak.observe(state.limiter.peak as f64);
@@ -483,9 +590,9 @@ impl Workload {
             metrics.fuel.inc_by(budget - left);
         }
         match result {
-            Ok(Ok(())) => Outcome::Ok,
-            Ok(Err(error)) => classify(&error, state.limiter.denied, limits),
-            Err(_elapsed) => Outcome::Deadline { timeout: limits.timeout },
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(error)) => Err(classify(&error, state.limiter.denied, limits)),
+            Err(_elapsed) => Err(Outcome::Deadline { timeout: limits.timeout }),
         }
     }
 

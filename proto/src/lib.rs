@@ -12,6 +12,7 @@ pub mod oci;
 pub mod spec;
 pub mod status;
 pub mod strict;
+pub mod trigger;
 pub mod units;
 pub mod wire;
 
@@ -23,6 +24,7 @@ pub use names::{HostId, NameError, ServiceId};
 pub use rollout::{Amount, CanaryPolicy, Ejection, Health, Readiness, RolloutPolicy, TrafficTarget};
 pub use oci::{OciReference, OciReferenceError};
 pub use spec::{Autoscale, Limits, Placement, Route, ServiceSpec, SpecError, Volume};
+pub use trigger::{Delivery, DeliveryResult, Trigger};
 pub use units::{ByteSize, ByteSizeError, DurationError};
 pub use latency::LatencyHistogram;
 pub use status::{

@@ -467,6 +467,23 @@ mod tests {
     }
 
     #[test]
+    fn triggers_are_read_and_checked_by_field() {
+        use ManifestFormat::Yaml;
+        let one = |triggers: &str| format!("name: orders\ncomponent: {{ digest: \"{DIGEST}\" }}\ntriggers: {triggers}\n");
+        let services = check(Yaml, &one("[{ subject: \"orders.>\" }, { subject: pay.*, stream: pay, max_deliver: 3 }]"), Ok(&["default/orders"]));
+        let triggers = &services[0].triggers;
+        assert_eq!(triggers.len(), 2);
+        assert_eq!((triggers[1].stream.as_deref(), triggers[1].max_deliver()), (Some("pay"), 3));
+        assert_eq!(triggers[1].dead_letter("orders"), "dead-letter.orders");
+        check(Yaml, &one("[{ subject: \"orders..x\" }]"), Err("triggers[0].subject: subject \"orders..x\" has an empty token (two dots, or a dot at an end)"));
+        check(Yaml, &one("[{ subject: a, max_deliver: 2 }]"), Err("triggers[0].max_deliver: only a trigger with `stream:` is redelivered; add `stream: NAME` or remove max_deliver"));
+        check(Yaml, &one("[{ subject: a }, { subject: a }]"), Err("triggers[1].subject: subject \"a\" is declared twice"));
+        check(Yaml, &one("[{ subject: \">\", stream: all }]"), Err("triggers[0].dead_letter: \"dead-letter.orders\" matches the trigger's own subject \">\": a dead letter would be delivered again"));
+        let unknown = parse_manifest(&one("[{ subject: a, strem: s }]"), Yaml).expect_err("a typo");
+        assert!(unknown.to_string().contains("unknown field `strem`"), "{unknown}");
+    }
+
+    #[test]
     fn yaml_single_service_with_defaults() {
         let text =
             "name: hello\ncomponent:\n  file: hello.wasm\nroutes:\n  - path_prefix: /hello\n";
@@ -529,7 +546,7 @@ mod tests {
             &two("name: b\n    component: { file: b.wasm }\n    replicaz: 2"),
             Err(
                 "services[1].replicaz: unknown field `replicaz`, expected one of `namespace`, `name`, `component`, \
-                 `replicas`, `limits`, `routes`, `env`, `placement`, `allow_outbound`, `autoscale`, `volumes`, `keyvalue`, `config`, `secrets`, `health`, `rollout`, `traffic`, `source` (line 6, column 5)",
+                 `replicas`, `limits`, `routes`, `env`, `placement`, `allow_outbound`, `autoscale`, `volumes`, `keyvalue`, `config`, `secrets`, `health`, `rollout`, `traffic`, `source`, `triggers` (line 6, column 5)",
             ),
         );
         check(
@@ -653,7 +670,7 @@ mod tests {
             Err(
                 "services[1].replicaz: unknown field `replicaz`, expected one of `namespace`, `name`, `component`, \
                  `replicas`, `limits`, `routes`, `env`, `placement`, `allow_outbound`, `autoscale`, `volumes`, \
-                 `keyvalue`, `config`, `secrets`, `health`, `rollout`, `traffic`, `source` (line 8, column 1)",
+                 `keyvalue`, `config`, `secrets`, `health`, `rollout`, `traffic`, `source`, `triggers` (line 8, column 1)",
             ),
         );
         check(
@@ -749,7 +766,7 @@ mod tests {
             "name: a\ncomponent: { file: a.wasm }\nspread: zone\n",
             Err(
                 "spread: unknown field `spread`, expected one of `namespace`, `name`, `component`, `replicas`, \
-                 `limits`, `routes`, `env`, `placement`, `allow_outbound`, `autoscale`, `volumes`, `keyvalue`, `config`, `secrets`, `health`, `rollout`, `traffic`, `source` (line 3, column 1)",
+                 `limits`, `routes`, `env`, `placement`, `allow_outbound`, `autoscale`, `volumes`, `keyvalue`, `config`, `secrets`, `health`, `rollout`, `traffic`, `source`, `triggers` (line 3, column 1)",
             ),
         );
         check(

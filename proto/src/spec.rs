@@ -106,6 +106,10 @@ pub struct ServiceSpec<C = Digest> {
     /// people; `component` pins what runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<crate::OciReference>,
+    /// Subjects of the namespace whose messages invoke the component's
+    /// `wasmcloud:messaging/handler` export, one fresh instance per message.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub triggers: Vec<crate::trigger::Trigger>,
 }
 
 fn default_namespace() -> String {
@@ -378,6 +382,7 @@ impl<C> ServiceSpec<C> {
             rollout: RolloutPolicy::default(),
             traffic: Vec::new(),
             source: None,
+            triggers: Vec::new(),
         }
     }
 
@@ -422,6 +427,7 @@ impl<C> ServiceSpec<C> {
             rollout: self.rollout,
             traffic: self.traffic,
             source: self.source,
+            triggers: self.triggers,
         }
     }
 
@@ -445,6 +451,7 @@ impl<C> ServiceSpec<C> {
             && self.config == other.config
             && self.secrets == other.secrets
             && self.health == other.health
+            && self.triggers == other.triggers
     }
 
     /// Checks every field; the error names the first field found wrong.
@@ -529,6 +536,7 @@ impl<C> ServiceSpec<C> {
                 return Err(SpecError::new(field, format!("bucket {bucket:?} is declared twice")));
             }
         }
+        self.validate_triggers()?;
         self.health.validate().map_err(|e| e.within("health"))?;
         self.rollout.validate().map_err(|e| e.within("rollout"))?;
         TrafficTarget::validate_split(&self.traffic)?;
@@ -549,6 +557,31 @@ impl<C> ServiceSpec<C> {
             }
             if !paths.insert(&volume.path) {
                 return Err(SpecError::new(path_field, format!("two volumes are mounted at {:?}", volume.path)));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<C> ServiceSpec<C> {
+    /// Checks each trigger, and that no subject is declared twice.
+    fn validate_triggers(&self) -> Result<(), SpecError> {
+        if self.triggers.len() > crate::trigger::MAX_TRIGGERS {
+            return Err(SpecError::new(
+                "triggers",
+                format!("at most {} triggers, got {}", crate::trigger::MAX_TRIGGERS, self.triggers.len()),
+            ));
+        }
+        let mut subjects = BTreeSet::new();
+        for (i, trigger) in self.triggers.iter().enumerate() {
+            trigger
+                .validate(&self.name)
+                .map_err(|(field, problem)| SpecError::new(format!("triggers[{i}].{field}"), problem))?;
+            if !subjects.insert(&trigger.subject) {
+                return Err(SpecError::new(
+                    format!("triggers[{i}].subject"),
+                    format!("subject {:?} is declared twice", trigger.subject),
+                ));
             }
         }
         Ok(())

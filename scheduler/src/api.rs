@@ -271,6 +271,8 @@ pub(crate) async fn write_spec(
         ));
     }
     check_egress(plane, &spec)?;
+    crate::triggers::check_exports(plane, &spec).await?;
+    crate::triggers::ensure_streams(plane, &spec).await?;
     check_quota(plane, &spec).await?;
     check_references(plane, &spec, force).await?;
     check_fits(plane, &spec)?;

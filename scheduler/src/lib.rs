@@ -20,6 +20,7 @@ pub mod rollout_api;
 pub mod status;
 pub mod store;
 pub mod tokens_api;
+mod triggers;
 
 use hosts::HostTable;
 use informer::Informer;
@@ -37,6 +38,9 @@ use wharf_bus::Bus;
 pub trait ComponentCheck: Send + Sync + 'static {
     /// `Err` with a message naming the problem.
     fn check(&self, bytes: &[u8]) -> Result<(), String>;
+    /// The names of the component's top-level exports (a service with
+    /// triggers needs the message handler), or why they cannot be read.
+    fn exports(&self, bytes: &[u8]) -> Result<Vec<String>, String>;
 }
 
 /// Control-plane settings.

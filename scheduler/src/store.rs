@@ -416,6 +416,11 @@ impl Store {
         Ok(true)
     }
 
+    /// A stored component's bytes.
+    pub async fn artifact(&self, digest: &Digest) -> Result<Option<Bytes>, StoreError> {
+        Ok(self.artifacts.get(&artifact_object(digest)).await?)
+    }
+
     /// Whether a component is stored.
     pub async fn has_artifact(&self, digest: &Digest) -> Result<bool, StoreError> {
         Ok(self.artifacts.exists(&artifact_object(digest)).await?)

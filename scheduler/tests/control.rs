@@ -90,6 +90,10 @@ impl ComponentCheck for Accept {
     fn check(&self, _: &[u8]) -> Result<(), String> {
         Ok(())
     }
+
+    fn exports(&self, _: &[u8]) -> Result<Vec<String>, String> {
+        Ok(vec!["wasi:http/incoming-handler@0.2.0".to_string()])
+    }
 }
 
 fn config(name: &str) -> ControlPlaneConfig {

@@ -25,6 +25,8 @@ pub const NAMES: &[&str] = &[
     "counter",
     "notes",
     "settings",
+    "messenger",
+    "listener",
 ];
 
 /// The target the samples are built for; also names the output subdirectory.

@@ -121,7 +121,7 @@ impl NatsBus {
     }
 
     /// The copies a new bucket gets.
-    fn replicas_for_new(&self) -> usize {
+    pub(crate) fn replicas_for_new(&self) -> usize {
         self.replicas
             .unwrap_or_else(|| self.cluster_size().min(MAX_AUTOMATIC_REPLICAS))
     }

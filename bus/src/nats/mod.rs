@@ -223,6 +223,10 @@ impl NatsBus {
         }
     }
 
+    pub(crate) fn jetstream(&self) -> &jetstream::Context {
+        &self.jetstream
+    }
+
     pub(crate) fn max_payload(&self) -> usize {
         self.client.max_payload()
     }

@@ -40,13 +40,13 @@ pub(crate) struct Activations {
 }
 
 /// Counts a request as held for activation while it waits.
-struct Held<'a> {
+pub(super) struct Held<'a> {
     activations: &'a Activations,
     service: ServiceId,
 }
 
 impl<'a> Held<'a> {
-    fn enter(activations: &'a Activations, service: &ServiceId) -> Self {
+    pub(super) fn enter(activations: &'a Activations, service: &ServiceId) -> Self {
         if let Ok(mut held) = activations.held.lock() {
             *held.entry(service.clone()).or_default() += 1;
         }
@@ -156,7 +156,7 @@ impl HostAgent {
 
     /// Whether this host may start a replica of `service` for activation:
     /// not draining, no volumes (they live where they are), its labels match.
-    fn may_activate_here(&self, service: &ServiceId) -> bool {
+    pub(super) fn may_activate_here(&self, service: &ServiceId) -> bool {
         let Some(spec) = self.inner.directory.spec(service) else { return false };
         !self.inner.draining.load(Ordering::Relaxed)
             && spec.volumes.is_empty()
@@ -173,7 +173,7 @@ impl HostAgent {
     }
 
     /// Tells the control plane a request is waiting for `service`.
-    async fn announce_activation(&self, service: &ServiceId) {
+    pub(super) async fn announce_activation(&self, service: &ServiceId) {
         let message = Activation { service: service.clone(), host: self.inner.config.host.clone() };
         let payload = match serde_json::to_vec(&message) {
             Ok(payload) => Bytes::from(payload),
@@ -191,7 +191,7 @@ impl HostAgent {
     /// this host outside its assignment, running the revision that takes
     /// most of its traffic. It serves until an assigned replica is ready
     /// here, or is dropped if the control plane places the service elsewhere.
-    async fn activate_locally(&self, service: &ServiceId) -> Result<Workload, String> {
+    pub(super) async fn activate_locally(&self, service: &ServiceId) -> Result<Workload, String> {
         let slot = {
             let mut slots = self.inner.activations.slots.lock().map_err(|_| "poisoned".to_string())?;
             slots.entry(service.clone()).or_default().clone()

@@ -196,6 +196,19 @@ impl HostAgent {
                 }
             }
         }
+        if !spec.triggers.is_empty() && !component.handles_messages() {
+            return Err(format!(
+                "the service has triggers, but its component does not export `{}`",
+                wharf_proto::trigger::MESSAGE_HANDLER_EXPORT
+            ));
+        }
+        if spec.triggers.is_empty() && !component.handles_http() {
+            return Err(format!(
+                "the component exports no `{}`, and the service has no triggers for its message handler",
+                crate::runtime::HTTP_HANDLER_EXPORT
+            ));
+        }
+        workload.messaging = Some(crate::messaging::MessagingAccess::new(self.inner.bus.clone(), &service.namespace, &service.to_string()));
         workload.keyvalue =
             Some(crate::keyvalue::KeyValueAccess::new(self.inner.bus.clone(), &service.namespace, &service.to_string(), spec.keyvalue.iter().cloned()));
         Workload::new(&self.inner.runtime, component, workload, &self.inner.metrics).map_err(|e| e.to_string())

@@ -118,6 +118,11 @@ impl Directory {
         self.read(|state| state.services.get(service).map(|k| k.spec.clone()))
     }
 
+    /// Every service with message triggers, with its latest spec.
+    pub(crate) fn triggered(&self) -> Vec<(ServiceId, Arc<ServiceSpec>)> {
+        self.read(|state| state.services.iter().filter(|(_, known)| !known.spec.triggers.is_empty()).map(|(id, known)| (id.clone(), known.spec.clone())).collect())
+    }
+
     /// Whether `service` exists.
     pub(crate) fn exists(&self, service: &ServiceId) -> bool {
         self.read(|state| state.services.contains_key(service))

@@ -40,6 +40,7 @@ impl HostAgent {
     pub async fn drain(&self, timeout: Duration) {
         self.inner.draining.store(true, Ordering::Relaxed);
         self.update_listening();
+        self.sync_triggers();
         self.send_heartbeat().await;
         let deadline = tokio::time::Instant::now() + timeout;
         loop {

@@ -13,6 +13,8 @@
 //! - [`routing`]: ingress and service-to-service requests, local or over
 //!   the bus; answering bus requests; the queue subscriptions.
 //! - [`activation`]: holding requests for services at zero while a replica starts.
+//! - [`triggers`]: taking in triggered services' messages and handing each
+//!   to a replica (its own locks).
 //! - [`heartbeat`]: the heartbeat tick and draining.
 //! - [`rates`]: namespaces' request-rate quotas at this ingress.
 //! - [`logs`]: replicas' log lines for `wharf logs`, published and asked for.
@@ -29,6 +31,7 @@ mod logs;
 mod rates;
 mod replicas;
 mod routing;
+mod triggers;
 
 pub use routing::REVISION_HEADER;
 
@@ -101,6 +104,8 @@ struct Inner {
     handlers: Arc<Semaphore>,
     /// Scale from zero (its own locks).
     activations: activation::Activations,
+    /// Message triggers' intakes and delivery listeners (their own locks).
+    triggers: triggers::Triggers,
     /// Namespaces' rate quotas (its own lock).
     rates: rates::Rates,
     /// Set when the host is draining: it takes no new work.
@@ -155,6 +160,7 @@ impl HostAgent {
                 listening: Mutex::new(BTreeMap::new()),
                 handlers,
                 activations: activation::Activations::default(),
+                triggers: triggers::Triggers::default(),
                 rates: rates::Rates::default(),
                 draining: AtomicBool::new(false),
                 epoch: AtomicU64::new(0),
@@ -169,6 +175,7 @@ impl HostAgent {
             if let Some(component) = agent.inner.directory.service_changed(&event.key, event.value.as_deref(), &local) {
                 agent.precompile(component);
             }
+            agent.sync_triggers();
         });
         agent.follow(status_watch, |agent, event| agent.inner.directory.status_changed(event.value.as_deref()));
         agent.follow(namespace_watch, |agent, event| agent.inner.rates.set(&event.key, event.value.as_deref()));
@@ -255,6 +262,7 @@ impl HostAgent {
     fn replicas_changed(&self) {
         self.inner.directory.rebuild_routes(&self.inner.replicas.specs());
         self.update_listening();
+        self.sync_triggers();
         self.inner.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
 }
