@@ -168,8 +168,12 @@ async fn measure(args: &ClusterArgs, wharf: PathBuf, dir: &Path) -> anyhow::Resu
     let remote = cluster.hosts.iter().find(|h| h.0 != runs_on).map(|h| h.2.clone()).context("remote host")?;
     let local_lat = sequential(&local, args.requests).await?;
     let hop_lat = sequential(&remote, args.requests).await?;
-    let raw_url = if advisories { cluster.nats.url().replacen("nats://", "nats://host:h@", 1) } else { cluster.nats.url() };
-    let raw_lat = raw_nats(&raw_url, args.requests).await?;
+    let auth = if advisories {
+        wharf_bus::NatsAuth::UserPassword { user: "host".into(), password: "h".into() }
+    } else {
+        wharf_bus::NatsAuth::None
+    };
+    let raw_lat = raw_nats(&cluster.nats.url(), auth, args.requests).await?;
     println!("latency, {} sequential requests each:", args.requests);
     println!("  local replica (ingress on the host that runs it): p50 {:.0} µs, p99 {:.0} µs", local_lat.0, local_lat.1);
     println!("  one hop over NATS (ingress on another host):       p50 {:.0} µs, p99 {:.0} µs", hop_lat.0, hop_lat.1);
@@ -297,9 +301,10 @@ async fn sequential(url: &str, n: usize) -> anyhow::Result<(f64, f64)> {
 }
 
 /// p50 and p99 of `n` raw request/reply round trips through the same NATS server.
-async fn raw_nats(url: &str, n: usize) -> anyhow::Result<(f64, f64)> {
-    let responder = wharf_bus::Bus::connect_nats(url, wharf_bus::NatsOptions::default()).await?;
-    let requester = wharf_bus::Bus::connect_nats(url, wharf_bus::NatsOptions::default()).await?;
+async fn raw_nats(url: &str, auth: wharf_bus::NatsAuth, n: usize) -> anyhow::Result<(f64, f64)> {
+    let options = wharf_bus::NatsOptions { auth, ..wharf_bus::NatsOptions::default() };
+    let responder = wharf_bus::Bus::connect_nats(url, options.clone()).await?;
+    let requester = wharf_bus::Bus::connect_nats(url, options).await?;
     let mut subscription = responder.queue_subscribe("bench.echo", "bench").await?;
     let answering = responder.clone();
     let task = tokio::spawn(async move {

@@ -94,8 +94,26 @@ async fn measure(args: &ControlArgs, wharf: &Path, dir: &Path) -> anyhow::Result
         );
         report.insert(format!("{round}_services"), target.into());
         report.insert(format!("{round}_apply_to_placed_seconds"), place_all.as_secs_f64().into());
-        // Idle: nothing changes; the leader should do (almost) nothing.
-        tokio::time::sleep(Duration::from_secs(5)).await;
+        // Settled: the leader has written every status the placement
+        // changed (no write for 5 s). Then idle: nothing changes; the
+        // leader should do (almost) nothing.
+        let settling = Instant::now();
+        let mut last = (writes.load(), status_writes.load());
+        let mut quiet_since = Instant::now();
+        while quiet_since.elapsed() < Duration::from_secs(5) {
+            if settling.elapsed() > Duration::from_secs(600) {
+                bail!("{round}: the leader kept writing for 10 minutes after placing everything");
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            let now = (writes.load(), status_writes.load());
+            if now != last {
+                last = now;
+                quiet_since = Instant::now();
+            }
+        }
+        let settled = settling.elapsed().saturating_sub(Duration::from_secs(5));
+        println!("{round}: statuses settled {settled:.2?} after the last placement");
+        report.insert(format!("{round}_settled_after_placed_seconds"), settled.as_secs_f64().into());
         let pid = if leads(&client, &first.api).await {
             first.process.id()
         } else if leads(&client, &second.api).await {

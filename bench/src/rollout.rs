@@ -85,6 +85,9 @@ pub async fn run(args: RolloutArgs) -> anyhow::Result<()> {
         "failed canary: {} requests failed while it was judged; stable revision took all traffic again {back_ms} ms after the failure was detected",
         canary_failures.len()
     );
+    for (at, what) in tally.failures.iter().filter(|(_, what)| !what.contains("failing with 500")) {
+        eprintln!("  another failure during the canary, at {at:.2?}: {what}");
+    }
     let report = serde_json::json!({
         "replicas": args.replicas,
         "hosts": 3,

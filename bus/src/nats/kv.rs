@@ -73,29 +73,12 @@ impl NatsKv {
         self.client.server_info().connect_urls.len() > 1
     }
 
-    /// Tries `attempt` until it succeeds, fails for good, or [`RIDE_OVER`]
-    /// has passed; `Err(Retry(e))` asks for another try.
-    async fn ride_over<T, F, Fut>(&self, mut attempt: F) -> Result<T, KvError>
+    async fn ride_over<T, F, Fut>(&self, attempt: F) -> Result<T, KvError>
     where
         F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Result<T, Attempt>>,
+        Fut: std::future::Future<Output = Result<T, Attempt<KvError>>>,
     {
-        let started = tokio::time::Instant::now();
-        let mut pause = FIRST_PAUSE;
-        loop {
-            match attempt().await {
-                Ok(value) => return Ok(value),
-                Err(Attempt::Final(err)) => return Err(err),
-                Err(Attempt::Retry(err)) => {
-                    if started.elapsed() + pause > RIDE_OVER {
-                        return Err(err);
-                    }
-                    tracing::debug!(bucket = %self.bucket, "KV call failed, trying again in {pause:?}: {err}");
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(1));
-                }
-            }
-        }
+        ride_over(&self.bucket, attempt).await
     }
 
     /// Publishes one write to `key` with a message id (see [`NatsKv`]),
@@ -346,12 +329,39 @@ impl NatsKv {
     }
 }
 
-/// The outcome of one try of a KV call that may be tried again.
-enum Attempt {
+/// The outcome of one try of a bucket call that may be tried again.
+pub(crate) enum Attempt<E> {
     /// Try again (until [`RIDE_OVER`]); this error if not.
-    Retry(KvError),
+    Retry(E),
     /// Done: this error is the answer.
-    Final(KvError),
+    Final(E),
+}
+
+/// Tries `attempt` until it succeeds, fails for good, or [`RIDE_OVER`] has
+/// passed, pausing 50 ms doubling to 1 s between tries; `Err(Retry(e))`
+/// asks for another try.
+pub(crate) async fn ride_over<T, E, F, Fut>(bucket: &str, mut attempt: F) -> Result<T, E>
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, Attempt<E>>>,
+{
+    let started = tokio::time::Instant::now();
+    let mut pause = FIRST_PAUSE;
+    loop {
+        match attempt().await {
+            Ok(value) => return Ok(value),
+            Err(Attempt::Final(err)) => return Err(err),
+            Err(Attempt::Retry(err)) => {
+                if started.elapsed() + pause > RIDE_OVER {
+                    return Err(err);
+                }
+                tracing::debug!(%bucket, "bucket call failed, trying again in {pause:?}: {err}");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
 }
 
 /// A fresh message id for one write call: every try of that call sends

@@ -6,6 +6,7 @@ use futures::TryStreamExt;
 use tokio::io::AsyncReadExt;
 
 use super::buckets::jetstream_code;
+use super::kv::{Attempt, ride_over};
 use crate::error::{BackendError, ObjectError};
 
 /// The object store's chunk size (async-nats' default): each chunk is a message of its own.
@@ -65,14 +66,24 @@ impl NatsObjects {
         }
     }
 
+    /// How a failed read is answered: on a cluster, tried again (the
+    /// loss of a node looks like a timeout or no responders until the
+    /// stream elects a leader); on a lone server, at once.
+    fn read_failed(&self, err: impl Into<BackendError>) -> Attempt<ObjectError> {
+        if self.jetstream.client().server_info().connect_urls.len() > 1 {
+            Attempt::Retry(self.unavailable(err))
+        } else {
+            Attempt::Final(self.unavailable(err))
+        }
+    }
+
     /// The bytes the stream holds, and its size limit if it has one.
     async fn usage(&self) -> Result<(u64, Option<u64>), ObjectError> {
-        let mut stream = self
-            .jetstream
-            .get_stream(format!("OBJ_{}", self.bucket))
-            .await
-            .map_err(|err| self.unavailable(err))?;
-        let info = stream.info().await.map_err(|err| self.unavailable(err))?;
+        let info = ride_over(&self.bucket, || async {
+            let mut stream = self.jetstream.get_stream(format!("OBJ_{}", self.bucket)).await.map_err(|err| self.read_failed(err))?;
+            stream.info().await.map(|info| info.clone()).map_err(|err| self.read_failed(err))
+        })
+        .await?;
         let max_bytes = u64::try_from(info.config.max_bytes)
             .ok()
             .filter(|max| *max > 0);
@@ -88,26 +99,29 @@ impl NatsObjects {
     }
 
     pub(crate) async fn get(&self, name: &str) -> Result<Option<Bytes>, ObjectError> {
-        let mut object = match self.store.get(name).await {
-            Ok(object) => object,
-            Err(err) if err.kind() == object_store::GetErrorKind::NotFound => return Ok(None),
-            Err(err) => return Err(self.unavailable(err)),
-        };
-        let mut data = Vec::with_capacity(object.info.size);
-        object
-            .read_to_end(&mut data)
-            .await
-            .map_err(|err| self.unavailable(err))?;
-        Ok(Some(data.into()))
+        ride_over(&self.bucket, || async {
+            let mut object = match self.store.get(name).await {
+                Ok(object) => object,
+                Err(err) if err.kind() == object_store::GetErrorKind::NotFound => return Ok(None),
+                Err(err) => return Err(self.read_failed(err)),
+            };
+            let mut data = Vec::with_capacity(object.info.size);
+            object.read_to_end(&mut data).await.map_err(|err| self.read_failed(err))?;
+            Ok(Some(data.into()))
+        })
+        .await
     }
 
     pub(crate) async fn exists(&self, name: &str) -> Result<bool, ObjectError> {
-        match self.store.info(name).await {
-            // A deleted object keeps its metadata, marked deleted.
-            Ok(info) => Ok(!info.deleted),
-            Err(err) if err.kind() == object_store::InfoErrorKind::NotFound => Ok(false),
-            Err(err) => Err(self.unavailable(err)),
-        }
+        ride_over(&self.bucket, || async {
+            match self.store.info(name).await {
+                // A deleted object keeps its metadata, marked deleted.
+                Ok(info) => Ok(!info.deleted),
+                Err(err) if err.kind() == object_store::InfoErrorKind::NotFound => Ok(false),
+                Err(err) => Err(self.read_failed(err)),
+            }
+        })
+        .await
     }
 
     pub(crate) async fn delete(&self, name: &str) -> Result<(), ObjectError> {
