@@ -93,7 +93,7 @@ impl Cluster {
                 .args(["scheduler", "--nats", &nats.url(), "--api", "127.0.0.1:0", "--heartbeat", heartbeat, "--missed-heartbeats", &missed.to_string(), "--data-dir"])
                 .arg(dir.join("scheduler"))
                 .args(&scheduler_login)
-                .env("WHARF_LOG", "warn"),
+                .env("WHARF_LOG", std::env::var("WHARF_BENCH_LOG").unwrap_or_else(|_| "warn".into())),
         );
         let api = url_in(&scheduler.wait_for_line("Wharf scheduler: API", Duration::from_secs(60)))?;
         let token = std::fs::read_to_string(dir.join("scheduler").join("admin-token")).context("the scheduler's admin token")?.trim().to_string();
@@ -113,7 +113,7 @@ impl Cluster {
                 .args(["host", "--nats", &self.nats.url(), "--name", &name, "--labels", &format!("zone={zone}"), "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--heartbeat", &self.heartbeat, "--data-dir"])
                 .arg(self.dir.join(&name))
                 .args(&self.host_login)
-                .env("WHARF_LOG", "warn"),
+                .env("WHARF_LOG", std::env::var("WHARF_BENCH_LOG").unwrap_or_else(|_| "warn".into())),
         );
         let ingress = url_in(&process.wait_for_line("ingress http://", Duration::from_secs(60)))?;
         self.hosts.push((name, process, ingress));
@@ -272,6 +272,14 @@ async fn failover(cluster: &mut Cluster, kills: usize, client: &reqwest::Client)
         }
         let took = killed.elapsed();
         eprintln!("kill {}/{}: {victim} -> first success after {took:.2?}", round + 1, kills);
+        if took > Duration::from_secs(1) {
+            // A slow failover: what the processes said (WHARF_BENCH_LOG=info for more).
+            let tail = |text: String| text.lines().rev().take(12).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n    ");
+            eprintln!("  scheduler:\n    {}", tail(cluster._scheduler.output()));
+            for (name, process, _) in &cluster.hosts {
+                eprintln!("  {name}:\n    {}", tail(process.output()));
+            }
+        }
         times.push(took);
         cluster.add_host()?;
     }

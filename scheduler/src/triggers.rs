@@ -45,15 +45,10 @@ pub(crate) async fn check_exports(plane: &ControlPlane, spec: &ServiceSpec) -> R
     {
         return Ok(());
     }
-    let Some(bytes) = plane.store.artifact(&spec.component).await? else {
+    let Some(exports) = exports_of(plane, &spec.component).await? else {
         // The caller has already refused a component that is not uploaded.
         return Ok(());
     };
-    let check = plane.check.clone();
-    let exports = tokio::task::spawn_blocking(move || check.exports(&bytes))
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("the component check failed: {e}")))?
-        .map_err(|message| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_component", message))?;
     let found = || if exports.is_empty() { "none".to_string() } else { exports.join(", ") };
     let refuse = |message: String| Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_component", message));
     if !spec.triggers.is_empty() && !exports.iter().any(|name| name == MESSAGE_HANDLER_EXPORT) {
@@ -71,4 +66,42 @@ pub(crate) async fn check_exports(plane: &ControlPlane, spec: &ServiceSpec) -> R
         ));
     }
     Ok(())
+}
+
+/// Exports already read, by component digest (an artifact never changes
+/// under its digest). Bounded: emptied when it holds this many.
+const EXPORTS_KEPT: usize = 4096;
+
+/// The exports of component `digest`, read from the artifact store once
+/// per digest: without this every write of a service (thousands in an
+/// `apply`) would fetch and parse its component again. Misses are read one
+/// at a time, so a burst of writes of one new component reads it once.
+async fn exports_of(plane: &ControlPlane, digest: &wharf_proto::Digest) -> Result<Option<std::sync::Arc<Vec<String>>>, ApiError> {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex, OnceLock};
+    static KNOWN: OnceLock<Mutex<HashMap<wharf_proto::Digest, Arc<Vec<String>>>>> = OnceLock::new();
+    static READING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let known = KNOWN.get_or_init(Mutex::default);
+    let cached = || known.lock().ok().and_then(|map| map.get(digest).cloned());
+    if let Some(exports) = cached() {
+        return Ok(Some(exports));
+    }
+    let _reading = READING.lock().await;
+    if let Some(exports) = cached() {
+        return Ok(Some(exports));
+    }
+    let Some(bytes) = plane.store.artifact(digest).await? else { return Ok(None) };
+    let check = plane.check.clone();
+    let exports = tokio::task::spawn_blocking(move || check.exports(&bytes))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("the component check failed: {e}")))?
+        .map_err(|message| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_component", message))?;
+    let exports = Arc::new(exports);
+    if let Ok(mut map) = known.lock() {
+        if map.len() >= EXPORTS_KEPT {
+            map.clear();
+        }
+        map.insert(digest.clone(), exports.clone());
+    }
+    Ok(Some(exports))
 }
