@@ -114,20 +114,28 @@ async fn measure(args: &ControlArgs, wharf: &Path, dir: &Path) -> anyhow::Result
         let settled = settling.elapsed().saturating_sub(Duration::from_secs(5));
         println!("{round}: statuses settled {settled:.2?} after the last placement");
         report.insert(format!("{round}_settled_after_placed_seconds"), settled.as_secs_f64().into());
-        let pid = if leads(&client, &first.api).await {
-            first.process.id()
+        let (pid, follower) = if leads(&client, &first.api).await {
+            (first.process.id(), second.process.id())
         } else if leads(&client, &second.api).await {
-            second.process.id()
+            (second.process.id(), first.process.id())
         } else {
             bail!("no scheduler leads")
         };
-        let (cpu0, a0, s0) = (cpu_seconds(pid)?, writes.load(), status_writes.load());
+        let (cpu0, follower0, a0, s0) = (cpu_seconds(pid)?, cpu_seconds(follower)?, writes.load(), status_writes.load());
         tokio::time::sleep(Duration::from_secs(args.idle_seconds)).await;
-        let (cpu1, a1, s1) = (cpu_seconds(pid)?, writes.load(), status_writes.load());
+        let (cpu1, follower1, a1, s1) = (cpu_seconds(pid)?, cpu_seconds(follower)?, writes.load(), status_writes.load());
         let cpu = (cpu1 - cpu0) / args.idle_seconds as f64;
+        // The follower takes in the same heartbeats and watches but runs no
+        // controller: the difference is what leading costs.
+        let follower_cpu = (follower1 - follower0) / args.idle_seconds as f64;
         let kv = (a1 - a0 + s1 - s0) as f64 / args.idle_seconds as f64;
-        println!("{round}: idle leader CPU {:.1}% of a core, {kv:.2} KV writes/s (assignments + statuses)", cpu * 100.0);
+        println!(
+            "{round}: idle leader CPU {:.1}% of a core (follower: {:.1}%), {kv:.2} KV writes/s (assignments + statuses)",
+            cpu * 100.0,
+            follower_cpu * 100.0
+        );
         report.insert(format!("{round}_idle_leader_cpu_fraction"), cpu.into());
+        report.insert(format!("{round}_idle_follower_cpu_fraction"), follower_cpu.into());
         report.insert(format!("{round}_idle_kv_writes_per_second"), kv.into());
     }
 

@@ -81,7 +81,7 @@ impl NatsObjects {
     async fn usage(&self) -> Result<(u64, Option<u64>), ObjectError> {
         let info = ride_over(&self.bucket, || async {
             let mut stream = self.jetstream.get_stream(format!("OBJ_{}", self.bucket)).await.map_err(|err| self.read_failed(err))?;
-            stream.info().await.map(|info| info.clone()).map_err(|err| self.read_failed(err))
+            stream.info().await.cloned().map_err(|err| self.read_failed(err))
         })
         .await?;
         let max_bytes = u64::try_from(info.config.max_bytes)
