@@ -14,7 +14,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
-use wharf_proto::{RolloutPhase, ServiceId, TrafficTarget};
+use wharf_proto::{RolloutPhase, ServiceId, ServiceSpec, TrafficTarget};
 
 type ApiResult<T = Response> = Result<T, ApiError>;
 
@@ -116,12 +116,7 @@ pub async fn undo(
     let Some(target) = plane.store.revision(&id, to).await? else { return Err(not_kept(&id, to)) };
     let change = change(principal, format!("undo to revision {to}"));
     let stored = edit_spec(&plane, &id, &change, |spec| {
-        let mut next = target.spec.clone();
-        next.replicas = spec.replicas;
-        next.autoscale = spec.autoscale.clone();
-        next.rollout = spec.rollout.clone();
-        next.traffic = Vec::new();
-        *spec = next;
+        take_template(spec, &target.spec);
         Ok(())
     })
     .await?;
@@ -215,14 +210,21 @@ pub async fn abort(
     let Some(target) = plane.store.revision(&id, stable).await? else { return Err(not_kept(&id, stable)) };
     let change = change(principal, format!("abort: back to revision {stable}"));
     edit_spec(&plane, &id, &change, |spec| {
-        let mut next = target.spec.clone();
-        next.replicas = spec.replicas;
-        next.autoscale = spec.autoscale.clone();
-        next.rollout = spec.rollout.clone();
-        next.traffic = Vec::new();
-        *spec = next;
+        take_template(spec, &target.spec);
         Ok(())
     })
     .await?;
     Ok(axum::Json(json!({"service": id.to_string(), "aborted": stored.revision, "revision": stable})).into_response())
+}
+
+/// Gives `spec` the template of `from` (a kept revision's spec), keeping
+/// its scale, autoscaling and rollout policy and clearing any traffic
+/// split: what undo and abort write.
+fn take_template(spec: &mut ServiceSpec, from: &ServiceSpec) {
+    let mut next = from.clone();
+    next.replicas = spec.replicas;
+    next.autoscale = spec.autoscale.clone();
+    next.rollout = spec.rollout.clone();
+    next.traffic = Vec::new();
+    *spec = next;
 }
