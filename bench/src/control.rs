@@ -16,7 +16,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use wharf_bus::{Bus, NatsOptions};
-use wharf_proto::names::{ASSIGNMENTS_BUCKET, STATUS_BUCKET, host_heartbeat_subject};
+use wharf_proto::beats::{Beat, Beats};
+use wharf_proto::names::{ASSIGNMENTS_BUCKET, STATUS_BUCKET, host_alive_subject, host_heartbeat_subject};
 use wharf_proto::{Assignment, ByteSize, Capacity, Heartbeat, HostId, ReplicaState, ReplicaStatus};
 use wharf_testkit::cluster::Scheduler;
 use wharf_testkit::nats::NatsServer;
@@ -258,10 +259,27 @@ async fn count_writes(bus: &Bus, bucket: &str) -> anyhow::Result<Counter> {
 }
 
 /// Every 500 ms, a heartbeat from each simulated host reporting each
-/// replica it is assigned as ready.
+/// replica it is assigned as ready: as a real host does, the full report
+/// when it changed or the control plane asked for it, else "alive, nothing
+/// changed" ([`wharf_proto::beats`]).
 fn heartbeat(bus: Bus, hosts: Vec<HostId>, assigned: Assigned) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let started_at_ms = 1;
+        let beats: Arc<Mutex<HashMap<HostId, Beats>>> = Arc::default();
+        match bus.subscribe("wharf.host.*.resend").await {
+            Ok(mut asked) => {
+                let beats = beats.clone();
+                tokio::spawn(async move {
+                    while let Some(message) = asked.next().await {
+                        let host = message.subject.split('.').nth(2).and_then(|h| HostId::new(h).ok());
+                        if let (Some(host), Ok(mut beats)) = (host, beats.lock()) {
+                            beats.entry(host).or_default().resend();
+                        }
+                    }
+                });
+            }
+            Err(e) => eprintln!("simulated hosts cannot hear requests for full heartbeats: {e}"),
+        }
         loop {
             let tick = Instant::now();
             let snapshot: HashMap<HostId, Vec<wharf_proto::AssignedReplica>> =
@@ -293,15 +311,21 @@ fn heartbeat(bus: Bus, hosts: Vec<HostId>, assigned: Assigned) -> tokio::task::J
                     capacity: Capacity { memory: ByteSize::gib(64), instances: 100_000 },
                     cached: Vec::new(),
                     replicas,
-                    sent_at_ms: 0,
+                    sent_at_ms: now_ms(),
                     started_at_ms,
                     draining: false,
                     demand: Vec::new(),
                     memory_reserved: ByteSize::default(),
                     memory_in_use: ByteSize::default(),
+                    version: 0,
                 };
-                if let Ok(payload) = serde_json::to_vec(&heartbeat) {
-                    let _ = bus.publish(&host_heartbeat_subject(host), Bytes::from(payload)).await;
+                let Ok(beat) = beats.lock().map(|mut b| b.entry(host.clone()).or_default().next(heartbeat)) else { return };
+                let (subject, payload) = match &beat {
+                    Beat::Full(full) => (host_heartbeat_subject(host), serde_json::to_vec(full)),
+                    Beat::Alive(alive) => (host_alive_subject(host), serde_json::to_vec(alive)),
+                };
+                if let Ok(payload) = payload {
+                    let _ = bus.publish(&subject, Bytes::from(payload)).await;
                 }
             }
             tokio::time::sleep(Duration::from_millis(500).saturating_sub(tick.elapsed())).await;
@@ -319,4 +343,9 @@ fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     let stime: f64 = fields.get(12).context("stime")?.parse()?;
     // /proc counts in USER_HZ, which Linux fixes at 100 in its ABI.
     Ok((utime + stime) / 100.0)
+}
+
+/// Milliseconds since the Unix epoch.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }

@@ -204,6 +204,37 @@ async fn three_zones_spread_route_fail_over_and_survive_restarts() {
     drop(sched);
 }
 
+/// Idle hosts send only "alive, nothing changed" between full reports; a
+/// scheduler started after them asks each for its full report, and places
+/// on them at once rather than after the periodic full one (30 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduler_started_after_the_hosts_asks_them_for_full_reports() {
+    let nats = NatsServer::start();
+    let url = nats.url();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hosts: Vec<Host> = [("host-a", "a"), ("host-b", "b")].iter().map(|(n, z)| host(&url, n, z, dir.path())).collect();
+    // Long enough for several heartbeats with nothing new in them.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let started = Instant::now();
+    let (_sched, api) = scheduler(&url, &dir.path().join("scheduler"));
+    let listed: Value = serde_json::from_str(&wharf(&api, &["get", "hosts", "-o", "json"])).expect("json");
+    let ready = |listed: &Value| listed["hosts"].as_array().into_iter().flatten().filter(|h| h["ready"] == true).count();
+    let mut listed = listed;
+    while ready(&listed) < 2 {
+        assert!(started.elapsed() < Duration::from_secs(15), "the new scheduler never learned both hosts: {listed}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        listed = serde_json::from_str(&wharf(&api, &["get", "hosts", "-o", "json"])).expect("json");
+    }
+    wharf(&api, &["deploy", &sample("hello"), "--name", "web", "--route", "/web", "--replicas", "2", "--spread", "zone"]);
+    let mut placed = hosts_of(&api, "web");
+    placed.sort();
+    assert_eq!(placed, vec!["host-a", "host-b"]);
+    for h in &hosts {
+        until_ok(&format!("{}/web", h.ingress), "Hello from Wharf!", Duration::from_secs(10)).await;
+    }
+    println!("hosts learned and placed on {:.2?} after the scheduler started", started.elapsed());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scale_from_zero_and_back_across_hosts() {
     let nats = NatsServer::start();

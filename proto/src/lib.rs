@@ -1,6 +1,7 @@
 //! Wharf's wire contract: ids, units, service specs, wire messages, and the
 //! names of every subject and bucket. Pure data and validation; no I/O.
 
+pub mod beats;
 pub mod digest;
 pub mod latency;
 pub mod egress;
@@ -32,6 +33,6 @@ pub use status::{
     UnplaceableReplica,
 };
 pub use wire::{
-    Activation, AssignedReplica, Assignment, Capacity, Demand, Heartbeat, Lease, Namespace, Quota, ReplicaKey, ReplicaState,
+    Activation, AssignedReplica, Assignment, Capacity, Demand, Heartbeat, HeartbeatAlive, Lease, Namespace, Quota, ReplicaKey, ReplicaState,
     ReplicaStatus, Revision, StoredService,
 };

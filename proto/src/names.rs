@@ -27,6 +27,20 @@ pub fn host_of_connection(name: &str) -> Option<HostId> {
 /// Matches the heartbeat subject of every host.
 pub const HEARTBEAT_WILDCARD: &str = "wharf.host.*.heartbeat";
 
+/// Where a host says "alive, nothing changed" ([`crate::HeartbeatAlive`]).
+pub fn host_alive_subject(host: &HostId) -> String {
+    format!("wharf.host.{host}.alive")
+}
+
+/// Matches the alive subject of every host.
+pub const ALIVE_WILDCARD: &str = "wharf.host.*.alive";
+
+/// A message here asks the host for a full heartbeat at once (a control
+/// plane that missed one, or just started, heard only "nothing changed").
+pub fn host_resend_subject(host: &HostId) -> String {
+    format!("wharf.host.{host}.resend")
+}
+
 /// Requests for a service with no ready replica go here; the activator answers.
 pub const ACTIVATE_SUBJECT: &str = "wharf.ctl.activate";
 

@@ -214,6 +214,23 @@ pub struct Heartbeat {
     /// Memory the host process holds (resident set), when known.
     #[serde(default)]
     pub memory_in_use: ByteSize,
+    /// Numbers this report's content (everything but the send time): a
+    /// [`HeartbeatAlive`] naming the same version says nothing changed.
+    #[serde(default)]
+    pub version: u64,
+}
+
+/// A heartbeat that says only "alive, and nothing changed since the full
+/// heartbeat of `version`": what an idle host sends, so the control plane's
+/// cost at idle does not grow with the replicas hosts run. A receiver
+/// that does not hold that version asks the host for a full one
+/// ([`crate::names::host_resend_subject`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatAlive {
+    pub host: HostId,
+    pub started_at_ms: u64,
+    pub version: u64,
+    pub sent_at_ms: u64,
 }
 
 /// Requests waiting for (or served by an activation replica of) one service.
@@ -406,6 +423,7 @@ mod tests {
             demand: Vec::new(),
             memory_reserved: ByteSize::mib(64),
             memory_in_use: ByteSize::mib(20),
+            version: 0,
         };
         let mut json = round_trip(&heartbeat);
         assert_eq!(json["capacity"]["memory"], "16GiB");

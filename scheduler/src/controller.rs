@@ -598,11 +598,11 @@ impl Controller {
     /// those it avoids, so the next pass moves it. Returns whether it ejected any.
     fn check_outliers(&mut self) -> bool {
         let now = crate::store::now_ms();
-        let hosts = self.context.hosts.hosts();
+        let hosts = self.context.hosts.serving_hosts();
         let mut per_service: BTreeMap<ServiceId, Vec<(ReplicaKey, HostId, u64, u64)>> = BTreeMap::new();
         let mut live = HashSet::new();
-        // Only hosts that reported requests: at idle this costs nothing per service.
-        for host in hosts.iter().filter(|h| h.ready && !h.rps.is_empty()) {
+        // Only hosts that served requests: at idle this costs nothing per service.
+        for host in &hosts {
             for report in host.heartbeat.replicas.iter().filter(|r| r.state == ReplicaState::Ready) {
                 let key = report.key();
                 let Some(window) = self

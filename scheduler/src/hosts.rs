@@ -8,8 +8,11 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use wharf_bus::Bus;
-use wharf_proto::names::HEARTBEAT_WILDCARD;
-use wharf_proto::{Heartbeat, HostId, ServiceId};
+use wharf_proto::names::{ALIVE_WILDCARD, HEARTBEAT_WILDCARD, host_resend_subject};
+use wharf_proto::{Heartbeat, HeartbeatAlive, HostId, ServiceId};
+
+/// The least time between two requests to one host for a full heartbeat.
+const RESEND_PAUSE: Duration = Duration::from_secs(1);
 
 /// How long after a disconnect advisory a heartbeat still counts as one
 /// sent before it (in flight on another connection).
@@ -47,24 +50,53 @@ struct Inner {
     started: Instant,
     /// Bumped when a host appears, goes silent, comes back or its replicas' states change.
     changes: watch::Sender<u64>,
+    /// When each host was last asked for a full heartbeat.
+    asked: RwLock<BTreeMap<HostId, Instant>>,
 }
 
 impl HostTable {
     /// Starts following heartbeats on `bus`. A host is ready while its last
     /// heartbeat is younger than `timeout`.
     pub async fn follow(bus: &Bus, timeout: Duration) -> Result<HostTable, wharf_bus::SubscribeError> {
-        let mut heartbeats = bus.subscribe(HEARTBEAT_WILDCARD).await?;
+        let heartbeats = bus.subscribe(HEARTBEAT_WILDCARD).await?;
+        let alive = bus.subscribe(ALIVE_WILDCARD).await?;
         let (changes, _) = watch::channel(0);
         let table = HostTable {
-            inner: Arc::new(Inner { hosts: RwLock::new(BTreeMap::new()), gone: RwLock::default(), timeout, started: Instant::now(), changes }),
+            inner: Arc::new(Inner {
+                hosts: RwLock::new(BTreeMap::new()),
+                gone: RwLock::default(),
+                timeout,
+                started: Instant::now(),
+                changes,
+                asked: RwLock::default(),
+            }),
         };
         table.follow_disconnects(bus).await;
         let weak = Arc::downgrade(&table.inner);
+        let asker = bus.clone();
         tokio::spawn(async move {
-            while let Some(message) = heartbeats.next().await {
+            // Full reports and "nothing changed" ones, in one task so each
+            // host's are taken in the order they came.
+            let mut beats = futures::stream::select(heartbeats.map(|m| (true, m)), alive.map(|m| (false, m)));
+            while let Some((full, message)) = beats.next().await {
                 let Some(inner) = weak.upgrade() else { break };
-                match serde_json::from_slice::<Heartbeat>(&message.payload) {
-                    Ok(heartbeat) => HostTable { inner }.record(heartbeat),
+                let table = HostTable { inner };
+                if full {
+                    match serde_json::from_slice::<Heartbeat>(&message.payload) {
+                        Ok(heartbeat) => table.record(heartbeat),
+                        Err(e) => tracing::warn!(subject = %message.subject, "ignoring an unreadable heartbeat: {e}"),
+                    }
+                    continue;
+                }
+                match serde_json::from_slice::<HeartbeatAlive>(&message.payload) {
+                    Ok(alive) => {
+                        if !table.record_alive(&alive) && table.may_ask(&alive.host) {
+                            tracing::debug!(host = %alive.host, version = alive.version, "asking for a full heartbeat");
+                            if let Err(e) = asker.publish(&host_resend_subject(&alive.host), bytes::Bytes::new()).await {
+                                tracing::debug!(host = %alive.host, "cannot ask for a full heartbeat: {e}");
+                            }
+                        }
+                    }
                     Err(e) => tracing::warn!(subject = %message.subject, "ignoring an unreadable heartbeat: {e}"),
                 }
             }
@@ -77,7 +109,7 @@ impl HostTable {
                 tokio::time::sleep((timeout / 8).min(std::time::Duration::from_millis(100))).await;
                 let Some(inner) = weak.upgrade() else { break };
                 let table = HostTable { inner };
-                let ready: Vec<HostId> = table.hosts().into_iter().filter(|h| h.ready).map(|h| h.heartbeat.host).collect();
+                let ready = table.ready_hosts();
                 if ready != ready_before {
                     for gone in ready_before.iter().filter(|h| !ready.contains(h)) {
                         tracing::warn!(host = %gone, "host stopped sending heartbeats; it is down");
@@ -124,14 +156,18 @@ impl HostTable {
         });
     }
 
-    fn record(&self, heartbeat: Heartbeat) {
-        // A heartbeat that comes well after a disconnect means the host is
-        // back (it reconnected); one right after it was in flight before.
+    /// A heartbeat that comes well after a disconnect means the host is
+    /// back (it reconnected); one right after it was in flight before.
+    fn settle_gone(&self, host: &HostId) {
         if let Ok(mut gone) = self.inner.gone.write()
-            && gone.get(&heartbeat.host).is_some_and(|at| at.elapsed() > DISCONNECT_SETTLE)
+            && gone.get(host).is_some_and(|at| at.elapsed() > DISCONNECT_SETTLE)
         {
-            gone.remove(&heartbeat.host);
+            gone.remove(host);
         }
+    }
+
+    fn record(&self, heartbeat: Heartbeat) {
+        self.settle_gone(&heartbeat.host);
         let changed = {
             let Ok(mut hosts) = self.inner.hosts.write() else { return };
             let previous = hosts.get(&heartbeat.host);
@@ -157,6 +193,79 @@ impl HostTable {
         if changed {
             self.inner.changes.send_modify(|n| *n += 1);
         }
+    }
+
+    /// A heartbeat that says only "nothing changed since version N": the
+    /// host is alive and its last full report still holds. Returns false
+    /// when this table does not hold that report (it missed it, or started
+    /// after it), so the host must be asked for a full one; meanwhile a
+    /// host it knows stays ready on its older report, unless the process
+    /// restarted (its replicas are gone, and only a full report says so).
+    fn record_alive(&self, alive: &HeartbeatAlive) -> bool {
+        self.settle_gone(&alive.host);
+        let (known, back) = {
+            let Ok(mut hosts) = self.inner.hosts.write() else { return true };
+            match hosts.get_mut(&alive.host) {
+                // The same process: alive, whether or not this table holds its newest report.
+                Some((heartbeat, seen, rates)) if heartbeat.started_at_ms == alive.started_at_ms => {
+                    let back = seen.elapsed() > self.inner.timeout;
+                    *seen = Instant::now();
+                    let known = alive.version != 0 && heartbeat.version == alive.version;
+                    if known {
+                        heartbeat.sent_at_ms = alive.sent_at_ms;
+                        // Counters that did not move: no requests since.
+                        *rates = Rates::default();
+                    }
+                    (known, back && known)
+                }
+                _ => (false, false),
+            }
+        };
+        if back {
+            self.inner.changes.send_modify(|n| *n += 1);
+        }
+        known
+    }
+
+    /// Whether `host` may be asked for a full heartbeat now (at most once per [`RESEND_PAUSE`]).
+    fn may_ask(&self, host: &HostId) -> bool {
+        let Ok(mut asked) = self.inner.asked.write() else { return false };
+        if asked.get(host).is_some_and(|at| at.elapsed() < RESEND_PAUSE) {
+            return false;
+        }
+        asked.insert(host.clone(), Instant::now());
+        true
+    }
+
+    /// The ids of the ready hosts, without copying their reports.
+    fn ready_hosts(&self) -> Vec<HostId> {
+        let Ok(hosts) = self.inner.hosts.read() else { return Vec::new() };
+        let gone = self.inner.gone.read().map(|g| g.keys().cloned().collect::<Vec<_>>()).unwrap_or_default();
+        hosts
+            .values()
+            .filter(|(heartbeat, seen, _)| seen.elapsed() <= self.inner.timeout && !heartbeat.draining && !gone.contains(&heartbeat.host))
+            .map(|(heartbeat, _, _)| heartbeat.host.clone())
+            .collect()
+    }
+
+    /// The ready hosts that served requests since their previous report
+    /// (the only ones an outlier can be on): at idle, none is copied.
+    pub fn serving_hosts(&self) -> Vec<HostEntry> {
+        let Ok(hosts) = self.inner.hosts.read() else { return Vec::new() };
+        let gone = self.inner.gone.read().map(|g| g.clone()).unwrap_or_default();
+        hosts
+            .values()
+            .filter(|(heartbeat, seen, rates)| {
+                !rates.rps.is_empty() && seen.elapsed() <= self.inner.timeout && !heartbeat.draining && !gone.contains_key(&heartbeat.host)
+            })
+            .map(|(heartbeat, seen, rates)| HostEntry {
+                heartbeat: heartbeat.clone(),
+                seen: *seen,
+                ready: true,
+                rps: rates.rps.clone(),
+                latency_ms: rates.latency_ms.clone(),
+            })
+            .collect()
     }
 
     /// Every known host, ready or not, by id.
@@ -218,11 +327,102 @@ fn request_rates(before: &Heartbeat, now: &Heartbeat) -> Rates {
         total.0 += requests;
         total.1 += micros;
     }
-    for (service, (requests, micros)) in totals {
+    // Only services that served requests: an idle host's rates are empty,
+    // and what reads them costs nothing per idle replica.
+    for (service, (requests, micros)) in totals.into_iter().filter(|(_, (requests, _))| *requests > 0) {
         rates.rps.insert(service.clone(), requests as f64 / seconds);
-        if requests > 0 {
-            rates.latency_ms.insert(service, micros as f64 / requests as f64 / 1000.0);
-        }
+        rates.latency_ms.insert(service, micros as f64 / requests as f64 / 1000.0);
     }
     rates
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wharf_bus::LocalStore;
+    use wharf_proto::beats::{Beat, Beats};
+    use wharf_proto::names::{host_alive_subject, host_heartbeat_subject};
+    use wharf_proto::{ByteSize, Capacity};
+
+    fn report(host: &HostId, started_at_ms: u64) -> Heartbeat {
+        Heartbeat {
+            host: host.clone(),
+            addr: None,
+            labels: BTreeMap::new(),
+            capacity: Capacity { memory: ByteSize::gib(1), instances: 10 },
+            cached: Vec::new(),
+            replicas: Vec::new(),
+            sent_at_ms: crate::store::now_ms(),
+            started_at_ms,
+            draining: false,
+            demand: Vec::new(),
+            memory_reserved: ByteSize::default(),
+            memory_in_use: ByteSize::default(),
+            version: 0,
+        }
+    }
+
+    async fn send(bus: &Bus, beat: Beat) {
+        let (subject, payload) = match &beat {
+            Beat::Full(h) => (host_heartbeat_subject(&h.host), serde_json::to_vec(h).unwrap()),
+            Beat::Alive(a) => (host_alive_subject(&a.host), serde_json::to_vec(a).unwrap()),
+        };
+        bus.publish(&subject, payload.into()).await.unwrap();
+    }
+
+    async fn ready(table: &HostTable, host: &HostId) -> bool {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        table.hosts().iter().any(|h| &h.heartbeat.host == host && h.ready)
+    }
+
+    #[tokio::test]
+    async fn alive_beats_keep_a_host_ready_past_the_timeout_and_change_nothing() {
+        let bus = Bus::local(LocalStore::in_memory().unwrap());
+        let table = HostTable::follow(&bus, Duration::from_millis(400)).await.unwrap();
+        let host = HostId::new("h1").unwrap();
+        let mut beats = Beats::new();
+        send(&bus, beats.next(report(&host, 7))).await;
+        assert!(ready(&table, &host).await);
+        // The sweep for silent hosts notices the join too; let it.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let changes = table.changes();
+        let before = *changes.borrow();
+        for _ in 0..8 {
+            let beat = beats.next(report(&host, 7));
+            assert!(matches!(beat, Beat::Alive(_)), "nothing changed: {beat:?}");
+            send(&bus, beat).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(ready(&table, &host).await, "1.2 s of alive beats with a 400 ms timeout");
+        assert_eq!(*changes.borrow(), before, "alive beats are not changes");
+        // And silence still takes it down.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert!(!ready(&table, &host).await);
+    }
+
+    #[tokio::test]
+    async fn a_table_that_missed_the_full_report_asks_for_it_and_a_restart_is_never_taken_as_alive() {
+        let bus = Bus::local(LocalStore::in_memory().unwrap());
+        let host = HostId::new("h2").unwrap();
+        let mut asked = bus.subscribe(&host_resend_subject(&host)).await.unwrap();
+        let mut beats = Beats::new();
+        // The full report goes out before this table listens.
+        beats.next(report(&host, 7));
+        let table = HostTable::follow(&bus, Duration::from_millis(400)).await.unwrap();
+        send(&bus, beats.next(report(&host, 7))).await;
+        assert!(!ready(&table, &host).await, "an alive beat about a report never heard says nothing of replicas");
+        tokio::time::timeout(Duration::from_secs(2), asked.next()).await.expect("the table asks for a full report").unwrap();
+        // Asked again only after a pause.
+        send(&bus, beats.next(report(&host, 7))).await;
+        assert!(tokio::time::timeout(Duration::from_millis(300), asked.next()).await.is_err(), "asked twice within a second");
+        beats.resend();
+        send(&bus, beats.next(report(&host, 7))).await;
+        assert!(ready(&table, &host).await);
+        // The host restarts: its replicas are gone, which only a full report says.
+        let mut restarted = Beats::new();
+        restarted.next(report(&host, 8));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        send(&bus, restarted.next(report(&host, 8))).await;
+        assert!(!ready(&table, &host).await, "an alive beat from a new process does not keep the old report");
+    }
 }

@@ -150,6 +150,7 @@ fn heartbeats_reporting(
                     demand: Vec::new(),
                     memory_reserved: ByteSize::default(),
                     memory_in_use: ByteSize::default(),
+                    version: 0,
                 };
                 let payload = Bytes::from(serde_json::to_vec(&heartbeat).expect("json"));
                 let _ = bus.publish(&host_heartbeat_subject(host), payload).await;

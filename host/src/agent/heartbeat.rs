@@ -9,8 +9,11 @@ use super::HostAgent;
 use bytes::Bytes;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
+use futures::StreamExt;
+use std::sync::Arc;
 use wharf_proto::Heartbeat;
-use wharf_proto::names::host_heartbeat_subject;
+use wharf_proto::beats::Beat;
+use wharf_proto::names::{host_alive_subject, host_heartbeat_subject, host_resend_subject};
 
 /// How long a replica no longer assigned keeps answering what reached it
 /// (requests NATS handed this host just before it stopped listening).
@@ -70,17 +73,54 @@ impl HostAgent {
             demand: self.inner.activations.demand(),
             memory_reserved: wharf_proto::ByteSize(self.inner.replicas.memory_reserved()),
             memory_in_use: resident_memory(),
+            version: 0,
         };
-        let payload = match serde_json::to_vec(&heartbeat) {
+        // Full when something changed; else only "alive, nothing changed".
+        let beat = match self.inner.beats.lock() {
+            Ok(mut beats) => beats.next(heartbeat),
+            Err(_) => Beat::Full(heartbeat),
+        };
+        let (subject, payload) = match &beat {
+            Beat::Full(heartbeat) => (host_heartbeat_subject(&config.host), serde_json::to_vec(heartbeat)),
+            Beat::Alive(alive) => (host_alive_subject(&config.host), serde_json::to_vec(alive)),
+        };
+        let payload = match payload {
             Ok(payload) => Bytes::from(payload),
             Err(e) => {
                 tracing::error!("cannot encode a heartbeat (a bug): {e}");
                 return;
             }
         };
-        if let Err(e) = self.inner.bus.publish(&host_heartbeat_subject(&config.host), payload).await {
+        if let Err(e) = self.inner.bus.publish(&subject, payload).await {
             tracing::debug!("heartbeat not sent: {e}");
+            // The control plane may have missed what changed: say it all next time.
+            if let (Beat::Full(_), Ok(mut beats)) = (&beat, self.inner.beats.lock()) {
+                beats.resend();
+            }
         }
+    }
+
+    /// Sends a full heartbeat whenever the control plane asks for one (it
+    /// heard "nothing changed" about a report it does not hold).
+    pub(super) async fn answer_resend_requests(&self) -> Result<(), wharf_bus::SubscribeError> {
+        let mut requests = self.inner.bus.subscribe(&host_resend_subject(&self.inner.config.host)).await?;
+        let weak = Arc::downgrade(&self.inner);
+        let mut stop = self.inner.stop.subscribe();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.changed() => return,
+                    message = requests.next() => if message.is_none() { return },
+                }
+                let Some(inner) = weak.upgrade() else { return };
+                let agent = HostAgent { inner };
+                if let Ok(mut beats) = agent.inner.beats.lock() {
+                    beats.resend();
+                }
+                agent.send_heartbeat().await;
+            }
+        });
+        Ok(())
     }
 }
 

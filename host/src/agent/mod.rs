@@ -108,6 +108,8 @@ struct Inner {
     triggers: triggers::Triggers,
     /// Namespaces' rate quotas (its own lock).
     rates: rates::Rates,
+    /// Which heartbeat goes next: full, or "nothing changed" (its own lock).
+    beats: Mutex<wharf_proto::beats::Beats>,
     /// Set when the host is draining: it takes no new work.
     draining: AtomicBool,
     /// The newest leader epoch seen on an assignment (fencing).
@@ -162,6 +164,7 @@ impl HostAgent {
                 activations: activation::Activations::default(),
                 triggers: triggers::Triggers::default(),
                 rates: rates::Rates::default(),
+                beats: Mutex::new(wharf_proto::beats::Beats::new()),
                 draining: AtomicBool::new(false),
                 epoch: AtomicU64::new(0),
                 precompiling: tokio::sync::Mutex::new(()),
@@ -180,6 +183,7 @@ impl HostAgent {
         agent.follow(status_watch, |agent, event| agent.inner.directory.status_changed(event.value.as_deref()));
         agent.follow(namespace_watch, |agent, event| agent.inner.rates.set(&event.key, event.value.as_deref()));
         agent.answer_log_queries().await.map_err(|e| AgentError::Bus { what: "the subscription for log queries", source: Box::new(e) })?;
+        agent.answer_resend_requests().await.map_err(|e| AgentError::Bus { what: "the subscription for heartbeat requests", source: Box::new(e) })?;
         let weak = Arc::downgrade(&agent.inner);
         let mut stop = agent.inner.stop.subscribe();
         let interval = agent.inner.config.heartbeat_interval;
