@@ -204,6 +204,59 @@ async fn three_zones_spread_route_fail_over_and_survive_restarts() {
     drop(sched);
 }
 
+/// A GET in flight to a host that is killed is sent again to another
+/// replica as soon as the control plane says the host is lost, instead of
+/// waiting out its 30 s deadline (only safe methods are: `remote::is_safe`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_get_in_flight_on_a_killed_host_is_answered_by_another_replica() {
+    let nats = NatsServer::start();
+    let url = nats.url();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_sched, api) = scheduler(&url, &dir.path().join("scheduler"));
+    let mut hosts: Vec<Host> = [("host-a", "a"), ("host-b", "b"), ("host-c", "c")].iter().map(|(n, z)| host(&url, n, z, dir.path())).collect();
+    wharf(&api, &["deploy", &sample("sleep"), "--name", "slow", "--route", "/slow", "--replicas", "2", "--spread", "zone", "--timeout", "30s"]);
+    let started = Instant::now();
+    let placed = loop {
+        let placed = hosts_of(&api, "slow");
+        if placed.len() == 2 {
+            break placed;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "slow never had two ready replicas: {placed:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let bystander = hosts.iter().find(|h| !placed.contains(&h.name)).expect("a host running no replica").ingress.clone();
+    until_ok(&format!("{bystander}/slow?ms=1"), "slept 1 ms", Duration::from_secs(10)).await;
+
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().expect("client");
+    let get = tokio::spawn({
+        let (client, url) = (client.clone(), format!("{bystander}/slow?ms=4000"));
+        async move {
+            let response = client.get(url).send().await.map_err(|e| e.to_string())?;
+            Ok::<_, String>((response.status().as_u16(), response.text().await.map_err(|e| e.to_string())?))
+        }
+    });
+    // The host serving it reports it in flight.
+    let victim = loop {
+        let listed: Value = serde_json::from_str(&wharf(&api, &["get", "hosts", "-o", "json"])).expect("json");
+        let busy = listed["hosts"].as_array().into_iter().flatten().find(|h| {
+            h["replicas"].as_array().into_iter().flatten().any(|r| r["service"] == "default/slow" && r["in_flight"].as_u64() > Some(0))
+        });
+        if let Some(busy) = busy {
+            break busy["id"].as_str().expect("id").to_string();
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "no host reported the request in flight: {listed}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let index = hosts.iter().position(|h| h.name == victim).expect("victim is ours");
+    let killed = Instant::now();
+    hosts[index].process.kill();
+    let (status, body) = get.await.expect("joined").expect("answered");
+    let took = killed.elapsed();
+    println!("GET in flight on killed {victim}: answered {status} after {took:.2?}");
+    assert_eq!((status, body.as_str()), (200, "slept 4000 ms\n"));
+    assert!(took < Duration::from_secs(15), "the GET waited {took:?}: it was not sent again when {victim} was lost (deadline 30 s)");
+}
+
 /// Idle hosts send only "alive, nothing changed" between full reports; a
 /// scheduler started after them asks each for its full report, and places
 /// on them at once rather than after the periodic full one (30 s).

@@ -87,6 +87,13 @@ pub async fn send(bus: &Bus, service: &ServiceId, subject: &str, payload: Bytes,
     }
 }
 
+/// Whether an encoded request may be sent twice: the safe methods (RFC
+/// 9110), which a lost host's requests are sent again for, as Envoy's
+/// retry on reset does.
+pub fn is_safe(payload: &[u8]) -> bool {
+    [&b"GET "[..], b"HEAD ", b"OPTIONS "].iter().any(|method| payload.starts_with(method))
+}
+
 /// The answer when a service has no ready replica anywhere.
 pub fn not_ready(service: &ServiceId, why: &str) -> Response<ResponseBody> {
     // A 503: error_response adds the Retry-After.
@@ -206,6 +213,20 @@ fn full_request_body(bytes: Bytes) -> RequestBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_safe_methods_are_sent_twice() {
+        let encoded = |method: Method| {
+            let (parts, ()) = Request::builder().method(method).uri("http://web.shop/a").body(()).expect("request").into_parts();
+            encode_request(&parts, b"")
+        };
+        for method in [Method::GET, Method::HEAD, Method::OPTIONS] {
+            assert!(is_safe(&encoded(method.clone())), "{method}");
+        }
+        for method in [Method::POST, Method::PUT, Method::DELETE, Method::PATCH] {
+            assert!(!is_safe(&encoded(method.clone())), "{method}");
+        }
+    }
 
     #[test]
     fn requests_and_responses_survive_the_trip() {

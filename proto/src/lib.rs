@@ -33,6 +33,6 @@ pub use status::{
     UnplaceableReplica,
 };
 pub use wire::{
-    Activation, AssignedReplica, Assignment, Capacity, Demand, Heartbeat, HeartbeatAlive, Lease, Namespace, Quota, ReplicaKey, ReplicaState,
+    Activation, AssignedReplica, Assignment, Capacity, Demand, Heartbeat, HeartbeatAlive, HostDown, Lease, Namespace, Quota, ReplicaKey, ReplicaState,
     ReplicaStatus, Revision, StoredService,
 };

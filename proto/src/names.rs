@@ -44,6 +44,9 @@ pub fn host_resend_subject(host: &HostId) -> String {
 /// Requests for a service with no ready replica go here; the activator answers.
 pub const ACTIVATE_SUBJECT: &str = "wharf.ctl.activate";
 
+/// The control plane announces lost hosts here ([`crate::HostDown`]).
+pub const HOST_DOWN_SUBJECT: &str = "wharf.ctl.host-down";
+
 /// Requests to a service; every host running a replica joins the service's queue group on it.
 pub fn service_subject(namespace: &str, name: &str) -> String {
     format!("wharf.svc.{namespace}.{name}")

@@ -166,6 +166,25 @@ pub struct Activation {
     pub host: HostId,
 }
 
+/// The control plane saying a host is lost (its connection closed, or its
+/// heartbeats stopped), on [`crate::names::HOST_DOWN_SUBJECT`]: requests
+/// other hosts sent there may never be answered, and safe ones are sent
+/// again at once rather than left to their deadline.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostDown {
+    pub host: HostId,
+    /// The services it ran replicas of; `None` when too many to list (any).
+    #[serde(default)]
+    pub services: Option<Vec<ServiceId>>,
+}
+
+impl HostDown {
+    /// Whether requests for `service` may have gone to the lost host.
+    pub fn affects(&self, service: &ServiceId) -> bool {
+        self.services.as_ref().is_none_or(|services| services.contains(service))
+    }
+}
+
 /// What a host can hold, in the units replicas reserve.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Capacity {

@@ -3,13 +3,25 @@
 //! controller places its replicas elsewhere.
 
 use futures::StreamExt;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use wharf_bus::Bus;
-use wharf_proto::names::{ALIVE_WILDCARD, HEARTBEAT_WILDCARD, host_resend_subject};
-use wharf_proto::{Heartbeat, HeartbeatAlive, HostId, ServiceId};
+use wharf_proto::names::{ALIVE_WILDCARD, HEARTBEAT_WILDCARD, HOST_DOWN_SUBJECT, host_resend_subject};
+use wharf_proto::{Heartbeat, HeartbeatAlive, HostDown, HostId, ServiceId};
+
+/// A lost host's services are listed in its announcement up to this many
+/// (past it, the announcement concerns every service).
+const MAX_DOWN_SERVICES: usize = 4096;
+
+/// Tells every host that `down` is lost, so requests they sent it are sent again.
+async fn announce_down(bus: &Bus, down: &HostDown) {
+    let Ok(payload) = serde_json::to_vec(down) else { return };
+    if let Err(e) = bus.publish(HOST_DOWN_SUBJECT, bytes::Bytes::from(payload)).await {
+        tracing::warn!(host = %down.host, "cannot announce a lost host: {e}");
+    }
+}
 
 /// The least time between two requests to one host for a full heartbeat.
 const RESEND_PAUSE: Duration = Duration::from_secs(1);
@@ -103,6 +115,7 @@ impl HostTable {
         });
         // Notice hosts going silent, which no message announces.
         let weak = Arc::downgrade(&table.inner);
+        let announcer = bus.clone();
         tokio::spawn(async move {
             let mut ready_before: Vec<HostId> = Vec::new();
             loop {
@@ -112,7 +125,12 @@ impl HostTable {
                 let ready = table.ready_hosts();
                 if ready != ready_before {
                     for gone in ready_before.iter().filter(|h| !ready.contains(h)) {
-                        tracing::warn!(host = %gone, "host stopped sending heartbeats; it is down");
+                        // Draining hosts finish what they took; hosts whose
+                        // connection closed were announced when it did.
+                        if let Some(down) = table.lost(gone) {
+                            tracing::warn!(host = %gone, "host stopped sending heartbeats; it is down");
+                            announce_down(&announcer, &down).await;
+                        }
                     }
                     ready_before = ready;
                     table.inner.changes.send_modify(|n| *n += 1);
@@ -135,6 +153,7 @@ impl HostTable {
             }
         };
         let weak = Arc::downgrade(&self.inner);
+        let announcer = bus.clone();
         tokio::spawn(async move {
             while let Some(client) = gone.next().await {
                 // A server shutting down hands its clients to another.
@@ -148,10 +167,14 @@ impl HostTable {
                     continue;
                 }
                 tracing::warn!(%host, reason = ?client.reason, "host's connection to NATS closed; it is down");
+                let down = table.lost(&host);
                 if let Ok(mut gone) = table.inner.gone.write() {
                     gone.insert(host, Instant::now());
                 }
                 table.inner.changes.send_modify(|n| *n += 1);
+                if let Some(down) = down {
+                    announce_down(&announcer, &down).await;
+                }
             }
         });
     }
@@ -225,6 +248,22 @@ impl HostTable {
             self.inner.changes.send_modify(|n| *n += 1);
         }
         known
+    }
+
+    /// What to announce about `host`, lost just now: `None` when it was
+    /// draining (it finishes what it took) or already known gone.
+    fn lost(&self, host: &HostId) -> Option<HostDown> {
+        if self.inner.gone.read().is_ok_and(|gone| gone.contains_key(host)) {
+            return None;
+        }
+        let hosts = self.inner.hosts.read().ok()?;
+        let (heartbeat, _, _) = hosts.get(host)?;
+        if heartbeat.draining {
+            return None;
+        }
+        let services: BTreeSet<&ServiceId> = heartbeat.replicas.iter().map(|r| &r.service).collect();
+        let services = (services.len() <= MAX_DOWN_SERVICES).then(|| services.into_iter().cloned().collect());
+        Some(HostDown { host: host.clone(), services })
     }
 
     /// Whether `host` may be asked for a full heartbeat now (at most once per [`RESEND_PAUSE`]).

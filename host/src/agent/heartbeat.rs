@@ -100,6 +100,30 @@ impl HostAgent {
         }
     }
 
+    /// Hands the control plane's announcements of lost hosts to the
+    /// requests in flight ([`HostAgent::send_once`](super::HostAgent)).
+    pub(super) async fn follow_lost_hosts(&self) -> Result<(), wharf_bus::SubscribeError> {
+        let mut announcements = self.inner.bus.subscribe(wharf_proto::names::HOST_DOWN_SUBJECT).await?;
+        let weak = Arc::downgrade(&self.inner);
+        let mut stop = self.inner.stop.subscribe();
+        tokio::spawn(async move {
+            loop {
+                let message = tokio::select! {
+                    _ = stop.changed() => return,
+                    message = announcements.next() => message,
+                };
+                let Some(message) = message else { return };
+                let Some(inner) = weak.upgrade() else { return };
+                match serde_json::from_slice::<wharf_proto::HostDown>(&message.payload) {
+                    // Nobody waiting is fine.
+                    Ok(down) => drop(inner.hosts_down.send(Arc::new(down))),
+                    Err(e) => tracing::debug!("ignoring an unreadable lost-host announcement: {e}"),
+                }
+            }
+        });
+        Ok(())
+    }
+
     /// Sends a full heartbeat whenever the control plane asks for one (it
     /// heard "nothing changed" about a report it does not hold).
     pub(super) async fn answer_resend_requests(&self) -> Result<(), wharf_bus::SubscribeError> {

@@ -108,6 +108,9 @@ struct Inner {
     triggers: triggers::Triggers,
     /// Namespaces' rate quotas (its own lock).
     rates: rates::Rates,
+    /// Lost hosts, as the control plane announces them, for requests in
+    /// flight to them ([`routing`]).
+    hosts_down: tokio::sync::broadcast::Sender<Arc<wharf_proto::HostDown>>,
     /// Which heartbeat goes next: full, or "nothing changed" (its own lock).
     beats: Mutex<wharf_proto::beats::Beats>,
     /// Set when the host is draining: it takes no new work.
@@ -165,6 +168,7 @@ impl HostAgent {
                 triggers: triggers::Triggers::default(),
                 rates: rates::Rates::default(),
                 beats: Mutex::new(wharf_proto::beats::Beats::new()),
+                hosts_down: tokio::sync::broadcast::channel(64).0,
                 draining: AtomicBool::new(false),
                 epoch: AtomicU64::new(0),
                 precompiling: tokio::sync::Mutex::new(()),
@@ -183,6 +187,7 @@ impl HostAgent {
         agent.follow(status_watch, |agent, event| agent.inner.directory.status_changed(event.value.as_deref()));
         agent.follow(namespace_watch, |agent, event| agent.inner.rates.set(&event.key, event.value.as_deref()));
         agent.answer_log_queries().await.map_err(|e| AgentError::Bus { what: "the subscription for log queries", source: Box::new(e) })?;
+        agent.follow_lost_hosts().await.map_err(|e| AgentError::Bus { what: "the subscription for lost hosts", source: Box::new(e) })?;
         agent.answer_resend_requests().await.map_err(|e| AgentError::Bus { what: "the subscription for heartbeat requests", source: Box::new(e) })?;
         let weak = Arc::downgrade(&agent.inner);
         let mut stop = agent.inner.stop.subscribe();

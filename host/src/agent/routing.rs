@@ -135,13 +135,39 @@ impl HostAgent {
         };
         let mut outcome = Err(NoReplica::NoResponders);
         for attempt in 0..NOT_HERE_RETRIES {
-            outcome = crate::remote::send(&self.inner.bus, service, &subject, payload.clone(), timeout).await;
+            outcome = self.send_once(service, &subject, payload.clone(), timeout).await;
             if !matches!(outcome, Err(NoReplica::NotHere)) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(2 << attempt)).await;
         }
         outcome
+    }
+
+    /// Sends a prepared request once; a safe one ([`crate::remote::is_safe`])
+    /// again at once if the control plane says a host that may hold it
+    /// was lost (its answer would never come: it would wait out its deadline).
+    async fn send_once(&self, service: &ServiceId, subject: &str, payload: Bytes, timeout: Duration) -> Result<Response<ResponseBody>, NoReplica> {
+        if !crate::remote::is_safe(&payload) {
+            return crate::remote::send(&self.inner.bus, service, subject, payload, timeout).await;
+        }
+        let mut lost = self.inner.hosts_down.subscribe();
+        let first = crate::remote::send(&self.inner.bus, service, subject, payload.clone(), timeout);
+        tokio::pin!(first);
+        let host = loop {
+            tokio::select! {
+                outcome = &mut first => return outcome,
+                down = lost.recv() => match down {
+                    Ok(down) if down.affects(service) => break Some(down.host.clone()),
+                    Ok(_) => continue,
+                    // Announcements were missed: one may have been about this request.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break None,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return first.await,
+                }
+            }
+        };
+        tracing::debug!(%service, lost = ?host, "a host that may hold this request was lost; sending it again");
+        crate::remote::send(&self.inner.bus, service, subject, payload, timeout).await
     }
 
     /// Serves one request that came over the bus, always locally (a second
