@@ -305,7 +305,8 @@ pub async fn kv(command: KvCommand) -> anyhow::Result<()> {
 /// `wharf namespace`: namespaces and their quotas.
 #[derive(clap::Subcommand)]
 pub enum NamespaceCommand {
-    /// Set a namespace's quotas (admin only); an absent flag means no limit.
+    /// Set a namespace's quotas and who may call it (admin only), replacing its record: an absent
+    /// quota flag means no limit, no --allow-from means calls only from inside the namespace.
     Set {
         name: String,
         /// Replicas over all its services (an autoscaled service counts its max).
@@ -320,6 +321,10 @@ pub enum NamespaceCommand {
         /// Bytes its services' key-value data may take (absent: 1GiB); a write past it is refused.
         #[arg(long)]
         kv_bytes: Option<ByteSize>,
+        /// A namespace whose services may call this one's (`http://svc.NAME`); `*` for any.
+        /// Repeatable. Without it, only the namespace's own services may call them.
+        #[arg(long = "allow-from", value_name = "NAMESPACE")]
+        allow_from: Vec<String>,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -333,11 +338,11 @@ pub enum NamespaceCommand {
 
 pub async fn namespace(command: NamespaceCommand) -> anyhow::Result<()> {
     match command {
-        NamespaceCommand::Set { name, max_replicas, max_memory, max_rps, kv_bytes, api } => {
+        NamespaceCommand::Set { name, max_replicas, max_memory, max_rps, kv_bytes, allow_from, api } => {
             let api = Api::new(&api)?;
-            let body = json!({"quota": {"replicas": max_replicas, "memory": max_memory, "rps": max_rps, "kv_bytes": kv_bytes}});
+            let body = json!({"quota": {"replicas": max_replicas, "memory": max_memory, "rps": max_rps, "kv_bytes": kv_bytes}, "allow_from": allow_from});
             api.call(api.http.put(format!("{}/v1/namespaces/{name}", api.base)).json(&body)).await?;
-            println!("namespace {name} quota set");
+            println!("namespace {name} set (quota and callers replaced)");
         }
         NamespaceCommand::Get { name, api } => {
             let api = Api::new(&api)?;

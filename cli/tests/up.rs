@@ -286,6 +286,52 @@ async fn namespace_quotas_refuse_with_the_quota_and_numbers() {
     }
 }
 
+/// Calls between namespaces need the callee's consent (`allow_from`), and
+/// count against the callee namespace's rate quota like ingress requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_between_namespaces_need_allow_from_and_count_against_the_callee_quota() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let up = start(dir.path());
+    up.ok(&["deploy", &path("backend"), "--name", "backend", "-n", "pay"]);
+    up.ok(&["deploy", &path("frontend"), "--name", "front", "-n", "shop", "--route", "/front", "--env", "BACKEND_URL=http://backend.pay"]);
+    let front = format!("{}/front/x", up.ingress);
+    eventually(&front, 200, "namespace pay does not accept calls from namespace shop").await;
+
+    // A bad record is refused and changes nothing.
+    let (ok, out) = up.wharf(&["namespace", "set", "pay", "--allow-from", "Not.A.Namespace"]);
+    assert!(!ok && out.contains("allow_from") && out.contains("Not.A.Namespace"), "{out}");
+    assert!(curl(&front).await.1.contains("does not accept calls from namespace shop"));
+
+    up.ok(&["namespace", "set", "pay", "--allow-from", "shop", "--max-rps", "5"]);
+    let record: Value = serde_json::from_str(&up.ok(&["namespace", "get", "pay"])).expect("json");
+    assert_eq!(record["allow_from"], serde_json::json!(["shop"]), "{record}");
+    eventually(&front, 200, "frontend got: backend ok").await;
+    // Let pay's bucket refill after that probe, then 20 calls at once: about 5 get through.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let client = reqwest::Client::new();
+    let mut burst = tokio::task::JoinSet::new();
+    for _ in 0..20 {
+        let (client, url) = (client.clone(), front.clone());
+        burst.spawn(async move { client.get(url).send().await.expect("answered").text().await.unwrap_or_default() });
+    }
+    let (mut served, mut limited) = (0, 0);
+    while let Some(body) = burst.join_next().await {
+        let body = body.expect("task");
+        if body.contains("backend ok") {
+            served += 1;
+        } else if body.contains("namespace pay is over its quota of 5 requests/s") {
+            limited += 1;
+        } else {
+            panic!("neither served nor limited: {body}");
+        }
+    }
+    assert!(served >= 5 && limited >= 5, "served {served}, limited {limited}");
+
+    // Consent withdrawn: refused again.
+    up.ok(&["namespace", "set", "pay"]);
+    eventually(&front, 200, "namespace pay does not accept calls from namespace shop").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_are_on_the_admin_listener_and_a_tenant_may_route_metrics() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -57,8 +57,10 @@ pub trait ServiceCalls: Send + Sync + 'static {
     /// The service an outgoing URL's host names (`name` in `namespace`, or
     /// `name.namespace`), if there is one.
     fn resolve(&self, host: &str, namespace: &str) -> Option<ServiceId>;
-    /// Sends the request to the service, with the same limits and errors as ingress traffic.
-    fn call(&self, service: ServiceId, request: http::Request<RequestBody>) -> Pin<Box<dyn Future<Output = http::Response<ResponseBody>> + Send>>;
+    /// Sends the request from a service of namespace `caller` to `service`,
+    /// with the same limits and errors as ingress traffic, if the callee's
+    /// namespace admits the caller's.
+    fn call(&self, caller: &str, service: ServiceId, request: http::Request<RequestBody>) -> Pin<Box<dyn Future<Output = http::Response<ResponseBody>> + Send>>;
 }
 
 /// Service-to-service calls for one workload: who routes them, and the
@@ -108,7 +110,7 @@ impl WasiHttpHooks for EgressHooks {
             // Called from inside the guest's span: the call is its child, and the request carries it.
             let span = tracing::trace_span!(target: crate::trace::TARGET, "call", service = %service);
             crate::trace::inject(&span, request.headers_mut());
-            let response = tracing::Instrument::instrument(link.calls.call(service, request), span);
+            let response = tracing::Instrument::instrument(link.calls.call(&link.namespace, service, request), span);
             return Box::new(async move {
                 let response = response.await;
                 Ok((response, Box::new(async { Ok(()) }) as Box<dyn Future<Output = _> + Send>))

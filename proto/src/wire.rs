@@ -461,6 +461,28 @@ pub struct Namespace {
     /// Limits on what the namespace's services may use; absent = unlimited.
     #[serde(default)]
     pub quota: Quota,
+    /// Namespaces whose services may call this one's (`http://svc.ns`);
+    /// `*` is any. Calls from inside the namespace are always allowed;
+    /// from others, refused unless listed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_from: Vec<String>,
+}
+
+impl Namespace {
+    /// Whether services of namespace `caller` may call this namespace's (named `own`).
+    pub fn admits(&self, own: &str, caller: &str) -> bool {
+        caller == own || self.allow_from.iter().any(|allowed| allowed == "*" || allowed == caller)
+    }
+
+    /// Checks `allow_from`: each entry a namespace name or `*`.
+    pub fn validate(&self) -> Result<(), String> {
+        for entry in &self.allow_from {
+            if entry != "*" && crate::names::check_label(entry).is_err() {
+                return Err(format!("allow_from: {entry:?} is neither a namespace name (a DNS label) nor \"*\""));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A namespace's limits.

@@ -674,13 +674,24 @@ async fn get_namespace(State(plane): State<ControlPlane>, Path(ns): Path<String>
     check_namespace(&ns)?;
     let record = namespace(&plane, &ns).await?;
     let (replicas, memory) = usage(&plane, &ns, None);
-    Ok(axum::Json(json!({"namespace": ns, "quota": record.quota, "usage": {"replicas": replicas, "memory": wharf_proto::ByteSize(memory)}})).into_response())
+    Ok(axum::Json(json!({
+        "namespace": ns,
+        "quota": record.quota,
+        "allow_from": record.allow_from,
+        "usage": {"replicas": replicas, "memory": wharf_proto::ByteSize(memory)},
+    }))
+    .into_response())
 }
 
 async fn put_namespace(State(plane): State<ControlPlane>, Path(ns): Path<String>, body: Bytes) -> ApiResult {
     check_namespace(&ns)?;
     check_size(&body)?;
-    let record: wharf_proto::Namespace = wharf_proto::strict::from_json(&body).map_err(|e| ApiError::bad_request(format!("expected {{\"quota\": {{\"replicas\": N, \"memory\": \"4GiB\", \"rps\": N, \"kv_bytes\": \"1GiB\"}}}}: {e}")))?;
+    let record: wharf_proto::Namespace = wharf_proto::strict::from_json(&body).map_err(|e| {
+        ApiError::bad_request(format!(
+            "expected {{\"quota\": {{\"replicas\": N, \"memory\": \"4GiB\", \"rps\": N, \"kv_bytes\": \"1GiB\"}}, \"allow_from\": [\"ns\", ...]}}: {e}"
+        ))
+    })?;
+    record.validate().map_err(ApiError::bad_request)?;
     let kv = namespaces(&plane);
     kv.put(&ns, Bytes::from(serde_json::to_vec(&record).unwrap_or_default())).await.map_err(kv_failed)?;
     // The data bucket's size limit follows the quota at once (if the
@@ -688,5 +699,5 @@ async fn put_namespace(State(plane): State<ControlPlane>, Path(ns): Path<String>
     if plane.informer.read(|state| state.services.values().any(|s| s.spec.namespace == ns && !s.spec.keyvalue.is_empty())) {
         data_bucket(&plane, &ns).await?;
     }
-    Ok(axum::Json(json!({"namespace": ns, "quota": record.quota})).into_response())
+    Ok(axum::Json(json!({"namespace": ns, "quota": record.quota, "allow_from": record.allow_from})).into_response())
 }

@@ -285,11 +285,12 @@ impl ServiceCalls for AgentCalls {
         self.0.upgrade().and_then(|inner| HostAgent { inner }.resolve(host, namespace))
     }
 
-    fn call(&self, service: ServiceId, request: Request<RequestBody>) -> Pin<Box<dyn Future<Output = Response<ResponseBody>> + Send>> {
+    fn call(&self, caller: &str, service: ServiceId, request: Request<RequestBody>) -> Pin<Box<dyn Future<Output = Response<ResponseBody>> + Send>> {
         let agent = self.0.upgrade().map(|inner| HostAgent { inner });
+        let caller = caller.to_string();
         Box::pin(async move {
             match agent {
-                Some(agent) => agent.call(&service, request).await,
+                Some(agent) => agent.call_from(&caller, &service, request).await,
                 None => error_response(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "the host is shutting down".into()),
             }
         })

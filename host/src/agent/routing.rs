@@ -56,16 +56,41 @@ impl HostAgent {
         let Some(service) = self.inner.directory.lookup(host, path) else {
             return error_response(StatusCode::NOT_FOUND, "no_route", format!("no service is routed at {path} (host {})", host.unwrap_or("any")));
         };
-        if let Some(rps) = self.inner.rates.over(&service.namespace) {
-            let mut response = error_response(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
-                format!("namespace {} is over its quota of {rps} requests/s at this ingress", service.namespace),
-            );
-            response.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
-            return response;
+        if let Some(refused) = self.over_quota(&service.namespace) {
+            return refused;
         }
         self.call(&service, request).await
+    }
+
+    /// A call from a service of namespace `caller` (`http://svc.ns`):
+    /// refused unless the callee's namespace admits the caller's
+    /// (`allow_from`), and counted against the callee namespace's rate
+    /// quota like a request at the ingress.
+    pub async fn call_from(&self, caller: &str, service: &ServiceId, request: Request<RequestBody>) -> Response<ResponseBody> {
+        if !self.inner.rates.admits(&service.namespace, caller) {
+            return error_response(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!(
+                    "namespace {} does not accept calls from namespace {caller}; an admin allows them with `wharf namespace set {} --allow-from {caller}`",
+                    service.namespace, service.namespace
+                ),
+            );
+        }
+        if let Some(refused) = self.over_quota(&service.namespace) {
+            return refused;
+        }
+        self.call(service, request).await
+    }
+
+    /// Takes one request from the namespace's rate quota at this host; the
+    /// answer when it is spent.
+    fn over_quota(&self, namespace: &str) -> Option<Response<ResponseBody>> {
+        let rps = self.inner.rates.over(namespace)?;
+        let mut response =
+            error_response(StatusCode::TOO_MANY_REQUESTS, "rate_limited", format!("namespace {namespace} is over its quota of {rps} requests/s at this host"));
+        response.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+        Some(response)
     }
 
     /// Sends a request to `service`: to a ready local replica if there is
