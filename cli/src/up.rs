@@ -40,6 +40,9 @@ pub struct Args {
     /// Run over this NATS server (JetStream) instead of the in-process bus and embedded store.
     #[arg(long, env = "WHARF_NATS")]
     nats: Option<String>,
+    /// How long a request for a service scaled to zero is held before it gets 503.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    activation_timeout: Duration,
     #[command(flatten)]
     host: wiring::HostArgs,
     #[command(flatten)]
@@ -96,7 +99,7 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyhow::Resu
             capacity: args.host.capacity(),
             ingress_addr: Some(ingress_addr.to_string()),
             heartbeat_interval: Duration::from_millis(500),
-            activation_timeout: Duration::from_secs(30),
+            activation_timeout: args.activation_timeout,
             volumes_dir: Some(data_dir.join("volumes")),
             max_bus_handlers: wharf_host::agent::DEFAULT_MAX_BUS_HANDLERS,
         },

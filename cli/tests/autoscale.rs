@@ -118,3 +118,45 @@ async fn a_burst_of_200_at_zero_all_succeed() {
     }
     assert!(failures.is_empty(), "{} of 200 failed, e.g. {:?}", failures.len(), failures.first());
 }
+
+/// Activation holds to the host's capacity as placement does: a replica
+/// that does not fit is not started, the held request's 503 says why, and
+/// other services keep serving; once room is made, the next request wakes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn activation_that_does_not_fit_says_why_and_fits_once_room_is_made() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let up = Up::start(Path::new(WHARF), &dir.path().join("data"), &["--host-id", "solo", "--memory", "256MiB", "--activation-timeout", "3s"]);
+    let hello = samples::path("hello");
+    let hello = hello.to_str().expect("utf-8");
+    // 3 x 64 MiB x concurrency 1: 192 MiB of 256 reserved.
+    up.ok(&["deploy", hello, "--name", "web", "--route", "/web", "--replicas", "3", "--memory", "64MiB", "--concurrency", "1"]);
+    let path = dir.path().join("lazy.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "name: lazy\ncomponent: {{ file: {hello} }}\nroutes: [{{ path_prefix: /lazy }}]\nlimits: {{ memory: 64MiB, concurrency: 2 }}\n\
+             autoscale: {{ min: 0, max: 1, target_concurrency: 1, scale_to_zero_after: 60s }}\n"
+        ),
+    )
+    .expect("write manifest");
+    up.ok(&["apply", "--no-wait", "-f", path.to_str().expect("utf-8")]);
+    until(&up, "lazy", Duration::from_secs(10), "at zero", |s| s["ready"] == 0 && s["desired"] == 0).await;
+
+    let client = reqwest::Client::new();
+    let refused = client.get(format!("{}/lazy", up.ingress)).send().await.expect("answered");
+    assert_eq!(refused.status(), 503);
+    let body = refused.text().await.expect("body");
+    assert!(body.contains("host solo did not start one: insufficient memory: a replica reserves 128MiB, and 192MiB of the host's 256MiB is reserved"), "{body}");
+    assert_eq!(client.get(format!("{}/web", up.ingress)).send().await.expect("answered").status(), 200, "the others keep serving");
+
+    up.ok(&["scale", "web", "1"]);
+    let started = Instant::now();
+    loop {
+        let response = client.get(format!("{}/lazy", up.ingress)).send().await.expect("answered");
+        if response.status() == 200 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "lazy never woke once room was made: {}", response.text().await.unwrap_or_default());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -91,6 +91,20 @@ impl Activations {
         demand.into_iter().map(|(service, waiting)| Demand { service, waiting }).collect()
     }
 
+    /// Memory and instances the activation replicas reserve (memory cap x
+    /// concurrency, and concurrency, as assigned replicas do).
+    pub(crate) fn reserved(&self) -> (u64, u64) {
+        let Ok(slots) = self.slots.lock() else { return (0, 0) };
+        slots
+            .values()
+            .filter_map(|slot| {
+                let activated = slot.try_lock().ok()?;
+                let limits = &activated.as_ref()?.0.spec().limits;
+                Some((limits.memory.bytes().saturating_mul(u64::from(limits.concurrency)), u64::from(limits.concurrency)))
+            })
+            .fold((0, 0), |(m, i), (dm, di)| (m + dm, i + di))
+    }
+
     /// Drops activation replicas that an assigned replica has replaced
     /// (`replaced`), or that the control plane did not place here within
     /// the grace period (`assigned_here` false).
@@ -121,10 +135,19 @@ impl HostAgent {
             }
         };
         self.announce_activation(service).await;
-        if self.may_activate_here(service) {
-            match self.activate_locally(service).await {
+        // Why this host did not start one itself, for the answer if none comes.
+        let mut not_here = None;
+        match self.may_activate_here(service) {
+            Ok(()) => match self.activate_locally(service).await {
                 Ok(workload) => return self.serve_held(&workload, &payload, started).await,
-                Err(e) => tracing::warn!(%service, "cannot start a replica here for activation: {e}"),
+                Err(e) => {
+                    tracing::warn!(%service, "cannot start a replica here for activation: {e}");
+                    not_here = Some(e);
+                }
+            },
+            Err(why) => {
+                tracing::debug!(%service, "not starting a replica here for activation: {why}");
+                not_here = Some(why);
             }
         }
         let deadline = started + self.inner.config.activation_timeout;
@@ -148,19 +171,47 @@ impl HostAgent {
                 Some(_) = async { match &mut announcements { Some(s) => s.next().await, None => std::future::pending().await } } => {}
             }
         }
+        let here = not_here.map(|why| format!(" (host {} did not start one: {why})", self.inner.config.host)).unwrap_or_default();
         crate::remote::not_ready(
             service,
-            &format!("is starting (scaled to zero) but no replica was ready within {:?}; try again", self.inner.config.activation_timeout),
+            &format!("is starting (scaled to zero) but no replica was ready within {:?}{here}; try again", self.inner.config.activation_timeout),
         )
     }
 
     /// Whether this host may start a replica of `service` for activation:
-    /// not draining, no volumes (they live where they are), its labels match.
-    pub(super) fn may_activate_here(&self, service: &ServiceId) -> bool {
-        let Some(spec) = self.inner.directory.spec(service) else { return false };
-        !self.inner.draining.load(Ordering::Relaxed)
-            && spec.volumes.is_empty()
-            && spec.placement.labels.iter().all(|(k, v)| self.inner.config.labels.get(k) == Some(v))
+    /// not draining, no volumes (they live where they are), its labels
+    /// match, and the replica fits in what the host's replicas (assigned and
+    /// activated) leave of its capacity, as the control plane would place it.
+    pub(super) fn may_activate_here(&self, service: &ServiceId) -> Result<(), String> {
+        let Some(spec) = self.inner.directory.spec(service) else { return Err(format!("service {service} is unknown here")) };
+        if self.inner.draining.load(Ordering::Relaxed) {
+            return Err("it is draining".into());
+        }
+        if !spec.volumes.is_empty() {
+            return Err("the service has volumes, which live on their own host".into());
+        }
+        if let Some((key, value)) = spec.placement.labels.iter().find(|(k, v)| self.inner.config.labels.get(*k) != Some(*v)) {
+            return Err(format!("it lacks the label {key}={value} the service is placed by"));
+        }
+        let capacity = self.inner.config.capacity;
+        let (activated_memory, activated_instances) = self.inner.activations.reserved();
+        let memory = self.inner.replicas.memory_reserved().saturating_add(activated_memory);
+        let needs = spec.reservation();
+        if memory.saturating_add(needs.bytes()) > capacity.memory.bytes() {
+            return Err(format!(
+                "insufficient memory: a replica reserves {needs}, and {} of the host's {} is reserved",
+                wharf_proto::ByteSize(memory),
+                capacity.memory
+            ));
+        }
+        let instances = self.inner.replicas.instances_reserved().saturating_add(activated_instances);
+        if instances.saturating_add(u64::from(spec.limits.concurrency)) > u64::from(capacity.instances) {
+            return Err(format!(
+                "insufficient instances: a replica reserves {}, and {instances} of the host's {} are reserved",
+                spec.limits.concurrency, capacity.instances
+            ));
+        }
+        Ok(())
     }
 
     /// Serves a request held for activation on `workload`, now ready.

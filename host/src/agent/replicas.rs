@@ -274,6 +274,11 @@ impl ReplicaSet {
         self.read(|table| table.assigned.values().filter_map(|r| r.spec.as_ref()).map(|s| s.reservation().bytes()).sum())
     }
 
+    /// Instances the assigned replicas reserve (their concurrency).
+    pub(crate) fn instances_reserved(&self) -> u64 {
+        self.read(|table| table.assigned.values().filter_map(|r| r.spec.as_ref()).map(|s| u64::from(s.limits.concurrency)).sum())
+    }
+
     /// The specs of the replicas assigned here, by service (for routes
     /// whose service the services watch has not delivered yet).
     pub(crate) fn specs(&self) -> BTreeMap<ServiceId, Arc<ServiceSpec>> {

@@ -147,7 +147,7 @@ impl HostAgent {
                 woken = true;
                 held = Some(super::activation::Held::enter(&self.inner.activations, service));
                 self.announce_activation(service).await;
-                if self.may_activate_here(service) {
+                if self.may_activate_here(service).is_ok() {
                     match self.activate_locally(service).await {
                         Ok(_) => {
                             self.sync_triggers();
