@@ -22,6 +22,7 @@ mod natsha;
 mod noisy;
 mod rollout;
 mod rss;
+mod soak;
 mod tracing;
 mod triggers;
 
@@ -52,6 +53,8 @@ enum Cmd {
     Noisy(noisy::NoisyArgs),
     /// Rollouts on a real cluster under load: a rolling update's duration and failed requests, a failed canary's rollback time.
     Rollout(rollout::RolloutArgs),
+    /// A chaos soak: hosts, the leading scheduler and NATS nodes killed in turn under traffic, increments and deploys.
+    Soak(soak::SoakArgs),
     /// Traces: hello throughput with no OTLP endpoint vs exporting every request's spans.
     Tracing(tracing::TracingArgs),
     /// Message triggers: messages/s through a trigger (core NATS, JetStream) vs a raw async-nats subscriber doing the same work.
@@ -120,6 +123,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Cluster(args) => tokio::runtime::Runtime::new()?.block_on(cluster::run(args)),
         Cmd::Control(args) => tokio::runtime::Runtime::new()?.block_on(control::run(args)),
         Cmd::Rollout(args) => tokio::runtime::Runtime::new()?.block_on(rollout::run(args)),
+        Cmd::Soak(args) => tokio::runtime::Runtime::new()?.block_on(soak::run(args)),
         Cmd::Tracing(args) => tokio::runtime::Runtime::new()?.block_on(tracing::run(args)),
         Cmd::Triggers(args) => tokio::runtime::Runtime::new()?.block_on(triggers::run(args)),
         Cmd::RssProbe(args) => tokio::runtime::Runtime::new()?.block_on(rss::probe(args)),

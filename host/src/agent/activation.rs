@@ -136,20 +136,19 @@ impl HostAgent {
         };
         self.announce_activation(service).await;
         // Why this host did not start one itself, for the answer if none comes.
-        let mut not_here = None;
-        match self.may_activate_here(service) {
+        let not_here = match self.may_activate_here(service) {
             Ok(()) => match self.activate_locally(service).await {
                 Ok(workload) => return self.serve_held(&workload, &payload, started).await,
                 Err(e) => {
                     tracing::warn!(%service, "cannot start a replica here for activation: {e}");
-                    not_here = Some(e);
+                    e
                 }
             },
             Err(why) => {
                 tracing::debug!(%service, "not starting a replica here for activation: {why}");
-                not_here = Some(why);
+                why
             }
-        }
+        };
         let deadline = started + self.inner.config.activation_timeout;
         let mut changes = self.changes();
         loop {
@@ -171,7 +170,7 @@ impl HostAgent {
                 Some(_) = async { match &mut announcements { Some(s) => s.next().await, None => std::future::pending().await } } => {}
             }
         }
-        let here = not_here.map(|why| format!(" (host {} did not start one: {why})", self.inner.config.host)).unwrap_or_default();
+        let here = format!(" (host {} did not start one: {not_here})", self.inner.config.host);
         crate::remote::not_ready(
             service,
             &format!("is starting (scaled to zero) but no replica was ready within {:?}{here}; try again", self.inner.config.activation_timeout),
