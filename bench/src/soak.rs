@@ -12,7 +12,7 @@
 use anyhow::{Context, bail};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use wharf_testkit::cluster::{Host, Scheduler};
@@ -120,7 +120,48 @@ async fn leads(client: &reqwest::Client, api: &str) -> bool {
 #[derive(Default)]
 struct Failures {
     at_ms: Mutex<Vec<(u64, String)>>,
-    ok: AtomicU64,
+}
+
+/// A client sending requests to the ingresses that are up, in turn.
+#[derive(Clone)]
+struct Traffic {
+    client: reqwest::Client,
+    ingresses: Arc<Mutex<Vec<String>>>,
+    failures: Arc<Failures>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    started: Instant,
+}
+
+impl Traffic {
+    /// GETs `/path` every `pause` until stopped, starting at ingress
+    /// `first`; returns the path, the requests answered 200 and those that
+    /// failed (each recorded with when).
+    async fn run(self, path: &'static str, first: usize, pause: Duration) -> (&'static str, u64, u64) {
+        let (mut ok, mut failed, mut i) = (0, 0, first);
+        while !self.stop.load(Ordering::Relaxed) {
+            let Some(url) = self.ingresses.lock().ok().and_then(|list| (!list.is_empty()).then(|| format!("{}/{path}", list[i % list.len()]))) else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            i += 1;
+            match self.client.get(&url).send().await {
+                Ok(r) if r.status() == 200 => ok += 1,
+                other => {
+                    failed += 1;
+                    let what = match other {
+                        Ok(r) => format!("{} {}", r.status(), r.text().await.unwrap_or_default().trim()),
+                        Err(e) => e.to_string(),
+                    };
+                    let at = self.started.elapsed().as_millis() as u64;
+                    if let Ok(mut list) = self.failures.at_ms.lock() {
+                        list.push((at, format!("GET {url}: {what}")));
+                    }
+                }
+            }
+            tokio::time::sleep(pause).await;
+        }
+        (path, ok, failed)
+    }
 }
 
 pub async fn run(args: SoakArgs) -> anyhow::Result<()> {
@@ -172,66 +213,12 @@ async fn soak(args: &SoakArgs, wharf: &Path, dir: &Path) -> anyhow::Result<()> {
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let client = reqwest::Client::builder().timeout(Duration::from_secs(40)).pool_max_idle_per_host(0).build()?;
     let mut tasks = tokio::task::JoinSet::new();
-    // Steady traffic: two clients on /web, over the ingresses that are up.
-    for worker in 0..2usize {
-        let (client, ingresses, failures, stop) = (client.clone(), ingresses.clone(), failures.clone(), stop.clone());
-        tasks.spawn(async move {
-            let mut i = worker;
-            while !stop.load(Ordering::Relaxed) {
-                let Some(url) = ingresses.lock().ok().and_then(|list| (!list.is_empty()).then(|| format!("{}/web", list[i % list.len()]))) else {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                };
-                i += 1;
-                match client.get(&url).send().await {
-                    Ok(r) if r.status() == 200 => drop(failures.ok.fetch_add(1, Ordering::Relaxed)),
-                    other => {
-                        let what = match other {
-                            Ok(r) => format!("{} {}", r.status(), r.text().await.unwrap_or_default().trim()),
-                            Err(e) => e.to_string(),
-                        };
-                        let at = soak_started.elapsed().as_millis() as u64;
-                        if let Ok(mut list) = failures.at_ms.lock() {
-                            list.push((at, format!("GET {url}: {what}")));
-                        }
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            (0u64, 0u64)
-        });
-    }
-    // Increments, one at a time: acknowledged ones must all be counted.
-    {
-        let (client, ingresses, failures, stop) = (client.clone(), ingresses.clone(), failures.clone(), stop.clone());
-        tasks.spawn(async move {
-            let (mut acknowledged, mut unsure, mut i) = (0u64, 0u64, 0usize);
-            while !stop.load(Ordering::Relaxed) {
-                let Some(url) = ingresses.lock().ok().and_then(|list| (!list.is_empty()).then(|| format!("{}/hit", list[i % list.len()]))) else {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                };
-                i += 1;
-                match client.get(&url).send().await {
-                    Ok(r) if r.status() == 200 => acknowledged += 1,
-                    other => {
-                        // It may or may not have counted.
-                        unsure += 1;
-                        let what = match other {
-                            Ok(r) => format!("{} {}", r.status(), r.text().await.unwrap_or_default().trim()),
-                            Err(e) => e.to_string(),
-                        };
-                        let at = soak_started.elapsed().as_millis() as u64;
-                        if let Ok(mut list) = failures.at_ms.lock() {
-                            list.push((at, format!("GET {url}: {what}")));
-                        }
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            (acknowledged, unsure)
-        });
-    }
+    let traffic = Traffic { client: client.clone(), ingresses: ingresses.clone(), failures: failures.clone(), stop: stop.clone(), started: soak_started };
+    // Steady traffic: two clients on /web; increments one at a time, which
+    // must all be counted when acknowledged (a failed one may or may not).
+    tasks.spawn(traffic.clone().run("web", 0, Duration::from_millis(5)));
+    tasks.spawn(traffic.clone().run("web", 1, Duration::from_millis(5)));
+    tasks.spawn(traffic.run("hit", 0, Duration::from_millis(20)));
 
     // Chaos and deploys, on this task.
     let mut kills: Vec<(u64, String)> = Vec::new();
@@ -322,11 +309,12 @@ async fn soak(args: &SoakArgs, wharf: &Path, dir: &Path) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     stop.store(true, Ordering::Relaxed);
-    let (mut acknowledged, mut unsure) = (0, 0);
+    let (mut acknowledged, mut unsure, mut served) = (0, 0, 0);
     while let Some(result) = tasks.join_next().await {
-        let (a, u) = result?;
-        acknowledged += a;
-        unsure += u;
+        match result? {
+            ("hit", ok, failed) => (acknowledged, unsure) = (acknowledged + ok, unsure + failed),
+            (_, ok, _) => served += ok,
+        }
     }
     fleet.sample_rss();
 
@@ -360,7 +348,7 @@ async fn soak(args: &SoakArgs, wharf: &Path, dir: &Path) -> anyhow::Result<()> {
         .iter()
         .filter(|(at, _)| !kills.iter().any(|(k, _)| *at >= *k && *at <= k + window_ms + args.down_for * 1000))
         .collect();
-    let requests = failures.ok.load(Ordering::Relaxed) + acknowledged + failures_list.len() as u64;
+    let requests = served + acknowledged + failures_list.len() as u64;
     let lost = acknowledged.saturating_sub(counted);
 
     println!("soak: {} min, {} kills (host, leader scheduler, NATS node in turn)", args.minutes, kills.len());

@@ -9,7 +9,6 @@ use super::HostAgent;
 use bytes::Bytes;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
-use futures::StreamExt;
 use std::sync::Arc;
 use wharf_proto::Heartbeat;
 use wharf_proto::beats::Beat;
@@ -103,48 +102,26 @@ impl HostAgent {
     /// Hands the control plane's announcements of lost hosts to the
     /// requests in flight ([`HostAgent::send_once`](super::HostAgent)).
     pub(super) async fn follow_lost_hosts(&self) -> Result<(), wharf_bus::SubscribeError> {
-        let mut announcements = self.inner.bus.subscribe(wharf_proto::names::HOST_DOWN_SUBJECT).await?;
-        let weak = Arc::downgrade(&self.inner);
-        let mut stop = self.inner.stop.subscribe();
-        tokio::spawn(async move {
-            loop {
-                let message = tokio::select! {
-                    _ = stop.changed() => return,
-                    message = announcements.next() => message,
-                };
-                let Some(message) = message else { return };
-                let Some(inner) = weak.upgrade() else { return };
-                match serde_json::from_slice::<wharf_proto::HostDown>(&message.payload) {
-                    // Nobody waiting is fine.
-                    Ok(down) => drop(inner.hosts_down.send(Arc::new(down))),
-                    Err(e) => tracing::debug!("ignoring an unreadable lost-host announcement: {e}"),
-                }
+        self.each_message(wharf_proto::names::HOST_DOWN_SUBJECT, |agent, message| async move {
+            match serde_json::from_slice::<wharf_proto::HostDown>(&message.payload) {
+                // Nobody waiting is fine.
+                Ok(down) => drop(agent.inner.hosts_down.send(Arc::new(down))),
+                Err(e) => tracing::debug!("ignoring an unreadable lost-host announcement: {e}"),
             }
-        });
-        Ok(())
+        })
+        .await
     }
 
     /// Sends a full heartbeat whenever the control plane asks for one (it
     /// heard "nothing changed" about a report it does not hold).
     pub(super) async fn answer_resend_requests(&self) -> Result<(), wharf_bus::SubscribeError> {
-        let mut requests = self.inner.bus.subscribe(&host_resend_subject(&self.inner.config.host)).await?;
-        let weak = Arc::downgrade(&self.inner);
-        let mut stop = self.inner.stop.subscribe();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = stop.changed() => return,
-                    message = requests.next() => if message.is_none() { return },
-                }
-                let Some(inner) = weak.upgrade() else { return };
-                let agent = HostAgent { inner };
-                if let Ok(mut beats) = agent.inner.beats.lock() {
-                    beats.resend();
-                }
-                agent.send_heartbeat().await;
+        self.each_message(&host_resend_subject(&self.inner.config.host), |agent, _| async move {
+            if let Ok(mut beats) = agent.inner.beats.lock() {
+                beats.resend();
             }
-        });
-        Ok(())
+            agent.send_heartbeat().await;
+        })
+        .await
     }
 }
 

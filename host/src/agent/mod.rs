@@ -207,6 +207,30 @@ impl HostAgent {
         Ok(agent)
     }
 
+    /// Hands every message on `subject` to `handle`, one at a time, until
+    /// the agent stops.
+    async fn each_message<F, Fut>(&self, subject: &str, handle: F) -> Result<(), wharf_bus::SubscribeError>
+    where
+        F: Fn(HostAgent, wharf_bus::Message) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
+        let mut messages = self.inner.bus.subscribe(subject).await?;
+        let weak = Arc::downgrade(&self.inner);
+        let mut stop = self.inner.stop.subscribe();
+        tokio::spawn(async move {
+            loop {
+                let message = tokio::select! {
+                    _ = stop.changed() => return,
+                    message = messages.next() => message,
+                };
+                let Some(message) = message else { return };
+                let Some(inner) = weak.upgrade() else { return };
+                handle(HostAgent { inner }, message).await;
+            }
+        });
+        Ok(())
+    }
+
     /// Applies every event of a KV watch until the agent stops.
     fn follow(&self, mut watch: wharf_bus::KvWatch, apply: impl Fn(&HostAgent, wharf_bus::KvEvent) + Send + 'static) {
         let weak = Arc::downgrade(&self.inner);
