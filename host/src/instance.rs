@@ -31,6 +31,7 @@ pub(crate) struct InstanceState {
 impl InstanceState {
     /// Fails only if a volume's directory cannot be opened.
     pub(crate) fn new(
+        args: &[String],
         env: &[(String, String)],
         memory: ByteSize,
         hooks: EgressHooks,
@@ -45,7 +46,7 @@ impl InstanceState {
         // (capability-based: nothing outside them can be named). The
         // component reaches the outside world only through wasi:http.
         let mut builder = WasiCtx::builder();
-        builder.envs(env).stdout(stdout.clone()).stderr(stderr.clone()).allow_tcp(false).allow_udp(false).allow_ip_name_lookup(false);
+        builder.args(args).envs(env).stdout(stdout.clone()).stderr(stderr.clone()).allow_tcp(false).allow_udp(false).allow_ip_name_lookup(false);
         for (dir, path) in volumes {
             builder
                 .preopened_dir(dir, path, wasmtime_wasi::FsPerms::ReadWrite)

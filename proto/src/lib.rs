@@ -4,6 +4,7 @@
 pub mod digest;
 pub mod latency;
 pub mod egress;
+pub mod job;
 pub mod manifest;
 pub mod names;
 pub mod observe;
@@ -20,6 +21,7 @@ pub use digest::{Digest, DigestError};
 pub use manifest::{
     ComponentRef, Location, ManifestError, ManifestFormat, ServiceManifest, parse_manifest,
 };
+pub use job::{JobSpec, StoredJob, JobHistory, JobRun, JobAttempt, RunState, ConcurrencyPolicy};
 pub use names::{HostId, NameError, ServiceId};
 pub use rollout::{Amount, CanaryPolicy, Ejection, Health, Readiness, RolloutPolicy, TrafficTarget};
 pub use oci::{OciReference, OciReferenceError};

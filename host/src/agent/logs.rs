@@ -107,8 +107,10 @@ impl HostAgent {
             .replicas
             .workloads_of(&query.service)
             .into_iter()
+            .map(|(key, workload)| (key, workload.logs().clone()))
+            .chain(self.inner.jobs.logs_of(&query.service))
             .filter(|(key, _)| query.replica.is_none_or(|r| key.replica == r))
-            .flat_map(|(key, workload)| workload.logs().recent().into_iter().map(move |line| record(host, &key, &line)))
+            .flat_map(|(key, logs)| logs.recent().into_iter().map(move |line| record(host, &key, &line)))
             .filter(|record| query.since_ms.is_none_or(|since| record.time_ms >= since))
             .collect();
         lines.sort_by_key(|r| (r.time_ms, r.revision, r.replica, r.seq));

@@ -18,6 +18,8 @@
 //! - [`heartbeat`]: the heartbeat tick and draining.
 //! - [`rates`]: namespaces' request-rate quotas at this ingress.
 //! - [`logs`]: replicas' log lines for `wharf logs`, published and asked for.
+//! - [`jobs`]: attempts of jobs the leader starts here, run to completion
+//!   (their own lock).
 //!
 //! What may change what: assignment events change `replicas` (and through
 //! it `listening` and the route table); service and status events change
@@ -27,12 +29,14 @@ mod activation;
 mod converge;
 mod directory;
 mod heartbeat;
+mod jobs;
 mod logs;
 mod rates;
 mod replicas;
 mod routing;
 mod triggers;
 
+pub use jobs::{ATTEMPT_ENV, JOB_ENV, RUN_ENV};
 pub use routing::REVISION_HEADER;
 
 use crate::egress::{EgressPolicy, ServiceCalls};
@@ -108,6 +112,8 @@ struct Inner {
     triggers: triggers::Triggers,
     /// Namespaces' rate quotas (its own lock).
     rates: rates::Rates,
+    /// Jobs' attempts running here, and recent ones' logs (its own lock).
+    jobs: jobs::Jobs,
     /// Set when the host is draining: it takes no new work.
     draining: AtomicBool,
     /// The newest leader epoch seen on an assignment (fencing).
@@ -162,6 +168,7 @@ impl HostAgent {
                 activations: activation::Activations::default(),
                 triggers: triggers::Triggers::default(),
                 rates: rates::Rates::default(),
+                jobs: jobs::Jobs::default(),
                 draining: AtomicBool::new(false),
                 epoch: AtomicU64::new(0),
                 precompiling: tokio::sync::Mutex::new(()),
@@ -180,6 +187,7 @@ impl HostAgent {
         agent.follow(status_watch, |agent, event| agent.inner.directory.status_changed(event.value.as_deref()));
         agent.follow(namespace_watch, |agent, event| agent.inner.rates.set(&event.key, event.value.as_deref()));
         agent.answer_log_queries().await.map_err(|e| AgentError::Bus { what: "the subscription for log queries", source: Box::new(e) })?;
+        agent.answer_job_commands().await.map_err(|e| AgentError::Bus { what: "the subscription for job commands", source: Box::new(e) })?;
         let weak = Arc::downgrade(&agent.inner);
         let mut stop = agent.inner.stop.subscribe();
         let interval = agent.inner.config.heartbeat_interval;
