@@ -348,7 +348,7 @@ impl Runtime {
         } else {
             None
         };
-        let command = if exports.iter().any(|name| is_run_export(name)) {
+        let command = if exports.iter().any(|name| wharf_proto::job::is_run_export(name)) {
             Some(wasmtime_wasi::p2::bindings::CommandPre::new(instance_pre.clone()).map_err(|e| LoadError::IncompatibleCommand(format!("{e:#}")))?)
         } else {
             None
@@ -490,17 +490,13 @@ pub fn check_component(bytes: &[u8]) -> Result<(), LoadError> {
 /// command entry point (any of them; which one a service or a job needs is
 /// checked where it is deployed).
 fn check_world(exports: &[String]) -> Result<(), LoadError> {
-    if exports.iter().any(|name| export_matches(name) || name == wharf_proto::trigger::MESSAGE_HANDLER_EXPORT || is_run_export(name)) {
+    if exports.iter().any(|name| export_matches(name) || name == wharf_proto::trigger::MESSAGE_HANDLER_EXPORT || wharf_proto::job::is_run_export(name)) {
         return Ok(());
     }
     let exports = if exports.is_empty() { "none".to_string() } else { exports.join(", ") };
     Err(LoadError::WrongWorld { exports })
 }
 
-/// `wasi:cli/run` of WASI 0.2 (any patch version).
-pub fn is_run_export(name: &str) -> bool {
-    name.strip_prefix(wharf_proto::job::RUN_EXPORT).is_some_and(|rest| rest.starts_with("@0.2"))
-}
 
 /// The top-level imports and exports of a component, by name.
 fn top_level(bytes: &[u8]) -> Result<(Vec<String>, Vec<String>), LoadError> {

@@ -19,6 +19,11 @@ use std::time::Duration;
 /// The export a job's component must have: the command world's entry point.
 pub const RUN_EXPORT: &str = "wasi:cli/run";
 
+/// Whether an export name is [`RUN_EXPORT`] of WASI 0.2 (any patch version).
+pub fn is_run_export(name: &str) -> bool {
+    name.strip_prefix(RUN_EXPORT).is_some_and(|rest| rest.starts_with("@0.2"))
+}
+
 /// The longest deadline of one attempt.
 pub const MAX_JOB_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 /// The most retries of one run.
