@@ -221,6 +221,19 @@ pub enum GetWhat {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Jobs and the history of their runs (run, start, duration, exit code, attempts, host).
+    #[command(alias = "job")]
+    Jobs {
+        /// One job (`name` or `namespace/name`).
+        name: Option<String>,
+        /// List only this namespace's jobs (default: every namespace the token may see).
+        #[arg(short = 'n', long, conflicts_with = "name")]
+        namespace: Option<String>,
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Output,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// Hosts with their state and load.
     #[command(alias = "host")]
     Hosts {
@@ -571,13 +584,13 @@ impl Api {
         }
     }
 
-    async fn upload(&self, file: &Path) -> anyhow::Result<Digest> {
+    pub(crate) async fn upload(&self, file: &Path) -> anyhow::Result<Digest> {
         let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
         self.upload_bytes(bytes, &file.display()).await
     }
 
     /// Pulls a component from its registry (digest checked) and uploads it.
-    async fn upload_pulled(&self, reference: &wharf_proto::OciReference, registry: &crate::oci::RegistryArgs) -> anyhow::Result<Digest> {
+    pub(crate) async fn upload_pulled(&self, reference: &wharf_proto::OciReference, registry: &crate::oci::RegistryArgs) -> anyhow::Result<Digest> {
         let pulled = crate::oci::pull(reference, registry).await?;
         let digest = self.upload_bytes(pulled.bytes, reference).await?;
         if digest != pulled.digest {
@@ -914,6 +927,7 @@ pub async fn get(what: GetWhat) -> anyhow::Result<()> {
             }
             print_table(&rows);
         }
+        GetWhat::Jobs { name, namespace, output, api } => crate::jobs::get(name, namespace, output, &api).await?,
         GetWhat::Hosts { output, api } => {
             let api = Api::new(&api)?;
             let hosts = api.get("/v1/hosts").await?;

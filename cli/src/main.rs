@@ -7,6 +7,7 @@ use std::process::ExitCode;
 mod client;
 mod cluster;
 mod events;
+mod jobs;
 mod logs;
 mod rollout;
 mod oci;
@@ -43,6 +44,8 @@ enum Command {
     Host(cluster::HostArgs),
     /// Upload a component (a file, or oci://REGISTRY/REPOSITORY:TAG) and create or replace its service.
     Deploy(client::DeployArgs),
+    /// Run a wasi:cli/run component to completion in the cluster (a job), once or on a schedule.
+    Run(jobs::RunArgs),
     /// Create or update the services a manifest describes (YAML, TOML or JSON).
     Apply(client::ApplyArgs),
     /// Publish a component to an OCI registry (the wasm OCI artifact layout).
@@ -99,6 +102,7 @@ fn main() -> ExitCode {
             Command::Scheduler(args) => cluster::scheduler(args, shutdown_signal()).await,
             Command::Host(args) => cluster::host(args, shutdown_signal()).await,
             Command::Deploy(args) => client::deploy(args).await,
+            Command::Run(args) => jobs::run(args).await,
             Command::Apply(args) => client::apply(args).await,
             Command::Push(args) => oci::push(args).await,
             Command::Get(what) => client::get(what).await,
@@ -118,6 +122,11 @@ fn main() -> ExitCode {
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // `wharf run` ends with the job's own exit code.
+        Err(e) if e.downcast_ref::<jobs::JobExit>().is_some() => {
+            eprintln!("wharf: {e}");
+            e.downcast_ref::<jobs::JobExit>().map_or(ExitCode::FAILURE, |exit| ExitCode::from(exit.code))
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

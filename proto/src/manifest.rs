@@ -155,14 +155,17 @@ pub enum ManifestError {
     /// The manifest holds no service.
     #[error("the manifest describes no service: give one service, or a list under `services`")]
     Empty,
+    /// A job manifest holds no job.
+    #[error("the manifest describes no job: give one job, or a list under `jobs`")]
+    NoJob,
     /// The manifest is larger than [`MAX_MANIFEST_BYTES`] or lists more than [`MAX_MANIFEST_SERVICES`] services.
     #[error("the manifest is too large: {0}")]
     TooLarge(String),
     /// A service parsed but breaks a rule of specs.
     #[error(transparent)]
     Invalid(#[from] SpecError),
-    /// Two entries describe the same service.
-    #[error("{field}: service {service} is already described at {first}")]
+    /// Two entries describe the same service (or job).
+    #[error("{field}: {service} is already described at {first}")]
     Duplicate {
         /// The path to the second entry.
         field: String,
@@ -217,6 +220,56 @@ pub fn parse_manifest(
         return Err(ManifestError::TooLarge(format!("{} services, at most {MAX_MANIFEST_SERVICES} in one manifest", services.len())));
     }
     Ok(services)
+}
+
+/// A job as a manifest describes it (`wharf run -f`): a
+/// [`crate::JobSpec`] whose component is a file, a digest or an OCI reference.
+pub type JobManifest = crate::JobSpec<ComponentRef>;
+
+/// A manifest with several jobs.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JobList {
+    jobs: Vec<JobManifest>,
+}
+
+/// Only asks whether the document has a `jobs` key.
+#[derive(Deserialize)]
+struct JobShape {
+    jobs: Option<IgnoredAny>,
+}
+
+/// Reads the jobs a manifest describes: one job (the fields of a job
+/// spec, as a service manifest holds one service's), or `jobs:` with a
+/// list; each checked with [`crate::JobSpec::validate`] (schedule and time
+/// zone included). Errors name the field as [`parse_manifest`]'s do
+/// (`jobs[1].schedule`).
+pub fn parse_job_manifest(text: &str, format: ManifestFormat) -> Result<Vec<JobManifest>, ManifestError> {
+    if text.len() > MAX_MANIFEST_BYTES {
+        return Err(ManifestError::TooLarge(format!("{} bytes, at most {MAX_MANIFEST_BYTES} are read", text.len())));
+    }
+    let is_list = matches!(deserialize_lenient::<JobShape>(text, format), Ok(JobShape { jobs: Some(_) }));
+    let jobs = if is_list {
+        deserialize::<JobList>(text, format)?.jobs
+    } else if is_blank(text, format) {
+        Vec::new()
+    } else {
+        vec![deserialize::<JobManifest>(text, format)?]
+    };
+    if jobs.is_empty() {
+        return Err(ManifestError::NoJob);
+    }
+    if jobs.len() > MAX_MANIFEST_SERVICES {
+        return Err(ManifestError::TooLarge(format!("{} jobs, at most {MAX_MANIFEST_SERVICES} in one manifest", jobs.len())));
+    }
+    let mut seen: BTreeMap<ServiceId, usize> = BTreeMap::new();
+    for (i, job) in jobs.iter().enumerate() {
+        job.validate().map_err(|e| if is_list { e.within(format!("jobs[{i}]")) } else { e })?;
+        if let Some(first) = seen.insert(job.id(), i) {
+            return Err(ManifestError::Duplicate { field: format!("jobs[{i}]"), service: job.id(), first: format!("jobs[{first}]") });
+        }
+    }
+    Ok(jobs)
 }
 
 /// The largest manifest [`parse_manifest`] reads.
@@ -619,7 +672,7 @@ mod tests {
         check(
             ManifestFormat::Yaml,
             text,
-            Err("services[1]: service default/a is already described at services[0]"),
+            Err("services[1]: default/a is already described at services[0]"),
         );
         let empty =
             "the manifest describes no service: give one service, or a list under `services`";
