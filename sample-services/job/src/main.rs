@@ -1,0 +1,65 @@
+//! `job`: a `wasi:cli/run` command for Wharf's jobs. Its arguments are
+//! steps, run left to right; without any it prints `job: done`.
+//!
+//! - `print TEXT`: TEXT on stdout;
+//! - `warn TEXT`: TEXT on stderr;
+//! - `sleep MS`: waits MS milliseconds (a host timer, not a busy loop);
+//! - `exit N`: exits with code N (WASI 0.2 tells a host only success or failure);
+//! - `fail-before-attempt N`: exits 1 while env `WHARF_ATTEMPT` is below N
+//!   (so a job retried N-1 times then succeeds);
+//! - `spin`: loops forever (until fuel or the deadline stops it);
+//! - `hog MB`: allocates MB MiB and touches every page;
+//! - `trap`: panics.
+
+use std::io::Write;
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.is_empty() {
+        println!("job: done");
+        return;
+    }
+    let mut steps = args.iter();
+    while let Some(step) = steps.next() {
+        let mut value = || steps.next().cloned().unwrap_or_default();
+        match step.as_str() {
+            "print" => println!("{}", value()),
+            "warn" => eprintln!("{}", value()),
+            "sleep" => std::thread::sleep(std::time::Duration::from_millis(number(&value()))),
+            "exit" => {
+                let _ = std::io::stdout().flush();
+                std::process::exit(i32::try_from(number(&value())).unwrap_or(1));
+            }
+            "fail-before-attempt" => {
+                let wanted = number(&value());
+                let attempt = std::env::var("WHARF_ATTEMPT").map(|a| number(&a)).unwrap_or(0);
+                if attempt < wanted {
+                    eprintln!("job: attempt {attempt} fails (succeeds from attempt {wanted})");
+                    std::process::exit(1);
+                }
+                println!("job: attempt {attempt} succeeds");
+            }
+            "spin" => {
+                let mut n: u64 = 0;
+                loop {
+                    n = std::hint::black_box(n.wrapping_add(1));
+                }
+            }
+            "hog" => {
+                let mib = usize::try_from(number(&value())).unwrap_or(usize::MAX);
+                let mut memory: Vec<u8> = Vec::with_capacity(mib.saturating_mul(1 << 20));
+                memory.resize(mib.saturating_mul(1 << 20), 1);
+                println!("job: allocated {} MiB", memory.len() >> 20);
+            }
+            "trap" => panic!("job: deliberate panic"),
+            other => {
+                eprintln!("job: unknown step {other:?}");
+                std::process::exit(2);
+            }
+        }
+    }
+}
+
+fn number(text: &str) -> u64 {
+    text.trim().parse().unwrap_or(0)
+}
