@@ -18,6 +18,10 @@ use wharf_testkit::samples;
 
 const WHARF: &str = env!("CARGO_BIN_EXE_wharf");
 
+/// Small buckets: JetStream reserves every bucket's limit from its store
+/// up front, and test machines' disks are small.
+const SMALL_BUCKETS: [&str; 6] = ["--kv-max-bytes", "16MiB", "--data-kv-max-bytes", "16MiB", "--objects-max-bytes", "256MiB"];
+
 /// A `wharf` client command against `scheduler`: exit code, stdout, stderr.
 fn wharf(scheduler: &Scheduler, args: &[&str]) -> (i32, String, String) {
     let output = Command::new(WHARF)
@@ -61,7 +65,7 @@ async fn jobs_run_to_completion_with_exit_codes_retries_and_limits() {
     let nats = NatsServer::start();
     let dir = tempfile::tempdir().expect("tempdir");
     let wharf_path = Path::new(WHARF);
-    let scheduler = Scheduler::start(wharf_path, &nats.url(), &dir.path().join("scheduler"), &[]);
+    let scheduler = Scheduler::start(wharf_path, &nats.url(), &dir.path().join("scheduler"), &SMALL_BUCKETS);
     let _hosts: Vec<Host> = [("host-a", "a"), ("host-b", "b")].iter().map(|(n, z)| Host::start(wharf_path, &nats.url(), n, z, dir.path(), &[])).collect();
     let job = samples::path("job");
     let job = job.to_str().expect("utf-8");
@@ -93,8 +97,9 @@ async fn jobs_run_to_completion_with_exit_codes_retries_and_limits() {
     ] {
         let response = client.put(format!("{}/v1/namespaces/default/jobs/bad-api", scheduler.api)).bearer_auth(&scheduler.token).json(&body).send().await.expect("answered");
         assert_eq!(response.status(), 400, "{body}");
-        let text = response.text().await.expect("a body");
-        assert!(text.contains(expected), "{text}");
+        let error: serde_json::Value = response.json().await.expect("a JSON error");
+        let message = error["error"]["message"].as_str().unwrap_or_default();
+        assert!(error["error"]["code"] == "invalid_spec" && message.contains(expected), "{error}");
     }
     let (_, out, _) = wharf(&scheduler, &["get", "jobs", "-o", "json"]);
     assert_eq!(out.trim(), "[]", "no job was stored");
@@ -200,8 +205,8 @@ async fn scheduled_jobs_run_on_schedule_with_forbid_across_a_leader_takeover() {
     let nats = NatsServer::start();
     let dir = tempfile::tempdir().expect("tempdir");
     let wharf_path = Path::new(WHARF);
-    let mut first = Scheduler::start(wharf_path, &nats.url(), &dir.path().join("s1"), &["--name", "s1"]);
-    let second = Scheduler::start(wharf_path, &nats.url(), &dir.path().join("s2"), &["--name", "s2"]);
+    let mut first = Scheduler::start(wharf_path, &nats.url(), &dir.path().join("s1"), &[&["--name", "s1"][..], &SMALL_BUCKETS].concat());
+    let second = Scheduler::start(wharf_path, &nats.url(), &dir.path().join("s2"), &[&["--name", "s2"][..], &SMALL_BUCKETS].concat());
     let _hosts: Vec<Host> = [("host-a", "a"), ("host-b", "b")].iter().map(|(n, z)| Host::start(wharf_path, &nats.url(), n, z, dir.path(), &[])).collect();
     let job = samples::path("job");
     let job = job.to_str().expect("utf-8");

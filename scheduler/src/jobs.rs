@@ -77,11 +77,15 @@ enum Bucket {
 impl Jobs {
     /// Opens (creating when missing) the buckets, follows them and the hosts' results.
     pub async fn start(bus: &Bus) -> Result<Jobs, StoreError> {
+        // A quarter of a state bucket's limit each: a job's record and its
+        // history (at most 100 runs) are small, one value kept per key, and
+        // JetStream reserves every bucket's limit up front.
         let state = bus.storage_limits().state;
+        let quarter = wharf_bus::BucketOptions { max_bytes: state.max_bytes.map(|b| (b / 4).max(1 << 20)) };
         let jobs = Jobs {
             inner: Arc::new(Inner {
-                jobs: bus.kv_with(JOBS_BUCKET, state).await?,
-                runs: bus.kv_with(JOB_RUNS_BUCKET, state).await?,
+                jobs: bus.kv_with(JOBS_BUCKET, quarter).await?,
+                runs: bus.kv_with(JOB_RUNS_BUCKET, quarter).await?,
                 state: RwLock::default(),
                 results: Mutex::default(),
                 changes: watch::channel(0).0,
