@@ -49,7 +49,9 @@ fn main() {
                 let mib = usize::try_from(number(&value())).unwrap_or(usize::MAX);
                 let mut memory: Vec<u8> = Vec::with_capacity(mib.saturating_mul(1 << 20));
                 memory.resize(mib.saturating_mul(1 << 20), 1);
-                println!("job: allocated {} MiB", memory.len() >> 20);
+                // Kept observable, so the allocation is not optimised away.
+                let memory = std::hint::black_box(memory);
+                println!("job: allocated {} MiB", memory.iter().step_by(4096).filter(|b| **b == 1).count() >> 8);
             }
             "trap" => panic!("job: deliberate panic"),
             other => {
