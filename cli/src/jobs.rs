@@ -319,7 +319,7 @@ pub async fn get(name: Option<String>, namespace: Option<String>, output: Output
             spec.retries.to_string(),
             history.last_run.to_string(),
             history.skipped.to_string(),
-            view["next_run_ms"].as_u64().map_or("-".into(), |ms| time_text(ms)),
+            view["next_run_ms"].as_u64().map_or("-".into(), time_text),
         ]);
         for run in history.runs.iter().rev() {
             let started = run.attempts.first().map(|a| a.started_ms);

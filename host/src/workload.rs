@@ -594,7 +594,8 @@ impl Workload {
             services: spec.services.clone(),
         };
         let keyvalue = spec.keyvalue.clone().map(|access| access.with_limits(self.inner.runtime.config().keyvalue));
-        let mut state = InstanceState::new(&spec.args, &spec.env, spec.limits.memory, hooks, keyvalue, &spec.volumes, self.inner.config.clone(), &self.inner.logs)?;
+        let seen = crate::instance::Surroundings { args: &spec.args, env: &spec.env, volumes: &spec.volumes };
+        let mut state = InstanceState::new(seen, spec.limits.memory, hooks, keyvalue, self.inner.config.clone(), &self.inner.logs)?;
         state.set_messaging(spec.messaging.clone(), None);
         let mut store = Store::new(self.inner.runtime.engine(), state);
         store.limiter(|state| &mut state.limiter);

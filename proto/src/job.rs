@@ -493,7 +493,7 @@ pub struct JobHistory {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "snake_case")]
 pub enum JobCommand {
-    Start { job: JobSpec, run: u64, attempt: u32, epoch: u64 },
+    Start { job: Box<JobSpec>, run: u64, attempt: u32, epoch: u64 },
     Cancel { job: ServiceId, run: u64, attempt: u32 },
 }
 
@@ -581,12 +581,12 @@ mod tests {
             j.schedule = Some("0 3 * * *".into());
             j.time_zone = "Europe/Berlin".into();
         });
-        let schedule = spec.parsed_schedule().unwrap().unwrap();
+        let schedule = spec.parsed_schedule().expect("valid").expect("a schedule");
         // 2026-01-15 12:00:00 UTC; 03:00 in Berlin (UTC+1 in winter) is 02:00 UTC.
         let noon = 1_768_478_400_000;
-        let next = schedule.next_after(noon).unwrap();
+        let next = schedule.next_after(noon).expect("a next time");
         assert_eq!(next, 1_768_528_800_000, "2026-01-16 02:00 UTC");
-        let latest = schedule.latest_at_or_before(noon).unwrap();
+        let latest = schedule.latest_at_or_before(noon).expect("a latest time");
         assert_eq!(latest, 1_768_442_400_000, "2026-01-15 02:00 UTC");
         assert_eq!(schedule.latest_at_or_before(latest), Some(latest), "inclusive");
     }
@@ -597,7 +597,7 @@ mod tests {
         assert_eq!(schedule.latest_at_or_before(5_500), Some(4_000));
         assert_eq!(schedule.next_after(5_500), Some(6_000));
         assert_eq!(schedule.next_after(6_000), Some(8_000));
-        let seconds = job(|j| j.schedule = Some("*/2 * * * * *".into())).parsed_schedule().unwrap().unwrap();
+        let seconds = job(|j| j.schedule = Some("*/2 * * * * *".into())).parsed_schedule().expect("valid").expect("a schedule");
         assert_eq!(seconds.next_after(5_500), Some(6_000));
     }
 

@@ -311,7 +311,7 @@ impl Jobs {
     /// Sends an attempt to its host; a host that does not take it is
     /// recorded as the attempt's failure (`host_error`), retried as any.
     fn send_start(&self, bus: &Bus, job: &StoredJob, start: &AttemptRef, epoch: u64) {
-        let command = JobCommand::Start { job: job.spec.clone(), run: start.run, attempt: start.attempt, epoch };
+        let command = JobCommand::Start { job: Box::new(job.spec.clone()), run: start.run, attempt: start.attempt, epoch };
         let jobs = self.clone();
         let bus = bus.clone();
         let start = start.clone();

@@ -113,7 +113,7 @@ impl HostAgent {
                 let agent = self.clone();
                 let task_key = key.clone();
                 let task = tokio::spawn(async move {
-                    let result = agent.run_attempt(job, task_key.clone()).await;
+                    let result = agent.run_attempt(*job, task_key.clone()).await;
                     agent.inner.jobs.lock().running.remove(&task_key);
                     agent.publish_result(&result).await;
                 });

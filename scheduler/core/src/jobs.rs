@@ -286,7 +286,7 @@ mod tests {
     use wharf_proto::JobSpec;
 
     fn host(id: &str, free_mib: u64) -> JobHost {
-        JobHost { id: HostId::new(id).unwrap(), labels: BTreeMap::new(), free_memory: ByteSize::mib(free_mib), cached: false }
+        JobHost { id: HostId::new(id).expect("a host id"), labels: BTreeMap::new(), free_memory: ByteSize::mib(free_mib), cached: false }
     }
 
     fn job(f: impl FnOnce(&mut JobSpec)) -> StoredJob {
@@ -301,10 +301,10 @@ mod tests {
 
     fn result(run: u64, attempt: u32, exit: Option<i32>, at: u64) -> JobResult {
         JobResult {
-            job: "default/report".parse().unwrap(),
+            job: "default/report".parse().expect("a job id"),
             run,
             attempt,
-            host: HostId::new("a").unwrap(),
+            host: HostId::new("a").expect("a host id"),
             finished_ms: at,
             exit_code: exit,
             outcome: if exit.is_some() { "exited".into() } else { "deadline".into() },
@@ -318,7 +318,7 @@ mod tests {
         job.requested = 1;
         let hosts = [host("a", 512)];
         let plan = pass(&job, &JobHistory::default(), &[], &hosts, 20_000);
-        assert_eq!(plan.starts, vec![AttemptRef { run: 1, attempt: 1, host: HostId::new("a").unwrap() }]);
+        assert_eq!(plan.starts, vec![AttemptRef { run: 1, attempt: 1, host: HostId::new("a").expect("a host id") }]);
         assert_eq!(plan.history.runs[0].state, RunState::Running);
         let again = pass(&job, &plan.history, &[], &hosts, 20_100);
         assert!(again.starts.is_empty(), "level-triggered: nothing new to start");
@@ -366,7 +366,7 @@ mod tests {
         assert_eq!(busy.history.skipped, 1);
         assert_eq!(busy.history.runs.len(), 1);
         let free = pass(&job, &busy.history, &[result(1, 1, Some(0), 15_000)], &hosts, 16_000);
-        assert_eq!(free.starts, vec![AttemptRef { run: 2, attempt: 1, host: HostId::new("a").unwrap() }]);
+        assert_eq!(free.starts, vec![AttemptRef { run: 2, attempt: 1, host: HostId::new("a").expect("a host id") }]);
     }
 
     #[test]
@@ -386,7 +386,7 @@ mod tests {
         });
         let first = pass(&replace, &JobHistory::default(), &[], &hosts, 12_000);
         let second = pass(&replace, &first.history, &[], &hosts, 14_000);
-        assert_eq!(second.cancels, vec![AttemptRef { run: 1, attempt: 1, host: HostId::new("a").unwrap() }]);
+        assert_eq!(second.cancels, vec![AttemptRef { run: 1, attempt: 1, host: HostId::new("a").expect("a host id") }]);
         assert_eq!(second.history.runs[0].state, RunState::Cancelled);
         assert_eq!(second.starts[0].run, 2);
     }
