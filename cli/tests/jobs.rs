@@ -133,6 +133,9 @@ async fn jobs_run_to_completion_with_exit_codes_retries_and_limits() {
     }
     let doubled = run.attempts[2].started_ms - run.attempts[1].finished_ms.expect("finished");
     assert!(doubled >= 550, "the backoff doubles: {doubled} ms");
+    // What the leader decided is in the namespace's events.
+    let (_, events, _) = wharf(&scheduler, &["events", "--service", "failing"]);
+    assert!(events.contains("Started") && events.contains("run 1 after 3 attempt(s)") && events.contains("Failed"), "{events}");
     // One that fails once is retried and succeeds.
     let (code, out, err) = wharf(&scheduler, &["run", job, "--name", "flaky", "--retries", "2", "--backoff", "100ms", "--", "fail-before-attempt", "2"]);
     assert_eq!(code, 0, "{out}{err}");

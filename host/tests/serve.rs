@@ -416,7 +416,8 @@ fn a_digest_given_with_the_bytes_is_verified() {
 async fn refused_loads_leave_running_workloads_serving() {
     let host = Host::new();
     let hello = host.serve("hello", |_| {}).await;
-    for bad in [b"junk".to_vec(), samples::bytes("notcomponent")] {
+    let no_export = wat::parse_str("(component)").expect("wat");
+    for bad in [b"junk".to_vec(), no_export] {
         assert!(host.runtime.load(&bad, None).is_err());
         assert_eq!(host.get(&format!("{}/", hello.url)).await.0, 200);
     }

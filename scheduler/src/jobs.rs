@@ -15,6 +15,7 @@
 //! keeps those not yet recorded, so a follower that takes over has heard
 //! the results of attempts its predecessor started.
 
+use crate::events::{NewEvent, Recorder};
 use crate::hosts::HostTable;
 use crate::store::{StoreError, now_ms};
 use bytes::Bytes;
@@ -24,7 +25,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::sync::watch;
 use wharf_bus::{Bus, Kv, KvError};
-use wharf_proto::job::{JobCommand, JobCommandReply, JobHistory, JobResult, StoredJob};
+use wharf_proto::job::{JobCommand, JobCommandReply, JobHistory, JobResult, RunState, StoredJob};
 use wharf_proto::names::{JOB_RESULTS_WILDCARD, JOB_RUNS_BUCKET, JOBS_BUCKET, host_jobs_subject, service_key};
 use wharf_proto::{HostId, ServiceId};
 use wharf_scheduler_core::jobs::{AttemptRef, JobHost, JobInput, cancel_runs, plan_job};
@@ -196,14 +197,14 @@ impl Jobs {
     }
 
     /// Runs the job loop as leader with `epoch` until `stop` turns true.
-    pub(crate) async fn lead(self, bus: Bus, hosts: HostTable, epoch: u64, mut stop: watch::Receiver<bool>) {
+    pub(crate) async fn lead(self, bus: Bus, hosts: HostTable, events: Recorder, epoch: u64, mut stop: watch::Receiver<bool>) {
         tokio::select! {
             _ = async { tokio::join!(self.synced(), hosts.warmed_up()) } => {}
             _ = stop.changed() => return,
         }
         let mut changes = self.inner.changes.subscribe();
         loop {
-            let wake = self.pass(&bus, &hosts, epoch).await;
+            let wake = self.pass(&bus, &hosts, &events, epoch).await;
             let sleep = wake.map_or(Duration::from_secs(3600), |at| Duration::from_millis(at.saturating_sub(now_ms()).max(1)));
             tokio::select! {
                 _ = stop.changed() => return,
@@ -215,7 +216,7 @@ impl Jobs {
     }
 
     /// One pass over every job; returns when to look again.
-    async fn pass(&self, bus: &Bus, hosts: &HostTable, epoch: u64) -> Option<u64> {
+    async fn pass(&self, bus: &Bus, hosts: &HostTable, events: &Recorder, epoch: u64) -> Option<u64> {
         let now = now_ms();
         let ready: Vec<(JobHost, BTreeSet<wharf_proto::Digest>)> = hosts
             .hosts()
@@ -255,6 +256,7 @@ impl Jobs {
                         if let Ok(mut state) = self.inner.state.write() {
                             state.runs.insert(id.clone(), (plan.history.clone(), revision));
                         }
+                        record_events(events, &id, &history, &plan);
                     }
                     Err(e) => {
                         // Someone else wrote it (a newer leader, or our own
@@ -333,6 +335,37 @@ impl Jobs {
                 error: Some(refusal),
             });
         });
+    }
+}
+
+/// Records what a written plan did, as events of the job (`wharf events`):
+/// attempts started, runs that ended, schedule times skipped, runs waiting
+/// for a host (once per reason).
+fn record_events(events: &Recorder, id: &ServiceId, before: &JobHistory, plan: &wharf_scheduler_core::jobs::JobPlan) {
+    for start in &plan.starts {
+        events.record(NewEvent::new(id, "Started", format!("run {} attempt {} started on {}", start.run, start.attempt, start.host)).replica(Some(&start.host), start.run, start.attempt));
+    }
+    for run in &plan.history.runs {
+        let was = before.runs.iter().find(|r| r.run == run.run).map(|r| r.state);
+        if run.state.is_finished() && was.is_none_or(|state| !state.is_finished()) {
+            let last = run.attempts.last();
+            let (reason, how) = match run.state {
+                RunState::Succeeded => ("Succeeded", "exited 0".to_string()),
+                RunState::Cancelled => ("Cancelled", last.and_then(|a| a.error.clone()).unwrap_or_default()),
+                _ => ("Failed", last.and_then(|a| a.error.clone().or(a.outcome.clone())).unwrap_or_default()),
+            };
+            let event = NewEvent::new(id, reason, format!("run {} after {} attempt(s): {how}", run.run, run.attempts.len()));
+            events.record(match last {
+                Some(attempt) => event.replica(attempt.host.as_ref(), run.run, attempt.attempt),
+                None => event,
+            });
+        }
+        if let Some(pending) = &run.pending {
+            events.record_once(format!("job-pending/{id}/{}/{pending}", run.run), NewEvent::new(id, "Unplaceable", format!("run {}: {pending}", run.run)));
+        }
+    }
+    if plan.history.skipped > before.skipped {
+        events.record(NewEvent::new(id, "Skipped", "a run was due while one still ran (concurrency_policy: forbid)"));
     }
 }
 

@@ -232,7 +232,7 @@ async fn lead(context: controller::Context, jobs: jobs::Jobs, mut leadership: wa
                 // Another leader may have recorded events meanwhile: number on from the bucket.
                 context.events.renumber();
                 let task = tokio::spawn(controller::run(context.clone(), epoch, quitting.clone()));
-                let job_loop = tokio::spawn(jobs.clone().lead(context.bus.clone(), context.hosts.clone(), epoch, quitting));
+                let job_loop = tokio::spawn(jobs.clone().lead(context.bus.clone(), context.hosts.clone(), context.events.clone(), epoch, quitting));
                 // Lead until the epoch changes or the process stops.
                 loop {
                     tokio::select! {

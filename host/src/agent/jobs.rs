@@ -12,10 +12,9 @@ use crate::limits::WorkloadLimits;
 use crate::logs::LogBuffer;
 use crate::workload::{Outcome, Workload, WorkloadSpec};
 use bytes::Bytes;
-use futures::StreamExt;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use wharf_proto::job::{JobCommand, JobCommandReply, JobResult, JobSpec};
 use wharf_proto::names::{host_jobs_subject, job_result_subject};
 use wharf_proto::{ReplicaKey, ServiceId};
@@ -69,29 +68,14 @@ impl Jobs {
 impl HostAgent {
     /// Takes [`JobCommand`]s on this host's jobs subject until the agent stops.
     pub(super) async fn answer_job_commands(&self) -> Result<(), wharf_bus::SubscribeError> {
-        let mut commands = self.inner.bus.subscribe(&host_jobs_subject(&self.inner.config.host)).await?;
-        let weak = Arc::downgrade(&self.inner);
-        let mut stop = self.inner.stop.subscribe();
-        tokio::spawn(async move {
-            loop {
-                let message = tokio::select! {
-                    _ = stop.changed() => return,
-                    message = commands.next() => message,
-                };
-                let Some(message) = message else { return };
-                let Some(inner) = weak.upgrade() else { return };
-                let agent = HostAgent { inner };
-                let reply = match serde_json::from_slice::<JobCommand>(&message.payload) {
-                    Ok(command) => agent.job_command(command),
-                    Err(e) => JobCommandReply { accepted: false, error: Some(format!("unreadable job command: {e}")) },
-                };
-                let payload = serde_json::to_vec(&reply).unwrap_or_default();
-                if let Err(e) = agent.inner.bus.respond(&message, Bytes::from(payload)).await {
-                    tracing::debug!("job command not answered: {e}");
-                }
-            }
-        });
-        Ok(())
+        self.answer_requests(host_jobs_subject(&self.inner.config.host), |agent, payload| {
+            let reply = match serde_json::from_slice::<JobCommand>(payload) {
+                Ok(command) => agent.job_command(command),
+                Err(e) => refused(format!("unreadable job command: {e}")),
+            };
+            serde_json::to_vec(&reply).unwrap_or_default()
+        })
+        .await
     }
 
     fn job_command(&self, command: JobCommand) -> JobCommandReply {

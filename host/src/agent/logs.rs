@@ -11,8 +11,6 @@ use super::HostAgent;
 use crate::logs::{LogLine, LogStream};
 use crate::workload::Workload;
 use bytes::Bytes;
-use futures::StreamExt;
-use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 use tokio::sync::broadcast::error::RecvError;
 use wharf_proto::observe::{LogBatch, LogQuery, LogRecord, LogStreamName};
@@ -70,32 +68,17 @@ impl HostAgent {
 
     /// Answers [`LogQuery`]s on this host's logs subject until the agent stops.
     pub(super) async fn answer_log_queries(&self) -> Result<(), wharf_bus::SubscribeError> {
-        let mut queries = self.inner.bus.subscribe(&host_logs_subject(&self.inner.config.host)).await?;
-        let weak = Arc::downgrade(&self.inner);
-        let mut stop = self.inner.stop.subscribe();
-        tokio::spawn(async move {
-            loop {
-                let message = tokio::select! {
-                    _ = stop.changed() => return,
-                    message = queries.next() => message,
-                };
-                let Some(message) = message else { return };
-                let Some(inner) = weak.upgrade() else { return };
-                let agent = HostAgent { inner };
-                let batch = match serde_json::from_slice::<LogQuery>(&message.payload) {
-                    Ok(query) => agent.recent_logs(&query),
-                    Err(e) => {
-                        tracing::debug!("unreadable log query: {e}");
-                        LogBatch::default()
-                    }
-                };
-                let payload = serde_json::to_vec(&batch).unwrap_or_default();
-                if let Err(e) = agent.inner.bus.respond(&message, Bytes::from(payload)).await {
-                    tracing::debug!("log query not answered: {e}");
+        self.answer_requests(host_logs_subject(&self.inner.config.host), |agent, payload| {
+            let batch = match serde_json::from_slice::<LogQuery>(payload) {
+                Ok(query) => agent.recent_logs(&query),
+                Err(e) => {
+                    tracing::debug!("unreadable log query: {e}");
+                    LogBatch::default()
                 }
-            }
-        });
-        Ok(())
+            };
+            serde_json::to_vec(&batch).unwrap_or_default()
+        })
+        .await
     }
 
     /// The lines `query` asks for from the replicas here, oldest first,

@@ -223,6 +223,34 @@ impl HostAgent {
         });
     }
 
+    /// Answers every request on `subject` with what `answer` makes of its
+    /// payload, one at a time, until the agent stops.
+    async fn answer_requests(
+        &self,
+        subject: String,
+        answer: impl Fn(&HostAgent, &[u8]) -> Vec<u8> + Send + 'static,
+    ) -> Result<(), wharf_bus::SubscribeError> {
+        let mut requests = self.inner.bus.subscribe(&subject).await?;
+        let weak = Arc::downgrade(&self.inner);
+        let mut stop = self.inner.stop.subscribe();
+        tokio::spawn(async move {
+            loop {
+                let message = tokio::select! {
+                    _ = stop.changed() => return,
+                    message = requests.next() => message,
+                };
+                let Some(message) = message else { return };
+                let Some(inner) = weak.upgrade() else { return };
+                let agent = HostAgent { inner };
+                let reply = answer(&agent, &message.payload);
+                if let Err(e) = agent.inner.bus.respond(&message, bytes::Bytes::from(reply)).await {
+                    tracing::debug!(%subject, "request not answered: {e}");
+                }
+            }
+        });
+        Ok(())
+    }
+
     /// Stops the background tasks; workloads serving requests finish them.
     pub fn shutdown(&self) {
         let _ = self.inner.stop.send(true);
