@@ -24,10 +24,15 @@ const SMALL_BUCKETS: [&str; 6] = ["--kv-max-bytes", "16MiB", "--data-kv-max-byte
 
 /// A `wharf` client command against `scheduler`: exit code, stdout, stderr.
 fn wharf(scheduler: &Scheduler, args: &[&str]) -> (i32, String, String) {
+    wharf_at(&scheduler.api, &scheduler.token, args)
+}
+
+/// A `wharf` client command against the API at `api`.
+fn wharf_at(api: &str, token: &str, args: &[&str]) -> (i32, String, String) {
     let output = Command::new(WHARF)
         .args(args)
-        .env("WHARF_API", &scheduler.api)
-        .env("WHARF_TOKEN", &scheduler.token)
+        .env("WHARF_API", api)
+        .env("WHARF_TOKEN", token)
         .stdin(Stdio::null())
         .output()
         .expect("wharf runs");
@@ -240,6 +245,11 @@ async fn scheduled_jobs_run_on_schedule_with_forbid_across_a_leader_takeover() {
     assert!(logs.contains("quick"), "{logs}");
 
     // kill -9 the leader: the other takes over the schedules; no time fires twice, and runs go on.
+    let healthz = |api: String| async move {
+        let body: serde_json::Value = reqwest::get(format!("{api}/healthz")).await.expect("answered").json().await.expect("JSON");
+        body["leadership"]["leader"] == true
+    };
+    assert!(healthz(first.api.clone()).await && !healthz(second.api.clone()).await, "the first scheduler leads");
     let before = history(&first, "quick").last_run;
     first.process.kill();
     let after = until(&second, "quick", Duration::from_secs(20), |h| h.last_run >= before + 3).await;
@@ -255,4 +265,20 @@ async fn scheduled_jobs_run_on_schedule_with_forbid_across_a_leader_takeover() {
     }
     let (_, table, _) = wharf(&second, &["get", "jobs"]);
     assert!(table.contains("default/slow") && table.contains("every 1s") && table.contains("forbid") && table.contains("*/2 * * * * * Europe/Berlin"), "{table}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_runs_under_wharf_up_and_counts_in_the_hosts_metrics() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let up = wharf_testkit::wharf::Up::start(Path::new(WHARF), dir.path(), &[]);
+    let job = samples::path("job");
+    let (code, out, err) = wharf_at(&up.api, &up.token, &["run", job.to_str().expect("utf-8"), "--name", "local", "--", "print", "one node", "exit", "1"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.contains("one node") && err.contains("exited with code 1"), "{out}{err}");
+    let metrics = reqwest::get(format!("{}/metrics", up.admin)).await.expect("metrics").text().await.expect("text");
+    assert!(
+        metrics.lines().any(|l| l.starts_with("wharf_requests_total{") && l.contains("service=\"default/local\"") && l.contains("outcome=\"exited_nonzero\"") && l.ends_with(" 1")),
+        "the run counts in wharf_requests_total: {}",
+        metrics.lines().filter(|l| l.contains("default/local")).collect::<Vec<_>>().join("\n")
+    );
 }

@@ -68,7 +68,7 @@ impl HostAgent {
             started_at_ms: self.inner.started_at_ms,
             draining: self.inner.draining.load(Ordering::Relaxed),
             demand: self.inner.activations.demand(),
-            memory_reserved: wharf_proto::ByteSize(self.inner.replicas.memory_reserved()),
+            memory_reserved: wharf_proto::ByteSize(self.inner.replicas.memory_reserved() + self.inner.jobs.memory_reserved()),
             memory_in_use: resident_memory(),
         };
         let payload = match serde_json::to_vec(&heartbeat) {

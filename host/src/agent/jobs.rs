@@ -39,8 +39,8 @@ pub(super) struct Jobs {
 
 #[derive(Default)]
 struct JobsState {
-    /// Running attempts, to stop them on a cancel.
-    running: BTreeMap<ReplicaKey, tokio::task::AbortHandle>,
+    /// Running attempts, to stop them on a cancel, with the memory each may use.
+    running: BTreeMap<ReplicaKey, (tokio::task::AbortHandle, u64)>,
     /// Log rings of running and recent attempts, oldest first.
     logs: VecDeque<(ReplicaKey, LogBuffer)>,
 }
@@ -53,6 +53,13 @@ impl Jobs {
     /// The log rings of `job`'s attempts kept here.
     pub(super) fn logs_of(&self, job: &ServiceId) -> Vec<(ReplicaKey, LogBuffer)> {
         self.lock().logs.iter().filter(|(key, _)| key.service == *job).cloned().collect()
+    }
+
+    /// Memory the running attempts may use (their caps), reported in
+    /// heartbeats beside the replicas' reservations, so job placement
+    /// counts it.
+    pub(super) fn memory_reserved(&self) -> u64 {
+        self.lock().running.values().map(|(_, memory)| memory).sum()
     }
 
     fn keep_logs(&self, key: ReplicaKey, logs: LogBuffer) {
@@ -94,6 +101,7 @@ impl HostAgent {
                     // The leader's request was answered but the answer lost: it runs already.
                     return JobCommandReply { accepted: true, error: None };
                 }
+                let memory = job.limits.memory.bytes();
                 let agent = self.clone();
                 let task_key = key.clone();
                 let task = tokio::spawn(async move {
@@ -101,12 +109,12 @@ impl HostAgent {
                     agent.inner.jobs.lock().running.remove(&task_key);
                     agent.publish_result(&result).await;
                 });
-                state.running.insert(key, task.abort_handle());
+                state.running.insert(key, (task.abort_handle(), memory));
                 JobCommandReply { accepted: true, error: None }
             }
             JobCommand::Cancel { job, run, attempt } => {
                 let key = ReplicaKey { service: job, revision: run, replica: attempt };
-                if let Some(task) = self.inner.jobs.lock().running.remove(&key) {
+                if let Some((task, _)) = self.inner.jobs.lock().running.remove(&key) {
                     task.abort();
                     tracing::info!(job = %key.service, run, attempt, "job attempt cancelled");
                 }
