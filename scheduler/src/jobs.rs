@@ -11,6 +11,11 @@
 //! the history which schedule times were already handled: it neither fires
 //! one twice nor forgets one that came due while no one led.
 //!
+//! A new leader first sends again the starts of every attempt the
+//! histories say runs (its predecessor may have written one and died
+//! before sending it); a host acknowledges a start it runs or ran without
+//! running it twice.
+//!
 //! Every scheduler follows the hosts' results (`wharf.jobresult.>`) and
 //! keeps those not yet recorded, so a follower that takes over has heard
 //! the results of attempts its predecessor started.
@@ -28,7 +33,7 @@ use wharf_bus::{Bus, Kv, KvError};
 use wharf_proto::job::{JobCommand, JobCommandReply, JobHistory, JobResult, RunState, StoredJob};
 use wharf_proto::names::{JOB_RESULTS_WILDCARD, JOB_RUNS_BUCKET, JOBS_BUCKET, host_jobs_subject, service_key};
 use wharf_proto::{HostId, ServiceId};
-use wharf_scheduler_core::jobs::{AttemptRef, JobHost, JobInput, cancel_runs, plan_job};
+use wharf_scheduler_core::jobs::{AttemptRef, JobHost, JobInput, cancel_runs, plan_job, running_attempts};
 
 /// Results heard and not yet recorded, at most (oldest dropped).
 const MAX_RESULTS: usize = 4096;
@@ -203,6 +208,7 @@ impl Jobs {
             _ = stop.changed() => return,
         }
         let mut changes = self.inner.changes.subscribe();
+        self.resume(&bus, epoch);
         loop {
             let wake = self.pass(&bus, &hosts, &events, epoch).await;
             let sleep = wake.map_or(Duration::from_secs(3600), |at| Duration::from_millis(at.saturating_sub(now_ms()).max(1)));
@@ -212,6 +218,24 @@ impl Jobs {
                 Ok(()) = changes.changed() => {}
             }
             tokio::time::sleep(COALESCE).await;
+        }
+    }
+
+    /// Sends again every attempt the histories say runs: a predecessor may
+    /// have recorded one and stopped before sending it. Hosts take a start
+    /// they already run, or ran, without running it again (a finished one's
+    /// result is published again).
+    fn resume(&self, bus: &Bus, epoch: u64) {
+        let attempts: Vec<(StoredJob, AttemptRef)> = self.read(|state| {
+            state
+                .runs
+                .iter()
+                .filter_map(|(id, (history, _))| state.jobs.get(id).map(|job| (job, history)))
+                .flat_map(|(job, history)| running_attempts(history).into_iter().map(move |attempt| (job.clone(), attempt)))
+                .collect()
+        });
+        for (job, attempt) in attempts {
+            self.send_start(bus, &job, &attempt, epoch);
         }
     }
 

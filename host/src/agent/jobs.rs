@@ -43,6 +43,10 @@ struct JobsState {
     running: BTreeMap<ReplicaKey, (tokio::task::AbortHandle, u64)>,
     /// Log rings of running and recent attempts, oldest first.
     logs: VecDeque<(ReplicaKey, LogBuffer)>,
+    /// How recent attempts ended, oldest first: a start sent again (by a
+    /// new leader) for one of them publishes its result again rather than
+    /// running it twice.
+    finished: VecDeque<(ReplicaKey, JobResult)>,
 }
 
 impl Jobs {
@@ -60,6 +64,15 @@ impl Jobs {
     /// counts it.
     pub(super) fn memory_reserved(&self) -> u64 {
         self.lock().running.values().map(|(_, memory)| memory).sum()
+    }
+
+    fn finish(&self, key: &ReplicaKey, result: &JobResult) {
+        let mut state = self.lock();
+        state.running.remove(key);
+        state.finished.push_back((key.clone(), result.clone()));
+        while state.finished.len() > FINISHED_KEPT {
+            state.finished.pop_front();
+        }
     }
 
     fn keep_logs(&self, key: ReplicaKey, logs: LogBuffer) {
@@ -88,25 +101,31 @@ impl HostAgent {
     fn job_command(&self, command: JobCommand) -> JobCommandReply {
         match command {
             JobCommand::Start { job, run, attempt, epoch } => {
+                let key = ReplicaKey { service: job.id(), revision: run, replica: attempt };
+                let mut state = self.inner.jobs.lock();
+                // A start is idempotent: a new leader sends again the starts
+                // its predecessor recorded, which may have run already.
+                if state.running.contains_key(&key) {
+                    return JobCommandReply { accepted: true, error: None };
+                }
+                if let Some((_, result)) = state.finished.iter().find(|(k, _)| *k == key) {
+                    let (agent, result) = (self.clone(), result.clone());
+                    tokio::spawn(async move { agent.publish_result(&result).await });
+                    return JobCommandReply { accepted: true, error: None };
+                }
                 if self.inner.draining.load(Ordering::Relaxed) {
                     return refused(format!("host {} is draining", self.inner.config.host));
                 }
-                let newest = self.inner.epoch.load(Ordering::Relaxed);
+                let newest = self.inner.epoch.fetch_max(epoch, Ordering::Relaxed);
                 if epoch < newest {
                     return refused(format!("the start comes from leader epoch {epoch}, older than {newest} (a deposed leader)"));
-                }
-                let key = ReplicaKey { service: job.id(), revision: run, replica: attempt };
-                let mut state = self.inner.jobs.lock();
-                if state.running.contains_key(&key) {
-                    // The leader's request was answered but the answer lost: it runs already.
-                    return JobCommandReply { accepted: true, error: None };
                 }
                 let memory = job.limits.memory.bytes();
                 let agent = self.clone();
                 let task_key = key.clone();
                 let task = tokio::spawn(async move {
                     let result = agent.run_attempt(*job, task_key.clone()).await;
-                    agent.inner.jobs.lock().running.remove(&task_key);
+                    agent.inner.jobs.finish(&task_key, &result);
                     agent.publish_result(&result).await;
                 });
                 state.running.insert(key, (task.abort_handle(), memory));

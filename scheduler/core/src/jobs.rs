@@ -130,6 +130,20 @@ pub fn cancel_runs(history: &JobHistory, now_ms: u64, why: &str) -> JobPlan {
     plan
 }
 
+/// The attempts a history says run now, on their hosts: what a new leader
+/// sends again (a start is idempotent on the host), in case its
+/// predecessor recorded an attempt and stopped before sending it.
+pub fn running_attempts(history: &JobHistory) -> Vec<AttemptRef> {
+    history
+        .runs
+        .iter()
+        .filter(|run| !run.state.is_finished())
+        .flat_map(|run| {
+            run.attempts.iter().filter(|a| a.finished_ms.is_none()).filter_map(|a| a.host.clone().map(|host| AttemptRef { run: run.run, attempt: a.attempt, host }))
+        })
+        .collect()
+}
+
 fn cancel_active(plan: &mut JobPlan, now_ms: u64, why: &str) {
     for run in plan.history.runs.iter_mut().filter(|r| !r.state.is_finished()) {
         for attempt in run.attempts.iter_mut().filter(|a| a.finished_ms.is_none()) {
@@ -410,6 +424,16 @@ mod tests {
         let lost = pass(&job, &started.history, &[], &hosts, 51_000);
         assert_eq!(lost.history.runs[0].state, RunState::Failed);
         assert_eq!(lost.history.runs[0].attempts[0].outcome.as_deref(), Some("lost"));
+    }
+
+    #[test]
+    fn a_new_leader_sends_again_exactly_the_running_attempts() {
+        let mut job = job(|j| j.retries = 1);
+        job.requested = 2;
+        let hosts = [host("a", 512)];
+        let started = pass(&job, &JobHistory::default(), &[], &hosts, 20_000);
+        let one_done = pass(&job, &started.history, &[result(1, 1, Some(0), 21_000)], &hosts, 21_000);
+        assert_eq!(running_attempts(&one_done.history), vec![AttemptRef { run: 2, attempt: 1, host: HostId::new("a").expect("a host id") }]);
     }
 
     #[test]
