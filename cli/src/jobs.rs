@@ -123,8 +123,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut waits = Vec::new();
     for spec in &specs {
         let id = spec.id();
-        let url = format!("{}/v1/namespaces/{}/jobs/{}", api.base, id.namespace, id.name);
-        let answer = api.call(api.http.put(url).json(spec)).await.with_context(|| format!("job {id}"))?;
+        // `wharf run` runs a one-off job even when it is unchanged.
+        let answer = put(&api, spec, Some(!spec.is_periodic())).await?;
         let requested = answer["requested"].as_u64().unwrap_or(0);
         if spec.is_periodic() {
             let next = answer["next_run_ms"].as_u64().map(|ms| humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string());
@@ -139,6 +139,17 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         Some((id, requested)) => wait(&api, &id, requested).await,
         None => Ok(()),
     }
+}
+
+/// Writes a job; `run` asks for a run (`None`: the API's default, a run
+/// of a one-off job that is new or changed).
+pub(crate) async fn put(api: &Api, spec: &JobSpec, run: Option<bool>) -> anyhow::Result<Value> {
+    let url = format!("{}/v1/namespaces/{}/jobs/{}", api.base, spec.namespace, spec.name);
+    let mut request = api.http.put(url).json(spec);
+    if let Some(run) = run {
+        request = request.query(&[("run", run)]);
+    }
+    api.call(request).await.with_context(|| format!("job {}", spec.id()))
 }
 
 /// The spec the flags describe; the component is uploaded.
@@ -209,11 +220,7 @@ async fn from_manifest(api: &Api, manifest: &Path, registry: &crate::oci::Regist
     }
     let mut specs = Vec::new();
     for job in jobs {
-        let digest = match &job.component {
-            ComponentRef::File(path) => api.upload(&base.join(path)).await?,
-            ComponentRef::Digest(digest) => digest.clone(),
-            ComponentRef::Oci(reference) => api.upload_pulled(reference, registry).await?,
-        };
+        let digest = api.component(&job.component, &base, registry).await?;
         specs.push(job.with_component(digest));
     }
     Ok(specs)

@@ -173,13 +173,44 @@ async fn jobs_run_to_completion_with_exit_codes_retries_and_limits() {
     let (code, out, _) = wharf(&scheduler, &["run", job, "--name", "later", "--detach", "--", "sleep", "500", "print", "done later"]);
     assert_eq!(code, 0);
     assert!(out.contains("job default/later: run requested (#1)"), "{out}");
-    let history = until(&scheduler, "later", Duration::from_secs(20), |h| h.runs.iter().any(|r| r.state.is_finished())).await;
-    assert_eq!(only_run(&history).state, RunState::Succeeded);
+    let later = until(&scheduler, "later", Duration::from_secs(20), |h| h.runs.iter().any(|r| r.state.is_finished())).await;
+    assert_eq!(only_run(&later).state, RunState::Succeeded);
     // Running an existing job again is a second run.
     let (code, out, _) = wharf(&scheduler, &["run", job, "--name", "later", "--", "print", "again"]);
     assert_eq!(code, 0);
     assert!(out.contains("again") && !out.contains("done later"), "only this run's output: {out}");
     assert_eq!(history_len(&scheduler, "later"), 2);
+
+    // `wharf apply` reads jobs beside services; applying again runs nothing again.
+    let manifest = dir.path().join("app.yaml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "services:\n  - name: web\n    component: {{ file: {} }}\njobs:\n  - name: migrate\n    component: {{ file: {job} }}\n    args: [print, migrated]\n  - name: nightly\n    component: {{ file: {job} }}\n    schedule: \"0 3 * * *\"\n    time_zone: America/New_York\n",
+            hello.display()
+        ),
+    )
+    .expect("write");
+    let manifest = manifest.to_str().expect("utf-8");
+    let (code, out, err) = wharf(&scheduler, &["apply", "-f", manifest, "--no-wait"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("job default/migrate created, run requested (#1)") && out.contains("job default/nightly created\n"), "{out}");
+    let migrated = until(&scheduler, "migrate", Duration::from_secs(20), |h| h.runs.iter().any(|r| r.state.is_finished())).await;
+    assert_eq!(only_run(&migrated).state, RunState::Succeeded);
+    let (code, out, _) = wharf(&scheduler, &["apply", "-f", manifest, "--no-wait"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("job default/migrate unchanged") && !out.contains("run requested"), "{out}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(history_len(&scheduler, "migrate"), 1, "an unchanged one-off job is not run again");
+    let nightly = history(&scheduler, "nightly");
+    assert!(nightly.runs.is_empty(), "not due yet: {nightly:?}");
+    let (_, table, _) = wharf(&scheduler, &["get", "jobs", "nightly"]);
+    assert!(table.contains("0 3 * * * America/New_York") && table.contains("T0") , "the next run is shown: {table}");
+    // A service may not take a job's name, nor a job a service's.
+    let (code, _, err) = wharf(&scheduler, &["deploy", hello.to_str().expect("utf-8"), "--name", "migrate", "--no-wait"]);
+    assert!(code != 0 && err.contains("default/migrate is a job"), "{err}");
+    let (code, _, err) = wharf(&scheduler, &["run", job, "--name", "web"]);
+    assert!(code != 0 && err.contains("default/web is a service"), "{err}");
 }
 
 fn history_len(scheduler: &Scheduler, name: &str) -> usize {

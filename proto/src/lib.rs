@@ -19,7 +19,7 @@ pub mod wire;
 
 pub use digest::{Digest, DigestError};
 pub use manifest::{
-    ComponentRef, JobManifest, Location, ManifestError, ManifestFormat, ServiceManifest, parse_job_manifest, parse_manifest,
+    ComponentRef, JobManifest, Location, Manifest, ManifestError, ManifestFormat, ServiceManifest, parse_apply_manifest, parse_job_manifest, parse_manifest,
 };
 pub use job::{JobSpec, StoredJob, JobHistory, JobRun, JobAttempt, RunState, ConcurrencyPolicy};
 pub use names::{HostId, NameError, ServiceId};

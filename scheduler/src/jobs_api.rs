@@ -5,9 +5,10 @@
 //! A write is checked before anything is stored: the spec (schedule and
 //! time zone included), the component uploaded and exporting
 //! `wasi:cli/run`, no service of the same name, the namespace's quota for
-//! one run, a host large enough. Writing a one-off job (or `?run=true`)
-//! asks for a run: the job's `requested` count goes up, and the leader
-//! starts a run for each request its history has not started.
+//! one run, a host large enough. Writing a one-off job that is new or
+//! changed (or any job with `?run=true`) asks for a run: the job's
+//! `requested` count goes up, and the leader starts a run for each
+//! request its history has not started.
 
 use crate::ControlPlane;
 use crate::api::{ApiError, check_room, check_uploaded, named_body, service_id};
@@ -76,7 +77,9 @@ async fn get_job(State(plane): State<ControlPlane>, Path((ns, name)): Path<(Stri
 #[derive(serde::Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct PutQuery {
-    /// Ask for a run now (default: yes for a one-off job, no for a periodic one).
+    /// Ask for a run now (default: for a one-off job that is new or
+    /// changed, as applying a manifest again should not run it again; never
+    /// for a periodic one).
     run: Option<bool>,
 }
 
@@ -90,9 +93,10 @@ async fn put_job(
     let id = service_id(&ns, &name)?;
     let spec: JobSpec = named_body(&body, &id, "a job spec")?;
     check(&plane, &spec).await?;
-    let run = query.run.unwrap_or(!spec.is_periodic());
     for _ in 0..5 {
         let current = plane.jobs.job(&id).await?;
+        let changed = current.as_ref().is_none_or(|job| job.spec != spec);
+        let run = query.run.unwrap_or(!spec.is_periodic() && changed);
         let (job, expected) = match current {
             Some(mut job) => {
                 let version = job.version;
@@ -108,6 +112,8 @@ async fn put_job(
                 let stored = StoredJob { version, ..job };
                 let mut answer = view(&stored, None);
                 answer["requested"] = json!(stored.requested);
+                answer["run_requested"] = json!(run);
+                answer["result"] = json!(if expected == 0 { "created" } else if changed { "updated" } else { "unchanged" });
                 return Ok((status, axum::Json(answer)).into_response());
             }
             Err(crate::store::StoreError::Fenced { .. }) => continue,
