@@ -690,11 +690,7 @@ pub(crate) const READY_TIMEOUT: Duration = Duration::from_secs(300);
 pub async fn deploy(args: DeployArgs) -> anyhow::Result<()> {
     let api = Api::new(&args.api)?;
     let oci = crate::oci::reference_in(&args.file)?;
-    let name = match (&args.name, &oci) {
-        (Some(name), _) => name.clone(),
-        (None, Some(reference)) => reference.name().replace(['_', '.'], "-"),
-        (None, None) => args.file.file_stem().map(|s| s.to_string_lossy().to_ascii_lowercase().replace('_', "-")).context("cannot name the service from the file; pass --name")?,
-    };
+    let name = name_for(args.name.as_ref(), &args.file, oci.as_ref()).context("cannot name the service from the file; pass --name")?;
     let id = ServiceId::new(args.namespace.clone(), name.clone()).with_context(|| format!("--name {name} / --namespace {}", args.namespace))?;
     // An existing service keeps whatever the flags do not set.
     let existing = api.existing(&id).await?;
@@ -734,6 +730,16 @@ pub async fn deploy(args: DeployArgs) -> anyhow::Result<()> {
         println!("{id}: rolled out");
     }
     Ok(())
+}
+
+/// The name `--name` gives, else one made from the component's file or
+/// repository name (lowercase, `-` for `_` and `.`).
+pub(crate) fn name_for(given: Option<&String>, file: &Path, oci: Option<&wharf_proto::OciReference>) -> Option<String> {
+    match (given, oci) {
+        (Some(name), _) => Some(name.clone()),
+        (None, Some(reference)) => Some(reference.name().replace(['_', '.'], "-")),
+        (None, None) => file.file_stem().map(|s| s.to_string_lossy().to_ascii_lowercase().replace('_', "-")),
+    }
 }
 
 /// The stable revision of `id`, which a canary splits traffic with.

@@ -156,11 +156,7 @@ pub(crate) async fn put(api: &Api, spec: &JobSpec, run: Option<bool>) -> anyhow:
 async fn from_flags(api: &Api, args: &RunArgs) -> anyhow::Result<JobSpec> {
     let Some(component) = &args.component else { bail!("give a component, or a manifest with -f") };
     let oci = crate::oci::reference_in(component)?;
-    let name = match (&args.name, &oci) {
-        (Some(name), _) => name.clone(),
-        (None, Some(reference)) => reference.name().replace(['_', '.'], "-"),
-        (None, None) => component.file_stem().map(|s| s.to_string_lossy().to_ascii_lowercase().replace('_', "-")).context("cannot name the job from the file; pass --name")?,
-    };
+    let name = crate::client::name_for(args.name.as_ref(), component, oci.as_ref()).context("cannot name the job from the file; pass --name")?;
     let mut spec = JobSpec::new(name, Digest::of(b""));
     spec.namespace = args.namespace.clone();
     spec.args = args.args.clone();
