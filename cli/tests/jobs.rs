@@ -181,6 +181,18 @@ async fn jobs_run_to_completion_with_exit_codes_retries_and_limits() {
     assert!(out.contains("again") && !out.contains("done later"), "only this run's output: {out}");
     assert_eq!(history_len(&scheduler, "later"), 2);
 
+    // Tokens: a namespace token sees and runs only its namespace's jobs.
+    let (_, shop, _) = wharf(&scheduler, &["token", "create", "-n", "shop", "--write"]);
+    let shop = shop.trim().to_string();
+    let (_, listed, _) = wharf_at(&scheduler.api, &shop, &["get", "jobs", "-o", "json"]);
+    assert_eq!(listed.trim(), "[]", "a shop token sees no default job");
+    let (code, _, err) = wharf_at(&scheduler.api, &shop, &["get", "jobs", "greet"]);
+    assert!(code != 0 && err.contains("may act only in namespace(s) shop, not default"), "{err}");
+    let (code, out, err) = wharf_at(&scheduler.api, &shop, &["run", job, "-n", "shop", "--name", "tally", "--", "print", "in shop"]);
+    assert!(code == 0 && out.contains("in shop"), "{out}{err}");
+    let (_, listed, _) = wharf_at(&scheduler.api, &shop, &["get", "jobs"]);
+    assert!(listed.contains("shop/tally") && !listed.contains("default/"), "{listed}");
+
     // `wharf apply` reads jobs beside services; applying again runs nothing again.
     let manifest = dir.path().join("app.yaml");
     std::fs::write(
