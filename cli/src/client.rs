@@ -501,7 +501,7 @@ pub struct ScaleArgs {
 
 #[derive(clap::Args)]
 pub struct DeleteArgs {
-    /// The service (`name` or `namespace/name`).
+    /// The service or job (`name` or `namespace/name`; they share the names of a namespace).
     name: String,
     #[command(flatten)]
     api: ApiArgs,
@@ -1061,6 +1061,13 @@ pub async fn scale(args: ScaleArgs) -> anyhow::Result<()> {
 pub async fn delete(args: DeleteArgs) -> anyhow::Result<()> {
     let api = Api::new(&args.api)?;
     let id = parse_id(&args.name)?;
+    let job = format!("{}/v1/namespaces/{}/jobs/{}", api.base, id.namespace, id.name);
+    let is_job = api.http.get(&job).send().await.map_err(|e| api.unreachable(&e))?.status().is_success();
+    if is_job {
+        api.call(api.http.delete(job)).await?;
+        println!("job {id} deleted (its running attempts are stopped)");
+        return Ok(());
+    }
     api.call(api.http.delete(format!("{}{}", api.base, service_path(&id)))).await?;
     println!("{id} deleted");
     Ok(())

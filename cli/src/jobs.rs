@@ -228,6 +228,7 @@ async fn wait(api: &Api, id: &ServiceId, requested: u64) -> anyhow::Result<()> {
     let path = format!("/v1/namespaces/{}/jobs/{}", id.namespace, id.name);
     let mut printed: BTreeSet<(String, u32, u64)> = BTreeSet::new();
     let mut announced = 0u32;
+    let mut waiting_for: Option<String> = None;
     loop {
         let view = api.get(&path).await?;
         let history: JobHistory = serde_json::from_value(view["history"].clone()).context("the API returned an unreadable history")?;
@@ -237,6 +238,10 @@ async fn wait(api: &Api, id: &ServiceId, requested: u64) -> anyhow::Result<()> {
             continue;
         };
         let finished = run.state.is_finished();
+        if let Some(reason) = run.pending.as_ref().filter(|reason| waiting_for.as_ref() != Some(*reason)) {
+            eprintln!("wharf: run {} waits for a host: {reason}", run.run);
+            waiting_for = Some(reason.clone());
+        }
         print_new_lines(api, id, run.run, &mut printed).await?;
         let seen = announced;
         for attempt in run.attempts.iter().filter(|a| a.attempt > seen && a.finished_ms.is_some()) {

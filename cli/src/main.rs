@@ -79,7 +79,7 @@ enum Command {
     Describe(events::DescribeWhat),
     /// List what the control plane did and why (placements, failures, retries, moves, scaling, rollouts).
     Events(events::EventsArgs),
-    /// Delete a service (its replicas stop, its routes go).
+    /// Delete a service (its replicas stop, its routes go) or a job (its running attempts stop).
     Delete(client::DeleteArgs),
     /// Serve one component over HTTP with no control plane (the development loop).
     Serve(serve::Args),

@@ -181,6 +181,18 @@ async fn jobs_run_to_completion_with_exit_codes_retries_and_limits() {
     assert!(out.contains("again") && !out.contains("done later"), "only this run's output: {out}");
     assert_eq!(history_len(&scheduler, "later"), 2);
 
+    // No host fits: the run waits, saying why; deleting the job drops it.
+    let (code, out, err) = wharf(&scheduler, &["run", job, "--name", "nowhere", "--on", "zone=nowhere", "--detach"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let waiting = until(&scheduler, "nowhere", Duration::from_secs(10), |h| h.runs.iter().any(|r| r.pending.is_some())).await;
+    let reason = only_run(&waiting).pending.clone().unwrap_or_default();
+    assert_eq!(only_run(&waiting).state, RunState::Pending);
+    assert!(reason.contains("none of 2 ready host(s) has the labels zone=nowhere"), "{reason}");
+    let (code, out, _) = wharf(&scheduler, &["delete", "nowhere"]);
+    assert!(code == 0 && out.contains("job default/nowhere deleted"), "{out}");
+    let (code, _, err) = wharf(&scheduler, &["get", "jobs", "nowhere"]);
+    assert!(code != 0 && err.contains("not found"), "{err}");
+
     // Tokens: a namespace token sees and runs only its namespace's jobs.
     let (_, shop, _) = wharf(&scheduler, &["token", "create", "-n", "shop", "--write"]);
     let shop = shop.trim().to_string();
@@ -280,7 +292,8 @@ async fn scheduled_jobs_run_on_schedule_with_forbid_across_a_leader_takeover() {
         let RunCause::Schedule { at_ms } = run.cause else { panic!("{run:?}") };
         assert_eq!(at_ms % 1000, 0, "every 1s fires on whole seconds");
         let started = run.attempts.first().map_or(at_ms, |a| a.started_ms);
-        assert!(started - at_ms < 1500, "run {} started {} ms after it was due", run.run, started - at_ms);
+        // Slack for a loaded test machine; the time it was due is exact.
+        assert!(started - at_ms < 3000, "run {} started {} ms after it was due", run.run, started - at_ms);
     }
     let quick = until(&first, "quick", Duration::from_secs(20), |h| h.runs.iter().filter(|r| r.state == RunState::Succeeded).count() >= 2).await;
     assert!(fired_at(&quick).iter().all(|at| at % 2000 == 0), "*/2 seconds: {:?}", fired_at(&quick));
