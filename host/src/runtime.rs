@@ -497,7 +497,6 @@ fn check_world(exports: &[String]) -> Result<(), LoadError> {
     Err(LoadError::WrongWorld { exports })
 }
 
-
 /// The top-level imports and exports of a component, by name.
 fn top_level(bytes: &[u8]) -> Result<(Vec<String>, Vec<String>), LoadError> {
     let (mut imports, mut exports) = (Vec::new(), Vec::new());
