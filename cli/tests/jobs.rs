@@ -2,7 +2,8 @@
 //! `wharf run` prints a job's output and exits with its exit code; a job
 //! that exits non-zero is retried with backoff and reported with its exit
 //! code; looping, trapping and hogging jobs are stopped by their limits and
-//! reported; a component that is not a command, a bad cron expression and
+//! reported; an attempt on a killed host is counted lost and retried on
+//! another; a component that is not a command, a bad cron expression and
 //! a bad time zone are refused with nothing stored; scheduled jobs run on
 //! schedule with `forbid` respected (a run longer than the period is never
 //! started twice at once), and a leader's takeover neither fires a
@@ -337,4 +338,33 @@ async fn a_job_runs_under_wharf_up_and_counts_in_the_hosts_metrics() {
         "the run counts in wharf_requests_total: {}",
         metrics.lines().filter(|l| l.contains("default/local")).collect::<Vec<_>>().join("\n")
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_on_a_killed_host_is_counted_lost_and_retried_on_another() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wharf_path = Path::new(WHARF);
+    let scheduler = Scheduler::start(wharf_path, &nats.url(), &dir.path().join("scheduler"), &SMALL_BUCKETS);
+    let mut hosts: Vec<Host> = [("host-a", "a"), ("host-b", "b")].iter().map(|(n, z)| Host::start(wharf_path, &nats.url(), n, z, dir.path(), &[])).collect();
+    let job = samples::path("job");
+    let (code, out, err) = wharf(
+        &scheduler,
+        &["run", job.to_str().expect("utf-8"), "--name", "survivor", "--timeout", "4s", "--retries", "1", "--backoff", "100ms", "--detach", "--", "sleep", "2500", "print", "survived"],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let running = until(&scheduler, "survivor", Duration::from_secs(20), |h| h.runs.iter().any(|r| r.state == RunState::Running)).await;
+    let first = only_run(&running).attempts[0].host.clone().expect("a host");
+    let victim = hosts.iter().position(|h| h.name == first.as_str()).expect("one of ours");
+    hosts[victim].process.kill();
+    // No result comes: after the deadline and the grace, the attempt is lost and retried elsewhere.
+    let done = until(&scheduler, "survivor", Duration::from_secs(60), |h| h.runs.iter().any(|r| r.state.is_finished())).await;
+    let run = only_run(&done);
+    assert_eq!(run.state, RunState::Succeeded, "{run:#?}");
+    assert_eq!(run.attempts.len(), 2, "{run:#?}");
+    assert_eq!(run.attempts[0].outcome.as_deref(), Some("lost"), "{run:#?}");
+    assert!(run.attempts[0].error.as_deref().unwrap_or("").contains(first.as_str()), "the error names the host: {run:#?}");
+    assert_ne!(run.attempts[1].host.as_ref(), Some(&first), "the retry ran elsewhere");
+    let (_, logs, _) = wharf(&scheduler, &["logs", "survivor"]);
+    assert!(logs.contains("survived"), "{logs}");
 }
