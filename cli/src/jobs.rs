@@ -93,6 +93,12 @@ pub struct RunArgs {
     /// Outbound host the component may call. Repeatable.
     #[arg(long = "allow-outbound", value_name = "HOST")]
     allow_outbound: Vec<String>,
+    /// A wasi:keyvalue bucket the component may open (in its namespace). Repeatable.
+    #[arg(long = "keyvalue", value_name = "BUCKET")]
+    keyvalue: Vec<String>,
+    /// Runtime configuration (wasi:config) as KEY=VALUE. Repeatable.
+    #[arg(long = "config", value_name = "KEY=VALUE", value_parser = crate::wiring::parse_pair)]
+    config: Vec<(String, String)>,
     /// Host label the job's host must have, KEY=VALUE. Repeatable.
     #[arg(long = "on", value_name = "KEY=VALUE", value_parser = crate::wiring::parse_pair)]
     placement: Vec<(String, String)>,
@@ -162,6 +168,8 @@ async fn from_flags(api: &Api, args: &RunArgs) -> anyhow::Result<JobSpec> {
     spec.args = args.args.clone();
     spec.env = args.env.iter().cloned().collect();
     spec.allow_outbound = args.allow_outbound.clone();
+    spec.keyvalue = args.keyvalue.clone();
+    spec.config = args.config.iter().cloned().collect();
     spec.placement.labels = args.placement.iter().cloned().collect();
     if let Some(retries) = args.retries {
         spec.retries = retries;

@@ -126,6 +126,16 @@ async fn jobs_run_to_completion_with_exit_codes_retries_and_limits() {
     let (_, logs, _) = wharf(&scheduler, &["logs", "greet"]);
     assert!(logs.contains("hello from a job") && logs.contains("rev1"), "wharf logs reads a job's output: {logs}");
 
+    // A job may use its namespace's wasi:keyvalue buckets and wasi:config, as a service does.
+    for expected in ["job: runs is 1", "job: runs is 2"] {
+        let (code, out, err) = wharf(&scheduler, &["run", job, "--name", "counting", "--keyvalue", "tally", "--config", "mode=test", "--", "count", "tally", "runs", "config", "mode"]);
+        assert!(code == 0 && out.contains(expected) && out.contains("mode=test"), "{out}{err}");
+    }
+    let (_, stored, _) = wharf(&scheduler, &["kv", "get", "tally", "runs"]);
+    assert_eq!(stored.trim(), "2");
+    let (code, _, err) = wharf(&scheduler, &["run", job, "--name", "undeclared", "--", "count", "tally", "runs"]);
+    assert!(code == 1 && err.contains("cannot count runs in tally"), "a bucket the job does not declare is refused: {err}");
+
     // A job that exits non-zero is retried with backoff, then reported with its exit code.
     let (code, out, err) = wharf(&scheduler, &["run", job, "--name", "failing", "--retries", "2", "--backoff", "300ms", "--", "print", "trying", "exit", "3"]);
     assert_eq!(code, 1, "WASI 0.2 reports failure as exit code 1: {out}{err}");

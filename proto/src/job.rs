@@ -9,7 +9,7 @@
 
 use crate::Digest;
 use crate::names::{HostId, ServiceId};
-use crate::spec::{Placement, SpecError, check_env, check_outbound, check_placement, default_namespace, fuel_text, in_range, label};
+use crate::spec::{Placement, SpecError, check_config, check_env, check_keyvalue, check_outbound, check_placement, default_namespace, fuel_text, in_range, label};
 use crate::units::{ByteSize, duration_text, format_duration};
 use chrono::TimeZone;
 use serde::{Deserialize, Serialize};
@@ -66,6 +66,12 @@ pub struct JobSpec<C = Digest> {
     /// Hosts the component may call over `wasi:http`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allow_outbound: Vec<String>,
+    /// `wasi:keyvalue` buckets the component may open (in its namespace, as a service's).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keyvalue: Vec<String>,
+    /// Runtime configuration the component reads through `wasi:config`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub config: BTreeMap<String, String>,
     /// Attempts after the first when an attempt fails (default 0).
     #[serde(default)]
     pub retries: u32,
@@ -203,6 +209,8 @@ impl<C> JobSpec<C> {
             limits: JobLimits::default(),
             placement: Placement::default(),
             allow_outbound: Vec::new(),
+            keyvalue: Vec::new(),
+            config: BTreeMap::new(),
             retries: 0,
             backoff: default_backoff(),
             schedule: None,
@@ -229,6 +237,8 @@ impl<C> JobSpec<C> {
             limits: self.limits,
             placement: self.placement,
             allow_outbound: self.allow_outbound,
+            keyvalue: self.keyvalue,
+            config: self.config,
             retries: self.retries,
             backoff: self.backoff,
             schedule: self.schedule,
@@ -298,6 +308,8 @@ impl<C> JobSpec<C> {
         check_env(&self.env)?;
         check_placement(&self.placement)?;
         check_outbound(&self.allow_outbound)?;
+        check_keyvalue(&self.keyvalue)?;
+        check_config(&self.config)?;
         in_range("retries", self.retries, 0, MAX_RETRIES, u32::to_string)?;
         in_range("backoff", self.backoff, Duration::from_millis(10), MAX_BACKOFF, |d| format_duration(*d))?;
         in_range("history", self.history, 1, MAX_HISTORY, u32::to_string)?;

@@ -471,11 +471,7 @@ impl<C> ServiceSpec<C> {
         if let Some(autoscale) = &self.autoscale {
             autoscale.validate().map_err(|e| e.within("autoscale"))?;
         }
-        for key in self.config.keys() {
-            if key.is_empty() || key.contains(char::is_whitespace) {
-                return Err(SpecError::new(format!("config.{key}"), "config keys must be non-empty without whitespace"));
-            }
-        }
+        check_config(&self.config)?;
         let mut granted = BTreeSet::new();
         for (i, secret) in self.secrets.iter().enumerate() {
             let field = format!("secrets[{i}]");
@@ -487,20 +483,7 @@ impl<C> ServiceSpec<C> {
                 return Err(SpecError::new(field, format!("secret {secret:?} is granted twice")));
             }
         }
-        let mut buckets = BTreeSet::new();
-        for (i, bucket) in self.keyvalue.iter().enumerate() {
-            let field = format!("keyvalue[{i}]");
-            // `wasi:keyvalue` takes any string; only its length is bounded.
-            if bucket.is_empty() || bucket.len() > crate::names::MAX_KV_IDENTIFIER {
-                return Err(SpecError::new(
-                    field,
-                    format!("a bucket identifier must be 1 to {} bytes long (got {})", crate::names::MAX_KV_IDENTIFIER, bucket.len()),
-                ));
-            }
-            if !buckets.insert(bucket) {
-                return Err(SpecError::new(field, format!("bucket {bucket:?} is declared twice")));
-            }
-        }
+        check_keyvalue(&self.keyvalue)?;
         self.validate_triggers()?;
         self.health.validate().map_err(|e| e.within("health"))?;
         self.rollout.validate().map_err(|e| e.within("rollout"))?;
@@ -554,6 +537,35 @@ impl<C> ServiceSpec<C> {
 }
 
 /// What [`is_label_key`] asks of a host label's key.
+/// `config`: keys non-empty, without whitespace.
+pub(crate) fn check_config(config: &BTreeMap<String, String>) -> Result<(), SpecError> {
+    for key in config.keys() {
+        if key.is_empty() || key.contains(char::is_whitespace) {
+            return Err(SpecError::new(format!("config.{key}"), "config keys must be non-empty without whitespace"));
+        }
+    }
+    Ok(())
+}
+
+/// `keyvalue`: bucket identifiers of 1 to 256 bytes, each declared once.
+pub(crate) fn check_keyvalue(keyvalue: &[String]) -> Result<(), SpecError> {
+    let mut buckets = BTreeSet::new();
+    for (i, bucket) in keyvalue.iter().enumerate() {
+        let field = format!("keyvalue[{i}]");
+        // `wasi:keyvalue` takes any string; only its length is bounded.
+        if bucket.is_empty() || bucket.len() > crate::names::MAX_KV_IDENTIFIER {
+            return Err(SpecError::new(
+                field,
+                format!("a bucket identifier must be 1 to {} bytes long (got {})", crate::names::MAX_KV_IDENTIFIER, bucket.len()),
+            ));
+        }
+        if !buckets.insert(bucket) {
+            return Err(SpecError::new(field, format!("bucket {bucket:?} is declared twice")));
+        }
+    }
+    Ok(())
+}
+
 /// `env`: variable names non-empty, without '=' or NUL.
 pub(crate) fn check_env(env: &BTreeMap<String, String>) -> Result<(), SpecError> {
     for key in env.keys() {

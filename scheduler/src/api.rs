@@ -467,7 +467,7 @@ fn check_egress(plane: &ControlPlane, spec: &ServiceSpec) -> ApiResult<()> {
 /// the namespace's quota `kv_bytes`, or the bus's limit for data buckets.
 /// Each tenant's data lives in a bucket of its own, apart from the control
 /// plane's state, so no tenant can fill the storage another needs.
-async fn data_bucket(plane: &ControlPlane, ns: &str) -> ApiResult<wharf_bus::Kv> {
+pub(crate) async fn data_bucket(plane: &ControlPlane, ns: &str) -> ApiResult<wharf_bus::Kv> {
     let options = match namespace(plane, ns).await?.quota.kv_bytes {
         Some(max) => wharf_bus::BucketOptions::max_bytes(max.bytes()),
         None => plane.bus.storage_limits().data,

@@ -146,6 +146,10 @@ async fn check(plane: &ControlPlane, spec: &JobSpec) -> ApiResult<()> {
         return Err(ApiError::new(StatusCode::CONFLICT, "name_taken", format!("{id} is a service; services and jobs share the names of a namespace")));
     }
     check_room(plane, &spec.namespace, &id, 1, spec.limits.memory.bytes(), "one run's memory").await?;
+    if !spec.keyvalue.is_empty() {
+        // Hosts may only open data buckets, not create them.
+        crate::api::data_bucket(plane, &spec.namespace).await?;
+    }
     let hosts = plane.hosts.hosts();
     let biggest = hosts.iter().map(|h| h.heartbeat.capacity.memory).max().unwrap_or_default();
     if !hosts.is_empty() && spec.limits.memory > biggest {

@@ -171,7 +171,8 @@ impl HostAgent {
     }
 
     /// The workload one attempt runs: concurrency 1, the job's limits,
-    /// env and egress, and `argv` = the job's name, then its args.
+    /// env, egress, key-value buckets and config, and `argv` = the job's
+    /// name, then its args.
     async fn job_workload(&self, job: &JobSpec, key: &ReplicaKey) -> Result<Workload, String> {
         let component = self.load_component(&job.component).await?;
         if !component.runs_to_completion() {
@@ -187,6 +188,8 @@ impl HostAgent {
         spec.env.push((ATTEMPT_ENV.to_string(), key.replica.to_string()));
         spec.egress = EgressPolicy::allow(job.allow_outbound.iter().cloned());
         spec.messaging = Some(crate::messaging::MessagingAccess::new(self.inner.bus.clone(), &id.namespace, &id.to_string()));
+        spec.keyvalue = Some(crate::keyvalue::KeyValueAccess::new(self.inner.bus.clone(), &id.namespace, &id.to_string(), job.keyvalue.iter().cloned()));
+        spec.config.0 = job.config.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         spec.args = std::iter::once(id.name.clone()).chain(job.args.iter().cloned()).collect();
         Workload::new(&self.inner.runtime, component, spec, &self.inner.metrics).map_err(|e| e.to_string())
     }

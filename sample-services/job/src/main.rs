@@ -9,9 +9,27 @@
 //!   (so a job retried N-1 times then succeeds);
 //! - `spin`: loops forever (until fuel or the deadline stops it);
 //! - `hog MB`: allocates MB MiB and touches every page;
-//! - `trap`: panics.
+//! - `trap`: panics;
+//! - `count BUCKET KEY`: adds 1 to KEY in the `wasi:keyvalue` bucket BUCKET;
+//! - `config KEY`: prints `KEY=VALUE` from `wasi:config` (`KEY unset` if none).
 
 use std::io::Write;
+
+/// Bindings for the `wasi:config` imports (see the `settings` sample).
+mod config {
+    wit_bindgen::generate!({
+        path: "../../wit/deps/config",
+        world: "wasi:config/imports",
+    });
+}
+
+/// Bindings for the `wasi:keyvalue` imports (see the `counter` sample).
+mod keyvalue {
+    wit_bindgen::generate!({
+        path: "../../wit/deps/keyvalue",
+        world: "wasi:keyvalue/imports",
+    });
+}
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -54,6 +72,28 @@ fn main() {
                 println!("job: allocated {} MiB", memory.iter().step_by(4096).filter(|b| **b == 1).count() >> 8);
             }
             "trap" => panic!("job: deliberate panic"),
+            "config" => {
+                let key = value();
+                match config::wasi::config::store::get(&key) {
+                    Ok(Some(found)) => println!("{key}={found}"),
+                    Ok(None) => println!("{key} unset"),
+                    Err(e) => {
+                        eprintln!("job: cannot read config {key}: {e:?}");
+                        std::process::exit(1);
+                    }
+                }
+            }
+            "count" => {
+                let (bucket, key) = (value(), value());
+                let opened = keyvalue::wasi::keyvalue::store::open(&bucket);
+                match opened.and_then(|bucket| keyvalue::wasi::keyvalue::atomics::increment(&bucket, &key, 1)) {
+                    Ok(count) => println!("job: {key} is {count}"),
+                    Err(e) => {
+                        eprintln!("job: cannot count {key} in {bucket}: {e:?}");
+                        std::process::exit(1);
+                    }
+                }
+            }
             other => {
                 eprintln!("job: unknown step {other:?}");
                 std::process::exit(2);
