@@ -61,6 +61,16 @@ async fn until(scheduler: &Scheduler, name: &str, within: Duration, check: impl 
     }
 }
 
+/// A nats-server, a scheduler and two hosts (zones a and b), and the directory they keep their data in.
+fn cluster() -> (NatsServer, tempfile::TempDir, Scheduler, Vec<Host>) {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wharf = Path::new(WHARF);
+    let scheduler = Scheduler::start(wharf, &nats.url(), &dir.path().join("scheduler"), &SMALL_BUCKETS);
+    let hosts = [("host-a", "a"), ("host-b", "b")].iter().map(|(n, z)| Host::start(wharf, &nats.url(), n, z, dir.path(), &[])).collect();
+    (nats, dir, scheduler, hosts)
+}
+
 fn only_run(history: &JobHistory) -> &JobRun {
     assert_eq!(history.runs.len(), 1, "{history:#?}");
     &history.runs[0]
@@ -68,11 +78,7 @@ fn only_run(history: &JobHistory) -> &JobRun {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn jobs_run_to_completion_with_exit_codes_retries_and_limits() {
-    let nats = NatsServer::start();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let wharf_path = Path::new(WHARF);
-    let scheduler = Scheduler::start(wharf_path, &nats.url(), &dir.path().join("scheduler"), &SMALL_BUCKETS);
-    let _hosts: Vec<Host> = [("host-a", "a"), ("host-b", "b")].iter().map(|(n, z)| Host::start(wharf_path, &nats.url(), n, z, dir.path(), &[])).collect();
+    let (_nats, dir, scheduler, _hosts) = cluster();
     let job = samples::path("job");
     let job = job.to_str().expect("utf-8");
     let hello = samples::path("hello");
@@ -352,11 +358,7 @@ async fn a_job_runs_under_wharf_up_and_counts_in_the_hosts_metrics() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_attempt_on_a_killed_host_is_counted_lost_and_retried_on_another() {
-    let nats = NatsServer::start();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let wharf_path = Path::new(WHARF);
-    let scheduler = Scheduler::start(wharf_path, &nats.url(), &dir.path().join("scheduler"), &SMALL_BUCKETS);
-    let mut hosts: Vec<Host> = [("host-a", "a"), ("host-b", "b")].iter().map(|(n, z)| Host::start(wharf_path, &nats.url(), n, z, dir.path(), &[])).collect();
+    let (_nats, _dir, scheduler, mut hosts) = cluster();
     let job = samples::path("job");
     let (code, out, err) = wharf(
         &scheduler,
