@@ -6,8 +6,9 @@
 //! another; a component that is not a command, a bad cron expression and
 //! a bad time zone are refused with nothing stored; scheduled jobs run on
 //! schedule with `forbid` respected (a run longer than the period is never
-//! started twice at once), and a leader's takeover neither fires a
-//! schedule time twice nor stops the schedule.
+//! started twice at once, and `replace` stops the running one), and a
+//! leader's takeover neither fires a schedule time twice nor stops the
+//! schedule.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -312,6 +313,19 @@ async fn scheduled_jobs_run_on_schedule_with_forbid_across_a_leader_takeover() {
         // Slack for a loaded test machine; the time it was due is exact.
         assert!(started - at_ms < 3000, "run {} started {} ms after it was due", run.run, started - at_ms);
     }
+    // `replace`: a run still running when the next is due is stopped on its host.
+    let (code, out, err) = wharf(&first, &["run", job, "--name", "replaced", "--every", "2s", "--concurrency-policy", "replace", "--", "print", "begun", "sleep", "5000", "print", "finished"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let replaced = until(&first, "replaced", Duration::from_secs(30), |h| h.runs.iter().filter(|r| r.state == RunState::Cancelled).count() >= 2).await;
+    for run in replaced.runs.iter().filter(|r| r.state == RunState::Cancelled) {
+        assert_eq!(run.attempts[0].outcome.as_deref(), Some("cancelled"), "{run:#?}");
+        assert!(run.attempts[0].error.as_deref().unwrap_or("").contains("replaced by a newer run"), "{run:#?}");
+    }
+    let running = replaced.runs.iter().filter(|r| r.state == RunState::Running).count();
+    assert!(running <= 1, "replace keeps one run at a time: {replaced:#?}");
+    let (_, logs, _) = wharf(&first, &["logs", "replaced"]);
+    assert!(logs.contains("begun") && !logs.contains("finished"), "a replaced run is stopped before it ends: {logs}");
+    wharf(&first, &["delete", "replaced"]);
     let quick = until(&first, "quick", Duration::from_secs(20), |h| h.runs.iter().filter(|r| r.state == RunState::Succeeded).count() >= 2).await;
     assert!(fired_at(&quick).iter().all(|at| at % 2000 == 0), "*/2 seconds: {:?}", fired_at(&quick));
     let (_, logs, _) = wharf(&first, &["logs", "quick"]);
