@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use wharf_proto::{ByteSize, ComponentRef, Digest, ManifestFormat, Route, ServiceId, ServiceSpec, parse_manifest};
+use wharf_proto::{ByteSize, ComponentRef, Digest, ManifestFormat, Route, ServiceId, ServiceSpec, parse_apply_manifest};
 
 /// Where the API is; shared by every client command.
 #[derive(clap::Args, Debug, Clone)]
@@ -187,7 +187,7 @@ pub struct DeployArgs {
 }
 
 #[derive(clap::Args)]
-#[command(after_help = "A manifest holds one service or a list under `services`, in YAML, TOML or JSON:\n\n  services:\n    - name: hello\n      component: { file: hello.wasm }\n      replicas: 2\n      routes: [{ path_prefix: /hello }]\n      limits: { memory: 64MiB, timeout: 2s }\n    - name: orders\n      component: { file: orders.wasm }\n      triggers: [{ subject: \"orders.>\", stream: orders, max_deliver: 5 }]\n\n\
+#[command(after_help = "A manifest holds one service or a list under `services` (and jobs under `jobs`, as `wharf run -f` reads them), in YAML, TOML or JSON:\n\n  services:\n    - name: hello\n      component: { file: hello.wasm }\n      replicas: 2\n      routes: [{ path_prefix: /hello }]\n      limits: { memory: 64MiB, timeout: 2s }\n    - name: orders\n      component: { file: orders.wasm }\n      triggers: [{ subject: \"orders.>\", stream: orders, max_deliver: 5 }]\n\n\
 Applying is idempotent. Every service is checked before any is written.")]
 pub struct ApplyArgs {
     /// The manifest file (.yaml, .yml, .toml or .json).
@@ -214,6 +214,19 @@ pub enum GetWhat {
         /// One service (`name` or `namespace/name`).
         name: Option<String>,
         /// List only this namespace's services (default: every namespace the token may see).
+        #[arg(short = 'n', long, conflicts_with = "name")]
+        namespace: Option<String>,
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Output,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Jobs and the history of their runs (run, start, duration, exit code, attempts, host).
+    #[command(alias = "job")]
+    Jobs {
+        /// One job (`name` or `namespace/name`).
+        name: Option<String>,
+        /// List only this namespace's jobs (default: every namespace the token may see).
         #[arg(short = 'n', long, conflicts_with = "name")]
         namespace: Option<String>,
         #[arg(short = 'o', long, value_enum, default_value = "table")]
@@ -493,7 +506,7 @@ pub struct ScaleArgs {
 
 #[derive(clap::Args)]
 pub struct DeleteArgs {
-    /// The service (`name` or `namespace/name`).
+    /// The service or job (`name` or `namespace/name`; they share the names of a namespace).
     name: String,
     #[command(flatten)]
     api: ApiArgs,
@@ -576,13 +589,23 @@ impl Api {
         }
     }
 
-    async fn upload(&self, file: &Path) -> anyhow::Result<Digest> {
+    pub(crate) async fn upload(&self, file: &Path) -> anyhow::Result<Digest> {
         let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
         self.upload_bytes(bytes, &file.display()).await
     }
 
+    /// The digest of a manifest's component, uploading a file (relative to
+    /// `base`) or a component pulled from its registry.
+    pub(crate) async fn component(&self, component: &ComponentRef, base: &Path, registry: &crate::oci::RegistryArgs) -> anyhow::Result<Digest> {
+        match component {
+            ComponentRef::File(path) => self.upload(&base.join(path)).await,
+            ComponentRef::Digest(digest) => Ok(digest.clone()),
+            ComponentRef::Oci(reference) => self.upload_pulled(reference, registry).await,
+        }
+    }
+
     /// Pulls a component from its registry (digest checked) and uploads it.
-    async fn upload_pulled(&self, reference: &wharf_proto::OciReference, registry: &crate::oci::RegistryArgs) -> anyhow::Result<Digest> {
+    pub(crate) async fn upload_pulled(&self, reference: &wharf_proto::OciReference, registry: &crate::oci::RegistryArgs) -> anyhow::Result<Digest> {
         let pulled = crate::oci::pull(reference, registry).await?;
         let digest = self.upload_bytes(pulled.bytes, reference).await?;
         if digest != pulled.digest {
@@ -672,11 +695,7 @@ pub(crate) const READY_TIMEOUT: Duration = Duration::from_secs(300);
 pub async fn deploy(args: DeployArgs) -> anyhow::Result<()> {
     let api = Api::new(&args.api)?;
     let oci = crate::oci::reference_in(&args.file)?;
-    let name = match (&args.name, &oci) {
-        (Some(name), _) => name.clone(),
-        (None, Some(reference)) => reference.name().replace(['_', '.'], "-"),
-        (None, None) => args.file.file_stem().map(|s| s.to_string_lossy().to_ascii_lowercase().replace('_', "-")).context("cannot name the service from the file; pass --name")?,
-    };
+    let name = name_for(args.name.as_ref(), &args.file, oci.as_ref()).context("cannot name the service from the file; pass --name")?;
     let id = ServiceId::new(args.namespace.clone(), name.clone()).with_context(|| format!("--name {name} / --namespace {}", args.namespace))?;
     // An existing service keeps whatever the flags do not set.
     let existing = api.existing(&id).await?;
@@ -716,6 +735,16 @@ pub async fn deploy(args: DeployArgs) -> anyhow::Result<()> {
         println!("{id}: rolled out");
     }
     Ok(())
+}
+
+/// The name `--name` gives, else one made from the component's file or
+/// repository name (lowercase, `-` for `_` and `.`).
+pub(crate) fn name_for(given: Option<&String>, file: &Path, oci: Option<&wharf_proto::OciReference>) -> Option<String> {
+    match (given, oci) {
+        (Some(name), _) => Some(name.clone()),
+        (None, Some(reference)) => Some(reference.name().replace(['_', '.'], "-")),
+        (None, None) => file.file_stem().map(|s| s.to_string_lossy().to_ascii_lowercase().replace('_', "-")),
+    }
 }
 
 /// The stable revision of `id`, which a canary splits traffic with.
@@ -835,26 +864,28 @@ pub async fn apply(args: ApplyArgs) -> anyhow::Result<()> {
     let api = Api::new(&args.api)?;
     let format = ManifestFormat::from_path(&args.file)?;
     let text = std::fs::read_to_string(&args.file).with_context(|| format!("cannot read {}", args.file.display()))?;
-    let manifests = parse_manifest(&text, format).with_context(|| format!("{} is not a valid manifest", args.file.display()))?;
+    let manifest = parse_apply_manifest(&text, format).with_context(|| format!("{} is not a valid manifest", args.file.display()))?;
     let base = args.file.parent().map(Path::to_path_buf).unwrap_or_default();
     // Every file must exist before anything is uploaded.
-    for (i, m) in manifests.iter().enumerate() {
-        if let ComponentRef::File(path) = &m.component {
-            let path = base.join(path);
-            if !path.is_file() {
-                bail!("services[{i}].component.file: {} does not exist", path.display());
-            }
+    let services = manifest.services.iter().map(|m| &m.component).enumerate().map(|(i, c)| (format!("services[{i}]"), c));
+    let jobs = manifest.jobs.iter().map(|m| &m.component).enumerate().map(|(i, c)| (format!("jobs[{i}]"), c));
+    for (entry, component) in services.chain(jobs) {
+        if let ComponentRef::File(path) = component
+            && !base.join(path).is_file()
+        {
+            bail!("{entry}.component.file: {} does not exist", base.join(path).display());
         }
     }
-    // Upload every component (refused ones stop the apply before any service is written).
+    // Upload every component (refused ones stop the apply before anything is written).
     let mut specs = Vec::new();
-    for manifest in manifests {
-        let digest = match &manifest.component {
-            ComponentRef::File(path) => api.upload(&base.join(path)).await?,
-            ComponentRef::Digest(digest) => digest.clone(),
-            ComponentRef::Oci(reference) => api.upload_pulled(reference, &args.registry).await?,
-        };
-        specs.push(manifest.into_spec(digest));
+    for service in manifest.services {
+        let digest = api.component(&service.component, &base, &args.registry).await?;
+        specs.push(service.into_spec(digest));
+    }
+    let mut jobs = Vec::new();
+    for job in manifest.jobs {
+        let digest = api.component(&job.component, &base, &args.registry).await?;
+        jobs.push(job.with_component(digest));
     }
     let mut ids = Vec::new();
     for spec in &specs {
@@ -862,7 +893,13 @@ pub async fn apply(args: ApplyArgs) -> anyhow::Result<()> {
         println!("{} {}: revision {}", spec.id(), view["result"].as_str().unwrap_or("applied"), view["service"]["revision"]);
         ids.push(spec.id());
     }
-    if !args.no_wait {
+    for job in &jobs {
+        // A one-off job runs when it is new or changed, so applying again runs nothing.
+        let view = crate::jobs::put(&api, job, None).await?;
+        let ran = if view["run_requested"] == true { format!(", run requested (#{})", view["requested"]) } else { String::new() };
+        println!("job {} {}{ran}", job.id(), view["result"].as_str().unwrap_or("applied"));
+    }
+    if !args.no_wait && !ids.is_empty() {
         for id in &ids {
             crate::rollout::wait(&api, id, READY_TIMEOUT).await?;
         }
@@ -919,6 +956,7 @@ pub async fn get(what: GetWhat) -> anyhow::Result<()> {
             }
             print_table(&rows);
         }
+        GetWhat::Jobs { name, namespace, output, api } => crate::jobs::get(name, namespace, output, &api).await?,
         GetWhat::Hosts { output, api } => {
             let api = Api::new(&api)?;
             let hosts = api.get("/v1/hosts").await?;
@@ -1028,6 +1066,13 @@ pub async fn scale(args: ScaleArgs) -> anyhow::Result<()> {
 pub async fn delete(args: DeleteArgs) -> anyhow::Result<()> {
     let api = Api::new(&args.api)?;
     let id = parse_id(&args.name)?;
+    let job = format!("{}/v1/namespaces/{}/jobs/{}", api.base, id.namespace, id.name);
+    let is_job = api.http.get(&job).send().await.map_err(|e| api.unreachable(&e))?.status().is_success();
+    if is_job {
+        api.call(api.http.delete(job)).await?;
+        println!("job {id} deleted (its running attempts are stopped)");
+        return Ok(());
+    }
     api.call(api.http.delete(format!("{}{}", api.base, service_path(&id)))).await?;
     println!("{id} deleted");
     Ok(())

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 mod client;
 mod cluster;
 mod events;
+mod jobs;
 mod logs;
 mod rollout;
 mod oci;
@@ -43,6 +44,8 @@ enum Command {
     Host(cluster::HostArgs),
     /// Upload a component (a file, or oci://REGISTRY/REPOSITORY:TAG) and create or replace its service.
     Deploy(client::DeployArgs),
+    /// Run a wasi:cli/run component to completion in the cluster (a job), once or on a schedule.
+    Run(jobs::RunArgs),
     /// Create or update the services a manifest describes (YAML, TOML or JSON).
     Apply(client::ApplyArgs),
     /// Publish a component to an OCI registry (the wasm OCI artifact layout).
@@ -76,7 +79,7 @@ enum Command {
     Describe(events::DescribeWhat),
     /// List what the control plane did and why (placements, failures, retries, moves, scaling, rollouts).
     Events(events::EventsArgs),
-    /// Delete a service (its replicas stop, its routes go).
+    /// Delete a service (its replicas stop, its routes go) or a job (its running attempts stop).
     Delete(client::DeleteArgs),
     /// Serve one component over HTTP with no control plane (the development loop).
     Serve(serve::Args),
@@ -99,6 +102,7 @@ fn main() -> ExitCode {
             Command::Scheduler(args) => cluster::scheduler(args, shutdown_signal()).await,
             Command::Host(args) => cluster::host(args, shutdown_signal()).await,
             Command::Deploy(args) => client::deploy(args).await,
+            Command::Run(args) => jobs::run(args).await,
             Command::Apply(args) => client::apply(args).await,
             Command::Push(args) => oci::push(args).await,
             Command::Get(what) => client::get(what).await,
@@ -118,6 +122,11 @@ fn main() -> ExitCode {
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // `wharf run` ends with the job's own exit code.
+        Err(e) if e.downcast_ref::<jobs::JobExit>().is_some() => {
+            eprintln!("wharf: {e}");
+            e.downcast_ref::<jobs::JobExit>().map_or(ExitCode::FAILURE, |exit| ExitCode::from(exit.code))
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

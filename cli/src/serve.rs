@@ -107,7 +107,7 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyhow::Resu
         .with_context(|| format!("cannot serve {}", args.file.display()))?;
     if !component.handles_http() {
         bail!(
-            "cannot serve {}: it exports no `wasi:http/incoming-handler`, only a message handler; deploy it with --trigger to a cluster instead",
+            "cannot serve {}: it exports no `wasi:http/incoming-handler` (a message handler is deployed with --trigger, a command runs with `wharf run`)",
             args.file.display()
         );
     }

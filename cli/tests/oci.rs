@@ -116,8 +116,10 @@ async fn bad_references_are_refused_with_what_was_wrong_and_change_nothing() {
     refused(&["deploy", &format!("oci://{}/wharf/missing:v1", registry.addr)], "wharf/missing");
     refused(&["deploy", "oci://hello:v1"], "name the registry first");
     refused(&["deploy", &format!("oci://{repository}")], "give a tag");
-    // A non-component is not pushed, so its tag stays unknown.
-    refused(&["push", &sample("notcomponent"), &format!("{repository}:broken")], "cannot be pushed");
+    // A component that exports nothing a host runs is not pushed, so its tag stays unknown.
+    let empty = dir.path().join("empty.wasm");
+    std::fs::write(&empty, b"\0asm\x0d\0\x01\0").expect("write");
+    refused(&["push", empty.to_str().expect("utf-8"), &format!("{repository}:broken")], "cannot be pushed");
     refused(&["deploy", &format!("oci://{repository}:broken")], "has no tag \"broken\"");
     // Nothing was deployed by any of these.
     assert!(services(&cluster).is_empty(), "{:?}", services(&cluster));

@@ -153,11 +153,16 @@ async fn the_api_refuses_bad_requests_with_json_errors() {
     let http = reqwest::Client::builder().default_headers(headers).build().expect("client");
     let api = &up.api;
 
-    let refused = http.post(format!("{api}/v1/artifacts")).body(samples::bytes("notcomponent")).send().await.expect("answered");
+    // A command uploads (it can run as a job), but a service of it is refused by the export it lacks.
+    let command: Value = http.post(format!("{api}/v1/artifacts")).body(samples::bytes("notcomponent")).send().await.expect("answered").json().await.expect("json");
+    let command = command["digest"].as_str().expect("digest").to_string();
+    let refused = http.put(format!("{api}/v1/namespaces/default/services/cmd")).json(&serde_json::json!({"component": command})).send().await.expect("answered");
     assert_eq!(refused.status(), 422);
     let body: Value = refused.json().await.expect("json");
     assert_eq!(body["error"]["code"], "invalid_component");
     assert!(body["error"]["message"].as_str().unwrap_or("").contains("wasi:http/incoming-handler"), "{body}");
+    let garbage = http.post(format!("{api}/v1/artifacts")).body(&b"\0asm\x0d\0\x01\0"[..]).send().await.expect("answered");
+    assert_eq!(garbage.status(), 422, "a component exporting nothing is refused at upload");
 
     let uploaded: Value = http.post(format!("{api}/v1/artifacts")).body(samples::bytes("hello")).send().await.expect("answered").json().await.expect("json");
     let digest = uploaded["digest"].as_str().expect("digest").to_string();

@@ -10,6 +10,15 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 use wharf_proto::ByteSize;
 
+/// What an instance sees of its surroundings through WASI: its command
+/// line (jobs), environment and preopened directories (volumes, each at
+/// the path the component sees it).
+pub(crate) struct Surroundings<'a> {
+    pub(crate) args: &'a [String],
+    pub(crate) env: &'a [(String, String)],
+    pub(crate) volumes: &'a [(std::path::PathBuf, String)],
+}
+
 /// Everything one instance may touch. Built fresh for each request and dropped
 /// with it, so nothing leaks from one request to the next.
 pub(crate) struct InstanceState {
@@ -31,11 +40,10 @@ pub(crate) struct InstanceState {
 impl InstanceState {
     /// Fails only if a volume's directory cannot be opened.
     pub(crate) fn new(
-        env: &[(String, String)],
+        seen: Surroundings<'_>,
         memory: ByteSize,
         hooks: EgressHooks,
         keyvalue: Option<KeyValueAccess>,
-        volumes: &[(std::path::PathBuf, String)],
         config: std::sync::Arc<wasmtime_wasi_config::WasiConfigVariables>,
         logs: &LogBuffer,
     ) -> Result<Self, String> {
@@ -44,8 +52,9 @@ impl InstanceState {
         // No sockets, and no directories but the service's own volumes
         // (capability-based: nothing outside them can be named). The
         // component reaches the outside world only through wasi:http.
+        let Surroundings { args, env, volumes } = seen;
         let mut builder = WasiCtx::builder();
-        builder.envs(env).stdout(stdout.clone()).stderr(stderr.clone()).allow_tcp(false).allow_udp(false).allow_ip_name_lookup(false);
+        builder.args(args).envs(env).stdout(stdout.clone()).stderr(stderr.clone()).allow_tcp(false).allow_udp(false).allow_ip_name_lookup(false);
         for (dir, path) in volumes {
             builder
                 .preopened_dir(dir, path, wasmtime_wasi::FsPerms::ReadWrite)

@@ -114,15 +114,19 @@ pub enum LoadError {
     /// The component imports something this host does not provide.
     #[error("the component imports `{import}`, which Wharf hosts do not provide (they provide WASI 0.2: wasi:http, wasi:cli, wasi:io, wasi:clocks, wasi:random, wasi:filesystem, wasi:sockets; wasi:keyvalue 0.2.0-draft, wasi:config 0.2.0-rc.1 and wasmcloud:messaging 0.2.0): {detail}")]
     UnsupportedImport { import: String, detail: String },
-    /// The component exports neither the HTTP handler nor the message handler.
-    #[error("the component does not export `{HTTP_HANDLER_EXPORT}` (the wasi:http/proxy world) or `wasmcloud:messaging/handler@0.2.0` (for message triggers); its exports are: {exports}{hint}")]
-    WrongWorld { exports: String, hint: &'static str },
+    /// The component exports neither the HTTP handler, the message handler
+    /// nor the command entry point.
+    #[error("the component does not export `{HTTP_HANDLER_EXPORT}` (the wasi:http/proxy world), `wasmcloud:messaging/handler@0.2.0` (for message triggers) or `wasi:cli/run` (the wasi:cli/command world, for jobs); its exports are: {exports}")]
+    WrongWorld { exports: String },
     /// The export exists but its type does not match wasi:http 0.2.
     #[error("the component's `{HTTP_HANDLER_EXPORT}` export does not match wasi:http 0.2: {0}")]
     IncompatibleExport(String),
     /// The messaging handler export exists but its type does not match.
     #[error("the component's `wasmcloud:messaging/handler@0.2.0` export does not match wasmcloud:messaging 0.2.0: {0}")]
     IncompatibleHandler(String),
+    /// The `wasi:cli/run` export exists but its type does not match WASI 0.2.
+    #[error("the component's `wasi:cli/run` export does not match WASI 0.2's command world: {0}")]
+    IncompatibleCommand(String),
 }
 
 impl LoadedComponent {
@@ -134,6 +138,11 @@ impl LoadedComponent {
     /// Whether the component exports the HTTP handler.
     pub fn handles_http(&self) -> bool {
         self.pre.is_some()
+    }
+
+    /// Whether the component exports `wasi:cli/run`: it can run as a job.
+    pub fn runs_to_completion(&self) -> bool {
+        self.command.is_some()
     }
 }
 
@@ -154,6 +163,8 @@ pub struct LoadedComponent {
     pub(crate) pre: Option<ProxyPre<InstanceState>>,
     /// The `wasmcloud:messaging/handler` export, if the component has it.
     pub(crate) messaging: Option<crate::messaging::MessagingPre<InstanceState>>,
+    /// The `wasi:cli/run` export (a job's entry point), if the component has it.
+    pub(crate) command: Option<wasmtime_wasi::p2::bindings::CommandPre<InstanceState>>,
     /// Whether the compiled code came from the cache (memory or disk).
     pub cached: bool,
     /// Time spent compiling or loading compiled code.
@@ -283,8 +294,9 @@ impl Runtime {
     ///
     /// The checks, in order: wasm magic; component rather than core module;
     /// `expected` digest; wasmtime's validation; every import provided by
-    /// this host; the `wasi:http/incoming-handler` or
-    /// `wasmcloud:messaging/handler` export (or both), with the right types.
+    /// this host; the `wasi:http/incoming-handler`,
+    /// `wasmcloud:messaging/handler` or `wasi:cli/run` export (one or
+    /// more), with the right types.
     pub fn load(&self, bytes: &[u8], expected: Option<&Digest>) -> Result<LoadedComponent, LoadError> {
         let started = Instant::now();
         check_preamble(bytes)?;
@@ -336,7 +348,12 @@ impl Runtime {
         } else {
             None
         };
-        Ok(LoadedComponent { digest, instance_pre, pre, messaging, cached, load_time: started.elapsed() })
+        let command = if exports.iter().any(|name| wharf_proto::job::is_run_export(name)) {
+            Some(wasmtime_wasi::p2::bindings::CommandPre::new(instance_pre.clone()).map_err(|e| LoadError::IncompatibleCommand(format!("{e:#}")))?)
+        } else {
+            None
+        };
+        Ok(LoadedComponent { digest, instance_pre, pre, messaging, command, cached, load_time: started.elapsed() })
     }
 
     /// Compiles a component into the disk cache only, without keeping it in
@@ -469,14 +486,15 @@ pub fn check_component(bytes: &[u8]) -> Result<(), LoadError> {
     check_world(&exports)
 }
 
-/// A component must export the HTTP handler, the message handler, or both.
+/// A component must export the HTTP handler, the message handler or the
+/// command entry point (any of them; which one a service or a job needs is
+/// checked where it is deployed).
 fn check_world(exports: &[String]) -> Result<(), LoadError> {
-    if exports.iter().any(|name| export_matches(name) || name == wharf_proto::trigger::MESSAGE_HANDLER_EXPORT) {
+    if exports.iter().any(|name| export_matches(name) || name == wharf_proto::trigger::MESSAGE_HANDLER_EXPORT || wharf_proto::job::is_run_export(name)) {
         return Ok(());
     }
-    let hint = if exports.iter().any(|e| e.starts_with("wasi:cli/run")) { COMMAND_HINT } else { "" };
     let exports = if exports.is_empty() { "none".to_string() } else { exports.join(", ") };
-    Err(LoadError::WrongWorld { exports, hint })
+    Err(LoadError::WrongWorld { exports })
 }
 
 /// The top-level imports and exports of a component, by name.
@@ -504,9 +522,6 @@ fn top_level(bytes: &[u8]) -> Result<(Vec<String>, Vec<String>), LoadError> {
     }
     Ok((imports, exports))
 }
-
-/// What [`LoadError::WrongWorld`] adds for a command component.
-const COMMAND_HINT: &str = " (it looks like a command with a main function; Wharf runs HTTP services built with the wasi:http/proxy world)";
 
 fn export_matches(name: &str) -> bool {
     name == HTTP_HANDLER_EXPORT || name.strip_prefix(HTTP_HANDLER_EXPORT).is_some_and(|rest| rest.starts_with("@0.2"))

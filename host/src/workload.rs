@@ -54,6 +54,9 @@ pub struct WorkloadSpec {
     pub config: ConfigValues,
     /// Publishing and requesting over `wasmcloud:messaging`; `None`: refused.
     pub messaging: Option<crate::messaging::MessagingAccess>,
+    /// The command line a job's component sees (`argv`, its name first);
+    /// empty for services.
+    pub args: Vec<String>,
 }
 
 /// Runtime configuration values; `Debug` shows only the keys, since some
@@ -81,6 +84,7 @@ impl WorkloadSpec {
             volumes: Vec::new(),
             config: ConfigValues::default(),
             messaging: None,
+            args: Vec::new(),
         }
     }
 }
@@ -110,6 +114,8 @@ pub enum Outcome {
     HandlerError(String),
     /// The component has no HTTP handler (it only handles messages).
     NoHttpHandler,
+    /// A job's component exited with a non-zero code.
+    Exited(i32),
 }
 
 impl Outcome {
@@ -127,6 +133,7 @@ impl Outcome {
             Outcome::HostError(_) => "host_error",
             Outcome::HandlerError(_) => "handler_error",
             Outcome::NoHttpHandler => "no_http_handler",
+            Outcome::Exited(_) => "exited_nonzero",
         }
     }
 
@@ -142,11 +149,13 @@ impl Outcome {
             | Outcome::MemoryLimit { .. }
             | Outcome::NoResponse
             | Outcome::HostError(_)
-            | Outcome::HandlerError(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            | Outcome::HandlerError(_)
+            | Outcome::Exited(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
-    fn message(&self, service: &str) -> String {
+    /// What happened, for people, naming `service`.
+    pub fn message(&self, service: &str) -> String {
         match self {
             Outcome::Ok => "ok".to_string(),
             Outcome::Trap(detail) => format!("{service}: the component trapped: {detail} (a panic ends this way; see the service's logs)"),
@@ -171,6 +180,7 @@ impl Outcome {
                 "{service}: the component does not export `{}`; it handles only messages (its triggers)",
                 crate::runtime::HTTP_HANDLER_EXPORT
             ),
+            Outcome::Exited(code) => format!("{service}: the component exited with code {code}"),
         }
     }
 }
@@ -454,6 +464,66 @@ impl Workload {
         let Some(pre) = self.inner.component.messaging.clone() else {
             return Outcome::BadRequest(format!("the component does not export `{}`", wharf_proto::trigger::MESSAGE_HANDLER_EXPORT));
         };
+        let access = self.inner.spec.messaging.clone();
+        let reply_to = message.reply_to.clone();
+        self.in_fresh_instance(
+            move |state| state.set_messaging(access, reply_to),
+            move |this, mut store, deadline| async move { this.run_message(&mut store, pre, message, deadline).await },
+        )
+        .await
+    }
+
+    /// Runs a job's component to completion in a fresh instance (its
+    /// `wasi:cli/run` export), under the same fuel, memory cap, deadline and
+    /// CPU levels as a request, and counts the outcome like a request's:
+    /// [`Outcome::Ok`] when it exited 0, [`Outcome::Exited`] with any other
+    /// code, else what stopped it.
+    pub async fn run_to_completion(&self) -> Outcome {
+        let started = Instant::now();
+        let outcome = self.serve_command().await;
+        self.record(&outcome, started.elapsed());
+        if outcome != Outcome::Ok {
+            self.inner.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        outcome
+    }
+
+    async fn serve_command(&self) -> Outcome {
+        let _in_flight = InFlight::enter(self);
+        let Some(pre) = self.inner.component.command.clone() else {
+            return Outcome::BadRequest(format!("the component does not export `{}`", wharf_proto::job::RUN_EXPORT));
+        };
+        self.in_fresh_instance(|_| {}, move |this, mut store, deadline| async move { this.run_command(&mut store, pre, deadline).await }).await
+    }
+
+    async fn run_command(&self, store: &mut Store<InstanceState>, pre: wasmtime_wasi::p2::bindings::CommandPre<InstanceState>, deadline: Instant) -> Outcome {
+        let metrics = &self.inner.metrics;
+        let call = async {
+            let instantiating = Instant::now();
+            let command = pre.instantiate_async(&mut *store).await?;
+            metrics.instantiation.observe(instantiating.elapsed().as_secs_f64());
+            command.wasi_cli_run().call_run(&mut *store).await
+        };
+        let result = tokio::time::timeout_at((deadline + DEADLINE_GRACE).into(), call).await;
+        match self.finish(store, result) {
+            Ok(Ok(())) => Outcome::Ok,
+            // `wasi:cli/exit.exit(err)` and `run` returning `err` both mean exit code 1.
+            Ok(Err(())) => Outcome::Exited(1),
+            Err(outcome) => outcome,
+        }
+    }
+
+    /// Waits for an instance slot (at most the queue timeout), builds a
+    /// fresh store (`setup` adds to its state) and runs `body` in it on the
+    /// CPU levels, cut off past the deadline.
+    async fn in_fresh_instance<Fut>(
+        &self,
+        setup: impl FnOnce(&mut InstanceState),
+        body: impl FnOnce(Workload, Store<InstanceState>, Instant) -> Fut,
+    ) -> Outcome
+    where
+        Fut: std::future::Future<Output = Outcome> + Send + 'static,
+    {
         let limits = &self.inner.spec.limits;
         let permit = match tokio::time::timeout(limits.queue_timeout, self.inner.permits.clone().acquire_owned()).await {
             Ok(Ok(permit)) => permit,
@@ -465,11 +535,11 @@ impl Workload {
             Ok(store) => store,
             Err(e) => return Outcome::HostError(e),
         };
-        store.data_mut().set_messaging(self.inner.spec.messaging.clone(), message.reply_to.clone());
-        let this = self.clone();
+        setup(store.data_mut());
+        let call = body(self.clone(), store, deadline);
         let guest = Box::pin(async move {
             let _permit = permit;
-            this.run_message(&mut store, pre, message, deadline).await
+            call.await
         });
         let (outcome, background) = self.inner.runtime.cpu().run(&self.inner.namespace, &demotion, deadline + 2 * DEADLINE_GRACE, guest).await;
         if background {
@@ -524,7 +594,8 @@ impl Workload {
             services: spec.services.clone(),
         };
         let keyvalue = spec.keyvalue.clone().map(|access| access.with_limits(self.inner.runtime.config().keyvalue));
-        let mut state = InstanceState::new(&spec.env, spec.limits.memory, hooks, keyvalue, &spec.volumes, self.inner.config.clone(), &self.inner.logs)?;
+        let seen = crate::instance::Surroundings { args: &spec.args, env: &spec.env, volumes: &spec.volumes };
+        let mut state = InstanceState::new(seen, spec.limits.memory, hooks, keyvalue, self.inner.config.clone(), &self.inner.logs)?;
         state.set_messaging(spec.messaging.clone(), None);
         let mut store = Store::new(self.inner.runtime.engine(), state);
         store.limiter(|state| &mut state.limiter);
@@ -639,6 +710,9 @@ pub fn full_body(bytes: Bytes) -> ResponseBody {
 fn classify(error: &wasmtime::Error, memory_denied: bool, limits: &WorkloadLimits) -> Outcome {
     if memory_denied {
         return Outcome::MemoryLimit { cap: limits.memory };
+    }
+    if let Some(exit) = error.downcast_ref::<wasmtime_wasi::I32Exit>() {
+        return if exit.0 == 0 { Outcome::Ok } else { Outcome::Exited(exit.0) };
     }
     match error.downcast_ref::<Trap>() {
         Some(Trap::OutOfFuel) => Outcome::FuelExhausted { budget: limits.fuel.unwrap_or(u64::MAX) },

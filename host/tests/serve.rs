@@ -380,9 +380,13 @@ fn garbage_core_modules_and_the_wrong_world_are_refused_by_name() {
     assert!(matches!(core, LoadError::CoreModule), "{core}");
     assert!(core.to_string().contains("core WebAssembly module"), "{core}");
 
-    let command = refused(&samples::bytes("notcomponent"));
-    assert!(matches!(command, LoadError::WrongWorld { .. }), "{command}");
-    let text = command.to_string();
+    // A command (`fn main`) loads: it runs as a job, and serves no HTTP.
+    let command = host.runtime.load(&samples::bytes("notcomponent"), None).expect("a command loads");
+    assert!(command.runs_to_completion() && !command.handles_http() && !command.handles_messages());
+    let nothing = wat::parse_str("(component)").expect("wat");
+    let world = refused(&nothing);
+    assert!(matches!(world, LoadError::WrongWorld { .. }), "{world}");
+    let text = world.to_string();
     assert!(text.contains("wasi:http/incoming-handler") && text.contains("wasi:cli/run"), "{text}");
 
     let missing = wat::parse_str(r#"(component (import "acme:missing/api@1.0.0" (instance (export "ping" (func)))))"#).expect("wat");
@@ -412,7 +416,8 @@ fn a_digest_given_with_the_bytes_is_verified() {
 async fn refused_loads_leave_running_workloads_serving() {
     let host = Host::new();
     let hello = host.serve("hello", |_| {}).await;
-    for bad in [b"junk".to_vec(), samples::bytes("notcomponent")] {
+    let no_export = wat::parse_str("(component)").expect("wat");
+    for bad in [b"junk".to_vec(), no_export] {
         assert!(host.runtime.load(&bad, None).is_err());
         assert_eq!(host.get(&format!("{}/", hello.url)).await.0, 200);
     }

@@ -61,18 +61,34 @@ impl Beats {
 /// time, the version and the resident memory, which moves on its own and
 /// counts only when it moved by more than an eighth.
 fn unchanged(last: &Heartbeat, now: &Heartbeat) -> bool {
-    let memory_close = last.memory_in_use.0.abs_diff(now.memory_in_use.0) <= last.memory_in_use.0 / 8;
+    // Spelled out field by field, so a field added to heartbeats must be placed here.
+    let Heartbeat {
+        host,
+        addr,
+        labels,
+        capacity,
+        cached,
+        replicas,
+        sent_at_ms: _,
+        started_at_ms,
+        draining,
+        demand,
+        memory_reserved,
+        memory_in_use,
+        version: _,
+    } = now;
+    let memory_close = last.memory_in_use.0.abs_diff(memory_in_use.0) <= last.memory_in_use.0 / 8;
     memory_close
-        && last.host == now.host
-        && last.started_at_ms == now.started_at_ms
-        && last.draining == now.draining
-        && last.memory_reserved == now.memory_reserved
-        && last.capacity == now.capacity
-        && last.addr == now.addr
-        && last.labels == now.labels
-        && last.replicas == now.replicas
-        && last.demand == now.demand
-        && last.cached == now.cached
+        && last.host == *host
+        && last.started_at_ms == *started_at_ms
+        && last.draining == *draining
+        && last.memory_reserved == *memory_reserved
+        && last.capacity == *capacity
+        && last.addr == *addr
+        && last.labels == *labels
+        && last.replicas == *replicas
+        && last.demand == *demand
+        && last.cached == *cached
 }
 
 #[cfg(test)]

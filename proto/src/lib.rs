@@ -5,6 +5,7 @@ pub mod beats;
 pub mod digest;
 pub mod latency;
 pub mod egress;
+pub mod job;
 pub mod manifest;
 pub mod names;
 pub mod observe;
@@ -19,8 +20,9 @@ pub mod wire;
 
 pub use digest::{Digest, DigestError};
 pub use manifest::{
-    ComponentRef, Location, ManifestError, ManifestFormat, ServiceManifest, parse_manifest,
+    ComponentRef, JobManifest, Location, Manifest, ManifestError, ManifestFormat, ServiceManifest, parse_apply_manifest, parse_job_manifest, parse_manifest,
 };
+pub use job::{JobSpec, StoredJob, JobHistory, JobRun, JobAttempt, RunState, ConcurrencyPolicy};
 pub use names::{HostId, NameError, ServiceId};
 pub use rollout::{Amount, CanaryPolicy, Ejection, Health, Readiness, RolloutPolicy, TrafficTarget};
 pub use oci::{OciReference, OciReferenceError};

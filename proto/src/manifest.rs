@@ -155,14 +155,17 @@ pub enum ManifestError {
     /// The manifest holds no service.
     #[error("the manifest describes no service: give one service, or a list under `services`")]
     Empty,
+    /// A job manifest holds no job.
+    #[error("the manifest describes no job: give one job, or a list under `jobs`")]
+    NoJob,
     /// The manifest is larger than [`MAX_MANIFEST_BYTES`] or lists more than [`MAX_MANIFEST_SERVICES`] services.
     #[error("the manifest is too large: {0}")]
     TooLarge(String),
     /// A service parsed but breaks a rule of specs.
     #[error(transparent)]
     Invalid(#[from] SpecError),
-    /// Two entries describe the same service.
-    #[error("{field}: service {service} is already described at {first}")]
+    /// Two entries describe the same service (or job).
+    #[error("{field}: {service} is already described at {first}")]
     Duplicate {
         /// The path to the second entry.
         field: String,
@@ -219,6 +222,50 @@ pub fn parse_manifest(
     Ok(services)
 }
 
+/// A job as a manifest describes it (`wharf run -f`): a
+/// [`crate::JobSpec`] whose component is a file, a digest or an OCI reference.
+pub type JobManifest = crate::JobSpec<ComponentRef>;
+
+/// A manifest with several jobs.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JobList {
+    jobs: Vec<JobManifest>,
+}
+
+/// Only asks whether the document has a `jobs` key.
+#[derive(Deserialize)]
+struct JobShape {
+    jobs: Option<IgnoredAny>,
+}
+
+/// Reads the jobs a manifest describes: one job (the fields of a job
+/// spec, as a service manifest holds one service's), or `jobs:` with a
+/// list; each checked with [`crate::JobSpec::validate`] (schedule and time
+/// zone included). Errors name the field as [`parse_manifest`]'s do
+/// (`jobs[1].schedule`).
+pub fn parse_job_manifest(text: &str, format: ManifestFormat) -> Result<Vec<JobManifest>, ManifestError> {
+    if text.len() > MAX_MANIFEST_BYTES {
+        return Err(ManifestError::TooLarge(format!("{} bytes, at most {MAX_MANIFEST_BYTES} are read", text.len())));
+    }
+    let is_list = matches!(deserialize_lenient::<JobShape>(text, format), Ok(JobShape { jobs: Some(_) }));
+    let jobs = if is_list {
+        deserialize::<JobList>(text, format)?.jobs
+    } else if is_blank(text, format) {
+        Vec::new()
+    } else {
+        vec![deserialize::<JobManifest>(text, format)?]
+    };
+    if jobs.is_empty() {
+        return Err(ManifestError::NoJob);
+    }
+    if jobs.len() > MAX_MANIFEST_SERVICES {
+        return Err(ManifestError::TooLarge(format!("{} jobs, at most {MAX_MANIFEST_SERVICES} in one manifest", jobs.len())));
+    }
+    check_entries(&jobs, is_list.then_some("jobs"), JobManifest::validate, JobManifest::id)?;
+    Ok(jobs)
+}
+
 /// The largest manifest [`parse_manifest`] reads.
 pub const MAX_MANIFEST_BYTES: usize = 1024 * 1024;
 /// The most services one manifest may describe.
@@ -232,35 +279,73 @@ fn parse_unbounded(text: &str, format: ManifestFormat) -> Result<Vec<ServiceMani
         deserialize_lenient::<Shape>(text, format),
         Ok(Shape { services: Some(_) })
     );
-    let (services, entry_path): (Vec<ServiceManifest>, fn(usize) -> String) = if is_list {
-        (deserialize::<ServiceList>(text, format)?.services, |i| {
-            format!("services[{i}]")
-        })
+    let services: Vec<ServiceManifest> = if is_list {
+        deserialize::<ServiceList>(text, format)?.services
     } else {
         if is_blank(text, format) {
             return Err(ManifestError::Empty);
         }
-        (vec![deserialize::<ServiceManifest>(text, format)?], |_| {
-            String::new()
-        })
+        vec![deserialize::<ServiceManifest>(text, format)?]
     };
     if services.is_empty() {
         return Err(ManifestError::Empty);
     }
+    check_entries(&services, is_list.then_some("services"), ServiceManifest::validate, ServiceManifest::id)?;
+    Ok(services)
+}
+
+/// Checks each entry of a manifest and that no two describe the same
+/// service or job; errors name the entry by its path (`services[1]`), or
+/// by none for a document of one entry (`list` is `None`).
+fn check_entries<T>(items: &[T], list: Option<&str>, validate: impl Fn(&T) -> Result<(), SpecError>, id: impl Fn(&T) -> ServiceId) -> Result<(), ManifestError> {
+    let path = |i: usize| list.map_or(String::new(), |name| format!("{name}[{i}]"));
     let mut seen: BTreeMap<ServiceId, usize> = BTreeMap::new();
-    for (i, service) in services.iter().enumerate() {
-        service
-            .validate()
-            .map_err(|e| if is_list { e.within(entry_path(i)) } else { e })?;
-        if let Some(first) = seen.insert(service.id(), i) {
-            return Err(ManifestError::Duplicate {
-                field: entry_path(i),
-                service: service.id(),
-                first: entry_path(first),
-            });
+    for (i, item) in items.iter().enumerate() {
+        validate(item).map_err(|e| if list.is_some() { e.within(path(i)) } else { e })?;
+        if let Some(first) = seen.insert(id(item), i) {
+            return Err(ManifestError::Duplicate { field: path(i), service: id(item), first: path(first) });
         }
     }
-    Ok(services)
+    Ok(())
+}
+
+/// What `wharf apply -f` reads: services and jobs.
+#[derive(Debug)]
+pub struct Manifest {
+    pub services: Vec<ServiceManifest>,
+    pub jobs: Vec<JobManifest>,
+}
+
+/// A manifest with jobs, and services beside them or not.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServicesAndJobs {
+    #[serde(default)]
+    services: Vec<ServiceManifest>,
+    jobs: Vec<JobManifest>,
+}
+
+/// Reads what `wharf apply -f` applies: a manifest [`parse_manifest`]
+/// reads, or one with a `jobs:` list (and, beside it, `services:` or not).
+/// Each entry is checked as its own kind's manifest checks it.
+pub fn parse_apply_manifest(text: &str, format: ManifestFormat) -> Result<Manifest, ManifestError> {
+    let has_jobs = matches!(deserialize_lenient::<JobShape>(text, format), Ok(JobShape { jobs: Some(_) }));
+    if !has_jobs {
+        return Ok(Manifest { services: parse_manifest(text, format)?, jobs: Vec::new() });
+    }
+    if text.len() > MAX_MANIFEST_BYTES {
+        return Err(ManifestError::TooLarge(format!("{} bytes, at most {MAX_MANIFEST_BYTES} are read", text.len())));
+    }
+    let ServicesAndJobs { services, jobs } = deserialize(text, format)?;
+    if services.len() + jobs.len() > MAX_MANIFEST_SERVICES {
+        return Err(ManifestError::TooLarge(format!("{} services and jobs, at most {MAX_MANIFEST_SERVICES} in one manifest", services.len() + jobs.len())));
+    }
+    if services.is_empty() && jobs.is_empty() {
+        return Err(ManifestError::Empty);
+    }
+    check_entries(&services, Some("services"), ServiceManifest::validate, ServiceManifest::id)?;
+    check_entries(&jobs, Some("jobs"), JobManifest::validate, JobManifest::id)?;
+    Ok(Manifest { services, jobs })
 }
 
 /// Whether the document holds nothing at all (only whitespace or comments).
@@ -425,6 +510,27 @@ fn location_of(text: &str, offset: usize) -> Location {
 #[cfg(test)]
 mod limit_tests {
     use super::*;
+
+    #[test]
+    fn jobs_are_read_beside_services_and_checked_by_path() {
+        let both = "services:\n  - name: web\n    component: { file: web.wasm }\njobs:\n  - name: nightly\n    component: { file: job.wasm }\n    schedule: \"0 3 * * *\"\n    time_zone: Europe/Berlin\n";
+        let manifest = parse_apply_manifest(both, ManifestFormat::Yaml).expect("valid");
+        assert_eq!((manifest.services.len(), manifest.jobs.len()), (1, 1));
+        assert_eq!(manifest.jobs[0].schedule.as_deref(), Some("0 3 * * *"));
+        let bad = "jobs:\n  - name: a\n    component: { file: a.wasm }\n  - name: b\n    component: { file: b.wasm }\n    schedule: \"* * *\"\n";
+        let error = parse_apply_manifest(bad, ManifestFormat::Yaml).expect_err("a bad schedule");
+        assert!(error.to_string().starts_with("jobs[1].schedule: \"* * *\" is not a cron schedule"), "{error}");
+        let twice = "jobs:\n  - name: a\n    component: { file: a.wasm }\n  - name: a\n    component: { file: a.wasm }\n";
+        let error = parse_apply_manifest(twice, ManifestFormat::Yaml).expect_err("twice");
+        assert_eq!(error.to_string(), "jobs[1]: default/a is already described at jobs[0]");
+        let typo = "jobs:\n  - name: a\n    component: { file: a.wasm }\n    shedule: \"* * * * *\"\n";
+        let error = parse_apply_manifest(typo, ManifestFormat::Yaml).expect_err("a typo");
+        assert!(error.to_string().contains("jobs[0].shedule"), "{error}");
+        let services = parse_apply_manifest("name: web\ncomponent: { file: web.wasm }\n", ManifestFormat::Yaml).expect("one service");
+        assert_eq!((services.services.len(), services.jobs.len()), (1, 0));
+        let one_job = parse_job_manifest("name: once\ncomponent: { file: job.wasm }\nargs: [a, b]\n", ManifestFormat::Yaml).expect("one job");
+        assert_eq!(one_job[0].args, ["a", "b"]);
+    }
 
     #[test]
     fn oversized_manifests_are_refused() {
@@ -619,7 +725,7 @@ mod tests {
         check(
             ManifestFormat::Yaml,
             text,
-            Err("services[1]: service default/a is already described at services[0]"),
+            Err("services[1]: default/a is already described at services[0]"),
         );
         let empty =
             "the manifest describes no service: give one service, or a list under `services`";

@@ -83,6 +83,28 @@ pub fn host_logs_subject(host: &HostId) -> String {
     format!("wharf.host.{host}.logs")
 }
 
+/// A host takes [`crate::job::JobCommand`]s (start or stop an attempt of a
+/// job) by request/reply here.
+pub fn host_jobs_subject(host: &HostId) -> String {
+    format!("wharf.host.{host}.jobs")
+}
+
+/// A host publishes how an attempt of job `namespace/name` ended
+/// ([`crate::job::JobResult`]); schedulers follow [`JOB_RESULTS_WILDCARD`].
+pub fn job_result_subject(namespace: &str, name: &str) -> String {
+    format!("wharf.jobresult.{namespace}.{name}")
+}
+
+/// Matches every job's result subject.
+pub const JOB_RESULTS_WILDCARD: &str = "wharf.jobresult.>";
+
+/// KV bucket of jobs ([`crate::job::StoredJob`]), keyed by [`service_key`].
+pub const JOBS_BUCKET: &str = "wharf-jobs";
+
+/// KV bucket of jobs' runs ([`crate::job::JobHistory`]), keyed by
+/// [`service_key`]; only the leader writes it.
+pub const JOB_RUNS_BUCKET: &str = "wharf-job-runs";
+
 /// KV bucket of the control plane's events ([`crate::observe::Event`]),
 /// keyed by [`event_key`]: a ring of slots per namespace.
 pub const EVENTS_BUCKET: &str = "wharf-events";

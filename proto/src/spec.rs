@@ -112,7 +112,7 @@ pub struct ServiceSpec<C = Digest> {
     pub triggers: Vec<crate::trigger::Trigger>,
 }
 
-fn default_namespace() -> String {
+pub(crate) fn default_namespace() -> String {
     DEFAULT_NAMESPACE.to_string()
 }
 
@@ -465,52 +465,13 @@ impl<C> ServiceSpec<C> {
                 .validate()
                 .map_err(|e| e.within(format_args!("routes[{i}]")))?;
         }
-        for key in self.env.keys() {
-            if key.is_empty() || key.contains(['=', '\0']) {
-                return Err(SpecError::new(
-                    format!("env[{key:?}]"),
-                    "a variable name must be non-empty, without '=' or NUL",
-                ));
-            }
-        }
-        for (key, value) in &self.placement.labels {
-            let field = || format!("placement.labels[{key:?}]");
-            if !is_label_key(key) {
-                return Err(SpecError::new(field(), LABEL_KEY_RULE));
-            }
-            if value.contains(',') || value.contains(char::is_whitespace) {
-                return Err(SpecError::new(
-                    field(),
-                    format!("label value {value:?} must not contain ',' or whitespace"),
-                ));
-            }
-        }
-        if let Some(key) = &self.placement.spread
-            && !is_label_key(key)
-        {
-            return Err(SpecError::new(
-                "placement.spread",
-                format!("{key:?} is not a label key: {LABEL_KEY_RULE}"),
-            ));
-        }
-        for (i, host) in self.allow_outbound.iter().enumerate() {
-            if host.is_empty() || host.contains(char::is_whitespace) {
-                return Err(SpecError::new(
-                    format!("allow_outbound[{i}]"),
-                    format!(
-                        "{host:?} is not a host: write `api.example.com`, `host:8443` or `*.example.com`"
-                    ),
-                ));
-            }
-        }
+        check_env(&self.env)?;
+        check_placement(&self.placement)?;
+        check_outbound(&self.allow_outbound)?;
         if let Some(autoscale) = &self.autoscale {
             autoscale.validate().map_err(|e| e.within("autoscale"))?;
         }
-        for key in self.config.keys() {
-            if key.is_empty() || key.contains(char::is_whitespace) {
-                return Err(SpecError::new(format!("config.{key}"), "config keys must be non-empty without whitespace"));
-            }
-        }
+        check_config(&self.config)?;
         let mut granted = BTreeSet::new();
         for (i, secret) in self.secrets.iter().enumerate() {
             let field = format!("secrets[{i}]");
@@ -522,20 +483,7 @@ impl<C> ServiceSpec<C> {
                 return Err(SpecError::new(field, format!("secret {secret:?} is granted twice")));
             }
         }
-        let mut buckets = BTreeSet::new();
-        for (i, bucket) in self.keyvalue.iter().enumerate() {
-            let field = format!("keyvalue[{i}]");
-            // `wasi:keyvalue` takes any string; only its length is bounded.
-            if bucket.is_empty() || bucket.len() > crate::names::MAX_KV_IDENTIFIER {
-                return Err(SpecError::new(
-                    field,
-                    format!("a bucket identifier must be 1 to {} bytes long (got {})", crate::names::MAX_KV_IDENTIFIER, bucket.len()),
-                ));
-            }
-            if !buckets.insert(bucket) {
-                return Err(SpecError::new(field, format!("bucket {bucket:?} is declared twice")));
-            }
-        }
+        check_keyvalue(&self.keyvalue)?;
         self.validate_triggers()?;
         self.health.validate().map_err(|e| e.within("health"))?;
         self.rollout.validate().map_err(|e| e.within("rollout"))?;
@@ -589,6 +537,88 @@ impl<C> ServiceSpec<C> {
 }
 
 /// What [`is_label_key`] asks of a host label's key.
+/// `config`: keys non-empty, without whitespace.
+pub(crate) fn check_config(config: &BTreeMap<String, String>) -> Result<(), SpecError> {
+    for key in config.keys() {
+        if key.is_empty() || key.contains(char::is_whitespace) {
+            return Err(SpecError::new(format!("config.{key}"), "config keys must be non-empty without whitespace"));
+        }
+    }
+    Ok(())
+}
+
+/// `keyvalue`: bucket identifiers of 1 to 256 bytes, each declared once.
+pub(crate) fn check_keyvalue(keyvalue: &[String]) -> Result<(), SpecError> {
+    let mut buckets = BTreeSet::new();
+    for (i, bucket) in keyvalue.iter().enumerate() {
+        let field = format!("keyvalue[{i}]");
+        // `wasi:keyvalue` takes any string; only its length is bounded.
+        if bucket.is_empty() || bucket.len() > crate::names::MAX_KV_IDENTIFIER {
+            return Err(SpecError::new(
+                field,
+                format!("a bucket identifier must be 1 to {} bytes long (got {})", crate::names::MAX_KV_IDENTIFIER, bucket.len()),
+            ));
+        }
+        if !buckets.insert(bucket) {
+            return Err(SpecError::new(field, format!("bucket {bucket:?} is declared twice")));
+        }
+    }
+    Ok(())
+}
+
+/// `env`: variable names non-empty, without '=' or NUL.
+pub(crate) fn check_env(env: &BTreeMap<String, String>) -> Result<(), SpecError> {
+    for key in env.keys() {
+        if key.is_empty() || key.contains(['=', '\0']) {
+            return Err(SpecError::new(
+                format!("env[{key:?}]"),
+                "a variable name must be non-empty, without '=' or NUL",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `placement`: label keys and values a host's labels can match.
+pub(crate) fn check_placement(placement: &Placement) -> Result<(), SpecError> {
+    for (key, value) in &placement.labels {
+        let field = || format!("placement.labels[{key:?}]");
+        if !is_label_key(key) {
+            return Err(SpecError::new(field(), LABEL_KEY_RULE));
+        }
+        if value.contains(',') || value.contains(char::is_whitespace) {
+            return Err(SpecError::new(
+                field(),
+                format!("label value {value:?} must not contain ',' or whitespace"),
+            ));
+        }
+    }
+    if let Some(key) = &placement.spread
+        && !is_label_key(key)
+    {
+        return Err(SpecError::new(
+            "placement.spread",
+            format!("{key:?} is not a label key: {LABEL_KEY_RULE}"),
+        ));
+    }
+    Ok(())
+}
+
+/// `allow_outbound`: each entry a host name.
+pub(crate) fn check_outbound(allow_outbound: &[String]) -> Result<(), SpecError> {
+    for (i, host) in allow_outbound.iter().enumerate() {
+        if host.is_empty() || host.contains(char::is_whitespace) {
+            return Err(SpecError::new(
+                format!("allow_outbound[{i}]"),
+                format!(
+                    "{host:?} is not a host: write `api.example.com`, `host:8443` or `*.example.com`"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 const LABEL_KEY_RULE: &str = "a label key must be non-empty, without '=', ',' or whitespace";
 
 /// Whether `key` can be a host label's key (`zone`, `disk`): hosts are
@@ -597,12 +627,12 @@ fn is_label_key(key: &str) -> bool {
     !key.is_empty() && !key.contains(['=', ',']) && !key.contains(char::is_whitespace)
 }
 
-fn label(field: &str, value: &str) -> Result<(), SpecError> {
+pub(crate) fn label(field: &str, value: &str) -> Result<(), SpecError> {
     check_label(value).map_err(|e: NameError| SpecError::new(field, e))
 }
 
 /// Checks `min <= value <= max`, naming the field and the allowed range otherwise.
-fn in_range<T: PartialOrd>(
+pub(crate) fn in_range<T: PartialOrd>(
     field: &str,
     value: T,
     min: T,
@@ -730,7 +760,7 @@ impl Autoscale {
 
 /// Serde for fuel: a number of units, or `unlimited` (or null) for no metering.
 /// TOML has no null, hence the word.
-mod fuel_text {
+pub(crate) mod fuel_text {
     use serde::Serializer;
     use serde::de::{self, Deserializer, Visitor};
     use std::fmt;

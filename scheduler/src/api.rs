@@ -100,6 +100,7 @@ pub fn router(plane: ControlPlane) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/tokens", post(create_token))
         .merge(crate::tokens_api::routes())
+        .merge(crate::jobs_api::routes())
         .merge(crate::logs_api::routes())
         .merge(crate::events_api::routes())
         .merge(crate::dashboard::routes())
@@ -217,26 +218,8 @@ async fn put_service(
     body: Bytes,
 ) -> ApiResult {
     let id = service_id(&ns, &name)?;
-    check_size(&body)?;
     let expected = expected_revision(&headers)?;
-    let mut value: Value = serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))?;
-    let Some(object) = value.as_object_mut() else {
-        return Err(ApiError::bad_request("the body must be a JSON object: a service spec"));
-    };
-    // The path names the service; the body may repeat it, but not contradict it.
-    for (field, from_path) in [("namespace", &id.namespace), ("name", &id.name)] {
-        match object.get(field) {
-            None => {
-                object.insert(field.to_string(), Value::String(from_path.clone()));
-            }
-            Some(Value::String(given)) if given == from_path => {}
-            Some(given) => {
-                return Err(ApiError::bad_request(format!("{field}: the body says {given} but the path says {from_path:?}")));
-            }
-        }
-    }
-    let spec: ServiceSpec =
-        wharf_proto::strict::from_value(value).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_spec", e.to_string()))?;
+    let spec: ServiceSpec = named_body(&body, &id, "a service spec")?;
     let change = Change {
         by: principal.map(|Extension(p)| p.0).unwrap_or_else(|| "anonymous".to_string()),
         cause: query.cause.unwrap_or_else(|| "apply".to_string()),
@@ -251,6 +234,29 @@ async fn put_service(
     Ok((status, axum::Json(view)).into_response())
 }
 
+/// Reads a spec from a request body (strictly: unknown fields refused,
+/// named with their path) for the service or job `id` the path names; the
+/// body may repeat the namespace and name, but not contradict them.
+pub(crate) fn named_body<T: serde::de::DeserializeOwned>(body: &Bytes, id: &ServiceId, what: &str) -> ApiResult<T> {
+    check_size(body)?;
+    let mut value: Value = serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))?;
+    let Some(object) = value.as_object_mut() else {
+        return Err(ApiError::bad_request(format!("the body must be a JSON object: {what}")));
+    };
+    for (field, from_path) in [("namespace", &id.namespace), ("name", &id.name)] {
+        match object.get(field) {
+            None => {
+                object.insert(field.to_string(), Value::String(from_path.clone()));
+            }
+            Some(Value::String(given)) if given == from_path => {}
+            Some(given) => {
+                return Err(ApiError::bad_request(format!("{field}: the body says {given} but the path says {from_path:?}")));
+            }
+        }
+    }
+    wharf_proto::strict::from_value(value).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_spec", e.to_string()))
+}
+
 /// Checks a spec and writes it: valid, its component uploaded, within its
 /// namespace's quota, every reference it makes resolvable (unless
 /// `force`), room for a replica on some host. Shared by every path that
@@ -263,12 +269,9 @@ pub(crate) async fn write_spec(
     force: bool,
 ) -> ApiResult<(StoredService, Written)> {
     spec.validate().map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_spec", e.to_string()))?;
-    if !plane.store.has_artifact(&spec.component).await? {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "unknown_component",
-            format!("component: {} is not uploaded; POST its bytes to /v1/artifacts first", spec.component),
-        ));
+    check_uploaded(plane, &spec.component).await?;
+    if plane.jobs.read(|state| state.jobs.contains_key(&spec.id())) {
+        return Err(ApiError::new(StatusCode::CONFLICT, "name_taken", format!("{} is a job; services and jobs share the names of a namespace", spec.id())));
     }
     check_egress(plane, &spec)?;
     crate::triggers::check_exports(plane, &spec).await?;
@@ -289,6 +292,14 @@ pub(crate) async fn write_spec(
     }
     let keep = plane.informer.status(&id).map(|s| s.rollout.stable).filter(|n| *n != 0);
     Ok(plane.store.put_service(spec, expected, change, keep).await?)
+}
+
+/// Refuses a component that is not in the artifact store.
+pub(crate) async fn check_uploaded(plane: &ControlPlane, component: &Digest) -> ApiResult<()> {
+    if plane.store.has_artifact(component).await? {
+        return Ok(());
+    }
+    Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "unknown_component", format!("component: {component} is not uploaded; POST its bytes to /v1/artifacts first")))
 }
 
 /// Refuses what the API can know is wrong before any host tries: a
@@ -456,7 +467,7 @@ fn check_egress(plane: &ControlPlane, spec: &ServiceSpec) -> ApiResult<()> {
 /// the namespace's quota `kv_bytes`, or the bus's limit for data buckets.
 /// Each tenant's data lives in a bucket of its own, apart from the control
 /// plane's state, so no tenant can fill the storage another needs.
-async fn data_bucket(plane: &ControlPlane, ns: &str) -> ApiResult<wharf_bus::Kv> {
+pub(crate) async fn data_bucket(plane: &ControlPlane, ns: &str) -> ApiResult<wharf_bus::Kv> {
     let options = match namespace(plane, ns).await?.quota.kv_bytes {
         Some(max) => wharf_bus::BucketOptions::max_bytes(max.bytes()),
         None => plane.bus.storage_limits().data,
@@ -628,14 +639,19 @@ fn usage(plane: &ControlPlane, ns: &str, except: Option<&ServiceId>) -> (u64, u6
 /// Refuses `spec` if it would take its namespace past a quota, naming the
 /// quota, its limit and what is in use.
 async fn check_quota(plane: &ControlPlane, spec: &ServiceSpec) -> ApiResult<()> {
-    let ns = &spec.namespace;
+    let (replicas, memory) = usage_of(spec);
+    check_room(plane, &spec.namespace, &spec.id(), replicas, memory, "memory x concurrency x replicas").await
+}
+
+/// Refuses `replicas` more replicas reserving `memory` bytes for `id` (a
+/// service, or a job's run) if they would take namespace `ns` past a quota;
+/// `how` says how the memory was counted.
+pub(crate) async fn check_room(plane: &ControlPlane, ns: &str, id: &ServiceId, replicas: u64, memory: u64, how: &str) -> ApiResult<()> {
     let quota = namespace(plane, ns).await?.quota;
     if quota.replicas.is_none() && quota.memory.is_none() {
         return Ok(());
     }
-    let id = spec.id();
-    let (used_replicas, used_memory) = usage(plane, ns, Some(&id));
-    let (replicas, memory) = usage_of(spec);
+    let (used_replicas, used_memory) = usage(plane, ns, Some(id));
     if let Some(limit) = quota.replicas
         && used_replicas + replicas > u64::from(limit)
     {
@@ -652,7 +668,7 @@ async fn check_quota(plane: &ControlPlane, spec: &ServiceSpec) -> ApiResult<()> 
             StatusCode::FORBIDDEN,
             "quota_exceeded",
             format!(
-                "namespace {ns}: quota memory={limit} exceeded: other services reserve {}, {id} asks for {} (memory x concurrency x replicas)",
+                "namespace {ns}: quota memory={limit} exceeded: other services reserve {}, {id} asks for {} ({how})",
                 wharf_proto::ByteSize(used_memory),
                 wharf_proto::ByteSize(memory)
             ),

@@ -213,7 +213,7 @@ pub async fn authorise(State(plane): State<ControlPlane>, mut request: Request, 
                 // Artifacts are content-addressed and shared; hosts are read-only views.
                 None if path.starts_with("/v1/artifacts") || path == "/v1/hosts" => {}
                 // The listing across namespaces shows a namespace token its own (see `Visible`).
-                None if path == "/v1/services" && !writes => {}
+                None if (path == "/v1/services" || path == "/v1/jobs") && !writes => {}
                 None => {
                     return Err(ApiError::new(
                         StatusCode::FORBIDDEN,

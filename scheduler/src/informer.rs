@@ -259,7 +259,7 @@ fn apply(inner: &Inner, source: Source, event: KvEvent) {
 }
 
 /// The service a `<ns>.<name>` key names.
-fn service_of_key(key: &str) -> Option<ServiceId> {
+pub(crate) fn service_of_key(key: &str) -> Option<ServiceId> {
     let (ns, name) = key.split_once('.')?;
     ServiceId::new(ns, name).ok()
 }

@@ -14,6 +14,8 @@ pub mod events;
 pub mod events_api;
 pub mod hosts;
 pub mod informer;
+pub mod jobs;
+mod jobs_api;
 pub mod leader;
 pub mod logs_api;
 pub mod rollout_api;
@@ -114,6 +116,8 @@ pub struct ControlPlane {
     pub(crate) tokens: Option<auth::Tokens>,
     /// The events bucket (`wharf-events`), read by the API; the leader writes it through `controller::Context::events`.
     pub(crate) events: wharf_bus::Kv,
+    /// Jobs and their runs (`jobs.rs`); the leader runs their loop.
+    pub(crate) jobs: jobs::Jobs,
     pub(crate) leadership: watch::Receiver<Leadership>,
     pub(crate) config: ControlPlaneConfig,
     stop: Arc<watch::Sender<bool>>,
@@ -125,6 +129,7 @@ impl ControlPlane {
     pub async fn start(bus: &Bus, check: Arc<dyn ComponentCheck>, config: ControlPlaneConfig) -> Result<ControlPlane, StartError> {
         let store = Store::open(bus).await?.with_history(config.revision_history);
         let informer = Informer::start(store.clone()).await?;
+        let jobs = jobs::Jobs::start(bus).await?;
         let hosts = HostTable::follow(bus, config.host_timeout).await?;
         let tokens = match &config.admin_token_file {
             Some(file) => {
@@ -148,7 +153,7 @@ impl ControlPlane {
             retry: config.retry,
             events: events::Recorder::start(events.clone()),
         };
-        tokio::spawn(lead(context, leadership.clone(), stopped));
+        tokio::spawn(lead(context, jobs.clone(), leadership.clone(), stopped));
         Ok(ControlPlane {
             store,
             informer,
@@ -158,6 +163,7 @@ impl ControlPlane {
             bus: bus.clone(),
             tokens,
             events,
+            jobs,
             leadership,
             config,
             stop: Arc::new(stop),
@@ -182,6 +188,11 @@ impl ControlPlane {
     /// The desired-state store.
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// The jobs and their runs.
+    pub fn jobs(&self) -> &jobs::Jobs {
+        &self.jobs
     }
 
     /// The hosts known from heartbeats.
@@ -210,9 +221,9 @@ impl ControlPlane {
     }
 }
 
-/// Runs the controller whenever this scheduler leads, and stops it when it
-/// no longer does.
-async fn lead(context: controller::Context, mut leadership: watch::Receiver<Leadership>, mut stop: watch::Receiver<bool>) {
+/// Runs the controller and the job loop whenever this scheduler leads, and
+/// stops them when it no longer does.
+async fn lead(context: controller::Context, jobs: jobs::Jobs, mut leadership: watch::Receiver<Leadership>, mut stop: watch::Receiver<bool>) {
     loop {
         let epoch = leadership.borrow_and_update().epoch();
         match epoch {
@@ -220,7 +231,8 @@ async fn lead(context: controller::Context, mut leadership: watch::Receiver<Lead
                 let (quit, quitting) = watch::channel(false);
                 // Another leader may have recorded events meanwhile: number on from the bucket.
                 context.events.renumber();
-                let task = tokio::spawn(controller::run(context.clone(), epoch, quitting));
+                let task = tokio::spawn(controller::run(context.clone(), epoch, quitting.clone()));
+                let job_loop = tokio::spawn(jobs.clone().lead(context.bus.clone(), context.hosts.clone(), context.events.clone(), epoch, quitting));
                 // Lead until the epoch changes or the process stops.
                 loop {
                     tokio::select! {
@@ -234,6 +246,7 @@ async fn lead(context: controller::Context, mut leadership: watch::Receiver<Lead
                 }
                 let _ = quit.send(true);
                 task.abort();
+                job_loop.abort();
                 if *stop.borrow() {
                     return;
                 }

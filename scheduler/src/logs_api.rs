@@ -43,7 +43,9 @@ static FOLLOWERS: AtomicUsize = AtomicUsize::new(0);
 
 /// The routes of this module, merged into the API's router.
 pub fn routes() -> Router<ControlPlane> {
-    Router::new().route("/v1/namespaces/{ns}/services/{name}/logs", get(logs))
+    Router::new()
+        .route("/v1/namespaces/{ns}/services/{name}/logs", get(logs))
+        .route("/v1/namespaces/{ns}/jobs/{name}/logs", get(logs))
 }
 
 /// The query string, as people type it.
@@ -92,7 +94,10 @@ async fn logs(
 ) -> Result<Response, ApiError> {
     let Query(params) = params.map_err(|e| ApiError::bad_request(format!("{e} (takes follow, since, tail, replica, host)")))?;
     let service = crate::api::service_id(&ns, &name)?;
-    crate::api::find_service(&plane, &service).await?;
+    // A job's attempts log like replicas (revision = run, replica = attempt).
+    if !plane.jobs.read(|state| state.jobs.contains_key(&service) || state.runs.contains_key(&service)) {
+        crate::api::find_service(&plane, &service).await?;
+    }
     let wanted = check(service, &params)?;
     if let Some(host) = &wanted.host
         && hosts_of(&plane, &wanted).is_empty()
@@ -107,17 +112,28 @@ async fn logs(
     follow(plane, wanted).await
 }
 
-/// The hosts the service is assigned to (all, or the one asked for).
+/// The hosts the service is assigned to, or that ran the job's attempts
+/// kept in its history (all, or the one asked for).
 fn hosts_of(plane: &ControlPlane, wanted: &Wanted) -> BTreeSet<HostId> {
-    plane.informer.read(|state| {
+    let mut hosts: BTreeSet<HostId> = plane.jobs.read(|state| {
+        state
+            .runs
+            .get(&wanted.service)
+            .into_iter()
+            .flat_map(|(history, _)| history.runs.iter().flat_map(|run| run.attempts.iter().filter_map(|a| a.host.clone())))
+            .filter(|host| wanted.host.as_ref().is_none_or(|h| h == host))
+            .collect()
+    });
+    hosts.extend(plane.informer.read(|state| {
         state
             .assignments
             .iter()
             .filter(|(host, _)| wanted.host.as_ref().is_none_or(|h| h == *host))
             .filter(|(_, assignment)| assignment.replicas.iter().any(|r| r.service == wanted.service))
             .map(|(host, _)| host.clone())
-            .collect()
-    })
+            .collect::<Vec<_>>()
+    }));
+    hosts
 }
 
 /// Recent lines from every host, merged oldest first and cut to `tail`;

@@ -76,7 +76,7 @@ const EXPORTS_KEPT: usize = 4096;
 /// per digest: without this every write of a service (thousands in an
 /// `apply`) would fetch and parse its component again. Misses are read one
 /// at a time, so a burst of writes of one new component reads it once.
-async fn exports_of(plane: &ControlPlane, digest: &wharf_proto::Digest) -> Result<Option<std::sync::Arc<Vec<String>>>, ApiError> {
+pub(crate) async fn exports_of(plane: &ControlPlane, digest: &wharf_proto::Digest) -> Result<Option<std::sync::Arc<Vec<String>>>, ApiError> {
     use std::collections::HashMap;
     use std::sync::{Arc, Mutex, OnceLock};
     static KNOWN: OnceLock<Mutex<HashMap<wharf_proto::Digest, Arc<Vec<String>>>>> = OnceLock::new();

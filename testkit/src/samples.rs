@@ -27,6 +27,7 @@ pub const NAMES: &[&str] = &[
     "settings",
     "messenger",
     "listener",
+    "job",
 ];
 
 /// The target the samples are built for; also names the output subdirectory.

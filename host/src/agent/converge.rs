@@ -152,24 +152,7 @@ impl HostAgent {
     /// component (compiled here before, or fetched and compiled), its
     /// limits, env, config and secrets, volumes and key-value access.
     pub(super) async fn build_workload(&self, service: &ServiceId, revision: u64, spec: &ServiceSpec) -> Result<Workload, String> {
-        let digest = spec.component.clone();
-        let runtime = self.inner.runtime.clone();
-        let cached = {
-            let digest = digest.clone();
-            tokio::task::spawn_blocking(move || runtime.load_compiled(&digest)).await.map_err(|e| format!("the load task failed: {e}"))?
-        };
-        let component = match cached {
-            Some(loaded) => loaded.map_err(|e| e.to_string())?,
-            None => {
-                let bytes = self.fetch_artifact(&digest).await?;
-                let runtime = self.inner.runtime.clone();
-                let expected = digest.clone();
-                tokio::task::spawn_blocking(move || runtime.load(&bytes, Some(&expected)))
-                    .await
-                    .map_err(|e| format!("the compile task failed: {e}"))?
-                    .map_err(|e| e.to_string())?
-            }
-        };
+        let component = self.load_component(&spec.component).await?;
         let mut workload = super::workload_spec(service, revision, spec, &self.inner.config.host);
         workload.services = Some(ServiceLink { calls: Arc::new(super::AgentCalls(Arc::downgrade(&self.inner))), namespace: service.namespace.clone() });
         for volume in &spec.volumes {
@@ -212,6 +195,27 @@ impl HostAgent {
         workload.keyvalue =
             Some(crate::keyvalue::KeyValueAccess::new(self.inner.bus.clone(), &service.namespace, &service.to_string(), spec.keyvalue.iter().cloned()));
         Workload::new(&self.inner.runtime, component, workload, &self.inner.metrics).map_err(|e| e.to_string())
+    }
+
+    /// The component `digest`, compiled here before, or fetched and compiled.
+    pub(super) async fn load_component(&self, digest: &Digest) -> Result<crate::runtime::LoadedComponent, String> {
+        let runtime = self.inner.runtime.clone();
+        let cached = {
+            let digest = digest.clone();
+            tokio::task::spawn_blocking(move || runtime.load_compiled(&digest)).await.map_err(|e| format!("the load task failed: {e}"))?
+        };
+        match cached {
+            Some(loaded) => loaded.map_err(|e| e.to_string()),
+            None => {
+                let bytes = self.fetch_artifact(digest).await?;
+                let runtime = self.inner.runtime.clone();
+                let expected = digest.clone();
+                tokio::task::spawn_blocking(move || runtime.load(&bytes, Some(&expected)))
+                    .await
+                    .map_err(|e| format!("the compile task failed: {e}"))?
+                    .map_err(|e| e.to_string())
+            }
+        }
     }
 
     async fn fetch_artifact(&self, digest: &Digest) -> Result<Vec<u8>, String> {

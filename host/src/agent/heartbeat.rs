@@ -70,7 +70,9 @@ impl HostAgent {
             started_at_ms: self.inner.started_at_ms,
             draining: self.inner.draining.load(Ordering::Relaxed),
             demand: self.inner.activations.demand(),
-            memory_reserved: wharf_proto::ByteSize(self.inner.replicas.memory_reserved().saturating_add(self.inner.activations.reserved().0)),
+            memory_reserved: wharf_proto::ByteSize(
+                self.inner.replicas.memory_reserved() + self.inner.jobs.memory_reserved() + self.inner.activations.reserved().0,
+            ),
             memory_in_use: resident_memory(),
             version: 0,
         };

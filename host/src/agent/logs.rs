@@ -68,18 +68,15 @@ impl HostAgent {
 
     /// Answers [`LogQuery`]s on this host's logs subject until the agent stops.
     pub(super) async fn answer_log_queries(&self) -> Result<(), wharf_bus::SubscribeError> {
-        self.each_message(&host_logs_subject(&self.inner.config.host), |agent, message| async move {
-            let batch = match serde_json::from_slice::<LogQuery>(&message.payload) {
+        self.answer_requests(host_logs_subject(&self.inner.config.host), |agent, payload| {
+            let batch = match serde_json::from_slice::<LogQuery>(payload) {
                 Ok(query) => agent.recent_logs(&query),
                 Err(e) => {
                     tracing::debug!("unreadable log query: {e}");
                     LogBatch::default()
                 }
             };
-            let payload = serde_json::to_vec(&batch).unwrap_or_default();
-            if let Err(e) = agent.inner.bus.respond(&message, Bytes::from(payload)).await {
-                tracing::debug!("log query not answered: {e}");
-            }
+            serde_json::to_vec(&batch).unwrap_or_default()
         })
         .await
     }
@@ -93,8 +90,10 @@ impl HostAgent {
             .replicas
             .workloads_of(&query.service)
             .into_iter()
+            .map(|(key, workload)| (key, workload.logs().clone()))
+            .chain(self.inner.jobs.logs_of(&query.service))
             .filter(|(key, _)| query.replica.is_none_or(|r| key.replica == r))
-            .flat_map(|(key, workload)| workload.logs().recent().into_iter().map(move |line| record(host, &key, &line)))
+            .flat_map(|(key, logs)| logs.recent().into_iter().map(move |line| record(host, &key, &line)))
             .filter(|record| query.since_ms.is_none_or(|since| record.time_ms >= since))
             .collect();
         lines.sort_by_key(|r| (r.time_ms, r.revision, r.replica, r.seq));

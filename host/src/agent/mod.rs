@@ -18,6 +18,8 @@
 //! - [`heartbeat`]: the heartbeat tick and draining.
 //! - [`rates`]: namespaces' request-rate quotas at this ingress.
 //! - [`logs`]: replicas' log lines for `wharf logs`, published and asked for.
+//! - [`jobs`]: attempts of jobs the leader starts here, run to completion
+//!   (their own lock).
 //!
 //! What may change what: assignment events change `replicas` (and through
 //! it `listening` and the route table); service and status events change
@@ -27,12 +29,14 @@ mod activation;
 mod converge;
 mod directory;
 mod heartbeat;
+mod jobs;
 mod logs;
 mod rates;
 mod replicas;
 mod routing;
 mod triggers;
 
+pub use jobs::{ATTEMPT_ENV, JOB_ENV, RUN_ENV};
 pub use routing::REVISION_HEADER;
 
 use crate::egress::{EgressPolicy, ServiceCalls};
@@ -113,6 +117,8 @@ struct Inner {
     hosts_down: tokio::sync::broadcast::Sender<Arc<wharf_proto::HostDown>>,
     /// Which heartbeat goes next: full, or "nothing changed" (its own lock).
     beats: Mutex<wharf_proto::beats::Beats>,
+    /// Jobs' attempts running here, and recent ones' logs (its own lock).
+    jobs: jobs::Jobs,
     /// Set when the host is draining: it takes no new work.
     draining: AtomicBool,
     /// The newest leader epoch seen on an assignment (fencing).
@@ -169,6 +175,7 @@ impl HostAgent {
                 rates: rates::Rates::default(),
                 beats: Mutex::new(wharf_proto::beats::Beats::new()),
                 hosts_down: tokio::sync::broadcast::channel(64).0,
+                jobs: jobs::Jobs::default(),
                 draining: AtomicBool::new(false),
                 epoch: AtomicU64::new(0),
                 precompiling: tokio::sync::Mutex::new(()),
@@ -189,6 +196,7 @@ impl HostAgent {
         agent.answer_log_queries().await.map_err(|e| AgentError::Bus { what: "the subscription for log queries", source: Box::new(e) })?;
         agent.follow_lost_hosts().await.map_err(|e| AgentError::Bus { what: "the subscription for lost hosts", source: Box::new(e) })?;
         agent.answer_resend_requests().await.map_err(|e| AgentError::Bus { what: "the subscription for heartbeat requests", source: Box::new(e) })?;
+        agent.answer_job_commands().await.map_err(|e| AgentError::Bus { what: "the subscription for job commands", source: Box::new(e) })?;
         let weak = Arc::downgrade(&agent.inner);
         let mut stop = agent.inner.stop.subscribe();
         let interval = agent.inner.config.heartbeat_interval;
@@ -246,6 +254,26 @@ impl HostAgent {
                 apply(&HostAgent { inner }, event);
             }
         });
+    }
+
+    /// Answers every request on `subject` with what `answer` makes of its
+    /// payload, one at a time, until the agent stops.
+    async fn answer_requests(
+        &self,
+        subject: String,
+        answer: impl Fn(&HostAgent, &[u8]) -> Vec<u8> + Send + Sync + 'static,
+    ) -> Result<(), wharf_bus::SubscribeError> {
+        let answer = Arc::new(answer);
+        self.each_message(&subject.clone(), move |agent, message| {
+            let (answer, subject) = (answer.clone(), subject.clone());
+            async move {
+                let reply = answer(&agent, &message.payload);
+                if let Err(e) = agent.inner.bus.respond(&message, bytes::Bytes::from(reply)).await {
+                    tracing::debug!(%subject, "request not answered: {e}");
+                }
+            }
+        })
+        .await
     }
 
     /// Stops the background tasks; workloads serving requests finish them.

@@ -123,6 +123,7 @@ mod autoscale;
 mod cluster;
 mod hash;
 mod health;
+pub mod jobs;
 mod placement;
 mod reconcile;
 mod rollout;
