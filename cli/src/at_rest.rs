@@ -10,7 +10,11 @@ use wharf_proto::sealed::SecretKey;
 /// Creates `dir` (mode 0700) if missing, and tightens it and the files
 /// directly in it to 0700 / 0600 if other users could read them, saying so.
 pub fn private_dir(dir: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create the data directory {}", dir.display()))?;
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir).with_context(|| format!("cannot create the data directory {}", dir.display()))?;
     tighten(dir, 0o700)?;
     let entries = std::fs::read_dir(dir).with_context(|| format!("cannot read the data directory {}", dir.display()))?;
     for entry in entries.flatten() {
@@ -37,6 +41,20 @@ pub fn tighten(path: &Path, mode: u32) -> anyhow::Result<()> {
 
 #[cfg(not(unix))]
 pub fn tighten(_path: &Path, _mode: u32) -> anyhow::Result<()> {
+    Ok(())
+}
+
+/// Sets a file this process just made (the redb store, created with the
+/// process's umask) to 0600, without a log line: it was never looser
+/// behind the 0700 directory.
+#[cfg(unix)]
+pub fn make_private(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).with_context(|| format!("cannot restrict {} to mode 600", path.display()))
+}
+
+#[cfg(not(unix))]
+pub fn make_private(_path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 

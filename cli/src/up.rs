@@ -80,8 +80,9 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyhow::Resu
         Some(url) => crate::cluster::NatsArgs::at(url).connect("wharf-up").await?,
         None => {
             let store = LocalStore::open(data_dir.join("state.redb"))?;
-            // redb creates the file with the process's umask: only we may read it.
-            crate::at_rest::tighten(&data_dir.join("state.redb"), 0o600)?;
+            // redb creates the file with the process's umask: only we may
+            // read it (one found looser was tightened, with a warning, above).
+            crate::at_rest::make_private(&data_dir.join("state.redb"))?;
             Bus::local(store)
         }
     };

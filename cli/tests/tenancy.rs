@@ -128,6 +128,9 @@ async fn components_belong_to_the_namespace_that_uploaded_them() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
     let up = Up::start(Path::new(WHARF), &data, &["--host-id", "artifacts"]);
+    // A new data directory is made private from the start, without a warning.
+    assert_eq!((mode(&data), mode(&data.join("state.redb"))), (0o700, 0o600));
+    assert!(!up.process.output().contains("tightened"), "{}", up.process.output());
     let a = token(&up, &["-n", "a", "--write"]);
     let b = token(&up, &["-n", "b", "--write"]);
     let (a_http, b_http, admin_http) = (http(&a), http(&b), http(&up.token));

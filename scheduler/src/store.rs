@@ -27,6 +27,10 @@ pub const DEFAULT_REVISION_HISTORY: usize = 10;
 /// How many times a state bucket's limit the revisions bucket may hold.
 const REVISIONS_ROOM: u64 = 8;
 
+/// The size limit of the buckets of route claims and component records
+/// (tens of thousands of records), or the state limit if lower.
+const RECORDS_BYTES: u64 = 8 * 1024 * 1024;
+
 /// Handles to the buckets holding the cluster's state.
 #[derive(Clone)]
 pub struct Store {
@@ -100,6 +104,9 @@ impl Store {
         let state = limits.state;
         // Revisions hold up to `history` specs per service: room for more.
         let revisions = wharf_bus::BucketOptions { max_bytes: state.max_bytes.map(|b| b.saturating_mul(REVISIONS_ROOM)) };
+        // Route claims and component records are a few hundred bytes each:
+        // JetStream reserves a bucket's whole limit, so these stay small.
+        let records = wharf_bus::BucketOptions { max_bytes: state.max_bytes.map(|b| b.min(RECORDS_BYTES)) };
         Ok(Store {
             services: bus.kv_with(SERVICES_BUCKET, state).await?,
             revisions: bus.kv_with(REVISIONS_BUCKET, revisions).await?,
@@ -110,8 +117,8 @@ impl Store {
             volumes: bus.kv_with(VOLUMES_BUCKET, state).await?,
             namespaces: bus.kv_with(wharf_proto::names::NAMESPACES_BUCKET, state).await?,
             secrets: bus.kv_with(wharf_proto::names::SECRETS_BUCKET, state).await?,
-            artifact_owners: bus.kv_with(wharf_proto::names::ARTIFACT_OWNERS_BUCKET, state).await?,
-            route_claims: bus.kv_with(wharf_proto::names::ROUTE_CLAIMS_BUCKET, state).await?,
+            artifact_owners: bus.kv_with(wharf_proto::names::ARTIFACT_OWNERS_BUCKET, records).await?,
+            route_claims: bus.kv_with(wharf_proto::names::ROUTE_CLAIMS_BUCKET, records).await?,
             history: DEFAULT_REVISION_HISTORY,
         })
     }
