@@ -334,3 +334,45 @@ async fn secrets_are_sealed_in_nats_kv() {
     assert!(wharf_proto::sealed::is_sealed(&stored), "sealed");
     assert!(!stored.windows(value.len()).any(|w| w == value.as_bytes()), "the plain text is not in the KV value");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_over_nats_opens_secrets_only_with_the_control_planes_key() {
+    use wharf_testkit::cluster::{Host, Scheduler};
+    let nats = wharf_testkit::nats::NatsServer::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sched = Scheduler::start(Path::new(WHARF), &nats.url(), &dir.path().join("sched"), &[]);
+    let key_file = dir.path().join("sched").join("secret.key");
+    assert_eq!(mode(&key_file), 0o600, "the control plane made its key, private");
+    // A host given another key: the replica fails, saying whose key sealed the secret.
+    let wrong_dir = dir.path().join("wrong");
+    std::fs::create_dir_all(&wrong_dir).expect("mkdir");
+    let wrong_key = wrong_dir.join("other.key");
+    std::fs::write(&wrong_key, "cd".repeat(32)).expect("write");
+    let mut wrong = Host::start(Path::new(WHARF), &nats.url(), "wrong", "a", dir.path(), &["--secret-key-file", wrong_key.to_str().expect("utf-8")]);
+    sched.ok(&["secret", "set", "token", "cluster-secret-5d1e"]);
+    sched.ok(&["deploy", &path("settings"), "--name", "settings", "--route", "/", "--secret", "token", "--no-wait"]);
+    let wait = std::time::Instant::now();
+    loop {
+        let view = sched.service("settings").to_string();
+        if view.contains("was sealed with key") {
+            assert!(view.contains("--secret-key-file"), "{view}");
+            break;
+        }
+        assert!(wait.elapsed() < Duration::from_secs(60), "no clear error: {view}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    wrong.process.kill();
+    // A host with the control plane's key runs it, and the component gets the value.
+    let right = Host::start(Path::new(WHARF), &nats.url(), "right", "b", dir.path(), &["--secret-key-file", key_file.to_str().expect("utf-8")]);
+    let wait = std::time::Instant::now();
+    loop {
+        if let Ok(response) = reqwest::get(format!("{}/?key=token", right.ingress)).await
+            && response.status() == 200
+        {
+            assert_eq!(response.text().await.expect("body"), "cluster-secret-5d1e");
+            break;
+        }
+        assert!(wait.elapsed() < Duration::from_secs(90), "never served with the right key: {}", sched.service("settings"));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
