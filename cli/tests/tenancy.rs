@@ -91,6 +91,11 @@ async fn host_names_and_path_prefixes_belong_to_one_namespace() {
     assert_eq!(status, 409, "{body}");
     assert_eq!(body["error"]["code"], "route_owned");
     assert!(body["error"]["message"].as_str().unwrap_or("").contains("namespace shop"), "{body}");
+    // A prefix too long to be claimed is refused by its length, before anything is claimed.
+    let long = serde_json::json!({"component": component, "routes": [{"path_prefix": format!("/{}", "a".repeat(2000))}]});
+    let (status, body) = json(evil_http.put(format!("{}/v1/namespaces/evil/services/probe", up.api)).json(&long).send().await.expect("answered")).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap_or("").contains("at most 1024 bytes"), "{body}");
 
     // A host name nobody owns is claimed by the first namespace that routes it, and is then its own.
     std::fs::write(&evil_manifest, format!("services:\n  - name: grab\n    namespace: evil\n    component: {{ file: {echo} }}\n    routes: [{{ host: evil.example.com, path_prefix: / }}, {{ path_prefix: /login }}]\n")).expect("write");

@@ -42,17 +42,30 @@ struct Owners {
 }
 
 impl Owners {
-    async fn read(plane: &ControlPlane) -> ApiResult<Owners> {
+    /// Every claim (for listings).
+    async fn read_all(plane: &ControlPlane) -> ApiResult<Owners> {
         let entries = plane.store.route_claims_kv().entries().await.map_err(store_failed)?;
         let claims = entries.iter().filter_map(|e| serde_json::from_slice::<RouteClaim>(&e.value).ok()).collect();
-        let routed = plane.informer.read(|state| {
-            state
-                .services
-                .values()
-                .flat_map(|s| s.spec.routes.iter().map(|r| (ClaimTarget::of_route(r), s.spec.namespace.clone(), s.spec.id().to_string())))
-                .collect()
-        });
-        Ok(Owners { claims, routed })
+        Ok(Owners { claims, routed: routed(plane) })
+    }
+
+    /// The claims that can decide `targets`: a host name's own, and for a
+    /// path prefix those of the prefixes covering it (`/`, `/a`, `/a/b`):
+    /// a few reads by key, however many claims there are.
+    async fn read_for(plane: &ControlPlane, targets: &[ClaimTarget]) -> ApiResult<Owners> {
+        let kv = plane.store.route_claims_kv();
+        let mut keys: Vec<ClaimTarget> = targets.iter().flat_map(deciders).collect();
+        keys.sort();
+        keys.dedup();
+        let mut claims = Vec::new();
+        for key in keys {
+            if let Some(entry) = kv.get(&route_claim_key(&key)).await.map_err(store_failed)?
+                && let Ok(claim) = serde_json::from_slice::<RouteClaim>(&entry.value)
+            {
+                claims.push(claim);
+            }
+        }
+        Ok(Owners { claims, routed: routed(plane) })
     }
 
     fn claim(&self, target: &ClaimTarget) -> Option<&RouteClaim> {
@@ -96,6 +109,46 @@ impl Owners {
     }
 }
 
+/// The longest host name or path prefix a route may have: its claim's key
+/// (hex of it) stays within the bus's key limit.
+const MAX_TARGET: usize = 1024;
+
+/// Refuses a target too long to be claimed (400).
+fn check_length(target: &ClaimTarget) -> ApiResult<()> {
+    let (ClaimTarget::Host(name) | ClaimTarget::Path(name)) = target;
+    if name.len() > MAX_TARGET {
+        return Err(ApiError::bad_request(format!("routes: a host name or path prefix is at most {MAX_TARGET} bytes (got {})", name.len())));
+    }
+    Ok(())
+}
+
+/// Every service's routes: (target, namespace, service), from memory.
+fn routed(plane: &ControlPlane) -> Vec<(ClaimTarget, String, String)> {
+    plane.informer.read(|state| {
+        state
+            .services
+            .values()
+            .flat_map(|s| s.spec.routes.iter().map(|r| (ClaimTarget::of_route(r), s.spec.namespace.clone(), s.spec.id().to_string())))
+            .collect()
+    })
+}
+
+/// The targets whose claims can decide who owns `target`: itself, and for
+/// a path prefix every prefix covering it at a segment boundary.
+fn deciders(target: &ClaimTarget) -> Vec<ClaimTarget> {
+    match target {
+        ClaimTarget::Host(_) => vec![target.clone()],
+        ClaimTarget::Path(path) => {
+            let mut covering = vec![ClaimTarget::Path("/".to_string())];
+            covering.extend(path.char_indices().skip(1).filter(|(_, c)| *c == '/').map(|(i, _)| ClaimTarget::Path(path[..i].to_string())));
+            if path != "/" {
+                covering.push(target.clone());
+            }
+            covering
+        }
+    }
+}
+
 fn store_failed(e: KvError) -> ApiError {
     ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", format!("the route claims store failed: {e}"))
 }
@@ -107,9 +160,13 @@ pub(crate) async fn check_routes(plane: &ControlPlane, spec: &ServiceSpec) -> Ap
     if spec.routes.is_empty() || unchanged {
         return Ok(());
     }
-    let owners = Owners::read(plane).await?;
-    for route in &spec.routes {
-        owners.check(&ClaimTarget::of_route(route), &spec.namespace)?;
+    let targets: Vec<ClaimTarget> = spec.routes.iter().map(ClaimTarget::of_route).collect();
+    for target in &targets {
+        check_length(target)?;
+    }
+    let owners = Owners::read_for(plane, &targets).await?;
+    for target in &targets {
+        owners.check(target, &spec.namespace)?;
     }
     Ok(())
 }
@@ -184,7 +241,9 @@ fn target(host: Option<String>, path_prefix: Option<String>) -> ApiResult<ClaimT
         _ => return Err(ApiError::bad_request("name exactly one of host (a host name) and path_prefix (a path-only route's prefix)")),
     };
     route.validate().map_err(|e| ApiError::bad_request(e.to_string()))?;
-    Ok(ClaimTarget::of_route(&route))
+    let target = ClaimTarget::of_route(&route);
+    check_length(&target)?;
+    Ok(target)
 }
 
 async fn claim(State(plane): State<ControlPlane>, Path(ns): Path<String>, principal: Option<Extension<Principal>>, visible: Option<Extension<Visible>>, body: Bytes) -> ApiResult {
@@ -196,7 +255,7 @@ async fn claim(State(plane): State<ControlPlane>, Path(ns): Path<String>, princi
     }
     let target = target(request.host, request.path_prefix)?;
     let by = principal.map(|Extension(p)| p.0).unwrap_or_else(|| "anonymous".to_string());
-    let owners = Owners::read(&plane).await?;
+    let owners = Owners::read_for(&plane, std::slice::from_ref(&target)).await?;
     let kv = plane.store.route_claims_kv();
     let key = route_claim_key(&target);
     let record = RouteClaim { target: target.clone(), namespace: ns.clone(), how: if request.grant { "granted" } else { "claimed" }.to_string(), by, at_ms: crate::store::now_ms() };
@@ -232,7 +291,7 @@ struct ReleaseQuery {
 async fn release(State(plane): State<ControlPlane>, Path(ns): Path<String>, Query(query): Query<ReleaseQuery>) -> ApiResult {
     check_namespace(&ns)?;
     let target = target(query.host, query.path_prefix)?;
-    let owners = Owners::read(&plane).await?;
+    let owners = Owners::read_for(&plane, std::slice::from_ref(&target)).await?;
     match owners.claim(&target) {
         Some(claim) if claim.namespace == ns => {}
         _ => return Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("namespace {ns} has no claim on {target}"))),
@@ -247,7 +306,7 @@ async fn release(State(plane): State<ControlPlane>, Path(ns): Path<String>, Quer
 
 async fn list(State(plane): State<ControlPlane>, Path(ns): Path<String>) -> ApiResult {
     check_namespace(&ns)?;
-    let mut claims: Vec<RouteClaim> = Owners::read(&plane).await?.claims.into_iter().filter(|c| c.namespace == ns).collect();
+    let mut claims: Vec<RouteClaim> = Owners::read_all(&plane).await?.claims.into_iter().filter(|c| c.namespace == ns).collect();
     claims.sort_by(|a, b| a.target.cmp(&b.target));
     Ok(axum::Json(json!({"namespace": ns, "claims": claims})).into_response())
 }
@@ -256,7 +315,7 @@ async fn list_all(State(plane): State<ControlPlane>, visible: Option<Extension<V
     if visible.is_some_and(|Extension(v)| v.0.is_some()) {
         return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", "only admin tokens list every namespace's claims; use /v1/namespaces/<ns>/claims"));
     }
-    let mut claims = Owners::read(&plane).await?.claims;
+    let mut claims = Owners::read_all(&plane).await?.claims;
     claims.sort_by(|a, b| a.target.cmp(&b.target));
     Ok(axum::Json(json!({"claims": claims})).into_response())
 }
@@ -294,5 +353,12 @@ mod tests {
         assert!(owners.check(&host("shop.example.com"), "a").is_err());
         let nobody = Owners { claims: Vec::new(), routed: Vec::new() };
         assert!(nobody.check(&path("/anything"), "a").is_ok());
+    }
+
+    #[test]
+    fn a_path_is_decided_by_the_claims_of_the_prefixes_covering_it() {
+        assert_eq!(deciders(&path("/shop/login")), vec![path("/"), path("/shop"), path("/shop/login")]);
+        assert_eq!(deciders(&path("/")), vec![path("/")]);
+        assert_eq!(deciders(&host("a.example.com")), vec![host("a.example.com")]);
     }
 }
