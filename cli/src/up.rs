@@ -181,7 +181,8 @@ async fn deploy_samples(plane: &ControlPlane, runtime: &wharf_host::Runtime, dir
         let loader = runtime.clone();
         let checked = bytes.clone();
         let component = tokio::task::spawn_blocking(move || loader.load(&checked, None)).await?.with_context(|| format!("sample {name}"))?;
-        let record = wharf_proto::wire::ArtifactRecord { size: bytes.len() as u64, uploaded_at_ms: 0, by: "wharf up".to_string() };
+        let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)).unwrap_or(0);
+        let record = wharf_proto::wire::ArtifactRecord { size: bytes.len() as u64, uploaded_at_ms: now_ms, by: "wharf up --samples".to_string() };
         plane.store().put_artifact(&component.digest, bytes.into()).await?;
         plane.store().own_artifact(wharf_proto::names::DEFAULT_NAMESPACE, &component.digest, &record).await?;
         let mut spec = ServiceSpec::new(*name, component.digest.clone());
