@@ -334,6 +334,12 @@ pub enum NamespaceCommand {
         /// Bytes its services' key-value data may take (absent: 1GiB); a write past it is refused.
         #[arg(long)]
         kv_bytes: Option<ByteSize>,
+        /// Components it may keep uploaded; an upload past it is refused (`wharf artifact rm` frees one).
+        #[arg(long)]
+        max_artifacts: Option<u32>,
+        /// Bytes of the components it keeps uploaded.
+        #[arg(long)]
+        max_artifact_bytes: Option<ByteSize>,
         /// A namespace whose services may call this one's (`http://svc.NAME`); `*` for any.
         /// Repeatable. Without it, only the namespace's own services may call them.
         #[arg(long = "allow-from", value_name = "NAMESPACE")]
@@ -351,9 +357,10 @@ pub enum NamespaceCommand {
 
 pub async fn namespace(command: NamespaceCommand) -> anyhow::Result<()> {
     match command {
-        NamespaceCommand::Set { name, max_replicas, max_memory, max_rps, kv_bytes, allow_from, api } => {
+        NamespaceCommand::Set { name, max_replicas, max_memory, max_rps, kv_bytes, max_artifacts, max_artifact_bytes, allow_from, api } => {
             let api = Api::new(&api)?;
-            let body = json!({"quota": {"replicas": max_replicas, "memory": max_memory, "rps": max_rps, "kv_bytes": kv_bytes}, "allow_from": allow_from});
+            let quota = wharf_proto::Quota { replicas: max_replicas, memory: max_memory, rps: max_rps, kv_bytes, artifacts: max_artifacts, artifact_bytes: max_artifact_bytes };
+            let body = json!({"quota": quota, "allow_from": allow_from});
             api.call(api.http.put(format!("{}/v1/namespaces/{name}", api.base)).json(&body)).await?;
             println!("namespace {name} set (quota and callers replaced)");
         }
@@ -398,6 +405,10 @@ pub struct TokenArgs {
     /// A cluster admin token instead.
     #[arg(long, conflicts_with_all = ["namespaces", "write"])]
     admin: bool,
+    /// How long the token works (e.g. 24h, 30m, 7d); after that it gets 401 saying it expired.
+    /// Default: until revoked.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    ttl: Option<Duration>,
     #[command(flatten)]
     api: ApiArgs,
 }
@@ -415,9 +426,13 @@ pub async fn token(command: TokenCommand) -> anyhow::Result<()> {
         }
     };
     let api = Api::new(&args.api)?;
-    let body = json!({"namespaces": args.namespaces, "write": args.write, "admin": args.admin});
+    let ttl = args.ttl.map(|ttl| humantime::format_duration(ttl).to_string());
+    let body = json!({"namespaces": args.namespaces, "write": args.write, "admin": args.admin, "ttl": ttl});
     let answer = api.call(api.http.post(format!("{}/v1/tokens", api.base)).json(&body)).await?;
     println!("{}", answer["token"].as_str().unwrap_or(""));
+    if let Some(ms) = answer["expires_at_ms"].as_u64() {
+        eprintln!("expires {}", humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(ms)));
+    }
     Ok(())
 }
 
@@ -429,7 +444,7 @@ async fn list_tokens(output: Output, api: &ApiArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&answer)?);
         return Ok(());
     }
-    let mut rows = vec![vec!["ID".to_string(), "ROLE".to_string(), "CREATED".to_string()]];
+    let mut rows = vec![vec!["ID".to_string(), "ROLE".to_string(), "CREATED".to_string(), "EXPIRES".to_string()]];
     for token in answer["tokens"].as_array().into_iter().flatten() {
         let role = &token["role"];
         let role = match role["kind"].as_str() {
@@ -440,7 +455,14 @@ async fn list_tokens(output: Output, api: &ApiArgs) -> anyhow::Result<()> {
             }
         };
         let created = token["created_at_ms"].as_u64().map(|ms| humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string());
-        rows.push(vec![token["id"].as_str().unwrap_or("").to_string(), role, created.unwrap_or_default()]);
+        let expires = match token["expires_at_ms"].as_u64() {
+            None => "never".to_string(),
+            Some(ms) => {
+                let at = humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string();
+                if token["expired"].as_bool() == Some(true) { format!("{at} (expired)") } else { at }
+            }
+        };
+        rows.push(vec![token["id"].as_str().unwrap_or("").to_string(), role, created.unwrap_or_default(), expires]);
     }
     print_table(&rows);
     Ok(())
@@ -589,25 +611,25 @@ impl Api {
         }
     }
 
-    pub(crate) async fn upload(&self, file: &Path) -> anyhow::Result<Digest> {
+    pub(crate) async fn upload(&self, file: &Path, namespace: &str) -> anyhow::Result<Digest> {
         let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
-        self.upload_bytes(bytes, &file.display()).await
+        self.upload_bytes(bytes, &file.display(), namespace).await
     }
 
     /// The digest of a manifest's component, uploading a file (relative to
     /// `base`) or a component pulled from its registry.
-    pub(crate) async fn component(&self, component: &ComponentRef, base: &Path, registry: &crate::oci::RegistryArgs) -> anyhow::Result<Digest> {
+    pub(crate) async fn component(&self, component: &ComponentRef, base: &Path, registry: &crate::oci::RegistryArgs, namespace: &str) -> anyhow::Result<Digest> {
         match component {
-            ComponentRef::File(path) => self.upload(&base.join(path)).await,
+            ComponentRef::File(path) => self.upload(&base.join(path), namespace).await,
             ComponentRef::Digest(digest) => Ok(digest.clone()),
-            ComponentRef::Oci(reference) => self.upload_pulled(reference, registry).await,
+            ComponentRef::Oci(reference) => self.upload_pulled(reference, registry, namespace).await,
         }
     }
 
     /// Pulls a component from its registry (digest checked) and uploads it.
-    pub(crate) async fn upload_pulled(&self, reference: &wharf_proto::OciReference, registry: &crate::oci::RegistryArgs) -> anyhow::Result<Digest> {
+    pub(crate) async fn upload_pulled(&self, reference: &wharf_proto::OciReference, registry: &crate::oci::RegistryArgs, namespace: &str) -> anyhow::Result<Digest> {
         let pulled = crate::oci::pull(reference, registry).await?;
-        let digest = self.upload_bytes(pulled.bytes, reference).await?;
+        let digest = self.upload_bytes(pulled.bytes, reference, namespace).await?;
         if digest != pulled.digest {
             bail!("{reference}: the API stored {digest}, not the pulled {} (a bug)", pulled.digest);
         }
@@ -615,9 +637,10 @@ impl Api {
         Ok(digest)
     }
 
-    async fn upload_bytes(&self, bytes: Vec<u8>, what: &dyn std::fmt::Display) -> anyhow::Result<Digest> {
+    /// Uploads a component for `namespace` (which then owns it).
+    async fn upload_bytes(&self, bytes: Vec<u8>, what: &dyn std::fmt::Display, namespace: &str) -> anyhow::Result<Digest> {
         let body = self
-            .call(self.http.post(format!("{}/v1/artifacts", self.base)).header("content-type", "application/wasm").body(bytes))
+            .call(self.http.post(format!("{}/v1/namespaces/{namespace}/artifacts", self.base)).header("content-type", "application/wasm").body(bytes))
             .await
             .with_context(|| format!("{what} was refused"))?;
         body["digest"].as_str().context("the API returned no digest")?.parse().context("the API returned a bad digest")
@@ -708,8 +731,8 @@ pub async fn deploy(args: DeployArgs) -> anyhow::Result<()> {
     spec.source = oci.clone();
     spec.validate()?;
     let digest = match &oci {
-        Some(reference) => api.upload_pulled(reference, &args.registry).await?,
-        None => api.upload(&args.file).await?,
+        Some(reference) => api.upload_pulled(reference, &args.registry, &spec.namespace).await?,
+        None => api.upload(&args.file, &spec.namespace).await?,
     };
     spec.component = digest.clone();
     if let Some(percent) = args.canary {
@@ -879,12 +902,12 @@ pub async fn apply(args: ApplyArgs) -> anyhow::Result<()> {
     // Upload every component (refused ones stop the apply before anything is written).
     let mut specs = Vec::new();
     for service in manifest.services {
-        let digest = api.component(&service.component, &base, &args.registry).await?;
+        let digest = api.component(&service.component, &base, &args.registry, &service.namespace).await?;
         specs.push(service.into_spec(digest));
     }
     let mut jobs = Vec::new();
     for job in manifest.jobs {
-        let digest = api.component(&job.component, &base, &args.registry).await?;
+        let digest = api.component(&job.component, &base, &args.registry, &job.namespace).await?;
         jobs.push(job.with_component(digest));
     }
     let mut ids = Vec::new();

@@ -155,6 +155,8 @@ pub struct SchedulerArgs {
     /// Non-public address ranges services may name in allow_outbound (CIDR,...); give hosts the same with their --allow-private-egress.
     #[arg(long, value_name = "CIDR,...", default_value = "", value_parser = |s: &str| wharf_proto::egress::PrivateEgress::parse(s).map_err(|e| e.to_string()))]
     allow_private_egress: wharf_proto::egress::PrivateEgress,
+    #[command(flatten)]
+    secret_key: crate::at_rest::SecretKeyArgs,
 }
 
 #[derive(clap::Args)]
@@ -211,6 +213,8 @@ pub struct HostArgs {
     admin: wiring::AdminArgs,
     #[command(flatten)]
     edge: wiring::EdgeArgs,
+    #[command(flatten)]
+    secret_key: crate::at_rest::SecretKeyArgs,
 }
 
 fn data_dir(given: Option<PathBuf>, sub: &str) -> anyhow::Result<PathBuf> {
@@ -218,7 +222,7 @@ fn data_dir(given: Option<PathBuf>, sub: &str) -> anyhow::Result<PathBuf> {
         Some(dir) => dir,
         None => dirs::data_dir().map(|d| d.join("wharf").join(sub)).context("no user data directory; pass --data-dir")?,
     };
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    crate::at_rest::private_dir(&dir)?;
     Ok(dir)
 }
 
@@ -235,11 +239,13 @@ pub async fn scheduler(args: SchedulerArgs, shutdown: impl Future<Output = ()> +
     let host_sizing = wiring::HostArgs::default_sizing();
     let runtime = host_sizing.runtime(Some(dir.join("compiled")))?;
     let token_file = dir.join("admin-token");
+    let secret_key = args.secret_key.load_or_create(&dir)?;
     let mut config = ControlPlaneConfig {
         host_timeout: args.heartbeats.host_timeout(),
         admin_token_file: Some(token_file.clone()),
         revision_history: args.revision_history,
         private_egress: args.allow_private_egress.clone(),
+        secret_key: Some(secret_key),
         ..ControlPlaneConfig::default()
     };
     if let Some(name) = args.name {
@@ -271,6 +277,7 @@ pub async fn host(args: HostArgs, shutdown: impl Future<Output = ()>) -> anyhow:
     let admin_addr = admin_listener.local_addr()?;
     let bus = args.nats.connect(&wharf_proto::names::host_connection_name(&id)).await?;
     let dir = data_dir(args.data_dir, id.as_str())?;
+    let secret_key = args.secret_key.load_for_host(&dir)?;
     let runtime = sizing.runtime(Some(dir.join("compiled")))?;
     let metrics = HostMetrics::for_runtime(&runtime);
     let agent = HostAgent::start(
@@ -286,6 +293,7 @@ pub async fn host(args: HostArgs, shutdown: impl Future<Output = ()>) -> anyhow:
             activation_timeout: args.activation_timeout,
             volumes_dir: Some(dir.join("volumes")),
             max_bus_handlers: args.max_bus_handlers,
+            secret_key,
         },
     )
     .await?;

@@ -203,8 +203,8 @@ async fn from_flags(api: &Api, args: &RunArgs) -> anyhow::Result<JobSpec> {
     // Refuse a bad schedule or time zone before uploading anything.
     spec.validate()?;
     spec.component = match &oci {
-        Some(reference) => api.upload_pulled(reference, &args.registry).await?,
-        None => api.upload(component).await?,
+        Some(reference) => api.upload_pulled(reference, &args.registry, &spec.namespace).await?,
+        None => api.upload(component, &spec.namespace).await?,
     };
     Ok(spec)
 }
@@ -224,7 +224,7 @@ async fn from_manifest(api: &Api, manifest: &Path, registry: &crate::oci::Regist
     }
     let mut specs = Vec::new();
     for job in jobs {
-        let digest = api.component(&job.component, &base, registry).await?;
+        let digest = api.component(&job.component, &base, registry, &job.namespace).await?;
         specs.push(job.with_component(digest));
     }
     Ok(specs)

@@ -13,6 +13,8 @@ mod rollout;
 mod oci;
 mod serve;
 mod telemetry;
+mod tenancy;
+mod at_rest;
 mod up;
 mod wiring;
 
@@ -62,6 +64,12 @@ enum Command {
     /// Create, list and revoke API tokens: bound to namespaces (read, or --write), or admin.
     #[command(subcommand)]
     Token(client::TokenCommand),
+    /// A namespace's components: list them, delete one.
+    #[command(subcommand)]
+    Artifact(tenancy::ArtifactCommand),
+    /// Host names and path prefixes owned by namespaces: claim, grant (admin), release, list.
+    #[command(subcommand)]
+    Domain(tenancy::DomainCommand),
     /// Store, list and delete secrets (granted to services with --secret).
     #[command(subcommand)]
     Secret(client::SecretCommand),
@@ -109,6 +117,8 @@ fn main() -> ExitCode {
             Command::Top(args) => client::top(args).await,
             Command::Kv(command) => client::kv(command).await,
             Command::Secret(command) => client::secret(command).await,
+            Command::Artifact(command) => tenancy::artifact(command).await,
+            Command::Domain(command) => tenancy::domain(command).await,
             Command::Token(command) => client::token(command).await,
             Command::Namespace(command) => client::namespace(command).await,
             Command::Scale(args) => client::scale(args).await,

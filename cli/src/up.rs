@@ -53,6 +53,8 @@ pub struct Args {
     admin: wiring::AdminArgs,
     #[command(flatten)]
     edge: wiring::EdgeArgs,
+    #[command(flatten)]
+    secret_key: crate::at_rest::SecretKeyArgs,
 }
 
 pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
@@ -66,7 +68,8 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyhow::Resu
         Some(dir) => dir,
         None => dirs::data_dir().map(|d| d.join("wharf")).context("no user data directory; pass --data-dir")?,
     };
-    std::fs::create_dir_all(&data_dir).with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
+    crate::at_rest::private_dir(&data_dir)?;
+    let secret_key = args.secret_key.load_or_create(&data_dir)?;
     let samples = if args.samples { Some(find_samples(args.samples_dir.as_deref())?) } else { None };
     // Bind first: a port in use is the most common failure, and says so at once.
     let api_listener = bind(args.api, "--api").await?;
@@ -78,7 +81,13 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyhow::Resu
 
     let bus = match &args.nats {
         Some(url) => crate::cluster::NatsArgs::at(url).connect("wharf-up").await?,
-        None => Bus::local(LocalStore::open(data_dir.join("state.redb"))?),
+        None => {
+            let store = LocalStore::open(data_dir.join("state.redb"))?;
+            // redb creates the file with the process's umask: only we may
+            // read it (one found looser was tightened, with a warning, above).
+            crate::at_rest::make_private(&data_dir.join("state.redb"))?;
+            Bus::local(store)
+        }
     };
     let runtime = args.host.runtime(Some(data_dir.join("compiled")))?;
     let metrics = HostMetrics::for_runtime(&runtime);
@@ -86,6 +95,7 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyhow::Resu
     let config = ControlPlaneConfig {
         admin_token_file: Some(token_file.clone()),
         private_egress: args.host.guest.allow_private_egress.clone(),
+        secret_key: Some(secret_key.clone()),
         ..ControlPlaneConfig::default()
     };
     let plane = ControlPlane::start(&bus, Arc::new(RuntimeCheck(runtime.clone())), config).await?;
@@ -102,6 +112,7 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyhow::Resu
             activation_timeout: args.activation_timeout,
             volumes_dir: Some(data_dir.join("volumes")),
             max_bus_handlers: wharf_host::agent::DEFAULT_MAX_BUS_HANDLERS,
+            secret_key: Some(secret_key),
         },
     )
     .await?;
@@ -173,7 +184,10 @@ async fn deploy_samples(plane: &ControlPlane, runtime: &wharf_host::Runtime, dir
         let loader = runtime.clone();
         let checked = bytes.clone();
         let component = tokio::task::spawn_blocking(move || loader.load(&checked, None)).await?.with_context(|| format!("sample {name}"))?;
+        let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)).unwrap_or(0);
+        let record = wharf_proto::wire::ArtifactRecord { size: bytes.len() as u64, uploaded_at_ms: now_ms, by: "wharf up --samples".to_string() };
         plane.store().put_artifact(&component.digest, bytes.into()).await?;
+        plane.store().own_artifact(wharf_proto::names::DEFAULT_NAMESPACE, &component.digest, &record).await?;
         let mut spec = ServiceSpec::new(*name, component.digest.clone());
         spec.routes = vec![Route { host: None, path_prefix: format!("/{name}") }];
         let id = spec.id();

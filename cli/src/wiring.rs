@@ -18,7 +18,12 @@ pub struct RuntimeCheck(pub Runtime);
 
 impl ComponentCheck for RuntimeCheck {
     fn check(&self, bytes: &[u8]) -> Result<(), String> {
-        self.0.load(bytes, None).map(|_| ()).map_err(|e| e.to_string())
+        self.0.load(bytes, None).map(|_| ()).map_err(|e| {
+            // A component that compiled but failed a later check (its world,
+            // its links) leaves no compiled code behind.
+            self.0.discard(&wharf_proto::Digest::of(bytes));
+            e.to_string()
+        })
     }
 
     fn exports(&self, bytes: &[u8]) -> Result<Vec<String>, String> {

@@ -476,7 +476,13 @@ async fn hosts_with_host_credentials_serve_but_cannot_write_desired_state() {
     )
     .await
     .expect("host credentials connect");
-    for bucket in [wharf_proto::names::SERVICES_BUCKET, wharf_proto::names::ASSIGNMENTS_BUCKET, wharf_scheduler::auth::TOKENS_BUCKET] {
+    for bucket in [
+        wharf_proto::names::SERVICES_BUCKET,
+        wharf_proto::names::ASSIGNMENTS_BUCKET,
+        wharf_scheduler::auth::TOKENS_BUCKET,
+        wharf_proto::names::ROUTE_CLAIMS_BUCKET,
+        wharf_proto::names::ARTIFACT_OWNERS_BUCKET,
+    ] {
         let kv = as_host.kv(bucket).await.expect("a host may open (read) the bucket");
         let refused = kv.put("default.counter", bytes::Bytes::from_static(b"{}")).await;
         assert!(refused.is_err(), "a host wrote to {bucket}");

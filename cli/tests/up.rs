@@ -176,7 +176,7 @@ async fn the_api_refuses_bad_requests_with_json_errors() {
     assert_eq!(unknown.status(), 400, "a malformed digest");
     let missing = http.put(&url).json(&serde_json::json!({"component": format!("sha256:{}", "ab".repeat(32))})).send().await.expect("answered");
     assert_eq!(missing.status(), 422);
-    assert!(missing.text().await.expect("body").contains("POST its bytes to /v1/artifacts"));
+    assert!(missing.text().await.expect("body").contains("POST its bytes to /v1/namespaces/default/artifacts"));
     let mismatch = http.put(&url).json(&serde_json::json!({"component": digest, "name": "other"})).send().await.expect("answered");
     assert_eq!(mismatch.status(), 400);
 

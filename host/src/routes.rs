@@ -6,12 +6,18 @@ use wharf_proto::ServiceId;
 use wharf_proto::spec::Route;
 
 /// Routes to services, matched by host name (when a route names one) and the
-/// longest path prefix that ends at a segment boundary.
+/// longest path prefix that ends at a segment boundary. A host name that
+/// has routes of its own is served only by them: the routes naming no host
+/// (another namespace's, perhaps) never take a path of it, however long
+/// their prefix (host names and path prefixes are owned by one namespace
+/// each; the control plane checks that at deploy).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RouteTable {
     /// Sorted longest prefix first, then routes naming a host before the
     /// catch-all ones, so the first match is the most specific.
     entries: Vec<Entry>,
+    /// The host names some route names (lowercased).
+    hosts: std::collections::BTreeSet<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,7 +36,7 @@ impl RouteTable {
         for (service, routes) in routes {
             for route in routes {
                 let host = route.host.as_ref().map(|h| h.to_ascii_lowercase());
-                let prefix = normalize(&route.path_prefix);
+                let prefix = wharf_proto::wire::normalize_prefix(&route.path_prefix);
                 unique
                     .entry((host, prefix))
                     .and_modify(|existing| {
@@ -44,36 +50,21 @@ impl RouteTable {
         let mut entries: Vec<Entry> =
             unique.into_iter().map(|((host, prefix), service)| Entry { host, prefix, service }).collect();
         entries.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()).then(b.host.is_some().cmp(&a.host.is_some())));
-        RouteTable { entries }
+        let hosts = entries.iter().filter_map(|e| e.host.clone()).collect();
+        RouteTable { entries, hosts }
     }
 
     /// The service a request for `host` (the `Host` header, port ignored) and
     /// `path` goes to, if any route matches.
     pub fn lookup(&self, host: Option<&str>, path: &str) -> Option<&ServiceId> {
-        let host = host.map(|h| strip_port(h).to_ascii_lowercase());
-        self.entries
-            .iter()
-            .find(|entry| {
-                let host_ok = match (&entry.host, &host) {
-                    (None, _) => true,
-                    (Some(want), Some(got)) => want == got,
-                    (Some(_), None) => false,
-                };
-                host_ok && prefix_matches(&entry.prefix, path)
-            })
-            .map(|entry| &entry.service)
+        let host = host.map(|h| strip_port(h).to_ascii_lowercase()).filter(|h| self.hosts.contains(h));
+        self.entries.iter().find(|entry| entry.host == host && prefix_matches(&entry.prefix, path)).map(|entry| &entry.service)
     }
 
     /// Whether the table has no routes at all.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
-}
-
-/// `/api/` and `/api` are the same prefix.
-fn normalize(prefix: &str) -> String {
-    let trimmed = prefix.trim_end_matches('/');
-    if trimmed.is_empty() { "/".to_string() } else { trimmed.to_string() }
 }
 
 /// `/api` matches `/api`, `/api/` and `/api/x`, not `/apix`.
@@ -127,6 +118,27 @@ mod tests {
         assert_eq!(table.lookup(Some("Shop.Example.com:8080"), "/cart"), Some(&shop));
         assert_eq!(table.lookup(Some("elsewhere"), "/cart"), Some(&other));
         assert_eq!(table.lookup(None, "/cart"), Some(&other));
+    }
+
+    #[test]
+    fn a_host_with_routes_is_served_only_by_them() {
+        let (shop, login, root) = (id("shop"), id("login"), id("root"));
+        let routes = [
+            (shop.clone(), vec![route(Some("shop.example.com"), "/"), route(Some("shop.example.com"), "/api")]),
+            (login.clone(), vec![route(None, "/login")]),
+            (root.clone(), vec![route(None, "/")]),
+        ];
+        let table = RouteTable::new(routes.iter().map(|(s, r)| (s, r.as_slice())));
+        // A longer path-only prefix does not take a path of a host that has routes.
+        assert_eq!(table.lookup(Some("shop.example.com"), "/login"), Some(&shop));
+        assert_eq!(table.lookup(Some("shop.example.com"), "/api/x"), Some(&shop));
+        assert_eq!(table.lookup(Some("elsewhere.example.com"), "/login"), Some(&login));
+        assert_eq!(table.lookup(None, "/login"), Some(&login));
+        // A host whose routes do not match the path is not served by the catch-alls.
+        let only_api = [(shop.clone(), vec![route(Some("api.example.com"), "/v1")]), (root.clone(), vec![route(None, "/")])];
+        let table = RouteTable::new(only_api.iter().map(|(s, r)| (s, r.as_slice())));
+        assert_eq!(table.lookup(Some("api.example.com"), "/other"), None);
+        assert_eq!(table.lookup(Some("api.example.com"), "/v1/x"), Some(&shop));
     }
 
     #[test]

@@ -408,6 +408,25 @@ impl Runtime {
         self.inner.compiled.remove(digest);
     }
 
+    /// Drops every compiled copy of `digest`, in memory and on disk: for a
+    /// component that was refused (an upload that failed its checks after
+    /// compiling), so nothing of it stays behind.
+    pub fn discard(&self, digest: &Digest) {
+        self.inner.compiled.remove(digest);
+        if let Some(path) = self.cache_path(digest) {
+            match std::fs::remove_file(&path) {
+                Ok(()) => tracing::debug!(path = %path.display(), "discarded the compiled code of a refused component"),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => tracing::warn!(path = %path.display(), "cannot remove the compiled code of a refused component: {e}"),
+            }
+        }
+    }
+
+    /// Whether compiled code of `digest` is kept, in memory or on disk.
+    pub fn holds_compiled(&self, digest: &Digest) -> bool {
+        self.inner.compiled.contains(digest) || self.cache_path(digest).is_some_and(|p| p.exists())
+    }
+
     fn cache_path(&self, digest: &Digest) -> Option<PathBuf> {
         let dir = self.inner.cache_dir.as_ref()?;
         Some(dir.join(format!("{}-{}.cwasm", digest.hex(), self.inner.engine_hash)))

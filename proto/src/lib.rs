@@ -10,6 +10,7 @@ pub mod manifest;
 pub mod names;
 pub mod observe;
 pub mod rollout;
+pub mod sealed;
 pub mod oci;
 pub mod spec;
 pub mod status;

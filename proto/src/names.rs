@@ -250,6 +250,31 @@ pub fn secret_key(namespace: &str, name: &str) -> String {
     format!("{namespace}.{name}")
 }
 
+/// KV bucket of which namespace uploaded which component (key:
+/// [`artifact_owner_key`], value: [`crate::wire::ArtifactRecord`]). The
+/// bytes are stored once in [`ARTIFACTS_BUCKET`] whoever uploaded them.
+pub const ARTIFACT_OWNERS_BUCKET: &str = "wharf-artifact-owners";
+
+/// A namespace's record of a component in [`ARTIFACT_OWNERS_BUCKET`]: `<namespace>.<sha256 hex>`.
+pub fn artifact_owner_key(namespace: &str, digest: &crate::Digest) -> String {
+    format!("{namespace}.{}", digest.hex())
+}
+
+/// KV bucket of route claims: which namespace owns a host name or a
+/// path-only prefix (key: [`route_claim_key`], value:
+/// [`crate::wire::RouteClaim`]).
+pub const ROUTE_CLAIMS_BUCKET: &str = "wharf-route-claims";
+
+/// The key of a claim: `host.<hex of the lowercased host name>` or
+/// `path.<hex of the normalized prefix>` (hex, because NATS keys allow
+/// few characters and paths may hold any).
+pub fn route_claim_key(target: &crate::wire::ClaimTarget) -> String {
+    match target {
+        crate::wire::ClaimTarget::Host(host) => format!("host.{}", hex::encode(host.as_bytes())),
+        crate::wire::ClaimTarget::Path(path) => format!("path.{}", hex::encode(path.as_bytes())),
+    }
+}
+
 /// KV bucket recording which host holds each service's volumes (key: the
 /// service key, value: the host id).
 pub const VOLUMES_BUCKET: &str = "wharf-volumes";

@@ -455,6 +455,79 @@ mod tests {
     }
 }
 
+/// A namespace's record of a component it uploaded, in
+/// [`crate::names::ARTIFACT_OWNERS_BUCKET`]: what its artifact quota counts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArtifactRecord {
+    /// The component's size in bytes.
+    pub size: u64,
+    /// When the namespace first uploaded it.
+    pub uploaded_at_ms: u64,
+    /// Who uploaded it (`admin`, `token <id>`).
+    #[serde(default)]
+    pub by: String,
+}
+
+/// What a route claim owns: a host name (every path under it), or a path
+/// prefix of the routes that name no host.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClaimTarget {
+    /// A host name, lowercased, without a port.
+    Host(String),
+    /// A path prefix, normalized as the route table does (`/api/` is `/api`).
+    #[serde(rename = "path_prefix")]
+    Path(String),
+}
+
+impl ClaimTarget {
+    /// The target a route needs: its host name if it names one, else its
+    /// path prefix.
+    pub fn of_route(route: &crate::Route) -> ClaimTarget {
+        match &route.host {
+            Some(host) => ClaimTarget::Host(host.to_ascii_lowercase()),
+            None => ClaimTarget::Path(normalize_prefix(&route.path_prefix)),
+        }
+    }
+}
+
+impl std::fmt::Display for ClaimTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClaimTarget::Host(host) => write!(f, "host {host}"),
+            ClaimTarget::Path(path) => write!(f, "path prefix {path}"),
+        }
+    }
+}
+
+/// `/api/` and `/api` are one prefix; the empty prefix is `/`.
+pub fn normalize_prefix(prefix: &str) -> String {
+    let trimmed = prefix.trim_end_matches('/');
+    if trimmed.is_empty() { "/".to_string() } else { trimmed.to_string() }
+}
+
+/// Whether path prefix `outer` covers `inner` (at a segment boundary):
+/// `/` covers everything, `/api` covers `/api` and `/api/x`, not `/apix`.
+pub fn prefix_covers(outer: &str, inner: &str) -> bool {
+    outer == "/" || inner.strip_prefix(outer).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
+/// A namespace's claim on a host name or path prefix, in
+/// [`crate::names::ROUTE_CLAIMS_BUCKET`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteClaim {
+    pub target: ClaimTarget,
+    /// The namespace that owns it.
+    pub namespace: String,
+    /// How: `claimed` (first come, explicitly), `deployed` (first come, by
+    /// a route) or `granted` (by an admin).
+    pub how: String,
+    /// Who (`admin`, `token <id>`).
+    #[serde(default)]
+    pub by: String,
+    pub at_ms: u64,
+}
+
 /// A namespace and its quotas, stored in [`crate::names::NAMESPACES_BUCKET`].
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Namespace {
@@ -502,5 +575,11 @@ pub struct Quota {
     /// (`--data-kv-max-bytes`, 64 MiB), not unlimited.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kv_bytes: Option<ByteSize>,
+    /// Components it may keep uploaded (count).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifacts: Option<u32>,
+    /// Bytes of the components it keeps uploaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact_bytes: Option<ByteSize>,
 }
 

@@ -14,7 +14,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
-use wharf_proto::{Digest, ServiceId, ServiceSpec, StoredService};
+use wharf_proto::{ServiceId, ServiceSpec, StoredService};
 
 /// Largest component accepted by `POST /v1/artifacts`.
 pub const MAX_ARTIFACT: usize = 64 * 1024 * 1024;
@@ -78,7 +78,6 @@ type ApiResult<T = Response> = Result<T, ApiError>;
 pub fn router(plane: ControlPlane) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
-        .route("/v1/artifacts", post(upload_artifact).get(list_artifacts))
         .route("/v1/services", get(list_all_services))
         .route("/v1/namespaces", get(list_namespaces))
         .route("/v1/namespaces/{ns}", get(get_namespace).put(put_namespace))
@@ -101,6 +100,8 @@ pub fn router(plane: ControlPlane) -> Router {
         .route("/v1/tokens", post(create_token))
         .merge(crate::tokens_api::routes())
         .merge(crate::jobs_api::routes())
+        .merge(crate::artifacts_api::routes())
+        .merge(crate::claims::routes())
         .merge(crate::logs_api::routes())
         .merge(crate::events_api::routes())
         .merge(crate::dashboard::routes())
@@ -121,28 +122,6 @@ async fn healthz(State(plane): State<ControlPlane>) -> Response {
         crate::leader::Leadership::Follower { leader } => json!({"leader": false, "lease_holder": leader}),
     };
     axum::Json(json!({"status": "ok", "scheduler": plane.config.name, "leadership": leadership})).into_response()
-}
-
-async fn upload_artifact(State(plane): State<ControlPlane>, body: Bytes) -> ApiResult {
-    if body.is_empty() {
-        return Err(ApiError::bad_request("the request body is empty; send the component's bytes (Content-Type: application/wasm)"));
-    }
-    let digest = Digest::of(&body);
-    let check = plane.check.clone();
-    let bytes = body.clone();
-    tokio::task::spawn_blocking(move || check.check(&bytes))
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("the component check failed: {e}")))?
-        .map_err(|message| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_component", message))?;
-    let created = plane.store.put_artifact(&digest, body.clone()).await?;
-    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
-    Ok((status, axum::Json(json!({"digest": digest, "size": body.len()}))).into_response())
-}
-
-async fn list_artifacts(State(plane): State<ControlPlane>) -> ApiResult {
-    let names = plane.store.artifacts().await?;
-    let digests: Vec<String> = names.into_iter().map(|hex| format!("sha256:{hex}")).collect();
-    Ok(axum::Json(json!({"artifacts": digests})).into_response())
 }
 
 /// Every service the token may see: all of them for an admin, those of its namespaces for a namespace token.
@@ -214,12 +193,19 @@ async fn put_service(
     Path((ns, name)): Path<(String, String)>,
     axum::extract::Query(query): axum::extract::Query<PutQuery>,
     principal: Option<Extension<Principal>>,
+    visible: Option<Extension<crate::auth::Visible>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult {
     let id = service_id(&ns, &name)?;
     let expected = expected_revision(&headers)?;
     let spec: ServiceSpec = named_body(&body, &id, "a service spec")?;
+    // A namespace token deploys only components its namespace uploaded
+    // (checked when the component changes: a service keeps what it runs).
+    let visible = visible.map_or(crate::auth::Visible(None), |Extension(v)| v);
+    if plane.informer.service(&id).is_none_or(|stored| stored.spec.component != spec.component) {
+        crate::artifacts_api::check_deployable(&plane, &visible, &spec.namespace, &spec.component).await?;
+    }
     let change = Change {
         by: principal.map(|Extension(p)| p.0).unwrap_or_else(|| "anonymous".to_string()),
         cause: query.cause.unwrap_or_else(|| "apply".to_string()),
@@ -269,11 +255,12 @@ pub(crate) async fn write_spec(
     force: bool,
 ) -> ApiResult<(StoredService, Written)> {
     spec.validate().map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_spec", e.to_string()))?;
-    check_uploaded(plane, &spec.component).await?;
+    check_uploaded(plane, &spec.component, &spec.namespace).await?;
     if plane.jobs.read(|state| state.jobs.contains_key(&spec.id())) {
         return Err(ApiError::new(StatusCode::CONFLICT, "name_taken", format!("{} is a job; services and jobs share the names of a namespace", spec.id())));
     }
     check_egress(plane, &spec)?;
+    crate::claims::check_routes(plane, &spec).await?;
     crate::triggers::check_exports(plane, &spec).await?;
     crate::triggers::ensure_streams(plane, &spec).await?;
     check_quota(plane, &spec).await?;
@@ -291,15 +278,27 @@ pub(crate) async fn write_spec(
         return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_spec", format!("traffic: {id} has no revisions yet; a new service can only name `latest: true`")));
     }
     let keep = plane.informer.status(&id).map(|s| s.rollout.stable).filter(|n| *n != 0);
-    Ok(plane.store.put_service(spec, expected, change, keep).await?)
+    // Claimed last, once every other check passed; dropped again if the write fails.
+    let claimed = crate::claims::claim_routes(plane, &spec, &change.by).await?;
+    match plane.store.put_service(spec, expected, change, keep).await {
+        Ok(written) => Ok(written),
+        Err(e) => {
+            crate::claims::undo_claims(plane, &claimed).await;
+            Err(e.into())
+        }
+    }
 }
 
 /// Refuses a component that is not in the artifact store.
-pub(crate) async fn check_uploaded(plane: &ControlPlane, component: &Digest) -> ApiResult<()> {
+pub(crate) async fn check_uploaded(plane: &ControlPlane, component: &wharf_proto::Digest, namespace: &str) -> ApiResult<()> {
     if plane.store.has_artifact(component).await? {
         return Ok(());
     }
-    Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "unknown_component", format!("component: {component} is not uploaded; POST its bytes to /v1/artifacts first")))
+    Err(ApiError::new(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "unknown_component",
+        format!("component: {component} is not uploaded; POST its bytes to /v1/namespaces/{namespace}/artifacts first"),
+    ))
 }
 
 /// Refuses what the API can know is wrong before any host tries: a
@@ -425,13 +424,21 @@ pub(crate) async fn edit_spec(
     Err(ApiError::new(StatusCode::CONFLICT, "conflict", format!("{id} kept changing; try again")))
 }
 
-async fn list_hosts(State(plane): State<ControlPlane>) -> ApiResult {
+/// Every host; a namespace token sees only its namespaces' replicas, rates
+/// and latencies on them, and not which components hosts hold compiled.
+async fn list_hosts(State(plane): State<ControlPlane>, visible: Option<Extension<crate::auth::Visible>>) -> ApiResult {
+    let visible = visible.map_or(crate::auth::Visible(None), |Extension(v)| v);
     let hosts: Vec<Value> = plane
         .hosts
         .hosts()
         .into_iter()
         .map(|h| {
-            let hb = h.heartbeat;
+            let mut hb = h.heartbeat;
+            if visible.0.is_some() {
+                hb.replicas.retain(|r| visible.allows(&r.service.namespace));
+                hb.cached.clear();
+            }
+            let shown = |id: &ServiceId| visible.allows(&id.namespace);
             json!({
                 "id": hb.host,
                 "ready": h.ready,
@@ -443,8 +450,8 @@ async fn list_hosts(State(plane): State<ControlPlane>) -> ApiResult {
                 "draining": hb.draining,
                 "sent_at_ms": hb.sent_at_ms,
                 "started_at_ms": hb.started_at_ms,
-                "rps": h.rps.iter().map(|(k, v)| (k.to_string(), *v)).collect::<std::collections::BTreeMap<_, _>>(),
-                "latency_ms": h.latency_ms.iter().map(|(k, v)| (k.to_string(), *v)).collect::<std::collections::BTreeMap<_, _>>(),
+                "rps": h.rps.iter().filter(|(k, _)| shown(k)).map(|(k, v)| (k.to_string(), *v)).collect::<std::collections::BTreeMap<_, _>>(),
+                "latency_ms": h.latency_ms.iter().filter(|(k, _)| shown(k)).map(|(k, v)| (k.to_string(), *v)).collect::<std::collections::BTreeMap<_, _>>(),
                 "last_seen_ms": u64::try_from(h.seen.elapsed().as_millis()).unwrap_or(u64::MAX),
                 "replicas": hb.replicas,
                 "cached": hb.cached,
@@ -500,7 +507,7 @@ struct KvPage {
 }
 
 /// Refuses a namespace name that is not a label.
-fn check_namespace(ns: &str) -> ApiResult<()> {
+pub(crate) fn check_namespace(ns: &str) -> ApiResult<()> {
     wharf_proto::names::check_label(ns).map_err(|e| ApiError::bad_request(format!("namespace {ns:?}: {e}")))
 }
 
@@ -562,7 +569,12 @@ async fn secret_list(State(plane): State<ControlPlane>, Path(ns): Path<String>) 
 async fn secret_put(State(plane): State<ControlPlane>, Path((ns, name)): Path<(String, String)>, body: Bytes) -> ApiResult {
     check_size(&body)?;
     let kv = secrets(&plane, &ns, Some(&name))?;
-    kv.put(&wharf_proto::names::secret_key(&ns, &name), body).await.map_err(kv_failed)?;
+    let key = wharf_proto::names::secret_key(&ns, &name);
+    let stored = match &plane.config.secret_key {
+        Some(secret_key) => Bytes::from(secret_key.seal(&key, &body, rand::random())),
+        None => body,
+    };
+    kv.put(&key, stored).await.map_err(kv_failed)?;
     Ok(axum::Json(json!({"namespace": ns, "secret": name, "stored": true})).into_response())
 }
 
@@ -582,6 +594,9 @@ struct NewToken {
     write: bool,
     #[serde(default)]
     admin: bool,
+    /// How long it works, as `24h`, `30m`, `7d`; absent: until revoked.
+    #[serde(default)]
+    ttl: Option<String>,
 }
 
 async fn create_token(State(plane): State<ControlPlane>, body: Bytes) -> ApiResult {
@@ -589,7 +604,17 @@ async fn create_token(State(plane): State<ControlPlane>, body: Bytes) -> ApiResu
         return Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", "authentication is off on this control plane"));
     };
     let new: NewToken = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request(format!("expected {{\"namespaces\": [..], \"write\": bool}} or {{\"admin\": true}}: {e}")))?;
+        .map_err(|e| ApiError::bad_request(format!("expected {{\"namespaces\": [..], \"write\": bool, \"ttl\": \"24h\"}} or {{\"admin\": true}}: {e}")))?;
+    let ttl = match &new.ttl {
+        None => None,
+        Some(text) => {
+            let ttl = humantime::parse_duration(text).map_err(|e| ApiError::bad_request(format!("ttl: {text:?} is not a duration such as 24h or 30m: {e}")))?;
+            if ttl.is_zero() {
+                return Err(ApiError::bad_request("ttl: a token must live longer than 0s (omit ttl for a token that never expires)"));
+            }
+            Some(ttl)
+        }
+    };
     let role = if new.admin {
         crate::auth::Role::Admin
     } else {
@@ -601,8 +626,8 @@ async fn create_token(State(plane): State<ControlPlane>, body: Bytes) -> ApiResu
         }
         crate::auth::Role::Namespaces { namespaces: new.namespaces, write: new.write }
     };
-    let token = tokens.create(role.clone()).await.map_err(kv_failed)?;
-    Ok((StatusCode::CREATED, axum::Json(json!({"token": token, "role": role}))).into_response())
+    let (token, record) = tokens.create(role.clone(), ttl).await.map_err(kv_failed)?;
+    Ok((StatusCode::CREATED, axum::Json(json!({"token": token, "role": role, "expires_at_ms": record.expires_at_ms}))).into_response())
 }
 
 /// The namespaces bucket.
@@ -611,7 +636,7 @@ fn namespaces(plane: &ControlPlane) -> &wharf_bus::Kv {
 }
 
 /// A namespace's record (default: no quota).
-async fn namespace(plane: &ControlPlane, ns: &str) -> ApiResult<wharf_proto::Namespace> {
+pub(crate) async fn namespace(plane: &ControlPlane, ns: &str) -> ApiResult<wharf_proto::Namespace> {
     match namespaces(plane).get(ns).await.map_err(kv_failed)? {
         Some(entry) => serde_json::from_slice(&entry.value).map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "corrupt", format!("namespace {ns} is unreadable: {e}"))),
         None => Ok(wharf_proto::Namespace::default()),

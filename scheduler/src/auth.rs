@@ -38,6 +38,20 @@ pub struct TokenRecord {
     pub hash: String,
     pub role: Role,
     pub created_at_ms: u64,
+    /// When it stops working (`None`: never).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at_ms: Option<u64>,
+}
+
+/// What a token turned out to be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Checked {
+    /// Known, not expired: it has this role.
+    Valid(Role),
+    /// Known, but past its expiry (ms since the epoch).
+    Expired { at_ms: u64 },
+    /// Not a token of this control plane (or revoked).
+    Unknown,
 }
 
 /// The token store.
@@ -51,29 +65,37 @@ impl Tokens {
         Ok(Tokens { kv: bus.kv(TOKENS_BUCKET).await? })
     }
 
-    /// Makes a new token with `role`; returns it (the only time it is seen).
-    pub async fn create(&self, role: Role) -> Result<String, wharf_bus::KvError> {
+    /// Makes a new token with `role`, working for `ttl` (or until revoked
+    /// when `None`); returns it (the only time it is seen) and its record.
+    pub async fn create(&self, role: Role, ttl: Option<std::time::Duration>) -> Result<(String, TokenRecord), wharf_bus::KvError> {
         let id = hex::encode(rand::random::<[u8; 6]>());
         let secret = hex::encode(rand::random::<[u8; 24]>());
         let token = format!("wharf_{id}_{secret}");
-        self.register(&token, role).await?;
-        Ok(token)
+        let expires_at_ms = ttl.map(|ttl| crate::store::now_ms().saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)));
+        let record = self.register(&token, role, expires_at_ms).await?;
+        Ok((token, record))
     }
 
-    async fn register(&self, token: &str, role: Role) -> Result<(), wharf_bus::KvError> {
-        let Some(id) = token_id(token) else { return Ok(()) };
-        let record = TokenRecord { hash: hash(token), role, created_at_ms: crate::store::now_ms() };
+    async fn register(&self, token: &str, role: Role, expires_at_ms: Option<u64>) -> Result<TokenRecord, wharf_bus::KvError> {
+        let record = TokenRecord { hash: hash(token), role, created_at_ms: crate::store::now_ms(), expires_at_ms };
+        let Some(id) = token_id(token) else { return Ok(record) };
         self.kv.put(id, Bytes::from(serde_json::to_vec(&record).unwrap_or_default())).await?;
-        Ok(())
+        Ok(record)
     }
 
-    /// The role of `token`, if it is a known token; an error if the store
-    /// cannot say (which is not the same as an unknown token).
-    pub async fn check(&self, token: &str) -> Result<Option<Role>, wharf_bus::KvError> {
-        let Some(id) = token_id(token) else { return Ok(None) };
-        let Some(entry) = self.kv.get(id).await? else { return Ok(None) };
-        let Ok(record) = serde_json::from_slice::<TokenRecord>(&entry.value) else { return Ok(None) };
-        Ok(constant_time_eq(record.hash.as_bytes(), hash(token).as_bytes()).then_some(record.role))
+    /// What `token` is at `now_ms`; an error if the store cannot say (which
+    /// is not the same as an unknown token).
+    pub async fn check(&self, token: &str, now_ms: u64) -> Result<Checked, wharf_bus::KvError> {
+        let Some(id) = token_id(token) else { return Ok(Checked::Unknown) };
+        let Some(entry) = self.kv.get(id).await? else { return Ok(Checked::Unknown) };
+        let Ok(record) = serde_json::from_slice::<TokenRecord>(&entry.value) else { return Ok(Checked::Unknown) };
+        if !constant_time_eq(record.hash.as_bytes(), hash(token).as_bytes()) {
+            return Ok(Checked::Unknown);
+        }
+        Ok(match record.expires_at_ms {
+            Some(at_ms) if at_ms <= now_ms => Checked::Expired { at_ms },
+            _ => Checked::Valid(record.role),
+        })
     }
 
     /// Every token's id and record (its hash, role and creation time), by id.
@@ -99,12 +121,12 @@ impl Tokens {
     pub async fn ensure_admin(&self, file: &Path) -> anyhow::Result<String> {
         if let Ok(text) = std::fs::read_to_string(file) {
             let token = text.trim().to_string();
-            if self.check(&token).await?.is_none() {
-                self.register(&token, Role::Admin).await?;
+            if self.check(&token, crate::store::now_ms()).await? != Checked::Valid(Role::Admin) {
+                self.register(&token, Role::Admin, None).await?;
             }
             return Ok(token);
         }
-        let token = self.create(Role::Admin).await?;
+        let (token, _) = self.create(Role::Admin, None).await?;
         if let Some(dir) = file.parent() {
             std::fs::create_dir_all(dir)?;
         }
@@ -178,11 +200,21 @@ pub async fn authorise(State(plane): State<ControlPlane>, mut request: Request, 
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim)
         .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", "no token: send `Authorization: Bearer <token>` (the CLI reads WHARF_TOKEN or ~/.config/wharf/token)"))?;
-    let role = tokens
-        .check(token)
+    let checked = tokens
+        .check(token, crate::store::now_ms())
         .await
-        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", format!("cannot check the token now: {e}")))?
-        .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", "unknown or revoked token"))?;
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", format!("cannot check the token now: {e}")))?;
+    let role = match checked {
+        Checked::Valid(role) => role,
+        Checked::Expired { at_ms } => {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "token_expired",
+                format!("this token expired at {} (ask an admin for a new one: `wharf token create --ttl ...`)", crate::store::format_ms(at_ms)),
+            ));
+        }
+        Checked::Unknown => return Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", "unknown or revoked token")),
+    };
     let writes = !matches!(*request.method(), Method::GET | Method::HEAD);
     let principal = match &role {
         Role::Admin => "admin".to_string(),
@@ -210,8 +242,10 @@ pub async fn authorise(State(plane): State<ControlPlane>, mut request: Request, 
                     return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", format!("this token may act only in namespace(s) {allowed}, not {ns}")));
                 }
                 Some(_) => {}
-                // Artifacts are content-addressed and shared; hosts are read-only views.
-                None if path.starts_with("/v1/artifacts") || path == "/v1/hosts" => {}
+                // Hosts are a read-only view, filtered to the token's replicas
+                // (see `Visible`). Artifacts belong to namespaces: a namespace
+                // token uploads and lists them under /v1/namespaces/<ns>/artifacts.
+                None if path == "/v1/hosts" && !writes => {}
                 // The listing across namespaces shows a namespace token its own (see `Visible`).
                 None if (path == "/v1/services" || path == "/v1/jobs") && !writes => {}
                 None => {

@@ -87,12 +87,18 @@ async fn put_job(
     State(plane): State<ControlPlane>,
     Path((ns, name)): Path<(String, String)>,
     query: Result<Query<PutQuery>, axum::extract::rejection::QueryRejection>,
+    visible: Option<axum::Extension<crate::auth::Visible>>,
     body: Bytes,
 ) -> ApiResult {
     let Query(query) = query.map_err(|e| ApiError::bad_request(format!("{e} (takes run=true|false)")))?;
     let id = service_id(&ns, &name)?;
     let spec: JobSpec = named_body(&body, &id, "a job spec")?;
     check(&plane, &spec).await?;
+    // As for services: a namespace token runs only components its namespace uploaded.
+    let visible = visible.map_or(crate::auth::Visible(None), |axum::Extension(v)| v);
+    if plane.jobs.job(&id).await?.is_none_or(|job| job.spec.component != spec.component) {
+        crate::artifacts_api::check_deployable(&plane, &visible, &spec.namespace, &spec.component).await?;
+    }
     for _ in 0..5 {
         let current = plane.jobs.job(&id).await?;
         let changed = current.as_ref().is_none_or(|job| job.spec != spec);
@@ -126,7 +132,7 @@ async fn put_job(
 /// Refuses a job that could never run, before anything is stored.
 async fn check(plane: &ControlPlane, spec: &JobSpec) -> ApiResult<()> {
     spec.validate().map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_spec", e.to_string()))?;
-    check_uploaded(plane, &spec.component).await?;
+    check_uploaded(plane, &spec.component, &spec.namespace).await?;
     if let Some(exports) = crate::triggers::exports_of(plane, &spec.component).await?
         && !exports.iter().any(|name| wharf_proto::job::is_run_export(name))
     {

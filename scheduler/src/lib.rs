@@ -6,8 +6,10 @@
 //! between the control plane and hosts is a `proto` message over the bus.
 
 pub mod api;
+mod artifacts_api;
 pub mod auth;
 pub mod autoscale;
+mod claims;
 pub mod controller;
 pub mod dashboard;
 pub mod events;
@@ -64,6 +66,9 @@ pub struct ControlPlaneConfig {
     /// Non-public address ranges services may name in `allow_outbound`
     /// (hosts enforce their own `--allow-private-egress` on every connection).
     pub private_egress: wharf_proto::egress::PrivateEgress,
+    /// Seals secret values at rest (and, at start, those written before
+    /// sealing existed); `None` stores them as given (in-process tests).
+    pub secret_key: Option<wharf_proto::sealed::SecretKey>,
 }
 
 impl Default for ControlPlaneConfig {
@@ -76,6 +81,7 @@ impl Default for ControlPlaneConfig {
             revision_history: store::DEFAULT_REVISION_HISTORY,
             retry: wharf_scheduler_core::RetryPolicy::default(),
             private_egress: Default::default(),
+            secret_key: None,
         }
     }
 }
@@ -97,6 +103,10 @@ pub enum StartError {
     Heartbeats(#[from] wharf_bus::SubscribeError),
     #[error("cannot set up API tokens: {0:#}")]
     Tokens(anyhow::Error),
+    /// The secrets in the store were sealed with another key than this
+    /// control plane's.
+    #[error("the secrets in the store were sealed with key {sealed_with}, but this control plane's key is {have}: start it with the key file they were sealed with (--secret-key-file, or <data-dir>/secret.key)")]
+    WrongSecretKey { sealed_with: String, have: String },
     /// The events bucket could not be opened or created.
     #[error("cannot open the events bucket: {0}")]
     Events(wharf_bus::KvError),
@@ -140,6 +150,9 @@ impl ControlPlane {
             }
             None => None,
         };
+        if let Some(key) = &config.secret_key {
+            seal_plain_secrets(store.secrets_kv(), key).await?;
+        }
         let events = bus.kv(wharf_proto::names::EVENTS_BUCKET).await.map_err(StartError::Events)?;
         let (stop, stopped) = watch::channel(false);
         let leadership = leader::campaign(store.leader_kv().clone(), config.name.clone(), config.lease, stopped.clone());
@@ -219,6 +232,36 @@ impl ControlPlane {
         let service = hyper_util::service::TowerToHyperService::new(api::router(self.clone()));
         wharf_edge::serve(listener, tls, config, service, shutdown).await
     }
+}
+
+/// Refuses a key other than the one the stored secrets were sealed with,
+/// then seals every secret still stored in plain text (written before
+/// sealing existed), each by compare-and-set so a write meanwhile is kept.
+/// A failure to seal is logged: such secrets stay readable and are sealed
+/// when next written.
+async fn seal_plain_secrets(kv: &wharf_bus::Kv, key: &wharf_proto::sealed::SecretKey) -> Result<(), StartError> {
+    let entries = match kv.entries().await {
+        Ok(entries) => entries,
+        Err(e) => {
+            tracing::warn!("cannot read the secrets to seal those stored in plain text: {e}");
+            return Ok(());
+        }
+    };
+    if let Some(sealed_with) = entries.iter().filter_map(|e| wharf_proto::sealed::sealed_with(&e.value)).find(|id| *id != key.id()) {
+        return Err(StartError::WrongSecretKey { sealed_with, have: key.id() });
+    }
+    let mut sealed = 0;
+    for entry in entries.into_iter().filter(|e| !wharf_proto::sealed::is_sealed(&e.value)) {
+        let value = bytes::Bytes::from(key.seal(&entry.key, &entry.value, rand::random()));
+        match kv.update(&entry.key, value, entry.revision).await {
+            Ok(_) => sealed += 1,
+            Err(e) => tracing::warn!(key = %entry.key, "cannot seal a secret stored in plain text (it is sealed when next written): {e}"),
+        }
+    }
+    if sealed > 0 {
+        tracing::info!("sealed {sealed} secret(s) that were stored in plain text (key {})", key.id());
+    }
+    Ok(())
 }
 
 /// Runs the controller and the job loop whenever this scheduler leads, and

@@ -27,6 +27,10 @@ pub const DEFAULT_REVISION_HISTORY: usize = 10;
 /// How many times a state bucket's limit the revisions bucket may hold.
 const REVISIONS_ROOM: u64 = 8;
 
+/// The size limit of the buckets of route claims and component records
+/// (tens of thousands of records), or the state limit if lower.
+const RECORDS_BYTES: u64 = 8 * 1024 * 1024;
+
 /// Handles to the buckets holding the cluster's state.
 #[derive(Clone)]
 pub struct Store {
@@ -39,6 +43,8 @@ pub struct Store {
     volumes: Kv,
     namespaces: Kv,
     secrets: Kv,
+    artifact_owners: Kv,
+    route_claims: Kv,
     /// Revisions kept per service.
     history: usize,
 }
@@ -98,6 +104,9 @@ impl Store {
         let state = limits.state;
         // Revisions hold up to `history` specs per service: room for more.
         let revisions = wharf_bus::BucketOptions { max_bytes: state.max_bytes.map(|b| b.saturating_mul(REVISIONS_ROOM)) };
+        // Route claims and component records are a few hundred bytes each:
+        // JetStream reserves a bucket's whole limit, so these stay small.
+        let records = wharf_bus::BucketOptions { max_bytes: state.max_bytes.map(|b| b.min(RECORDS_BYTES)) };
         Ok(Store {
             services: bus.kv_with(SERVICES_BUCKET, state).await?,
             revisions: bus.kv_with(REVISIONS_BUCKET, revisions).await?,
@@ -108,6 +117,8 @@ impl Store {
             volumes: bus.kv_with(VOLUMES_BUCKET, state).await?,
             namespaces: bus.kv_with(wharf_proto::names::NAMESPACES_BUCKET, state).await?,
             secrets: bus.kv_with(wharf_proto::names::SECRETS_BUCKET, state).await?,
+            artifact_owners: bus.kv_with(wharf_proto::names::ARTIFACT_OWNERS_BUCKET, records).await?,
+            route_claims: bus.kv_with(wharf_proto::names::ROUTE_CLAIMS_BUCKET, records).await?,
             history: DEFAULT_REVISION_HISTORY,
         })
     }
@@ -126,6 +137,16 @@ impl Store {
     /// The secrets bucket.
     pub fn secrets_kv(&self) -> &Kv {
         &self.secrets
+    }
+
+    /// Which namespace uploaded which component.
+    pub fn artifact_owners_kv(&self) -> &Kv {
+        &self.artifact_owners
+    }
+
+    /// Which namespace owns which host name or path prefix.
+    pub fn route_claims_kv(&self) -> &Kv {
+        &self.route_claims
     }
 
     /// The services bucket, for watching.
@@ -426,6 +447,46 @@ impl Store {
         Ok(self.artifacts.exists(&artifact_object(digest)).await?)
     }
 
+    /// Deletes a stored component's bytes.
+    pub async fn delete_artifact(&self, digest: &Digest) -> Result<(), StoreError> {
+        Ok(self.artifacts.delete(&artifact_object(digest)).await?)
+    }
+
+    /// Records that namespace `ns` uploaded `digest` (once; an existing
+    /// record stays). Returns whether the record is new.
+    pub async fn own_artifact(&self, ns: &str, digest: &Digest, record: &wharf_proto::wire::ArtifactRecord) -> Result<bool, StoreError> {
+        match self.artifact_owners.create(&wharf_proto::names::artifact_owner_key(ns, digest), encode(record)).await {
+            Ok(_) => Ok(true),
+            Err(KvError::AlreadyExists { .. }) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Whether namespace `ns` uploaded `digest`.
+    pub async fn owns_artifact(&self, ns: &str, digest: &Digest) -> Result<bool, StoreError> {
+        Ok(self.artifact_owners.get(&wharf_proto::names::artifact_owner_key(ns, digest)).await?.is_some())
+    }
+
+    /// Every namespace's record of every component: (namespace, digest, record).
+    /// A record that cannot be read is skipped (it grants nothing).
+    pub async fn artifact_records(&self) -> Result<Vec<(String, Digest, wharf_proto::wire::ArtifactRecord)>, StoreError> {
+        let entries = self.artifact_owners.entries().await?;
+        Ok(entries
+            .into_iter()
+            .filter_map(|entry| {
+                let (ns, hex) = entry.key.split_once('.')?;
+                let digest = format!("sha256:{hex}").parse().ok()?;
+                let record = serde_json::from_slice(&entry.value).ok()?;
+                Some((ns.to_string(), digest, record))
+            })
+            .collect())
+    }
+
+    /// Drops namespace `ns`'s record of `digest` (the bytes stay).
+    pub async fn disown_artifact(&self, ns: &str, digest: &Digest) -> Result<(), StoreError> {
+        Ok(self.artifact_owners.delete(&wharf_proto::names::artifact_owner_key(ns, digest)).await?)
+    }
+
     /// Digests of every stored component.
     pub async fn artifacts(&self) -> Result<Vec<String>, StoreError> {
         let mut names = self.artifacts.list().await?;
@@ -485,4 +546,9 @@ fn encode<T: serde::Serialize>(value: &T) -> Bytes {
 
 pub(crate) fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)).unwrap_or(0)
+}
+
+/// A time in ms since the epoch, as people read it (RFC 3339, UTC).
+pub(crate) fn format_ms(ms: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + std::time::Duration::from_millis(ms)).to_string()
 }

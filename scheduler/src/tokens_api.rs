@@ -1,6 +1,6 @@
 //! `GET /v1/tokens` and `DELETE /v1/tokens/{id}`: listing and revoking API
 //! tokens (admin only; the middleware refuses namespace tokens). A listing
-//! shows ids, roles and creation times, never hashes or tokens.
+//! shows ids, roles, creation and expiry times, never hashes or tokens.
 
 use crate::ControlPlane;
 use crate::api::ApiError;
@@ -27,7 +27,14 @@ fn store_failed(e: wharf_bus::KvError) -> ApiError {
 async fn list(State(plane): State<ControlPlane>) -> Result<Response, ApiError> {
     let mut listed = tokens(&plane)?.list().await.map_err(store_failed)?;
     listed.sort_by_key(|(_, record)| record.created_at_ms);
-    let tokens: Vec<_> = listed.into_iter().map(|(id, record)| json!({"id": id, "role": record.role, "created_at_ms": record.created_at_ms})).collect();
+    let now = crate::store::now_ms();
+    let tokens: Vec<_> = listed
+        .into_iter()
+        .map(|(id, record)| {
+            let expired = record.expires_at_ms.is_some_and(|at| at <= now);
+            json!({"id": id, "role": record.role, "created_at_ms": record.created_at_ms, "expires_at_ms": record.expires_at_ms, "expired": expired})
+        })
+        .collect();
     Ok(axum::Json(json!({"tokens": tokens})).into_response())
 }
 

@@ -168,8 +168,13 @@ impl HostAgent {
             let secrets = self.inner.bus.kv(wharf_proto::names::SECRETS_BUCKET).await.map_err(|e| format!("cannot open the secret store: {e}"))?;
             let namespace = &service.namespace;
             for name in &spec.secrets {
-                match secrets.get(&wharf_proto::names::secret_key(namespace, name)).await {
-                    Ok(Some(entry)) => workload.config.0.push((name.clone(), String::from_utf8_lossy(&entry.value).into_owned())),
+                let key = wharf_proto::names::secret_key(namespace, name);
+                match secrets.get(&key).await {
+                    Ok(Some(entry)) => {
+                        let value = wharf_proto::sealed::open(self.inner.config.secret_key.as_ref(), &key, &entry.value)
+                            .map_err(|e| format!("cannot open secret {name} on host {}: {e}", self.inner.config.host))?;
+                        workload.config.0.push((name.clone(), String::from_utf8_lossy(&value).into_owned()));
+                    }
                     Ok(None) => {
                         return Err(format!(
                             "secret {name} is granted to the service but does not exist in namespace {namespace}; create it with `wharf secret set {name} ...`"

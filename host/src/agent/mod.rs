@@ -79,6 +79,10 @@ pub struct AgentConfig {
     /// Requests from the bus answered at once; past it, the host reads no
     /// more from the bus until one finishes (NATS buffers, then drops).
     pub max_bus_handlers: usize,
+    /// Opens secrets sealed at rest (the control plane's key); `None`:
+    /// only secrets written before sealing existed can be read, a sealed
+    /// one fails its replica with an error saying so.
+    pub secret_key: Option<wharf_proto::sealed::SecretKey>,
 }
 
 /// The default bound on bus requests answered at once.
