@@ -116,7 +116,7 @@ async fn leads(client: &reqwest::Client, api: &str) -> bool {
     body["leadership"]["leader"] == true
 }
 
-/// Failed requests, with when they failed (ms since the soak started).
+/// Failed requests, with when they were sent (ms since the soak started).
 #[derive(Default)]
 struct Failures {
     at_ms: Mutex<Vec<(u64, String)>>,
@@ -144,6 +144,8 @@ impl Traffic {
                 continue;
             };
             i += 1;
+            // A failure counts from when its request was sent (one may wait out a deadline).
+            let sent = self.started.elapsed().as_millis() as u64;
             match self.client.get(&url).send().await {
                 Ok(r) if r.status() == 200 => ok += 1,
                 other => {
@@ -152,9 +154,8 @@ impl Traffic {
                         Ok(r) => format!("{} {}", r.status(), r.text().await.unwrap_or_default().trim()),
                         Err(e) => e.to_string(),
                     };
-                    let at = self.started.elapsed().as_millis() as u64;
                     if let Ok(mut list) = self.failures.at_ms.lock() {
-                        list.push((at, format!("GET {url}: {what}")));
+                        list.push((sent, format!("GET {url}: {what}")));
                     }
                 }
             }
@@ -352,7 +353,8 @@ async fn soak(args: &SoakArgs, wharf: &Path, dir: &Path) -> anyhow::Result<()> {
     let lost = acknowledged.saturating_sub(counted);
 
     println!("soak: {} min, {} kills (host, leader scheduler, NATS node in turn)", args.minutes, kills.len());
-    println!("  increments: {acknowledged} acknowledged, {unsure} failed (may or may not count), {counted} counted: {lost} lost");
+    let doubled = counted.saturating_sub(acknowledged + unsure);
+    println!("  increments: {acknowledged} acknowledged, {unsure} failed (may or may not count), {counted} counted: {lost} lost, at least {doubled} counted twice");
     println!("  deployments: {} acknowledged ({deploy_failures} attempts refused and retried), {} missing or not ready at the end", deployed.len(), missing.len());
     println!(
         "  requests: {requests}, failed {} ({:.3}%), outside the {} s windows after kills: {}",
@@ -362,7 +364,7 @@ async fn soak(args: &SoakArgs, wharf: &Path, dir: &Path) -> anyhow::Result<()> {
         outside.len()
     );
     for (at, what) in outside.iter().take(10) {
-        println!("    outside a window at {:.1} s: {what}", *at as f64 / 1000.0);
+        println!("    outside a window, sent at {:.1} s: {what}", *at as f64 / 1000.0);
     }
     for (name, (first, last)) in &fleet.rss {
         println!(
@@ -379,6 +381,7 @@ async fn soak(args: &SoakArgs, wharf: &Path, dir: &Path) -> anyhow::Result<()> {
     report.insert("increments_failed".into(), unsure.into());
     report.insert("increments_counted".into(), counted.into());
     report.insert("increments_lost".into(), lost.into());
+    report.insert("increments_counted_twice_at_least".into(), doubled.into());
     report.insert("deployments_acknowledged".into(), deployed.len().into());
     report.insert("deployments_missing".into(), serde_json::json!(missing));
     report.insert("requests".into(), requests.into());
