@@ -98,13 +98,13 @@ mod tests {
 
     fn heartbeat(at: u64, requests: u64) -> Heartbeat {
         Heartbeat {
-            host: HostId::new("h1").unwrap(),
+            host: HostId::new("h1").expect("valid"),
             addr: None,
             labels: Default::default(),
             capacity: Capacity { memory: ByteSize::gib(1), instances: 10 },
             cached: Vec::new(),
             replicas: vec![ReplicaStatus {
-                service: ServiceId::new("default", "hello").unwrap(),
+                service: ServiceId::new("default", "hello").expect("valid"),
                 revision: 1,
                 replica: 0,
                 attempt: 0,

@@ -403,10 +403,10 @@ mod tests {
 
     async fn send(bus: &Bus, beat: Beat) {
         let (subject, payload) = match &beat {
-            Beat::Full(h) => (host_heartbeat_subject(&h.host), serde_json::to_vec(h).unwrap()),
-            Beat::Alive(a) => (host_alive_subject(&a.host), serde_json::to_vec(a).unwrap()),
+            Beat::Full(h) => (host_heartbeat_subject(&h.host), serde_json::to_vec(h).expect("json")),
+            Beat::Alive(a) => (host_alive_subject(&a.host), serde_json::to_vec(a).expect("json")),
         };
-        bus.publish(&subject, payload.into()).await.unwrap();
+        bus.publish(&subject, payload.into()).await.expect("the in-process bus");
     }
 
     async fn ready(table: &HostTable, host: &HostId) -> bool {
@@ -416,9 +416,9 @@ mod tests {
 
     #[tokio::test]
     async fn alive_beats_keep_a_host_ready_past_the_timeout_and_change_nothing() {
-        let bus = Bus::local(LocalStore::in_memory().unwrap());
-        let table = HostTable::follow(&bus, Duration::from_millis(400)).await.unwrap();
-        let host = HostId::new("h1").unwrap();
+        let bus = Bus::local(LocalStore::in_memory().expect("an in-memory store"));
+        let table = HostTable::follow(&bus, Duration::from_millis(400)).await.expect("the in-process bus");
+        let host = HostId::new("h1").expect("valid");
         let mut beats = Beats::new();
         send(&bus, beats.next(report(&host, 7))).await;
         assert!(ready(&table, &host).await);
@@ -441,16 +441,16 @@ mod tests {
 
     #[tokio::test]
     async fn a_table_that_missed_the_full_report_asks_for_it_and_a_restart_is_never_taken_as_alive() {
-        let bus = Bus::local(LocalStore::in_memory().unwrap());
-        let host = HostId::new("h2").unwrap();
-        let mut asked = bus.subscribe(&host_resend_subject(&host)).await.unwrap();
+        let bus = Bus::local(LocalStore::in_memory().expect("an in-memory store"));
+        let host = HostId::new("h2").expect("valid");
+        let mut asked = bus.subscribe(&host_resend_subject(&host)).await.expect("the in-process bus");
         let mut beats = Beats::new();
         // The full report goes out before this table listens.
         beats.next(report(&host, 7));
-        let table = HostTable::follow(&bus, Duration::from_millis(400)).await.unwrap();
+        let table = HostTable::follow(&bus, Duration::from_millis(400)).await.expect("the in-process bus");
         send(&bus, beats.next(report(&host, 7))).await;
         assert!(!ready(&table, &host).await, "an alive beat about a report never heard says nothing of replicas");
-        tokio::time::timeout(Duration::from_secs(2), asked.next()).await.expect("the table asks for a full report").unwrap();
+        tokio::time::timeout(Duration::from_secs(2), asked.next()).await.expect("the table asks for a full report").expect("valid");
         // Asked again only after a pause.
         send(&bus, beats.next(report(&host, 7))).await;
         assert!(tokio::time::timeout(Duration::from_millis(300), asked.next()).await.is_err(), "asked twice within a second");
