@@ -62,6 +62,12 @@ for target in "${targets[@]}"; do
     # the other targets gain nothing from megabyte inputs.
     max_len=4096
     [[ "$target" == artifact || "$target" == artifact_check ]] && max_len=262144
+    # Built first, so a build that fails is not reported as a crash.
+    if ! cargo +nightly fuzz build "$target"; then
+        failed+=("$target")
+        echo "fuzz.sh: $target did not BUILD (see cargo's errors above); nothing was fuzzed" >&2
+        continue
+    fi
     if ! cargo +nightly fuzz run "$target" "corpus/$target" -- \
         -max_total_time="$seconds" -max_len="$max_len" -print_final_stats=1; then
         failed+=("$target")
@@ -70,7 +76,7 @@ for target in "${targets[@]}"; do
 done
 
 if ((${#failed[@]} > 0)); then
-    echo "fuzz.sh: crashes in: ${failed[*]}" >&2
+    echo "fuzz.sh: crashes or failed builds in: ${failed[*]}" >&2
     ls -l "${failed[@]/#/$fuzz_dir/artifacts/}" >&2 2>/dev/null || true
     exit 1
 fi
