@@ -276,51 +276,34 @@ impl HostTable {
         true
     }
 
-    /// The ids of the ready hosts, without copying their reports.
-    fn ready_hosts(&self) -> Vec<HostId> {
+    /// The hosts whose entry passes `keep` (given whether it is ready and
+    /// its rates), each turned by `make`; the gone list read once.
+    fn select<T>(&self, keep: impl Fn(bool, &Rates) -> bool, make: impl Fn(&Heartbeat, Instant, bool, &Rates) -> T) -> Vec<T> {
         let Ok(hosts) = self.inner.hosts.read() else { return Vec::new() };
-        let gone = self.inner.gone.read().map(|g| g.keys().cloned().collect::<Vec<_>>()).unwrap_or_default();
+        let Ok(gone) = self.inner.gone.read() else { return Vec::new() };
         hosts
             .values()
-            .filter(|(heartbeat, seen, _)| seen.elapsed() <= self.inner.timeout && !heartbeat.draining && !gone.contains(&heartbeat.host))
-            .map(|(heartbeat, _, _)| heartbeat.host.clone())
+            .filter_map(|(heartbeat, seen, rates)| {
+                let ready = seen.elapsed() <= self.inner.timeout && !heartbeat.draining && !gone.contains_key(&heartbeat.host);
+                keep(ready, rates).then(|| make(heartbeat, *seen, ready, rates))
+            })
             .collect()
+    }
+
+    /// The ids of the ready hosts, without copying their reports.
+    fn ready_hosts(&self) -> Vec<HostId> {
+        self.select(|ready, _| ready, |heartbeat, _, _, _| heartbeat.host.clone())
     }
 
     /// The ready hosts that served requests since their previous report
     /// (the only ones an outlier can be on): at idle, none is copied.
     pub fn serving_hosts(&self) -> Vec<HostEntry> {
-        let Ok(hosts) = self.inner.hosts.read() else { return Vec::new() };
-        let gone = self.inner.gone.read().map(|g| g.clone()).unwrap_or_default();
-        hosts
-            .values()
-            .filter(|(heartbeat, seen, rates)| {
-                !rates.rps.is_empty() && seen.elapsed() <= self.inner.timeout && !heartbeat.draining && !gone.contains_key(&heartbeat.host)
-            })
-            .map(|(heartbeat, seen, rates)| HostEntry {
-                heartbeat: heartbeat.clone(),
-                seen: *seen,
-                ready: true,
-                rps: rates.rps.clone(),
-                latency_ms: rates.latency_ms.clone(),
-            })
-            .collect()
+        self.select(|ready, rates| ready && !rates.rps.is_empty(), entry)
     }
 
     /// Every known host, ready or not, by id.
     pub fn hosts(&self) -> Vec<HostEntry> {
-        let Ok(hosts) = self.inner.hosts.read() else { return Vec::new() };
-        let gone = self.inner.gone.read().map(|g| g.clone()).unwrap_or_default();
-        hosts
-            .values()
-            .map(|(heartbeat, seen, rates)| HostEntry {
-                heartbeat: heartbeat.clone(),
-                seen: *seen,
-                ready: seen.elapsed() <= self.inner.timeout && !heartbeat.draining && !gone.contains_key(&heartbeat.host),
-                rps: rates.rps.clone(),
-                latency_ms: rates.latency_ms.clone(),
-            })
-            .collect()
+        self.select(|_, _| true, entry)
     }
 
     /// A receiver that changes whenever the set of ready hosts or their replicas' states change.
@@ -339,6 +322,11 @@ impl HostTable {
     pub fn timeout(&self) -> Duration {
         self.inner.timeout
     }
+}
+
+/// A host's entry as listed: its report, when it came, readiness, rates.
+fn entry(heartbeat: &Heartbeat, seen: Instant, ready: bool, rates: &Rates) -> HostEntry {
+    HostEntry { heartbeat: heartbeat.clone(), seen, ready, rps: rates.rps.clone(), latency_ms: rates.latency_ms.clone() }
 }
 
 /// Load per service between two heartbeats of one host.
@@ -463,5 +451,45 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(500)).await;
         send(&bus, restarted.next(report(&host, 8))).await;
         assert!(!ready(&table, &host).await, "an alive beat from a new process does not keep the old report");
+    }
+
+    /// A host that goes silent is announced lost with the services it ran
+    /// (hosts then resend what they had in flight to it); a draining host
+    /// that goes silent is not (it finishes what it took).
+    #[tokio::test]
+    async fn a_silent_host_is_announced_lost_with_its_services_and_a_draining_one_is_not() {
+        let bus = Bus::local(LocalStore::in_memory().expect("an in-memory store"));
+        let mut announced = bus.subscribe(HOST_DOWN_SUBJECT).await.expect("the in-process bus");
+        let _table = HostTable::follow(&bus, Duration::from_millis(300)).await.expect("the in-process bus");
+        let service = ServiceId::new("shop", "web").expect("valid");
+        let running = |host: &HostId, draining: bool| {
+            let mut heartbeat = report(host, 1);
+            heartbeat.draining = draining;
+            heartbeat.replicas = vec![wharf_proto::ReplicaStatus {
+                service: service.clone(),
+                revision: 1,
+                replica: 0,
+                attempt: 0,
+                state: wharf_proto::ReplicaState::Ready,
+                error: None,
+                failures: 0,
+                in_flight: 0,
+                requests: 0,
+                errors: 0,
+                latency_micros: 0,
+                latency: Default::default(),
+            }];
+            heartbeat
+        };
+        let (lost, drained) = (HostId::new("lost").expect("valid"), HostId::new("drained").expect("valid"));
+        send(&bus, Beat::Full(running(&lost, false))).await;
+        send(&bus, Beat::Full(running(&drained, false))).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Both fall silent; one said it was draining first.
+        send(&bus, Beat::Full(running(&drained, true))).await;
+        let message = tokio::time::timeout(Duration::from_secs(2), announced.next()).await.expect("an announcement").expect("a message");
+        let down: HostDown = serde_json::from_slice(&message.payload).expect("a HostDown");
+        assert_eq!(down, HostDown { host: lost, services: Some(vec![service]) });
+        assert!(tokio::time::timeout(Duration::from_millis(800), announced.next()).await.is_err(), "a draining host was announced lost");
     }
 }
