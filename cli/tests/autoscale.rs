@@ -160,3 +160,64 @@ async fn activation_that_does_not_fit_says_why_and_fits_once_room_is_made() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn activation_past_a_namespace_quota_is_answered_at_once_naming_the_quota() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A long activation timeout: an answer well inside it was not a timeout.
+    let up = Up::start(Path::new(WHARF), &dir.path().join("data"), &["--host-id", "solo", "--activation-timeout", "30s"]);
+    let hello = samples::path("hello");
+    let hello = hello.to_str().expect("utf-8");
+    for name in ["first", "second"] {
+        let path = dir.path().join(format!("{name}.yaml"));
+        let text = format!(
+            "name: {name}\ncomponent: {{ file: {hello} }}\nroutes: [{{ path_prefix: /{name} }}]\n\
+             autoscale: {{ min: 0, max: 1, target_concurrency: 1, scale_to_zero_after: 120s }}\n"
+        );
+        std::fs::write(&path, text).expect("write manifest");
+        up.ok(&["apply", "--no-wait", "-f", path.to_str().expect("utf-8")]);
+        until(&up, name, Duration::from_secs(10), "at zero", |s| s["ready"] == 0 && s["desired"] == 0).await;
+    }
+    // Deployed under no quota (each counts its max: 2 replicas); an admin
+    // then lowers the namespace's quota to 1 replica, below that.
+    up.ok(&["namespace", "set", "default", "--max-replicas", "1"]);
+
+    let client = reqwest::Client::new();
+    let woken = client.get(format!("{}/first", up.ingress)).send().await.expect("answered");
+    assert_eq!(woken.status(), 200, "the first activation fits in the quota");
+    until(&up, "first", Duration::from_secs(10), "scaled to one", |s| s["ready"] == 1).await;
+
+    let asked = Instant::now();
+    let refused = client.get(format!("{}/second", up.ingress)).send().await.expect("answered");
+    let took = asked.elapsed();
+    assert_eq!(refused.status(), 503);
+    assert_eq!(refused.headers().get("x-wharf-error").and_then(|v| v.to_str().ok()), Some("quota_exceeded"));
+    let body = refused.text().await.expect("body");
+    assert!(
+        body.contains("service default/second is scaled to zero and cannot start: namespace default is at its quota replicas=1 (1 in use)")
+            && body.contains("wharf namespace set default --max-replicas N"),
+        "{body}"
+    );
+    assert!(took < Duration::from_secs(15), "answered after {took:?}: it waited for the 30 s activation timeout instead");
+    assert_eq!(client.get(format!("{}/first", up.ingress)).send().await.expect("answered").status(), 200, "the namespace's other service keeps serving");
+    // The control plane holds the scale at the quota as well, and says so.
+    let held = until(&up, "second", Duration::from_secs(10), "held by the quota", |s| {
+        s["autoscale"]["reason"].as_str().is_some_and(|r| r.contains("held at 0: namespace default is at its quota replicas=1"))
+    });
+    held.await;
+    assert_eq!(status(&up, "second")["ready"], 0, "no replica started past the quota");
+    let events = up.ok(&["events", "--service", "second"]);
+    assert!(events.contains("ScaleHeld") && events.contains("quota replicas=1"), "{events}");
+
+    // Raised, the same request wakes the service.
+    up.ok(&["namespace", "set", "default", "--max-replicas", "2"]);
+    let started = Instant::now();
+    loop {
+        let response = client.get(format!("{}/second", up.ingress)).send().await.expect("answered");
+        if response.status() == 200 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "second never woke once the quota was raised: {}", response.text().await.unwrap_or_default());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

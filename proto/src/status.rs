@@ -215,6 +215,10 @@ pub struct AutoscaleSummary {
     pub replicas: u32,
     /// Why, for people.
     pub reason: String,
+    /// Growth held below `replicas` by the namespace's quota: the replicas
+    /// granted, and the quota that binds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held: Option<(u32, String)>,
 }
 
 #[cfg(test)]

@@ -328,6 +328,23 @@ mod tests {
     use super::*;
     use serde::de::DeserializeOwned;
 
+    #[test]
+    fn quota_room_grants_what_fits_and_names_the_binding_quota() {
+        let none = Quota::default();
+        assert_eq!(none.room("shop", 100, 1 << 40, 3, 1 << 20), (3, None), "no quota: everything fits");
+        let replicas = Quota { replicas: Some(4), ..Quota::default() };
+        assert_eq!(replicas.room("shop", 2, 0, 1, 1 << 20), (1, None));
+        let (granted, why) = replicas.room("shop", 3, 0, 3, 1 << 20);
+        assert_eq!(granted, 1);
+        assert_eq!(why.as_deref(), Some("namespace shop is at its quota replicas=4 (3 in use)"));
+        assert_eq!(replicas.room("shop", 6, 0, 1, 0).0, 0, "a quota lowered below use grants nothing");
+        let memory = Quota { replicas: Some(10), memory: Some(ByteSize(256 << 20)), ..Quota::default() };
+        let (granted, why) = memory.room("shop", 1, 192 << 20, 2, 64 << 20);
+        assert_eq!(granted, 1);
+        assert_eq!(why.as_deref(), Some("namespace shop is at its quota memory=256MiB (192MiB reserved, 64MiB more per replica)"));
+        assert_eq!(memory.room("shop", 1, 0, 5, 0), (5, None), "replicas reserving nothing are bounded by the replica quota only");
+    }
+
     #[track_caller]
     fn round_trip<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(
         value: &T,
@@ -581,5 +598,34 @@ pub struct Quota {
     /// Bytes of the components it keeps uploaded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub artifact_bytes: Option<ByteSize>,
+}
+
+impl Quota {
+    /// How many of `asked` more replicas, each reserving `each` bytes, fit
+    /// in namespace `ns` beside what its services hold now (`used_replicas`,
+    /// `used_memory`); with fewer than asked, also the quota that binds,
+    /// named as an operator raises it (`replicas=4`, `memory=1GiB`) with
+    /// what is in use.
+    pub fn room(&self, ns: &str, used_replicas: u64, used_memory: u64, asked: u64, each: u64) -> (u64, Option<String>) {
+        let mut granted = asked;
+        let mut binding = None;
+        if let Some(limit) = self.replicas {
+            let left = u64::from(limit).saturating_sub(used_replicas);
+            if left < granted {
+                granted = left;
+                binding = Some(format!("namespace {ns} is at its quota replicas={limit} ({used_replicas} in use)"));
+            }
+        }
+        if let Some(limit) = self.memory
+            && each > 0
+        {
+            let left = limit.bytes().saturating_sub(used_memory) / each;
+            if left < granted {
+                granted = left;
+                binding = Some(format!("namespace {ns} is at its quota memory={limit} ({} reserved, {} more per replica)", ByteSize(used_memory), ByteSize(each)));
+            }
+        }
+        (granted, binding)
+    }
 }
 

@@ -27,7 +27,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use wharf_proto::status::MAX_LISTED;
 use wharf_proto::{
-    Activation, AssignedReplica, Assignment, AutoscaleSummary, EjectedReplica, HostId, ReplicaKey, ReplicaState,
+    Activation, AssignedReplica, Assignment, AutoscaleSummary, EjectedReplica, HostId, Namespace, ReplicaKey, ReplicaState,
     ReplicaStatus, RevisionCount, RolloutPhase, ServiceId, ServiceSpec, ServiceStatus, StoredService, UnplaceableReplica,
 };
 use wharf_scheduler_core::{
@@ -201,8 +201,10 @@ impl Controller {
     async fn pass(&mut self) -> Option<u64> {
         let now = crate::store::now_ms();
         let hosts = self.context.hosts.hosts();
-        let (services, pins, problems) = self.context.informer.read(|state| {
-            (state.services.values().cloned().collect::<Vec<Arc<StoredService>>>(), state.pins.clone(), problems_of(state))
+        let (services, pins, problems, namespaces) = self.context.informer.read(|state| {
+            let quotas = state.namespaces.iter().filter(|(_, n)| n.quota.replicas.is_some() || n.quota.memory.is_some());
+            let quotas: BTreeMap<String, Arc<Namespace>> = quotas.map(|(ns, n)| (ns.clone(), n.clone())).collect();
+            (state.services.values().cloned().collect::<Vec<Arc<StoredService>>>(), state.pins.clone(), problems_of(state), quotas)
         });
         self.adopt_legacy(&services).await;
         let ready: HashMap<&HostId, &HostEntry> = hosts.iter().filter(|h| h.ready).map(|h| (&h.heartbeat.host, h)).collect();
@@ -221,6 +223,7 @@ impl Controller {
             }
         }
         let current: HashMap<ServiceId, u32> = by_service.iter().map(|(id, r)| (id.clone(), r.len() as u32)).collect();
+        let mut in_use = namespace_use(&services, &current, &namespaces);
         self.context.autoscaling.tick(services.iter().map(|s| s.as_ref()), &current, &hosts);
 
         // Old revisions' specs, fetched before deciding.
@@ -237,7 +240,8 @@ impl Controller {
             }
             let assigned = by_service.get(&id).map(Vec::as_slice).unwrap_or(&[]);
             let observed = self.observe(&id, assigned, &ready, &reports, now);
-            let replicas = self.desired_replicas(stored, assigned.len());
+            let wanted = self.desired_replicas(stored, assigned.len());
+            let (replicas, held) = self.within_quota(stored, assigned.len(), wanted, &namespaces, &mut in_use);
             let previous = self.statuses.get(&id).map(|w| w.value.rollout.clone()).unwrap_or_default();
             let step = self.step_traffic(&id, &previous, assigned, &reports);
             let plan = plan_rollout(&RolloutInput {
@@ -276,11 +280,11 @@ impl Controller {
                 wanted: plan.wanted.iter().map(|(revision, replicas)| RevisionCount { revision: *revision, replicas: *replicas }).collect(),
                 unplaceable: Vec::new(),
                 unplaceable_more: 0,
-                autoscale: self
-                    .context
-                    .autoscaling
-                    .decision(&id)
-                    .map(|d| AutoscaleSummary { replicas: d.replicas, reason: d.reason }),
+                autoscale: self.context.autoscaling.decision(&id).map(|d| AutoscaleSummary {
+                    replicas: d.replicas,
+                    reason: d.reason,
+                    held: held.clone().map(|why| (replicas, why)),
+                }),
                 ejected: self.ejected.get(&id).cloned().unwrap_or_default(),
                 problem,
                 observed_generation: stored.generation,
@@ -428,6 +432,39 @@ impl Controller {
             replicas = replicas.min(1);
         }
         replicas
+    }
+
+    /// Holds an autoscaled service's growth from `running` to `wanted`
+    /// replicas within its namespace's quota, counting what the
+    /// namespace's services hold (`in_use`, which takes what is granted).
+    /// Never takes away what runs: a quota lowered below use stops growth
+    /// only. With less than wanted, also why, recorded once as an event.
+    fn within_quota(
+        &self,
+        stored: &StoredService,
+        running: usize,
+        wanted: u32,
+        namespaces: &BTreeMap<String, Arc<Namespace>>,
+        in_use: &mut HashMap<String, (u64, u64)>,
+    ) -> (u32, Option<String>) {
+        let spec = &stored.spec;
+        let running = u32::try_from(running).unwrap_or(u32::MAX);
+        let Some(record) = namespaces.get(&spec.namespace) else { return (wanted, None) };
+        if spec.autoscale.is_none() || wanted <= running {
+            return (wanted, None);
+        }
+        let each = spec.reservation().bytes();
+        let (replicas, memory) = in_use.entry(spec.namespace.clone()).or_default();
+        let (granted, binding) = record.quota.room(&spec.namespace, *replicas, *memory, u64::from(wanted - running), each);
+        *replicas += granted;
+        *memory += granted.saturating_mul(each);
+        let replicas = running + u32::try_from(granted).unwrap_or(0);
+        let Some(why) = binding else { return (replicas, None) };
+        self.context.events.record_once(
+            format!("quota/{}/{replicas}/{wanted}/{why}", spec.id()),
+            NewEvent::new(&spec.id(), "ScaleHeld", format!("the autoscaler wants {wanted} replicas; held at {replicas}: {why}")),
+        );
+        (replicas, Some(why))
     }
 
     /// Fetches the specs of the revisions a pass may need that are not cached.
@@ -806,6 +843,19 @@ fn host_info(h: &HostEntry) -> HostInfo {
         cached: h.heartbeat.cached.iter().cloned().collect(),
         in_flight: h.heartbeat.replicas.iter().map(|r| r.in_flight).sum(),
     }
+}
+
+/// Replicas and reserved memory the services of each namespace with a
+/// quota hold now (`current`: replicas assigned per service).
+fn namespace_use(services: &[Arc<StoredService>], current: &HashMap<ServiceId, u32>, quotas: &BTreeMap<String, Arc<Namespace>>) -> HashMap<String, (u64, u64)> {
+    let mut in_use: HashMap<String, (u64, u64)> = HashMap::new();
+    for stored in services.iter().filter(|s| quotas.contains_key(&s.spec.namespace)) {
+        let count = u64::from(current.get(&stored.spec.id()).copied().unwrap_or(0));
+        let (replicas, memory) = in_use.entry(stored.spec.namespace.clone()).or_default();
+        *replicas += count;
+        *memory += count.saturating_mul(stored.spec.reservation().bytes());
+    }
+    in_use
 }
 
 fn earliest(a: Option<u64>, b: Option<u64>) -> Option<u64> {

@@ -1,5 +1,6 @@
 //! The control plane's memory of the cluster's state: services, their
-//! statuses, every host's assignment and the volume pins, kept from watches
+//! statuses, every host's assignment, the volume pins and the namespaces'
+//! records (quotas), kept from watches
 //! on their buckets. Every scheduler runs one; the API reads it (any
 //! scheduler answers), and the leader's controller reads it instead of the
 //! store, so a pass costs memory reads, not a scan of the buckets.
@@ -14,7 +15,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
 use tokio::sync::watch;
 use wharf_bus::{Kv, KvEvent};
-use wharf_proto::{Assignment, HostId, Revision, ServiceId, ServiceStatus, StoredService};
+use wharf_proto::{Assignment, HostId, Namespace, Revision, ServiceId, ServiceStatus, StoredService};
 
 /// What the informer holds. Values are `Arc`s: a reader clones pointers, not records.
 #[derive(Clone, Default)]
@@ -27,6 +28,8 @@ pub struct State {
     pub assignments: BTreeMap<HostId, Arc<Assignment>>,
     /// The host each service with volumes is pinned to.
     pub pins: BTreeMap<ServiceId, HostId>,
+    /// Namespaces' records (quotas, callers), where one was set.
+    pub namespaces: BTreeMap<String, Arc<Namespace>>,
     /// Records that could not be read, by bucket and key, and why.
     pub problems: BTreeMap<String, String>,
 }
@@ -38,6 +41,7 @@ enum Source {
     Statuses,
     Assignments,
     Pins,
+    Namespaces,
 }
 
 impl Source {
@@ -47,6 +51,7 @@ impl Source {
             Source::Statuses => "status",
             Source::Assignments => "assignments",
             Source::Pins => "volume pins",
+            Source::Namespaces => "namespaces",
         }
     }
 }
@@ -70,7 +75,7 @@ struct Inner {
     revisions: Mutex<HashMap<(ServiceId, u64), Arc<Revision>>>,
 }
 
-const SOURCES: usize = 4;
+const SOURCES: usize = 5;
 
 impl Informer {
     /// Starts watching the store's buckets.
@@ -85,6 +90,7 @@ impl Informer {
             (Source::Statuses, store.status_kv()),
             (Source::Assignments, store.assignments_kv()),
             (Source::Pins, store.volumes_kv()),
+            (Source::Namespaces, store.namespaces_kv()),
         ] {
             informer.follow(source, kv).await?;
         }
@@ -241,6 +247,23 @@ fn apply(inner: &Inner, source: Source, event: KvEvent) {
                 },
             },
             None => Err("a volume pin under a key that names no service".to_string()),
+        },
+        Source::Namespaces => match event.value {
+            None => {
+                state.namespaces.remove(&event.key);
+                Ok(())
+            }
+            Some(value) => match serde_json::from_slice::<Namespace>(&value) {
+                Ok(record) => {
+                    state.namespaces.insert(event.key.clone(), Arc::new(record));
+                    Ok(())
+                }
+                Err(e) => {
+                    // Unreadable: no quota rather than the last one, as the API reads it.
+                    state.namespaces.remove(&event.key);
+                    Err(format!("unreadable namespace record: {e}"))
+                }
+            },
         },
     };
     match outcome {

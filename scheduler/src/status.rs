@@ -107,6 +107,8 @@ impl Views {
         replicas.sort_by_key(|r| (r["revision"].as_u64(), r["replica"].as_u64()));
         let mut desired = stored.spec.replicas;
         // The leader's live decision when this scheduler leads, else the one it recorded.
+        // Growth the namespace's quota held back, as the leader last recorded it.
+        let held = record.and_then(|r| r.autoscale.as_ref()?.held.clone());
         let autoscale = match plane.autoscaling.decision(&id) {
             Some(d) => {
                 desired = d.replicas;
@@ -116,6 +118,15 @@ impl Views {
                 desired = a.replicas;
                 json!({"desired": a.replicas, "reason": a.reason})
             }),
+        };
+        let autoscale = match (autoscale, held) {
+            (Some(mut shown), Some((granted, why))) if granted < desired => {
+                shown["reason"] = json!(format!("{}; held at {granted}: {why}", shown["reason"].as_str().unwrap_or_default()));
+                shown["held"] = json!({"replicas": granted, "why": why});
+                desired = granted;
+                Some(shown)
+            }
+            (shown, _) => shown,
         };
         // Mean latency weighted by each host's request rate.
         let (in_flight, rps, weighted) = self.load.get(&id).copied().unwrap_or((0, 0.0, 0.0));

@@ -135,6 +135,18 @@ impl HostAgent {
             }
         };
         self.announce_activation(service).await;
+        if let Some(why) = self.quota_full(service) {
+            // The control plane holds the scale at the quota too: waiting
+            // would only end in the same answer, later.
+            return error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "quota_exceeded",
+                format!(
+                    "service {service} is scaled to zero and cannot start: {why}; an admin raises it with `wharf namespace set {} --max-replicas N` (or --max-memory)",
+                    service.namespace
+                ),
+            );
+        }
         // Why this host did not start one itself, for the answer if none comes.
         let not_here = match self.may_activate_here(service) {
             Ok(()) => match self.activate_locally(service).await {
@@ -211,6 +223,17 @@ impl HostAgent {
             ));
         }
         Ok(())
+    }
+
+    /// Why one more replica of `service` would take its namespace past a
+    /// replica or memory quota, counting the replicas the control plane
+    /// wants of the namespace's other services; `None` when it fits.
+    pub(super) fn quota_full(&self, service: &ServiceId) -> Option<String> {
+        let quota = self.inner.rates.quota(&service.namespace)?;
+        let each = self.inner.directory.spec(service)?.reservation().bytes();
+        let (replicas, memory) = self.inner.directory.namespace_use(&service.namespace, service);
+        let (granted, why) = quota.room(&service.namespace, replicas, memory, 1, each);
+        if granted == 0 { why } else { None }
     }
 
     /// Serves a request held for activation on `workload`, now ready.

@@ -1,7 +1,8 @@
 //! What this host knows of every service in the cluster, for routing: the
 //! latest spec of each (routes, limits, autoscaling) from the services
-//! bucket, how its traffic is split between revisions from the status
-//! bucket, the route table built from both, and the specs of revisions,
+//! bucket, how its traffic is split between revisions and how many
+//! replicas the control plane wants of it from the status bucket (for
+//! namespace quotas at activation), the route table built from both, and the specs of revisions,
 //! read from the revisions bucket when needed and cached (they never change).
 
 use crate::routes::RouteTable;
@@ -31,6 +32,8 @@ struct Split {
 struct State {
     services: BTreeMap<ServiceId, Known>,
     splits: BTreeMap<ServiceId, Split>,
+    /// Replicas the control plane wants of each service, over its revisions.
+    wanted: BTreeMap<ServiceId, u64>,
     routes: RouteTable,
 }
 
@@ -78,6 +81,7 @@ impl Directory {
                 None => {
                     state.services.retain(|id, _| id.key() != key);
                     state.splits.retain(|id, _| id.key() != key);
+                    state.wanted.retain(|id, _| id.key() != key);
                 }
             }
             state.routes = build_routes(state, local);
@@ -85,7 +89,7 @@ impl Directory {
         component
     }
 
-    /// A service's status changed: keep its traffic split.
+    /// A service's status changed: keep its traffic split and wanted replicas.
     pub(crate) fn status_changed(&self, value: Option<&[u8]>) {
         let Some(value) = value else { return };
         let status = match serde_json::from_slice::<ServiceStatus>(value) {
@@ -95,12 +99,28 @@ impl Directory {
                 return;
             }
         };
-        self.write(|state| match state.splits.get_mut(&status.service) {
-            Some(split) => split.weights = status.rollout.traffic,
-            None => {
-                state.splits.insert(status.service, Split { weights: status.rollout.traffic, counter: AtomicU64::new(0) });
+        let wanted = status.wanted.iter().map(|w| u64::from(w.replicas)).sum();
+        self.write(|state| {
+            state.wanted.insert(status.service.clone(), wanted);
+            match state.splits.get_mut(&status.service) {
+                Some(split) => split.weights = status.rollout.traffic,
+                None => {
+                    state.splits.insert(status.service, Split { weights: status.rollout.traffic, counter: AtomicU64::new(0) });
+                }
             }
         });
+    }
+
+    /// Replicas the control plane wants of the services of namespace `ns`
+    /// other than `except`, and the memory they reserve.
+    pub(crate) fn namespace_use(&self, ns: &str, except: &ServiceId) -> (u64, u64) {
+        self.read(|state| {
+            let others = state.wanted.iter().filter(|(id, _)| id.namespace == ns && *id != except);
+            others.fold((0, 0), |(replicas, memory), (id, count)| {
+                let each = state.services.get(id).map_or(0, |k| k.spec.reservation().bytes());
+                (replicas + count, memory + count.saturating_mul(each))
+            })
+        })
     }
 
     /// Rebuilds the route table (local replicas changed).

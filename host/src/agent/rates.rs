@@ -1,7 +1,8 @@
 //! Namespaces' records at this host, kept from the namespaces bucket: their
 //! request-rate quotas (one token bucket per namespace with a quota, taken
-//! by ingress requests and calls from other services alike) and which
-//! other namespaces may call theirs.
+//! by ingress requests and calls from other services alike), which other
+//! namespaces may call theirs, and their replica and memory quotas (which
+//! activation respects).
 
 use std::collections::BTreeMap;
 use std::sync::{Mutex, RwLock};
@@ -38,8 +39,9 @@ impl RateBucket {
 pub(crate) struct Rates {
     /// Held only to take a token or swap a bucket.
     buckets: Mutex<BTreeMap<String, RateBucket>>,
-    /// Each namespace's `allow_from`, where it has one.
-    callers: RwLock<BTreeMap<String, wharf_proto::Namespace>>,
+    /// Each namespace's record, where it has callers from other namespaces
+    /// or a replica or memory quota.
+    records: RwLock<BTreeMap<String, wharf_proto::Namespace>>,
 }
 
 impl Rates {
@@ -48,10 +50,16 @@ impl Rates {
         if callee == caller {
             return true;
         }
-        self.callers.read().is_ok_and(|callers| callers.get(callee).is_some_and(|record| record.admits(callee, caller)))
+        self.records.read().is_ok_and(|records| records.get(callee).is_some_and(|record| record.admits(callee, caller)))
     }
 
-    /// A namespace's record changed: keep its quota and callers (or drop them).
+    /// Namespace `ns`'s replica and memory quota, where it has one.
+    pub(crate) fn quota(&self, ns: &str) -> Option<wharf_proto::Quota> {
+        let records = self.records.read().ok()?;
+        records.get(ns).map(|r| r.quota.clone()).filter(|q| q.replicas.is_some() || q.memory.is_some())
+    }
+
+    /// A namespace's record changed: keep its quotas and callers (or drop them).
     pub(crate) fn set(&self, namespace: &str, value: Option<&[u8]>) {
         let record = value.and_then(|v| match serde_json::from_slice::<wharf_proto::Namespace>(v) {
             Ok(record) => Some(record),
@@ -60,10 +68,12 @@ impl Rates {
                 None
             }
         });
-        if let Ok(mut callers) = self.callers.write() {
+        if let Ok(mut records) = self.records.write() {
             match &record {
-                Some(record) if !record.allow_from.is_empty() => drop(callers.insert(namespace.to_string(), record.clone())),
-                _ => drop(callers.remove(namespace)),
+                Some(r) if !r.allow_from.is_empty() || r.quota.replicas.is_some() || r.quota.memory.is_some() => {
+                    drop(records.insert(namespace.to_string(), r.clone()))
+                }
+                _ => drop(records.remove(namespace)),
             }
         }
         let rps = record.and_then(|n| n.quota.rps);
