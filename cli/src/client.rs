@@ -384,10 +384,11 @@ pub enum TokenCommand {
         #[command(flatten)]
         api: ApiArgs,
     },
-    /// Revoke a token by its id (the 12 hex digits after `wharf_`, as `list` shows); it gets 401 from then on.
+    /// Revoke a token by its id (the 12 hex digits after `wharf_`, as `list` shows) or by the token itself
+    /// (only its id is sent); it gets 401 from then on.
     /// The admin token in a control plane's data directory is registered again when it starts: to replace it, delete that file and restart.
     Revoke {
-        /// The token's id.
+        /// The token's id, or the token (`wharf_...`).
         id: String,
         #[command(flatten)]
         api: ApiArgs,
@@ -419,6 +420,12 @@ pub async fn token(command: TokenCommand) -> anyhow::Result<()> {
         TokenCommand::Create(args) => args,
         TokenCommand::List { output, api } => return list_tokens(output, &api).await,
         TokenCommand::Revoke { id, api } => {
+            // A whole token: its id is the 12 characters after `wharf_`; the
+            // secret part never leaves this machine.
+            let id = match id.strip_prefix("wharf_") {
+                Some(rest) => rest.get(..12).with_context(|| format!("{id:?} is neither a token id nor a token"))?.to_string(),
+                None => id,
+            };
             let api = Api::new(&api)?;
             let answer = api.call(api.http.delete(format!("{}/v1/tokens/{id}", api.base))).await?;
             println!("token {} revoked", answer["revoked"].as_str().unwrap_or(&id));

@@ -20,7 +20,8 @@ pub enum ArtifactCommand {
     },
     /// Delete a component of the namespace (refused while a service runs it or keeps it in a revision).
     Rm {
-        /// The component's digest (sha256:...), as `wharf artifact list` shows it.
+        /// The component's digest (sha256:...), as `wharf artifact list` shows it, or a .wasm
+        /// file whose digest it is.
         digest: String,
         #[arg(long, short = 'n', default_value = "default")]
         namespace: String,
@@ -47,6 +48,14 @@ pub async fn artifact(command: ArtifactCommand) -> anyhow::Result<()> {
             print_table(&rows);
         }
         ArtifactCommand::Rm { digest, namespace, api } => {
+            let digest = match digest.parse::<wharf_proto::Digest>() {
+                Ok(parsed) => parsed.to_string(),
+                Err(not_digest) => match std::fs::read(&digest) {
+                    Ok(bytes) => wharf_proto::Digest::of(&bytes).to_string(),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => anyhow::bail!("{not_digest}, and no file {digest} exists either"),
+                    Err(e) => anyhow::bail!("cannot read {digest}: {e}"),
+                },
+            };
             let api = Api::new(&api)?;
             let answer = api.call(api.http.delete(format!("{}/v1/namespaces/{namespace}/artifacts/{digest}", api.base))).await?;
             let gone = if answer["bytes_removed"].as_bool() == Some(true) { " (its bytes removed)" } else { " (its bytes stay: another namespace or service still has them)" };
