@@ -64,7 +64,7 @@ fn text(path: &Path) -> &str {
 fn refused(nats: &str, flags: &[String], data: &Path) -> String {
     let mut args = vec!["host", "--nats", nats, "--name", "refused", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--data-dir", text(data)];
     args.extend(flags.iter().map(String::as_str));
-    let mut process = Process::spawn_with(Command::new(WHARF).args(&args).env_remove("WHARF_NATS_CA").env_remove("WHARF_NATS_TLS"));
+    let mut process = Process::spawn_with(Command::new(WHARF).args(&args).env_remove("WHARF_NATS_CA").env_remove("WHARF_NATS_TLS").env_remove("WHARF_NATS_CERT").env_remove("WHARF_NATS_KEY"));
     // Output lines arrive in order, so once the error line is in, all before it is too.
     let line = process.wait_for_line("error:", Duration::from_secs(60));
     let status = process.wait(Duration::from_secs(10));
@@ -133,6 +133,20 @@ async fn nats_without_the_ca_a_client_certificate_or_tls_is_refused_saying_why()
     let url = nats.url();
     let data = dir.path().join("data");
     let host = certs.flags("host");
+
+    // Private keys are the owner's alone, and certificates are never overwritten.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for key in ["ca.key", "server.key", "host.key"] {
+            let mode = std::fs::metadata(certs.dir.join(key)).expect("key").permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{key}");
+        }
+    }
+    let ca_before = std::fs::read(certs.dir.join("ca.pem")).expect("ca.pem");
+    let again = Command::new(WHARF).args(["nats", "certs", "--dir", text(&certs.dir), "--server-name", "127.0.0.1"]).output().expect("wharf runs");
+    assert!(!again.status.success() && String::from_utf8_lossy(&again.stderr).contains("already exists"), "{again:?}");
+    assert_eq!(std::fs::read(certs.dir.join("ca.pem")).expect("ca.pem"), ca_before, "the CA was overwritten");
 
     // No TLS flags: the server's INFO requires TLS, so the client upgrades
     // anyway, and cannot trust the server's private CA.

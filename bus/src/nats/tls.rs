@@ -38,7 +38,6 @@ pub struct ClientCertificate {
 }
 
 /// [`NatsTls`] with its files read and checked: what every connection of a bus applies.
-#[derive(Clone)]
 pub(super) struct TlsSetup {
     /// Built here when a CA is given, so that only it is trusted. Without
     /// one async-nats builds the configuration itself from the system's roots.
