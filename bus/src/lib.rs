@@ -61,11 +61,11 @@ pub use buckets::{BucketOptions, StorageLimits};
 pub use disconnects::{ClientDisconnects, ClientGone, DisconnectReason};
 pub use error::{
     BackendError, BucketSettingsError, ConnectError, DisconnectsError, KvError, NameError,
-    ObjectError, OpenStoreError, PublishError, RequestError, SubscribeError,
+    ObjectError, OpenStoreError, PublishError, RequestError, SubscribeError, TlsFailure, TlsFile,
 };
 pub use kv::{Entry, KeyPage, Kv, KvEvent, KvWatch};
 pub use local::LocalStore;
-pub use nats::{NatsAuth, NatsOptions};
+pub use nats::{ClientCertificate, NatsAuth, NatsOptions, NatsTls};
 pub use objects::Objects;
 pub use stream::{Delivered, StreamConsumerConfig, StreamError, StreamMessages};
 

@@ -1,47 +1,83 @@
 //! The shipped NATS configuration (`deploy/nats/`) works as its README says:
 //! the three-node cluster and the single server start from the files as they
-//! are (random ports and temporary stores put in by flags), a scheduler-role
-//! client keeps buckets on three servers, a host-role client cannot write the
-//! control plane's buckets, and the system user hears disconnects.
+//! are (random ports and temporary stores put in by flags, certificates made
+//! here), clients and routes speak mutual TLS, a scheduler-role client keeps
+//! buckets on three servers, a host-role client cannot write the control
+//! plane's buckets, and the system user hears disconnects.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::StreamExt;
-use wharf_bus::{Bus, KvError, NatsAuth, NatsOptions};
+use wharf_bus::{
+    Bus, ClientCertificate, ConnectError, KvError, NatsAuth, NatsOptions, NatsTls, TlsFailure,
+};
 use wharf_testkit::nats::{ClusterOptions, ConfigFile, NatsCluster, NatsServer};
+use wharf_testkit::tls::{self, TestCerts};
 
-/// A shipped config file, run as its README says: with the passwords
-/// `deploy/nats/accounts.conf` reads and the store directory in `WHARF_NATS_DATA`.
-fn shipped(file: &str) -> ConfigFile {
+/// The passwords `deploy/nats/accounts.conf` reads.
+const PASSWORDS: [(&str, &str); 3] = [
+    ("WHARF_SCHEDULER_PASSWORD", "s3cret-s"),
+    ("WHARF_HOST_PASSWORD", "s3cret-h"),
+    ("WHARF_SYSTEM_PASSWORD", "s3cret-sys"),
+];
+
+/// The certificate variables the shipped configs' `tls` blocks read.
+fn certificates(certs: &TestCerts) -> Vec<(String, String)> {
+    [
+        ("WHARF_NATS_CA", &certs.ca),
+        ("WHARF_NATS_SERVER_CERT", &certs.cert),
+        ("WHARF_NATS_SERVER_KEY", &certs.key),
+    ]
+    .map(|(key, path)| (key.to_owned(), path.display().to_string()))
+    .to_vec()
+}
+
+/// A shipped config file, run as its README says: with the passwords and
+/// certificates it reads and the store directory in `WHARF_NATS_DATA`.
+fn shipped(file: &str, certs: &TestCerts) -> ConfigFile {
+    let mut env = certificates(certs);
+    env.extend(PASSWORDS.map(|(key, value)| (key.to_owned(), value.to_owned())));
     ConfigFile {
         path: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/nats")).join(file),
-        env: [
-            ("WHARF_SCHEDULER_PASSWORD", "s3cret-s"),
-            ("WHARF_HOST_PASSWORD", "s3cret-h"),
-            ("WHARF_SYSTEM_PASSWORD", "s3cret-sys"),
-        ]
-        .map(|(key, value)| (key.to_owned(), value.to_owned()))
-        .to_vec(),
+        env,
         store_dir_var: Some("WHARF_NATS_DATA".to_owned()),
     }
 }
 
-fn as_user(name: &str, user: &str, password: &str) -> NatsOptions {
+/// TLS with the test CA and its client certificate, as every Wharf process connects.
+fn mutual_tls(certs: &TestCerts) -> Option<NatsTls> {
+    Some(NatsTls {
+        ca: Some(certs.ca.clone()),
+        client: Some(ClientCertificate {
+            cert: certs.client_cert.clone(),
+            key: certs.client_key.clone(),
+        }),
+    })
+}
+
+fn as_user(name: &str, user: &str, password: &str, certs: &TestCerts) -> NatsOptions {
     NatsOptions {
         name: name.to_owned(),
         auth: NatsAuth::UserPassword {
             user: user.to_owned(),
             password: password.to_owned(),
         },
+        tls: mutual_tls(certs),
         ..NatsOptions::default()
     }
 }
 
-/// Checks the roles of the shipped accounts on the server(s) at `urls`;
-/// buckets the scheduler creates there get `replicas` copies.
-async fn roles_hold(urls: &str, replicas: u64, copies: impl Fn(&str) -> Option<u64>) {
+/// Checks the roles of the shipped accounts on the server(s) at `urls`,
+/// over mutual TLS with `certs`; buckets the scheduler creates there get
+/// `replicas` copies.
+async fn roles_hold(
+    urls: &str,
+    certs: &TestCerts,
+    replicas: u64,
+    copies: impl Fn(&str) -> Option<u64>,
+) {
     let scheduler = Bus::connect_nats(
         urls,
         NatsOptions {
@@ -49,7 +85,7 @@ async fn roles_hold(urls: &str, replicas: u64, copies: impl Fn(&str) -> Option<u
                 user: "system".to_owned(),
                 password: "s3cret-sys".to_owned(),
             }),
-            ..as_user("wharf-scheduler", "scheduler", "s3cret-s")
+            ..as_user("wharf-scheduler", "scheduler", "s3cret-s", certs)
         },
     )
     .await
@@ -78,7 +114,7 @@ async fn roles_hold(urls: &str, replicas: u64, copies: impl Fn(&str) -> Option<u
         .expect("the system user hears advisories");
 
     {
-        let host = Bus::connect_nats(urls, as_user("wharf-host-h1", "host", "s3cret-h"))
+        let host = Bus::connect_nats(urls, as_user("wharf-host-h1", "host", "s3cret-h", certs))
             .await
             .expect("the host role connects");
         let services = host
@@ -132,34 +168,83 @@ async fn roles_hold(urls: &str, replicas: u64, copies: impl Fn(&str) -> Option<u
 
 #[tokio::test]
 async fn the_shipped_cluster_runs_with_three_copies_and_the_roles() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certs = tls::write(dir.path());
     let options = ClusterOptions {
         config_files: ["a", "b", "c"]
-            .map(|node| shipped(&format!("cluster/node-{node}.conf")))
+            .map(|node| shipped(&format!("cluster/node-{node}.conf"), &certs))
             .to_vec(),
         ..ClusterOptions::default()
     };
+    // The nodes form a cluster only if their routes' TLS holds.
     let cluster = NatsCluster::start_with(3, &options);
-    roles_hold(&cluster.urls(), 3, |stream| cluster.stream_replicas(stream)).await;
+    for node in 0..cluster.size() {
+        let varz = cluster.monitor(node, "/varz").expect("varz");
+        assert_eq!(
+            (
+                &varz["cluster"]["tls_required"],
+                &varz["cluster"]["tls_verify"]
+            ),
+            (
+                &serde_json::Value::Bool(true),
+                &serde_json::Value::Bool(true)
+            ),
+            "routes of node {node}: {}",
+            varz["cluster"]
+        );
+    }
+    roles_hold(&cluster.urls(), &certs, 3, |stream| {
+        cluster.stream_replicas(stream)
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn the_shipped_single_server_runs_with_the_roles() {
-    let server = NatsServer::start_from(&shipped("nats-server.conf"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certs = tls::write(dir.path());
+    let server = NatsServer::start_from(&shipped("nats-server.conf", &certs));
     // One server: the bus creates every bucket with one copy (three would be refused).
-    roles_hold(&server.url(), 1, |_| Some(1)).await;
+    roles_hold(&server.url(), &certs, 1, |_| Some(1)).await;
+
+    // Without its client certificate, the right password is not enough.
+    let without_certificate = NatsOptions {
+        tls: Some(NatsTls {
+            ca: Some(certs.ca.clone()),
+            client: None,
+        }),
+        ..as_user("wharf-host-h2", "host", "s3cret-h", &certs)
+    };
+    match Bus::connect_nats(&server.url(), without_certificate).await {
+        Err(ConnectError::Tls { failure, .. }) => {
+            assert_eq!(failure, TlsFailure::ClientCertificateRequired);
+        }
+        Err(other) => panic!("refused, but not for the certificate: {other}"),
+        Ok(_) => panic!("a client without a certificate connected"),
+    }
 }
 
 #[tokio::test]
-async fn the_shipped_configuration_needs_its_passwords() {
-    // Without the variables nats-server refuses to start, naming the first one missing.
-    let file = ConfigFile {
-        env: Vec::new(),
-        ..shipped("nats-server.conf")
+async fn the_shipped_configuration_needs_its_passwords_and_certificates() {
+    // Without a variable nats-server refuses to start, naming the first one missing.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certs = tls::write(dir.path());
+    let refusal = |env: Vec<(String, String)>| {
+        let file = ConfigFile {
+            env,
+            ..shipped("nats-server.conf", &certs)
+        };
+        match std::panic::catch_unwind(|| NatsServer::start_from(&file)) {
+            Ok(_) => panic!("nats-server started without all its variables"),
+            Err(panic) => panic.downcast_ref::<String>().cloned().unwrap_or_default(),
+        }
     };
-    let result = std::panic::catch_unwind(|| NatsServer::start_from(&file));
-    let message = match result {
-        Ok(_) => panic!("nats-server started without the passwords"),
-        Err(panic) => panic.downcast_ref::<String>().cloned().unwrap_or_default(),
-    };
+    let message = refusal(certificates(&certs));
     assert!(message.contains("WHARF_SCHEDULER_PASSWORD"), "{message}");
+    let message = refusal(
+        PASSWORDS
+            .map(|(key, value)| (key.to_owned(), value.to_owned()))
+            .to_vec(),
+    );
+    assert!(message.contains("WHARF_NATS_SERVER_CERT"), "{message}");
 }

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use wharf_bus::{BucketOptions, Bus, NatsAuth, NatsOptions, StorageLimits};
+use wharf_bus::{BucketOptions, Bus, ClientCertificate, ConnectError, NatsAuth, NatsOptions, NatsTls, StorageLimits, TlsFailure, TlsFile};
 use wharf_proto::ByteSize;
 use wharf_host::agent::{AgentConfig, HostAgent};
 use wharf_host::metrics::HostMetrics;
@@ -41,6 +41,8 @@ pub struct NatsArgs {
     /// A .creds file of a NATS system account user, instead of --nats-system-user.
     #[arg(long, env = "WHARF_NATS_SYSTEM_CREDS")]
     pub nats_system_creds: Option<PathBuf>,
+    #[command(flatten)]
+    pub tls: NatsTlsArgs,
     /// Copies of each bucket Wharf creates, on different NATS servers, 1 to 5 (default: one per
     /// server of the cluster, up to 3). The scheduler also changes namespaces' data buckets to it.
     #[arg(long, env = "WHARF_KV_REPLICAS", value_parser = clap::value_parser!(u8).range(1..=5))]
@@ -68,6 +70,7 @@ impl NatsArgs {
             nats_system_user: None,
             nats_system_password: None,
             nats_system_creds: None,
+            tls: NatsTlsArgs::default(),
             kv_replicas: None,
             kv_max_bytes: ByteSize(StorageLimits::DEFAULT_STATE_BYTES),
             data_kv_max_bytes: ByteSize(StorageLimits::DEFAULT_DATA_BYTES),
@@ -85,9 +88,10 @@ impl NatsArgs {
             auth: auth(&self.nats_creds, &self.nats_user, &self.nats_password),
             replicas: self.kv_replicas.map(usize::from),
             system_auth,
+            tls: self.tls.options(),
             ..NatsOptions::default()
         };
-        let bus = Bus::connect_nats(&self.nats, options).await?.with_storage_limits(self.storage_limits());
+        let bus = Bus::connect_nats(&self.nats, options).await.map_err(NatsTlsArgs::explain)?.with_storage_limits(self.storage_limits());
         tracing::info!(url = %self.nats, "connected to NATS");
         Ok(bus)
     }
@@ -95,6 +99,68 @@ impl NatsArgs {
     fn storage_limits(&self) -> StorageLimits {
         let limit = |size: ByteSize| BucketOptions { max_bytes: Some(size.bytes()).filter(|bytes| *bytes > 0) };
         StorageLimits { state: limit(self.kv_max_bytes), data: limit(self.data_kv_max_bytes), objects: limit(self.objects_max_bytes) }
+    }
+}
+
+/// TLS to NATS; shared by every command that connects to it. Any of these
+/// makes TLS required on every connection (the system-account one too), as
+/// does a tls:// URL: a server that does not speak TLS is refused.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct NatsTlsArgs {
+    /// Require TLS to NATS, trusting the system's root CAs (implied by the other --nats-* TLS
+    /// flags and by tls:// URLs).
+    #[arg(long, env = "WHARF_NATS_TLS")]
+    pub nats_tls: bool,
+    /// PEM file of the CA that signs the NATS servers' certificates, trusted instead of the
+    /// system's roots (`wharf nats certs` makes one); implies TLS.
+    #[arg(long, env = "WHARF_NATS_CA", value_name = "FILE")]
+    pub nats_ca: Option<PathBuf>,
+    /// PEM file of this process's client certificate, for NATS servers that verify clients
+    /// (`tls { verify: true }`, as deploy/nats/ does); with --nats-key.
+    #[arg(long, env = "WHARF_NATS_CERT", value_name = "FILE", requires = "nats_key")]
+    pub nats_cert: Option<PathBuf>,
+    /// PEM file of the client certificate's private key.
+    #[arg(long, env = "WHARF_NATS_KEY", value_name = "FILE", requires = "nats_cert")]
+    pub nats_key: Option<PathBuf>,
+}
+
+impl NatsTlsArgs {
+    /// The bus's TLS options; `None` when no flag asks for TLS.
+    pub fn options(&self) -> Option<NatsTls> {
+        let client = match (&self.nats_cert, &self.nats_key) {
+            (Some(cert), Some(key)) => Some(ClientCertificate { cert: cert.clone(), key: key.clone() }),
+            _ => None,
+        };
+        (self.nats_tls || self.nats_ca.is_some() || client.is_some()).then(|| NatsTls { ca: self.nats_ca.clone(), client })
+    }
+
+    /// `err` and, for TLS failures, the flag to look at: the bus knows the files, not the flags.
+    fn explain(err: ConnectError) -> anyhow::Error {
+        let hint = match (&err, tls_failure(&err)) {
+            (ConnectError::TlsFile { file: TlsFile::Ca, .. }, _) => "check --nats-ca (WHARF_NATS_CA)",
+            (ConnectError::TlsFile { file: TlsFile::ClientCertificate, .. }, _) => "check --nats-cert (WHARF_NATS_CERT)",
+            (ConnectError::TlsFile { file: TlsFile::ClientKey, .. }, _) => "check --nats-key (WHARF_NATS_KEY)",
+            (_, Some(TlsFailure::NotTls)) => "check that the URL is the TLS server's, port included",
+            (_, Some(TlsFailure::ServerCertificate)) => {
+                "give the CA that signed the server's certificate with --nats-ca, and dial a name or address the certificate lists"
+            }
+            (_, Some(TlsFailure::ClientCertificateRequired)) => "give a client certificate signed by the server's CA with --nats-cert and --nats-key",
+            (_, Some(TlsFailure::ClientCertificateRefused)) => {
+                "the certificate of --nats-cert must be signed by the CA the server's `tls { ca_file }` names, and be valid now"
+            }
+            (_, Some(TlsFailure::Other)) => "check the --nats-ca, --nats-cert and --nats-key files",
+            (_, None) => return err.into(),
+        };
+        anyhow::anyhow!("{err}; {hint}")
+    }
+}
+
+/// What failed in the TLS handshake, if that is why connecting failed (on either connection).
+fn tls_failure(err: &ConnectError) -> Option<TlsFailure> {
+    match err {
+        ConnectError::Tls { failure, .. } => Some(*failure),
+        ConnectError::SystemAccount { source, .. } => tls_failure(source),
+        _ => None,
     }
 }
 

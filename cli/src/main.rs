@@ -9,6 +9,7 @@ mod cluster;
 mod events;
 mod jobs;
 mod logs;
+mod nats_certs;
 mod rollout;
 mod oci;
 mod serve;
@@ -91,6 +92,9 @@ enum Command {
     Delete(client::DeleteArgs),
     /// Serve one component over HTTP with no control plane (the development loop).
     Serve(serve::Args),
+    /// NATS helpers: certificates for NATS over mutual TLS.
+    #[command(subcommand)]
+    Nats(nats_certs::NatsCommand),
 }
 
 fn main() -> ExitCode {
@@ -128,6 +132,7 @@ fn main() -> ExitCode {
             Command::Events(args) => events::events(args).await,
             Command::Delete(args) => client::delete(args).await,
             Command::Serve(args) => serve::run(args, shutdown_signal()).await,
+            Command::Nats(command) => nats_certs::run(command),
         }
     });
     match result {

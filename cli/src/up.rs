@@ -40,6 +40,9 @@ pub struct Args {
     /// Run over this NATS server (JetStream) instead of the in-process bus and embedded store.
     #[arg(long, env = "WHARF_NATS")]
     nats: Option<String>,
+    /// TLS to NATS (with --nats).
+    #[command(flatten)]
+    nats_tls: crate::cluster::NatsTlsArgs,
     /// How long a request for a service scaled to zero is held before it gets 503.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     activation_timeout: Duration,
@@ -80,7 +83,7 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyhow::Resu
     let admin_addr = admin_listener.local_addr()?;
 
     let bus = match &args.nats {
-        Some(url) => crate::cluster::NatsArgs::at(url).connect("wharf-up").await?,
+        Some(url) => crate::cluster::NatsArgs { tls: args.nats_tls.clone(), ..crate::cluster::NatsArgs::at(url) }.connect("wharf-up").await?,
         None => {
             let store = LocalStore::open(data_dir.join("state.redb"))?;
             // redb creates the file with the process's umask: only we may

@@ -110,6 +110,12 @@ impl NatsServer {
         self.node.port
     }
 
+    /// GETs `path` (e.g. `/connz`) from the monitoring endpoint, parsed as
+    /// JSON; `None` if the server does not answer with JSON.
+    pub fn monitor(&self, path: &str) -> Option<Value> {
+        self.node.monitor(path)
+    }
+
     /// Stops the server and starts it again on the same port with the same JetStream store.
     ///
     /// # Panics

@@ -4,13 +4,15 @@
 //! `lib.rs`, `kv.rs` or `objects.rs`; this module only translates calls and
 //! errors between async-nats and the bus's types. Submodules: `buckets`
 //! (creating buckets and keeping their settings), `kv` (KV operations and
-//! watches that outlive node losses), `objects`, and `system` (the
-//! system-account connection and its disconnect advisories).
+//! watches that outlive node losses), `objects`, `system` (the
+//! system-account connection and its disconnect advisories) and `tls`
+//! (certificates, and what a failed handshake means).
 
 mod buckets;
 mod kv;
 mod objects;
 mod system;
+mod tls;
 
 use std::fmt;
 use std::path::PathBuf;
@@ -25,8 +27,12 @@ use tokio::sync::watch;
 pub(crate) use kv::{NatsKv, NatsWatch};
 pub(crate) use objects::NatsObjects;
 pub(crate) use system::NatsDisconnects;
+use tls::TlsSetup;
+pub use tls::{ClientCertificate, NatsTls};
 
-use crate::error::{BackendError, ConnectError, PublishError, RequestError, SubscribeError};
+use crate::error::{
+    BackendError, ConnectError, PublishError, RequestError, SubscribeError, TlsFailure,
+};
 use crate::{ConnectionState, Message, Subscription, SubscriptionInner};
 
 /// The oldest nats-server accepted: async-nats 0.51 cannot create KV buckets on 2.9.
@@ -49,6 +55,9 @@ pub struct NatsOptions {
     /// hears the server's disconnect advisories
     /// ([`Bus::client_disconnects`](crate::Bus::client_disconnects)); `None`: no such connection.
     pub system_auth: Option<NatsAuth>,
+    /// TLS, required on every connection when given; `None`: plain TCP
+    /// unless the URL says `tls://` or the server requires TLS.
+    pub tls: Option<NatsTls>,
 }
 
 impl Default for NatsOptions {
@@ -59,6 +68,7 @@ impl Default for NatsOptions {
             connect_timeout: Duration::from_secs(5),
             replicas: None,
             system_auth: None,
+            tls: None,
         }
     }
 }
@@ -126,10 +136,19 @@ impl NatsBus {
                 });
             }
         };
-        let connect = client_options(&options.name, &options.auth, options.connect_timeout)
-            .await?
-            .event_callback(on_event);
-        let client = open(connect, &addrs, urls).await?;
+        let tls = match &options.tls {
+            Some(tls) => Some(TlsSetup::load(tls).await?),
+            None => None,
+        };
+        let connect = client_options(
+            &options.name,
+            &options.auth,
+            options.connect_timeout,
+            tls.as_ref(),
+        )
+        .await?
+        .event_callback(on_event);
+        let client = open(connect, &addrs, urls, tls.as_ref()).await?;
 
         let info = client.server_info();
         if !version_at_least(&info.version, MIN_SERVER_VERSION) {
@@ -153,7 +172,7 @@ impl NatsBus {
                 source: Box::new(err),
             })?;
         let system = match &options.system_auth {
-            Some(auth) => Some(system::connect(&addrs, urls, &options, auth).await?),
+            Some(auth) => Some(system::connect(&addrs, urls, &options, auth, tls.as_ref()).await?),
             None => None,
         };
         Ok(NatsBus {
@@ -259,11 +278,12 @@ fn server_addrs(urls: &str) -> Result<Vec<ServerAddr>, ConnectError> {
         .collect()
 }
 
-/// The options every connection of the bus shares: its name, credentials and patience.
+/// The options every connection of the bus shares: its name, credentials, TLS and patience.
 async fn client_options(
     name: &str,
     auth: &NatsAuth,
     timeout: Duration,
+    tls: Option<&TlsSetup>,
 ) -> Result<async_nats::ConnectOptions, ConnectError> {
     // `retry_on_initial_connect` is deliberately not set: a wrong URL must
     // fail here with a clear error rather than retry in the background.
@@ -274,6 +294,10 @@ async fn client_options(
         .name(name)
         .connection_timeout(timeout)
         .max_reconnects(None);
+    let connect = match tls {
+        Some(tls) => tls.apply(connect),
+        None => connect,
+    };
     Ok(match auth {
         NatsAuth::None => connect,
         NatsAuth::UserPassword { user, password } => {
@@ -290,16 +314,28 @@ async fn client_options(
     })
 }
 
-/// Connects with `options` to one of `addrs` (`urls` as given, for errors).
+/// Connects with `options` (whose TLS is `tls`) to one of `addrs` (`urls` as given, for errors).
 async fn open(
     options: async_nats::ConnectOptions,
     addrs: &[ServerAddr],
     urls: &str,
+    tls: Option<&TlsSetup>,
 ) -> Result<async_nats::Client, ConnectError> {
     options.connect(addrs).await.map_err(|err| {
         let url = urls.to_owned();
         let kind = err.kind();
+        // Also without TLS options: a `tls://` URL, or a server that requires TLS, brings TLS in.
+        let client_certificate = tls.is_some_and(TlsSetup::has_client_certificate);
+        let failure = tls::failure(&err, client_certificate)
+            .or_else(|| (kind == ConnectErrorKind::Tls).then_some(TlsFailure::Other));
         let source: BackendError = Box::new(err);
+        if let Some(failure) = failure {
+            return ConnectError::Tls {
+                url,
+                failure,
+                source,
+            };
+        }
         match kind {
             ConnectErrorKind::ServerParse => ConnectError::InvalidUrl { url, source },
             ConnectErrorKind::Authentication | ConnectErrorKind::AuthorizationViolation => {

@@ -19,7 +19,7 @@ use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use serde::Deserialize;
 
-use super::{NatsAuth, NatsBus, NatsOptions};
+use super::{NatsAuth, NatsBus, NatsOptions, TlsSetup};
 use crate::error::{ConnectError, DisconnectsError};
 use crate::{ClientGone, DisconnectReason};
 
@@ -32,16 +32,17 @@ pub(super) async fn connect(
     urls: &str,
     options: &NatsOptions,
     auth: &NatsAuth,
+    tls: Option<&TlsSetup>,
 ) -> Result<async_nats::Client, ConnectError> {
     let wrap = |source: ConnectError| ConnectError::SystemAccount {
         url: urls.to_owned(),
         source: Box::new(source),
     };
     let name = format!("{}-system", options.name);
-    let connect = super::client_options(&name, auth, options.connect_timeout)
+    let connect = super::client_options(&name, auth, options.connect_timeout, tls)
         .await
         .map_err(wrap)?;
-    let client = super::open(connect, addrs, urls).await.map_err(wrap)?;
+    let client = super::open(connect, addrs, urls, tls).await.map_err(wrap)?;
     // Servers answer `$SYS.REQ.SERVER.PING` to system-account users only;
     // for any other account nobody listens on it.
     let ping = async_nats::Request::new()
