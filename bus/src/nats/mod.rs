@@ -49,6 +49,11 @@ pub struct NatsOptions {
     /// hears the server's disconnect advisories
     /// ([`Bus::client_disconnects`](crate::Bus::client_disconnects)); `None`: no such connection.
     pub system_auth: Option<NatsAuth>,
+    /// The prefix of this connection's request inboxes, where replies and
+    /// JetStream watches and reads are delivered; `None`: async-nats'
+    /// `_INBOX`. A host uses its own (`_INBOX.host-<id>`), the only inboxes
+    /// its NATS identity may subscribe to.
+    pub inbox_prefix: Option<String>,
 }
 
 impl Default for NatsOptions {
@@ -59,6 +64,7 @@ impl Default for NatsOptions {
             connect_timeout: Duration::from_secs(5),
             replicas: None,
             system_auth: None,
+            inbox_prefix: None,
         }
     }
 }
@@ -73,6 +79,9 @@ pub enum NatsAuth {
     UserPassword { user: String, password: String },
     /// A `.creds` file holding a user JWT and NKey seed (decentralised auth).
     CredentialsFile(PathBuf),
+    /// A file holding a user NKey seed (`SU…`), whose public key the
+    /// server's config names as a user (`wharf nats add-host` writes both).
+    NkeySeedFile(PathBuf),
 }
 
 // Hand-written so that a password never ends up in a log.
@@ -88,6 +97,7 @@ impl fmt::Debug for NatsAuth {
             NatsAuth::CredentialsFile(path) => {
                 f.debug_tuple("CredentialsFile").field(path).finish()
             }
+            NatsAuth::NkeySeedFile(path) => f.debug_tuple("NkeySeedFile").field(path).finish(),
         }
     }
 }
@@ -126,9 +136,12 @@ impl NatsBus {
                 });
             }
         };
-        let connect = client_options(&options.name, &options.auth, options.connect_timeout)
+        let mut connect = client_options(&options.name, &options.auth, options.connect_timeout)
             .await?
             .event_callback(on_event);
+        if let Some(prefix) = &options.inbox_prefix {
+            connect = connect.custom_inbox_prefix(prefix);
+        }
         let client = open(connect, &addrs, urls).await?;
 
         let info = client.server_info();
@@ -286,6 +299,15 @@ async fn client_options(
                     source,
                 }
             })?
+        }
+        NatsAuth::NkeySeedFile(path) => {
+            let seed = tokio::fs::read_to_string(path).await.map_err(|source| {
+                ConnectError::CredentialsFile {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
+            connect.nkey(seed.trim().to_owned())
         }
     })
 }
