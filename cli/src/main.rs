@@ -9,6 +9,7 @@ mod cluster;
 mod events;
 mod jobs;
 mod logs;
+mod nats_identity;
 mod rollout;
 mod oci;
 mod serve;
@@ -91,6 +92,10 @@ enum Command {
     Delete(client::DeleteArgs),
     /// Serve one component over HTTP with no control plane (the development loop).
     Serve(serve::Args),
+    /// NATS identities of hosts: add-host gives a host its own key and permissions scoped to
+    /// its own subjects in the NATS server's config; remove-host revokes them.
+    #[command(subcommand)]
+    Nats(nats_identity::NatsCommand),
 }
 
 fn main() -> ExitCode {
@@ -128,6 +133,7 @@ fn main() -> ExitCode {
             Command::Events(args) => events::events(args).await,
             Command::Delete(args) => client::delete(args).await,
             Command::Serve(args) => serve::run(args, shutdown_signal()).await,
+            Command::Nats(command) => nats_identity::run(command),
         }
     });
     match result {
