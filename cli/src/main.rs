@@ -92,8 +92,7 @@ enum Command {
     Delete(client::DeleteArgs),
     /// Serve one component over HTTP with no control plane (the development loop).
     Serve(serve::Args),
-    /// NATS identities of hosts: add-host gives a host its own key and permissions scoped to
-    /// its own subjects in the NATS server's config; remove-host revokes them.
+    /// Hosts' own NATS identities in the NATS server's config: add-host, remove-host.
     #[command(subcommand)]
     Nats(nats_identity::NatsCommand),
 }

@@ -20,15 +20,20 @@ use wharf_proto::names;
 
 #[derive(clap::Subcommand)]
 pub enum NatsCommand {
-    /// Give a host its own NATS identity: writes its NKey seed (secret, mode 0600) and rewrites
-    /// DIR/users.conf so that the host may publish only its own heartbeats and subscribe only to
-    /// its own subjects and inboxes. Then copy the seed to the host, run it with
+    /// Give a host its own NATS identity (an NKey), permitted only its own subjects.
+    ///
+    /// Writes the host's NKey seed (its secret, mode 0600) and public key (DIR/hosts/HOST-ID.pub),
+    /// and rewrites DIR/users.conf from every host's key, so that the host may publish only its
+    /// own heartbeats and subscribe only to its own subjects and inboxes besides the shared
+    /// subjects serving needs. Then copy the seed to the host, run it with
     /// `wharf host --name HOST-ID --nats-nkey SEED-FILE`, and reload the NATS server
     /// (`nats-server --signal reload`, or SIGHUP); with a cluster, copy users.conf to every node.
     #[command(after_help = "Example:\n  wharf nats add-host edge-a --dir /etc/nats/wharf\n  scp /etc/nats/wharf/hosts/edge-a.nk edge-a:/etc/wharf/nats.nk && rm /etc/nats/wharf/hosts/edge-a.nk\n  nats-server --signal reload\n  # on edge-a:\n  wharf host --nats nats://10.0.0.1:4222 --name edge-a --nats-nkey /etc/wharf/nats.nk")]
     AddHost(AddHostArgs),
-    /// Revoke a host's NATS identity: removes its public key (and its seed file, if still in
-    /// DIR/hosts) and rewrites DIR/users.conf without it; reload the NATS server afterwards.
+    /// Revoke a host's NATS identity.
+    ///
+    /// Removes its public key (and its seed file, if still in DIR/hosts) and rewrites
+    /// DIR/users.conf without it; reload the NATS server afterwards.
     RemoveHost(RemoveHostArgs),
 }
 
