@@ -79,11 +79,17 @@ impl NatsArgs {
     }
 
     pub async fn connect(&self, name: &str) -> anyhow::Result<Bus> {
+        self.connect_with(name, |_| {}).await
+    }
+
+    /// Like [`NatsArgs::connect`], with `adjust` applied to the options
+    /// first (a host's own identity and inboxes).
+    pub async fn connect_with(&self, name: &str, adjust: impl FnOnce(&mut NatsOptions)) -> anyhow::Result<Bus> {
         let system_auth = match (&self.nats_system_creds, &self.nats_system_user) {
             (None, None) => None,
             (creds, user) => Some(auth(creds, user, &self.nats_system_password)),
         };
-        let options = NatsOptions {
+        let mut options = NatsOptions {
             name: name.to_string(),
             auth: auth(&self.nats_creds, &self.nats_user, &self.nats_password),
             replicas: self.kv_replicas.map(usize::from),
@@ -91,6 +97,7 @@ impl NatsArgs {
             tls: self.tls.options(),
             ..NatsOptions::default()
         };
+        adjust(&mut options);
         let bus = Bus::connect_nats(&self.nats, options).await.map_err(NatsTlsArgs::explain)?.with_storage_limits(self.storage_limits());
         tracing::info!(url = %self.nats, "connected to NATS");
         Ok(bus)
@@ -234,6 +241,11 @@ pub struct HostArgs {
     /// This host's name in the cluster (default: the machine's host name); `wharf up` spells it the same.
     #[arg(long, visible_alias = "host-id", env = "WHARF_HOST_ID")]
     name: Option<String>,
+    /// This host's own NATS identity: the NKey seed file `wharf nats add-host` wrote for it
+    /// (mode 0600). The server then lets it publish only its own heartbeats and subscribe only
+    /// to its own subjects and inboxes.
+    #[arg(long, env = "WHARF_NATS_NKEY", value_name = "PATH", conflicts_with_all = ["nats_user", "nats_creds"])]
+    nats_nkey: Option<PathBuf>,
     /// Labels for placement, as KEY=VALUE (e.g. zone=a); repeat the flag or separate pairs with commas (zone=a,disk=ssd).
     #[arg(long, visible_alias = "label", value_name = "KEY=VALUE", value_delimiter = ',', value_parser = wiring::parse_pair)]
     labels: Vec<(String, String)>,
@@ -341,7 +353,25 @@ pub async fn host(args: HostArgs, shutdown: impl Future<Output = ()>) -> anyhow:
     let admin_listener = args.admin.bind().await?;
     let addr = listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
-    let bus = args.nats.connect(&wharf_proto::names::host_connection_name(&id)).await?;
+    let identity = match &args.nats_nkey {
+        Some(path) => {
+            let public = crate::nats_identity::check_seed_file(path)?;
+            tracing::info!(host = %id, nkey = %public, "connecting to NATS with this host's own identity");
+            Some(NatsAuth::NkeySeedFile(path.clone()))
+        }
+        None => None,
+    };
+    // Replies and watches come to this host's own inboxes, the only ones its identity may read.
+    let inbox_prefix = wharf_proto::names::host_inbox_prefix(&id);
+    let bus = args
+        .nats
+        .connect_with(&wharf_proto::names::host_connection_name(&id), |options| {
+            if let Some(auth) = identity {
+                options.auth = auth;
+            }
+            options.inbox_prefix = Some(inbox_prefix);
+        })
+        .await?;
     let dir = data_dir(args.data_dir, id.as_str())?;
     let secret_key = args.secret_key.load_for_host(&dir)?;
     let runtime = sizing.runtime(Some(dir.join("compiled")))?;

@@ -10,6 +10,7 @@ mod events;
 mod jobs;
 mod logs;
 mod nats_certs;
+mod nats_identity;
 mod rollout;
 mod oci;
 mod serve;
@@ -92,9 +93,10 @@ enum Command {
     Delete(client::DeleteArgs),
     /// Serve one component over HTTP with no control plane (the development loop).
     Serve(serve::Args),
-    /// NATS helpers: certificates for NATS over mutual TLS.
+    /// NATS helpers: certificates for NATS over mutual TLS (certs), hosts' own NATS identities
+    /// (add-host, remove-host).
     #[command(subcommand)]
-    Nats(nats_certs::NatsCommand),
+    Nats(nats_identity::NatsCommand),
 }
 
 fn main() -> ExitCode {
@@ -132,7 +134,7 @@ fn main() -> ExitCode {
             Command::Events(args) => events::events(args).await,
             Command::Delete(args) => client::delete(args).await,
             Command::Serve(args) => serve::run(args, shutdown_signal()).await,
-            Command::Nats(command) => nats_certs::run(command),
+            Command::Nats(command) => nats_identity::run(command),
         }
     });
     match result {

@@ -7,12 +7,6 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-#[derive(clap::Subcommand)]
-pub enum NatsCommand {
-    /// Write a CA, a server certificate and client certificates for NATS over mutual TLS.
-    Certs(CertsArgs),
-}
-
 #[derive(clap::Args)]
 #[command(after_help = "Writes ca.pem and ca.key (the CA), server.pem and server.key, and NAME.pem and NAME.key for \
 each client, refusing to overwrite any. Keys are written 0600; keep ca.key offline once done.\n\n\
@@ -37,13 +31,7 @@ pub struct CertsArgs {
 /// How long before now certificates start being valid: clocks of machines differ a little.
 const CLOCK_SKEW: Duration = Duration::from_secs(3600);
 
-pub fn run(command: NatsCommand) -> anyhow::Result<()> {
-    match command {
-        NatsCommand::Certs(args) => certs(&args),
-    }
-}
-
-fn certs(args: &CertsArgs) -> anyhow::Result<()> {
+pub(crate) fn certs(args: &CertsArgs) -> anyhow::Result<()> {
     for name in &args.client {
         let file_safe = !name.is_empty()
             && !name.starts_with('.')

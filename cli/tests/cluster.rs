@@ -438,32 +438,64 @@ async fn a_counter_over_three_hosts_counts_exactly_and_survives_failures() {
     }
 }
 
-/// The shipped roles (deploy/nats/roles.conf) with two test users.
-fn nats_with_roles() -> NatsServer {
-    let roles = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/nats/roles.conf")).expect("roles.conf");
-    NatsServer::start_with_config(&format!(
-        "{roles}\nauthorization {{\n  users = [\n    {{ user: scheduler, password: s3cret-s, permissions: $WHARF_SCHEDULER }}\n    {{ user: host, password: s3cret-h, permissions: $WHARF_HOST }}\n  ]\n}}\n"
-    ))
+/// The shipped NATS configuration (deploy/nats), copied into `dir`, with
+/// an identity for each of `hosts` made by `wharf nats add-host` (seeds in
+/// `<dir>/nats/hosts/<host>.nk`), started as its README says; the scheduler's
+/// password is `s3cret-s`, the system user's `s3cret-sys`.
+fn shipped_nats(dir: &Path, hosts: &[&str]) -> NatsServer {
+    let config = dir.join("nats");
+    std::fs::create_dir_all(&config).expect("mkdir");
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/nats");
+    for file in ["nats-server.conf", "accounts.conf", "roles.conf", "users.conf"] {
+        std::fs::copy(shipped.join(file), config.join(file)).expect("copy the shipped config");
+    }
+    for host in hosts {
+        let output = Command::new(WHARF).args(["nats", "add-host", host, "--dir", config.to_str().expect("utf-8")]).output().expect("wharf runs");
+        assert!(output.status.success(), "wharf nats add-host {host}: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    NatsServer::start_from(&wharf_testkit::nats::ConfigFile {
+        path: config.join("nats-server.conf"),
+        env: vec![("WHARF_SCHEDULER_PASSWORD".into(), "s3cret-s".into()), ("WHARF_SYSTEM_PASSWORD".into(), "s3cret-sys".into())],
+        store_dir_var: Some("WHARF_NATS_DATA".into()),
+    })
+}
+
+/// The seed file `shipped_nats` made for `host`.
+fn seed_of(dir: &Path, host: &str) -> String {
+    dir.join("nats/hosts").join(format!("{host}.nk")).to_str().expect("utf-8").to_string()
+}
+
+/// A scheduler over the shipped config, as the user `scheduler`.
+fn scheduler_as_scheduler(nats: &str, dir: &Path) -> (Process, Api) {
+    let dir = dir.join("scheduler");
+    let mut sched = Process::spawn(
+        WHARF,
+        &["scheduler", "--nats", nats, "--nats-user", "scheduler", "--nats-password", "s3cret-s", "--api", "127.0.0.1:0", "--data-dir", dir.to_str().expect("utf-8")],
+    );
+    let line = sched.wait_for_line("Wharf scheduler: API", Duration::from_secs(60));
+    let api = Api { url: url_in(&line), token: std::fs::read_to_string(dir.join("admin-token")).expect("token").trim().to_string() };
+    (sched, api)
+}
+
+/// `wharf host` named `name` with its own NATS identity.
+fn host_with_identity(nats: &str, name: &str, dir: &Path) -> Host {
+    let data = dir.join(name);
+    let mut process = Process::spawn(
+        WHARF,
+        &["host", "--nats", nats, "--nats-nkey", &seed_of(dir, name), "--name", name, "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--data-dir", data.to_str().expect("utf-8")],
+    );
+    let line = process.wait_for_line("ingress http://", Duration::from_secs(60));
+    Host { process, name: name.to_string(), ingress: url_in(&line) }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hosts_with_host_credentials_serve_but_cannot_write_desired_state() {
-    let nats = nats_with_roles();
-    let url = nats.url();
     let dir = tempfile::tempdir().expect("tempdir");
-    let sched_dir = dir.path().join("scheduler");
-    let mut sched = Process::spawn(
-        WHARF,
-        &["scheduler", "--nats", &url, "--nats-user", "scheduler", "--nats-password", "s3cret-s", "--api", "127.0.0.1:0", "--data-dir", sched_dir.to_str().expect("utf-8")],
-    );
-    let line = sched.wait_for_line("Wharf scheduler: API", Duration::from_secs(60));
-    let api = Api { url: url_in(&line), token: std::fs::read_to_string(sched_dir.join("admin-token")).expect("token").trim().to_string() };
-    let host_dir = dir.path().join("h");
-    let mut host = Process::spawn(
-        WHARF,
-        &["host", "--nats", &url, "--nats-user", "host", "--nats-password", "s3cret-h", "--name", "h1", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--data-dir", host_dir.to_str().expect("utf-8")],
-    );
-    let ingress = url_in(&host.wait_for_line("ingress http://", Duration::from_secs(60)));
+    let nats = shipped_nats(dir.path(), &["h1"]);
+    let url = nats.url();
+    let (_sched, api) = scheduler_as_scheduler(&url, dir.path());
+    let host = host_with_identity(&url, "h1", dir.path());
+    let ingress = host.ingress.clone();
 
     // With host credentials the host runs what it is assigned, serves, and stores services' data.
     wharf(&api, &["deploy", &sample("counter"), "--name", "counter", "--route", "/", "--keyvalue", "counter"]);
@@ -472,7 +504,11 @@ async fn hosts_with_host_credentials_serve_but_cannot_write_desired_state() {
     // The same credentials cannot touch desired state: the NATS server refuses.
     let as_host = wharf_bus::Bus::connect_nats(
         &url,
-        wharf_bus::NatsOptions { auth: wharf_bus::NatsAuth::UserPassword { user: "host".into(), password: "s3cret-h".into() }, ..Default::default() },
+        wharf_bus::NatsOptions {
+            auth: wharf_bus::NatsAuth::NkeySeedFile(seed_of(dir.path(), "h1").into()),
+            inbox_prefix: Some("_INBOX.host-h1".into()),
+            ..Default::default()
+        },
     )
     .await
     .expect("host credentials connect");
@@ -493,4 +529,122 @@ async fn hosts_with_host_credentials_serve_but_cannot_write_desired_state() {
     assert_eq!(service(&api, "counter")["service"]["generation"], 1);
     until_ok(&format!("{ingress}/hit"), "2", Duration::from_secs(5)).await;
     drop(host);
+}
+
+/// A host's own NATS identity (deploy/nats as shipped, `wharf nats
+/// add-host`), used through a plain NATS client: the server refuses a
+/// heartbeat on another host's subject and subscriptions to another host's
+/// subjects or to others' inboxes; the scheduler ignores a heartbeat on the
+/// host's own subject that names another host. Real hosts with their own
+/// identities serve, hop requests to each other and report, and nothing
+/// changes for host-b or the desired state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_identity_reaches_only_its_own_subjects_and_cannot_speak_for_another_host() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nats = shipped_nats(dir.path(), &["host-a", "host-b"]);
+    let url = nats.url();
+    let (sched, api) = scheduler_as_scheduler(&url, dir.path());
+    let hosts = [host_with_identity(&url, "host-a", dir.path()), host_with_identity(&url, "host-b", dir.path())];
+    // One replica: one of the two ingresses hands its requests to the other host over NATS.
+    wharf(&api, &["deploy", &sample("hello"), "--name", "hello", "--route", "/hello"]);
+    for host in &hosts {
+        until_ok(&format!("{}/hello", host.ingress), "Hello from Wharf!", Duration::from_secs(30)).await;
+    }
+    let listed = |id: &str| -> Value {
+        let all: Value = serde_json::from_str(&wharf(&api, &["get", "hosts", "-o", "json"])).expect("json");
+        all["hosts"].as_array().into_iter().flatten().find(|h| h["id"] == id).cloned().unwrap_or(Value::Null)
+    };
+    let before = listed("host-b");
+    assert_eq!((before["ready"].as_bool(), before["draining"].as_bool()), (Some(true), Some(false)), "{before}");
+    assert_eq!(listed("host-a")["ready"], true, "host-a reports heartbeats");
+
+    // host-a's credentials in a plain NATS client, with the server's errors collected.
+    let errors = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let client = async_nats::ConnectOptions::with_nkey(std::fs::read_to_string(seed_of(dir.path(), "host-a")).expect("seed").trim().to_string())
+        .custom_inbox_prefix(wharf_proto::names::host_inbox_prefix(&wharf_proto::HostId::new("host-a").expect("valid")))
+        .event_callback({
+            let errors = errors.clone();
+            move |event| {
+                let errors = errors.clone();
+                async move {
+                    if let async_nats::Event::ServerError(e) = event {
+                        errors.lock().expect("lock").push(e.to_string());
+                    }
+                }
+            }
+        })
+        .connect(&url)
+        .await
+        .expect("host-a's identity connects");
+    let refused = |what: String| {
+        let errors = errors.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if errors.lock().expect("lock").iter().any(|e| e.contains(&what)) {
+                    return;
+                }
+                assert!(Instant::now() < deadline, "the server did not refuse {what}; its errors: {:?}", errors.lock().expect("lock"));
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let host_b = wharf_proto::HostId::new("host-b").expect("valid");
+    let forged = wharf_proto::Heartbeat {
+        host: host_b.clone(),
+        addr: None,
+        labels: Default::default(),
+        capacity: wharf_proto::Capacity { memory: wharf_proto::ByteSize::gib(1024), instances: 1_000_000 },
+        cached: Vec::new(),
+        replicas: Vec::new(),
+        sent_at_ms: 0,
+        started_at_ms: 1,
+        draining: true,
+        demand: Vec::new(),
+        memory_reserved: Default::default(),
+        memory_in_use: Default::default(),
+        version: 1,
+    };
+    let forged = bytes::Bytes::from(serde_json::to_vec(&forged).expect("json"));
+
+    // On host-b's subject: the server refuses it.
+    client.publish(wharf_proto::names::host_heartbeat_subject(&host_b), forged.clone()).await.expect("sent");
+    client.flush().await.expect("flushed");
+    refused("Permissions Violation for Publish to \"wharf.host.host-b.heartbeat\"".into()).await;
+    // On its own subject, naming host-b: the scheduler ignores it, saying so.
+    for _ in 0..5 {
+        client.publish("wharf.host.host-a.heartbeat", forged.clone()).await.expect("sent");
+        client.flush().await.expect("flushed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut sched = sched;
+    sched.wait_for_line("ignoring a heartbeat whose body names another host", Duration::from_secs(10));
+
+    // Another host's subjects, another host's inboxes, the scheduler's: refused.
+    for subject in ["wharf.host.host-b.>", "wharf.host.*.jobs", "_INBOX.host-host-b.>", "_INBOX.>", ">"] {
+        let _subscription = client.subscribe(subject).await.expect("sent");
+        client.flush().await.expect("flushed");
+        refused(format!("Permissions Violation for Subscription to \"{subject}\"")).await;
+    }
+    // Its own subjects and inboxes are not.
+    let _own = client.subscribe("wharf.host.host-a.>").await.expect("sent");
+    let _inbox = client.subscribe("_INBOX.host-host-a.x").await.expect("sent");
+    client.flush().await.expect("flushed");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let errors_now = errors.lock().expect("lock").clone();
+    assert!(!errors_now.iter().any(|e| e.contains("host-host-a") || e.contains("wharf.host.host-a")), "{errors_now:?}");
+
+    // host-b is as it reported itself; host-a too; the desired state and serving are intact.
+    let after = listed("host-b");
+    assert_eq!((after["ready"].as_bool(), after["draining"].as_bool()), (Some(true), Some(false)), "{after}");
+    assert_eq!(after["capacity"], before["capacity"], "host-b's capacity changed");
+    assert_eq!(after["started_at_ms"], before["started_at_ms"]);
+    assert_eq!(listed("host-a")["ready"], true);
+    assert_eq!(service(&api, "hello")["service"]["generation"], 1);
+    for host in &hosts {
+        until_ok(&format!("{}/hello", host.ingress), "Hello from Wharf!", Duration::from_secs(5)).await;
+        // Nothing a host does itself (watches, heartbeats, hops, announcements) is refused.
+        let output = host.process.output();
+        assert!(!output.contains("Permissions Violation"), "{} was refused something:\n{output}", host.name);
+    }
 }

@@ -18,7 +18,7 @@
 //! Shell state (`export`, `cd`) carries from line to line. The files a
 //! line names (`hello.wasm`, ...) are made from the samples in the working
 //! directory first; `app.yaml` is the README's manifest (the `yaml` block
-//! that starts with `services:`); `deploy/` is the repository's. The first
+//! that starts with `services:`); `deploy/` is a copy of the repository's. The first
 //! block (`./run`, `./test`) is not run: CI runs `./test`, which runs this.
 //!
 //! A block that cannot run here (it needs the internet or names machines
@@ -281,8 +281,10 @@ fn files(work: &Path, readme: &str) {
         bytes.extend_from_slice(version.as_bytes());
         std::fs::write(work.join(format!("hello-{version}.wasm")), bytes).expect("hello version");
     }
+    // A copy: `wharf nats add-host` writes into it.
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repository");
-    std::os::unix::fs::symlink(repo.join("deploy"), work.join("deploy")).expect("deploy/ linked");
+    let copied = Command::new("cp").arg("-r").arg(repo.join("deploy")).arg(work).status().expect("cp runs");
+    assert!(copied.success(), "deploy/ copied");
 }
 
 #[test]

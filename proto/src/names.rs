@@ -24,6 +24,26 @@ pub fn host_of_connection(name: &str) -> Option<HostId> {
     HostId::new(name.strip_prefix("wharf-host-")?).ok()
 }
 
+/// The host whose own subject `subject` is (`wharf.host.<id>.…`: its
+/// heartbeat, alive beat, resend, logs or jobs subject), if it is one.
+pub fn host_of_subject(subject: &str) -> Option<HostId> {
+    let rest = subject.strip_prefix("wharf.host.")?;
+    let (id, what) = rest.split_once('.')?;
+    if what.is_empty() {
+        return None;
+    }
+    HostId::new(id).ok()
+}
+
+/// The prefix of a host's request inboxes (`_INBOX.host-<id>`), where
+/// replies to its requests and its JetStream watches are delivered. Each
+/// host's NATS identity may subscribe only under its own, so it cannot read
+/// replies meant for another host or for the control plane (whose inboxes
+/// are `_INBOX.<nuid>`: a NUID has no `-`, so none is ever `host-…`).
+pub fn host_inbox_prefix(host: &HostId) -> String {
+    format!("_INBOX.host-{host}")
+}
+
 /// Matches the heartbeat subject of every host.
 pub const HEARTBEAT_WILDCARD: &str = "wharf.host.*.heartbeat";
 
@@ -534,6 +554,18 @@ mod tests {
         let id: ServiceId = "shop/cart".parse().expect("valid id");
         assert_eq!(id.subject(), "wharf.svc.shop.cart");
         assert_eq!(id.key(), "shop.cart");
+    }
+
+    #[test]
+    fn host_subjects_name_their_host() {
+        let a = host("edge-a");
+        for subject in [host_heartbeat_subject(&a), host_alive_subject(&a), host_resend_subject(&a), host_logs_subject(&a), host_jobs_subject(&a)] {
+            assert_eq!(host_of_subject(&subject), Some(a.clone()), "{subject}");
+        }
+        for other in ["wharf.host.edge-a", "wharf.host.edge-a.", "wharf.host.Edge.heartbeat", "wharf.svc.edge-a.heartbeat", "wharf.host..heartbeat"] {
+            assert_eq!(host_of_subject(other), None, "{other}");
+        }
+        assert_eq!(host_inbox_prefix(&a), "_INBOX.host-edge-a");
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use wharf_bus::Bus;
-use wharf_proto::names::{ALIVE_WILDCARD, HEARTBEAT_WILDCARD, HOST_DOWN_SUBJECT, host_resend_subject};
+use wharf_proto::names::{ALIVE_WILDCARD, HEARTBEAT_WILDCARD, HOST_DOWN_SUBJECT, host_of_subject, host_resend_subject};
 use wharf_proto::{Heartbeat, HeartbeatAlive, HostDown, HostId, ServiceId};
 
 /// A lost host's services are listed in its announcement up to this many
@@ -29,6 +29,20 @@ const RESEND_PAUSE: Duration = Duration::from_secs(1);
 /// How long after a disconnect advisory a heartbeat still counts as one
 /// sent before it (in flight on another connection).
 const DISCONNECT_SETTLE: Duration = Duration::from_millis(200);
+
+/// Whether a beat whose body names `claimed` came on that host's own
+/// subject. A host's NATS identity may publish only on its own subjects
+/// (`wharf nats add-host`), so the subject says who sent it; a body naming
+/// another host is forged (or misrouted) and is ignored, with a warning,
+/// whatever the server's permissions let through: it could otherwise mark
+/// that host draining, give it false capacity or take its volumes.
+fn from_its_host(subject: &str, claimed: &HostId) -> bool {
+    if host_of_subject(subject).as_ref() == Some(claimed) {
+        return true;
+    }
+    tracing::warn!(%subject, claimed = %claimed, "ignoring a heartbeat whose body names another host than its subject");
+    false
+}
 
 /// A host as last heard of.
 #[derive(Debug, Clone)]
@@ -95,12 +109,14 @@ impl HostTable {
                 let table = HostTable { inner };
                 if full {
                     match serde_json::from_slice::<Heartbeat>(&message.payload) {
-                        Ok(heartbeat) => table.record(heartbeat),
+                        Ok(heartbeat) if from_its_host(&message.subject, &heartbeat.host) => table.record(heartbeat),
+                        Ok(_) => {}
                         Err(e) => tracing::warn!(subject = %message.subject, "ignoring an unreadable heartbeat: {e}"),
                     }
                     continue;
                 }
                 match serde_json::from_slice::<HeartbeatAlive>(&message.payload) {
+                    Ok(alive) if !from_its_host(&message.subject, &alive.host) => {}
                     Ok(alive) => {
                         if !table.record_alive(&alive) && table.may_ask(&alive.host) {
                             tracing::debug!(host = %alive.host, version = alive.version, "asking for a full heartbeat");
@@ -451,6 +467,38 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(500)).await;
         send(&bus, restarted.next(report(&host, 8))).await;
         assert!(!ready(&table, &host).await, "an alive beat from a new process does not keep the old report");
+    }
+
+    /// A beat on one host's subject whose body names another host changes
+    /// nothing of that other host (nor makes the table ask it to resend),
+    /// and a beat on its own subject still counts.
+    #[tokio::test]
+    async fn a_beat_naming_another_host_than_its_subject_is_ignored() {
+        let bus = Bus::local(LocalStore::in_memory().expect("an in-memory store"));
+        let table = HostTable::follow(&bus, Duration::from_secs(5)).await.expect("the in-process bus");
+        let (a, b) = (HostId::new("host-a").expect("valid"), HostId::new("host-b").expect("valid"));
+        let mut resend_b = bus.subscribe(&host_resend_subject(&b)).await.expect("the in-process bus");
+        send(&bus, Beat::Full(report(&b, 1))).await;
+        assert!(ready(&table, &b).await);
+
+        // host-a's subjects, bodies claiming host-b: draining, other capacity, a new process.
+        let mut forged = report(&b, 2);
+        forged.draining = true;
+        forged.capacity.instances = 10_000;
+        bus.publish(&host_heartbeat_subject(&a), serde_json::to_vec(&forged).expect("json").into()).await.expect("the in-process bus");
+        let alive = HeartbeatAlive { host: b.clone(), started_at_ms: 3, version: 9, sent_at_ms: crate::store::now_ms() };
+        bus.publish(&host_alive_subject(&a), serde_json::to_vec(&alive).expect("json").into()).await.expect("the in-process bus");
+        assert!(ready(&table, &b).await, "host-b is still ready, not draining");
+        let listed = table.hosts();
+        let entry = listed.iter().find(|h| h.heartbeat.host == b).expect("host-b listed");
+        assert_eq!((entry.heartbeat.draining, entry.heartbeat.capacity.instances, entry.heartbeat.started_at_ms), (false, 10, 1));
+        assert!(!listed.iter().any(|h| h.heartbeat.host == a), "nothing was recorded for host-a either");
+        assert!(tokio::time::timeout(Duration::from_millis(300), resend_b.next()).await.is_err(), "a forged alive beat made the table ask host-b to resend");
+
+        // The same body on host-b's own subject is taken.
+        send(&bus, Beat::Full(forged)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(table.hosts().iter().any(|h| h.heartbeat.host == b && h.heartbeat.draining));
     }
 
     /// A host that goes silent is announced lost with the services it ran

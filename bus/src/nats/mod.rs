@@ -58,6 +58,11 @@ pub struct NatsOptions {
     /// TLS, required on every connection when given; `None`: plain TCP
     /// unless the URL says `tls://` or the server requires TLS.
     pub tls: Option<NatsTls>,
+    /// The prefix of this connection's request inboxes, where replies and
+    /// JetStream watches and reads are delivered; `None`: async-nats'
+    /// `_INBOX`. A host uses its own (`_INBOX.host-<id>`), the only inboxes
+    /// its NATS identity may subscribe to.
+    pub inbox_prefix: Option<String>,
 }
 
 impl Default for NatsOptions {
@@ -69,6 +74,7 @@ impl Default for NatsOptions {
             replicas: None,
             system_auth: None,
             tls: None,
+            inbox_prefix: None,
         }
     }
 }
@@ -83,6 +89,9 @@ pub enum NatsAuth {
     UserPassword { user: String, password: String },
     /// A `.creds` file holding a user JWT and NKey seed (decentralised auth).
     CredentialsFile(PathBuf),
+    /// A file holding a user NKey seed (`SU…`), whose public key the
+    /// server's config names as a user (`wharf nats add-host` writes both).
+    NkeySeedFile(PathBuf),
 }
 
 // Hand-written so that a password never ends up in a log.
@@ -98,6 +107,7 @@ impl fmt::Debug for NatsAuth {
             NatsAuth::CredentialsFile(path) => {
                 f.debug_tuple("CredentialsFile").field(path).finish()
             }
+            NatsAuth::NkeySeedFile(path) => f.debug_tuple("NkeySeedFile").field(path).finish(),
         }
     }
 }
@@ -140,7 +150,7 @@ impl NatsBus {
             Some(tls) => Some(TlsSetup::load(tls).await?),
             None => None,
         };
-        let connect = client_options(
+        let mut connect = client_options(
             &options.name,
             &options.auth,
             options.connect_timeout,
@@ -148,6 +158,9 @@ impl NatsBus {
         )
         .await?
         .event_callback(on_event);
+        if let Some(prefix) = &options.inbox_prefix {
+            connect = connect.custom_inbox_prefix(prefix);
+        }
         let client = open(connect, &addrs, urls, tls.as_ref()).await?;
 
         let info = client.server_info();
@@ -310,6 +323,15 @@ async fn client_options(
                     source,
                 }
             })?
+        }
+        NatsAuth::NkeySeedFile(path) => {
+            let seed = tokio::fs::read_to_string(path).await.map_err(|source| {
+                ConnectError::CredentialsFile {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
+            connect.nkey(seed.trim().to_owned())
         }
     })
 }
