@@ -441,7 +441,8 @@ async fn a_counter_over_three_hosts_counts_exactly_and_survives_failures() {
 /// The shipped NATS configuration (deploy/nats), copied into `dir`, with
 /// an identity for each of `hosts` made by `wharf nats add-host` (seeds in
 /// `<dir>/nats/hosts/<host>.nk`), started as its README says; the scheduler's
-/// password is `s3cret-s`, the system user's `s3cret-sys`.
+/// password is `s3cret-s`, the system user's `s3cret-sys`; clients speak
+/// mutual TLS with the certificates in `<dir>/nats/tls` ([`tls_args`]).
 fn shipped_nats(dir: &Path, hosts: &[&str]) -> NatsServer {
     let config = dir.join("nats");
     std::fs::create_dir_all(&config).expect("mkdir");
@@ -453,11 +454,28 @@ fn shipped_nats(dir: &Path, hosts: &[&str]) -> NatsServer {
         let output = Command::new(WHARF).args(["nats", "add-host", host, "--dir", config.to_str().expect("utf-8")]).output().expect("wharf runs");
         assert!(output.status.success(), "wharf nats add-host {host}: {}", String::from_utf8_lossy(&output.stderr));
     }
+    let tls_dir = config.join("tls");
+    std::fs::create_dir_all(&tls_dir).expect("mkdir");
+    let certs = wharf_testkit::tls::write(&tls_dir);
+    let path = |p: &Path| p.to_str().expect("utf-8").to_string();
     NatsServer::start_from(&wharf_testkit::nats::ConfigFile {
         path: config.join("nats-server.conf"),
-        env: vec![("WHARF_SCHEDULER_PASSWORD".into(), "s3cret-s".into()), ("WHARF_SYSTEM_PASSWORD".into(), "s3cret-sys".into())],
+        env: vec![
+            ("WHARF_SCHEDULER_PASSWORD".into(), "s3cret-s".into()),
+            ("WHARF_SYSTEM_PASSWORD".into(), "s3cret-sys".into()),
+            ("WHARF_NATS_CA".into(), path(&certs.ca)),
+            ("WHARF_NATS_SERVER_CERT".into(), path(&certs.cert)),
+            ("WHARF_NATS_SERVER_KEY".into(), path(&certs.key)),
+        ],
         store_dir_var: Some("WHARF_NATS_DATA".into()),
     })
+}
+
+/// The flags for mutual TLS with the server `shipped_nats` started in `dir`.
+fn tls_args(dir: &Path) -> Vec<String> {
+    let tls = dir.join("nats/tls");
+    let file = |name: &str| tls.join(name).to_str().expect("utf-8").to_string();
+    vec!["--nats-ca".into(), file("ca.pem"), "--nats-cert".into(), file("client.pem"), "--nats-key".into(), file("client.key")]
 }
 
 /// The seed file `shipped_nats` made for `host`.
@@ -467,11 +485,11 @@ fn seed_of(dir: &Path, host: &str) -> String {
 
 /// A scheduler over the shipped config, as the user `scheduler`.
 fn scheduler_as_scheduler(nats: &str, dir: &Path) -> (Process, Api) {
+    let tls = tls_args(dir);
     let dir = dir.join("scheduler");
-    let mut sched = Process::spawn(
-        WHARF,
-        &["scheduler", "--nats", nats, "--nats-user", "scheduler", "--nats-password", "s3cret-s", "--api", "127.0.0.1:0", "--data-dir", dir.to_str().expect("utf-8")],
-    );
+    let mut args = vec!["scheduler", "--nats", nats, "--nats-user", "scheduler", "--nats-password", "s3cret-s", "--api", "127.0.0.1:0", "--data-dir", dir.to_str().expect("utf-8")];
+    args.extend(tls.iter().map(String::as_str));
+    let mut sched = Process::spawn(WHARF, &args);
     let line = sched.wait_for_line("Wharf scheduler: API", Duration::from_secs(60));
     let api = Api { url: url_in(&line), token: std::fs::read_to_string(dir.join("admin-token")).expect("token").trim().to_string() };
     (sched, api)
@@ -480,10 +498,11 @@ fn scheduler_as_scheduler(nats: &str, dir: &Path) -> (Process, Api) {
 /// `wharf host` named `name` with its own NATS identity.
 fn host_with_identity(nats: &str, name: &str, dir: &Path) -> Host {
     let data = dir.join(name);
-    let mut process = Process::spawn(
-        WHARF,
-        &["host", "--nats", nats, "--nats-nkey", &seed_of(dir, name), "--name", name, "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--data-dir", data.to_str().expect("utf-8")],
-    );
+    let seed = seed_of(dir, name);
+    let tls = tls_args(dir);
+    let mut args = vec!["host", "--nats", nats, "--nats-nkey", &seed, "--name", name, "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--data-dir", data.to_str().expect("utf-8")];
+    args.extend(tls.iter().map(String::as_str));
+    let mut process = Process::spawn(WHARF, &args);
     let line = process.wait_for_line("ingress http://", Duration::from_secs(60));
     Host { process, name: name.to_string(), ingress: url_in(&line) }
 }
@@ -507,6 +526,10 @@ async fn hosts_with_host_credentials_serve_but_cannot_write_desired_state() {
         wharf_bus::NatsOptions {
             auth: wharf_bus::NatsAuth::NkeySeedFile(seed_of(dir.path(), "h1").into()),
             inbox_prefix: Some("_INBOX.host-h1".into()),
+            tls: Some(wharf_bus::NatsTls {
+                ca: Some(dir.path().join("nats/tls/ca.pem")),
+                client: Some(wharf_bus::ClientCertificate { cert: dir.path().join("nats/tls/client.pem"), key: dir.path().join("nats/tls/client.key") }),
+            }),
             ..Default::default()
         },
     )
@@ -560,7 +583,11 @@ async fn a_host_identity_reaches_only_its_own_subjects_and_cannot_speak_for_anot
 
     // host-a's credentials in a plain NATS client, with the server's errors collected.
     let errors = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let tls = dir.path().join("nats/tls");
     let client = async_nats::ConnectOptions::with_nkey(std::fs::read_to_string(seed_of(dir.path(), "host-a")).expect("seed").trim().to_string())
+        .require_tls(true)
+        .add_root_certificates(tls.join("ca.pem"))
+        .add_client_certificate(tls.join("client.pem"), tls.join("client.key"))
         .custom_inbox_prefix(wharf_proto::names::host_inbox_prefix(&wharf_proto::HostId::new("host-a").expect("valid")))
         .event_callback({
             let errors = errors.clone();

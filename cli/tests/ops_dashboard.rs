@@ -66,6 +66,8 @@ async fn the_dashboard_shows_services_and_hosts_changes_after_a_scale_and_keeps_
     wait_ready(&up, "web", 3).await;
     let dom = render(&format!("{page}#token={}", up.token), None);
     assert!(dom.contains(r#"data-service="default/web" data-ready="3" data-desired="3""#), "after the scale, 3 of 3:\n{dom}");
+    let events = up.ok(&["events", "--service", "web"]);
+    assert!(events.contains("Scaled") && events.contains("scaled 1 → 3 by its spec"), "a scale by hand is an event too:\n{events}");
     let picture = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
     let _ = std::fs::remove_file(&picture);
     render(&format!("{page}#token={}", up.token), Some(&picture));

@@ -165,6 +165,9 @@ struct Controller {
     ejected: BTreeMap<ServiceId, Vec<EjectedReplica>>,
     /// Services whose records could not be written at the last pass, and why.
     write_problems: BTreeMap<ServiceId, String>,
+    /// The replicas each service's spec asked for at the last pass, to
+    /// record a change of it (`wharf scale`, a deploy) as an event.
+    spec_replicas: HashMap<ServiceId, u32>,
 }
 
 impl Controller {
@@ -194,6 +197,7 @@ impl Controller {
             samples: HashMap::new(),
             ejected: BTreeMap::new(),
             write_problems: BTreeMap::new(),
+            spec_replicas: HashMap::new(),
         }
     }
 
@@ -260,6 +264,13 @@ impl Controller {
                 self.context.events.record(NewEvent::new(&id, "Rollout", event.clone()));
             }
             crate::events::scaled(&self.context.events, &id, self.statuses.get(&id).and_then(|w| w.value.autoscale.as_ref()), self.context.autoscaling.decision(&id).as_ref());
+            if stored.spec.autoscale.is_none()
+                && let Some(before) = self.spec_replicas.insert(id.clone(), stored.spec.replicas)
+                && before != stored.spec.replicas
+            {
+                let message = format!("scaled {before} → {} by its spec (`wharf scale`, or a deploy or apply that set replicas)", stored.spec.replicas);
+                self.context.events.record(NewEvent::new(&id, "Scaled", message));
+            }
             wake = earliest(wake, plan.wake_at_ms);
             if plan.state.phase == RolloutPhase::Canary && plan.state.step_started_at_ms != 0 {
                 self.baseline(&id, &plan.state, assigned, &reports);
@@ -294,6 +305,8 @@ impl Controller {
             next_statuses.insert(id, status);
         }
 
+        // A deleted service's count is forgotten: created again, it starts afresh.
+        self.spec_replicas.retain(|id, _| next_statuses.contains_key(id));
         let snapshot = Snapshot {
             hosts: hosts.iter().map(host_info).collect(),
             services: workloads,

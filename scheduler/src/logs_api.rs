@@ -113,7 +113,9 @@ async fn logs(
 }
 
 /// The hosts the service is assigned to, or that ran the job's attempts
-/// kept in its history (all, or the one asked for).
+/// kept in its history (all, or the one asked for). For an autoscaled
+/// service, every ready host: any may have started an activation replica
+/// of it (scale from zero), which no assignment names.
 fn hosts_of(plane: &ControlPlane, wanted: &Wanted) -> BTreeSet<HostId> {
     let mut hosts: BTreeSet<HostId> = plane.jobs.read(|state| {
         state
@@ -133,6 +135,10 @@ fn hosts_of(plane: &ControlPlane, wanted: &Wanted) -> BTreeSet<HostId> {
             .map(|(host, _)| host.clone())
             .collect::<Vec<_>>()
     }));
+    if plane.informer.service(&wanted.service).is_some_and(|s| s.spec.autoscale.is_some()) {
+        let ready = plane.hosts.hosts().into_iter().filter(|h| h.ready).map(|h| h.heartbeat.host);
+        hosts.extend(ready.filter(|host| wanted.host.as_ref().is_none_or(|h| h == host)));
+    }
     hosts
 }
 
