@@ -31,6 +31,20 @@ async fn until(up: &Up, name: &str, within: Duration, what: &str, check: impl Fn
     }
 }
 
+/// Asks `url` until it answers 200, for up to 30 s; else fails with `what`
+/// and the last answer.
+async fn until_served(client: &reqwest::Client, url: &str, what: &str) {
+    let started = Instant::now();
+    loop {
+        let response = client.get(url).send().await.expect("answered");
+        if response.status() == 200 {
+            return;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "{what}: {}", response.text().await.unwrap_or_default());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 fn manifest(dir: &Path, name: &str, sample: &str, max: u32) -> String {
     let path = dir.join(format!("{name}.yaml"));
     let text = format!(
@@ -150,15 +164,7 @@ async fn activation_that_does_not_fit_says_why_and_fits_once_room_is_made() {
     assert_eq!(client.get(format!("{}/web", up.ingress)).send().await.expect("answered").status(), 200, "the others keep serving");
 
     up.ok(&["scale", "web", "1"]);
-    let started = Instant::now();
-    loop {
-        let response = client.get(format!("{}/lazy", up.ingress)).send().await.expect("answered");
-        if response.status() == 200 {
-            break;
-        }
-        assert!(started.elapsed() < Duration::from_secs(30), "lazy never woke once room was made: {}", response.text().await.unwrap_or_default());
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    until_served(&client, &format!("{}/lazy", up.ingress), "lazy never woke once room was made").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -211,13 +217,5 @@ async fn activation_past_a_namespace_quota_is_answered_at_once_naming_the_quota(
 
     // Raised, the same request wakes the service.
     up.ok(&["namespace", "set", "default", "--max-replicas", "2"]);
-    let started = Instant::now();
-    loop {
-        let response = client.get(format!("{}/second", up.ingress)).send().await.expect("answered");
-        if response.status() == 200 {
-            break;
-        }
-        assert!(started.elapsed() < Duration::from_secs(30), "second never woke once the quota was raised: {}", response.text().await.unwrap_or_default());
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    until_served(&client, &format!("{}/second", up.ingress), "second never woke once the quota was raised").await;
 }
