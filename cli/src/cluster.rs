@@ -373,7 +373,12 @@ pub async fn host(args: HostArgs, shutdown: impl Future<Output = ()>) -> anyhow:
         })
         .await?;
     let dir = data_dir(args.data_dir, id.as_str())?;
-    let secret_key = args.secret_key.load_for_host(&dir)?;
+    // Secrets come sealed to this host's own key in its assignment; given
+    // the control plane's key, the host reads the secrets bucket itself.
+    let (seal_key, secret_key) = match &args.secret_key.secret_key_file {
+        Some(_) => (None, args.secret_key.load_for_host(&dir)?),
+        None => (Some(crate::at_rest::host_seal_key(&dir)?), None),
+    };
     let runtime = sizing.runtime(Some(dir.join("compiled")))?;
     let metrics = HostMetrics::for_runtime(&runtime);
     let agent = HostAgent::start(
@@ -389,6 +394,7 @@ pub async fn host(args: HostArgs, shutdown: impl Future<Output = ()>) -> anyhow:
             activation_timeout: args.activation_timeout,
             volumes_dir: Some(dir.join("volumes")),
             max_bus_handlers: args.max_bus_handlers,
+            seal_key,
             secret_key,
         },
     )
