@@ -440,11 +440,20 @@ async fn a_counter_over_three_hosts_counts_exactly_and_survives_failures() {
 
 /// The shipped NATS configuration (deploy/nats), copied into `dir`, with
 /// an identity for each of `hosts` made by `wharf nats add-host` (seeds in
-/// `<dir>/nats/hosts/<host>.nk`), started as its README says; the scheduler's
+/// `<dir>/nats/hosts/<host>.nk`) and certificates for mutual TLS made by
+/// `wharf nats certs` (in `<dir>/nats/tls`, a client certificate for the
+/// scheduler and each host), started as its README says; the scheduler's
 /// password is `s3cret-s`, the system user's `s3cret-sys`.
 fn shipped_nats(dir: &Path, hosts: &[&str]) -> NatsServer {
     let config = dir.join("nats");
     std::fs::create_dir_all(&config).expect("mkdir");
+    let tls = config.join("tls");
+    let clients = std::iter::once("scheduler").chain(hosts.iter().copied()).collect::<Vec<_>>().join(",");
+    let output = Command::new(WHARF)
+        .args(["nats", "certs", "--dir", tls.to_str().expect("utf-8"), "--server-name", "127.0.0.1,localhost", "--client", &clients])
+        .output()
+        .expect("wharf runs");
+    assert!(output.status.success(), "wharf nats certs: {}", String::from_utf8_lossy(&output.stderr));
     let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/nats");
     for file in ["nats-server.conf", "accounts.conf", "roles.conf", "users.conf"] {
         std::fs::copy(shipped.join(file), config.join(file)).expect("copy the shipped config");
@@ -455,9 +464,37 @@ fn shipped_nats(dir: &Path, hosts: &[&str]) -> NatsServer {
     }
     NatsServer::start_from(&wharf_testkit::nats::ConfigFile {
         path: config.join("nats-server.conf"),
-        env: vec![("WHARF_SCHEDULER_PASSWORD".into(), "s3cret-s".into()), ("WHARF_SYSTEM_PASSWORD".into(), "s3cret-sys".into())],
+        env: vec![
+            ("WHARF_SCHEDULER_PASSWORD".into(), "s3cret-s".into()),
+            ("WHARF_SYSTEM_PASSWORD".into(), "s3cret-sys".into()),
+            ("WHARF_NATS_CA".into(), tls.join("ca.pem").to_str().expect("utf-8").into()),
+            ("WHARF_NATS_SERVER_CERT".into(), tls.join("server.pem").to_str().expect("utf-8").into()),
+            ("WHARF_NATS_SERVER_KEY".into(), tls.join("server.key").to_str().expect("utf-8").into()),
+        ],
         store_dir_var: Some("WHARF_NATS_DATA".into()),
     })
+}
+
+/// The flags that make a Wharf process `client` speak mutual TLS with `shipped_nats`.
+fn tls_flags(dir: &Path, client: &str) -> Vec<String> {
+    let tls = dir.join("nats/tls");
+    let file = |name: String| tls.join(name).to_str().expect("utf-8").to_string();
+    vec!["--nats-ca".into(), file("ca.pem".into()), "--nats-cert".into(), file(format!("{client}.pem")), "--nats-key".into(), file(format!("{client}.key"))]
+}
+
+/// A plain NATS client's options for mutual TLS with `shipped_nats`, as `client`.
+fn with_tls(options: async_nats::ConnectOptions, dir: &Path, client: &str) -> async_nats::ConnectOptions {
+    let tls = dir.join("nats/tls");
+    options.require_tls(true).add_root_certificates(tls.join("ca.pem")).add_client_certificate(tls.join(format!("{client}.pem")), tls.join(format!("{client}.key")))
+}
+
+/// The options of `wharf_bus` for mutual TLS with `shipped_nats`, as `client`.
+fn bus_tls(dir: &Path, client: &str) -> wharf_bus::NatsTls {
+    let tls = dir.join("nats/tls");
+    wharf_bus::NatsTls {
+        ca: Some(tls.join("ca.pem")),
+        client: Some(wharf_bus::ClientCertificate { cert: tls.join(format!("{client}.pem")), key: tls.join(format!("{client}.key")) }),
+    }
 }
 
 /// The seed file `shipped_nats` made for `host`.
@@ -467,11 +504,11 @@ fn seed_of(dir: &Path, host: &str) -> String {
 
 /// A scheduler over the shipped config, as the user `scheduler`.
 fn scheduler_as_scheduler(nats: &str, dir: &Path) -> (Process, Api) {
+    let tls = tls_flags(dir, "scheduler");
     let dir = dir.join("scheduler");
-    let mut sched = Process::spawn(
-        WHARF,
-        &["scheduler", "--nats", nats, "--nats-user", "scheduler", "--nats-password", "s3cret-s", "--api", "127.0.0.1:0", "--data-dir", dir.to_str().expect("utf-8")],
-    );
+    let mut args = vec!["scheduler", "--nats", nats, "--nats-user", "scheduler", "--nats-password", "s3cret-s", "--api", "127.0.0.1:0", "--data-dir", dir.to_str().expect("utf-8")];
+    args.extend(tls.iter().map(String::as_str));
+    let mut sched = Process::spawn(WHARF, &args);
     let line = sched.wait_for_line("Wharf scheduler: API", Duration::from_secs(60));
     let api = Api { url: url_in(&line), token: std::fs::read_to_string(dir.join("admin-token")).expect("token").trim().to_string() };
     (sched, api)
@@ -479,11 +516,18 @@ fn scheduler_as_scheduler(nats: &str, dir: &Path) -> (Process, Api) {
 
 /// `wharf host` named `name` with its own NATS identity.
 fn host_with_identity(nats: &str, name: &str, dir: &Path) -> Host {
+    host_with_identity_and(nats, name, dir, &[])
+}
+
+/// `host_with_identity` with more flags.
+fn host_with_identity_and(nats: &str, name: &str, dir: &Path, more: &[&str]) -> Host {
     let data = dir.join(name);
-    let mut process = Process::spawn(
-        WHARF,
-        &["host", "--nats", nats, "--nats-nkey", &seed_of(dir, name), "--name", name, "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--data-dir", data.to_str().expect("utf-8")],
-    );
+    let seed = seed_of(dir, name);
+    let tls = tls_flags(dir, name);
+    let mut args = vec!["host", "--nats", nats, "--nats-nkey", &seed, "--name", name, "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--data-dir", data.to_str().expect("utf-8")];
+    args.extend(tls.iter().map(String::as_str));
+    args.extend(more);
+    let mut process = Process::spawn(WHARF, &args);
     let line = process.wait_for_line("ingress http://", Duration::from_secs(60));
     Host { process, name: name.to_string(), ingress: url_in(&line) }
 }
@@ -507,6 +551,7 @@ async fn hosts_with_host_credentials_serve_but_cannot_write_desired_state() {
         wharf_bus::NatsOptions {
             auth: wharf_bus::NatsAuth::NkeySeedFile(seed_of(dir.path(), "h1").into()),
             inbox_prefix: Some("_INBOX.host-h1".into()),
+            tls: Some(bus_tls(dir.path(), "h1")),
             ..Default::default()
         },
     )
@@ -560,7 +605,7 @@ async fn a_host_identity_reaches_only_its_own_subjects_and_cannot_speak_for_anot
 
     // host-a's credentials in a plain NATS client, with the server's errors collected.
     let errors = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-    let client = async_nats::ConnectOptions::with_nkey(std::fs::read_to_string(seed_of(dir.path(), "host-a")).expect("seed").trim().to_string())
+    let client = with_tls(async_nats::ConnectOptions::with_nkey(std::fs::read_to_string(seed_of(dir.path(), "host-a")).expect("seed").trim().to_string()), dir.path(), "host-a")
         .custom_inbox_prefix(wharf_proto::names::host_inbox_prefix(&wharf_proto::HostId::new("host-a").expect("valid")))
         .event_callback({
             let errors = errors.clone();
@@ -604,6 +649,7 @@ async fn a_host_identity_reaches_only_its_own_subjects_and_cannot_speak_for_anot
         memory_reserved: Default::default(),
         memory_in_use: Default::default(),
         version: 1,
+        seal_key: None,
     };
     let forged = bytes::Bytes::from(serde_json::to_vec(&forged).expect("json"));
 
@@ -648,3 +694,4 @@ async fn a_host_identity_reaches_only_its_own_subjects_and_cannot_speak_for_anot
         assert!(!output.contains("Permissions Violation"), "{} was refused something:\n{output}", host.name);
     }
 }
+
