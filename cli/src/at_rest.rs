@@ -84,13 +84,14 @@ impl SecretKeyArgs {
         }
         let key = SecretKey::from_bytes(rand_key());
         write_private(&path, &format!("{}\n", key.to_hex())).with_context(|| format!("cannot write the secret key {}", path.display()))?;
-        tracing::info!(path = %path.display(), "made the key that seals secrets at rest (key {}); keep it safe and give hosts the same file", key.id());
+        tracing::info!(path = %path.display(), "made the key that seals secrets at rest (key {}); keep it safe on the control plane's machines (hosts do not need it: each receives secrets sealed to its own key)", key.id());
         Ok(key)
     }
 
-    /// A host's key: the given file, else `<data_dir>/secret.key` if there
-    /// is one; without a key the host reads only secrets stored before
-    /// sealing existed.
+    /// The control plane's key for a host that reads the secrets bucket
+    /// itself (`wharf host --secret-key-file`, compatibility): the given
+    /// file, else `<data_dir>/secret.key` if there is one; without a key
+    /// the host reads only secrets stored before sealing existed.
     pub fn load_for_host(&self, data_dir: &Path) -> anyhow::Result<Option<SecretKey>> {
         if let Some(path) = &self.secret_key_file {
             return read_key(path).map(Some);

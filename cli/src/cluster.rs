@@ -269,7 +269,9 @@ pub struct HostArgs {
     /// Address of this host's HTTP ingress (every route in the cluster is served here).
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
-    /// Where this host keeps its compile cache (default: the user data dir).
+    /// Where this host keeps its compile cache, volumes and its own sealing key
+    /// (host-seal.key, 0600, made on first start: secrets come sealed to it in the host's
+    /// assignment; remove it to have them sealed to a new one) (default: the user data dir).
     #[arg(long, env = "WHARF_DATA_DIR")]
     data_dir: Option<PathBuf>,
     /// How often to send a heartbeat.
