@@ -741,6 +741,9 @@ async fn hosts_receive_secrets_sealed_to_their_own_key_and_cannot_read_the_secre
     assert_eq!(sealed.to, first_key);
     let text = serde_json::to_string(&assignment).expect("json");
     assert!(sealed.values.contains_key("default.token") && !text.contains(value), "{text}");
+    // Sealing is deterministic: heartbeats and passes meanwhile rewrite nothing.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(assignment_of(&url, dir.path(), "host-a").await, assignment, "the assignment was rewritten while nothing changed");
 
     // host-a's credentials in a plain NATS client: every way to read the secrets bucket is refused.
     let errors = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));

@@ -750,16 +750,19 @@ impl Controller {
                     None => None,
                 }
             };
-            self.sealed_for.insert(host.clone(), beat);
             if existing.is_some_and(|w| w.value.replicas == wanted && w.value.secrets == secrets) {
+                self.sealed_for.insert(host.clone(), beat);
                 continue;
             }
+            // Recorded once written: a failed write has them sealed again at the next pass.
+            self.sealed_for.remove(&host);
             let (generation, expected) = existing.map_or((1, 0), |w| (w.value.generation + 1, w.version));
             let assignment = Assignment { host: host.clone(), replicas: wanted, version: 0, generation, epoch: self.epoch, secrets };
             match self.context.store.put_assignment(&assignment, expected).await {
                 Ok(version) => {
                     tracing::info!(host = %host, replicas = assignment.replicas.len(), "wrote assignment");
                     crate::events::assignment_changed(&self.context.events, &host, existing.map_or(&[][..], |w| &w.value.replicas), &assignment.replicas);
+                    self.sealed_for.insert(host.clone(), beat);
                     self.assignments.insert(host, Written { value: assignment, version });
                 }
                 Err(e) => self.write_failed(&format!("the assignment of host {host}"), e, |c| {
