@@ -318,6 +318,7 @@ fn heartbeat(bus: Bus, hosts: Vec<HostId>, assigned: Assigned) -> tokio::task::J
                     memory_reserved: ByteSize::default(),
                     memory_in_use: ByteSize::default(),
                     version: 0,
+                    seal_key: None,
                 };
                 let Ok(beat) = beats.lock().map(|mut b| b.entry(host.clone()).or_default().next(heartbeat)) else { return };
                 let (subject, payload) = match &beat {

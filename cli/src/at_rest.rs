@@ -62,8 +62,11 @@ pub fn make_private(_path: &Path) -> anyhow::Result<()> {
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct SecretKeyArgs {
     /// The key that seals secret values at rest: a file of 64 hex digits, mode 0600 (default:
-    /// <data-dir>/secret.key, made by the control plane on its first start). Hosts over NATS
-    /// need the control plane's key to open the secrets of the services they run.
+    /// <data-dir>/secret.key, made by the control plane on its first start). Hosts do not need
+    /// it: each receives the secrets of the replicas assigned to it sealed to its own key
+    /// (<data-dir>/host-seal.key, made on its first start). Given to `wharf host`, the host
+    /// reads the secrets bucket itself instead (compatibility; the shipped per-host NATS
+    /// identities may not read it).
     #[arg(long, env = "WHARF_SECRET_KEY_FILE", value_name = "PATH")]
     pub secret_key_file: Option<PathBuf>,
 }
@@ -81,13 +84,14 @@ impl SecretKeyArgs {
         }
         let key = SecretKey::from_bytes(rand_key());
         write_private(&path, &format!("{}\n", key.to_hex())).with_context(|| format!("cannot write the secret key {}", path.display()))?;
-        tracing::info!(path = %path.display(), "made the key that seals secrets at rest (key {}); keep it safe and give hosts the same file", key.id());
+        tracing::info!(path = %path.display(), "made the key that seals secrets at rest (key {}); keep it safe on the control plane's machines (hosts do not need it: each receives secrets sealed to its own key)", key.id());
         Ok(key)
     }
 
-    /// A host's key: the given file, else `<data_dir>/secret.key` if there
-    /// is one; without a key the host reads only secrets stored before
-    /// sealing existed.
+    /// The control plane's key for a host that reads the secrets bucket
+    /// itself (`wharf host --secret-key-file`, compatibility): the given
+    /// file, else `<data_dir>/secret.key` if there is one; without a key
+    /// the host reads only secrets stored before sealing existed.
     pub fn load_for_host(&self, data_dir: &Path) -> anyhow::Result<Option<SecretKey>> {
         if let Some(path) = &self.secret_key_file {
             return read_key(path).map(Some);
@@ -95,6 +99,28 @@ impl SecretKeyArgs {
         let path = data_dir.join("secret.key");
         if path.exists() { read_key(&path).map(Some) } else { Ok(None) }
     }
+}
+
+/// The file, in a host's data directory, of its own sealing key.
+pub const HOST_SEAL_KEY_FILE: &str = "host-seal.key";
+
+/// A host's own sealing key: `<data_dir>/host-seal.key`, made (random,
+/// 0600) if missing. The control plane seals the secrets of the replicas it
+/// assigns to the host to its public half, which the host's heartbeats
+/// announce; a new key (the file removed) has them sealed again.
+pub fn host_seal_key(data_dir: &Path) -> anyhow::Result<wharf_proto::sealed::HostKey> {
+    use wharf_proto::sealed::HostKey;
+    let path = data_dir.join(HOST_SEAL_KEY_FILE);
+    if path.exists() {
+        let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read the host's sealing key {}", path.display()))?;
+        let key = HostKey::parse(&text).with_context(|| format!("{} is not a host sealing key (64 hex digits)", path.display()))?;
+        tighten(&path, 0o600)?;
+        return Ok(key);
+    }
+    let key = HostKey::from_bytes(rand_key());
+    write_private(&path, &format!("{}\n", key.to_hex())).with_context(|| format!("cannot write the host's sealing key {}", path.display()))?;
+    tracing::info!(path = %path.display(), public = %key.public(), "made this host's own sealing key: secrets come sealed to it in its assignment");
+    Ok(key)
 }
 
 fn read_key(path: &Path) -> anyhow::Result<SecretKey> {

@@ -269,7 +269,9 @@ pub struct HostArgs {
     /// Address of this host's HTTP ingress (every route in the cluster is served here).
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
-    /// Where this host keeps its compile cache (default: the user data dir).
+    /// Where this host keeps its compile cache, volumes and its own sealing key
+    /// (host-seal.key, 0600, made on first start: secrets come sealed to it in the host's
+    /// assignment; remove it to have them sealed to a new one) (default: the user data dir).
     #[arg(long, env = "WHARF_DATA_DIR")]
     data_dir: Option<PathBuf>,
     /// How often to send a heartbeat.
@@ -373,7 +375,12 @@ pub async fn host(args: HostArgs, shutdown: impl Future<Output = ()>) -> anyhow:
         })
         .await?;
     let dir = data_dir(args.data_dir, id.as_str())?;
-    let secret_key = args.secret_key.load_for_host(&dir)?;
+    // Secrets come sealed to this host's own key in its assignment; given
+    // the control plane's key, the host reads the secrets bucket itself.
+    let (seal_key, secret_key) = match &args.secret_key.secret_key_file {
+        Some(_) => (None, args.secret_key.load_for_host(&dir)?),
+        None => (Some(crate::at_rest::host_seal_key(&dir)?), None),
+    };
     let runtime = sizing.runtime(Some(dir.join("compiled")))?;
     let metrics = HostMetrics::for_runtime(&runtime);
     let agent = HostAgent::start(
@@ -389,6 +396,7 @@ pub async fn host(args: HostArgs, shutdown: impl Future<Output = ()>) -> anyhow:
             activation_timeout: args.activation_timeout,
             volumes_dir: Some(dir.join("volumes")),
             max_bus_handlers: args.max_bus_handlers,
+            seal_key,
             secret_key,
         },
     )

@@ -238,6 +238,24 @@ pub fn host_permissions(host: &HostId) -> HostPermissions {
     for api in ["CREATE", "UPDATE", "DELETE", "PURGE"] {
         publish_deny.push((format!("$JS.API.STREAM.{api}.>"), "streams are the control plane's"));
     }
+    // The secrets bucket is not read at all: a host receives the secrets of
+    // its replicas sealed to its own key inside its assignment. Every way
+    // JetStream reads a stream is denied for it (the message-get and
+    // direct-get APIs, by sequence and by subject; consumers in each
+    // form nats-server takes, with or without a name and filter), and its
+    // subjects cannot be subscribed to (not in the subscribe allow list).
+    let secrets_stream = format!("KV_{}", names::SECRETS_BUCKET);
+    for (subject, why) in [
+        (format!("$JS.API.DIRECT.GET.{secrets_stream}"), "secrets come sealed to the host in its assignment: no reads of the bucket"),
+        (format!("$JS.API.DIRECT.GET.{secrets_stream}.>"), ""),
+        (format!("$JS.API.STREAM.MSG.GET.{secrets_stream}"), ""),
+        (format!("$JS.API.CONSUMER.CREATE.{secrets_stream}"), ""),
+        (format!("$JS.API.CONSUMER.CREATE.{secrets_stream}.>"), ""),
+        (format!("$JS.API.CONSUMER.DURABLE.CREATE.{secrets_stream}.>"), ""),
+        (format!("$JS.API.CONSUMER.MSG.NEXT.{secrets_stream}.>"), ""),
+    ] {
+        publish_deny.push((subject, why));
+    }
     let subscribe = vec![
         (format!("wharf.host.{host}.>"), "its own resend, logs and jobs requests, no other host's"),
         (format!("{}.>", names::host_inbox_prefix(host)), "its own inboxes (replies, watches), no one else's"),
@@ -324,6 +342,10 @@ mod tests {
         assert!(own.contains(&format!("nkey: {public_a}")), "{own}");
         for subject in ["\"wharf.host.host-a.heartbeat\"", "\"wharf.host.host-a.alive\"", "\"wharf.host.host-a.>\"", "\"_INBOX.host-host-a.>\"", "\"$KV.wharf-services.>\"", "\"$KV.wharf-tokens.>\""] {
             assert!(own.contains(subject), "{subject} missing:\n{own}");
+        }
+        for denied in ["\"$JS.API.DIRECT.GET.KV_wharf-secrets\"", "\"$JS.API.DIRECT.GET.KV_wharf-secrets.>\"", "\"$JS.API.STREAM.MSG.GET.KV_wharf-secrets\"", "\"$JS.API.CONSUMER.CREATE.KV_wharf-secrets\"", "\"$JS.API.CONSUMER.CREATE.KV_wharf-secrets.>\"", "\"$JS.API.CONSUMER.DURABLE.CREATE.KV_wharf-secrets.>\""] {
+            let deny = &own[own.find("deny:").expect("deny")..own.find("subscribe:").expect("subscribe")];
+            assert!(deny.contains(denied), "{denied} not denied:\n{own}");
         }
         for other in ["host-b", "\"wharf.host.*"] {
             assert!(!own.contains(other), "{other} in host-a's permissions:\n{own}");

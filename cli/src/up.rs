@@ -115,6 +115,8 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyhow::Resu
             activation_timeout: args.activation_timeout,
             volumes_dir: Some(data_dir.join("volumes")),
             max_bus_handlers: wharf_host::agent::DEFAULT_MAX_BUS_HANDLERS,
+            // One process: the host reads the secrets bucket with the control plane's key.
+            seal_key: None,
             secret_key: Some(secret_key),
         },
     )

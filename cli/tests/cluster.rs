@@ -440,12 +440,20 @@ async fn a_counter_over_three_hosts_counts_exactly_and_survives_failures() {
 
 /// The shipped NATS configuration (deploy/nats), copied into `dir`, with
 /// an identity for each of `hosts` made by `wharf nats add-host` (seeds in
-/// `<dir>/nats/hosts/<host>.nk`), started as its README says; the scheduler's
-/// password is `s3cret-s`, the system user's `s3cret-sys`; clients speak
-/// mutual TLS with the certificates in `<dir>/nats/tls` ([`tls_args`]).
+/// `<dir>/nats/hosts/<host>.nk`) and certificates for mutual TLS made by
+/// `wharf nats certs` (in `<dir>/nats/tls`, a client certificate for the
+/// scheduler and each host), started as its README says; the scheduler's
+/// password is `s3cret-s`, the system user's `s3cret-sys`.
 fn shipped_nats(dir: &Path, hosts: &[&str]) -> NatsServer {
     let config = dir.join("nats");
     std::fs::create_dir_all(&config).expect("mkdir");
+    let tls = config.join("tls");
+    let clients = std::iter::once("scheduler").chain(hosts.iter().copied()).collect::<Vec<_>>().join(",");
+    let output = Command::new(WHARF)
+        .args(["nats", "certs", "--dir", tls.to_str().expect("utf-8"), "--server-name", "127.0.0.1,localhost", "--client", &clients])
+        .output()
+        .expect("wharf runs");
+    assert!(output.status.success(), "wharf nats certs: {}", String::from_utf8_lossy(&output.stderr));
     let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/nats");
     for file in ["nats-server.conf", "accounts.conf", "roles.conf", "users.conf"] {
         std::fs::copy(shipped.join(file), config.join(file)).expect("copy the shipped config");
@@ -454,28 +462,39 @@ fn shipped_nats(dir: &Path, hosts: &[&str]) -> NatsServer {
         let output = Command::new(WHARF).args(["nats", "add-host", host, "--dir", config.to_str().expect("utf-8")]).output().expect("wharf runs");
         assert!(output.status.success(), "wharf nats add-host {host}: {}", String::from_utf8_lossy(&output.stderr));
     }
-    let tls_dir = config.join("tls");
-    std::fs::create_dir_all(&tls_dir).expect("mkdir");
-    let certs = wharf_testkit::tls::write(&tls_dir);
-    let path = |p: &Path| p.to_str().expect("utf-8").to_string();
     NatsServer::start_from(&wharf_testkit::nats::ConfigFile {
         path: config.join("nats-server.conf"),
         env: vec![
             ("WHARF_SCHEDULER_PASSWORD".into(), "s3cret-s".into()),
             ("WHARF_SYSTEM_PASSWORD".into(), "s3cret-sys".into()),
-            ("WHARF_NATS_CA".into(), path(&certs.ca)),
-            ("WHARF_NATS_SERVER_CERT".into(), path(&certs.cert)),
-            ("WHARF_NATS_SERVER_KEY".into(), path(&certs.key)),
+            ("WHARF_NATS_CA".into(), tls.join("ca.pem").to_str().expect("utf-8").into()),
+            ("WHARF_NATS_SERVER_CERT".into(), tls.join("server.pem").to_str().expect("utf-8").into()),
+            ("WHARF_NATS_SERVER_KEY".into(), tls.join("server.key").to_str().expect("utf-8").into()),
         ],
         store_dir_var: Some("WHARF_NATS_DATA".into()),
     })
 }
 
-/// The flags for mutual TLS with the server `shipped_nats` started in `dir`.
-fn tls_args(dir: &Path) -> Vec<String> {
+/// The flags that make a Wharf process `client` speak mutual TLS with `shipped_nats`.
+fn tls_flags(dir: &Path, client: &str) -> Vec<String> {
     let tls = dir.join("nats/tls");
-    let file = |name: &str| tls.join(name).to_str().expect("utf-8").to_string();
-    vec!["--nats-ca".into(), file("ca.pem"), "--nats-cert".into(), file("client.pem"), "--nats-key".into(), file("client.key")]
+    let file = |name: String| tls.join(name).to_str().expect("utf-8").to_string();
+    vec!["--nats-ca".into(), file("ca.pem".into()), "--nats-cert".into(), file(format!("{client}.pem")), "--nats-key".into(), file(format!("{client}.key"))]
+}
+
+/// A plain NATS client's options for mutual TLS with `shipped_nats`, as `client`.
+fn with_tls(options: async_nats::ConnectOptions, dir: &Path, client: &str) -> async_nats::ConnectOptions {
+    let tls = dir.join("nats/tls");
+    options.require_tls(true).add_root_certificates(tls.join("ca.pem")).add_client_certificate(tls.join(format!("{client}.pem")), tls.join(format!("{client}.key")))
+}
+
+/// The options of `wharf_bus` for mutual TLS with `shipped_nats`, as `client`.
+fn bus_tls(dir: &Path, client: &str) -> wharf_bus::NatsTls {
+    let tls = dir.join("nats/tls");
+    wharf_bus::NatsTls {
+        ca: Some(tls.join("ca.pem")),
+        client: Some(wharf_bus::ClientCertificate { cert: tls.join(format!("{client}.pem")), key: tls.join(format!("{client}.key")) }),
+    }
 }
 
 /// The seed file `shipped_nats` made for `host`.
@@ -485,7 +504,7 @@ fn seed_of(dir: &Path, host: &str) -> String {
 
 /// A scheduler over the shipped config, as the user `scheduler`.
 fn scheduler_as_scheduler(nats: &str, dir: &Path) -> (Process, Api) {
-    let tls = tls_args(dir);
+    let tls = tls_flags(dir, "scheduler");
     let dir = dir.join("scheduler");
     let mut args = vec!["scheduler", "--nats", nats, "--nats-user", "scheduler", "--nats-password", "s3cret-s", "--api", "127.0.0.1:0", "--data-dir", dir.to_str().expect("utf-8")];
     args.extend(tls.iter().map(String::as_str));
@@ -497,11 +516,17 @@ fn scheduler_as_scheduler(nats: &str, dir: &Path) -> (Process, Api) {
 
 /// `wharf host` named `name` with its own NATS identity.
 fn host_with_identity(nats: &str, name: &str, dir: &Path) -> Host {
+    host_with_identity_and(nats, name, dir, &[])
+}
+
+/// `host_with_identity` with more flags.
+fn host_with_identity_and(nats: &str, name: &str, dir: &Path, more: &[&str]) -> Host {
     let data = dir.join(name);
     let seed = seed_of(dir, name);
-    let tls = tls_args(dir);
+    let tls = tls_flags(dir, name);
     let mut args = vec!["host", "--nats", nats, "--nats-nkey", &seed, "--name", name, "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--data-dir", data.to_str().expect("utf-8")];
     args.extend(tls.iter().map(String::as_str));
+    args.extend(more);
     let mut process = Process::spawn(WHARF, &args);
     let line = process.wait_for_line("ingress http://", Duration::from_secs(60));
     Host { process, name: name.to_string(), ingress: url_in(&line) }
@@ -526,10 +551,7 @@ async fn hosts_with_host_credentials_serve_but_cannot_write_desired_state() {
         wharf_bus::NatsOptions {
             auth: wharf_bus::NatsAuth::NkeySeedFile(seed_of(dir.path(), "h1").into()),
             inbox_prefix: Some("_INBOX.host-h1".into()),
-            tls: Some(wharf_bus::NatsTls {
-                ca: Some(dir.path().join("nats/tls/ca.pem")),
-                client: Some(wharf_bus::ClientCertificate { cert: dir.path().join("nats/tls/client.pem"), key: dir.path().join("nats/tls/client.key") }),
-            }),
+            tls: Some(bus_tls(dir.path(), "h1")),
             ..Default::default()
         },
     )
@@ -583,11 +605,7 @@ async fn a_host_identity_reaches_only_its_own_subjects_and_cannot_speak_for_anot
 
     // host-a's credentials in a plain NATS client, with the server's errors collected.
     let errors = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-    let tls = dir.path().join("nats/tls");
-    let client = async_nats::ConnectOptions::with_nkey(std::fs::read_to_string(seed_of(dir.path(), "host-a")).expect("seed").trim().to_string())
-        .require_tls(true)
-        .add_root_certificates(tls.join("ca.pem"))
-        .add_client_certificate(tls.join("client.pem"), tls.join("client.key"))
+    let client = with_tls(async_nats::ConnectOptions::with_nkey(std::fs::read_to_string(seed_of(dir.path(), "host-a")).expect("seed").trim().to_string()), dir.path(), "host-a")
         .custom_inbox_prefix(wharf_proto::names::host_inbox_prefix(&wharf_proto::HostId::new("host-a").expect("valid")))
         .event_callback({
             let errors = errors.clone();
@@ -631,6 +649,7 @@ async fn a_host_identity_reaches_only_its_own_subjects_and_cannot_speak_for_anot
         memory_reserved: Default::default(),
         memory_in_use: Default::default(),
         version: 1,
+        seal_key: None,
     };
     let forged = bytes::Bytes::from(serde_json::to_vec(&forged).expect("json"));
 
@@ -674,4 +693,155 @@ async fn a_host_identity_reaches_only_its_own_subjects_and_cannot_speak_for_anot
         let output = host.process.output();
         assert!(!output.contains("Permissions Violation"), "{} was refused something:\n{output}", host.name);
     }
+}
+
+/// Reads `host`'s assignment as the control plane (the user `scheduler`).
+async fn assignment_of(nats: &str, dir: &Path, host: &str) -> wharf_proto::Assignment {
+    let client = with_tls(async_nats::ConnectOptions::with_user_and_password("scheduler".into(), "s3cret-s".into()), dir, "scheduler")
+        .connect(nats)
+        .await
+        .expect("the scheduler's user connects");
+    let kv = async_nats::jetstream::new(client).get_key_value(wharf_proto::names::ASSIGNMENTS_BUCKET).await.expect("the assignments bucket");
+    let value = kv.get(host).await.expect("read").expect("the host has an assignment");
+    serde_json::from_slice(&value).expect("an assignment")
+}
+
+/// The public half of the sealing key in a host's data directory.
+fn host_public_key(dir: &Path, host: &str) -> String {
+    let text = std::fs::read_to_string(dir.join(host).join("host-seal.key")).expect("the host made its sealing key");
+    wharf_proto::sealed::HostKey::parse(&text).expect("a host key").public().to_string()
+}
+
+/// Issue 17: a host receives the secrets of the replicas assigned to it
+/// sealed to its own key, inside its assignment; with the shipped per-host
+/// identities and no --secret-key-file, the service reads its secret while
+/// the host's credentials, in a plain NATS client, cannot read the secrets
+/// bucket in any way JetStream offers. A host restarted with a new key gets
+/// its secrets sealed again; a host announcing no key (given the control
+/// plane's key, so reading the bucket itself) fails the replica saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hosts_receive_secrets_sealed_to_their_own_key_and_cannot_read_the_secrets_bucket() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nats = shipped_nats(dir.path(), &["host-a", "host-b"]);
+    let url = nats.url();
+    let (_sched, api) = scheduler_as_scheduler(&url, dir.path());
+    let mut a = host_with_identity(&url, "host-a", dir.path());
+    let key_file = dir.path().join("host-a/host-seal.key");
+    assert_eq!(std::fs::metadata(&key_file).expect("key").permissions().mode() & 0o777, 0o600, "the host's key is its own");
+    let value = "sealed-to-host-7f3a";
+    wharf(&api, &["secret", "set", "token", value]);
+    wharf(&api, &["deploy", &sample("settings"), "--name", "settings", "--route", "/", "--secret", "token", "--no-wait"]);
+    until_ok(&format!("{}/?key=token", a.ingress), value, Duration::from_secs(90)).await;
+
+    // What travelled: the assignment holds the secret sealed to host-a's key, not in plain text.
+    let first_key = host_public_key(dir.path(), "host-a");
+    let assignment = assignment_of(&url, dir.path(), "host-a").await;
+    let sealed = assignment.secrets.clone().expect("secrets sealed to host-a");
+    assert_eq!(sealed.to, first_key);
+    let text = serde_json::to_string(&assignment).expect("json");
+    assert!(sealed.values.contains_key("default.token") && !text.contains(value), "{text}");
+    // Sealing is deterministic: heartbeats and passes meanwhile rewrite nothing.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(assignment_of(&url, dir.path(), "host-a").await, assignment, "the assignment was rewritten while nothing changed");
+
+    // host-a's credentials in a plain NATS client: every way to read the secrets bucket is refused.
+    let errors = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let client = with_tls(async_nats::ConnectOptions::with_nkey(std::fs::read_to_string(seed_of(dir.path(), "host-a")).expect("seed").trim().to_string()), dir.path(), "host-a")
+        .custom_inbox_prefix(wharf_proto::names::host_inbox_prefix(&wharf_proto::HostId::new("host-a").expect("valid")))
+        .event_callback({
+            let errors = errors.clone();
+            move |event| {
+                let errors = errors.clone();
+                async move {
+                    if let async_nats::Event::ServerError(e) = event {
+                        errors.lock().expect("lock").push(e.to_string());
+                    }
+                }
+            }
+        })
+        .connect(&url)
+        .await
+        .expect("host-a's identity connects");
+    let refused = |what: String| {
+        let errors = errors.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if errors.lock().expect("lock").iter().any(|e| e.contains(&what)) {
+                    return;
+                }
+                assert!(Instant::now() < deadline, "the server did not refuse {what}; its errors: {:?}", errors.lock().expect("lock"));
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let attempts: [(&str, serde_json::Value); 6] = [
+        ("$JS.API.DIRECT.GET.KV_wharf-secrets.$KV.wharf-secrets.default.token", serde_json::Value::Null),
+        ("$JS.API.DIRECT.GET.KV_wharf-secrets", serde_json::json!({"last_by_subj": "$KV.wharf-secrets.default.token"})),
+        ("$JS.API.STREAM.MSG.GET.KV_wharf-secrets", serde_json::json!({"last_by_subj": "$KV.wharf-secrets.default.token"})),
+        (
+            "$JS.API.CONSUMER.CREATE.KV_wharf-secrets",
+            serde_json::json!({"stream_name": "KV_wharf-secrets", "config": {"deliver_subject": "_INBOX.host-host-a.steal", "deliver_policy": "all", "ack_policy": "none"}}),
+        ),
+        (
+            "$JS.API.CONSUMER.CREATE.KV_wharf-secrets.steal.$KV.wharf-secrets.>",
+            serde_json::json!({"stream_name": "KV_wharf-secrets", "config": {"name": "steal", "deliver_subject": "_INBOX.host-host-a.steal", "filter_subject": "$KV.wharf-secrets.>", "deliver_policy": "all", "ack_policy": "none"}}),
+        ),
+        (
+            "$JS.API.CONSUMER.DURABLE.CREATE.KV_wharf-secrets.steal",
+            serde_json::json!({"stream_name": "KV_wharf-secrets", "config": {"durable_name": "steal", "deliver_policy": "all", "ack_policy": "none"}}),
+        ),
+    ];
+    let mut stolen = client.subscribe("_INBOX.host-host-a.steal").await.expect("its own inbox");
+    for (subject, body) in attempts {
+        let body = if body.is_null() { bytes::Bytes::new() } else { bytes::Bytes::from(body.to_string()) };
+        let answer = tokio::time::timeout(Duration::from_secs(3), client.request(subject.to_string(), body)).await;
+        if let Ok(Ok(reply)) = &answer {
+            let reply = String::from_utf8_lossy(&reply.payload);
+            assert!(!reply.contains(value) && !reply.contains("\"data\""), "{subject} answered: {reply}");
+        }
+        refused(format!("Permissions Violation for Publish to \"{subject}\"")).await;
+    }
+    // The bucket's own subjects cannot be subscribed to.
+    let _watch = client.subscribe("$KV.wharf-secrets.>").await.expect("sent");
+    client.flush().await.expect("flushed");
+    refused("Permissions Violation for Subscription to \"$KV.wharf-secrets.>\"".into()).await;
+    // Through JetStream's own key-value client too: nothing comes back.
+    let js = async_nats::jetstream::new(client.clone());
+    if let Ok(Ok(kv)) = tokio::time::timeout(Duration::from_secs(5), js.get_key_value(wharf_proto::names::SECRETS_BUCKET)).await {
+        let got = tokio::time::timeout(Duration::from_secs(5), kv.get("default.token")).await;
+        assert!(!matches!(got, Ok(Ok(Some(_)))), "host-a read the secret from the bucket: {got:?}");
+    }
+    assert!(tokio::time::timeout(Duration::from_millis(500), futures::StreamExt::next(&mut stolen)).await.is_err(), "a consumer delivered the bucket");
+    // The host itself never tried: nothing it does is refused.
+    let output = a.process.output();
+    assert!(!output.contains("Permissions Violation"), "host-a was refused something:\n{output}");
+
+    // Restarted with a new key: the control plane seals the secret again, to the new key.
+    a.process.kill();
+    std::fs::remove_file(&key_file).expect("remove the key");
+    let a = host_with_identity(&url, "host-a", dir.path());
+    let second_key = host_public_key(dir.path(), "host-a");
+    assert_ne!(second_key, first_key);
+    until_ok(&format!("{}/?key=token", a.ingress), value, Duration::from_secs(90)).await;
+    assert_eq!(assignment_of(&url, dir.path(), "host-a").await.secrets.expect("secrets").to, second_key, "sealed again to the new key");
+
+    // A host announcing no sealing key (given the control plane's key, it
+    // reads the bucket itself) gets no secrets; its replica fails saying why.
+    let mut a = a;
+    a.process.kill();
+    let control_plane_key = dir.path().join("scheduler/secret.key");
+    let _b = host_with_identity_and(&url, "host-b", dir.path(), &["--secret-key-file", control_plane_key.to_str().expect("utf-8")]);
+    let wait = Instant::now();
+    loop {
+        let view = service(&api, "settings").to_string();
+        if view.contains("announces no sealing key") {
+            assert!(view.contains("host-b") && view.contains("--secret-key-file") && view.contains("cannot read secret token from the secrets bucket"), "{view}");
+            break;
+        }
+        assert!(wait.elapsed() < Duration::from_secs(90), "no clear error on host-b: {view}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(assignment_of(&url, dir.path(), "host-b").await.secrets, None, "nothing sealed to a host without a key");
 }

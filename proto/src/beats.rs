@@ -76,6 +76,7 @@ fn unchanged(last: &Heartbeat, now: &Heartbeat) -> bool {
         memory_reserved,
         memory_in_use,
         version: _,
+        seal_key,
     } = now;
     let memory_close = last.memory_in_use.0.abs_diff(memory_in_use.0) <= last.memory_in_use.0 / 8;
     memory_close
@@ -89,6 +90,7 @@ fn unchanged(last: &Heartbeat, now: &Heartbeat) -> bool {
         && last.replicas == *replicas
         && last.demand == *demand
         && last.cached == *cached
+        && last.seal_key == *seal_key
 }
 
 #[cfg(test)]
@@ -124,6 +126,7 @@ mod tests {
             memory_reserved: ByteSize::mib(64),
             memory_in_use: ByteSize::mib(100),
             version: 0,
+            seal_key: None,
         }
     }
 

@@ -37,5 +37,5 @@ pub use status::{
 };
 pub use wire::{
     Activation, AssignedReplica, Assignment, Capacity, Demand, Heartbeat, HeartbeatAlive, HostDown, Lease, Namespace, Quota, ReplicaKey, ReplicaState,
-    ReplicaStatus, Revision, StoredService,
+    ReplicaStatus, Revision, SealedSecrets, StoredService,
 };

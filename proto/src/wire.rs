@@ -92,6 +92,25 @@ pub struct Assignment {
     /// so a deposed leader's late write cannot undo its successor's.
     #[serde(default)]
     pub epoch: u64,
+    /// The secrets the assigned replicas' specs grant, sealed to the host's
+    /// own key (see [`crate::sealed`]): how a host receives secrets without
+    /// reading the secrets bucket. `None`: the host announced no sealing key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secrets: Option<SealedSecrets>,
+}
+
+/// Secrets sealed to one host, inside its [`Assignment`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SealedSecrets {
+    /// The host's public sealing key they are sealed to, from its heartbeat
+    /// ([`Heartbeat::seal_key`]); a host restarted with a new key waits for
+    /// them to be sealed again.
+    pub to: String,
+    /// Each secret by its key in the secrets bucket
+    /// ([`crate::names::secret_key`]), sealed, in hex. A granted secret
+    /// that does not exist is absent.
+    #[serde(default)]
+    pub values: BTreeMap<String, String>,
 }
 
 /// One replica a host must run: which revision of which service, and the
@@ -237,6 +256,12 @@ pub struct Heartbeat {
     /// [`HeartbeatAlive`] naming the same version says nothing changed.
     #[serde(default)]
     pub version: u64,
+    /// The public half of the host's own sealing key (64 hex digits,
+    /// [`crate::sealed::HostPublicKey`]): the control plane seals the
+    /// secrets of the replicas it assigns here to it. `None`: a host that
+    /// reads secrets itself (`wharf up`, or an older host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seal_key: Option<String>,
 }
 
 /// A heartbeat that says only "alive, and nothing changed since the full
@@ -402,6 +427,7 @@ mod tests {
             version: 0,
             generation: 9,
             epoch: 4,
+            secrets: None,
         };
         let json = round_trip(&assignment);
         assert_eq!(json["replicas"][0]["service"], "default/hello");
@@ -460,6 +486,7 @@ mod tests {
             memory_reserved: ByteSize::mib(64),
             memory_in_use: ByteSize::mib(20),
             version: 0,
+            seal_key: Some("ab".repeat(32)),
         };
         let mut json = round_trip(&heartbeat);
         assert_eq!(json["capacity"]["memory"], "16GiB");

@@ -25,10 +25,11 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
+use wharf_proto::sealed::{HostPublicKey, NONCE_LEN, SecretKey};
 use wharf_proto::status::MAX_LISTED;
 use wharf_proto::{
     Activation, AssignedReplica, Assignment, AutoscaleSummary, EjectedReplica, HostId, Namespace, ReplicaKey, ReplicaState,
-    ReplicaStatus, RevisionCount, RolloutPhase, ServiceId, ServiceSpec, ServiceStatus, StoredService, UnplaceableReplica,
+    ReplicaStatus, RevisionCount, RolloutPhase, SealedSecrets, ServiceId, ServiceSpec, ServiceStatus, StoredService, UnplaceableReplica,
 };
 use wharf_scheduler_core::{
     FailedReplica, HostInfo, ObservedReplica, ObservedState, ReplicaTraffic, RetryAction, RetryPolicy, RolloutInput, Snapshot,
@@ -57,6 +58,13 @@ pub struct Context {
     pub retry: RetryPolicy,
     /// Where what the controller decides, and why, is recorded (`events.rs`).
     pub events: crate::events::Recorder,
+    /// Opens the secrets bucket's values (the control plane's key), to seal
+    /// them to each host's own key in its assignment; `None`: stored plain.
+    pub secret_key: Option<SecretKey>,
+    /// Derives the ephemeral keys and nonces of values sealed to hosts (the
+    /// control plane's key, or a random one), so that sealing the same value
+    /// to the same host again gives the same bytes and no rewrite.
+    pub seal_salt: SecretKey,
 }
 
 /// Runs the control loop as leader with `epoch` until `stop` turns true.
@@ -168,6 +176,10 @@ struct Controller {
     /// The replicas each service's spec asked for at the last pass, to
     /// record a change of it (`wharf scale`, a deploy) as an event.
     spec_replicas: HashMap<ServiceId, u32>,
+    /// Per host, the sealing key and process start its assignment's secrets
+    /// were last sealed for: they are read and sealed again when either
+    /// changes or its replicas do, not at every pass.
+    sealed_for: HashMap<HostId, (Option<String>, u64)>,
 }
 
 impl Controller {
@@ -198,6 +210,7 @@ impl Controller {
             ejected: BTreeMap::new(),
             write_problems: BTreeMap::new(),
             spec_replicas: HashMap::new(),
+            sealed_for: HashMap::new(),
         }
     }
 
@@ -716,6 +729,8 @@ impl Controller {
     async fn write_assignments(&mut self, planned: &BTreeMap<HostId, Vec<(WorkloadId, u32)>>, attempts: &HashMap<ReplicaKey, u32>) {
         let mut hosts: BTreeSet<HostId> = planned.keys().cloned().collect();
         hosts.extend(self.assignments.keys().cloned());
+        let beats: HashMap<HostId, (Option<String>, u64)> =
+            self.context.hosts.hosts().into_iter().map(|h| (h.heartbeat.host, (h.heartbeat.seal_key, h.heartbeat.started_at_ms))).collect();
         for host in hosts {
             let existing = self.assignments.get(&host);
             let current_attempt: HashMap<ReplicaKey, u32> =
@@ -731,15 +746,36 @@ impl Controller {
                 })
                 .collect();
             wanted.sort();
-            if existing.is_some_and(|w| w.value.replicas == wanted) {
+            // The secrets the replicas' specs grant, sealed to the host's
+            // own key: read and sealed again only when the replicas, the
+            // host's key or its process changed.
+            let beat = beats.get(&host).cloned().unwrap_or((None, 0));
+            let same_replicas = existing.is_some_and(|w| w.value.replicas == wanted);
+            let secrets = if same_replicas && self.sealed_for.get(&host) == Some(&beat) {
+                existing.and_then(|w| w.value.secrets.clone())
+            } else {
+                match beat.0.as_deref().map(HostPublicKey::parse) {
+                    Some(Ok(to)) => self.seal_secrets(&host, &to, &wanted, existing.and_then(|w| w.value.secrets.as_ref())).await,
+                    Some(Err(e)) => {
+                        tracing::warn!(%host, "the host's heartbeat announces an unreadable sealing key; no secrets are sealed to it: {e}");
+                        None
+                    }
+                    None => None,
+                }
+            };
+            if existing.is_some_and(|w| w.value.replicas == wanted && w.value.secrets == secrets) {
+                self.sealed_for.insert(host.clone(), beat);
                 continue;
             }
+            // Recorded once written: a failed write has them sealed again at the next pass.
+            self.sealed_for.remove(&host);
             let (generation, expected) = existing.map_or((1, 0), |w| (w.value.generation + 1, w.version));
-            let assignment = Assignment { host: host.clone(), replicas: wanted, version: 0, generation, epoch: self.epoch };
+            let assignment = Assignment { host: host.clone(), replicas: wanted, version: 0, generation, epoch: self.epoch, secrets };
             match self.context.store.put_assignment(&assignment, expected).await {
                 Ok(version) => {
                     tracing::info!(host = %host, replicas = assignment.replicas.len(), "wrote assignment");
                     crate::events::assignment_changed(&self.context.events, &host, existing.map_or(&[][..], |w| &w.value.replicas), &assignment.replicas);
+                    self.sealed_for.insert(host.clone(), beat);
                     self.assignments.insert(host, Written { value: assignment, version });
                 }
                 Err(e) => self.write_failed(&format!("the assignment of host {host}"), e, |c| {
@@ -749,6 +785,52 @@ impl Controller {
                 }),
             }
         }
+    }
+
+    /// The secrets the specs of `replicas` grant, opened with the control
+    /// plane's key and sealed to `to`, the host's own key (`None` when they
+    /// grant none). A secret that does not exist is left out (the host's
+    /// replica fails saying so); one that cannot be read now keeps its
+    /// value from `existing` if that was sealed to the same key.
+    async fn seal_secrets(&self, host: &HostId, to: &HostPublicKey, replicas: &[AssignedReplica], existing: Option<&SealedSecrets>) -> Option<SealedSecrets> {
+        let mut keys = BTreeSet::new();
+        for replica in replicas {
+            match self.context.informer.revision(&replica.service, replica.revision).await {
+                Ok(Some(revision)) => {
+                    keys.extend(revision.spec.secrets.iter().map(|name| wharf_proto::names::secret_key(&replica.service.namespace, name)));
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(replica = %replica.key(), "cannot read the revision's spec to seal its secrets: {e}"),
+            }
+        }
+        if keys.is_empty() {
+            return None;
+        }
+        let to_text = to.to_string();
+        let kept = existing.filter(|s| s.to == to_text);
+        let mut values = BTreeMap::new();
+        for key in keys {
+            match self.context.store.secrets_kv().get(&key).await {
+                Ok(Some(entry)) => match wharf_proto::sealed::open(self.context.secret_key.as_ref(), &key, &entry.value) {
+                    Ok(plain) => {
+                        let parts: [&[u8]; 3] = [to_text.as_bytes(), key.as_bytes(), &plain];
+                        let ephemeral = self.context.seal_salt.derive("host-seal-ephemeral", &parts);
+                        let mut nonce = [0u8; NONCE_LEN];
+                        nonce.copy_from_slice(&self.context.seal_salt.derive("host-seal-nonce", &parts)[..NONCE_LEN]);
+                        values.insert(key.clone(), hex::encode(to.seal(&key, &plain, ephemeral, nonce)));
+                    }
+                    Err(e) => tracing::warn!(%host, secret = %key, "cannot open the secret to seal it to the host: {e}"),
+                },
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(%host, secret = %key, "cannot read the secret to seal it to the host: {e}");
+                    if let Some(value) = kept.and_then(|s| s.values.get(&key)) {
+                        values.insert(key, value.clone());
+                    }
+                }
+            }
+        }
+        Some(SealedSecrets { to: to_text, values })
     }
 
     /// Writes the statuses that changed, and deletes those of services gone.

@@ -402,6 +402,7 @@ mod tests {
             memory_reserved: ByteSize::default(),
             memory_in_use: ByteSize::default(),
             version: 0,
+            seal_key: None,
         }
     }
 

@@ -165,6 +165,8 @@ impl ControlPlane {
             autoscaling: autoscaling.clone(),
             retry: config.retry,
             events: events::Recorder::start(events.clone()),
+            secret_key: config.secret_key.clone(),
+            seal_salt: config.secret_key.clone().unwrap_or_else(|| wharf_proto::sealed::SecretKey::from_bytes(rand::random())),
         };
         tokio::spawn(lead(context, jobs.clone(), leadership.clone(), stopped));
         Ok(ControlPlane {

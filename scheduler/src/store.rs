@@ -421,7 +421,7 @@ impl Store {
                 what: format!("the assignment of host {}", assignment.host),
                 size: value.len(),
                 max: self.assignments.max_value(),
-                hint: "the host runs too many replicas for one record; add hosts or raise the bus's max payload",
+                hint: "the host runs too many replicas (or their secrets are too large) for one record; add hosts or raise the bus's max payload",
             });
         }
         fenced_write(&self.assignments, &key, value, expected).await

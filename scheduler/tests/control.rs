@@ -74,7 +74,7 @@ async fn writes_are_compare_and_set_and_templates_make_revisions() {
 async fn fenced_writes_refuse_a_stale_writer() {
     let store = Store::open(&bus()).await.expect("store");
     let host = HostId::new("h1").expect("id");
-    let mine = Assignment { host: host.clone(), replicas: Vec::new(), version: 0, generation: 1, epoch: 1 };
+    let mine = Assignment { host: host.clone(), replicas: Vec::new(), version: 0, generation: 1, epoch: 1, secrets: None };
     let version = store.put_assignment(&mine, 0).await.expect("first write");
     // A successor writes over it...
     let theirs = Assignment { generation: 2, epoch: 2, ..mine.clone() };
@@ -151,6 +151,7 @@ fn heartbeats_reporting(
                     memory_reserved: ByteSize::default(),
                     memory_in_use: ByteSize::default(),
                     version: 0,
+                    seal_key: None,
                 };
                 let payload = Bytes::from(serde_json::to_vec(&heartbeat).expect("json"));
                 let _ = bus.publish(&host_heartbeat_subject(host), payload).await;

@@ -18,6 +18,11 @@ use std::time::Duration;
 use wharf_proto::names::{ARTIFACTS_BUCKET, artifact_object};
 use wharf_proto::{AssignedReplica, Assignment, Digest, Readiness, ServiceId, ServiceSpec};
 
+/// How long a replica waits for secrets sealed to this host's key before
+/// it fails saying why (the control plane seals them again within a pass
+/// of reading a heartbeat that announces a new key).
+const SEALED_SECRETS_WAIT: Duration = Duration::from_secs(10);
+
 impl HostAgent {
     /// A new value of this host's assignment.
     pub(super) fn assignment_changed(&self, value: Option<&[u8]>, revision: u64) {
@@ -42,6 +47,10 @@ impl HostAgent {
                 return;
             }
         }
+        // The secrets first: the replicas loaded next (and those waiting for
+        // secrets sealed to this host's new key) read them.
+        let secrets = assignment.as_ref().and_then(|a| a.secrets.clone()).map(Arc::new);
+        self.inner.sealed.send_replace(secrets);
         self.converge(assignment.map(|a| a.replicas).unwrap_or_default());
     }
 
@@ -165,24 +174,11 @@ impl HostAgent {
         }
         workload.config.0 = spec.config.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         if !spec.secrets.is_empty() {
-            let secrets = self.inner.bus.kv(wharf_proto::names::SECRETS_BUCKET).await.map_err(|e| format!("cannot open the secret store: {e}"))?;
-            let namespace = &service.namespace;
-            for name in &spec.secrets {
-                let key = wharf_proto::names::secret_key(namespace, name);
-                match secrets.get(&key).await {
-                    Ok(Some(entry)) => {
-                        let value = wharf_proto::sealed::open(self.inner.config.secret_key.as_ref(), &key, &entry.value)
-                            .map_err(|e| format!("cannot open secret {name} on host {}: {e}", self.inner.config.host))?;
-                        workload.config.0.push((name.clone(), String::from_utf8_lossy(&value).into_owned()));
-                    }
-                    Ok(None) => {
-                        return Err(format!(
-                            "secret {name} is granted to the service but does not exist in namespace {namespace}; create it with `wharf secret set {name} ...`"
-                        ));
-                    }
-                    Err(e) => return Err(format!("cannot read secret {name}: {e}")),
-                }
-            }
+            let values = match &self.inner.config.seal_key {
+                Some(key) => self.sealed_secrets(key, &service.namespace, &spec.secrets).await?,
+                None => self.read_secrets(&service.namespace, &spec.secrets).await?,
+            };
+            workload.config.0.extend(values);
         }
         if !spec.triggers.is_empty() && !component.handles_messages() {
             return Err(format!(
@@ -200,6 +196,89 @@ impl HostAgent {
         workload.keyvalue =
             Some(crate::keyvalue::KeyValueAccess::new(self.inner.bus.clone(), &service.namespace, &service.to_string(), spec.keyvalue.iter().cloned()));
         Workload::new(&self.inner.runtime, component, workload, &self.inner.metrics).map_err(|e| e.to_string())
+    }
+
+    /// The secrets `names` of `namespace`, from this host's assignment,
+    /// opened with this host's own key. Secrets sealed to another key (this
+    /// host restarted with a new one), or not yet sealed (a replica started
+    /// for held requests before its assignment), are waited for a while:
+    /// the control plane seals them again when it reads this host's
+    /// heartbeat.
+    async fn sealed_secrets(&self, key: &wharf_proto::sealed::HostKey, namespace: &str, names: &[String]) -> Result<Vec<(String, String)>, String> {
+        let host = &self.inner.config.host;
+        let mine = key.public().to_string();
+        let mut updates = self.inner.sealed.subscribe();
+        let deadline = tokio::time::Instant::now() + SEALED_SECRETS_WAIT;
+        loop {
+            let why = {
+                let current = updates.borrow_and_update();
+                match current.as_deref() {
+                    None => format!(
+                        "the control plane sent host {host} no secrets sealed to its key {mine} (its assignment carries none: a scheduler older than this host, or one that has not read its heartbeat yet)"
+                    ),
+                    Some(sealed) if sealed.to != mine => format!(
+                        "the secrets in host {host}'s assignment are sealed to key {}, not to its key {mine} (the host restarted with a new key?), and the control plane had not sealed them again",
+                        sealed.to
+                    ),
+                    Some(sealed) => {
+                        let mut values = Vec::with_capacity(names.len());
+                        let mut missing = None;
+                        for name in names {
+                            let secret = wharf_proto::names::secret_key(namespace, name);
+                            let Some(text) = sealed.values.get(&secret) else {
+                                missing = Some(name);
+                                break;
+                            };
+                            let bytes = hex::decode(text).map_err(|_| format!("secret {name} in host {host}'s assignment is not hex"))?;
+                            let value = key.open(&secret, &bytes).map_err(|e| format!("cannot open secret {name} on host {host}: {e}"))?;
+                            values.push((name.clone(), String::from_utf8_lossy(&value).into_owned()));
+                        }
+                        match missing {
+                            None => return Ok(values),
+                            Some(name) => format!(
+                                "secret {name} is granted to the service but is not in host {host}'s assignment: it does not exist in namespace {namespace} (create it with `wharf secret set {name} ...`), or the control plane could not read it"
+                            ),
+                        }
+                    }
+                }
+            };
+            match tokio::time::timeout_at(deadline, updates.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) | Err(_) => return Err(why),
+            }
+        }
+    }
+
+    /// The secrets `names` of `namespace`, read from the secrets bucket and
+    /// opened with the control plane's key: for a host without a sealing
+    /// key of its own (`wharf up`, one process on an in-process bus).
+    async fn read_secrets(&self, namespace: &str, names: &[String]) -> Result<Vec<(String, String)>, String> {
+        let host = &self.inner.config.host;
+        let secrets = self.inner.bus.kv(wharf_proto::names::SECRETS_BUCKET).await.map_err(|e| format!("cannot open the secret store: {e}"))?;
+        let mut values = Vec::with_capacity(names.len());
+        for name in names {
+            let key = wharf_proto::names::secret_key(namespace, name);
+            match secrets.get(&key).await {
+                Ok(Some(entry)) => {
+                    let value = wharf_proto::sealed::open(self.inner.config.secret_key.as_ref(), &key, &entry.value)
+                        .map_err(|e| format!("cannot open secret {name} on host {host}: {e}"))?;
+                    values.push((name.clone(), String::from_utf8_lossy(&value).into_owned()));
+                }
+                Ok(None) => {
+                    return Err(format!(
+                        "secret {name} is granted to the service but does not exist in namespace {namespace}; create it with `wharf secret set {name} ...`"
+                    ));
+                }
+                Err(e) => {
+                    return Err(format!(
+                        "cannot read secret {name} from the secrets bucket: {e} (host {host} announces no sealing key of its own, so it reads secrets itself; \
+                         a host given --secret-key-file does that, and the shipped per-host NATS identities may not read the bucket: \
+                         run it without --secret-key-file to receive secrets sealed to its own key)"
+                    ));
+                }
+            }
+        }
+        Ok(values)
     }
 
     /// The component `digest`, compiled here before, or fetched and compiled.

@@ -75,6 +75,7 @@ impl HostAgent {
             ),
             memory_in_use: resident_memory(),
             version: 0,
+            seal_key: config.seal_key.as_ref().map(|key| key.public().to_string()),
         };
         // Full when something changed; else only "alive, nothing changed".
         let beat = match self.inner.beats.lock() {

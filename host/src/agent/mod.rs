@@ -79,9 +79,15 @@ pub struct AgentConfig {
     /// Requests from the bus answered at once; past it, the host reads no
     /// more from the bus until one finishes (NATS buffers, then drops).
     pub max_bus_handlers: usize,
-    /// Opens secrets sealed at rest (the control plane's key); `None`:
-    /// only secrets written before sealing existed can be read, a sealed
-    /// one fails its replica with an error saying so.
+    /// This host's own sealing key: with one, the host announces its public
+    /// half in its heartbeats and takes secrets only from its assignment,
+    /// sealed to it by the control plane (it never reads the secrets
+    /// bucket). `None`: it reads the bucket itself, with `secret_key`
+    /// (`wharf up`, one process).
+    pub seal_key: Option<wharf_proto::sealed::HostKey>,
+    /// Without `seal_key`: opens secrets sealed at rest (the control
+    /// plane's key); `None`: only secrets written before sealing existed
+    /// can be read, a sealed one fails its replica with an error saying so.
     pub secret_key: Option<wharf_proto::sealed::SecretKey>,
 }
 
@@ -127,6 +133,8 @@ struct Inner {
     draining: AtomicBool,
     /// The newest leader epoch seen on an assignment (fencing).
     epoch: AtomicU64,
+    /// The secrets of the newest assignment, sealed to this host's key.
+    sealed: watch::Sender<Option<Arc<wharf_proto::SealedSecrets>>>,
     /// Taken while precompiling, so at most one compile runs in the background.
     precompiling: tokio::sync::Mutex<()>,
     /// Bumped whenever a replica changes state, so waiters (held requests,
@@ -182,6 +190,7 @@ impl HostAgent {
                 jobs: jobs::Jobs::default(),
                 draining: AtomicBool::new(false),
                 epoch: AtomicU64::new(0),
+                sealed: watch::channel(None).0,
                 precompiling: tokio::sync::Mutex::new(()),
                 changes,
                 stop,
