@@ -136,7 +136,8 @@ struct Netns(String);
 impl Netns {
     fn create() -> Netns {
         let name = format!("wharf-readme-{}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "delete", &name]).status();
+        // One left by a run that was killed (its name is this process id).
+        let _ = Command::new("ip").args(["netns", "delete", &name]).stderr(std::process::Stdio::null()).status();
         let added = Command::new("ip").args(["netns", "add", &name]).status().expect("`ip` (iproute2) runs");
         assert!(added.success(), "cannot create network namespace {name}: the README test runs as root (as CI does)");
         let up = Command::new("ip").args(["netns", "exec", &name, "ip", "link", "set", "lo", "up"]).status().expect("ip runs");
