@@ -207,6 +207,8 @@ pub struct WorkloadLoad {
     pub latency_micros: u64,
     /// Their durations in buckets (see [`wharf_proto::latency`]).
     pub latency: wharf_proto::LatencyHistogram,
+    /// The most linear memory one instance held, in bytes; 0 before the first.
+    pub memory_peak: u64,
 }
 
 /// A component loaded with its limits. Cheap to clone.
@@ -233,6 +235,9 @@ struct WorkloadInner {
     failures: AtomicU64,
     errors: AtomicU64,
     latency_micros: AtomicU64,
+    /// The most linear memory one instance held, in bytes (reported to the
+    /// control plane, which places new replicas by at least this).
+    memory_peak: AtomicU64,
     /// Requests per latency bucket ([`wharf_proto::latency::BUCKET_BOUNDS_MICROS`], then one more).
     latency: [AtomicU64; LATENCY_BUCKETS],
 }
@@ -303,6 +308,7 @@ impl Workload {
                 failures: AtomicU64::new(0),
                 errors: AtomicU64::new(0),
                 latency_micros: AtomicU64::new(0),
+                memory_peak: AtomicU64::new(0),
                 latency: std::array::from_fn(|_| AtomicU64::new(0)),
             }),
         })
@@ -342,6 +348,7 @@ impl Workload {
             failures: inner.failures.load(Ordering::Relaxed),
             errors: inner.errors.load(Ordering::Relaxed),
             latency_micros: inner.latency_micros.load(Ordering::Relaxed),
+            memory_peak: inner.memory_peak.load(Ordering::Relaxed),
             latency: wharf_proto::LatencyHistogram::from_counts(inner.latency.iter().map(|c| c.load(Ordering::Relaxed)).collect()),
         }
     }
@@ -656,6 +663,7 @@ impl Workload {
         let state = store.data();
         state.finish_logs();
         metrics.memory_peak.observe(state.limiter.peak as f64);
+        self.inner.memory_peak.fetch_max(u64::try_from(state.limiter.peak).unwrap_or(u64::MAX), Ordering::Relaxed);
         let budget = limits.fuel.unwrap_or(u64::MAX);
         if let Ok(left) = store.get_fuel() {
             metrics.fuel.inc_by(budget - left);

@@ -75,6 +75,7 @@ fn unchanged(last: &Heartbeat, now: &Heartbeat) -> bool {
         demand,
         memory_reserved,
         memory_in_use,
+        memory_overcommit,
         version: _,
     } = now;
     let memory_close = last.memory_in_use.0.abs_diff(memory_in_use.0) <= last.memory_in_use.0 / 8;
@@ -89,6 +90,7 @@ fn unchanged(last: &Heartbeat, now: &Heartbeat) -> bool {
         && last.replicas == *replicas
         && last.demand == *demand
         && last.cached == *cached
+        && last.memory_overcommit == *memory_overcommit
 }
 
 #[cfg(test)]
@@ -116,6 +118,7 @@ mod tests {
                 errors: 0,
                 latency_micros: 0,
                 latency: Default::default(),
+                memory_peak: None,
             }],
             sent_at_ms: at,
             started_at_ms: 1,
@@ -123,6 +126,7 @@ mod tests {
             demand: Vec::new(),
             memory_reserved: ByteSize::mib(64),
             memory_in_use: ByteSize::mib(100),
+            memory_overcommit: None,
             version: 0,
         }
     }

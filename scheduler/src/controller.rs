@@ -21,13 +21,13 @@ use crate::hosts::{HostEntry, HostTable};
 use crate::informer::{Informer, problems_of};
 use crate::store::{Store, StoreError};
 use futures::StreamExt;
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 use wharf_proto::status::MAX_LISTED;
 use wharf_proto::{
-    Activation, AssignedReplica, Assignment, AutoscaleSummary, EjectedReplica, HostId, Namespace, ReplicaKey, ReplicaState,
+    Activation, AssignedReplica, Assignment, AutoscaleSummary, ByteSize, EjectedReplica, HostId, Namespace, ReplicaKey, ReplicaState,
     ReplicaStatus, RevisionCount, RolloutPhase, ServiceId, ServiceSpec, ServiceStatus, StoredService, UnplaceableReplica,
 };
 use wharf_scheduler_core::{
@@ -165,6 +165,11 @@ struct Controller {
     ejected: BTreeMap<ServiceId, Vec<EjectedReplica>>,
     /// Services whose records could not be written at the last pass, and why.
     write_problems: BTreeMap<ServiceId, String>,
+    /// Per service, the most linear memory one instance was reported to use
+    /// since this leader took over; new replicas reserve at least this.
+    /// Kept here rather than read from the current reports, so that a
+    /// service scaled to zero still wakes with what it was seen to need.
+    memory_peaks: HashMap<ServiceId, ByteSize>,
 }
 
 impl Controller {
@@ -194,6 +199,7 @@ impl Controller {
             samples: HashMap::new(),
             ejected: BTreeMap::new(),
             write_problems: BTreeMap::new(),
+            memory_peaks: HashMap::new(),
         }
     }
 
@@ -214,6 +220,16 @@ impl Controller {
             .flat_map(|h| h.heartbeat.replicas.iter().map(move |r| ((r.key(), &h.heartbeat.host), r)))
             .collect();
         self.note_failures(&reports, now);
+        let existing: HashSet<ServiceId> = services.iter().map(|s| s.spec.id()).collect();
+        self.memory_peaks.retain(|id, _| existing.contains(id));
+        for report in reports.values() {
+            if let Some(peak) = report.memory_peak
+                && existing.contains(&report.service)
+            {
+                let known = self.memory_peaks.entry(report.service.clone()).or_default();
+                *known = (*known).max(peak);
+            }
+        }
 
         // What each service runs now, from the assignments.
         let mut by_service: HashMap<ServiceId, Vec<(HostId, AssignedReplica)>> = HashMap::new();
@@ -286,6 +302,7 @@ impl Controller {
                     held: held.clone().map(|why| (replicas, why)),
                 }),
                 ejected: self.ejected.get(&id).cloned().unwrap_or_default(),
+                memory_peak: self.memory_peaks.get(&id).copied(),
                 problem,
                 observed_generation: stored.generation,
                 epoch: self.epoch,
@@ -453,7 +470,7 @@ impl Controller {
         if spec.autoscale.is_none() || wanted <= running {
             return (wanted, None);
         }
-        let each = spec.reservation().bytes();
+        let each = spec.memory_request().bytes();
         let (replicas, memory) = in_use.entry(spec.namespace.clone()).or_default();
         let (granted, binding) = record.quota.room(&spec.namespace, *replicas, *memory, u64::from(wanted - running), each);
         *replicas += granted;
@@ -512,7 +529,9 @@ impl Controller {
                 self.avoid.get(&key).map(|hosts| (replica, hosts.clone()))
             })
             .collect();
-        Workload { id: WorkloadId::new(id.clone(), revision), spec, replicas, avoid }
+        // A peak learned under a larger cap counts up to what this revision may use.
+        let memory_peak = self.memory_peaks.get(id).map(|peak| (*peak).min(spec.limits.most_memory()));
+        Workload { id: WorkloadId::new(id.clone(), revision), spec, replicas, avoid, memory_peak }
     }
 
     /// Retry decisions for a service's failed replicas: attempts to bump go
@@ -812,7 +831,6 @@ impl Controller {
     }
 }
 
-use std::collections::HashSet;
 
 /// Whether two statuses say the same (their versions aside).
 fn same_status(a: &ServiceStatus, b: &ServiceStatus) -> bool {
@@ -840,6 +858,7 @@ fn host_info(h: &HostEntry) -> HostInfo {
         ready: h.ready,
         labels,
         capacity: h.heartbeat.capacity,
+        memory_overcommit: h.heartbeat.memory_overcommit.unwrap_or_default(),
         cached: h.heartbeat.cached.iter().cloned().collect(),
         in_flight: h.heartbeat.replicas.iter().map(|r| r.in_flight).sum(),
     }
@@ -853,7 +872,7 @@ fn namespace_use(services: &[Arc<StoredService>], current: &HashMap<ServiceId, u
         let count = u64::from(current.get(&stored.spec.id()).copied().unwrap_or(0));
         let (replicas, memory) = in_use.entry(stored.spec.namespace.clone()).or_default();
         *replicas += count;
-        *memory += count.saturating_mul(stored.spec.reservation().bytes());
+        *memory += count.saturating_mul(stored.spec.memory_request().bytes());
     }
     in_use
 }
