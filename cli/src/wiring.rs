@@ -163,6 +163,9 @@ impl HostArgs {
             cache_dir,
             code_cache: self.code_cache,
             background: self.background_priority,
+            // The safety net under overcommitted requests: instances
+            // together never hold more than the memory the host offers.
+            memory_budget: Some(self.capacity().memory),
             ..RuntimeConfig::default()
         };
         self.guest.apply(&mut config)?;

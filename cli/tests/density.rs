@@ -108,3 +108,26 @@ async fn many_default_services_fit_where_caps_fit_two_and_a_request_too_big_is_r
     let response = client.get(format!("{}/s{}", up.ingress, SERVICES - 1)).send().await.expect("answered");
     assert_eq!(response.status(), 200);
 }
+
+/// The safety net under overcommitted requests: instances together never
+/// hold more than the host's `--memory`. A grow past it, within the
+/// instance's own cap, fails that request with a 503 naming the cause; the
+/// host keeps serving, and the memory comes back when the instance ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_past_the_hosts_memory_gets_a_503_and_the_host_keeps_serving() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let up = Up::start(Path::new(WHARF), &dir.path().join("data"), &["--host-id", "solo", "--memory", "32MiB", "--memory-overcommit", "4"]);
+    let hog = samples::path("hog");
+    up.ok(&["deploy", hog.to_str().expect("utf-8"), "--name", "hog", "--route", "/hog", "--memory", "64MiB", "--memory-request", "8MiB"]);
+    let client = reqwest::Client::new();
+    let refused = client.get(format!("{}/hog?mb=40", up.ingress)).send().await.expect("answered");
+    assert_eq!(refused.status(), 503);
+    assert_eq!(refused.headers().get("x-wharf-error").and_then(|v| v.to_str().ok()), Some("host_memory_full"));
+    let body = refused.text().await.expect("body");
+    assert!(body.contains("this host's instances hold all its memory for instances (32MiB)"), "{body}");
+    for _ in 0..3 {
+        let served = client.get(format!("{}/hog?mb=8", up.ingress)).send().await.expect("answered");
+        assert_eq!(served.status(), 200, "memory refused once is given back");
+        assert_eq!(served.text().await.expect("body"), "allocated 8 MiB\n");
+    }
+}
