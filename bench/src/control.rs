@@ -302,6 +302,7 @@ fn heartbeat(bus: Bus, hosts: Vec<HostId>, assigned: Assigned) -> tokio::task::J
                         errors: 0,
                         latency_micros: 0,
                         latency: Default::default(),
+                        memory_peak: None,
                     })
                     .collect();
                 let heartbeat = Heartbeat {
@@ -317,6 +318,7 @@ fn heartbeat(bus: Bus, hosts: Vec<HostId>, assigned: Assigned) -> tokio::task::J
                     demand: Vec::new(),
                     memory_reserved: ByteSize::default(),
                     memory_in_use: ByteSize::default(),
+                    memory_overcommit: None,
                     version: 0,
                     seal_key: None,
                 };

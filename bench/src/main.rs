@@ -16,6 +16,7 @@ mod cluster;
 mod codecache;
 mod coldstart;
 mod control;
+mod density;
 mod kvbench;
 mod load;
 mod natsha;
@@ -43,6 +44,8 @@ enum Cmd {
     Control(control::ControlArgs),
     /// Scale from zero: first-request latency (compiled and not), replicas following a step in load.
     Coldstart(coldstart::ColdStartArgs),
+    /// Many services on one host: N default hello services on one `wharf up`; ready, first requests, resident memory.
+    Density(density::DensityArgs),
     /// Compiled-code cache: first request with code in memory vs after eviction (from disk) vs cold compile.
     Codecache(codecache::CodeCacheArgs),
     /// wasi:keyvalue get/set latency from inside a component vs raw JetStream KV.
@@ -119,6 +122,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Kv(args) => tokio::runtime::Runtime::new()?.block_on(kvbench::run(args)),
         Cmd::NatsHa(args) => tokio::runtime::Runtime::new()?.block_on(natsha::run(args)),
         Cmd::Coldstart(args) => tokio::runtime::Runtime::new()?.block_on(coldstart::run(args)),
+        Cmd::Density(args) => tokio::runtime::Runtime::new()?.block_on(density::run(args)),
         Cmd::Codecache(args) => tokio::runtime::Runtime::new()?.block_on(codecache::run(args)),
         Cmd::Cluster(args) => tokio::runtime::Runtime::new()?.block_on(cluster::run(args)),
         Cmd::Control(args) => tokio::runtime::Runtime::new()?.block_on(control::run(args)),

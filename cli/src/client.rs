@@ -107,6 +107,10 @@ pub struct DeployArgs {
     /// Instances per replica at once.
     #[arg(long)]
     concurrency: Option<u32>,
+    /// Memory placement reserves per replica (its request; at most --memory x --concurrency).
+    /// Default: 8MiB, raised to the peak the service's instances are seen using.
+    #[arg(long)]
+    memory_request: Option<ByteSize>,
     /// Environment variable KEY=VALUE. Repeatable; replaces the environment.
     #[arg(long = "env", value_name = "KEY=VALUE", value_parser = crate::wiring::parse_pair)]
     env: Vec<(String, String)>,
@@ -325,7 +329,7 @@ pub enum NamespaceCommand {
         /// Replicas over all its services (an autoscaled service counts its max).
         #[arg(long)]
         max_replicas: Option<u32>,
-        /// Memory reserved over all its replicas (memory x concurrency each).
+        /// Memory reserved over all its replicas (their memory requests).
         #[arg(long)]
         max_memory: Option<ByteSize>,
         /// Requests per second at each host's ingress.
@@ -805,6 +809,9 @@ fn apply_flags(args: &DeployArgs, spec: &mut ServiceSpec) -> anyhow::Result<()> 
     }
     if let Some(concurrency) = args.concurrency {
         spec.limits.concurrency = concurrency;
+    }
+    if let Some(request) = args.memory_request {
+        spec.limits.memory_request = Some(request);
     }
     if !args.env.is_empty() {
         spec.env = args.env.iter().cloned().collect();

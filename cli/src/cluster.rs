@@ -249,9 +249,14 @@ pub struct HostArgs {
     /// Labels for placement, as KEY=VALUE (e.g. zone=a); repeat the flag or separate pairs with commas (zone=a,disk=ssd).
     #[arg(long, visible_alias = "label", value_name = "KEY=VALUE", value_delimiter = ',', value_parser = wiring::parse_pair)]
     labels: Vec<(String, String)>,
-    /// Memory offered to replicas (each reserves memory x concurrency); default: 80% of the machine's.
+    /// Memory offered to replicas (each reserves its memory request); default: 80% of the machine's.
     #[arg(long)]
     memory: Option<wharf_proto::ByteSize>,
+    /// How far replicas' memory requests may add up past --memory (1.5: half as much again).
+    /// Each instance stays capped at its limit; if the host really runs short, an instance
+    /// is refused with a clean error (503), never a crash.
+    #[arg(long, default_value_t = wharf_proto::Overcommit::NONE)]
+    memory_overcommit: wharf_proto::Overcommit,
     /// Instances that may run at once on this host, over all replicas.
     #[arg(long, default_value_t = 1000)]
     max_instances: u32,
@@ -391,6 +396,7 @@ pub async fn host(args: HostArgs, shutdown: impl Future<Output = ()>) -> anyhow:
             host: id.clone(),
             labels: args.labels.iter().cloned().collect(),
             capacity: sizing.capacity(),
+            memory_overcommit: args.memory_overcommit,
             ingress_addr: Some(addr.to_string()),
             heartbeat_interval: args.heartbeat,
             activation_timeout: args.activation_timeout,

@@ -106,6 +106,11 @@ fn print_events(events: &[Value]) {
     print_table(&rows);
 }
 
+/// A size as the API writes it (exact bytes or a unit), as people read it.
+fn human_size(text: &str) -> String {
+    text.parse::<wharf_proto::ByteSize>().map_or_else(|_| text.to_string(), wharf_proto::ByteSize::human)
+}
+
 pub async fn describe(what: DescribeWhat) -> anyhow::Result<()> {
     let DescribeWhat::Service { name, events, api } = what;
     let id = parse_id(&name)?;
@@ -125,6 +130,15 @@ pub async fn describe(what: DescribeWhat) -> anyhow::Result<()> {
     let routes: Vec<String> = spec["routes"].as_array().into_iter().flatten().map(|r| format!("{}{}", r["host"].as_str().unwrap_or(""), r["path_prefix"].as_str().unwrap_or(""))).collect();
     println!("Routes:      {}", if routes.is_empty() { "-".to_string() } else { routes.join(", ") });
     println!("Replicas:    {} ready of {} desired", status["ready"], status["desired"]);
+    let memory = &status["memory"];
+    let peak = memory["peak"].as_str().map_or("none yet".to_string(), human_size);
+    println!(
+        "Memory:      request {} per replica, limit {} per instance x {} at once; peak seen {peak}; new replicas reserve {}",
+        human_size(memory["request"].as_str().unwrap_or("-")),
+        memory["limit"].as_str().unwrap_or("-"),
+        memory["concurrency"],
+        human_size(memory["placed_by"].as_str().unwrap_or("-")),
+    );
     let latency = status["latency_ms"].as_f64().map_or("-".to_string(), |ms| format!("{ms:.1} ms"));
     println!("Load:        {} in flight, {:.1} requests/s, mean latency {latency}", status["in_flight"], status["rps"].as_f64().unwrap_or(0.0));
     if let Some(reason) = status["autoscale"]["reason"].as_str() {

@@ -110,6 +110,7 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyhow::Resu
             host: host_id,
             labels: args.host.labels.iter().cloned().collect(),
             capacity: args.host.capacity(),
+            memory_overcommit: args.host.memory_overcommit,
             ingress_addr: Some(ingress_addr.to_string()),
             heartbeat_interval: Duration::from_millis(500),
             activation_timeout: args.activation_timeout,

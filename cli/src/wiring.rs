@@ -43,9 +43,14 @@ pub struct HostArgs {
     /// Instances that may run at once on this host, over all replicas.
     #[arg(long, default_value_t = 1000)]
     pub max_instances: u32,
-    /// Memory offered to replicas (each reserves memory x concurrency); default: 80% of the machine's.
+    /// Memory offered to replicas (each reserves its memory request); default: 80% of the machine's.
     #[arg(long)]
     pub memory: Option<ByteSize>,
+    /// How far replicas' memory requests may add up past --memory (1.5: half as much again).
+    /// Each instance stays capped at its limit; if the host really runs short, an instance
+    /// is refused with a clean error (503), never a crash.
+    #[arg(long, default_value_t = wharf_proto::Overcommit::NONE)]
+    pub memory_overcommit: wharf_proto::Overcommit,
     /// OS priority of the threads that run requests past their first few milliseconds of
     /// CPU (and the excess of a tenant crowding out others): `idle` (Linux SCHED_IDLE: only
     /// CPU nothing else wants) or a nice value 0-19 (keeps a share of a busy host).
@@ -126,6 +131,7 @@ impl HostArgs {
             labels,
             max_instances,
             memory,
+            memory_overcommit: wharf_proto::Overcommit::NONE,
             background_priority: wharf_host::cpu::BackgroundPriority::Idle,
             code_cache: wharf_host::runtime::DEFAULT_CODE_CACHE,
             guest: GuestArgs::default(),
@@ -157,6 +163,9 @@ impl HostArgs {
             cache_dir,
             code_cache: self.code_cache,
             background: self.background_priority,
+            // The safety net under overcommitted requests: instances
+            // together never hold more than the memory the host offers.
+            memory_budget: Some(self.capacity().memory),
             ..RuntimeConfig::default()
         };
         self.guest.apply(&mut config)?;

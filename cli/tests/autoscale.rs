@@ -142,13 +142,13 @@ async fn activation_that_does_not_fit_says_why_and_fits_once_room_is_made() {
     let up = Up::start(Path::new(WHARF), &dir.path().join("data"), &["--host-id", "solo", "--memory", "256MiB", "--activation-timeout", "3s"]);
     let hello = samples::path("hello");
     let hello = hello.to_str().expect("utf-8");
-    // 3 x 64 MiB x concurrency 1: 192 MiB of 256 reserved.
-    up.ok(&["deploy", hello, "--name", "web", "--route", "/web", "--replicas", "3", "--memory", "64MiB", "--concurrency", "1"]);
+    // 3 x 64 MiB requested: 192 MiB of 256 reserved.
+    up.ok(&["deploy", hello, "--name", "web", "--route", "/web", "--replicas", "3", "--memory", "64MiB", "--memory-request", "64MiB", "--concurrency", "1"]);
     let path = dir.path().join("lazy.yaml");
     std::fs::write(
         &path,
         format!(
-            "name: lazy\ncomponent: {{ file: {hello} }}\nroutes: [{{ path_prefix: /lazy }}]\nlimits: {{ memory: 64MiB, concurrency: 2 }}\n\
+            "name: lazy\ncomponent: {{ file: {hello} }}\nroutes: [{{ path_prefix: /lazy }}]\nlimits: {{ memory: 64MiB, memory_request: 128MiB, concurrency: 2 }}\n\
              autoscale: {{ min: 0, max: 1, target_concurrency: 1, scale_to_zero_after: 60s }}\n"
         ),
     )
@@ -160,7 +160,7 @@ async fn activation_that_does_not_fit_says_why_and_fits_once_room_is_made() {
     let refused = client.get(format!("{}/lazy", up.ingress)).send().await.expect("answered");
     assert_eq!(refused.status(), 503);
     let body = refused.text().await.expect("body");
-    assert!(body.contains("host solo did not start one: insufficient memory: a replica reserves 128MiB, and 192MiB of the host's 256MiB is reserved"), "{body}");
+    assert!(body.contains("host solo did not start one: insufficient memory: a replica requests 128MiB, and 192MiB of the host's 256MiB is reserved"), "{body}");
     assert_eq!(client.get(format!("{}/web", up.ingress)).send().await.expect("answered").status(), 200, "the others keep serving");
 
     up.ok(&["scale", "web", "1"]);

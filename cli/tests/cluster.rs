@@ -648,6 +648,7 @@ async fn a_host_identity_reaches_only_its_own_subjects_and_cannot_speak_for_anot
         demand: Vec::new(),
         memory_reserved: Default::default(),
         memory_in_use: Default::default(),
+        memory_overcommit: None,
         version: 1,
         seal_key: None,
     };

@@ -252,11 +252,11 @@ async fn namespace_quotas_refuse_with_the_quota_and_numbers() {
     up.ok(&["namespace", "set", "shop", "--max-replicas", "3", "--max-memory", "300MiB", "--max-rps", "5"]);
     let hello = samples::path("hello");
     let hello = hello.to_str().expect("utf-8");
-    // 2 replicas x 16 MiB x concurrency 4 = 128 MiB: within both quotas.
-    up.ok(&["deploy", hello, "--name", "web", "-n", "shop", "--route", "/shop", "--replicas", "2", "--memory", "16MiB", "--concurrency", "4"]);
+    // 2 replicas requesting 64 MiB each = 128 MiB: within both quotas.
+    up.ok(&["deploy", hello, "--name", "web", "-n", "shop", "--route", "/shop", "--replicas", "2", "--memory", "16MiB", "--concurrency", "4", "--memory-request", "64MiB"]);
     let (ok, out) = up.wharf(&["scale", "shop/web", "4"]);
     assert!(!ok && out.contains("quota replicas=3 exceeded") && out.contains("asks for 4"), "{out}");
-    let (ok, out) = up.wharf(&["deploy", hello, "--name", "big", "-n", "shop", "--memory", "64MiB", "--concurrency", "4", "--no-wait"]);
+    let (ok, out) = up.wharf(&["deploy", hello, "--name", "big", "-n", "shop", "--memory", "64MiB", "--concurrency", "4", "--memory-request", "256MiB", "--no-wait"]);
     assert!(!ok && out.contains("quota memory=300MiB exceeded") && out.contains("reserve 128MiB"), "{out}");
     let usage: Value = serde_json::from_str(&up.ok(&["namespace", "get", "shop"])).expect("json");
     assert_eq!(usage["usage"]["replicas"], 2, "refused changes changed nothing: {usage}");

@@ -42,6 +42,7 @@ impl InstanceState {
     pub(crate) fn new(
         seen: Surroundings<'_>,
         memory: ByteSize,
+        host_memory: Option<std::sync::Arc<crate::limits::HostMemory>>,
         hooks: EgressHooks,
         keyvalue: Option<KeyValueAccess>,
         config: std::sync::Arc<wasmtime_wasi_config::WasiConfigVariables>,
@@ -66,7 +67,7 @@ impl InstanceState {
             http: WasiHttpCtx::new(),
             table: ResourceTable::new(),
             hooks,
-            limiter: MemoryLimiter::new(memory),
+            limiter: MemoryLimiter::new(memory, host_memory),
             stdout,
             stderr,
             keyvalue,

@@ -57,6 +57,10 @@ pub struct RuntimeConfig {
     /// The non-public address ranges components may reach anyway (none by
     /// default). See [`wharf_proto::egress`].
     pub private_egress: wharf_proto::egress::PrivateEgress,
+    /// The linear memory all instances together may hold (a host's
+    /// `--memory`); past it a grow is refused and the request gets 503
+    /// `host_memory_full`. `None`: only each instance's cap applies.
+    pub memory_budget: Option<ByteSize>,
 }
 
 impl Default for RuntimeConfig {
@@ -70,6 +74,7 @@ impl Default for RuntimeConfig {
             logs: crate::logs::LogLimits::default(),
             keyvalue: crate::keyvalue::KeyValueLimits::default(),
             private_egress: wharf_proto::egress::PrivateEgress::default(),
+            memory_budget: None,
         }
     }
 }
@@ -199,6 +204,8 @@ struct RuntimeInner {
     cpu: crate::cpu::CpuScheduler,
     /// Writes components' log lines to the host's log, within each service's rate.
     logs: crate::logs::LogSink,
+    /// What all instances' linear memory counts against (`memory_budget`).
+    host_memory: Option<Arc<crate::limits::HostMemory>>,
 }
 
 impl Drop for RuntimeInner {
@@ -243,6 +250,7 @@ impl Runtime {
                 cache_dir: config.cache_dir.clone(),
                 engine_hash,
                 compiled: CodeCache::new(config.code_cache.bytes()),
+                host_memory: config.memory_budget.map(crate::limits::HostMemory::new),
                 config,
                 cpu,
                 logs,
@@ -258,6 +266,11 @@ impl Runtime {
     /// The engine's configuration.
     pub fn config(&self) -> &RuntimeConfig {
         &self.inner.config
+    }
+
+    /// The budget all instances' linear memory counts against, if any.
+    pub fn host_memory(&self) -> Option<Arc<crate::limits::HostMemory>> {
+        self.inner.host_memory.clone()
     }
 
     pub(crate) fn cpu(&self) -> &crate::cpu::CpuScheduler {

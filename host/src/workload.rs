@@ -100,6 +100,10 @@ pub enum Outcome {
     FuelExhausted { budget: u64 },
     /// The instance tried to grow its memory past the cap.
     MemoryLimit { cap: ByteSize },
+    /// The instance tried to grow its memory within its cap, but the
+    /// host's instances together hold all the host's memory (requests
+    /// overcommitted, or many replicas at their peak at once).
+    HostMemoryFull { budget: ByteSize },
     /// The request ran past its wall-clock deadline.
     Deadline { timeout: Duration },
     /// No instance slot came free within the queue timeout.
@@ -126,6 +130,7 @@ impl Outcome {
             Outcome::Trap(_) => "trap",
             Outcome::FuelExhausted { .. } => "fuel_exhausted",
             Outcome::MemoryLimit { .. } => "memory_limit",
+            Outcome::HostMemoryFull { .. } => "host_memory_full",
             Outcome::Deadline { .. } => "deadline",
             Outcome::Overloaded { .. } => "overloaded",
             Outcome::BadRequest(_) => "bad_request",
@@ -141,7 +146,7 @@ impl Outcome {
         match self {
             Outcome::Ok => StatusCode::OK,
             Outcome::Deadline { .. } => StatusCode::GATEWAY_TIMEOUT,
-            Outcome::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Outcome::Overloaded { .. } | Outcome::HostMemoryFull { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Outcome::BadRequest(_) => StatusCode::BAD_REQUEST,
             Outcome::NoHttpHandler => StatusCode::NOT_FOUND,
             Outcome::Trap(_)
@@ -165,6 +170,10 @@ impl Outcome {
             Outcome::MemoryLimit { cap } => {
                 format!("{service}: the instance tried to grow its memory past its cap of {cap}; raise --memory or use less memory per request")
             }
+            Outcome::HostMemoryFull { budget } => format!(
+                "{service}: this host's instances hold all its memory for instances ({}); retry shortly, or give the service a larger memory request so fewer replicas share a host",
+                budget.human()
+            ),
             Outcome::Deadline { timeout } => {
                 format!("{service}: the request ran past its deadline of {}", humanize(*timeout))
             }
@@ -207,6 +216,8 @@ pub struct WorkloadLoad {
     pub latency_micros: u64,
     /// Their durations in buckets (see [`wharf_proto::latency`]).
     pub latency: wharf_proto::LatencyHistogram,
+    /// The most linear memory one instance held, in bytes; 0 before the first.
+    pub memory_peak: u64,
 }
 
 /// A component loaded with its limits. Cheap to clone.
@@ -233,6 +244,9 @@ struct WorkloadInner {
     failures: AtomicU64,
     errors: AtomicU64,
     latency_micros: AtomicU64,
+    /// The most linear memory one instance held, in bytes (reported to the
+    /// control plane, which places new replicas by at least this).
+    memory_peak: AtomicU64,
     /// Requests per latency bucket ([`wharf_proto::latency::BUCKET_BOUNDS_MICROS`], then one more).
     latency: [AtomicU64; LATENCY_BUCKETS],
 }
@@ -303,6 +317,7 @@ impl Workload {
                 failures: AtomicU64::new(0),
                 errors: AtomicU64::new(0),
                 latency_micros: AtomicU64::new(0),
+                memory_peak: AtomicU64::new(0),
                 latency: std::array::from_fn(|_| AtomicU64::new(0)),
             }),
         })
@@ -342,6 +357,7 @@ impl Workload {
             failures: inner.failures.load(Ordering::Relaxed),
             errors: inner.errors.load(Ordering::Relaxed),
             latency_micros: inner.latency_micros.load(Ordering::Relaxed),
+            memory_peak: inner.memory_peak.load(Ordering::Relaxed),
             latency: wharf_proto::LatencyHistogram::from_counts(inner.latency.iter().map(|c| c.load(Ordering::Relaxed)).collect()),
         }
     }
@@ -595,7 +611,8 @@ impl Workload {
         };
         let keyvalue = spec.keyvalue.clone().map(|access| access.with_limits(self.inner.runtime.config().keyvalue));
         let seen = crate::instance::Surroundings { args: &spec.args, env: &spec.env, volumes: &spec.volumes };
-        let mut state = InstanceState::new(seen, spec.limits.memory, hooks, keyvalue, self.inner.config.clone(), &self.inner.logs)?;
+        let host_memory = self.inner.runtime.host_memory();
+        let mut state = InstanceState::new(seen, spec.limits.memory, host_memory, hooks, keyvalue, self.inner.config.clone(), &self.inner.logs)?;
         state.set_messaging(spec.messaging.clone(), None);
         let mut store = Store::new(self.inner.runtime.engine(), state);
         store.limiter(|state| &mut state.limiter);
@@ -656,13 +673,17 @@ impl Workload {
         let state = store.data();
         state.finish_logs();
         metrics.memory_peak.observe(state.limiter.peak as f64);
+        self.inner.memory_peak.fetch_max(u64::try_from(state.limiter.peak).unwrap_or(u64::MAX), Ordering::Relaxed);
         let budget = limits.fuel.unwrap_or(u64::MAX);
         if let Ok(left) = store.get_fuel() {
             metrics.fuel.inc_by(budget - left);
         }
         match result {
             Ok(Ok(value)) => Ok(value),
-            Ok(Err(error)) => Err(classify(&error, state.limiter.denied, limits)),
+            Ok(Err(error)) => {
+                let budget = self.inner.runtime.host_memory().map(|host| host.budget());
+                Err(classify(&error, &state.limiter, budget, limits))
+            }
             Err(_elapsed) => Err(Outcome::Deadline { timeout: limits.timeout }),
         }
     }
@@ -707,8 +728,11 @@ pub fn full_body(bytes: Bytes) -> ResponseBody {
 
 /// Names what stopped a request. The memory flag comes first: Rust aborts
 /// with a plain trap when an allocation fails, and the limiter knows why.
-fn classify(error: &wasmtime::Error, memory_denied: bool, limits: &WorkloadLimits) -> Outcome {
-    if memory_denied {
+fn classify(error: &wasmtime::Error, memory: &crate::limits::MemoryLimiter, host_budget: Option<ByteSize>, limits: &WorkloadLimits) -> Outcome {
+    if memory.host_full {
+        return Outcome::HostMemoryFull { budget: host_budget.unwrap_or_default() };
+    }
+    if memory.denied {
         return Outcome::MemoryLimit { cap: limits.memory };
     }
     if let Some(exit) = error.downcast_ref::<wasmtime_wasi::I32Exit>() {

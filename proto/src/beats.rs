@@ -75,6 +75,7 @@ fn unchanged(last: &Heartbeat, now: &Heartbeat) -> bool {
         demand,
         memory_reserved,
         memory_in_use,
+        memory_overcommit,
         version: _,
         seal_key,
     } = now;
@@ -91,6 +92,7 @@ fn unchanged(last: &Heartbeat, now: &Heartbeat) -> bool {
         && last.demand == *demand
         && last.cached == *cached
         && last.seal_key == *seal_key
+        && last.memory_overcommit == *memory_overcommit
 }
 
 #[cfg(test)]
@@ -118,6 +120,7 @@ mod tests {
                 errors: 0,
                 latency_micros: 0,
                 latency: Default::default(),
+                memory_peak: None,
             }],
             sent_at_ms: at,
             started_at_ms: 1,
@@ -125,6 +128,7 @@ mod tests {
             demand: Vec::new(),
             memory_reserved: ByteSize::mib(64),
             memory_in_use: ByteSize::mib(100),
+            memory_overcommit: None,
             version: 0,
             seal_key: None,
         }

@@ -29,7 +29,7 @@ pub use rollout::{Amount, CanaryPolicy, Ejection, Health, Readiness, RolloutPoli
 pub use oci::{OciReference, OciReferenceError};
 pub use spec::{Autoscale, Limits, Placement, Route, ServiceSpec, SpecError, Volume};
 pub use trigger::{Delivery, DeliveryResult, Trigger};
-pub use units::{ByteSize, ByteSizeError, DurationError};
+pub use units::{ByteSize, ByteSizeError, DurationError, Overcommit, OvercommitError};
 pub use latency::LatencyHistogram;
 pub use status::{
     AutoscaleSummary, EjectedReplica, FailedRollout, RevisionCount, RolloutPhase, RolloutState, ServiceStatus, TrafficWeight,

@@ -19,6 +19,18 @@ pub const MAX_MEMORY: ByteSize = ByteSize::gib(4);
 pub const MIN_TIMEOUT: Duration = Duration::from_millis(1);
 /// The longest request deadline.
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(600);
+/// The memory a replica reserves for placement when its spec names no
+/// `limits.memory_request` (capped at `memory x concurrency`). A `hello`
+/// instance peaks at about 1.1MiB of linear memory (measured:
+/// `cli/tests/density.rs` reads the peak hosts report), and most requests
+/// run one or two instances of a replica at a time: 8MiB covers that with
+/// room, where reserving the cap times the concurrency (1GiB by default)
+/// let a 24GiB machine hold only 18 services. A service that uses more is
+/// placed by the peak its instances were seen using (see
+/// [`ServiceSpec::memory_request`]); the cap is still enforced per instance.
+pub const DEFAULT_MEMORY_REQUEST: ByteSize = ByteSize::mib(8);
+/// The smallest memory request: one wasm page.
+pub const MIN_MEMORY_REQUEST: ByteSize = ByteSize(64 << 10);
 /// The most instances one replica may run at once.
 pub const MAX_CONCURRENCY: u32 = 10_000;
 /// The most replicas one service may ask for; a typo such as `replicas:
@@ -124,8 +136,15 @@ fn default_replicas() -> u32 {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Limits {
-    /// Linear-memory cap of one instance (default 64MiB).
+    /// Linear-memory cap of one instance (default 64MiB): the limit an
+    /// instance may grow to, enforced by the runtime.
     pub memory: ByteSize,
+    /// Memory placement reserves for each replica on its host (its
+    /// *request*, as Kubernetes separates a request from a limit); at most
+    /// `memory x concurrency`. Unset: [`DEFAULT_MEMORY_REQUEST`], or `memory
+    /// x concurrency` when that is smaller. See [`ServiceSpec::memory_request`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_request: Option<ByteSize>,
     /// Fuel per request, about one unit per wasm instruction (default one
     /// billion); `None`, written `unlimited`, turns metering off.
     #[serde(with = "fuel_text")]
@@ -141,6 +160,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             memory: ByteSize::mib(64),
+            memory_request: None,
             fuel: Some(1_000_000_000),
             timeout: Duration::from_secs(5),
             concurrency: 16,
@@ -386,15 +406,15 @@ impl<C> ServiceSpec<C> {
         }
     }
 
-    /// The memory a replica reserves on its host: room for `concurrency`
-    /// instances of `memory` each.
-    pub fn reservation(&self) -> ByteSize {
-        ByteSize(
-            self.limits
-                .memory
-                .bytes()
-                .saturating_mul(u64::from(self.limits.concurrency)),
-        )
+    /// The memory a replica reserves on its host, for placement, host
+    /// capacity and namespace quotas: `limits.memory_request`, or by default
+    /// [`DEFAULT_MEMORY_REQUEST`] capped at [`Limits::most_memory`]. The
+    /// control plane places new replicas by the larger of this and the peak
+    /// the service's instances were seen using.
+    pub fn memory_request(&self) -> ByteSize {
+        self.limits.memory_request.unwrap_or_else(|| {
+            ByteSize(DEFAULT_MEMORY_REQUEST.bytes().min(self.limits.most_memory().bytes()))
+        })
     }
 
     /// The service's id, `namespace/name`.
@@ -654,6 +674,12 @@ pub(crate) fn in_range<T: PartialOrd>(
 }
 
 impl Limits {
+    /// The most memory one replica may use: `concurrency` instances at
+    /// their cap each.
+    pub fn most_memory(&self) -> ByteSize {
+        ByteSize(self.memory.bytes().saturating_mul(u64::from(self.concurrency)))
+    }
+
     /// Checks each limit against its allowed range.
     pub fn validate(&self) -> Result<(), SpecError> {
         in_range(
@@ -678,7 +704,28 @@ impl Limits {
             1,
             MAX_CONCURRENCY,
             u32::to_string,
-        )
+        )?;
+        if let Some(request) = self.memory_request {
+            let most = self.most_memory();
+            if request > most {
+                return Err(SpecError::new(
+                    "memory_request",
+                    format!(
+                        "{request} is more than a replica can use: memory x concurrency is {} x {} = {most}; \
+                         lower the request or raise memory or concurrency",
+                        self.memory, self.concurrency
+                    ),
+                ));
+            }
+            in_range(
+                "memory_request",
+                request,
+                MIN_MEMORY_REQUEST,
+                most,
+                ByteSize::to_string,
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -853,7 +900,35 @@ mod tests {
         assert_eq!(spec.limits.fuel, Some(1_000_000_000));
         assert_eq!(spec.limits.timeout, Duration::from_secs(5));
         assert_eq!(spec.limits.concurrency, 16);
-        assert_eq!(spec.reservation(), ByteSize::gib(1));
+        assert_eq!(spec.limits.memory_request, None);
+        assert_eq!(spec.memory_request(), ByteSize::mib(8), "a small default, not the cap x concurrency");
+        assert_eq!(spec.limits.most_memory(), ByteSize::gib(1));
+    }
+
+    #[test]
+    fn memory_request_is_separate_from_the_limit() {
+        let mut spec = spec();
+        spec.limits.memory_request = Some(ByteSize::mib(100));
+        assert_eq!(spec.validate(), Ok(()));
+        assert_eq!(spec.memory_request(), ByteSize::mib(100), "an explicit request is what the replica reserves");
+        assert_eq!(spec.limits.memory, ByteSize::mib(64), "and the limit stays the cap");
+        // A limit below the default request: the default shrinks to what a replica can use.
+        spec.limits = Limits { memory: ByteSize::mib(2), concurrency: 2, ..Limits::default() };
+        assert_eq!(spec.validate(), Ok(()));
+        assert_eq!(spec.memory_request(), ByteSize::mib(4));
+        // A request of exactly memory x concurrency is allowed; one byte more is not.
+        spec.limits.memory_request = Some(ByteSize::mib(4));
+        assert_eq!(spec.validate(), Ok(()));
+        spec.limits.memory_request = Some(ByteSize(ByteSize::mib(4).bytes() + 1));
+        let err = spec.validate().expect_err("over memory x concurrency");
+        assert_eq!(
+            err.to_string(),
+            "limits.memory_request: 4194305 is more than a replica can use: memory x concurrency is 2MiB x 2 = 4MiB; \
+             lower the request or raise memory or concurrency"
+        );
+        spec.limits.memory_request = Some(ByteSize(1000));
+        let err = spec.validate().expect_err("below a wasm page");
+        assert_eq!(err.to_string(), "limits.memory_request: must be between 64KiB and 4MiB, got 1000");
     }
 
     #[test]

@@ -32,6 +32,12 @@ pub struct ServiceStatus {
     /// Replicas taken out of rotation as outliers, and why (at most [`MAX_LISTED`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ejected: Vec<EjectedReplica>,
+    /// The most linear memory one instance of the service was seen using
+    /// (hosts report it; this leader keeps the largest it heard since it
+    /// took over). New replicas reserve the larger of this and the
+    /// service's memory request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_peak: Option<crate::ByteSize>,
     /// A record of the service that could not be read or written, and
     /// why; the rest of the cluster is unaffected.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -60,6 +66,7 @@ impl ServiceStatus {
             unplaceable_more: 0,
             autoscale: None,
             ejected: Vec::new(),
+            memory_peak: None,
             problem: None,
             observed_generation: 0,
             epoch: 0,

@@ -220,7 +220,7 @@ mod tests {
         let err = from_json::<ServiceSpec>(br#"{"name": "a", "component": "sha256:0000000000000000000000000000000000000000000000000000000000000000", "limits": {"memroy": "1MiB"}}"#)
             .expect_err("unknown field");
         let text = err.to_string();
-        assert!(text.starts_with("limits.memroy: unknown field `memroy`, expected one of `memory`, `fuel`"), "{text}");
+        assert!(text.starts_with("limits.memroy: unknown field `memroy`, expected one of `memory`, `memory_request`, `fuel`"), "{text}");
     }
 
     #[test]

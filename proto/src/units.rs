@@ -51,6 +51,114 @@ impl ByteSize {
     pub const fn bytes(self) -> u64 {
         self.0
     }
+
+    /// The size for people to read: exact when it is a whole number of a
+    /// unit (`8MiB`, as [`fmt::Display`] writes it), else rounded to one
+    /// decimal of the largest unit it reaches (`852.4MiB`). `Display` stays
+    /// exact, since it is also how sizes are stored and parsed back.
+    pub fn human(self) -> String {
+        for (name, multiplier) in [("TiB", 1u64 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+            if self.0 >= multiplier {
+                if self.0.is_multiple_of(multiplier) {
+                    return format!("{}{name}", self.0 / multiplier);
+                }
+                return format!("{:.1}{name}", self.0 as f64 / multiplier as f64);
+            }
+        }
+        format!("{}B", self.0)
+    }
+
+    /// This size times `ratio`, rounded down.
+    pub fn scaled(self, ratio: Overcommit) -> ByteSize {
+        ByteSize(u64::try_from(u128::from(self.0) * u128::from(ratio.0) / 1000).unwrap_or(u64::MAX))
+    }
+}
+
+/// How far a host lets placement overcommit its memory: reserved requests
+/// may add up to its memory times this ratio (`1.5`: half as much again).
+/// Requests are what replicas usually use, not what they may grow to, so a
+/// ratio above 1 trades the chance that many replicas peak at once (met
+/// by each instance's cap and a refused instance, never a crash) for
+/// density. Kept in thousandths so that it compares exactly; written and
+/// read as a decimal number between 1 and 100.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Overcommit(u32);
+
+impl Overcommit {
+    /// No overcommit: reservations add up to the host's memory at most.
+    pub const NONE: Overcommit = Overcommit(1000);
+    /// The largest ratio accepted.
+    pub const MAX: Overcommit = Overcommit(100_000);
+
+    /// The ratio in thousandths (1500 for 1.5).
+    pub const fn per_mille(self) -> u32 {
+        self.0
+    }
+
+    /// The ratio `per_mille / 1000`, if between 1 and [`Overcommit::MAX`].
+    pub fn from_per_mille(per_mille: u32) -> Result<Overcommit, OvercommitError> {
+        if !(Self::NONE.0..=Self::MAX.0).contains(&per_mille) {
+            return Err(OvercommitError(format!("{}", f64::from(per_mille) / 1000.0)));
+        }
+        Ok(Overcommit(per_mille))
+    }
+}
+
+impl Default for Overcommit {
+    fn default() -> Self {
+        Overcommit::NONE
+    }
+}
+
+/// Why a number is not an overcommit ratio.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid memory overcommit ratio {0}: write a number from 1 (no overcommit) to 100, such as 1.5")]
+pub struct OvercommitError(String);
+
+impl FromStr for Overcommit {
+    type Err = OvercommitError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let ratio: f64 = s.trim().parse().map_err(|_| OvercommitError(format!("{s:?}")))?;
+        Overcommit::try_from(ratio)
+    }
+}
+
+impl TryFrom<f64> for Overcommit {
+    type Error = OvercommitError;
+
+    fn try_from(ratio: f64) -> Result<Self, Self::Error> {
+        if !ratio.is_finite() || !(1.0..=100.0).contains(&ratio) {
+            return Err(OvercommitError(ratio.to_string()));
+        }
+        // In range, so the rounded product fits a u32.
+        Overcommit::from_per_mille((ratio * 1000.0).round() as u32)
+    }
+}
+
+impl fmt::Display for Overcommit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", f64::from(self.0) / 1000.0)
+    }
+}
+
+impl fmt::Debug for Overcommit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Overcommit({self})")
+    }
+}
+
+impl Serialize for Overcommit {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_f64(f64::from(self.0) / 1000.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Overcommit {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let ratio = f64::deserialize(deserializer)?;
+        Overcommit::try_from(ratio).map_err(serde::de::Error::custom)
+    }
 }
 
 impl FromStr for ByteSize {
@@ -165,6 +273,33 @@ pub mod duration_text {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn human_sizes_round_to_one_decimal() {
+        assert_eq!(ByteSize(893_855_334).human(), "852.4MiB");
+        assert_eq!(ByteSize::gib(1).human(), "1GiB");
+        assert_eq!(ByteSize(1_153_434).human(), "1.1MiB");
+        assert_eq!(ByteSize(512).human(), "512B");
+        assert_eq!(ByteSize(1536).human(), "1.5KiB");
+        assert_eq!(ByteSize(893_855_334).to_string(), "893855334", "Display stays exact");
+    }
+
+    #[test]
+    fn overcommit_ratios() {
+        let ratio: Overcommit = "1.5".parse().expect("a ratio");
+        assert_eq!(ratio.per_mille(), 1500);
+        assert_eq!(ratio.to_string(), "1.5");
+        assert_eq!(ByteSize::gib(2).scaled(ratio), ByteSize::gib(3));
+        assert_eq!(ByteSize::gib(2).scaled(Overcommit::default()), ByteSize::gib(2));
+        assert_eq!(Overcommit::default(), Overcommit::NONE);
+        for bad in ["0.5", "0", "-1", "101", "NaN", "inf", "lots"] {
+            let err = bad.parse::<Overcommit>().expect_err(bad).to_string();
+            assert!(err.contains("write a number from 1 (no overcommit) to 100"), "{bad}: {err}");
+        }
+        assert_eq!(serde_json::to_string(&ratio).expect("serialises"), "1.5");
+        assert_eq!(serde_json::from_str::<Overcommit>("2").expect("parses"), Overcommit::from_per_mille(2000).expect("in range"));
+        assert!(serde_json::from_str::<Overcommit>("0.9").is_err());
+    }
 
     #[track_caller]
     fn check(input: &str, expected: Result<u64, &str>) {

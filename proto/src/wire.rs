@@ -207,7 +207,8 @@ impl HostDown {
 /// What a host can hold, in the units replicas reserve.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Capacity {
-    /// Memory for instances; each replica reserves [`ServiceSpec::reservation`].
+    /// Memory for instances; each replica reserves [`crate::ServiceSpec::memory_request`]
+    /// (up to this times the host's [`Heartbeat::memory_overcommit`]).
     pub memory: ByteSize,
     /// Instances that may run at once; each replica reserves its `concurrency`.
     pub instances: u32,
@@ -246,12 +247,18 @@ pub struct Heartbeat {
     /// replica it started for them: demand the replicas' own load misses.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub demand: Vec<Demand>,
-    /// Memory the host's replicas reserve (memory cap x concurrency each).
+    /// Memory the host's replicas reserve (their memory requests) and its
+    /// jobs (their caps).
     #[serde(default)]
     pub memory_reserved: ByteSize,
     /// Memory the host process holds (resident set), when known.
     #[serde(default)]
     pub memory_in_use: ByteSize,
+    /// How far placement may overcommit the host's memory: reserved
+    /// requests may add up to `capacity.memory` times this. Absent (hosts
+    /// before it existed): 1, no overcommit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_overcommit: Option<crate::Overcommit>,
     /// Numbers this report's content (everything but the send time): a
     /// [`HeartbeatAlive`] naming the same version says nothing changed.
     #[serde(default)]
@@ -325,6 +332,11 @@ pub struct ReplicaStatus {
     /// The requests' durations, counted in buckets since the replica started.
     #[serde(default, skip_serializing_if = "LatencyHistogram::is_empty")]
     pub latency: LatencyHistogram,
+    /// The most linear memory one of the replica's instances held, since
+    /// the replica started; absent before its first request. The control
+    /// plane places new replicas of the service by at least this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_peak: Option<ByteSize>,
 }
 
 impl ReplicaStatus {
@@ -478,6 +490,7 @@ mod tests {
                 errors: 4,
                 latency_micros: 5000,
                 latency: LatencyHistogram::default(),
+                memory_peak: Some(ByteSize::mib(2)),
             }],
             sent_at_ms: 20,
             started_at_ms: 10,
@@ -485,12 +498,15 @@ mod tests {
             demand: Vec::new(),
             memory_reserved: ByteSize::mib(64),
             memory_in_use: ByteSize::mib(20),
+            memory_overcommit: Some(crate::Overcommit::NONE),
             version: 0,
             seal_key: Some("ab".repeat(32)),
         };
         let mut json = round_trip(&heartbeat);
         assert_eq!(json["capacity"]["memory"], "16GiB");
         assert_eq!(json["replicas"][0]["state"], "failed");
+        assert_eq!(json["replicas"][0]["memory_peak"], "2MiB");
+        assert_eq!(json["memory_overcommit"], 1.0);
         json["from_the_future"] = serde_json::json!(true);
         assert_eq!(
             serde_json::from_value::<Heartbeat>(json).expect("parses"),
@@ -608,7 +624,7 @@ pub struct Quota {
     /// Replicas over all its services (an autoscaled service counts its `max`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replicas: Option<u32>,
-    /// Memory reserved over all its replicas (memory cap x concurrency each).
+    /// Memory reserved over all its replicas (their memory requests).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<ByteSize>,
     /// Requests per second its services may take at each host's ingress.

@@ -323,22 +323,28 @@ async fn check_references(plane: &ControlPlane, spec: &ServiceSpec, force: bool)
     Ok(())
 }
 
-/// Refuses a replica no known host could ever hold (its memory reservation
-/// or instance slots above every host's whole capacity).
+/// Refuses a replica no known host could ever hold (its memory request
+/// above every host's memory times its overcommit ratio, or its instance
+/// slots above every host's).
 fn check_fits(plane: &ControlPlane, spec: &ServiceSpec) -> ApiResult<()> {
     let hosts = plane.hosts.hosts();
     if hosts.is_empty() {
         return Ok(());
     }
-    let memory = spec.reservation();
-    let biggest = hosts.iter().map(|h| h.heartbeat.capacity.memory).max().unwrap_or_default();
+    let memory = spec.memory_request();
+    let biggest = hosts
+        .iter()
+        .map(|h| h.heartbeat.capacity.memory.scaled(h.heartbeat.memory_overcommit.unwrap_or_default()))
+        .max()
+        .unwrap_or_default();
     if memory > biggest {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "does_not_fit",
             format!(
-                "limits: a replica reserves {memory} (memory {} x concurrency {}), more than the largest host holds ({biggest}); lower limits.memory or limits.concurrency",
-                spec.limits.memory, spec.limits.concurrency
+                "limits: a replica requests {} of memory, more than the largest host offers ({}); lower limits.memory_request",
+                memory.human(),
+                biggest.human()
             ),
         ));
     }
@@ -446,6 +452,7 @@ async fn list_hosts(State(plane): State<ControlPlane>, visible: Option<Extension
                 "labels": hb.labels,
                 "capacity": hb.capacity,
                 "memory_reserved": hb.memory_reserved,
+                "memory_overcommit": hb.memory_overcommit.unwrap_or_default(),
                 "memory_in_use": hb.memory_in_use,
                 "draining": hb.draining,
                 "sent_at_ms": hb.sent_at_ms,
@@ -646,7 +653,7 @@ pub(crate) async fn namespace(plane: &ControlPlane, ns: &str) -> ApiResult<wharf
 /// Replicas and reserved memory a service counts against its namespace's quota.
 fn usage_of(spec: &ServiceSpec) -> (u64, u64) {
     let replicas = u64::from(spec.autoscale.as_ref().map_or(spec.replicas, |a| a.max));
-    (replicas, replicas.saturating_mul(spec.reservation().bytes()))
+    (replicas, replicas.saturating_mul(spec.memory_request().bytes()))
 }
 
 /// What the namespace's services use now, leaving out `except`.
@@ -665,7 +672,7 @@ fn usage(plane: &ControlPlane, ns: &str, except: Option<&ServiceId>) -> (u64, u6
 /// quota, its limit and what is in use.
 async fn check_quota(plane: &ControlPlane, spec: &ServiceSpec) -> ApiResult<()> {
     let (replicas, memory) = usage_of(spec);
-    check_room(plane, &spec.namespace, &spec.id(), replicas, memory, "memory x concurrency x replicas").await
+    check_room(plane, &spec.namespace, &spec.id(), replicas, memory, "memory request x replicas").await
 }
 
 /// Refuses `replicas` more replicas reserving `memory` bytes for `id` (a

@@ -21,14 +21,14 @@ use crate::hosts::{HostEntry, HostTable};
 use crate::informer::{Informer, problems_of};
 use crate::store::{Store, StoreError};
 use futures::StreamExt;
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 use wharf_proto::sealed::{HostPublicKey, NONCE_LEN, SecretKey};
 use wharf_proto::status::MAX_LISTED;
 use wharf_proto::{
-    Activation, AssignedReplica, Assignment, AutoscaleSummary, EjectedReplica, HostId, Namespace, ReplicaKey, ReplicaState,
+    Activation, AssignedReplica, Assignment, AutoscaleSummary, ByteSize, EjectedReplica, HostId, Namespace, ReplicaKey, ReplicaState,
     ReplicaStatus, RevisionCount, RolloutPhase, SealedSecrets, ServiceId, ServiceSpec, ServiceStatus, StoredService, UnplaceableReplica,
 };
 use wharf_scheduler_core::{
@@ -180,6 +180,11 @@ struct Controller {
     /// were last sealed for: they are read and sealed again when either
     /// changes or its replicas do, not at every pass.
     sealed_for: HashMap<HostId, (Option<String>, u64)>,
+    /// Per service, the most linear memory one instance was reported to use
+    /// since this leader took over; new replicas reserve at least this.
+    /// Kept here rather than read from the current reports, so that a
+    /// service scaled to zero still wakes with what it was seen to need.
+    memory_peaks: HashMap<ServiceId, ByteSize>,
 }
 
 impl Controller {
@@ -211,6 +216,7 @@ impl Controller {
             write_problems: BTreeMap::new(),
             spec_replicas: HashMap::new(),
             sealed_for: HashMap::new(),
+            memory_peaks: HashMap::new(),
         }
     }
 
@@ -231,6 +237,16 @@ impl Controller {
             .flat_map(|h| h.heartbeat.replicas.iter().map(move |r| ((r.key(), &h.heartbeat.host), r)))
             .collect();
         self.note_failures(&reports, now);
+        let existing: HashSet<ServiceId> = services.iter().map(|s| s.spec.id()).collect();
+        self.memory_peaks.retain(|id, _| existing.contains(id));
+        for report in reports.values() {
+            if let Some(peak) = report.memory_peak
+                && existing.contains(&report.service)
+            {
+                let known = self.memory_peaks.entry(report.service.clone()).or_default();
+                *known = (*known).max(peak);
+            }
+        }
 
         // What each service runs now, from the assignments.
         let mut by_service: HashMap<ServiceId, Vec<(HostId, AssignedReplica)>> = HashMap::new();
@@ -310,6 +326,7 @@ impl Controller {
                     held: held.clone().map(|why| (replicas, why)),
                 }),
                 ejected: self.ejected.get(&id).cloned().unwrap_or_default(),
+                memory_peak: self.memory_peaks.get(&id).copied(),
                 problem,
                 observed_generation: stored.generation,
                 epoch: self.epoch,
@@ -479,7 +496,7 @@ impl Controller {
         if spec.autoscale.is_none() || wanted <= running {
             return (wanted, None);
         }
-        let each = spec.reservation().bytes();
+        let each = spec.memory_request().bytes();
         let (replicas, memory) = in_use.entry(spec.namespace.clone()).or_default();
         let (granted, binding) = record.quota.room(&spec.namespace, *replicas, *memory, u64::from(wanted - running), each);
         *replicas += granted;
@@ -538,7 +555,9 @@ impl Controller {
                 self.avoid.get(&key).map(|hosts| (replica, hosts.clone()))
             })
             .collect();
-        Workload { id: WorkloadId::new(id.clone(), revision), spec, replicas, avoid }
+        // A peak learned under a larger cap counts up to what this revision may use.
+        let memory_peak = self.memory_peaks.get(id).map(|peak| (*peak).min(spec.limits.most_memory()));
+        Workload { id: WorkloadId::new(id.clone(), revision), spec, replicas, avoid, memory_peak }
     }
 
     /// Retry decisions for a service's failed replicas: attempts to bump go
@@ -907,7 +926,6 @@ impl Controller {
     }
 }
 
-use std::collections::HashSet;
 
 /// Whether two statuses say the same (their versions aside).
 fn same_status(a: &ServiceStatus, b: &ServiceStatus) -> bool {
@@ -935,6 +953,7 @@ fn host_info(h: &HostEntry) -> HostInfo {
         ready: h.ready,
         labels,
         capacity: h.heartbeat.capacity,
+        memory_overcommit: h.heartbeat.memory_overcommit.unwrap_or_default(),
         cached: h.heartbeat.cached.iter().cloned().collect(),
         in_flight: h.heartbeat.replicas.iter().map(|r| r.in_flight).sum(),
     }
@@ -948,7 +967,7 @@ fn namespace_use(services: &[Arc<StoredService>], current: &HashMap<ServiceId, u
         let count = u64::from(current.get(&stored.spec.id()).copied().unwrap_or(0));
         let (replicas, memory) = in_use.entry(stored.spec.namespace.clone()).or_default();
         *replicas += count;
-        *memory += count.saturating_mul(stored.spec.reservation().bytes());
+        *memory += count.saturating_mul(stored.spec.memory_request().bytes());
     }
     in_use
 }

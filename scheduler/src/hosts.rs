@@ -216,13 +216,15 @@ impl HostTable {
                     true
                 }
                 Some((before, seen, _)) => {
-                    let shape = |r: &'_ wharf_proto::ReplicaStatus| (r.service.clone(), r.revision, r.replica, r.attempt, r.state, r.failures);
+                    // A new memory peak changes what new replicas are placed by.
+                    let shape = |r: &'_ wharf_proto::ReplicaStatus| (r.service.clone(), r.revision, r.replica, r.attempt, r.state, r.failures, r.memory_peak);
                     seen.elapsed() > self.inner.timeout
                         || before.replicas.iter().map(shape).ne(heartbeat.replicas.iter().map(shape))
                         || before.started_at_ms != heartbeat.started_at_ms
                         || before.draining != heartbeat.draining
                         || before.labels != heartbeat.labels
                         || before.capacity != heartbeat.capacity
+                        || before.memory_overcommit != heartbeat.memory_overcommit
                 }
             };
             let rps = previous.map(|(before, _, _)| request_rates(before, &heartbeat)).unwrap_or_default();
@@ -401,6 +403,7 @@ mod tests {
             demand: Vec::new(),
             memory_reserved: ByteSize::default(),
             memory_in_use: ByteSize::default(),
+            memory_overcommit: None,
             version: 0,
             seal_key: None,
         }
@@ -527,6 +530,7 @@ mod tests {
                 errors: 0,
                 latency_micros: 0,
                 latency: Default::default(),
+                memory_peak: None,
             }];
             heartbeat
         };

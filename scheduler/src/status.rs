@@ -143,10 +143,22 @@ impl Views {
         if let Some(problem) = record.and_then(|r| r.problem.clone()) {
             last_error = Some(problem);
         }
+        // What placement reserves per replica (the request, or the peak
+        // learned when larger, for new replicas) and what one instance may
+        // grow to (the limit).
+        let peak = record.and_then(|r| r.memory_peak);
+        let memory = json!({
+            "request": stored.spec.memory_request(),
+            "limit": stored.spec.limits.memory,
+            "concurrency": stored.spec.limits.concurrency,
+            "peak": peak,
+            "placed_by": peak.map_or(stored.spec.memory_request(), |p| p.min(stored.spec.limits.most_memory()).max(stored.spec.memory_request())),
+        });
         json!({
             "service": stored,
             "status": {
                 "desired": desired,
+                "memory": memory,
                 "ready": ready,
                 "in_flight": in_flight,
                 "rps": rps,

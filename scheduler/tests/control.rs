@@ -150,6 +150,7 @@ fn heartbeats_reporting(
                     demand: Vec::new(),
                     memory_reserved: ByteSize::default(),
                     memory_in_use: ByteSize::default(),
+                    memory_overcommit: None,
                     version: 0,
                     seal_key: None,
                 };
@@ -251,6 +252,7 @@ async fn a_service_with_a_volume_is_pinned_to_where_it_first_ran() {
         errors: 0,
         latency_micros: 0,
         latency: Default::default(),
+        memory_peak: None,
     };
     reports.lock().expect("lock").insert("b".to_string(), vec![ready]);
     until("pinned, then both replicas on b", Duration::from_secs(10), || {

@@ -91,16 +91,17 @@ impl Activations {
         demand.into_iter().map(|(service, waiting)| Demand { service, waiting }).collect()
     }
 
-    /// Memory and instances the activation replicas reserve (memory cap x
-    /// concurrency, and concurrency, as assigned replicas do).
-    pub(crate) fn reserved(&self) -> (u64, u64) {
+    /// Memory and instances the activation replicas reserve (their memory
+    /// requests, given by `request_of`, and concurrency, as assigned
+    /// replicas do).
+    pub(crate) fn reserved(&self, request_of: impl Fn(&ServiceId) -> u64) -> (u64, u64) {
         let Ok(slots) = self.slots.lock() else { return (0, 0) };
         slots
-            .values()
-            .filter_map(|slot| {
+            .iter()
+            .filter_map(|(service, slot)| {
                 let activated = slot.try_lock().ok()?;
                 let limits = &activated.as_ref()?.0.spec().limits;
-                Some((limits.memory.bytes().saturating_mul(u64::from(limits.concurrency)), u64::from(limits.concurrency)))
+                Some((request_of(service), u64::from(limits.concurrency)))
             })
             .fold((0, 0), |(m, i), (dm, di)| (m + dm, i + di))
     }
@@ -205,14 +206,16 @@ impl HostAgent {
             return Err(format!("it lacks the label {key}={value} the service is placed by"));
         }
         let capacity = self.inner.config.capacity;
-        let (activated_memory, activated_instances) = self.inner.activations.reserved();
+        let (activated_memory, activated_instances) = self.inner.activations.reserved(|id| self.inner.directory.memory_request(id));
         let memory = self.inner.replicas.memory_reserved().saturating_add(activated_memory);
-        let needs = spec.reservation();
-        if memory.saturating_add(needs.bytes()) > capacity.memory.bytes() {
+        let needs = spec.memory_request();
+        let offered = capacity.memory.scaled(self.inner.config.memory_overcommit);
+        if memory.saturating_add(needs.bytes()) > offered.bytes() {
             return Err(format!(
-                "insufficient memory: a replica reserves {needs}, and {} of the host's {} is reserved",
-                wharf_proto::ByteSize(memory),
-                capacity.memory
+                "insufficient memory: a replica requests {}, and {} of the host's {} is reserved",
+                needs.human(),
+                wharf_proto::ByteSize(memory).human(),
+                offered.human()
             ));
         }
         let instances = self.inner.replicas.instances_reserved().saturating_add(activated_instances);
@@ -230,7 +233,7 @@ impl HostAgent {
     /// wants of the namespace's other services; `None` when it fits.
     pub(super) fn quota_full(&self, service: &ServiceId) -> Option<String> {
         let quota = self.inner.rates.quota(&service.namespace)?;
-        let each = self.inner.directory.spec(service)?.reservation().bytes();
+        let each = self.inner.directory.spec(service)?.memory_request().bytes();
         let (replicas, memory) = self.inner.directory.namespace_use(&service.namespace, service);
         let (granted, why) = quota.room(&service.namespace, replicas, memory, 1, each);
         if granted == 0 { why } else { None }

@@ -117,7 +117,7 @@ impl Directory {
         self.read(|state| {
             let others = state.wanted.iter().filter(|(id, _)| id.namespace == ns && *id != except);
             others.fold((0, 0), |(replicas, memory), (id, count)| {
-                let each = state.services.get(id).map_or(0, |k| k.spec.reservation().bytes());
+                let each = state.services.get(id).map_or(0, |k| k.spec.memory_request().bytes());
                 (replicas + count, memory + count.saturating_mul(each))
             })
         })
@@ -131,6 +131,12 @@ impl Directory {
     /// The service a request for `host` and `path` goes to.
     pub(crate) fn lookup(&self, host: Option<&str>, path: &str) -> Option<ServiceId> {
         self.read(|state| state.routes.lookup(host, path).cloned())
+    }
+
+    /// The memory a replica of `service` reserves (its latest spec's
+    /// request; 0 for a service unknown here).
+    pub(crate) fn memory_request(&self, service: &ServiceId) -> u64 {
+        self.read(|state| state.services.get(service).map_or(0, |k| k.spec.memory_request().bytes()))
     }
 
     /// The latest spec of `service`, if it exists.

@@ -71,9 +71,10 @@ impl HostAgent {
             draining: self.inner.draining.load(Ordering::Relaxed),
             demand: self.inner.activations.demand(),
             memory_reserved: wharf_proto::ByteSize(
-                self.inner.replicas.memory_reserved() + self.inner.jobs.memory_reserved() + self.inner.activations.reserved().0,
+                self.inner.replicas.memory_reserved() + self.inner.jobs.memory_reserved() + self.inner.activations.reserved(|id| self.inner.directory.memory_request(id)).0,
             ),
             memory_in_use: resident_memory(),
+            memory_overcommit: Some(config.memory_overcommit),
             version: 0,
             seal_key: config.seal_key.as_ref().map(|key| key.public().to_string()),
         };

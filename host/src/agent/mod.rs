@@ -67,6 +67,10 @@ pub struct AgentConfig {
     pub labels: BTreeMap<String, String>,
     /// What this host offers to replicas.
     pub capacity: Capacity,
+    /// How far replicas' memory requests may overcommit `capacity.memory`
+    /// (`--memory-overcommit`), reported in heartbeats for placement and
+    /// applied to activations here.
+    pub memory_overcommit: wharf_proto::Overcommit,
     /// Where this host's ingress listens, reported in heartbeats.
     pub ingress_addr: Option<String>,
     /// How often to send a heartbeat.

@@ -248,6 +248,7 @@ impl ReplicaSet {
                         errors: load.errors,
                         latency_micros: load.latency_micros,
                         latency: load.latency,
+                        memory_peak: (load.memory_peak > 0).then_some(wharf_proto::ByteSize(load.memory_peak)),
                     }
                 })
                 .collect()
@@ -269,9 +270,9 @@ impl ReplicaSet {
         })
     }
 
-    /// Memory the assigned replicas reserve.
+    /// Memory the assigned replicas reserve (their memory requests).
     pub(crate) fn memory_reserved(&self) -> u64 {
-        self.read(|table| table.assigned.values().filter_map(|r| r.spec.as_ref()).map(|s| s.reservation().bytes()).sum())
+        self.read(|table| table.assigned.values().filter_map(|r| r.spec.as_ref()).map(|s| s.memory_request().bytes()).sum())
     }
 
     /// Instances the assigned replicas reserve (their concurrency).

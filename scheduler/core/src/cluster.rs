@@ -28,12 +28,21 @@ pub(crate) struct Host<'a> {
     pub(crate) info: &'a HostInfo,
     /// `info.capacity`.
     pub(crate) capacity: Capacity,
+    /// The memory replicas may reserve here: `capacity.memory` times
+    /// `info.memory_overcommit`.
+    pub(crate) memory: u64,
     /// `info.in_flight`.
     pub(crate) in_flight: u64,
     /// The index of the host's zone.
     pub(crate) zone: u32,
-    /// Sum of the memory reservations of the replicas assigned here.
+    /// Sum of the memory the replicas assigned here are placed by: each
+    /// the larger of its request and its service's learned peak
+    /// ([`Service::memory`]). New replicas must fit in what this leaves.
     pub(crate) reserved_memory: u64,
+    /// Sum of the memory requests of the replicas assigned here
+    /// ([`Service::request`]); a replica kept where it runs must fit in
+    /// what this leaves, so learning a peak never moves what runs.
+    pub(crate) reserved_requests: u64,
     /// Sum of the concurrency of the replicas assigned here.
     pub(crate) reserved_instances: u64,
     /// The replicas assigned here, as (service index, replica index).
@@ -42,10 +51,12 @@ pub(crate) struct Host<'a> {
 
 impl Host<'_> {
     pub(crate) fn free_memory(&self) -> u64 {
-        self.capacity
-            .memory
-            .bytes()
-            .saturating_sub(self.reserved_memory)
+        self.memory.saturating_sub(self.reserved_memory)
+    }
+
+    /// Memory left after the replicas' requests only (see `reserved_requests`).
+    pub(crate) fn free_for_requests(&self) -> u64 {
+        self.memory.saturating_sub(self.reserved_requests)
     }
 
     pub(crate) fn free_instances(&self) -> u64 {
@@ -61,8 +72,12 @@ pub(crate) struct Service<'a> {
     pub(crate) avoid: &'a BTreeMap<u32, BTreeSet<HostId>>,
     /// A fixed hash of the id, from which each replica's candidate order is drawn.
     pub(crate) hash: u64,
-    /// The memory one replica reserves, in bytes.
+    /// The memory each replica is placed by, in bytes: the larger of the
+    /// spec's memory request and the peak learned (see
+    /// [`Workload::memory_peak`]).
     pub(crate) memory: u64,
+    /// The spec's memory request: what a replica kept where it runs must fit by.
+    pub(crate) request: u64,
     /// The instance slots one replica reserves.
     pub(crate) instances: u64,
     /// The index of the group of hosts this service may run on.
@@ -290,9 +305,11 @@ impl<'a> Cluster<'a> {
                 Host {
                     info,
                     capacity: info.capacity,
+                    memory: info.capacity.memory.scaled(info.memory_overcommit).bytes(),
                     in_flight: info.in_flight,
                     zone,
                     reserved_memory: 0,
+                    reserved_requests: 0,
                     reserved_instances: 0,
                     replicas: Vec::new(),
                 }
@@ -326,6 +343,7 @@ impl<'a> Cluster<'a> {
             .into_iter()
             .map(|(id, workload)| {
                 let spec: &ServiceSpec = &workload.spec;
+                let request = spec.memory_request().bytes();
                 let group = groups.group_of(&spec.placement.labels, &hosts);
                 let spread = spec.placement.spread.as_deref().map(|label| {
                     let partition = groups.partition_of(group, label, &hosts);
@@ -342,7 +360,8 @@ impl<'a> Cluster<'a> {
                     id,
                     spec,
                     avoid: &workload.avoid,
-                    memory: spec.reservation().bytes(),
+                    memory: workload.memory_peak.map_or(0, |peak| peak.bytes()).max(request),
+                    request,
                     instances: u64::from(spec.limits.concurrency),
                     group,
                     cached_on: cached_on
@@ -398,6 +417,7 @@ impl<'a> Cluster<'a> {
         let to = &mut self.hosts[host as usize];
         let of = &mut self.services[service as usize];
         to.reserved_memory += of.memory;
+        to.reserved_requests += of.request;
         to.reserved_instances += of.instances;
         to.replicas.push((service, replica));
         of.assigned[replica as usize] = true;

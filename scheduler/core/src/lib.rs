@@ -29,7 +29,11 @@
 //! - Filters: the host is ready and carries the placement's labels (applied
 //!   once per distinct set of labels, which yields the service's *group* of
 //!   hosts), then memory and instance slots after the replicas already
-//!   reserved there. A replica reserves `memory × concurrency` bytes and
+//!   reserved there. A replica reserves its memory request (by default a
+//!   small figure, not its cap: see [`wharf_proto::ServiceSpec::memory_request`])
+//!   or, placed now, the larger of that and the peak its service's instances
+//!   were seen using ([`Workload::memory_peak`]), out of the host's memory
+//!   times its overcommit ratio ([`HostInfo::memory_overcommit`]); and
 //!   `concurrency` instance slots.
 //! - Score, compared in order: for a service with `placement.spread`, fewest
 //!   replicas of the service in the host's domain (see below); fewest

@@ -86,10 +86,7 @@ struct Score {
 
 fn score(index: u32, host: &Host<'_>, service: &Service<'_>, domain_spread: u32) -> Score {
     let instance_slots = u64::from(host.capacity.instances);
-    let reserved = per_mille(
-        host.reserved_memory + service.memory,
-        host.capacity.memory.bytes(),
-    )
+    let reserved = per_mille(host.reserved_memory + service.memory, host.memory)
     .max(per_mille(
         host.reserved_instances + service.instances,
         instance_slots,
@@ -440,7 +437,7 @@ impl Rejections {
         };
         let mut reason = String::new();
         if self.memory > 0 {
-            let (needs, most_free) = (ByteSize(service.memory), ByteSize(self.most_free_memory));
+            let (needs, most_free) = (ByteSize(service.memory).human(), ByteSize(self.most_free_memory).human());
             _ = write!(
                 reason,
                 "insufficient memory on {} of {group_size} {hosts} (needs {needs}, most free {most_free})",

@@ -2,7 +2,7 @@
 //! assignment every host should have and the actions that lead there.
 
 use crate::cluster::Cluster;
-use crate::placement::{admits, place, place_avoiding};
+use crate::placement::{place, place_avoiding};
 use crate::snapshot::{Action, Plan, ReplicaRef, Snapshot, Unplaceable};
 use wharf_proto::HostId;
 
@@ -16,8 +16,13 @@ use wharf_proto::HostId;
 ///    its service still exists and still wants that many replicas, the host
 ///    still carries the labels the placement asks for, it is not a duplicate
 ///    of a replica already kept, the replica is not asked to avoid the host
-///    (see [`crate::Workload::avoid`]), and the host has room for it after the
-///    replicas kept before it (in service, replica order). Everything else
+///    (see [`crate::Workload::avoid`]), and the host has room for its memory
+///    request and instance slots after the replicas kept before it (in
+///    service, replica order). A kept replica must fit by its request
+///    alone, not by a peak learned since ([`crate::Workload::memory_peak`]):
+///    learning never moves what runs. It still counts its peak against
+///    new replicas (see `Host::reserved_memory`), which keeps the plan
+///    idempotent: what a pass could not place, the next cannot either. Everything else
 ///    is stopped. Keeping what fits is what makes plans stable: a replica is
 ///    never moved just because a better host appeared, nor to even out the
 ///    domains of a spread label.
@@ -63,7 +68,8 @@ fn may_stay(cluster: &Cluster<'_>, host: u32, service: u32, replica: u32) -> boo
         && service.assigned.get(replica as usize) == Some(&false)
         && service.spec.placement.matches(&host.info.labels)
         && !service.avoid.get(&replica).is_some_and(|avoid| avoid.contains(&host.info.id))
-        && admits(host, service).is_ok()
+        && service.request <= host.free_for_requests()
+        && service.instances <= host.free_instances()
 }
 
 /// A replica placed by this reconcile: (service, replica, host), by index.

@@ -68,6 +68,7 @@ pub fn simulate(hosts: usize, services: usize, replicas_per_service: u32, seed: 
                     memory: ByteSize::gib(*rng.pick(&[16, 32, 64])),
                     instances: *rng.pick(&[512, 1024, 2048]),
                 },
+                memory_overcommit: wharf_proto::Overcommit::NONE,
                 cached,
                 in_flight: rng.below(64),
             }

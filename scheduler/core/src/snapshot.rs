@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::sync::Arc;
-use wharf_proto::{Capacity, Digest, HostId, ServiceId, ServiceSpec};
+use wharf_proto::{ByteSize, Capacity, Digest, HostId, Overcommit, ServiceId, ServiceSpec};
 
 /// One replica as assignments list it: the workload and the replica's index in it.
 pub type ReplicaRef = (WorkloadId, u32);
@@ -47,6 +47,12 @@ pub struct Workload {
     /// by replica index. Soft: such a replica is moved off the host, and
     /// placed elsewhere when another host has room, else back there.
     pub avoid: BTreeMap<u32, BTreeSet<HostId>>,
+    /// The most linear memory one instance of the service was seen using,
+    /// if known. Each replica counts the larger of this and the spec's
+    /// [`ServiceSpec::memory_request`] against the new replicas placed
+    /// after it; a replica already placed stays while its request alone
+    /// fits, so learning a peak never moves what runs.
+    pub memory_peak: Option<ByteSize>,
 }
 
 impl Workload {
@@ -58,6 +64,7 @@ impl Workload {
             replicas: spec.replicas,
             spec: Arc::new(spec),
             avoid: BTreeMap::new(),
+            memory_peak: None,
         }
     }
 }
@@ -92,6 +99,9 @@ pub struct HostInfo {
     pub labels: BTreeMap<String, String>,
     /// What the host can hold in total.
     pub capacity: Capacity,
+    /// How far its memory may be overcommitted: the memory requests placed
+    /// on it may add up to `capacity.memory` times this.
+    pub memory_overcommit: Overcommit,
     /// Components the host has compiled and cached.
     pub cached: BTreeSet<Digest>,
     /// Requests the host is serving right now.

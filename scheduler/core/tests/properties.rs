@@ -5,7 +5,7 @@
 
 use proptest::prelude::*;
 use std::collections::{BTreeMap, BTreeSet};
-use wharf_proto::{ByteSize, Capacity, Digest, HostId, ServiceId, ServiceSpec};
+use wharf_proto::{ByteSize, Capacity, Digest, HostId, Overcommit, ServiceId, ServiceSpec};
 use wharf_scheduler_core::{Action, HostInfo, Plan, Snapshot, Workload, WorkloadId, reconcile};
 
 const ZONES: [&str; 3] = ["a", "b", "c"];
@@ -69,6 +69,7 @@ prop_compose! {
                 ready,
                 labels: labels(zone, ssd),
                 capacity: Capacity { memory: ByteSize::mib(memory_mib), instances },
+                memory_overcommit: if i % 2 == 0 { Overcommit::NONE } else { "1.5".parse().expect("a ratio") },
                 cached: cached.into_iter().map(component).collect(),
                 in_flight,
             })
@@ -85,7 +86,15 @@ prop_compose! {
                 spec.limits.concurrency = concurrency;
                 spec.placement.labels = labels(zone, ssd);
                 spec.placement.spread = SPREADS[spread].map(String::from);
+                // Half request all they may use; the rest the default, with
+                // a peak learned up to the cap (above the default request).
+                let learned = i % 2 == 1;
+                if !learned {
+                    spec.limits.memory_request = Some(spec.limits.most_memory());
+                }
+                let peak = spec.limits.memory;
                 let mut workload = Workload::new(spec, revision);
+                workload.memory_peak = learned.then_some(peak);
                 for (replica, host) in avoid {
                     let host = HostId::new(format!("h{host}")).expect("valid host id");
                     workload.avoid.entry(replica).or_default().insert(host);
@@ -138,7 +147,7 @@ fn check_invariants(snapshot: &Snapshot, plan: &Plan) -> Result<(), TestCaseErro
                         && !workload.avoid[replica].contains(&h.id)
                         && spec.placement.matches(&h.labels)
                         && plan.assignments.get(&h.id).is_some_and(|on| on.is_empty())
-                        && h.capacity.memory.bytes() >= spec.reservation().bytes()
+                        && h.capacity.memory.scaled(h.memory_overcommit) >= spec.memory_request()
                         && u64::from(h.capacity.instances) >= u64::from(spec.limits.concurrency)
                 });
                 prop_assert!(!elsewhere, "{service}/{replica} is on {host_id}, which it avoids, while an empty host could take it");
@@ -151,11 +160,11 @@ fn check_invariants(snapshot: &Snapshot, plan: &Plan) -> Result<(), TestCaseErro
                 placed.insert((service.clone(), *replica)),
                 "{service}/{replica} is placed twice"
             );
-            memory += spec.reservation().bytes();
+            memory += spec.memory_request().bytes();
             instances += u64::from(spec.limits.concurrency);
         }
         prop_assert!(
-            memory <= host.capacity.memory.bytes(),
+            memory <= host.capacity.memory.scaled(host.memory_overcommit).bytes(),
             "{host_id} over memory: {memory}"
         );
         prop_assert!(
@@ -267,6 +276,7 @@ proptest! {
                 ready,
                 labels: labels(zone, ssd),
                 capacity: Capacity { memory: ByteSize::gib(1024), instances: 1_000_000 },
+                memory_overcommit: Overcommit::NONE,
                 cached: BTreeSet::new(),
                 in_flight: 0,
             })

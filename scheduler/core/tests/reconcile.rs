@@ -3,7 +3,7 @@
 //! idempotence on simulated clusters.
 
 use std::collections::{BTreeMap, BTreeSet};
-use wharf_proto::{ByteSize, Capacity, Digest, HostId, ServiceId, ServiceSpec};
+use wharf_proto::{ByteSize, Capacity, Digest, HostId, Overcommit, ServiceId, ServiceSpec};
 use wharf_scheduler_core::{
     Action, HostInfo, Plan, Snapshot, Workload, WorkloadId, max_domain_imbalance, max_spread_imbalance, reconcile,
     simulate,
@@ -25,15 +25,18 @@ fn host(id: &str, labels: &[&str]) -> HostInfo {
             memory: ByteSize::gib(16),
             instances: 1024,
         },
+        memory_overcommit: Overcommit::NONE,
         cached: BTreeSet::new(),
         in_flight: 0,
     }
 }
 
-/// A service with `replicas` replicas, reserving the default 1GiB (64MiB × 16) each.
+/// A service with `replicas` replicas, each requesting 1GiB (its most,
+/// 64MiB × 16), so that a 16GiB host holds 16.
 fn service(name: &str, replicas: u32) -> ServiceSpec {
     let mut spec = ServiceSpec::new(name, Digest::of(name.as_bytes()));
     spec.replicas = replicas;
+    spec.limits.memory_request = Some(ByteSize::gib(1));
     spec
 }
 
@@ -743,7 +746,7 @@ fn a_full_zone_overflows_into_the_others() {
          start a/1 on h1
          start a/2 on h2
          start a/3 on h2
-         unplaceable a/4: insufficient memory on 2 of 2 ready hosts (needs 1GiB, most free 0)",
+         unplaceable a/4: insufficient memory on 2 of 2 ready hosts (needs 1GiB, most free 0B)",
     );
 }
 
@@ -791,4 +794,108 @@ fn simulated_spread_services_are_even_over_their_domains() {
     assert_eq!(max_domain_imbalance(&snapshot, &plan), 1);
     assert_eq!(max_spread_imbalance(&snapshot, &plan), 1);
     assert_settles(&snapshot, &plan);
+}
+
+/// A service with the default limits and memory request (8MiB).
+fn default_service(name: &str, replicas: u32) -> ServiceSpec {
+    let mut spec = ServiceSpec::new(name, Digest::of(name.as_bytes()));
+    spec.replicas = replicas;
+    spec
+}
+
+#[test]
+fn default_requests_pack_many_services_where_caps_fit_two() {
+    let mut two_gib = host("h1", &[]);
+    two_gib.capacity.memory = ByteSize::gib(2);
+    let defaults: Vec<ServiceSpec> = (0..60).map(|i| default_service(&format!("s{i}"), 1)).collect();
+    let plan = reconcile(&snapshot(vec![two_gib.clone()], defaults));
+    assert_eq!(plan.unplaceable, vec![], "60 services at 8MiB each fit in 2GiB (and 960 of 1024 slots)");
+    assert_eq!(plan.assignments[&two_gib.id].len(), 60);
+    // Requesting the cap times the concurrency, as every replica did before requests.
+    let capped: Vec<ServiceSpec> = (0..60).map(|i| service(&format!("s{i}"), 1)).collect();
+    let plan = reconcile(&snapshot(vec![two_gib.clone()], capped));
+    assert_eq!(plan.assignments[&two_gib.id].len(), 2);
+    assert_eq!(plan.unplaceable.len(), 58);
+    assert_eq!(plan.unplaceable[0].reason, "insufficient memory on 1 of 1 ready hosts (needs 1GiB, most free 0B)");
+}
+
+#[test]
+fn an_overcommit_ratio_scales_what_requests_may_add_up_to() {
+    let mut h1 = host("h1", &[]);
+    h1.capacity.memory = ByteSize::gib(2);
+    check(
+        &snapshot(vec![h1.clone()], vec![service("a", 3)]),
+        "h1: a/0 a/1
+         start a/0 on h1
+         start a/1 on h1
+         unplaceable a/2: insufficient memory on 1 of 1 ready hosts (needs 1GiB, most free 0B)",
+    );
+    h1.memory_overcommit = "1.5".parse().expect("a ratio");
+    check(
+        &snapshot(vec![h1.clone()], vec![service("a", 4)]),
+        "h1: a/0 a/1 a/2
+         start a/0 on h1
+         start a/1 on h1
+         start a/2 on h1
+         unplaceable a/3: insufficient memory on 1 of 1 ready hosts (needs 1GiB, most free 0B)",
+    );
+}
+
+#[test]
+fn a_learned_peak_sizes_new_replicas_but_never_moves_kept_ones() {
+    let mut h1 = host("h1", &[]);
+    h1.capacity.memory = ByteSize::mib(100);
+    let mut snap = snapshot(vec![h1], vec![default_service("a", 3)]);
+    snap.services[0].memory_peak = Some(ByteSize::mib(40));
+    // New replicas reserve the 40MiB peak, not the 8MiB request.
+    check(
+        &snap,
+        "h1: a/0 a/1
+         start a/0 on h1
+         start a/1 on h1
+         unplaceable a/2: insufficient memory on 1 of 1 ready hosts (needs 40MiB, most free 20MiB)",
+    );
+    // Replicas already running stay while their requests fit: three stay
+    // where 3 x 40MiB would not fit, but a fourth is not placed beside them.
+    let mut running = with_current(snap, "h1: a/0 a/1 a/2");
+    running.services[0].replicas = 4;
+    check(
+        &running,
+        "h1: a/0 a/1 a/2
+         unplaceable a/3: insufficient memory on 1 of 1 ready hosts (needs 40MiB, most free 0B)",
+    );
+    // A peak below the request changes nothing: the request is the floor.
+    let mut h1 = host("h1", &[]);
+    h1.capacity.memory = ByteSize::mib(16);
+    let mut low = snapshot(vec![h1], vec![default_service("a", 3)]);
+    low.services[0].memory_peak = Some(ByteSize::mib(1));
+    check(
+        &low,
+        "h1: a/0 a/1
+         start a/0 on h1
+         start a/1 on h1
+         unplaceable a/2: insufficient memory on 1 of 1 ready hosts (needs 8MiB, most free 0B)",
+    );
+}
+
+#[test]
+fn placement_messages_print_sizes_in_human_units() {
+    let mut h1 = host("h1", &[]);
+    h1.capacity.memory = ByteSize(893_855_334);
+    check(
+        &snapshot(vec![h1], vec![service("a", 1)]),
+        "h1:
+         unplaceable a/0: insufficient memory on 1 of 1 ready hosts (needs 1GiB, most free 852.4MiB)",
+    );
+}
+
+#[test]
+fn services_at_zero_reserve_nothing() {
+    let mut h1 = host("h1", &[]);
+    h1.capacity.memory = ByteSize::gib(1);
+    check(
+        &snapshot(vec![h1], vec![service("idle", 0), service("b", 1)]),
+        "h1: b/0
+         start b/0 on h1",
+    );
 }
