@@ -497,6 +497,41 @@ fn bus_tls(dir: &Path, client: &str) -> wharf_bus::NatsTls {
     }
 }
 
+/// A plain async-nats client (not Wharf's bus) with `host`'s identity and
+/// certificate, and the errors the server sends it.
+async fn raw_host_client(url: &str, dir: &Path, host: &str) -> (async_nats::Client, Arc<std::sync::Mutex<Vec<String>>>) {
+    let errors = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let client = with_tls(async_nats::ConnectOptions::with_nkey(std::fs::read_to_string(seed_of(dir, host)).expect("seed").trim().to_string()), dir, host)
+        .custom_inbox_prefix(wharf_proto::names::host_inbox_prefix(&wharf_proto::HostId::new(host).expect("valid")))
+        .event_callback({
+            let errors = errors.clone();
+            move |event| {
+                let errors = errors.clone();
+                async move {
+                    if let async_nats::Event::ServerError(e) = event {
+                        errors.lock().expect("lock").push(e.to_string());
+                    }
+                }
+            }
+        })
+        .connect(url)
+        .await
+        .expect("the host's identity connects");
+    (client, errors)
+}
+
+/// Waits up to 10 s for the server to send an error containing `what`.
+async fn until_refused(errors: Arc<std::sync::Mutex<Vec<String>>>, what: String) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if errors.lock().expect("lock").iter().any(|e| e.contains(&what)) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the server did not refuse {what}; its errors: {:?}", errors.lock().expect("lock"));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The seed file `shipped_nats` made for `host`.
 fn seed_of(dir: &Path, host: &str) -> String {
     dir.join("nats/hosts").join(format!("{host}.nk")).to_str().expect("utf-8").to_string()
@@ -604,36 +639,8 @@ async fn a_host_identity_reaches_only_its_own_subjects_and_cannot_speak_for_anot
     assert_eq!(listed("host-a")["ready"], true, "host-a reports heartbeats");
 
     // host-a's credentials in a plain NATS client, with the server's errors collected.
-    let errors = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-    let client = with_tls(async_nats::ConnectOptions::with_nkey(std::fs::read_to_string(seed_of(dir.path(), "host-a")).expect("seed").trim().to_string()), dir.path(), "host-a")
-        .custom_inbox_prefix(wharf_proto::names::host_inbox_prefix(&wharf_proto::HostId::new("host-a").expect("valid")))
-        .event_callback({
-            let errors = errors.clone();
-            move |event| {
-                let errors = errors.clone();
-                async move {
-                    if let async_nats::Event::ServerError(e) = event {
-                        errors.lock().expect("lock").push(e.to_string());
-                    }
-                }
-            }
-        })
-        .connect(&url)
-        .await
-        .expect("host-a's identity connects");
-    let refused = |what: String| {
-        let errors = errors.clone();
-        async move {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                if errors.lock().expect("lock").iter().any(|e| e.contains(&what)) {
-                    return;
-                }
-                assert!(Instant::now() < deadline, "the server did not refuse {what}; its errors: {:?}", errors.lock().expect("lock"));
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-    };
+    let (client, errors) = raw_host_client(&url, dir.path(), "host-a").await;
+    let refused = |what: String| until_refused(errors.clone(), what);
     let host_b = wharf_proto::HostId::new("host-b").expect("valid");
     let forged = wharf_proto::Heartbeat {
         host: host_b.clone(),
@@ -747,36 +754,8 @@ async fn hosts_receive_secrets_sealed_to_their_own_key_and_cannot_read_the_secre
     assert_eq!(assignment_of(&url, dir.path(), "host-a").await, assignment, "the assignment was rewritten while nothing changed");
 
     // host-a's credentials in a plain NATS client: every way to read the secrets bucket is refused.
-    let errors = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-    let client = with_tls(async_nats::ConnectOptions::with_nkey(std::fs::read_to_string(seed_of(dir.path(), "host-a")).expect("seed").trim().to_string()), dir.path(), "host-a")
-        .custom_inbox_prefix(wharf_proto::names::host_inbox_prefix(&wharf_proto::HostId::new("host-a").expect("valid")))
-        .event_callback({
-            let errors = errors.clone();
-            move |event| {
-                let errors = errors.clone();
-                async move {
-                    if let async_nats::Event::ServerError(e) = event {
-                        errors.lock().expect("lock").push(e.to_string());
-                    }
-                }
-            }
-        })
-        .connect(&url)
-        .await
-        .expect("host-a's identity connects");
-    let refused = |what: String| {
-        let errors = errors.clone();
-        async move {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                if errors.lock().expect("lock").iter().any(|e| e.contains(&what)) {
-                    return;
-                }
-                assert!(Instant::now() < deadline, "the server did not refuse {what}; its errors: {:?}", errors.lock().expect("lock"));
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-    };
+    let (client, errors) = raw_host_client(&url, dir.path(), "host-a").await;
+    let refused = |what: String| until_refused(errors.clone(), what);
     let attempts: [(&str, serde_json::Value); 6] = [
         ("$JS.API.DIRECT.GET.KV_wharf-secrets.$KV.wharf-secrets.default.token", serde_json::Value::Null),
         ("$JS.API.DIRECT.GET.KV_wharf-secrets", serde_json::json!({"last_by_subj": "$KV.wharf-secrets.default.token"})),
