@@ -217,7 +217,7 @@ pub fn host_permissions(host: &HostId) -> HostPermissions {
         ("wharf.logs.>".to_owned(), "its replicas' log lines, for `wharf logs -f`"),
         (format!("{}.>", wharf_proto::trigger::MESSAGE_PREFIX), "components' messages (each host checks the namespace) and dead letters"),
         ("wharf.trigger.>".to_owned(), "trigger messages handed to hosts with a replica"),
-        (names::JOB_RESULTS_WILDCARD.to_owned(), "how each job attempt it ran ended"),
+        (names::job_result_subject(host), "how each job attempt it ran ended, no other host's"),
         ("_INBOX.>".to_owned(), "replies to requests it serves"),
         ("$JS.API.INFO".to_owned(), "JetStream: reading state"),
         ("$JS.API.STREAM.INFO.>".to_owned(), ""),

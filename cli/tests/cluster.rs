@@ -665,6 +665,10 @@ async fn a_host_identity_reaches_only_its_own_subjects_and_cannot_speak_for_anot
     client.publish(wharf_proto::names::host_heartbeat_subject(&host_b), forged.clone()).await.expect("sent");
     client.flush().await.expect("flushed");
     refused("Permissions Violation for Publish to \"wharf.host.host-b.heartbeat\"".into()).await;
+    // Nor can it end host-b's job attempts: results go on the sender's own subject.
+    client.publish(wharf_proto::names::job_result_subject(&host_b), bytes::Bytes::from_static(b"{}")).await.expect("sent");
+    client.flush().await.expect("flushed");
+    refused("Permissions Violation for Publish to \"wharf.host.host-b.jobresult\"".into()).await;
     // On its own subject, naming host-b: the scheduler ignores it, saying so.
     for _ in 0..5 {
         client.publish("wharf.host.host-a.heartbeat", forged.clone()).await.expect("sent");

@@ -109,14 +109,16 @@ pub fn host_jobs_subject(host: &HostId) -> String {
     format!("wharf.host.{host}.jobs")
 }
 
-/// A host publishes how an attempt of job `namespace/name` ended
-/// ([`crate::job::JobResult`]); schedulers follow [`JOB_RESULTS_WILDCARD`].
-pub fn job_result_subject(namespace: &str, name: &str) -> String {
-    format!("wharf.jobresult.{namespace}.{name}")
+/// A host publishes how an attempt it ran ended ([`crate::job::JobResult`])
+/// on its own subject, so that its NATS identity may publish no other
+/// host's; schedulers follow [`JOB_RESULTS_WILDCARD`] and take a result
+/// only from the host its subject names.
+pub fn job_result_subject(host: &HostId) -> String {
+    format!("wharf.host.{host}.jobresult")
 }
 
-/// Matches every job's result subject.
-pub const JOB_RESULTS_WILDCARD: &str = "wharf.jobresult.>";
+/// Matches every host's job-result subject.
+pub const JOB_RESULTS_WILDCARD: &str = "wharf.host.*.jobresult";
 
 /// KV bucket of jobs ([`crate::job::StoredJob`]), keyed by [`service_key`].
 pub const JOBS_BUCKET: &str = "wharf-jobs";

@@ -16,7 +16,8 @@
 //! before sending it); a host acknowledges a start it runs or ran without
 //! running it twice.
 //!
-//! Every scheduler follows the hosts' results (`wharf.jobresult.>`) and
+//! Every scheduler follows the hosts' results (`wharf.host.*.jobresult`,
+//! each taken only from the host its subject names) and
 //! keeps those not yet recorded, so a follower that takes over has heard
 //! the results of attempts its predecessor started.
 
@@ -31,7 +32,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use wharf_bus::{Bus, Kv, KvError};
 use wharf_proto::job::{JobCommand, JobCommandReply, JobHistory, JobResult, RunState, StoredJob};
-use wharf_proto::names::{JOB_RESULTS_WILDCARD, JOB_RUNS_BUCKET, JOBS_BUCKET, host_jobs_subject, service_key};
+use wharf_proto::names::{JOB_RESULTS_WILDCARD, JOB_RUNS_BUCKET, JOBS_BUCKET, host_jobs_subject, job_result_subject, service_key};
 use wharf_proto::{HostId, ServiceId};
 use wharf_scheduler_core::jobs::{AttemptRef, JobHost, JobInput, cancel_runs, plan_job, running_attempts};
 
@@ -143,6 +144,11 @@ impl Jobs {
             while let Some(message) = results.next().await {
                 let Some(inner) = weak.upgrade() else { break };
                 match serde_json::from_slice::<JobResult>(&message.payload) {
+                    // The subject is the sender's own (its NATS identity may
+                    // publish no other host's): a body naming another host is a lie.
+                    Ok(result) if message.subject != job_result_subject(&result.host) => {
+                        tracing::warn!(subject = %message.subject, host = %result.host, job = %result.job, "ignoring a job result whose body names another host than its subject");
+                    }
                     Ok(result) => Jobs { inner }.heard(result),
                     Err(e) => tracing::warn!("ignoring an unreadable job result: {e}"),
                 }

@@ -195,7 +195,7 @@ impl HostAgent {
     }
 
     async fn publish_result(&self, result: &JobResult) {
-        let subject = job_result_subject(&result.job.namespace, &result.job.name);
+        let subject = job_result_subject(&result.host);
         let Ok(payload) = serde_json::to_vec(result) else { return };
         // The leader gives up on an attempt it hears nothing of only after
         // its deadline, so a lost result is worth a few tries.

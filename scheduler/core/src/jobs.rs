@@ -164,11 +164,17 @@ fn new_run(history: &mut JobHistory, cause: RunCause, now_ms: u64) {
     history.runs.push(JobRun { run: history.last_run, cause, state: RunState::Pending, created_ms: now_ms, finished_ms: None, attempts: Vec::new(), pending: None });
 }
 
-/// Copies each result into its attempt, if the attempt still waits for one.
+/// Copies each result into its attempt, if the attempt still waits for one
+/// and the result comes from the host the attempt was started on (another
+/// host cannot end an attempt it does not run).
 fn record_results(history: &mut JobHistory, results: &[JobResult]) {
     for result in results {
         let Some(run) = history.runs.iter_mut().find(|r| r.run == result.run) else { continue };
-        let Some(attempt) = run.attempts.iter_mut().find(|a| a.attempt == result.attempt && a.finished_ms.is_none()) else { continue };
+        let waiting = |a: &&mut JobAttempt| a.attempt == result.attempt && a.finished_ms.is_none();
+        let Some(attempt) = run.attempts.iter_mut().find(waiting) else { continue };
+        if attempt.host.as_ref().is_some_and(|host| *host != result.host) {
+            continue;
+        }
         attempt.finished_ms = Some(result.finished_ms);
         attempt.exit_code = result.exit_code;
         attempt.outcome = Some(result.outcome.clone());
@@ -342,6 +348,20 @@ mod tests {
     }
 
     #[test]
+    fn only_the_host_an_attempt_runs_on_can_end_it() {
+        let mut job = job(|_| {});
+        job.requested = 1;
+        let hosts = [host("a", 512)];
+        let plan = pass(&job, &JobHistory::default(), &[], &hosts, 20_000);
+        let forged = JobResult { host: HostId::new("b").expect("a host id"), ..result(1, 1, Some(0), 21_000) };
+        let ignored = pass(&job, &plan.history, &[forged], &hosts, 21_001);
+        assert_eq!(ignored.history.runs[0].state, RunState::Running, "host b cannot end an attempt host a runs");
+        assert_eq!(ignored.history.runs[0].attempts[0].finished_ms, None);
+        let done = pass(&job, &plan.history, &[result(1, 1, Some(0), 21_000)], &hosts, 21_001);
+        assert_eq!(done.history.runs[0].state, RunState::Succeeded);
+    }
+
+    #[test]
     fn a_failed_attempt_is_retried_after_the_backoff_then_the_run_fails() {
         let mut job = job(|j| {
             j.retries = 1;
@@ -351,7 +371,8 @@ mod tests {
         let hosts = [host("a", 512), host("b", 512)];
         let first = pass(&job, &JobHistory::default(), &[], &hosts, 20_000);
         let first_host = first.starts[0].host.clone();
-        let failed = pass(&job, &first.history, &[result(1, 1, Some(1), 21_000)], &hosts, 21_000);
+        let on = |host: &HostId, r: JobResult| JobResult { host: host.clone(), ..r };
+        let failed = pass(&job, &first.history, &[on(&first_host, result(1, 1, Some(1), 21_000))], &hosts, 21_000);
         assert!(failed.starts.is_empty());
         assert_eq!(failed.history.runs[0].state, RunState::BackingOff);
         assert_eq!(failed.wake_at_ms, Some(23_000));
@@ -359,7 +380,7 @@ mod tests {
         assert_eq!(retried.starts.len(), 1);
         assert_eq!(retried.starts[0].attempt, 2);
         assert_ne!(retried.starts[0].host, first_host, "a retry prefers another host");
-        let over = pass(&job, &retried.history, &[result(1, 2, Some(3), 24_000)], &hosts, 24_000);
+        let over = pass(&job, &retried.history, &[on(&retried.starts[0].host, result(1, 2, Some(3), 24_000))], &hosts, 24_000);
         assert_eq!(over.history.runs[0].state, RunState::Failed);
         assert_eq!(over.history.runs[0].exit_code(), Some(3));
         assert!(over.starts.is_empty());
