@@ -289,21 +289,7 @@ fn heartbeat(bus: Bus, hosts: Vec<HostId>, assigned: Assigned) -> tokio::task::J
                     .get(host)
                     .into_iter()
                     .flatten()
-                    .map(|r| ReplicaStatus {
-                        service: r.service.clone(),
-                        revision: r.revision,
-                        replica: r.replica,
-                        attempt: r.attempt,
-                        state: ReplicaState::Ready,
-                        error: None,
-                        failures: 0,
-                        in_flight: 0,
-                        requests: 0,
-                        errors: 0,
-                        latency_micros: 0,
-                        latency: Default::default(),
-                        memory_peak: None,
-                    })
+                    .map(|r| ReplicaStatus::new(r.key(), r.attempt, ReplicaState::Ready))
                     .collect();
                 let heartbeat = Heartbeat {
                     host: host.clone(),

@@ -98,7 +98,7 @@ fn unchanged(last: &Heartbeat, now: &Heartbeat) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{ByteSize, Capacity, HostId, ReplicaState, ReplicaStatus, ServiceId};
+    use crate::{ByteSize, Capacity, HostId, ReplicaKey, ReplicaState, ReplicaStatus, ServiceId};
 
     fn heartbeat(at: u64, requests: u64) -> Heartbeat {
         Heartbeat {
@@ -108,19 +108,12 @@ mod tests {
             capacity: Capacity { memory: ByteSize::gib(1), instances: 10 },
             cached: Vec::new(),
             replicas: vec![ReplicaStatus {
-                service: ServiceId::new("default", "hello").expect("valid"),
-                revision: 1,
-                replica: 0,
-                attempt: 0,
-                state: ReplicaState::Ready,
-                error: None,
-                failures: 0,
-                in_flight: 0,
                 requests,
-                errors: 0,
-                latency_micros: 0,
-                latency: Default::default(),
-                memory_peak: None,
+                ..ReplicaStatus::new(
+                    ReplicaKey { service: ServiceId::new("default", "hello").expect("valid"), revision: 1, replica: 0 },
+                    0,
+                    ReplicaState::Ready,
+                )
             }],
             sent_at_ms: at,
             started_at_ms: 1,

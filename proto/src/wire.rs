@@ -340,6 +340,26 @@ pub struct ReplicaStatus {
 }
 
 impl ReplicaStatus {
+    /// A replica in `state` that has served nothing yet: no error, no
+    /// failures, no load.
+    pub fn new(key: ReplicaKey, attempt: u32, state: ReplicaState) -> ReplicaStatus {
+        ReplicaStatus {
+            service: key.service,
+            revision: key.revision,
+            replica: key.replica,
+            attempt,
+            state,
+            error: None,
+            failures: 0,
+            in_flight: 0,
+            requests: 0,
+            errors: 0,
+            latency_micros: 0,
+            latency: LatencyHistogram::default(),
+            memory_peak: None,
+        }
+    }
+
     /// The replica's identity.
     pub fn key(&self) -> ReplicaKey {
         ReplicaKey { service: self.service.clone(), revision: self.revision, replica: self.replica }

@@ -517,21 +517,8 @@ mod tests {
         let running = |host: &HostId, draining: bool| {
             let mut heartbeat = report(host, 1);
             heartbeat.draining = draining;
-            heartbeat.replicas = vec![wharf_proto::ReplicaStatus {
-                service: service.clone(),
-                revision: 1,
-                replica: 0,
-                attempt: 0,
-                state: wharf_proto::ReplicaState::Ready,
-                error: None,
-                failures: 0,
-                in_flight: 0,
-                requests: 0,
-                errors: 0,
-                latency_micros: 0,
-                latency: Default::default(),
-                memory_peak: None,
-            }];
+            let key = wharf_proto::ReplicaKey { service: service.clone(), revision: 1, replica: 0 };
+            heartbeat.replicas = vec![wharf_proto::ReplicaStatus::new(key, 0, wharf_proto::ReplicaState::Ready)];
             heartbeat
         };
         let (lost, drained) = (HostId::new("lost").expect("valid"), HostId::new("drained").expect("valid"));

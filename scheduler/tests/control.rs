@@ -239,21 +239,7 @@ async fn a_service_with_a_volume_is_pinned_to_where_it_first_ran() {
     })
     .await;
     assert!(plane.informer().read(|s| s.pins.is_empty()), "not pinned before a replica is ready");
-    let ready = wharf_proto::ReplicaStatus {
-        service: notes.id(),
-        revision: 1,
-        replica: 0,
-        attempt: 0,
-        state: wharf_proto::ReplicaState::Ready,
-        error: None,
-        failures: 0,
-        in_flight: 0,
-        requests: 0,
-        errors: 0,
-        latency_micros: 0,
-        latency: Default::default(),
-        memory_peak: None,
-    };
+    let ready = wharf_proto::ReplicaStatus::new(wharf_proto::ReplicaKey { service: notes.id(), revision: 1, replica: 0 }, 0, wharf_proto::ReplicaState::Ready);
     reports.lock().expect("lock").insert("b".to_string(), vec![ready]);
     until("pinned, then both replicas on b", Duration::from_secs(10), || {
         let pinned = plane.informer().read(|s| s.pins.get(&notes.id()).map(|h| h.to_string()));
