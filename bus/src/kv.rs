@@ -33,6 +33,8 @@ pub struct Kv {
 enum KvInner {
     Nats(Arc<nats::NatsKv>),
     Local(local::LocalKv),
+    /// Calls a data broker makes for this process (see `nats/data.rs`).
+    Brokered(Arc<nats::BrokeredKv>),
 }
 
 /// The current value of a key.
@@ -72,6 +74,13 @@ impl Kv {
         }
     }
 
+    pub(crate) fn brokered(kv: nats::BrokeredKv, max_value: usize) -> Kv {
+        Kv {
+            inner: KvInner::Brokered(Arc::new(kv)),
+            max_value,
+        }
+    }
+
     pub(crate) fn local(kv: local::LocalKv, max_value: usize) -> Kv {
         Kv {
             inner: KvInner::Local(kv),
@@ -90,6 +99,7 @@ impl Kv {
         match &self.inner {
             KvInner::Nats(kv) => kv.get(key).await,
             KvInner::Local(kv) => kv.get(key).await,
+            KvInner::Brokered(kv) => kv.get(key).await,
         }
     }
 
@@ -99,6 +109,7 @@ impl Kv {
         match &self.inner {
             KvInner::Nats(kv) => kv.put(key, value).await,
             KvInner::Local(kv) => kv.put(key, value).await,
+            KvInner::Brokered(kv) => kv.put(key, value).await,
         }
     }
 
@@ -109,6 +120,7 @@ impl Kv {
         match &self.inner {
             KvInner::Nats(kv) => kv.create(key, value).await,
             KvInner::Local(kv) => kv.create(key, value).await,
+            KvInner::Brokered(kv) => kv.create(key, value).await,
         }
     }
 
@@ -125,6 +137,7 @@ impl Kv {
         match &self.inner {
             KvInner::Nats(kv) => kv.update(key, value, expected_revision).await,
             KvInner::Local(kv) => kv.update(key, value, expected_revision).await,
+            KvInner::Brokered(kv) => kv.update(key, value, expected_revision).await,
         }
     }
 
@@ -136,6 +149,7 @@ impl Kv {
         match &self.inner {
             KvInner::Nats(kv) => kv.delete(key).await,
             KvInner::Local(kv) => kv.delete(key).await,
+            KvInner::Brokered(kv) => kv.delete(key).await,
         }
     }
 
@@ -144,6 +158,7 @@ impl Kv {
         let mut keys = match &self.inner {
             KvInner::Nats(kv) => kv.keys().await?,
             KvInner::Local(kv) => kv.keys().await?,
+            KvInner::Brokered(kv) => kv.keys().await?,
         };
         keys.sort_unstable();
         Ok(keys)
@@ -167,6 +182,7 @@ impl Kv {
         match &self.inner {
             KvInner::Nats(kv) => kv.keys_page(prefix, after, limit).await,
             KvInner::Local(kv) => kv.keys_page(prefix, after, limit).await,
+            KvInner::Brokered(kv) => kv.keys_page(prefix, after, limit).await,
         }
     }
 
@@ -175,6 +191,15 @@ impl Kv {
         let mut entries = match &self.inner {
             KvInner::Nats(kv) => kv.entries().await?,
             KvInner::Local(kv) => kv.entries().await?,
+            KvInner::Brokered(_) => {
+                // A key deleted between the listing and its read is left out.
+                let keys = self.keys().await?;
+                let mut entries = Vec::with_capacity(keys.len());
+                for key in keys {
+                    entries.extend(self.get(&key).await?);
+                }
+                entries
+            }
         };
         entries.sort_unstable_by(|a, b| a.key.cmp(&b.key));
         Ok(entries)
@@ -192,6 +217,12 @@ impl Kv {
         let inner = match &self.inner {
             KvInner::Nats(kv) => WatchInner::Nats(Box::new(kv.watch(pattern).await?)),
             KvInner::Local(kv) => WatchInner::Local(kv.watch(pattern).await?),
+            KvInner::Brokered(_) => {
+                return Err(KvError::Unavailable {
+                    bucket: String::new(),
+                    source: "a bucket opened through the data broker cannot be watched; open it with `Bus::kv`".into(),
+                });
+            }
         };
         Ok(KvWatch { inner })
     }

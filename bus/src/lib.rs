@@ -65,7 +65,7 @@ pub use error::{
 };
 pub use kv::{Entry, KeyPage, Kv, KvEvent, KvWatch};
 pub use local::LocalStore;
-pub use nats::{ClientCertificate, NatsAuth, NatsOptions, NatsTls};
+pub use nats::{ClientCertificate, ConsumerAsk, ConsumerPolicy, ConsumerRules, DataAsk, DataPolicy, DataRules, NatsAuth, NatsOptions, NatsTls};
 pub use objects::Objects;
 pub use stream::{Delivered, StreamConsumerConfig, StreamError, StreamMessages};
 
@@ -324,6 +324,50 @@ impl Bus {
             Backend::Local(bus) => Ok(Objects::local(
                 bus.store().open_objects(bucket, options, update).await?,
             )),
+        }
+    }
+
+    /// Opens bucket `bucket` for reads and writes made by the connection's
+    /// data broker ([`NatsOptions::data_broker`]), when it has one; else as
+    /// [`Bus::kv`] does. Such a handle cannot watch.
+    pub async fn kv_via_broker(&self, bucket: &str) -> Result<Kv, KvError> {
+        if let Backend::Nats(bus) = &self.backend
+            && let Some(kv) = bus.brokered_kv(bucket)
+        {
+            subject::check_bucket(bucket).map_err(KvError::InvalidName)?;
+            return Ok(Kv::brokered(kv, self.max_payload().saturating_sub(kv::HEADER_ROOM)));
+        }
+        self.kv(bucket).await
+    }
+
+    /// Reads and writes buckets for processes that may not touch them
+    /// themselves (see [`NatsOptions::data_broker`]): answers their asks on
+    /// `subject` (whose last token, `*`, is the asker's name) in queue group
+    /// `group`, in a task of its own, making the calls `policy` allows
+    /// through this bus. The in-process bus has no other processes: nothing
+    /// is served.
+    pub async fn serve_data_broker(&self, subject: &str, group: &str, policy: DataPolicy) -> Result<(), SubscribeError> {
+        match &self.backend {
+            Backend::Nats(nats) => {
+                let asks = nats.client().queue_subscribe(subject.to_owned(), group.to_owned()).await.map_err(|err| SubscribeError::Unavailable { subject: subject.to_owned(), source: Box::new(err) })?;
+                tokio::spawn(nats::serve_data(self.clone(), nats.client().clone(), asks, policy));
+                Ok(())
+            }
+            Backend::Local(_) => Ok(()),
+        }
+    }
+
+    /// Makes JetStream consumers for processes that may not make their own
+    /// (see [`NatsOptions::consumer_broker`]): answers their asks on
+    /// `subject` (whose last token, `*`, is the asker's name, which its NATS
+    /// permissions must tie to its identity), in queue group `group` so
+    /// that several brokers share the work, in a task of its own. `policy`
+    /// decides each ask; what it allows is made with this bus's rights.
+    /// The in-process bus has no consumers to make: nothing is served.
+    pub async fn serve_consumer_broker(&self, subject: &str, group: &str, policy: ConsumerPolicy) -> Result<(), SubscribeError> {
+        match &self.backend {
+            Backend::Nats(bus) => bus.serve_consumer_broker(subject, group, policy).await,
+            Backend::Local(_) => Ok(()),
         }
     }
 

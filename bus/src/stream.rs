@@ -7,12 +7,23 @@
 //! Over NATS only: the in-process bus has no streams, and says so.
 
 use crate::error::BackendError;
+use crate::nats::{ConsumerAsk, Consumers};
 use crate::{Backend, Bus};
-use async_nats::jetstream::{self, AckKind, consumer::pull};
 use bytes::Bytes;
 use futures::StreamExt;
 use std::time::Duration;
 use thiserror::Error;
+
+/// Messages one pull request asks for at most.
+const PULL_BATCH: usize = 16;
+
+/// How long one pull request waits for messages before the server ends it
+/// (and the next one is sent).
+const PULL_EXPIRES: Duration = Duration::from_secs(10);
+
+/// How long past [`PULL_EXPIRES`] a pull request is waited for before it
+/// counts as lost (its end went missing across a reconnection).
+const PULL_GRACE: Duration = Duration::from_secs(2);
 
 /// A stream (created if missing, its subjects extended if they lack
 /// `subject`) and a durable consumer of `subject` on it.
@@ -58,11 +69,21 @@ pub enum StreamError {
     },
 }
 
-/// The messages of a stream consumer, in the order the server hands them out.
+/// The messages of a stream consumer, in the order the server hands them
+/// out: pulled in batches into an inbox of this process's own. Who makes
+/// the consumer and sends the pull requests is the bus's
+/// [`consumer_broker`](crate::NatsOptions::consumer_broker), or the process.
 pub struct StreamMessages {
-    messages: pull::Stream,
+    client: async_nats::Client,
+    consumers: Consumers,
+    subscriber: async_nats::Subscriber,
+    deliver: String,
     stream: String,
     consumer: String,
+    /// Messages the pull requests sent may still bring.
+    outstanding: usize,
+    /// When the last pull request counts as lost.
+    deadline: tokio::time::Instant,
 }
 
 /// One delivered message; acknowledge it with [`Delivered::ack`] or ask
@@ -73,7 +94,9 @@ pub struct Delivered {
     pub payload: Bytes,
     /// Which delivery this is, from 1.
     pub delivered: u64,
-    message: jetstream::Message,
+    /// Where its acknowledgement goes.
+    reply: String,
+    client: async_nats::Client,
 }
 
 impl Bus {
@@ -86,84 +109,131 @@ impl Bus {
         self.open_stream(stream, subject).await.map(drop)
     }
 
-    async fn open_stream(&self, name: &str, subject: &str) -> Result<jetstream::stream::Stream, StreamError> {
+    async fn open_stream(&self, name: &str, subject: &str) -> Result<(), StreamError> {
         let Backend::Nats(nats) = &self.backend else {
             return Err(StreamError::Unsupported { stream: name.to_owned() });
         };
-        let js = nats.jetstream();
-        let failed = |source: BackendError| StreamError::Stream { stream: name.to_owned(), subject: subject.to_owned(), source };
-        let stream = match js.get_stream(name).await {
-            Ok(stream) => stream,
-            Err(e) if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(ref js_error) if js_error.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) => js
-                .get_or_create_stream(jetstream::stream::Config {
-                    name: name.to_owned(),
-                    subjects: vec![subject.to_owned()],
-                    num_replicas: nats.replicas_for_new(),
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| failed(Box::new(e)))?,
-            Err(e) => return Err(failed(Box::new(e))),
-        };
-        let mut config = stream.cached_info().config.clone();
-        if !config.subjects.iter().any(|s| s == subject) {
-            config.subjects.push(subject.to_owned());
-            js.update_stream(&config).await.map_err(|e| failed(Box::new(e)))?;
-        }
-        Ok(stream)
+        crate::nats::open_stream(nats.jetstream(), nats.replicas_for_new(), name, subject)
+            .await
+            .map(drop)
+            .map_err(|source| StreamError::Stream { stream: name.to_owned(), subject: subject.to_owned(), source })
     }
 
     /// Opens (creating what is missing, see [`Bus::ensure_stream`]) the
     /// stream and durable consumer of `config` and starts pulling messages.
     pub async fn stream_consumer(&self, config: &StreamConsumerConfig) -> Result<StreamMessages, StreamError> {
-        let stream = self.open_stream(&config.stream, &config.subject).await?;
+        let Backend::Nats(nats) = &self.backend else {
+            return Err(StreamError::Unsupported { stream: config.stream.clone() });
+        };
         let consumer_failed =
             |source: BackendError| StreamError::Consumer { stream: config.stream.clone(), consumer: config.consumer.clone(), source };
-        // Create or update: a redeploy that changes max_deliver or the ack
-        // wait reaches the consumer every host shares.
-        let consumer: jetstream::consumer::PullConsumer = stream
-            .create_consumer(
-                pull::Config {
-                    durable_name: Some(config.consumer.clone()),
-                    filter_subject: config.subject.clone(),
-                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                    ack_wait: config.ack_wait,
-                    max_deliver: i64::from(config.max_deliver),
-                    max_ack_pending: i64::from(config.max_ack_pending),
-                    ..Default::default()
-                },
-            )
+        let consumers = nats.consumers().clone();
+        consumers
+            .make(&ConsumerAsk::Durable {
+                stream: config.stream.clone(),
+                subject: config.subject.clone(),
+                consumer: config.consumer.clone(),
+                max_deliver: config.max_deliver,
+                ack_wait_ms: u64::try_from(config.ack_wait.as_millis()).unwrap_or(u64::MAX),
+                max_ack_pending: config.max_ack_pending,
+            })
             .await
-            .map_err(|e| consumer_failed(Box::new(e)))?;
-        let messages = consumer.messages().await.map_err(|e| consumer_failed(Box::new(e)))?;
-        Ok(StreamMessages { messages, stream: config.stream.clone(), consumer: config.consumer.clone() })
+            .map_err(consumer_failed)?;
+        let client = nats.client().clone();
+        let deliver = client.new_inbox();
+        let subscriber = client.subscribe(deliver.clone()).await.map_err(|e| consumer_failed(Box::new(e)))?;
+        Ok(StreamMessages {
+            client,
+            consumers,
+            subscriber,
+            deliver,
+            stream: config.stream.clone(),
+            consumer: config.consumer.clone(),
+            outstanding: 0,
+            deadline: tokio::time::Instant::now(),
+        })
     }
 }
 
 impl StreamMessages {
     /// The next message; `None` once the consumer is gone for good. A
-    /// passing error (a missed heartbeat while reconnecting) is returned and
-    /// the stream goes on.
+    /// passing error (a pull request refused while reconnecting) is
+    /// returned and the stream goes on.
     pub async fn next(&mut self) -> Option<Result<Delivered, StreamError>> {
-        let message = self.messages.next().await?;
-        Some(match message {
-            Ok(message) => {
-                let delivered = message.info().map(|info| u64::try_from(info.delivered).unwrap_or(1)).unwrap_or(1);
-                Ok(Delivered { subject: message.subject.to_string(), payload: message.payload.clone(), delivered, message })
+        loop {
+            if self.outstanding == 0 {
+                let ask = ConsumerAsk::Pull {
+                    stream: self.stream.clone(),
+                    consumer: self.consumer.clone(),
+                    deliver: self.deliver.clone(),
+                    batch: PULL_BATCH,
+                    expires_ms: u64::try_from(PULL_EXPIRES.as_millis()).unwrap_or(u64::MAX),
+                };
+                if let Err(source) = self.consumers.make(&ask).await {
+                    // Not at once again: the broker or the server may be
+                    // back in a moment.
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    return Some(Err(self.failed(source)));
+                }
+                self.outstanding = PULL_BATCH;
+                self.deadline = tokio::time::Instant::now() + PULL_EXPIRES + PULL_GRACE;
             }
-            Err(e) => Err(StreamError::Consumer { stream: self.stream.clone(), consumer: self.consumer.clone(), source: Box::new(e) }),
-        })
+            let message = match tokio::time::timeout_at(self.deadline, self.subscriber.next()).await {
+                Ok(Some(message)) => message,
+                Ok(None) => return None,
+                Err(_) => {
+                    self.outstanding = 0;
+                    continue;
+                }
+            };
+            if let Some(status) = message.status {
+                match status.as_u16() {
+                    // A heartbeat.
+                    100 => {}
+                    // The request expired, or found nothing: send the next.
+                    404 | 408 => self.outstanding = 0,
+                    _ => {
+                        let why = message.description.unwrap_or_default();
+                        self.outstanding = 0;
+                        if why.to_ascii_lowercase().contains("deleted") {
+                            // The consumer is gone: the caller opens it again.
+                            return None;
+                        }
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        return Some(Err(self.failed(format!("status {status}: {why}").into())));
+                    }
+                }
+                continue;
+            }
+            let Some(reply) = message.reply.map(|reply| reply.to_string()) else { continue };
+            self.outstanding = self.outstanding.saturating_sub(1);
+            let delivered = crate::nats::ack_info(&reply).map_or(1, |info| info.delivered);
+            return Some(Ok(Delivered {
+                subject: message.subject.to_string(),
+                payload: message.payload,
+                delivered,
+                reply,
+                client: self.client.clone(),
+            }));
+        }
+    }
+
+    fn failed(&self, source: BackendError) -> StreamError {
+        StreamError::Consumer { stream: self.stream.clone(), consumer: self.consumer.clone(), source }
     }
 }
 
 impl Delivered {
     /// Done with: never delivered again.
     pub async fn ack(&self) -> Result<(), BackendError> {
-        self.message.ack().await
+        self.client.publish(self.reply.clone(), Bytes::from_static(b"+ACK")).await?;
+        Ok(())
     }
 
     /// Failed: deliver it again after `delay`.
     pub async fn nak(&self, delay: Duration) -> Result<(), BackendError> {
-        self.message.ack_with(AckKind::Nak(Some(delay))).await
+        let body = format!("-NAK {{\"delay\":{}}}", delay.as_nanos());
+        self.client.publish(self.reply.clone(), body.into()).await?;
+        Ok(())
     }
 }

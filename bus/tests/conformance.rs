@@ -31,12 +31,37 @@ async fn nats() -> (Bus, Backing) {
     (bus, Box::new(server))
 }
 
+/// A NATS bus whose consumers a broker makes (as a host's are): the
+/// broker, a second bus, allows an ask only when it delivers into the
+/// asker's own inboxes.
+async fn nats_brokered() -> (Bus, Backing) {
+    let server = NatsServer::start();
+    let broker = Bus::connect_nats(&server.url(), NatsOptions::default())
+        .await
+        .expect("connect the broker");
+    let policy: wharf_bus::ConsumerPolicy = std::sync::Arc::new(OwnInboxes { private: None });
+    broker
+        .serve_consumer_broker("conformance.consumers.*", "brokers", policy)
+        .await
+        .expect("serve consumer asks");
+    let options = NatsOptions {
+        inbox_prefix: Some("_INBOX.tenant".to_owned()),
+        consumer_broker: Some("conformance.consumers.tenant".to_owned()),
+        ..NatsOptions::default()
+    };
+    let bus = Bus::connect_nats(&server.url(), options)
+        .await
+        .expect("connect to the test nats-server");
+    (bus, Box::new((server, broker)))
+}
+
 /// Instantiates every case once per implementation, as `<implementation>::<case>`.
 macro_rules! conformance {
     ($($case:ident),+ $(,)?) => {
         conformance!(@each local_memory, $($case),+);
         conformance!(@each local_redb, $($case),+);
         conformance!(@each nats, $($case),+);
+        conformance!(@each nats_brokered, $($case),+);
     };
     (@each $implementation:ident, $($case:ident),+) => {
         mod $implementation {
@@ -845,5 +870,27 @@ mod cases {
             .await
             .expect("room after deleting");
         assert!(objects.get("second").await.expect("get") == Some(blob(2)));
+    }
+}
+
+/// A broker policy for tests: answers and deliveries only into the asker's
+/// own inboxes (`_INBOX.<asker>.…`), and no reads of stream `private`.
+struct OwnInboxes {
+    private: Option<&'static str>,
+}
+
+impl wharf_bus::ConsumerRules for OwnInboxes {
+    fn may_answer(&self, asker: &str, reply: &str) -> bool {
+        reply.starts_with(&format!("_INBOX.{asker}."))
+    }
+
+    fn allows(&self, asker: &str, ask: &wharf_bus::ConsumerAsk) -> Result<(), String> {
+        if Some(ask.stream()) == self.private {
+            return Err(format!("{asker} may not read bucket private"));
+        }
+        match ask.deliver() {
+            Some(deliver) if !deliver.starts_with(&format!("_INBOX.{asker}.")) => Err(format!("{deliver} is not an inbox of {asker}")),
+            _ => Ok(()),
+        }
     }
 }

@@ -531,3 +531,134 @@ async fn disconnects_need_the_system_account() {
         "{err:?}"
     );
 }
+
+/// A bus whose consumers a broker makes gets the broker's refusal, with its
+/// reason, when the policy denies an ask; and an ask for delivery into
+/// another client's inbox is refused by a policy that checks it.
+#[tokio::test]
+async fn a_consumer_broker_refuses_what_its_policy_denies_and_says_why() {
+    let server = NatsServer::start();
+    let broker = Bus::connect_nats(&server.url(), NatsOptions::default()).await.expect("connect the broker");
+    let policy: wharf_bus::ConsumerPolicy = std::sync::Arc::new(OwnInboxes { private: Some("KV_private") });
+    broker.serve_consumer_broker("test.consumers.*", "brokers", policy).await.expect("serve");
+    broker.kv("private").await.expect("bucket private");
+    let public = broker.kv("public").await.expect("bucket public");
+    public.put("k", Bytes::from_static(b"v")).await.expect("put");
+
+    let url = server.url();
+    let client = |inbox: &str| {
+        let options = NatsOptions {
+            inbox_prefix: Some(inbox.to_owned()),
+            consumer_broker: Some("test.consumers.alice".to_owned()),
+            ..NatsOptions::default()
+        };
+        Bus::connect_nats(&url, options)
+    };
+    let alice = client("_INBOX.alice").await.expect("alice connects");
+    let private = alice.kv("private").await.expect("open private");
+    let err = private.watch(">").await.err().expect("the broker refuses a watch on private");
+    assert!(err.to_string().contains("alice may not read bucket private"), "{err}");
+    let err = private.keys().await.expect_err("and a listing");
+    assert!(err.to_string().contains("may not read bucket private"), "{err}");
+
+    // Allowed: a watch on public delivers into alice's inbox.
+    let mut watch = alice.kv("public").await.expect("open public").watch(">").await.expect("watch public");
+    let event = tokio::time::timeout(PATIENCE, watch.next()).await.expect("an event in time").expect("the watch goes on");
+    assert_eq!((event.key.as_str(), event.value.as_deref()), ("k", Some(&b"v"[..])));
+
+    // A client claiming to be alice with other inboxes: its asks would be
+    // answered (and delivered) onto subjects that are not alice's, so the
+    // broker drops them unanswered.
+    let mallory = client("_INBOX.mallory").await.expect("mallory connects");
+    let err = mallory.kv("public").await.expect("open public").keys().await.expect_err("unanswered");
+    assert!(err.to_string().contains("did not answer"), "{err}");
+}
+
+/// A broker policy for tests: answers and deliveries only into the asker's
+/// own inboxes (`_INBOX.<asker>.…`), and no reads of stream `private`.
+struct OwnInboxes {
+    private: Option<&'static str>,
+}
+
+impl wharf_bus::ConsumerRules for OwnInboxes {
+    fn may_answer(&self, asker: &str, reply: &str) -> bool {
+        reply.starts_with(&format!("_INBOX.{asker}."))
+    }
+
+    fn allows(&self, asker: &str, ask: &wharf_bus::ConsumerAsk) -> Result<(), String> {
+        if Some(ask.stream()) == self.private {
+            return Err(format!("{asker} may not read bucket private"));
+        }
+        match ask.deliver() {
+            Some(deliver) if !deliver.starts_with(&format!("_INBOX.{asker}.")) => Err(format!("{deliver} is not an inbox of {asker}")),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A data broker for tests: answers only into the asker's own inboxes,
+/// and lets it use only the bucket named after it (`data-<asker>`).
+struct OwnBucket;
+
+impl wharf_bus::DataRules for OwnBucket {
+    fn may_answer(&self, asker: &str, reply: &str) -> bool {
+        reply.starts_with(&format!("_INBOX.{asker}."))
+    }
+
+    fn allows(&self, asker: &str, ask: &wharf_bus::DataAsk) -> Result<(), String> {
+        if ask.bucket() == format!("data-{asker}") { Ok(()) } else { Err(format!("{asker} may not use {}", ask.bucket())) }
+    }
+}
+
+/// Calls made through a data broker keep the bucket's contract: revisions,
+/// create refusing an existing key, compare-and-set, deletes, pages of
+/// keys, the value limit, each error as its own variant; a bucket the
+/// policy denies is refused with the reason, after the broker has looked
+/// again for a while; an ask from a client whose inboxes are not the
+/// asker's goes unanswered.
+#[tokio::test]
+async fn a_data_broker_keeps_the_bucket_contract_and_refuses_what_its_policy_denies() {
+    let server = NatsServer::start();
+    let broker = Bus::connect_nats(&server.url(), NatsOptions::default()).await.expect("connect the broker");
+    broker.serve_data_broker("test.data.*", "brokers", std::sync::Arc::new(OwnBucket)).await.expect("serve");
+    broker.kv("data-alice").await.expect("bucket");
+    broker.kv("data-bob").await.expect("bucket");
+    let url = server.url();
+    let client = |inbox: &str| {
+        let options = NatsOptions { inbox_prefix: Some(inbox.to_owned()), data_broker: Some("test.data.alice".to_owned()), ..NatsOptions::default() };
+        Bus::connect_nats(&url, options)
+    };
+    let alice = client("_INBOX.alice").await.expect("alice connects");
+    let kv = alice.kv_via_broker("data-alice").await.expect("open");
+    let first = kv.put("a.one", Bytes::from_static(b"1")).await.expect("put");
+    let second = kv.create("a.two", Bytes::from_static(b"2")).await.expect("create");
+    assert!(second > first);
+    assert!(matches!(kv.create("a.two", Bytes::from_static(b"x")).await, Err(KvError::AlreadyExists { .. })));
+    assert!(matches!(kv.update("a.two", Bytes::from_static(b"x"), first).await, Err(KvError::RevisionMismatch { .. })));
+    let third = kv.update("a.two", Bytes::from_static(b"3"), second).await.expect("compare-and-set");
+    let entry = kv.get("a.two").await.expect("get").expect("a value");
+    assert_eq!((&entry.value[..], entry.revision), (&b"3"[..], third));
+    kv.delete("a.one").await.expect("delete");
+    assert_eq!(kv.get("a.one").await.expect("get"), None);
+    kv.put("b.three", Bytes::from_static(b"4")).await.expect("put");
+    let page = kv.keys_page("a.", 0, 10).await.expect("page");
+    assert_eq!((page.keys, page.next), (vec!["a.two".to_string()], None));
+    assert_eq!(kv.keys().await.expect("keys"), vec!["a.two".to_string(), "b.three".to_string()]);
+    let big = Bytes::from(vec![0u8; kv.max_value() + 1]);
+    assert!(matches!(kv.put("a.big", big).await, Err(KvError::ValueTooLarge { .. })));
+    // Seen from the broker's side: the same bucket, written.
+    let direct = broker.kv("data-alice").await.expect("bucket");
+    assert_eq!(direct.get("a.two").await.expect("get").map(|e| e.value), Some(Bytes::from_static(b"3")));
+
+    // Another bucket: refused, with the policy's reason.
+    let err = alice.kv_via_broker("data-bob").await.expect("open").put("x", Bytes::from_static(b"1")).await.expect_err("refused");
+    assert!(err.to_string().contains("alice may not use data-bob"), "{err}");
+    assert_eq!(broker.kv("data-bob").await.expect("bucket").keys().await.expect("keys"), Vec::<String>::new());
+    // A client claiming to be alice, with other inboxes: no answer.
+    let mallory = client("_INBOX.mallory").await.expect("mallory connects");
+    let err = mallory.kv_via_broker("data-alice").await.expect("open").get("a.two").await.expect_err("unanswered");
+    assert!(err.to_string().contains("did not answer"), "{err}");
+    // Without a data broker, the same call opens the bucket itself.
+    let plain = Bus::connect_nats(&url, NatsOptions::default()).await.expect("connect");
+    assert_eq!(plain.kv_via_broker("data-alice").await.expect("open").get("a.two").await.expect("get").map(|e| e.value), Some(Bytes::from_static(b"3")));
+}

@@ -368,8 +368,12 @@ pub async fn host(args: HostArgs, shutdown: impl Future<Output = ()>) -> anyhow:
         }
         None => None,
     };
-    // Replies and watches come to this host's own inboxes, the only ones its identity may read.
+    // Replies and watches come to this host's own inboxes, the only ones
+    // its identity may read; the control plane makes its consumers and
+    // reads and writes services' data for it.
     let inbox_prefix = wharf_proto::names::host_inbox_prefix(&id);
+    let consumer_broker = wharf_proto::names::consumer_broker_subject(&id);
+    let data_broker = wharf_proto::names::data_broker_subject(&id);
     let bus = args
         .nats
         .connect_with(&wharf_proto::names::host_connection_name(&id), |options| {
@@ -377,6 +381,8 @@ pub async fn host(args: HostArgs, shutdown: impl Future<Output = ()>) -> anyhow:
                 options.auth = auth;
             }
             options.inbox_prefix = Some(inbox_prefix);
+            options.consumer_broker = Some(consumer_broker);
+            options.data_broker = Some(data_broker);
         })
         .await?;
     let dir = data_dir(args.data_dir, id.as_str())?;

@@ -202,8 +202,9 @@ pub struct HostPermissions {
 }
 
 /// The permissions of `host`: publish its own heartbeats (no other host's),
-/// what serving and running jobs need, services' key-value data and the
-/// read side of JetStream; never the control plane's buckets. Subscribe
+/// what serving and running jobs need, asks to the control plane's brokers
+/// (consumers; services' key-value data) and reads of the buckets it
+/// follows; never the control plane's buckets, never a consumer. Subscribe
 /// only to its own `wharf.host.<id>.>` subjects and its own inboxes
 /// ([`names::host_inbox_prefix`]), besides the shared subjects every
 /// serving host listens on.
@@ -219,40 +220,49 @@ pub fn host_permissions(host: &HostId) -> HostPermissions {
         ("wharf.trigger.>".to_owned(), "trigger messages handed to hosts with a replica"),
         (names::job_result_subject(host), "how each job attempt it ran ended, no other host's"),
         ("_INBOX.>".to_owned(), "replies to requests it serves"),
-        ("$JS.API.INFO".to_owned(), "JetStream: reading state"),
-        ("$JS.API.STREAM.INFO.>".to_owned(), ""),
-        ("$JS.API.STREAM.NAMES".to_owned(), ""),
-        ("$JS.API.STREAM.MSG.GET.>".to_owned(), ""),
-        ("$JS.API.DIRECT.GET.>".to_owned(), ""),
-        ("$JS.API.CONSUMER.CREATE.>".to_owned(), "watches and object reads are ordered consumers"),
-        ("$JS.API.CONSUMER.DELETE.>".to_owned(), ""),
-        ("$JS.API.CONSUMER.INFO.>".to_owned(), ""),
-        ("$JS.API.CONSUMER.MSG.NEXT.>".to_owned(), ""),
-        ("$JS.FC.>".to_owned(), ""),
-        ("$JS.ACK.>".to_owned(), ""),
-        ("$KV.*.>".to_owned(), "services' key-value data (wharf-kv-<ns>); the control plane's buckets are denied"),
+        (names::consumer_broker_subject(host), "asks the control plane for its watches, key listings and trigger pulls, delivered into its own inboxes"),
+        (names::data_broker_subject(host), "asks the control plane to read and write services' data of namespaces it runs"),
+        ("$JS.ACK.>".to_owned(), "acknowledges trigger messages"),
+        ("$JS.API.INFO".to_owned(), "JetStream: its account's limits, checked when it connects"),
     ];
+    // Reads of the buckets it follows, and no other stream: not services'
+    // data (through the data broker, for namespaces it runs only), not the
+    // secrets bucket (sealed to it instead), not the other control-plane
+    // buckets, not even their stream info (which lists keys).
+    let mut publish = publish;
+    for stream in HOST_READABLE_STREAMS {
+        let why = if stream == HOST_READABLE_STREAMS[0] { "JetStream: reading the desired state it follows and components (stream info, message and direct get)" } else { "" };
+        publish.push((format!("$JS.API.STREAM.INFO.{stream}"), why));
+        publish.push((format!("$JS.API.STREAM.MSG.GET.{stream}"), ""));
+        publish.push((format!("$JS.API.DIRECT.GET.{stream}"), ""));
+        publish.push((format!("$JS.API.DIRECT.GET.{stream}.>"), ""));
+    }
+    let assignments = format!("KV_{}", names::ASSIGNMENTS_BUCKET);
+    publish.push((format!("$JS.API.STREAM.INFO.{assignments}"), "its own assignment, no other host's"));
+    publish.push((format!("$JS.API.DIRECT.GET.{assignments}.$KV.{}.{}", names::ASSIGNMENTS_BUCKET, names::assignment_key(host)), ""));
     // A subject wildcard matches whole tokens only, so `wharf-kv-*` cannot
     // be allowed on its own: every bucket of the control plane is denied.
     let mut publish_deny: Vec<(String, &'static str)> = CONTROL_PLANE_BUCKETS.iter().map(|bucket| (format!("$KV.{bucket}.>"), "the control plane's state")).collect();
     for api in ["CREATE", "UPDATE", "DELETE", "PURGE"] {
         publish_deny.push((format!("$JS.API.STREAM.{api}.>"), "streams are the control plane's"));
     }
+    // No consumers: nats-server does not check where a consumer delivers
+    // (a push consumer's deliver subject, a pull request's reply) against
+    // its maker's rights, so one could copy a delete marker onto a control
+    // plane key. The control plane makes a host's consumers, delivering
+    // into the host's own inboxes (`consumer_broker_subject`).
+    publish_deny.push(("$JS.API.CONSUMER.>".to_owned(), "consumers may deliver anywhere: the control plane makes them for the host"));
     // The secrets bucket is not read at all: a host receives the secrets of
     // its replicas sealed to its own key inside its assignment. Every way
     // JetStream reads a stream is denied for it (the message-get and
-    // direct-get APIs, by sequence and by subject; consumers in each
-    // form nats-server takes, with or without a name and filter), and its
+    // direct-get APIs, by sequence and by subject; consumers are denied
+    // altogether, above, and the broker refuses this bucket), and its
     // subjects cannot be subscribed to (not in the subscribe allow list).
     let secrets_stream = format!("KV_{}", names::SECRETS_BUCKET);
     for (subject, why) in [
         (format!("$JS.API.DIRECT.GET.{secrets_stream}"), "secrets come sealed to the host in its assignment: no reads of the bucket"),
         (format!("$JS.API.DIRECT.GET.{secrets_stream}.>"), ""),
         (format!("$JS.API.STREAM.MSG.GET.{secrets_stream}"), ""),
-        (format!("$JS.API.CONSUMER.CREATE.{secrets_stream}"), ""),
-        (format!("$JS.API.CONSUMER.CREATE.{secrets_stream}.>"), ""),
-        (format!("$JS.API.CONSUMER.DURABLE.CREATE.{secrets_stream}.>"), ""),
-        (format!("$JS.API.CONSUMER.MSG.NEXT.{secrets_stream}.>"), ""),
     ] {
         publish_deny.push((subject, why));
     }
@@ -268,6 +278,9 @@ pub fn host_permissions(host: &HostId) -> HostPermissions {
     ];
     HostPermissions { publish, publish_deny, subscribe }
 }
+
+/// The streams a host reads itself (besides its own assignment).
+const HOST_READABLE_STREAMS: [&str; 5] = ["KV_wharf-services", "KV_wharf-status", "KV_wharf-namespaces", "KV_wharf-revisions", "OBJ_wharf-artifacts"];
 
 /// Every bucket of the control plane's state, which no host may write.
 const CONTROL_PLANE_BUCKETS: [&str; 15] = [
@@ -343,7 +356,7 @@ mod tests {
         for subject in ["\"wharf.host.host-a.heartbeat\"", "\"wharf.host.host-a.alive\"", "\"wharf.host.host-a.>\"", "\"_INBOX.host-host-a.>\"", "\"$KV.wharf-services.>\"", "\"$KV.wharf-tokens.>\""] {
             assert!(own.contains(subject), "{subject} missing:\n{own}");
         }
-        for denied in ["\"$JS.API.DIRECT.GET.KV_wharf-secrets\"", "\"$JS.API.DIRECT.GET.KV_wharf-secrets.>\"", "\"$JS.API.STREAM.MSG.GET.KV_wharf-secrets\"", "\"$JS.API.CONSUMER.CREATE.KV_wharf-secrets\"", "\"$JS.API.CONSUMER.CREATE.KV_wharf-secrets.>\"", "\"$JS.API.CONSUMER.DURABLE.CREATE.KV_wharf-secrets.>\""] {
+        for denied in ["\"$JS.API.DIRECT.GET.KV_wharf-secrets\"", "\"$JS.API.DIRECT.GET.KV_wharf-secrets.>\"", "\"$JS.API.STREAM.MSG.GET.KV_wharf-secrets\"", "\"$JS.API.CONSUMER.>\""] {
             let deny = &own[own.find("deny:").expect("deny")..own.find("subscribe:").expect("subscribe")];
             assert!(deny.contains(denied), "{denied} not denied:\n{own}");
         }

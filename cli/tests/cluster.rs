@@ -598,13 +598,16 @@ async fn hosts_with_host_credentials_serve_but_cannot_write_desired_state() {
         wharf_scheduler::auth::TOKENS_BUCKET,
         wharf_proto::names::ROUTE_CLAIMS_BUCKET,
         wharf_proto::names::ARTIFACT_OWNERS_BUCKET,
+        &wharf_proto::names::kv_bucket("default"),
     ] {
-        let kv = as_host.kv(bucket).await.expect("a host may open (read) the bucket");
-        let refused = kv.put("default.counter", bytes::Bytes::from_static(b"{}")).await;
-        assert!(refused.is_err(), "a host wrote to {bucket}");
+        // Some it may open (read), others not even that; none it may write.
+        if let Ok(kv) = as_host.kv(bucket).await {
+            let refused = kv.put("default.counter", bytes::Bytes::from_static(b"{}")).await;
+            assert!(refused.is_err(), "a host wrote to {bucket}");
+        }
     }
-    let data = as_host.kv(&wharf_proto::names::kv_bucket("default")).await.expect("data bucket");
-    assert!(data.put("counter.other", bytes::Bytes::from_static(b"1")).await.is_ok(), "hosts write services' data");
+    // Services' data goes through the control plane's data broker (the
+    // counter above counts through it): not written directly.
     // Nothing changed: the service is as deployed and still served.
     assert_eq!(service(&api, "counter")["service"]["generation"], 1);
     until_ok(&format!("{ingress}/hit"), "2", Duration::from_secs(5)).await;
@@ -828,4 +831,184 @@ async fn hosts_receive_secrets_sealed_to_their_own_key_and_cannot_read_the_secre
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     assert_eq!(assignment_of(&url, dir.path(), "host-b").await.secrets, None, "nothing sealed to a host without a key");
+}
+
+/// Issue 17: a host cannot make a JetStream consumer, which would deliver
+/// wherever its maker says (nats-server does not check a deliver subject,
+/// nor a pull request's reply, against the maker's rights): with one, a
+/// message carrying `Nats-Rollup: all` delivered onto a control-plane key
+/// erases every service. host-a's credentials, in a plain NATS client: a
+/// push consumer on its own namespace's data delivering onto the services
+/// bucket, a named or durable one, and a pull with such a reply are refused
+/// by the server. The control plane's broker, which makes a host's
+/// consumers for it, refuses delivery outside the host's inboxes, the
+/// secrets bucket and another host's assignment, and drops an ask whose
+/// answer would go onto a control-plane key. The real hosts, whose watches
+/// the broker makes, serve throughout, and the desired state is intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_cannot_make_a_consumer_that_delivers_onto_the_control_planes_state() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nats = shipped_nats(dir.path(), &["host-a", "host-b"]);
+    let url = nats.url();
+    let (_sched, api) = scheduler_as_scheduler(&url, dir.path());
+    let hosts = [host_with_identity(&url, "host-a", dir.path()), host_with_identity(&url, "host-b", dir.path())];
+    wharf(&api, &["deploy", &sample("hello"), "--name", "hello", "--route", "/hello"]);
+    wharf(&api, &["deploy", &sample("counter"), "--name", "counter", "--route", "/hit", "--keyvalue", "counter"]);
+    for host in &hosts {
+        until_ok(&format!("{}/hello", host.ingress), "Hello from Wharf!", Duration::from_secs(30)).await;
+    }
+    until_ok(&format!("{}/hit", hosts[0].ingress), "1", Duration::from_secs(30)).await;
+
+    let (client, errors) = raw_host_client(&url, dir.path(), "host-a").await;
+    let refused = |what: String| until_refused(errors.clone(), what);
+    // The bait: a message the host may write, into its namespace's data,
+    // that would purge whatever bucket it landed in.
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Rollup", "all");
+    client.publish_with_headers("$KV.wharf-kv-default.bait", headers, bytes::Bytes::from_static(b"x")).await.expect("sent");
+    client.flush().await.expect("flushed");
+
+    let target = "$KV.wharf-services.default.hello";
+    let push = |name: Option<&str>| {
+        let mut config = serde_json::json!({"deliver_subject": target, "filter_subject": "$KV.wharf-kv-default.bait", "deliver_policy": "last_per_subject", "ack_policy": "none"});
+        if let Some(name) = name {
+            config["name"] = name.into();
+        }
+        serde_json::json!({"stream_name": "KV_wharf-kv-default", "config": config}).to_string()
+    };
+    for (subject, body) in [
+        ("$JS.API.CONSUMER.CREATE.KV_wharf-kv-default".to_string(), push(None)),
+        ("$JS.API.CONSUMER.CREATE.KV_wharf-kv-default.evil.$KV.wharf-kv-default.bait".to_string(), push(Some("evil"))),
+        ("$JS.API.CONSUMER.DURABLE.CREATE.KV_wharf-kv-default.evil".to_string(), push(Some("evil"))),
+    ] {
+        client.publish(subject.clone(), bytes::Bytes::from(body)).await.expect("sent");
+        client.flush().await.expect("flushed");
+        refused(format!("Permissions Violation for Publish to \"{subject}\"")).await;
+    }
+    // A pull request whose reply is the target: the consumer API is closed altogether.
+    let next = "$JS.API.CONSUMER.MSG.NEXT.KV_wharf-kv-default.evil";
+    client.publish_with_reply(next, target, bytes::Bytes::from_static(b"{\"batch\":1}")).await.expect("sent");
+    client.flush().await.expect("flushed");
+    refused(format!("Permissions Violation for Publish to \"{next}\"")).await;
+
+    // The broker makes consumers only into host-a's own inboxes, of what host-a may read.
+    let broker = wharf_proto::names::consumer_broker_subject(&wharf_proto::HostId::new("host-a").expect("valid"));
+    let ask = |stream: &str, filter: &str, deliver: &str| {
+        bytes::Bytes::from(serde_json::json!({"kind": "push", "stream": stream, "filter": filter, "deliver": deliver, "from": null, "headers_only": false}).to_string())
+    };
+    for (body, why) in [
+        (ask("KV_wharf-kv-default", "$KV.wharf-kv-default.bait", target), "only into its own inboxes"),
+        (ask("KV_wharf-kv-default", "$KV.wharf-kv-default.bait", "_INBOX.host-host-b.x"), "only into its own inboxes"),
+        (ask("KV_wharf-secrets", "$KV.wharf-secrets.>", "_INBOX.host-host-a.s"), "may not read bucket wharf-secrets"),
+        (ask("KV_wharf-assignments", "$KV.wharf-assignments.host-b", "_INBOX.host-host-a.s"), "only its own assignment"),
+    ] {
+        let answer = tokio::time::timeout(Duration::from_secs(5), client.request(broker.clone(), body)).await.expect("answered in time").expect("answered");
+        let answer = String::from_utf8_lossy(&answer.payload).to_string();
+        assert!(answer.contains("refused") && answer.contains(why), "{answer}");
+    }
+    // An ask whose answer would land on the target is dropped, not answered there.
+    client.publish_with_reply(broker.clone(), target, ask("KV_wharf-kv-default", "$KV.wharf-kv-default.bait", "_INBOX.host-host-a.b")).await.expect("sent");
+    client.flush().await.expect("flushed");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // The desired state is intact: the services are there as deployed,
+    // read straight from the bucket as the control plane, and serve.
+    let scheduler = with_tls(async_nats::ConnectOptions::with_user_and_password("scheduler".into(), "s3cret-s".into()), dir.path(), "scheduler")
+        .connect(&url)
+        .await
+        .expect("the scheduler's user connects");
+    let services = async_nats::jetstream::new(scheduler).get_key_value(wharf_proto::names::SERVICES_BUCKET).await.expect("services bucket");
+    for name in ["default.hello", "default.counter"] {
+        let value = services.get(name).await.expect("read").unwrap_or_else(|| panic!("{name} is gone from the services bucket"));
+        assert!(serde_json::from_slice::<Value>(&value).is_ok(), "{name} holds something else: {}", String::from_utf8_lossy(&value));
+    }
+    assert_eq!(service(&api, "hello")["service"]["generation"], 1);
+    assert_eq!(service(&api, "counter")["service"]["generation"], 1);
+    until_ok(&format!("{}/hit", hosts[0].ingress), "2", Duration::from_secs(10)).await;
+    for host in &hosts {
+        until_ok(&format!("{}/hello", host.ingress), "Hello from Wharf!", Duration::from_secs(5)).await;
+        // The hosts' own watches and listings go through the broker: nothing they do is refused.
+        let output = host.process.output();
+        assert!(!output.contains("Permissions Violation") && !output.contains("consumer ask refused"), "{} was refused something:\n{output}", host.name);
+    }
+}
+
+/// One data-broker ask from a plain client: a JSON header (its length
+/// first, four bytes big-endian), then the value.
+fn data_ask(header: Value, value: &[u8]) -> bytes::Bytes {
+    let json = header.to_string();
+    let mut out = (json.len() as u32).to_be_bytes().to_vec();
+    out.extend_from_slice(json.as_bytes());
+    out.extend_from_slice(value);
+    out.into()
+}
+
+/// Issue 17: a host reads and writes services' key-value data only of the
+/// namespaces it runs. Its identity may not touch any data bucket itself
+/// (publish, direct get, stream info: refused by the server); the control
+/// plane's data broker, which the real host uses, refuses a namespace it
+/// runs nothing of, naming it, and drops an ask whose answer would land on
+/// a control-plane key. The other namespace's data is intact, and the
+/// host's own service keeps counting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_reaches_only_the_data_of_namespaces_it_runs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nats = shipped_nats(dir.path(), &["host-a"]);
+    let url = nats.url();
+    let (_sched, api) = scheduler_as_scheduler(&url, dir.path());
+    let host = host_with_identity(&url, "host-a", dir.path());
+    wharf(&api, &["deploy", &sample("counter"), "--name", "counter", "--route", "/hit", "--keyvalue", "counter"]);
+    until_ok(&format!("{}/hit", host.ingress), "1", Duration::from_secs(30)).await;
+    wharf(&api, &["kv", "put", "-n", "shop", "counter", "greeting", "kept-by-shop"]);
+    let stored = wharf_proto::names::kv_key("counter", "greeting");
+
+    let (client, errors) = raw_host_client(&url, dir.path(), "host-a").await;
+    let refused = |what: String| until_refused(errors.clone(), what);
+    for subject in [format!("$KV.wharf-kv-shop.{stored}"), format!("$KV.wharf-kv-default.{stored}")] {
+        client.publish(subject.clone(), bytes::Bytes::from_static(b"overwritten")).await.expect("sent");
+        client.flush().await.expect("flushed");
+        refused(format!("Permissions Violation for Publish to \"{subject}\"")).await;
+    }
+    for subject in [
+        "$JS.API.DIRECT.GET.KV_wharf-kv-shop".to_string(),
+        format!("$JS.API.DIRECT.GET.KV_wharf-kv-shop.$KV.wharf-kv-shop.{stored}"),
+        "$JS.API.STREAM.INFO.KV_wharf-kv-shop".to_string(),
+        "$JS.API.STREAM.INFO.KV_wharf-secrets".to_string(),
+        "$JS.API.DIRECT.GET.KV_wharf-assignments.$KV.wharf-assignments.host-b".to_string(),
+    ] {
+        let _ = tokio::time::timeout(Duration::from_secs(2), client.request(subject.clone(), bytes::Bytes::from_static(b"{\"last_by_subj\":\"$KV.wharf-kv-shop.x\"}"))).await;
+        refused(format!("Permissions Violation for Publish to \"{subject}\"")).await;
+    }
+
+    let broker = wharf_proto::names::data_broker_subject(&wharf_proto::HostId::new("host-a").expect("valid"));
+    let ask = |header: Value, value: &'static [u8]| {
+        let client = client.clone();
+        let broker = broker.clone();
+        async move {
+            let answer = tokio::time::timeout(Duration::from_secs(10), client.request(broker, data_ask(header, value))).await.expect("answered in time").expect("answered");
+            String::from_utf8_lossy(&answer.payload).to_string()
+        }
+    };
+    let put_shop = serde_json::json!({"op": "put", "bucket": "wharf-kv-shop", "key": stored});
+    let answer = ask(put_shop.clone(), b"overwritten").await;
+    assert!(answer.contains("runs nothing of namespace shop"), "{answer}");
+    let answer = ask(serde_json::json!({"op": "get", "bucket": "wharf-kv-shop", "key": stored}), b"").await;
+    assert!(answer.contains("runs nothing of namespace shop") && !answer.contains("kept-by-shop"), "{answer}");
+    let answer = ask(serde_json::json!({"op": "put", "bucket": "wharf-services", "key": "default.counter"}), b"{}").await;
+    assert!(answer.contains("services' data buckets"), "{answer}");
+    // Its own namespace's data: allowed.
+    let answer = ask(serde_json::json!({"op": "keys_page", "bucket": "wharf-kv-default", "prefix": "", "after": 0, "limit": 10}), b"").await;
+    assert!(answer.contains("\"keys\"") && !answer.contains("failed"), "{answer}");
+    // An answer that would land on a control-plane key is not sent.
+    client.publish_with_reply(broker.clone(), "$KV.wharf-services.default.counter", data_ask(serde_json::json!({"op": "get", "bucket": "wharf-kv-default", "key": "x"}), b"")).await.expect("sent");
+    client.flush().await.expect("flushed");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // shop's data and the desired state are intact; host-a's service counts on.
+    let kept = wharf(&api, &["kv", "get", "-n", "shop", "counter", "greeting"]);
+    assert_eq!(kept.trim(), "kept-by-shop");
+    assert_eq!(service(&api, "counter")["service"]["generation"], 1);
+    until_ok(&format!("{}/hit", host.ingress), "2", Duration::from_secs(10)).await;
+    let output = host.process.output();
+    assert!(!output.contains("Permissions Violation") && !output.contains("refused"), "host-a was refused something:\n{output}");
 }

@@ -137,8 +137,10 @@ impl KeyValueAccess {
         let kv = self
             .kv
             .get_or_try_init(|| async {
+                // Through the control plane's data broker when the host has
+                // one (over NATS): its own identity may not touch the bucket.
                 let bucket = wharf_proto::names::kv_bucket(&self.namespace);
-                self.bus.kv(&bucket).await
+                self.bus.kv_via_broker(&bucket).await
             })
             .await?;
         Ok(kv.clone())

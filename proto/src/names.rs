@@ -44,6 +44,34 @@ pub fn host_inbox_prefix(host: &HostId) -> String {
     format!("_INBOX.host-{host}")
 }
 
+/// Where a host asks the control plane to make a JetStream consumer for
+/// it (a watch, a key listing, a pull of a trigger stream): a host may not
+/// make consumers itself, since a consumer may deliver onto any subject.
+/// The last token names the asker, and each host may publish only its own.
+pub fn consumer_broker_subject(host: &HostId) -> String {
+    format!("{CONSUMER_BROKER_PREFIX}.{host}")
+}
+
+/// The prefix of [`consumer_broker_subject`].
+pub const CONSUMER_BROKER_PREFIX: &str = "wharf.ctl.consumers";
+
+/// Matches [`consumer_broker_subject`] of every host.
+pub const CONSUMER_BROKER_WILDCARD: &str = "wharf.ctl.consumers.*";
+
+/// Where a host asks the control plane to read or write a namespace's
+/// key-value data for it (its NATS identity may not touch the buckets):
+/// the control plane allows only namespaces the host runs. The last token
+/// names the asker, and each host may publish only its own.
+pub fn data_broker_subject(host: &HostId) -> String {
+    format!("wharf.ctl.data.{host}")
+}
+
+/// The prefix of [`kv_bucket`]: `wharf-kv-`.
+pub const KV_BUCKET_PREFIX: &str = "wharf-kv-";
+
+/// Matches [`data_broker_subject`] of every host.
+pub const DATA_BROKER_WILDCARD: &str = "wharf.ctl.data.*";
+
 /// Matches the heartbeat subject of every host.
 pub const HEARTBEAT_WILDCARD: &str = "wharf.host.*.heartbeat";
 
@@ -307,7 +335,7 @@ pub const HOST_LABEL: &str = "wharf.host";
 
 /// The `wasi:keyvalue` bucket shared by the services of one namespace.
 pub fn kv_bucket(namespace: &str) -> String {
-    format!("wharf-kv-{namespace}")
+    format!("{KV_BUCKET_PREFIX}{namespace}")
 }
 
 /// The key of a service in [`SERVICES_BUCKET`]. NATS KV keys allow

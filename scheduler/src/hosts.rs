@@ -319,6 +319,12 @@ impl HostTable {
         self.select(|ready, rates| ready && !rates.rps.is_empty(), entry)
     }
 
+    /// Whether `host`'s last report lists a replica of a service `wanted` picks.
+    pub fn reports_replica_of(&self, host: &HostId, wanted: impl Fn(&ServiceId) -> bool) -> bool {
+        let Ok(hosts) = self.inner.hosts.read() else { return false };
+        hosts.get(host).is_some_and(|(heartbeat, _, _)| heartbeat.replicas.iter().any(|r| wanted(&r.service)))
+    }
+
     /// Every known host, ready or not, by id.
     pub fn hosts(&self) -> Vec<HostEntry> {
         self.select(|_, _| true, entry)

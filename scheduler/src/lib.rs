@@ -10,6 +10,7 @@ mod artifacts_api;
 pub mod auth;
 pub mod autoscale;
 mod claims;
+mod consumers;
 pub mod controller;
 pub mod dashboard;
 pub mod events;
@@ -110,6 +111,9 @@ pub enum StartError {
     /// The events bucket could not be opened or created.
     #[error("cannot open the events bucket: {0}")]
     Events(wharf_bus::KvError),
+    /// Hosts' consumer or data asks cannot be served (see `consumers.rs`).
+    #[error("cannot serve hosts' consumer and data asks: {0}")]
+    ConsumerBroker(wharf_bus::SubscribeError),
 }
 
 /// A running control plane; cheap to clone. Every one serves the API; the
@@ -153,6 +157,7 @@ impl ControlPlane {
         if let Some(key) = &config.secret_key {
             seal_plain_secrets(store.secrets_kv(), key).await?;
         }
+        consumers::serve(bus, informer.clone(), hosts.clone(), jobs.clone()).await.map_err(StartError::ConsumerBroker)?;
         let events = bus.kv(wharf_proto::names::EVENTS_BUCKET).await.map_err(StartError::Events)?;
         let (stop, stopped) = watch::channel(false);
         let leadership = leader::campaign(store.leader_kv().clone(), config.name.clone(), config.lease, stopped.clone());

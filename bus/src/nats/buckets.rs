@@ -104,7 +104,7 @@ impl NatsBus {
     }
 
     fn kv_handle(&self, bucket: &str, store: kv::Store) -> NatsKv {
-        NatsKv::new(store, bucket, self.client.clone(), self.jetstream.clone(), self.connection.clone())
+        NatsKv::new(store, bucket, self.client.clone(), self.jetstream.clone(), self.connection.clone(), self.consumers().clone())
     }
 
     fn objects_handle(&self, bucket: &str, store: object_store::ObjectStore) -> NatsObjects {
@@ -114,16 +114,12 @@ impl NatsBus {
     /// How many servers the cluster has: those the server advertises, or
     /// itself alone when it advertises none (it is not clustered).
     pub(crate) fn cluster_size(&self) -> usize {
-        let mut urls = self.client.server_info().connect_urls;
-        urls.sort_unstable();
-        urls.dedup();
-        urls.len().max(1)
+        cluster_size(&self.client)
     }
 
     /// The copies a new bucket gets.
     pub(crate) fn replicas_for_new(&self) -> usize {
-        self.replicas
-            .unwrap_or_else(|| self.cluster_size().min(MAX_AUTOMATIC_REPLICAS))
+        replicas_for(&self.client, self.replicas)
     }
 
     /// The copies an existing bucket with `current` copies should have. Left
@@ -283,6 +279,20 @@ fn settings_error(
     } else {
         None
     }
+}
+
+/// How many servers the cluster `client` is connected to has.
+fn cluster_size(client: &async_nats::Client) -> usize {
+    let mut urls = client.server_info().connect_urls;
+    urls.sort_unstable();
+    urls.dedup();
+    urls.len().max(1)
+}
+
+/// The copies a new bucket or stream gets: `replicas` if set, else one per
+/// server of the cluster, up to three.
+pub(crate) fn replicas_for(client: &async_nats::Client, replicas: Option<usize>) -> usize {
+    replicas.unwrap_or_else(|| cluster_size(client).min(MAX_AUTOMATIC_REPLICAS))
 }
 
 /// The JetStream API error code somewhere in `err`'s chain of sources, if any.

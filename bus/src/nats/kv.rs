@@ -1,6 +1,7 @@
 //! KV buckets over JetStream: reads and writes, and watches that outlive reconnections and node losses.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -8,10 +9,11 @@ use async_nats::jetstream::{ErrorCode, kv};
 use bytes::Bytes;
 use futures::future::{self, BoxFuture};
 use futures::stream::BoxStream;
-use futures::{FutureExt, Stream, StreamExt, TryStreamExt};
+use futures::{FutureExt, Stream, StreamExt};
 use tokio::sync::watch;
 
 use super::buckets::jetstream_code;
+use super::consumers::{BrokerUnreachable, Consumers, Fed, PushFeed};
 use crate::error::{BackendError, KvError};
 use crate::{ConnectionState, Entry, KeyPage, KvEvent};
 
@@ -51,6 +53,8 @@ pub(crate) struct NatsKv {
     jetstream: async_nats::jetstream::Context,
     /// For watches, which start afresh when the connection comes back.
     connection: watch::Receiver<ConnectionState>,
+    /// Who makes the consumers of watches and key listings.
+    consumers: Consumers,
 }
 
 impl NatsKv {
@@ -60,6 +64,7 @@ impl NatsKv {
         client: async_nats::Client,
         jetstream: async_nats::jetstream::Context,
         connection: watch::Receiver<ConnectionState>,
+        consumers: Consumers,
     ) -> NatsKv {
         NatsKv {
             store,
@@ -67,6 +72,7 @@ impl NatsKv {
             client,
             jetstream,
             connection,
+            consumers,
         }
     }
 
@@ -202,62 +208,63 @@ impl NatsKv {
         }
     }
 
-    /// Reads keys from an ordered consumer that starts after revision
-    /// `after`, delivers only headers, and is dropped as soon as the page
-    /// is full. The bucket keeps one message per key, so each message is
-    /// one key's latest change; deletes are skipped.
+    /// Reads keys from a consumer that starts after revision `after`,
+    /// delivers only headers, and is dropped as soon as the page is full.
+    /// The bucket keeps one message per key, so each message is one key's
+    /// latest change; deletes are skipped.
     pub(crate) async fn keys_page(&self, prefix: &str, after: u64, limit: usize) -> Result<KeyPage, KvError> {
-        use async_nats::jetstream::consumer::{DeliverPolicy, push::OrderedConfig};
-        let consumer = self
-            .store
-            .stream
-            .create_consumer(OrderedConfig {
-                deliver_subject: self.client.new_inbox(),
-                filter_subject: format!("{}{prefix}>", self.store.prefix),
-                headers_only: true,
-                deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: after.saturating_add(1) },
-                ..Default::default()
-            })
+        let filter = format!("{}{prefix}>", self.store.prefix);
+        let (mut feed, pending) = PushFeed::open(&self.client, &self.consumers, &self.store.stream_name, filter, Some(after.saturating_add(1)), true)
             .await
             .map_err(|err| self.unavailable(err))?;
         let mut page = KeyPage { keys: Vec::new(), next: None };
-        if consumer.cached_info().num_pending == 0 {
+        if pending == 0 {
             return Ok(page);
         }
-        let mut messages = consumer.messages().await.map_err(|err| self.unavailable(err))?;
         loop {
-            let message = match tokio::time::timeout(PAGE_STALL, messages.next()).await {
+            let message = match tokio::time::timeout(PAGE_STALL, feed.next()).await {
                 Ok(Some(Ok(message))) => message,
                 Ok(Some(Err(err))) => return Err(self.unavailable(err)),
                 Ok(None) => return Ok(page),
                 Err(_) => return Err(self.unavailable(format!("no keys arrived for {PAGE_STALL:?}"))),
             };
-            let (sequence, pending) = match message.info() {
-                Ok(info) => (info.stream_sequence, info.pending),
-                Err(err) => return Err(self.unavailable(err.to_string())),
-            };
-            let deleted = message.headers.as_ref().and_then(|headers| headers.get("KV-Operation")).is_some_and(|op| op.as_str() != "PUT");
-            if !deleted && let Some(key) = message.subject.as_str().strip_prefix(self.store.prefix.as_str()) {
+            if !message.is_kv_delete() && let Some(key) = message.subject.strip_prefix(self.store.prefix.as_str()) {
                 page.keys.push(key.to_owned());
             }
-            if pending == 0 {
+            if message.info.pending == 0 {
                 return Ok(page);
             }
             if page.keys.len() == limit {
-                page.next = Some(sequence);
+                page.next = Some(message.info.stream_sequence);
                 return Ok(page);
             }
         }
     }
 
+    /// Every live key: the last message of each key, headers only.
     pub(crate) async fn keys(&self) -> Result<Vec<String>, KvError> {
-        self.store
-            .keys()
+        let filter = format!("{}>", self.store.prefix);
+        let (mut feed, pending) = PushFeed::open(&self.client, &self.consumers, &self.store.stream_name, filter, None, true)
             .await
-            .map_err(|err| self.unavailable(err))?
-            .try_collect()
-            .await
-            .map_err(|err| self.unavailable(err))
+            .map_err(|err| self.unavailable(err))?;
+        let mut keys = Vec::new();
+        if pending == 0 {
+            return Ok(keys);
+        }
+        loop {
+            let message = match tokio::time::timeout(PAGE_STALL, feed.next()).await {
+                Ok(Some(Ok(message))) => message,
+                Ok(Some(Err(err))) => return Err(self.unavailable(err)),
+                Ok(None) => return Ok(keys),
+                Err(_) => return Err(self.unavailable(format!("no keys arrived for {PAGE_STALL:?}"))),
+            };
+            if !message.is_kv_delete() && let Some(key) = message.subject.strip_prefix(self.store.prefix.as_str()) {
+                keys.push(key.to_owned());
+            }
+            if message.info.pending == 0 {
+                return Ok(keys);
+            }
+        }
     }
 
     pub(crate) async fn entries(&self) -> Result<Vec<Entry>, KvError> {
@@ -287,15 +294,26 @@ impl NatsKv {
             ))
             .await
             .map_err(|err| self.unavailable(err))?;
-        let watch = self
-            .store
-            .watch_with_history(pattern)
-            .await
-            .map_err(|err| self.unavailable(err))?;
-        Ok(NatsWatch {
-            store: self.store.clone(),
+        let source = WatchSource {
+            client: self.client.clone(),
+            consumers: self.consumers.clone(),
+            stream: self.store.stream_name.clone(),
+            prefix: self.store.prefix.clone(),
             pattern: pattern.to_owned(),
-            state: WatchState::Open(Box::new(watch)),
+        };
+        let (state, reopen) = match source.open(None).await {
+            Ok((feed, _)) => (WatchState::Open(feed.into_stream()), false),
+            // A host started before any control plane: its watches begin
+            // once a broker answers.
+            Err(err) if err.is::<BrokerUnreachable>() => {
+                tracing::warn!(bucket = %self.bucket, %pattern, "{err}; the watch starts once one does");
+                (WatchState::Reopening(Box::pin(future::pending())), true)
+            }
+            Err(err) => return Err(self.unavailable(err)),
+        };
+        let mut watch = NatsWatch {
+            source: Arc::new(source),
+            state,
             seen_up_to: 0,
             replayed_up_to: info.state.last_sequence,
             renewals: futures::stream::select(
@@ -303,7 +321,11 @@ impl NatsKv {
                 elections.map(drop),
             )
             .boxed(),
-        })
+        };
+        if reopen {
+            watch.reopen();
+        }
+        Ok(watch)
     }
 
     /// The error for a write the server refused: [`KvError::BucketFull`] if
@@ -412,8 +434,7 @@ const RENEW_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
 /// after the last revision it yielded, and retries until that works. So it
 /// yields no errors, and misses or repeats no change.
 pub(crate) struct NatsWatch {
-    store: kv::Store,
-    pattern: String,
+    source: Arc<WatchSource>,
     state: WatchState,
     /// The highest revision handled so far; a new watch resumes after it,
     /// and anything at or below it is not yielded again.
@@ -428,15 +449,32 @@ pub(crate) struct NatsWatch {
     renewals: BoxStream<'static, ()>,
 }
 
-/// The watch is boxed: it is large, and a `Reopening` state would carry its size for nothing.
+/// What a watch needs to make its consumer again.
+struct WatchSource {
+    client: async_nats::Client,
+    consumers: Consumers,
+    stream: String,
+    /// `$KV.<bucket>.`
+    prefix: String,
+    pattern: String,
+}
+
+impl WatchSource {
+    async fn open(&self, from: Option<u64>) -> Result<(PushFeed, u64), BackendError> {
+        PushFeed::open(&self.client, &self.consumers, &self.stream, format!("{}{}", self.prefix, self.pattern), from, false).await
+    }
+}
+
+type Feed = BoxStream<'static, Result<Fed, BackendError>>;
+
 enum WatchState {
-    Open(Box<kv::Watch>),
-    Reopening(BoxFuture<'static, kv::Watch>),
+    Open(Feed),
+    Reopening(BoxFuture<'static, Feed>),
 }
 
 impl NatsWatch {
     fn reopen(&mut self) {
-        let (store, pattern) = (self.store.clone(), self.pattern.clone());
+        let source = self.source.clone();
         let from = self.seen_up_to + 1;
         self.state = WatchState::Reopening(Box::pin(async move {
             let mut delay = Duration::from_millis(50);
@@ -449,16 +487,15 @@ impl NatsWatch {
                 // Each attempt is bounded: one made as the client reconnects
                 // can go unanswered for the JetStream API's whole 10 s
                 // timeout, while a second one a moment later succeeds.
-                let attempt = store.watch_from_revision(&pattern, from);
-                match tokio::time::timeout(RENEW_ATTEMPT_TIMEOUT, attempt)
+                match tokio::time::timeout(RENEW_ATTEMPT_TIMEOUT, source.open(Some(from)))
                     .await
-                    .unwrap_or_else(|_| Err(kv::WatchError::new(kv::WatchErrorKind::TimedOut)))
+                    .unwrap_or_else(|_| Err("timed out".into()))
                 {
-                    Ok(watch) => return watch,
+                    Ok((feed, _)) => return feed.into_stream(),
                     Err(err) => {
                         tracing::warn!(
-                            bucket = %store.name,
-                            %pattern,
+                            stream = %source.stream,
+                            pattern = %source.pattern,
                             "cannot renew KV watch, retrying in {delay:?}: {err}"
                         );
                         tokio::time::sleep(delay).await;
@@ -478,40 +515,42 @@ impl Stream for NatsWatch {
             if let Poll::Ready(Some(())) = self.renewals.poll_next_unpin(cx) {
                 self.reopen();
             }
-            let watch = match &mut self.state {
-                WatchState::Open(watch) => watch,
+            let feed = match &mut self.state {
+                WatchState::Open(feed) => feed,
                 WatchState::Reopening(renewal) => {
-                    let watch = ready!(renewal.poll_unpin(cx));
-                    self.state = WatchState::Open(Box::new(watch));
+                    let feed = ready!(renewal.poll_unpin(cx));
+                    self.state = WatchState::Open(feed);
                     continue;
                 }
             };
-            let entry = match ready!(watch.poll_next_unpin(cx)) {
+            let message = match ready!(feed.poll_next_unpin(cx)) {
                 // The client is gone, and with it any hope of more changes.
                 None => return Poll::Ready(None),
                 Some(Err(err)) => {
                     tracing::warn!(
-                        bucket = %self.store.name,
-                        pattern = %self.pattern,
+                        stream = %self.source.stream,
+                        pattern = %self.source.pattern,
                         "KV watch failed, renewing it: {err}"
                     );
                     self.reopen();
                     continue;
                 }
-                Some(Ok(entry)) => entry,
+                Some(Ok(message)) => message,
             };
-            if entry.revision <= self.seen_up_to {
+            let revision = message.info.stream_sequence;
+            if revision <= self.seen_up_to {
                 continue;
             }
-            self.seen_up_to = entry.revision;
-            let deleted = entry.operation != kv::Operation::Put;
-            if deleted && entry.revision <= self.replayed_up_to {
+            self.seen_up_to = revision;
+            let deleted = message.is_kv_delete();
+            if deleted && revision <= self.replayed_up_to {
                 continue;
             }
+            let Some(key) = message.subject.strip_prefix(self.source.prefix.as_str()) else { continue };
             return Poll::Ready(Some(KvEvent {
-                key: entry.key,
-                value: (!deleted).then_some(entry.value),
-                revision: entry.revision,
+                key: key.to_owned(),
+                value: (!deleted).then_some(message.payload),
+                revision,
             }));
         }
     }

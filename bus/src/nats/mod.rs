@@ -9,6 +9,8 @@
 //! (certificates, and what a failed handshake means).
 
 mod buckets;
+mod consumers;
+mod data;
 mod kv;
 mod objects;
 mod system;
@@ -24,6 +26,10 @@ use async_nats::{ConnectErrorKind, Event, RequestErrorKind, ServerAddr};
 use bytes::Bytes;
 use tokio::sync::watch;
 
+pub(crate) use consumers::{Consumers, ack_info, open_stream};
+pub use consumers::{ConsumerAsk, ConsumerPolicy, ConsumerRules};
+pub(crate) use data::{BrokeredKv, serve as serve_data};
+pub use data::{DataAsk, DataPolicy, DataRules};
 pub(crate) use kv::{NatsKv, NatsWatch};
 pub(crate) use objects::NatsObjects;
 pub(crate) use system::NatsDisconnects;
@@ -63,6 +69,19 @@ pub struct NatsOptions {
     /// `_INBOX`. A host uses its own (`_INBOX.host-<id>`), the only inboxes
     /// its NATS identity may subscribe to.
     pub inbox_prefix: Option<String>,
+    /// The subject of a consumer broker (see [`Bus::serve_consumer_broker`](crate::Bus::serve_consumer_broker)) that makes
+    /// this connection's JetStream consumers (KV watches, key listings,
+    /// stream pulls) on its behalf; `None`: it makes them itself. A host
+    /// uses one: its NATS identity may not make consumers, because a
+    /// consumer may deliver anywhere.
+    pub consumer_broker: Option<String>,
+    /// The subject of a data broker (see [`Bus::serve_data_broker`](crate::Bus::serve_data_broker))
+    /// that reads and writes the buckets opened with
+    /// [`Bus::kv_via_broker`](crate::Bus::kv_via_broker) on this
+    /// connection's behalf; `None`: those are opened like any other. A host
+    /// uses one for services' key-value data, which its NATS identity may
+    /// not touch: the broker allows only the namespaces the host runs.
+    pub data_broker: Option<String>,
 }
 
 impl Default for NatsOptions {
@@ -75,6 +94,8 @@ impl Default for NatsOptions {
             system_auth: None,
             tls: None,
             inbox_prefix: None,
+            consumer_broker: None,
+            data_broker: None,
         }
     }
 }
@@ -121,6 +142,10 @@ pub(crate) struct NatsBus {
     replicas: Option<usize>,
     /// The connection to the system account, if credentials for it were given.
     system: Option<async_nats::Client>,
+    /// Who makes this connection's consumers.
+    consumers: Consumers,
+    /// [`NatsOptions::data_broker`].
+    data_broker: Option<String>,
 }
 
 impl NatsBus {
@@ -188,12 +213,18 @@ impl NatsBus {
             Some(auth) => Some(system::connect(&addrs, urls, &options, auth, tls.as_ref()).await?),
             None => None,
         };
+        let consumers = match options.consumer_broker {
+            Some(subject) => Consumers::Broker { client: client.clone(), subject },
+            None => own_consumers(&client, &jetstream, options.replicas),
+        };
         Ok(NatsBus {
             client,
             jetstream,
             connection,
             replicas: options.replicas,
             system,
+            consumers,
+            data_broker: options.data_broker,
         })
     }
 
@@ -259,6 +290,29 @@ impl NatsBus {
         &self.jetstream
     }
 
+    pub(crate) fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    pub(crate) fn consumers(&self) -> &Consumers {
+        &self.consumers
+    }
+
+    /// Bucket `bucket` through the data broker, if this connection has one.
+    pub(crate) fn brokered_kv(&self, bucket: &str) -> Option<BrokeredKv> {
+        self.data_broker.as_ref().map(|subject| BrokeredKv::new(bucket, self.client.clone(), subject.clone()))
+    }
+
+    /// Serves consumer asks on `subject` in queue group `group` (see
+    /// [`consumers::serve`]), in a task of its own, making what `policy`
+    /// allows itself.
+    pub(crate) async fn serve_consumer_broker(&self, subject: &str, group: &str, policy: ConsumerPolicy) -> Result<(), SubscribeError> {
+        let asks = self.client.queue_subscribe(subject.to_owned(), group.to_owned()).await.map_err(|err| SubscribeError::Unavailable { subject: subject.to_owned(), source: Box::new(err) })?;
+        let own = own_consumers(&self.client, &self.jetstream, self.replicas);
+        tokio::spawn(consumers::serve(self.client.clone(), asks, own, policy));
+        Ok(())
+    }
+
     pub(crate) fn max_payload(&self) -> usize {
         self.client.max_payload()
     }
@@ -266,6 +320,13 @@ impl NatsBus {
     pub(crate) fn connection_changes(&self) -> watch::Receiver<ConnectionState> {
         self.connection.clone()
     }
+}
+
+/// Consumers this connection makes itself, its streams with as many
+/// copies as [`NatsBus::replicas_for_new`] would give.
+fn own_consumers(client: &async_nats::Client, jetstream: &jetstream::Context, replicas: Option<usize>) -> Consumers {
+    let client = client.clone();
+    Consumers::Own { jetstream: jetstream.clone(), replicas: Arc::new(move || buckets::replicas_for(&client, replicas)) }
 }
 
 /// Parses `urls`, one NATS server URL or several separated by commas (the

@@ -3,7 +3,6 @@
 use async_nats::jetstream::{self, ErrorCode, object_store};
 use bytes::Bytes;
 use futures::TryStreamExt;
-use tokio::io::AsyncReadExt;
 
 use super::buckets::jetstream_code;
 use super::kv::{Attempt, ride_over};
@@ -98,15 +97,30 @@ impl NatsObjects {
         }
     }
 
+    /// Reads the object's chunks one by one with the stream's message-get
+    /// API (the next message on the chunks' subject after the last one
+    /// read), not with a consumer: a process that may not make consumers
+    /// (a host, see `consumers.rs`) can still read objects.
     pub(crate) async fn get(&self, name: &str) -> Result<Option<Bytes>, ObjectError> {
         ride_over(&self.bucket, || async {
-            let mut object = match self.store.get(name).await {
-                Ok(object) => object,
-                Err(err) if err.kind() == object_store::GetErrorKind::NotFound => return Ok(None),
+            let info = match self.store.info(name).await {
+                Ok(info) if !info.deleted => info,
+                Ok(_) => return Ok(None),
+                Err(err) if err.kind() == object_store::InfoErrorKind::NotFound => return Ok(None),
                 Err(err) => return Err(self.read_failed(err)),
             };
-            let mut data = Vec::with_capacity(object.info.size);
-            object.read_to_end(&mut data).await.map_err(|err| self.read_failed(err))?;
+            let subject = format!("$O.{}.C.{}", self.bucket, info.nuid);
+            let stream = self.jetstream.get_stream_no_info(format!("OBJ_{}", self.bucket)).await.map_err(|err| self.read_failed(err))?;
+            let mut data = Vec::with_capacity(info.size);
+            let mut after = 0;
+            for _ in 0..info.chunks {
+                let chunk = stream.get_first_raw_message_by_subject(&subject, after + 1).await.map_err(|err| self.read_failed(err))?;
+                after = chunk.sequence;
+                data.extend_from_slice(&chunk.payload);
+            }
+            if data.len() != info.size {
+                return Err(Attempt::Final(self.unavailable(format!("object {name}: read {} bytes of {}", data.len(), info.size))));
+            }
             Ok(Some(data.into()))
         })
         .await

@@ -23,6 +23,9 @@ use wharf_proto::{AssignedReplica, Assignment, Digest, Readiness, ServiceId, Ser
 /// of reading a heartbeat that announces a new key).
 const SEALED_SECRETS_WAIT: Duration = Duration::from_secs(10);
 
+/// How long a host reading secrets itself waits for the secrets bucket to open.
+const SECRETS_OPEN_PATIENCE: Duration = Duration::from_secs(10);
+
 impl HostAgent {
     /// A new value of this host's assignment.
     pub(super) fn assignment_changed(&self, value: Option<&[u8]>, revision: u64) {
@@ -254,7 +257,21 @@ impl HostAgent {
     /// key of its own (`wharf up`, one process on an in-process bus).
     async fn read_secrets(&self, namespace: &str, names: &[String]) -> Result<Vec<(String, String)>, String> {
         let host = &self.inner.config.host;
-        let secrets = self.inner.bus.kv(wharf_proto::names::SECRETS_BUCKET).await.map_err(|e| format!("cannot open the secret store: {e}"))?;
+        let unreadable = |name: &str, e: &dyn std::fmt::Display| {
+            format!(
+                "cannot read secret {name} from the secrets bucket: {e} (host {host} announces no sealing key of its own, so it reads secrets itself; \
+                 a host given --secret-key-file does that, and the shipped per-host NATS identities may not read the bucket: \
+                 run it without --secret-key-file to receive secrets sealed to its own key)"
+            )
+        };
+        let first = names.first().map_or("", String::as_str);
+        // Bounded: under an identity that may not even open the bucket, each
+        // refused JetStream request goes unanswered until its timeout.
+        let secrets = match tokio::time::timeout(SECRETS_OPEN_PATIENCE, self.inner.bus.kv(wharf_proto::names::SECRETS_BUCKET)).await {
+            Ok(Ok(secrets)) => secrets,
+            Ok(Err(e)) => return Err(unreadable(first, &e)),
+            Err(_) => return Err(unreadable(first, &format!("the bucket did not open within {SECRETS_OPEN_PATIENCE:?}"))),
+        };
         let mut values = Vec::with_capacity(names.len());
         for name in names {
             let key = wharf_proto::names::secret_key(namespace, name);
@@ -269,13 +286,7 @@ impl HostAgent {
                         "secret {name} is granted to the service but does not exist in namespace {namespace}; create it with `wharf secret set {name} ...`"
                     ));
                 }
-                Err(e) => {
-                    return Err(format!(
-                        "cannot read secret {name} from the secrets bucket: {e} (host {host} announces no sealing key of its own, so it reads secrets itself; \
-                         a host given --secret-key-file does that, and the shipped per-host NATS identities may not read the bucket: \
-                         run it without --secret-key-file to receive secrets sealed to its own key)"
-                    ));
-                }
+                Err(e) => return Err(unreadable(name, &e)),
             }
         }
         Ok(values)

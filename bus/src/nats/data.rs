@@ -1,0 +1,311 @@
+//! Key-value reads and writes made by a broker on a process's behalf.
+//!
+//! A process whose NATS identity may not touch a bucket itself (a host and
+//! the data of namespaces it does not run) asks a broker instead
+//! ([`NatsOptions::data_broker`](super::NatsOptions::data_broker)), which
+//! checks each [`DataAsk`] against its policy ([`DataRules`]) and carries it
+//! out with its own rights. An ask and its answer each travel as one
+//! message: a JSON header (its length first, four bytes, big-endian), then
+//! the value's bytes.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{BackendError, KvError};
+use crate::{Bus, Entry, KeyPage, Kv};
+
+/// How long an asker waits for the broker's answer: longer than a bucket
+/// call rides over a lost server (30 s), so the broker's own error comes
+/// back rather than a timeout.
+const BROKER_PATIENCE: Duration = Duration::from_secs(35);
+
+/// A key-value call a process asks a data broker to make.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum DataAsk {
+    Get { bucket: String, key: String },
+    Put { bucket: String, key: String },
+    Create { bucket: String, key: String },
+    Update { bucket: String, key: String, expected: u64 },
+    Delete { bucket: String, key: String },
+    KeysPage { bucket: String, prefix: String, after: u64, limit: usize },
+}
+
+impl DataAsk {
+    /// The bucket the call is about.
+    pub fn bucket(&self) -> &str {
+        match self {
+            DataAsk::Get { bucket, .. }
+            | DataAsk::Put { bucket, .. }
+            | DataAsk::Create { bucket, .. }
+            | DataAsk::Update { bucket, .. }
+            | DataAsk::Delete { bucket, .. }
+            | DataAsk::KeysPage { bucket, .. } => bucket,
+        }
+    }
+
+    /// Whether the call changes the bucket.
+    pub fn writes(&self) -> bool {
+        matches!(self, DataAsk::Put { .. } | DataAsk::Create { .. } | DataAsk::Update { .. } | DataAsk::Delete { .. })
+    }
+}
+
+/// What a data broker allows; see [`ConsumerRules`](super::ConsumerRules)
+/// for why answers must go only where the asker may read.
+pub trait DataRules: Send + Sync {
+    /// Whether an answer to `asker` may be published on `reply`; if not,
+    /// the ask is dropped unanswered.
+    fn may_answer(&self, asker: &str, reply: &str) -> bool;
+    /// `Ok` to carry `ask` out for `asker`, else why not.
+    fn allows(&self, asker: &str, ask: &DataAsk) -> Result<(), String>;
+}
+
+/// A data broker's rules, shared by its tasks.
+pub type DataPolicy = Arc<dyn DataRules>;
+
+/// The broker's answer.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct DataAnswer {
+    /// The revision written, or of the entry read (`found`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    revision: Option<u64>,
+    /// For a get: whether the key has a value (it follows the header).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    found: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    keys: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    next: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    failed: Option<Failure>,
+}
+
+/// A call that failed, as the asker rebuilds its [`KvError`].
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+enum Failure {
+    Refused { why: String },
+    AlreadyExists,
+    RevisionMismatch { expected: u64 },
+    BucketFull { max_bytes: u64 },
+    ValueTooLarge { size: usize, max: usize },
+    Other { message: String },
+}
+
+/// A header then a body, as one message.
+fn frame(header: &impl Serialize, body: &[u8]) -> Bytes {
+    let json = serde_json::to_vec(header).unwrap_or_default();
+    let mut out = BytesMut::with_capacity(4 + json.len() + body.len());
+    out.put_u32(u32::try_from(json.len()).unwrap_or(u32::MAX));
+    out.put_slice(&json);
+    out.put_slice(body);
+    out.freeze()
+}
+
+/// The header and body of a framed message.
+fn unframe<T: for<'de> Deserialize<'de>>(message: &Bytes) -> Result<(T, Bytes), String> {
+    let length = message.get(..4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize).ok_or("too short")?;
+    let json = message.get(4..4 + length).ok_or("shorter than its header says")?;
+    let header = serde_json::from_slice(json).map_err(|e| e.to_string())?;
+    Ok((header, message.slice(4 + length..)))
+}
+
+/// A bucket whose calls a data broker makes.
+pub(crate) struct BrokeredKv {
+    bucket: String,
+    client: async_nats::Client,
+    subject: String,
+}
+
+impl BrokeredKv {
+    pub(crate) fn new(bucket: &str, client: async_nats::Client, subject: String) -> BrokeredKv {
+        BrokeredKv { bucket: bucket.to_owned(), client, subject }
+    }
+
+    async fn ask(&self, ask: DataAsk, value: &[u8]) -> Result<(DataAnswer, Bytes), KvError> {
+        let unavailable = |source: BackendError| KvError::Unavailable { bucket: self.bucket.clone(), source };
+        let request = async_nats::Request::new().payload(frame(&ask, value)).timeout(Some(BROKER_PATIENCE));
+        let reply = self
+            .client
+            .send_request(self.subject.clone(), request)
+            .await
+            .map_err(|err| unavailable(format!("the data broker on {} did not answer: {err}", self.subject).into()))?;
+        let (answer, body): (DataAnswer, Bytes) =
+            unframe(&reply.payload).map_err(|err| unavailable(format!("the data broker on {} answered something unreadable: {err}", self.subject).into()))?;
+        let key = match &ask {
+            DataAsk::Get { key, .. } | DataAsk::Put { key, .. } | DataAsk::Create { key, .. } | DataAsk::Update { key, .. } | DataAsk::Delete { key, .. } => key.clone(),
+            DataAsk::KeysPage { .. } => String::new(),
+        };
+        match answer.failed {
+            None => Ok((answer, body)),
+            Some(failure) => Err(match failure {
+                Failure::Refused { why } => unavailable(format!("the data broker refused: {why}").into()),
+                Failure::AlreadyExists => KvError::AlreadyExists { bucket: self.bucket.clone(), key },
+                Failure::RevisionMismatch { expected } => KvError::RevisionMismatch { bucket: self.bucket.clone(), key, expected },
+                Failure::BucketFull { max_bytes } => KvError::BucketFull { bucket: self.bucket.clone(), max_bytes },
+                Failure::ValueTooLarge { size, max } => KvError::ValueTooLarge { key, size, max },
+                Failure::Other { message } => unavailable(message.into()),
+            }),
+        }
+    }
+
+    pub(crate) async fn get(&self, key: &str) -> Result<Option<Entry>, KvError> {
+        let (answer, value) = self.ask(DataAsk::Get { bucket: self.bucket.clone(), key: key.to_owned() }, &[]).await?;
+        Ok(answer.found.then(|| Entry { key: key.to_owned(), value, revision: answer.revision.unwrap_or(0) }))
+    }
+
+    async fn written(&self, ask: DataAsk, value: &[u8]) -> Result<u64, KvError> {
+        Ok(self.ask(ask, value).await?.0.revision.unwrap_or(0))
+    }
+
+    pub(crate) async fn put(&self, key: &str, value: Bytes) -> Result<u64, KvError> {
+        self.written(DataAsk::Put { bucket: self.bucket.clone(), key: key.to_owned() }, &value).await
+    }
+
+    pub(crate) async fn create(&self, key: &str, value: Bytes) -> Result<u64, KvError> {
+        self.written(DataAsk::Create { bucket: self.bucket.clone(), key: key.to_owned() }, &value).await
+    }
+
+    pub(crate) async fn update(&self, key: &str, value: Bytes, expected: u64) -> Result<u64, KvError> {
+        self.written(DataAsk::Update { bucket: self.bucket.clone(), key: key.to_owned(), expected }, &value).await
+    }
+
+    pub(crate) async fn delete(&self, key: &str) -> Result<(), KvError> {
+        self.written(DataAsk::Delete { bucket: self.bucket.clone(), key: key.to_owned() }, &[]).await.map(drop)
+    }
+
+    pub(crate) async fn keys_page(&self, prefix: &str, after: u64, limit: usize) -> Result<KeyPage, KvError> {
+        let ask = DataAsk::KeysPage { bucket: self.bucket.clone(), prefix: prefix.to_owned(), after, limit };
+        let (answer, _) = self.ask(ask, &[]).await?;
+        Ok(KeyPage { keys: answer.keys.unwrap_or_default(), next: answer.next })
+    }
+
+    pub(crate) async fn keys(&self) -> Result<Vec<String>, KvError> {
+        let mut keys = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = self.keys_page("", after, 1000).await?;
+            keys.extend(page.keys);
+            match page.next {
+                Some(next) => after = next,
+                None => return Ok(keys),
+            }
+        }
+    }
+}
+
+/// Serves data asks from `asks` (subjects whose last token names the
+/// asker), making what `policy` allows through `bus`, until the
+/// subscription ends.
+pub(crate) async fn serve(bus: Bus, client: async_nats::Client, mut asks: async_nats::Subscriber, policy: DataPolicy) {
+    let buckets: Arc<Mutex<HashMap<String, Kv>>> = Arc::default();
+    while let Some(message) = asks.next().await {
+        let Some(reply) = message.reply.clone() else { continue };
+        let (bus, client, policy, buckets) = (bus.clone(), client.clone(), policy.clone(), buckets.clone());
+        tokio::spawn(async move {
+            let asker = message.subject.as_str().rsplit('.').next().unwrap_or_default().to_owned();
+            let reply = reply.to_string();
+            if !policy.may_answer(&asker, &reply) {
+                tracing::warn!(%asker, %reply, "data ask dropped: its answer would go to a subject the asker may not read");
+                return;
+            }
+            let (answer, value) = match unframe::<DataAsk>(&message.payload) {
+                Err(err) => (DataAnswer { failed: Some(Failure::Refused { why: format!("unreadable ask: {err}") }), ..DataAnswer::default() }, Bytes::new()),
+                Ok((ask, value)) => match allowed(policy.as_ref(), &asker, &ask).await {
+                    Err(why) => {
+                        tracing::warn!(%asker, bucket = %ask.bucket(), "data ask refused: {why}");
+                        (DataAnswer { failed: Some(Failure::Refused { why }), ..DataAnswer::default() }, Bytes::new())
+                    }
+                    Ok(()) => carry_out(&bus, &buckets, ask, value).await,
+                },
+            };
+            if let Err(err) = client.publish(reply, frame(&answer, &value)).await {
+                tracing::debug!("could not answer a data ask: {err}");
+            }
+        });
+    }
+}
+
+/// How long a refusal is checked again before it is the answer: the
+/// policy's view of the state may lag what the asker was told a moment ago
+/// (a replica assigned to it, say).
+const RECHECK: Duration = Duration::from_secs(2);
+
+/// `policy`'s verdict on `ask`, a refusal checked again every 100 ms for up to [`RECHECK`].
+async fn allowed(policy: &dyn DataRules, asker: &str, ask: &DataAsk) -> Result<(), String> {
+    let until = tokio::time::Instant::now() + RECHECK;
+    loop {
+        match policy.allows(asker, ask) {
+            Err(_) if tokio::time::Instant::now() < until => tokio::time::sleep(Duration::from_millis(100)).await,
+            verdict => return verdict,
+        }
+    }
+}
+
+/// Makes the call `ask` names on its bucket (opened once, then kept).
+async fn carry_out(bus: &Bus, buckets: &Mutex<HashMap<String, Kv>>, ask: DataAsk, value: Bytes) -> (DataAnswer, Bytes) {
+    let bucket = ask.bucket().to_owned();
+    let cached = buckets.lock().ok().and_then(|b| b.get(&bucket).cloned());
+    let kv = match cached {
+        Some(kv) => kv,
+        None => match bus.kv(&bucket).await {
+            Ok(kv) => {
+                if let Ok(mut b) = buckets.lock() {
+                    b.insert(bucket.clone(), kv.clone());
+                }
+                kv
+            }
+            Err(err) => return (failure(err), Bytes::new()),
+        },
+    };
+    let written = |result: Result<u64, KvError>| match result {
+        Ok(revision) => (DataAnswer { revision: Some(revision), ..DataAnswer::default() }, Bytes::new()),
+        Err(err) => (failure(err), Bytes::new()),
+    };
+    match ask {
+        DataAsk::Get { key, .. } => match kv.get(&key).await {
+            Ok(Some(entry)) => (DataAnswer { revision: Some(entry.revision), found: true, ..DataAnswer::default() }, entry.value),
+            Ok(None) => (DataAnswer::default(), Bytes::new()),
+            Err(err) => (failure(err), Bytes::new()),
+        },
+        DataAsk::Put { key, .. } => written(kv.put(&key, value).await),
+        DataAsk::Create { key, .. } => written(kv.create(&key, value).await),
+        DataAsk::Update { key, expected, .. } => written(kv.update(&key, value, expected).await),
+        DataAsk::Delete { key, .. } => written(kv.delete(&key).await.map(|()| 0)),
+        DataAsk::KeysPage { prefix, after, limit, .. } => match kv.keys_page(&prefix, after, limit).await {
+            Ok(page) => (DataAnswer { keys: Some(page.keys), next: page.next, ..DataAnswer::default() }, Bytes::new()),
+            Err(err) => (failure(err), Bytes::new()),
+        },
+    }
+}
+
+fn failure(err: KvError) -> DataAnswer {
+    let failed = match err {
+        KvError::AlreadyExists { .. } => Failure::AlreadyExists,
+        KvError::RevisionMismatch { expected, .. } => Failure::RevisionMismatch { expected },
+        KvError::BucketFull { max_bytes, .. } => Failure::BucketFull { max_bytes },
+        KvError::ValueTooLarge { size, max, .. } => Failure::ValueTooLarge { size, max },
+        other => Failure::Other { message: other.to_string() },
+    };
+    DataAnswer { failed: Some(failed), ..DataAnswer::default() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_frame_carries_its_header_and_any_bytes() {
+        let ask = DataAsk::Update { bucket: "wharf-kv-shop".into(), key: "cart.a".into(), expected: 7 };
+        let value = [0u8, 1, 2, 255, b'\n'];
+        let (back, body): (DataAsk, Bytes) = unframe(&frame(&ask, &value)).expect("reads back");
+        assert_eq!((back, &body[..]), (ask, &value[..]));
+        assert!(unframe::<DataAsk>(&Bytes::from_static(b"\0\0\0\x09{}")).is_err(), "a header longer than the message");
+        assert!(unframe::<DataAsk>(&Bytes::from_static(b"\0")).is_err());
+    }
+}
