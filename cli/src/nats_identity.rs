@@ -207,7 +207,7 @@ pub struct HostPermissions {
 /// never the control plane's buckets. Subscribe only to its own
 /// `wharf.host.<id>.>` subjects (requests for the services it runs among
 /// them) and its own inboxes ([`names::host_inbox_prefix`]), besides the
-/// shared announcements and triggers' subjects.
+/// shared announcements and components' messages (triggers' intake).
 pub fn host_permissions(host: &HostId) -> HostPermissions {
     let publish = vec![
         (names::host_heartbeat_subject(host), "its heartbeats, no other host's"),
@@ -217,7 +217,7 @@ pub fn host_permissions(host: &HostId) -> HostPermissions {
         (names::HOST_REQUESTS_WILDCARD.to_owned(), "requests to other hosts' replicas (it receives only its own)"),
         ("wharf.logs.>".to_owned(), "its replicas' log lines, for `wharf logs -f`"),
         (format!("{}.>", wharf_proto::trigger::MESSAGE_PREFIX), "components' messages (each host checks the namespace) and dead letters"),
-        ("wharf.trigger.>".to_owned(), "trigger messages handed to hosts with a replica"),
+        (wharf_proto::trigger::DELIVERIES_WILDCARD.to_owned(), "trigger messages handed to other hosts' replicas"),
         (names::job_result_subject(host), "how each job attempt it ran ended, no other host's"),
         ("_INBOX.>".to_owned(), "replies to requests it serves"),
         ("$JS.API.INFO".to_owned(), "JetStream: reading state"),
@@ -258,12 +258,11 @@ pub fn host_permissions(host: &HostId) -> HostPermissions {
         publish_deny.push((subject, why));
     }
     let subscribe = vec![
-        (format!("wharf.host.{host}.>"), "its own requests (services', resend, logs, jobs), no other host's"),
+        (format!("wharf.host.{host}.>"), "its own requests (services', triggers', resend, logs, jobs), no other host's"),
         (format!("{}.>", names::host_inbox_prefix(host)), "its own inboxes (replies, watches), no one else's"),
         (names::HOST_DOWN_SUBJECT.to_owned(), "lost hosts, to resend what it sent them"),
         (names::READY_WILDCARD.to_owned(), "replicas ready elsewhere: where requests may go"),
         (format!("{}.>", wharf_proto::trigger::MESSAGE_PREFIX), "components' messages, for triggers"),
-        ("wharf.trigger.>".to_owned(), "trigger messages handed to hosts with a replica"),
         ("$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.>".to_owned(), "a bucket's new leader: its watches are renewed"),
     ];
     HostPermissions { publish, publish_deny, subscribe }
@@ -350,12 +349,12 @@ mod tests {
         assert!(!own.contains("host-b"), "host-b in host-a's permissions:\n{own}");
         // Requests go to other hosts' subjects, and no other of their subjects is open.
         let publish = &own[..own.find("deny:").expect("deny")];
-        assert!(publish.contains("\"wharf.host.*.svc.>\""), "{publish}");
-        assert_eq!(own.matches("\"wharf.host.*").count(), 1, "{own}");
+        assert!(publish.contains("\"wharf.host.*.svc.>\"") && publish.contains("\"wharf.host.*.trigger.>\""), "{publish}");
+        assert_eq!(own.matches("\"wharf.host.*").count(), 2, "{own}");
         // `_INBOX.>` is published to (replies), never subscribed to; no
         // service's requests but its own (under wharf.host.host-a.>).
         let subscribe = &own[own.find("subscribe:").expect("subscribe")..];
-        for shared in ["\"_INBOX.>\"", "\">\"", "\"wharf.host.*", "\"wharf.svc"] {
+        for shared in ["\"_INBOX.>\"", "\">\"", "\"wharf.host.*", "\"wharf.svc", "\"wharf.trigger"] {
             assert!(!subscribe.contains(shared), "{shared} in:\n{subscribe}");
         }
 

@@ -766,10 +766,11 @@ async fn a_host_identity_reaches_only_its_own_subjects_and_cannot_speak_for_anot
     let mut sched = sched;
     sched.wait_for_line("ignoring a heartbeat whose body names another host", Duration::from_secs(10));
 
-    // Another host's subjects (its requests among them), any service's
-    // requests, another host's inboxes, the scheduler's: refused.
+    // Another host's subjects (its requests and trigger hand-offs among
+    // them), any service's requests or hand-offs, another host's inboxes,
+    // the scheduler's: refused.
     let theirs = wharf_proto::names::host_request_subject(&host_b, "default", "hello", 1);
-    let subjects = ["wharf.host.host-b.>", "wharf.host.host-b.svc.>", theirs.as_str(), "wharf.host.*.svc.>", "wharf.host.*.jobs", "wharf.svc.>", "wharf.svc.default.hello", "_INBOX.host-host-b.>", "_INBOX.>", ">"];
+    let subjects = ["wharf.host.host-b.>", "wharf.host.host-b.svc.>", theirs.as_str(), "wharf.host.*.svc.>", "wharf.host.host-b.trigger.>", "wharf.host.*.jobs", "wharf.svc.>", "wharf.svc.default.hello", "wharf.trigger.>", "_INBOX.host-host-b.>", "_INBOX.>", ">"];
     for subject in subjects {
         let _subscription = client.subscribe(subject.to_string()).await.expect("sent");
         client.flush().await.expect("flushed");

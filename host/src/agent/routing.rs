@@ -42,7 +42,7 @@ pub const REVISION_HEADER: &str = "x-wharf-revision";
 /// Hosts (and revisions) a request is sent to at most: others are tried
 /// when one has no replica any more (it was being stopped, or its status
 /// was stale), or is lost while a safe request is in flight there.
-const HOSTS_TRIED: usize = 5;
+pub(super) const HOSTS_TRIED: usize = 5;
 
 /// What a host listens on: one revision of a service, on its own subject.
 pub(crate) type Listen = (ServiceId, u64);
