@@ -202,22 +202,23 @@ pub struct HostPermissions {
 }
 
 /// The permissions of `host`: publish its own heartbeats (no other host's),
-/// what serving and running jobs need, asks to the control plane's brokers
-/// (consumers; services' key-value data) and reads of the buckets it
-/// follows; never the control plane's buckets, never a consumer. Subscribe
-/// only to its own `wharf.host.<id>.>` subjects and its own inboxes
-/// ([`names::host_inbox_prefix`]), besides the shared subjects every
-/// serving host listens on.
+/// what serving and running jobs need (requests to other hosts' replicas
+/// among them), asks to the control plane's brokers (consumers; services'
+/// key-value data) and reads of the buckets it follows; never the control
+/// plane's buckets, never a consumer. Subscribe only to its own
+/// `wharf.host.<id>.>` subjects (requests for the services it runs among
+/// them) and its own inboxes ([`names::host_inbox_prefix`]), besides the
+/// shared announcements and components' messages (triggers' intake).
 pub fn host_permissions(host: &HostId) -> HostPermissions {
     let publish = vec![
         (names::host_heartbeat_subject(host), "its heartbeats, no other host's"),
         (names::host_alive_subject(host), "\"alive, nothing changed\" between them"),
         (names::ACTIVATE_SUBJECT.to_owned(), "scale-from-zero announcements"),
-        ("wharf.ready.>".to_owned(), "a replica of a service is ready here"),
-        ("wharf.svc.>".to_owned(), "requests to services on other hosts"),
+        (names::READY_WILDCARD.to_owned(), "a replica of a service is ready here"),
+        (names::HOST_REQUESTS_WILDCARD.to_owned(), "requests to other hosts' replicas (it receives only its own)"),
         ("wharf.logs.>".to_owned(), "its replicas' log lines, for `wharf logs -f`"),
         (format!("{}.>", wharf_proto::trigger::MESSAGE_PREFIX), "components' messages (each host checks the namespace) and dead letters"),
-        ("wharf.trigger.>".to_owned(), "trigger messages handed to hosts with a replica"),
+        (wharf_proto::trigger::DELIVERIES_WILDCARD.to_owned(), "trigger messages handed to other hosts' replicas"),
         (names::job_result_subject(host), "how each job attempt it ran ended, no other host's"),
         ("_INBOX.>".to_owned(), "replies to requests it serves"),
         (names::consumer_broker_subject(host), "asks the control plane for its watches, key listings and trigger pulls, delivered into its own inboxes"),
@@ -267,13 +268,11 @@ pub fn host_permissions(host: &HostId) -> HostPermissions {
         publish_deny.push((subject, why));
     }
     let subscribe = vec![
-        (format!("wharf.host.{host}.>"), "its own resend, logs and jobs requests, no other host's"),
+        (format!("wharf.host.{host}.>"), "its own requests (services', triggers', resend, logs, jobs), no other host's"),
         (format!("{}.>", names::host_inbox_prefix(host)), "its own inboxes (replies, watches), no one else's"),
         (names::HOST_DOWN_SUBJECT.to_owned(), "lost hosts, to resend what it sent them"),
-        ("wharf.svc.>".to_owned(), "services' queue groups (not yet limited to those it runs)"),
-        ("wharf.ready.>".to_owned(), "replicas ready elsewhere, for requests held for activation"),
+        (names::READY_WILDCARD.to_owned(), "replicas ready elsewhere: where requests may go"),
         (format!("{}.>", wharf_proto::trigger::MESSAGE_PREFIX), "components' messages, for triggers"),
-        ("wharf.trigger.>".to_owned(), "trigger messages handed to hosts with a replica"),
         ("$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.>".to_owned(), "a bucket's new leader: its watches are renewed"),
     ];
     HostPermissions { publish, publish_deny, subscribe }
@@ -360,12 +359,17 @@ mod tests {
             let deny = &own[own.find("deny:").expect("deny")..own.find("subscribe:").expect("subscribe")];
             assert!(deny.contains(denied), "{denied} not denied:\n{own}");
         }
-        for other in ["host-b", "\"wharf.host.*"] {
-            assert!(!own.contains(other), "{other} in host-a's permissions:\n{own}");
-        }
-        // `_INBOX.>` is published to (replies), never subscribed to.
+        assert!(!own.contains("host-b"), "host-b in host-a's permissions:\n{own}");
+        // Requests go to other hosts' subjects, and no other of their subjects is open.
+        let publish = &own[..own.find("deny:").expect("deny")];
+        assert!(publish.contains("\"wharf.host.*.svc.>\"") && publish.contains("\"wharf.host.*.trigger.>\""), "{publish}");
+        assert_eq!(own.matches("\"wharf.host.*").count(), 2, "{own}");
+        // `_INBOX.>` is published to (replies), never subscribed to; no
+        // service's requests but its own (under wharf.host.host-a.>).
         let subscribe = &own[own.find("subscribe:").expect("subscribe")..];
-        assert!(!subscribe.contains("\"_INBOX.>\"") && !subscribe.contains("\">\""), "{subscribe}");
+        for shared in ["\"_INBOX.>\"", "\">\"", "\"wharf.host.*", "\"wharf.svc", "\"wharf.trigger"] {
+            assert!(!subscribe.contains(shared), "{shared} in:\n{subscribe}");
+        }
 
         // The seed is the owner's only, never replaced, and a host is added once.
         #[cfg(unix)]

@@ -37,11 +37,16 @@ struct Host {
 }
 
 fn host(nats: &str, name: &str, zone: &str, dir: &Path) -> Host {
+    host_with(nats, name, zone, dir, &[])
+}
+
+/// `host` with more flags.
+fn host_with(nats: &str, name: &str, zone: &str, dir: &Path, more: &[&str]) -> Host {
     let dir = dir.join(name);
-    let mut process = Process::spawn(
-        WHARF,
-        &["host", "--nats", nats, "--name", name, "--labels", &format!("zone={zone}"), "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--data-dir", dir.to_str().expect("utf-8")],
-    );
+    let zone = format!("zone={zone}");
+    let mut args = vec!["host", "--nats", nats, "--name", name, "--labels", &zone, "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--data-dir", dir.to_str().expect("utf-8")];
+    args.extend(more);
+    let mut process = Process::spawn(WHARF, &args);
     let line = process.wait_for_line("ingress http://", Duration::from_secs(60));
     Host { process, name: name.to_string(), ingress: url_in(&line) }
 }
@@ -255,6 +260,88 @@ async fn a_get_in_flight_on_a_killed_host_is_answered_by_another_replica() {
     println!("GET in flight on killed {victim}: answered {status} after {took:.2?}");
     assert_eq!((status, body.as_str()), (200, "slept 4000 ms\n"));
     assert!(took < Duration::from_secs(15), "the GET waited {took:?}: it was not sent again when {victim} was lost (deadline 30 s)");
+}
+
+/// Sends `signal` (e.g. `STOP`, `CONT`) to process `pid`.
+fn signal(pid: u32, signal: &str) {
+    let status = Command::new("kill").args([&format!("-{signal}"), &pid.to_string()]).status().expect("kill runs");
+    assert!(status.success(), "kill -{signal} {pid}");
+}
+
+/// The hosts the service's status (what hosts route by) says have a ready replica of it, sorted.
+async fn ready_in_status(statuses: &wharf_bus::Kv, key: &str) -> Vec<String> {
+    let entry = statuses.get(key).await.expect("the status bucket reads");
+    let status: Option<wharf_proto::ServiceStatus> = entry.map(|e| serde_json::from_slice(&e.value).expect("a status"));
+    let mut ready: Vec<String> = status.iter().flat_map(|s| s.placed.iter()).filter(|p| p.ready).map(|p| p.host.to_string()).collect();
+    ready.sort();
+    ready
+}
+
+/// Issue 17: a host sends a request to a host its directory says has a
+/// ready replica, on that host's own subject. When the host it chose has
+/// none any more and nobody has told the sender (here the chosen host is
+/// killed while the control plane is frozen, so no status and no lost-host
+/// announcement follow), the request goes to another ready host and is
+/// served; when none is left, a clear 503 comes at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_host_lost_its_replica_goes_to_another_ready_host_or_gets_a_clear_503() {
+    let nats = NatsServer::start();
+    let url = nats.url();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (sched, api) = scheduler(&url, &dir.path().join("scheduler"));
+    // host-a runs nothing of the service; host-b and host-c one replica each.
+    let edge = host_with(&url, "host-a", "a", dir.path(), &["--log", "info,wharf_host::agent::routing=debug"]);
+    let mut b = host(&url, "host-b", "b", dir.path());
+    let mut c = host(&url, "host-c", "b", dir.path());
+    wharf(&api, &["deploy", &sample("hello"), "--name", "web", "--route", "/web", "--replicas", "2", "--on", "zone=b"]);
+    let bus = wharf_bus::Bus::connect_nats(&url, wharf_bus::NatsOptions::default()).await.expect("connects");
+    let statuses = bus.kv(wharf_proto::names::STATUS_BUCKET).await.expect("the status bucket");
+    let started = Instant::now();
+    loop {
+        let ready = ready_in_status(&statuses, "default.web").await;
+        if ready == ["host-b", "host-c"] {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "web never ready on host-b and host-c in its status: {ready:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let web = format!("{}/web", edge.ingress);
+    until_ok(&web, "Hello from Wharf!", Duration::from_secs(10)).await;
+    // host-a follows the status by a watch: give it time to see both hosts.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // Frozen, the control plane writes no status and announces no lost host.
+    signal(sched.id(), "STOP");
+    b.process.kill();
+    // The server has dropped host-b's subscriptions once nobody answers there.
+    let gone = wharf_proto::names::host_request_subject(&wharf_proto::HostId::new("host-b").expect("valid"), "default", "web", 1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !matches!(bus.request(&gone, bytes::Bytes::from_static(b"GET / HTTP/1.1\r\n\r\n"), Duration::from_secs(1)).await, Err(wharf_bus::RequestError::NoResponders { .. })) {
+        assert!(Instant::now() < deadline, "host-b's subscription outlived it");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // host-a still believes host-b serves, and takes the hosts in turn:
+    // each request host-b gets first is sent on to host-c.
+    for i in 0..10 {
+        let got = get(&web).await;
+        assert_eq!(got, Ok((200, "Hello from Wharf!\n".to_string())), "request {i} after host-b went away");
+    }
+    let log = edge.process.output();
+    assert!(log.lines().any(|l| l.contains("trying another host") && l.contains("host=host-b")), "host-a never found host-b gone:\n{log}");
+
+    // With host-c gone too, nothing is ready: a clear 503, not a wait.
+    c.process.kill();
+    let gone = wharf_proto::names::host_request_subject(&wharf_proto::HostId::new("host-c").expect("valid"), "default", "web", 1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !matches!(bus.request(&gone, bytes::Bytes::from_static(b"GET / HTTP/1.1\r\n\r\n"), Duration::from_secs(1)).await, Err(wharf_bus::RequestError::NoResponders { .. })) {
+        assert!(Instant::now() < deadline, "host-c's subscription outlived it");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, body) = get(&web).await.expect("answered");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("service default/web has no ready replica on any host"), "{body}");
+    signal(sched.id(), "CONT");
+    drop(edge);
 }
 
 /// Idle hosts send only "alive, nothing changed" between full reports; a
@@ -627,12 +714,13 @@ async fn a_host_identity_reaches_only_its_own_subjects_and_cannot_speak_for_anot
     let nats = shipped_nats(dir.path(), &["host-a", "host-b"]);
     let url = nats.url();
     let (sched, api) = scheduler_as_scheduler(&url, dir.path());
-    let hosts = [host_with_identity(&url, "host-a", dir.path()), host_with_identity(&url, "host-b", dir.path())];
-    // One replica: one of the two ingresses hands its requests to the other host over NATS.
-    wharf(&api, &["deploy", &sample("hello"), "--name", "hello", "--route", "/hello"]);
+    let hosts = [host_with_identity(&url, "host-a", dir.path()), host_with_identity_and(&url, "host-b", dir.path(), &["--labels", "zone=b"])];
+    // One replica, on host-b: host-a's ingress hands its requests to host-b over NATS.
+    wharf(&api, &["deploy", &sample("hello"), "--name", "hello", "--route", "/hello", "--on", "zone=b"]);
     for host in &hosts {
         until_ok(&format!("{}/hello", host.ingress), "Hello from Wharf!", Duration::from_secs(30)).await;
     }
+    assert_eq!(hosts_of(&api, "hello"), ["host-b"], "the only replica runs on host-b");
     let listed = |id: &str| -> Value {
         let all: Value = serde_json::from_str(&wharf(&api, &["get", "hosts", "-o", "json"])).expect("json");
         all["hosts"].as_array().into_iter().flatten().find(|h| h["id"] == id).cloned().unwrap_or(Value::Null)
@@ -681,9 +769,13 @@ async fn a_host_identity_reaches_only_its_own_subjects_and_cannot_speak_for_anot
     let mut sched = sched;
     sched.wait_for_line("ignoring a heartbeat whose body names another host", Duration::from_secs(10));
 
-    // Another host's subjects, another host's inboxes, the scheduler's: refused.
-    for subject in ["wharf.host.host-b.>", "wharf.host.*.jobs", "_INBOX.host-host-b.>", "_INBOX.>", ">"] {
-        let _subscription = client.subscribe(subject).await.expect("sent");
+    // Another host's subjects (its requests and trigger hand-offs among
+    // them), any service's requests or hand-offs, another host's inboxes,
+    // the scheduler's: refused.
+    let theirs = wharf_proto::names::host_request_subject(&host_b, "default", "hello", 1);
+    let subjects = ["wharf.host.host-b.>", "wharf.host.host-b.svc.>", theirs.as_str(), "wharf.host.*.svc.>", "wharf.host.host-b.trigger.>", "wharf.host.*.jobs", "wharf.svc.>", "wharf.svc.default.hello", "wharf.trigger.>", "_INBOX.host-host-b.>", "_INBOX.>", ">"];
+    for subject in subjects {
+        let _subscription = client.subscribe(subject.to_string()).await.expect("sent");
         client.flush().await.expect("flushed");
         refused(format!("Permissions Violation for Subscription to \"{subject}\"")).await;
     }
@@ -702,6 +794,7 @@ async fn a_host_identity_reaches_only_its_own_subjects_and_cannot_speak_for_anot
     assert_eq!(after["started_at_ms"], before["started_at_ms"]);
     assert_eq!(listed("host-a")["ready"], true);
     assert_eq!(service(&api, "hello")["service"]["generation"], 1);
+    // Served through host-a's ingress from host-b's replica, under these permissions.
     for host in &hosts {
         until_ok(&format!("{}/hello", host.ingress), "Hello from Wharf!", Duration::from_secs(5)).await;
         // Nothing a host does itself (watches, heartbeats, hops, announcements) is refused.

@@ -1,7 +1,7 @@
 //! HTTP over the bus: how a request reaches a service that runs on another
-//! host. The request is sent with request/reply on the service's subject;
-//! every host running a ready replica listens there in the service's queue
-//! group, so NATS hands each request to one of them.
+//! host. The request is sent with request/reply on the subject of a host
+//! with a ready replica (the sender picks it: `agent/routing.rs`), where
+//! that host alone listens.
 //!
 //! A message carries an HTTP/1.1 message as is (head, blank line, body),
 //! so heads are parsed by `httparse`, the parser hyper itself uses. Bodies
@@ -26,14 +26,18 @@ pub fn max_body(bus: &Bus) -> usize {
     bus.max_payload().saturating_sub(crate::ingress::MAX_HEAD)
 }
 
-/// No host answers on the service's subject: it has no ready replica anywhere.
+/// The host a request was sent to did not serve it; another may.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NoReplica {
-    /// Nobody listens on the subject.
+    /// Nobody listens on the subject: the host has no ready replica (any
+    /// more, or yet), or is gone.
     NoResponders,
     /// The host that took the request has no ready replica any more (it
     /// was being stopped): the request did not run and may be sent again.
     NotHere,
+    /// The control plane announced the host lost while a safe request was
+    /// in flight there: its answer may never come.
+    HostLost,
 }
 
 /// Header on the answer of a host that took a bus request but has no

@@ -32,10 +32,10 @@ pub use trigger::{Delivery, DeliveryResult, Trigger};
 pub use units::{ByteSize, ByteSizeError, DurationError, Overcommit, OvercommitError};
 pub use latency::LatencyHistogram;
 pub use status::{
-    AutoscaleSummary, EjectedReplica, FailedRollout, RevisionCount, RolloutPhase, RolloutState, ServiceStatus, TrafficWeight,
+    AutoscaleSummary, EjectedReplica, FailedRollout, PlacedRevision, RevisionCount, RolloutPhase, RolloutState, ServiceStatus, TrafficWeight,
     UnplaceableReplica,
 };
 pub use wire::{
-    Activation, AssignedReplica, Assignment, Capacity, Demand, Heartbeat, HeartbeatAlive, HostDown, Lease, Namespace, Quota, ReplicaKey, ReplicaState,
+    Activation, AssignedReplica, Assignment, Capacity, Demand, Heartbeat, HeartbeatAlive, HostDown, Lease, Namespace, Quota, ReplicaKey, ReplicaReady, ReplicaState,
     ReplicaStatus, Revision, SealedSecrets, StoredService,
 };

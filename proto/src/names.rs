@@ -95,30 +95,38 @@ pub const ACTIVATE_SUBJECT: &str = "wharf.ctl.activate";
 /// The control plane announces lost hosts here ([`crate::HostDown`]).
 pub const HOST_DOWN_SUBJECT: &str = "wharf.ctl.host-down";
 
-/// Requests to a service; every host running a replica joins the service's queue group on it.
-pub fn service_subject(namespace: &str, name: &str) -> String {
-    format!("wharf.svc.{namespace}.{name}")
+/// Requests for revision `revision` of a service, sent to one host that
+/// has a ready replica of it: each host listens only on its own (its NATS
+/// identity may subscribe to no other host's `wharf.host.<id>.>`), for the
+/// revisions it has ready replicas of, so a host receives requests only
+/// for services it runs. The sender picks the host (see the host's
+/// routing); a request for any revision picks one of the revisions too.
+pub fn host_request_subject(host: &HostId, namespace: &str, name: &str, revision: u64) -> String {
+    format!("wharf.host.{host}.svc.{namespace}.{name}.{revision}")
 }
 
-/// Requests pinned to one revision of a service (a traffic split or an
-/// `x-wharf-revision` header); hosts with a ready replica of that revision
-/// join its queue group. A separate subject from [`service_subject`]
-/// (one more token), so neither matches the other.
-pub fn revision_subject(namespace: &str, name: &str, revision: u64) -> String {
-    format!("wharf.svc.{namespace}.{name}.{revision}")
+/// Matches [`host_request_subject`] of every host: what a host may publish
+/// to (requests to other hosts), never subscribe to.
+pub const HOST_REQUESTS_WILDCARD: &str = "wharf.host.*.svc.>";
+
+/// The queue group a host listens in on its [`host_request_subject`]: only
+/// that host listens there, but a listener starting while the previous one
+/// for the same revision drains must not take a request the other took too.
+pub fn revision_queue_group(namespace: &str, name: &str, revision: u64) -> String {
+    format!("{namespace}.{name}.{revision}")
 }
 
-/// A host announces here that it has a ready replica of a service (it
-/// started listening on the service's subject), so requests held for the
-/// service's activation elsewhere wake at once.
+/// A host announces here that it has a ready replica of a revision of a
+/// service ([`crate::ReplicaReady`]: it started listening on its
+/// [`host_request_subject`]), so that other hosts may send it requests
+/// before the control plane's status says so, and requests held for the
+/// service's activation wake at once.
 pub fn service_ready_subject(namespace: &str, name: &str) -> String {
     format!("wharf.ready.{namespace}.{name}")
 }
 
-/// The queue group of [`revision_subject`].
-pub fn revision_queue_group(namespace: &str, name: &str, revision: u64) -> String {
-    format!("{namespace}.{name}.{revision}")
-}
+/// Matches [`service_ready_subject`] of every service.
+pub const READY_WILDCARD: &str = "wharf.ready.>";
 
 /// Log lines of a service's replicas, for `wharf logs --follow`.
 pub fn logs_subject(namespace: &str, name: &str) -> String {
@@ -462,11 +470,6 @@ impl ServiceId {
         Ok(id)
     }
 
-    /// The subject requests to this service are sent on.
-    pub fn subject(&self) -> String {
-        service_subject(&self.namespace, &self.name)
-    }
-
     /// This service's key in [`SERVICES_BUCKET`].
     pub fn key(&self) -> String {
         service_key(&self.namespace, &self.name)
@@ -557,10 +560,8 @@ mod tests {
 
     #[test]
     fn builds_subjects_buckets_and_keys() {
-        assert_eq!(
-            service_subject("default", "hello"),
-            "wharf.svc.default.hello"
-        );
+        assert_eq!(host_request_subject(&host("edge-1"), "default", "hello", 3), "wharf.host.edge-1.svc.default.hello.3");
+        assert_eq!(service_ready_subject("shop", "cart"), "wharf.ready.shop.cart");
         assert_eq!(logs_subject("shop", "cart"), "wharf.logs.shop.cart");
         assert_eq!(host_logs_subject(&host("edge-1")), "wharf.host.edge-1.logs");
         assert_eq!(event_key("shop", 7), "shop.7");
@@ -582,14 +583,14 @@ mod tests {
         let digest = crate::Digest::of(b"hello");
         assert_eq!(artifact_object(&digest), digest.hex());
         let id: ServiceId = "shop/cart".parse().expect("valid id");
-        assert_eq!(id.subject(), "wharf.svc.shop.cart");
         assert_eq!(id.key(), "shop.cart");
     }
 
     #[test]
     fn host_subjects_name_their_host() {
         let a = host("edge-a");
-        for subject in [host_heartbeat_subject(&a), host_alive_subject(&a), host_resend_subject(&a), host_logs_subject(&a), host_jobs_subject(&a)] {
+        let requests = host_request_subject(&a, "shop", "cart", 2);
+        for subject in [host_heartbeat_subject(&a), host_alive_subject(&a), host_resend_subject(&a), host_logs_subject(&a), host_jobs_subject(&a), requests] {
             assert_eq!(host_of_subject(&subject), Some(a.clone()), "{subject}");
         }
         for other in ["wharf.host.edge-a", "wharf.host.edge-a.", "wharf.host.Edge.heartbeat", "wharf.svc.edge-a.heartbeat", "wharf.host..heartbeat"] {

@@ -32,6 +32,13 @@ pub struct ServiceStatus {
     /// Replicas taken out of rotation as outliers, and why (at most [`MAX_LISTED`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ejected: Vec<EjectedReplica>,
+    /// Where the service runs: each host assigned replicas of it, per
+    /// revision, and whether one of them is ready there. Hosts send a
+    /// request only to a host with a ready replica of the revision it
+    /// picked, on that host's own subject
+    /// ([`crate::names::host_request_subject`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub placed: Vec<PlacedRevision>,
     /// The most linear memory one instance of the service was seen using
     /// (hosts report it; this leader keeps the largest it heard since it
     /// took over). New replicas reserve the larger of this and the
@@ -66,6 +73,7 @@ impl ServiceStatus {
             unplaceable_more: 0,
             autoscale: None,
             ejected: Vec::new(),
+            placed: Vec::new(),
             memory_peak: None,
             problem: None,
             observed_generation: 0,
@@ -200,6 +208,18 @@ pub struct UnplaceableReplica {
     pub reason: String,
 }
 
+/// Replicas of one revision of a service assigned to one host.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PlacedRevision {
+    /// The host.
+    pub host: HostId,
+    /// The revision.
+    pub revision: u64,
+    /// Whether one of them is ready, on a host that is ready and not
+    /// draining: the host listens for the revision's requests.
+    pub ready: bool,
+}
+
 /// A replica taken out of rotation as an outlier.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EjectedReplica {
@@ -243,10 +263,12 @@ mod tests {
                 ..RolloutState::default()
             },
             wanted: vec![RevisionCount { revision: 1, replicas: 4 }, RevisionCount { revision: 2, replicas: 1 }],
+            placed: vec![PlacedRevision { host: HostId::new("h-1").expect("valid"), revision: 2, ready: true }],
             ..ServiceStatus::new(ServiceId::new("shop", "web").expect("valid"))
         };
         let json = serde_json::to_value(&status).expect("serialises");
         assert_eq!(json["rollout"]["phase"], "canary");
+        assert_eq!(json["placed"][0]["host"], "h-1");
         assert_eq!(serde_json::from_value::<ServiceStatus>(json).expect("parses"), status);
         let minimal: ServiceStatus = serde_json::from_str(r#"{"service": "shop/web"}"#).expect("defaults");
         assert_eq!(minimal.rollout.phase, RolloutPhase::Complete);

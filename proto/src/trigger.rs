@@ -9,6 +9,7 @@
 //! ([`message_subject`]). So a tenant names only its own namespace's
 //! subjects, and none of Wharf's own.
 
+use crate::names::HostId;
 use serde::{Deserialize, Serialize};
 
 /// Every tenant's message subject starts with this, then the namespace.
@@ -170,14 +171,22 @@ pub fn consumer_name(service: &str, subject: &str) -> String {
     format!("wharf-{service}-{}", &hash[..16])
 }
 
-/// Where hosts with a ready replica of a triggered service take messages
-/// another host received (request/reply; queue group [`delivery_queue_group`]).
-pub fn delivery_subject(namespace: &str, name: &str) -> String {
-    format!("wharf.trigger.{namespace}.{name}")
+/// Where host `host`, with a ready replica of a triggered service, takes
+/// messages another host received and chose it for (request/reply; queue
+/// group [`delivery_queue_group`]). Each host listens only on its own
+/// (its NATS identity may subscribe to no other host's), as for requests
+/// ([`crate::names::host_request_subject`]).
+pub fn delivery_subject(host: &HostId, namespace: &str, name: &str) -> String {
+    format!("wharf.host.{host}.trigger.{namespace}.{name}")
 }
 
-/// The queue group of [`delivery_subject`] and of a core trigger's subject:
-/// one member per host gets each message.
+/// Matches [`delivery_subject`] of every host: what a host may publish to
+/// (messages handed to other hosts), never subscribe to.
+pub const DELIVERIES_WILDCARD: &str = "wharf.host.*.trigger.>";
+
+/// The queue group of [`delivery_subject`] (so a listener starting while
+/// the previous one stops never takes a message the other took too) and of
+/// a core trigger's subject (one member per host gets each message).
 pub fn delivery_queue_group(namespace: &str, name: &str) -> String {
     format!("{namespace}.{name}")
 }
@@ -268,6 +277,10 @@ mod tests {
         assert_eq!(relative_subject("shop", "wharf.msg.shopping.orders"), None);
         assert_eq!(subject_namespace("wharf.msg.other.x"), Some("other"));
         assert_eq!(subject_namespace("orders.x"), None);
+        let host = HostId::new("edge-a").expect("valid");
+        let handed = delivery_subject(&host, "shop", "orders");
+        assert_eq!(handed, "wharf.host.edge-a.trigger.shop.orders");
+        assert_eq!(crate::names::host_of_subject(&handed), Some(host), "on the host's own subjects");
         let (a, b) = (consumer_name("orders", "orders.>"), consumer_name("orders", "refunds.>"));
         assert!(a.starts_with("wharf-orders-") && a.len() == "wharf-orders-".len() + 16 && a != b, "{a} {b}");
     }

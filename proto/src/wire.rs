@@ -185,6 +185,21 @@ pub struct Activation {
     pub host: HostId,
 }
 
+/// A host announcing that it has a ready replica of a revision of a
+/// service and listens for its requests on its own subject, on
+/// [`crate::names::service_ready_subject`]. Other hosts believe it only for
+/// a host the control plane placed that revision on (its status says so):
+/// a host cannot draw another service's requests to itself by announcing.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaReady {
+    /// The announcing host.
+    pub host: HostId,
+    /// The service.
+    pub service: ServiceId,
+    /// The revision it has a ready replica of.
+    pub revision: u64,
+}
+
 /// The control plane saying a host is lost (its connection closed, or its
 /// heartbeats stopped), on [`crate::names::HOST_DOWN_SUBJECT`]: requests
 /// other hosts sent there may never be answered, and safe ones are sent

@@ -28,7 +28,7 @@ use tokio::sync::watch;
 use wharf_proto::sealed::{HostPublicKey, NONCE_LEN, SecretKey};
 use wharf_proto::status::MAX_LISTED;
 use wharf_proto::{
-    Activation, AssignedReplica, Assignment, AutoscaleSummary, ByteSize, EjectedReplica, HostId, Namespace, ReplicaKey, ReplicaState,
+    Activation, AssignedReplica, Assignment, AutoscaleSummary, ByteSize, EjectedReplica, HostId, Namespace, PlacedRevision, ReplicaKey, ReplicaState,
     ReplicaStatus, RevisionCount, RolloutPhase, SealedSecrets, ServiceId, ServiceSpec, ServiceStatus, StoredService, UnplaceableReplica,
 };
 use wharf_scheduler_core::{
@@ -326,6 +326,7 @@ impl Controller {
                     held: held.clone().map(|why| (replicas, why)),
                 }),
                 ejected: self.ejected.get(&id).cloned().unwrap_or_default(),
+                placed: placed(&observed, &ready),
                 memory_peak: self.memory_peaks.get(&id).copied(),
                 problem,
                 observed_generation: stored.generation,
@@ -926,6 +927,19 @@ impl Controller {
     }
 }
 
+
+/// Where a service runs, per host and revision, and whether a replica is
+/// ready there on a ready host that is not draining: what hosts route
+/// requests by ([`ServiceStatus::placed`]).
+fn placed(observed: &[ObservedReplica], ready: &HashMap<&HostId, &HostEntry>) -> Vec<PlacedRevision> {
+    let mut placed: BTreeMap<(HostId, u64), bool> = BTreeMap::new();
+    for replica in observed {
+        let Some(host) = &replica.host else { continue };
+        let serving = matches!(replica.state, ObservedState::Ready) && ready.get(host).is_some_and(|h| !h.heartbeat.draining);
+        *placed.entry((host.clone(), replica.revision)).or_default() |= serving;
+    }
+    placed.into_iter().map(|((host, revision), ready)| PlacedRevision { host, revision, ready }).collect()
+}
 
 /// Whether two statuses say the same (their versions aside).
 fn same_status(a: &ServiceStatus, b: &ServiceStatus) -> bool {

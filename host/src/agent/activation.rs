@@ -4,7 +4,8 @@
 //! it starts a replica itself from its compile cache (milliseconds) rather
 //! than wait for a placement. Held requests wake when a replica becomes
 //! ready here, or when another host announces one on the service's ready
-//! subject; a slow poll is only the fallback for a lost announcement.
+//! subject (naming itself and the revision, so the request goes straight
+//! there); a slow poll is only the fallback for a lost announcement.
 
 use super::HostAgent;
 use crate::workload::{ResponseBody, Workload, error_response};
@@ -180,7 +181,11 @@ impl HostAgent {
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = changes.changed() => {}
-                Some(_) = async { match &mut announcements { Some(s) => s.next().await, None => std::future::pending().await } } => {}
+                Some(message) = async { match &mut announcements { Some(s) => s.next().await, None => std::future::pending().await } } => {
+                    // Into the directory now, whichever of this and the
+                    // agent's own subscription sees it first.
+                    self.replica_announced(&message.payload);
+                }
             }
         }
         let here = format!(" (host {} did not start one: {not_here})", self.inner.config.host);

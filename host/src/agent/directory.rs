@@ -1,17 +1,25 @@
 //! What this host knows of every service in the cluster, for routing: the
 //! latest spec of each (routes, limits, autoscaling) from the services
-//! bucket, how its traffic is split between revisions and how many
-//! replicas the control plane wants of it from the status bucket (for
-//! namespace quotas at activation), the route table built from both, and the specs of revisions,
-//! read from the revisions bucket when needed and cached (they never change).
+//! bucket; from the status bucket, how its traffic is split between
+//! revisions, how many replicas the control plane wants of it (for
+//! namespace quotas at activation) and which hosts have ready replicas of
+//! which revisions (where requests go), with what hosts announced since;
+//! the route table built from the specs; and the specs of revisions, read
+//! from the revisions bucket when needed and cached (they never change).
 
 use crate::routes::RouteTable;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 use wharf_bus::Kv;
 use wharf_proto::names::revision_key;
-use wharf_proto::{Revision, ServiceId, ServiceSpec, ServiceStatus, StoredService, TrafficWeight};
+use wharf_proto::{HostId, PlacedRevision, ReplicaReady, Revision, ServiceId, ServiceSpec, ServiceStatus, StoredService, TrafficWeight};
+
+/// How long a host's announcement that a replica is ready there is
+/// believed without the status saying so: the control plane writes the
+/// status within a heartbeat or two of the replica becoming ready.
+const ANNOUNCED_GRACE: Duration = Duration::from_secs(5);
 
 /// A service as routing sees it.
 struct Known {
@@ -28,12 +36,35 @@ struct Split {
     counter: AtomicU64,
 }
 
+/// Where a service runs, for sending its requests to other hosts.
+#[derive(Default)]
+struct Placement {
+    /// Per host and revision, from the service's status.
+    placed: Vec<PlacedRevision>,
+    /// Replicas hosts announced ready, and when; believed only where
+    /// `placed` has the host and revision (the control plane placed it
+    /// there), for [`ANNOUNCED_GRACE`].
+    announced: Vec<(HostId, u64, Instant)>,
+    /// Requests sent so far, to spread them over the hosts in turn.
+    sent: AtomicU64,
+}
+
+impl Placement {
+    /// Whether `placed` has a ready replica, as the status says or its host announced.
+    fn serves(&self, placed: &PlacedRevision, now: Instant) -> bool {
+        placed.ready
+            || self.announced.iter().any(|(host, revision, at)| *host == placed.host && *revision == placed.revision && now.duration_since(*at) < ANNOUNCED_GRACE)
+    }
+}
+
 #[derive(Default)]
 struct State {
     services: BTreeMap<ServiceId, Known>,
     splits: BTreeMap<ServiceId, Split>,
     /// Replicas the control plane wants of each service, over its revisions.
     wanted: BTreeMap<ServiceId, u64>,
+    /// Where each service runs.
+    placements: BTreeMap<ServiceId, Placement>,
     routes: RouteTable,
 }
 
@@ -82,6 +113,7 @@ impl Directory {
                     state.services.retain(|id, _| id.key() != key);
                     state.splits.retain(|id, _| id.key() != key);
                     state.wanted.retain(|id, _| id.key() != key);
+                    state.placements.retain(|id, _| id.key() != key);
                 }
             }
             state.routes = build_routes(state, local);
@@ -102,6 +134,7 @@ impl Directory {
         let wanted = status.wanted.iter().map(|w| u64::from(w.replicas)).sum();
         self.write(|state| {
             state.wanted.insert(status.service.clone(), wanted);
+            state.placements.entry(status.service.clone()).or_default().placed = status.placed;
             match state.splits.get_mut(&status.service) {
                 Some(split) => split.weights = status.rollout.traffic,
                 None => {
@@ -109,6 +142,52 @@ impl Directory {
                 }
             }
         });
+    }
+
+    /// Another host announced a ready replica: requests may go there before
+    /// the status says so (if the status places the revision there).
+    pub(crate) fn replica_announced(&self, ready: ReplicaReady) {
+        let now = Instant::now();
+        self.write(|state| {
+            let placement = state.placements.entry(ready.service).or_default();
+            placement.announced.retain(|(host, revision, at)| now.duration_since(*at) < ANNOUNCED_GRACE && (*host != ready.host || *revision != ready.revision));
+            placement.announced.push((ready.host, ready.revision, now));
+        });
+    }
+
+    /// The control plane announced `host` lost: no request goes there
+    /// until a status or an announcement says it serves again.
+    pub(crate) fn host_lost(&self, host: &HostId) {
+        self.write(|state| {
+            for placement in state.placements.values_mut() {
+                placement.placed.retain(|p| p.host != *host);
+                placement.announced.retain(|(h, _, _)| h != host);
+            }
+        });
+    }
+
+    /// The host (other than `me`) and revision the next request for
+    /// `service` goes to: one with a ready replica of `revision` (of any
+    /// revision when `None`), not among `tried`, taking the hosts in turn.
+    /// `None`: no other host serves it.
+    pub(crate) fn choose(&self, service: &ServiceId, revision: Option<u64>, me: &HostId, tried: &[(HostId, u64)]) -> Option<(HostId, u64)> {
+        let now = Instant::now();
+        self.read(|state| {
+            let placement = state.placements.get(service)?;
+            let candidates: Vec<&PlacedRevision> = placement
+                .placed
+                .iter()
+                .filter(|p| p.host != *me && revision.is_none_or(|r| p.revision == r))
+                .filter(|p| !tried.iter().any(|(host, revision)| *host == p.host && *revision == p.revision))
+                .filter(|p| placement.serves(p, now))
+                .collect();
+            if candidates.is_empty() {
+                return None;
+            }
+            let turn = placement.sent.fetch_add(1, Ordering::Relaxed);
+            let chosen = candidates[(turn % candidates.len() as u64) as usize];
+            Some((chosen.host.clone(), chosen.revision))
+        })
     }
 
     /// Replicas the control plane wants of the services of namespace `ns`
@@ -232,4 +311,84 @@ fn build_routes(state: &State, local: &BTreeMap<ServiceId, Arc<ServiceSpec>>) ->
         by_service.entry(id).or_insert(spec.routes.as_slice());
     }
     RouteTable::new(by_service)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wharf_proto::names::REVISIONS_BUCKET;
+
+    fn host(id: &str) -> HostId {
+        HostId::new(id).expect("valid host id")
+    }
+
+    fn placed(id: &str, revision: u64, ready: bool) -> PlacedRevision {
+        PlacedRevision { host: host(id), revision, ready }
+    }
+
+    async fn directory_with(service: &ServiceId, placed: Vec<PlacedRevision>) -> Directory {
+        let bus = wharf_bus::Bus::local(wharf_bus::LocalStore::in_memory().expect("store"));
+        let directory = Directory::new(bus.kv(REVISIONS_BUCKET).await.expect("bucket"));
+        let status = ServiceStatus { placed, ..ServiceStatus::new(service.clone()) };
+        directory.status_changed(Some(&serde_json::to_vec(&status).expect("json")));
+        directory
+    }
+
+    /// What `choose` picks `n` times in a row, by host.
+    fn picks(directory: &Directory, service: &ServiceId, revision: Option<u64>, tried: &[(HostId, u64)], n: usize) -> BTreeMap<String, usize> {
+        let mut picks = BTreeMap::new();
+        for _ in 0..n {
+            if let Some((host, _)) = directory.choose(service, revision, &host("me"), tried) {
+                *picks.entry(host.to_string()).or_default() += 1;
+            }
+        }
+        picks
+    }
+
+    #[tokio::test]
+    async fn requests_go_in_turn_to_other_hosts_the_status_says_have_a_ready_replica() {
+        let web = ServiceId::new("shop", "web").expect("valid");
+        let status = vec![placed("b", 1, true), placed("c", 1, true), placed("d", 2, false), placed("me", 1, true)];
+        let directory = directory_with(&web, status).await;
+        let expected: BTreeMap<String, usize> = [("b".to_string(), 3), ("c".to_string(), 3)].into();
+        assert_eq!(picks(&directory, &web, None, &[], 6), expected, "in turn, never this host nor one not ready");
+        assert_eq!(picks(&directory, &web, Some(1), &[], 6), expected);
+        assert_eq!(directory.choose(&web, Some(2), &host("me"), &[]), None, "nobody serves revision 2");
+        assert_eq!(directory.choose(&web, None, &host("me"), &[(host("b"), 1), (host("c"), 1)]), None, "both tried");
+        assert_eq!(directory.choose(&web, None, &host("me"), &[(host("b"), 1)]), Some((host("c"), 1)));
+        let other = ServiceId::new("shop", "other").expect("valid");
+        assert_eq!(directory.choose(&other, None, &host("me"), &[]), None, "an unknown service");
+
+        // A lost host gets nothing more.
+        directory.host_lost(&host("b"));
+        assert_eq!(picks(&directory, &web, None, &[], 4), [("c".to_string(), 4)].into());
+    }
+
+    #[tokio::test]
+    async fn an_announcement_is_believed_only_where_the_status_places_the_revision() {
+        let web = ServiceId::new("shop", "web").expect("valid");
+        let directory = directory_with(&web, vec![placed("b", 1, true), placed("d", 2, false)]).await;
+        // d was placed revision 2 and says it is ready: requests go there before the status says so.
+        directory.replica_announced(ReplicaReady { host: host("d"), service: web.clone(), revision: 2 });
+        assert_eq!(directory.choose(&web, Some(2), &host("me"), &[]), Some((host("d"), 2)));
+        // A host announcing what it was not placed (another revision, another
+        // service, or nothing at all) draws no requests.
+        for (announcer, service, revision) in [("d", &web, 1), ("e", &web, 1), ("e", &web, 2)] {
+            directory.replica_announced(ReplicaReady { host: host(announcer), service: service.clone(), revision });
+        }
+        let expected: BTreeMap<String, usize> = [("b".to_string(), 4)].into();
+        assert_eq!(picks(&directory, &web, Some(1), &[], 4), expected, "only b serves revision 1");
+        assert_eq!(picks(&directory, &web, Some(2), &[], 2), [("d".to_string(), 2)].into());
+        // Announced before the status placed it: believed once the status does.
+        let late = ServiceId::new("shop", "late").expect("valid");
+        directory.replica_announced(ReplicaReady { host: host("f"), service: late.clone(), revision: 1 });
+        assert_eq!(directory.choose(&late, None, &host("me"), &[]), None);
+        let status = ServiceStatus { placed: vec![placed("f", 1, false)], ..ServiceStatus::new(late.clone()) };
+        directory.status_changed(Some(&serde_json::to_vec(&status).expect("json")));
+        assert_eq!(directory.choose(&late, None, &host("me"), &[]), Some((host("f"), 1)));
+        // Lost, its announcement is forgotten too.
+        directory.host_lost(&host("f"));
+        directory.status_changed(Some(&serde_json::to_vec(&status).expect("json")));
+        assert_eq!(directory.choose(&late, None, &host("me"), &[]), None);
+    }
 }

@@ -104,12 +104,16 @@ impl HostAgent {
     }
 
     /// Hands the control plane's announcements of lost hosts to the
-    /// requests in flight ([`HostAgent::send_once`](super::HostAgent)).
+    /// directory (no request goes there any more) and to the requests in
+    /// flight ([`HostAgent::send_once`](super::HostAgent)).
     pub(super) async fn follow_lost_hosts(&self) -> Result<(), wharf_bus::SubscribeError> {
         self.each_message(wharf_proto::names::HOST_DOWN_SUBJECT, |agent, message| async move {
             match serde_json::from_slice::<wharf_proto::HostDown>(&message.payload) {
-                // Nobody waiting is fine.
-                Ok(down) => drop(agent.inner.hosts_down.send(Arc::new(down))),
+                Ok(down) => {
+                    agent.inner.directory.host_lost(&down.host);
+                    // Nobody waiting is fine.
+                    drop(agent.inner.hosts_down.send(Arc::new(down)));
+                }
                 Err(e) => tracing::debug!("ignoring an unreadable lost-host announcement: {e}"),
             }
         })

@@ -11,7 +11,8 @@
 //! - [`directory`]: every service's latest spec, traffic split and routes;
 //!   revisions' specs (one lock, plus a cache).
 //! - [`routing`]: ingress and service-to-service requests, local or over
-//!   the bus; answering bus requests; the queue subscriptions.
+//!   the bus to a host the directory says has a ready replica; answering
+//!   bus requests; the subscriptions on this host's own request subjects.
 //! - [`activation`]: holding requests for services at zero while a replica starts.
 //! - [`triggers`]: taking in triggered services' messages and handing each
 //!   to a replica (its own locks).
@@ -22,8 +23,9 @@
 //!   (their own lock).
 //!
 //! What may change what: assignment events change `replicas` (and through
-//! it `listening` and the route table); service and status events change
-//! `directory`; namespace events change `rates`; requests only read.
+//! it `listening` and the route table); service and status events, other
+//! hosts' ready announcements and lost hosts change `directory`; namespace
+//! events change `rates`; requests only read.
 
 mod activation;
 mod converge;
@@ -115,7 +117,7 @@ struct Inner {
     replicas: replicas::ReplicaSet,
     /// What this host knows of every service (its own lock).
     directory: directory::Directory,
-    /// The queue subscriptions this host listens on, by service and
+    /// The subscriptions this host listens on for requests, by service and
     /// revision; changed only by `update_listening`.
     listening: Mutex<BTreeMap<routing::Listen, routing::Listener>>,
     /// Bounds the bus requests answered at once.
@@ -212,6 +214,7 @@ impl HostAgent {
         agent.follow(namespace_watch, |agent, event| agent.inner.rates.set(&event.key, event.value.as_deref()));
         agent.answer_log_queries().await.map_err(|e| AgentError::Bus { what: "the subscription for log queries", source: Box::new(e) })?;
         agent.follow_lost_hosts().await.map_err(|e| AgentError::Bus { what: "the subscription for lost hosts", source: Box::new(e) })?;
+        agent.follow_ready_replicas().await.map_err(|e| AgentError::Bus { what: "the subscription for ready replicas", source: Box::new(e) })?;
         agent.answer_resend_requests().await.map_err(|e| AgentError::Bus { what: "the subscription for heartbeat requests", source: Box::new(e) })?;
         agent.answer_job_commands().await.map_err(|e| AgentError::Bus { what: "the subscription for job commands", source: Box::new(e) })?;
         let weak = Arc::downgrade(&agent.inner);

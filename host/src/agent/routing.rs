@@ -1,19 +1,24 @@
 //! Serving requests: from the ingress (routed by host name and path) and
 //! from other components, to a ready local replica when there is one, else
-//! over the bus to a host that has one; and answering the requests that
-//! reach this host over the bus.
+//! over the bus to another host that has one; and answering the requests
+//! that reach this host over the bus.
 //!
 //! A service whose traffic is split picks a revision per request (see
-//! [`super::directory::Directory::pick`]) and sends it on the revision's
-//! own subject; otherwise any ready replica of any revision will do (the
-//! service's subject). An `x-wharf-revision: N` header pins a request to
-//! revision N.
+//! [`super::directory::Directory::pick`]); otherwise any ready replica of
+//! any revision will do. An `x-wharf-revision: N` header pins a request to
+//! revision N. The sender picks the host, too: one the directory says has
+//! a ready replica of the revision (the hosts in turn), and sends the
+//! request on that host's own subject for the revision
+//! ([`wharf_proto::names::host_request_subject`]). A host that answers
+//! "not here", or where nobody listens, is left for another (a bounded
+//! number of them).
 //!
-//! A host listens, in queue groups, exactly for the services and revisions
-//! it has a ready replica of. When it stops, it drains: it unsubscribes and
-//! still answers what NATS already handed it (from the replica being
-//! stopped, or with a "not here" answer the sender retries elsewhere), so
-//! a replica going away never loses a request in flight to it.
+//! A host listens only on its own subjects, exactly for the revisions it
+//! has a ready replica of (its NATS identity may subscribe to no other
+//! host's), and announces each as it starts. When it stops, it drains: it
+//! unsubscribes and still answers what NATS already handed it (from the
+//! replica being stopped, or with a "not here" answer the sender sends
+//! elsewhere), so a replica going away never loses a request in flight to it.
 
 use super::HostAgent;
 use crate::ingress::RequestBody;
@@ -28,18 +33,19 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::sync::oneshot;
-use wharf_proto::ServiceId;
-use wharf_proto::names::{revision_queue_group, revision_subject};
+use wharf_proto::names::{host_request_subject, revision_queue_group, service_ready_subject};
+use wharf_proto::{HostId, ReplicaReady, ServiceId};
 
 /// Header pinning a request to one revision of its service.
 pub const REVISION_HEADER: &str = "x-wharf-revision";
 
-/// Times a request is sent again when the host that took it had no replica
-/// any more (it was being stopped); each time NATS picks a member anew.
-const NOT_HERE_RETRIES: usize = 5;
+/// Hosts (and revisions) a request is sent to at most: others are tried
+/// when one has no replica any more (it was being stopped, or its status
+/// was stale), or is lost while a safe request is in flight there.
+pub(super) const HOSTS_TRIED: usize = 5;
 
-/// What a host listens on: a service's subject (`None`) or one revision's.
-pub(crate) type Listen = (ServiceId, Option<u64>);
+/// What a host listens on: one revision of a service, on its own subject.
+pub(crate) type Listen = (ServiceId, u64);
 
 /// A listening task and the signal that makes it drain and stop.
 pub(crate) struct Listener {
@@ -129,9 +135,16 @@ impl HostAgent {
         };
         match tracing::Instrument::instrument(self.send(service, revision, payload.clone(), timeout), hop).await {
             Ok(response) => return response,
-            Err(NoReplica::NotHere | NoReplica::NoResponders) if revision.is_some() && pinned.is_none() => {
-                // The split named a revision nobody serves right now (it is
-                // starting or stopping): any ready replica will do.
+            Err(_) if revision.is_some() && pinned.is_none() => {
+                // The split named a revision no host could take right now
+                // (it is starting or stopping): any ready replica will do,
+                // a local one first.
+                if let Some(workload) = self.inner.replicas.least_busy(service, None) {
+                    return match crate::remote::decode_request_bytes(&payload) {
+                        Ok(request) => workload.handle(request).await,
+                        Err(e) => error_response(StatusCode::BAD_REQUEST, "bad_request", e),
+                    };
+                }
                 if let Ok(response) = self.send(service, None, payload.clone(), timeout).await {
                     return response;
                 }
@@ -151,60 +164,83 @@ impl HostAgent {
         }
     }
 
-    /// Sends a prepared request on the service's (or revision's) subject,
-    /// again when the host that took it had no replica any more.
+    /// Sends a prepared request to another host with a ready replica of
+    /// `revision` of the service (of any revision when `None`); to others
+    /// (at most [`HOSTS_TRIED`] in all) when the one chosen has none any
+    /// more or is lost. `Err` when no host could take it.
     pub(super) async fn send(&self, service: &ServiceId, revision: Option<u64>, payload: Bytes, timeout: Duration) -> Result<Response<ResponseBody>, NoReplica> {
-        let subject = match revision {
-            Some(revision) => revision_subject(&service.namespace, &service.name, revision),
-            None => service.subject(),
-        };
+        let me = &self.inner.config.host;
+        let mut tried: Vec<(HostId, u64)> = Vec::new();
         let mut outcome = Err(NoReplica::NoResponders);
-        for attempt in 0..NOT_HERE_RETRIES {
-            outcome = self.send_once(service, &subject, payload.clone(), timeout).await;
-            if !matches!(outcome, Err(NoReplica::NotHere)) {
-                break;
+        while tried.len() < HOSTS_TRIED {
+            let Some((host, chosen)) = self.inner.directory.choose(service, revision, me, &tried) else { break };
+            tried.push((host.clone(), chosen));
+            outcome = self.send_once(service, revision, (&host, chosen), payload.clone(), timeout, &tried).await;
+            match &outcome {
+                Err(why) => tracing::debug!(%service, %host, revision = chosen, "{why:?}; trying another host"),
+                Ok(_) => break,
             }
-            tokio::time::sleep(Duration::from_millis(2 << attempt)).await;
         }
         outcome
     }
 
-    /// Sends a prepared request once; a safe one ([`crate::remote::is_safe`])
-    /// again at once if the control plane says a host that may hold it
-    /// was lost (its answer would never come: it would wait out its deadline).
-    async fn send_once(&self, service: &ServiceId, subject: &str, payload: Bytes, timeout: Duration) -> Result<Response<ResponseBody>, NoReplica> {
+    /// Sends a prepared request to one host, on its subject for revision
+    /// `to.1`; a safe one ([`crate::remote::is_safe`]) is given up at once
+    /// if the control plane says that host was lost (its answer would never
+    /// come: it would wait out its deadline) and another host serves
+    /// `revision` (the caller sends it there).
+    async fn send_once(
+        &self,
+        service: &ServiceId,
+        revision: Option<u64>,
+        to: (&HostId, u64),
+        payload: Bytes,
+        timeout: Duration,
+        tried: &[(HostId, u64)],
+    ) -> Result<Response<ResponseBody>, NoReplica> {
+        let (host, chosen) = to;
+        let subject = host_request_subject(host, &service.namespace, &service.name, chosen);
         if !crate::remote::is_safe(&payload) {
-            return crate::remote::send(&self.inner.bus, service, subject, payload, timeout).await;
+            return crate::remote::send(&self.inner.bus, service, &subject, payload, timeout).await;
         }
         let mut lost = self.inner.hosts_down.subscribe();
-        let first = crate::remote::send(&self.inner.bus, service, subject, payload.clone(), timeout);
+        let first = crate::remote::send(&self.inner.bus, service, &subject, payload, timeout);
         tokio::pin!(first);
-        let host = loop {
+        let mut elsewhere = true;
+        loop {
             tokio::select! {
                 outcome = &mut first => return outcome,
-                down = lost.recv() => match down {
-                    Ok(down) if down.affects(service) => break Some(down.host.clone()),
-                    Ok(_) => continue,
-                    // Announcements were missed: one may have been about this request.
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break None,
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return first.await,
+                down = lost.recv(), if elsewhere => {
+                    let lost = match down {
+                        Ok(down) => down.host == *host && down.affects(service),
+                        // Announcements were missed: one may have been about this host.
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => true,
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return first.await,
+                    };
+                    if !lost {
+                        continue;
+                    }
+                    if self.inner.directory.choose(service, revision, &self.inner.config.host, tried).is_some() {
+                        tracing::debug!(%service, %host, "the host holding this request may be lost; sending it to another");
+                        return Err(NoReplica::HostLost);
+                    }
+                    // Nowhere else to send it: wait for this answer after all.
+                    elsewhere = false;
                 }
             }
-        };
-        tracing::debug!(%service, lost = ?host, "a host that may hold this request was lost; sending it again");
-        crate::remote::send(&self.inner.bus, service, subject, payload, timeout).await
+        }
     }
 
     /// Serves one request that came over the bus, always locally (a second
     /// hop could loop): the least busy ready replica, else one being
     /// stopped, else a "not here" answer the sender retries elsewhere.
-    async fn answer(&self, service: &ServiceId, revision: Option<u64>, message: wharf_bus::Message) {
+    async fn answer(&self, service: &ServiceId, revision: u64, message: wharf_bus::Message) {
         let response = match crate::remote::decode_request(&message) {
             Ok(mut request) => {
                 let span = tracing::trace_span!(target: crate::trace::TARGET, "from bus", host = %self.inner.config.host, service = %service);
                 crate::trace::continue_from(&span, request.headers());
                 crate::trace::inject(&span, request.headers_mut());
-                let workload = self.inner.replicas.least_busy(service, revision).or_else(|| self.inner.replicas.draining(service, revision));
+                let workload = self.inner.replicas.least_busy(service, Some(revision)).or_else(|| self.inner.replicas.draining(service, Some(revision)));
                 match workload {
                     Some(workload) => tracing::Instrument::instrument(workload.handle(request), span).await,
                     None => crate::remote::not_here(service, self.inner.config.host.as_str()),
@@ -218,17 +254,25 @@ impl HostAgent {
         }
     }
 
-    /// Listens on the bus for exactly the services and revisions with a
-    /// ready local replica (none while draining); stops listening drains.
+    /// Follows other hosts' announcements of ready replicas into the
+    /// directory, so requests go to them before the status says so.
+    pub(super) async fn follow_ready_replicas(&self) -> Result<(), wharf_bus::SubscribeError> {
+        self.each_message(wharf_proto::names::READY_WILDCARD, |agent, message| async move { agent.replica_announced(&message.payload) }).await
+    }
+
+    /// Notes one announcement of a ready replica in the directory.
+    pub(super) fn replica_announced(&self, payload: &[u8]) {
+        match serde_json::from_slice::<ReplicaReady>(payload) {
+            Ok(ready) if ready.host == self.inner.config.host => {}
+            Ok(ready) => self.inner.directory.replica_announced(ready),
+            Err(e) => tracing::debug!("ignoring an unreadable ready announcement: {e}"),
+        }
+    }
+
+    /// Listens on the bus for exactly the revisions with a ready local
+    /// replica (none while draining); stops listening drains.
     pub(super) fn update_listening(&self) {
-        let wanted: BTreeSet<Listen> = if self.inner.draining.load(Ordering::Relaxed) {
-            BTreeSet::new()
-        } else {
-            let ready = self.inner.replicas.ready();
-            let mut wanted: BTreeSet<Listen> = ready.iter().map(|(service, _)| (service.clone(), None)).collect();
-            wanted.extend(ready.into_iter().map(|(service, revision)| (service, Some(revision))));
-            wanted
-        };
+        let wanted: BTreeSet<Listen> = if self.inner.draining.load(Ordering::Relaxed) { BTreeSet::new() } else { self.inner.replicas.ready() };
         let Ok(mut listening) = self.inner.listening.lock() else { return };
         listening.retain(|listen, listener| {
             let keep = wanted.contains(listen) && !listener.task.is_finished();
@@ -248,14 +292,16 @@ impl HostAgent {
     }
 }
 
-/// One queue subscription: answers each request in a task of its own (at
-/// most the host's handler bound at once), until told to stop; then drains.
+/// One subscription, on this host's own subject for one revision of a
+/// service: announces the ready replica, then answers each request in a
+/// task of its own (at most the host's handler bound at once), until told
+/// to stop; then drains. A queue group, so that a listener starting while
+/// the previous one drains never takes a request the other also took.
 async fn listen_on(agent: std::sync::Weak<super::Inner>, (service, revision): Listen, mut stop: oneshot::Receiver<()>) {
     let Some(inner) = agent.upgrade() else { return };
-    let (subject, group) = match revision {
-        Some(revision) => (revision_subject(&service.namespace, &service.name, revision), revision_queue_group(&service.namespace, &service.name, revision)),
-        None => (service.subject(), service.key()),
-    };
+    let host = inner.config.host.clone();
+    let subject = host_request_subject(&host, &service.namespace, &service.name, revision);
+    let group = revision_queue_group(&service.namespace, &service.name, revision);
     let handlers = inner.handlers.clone();
     let mut subscription = match inner.bus.queue_subscribe(&subject, &group).await {
         Ok(subscription) => subscription,
@@ -264,12 +310,16 @@ async fn listen_on(agent: std::sync::Weak<super::Inner>, (service, revision): Li
             return;
         }
     };
-    if revision.is_none() {
-        // Requests held for activation on other hosts wake now.
-        let ready = wharf_proto::names::service_ready_subject(&service.namespace, &service.name);
-        if let Err(e) = inner.bus.publish(&ready, Bytes::new()).await {
-            tracing::debug!(%service, "could not announce a ready replica: {e}");
+    // Other hosts may send here now, before the status says so, and
+    // requests held for activation on other hosts wake.
+    let ready = ReplicaReady { host, service: service.clone(), revision };
+    match serde_json::to_vec(&ready) {
+        Ok(payload) => {
+            if let Err(e) = inner.bus.publish(&service_ready_subject(&service.namespace, &service.name), Bytes::from(payload)).await {
+                tracing::debug!(%service, "could not announce a ready replica: {e}");
+            }
         }
+        Err(e) => tracing::error!("cannot encode a ready announcement (a bug): {e}"),
     }
     drop(inner);
     let mut draining = false;

@@ -6,8 +6,10 @@
 //! (group `<ns>.<name>`, so one host gets each message), a stream trigger a
 //! pull from the service's durable consumer (shared by all hosts). A
 //! message goes to a ready local replica if there is one, else over the bus
-//! to a host that has one ([`wharf_proto::trigger::delivery_subject`],
-//! request/reply, answered with how the handler ended); if nobody has one,
+//! to a host the directory says has one, on that host's own subject
+//! ([`wharf_proto::trigger::delivery_subject`], request/reply, answered
+//! with how the handler ended; others are tried, as for requests, when it
+//! has none any more); if nobody has one,
 //! an autoscaled service is woken as an HTTP request wakes it (announce,
 //! start a replica here if allowed) and the message waits up to the
 //! activation timeout. A stream message is acknowledged after its handler
@@ -15,7 +17,9 @@
 //! allowed delivery goes to the dead-letter subject instead.
 //!
 //! Intakes follow the services' latest specs (the directory); delivery
-//! listeners follow the replicas ready here (assigned or activated).
+//! listeners follow the replicas ready here (assigned or activated; other
+//! hosts choose by the status, so only assigned ones are chosen, as for
+//! requests).
 
 use super::{HostAgent, Inner};
 use crate::messaging::BrokerMessage;
@@ -27,6 +31,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 use wharf_bus::{RequestError, StreamConsumerConfig};
+use wharf_proto::HostId;
 use wharf_proto::trigger::{Delivery, DeliveryResult, Trigger, consumer_name, delivery_queue_group, delivery_subject, message_subject, relative_subject, stream_name};
 use wharf_proto::{ServiceId, ServiceSpec};
 
@@ -133,15 +138,11 @@ impl HostAgent {
                     Err(MessageError::Overloaded(_)) => continue,
                 }
             }
-            match self.inner.bus.request(&delivery_subject(&service.namespace, &service.name), payload.clone(), timeout).await {
-                Ok(reply) => match serde_json::from_slice::<DeliveryResult>(&reply.payload) {
-                    Ok(result) if result.overloaded && Instant::now() < deadline => continue,
-                    Ok(result) if !result.not_here => return result.error.map_or(Ok(()), Err),
-                    Ok(_) => {}
-                    Err(e) => return Err(format!("the host that handled the message answered unreadably: {e}")),
-                },
-                Err(RequestError::NoResponders { .. }) => {}
-                Err(e) => return Err(format!("cannot hand the message to a replica of {service}: {e}")),
+            match self.hand_over(service, &payload, timeout).await {
+                Some(Ok(result)) if result.overloaded && Instant::now() < deadline => continue,
+                Some(Ok(result)) => return result.error.map_or(Ok(()), Err),
+                Some(Err(e)) => return Err(e),
+                None => {}
             }
             if !woken && spec.autoscale.is_some() {
                 woken = true;
@@ -170,6 +171,29 @@ impl HostAgent {
                 _ = changes.changed() => {}
             }
         }
+    }
+
+    /// Hands an encoded message to another host the directory says has a
+    /// ready replica of `service`, on its own subject; to others (as many
+    /// as a request may try) when one has none any more. `None`: no host
+    /// took it.
+    async fn hand_over(&self, service: &ServiceId, payload: &Bytes, timeout: Duration) -> Option<Result<DeliveryResult, String>> {
+        let mut tried: Vec<(HostId, u64)> = Vec::new();
+        while tried.len() < super::routing::HOSTS_TRIED {
+            let (host, revision) = self.inner.directory.choose(service, None, &self.inner.config.host, &tried)?;
+            let subject = delivery_subject(&host, &service.namespace, &service.name);
+            tried.push((host, revision));
+            match self.inner.bus.request(&subject, payload.clone(), timeout).await {
+                Ok(reply) => match serde_json::from_slice::<DeliveryResult>(&reply.payload) {
+                    Ok(result) if result.not_here => {}
+                    Ok(result) => return Some(Ok(result)),
+                    Err(e) => return Some(Err(format!("the host that handled the message answered unreadably: {e}"))),
+                },
+                Err(RequestError::NoResponders { .. }) => {}
+                Err(e) => return Some(Err(format!("cannot hand the message to a replica of {service}: {e}"))),
+            }
+        }
+        None
     }
 }
 
@@ -325,7 +349,7 @@ async fn intake_stream(agent: Weak<Inner>, service: ServiceId, spec: Arc<Service
 /// Answers messages other hosts hand to this host's replicas of `service`.
 async fn deliver(agent: Weak<Inner>, service: ServiceId) {
     let Some(inner) = agent.upgrade() else { return };
-    let subject = delivery_subject(&service.namespace, &service.name);
+    let subject = delivery_subject(&inner.config.host, &service.namespace, &service.name);
     let mut subscription = match inner.bus.queue_subscribe(&subject, &delivery_queue_group(&service.namespace, &service.name)).await {
         Ok(subscription) => subscription,
         Err(e) => {
