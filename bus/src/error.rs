@@ -298,6 +298,11 @@ pub enum KvError {
     /// The bucket could not be created with the settings asked for.
     #[error(transparent)]
     Settings(BucketSettingsError),
+    /// [`Kv::increment`](crate::Kv::increment) found a value that is not a
+    /// decimal number, or would pass `u64::MAX`, or lost to other writers
+    /// every time it tried: `why` says which.
+    #[error("cannot increment key `{key}` in bucket `{bucket}`: {why}")]
+    Increment { bucket: String, key: String, why: String },
     /// NATS failed or timed out, or the embedded store failed.
     #[error("KV bucket `{bucket}` is unavailable: {source}")]
     Unavailable {

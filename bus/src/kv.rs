@@ -14,6 +14,9 @@ use crate::{local, nats, subject};
 /// value for the headers NATS adds to a write (about 60 bytes for an expected revision).
 pub(crate) const HEADER_ROOM: usize = 1024;
 
+/// How many times [`Kv::increment`] tries its compare-and-set.
+pub const INCREMENT_ATTEMPTS: usize = 1000;
+
 /// A handle to one KV bucket; cheap to clone.
 ///
 /// Every change to a bucket (put, create, update, delete) gets the next
@@ -141,6 +144,40 @@ impl Kv {
         }
     }
 
+    /// Adds `delta` to the decimal number `key` holds (none: 0) by
+    /// compare-and-set, tried again while other writers win (up to
+    /// [`INCREMENT_ATTEMPTS`] times); returns the new number. Through a
+    /// data broker the broker runs the loop, next to the store.
+    pub async fn increment(&self, key: &str, delta: u64) -> Result<u64, KvError> {
+        subject::check_key(key).map_err(KvError::InvalidName)?;
+        if let KvInner::Brokered(kv) = &self.inner {
+            return kv.increment(key, delta).await;
+        }
+        let failed = |why: String| KvError::Increment { bucket: String::new(), key: key.to_owned(), why };
+        for _ in 0..INCREMENT_ATTEMPTS {
+            let current = self.get(key).await?;
+            let value = match &current {
+                Some(entry) => std::str::from_utf8(&entry.value)
+                    .ok()
+                    .and_then(|s| s.trim().parse::<u64>().ok())
+                    .ok_or_else(|| failed("its value is not a decimal number".into()))?,
+                None => 0,
+            };
+            let next = value.checked_add(delta).ok_or_else(|| failed("it would overflow u64".into()))?;
+            let text = Bytes::from(next.to_string());
+            let written = match &current {
+                Some(entry) => self.update(key, text, entry.revision).await,
+                None => self.create(key, text).await,
+            };
+            match written {
+                Ok(_) => return Ok(next),
+                Err(KvError::RevisionMismatch { .. } | KvError::AlreadyExists { .. }) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(failed(format!("it lost to other writers {INCREMENT_ATTEMPTS} times")))
+    }
+
     /// Deletes `key`. Afterwards [`Kv::get`] returns `None` and [`Kv::create`]
     /// succeeds again. The delete is a change with a revision of its own, seen
     /// by watchers, even if the key had no value.
@@ -217,12 +254,7 @@ impl Kv {
         let inner = match &self.inner {
             KvInner::Nats(kv) => WatchInner::Nats(Box::new(kv.watch(pattern).await?)),
             KvInner::Local(kv) => WatchInner::Local(kv.watch(pattern).await?),
-            KvInner::Brokered(_) => {
-                return Err(KvError::Unavailable {
-                    bucket: String::new(),
-                    source: "a bucket opened through the data broker cannot be watched; open it with `Bus::kv`".into(),
-                });
-            }
+            KvInner::Brokered(kv) => WatchInner::Nats(Box::new(kv.watch(pattern).await?)),
         };
         Ok(KvWatch { inner })
     }

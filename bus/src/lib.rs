@@ -289,6 +289,9 @@ impl Bus {
         // in both implementations keeps their limits identical.
         let max_value = self.max_payload().saturating_sub(kv::HEADER_ROOM);
         match &self.backend {
+            // Over a data broker ([`NatsOptions::data_broker`]) the broker
+            // makes every call: the bucket is neither created nor changed.
+            Backend::Nats(bus) if let Some(kv) = bus.brokered_kv(bucket) => Ok(Kv::brokered(kv, max_value)),
             Backend::Nats(bus) => Ok(Kv::nats(bus.kv(bucket, options, update).await?, max_value)),
             Backend::Local(bus) => Ok(Kv::local(
                 bus.store().open_kv(bucket, options, update).await?,
@@ -320,6 +323,7 @@ impl Bus {
     ) -> Result<Objects, ObjectError> {
         subject::check_bucket(bucket).map_err(ObjectError::InvalidName)?;
         match &self.backend {
+            Backend::Nats(bus) if let Some(kv) = bus.brokered_kv(bucket) => Ok(Objects::brokered(nats::BrokeredObjects::new(kv))),
             Backend::Nats(bus) => Ok(Objects::nats(bus.objects(bucket, options, update).await?)),
             Backend::Local(bus) => Ok(Objects::local(
                 bus.store().open_objects(bucket, options, update).await?,
@@ -327,17 +331,12 @@ impl Bus {
         }
     }
 
-    /// Opens bucket `bucket` for reads and writes made by the connection's
-    /// data broker ([`NatsOptions::data_broker`]), when it has one; else as
-    /// [`Bus::kv`] does. Such a handle cannot watch.
-    pub async fn kv_via_broker(&self, bucket: &str) -> Result<Kv, KvError> {
-        if let Backend::Nats(bus) = &self.backend
-            && let Some(kv) = bus.brokered_kv(bucket)
-        {
-            subject::check_bucket(bucket).map_err(KvError::InvalidName)?;
-            return Ok(Kv::brokered(kv, self.max_payload().saturating_sub(kv::HEADER_ROOM)));
+    /// The JetStream context under a NATS bus, for the brokers.
+    pub(crate) fn nats_jetstream(&self) -> Option<&async_nats::jetstream::Context> {
+        match &self.backend {
+            Backend::Nats(bus) => Some(bus.jetstream()),
+            Backend::Local(_) => None,
         }
-        self.kv(bucket).await
     }
 
     /// Reads and writes buckets for processes that may not touch them

@@ -21,12 +21,20 @@ pub struct Objects {
 enum ObjectsInner {
     Nats(Arc<nats::NatsObjects>),
     Local(local::LocalObjects),
+    /// Reads a data broker makes for this process (see `nats/data.rs`): no writes.
+    Brokered(Arc<nats::BrokeredObjects>),
 }
 
 impl Objects {
     pub(crate) fn nats(objects: nats::NatsObjects) -> Objects {
         Objects {
             inner: ObjectsInner::Nats(Arc::new(objects)),
+        }
+    }
+
+    pub(crate) fn brokered(objects: nats::BrokeredObjects) -> Objects {
+        Objects {
+            inner: ObjectsInner::Brokered(Arc::new(objects)),
         }
     }
 
@@ -42,6 +50,7 @@ impl Objects {
         match &self.inner {
             ObjectsInner::Nats(objects) => objects.put(name, data).await,
             ObjectsInner::Local(objects) => objects.put(name, data).await,
+            ObjectsInner::Brokered(_) => Err(read_only(name)),
         }
     }
 
@@ -51,6 +60,7 @@ impl Objects {
         match &self.inner {
             ObjectsInner::Nats(objects) => objects.get(name).await,
             ObjectsInner::Local(objects) => objects.get(name).await,
+            ObjectsInner::Brokered(objects) => objects.get(name).await,
         }
     }
 
@@ -60,6 +70,7 @@ impl Objects {
         match &self.inner {
             ObjectsInner::Nats(objects) => objects.exists(name).await,
             ObjectsInner::Local(objects) => objects.exists(name).await,
+            ObjectsInner::Brokered(objects) => objects.exists(name).await,
         }
     }
 
@@ -69,6 +80,7 @@ impl Objects {
         match &self.inner {
             ObjectsInner::Nats(objects) => objects.delete(name).await,
             ObjectsInner::Local(objects) => objects.delete(name).await,
+            ObjectsInner::Brokered(_) => Err(read_only(name)),
         }
     }
 
@@ -77,8 +89,14 @@ impl Objects {
         let mut names = match &self.inner {
             ObjectsInner::Nats(objects) => objects.list().await?,
             ObjectsInner::Local(objects) => objects.list().await?,
+            ObjectsInner::Brokered(_) => return Err(read_only("*")),
         };
         names.sort_unstable();
         Ok(names)
     }
+}
+
+/// A write or listing through a data broker, which makes reads only.
+fn read_only(name: &str) -> ObjectError {
+    ObjectError::Unavailable { bucket: String::new(), source: format!("object {name}: a bucket opened through the data broker is read-only").into() }
 }

@@ -74,7 +74,6 @@ pub enum StreamError {
 /// the consumer and sends the pull requests is the bus's
 /// [`consumer_broker`](crate::NatsOptions::consumer_broker), or the process.
 pub struct StreamMessages {
-    client: async_nats::Client,
     consumers: Consumers,
     subscriber: async_nats::Subscriber,
     deliver: String,
@@ -96,7 +95,7 @@ pub struct Delivered {
     pub delivered: u64,
     /// Where its acknowledgement goes.
     reply: String,
-    client: async_nats::Client,
+    consumers: Consumers,
 }
 
 impl Bus {
@@ -143,7 +142,6 @@ impl Bus {
         let deliver = client.new_inbox();
         let subscriber = client.subscribe(deliver.clone()).await.map_err(|e| consumer_failed(Box::new(e)))?;
         Ok(StreamMessages {
-            client,
             consumers,
             subscriber,
             deliver,
@@ -213,7 +211,7 @@ impl StreamMessages {
                 payload: message.payload,
                 delivered,
                 reply,
-                client: self.client.clone(),
+                consumers: self.consumers.clone(),
             }));
         }
     }
@@ -226,14 +224,11 @@ impl StreamMessages {
 impl Delivered {
     /// Done with: never delivered again.
     pub async fn ack(&self) -> Result<(), BackendError> {
-        self.client.publish(self.reply.clone(), Bytes::from_static(b"+ACK")).await?;
-        Ok(())
+        self.consumers.acknowledge(&self.reply, None).await
     }
 
     /// Failed: deliver it again after `delay`.
     pub async fn nak(&self, delay: Duration) -> Result<(), BackendError> {
-        let body = format!("-NAK {{\"delay\":{}}}", delay.as_nanos());
-        self.client.publish(self.reply.clone(), body.into()).await?;
-        Ok(())
+        self.consumers.acknowledge(&self.reply, Some(delay)).await
     }
 }

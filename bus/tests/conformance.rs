@@ -2,6 +2,8 @@
 //! an in-memory store, a redb file and a real nats-server, so that single-node
 //! mode and NATS mode cannot drift apart unnoticed.
 
+mod common;
+
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -39,7 +41,7 @@ async fn nats_brokered() -> (Bus, Backing) {
     let broker = Bus::connect_nats(&server.url(), NatsOptions::default())
         .await
         .expect("connect the broker");
-    let policy: wharf_bus::ConsumerPolicy = std::sync::Arc::new(OwnInboxes { private: None });
+    let policy: wharf_bus::ConsumerPolicy = std::sync::Arc::new(common::OwnInboxes { private: None });
     broker
         .serve_consumer_broker("conformance.consumers.*", "brokers", policy)
         .await
@@ -870,27 +872,5 @@ mod cases {
             .await
             .expect("room after deleting");
         assert!(objects.get("second").await.expect("get") == Some(blob(2)));
-    }
-}
-
-/// A broker policy for tests: answers and deliveries only into the asker's
-/// own inboxes (`_INBOX.<asker>.…`), and no reads of stream `private`.
-struct OwnInboxes {
-    private: Option<&'static str>,
-}
-
-impl wharf_bus::ConsumerRules for OwnInboxes {
-    fn may_answer(&self, asker: &str, reply: &str) -> bool {
-        reply.starts_with(&format!("_INBOX.{asker}."))
-    }
-
-    fn allows(&self, asker: &str, ask: &wharf_bus::ConsumerAsk) -> Result<(), String> {
-        if Some(ask.stream()) == self.private {
-            return Err(format!("{asker} may not read bucket private"));
-        }
-        match ask.deliver() {
-            Some(deliver) if !deliver.starts_with(&format!("_INBOX.{asker}.")) => Err(format!("{deliver} is not an inbox of {asker}")),
-            _ => Ok(()),
-        }
     }
 }

@@ -2,6 +2,8 @@
 //! the server's limits, reconnecting by itself after the server restarts,
 //! several server URLs, and disconnect advisories from the system account.
 
+mod common;
+
 use std::io::BufRead;
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -539,7 +541,7 @@ async fn disconnects_need_the_system_account() {
 async fn a_consumer_broker_refuses_what_its_policy_denies_and_says_why() {
     let server = NatsServer::start();
     let broker = Bus::connect_nats(&server.url(), NatsOptions::default()).await.expect("connect the broker");
-    let policy: wharf_bus::ConsumerPolicy = std::sync::Arc::new(OwnInboxes { private: Some("KV_private") });
+    let policy: wharf_bus::ConsumerPolicy = std::sync::Arc::new(common::OwnInboxes { private: Some("KV_private") });
     broker.serve_consumer_broker("test.consumers.*", "brokers", policy).await.expect("serve");
     broker.kv("private").await.expect("bucket private");
     let public = broker.kv("public").await.expect("bucket public");
@@ -572,28 +574,6 @@ async fn a_consumer_broker_refuses_what_its_policy_denies_and_says_why() {
     let mallory = client("_INBOX.mallory").await.expect("mallory connects");
     let err = mallory.kv("public").await.expect("open public").keys().await.expect_err("unanswered");
     assert!(err.to_string().contains("did not answer"), "{err}");
-}
-
-/// A broker policy for tests: answers and deliveries only into the asker's
-/// own inboxes (`_INBOX.<asker>.…`), and no reads of stream `private`.
-struct OwnInboxes {
-    private: Option<&'static str>,
-}
-
-impl wharf_bus::ConsumerRules for OwnInboxes {
-    fn may_answer(&self, asker: &str, reply: &str) -> bool {
-        reply.starts_with(&format!("_INBOX.{asker}."))
-    }
-
-    fn allows(&self, asker: &str, ask: &wharf_bus::ConsumerAsk) -> Result<(), String> {
-        if Some(ask.stream()) == self.private {
-            return Err(format!("{asker} may not read bucket private"));
-        }
-        match ask.deliver() {
-            Some(deliver) if !deliver.starts_with(&format!("_INBOX.{asker}.")) => Err(format!("{deliver} is not an inbox of {asker}")),
-            _ => Ok(()),
-        }
-    }
 }
 
 /// A data broker for tests: answers only into the asker's own inboxes,
@@ -629,7 +609,7 @@ async fn a_data_broker_keeps_the_bucket_contract_and_refuses_what_its_policy_den
         Bus::connect_nats(&url, options)
     };
     let alice = client("_INBOX.alice").await.expect("alice connects");
-    let kv = alice.kv_via_broker("data-alice").await.expect("open");
+    let kv = alice.kv("data-alice").await.expect("open");
     let first = kv.put("a.one", Bytes::from_static(b"1")).await.expect("put");
     let second = kv.create("a.two", Bytes::from_static(b"2")).await.expect("create");
     assert!(second > first);
@@ -651,14 +631,14 @@ async fn a_data_broker_keeps_the_bucket_contract_and_refuses_what_its_policy_den
     assert_eq!(direct.get("a.two").await.expect("get").map(|e| e.value), Some(Bytes::from_static(b"3")));
 
     // Another bucket: refused, with the policy's reason.
-    let err = alice.kv_via_broker("data-bob").await.expect("open").put("x", Bytes::from_static(b"1")).await.expect_err("refused");
+    let err = alice.kv("data-bob").await.expect("open").put("x", Bytes::from_static(b"1")).await.expect_err("refused");
     assert!(err.to_string().contains("alice may not use data-bob"), "{err}");
     assert_eq!(broker.kv("data-bob").await.expect("bucket").keys().await.expect("keys"), Vec::<String>::new());
     // A client claiming to be alice, with other inboxes: no answer.
     let mallory = client("_INBOX.mallory").await.expect("mallory connects");
-    let err = mallory.kv_via_broker("data-alice").await.expect("open").get("a.two").await.expect_err("unanswered");
+    let err = mallory.kv("data-alice").await.expect("open").get("a.two").await.expect_err("unanswered");
     assert!(err.to_string().contains("did not answer"), "{err}");
     // Without a data broker, the same call opens the bucket itself.
     let plain = Bus::connect_nats(&url, NatsOptions::default()).await.expect("connect");
-    assert_eq!(plain.kv_via_broker("data-alice").await.expect("open").get("a.two").await.expect("get").map(|e| e.value), Some(Bytes::from_static(b"3")));
+    assert_eq!(plain.kv("data-alice").await.expect("open").get("a.two").await.expect("get").map(|e| e.value), Some(Bytes::from_static(b"3")));
 }

@@ -222,28 +222,20 @@ pub fn host_permissions(host: &HostId) -> HostPermissions {
         (names::job_result_subject(host), "how each job attempt it ran ended, no other host's"),
         ("_INBOX.>".to_owned(), "replies to requests it serves"),
         (names::consumer_broker_subject(host), "asks the control plane for its watches, key listings and trigger pulls, delivered into its own inboxes"),
-        (names::data_broker_subject(host), "asks the control plane to read and write services' data of namespaces it runs"),
-        ("$JS.ACK.>".to_owned(), "acknowledges trigger messages"),
-        ("$JS.API.INFO".to_owned(), "JetStream: its account's limits, checked when it connects"),
+        (names::data_broker_subject(host), "asks the control plane for reads of what it follows and of components, and for services' data of namespaces it runs"),
     ];
-    // Reads of the buckets it follows, and no other stream: not services'
-    // data (through the data broker, for namespaces it runs only), not the
-    // secrets bucket (sealed to it instead), not the other control-plane
-    // buckets, not even their stream info (which lists keys).
-    let mut publish = publish;
-    for stream in HOST_READABLE_STREAMS {
-        let why = if stream == HOST_READABLE_STREAMS[0] { "JetStream: reading the desired state it follows and components (stream info, message and direct get)" } else { "" };
-        publish.push((format!("$JS.API.STREAM.INFO.{stream}"), why));
-        publish.push((format!("$JS.API.STREAM.MSG.GET.{stream}"), ""));
-        publish.push((format!("$JS.API.DIRECT.GET.{stream}"), ""));
-        publish.push((format!("$JS.API.DIRECT.GET.{stream}.>"), ""));
-    }
-    let assignments = format!("KV_{}", names::ASSIGNMENTS_BUCKET);
-    publish.push((format!("$JS.API.STREAM.INFO.{assignments}"), "its own assignment, no other host's"));
-    publish.push((format!("$JS.API.DIRECT.GET.{assignments}.$KV.{}.{}", names::ASSIGNMENTS_BUCKET, names::assignment_key(host)), ""));
     // A subject wildcard matches whole tokens only, so `wharf-kv-*` cannot
     // be allowed on its own: every bucket of the control plane is denied.
     let mut publish_deny: Vec<(String, &'static str)> = CONTROL_PLANE_BUCKETS.iter().map(|bucket| (format!("$KV.{bucket}.>"), "the control plane's state")).collect();
+    // Nothing of JetStream itself: JetStream answers a request (an API
+    // call, a publish to a stream's subject, an acknowledgement) on
+    // whatever reply subject it names, with the server's rights, which
+    // nats-server does not check against the requester's; so a host could
+    // have an answer written onto a control-plane key. Through its brokers
+    // a host's answers come only into its own inboxes.
+    for (subject, why) in [("$JS.>", "no JetStream request of its own: the brokers make them"), ("$KV.>", ""), ("$O.>", "")] {
+        publish_deny.push((subject.to_owned(), why));
+    }
     for api in ["CREATE", "UPDATE", "DELETE", "PURGE"] {
         publish_deny.push((format!("$JS.API.STREAM.{api}.>"), "streams are the control plane's"));
     }
@@ -277,9 +269,6 @@ pub fn host_permissions(host: &HostId) -> HostPermissions {
     ];
     HostPermissions { publish, publish_deny, subscribe }
 }
-
-/// The streams a host reads itself (besides its own assignment).
-const HOST_READABLE_STREAMS: [&str; 5] = ["KV_wharf-services", "KV_wharf-status", "KV_wharf-namespaces", "KV_wharf-revisions", "OBJ_wharf-artifacts"];
 
 /// Every bucket of the control plane's state, which no host may write.
 const CONTROL_PLANE_BUCKETS: [&str; 15] = [

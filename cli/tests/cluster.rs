@@ -667,7 +667,9 @@ async fn hosts_with_host_credentials_serve_but_cannot_write_desired_state() {
     wharf(&api, &["deploy", &sample("counter"), "--name", "counter", "--route", "/", "--keyvalue", "counter"]);
     until_ok(&format!("{ingress}/hit"), "1", Duration::from_secs(20)).await;
 
-    // The same credentials cannot touch desired state: the NATS server refuses.
+    // The same credentials cannot touch desired state: the NATS server
+    // refuses every JetStream request of theirs, even a plain client's
+    // account check, and every write to a bucket's subjects.
     let as_host = wharf_bus::Bus::connect_nats(
         &url,
         wharf_bus::NatsOptions {
@@ -677,8 +679,9 @@ async fn hosts_with_host_credentials_serve_but_cannot_write_desired_state() {
             ..Default::default()
         },
     )
-    .await
-    .expect("host credentials connect");
+    .await;
+    assert!(matches!(as_host, Err(wharf_bus::ConnectError::JetStreamUnavailable { .. })), "a host's identity used JetStream itself");
+    let (client, errors) = raw_host_client(&url, dir.path(), "h1").await;
     for bucket in [
         wharf_proto::names::SERVICES_BUCKET,
         wharf_proto::names::ASSIGNMENTS_BUCKET,
@@ -687,11 +690,10 @@ async fn hosts_with_host_credentials_serve_but_cannot_write_desired_state() {
         wharf_proto::names::ARTIFACT_OWNERS_BUCKET,
         &wharf_proto::names::kv_bucket("default"),
     ] {
-        // Some it may open (read), others not even that; none it may write.
-        if let Ok(kv) = as_host.kv(bucket).await {
-            let refused = kv.put("default.counter", bytes::Bytes::from_static(b"{}")).await;
-            assert!(refused.is_err(), "a host wrote to {bucket}");
-        }
+        let subject = format!("$KV.{bucket}.default.counter");
+        client.publish(subject.clone(), bytes::Bytes::from_static(b"{}")).await.expect("sent");
+        client.flush().await.expect("flushed");
+        until_refused(errors.clone(), format!("Permissions Violation for Publish to \"{subject}\"")).await;
     }
     // Services' data goes through the control plane's data broker (the
     // counter above counts through it): not written directly.
@@ -984,6 +986,18 @@ async fn a_host_cannot_make_a_consumer_that_delivers_onto_the_control_planes_sta
     client.flush().await.expect("flushed");
     refused(format!("Permissions Violation for Publish to \"{next}\"")).await;
 
+    // Nor any JetStream request of its own: JetStream answers on whatever
+    // reply subject a request names (an API call, an acknowledgement), with
+    // the server's rights, so the answer would land on the target.
+    for subject in ["$JS.API.INFO", "$JS.API.STREAM.INFO.KV_wharf-services", "$JS.API.DIRECT.GET.KV_wharf-services", "$JS.ACK.wharf-msg-default-x.c.1.1.1.1.0"] {
+        client.publish_with_reply(subject, target, bytes::Bytes::from_static(b"{\"last_by_subj\":\"$KV.wharf-services.default.counter\"}")).await.expect("sent");
+        client.flush().await.expect("flushed");
+        refused(format!("Permissions Violation for Publish to \"{subject}\"")).await;
+    }
+    // An acknowledgement through the broker must name a trigger stream's message.
+    let ack = serde_json::json!({"kind": "ack", "ack": target, "nak_delay_ms": null}).to_string();
+    client.publish(wharf_proto::names::consumer_broker_subject(&wharf_proto::HostId::new("host-a").expect("valid")), bytes::Bytes::from(ack)).await.expect("sent");
+
     // The broker makes consumers only into host-a's own inboxes, of what host-a may read.
     let broker = wharf_proto::names::consumer_broker_subject(&wharf_proto::HostId::new("host-a").expect("valid"));
     let ask = |stream: &str, filter: &str, deliver: &str| {
@@ -1088,7 +1102,7 @@ async fn a_host_reaches_only_the_data_of_namespaces_it_runs() {
     let answer = ask(serde_json::json!({"op": "get", "bucket": "wharf-kv-shop", "key": stored}), b"").await;
     assert!(answer.contains("runs nothing of namespace shop") && !answer.contains("kept-by-shop"), "{answer}");
     let answer = ask(serde_json::json!({"op": "put", "bucket": "wharf-services", "key": "default.counter"}), b"{}").await;
-    assert!(answer.contains("services' data buckets"), "{answer}");
+    assert!(answer.contains("may not write bucket wharf-services"), "{answer}");
     // Its own namespace's data: allowed.
     let answer = ask(serde_json::json!({"op": "keys_page", "bucket": "wharf-kv-default", "prefix": "", "after": 0, "limit": 10}), b"").await;
     assert!(answer.contains("\"keys\"") && !answer.contains("failed"), "{answer}");

@@ -56,9 +56,6 @@ mod generated {
 
 use generated::wasi::keyvalue::{atomics, batch, store};
 
-/// The most attempts an atomic increment makes against concurrent writers.
-const CAS_ATTEMPTS: u32 = 1000;
-
 /// An open bucket: the namespace's KV bucket and this bucket's token, the
 /// first part of its keys.
 pub struct Bucket {
@@ -137,10 +134,10 @@ impl KeyValueAccess {
         let kv = self
             .kv
             .get_or_try_init(|| async {
-                // Through the control plane's data broker when the host has
-                // one (over NATS): its own identity may not touch the bucket.
+                // Over NATS a host's bus makes the calls through the control
+                // plane's data broker: its own identity may not touch the bucket.
                 let bucket = wharf_proto::names::kv_bucket(&self.namespace);
-                self.bus.kv_via_broker(&bucket).await
+                self.bus.kv(&bucket).await
             })
             .await?;
         Ok(kv.clone())
@@ -256,33 +253,18 @@ impl store::HostBucket for KeyValue<'_> {
 }
 
 impl atomics::Host for KeyValue<'_> {
-    /// Compare-and-set on the stored revision, retried while other writers win.
+    /// Compare-and-set on the stored revision, retried while other writers
+    /// win (`Kv::increment`; over NATS the control plane's data broker runs
+    /// the loop, next to the store).
     async fn increment(&mut self, bucket: Resource<Bucket>, key: String, delta: u64) -> Result<u64, StoreError> {
         checked(&key)?;
         let (kv, name) = self.bucket(&bucket)?;
         let stored = kv_key(&name, &key);
-        for _ in 0..CAS_ATTEMPTS {
-            let current = Instrument::instrument(kv.get(&stored), call_span("increment")).await?;
-            let value = match &current {
-                Some(entry) => std::str::from_utf8(&entry.value)
-                    .ok()
-                    .and_then(|s| s.trim().parse::<u64>().ok())
-                    .ok_or_else(|| StoreError::Other(format!("the value of `{key}` is not a decimal number, so it cannot be incremented")))?,
-                None => 0,
-            };
-            let next = value.checked_add(delta).ok_or_else(|| StoreError::Other(format!("incrementing `{key}` would overflow u64")))?;
-            let text = Bytes::from(next.to_string());
-            let written = match &current {
-                Some(entry) => kv.update(&stored, text, entry.revision).await,
-                None => kv.create(&stored, text).await,
-            };
-            match written {
-                Ok(_) => return Ok(next),
-                Err(KvError::RevisionMismatch { .. } | KvError::AlreadyExists { .. }) => continue,
-                Err(e) => return Err(e.into()),
-            }
+        match Instrument::instrument(kv.increment(&stored, delta), call_span("increment")).await {
+            Ok(next) => Ok(next),
+            Err(KvError::Increment { why, .. }) => Err(StoreError::Other(format!("cannot increment `{key}`: {why}"))),
+            Err(e) => Err(e.into()),
         }
-        Err(StoreError::Other(format!("incrementing `{key}` lost to other writers {CAS_ATTEMPTS} times")))
     }
 }
 

@@ -53,18 +53,13 @@ struct DataAccess {
 impl DataAccess {
     /// Whether `host` runs something of namespace `namespace` (see the module's doc).
     fn runs(&self, host: &HostId, namespace: &str) -> bool {
-        let (assigned, scales_to_zero) = self.informer.read(|state| {
-            let assigned = state.assignments.get(host).is_some_and(|a| a.replicas.iter().any(|r| r.service.namespace == namespace));
-            let scales_to_zero: Vec<_> = state
-                .services
-                .values()
-                .filter(|s| s.spec.namespace == namespace && s.spec.autoscale.is_some())
-                .map(|s| s.spec.id())
-                .collect();
-            (assigned, scales_to_zero)
-        });
-        assigned
-            || (!scales_to_zero.is_empty() && self.hosts.reports_replica_of(host, |service| scales_to_zero.contains(service)))
+        let assigned = self.informer.read(|state| state.assignments.get(host).is_some_and(|a| a.replicas.iter().any(|r| r.service.namespace == namespace)));
+        if assigned {
+            return true;
+        }
+        let autoscaled: Vec<_> =
+            self.informer.read(|state| state.services.values().filter(|s| s.spec.namespace == namespace && s.spec.autoscale.is_some()).map(|s| s.spec.id()).collect());
+        (!autoscaled.is_empty() && self.hosts.reports_replica_of(host, |service| autoscaled.contains(service)))
             || self.jobs.read(|state| {
                 state.runs.iter().any(|(job, (history, _))| job.namespace == namespace && running_attempts(history).iter().any(|a| a.host == *host))
             })
@@ -79,8 +74,20 @@ impl DataRules for DataAccess {
     fn allows(&self, asker: &str, ask: &DataAsk) -> Result<(), String> {
         let host = HostId::new(asker).map_err(|e| format!("{asker:?} is not a host id: {e}"))?;
         let bucket = ask.bucket();
+        let reads_only = || if ask.writes() { Err(format!("host {host} may not write bucket {bucket}")) } else { Ok(()) };
+        match ask {
+            DataAsk::ObjectInfo { .. } | DataAsk::ObjectChunk { .. } => {
+                return if bucket == names::ARTIFACTS_BUCKET { Ok(()) } else { Err(format!("host {host} may read components only, not objects of {bucket}")) };
+            }
+            _ if [SERVICES_BUCKET, STATUS_BUCKET, NAMESPACES_BUCKET, REVISIONS_BUCKET].contains(&bucket) => return reads_only(),
+            DataAsk::Get { key, .. } if bucket == ASSIGNMENTS_BUCKET => {
+                let own = names::assignment_key(&host);
+                return if *key == own { Ok(()) } else { Err(format!("host {host} may read only its own assignment ({own}), not {key}")) };
+            }
+            _ => {}
+        }
         let Some(namespace) = bucket.strip_prefix(names::KV_BUCKET_PREFIX) else {
-            return Err(format!("host {host} may use services' data buckets ({}<namespace>) only, not {bucket}", names::KV_BUCKET_PREFIX));
+            return Err(format!("host {host} may not use bucket {bucket} (it reads what it follows, and services' data of namespaces it runs)"));
         };
         if self.runs(&host, namespace) {
             Ok(())
@@ -147,6 +154,12 @@ pub(crate) fn decide(asker: &str, ask: &ConsumerAsk) -> Result<(), String> {
         ConsumerAsk::Pull { .. } => {
             if !stream.starts_with("wharf-msg-") {
                 return Err(format!("host {host} may pull from trigger streams only, not stream {stream}"));
+            }
+            Ok(())
+        }
+        ConsumerAsk::Ack { ack, .. } => {
+            if !ack.starts_with("$JS.ACK.") || !stream.starts_with("wharf-msg-") || ack.contains(['*', '>']) {
+                return Err(format!("host {host} may acknowledge trigger streams' messages only, not {ack}"));
             }
             Ok(())
         }

@@ -50,6 +50,10 @@ pub enum ConsumerAsk {
     /// Up to `batch` messages of durable consumer `consumer` delivered to
     /// `deliver`, the request expiring after `expires_ms`.
     Pull { stream: String, consumer: String, deliver: String, batch: usize, expires_ms: u64 },
+    /// Acknowledges a delivered message (its reply subject `ack`, as the
+    /// server gave it), or with `nak_delay_ms` asks for it again after that
+    /// long. Sent without a reply and never answered.
+    Ack { ack: String, nak_delay_ms: Option<u64> },
 }
 
 impl ConsumerAsk {
@@ -57,6 +61,13 @@ impl ConsumerAsk {
     pub fn stream(&self) -> &str {
         match self {
             ConsumerAsk::Push { stream, .. } | ConsumerAsk::Durable { stream, .. } | ConsumerAsk::Pull { stream, .. } => stream,
+            // The stream's name is the third token of an acknowledgement
+            // subject, or the fifth of its longer form.
+            ConsumerAsk::Ack { ack, .. } => {
+                let tokens: Vec<&str> = ack.split('.').collect();
+                let at = if tokens.len() > 9 { 4 } else { 2 };
+                ack.split('.').nth(at).unwrap_or_default()
+            }
         }
     }
 
@@ -64,7 +75,7 @@ impl ConsumerAsk {
     pub fn deliver(&self) -> Option<&str> {
         match self {
             ConsumerAsk::Push { deliver, .. } | ConsumerAsk::Pull { deliver, .. } => Some(deliver),
-            ConsumerAsk::Durable { .. } => None,
+            ConsumerAsk::Durable { .. } | ConsumerAsk::Ack { .. } => None,
         }
     }
 
@@ -73,16 +84,28 @@ impl ConsumerAsk {
         match self {
             ConsumerAsk::Push { filter, .. } => Some(filter),
             ConsumerAsk::Durable { subject, .. } => Some(subject),
-            ConsumerAsk::Pull { .. } => None,
+            ConsumerAsk::Pull { .. } | ConsumerAsk::Ack { .. } => None,
         }
     }
 }
 
-/// The broker's answer: how many messages the new consumer has pending, or why not.
+/// What making a push consumer found: the messages it has pending at once,
+/// and the stream's last sequence just before it was made (what a watch
+/// replays up to).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Made {
+    pub(crate) pending: u64,
+    pub(crate) last: u64,
+}
+
+/// The broker's answer: how many messages the new consumer has pending (and
+/// the stream's last sequence), or why not.
 #[derive(Debug, Serialize, Deserialize)]
 struct BrokerAnswer {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pending: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    last: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     refused: Option<String>,
 }
@@ -112,8 +135,8 @@ pub(crate) enum Consumers {
 
 impl Consumers {
     /// Carries out `ask` (see [`ConsumerAsk`]); for a push consumer, returns
-    /// the messages it has pending at once.
-    pub(crate) async fn make(&self, ask: &ConsumerAsk) -> Result<u64, BackendError> {
+    /// what [`Made`] holds.
+    pub(crate) async fn make(&self, ask: &ConsumerAsk) -> Result<Made, BackendError> {
         match self {
             Consumers::Own { jetstream, replicas } => carry_out(jetstream, replicas(), ask).await,
             Consumers::Broker { client, subject } => {
@@ -127,8 +150,26 @@ impl Consumers {
                     .map_err(|err| format!("the consumer broker on {subject} answered something unreadable: {err}"))?;
                 match answer {
                     BrokerAnswer { refused: Some(why), .. } => Err(format!("the consumer broker refused: {why}").into()),
-                    BrokerAnswer { pending, .. } => Ok(pending.unwrap_or(0)),
+                    BrokerAnswer { pending, last, .. } => Ok(Made { pending: pending.unwrap_or(0), last: last.unwrap_or(0) }),
                 }
+            }
+        }
+    }
+}
+
+impl Consumers {
+    /// Acknowledges (or, with a delay, rejects for now) a delivered message
+    /// whose reply subject is `ack`: itself, or through the broker (a
+    /// message without a reply, so nothing is ever answered onto `ack`'s
+    /// subject space).
+    pub(crate) async fn acknowledge(&self, ack: &str, nak_delay: Option<Duration>) -> Result<(), BackendError> {
+        let nak_delay_ms = nak_delay.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let ask = ConsumerAsk::Ack { ack: ack.to_owned(), nak_delay_ms };
+        match self {
+            Consumers::Own { .. } => self.make(&ask).await.map(drop),
+            Consumers::Broker { client, subject } => {
+                client.publish(subject.clone(), serde_json::to_vec(&ask)?.into()).await?;
+                Ok(())
             }
         }
     }
@@ -136,7 +177,7 @@ impl Consumers {
 
 /// Makes the consumer, or sends the pull request, `ask` names, with the
 /// rights of `jetstream`'s connection; streams it makes get `replicas` copies.
-pub(crate) async fn carry_out(jetstream: &jetstream::Context, replicas: usize, ask: &ConsumerAsk) -> Result<u64, BackendError> {
+pub(crate) async fn carry_out(jetstream: &jetstream::Context, replicas: usize, ask: &ConsumerAsk) -> Result<Made, BackendError> {
     match ask {
         ConsumerAsk::Push { stream, filter, deliver, from, headers_only } => {
             let deliver_policy = match from {
@@ -156,8 +197,11 @@ pub(crate) async fn carry_out(jetstream: &jetstream::Context, replicas: usize, a
                 num_replicas: 1,
                 ..Default::default()
             };
+            // The last sequence first: everything after it is a change the
+            // consumer delivers live.
+            let last = jetstream.get_stream_no_info(stream.as_str()).await?.get_info().await?.state.last_sequence;
             let made = jetstream.create_consumer_on_stream(config, stream.as_str()).await?;
-            Ok(made.cached_info().num_pending)
+            Ok(Made { pending: made.cached_info().num_pending, last })
         }
         ConsumerAsk::Durable { stream, subject, consumer, max_deliver, ack_wait_ms, max_ack_pending } => {
             let handle = open_stream(jetstream, replicas, stream, subject).await?;
@@ -174,7 +218,7 @@ pub(crate) async fn carry_out(jetstream: &jetstream::Context, replicas: usize, a
                     ..Default::default()
                 })
                 .await?;
-            Ok(0)
+            Ok(Made::default())
         }
         ConsumerAsk::Pull { stream, consumer, deliver, batch, expires_ms } => {
             let body = serde_json::json!({ "batch": batch, "expires": expires_ms.saturating_mul(1_000_000) });
@@ -182,7 +226,16 @@ pub(crate) async fn carry_out(jetstream: &jetstream::Context, replicas: usize, a
                 .client()
                 .publish_with_reply(format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"), deliver.clone(), serde_json::to_vec(&body)?.into())
                 .await?;
-            Ok(0)
+            Ok(Made::default())
+        }
+        ConsumerAsk::Ack { ack, nak_delay_ms } => {
+            // Published without a reply: nothing is answered anywhere.
+            let body = match nak_delay_ms {
+                None => Bytes::from_static(b"+ACK"),
+                Some(ms) => format!("-NAK {{\"delay\":{}}}", ms.saturating_mul(1_000_000)).into(),
+            };
+            jetstream.client().publish(ack.clone(), body).await?;
+            Ok(Made::default())
         }
     }
 }
@@ -235,24 +288,38 @@ pub type ConsumerPolicy = Arc<dyn ConsumerRules>;
 /// subscription ends.
 pub(crate) async fn serve(client: async_nats::Client, mut asks: async_nats::Subscriber, own: Consumers, policy: ConsumerPolicy) {
     while let Some(message) = asks.next().await {
-        let Some(reply) = message.reply.clone() else { continue };
         let (own, policy, client) = (own.clone(), policy.clone(), client.clone());
         tokio::spawn(async move {
             let asker = message.subject.as_str().rsplit('.').next().unwrap_or_default().to_owned();
+            let Some(reply) = message.reply.clone() else {
+                // Only an acknowledgement comes without a reply.
+                match serde_json::from_slice::<ConsumerAsk>(&message.payload) {
+                    Ok(ask @ ConsumerAsk::Ack { .. }) => match policy.allows(&asker, &ask) {
+                        Ok(()) => {
+                            if let Err(err) = own.make(&ask).await {
+                                tracing::debug!(%asker, "could not pass on an acknowledgement: {err}");
+                            }
+                        }
+                        Err(why) => tracing::warn!(%asker, "acknowledgement refused: {why}"),
+                    },
+                    _ => tracing::debug!(%asker, "an ask without a reply subject, not an acknowledgement: dropped"),
+                }
+                return;
+            };
             if !policy.may_answer(&asker, &reply) {
                 tracing::warn!(%asker, %reply, "consumer ask dropped: its answer would go to a subject the asker may not read");
                 return;
             }
             let answer = match serde_json::from_slice::<ConsumerAsk>(&message.payload) {
-                Err(err) => BrokerAnswer { pending: None, refused: Some(format!("unreadable ask: {err}")) },
+                Err(err) => BrokerAnswer { pending: None, last: None, refused: Some(format!("unreadable ask: {err}")) },
                 Ok(ask) => match policy.allows(&asker, &ask) {
                     Err(why) => {
                         tracing::warn!(%asker, stream = %ask.stream(), deliver = ?ask.deliver(), "consumer ask refused: {why}");
-                        BrokerAnswer { pending: None, refused: Some(why) }
+                        BrokerAnswer { pending: None, last: None, refused: Some(why) }
                     }
                     Ok(()) => match own.make(&ask).await {
-                        Ok(pending) => BrokerAnswer { pending: Some(pending), refused: None },
-                        Err(err) => BrokerAnswer { pending: None, refused: Some(format!("stream {}: {err}", ask.stream())) },
+                        Ok(made) => BrokerAnswer { pending: Some(made.pending), last: Some(made.last), refused: None },
+                        Err(err) => BrokerAnswer { pending: None, last: None, refused: Some(format!("stream {}: {err}", ask.stream())) },
                     },
                 },
             };
@@ -291,8 +358,8 @@ pub(crate) struct PushFeed {
 
 impl PushFeed {
     /// Subscribes to a new inbox, then has a push consumer (see
-    /// [`ConsumerAsk::Push`]) made to deliver there. Returns the feed and the
-    /// messages the consumer has pending from the start.
+    /// [`ConsumerAsk::Push`]) made to deliver there. Returns the feed and
+    /// what making it found ([`Made`]).
     pub(crate) async fn open(
         client: &async_nats::Client,
         consumers: &Consumers,
@@ -300,12 +367,12 @@ impl PushFeed {
         filter: String,
         from: Option<u64>,
         headers_only: bool,
-    ) -> Result<(PushFeed, u64), BackendError> {
+    ) -> Result<(PushFeed, Made), BackendError> {
         let deliver = client.new_inbox();
         let subscriber = client.subscribe(deliver.clone()).await?;
         let ask = ConsumerAsk::Push { stream: stream.to_owned(), filter, deliver, from, headers_only };
-        let pending = consumers.make(&ask).await?;
-        Ok((PushFeed { subscriber, last: 0 }, pending))
+        let made = consumers.make(&ask).await?;
+        Ok((PushFeed { subscriber, last: 0 }, made))
     }
 
     /// The next message; `None` once the client is gone.

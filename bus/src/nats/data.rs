@@ -34,6 +34,12 @@ pub enum DataAsk {
     Update { bucket: String, key: String, expected: u64 },
     Delete { bucket: String, key: String },
     KeysPage { bucket: String, prefix: String, after: u64, limit: usize },
+    /// [`Kv::increment`]: the broker runs the compare-and-set loop.
+    Increment { bucket: String, key: String, delta: u64 },
+    /// An object's size and chunks (object bucket `bucket`).
+    ObjectInfo { bucket: String, name: String },
+    /// The first chunk of object `nuid` after stream sequence `after`.
+    ObjectChunk { bucket: String, nuid: String, after: u64 },
 }
 
 impl DataAsk {
@@ -45,13 +51,16 @@ impl DataAsk {
             | DataAsk::Create { bucket, .. }
             | DataAsk::Update { bucket, .. }
             | DataAsk::Delete { bucket, .. }
-            | DataAsk::KeysPage { bucket, .. } => bucket,
+            | DataAsk::KeysPage { bucket, .. }
+            | DataAsk::Increment { bucket, .. }
+            | DataAsk::ObjectInfo { bucket, .. }
+            | DataAsk::ObjectChunk { bucket, .. } => bucket,
         }
     }
 
     /// Whether the call changes the bucket.
     pub fn writes(&self) -> bool {
-        matches!(self, DataAsk::Put { .. } | DataAsk::Create { .. } | DataAsk::Update { .. } | DataAsk::Delete { .. })
+        matches!(self, DataAsk::Put { .. } | DataAsk::Create { .. } | DataAsk::Update { .. } | DataAsk::Delete { .. } | DataAsk::Increment { .. })
     }
 }
 
@@ -82,7 +91,17 @@ struct DataAnswer {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     next: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    object: Option<ObjectMeta>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     failed: Option<Failure>,
+}
+
+/// An object as [`DataAsk::ObjectInfo`] answers it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ObjectMeta {
+    nuid: String,
+    size: usize,
+    chunks: usize,
 }
 
 /// A call that failed, as the asker rebuilds its [`KvError`].
@@ -94,6 +113,7 @@ enum Failure {
     RevisionMismatch { expected: u64 },
     BucketFull { max_bytes: u64 },
     ValueTooLarge { size: usize, max: usize },
+    Increment { why: String },
     Other { message: String },
 }
 
@@ -115,16 +135,32 @@ fn unframe<T: for<'de> Deserialize<'de>>(message: &Bytes) -> Result<(T, Bytes), 
     Ok((header, message.slice(4 + length..)))
 }
 
-/// A bucket whose calls a data broker makes.
+/// A bucket whose calls a data broker makes (and whose watches' consumers
+/// the consumer broker makes).
 pub(crate) struct BrokeredKv {
     bucket: String,
     client: async_nats::Client,
     subject: String,
+    consumers: super::Consumers,
+    connection: tokio::sync::watch::Receiver<crate::ConnectionState>,
 }
 
 impl BrokeredKv {
-    pub(crate) fn new(bucket: &str, client: async_nats::Client, subject: String) -> BrokeredKv {
-        BrokeredKv { bucket: bucket.to_owned(), client, subject }
+    pub(crate) fn new(
+        bucket: &str,
+        client: async_nats::Client,
+        subject: String,
+        consumers: super::Consumers,
+        connection: tokio::sync::watch::Receiver<crate::ConnectionState>,
+    ) -> BrokeredKv {
+        BrokeredKv { bucket: bucket.to_owned(), client, subject, consumers, connection }
+    }
+
+    pub(crate) async fn watch(&self, pattern: &str) -> Result<super::NatsWatch, KvError> {
+        let (stream, prefix) = (format!("KV_{}", self.bucket), format!("$KV.{}.", self.bucket));
+        super::NatsWatch::open(self.client.clone(), self.consumers.clone(), self.connection.clone(), &stream, &prefix, pattern)
+            .await
+            .map_err(|source| KvError::Unavailable { bucket: self.bucket.clone(), source })
     }
 
     async fn ask(&self, ask: DataAsk, value: &[u8]) -> Result<(DataAnswer, Bytes), KvError> {
@@ -138,8 +174,14 @@ impl BrokeredKv {
         let (answer, body): (DataAnswer, Bytes) =
             unframe(&reply.payload).map_err(|err| unavailable(format!("the data broker on {} answered something unreadable: {err}", self.subject).into()))?;
         let key = match &ask {
-            DataAsk::Get { key, .. } | DataAsk::Put { key, .. } | DataAsk::Create { key, .. } | DataAsk::Update { key, .. } | DataAsk::Delete { key, .. } => key.clone(),
-            DataAsk::KeysPage { .. } => String::new(),
+            DataAsk::Get { key, .. }
+            | DataAsk::Put { key, .. }
+            | DataAsk::Create { key, .. }
+            | DataAsk::Update { key, .. }
+            | DataAsk::Delete { key, .. }
+            | DataAsk::Increment { key, .. } => key.clone(),
+            DataAsk::ObjectInfo { name, .. } => name.clone(),
+            DataAsk::KeysPage { .. } | DataAsk::ObjectChunk { .. } => String::new(),
         };
         match answer.failed {
             None => Ok((answer, body)),
@@ -149,6 +191,7 @@ impl BrokeredKv {
                 Failure::RevisionMismatch { expected } => KvError::RevisionMismatch { bucket: self.bucket.clone(), key, expected },
                 Failure::BucketFull { max_bytes } => KvError::BucketFull { bucket: self.bucket.clone(), max_bytes },
                 Failure::ValueTooLarge { size, max } => KvError::ValueTooLarge { key, size, max },
+                Failure::Increment { why } => KvError::Increment { bucket: self.bucket.clone(), key, why },
                 Failure::Other { message } => unavailable(message.into()),
             }),
         }
@@ -179,6 +222,10 @@ impl BrokeredKv {
         self.written(DataAsk::Delete { bucket: self.bucket.clone(), key: key.to_owned() }, &[]).await.map(drop)
     }
 
+    pub(crate) async fn increment(&self, key: &str, delta: u64) -> Result<u64, KvError> {
+        self.written(DataAsk::Increment { bucket: self.bucket.clone(), key: key.to_owned(), delta }, &[]).await
+    }
+
     pub(crate) async fn keys_page(&self, prefix: &str, after: u64, limit: usize) -> Result<KeyPage, KvError> {
         let ask = DataAsk::KeysPage { bucket: self.bucket.clone(), prefix: prefix.to_owned(), after, limit };
         let (answer, _) = self.ask(ask, &[]).await?;
@@ -196,6 +243,46 @@ impl BrokeredKv {
                 None => return Ok(keys),
             }
         }
+    }
+}
+
+/// An object bucket whose reads a data broker makes.
+pub(crate) struct BrokeredObjects {
+    kv: BrokeredKv,
+}
+
+impl BrokeredObjects {
+    pub(crate) fn new(kv: BrokeredKv) -> BrokeredObjects {
+        BrokeredObjects { kv }
+    }
+
+    fn failed(&self, err: KvError) -> crate::error::ObjectError {
+        crate::error::ObjectError::Unavailable { bucket: self.kv.bucket.clone(), source: Box::new(err) }
+    }
+
+    async fn info(&self, name: &str) -> Result<Option<ObjectMeta>, crate::error::ObjectError> {
+        let (answer, _) = self.kv.ask(DataAsk::ObjectInfo { bucket: self.kv.bucket.clone(), name: name.to_owned() }, &[]).await.map_err(|e| self.failed(e))?;
+        Ok(answer.object)
+    }
+
+    pub(crate) async fn get(&self, name: &str) -> Result<Option<Bytes>, crate::error::ObjectError> {
+        let Some(meta) = self.info(name).await? else { return Ok(None) };
+        let mut data = Vec::with_capacity(meta.size);
+        let mut after = 0;
+        for _ in 0..meta.chunks {
+            let ask = DataAsk::ObjectChunk { bucket: self.kv.bucket.clone(), nuid: meta.nuid.clone(), after };
+            let (answer, chunk) = self.kv.ask(ask, &[]).await.map_err(|e| self.failed(e))?;
+            after = answer.revision.unwrap_or(after + 1);
+            data.extend_from_slice(&chunk);
+        }
+        if data.len() != meta.size {
+            return Err(crate::error::ObjectError::Unavailable { bucket: self.kv.bucket.clone(), source: format!("object {name}: read {} bytes of {}", data.len(), meta.size).into() });
+        }
+        Ok(Some(data.into()))
+    }
+
+    pub(crate) async fn exists(&self, name: &str) -> Result<bool, crate::error::ObjectError> {
+        Ok(self.info(name).await?.is_some())
     }
 }
 
@@ -250,6 +337,40 @@ async fn allowed(policy: &dyn DataRules, asker: &str, ask: &DataAsk) -> Result<(
 /// Makes the call `ask` names on its bucket (opened once, then kept).
 async fn carry_out(bus: &Bus, buckets: &Mutex<HashMap<String, Kv>>, ask: DataAsk, value: Bytes) -> (DataAnswer, Bytes) {
     let bucket = ask.bucket().to_owned();
+    if let DataAsk::ObjectInfo { name, .. } | DataAsk::ObjectChunk { nuid: name, .. } = &ask {
+        let Some(jetstream) = bus.nats_jetstream() else {
+            return (DataAnswer { failed: Some(Failure::Other { message: "no objects on this bus".into() }), ..DataAnswer::default() }, Bytes::new());
+        };
+        let other = |message: String| (DataAnswer { failed: Some(Failure::Other { message }), ..DataAnswer::default() }, Bytes::new());
+        return match &ask {
+            DataAsk::ObjectInfo { .. } => {
+                let store = match jetstream.get_object_store(&bucket).await {
+                    Ok(store) => store,
+                    Err(err) => return other(format!("object bucket {bucket}: {err}")),
+                };
+                match store.info(name).await {
+                    Ok(info) if !info.deleted => {
+                        (DataAnswer { object: Some(ObjectMeta { nuid: info.nuid, size: info.size, chunks: info.chunks }), ..DataAnswer::default() }, Bytes::new())
+                    }
+                    Ok(_) => (DataAnswer::default(), Bytes::new()),
+                    Err(err) if err.kind() == async_nats::jetstream::object_store::InfoErrorKind::NotFound => (DataAnswer::default(), Bytes::new()),
+                    Err(err) => other(format!("object {name}: {err}")),
+                }
+            }
+            DataAsk::ObjectChunk { after, .. } => {
+                let subject = format!("$O.{bucket}.C.{name}");
+                let stream = match jetstream.get_stream_no_info(format!("OBJ_{bucket}")).await {
+                    Ok(stream) => stream,
+                    Err(err) => return other(format!("object bucket {bucket}: {err}")),
+                };
+                match stream.get_first_raw_message_by_subject(&subject, after + 1).await {
+                    Ok(chunk) => (DataAnswer { revision: Some(chunk.sequence), ..DataAnswer::default() }, chunk.payload),
+                    Err(err) => other(format!("a chunk of {name}: {err}")),
+                }
+            }
+            _ => other("unreachable".into()),
+        };
+    }
     let cached = buckets.lock().ok().and_then(|b| b.get(&bucket).cloned());
     let kv = match cached {
         Some(kv) => kv,
@@ -277,10 +398,13 @@ async fn carry_out(bus: &Bus, buckets: &Mutex<HashMap<String, Kv>>, ask: DataAsk
         DataAsk::Create { key, .. } => written(kv.create(&key, value).await),
         DataAsk::Update { key, expected, .. } => written(kv.update(&key, value, expected).await),
         DataAsk::Delete { key, .. } => written(kv.delete(&key).await.map(|()| 0)),
+        // The new number travels where a write's revision does.
+        DataAsk::Increment { key, delta, .. } => written(kv.increment(&key, delta).await),
         DataAsk::KeysPage { prefix, after, limit, .. } => match kv.keys_page(&prefix, after, limit).await {
             Ok(page) => (DataAnswer { keys: Some(page.keys), next: page.next, ..DataAnswer::default() }, Bytes::new()),
             Err(err) => (failure(err), Bytes::new()),
         },
+        DataAsk::ObjectInfo { .. } | DataAsk::ObjectChunk { .. } => (failure(KvError::Unavailable { bucket, source: "not a key-value call".into() }), Bytes::new()),
     }
 }
 
@@ -290,6 +414,7 @@ fn failure(err: KvError) -> DataAnswer {
         KvError::RevisionMismatch { expected, .. } => Failure::RevisionMismatch { expected },
         KvError::BucketFull { max_bytes, .. } => Failure::BucketFull { max_bytes },
         KvError::ValueTooLarge { size, max, .. } => Failure::ValueTooLarge { size, max },
+        KvError::Increment { why, .. } => Failure::Increment { why },
         other => Failure::Other { message: other.to_string() },
     };
     DataAnswer { failed: Some(failed), ..DataAnswer::default() }

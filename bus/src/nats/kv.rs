@@ -13,7 +13,7 @@ use futures::{FutureExt, Stream, StreamExt};
 use tokio::sync::watch;
 
 use super::buckets::jetstream_code;
-use super::consumers::{BrokerUnreachable, Consumers, Fed, PushFeed};
+use super::consumers::{BrokerUnreachable, Consumers, Fed, Made, PushFeed};
 use crate::error::{BackendError, KvError};
 use crate::{ConnectionState, Entry, KeyPage, KvEvent};
 
@@ -213,12 +213,24 @@ impl NatsKv {
     /// The bucket keeps one message per key, so each message is one key's
     /// latest change; deletes are skipped.
     pub(crate) async fn keys_page(&self, prefix: &str, after: u64, limit: usize) -> Result<KeyPage, KvError> {
+        self.listed(prefix, Some(after.saturating_add(1)), Some(limit)).await
+    }
+
+    /// Every live key: the last message of each key, headers only.
+    pub(crate) async fn keys(&self) -> Result<Vec<String>, KvError> {
+        Ok(self.listed("", None, None).await?.keys)
+    }
+
+    /// The live keys under `prefix` a headers-only consumer delivers, from
+    /// stream sequence `from` (else the last message of each key), up to
+    /// `limit` of them (the page then says where the next starts).
+    async fn listed(&self, prefix: &str, from: Option<u64>, limit: Option<usize>) -> Result<KeyPage, KvError> {
         let filter = format!("{}{prefix}>", self.store.prefix);
-        let (mut feed, pending) = PushFeed::open(&self.client, &self.consumers, &self.store.stream_name, filter, Some(after.saturating_add(1)), true)
+        let (mut feed, made) = PushFeed::open(&self.client, &self.consumers, &self.store.stream_name, filter, from, true)
             .await
             .map_err(|err| self.unavailable(err))?;
         let mut page = KeyPage { keys: Vec::new(), next: None };
-        if pending == 0 {
+        if made.pending == 0 {
             return Ok(page);
         }
         loop {
@@ -234,35 +246,9 @@ impl NatsKv {
             if message.info.pending == 0 {
                 return Ok(page);
             }
-            if page.keys.len() == limit {
+            if limit == Some(page.keys.len()) {
                 page.next = Some(message.info.stream_sequence);
                 return Ok(page);
-            }
-        }
-    }
-
-    /// Every live key: the last message of each key, headers only.
-    pub(crate) async fn keys(&self) -> Result<Vec<String>, KvError> {
-        let filter = format!("{}>", self.store.prefix);
-        let (mut feed, pending) = PushFeed::open(&self.client, &self.consumers, &self.store.stream_name, filter, None, true)
-            .await
-            .map_err(|err| self.unavailable(err))?;
-        let mut keys = Vec::new();
-        if pending == 0 {
-            return Ok(keys);
-        }
-        loop {
-            let message = match tokio::time::timeout(PAGE_STALL, feed.next()).await {
-                Ok(Some(Ok(message))) => message,
-                Ok(Some(Err(err))) => return Err(self.unavailable(err)),
-                Ok(None) => return Ok(keys),
-                Err(_) => return Err(self.unavailable(format!("no keys arrived for {PAGE_STALL:?}"))),
-            };
-            if !message.is_kv_delete() && let Some(key) = message.subject.strip_prefix(self.store.prefix.as_str()) {
-                keys.push(key.to_owned());
-            }
-            if message.info.pending == 0 {
-                return Ok(keys);
             }
         }
     }
@@ -277,55 +263,9 @@ impl NatsKv {
     }
 
     pub(crate) async fn watch(&self, pattern: &str) -> Result<NatsWatch, KvError> {
-        // The stream's last sequence before the watch starts bounds the
-        // replay of current values; see `NatsWatch::replayed_up_to`.
-        let info = self
-            .store
-            .stream
-            .get_info()
+        NatsWatch::open(self.client.clone(), self.consumers.clone(), self.connection.clone(), &self.store.stream_name, &self.store.prefix, pattern)
             .await
-            .map_err(|err| self.unavailable(err))?;
-        // Subscribed before the watch starts, so no election after it is missed.
-        let elections = self
-            .client
-            .subscribe(format!(
-                "$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.{}",
-                self.store.stream_name
-            ))
-            .await
-            .map_err(|err| self.unavailable(err))?;
-        let source = WatchSource {
-            client: self.client.clone(),
-            consumers: self.consumers.clone(),
-            stream: self.store.stream_name.clone(),
-            prefix: self.store.prefix.clone(),
-            pattern: pattern.to_owned(),
-        };
-        let (state, reopen) = match source.open(None).await {
-            Ok((feed, _)) => (WatchState::Open(feed.into_stream()), false),
-            // A host started before any control plane: its watches begin
-            // once a broker answers.
-            Err(err) if err.is::<BrokerUnreachable>() => {
-                tracing::warn!(bucket = %self.bucket, %pattern, "{err}; the watch starts once one does");
-                (WatchState::Reopening(Box::pin(future::pending())), true)
-            }
-            Err(err) => return Err(self.unavailable(err)),
-        };
-        let mut watch = NatsWatch {
-            source: Arc::new(source),
-            state,
-            seen_up_to: 0,
-            replayed_up_to: info.state.last_sequence,
-            renewals: futures::stream::select(
-                reconnections(self.connection.clone()),
-                elections.map(drop),
-            )
-            .boxed(),
-        };
-        if reopen {
-            watch.reopen();
-        }
-        Ok(watch)
+            .map_err(|err| self.unavailable(err))
     }
 
     /// The error for a write the server refused: [`KvError::BucketFull`] if
@@ -436,6 +376,9 @@ const RENEW_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
 pub(crate) struct NatsWatch {
     source: Arc<WatchSource>,
     state: WatchState,
+    /// Whether a consumer was ever made: until then the next one replays
+    /// current values; after, it resumes from `seen_up_to`.
+    opened: bool,
     /// The highest revision handled so far; a new watch resumes after it,
     /// and anything at or below it is not yielded again.
     seen_up_to: u64,
@@ -460,7 +403,7 @@ struct WatchSource {
 }
 
 impl WatchSource {
-    async fn open(&self, from: Option<u64>) -> Result<(PushFeed, u64), BackendError> {
+    async fn open(&self, from: Option<u64>) -> Result<(PushFeed, Made), BackendError> {
         PushFeed::open(&self.client, &self.consumers, &self.stream, format!("{}{}", self.prefix, self.pattern), from, false).await
     }
 }
@@ -469,29 +412,72 @@ type Feed = BoxStream<'static, Result<Fed, BackendError>>;
 
 enum WatchState {
     Open(Feed),
-    Reopening(BoxFuture<'static, Feed>),
+    Reopening(BoxFuture<'static, (Feed, Made)>),
 }
 
 impl NatsWatch {
+    /// Watches the keys of stream `stream` (subjects `prefix` + key)
+    /// matching `pattern`, its consumers made by `consumers`.
+    pub(crate) async fn open(
+        client: async_nats::Client,
+        consumers: Consumers,
+        connection: watch::Receiver<ConnectionState>,
+        stream: &str,
+        prefix: &str,
+        pattern: &str,
+    ) -> Result<NatsWatch, BackendError> {
+        // Subscribed before the watch starts, so no election after it is missed.
+        let elections = client.subscribe(format!("$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.{stream}")).await?;
+        let source = WatchSource { client, consumers, stream: stream.to_owned(), prefix: prefix.to_owned(), pattern: pattern.to_owned() };
+        let opened = source.open(None).await;
+        let mut watch = NatsWatch {
+            source: Arc::new(source),
+            state: WatchState::Reopening(Box::pin(future::pending())),
+            opened: false,
+            seen_up_to: 0,
+            replayed_up_to: 0,
+            renewals: futures::stream::select(reconnections(connection), elections.map(drop)).boxed(),
+        };
+        match opened {
+            Ok((feed, made)) => watch.start(feed, made),
+            // A host started before any control plane: its watches begin
+            // once a broker answers.
+            Err(err) if err.is::<BrokerUnreachable>() => {
+                tracing::warn!(%stream, %pattern, "{err}; the watch starts once one does");
+                watch.reopen();
+            }
+            Err(err) => return Err(err),
+        }
+        Ok(watch)
+    }
+
+    fn start(&mut self, feed: PushFeed, made: Made) {
+        self.state = WatchState::Open(feed.into_stream());
+        if !self.opened {
+            self.opened = true;
+            self.replayed_up_to = made.last;
+        }
+    }
+
     fn reopen(&mut self) {
         let source = self.source.clone();
-        let from = self.seen_up_to + 1;
+        // From a revision, not "current values", once some were replayed:
+        // the values up to it have been yielded already, and the changes
+        // after it are exactly what is missing (with history 1, only each
+        // key's latest change is kept, which is all a level-triggered
+        // watcher needs).
+        let from = self.opened.then_some(self.seen_up_to + 1);
         self.state = WatchState::Reopening(Box::pin(async move {
             let mut delay = Duration::from_millis(50);
             loop {
-                // From a revision, not "current values": the values up to it
-                // have been yielded already, and the changes after it are
-                // exactly what is missing (with history 1, only each key's
-                // latest change is kept, which is all a level-triggered
-                // watcher needs).
                 // Each attempt is bounded: one made as the client reconnects
                 // can go unanswered for the JetStream API's whole 10 s
                 // timeout, while a second one a moment later succeeds.
-                match tokio::time::timeout(RENEW_ATTEMPT_TIMEOUT, source.open(Some(from)))
+                match tokio::time::timeout(RENEW_ATTEMPT_TIMEOUT, source.open(from))
                     .await
                     .unwrap_or_else(|_| Err("timed out".into()))
                 {
-                    Ok((feed, _)) => return feed.into_stream(),
+                    Ok((feed, made)) => return (feed.into_stream(), made),
                     Err(err) => {
                         tracing::warn!(
                             stream = %source.stream,
@@ -518,8 +504,12 @@ impl Stream for NatsWatch {
             let feed = match &mut self.state {
                 WatchState::Open(feed) => feed,
                 WatchState::Reopening(renewal) => {
-                    let feed = ready!(renewal.poll_unpin(cx));
+                    let (feed, made) = ready!(renewal.poll_unpin(cx));
                     self.state = WatchState::Open(feed);
+                    if !self.opened {
+                        self.opened = true;
+                        self.replayed_up_to = made.last;
+                    }
                     continue;
                 }
             };

@@ -28,7 +28,7 @@ use tokio::sync::watch;
 
 pub(crate) use consumers::{Consumers, ack_info, open_stream};
 pub use consumers::{ConsumerAsk, ConsumerPolicy, ConsumerRules};
-pub(crate) use data::{BrokeredKv, serve as serve_data};
+pub(crate) use data::{BrokeredKv, BrokeredObjects, serve as serve_data};
 pub use data::{DataAsk, DataPolicy, DataRules};
 pub(crate) use kv::{NatsKv, NatsWatch};
 pub(crate) use objects::NatsObjects;
@@ -76,11 +76,13 @@ pub struct NatsOptions {
     /// consumer may deliver anywhere.
     pub consumer_broker: Option<String>,
     /// The subject of a data broker (see [`Bus::serve_data_broker`](crate::Bus::serve_data_broker))
-    /// that reads and writes the buckets opened with
-    /// [`Bus::kv_via_broker`](crate::Bus::kv_via_broker) on this
-    /// connection's behalf; `None`: those are opened like any other. A host
-    /// uses one for services' key-value data, which its NATS identity may
-    /// not touch: the broker allows only the namespaces the host runs.
+    /// that makes every bucket call of this connection on its behalf (KV
+    /// reads, writes and pages of keys; object reads; watches' consumers
+    /// come from [`NatsOptions::consumer_broker`]); `None`: it makes them
+    /// itself. A host uses one, so that it sends JetStream no request at
+    /// all: JetStream answers a request on whatever reply subject it
+    /// names, with the server's rights. The broker allows a host only what
+    /// it follows and the data of namespaces it runs.
     pub data_broker: Option<String>,
 }
 
@@ -202,13 +204,16 @@ impl NatsBus {
         }
         let jetstream = jetstream::new(client.clone());
         // The server may run JetStream without granting it to this account.
-        jetstream
-            .query_account()
-            .await
-            .map_err(|err| ConnectError::JetStreamUnavailable {
-                url: urls.to_owned(),
-                source: Box::new(err),
-            })?;
+        // A connection whose brokers make its JetStream calls sends none itself.
+        if options.data_broker.is_none() {
+            jetstream
+                .query_account()
+                .await
+                .map_err(|err| ConnectError::JetStreamUnavailable {
+                    url: urls.to_owned(),
+                    source: Box::new(err),
+                })?;
+        }
         let system = match &options.system_auth {
             Some(auth) => Some(system::connect(&addrs, urls, &options, auth, tls.as_ref()).await?),
             None => None,
@@ -300,7 +305,9 @@ impl NatsBus {
 
     /// Bucket `bucket` through the data broker, if this connection has one.
     pub(crate) fn brokered_kv(&self, bucket: &str) -> Option<BrokeredKv> {
-        self.data_broker.as_ref().map(|subject| BrokeredKv::new(bucket, self.client.clone(), subject.clone()))
+        self.data_broker
+            .as_ref()
+            .map(|subject| BrokeredKv::new(bucket, self.client.clone(), subject.clone(), self.consumers.clone(), self.connection.clone()))
     }
 
     /// Serves consumer asks on `subject` in queue group `group` (see
