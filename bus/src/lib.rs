@@ -262,7 +262,7 @@ impl Bus {
     /// For processes that use buckets others own: an existing bucket's
     /// settings are left alone. The owner opens with [`Bus::kv_with`].
     pub async fn kv(&self, bucket: &str) -> Result<Kv, KvError> {
-        self.open_kv(bucket, self.limits.state, false).await
+        self.open_kv(bucket, self.limits.state, false, false).await
     }
 
     /// Opens KV bucket `bucket` with `options`: creates it so if missing, and
@@ -274,7 +274,17 @@ impl Bus {
     /// party that may fill one (e.g. each tenant's data apart from the
     /// control plane's state), each with its own limit.
     pub async fn kv_with(&self, bucket: &str, options: BucketOptions) -> Result<Kv, KvError> {
-        self.open_kv(bucket, options, true).await
+        self.open_kv(bucket, options, true, false).await
+    }
+
+    /// Opens bucket `bucket` as [`Bus::kv`] does, but with this connection's
+    /// own JetStream requests even when it has a data broker: for the one
+    /// bucket a process fully trusted with it reads itself (a host given the
+    /// control plane's secret key reads the secrets bucket). Under
+    /// permissions that keep the process off JetStream, the calls are
+    /// refused.
+    pub async fn kv_itself(&self, bucket: &str) -> Result<Kv, KvError> {
+        self.open_kv(bucket, self.limits.state, false, true).await
     }
 
     async fn open_kv(
@@ -282,6 +292,7 @@ impl Bus {
         bucket: &str,
         options: BucketOptions,
         update: bool,
+        itself: bool,
     ) -> Result<Kv, KvError> {
         subject::check_bucket(bucket).map_err(KvError::InvalidName)?;
         // Over NATS a conditional write carries its expected revision in a
@@ -291,7 +302,7 @@ impl Bus {
         match &self.backend {
             // Over a data broker ([`NatsOptions::data_broker`]) the broker
             // makes every call: the bucket is neither created nor changed.
-            Backend::Nats(bus) if let Some(kv) = bus.brokered_kv(bucket) => Ok(Kv::brokered(kv, max_value)),
+            Backend::Nats(bus) if !itself && let Some(kv) = bus.brokered_kv(bucket) => Ok(Kv::brokered(kv, max_value)),
             Backend::Nats(bus) => Ok(Kv::nats(bus.kv(bucket, options, update).await?, max_value)),
             Backend::Local(bus) => Ok(Kv::local(
                 bus.store().open_kv(bucket, options, update).await?,

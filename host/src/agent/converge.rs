@@ -267,7 +267,9 @@ impl HostAgent {
         let first = names.first().map_or("", String::as_str);
         // Bounded: under an identity that may not even open the bucket, each
         // refused JetStream request goes unanswered until its timeout.
-        let secrets = match tokio::time::timeout(SECRETS_OPEN_PATIENCE, self.inner.bus.kv(wharf_proto::names::SECRETS_BUCKET)).await {
+        // Itself, not through the data broker: the broker serves hosts
+        // nothing of the secrets bucket, and this host holds the key to it.
+        let secrets = match tokio::time::timeout(SECRETS_OPEN_PATIENCE, self.inner.bus.kv_itself(wharf_proto::names::SECRETS_BUCKET)).await {
             Ok(Ok(secrets)) => secrets,
             Ok(Err(e)) => return Err(unreadable(first, &e)),
             Err(_) => return Err(unreadable(first, &format!("the bucket did not open within {SECRETS_OPEN_PATIENCE:?}"))),
