@@ -127,6 +127,7 @@ mod autoscale;
 mod cluster;
 mod hash;
 mod health;
+mod index;
 pub mod jobs;
 mod placement;
 mod reconcile;
@@ -136,10 +137,11 @@ mod snapshot;
 
 pub use autoscale::{Autoscaler, Decision};
 pub use cluster::ZONE_LABEL;
+pub use index::{Changes, PlacementIndex};
 pub use health::{FailedReplica, ReplicaTraffic, RetryAction, RetryPolicy, outliers, retry};
 pub use reconcile::reconcile;
 pub use rollout::{ObservedReplica, ObservedState, RolloutInput, RolloutPlan, StepTraffic, plan_rollout};
 pub use simulate::{
-    BenchResult, bench_placement, max_domain_imbalance, max_spread_imbalance, simulate,
+    BenchResult, IndexBenchResult, bench_index, bench_placement, max_domain_imbalance, max_spread_imbalance, simulate,
 };
 pub use snapshot::{Action, HostInfo, Plan, ReplicaRef, Snapshot, Unplaceable, Workload, WorkloadId};
