@@ -541,7 +541,7 @@ impl Cluster {
         host.memory = info.capacity.memory.scaled(info.memory_overcommit).bytes();
         host.in_flight = info.in_flight;
         host.zone = zone;
-        host.info = Box::new(info);
+        *host.info = info;
         if ready {
             self.enter(index);
         }
@@ -559,7 +559,7 @@ impl Cluster {
         }
         let host = &mut self.hosts[index as usize];
         host.in_flight = info.in_flight;
-        host.info = Box::new(info);
+        *host.info = info;
     }
 
     /// Takes host `index`, which holds no replica, out of every group: it

@@ -6,7 +6,8 @@
 
 use crate::cluster::{Cluster, NO_HOST};
 use crate::placement::{place, place_avoiding};
-use crate::snapshot::{Action, HostInfo, ReplicaRef, Unplaceable, Workload, WorkloadId};
+use crate::reconcile::reconcile_into;
+use crate::snapshot::{Action, HostInfo, Plan, ReplicaRef, Snapshot, Unplaceable, Workload, WorkloadId};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use wharf_proto::HostId;
@@ -48,8 +49,10 @@ pub struct PlacementIndex {
     grew: bool,
     /// Replicas stopped since the last pass, as (host, workload, replica).
     stops: Vec<(HostId, WorkloadId, u32)>,
-    /// Hosts whose replicas changed since the last pass.
-    touched: BTreeSet<u32>,
+    /// Hosts whose replicas changed since the last pass, each once.
+    touched: Vec<u32>,
+    /// One bit per host index: whether it is in `touched`.
+    touched_bits: Vec<u64>,
 }
 
 /// What one [`PlacementIndex::place`] pass decided.
@@ -69,6 +72,22 @@ impl PlacementIndex {
     /// An index with no host and no workload.
     pub fn new() -> Self {
         PlacementIndex::default()
+    }
+
+    /// The plan of a [`crate::reconcile()`] of `snapshot`, and an index
+    /// holding its outcome (the plan's assignments, its unplaceable
+    /// replicas waiting for room): where a controller starts, and starts
+    /// again when what it wrote differs from what the index decided.
+    pub fn reconcile(snapshot: &Snapshot) -> (Plan, PlacementIndex) {
+        let (plan, cluster) = reconcile_into(snapshot);
+        let mut waiting: BTreeMap<u32, BTreeMap<u32, String>> = BTreeMap::new();
+        for unplaceable in &plan.unplaceable {
+            if let Some(service) = cluster.service(&unplaceable.service) {
+                waiting.entry(service).or_default().insert(unplaceable.replica, unplaceable.reason.clone());
+            }
+        }
+        let index = PlacementIndex { cluster, waiting, ..PlacementIndex::default() };
+        (plan, index)
     }
 
     /// A host joined, or changed (ready or not, labels, capacity,
@@ -133,9 +152,11 @@ impl PlacementIndex {
             .collect();
         for &(replica, host) in &placed {
             self.cluster.release(host, index, replica);
-            self.touched.insert(host);
+            self.touch(host);
         }
         self.cluster.remove_service(index);
+        // A lower peak leaves room that may take a replica that waits.
+        self.grew = true;
         let replicas = workload.replicas;
         let index = self.cluster.add_service(workload);
         self.waiting.remove(&index);
@@ -196,7 +217,7 @@ impl PlacementIndex {
             };
             match placed {
                 Ok(host) => {
-                    self.touched.insert(host);
+                    self.touch(host);
                     starts.push((service, replica, host));
                 }
                 Err(reason) => {
@@ -225,7 +246,13 @@ impl PlacementIndex {
             .map(|(host, service, replica)| Action::Stop { service, replica, host })
             .collect();
         actions.extend(started.into_iter().map(|(host, service, replica)| Action::Start { service, replica, host }));
-        let hosts = std::mem::take(&mut self.touched)
+        let mut touched = std::mem::take(&mut self.touched);
+        touched.sort_unstable();
+        for &host in &touched {
+            self.touched_bits[host as usize / 64] = 0;
+        }
+        let cluster = &self.cluster;
+        let hosts = touched
             .into_iter()
             .map(|host| cluster.hosts[host as usize].info.id.clone())
             .collect();
@@ -325,7 +352,7 @@ impl PlacementIndex {
             self.cluster.release(index, service, replica);
         }
         if !replicas.is_empty() {
-            self.touched.insert(index);
+            self.touch(index);
         }
         replicas
     }
@@ -355,6 +382,18 @@ impl PlacementIndex {
             && service.instances <= host.free_instances()
     }
 
+    /// Records that the replicas of host `host` changed.
+    fn touch(&mut self, host: u32) {
+        let (word, bit) = (host as usize / 64, 1 << (host % 64));
+        if self.touched_bits.len() <= word {
+            self.touched_bits.resize(word + 1, 0);
+        }
+        if self.touched_bits[word] & bit == 0 {
+            self.touched_bits[word] |= bit;
+            self.touched.push(host);
+        }
+    }
+
     /// Records that replica `replica` of workload `service` stopped on host
     /// `host` (already released) and is to be placed again.
     fn stop(&mut self, host: u32, service: u32, replica: u32) {
@@ -364,7 +403,9 @@ impl PlacementIndex {
             cluster.services[service as usize].id.clone(),
             replica,
         ));
-        self.touched.insert(host);
+        self.touch(host);
         self.dirty.insert(service);
+        // Its room may take a replica that waits.
+        self.grew = true;
     }
 }

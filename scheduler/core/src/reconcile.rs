@@ -32,10 +32,15 @@ use wharf_proto::HostId;
 ///    by replica index, so that when capacity runs short every service gets
 ///    its first replicas before any gets its last.
 pub fn reconcile(snapshot: &Snapshot) -> Plan {
+    reconcile_into(snapshot).0
+}
+
+/// [`reconcile`], returning also the state it built, with the plan applied.
+pub(crate) fn reconcile_into(snapshot: &Snapshot) -> (Plan, Cluster) {
     let mut cluster = Cluster::new(snapshot);
     let stops = keep_current(&mut cluster, snapshot);
     let (starts, unplaceable) = place_missing(&mut cluster);
-    build_plan(&cluster, stops, starts, unplaceable)
+    (build_plan(&cluster, stops, starts, unplaceable), cluster)
 }
 
 /// Keeps what may stay (see [`reconcile`]) and returns the stops for the rest.

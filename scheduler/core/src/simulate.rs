@@ -16,12 +16,12 @@ fn synthetic_spec(name: &str, i: usize, replicas: u32, rng: &mut SplitMix64) -> 
     spec.replicas = replicas;
     spec.limits.memory = ByteSize::mib(*rng.pick(&[16, 32, 64, 128]));
     spec.limits.concurrency = *rng.pick(&[1, 2, 4, 8]);
-    if i % 10 == 0 {
+    if i.is_multiple_of(10) {
         spec.placement
             .labels
             .insert(ZONE_LABEL.to_string(), format!("z{}", (i / 10) % 3));
     }
-    if i % 25 == 0 {
+    if i.is_multiple_of(25) {
         spec.placement
             .labels
             .insert("disk".to_string(), "ssd".to_string());

@@ -310,6 +310,16 @@ proptest! {
         apply(&mut again, None, &first);
         prop_assert_eq!(apply(&mut again, Some(&first), &second), changes, "the same changes give the same decisions");
         prop_assert_eq!(again.assignments(), index.assignments());
+
+        // An index started from a reconcile of a snapshot holds its plan,
+        // and follows changes from there.
+        let (plan, mut started) = PlacementIndex::reconcile(&first);
+        prop_assert_eq!(&plan, &reconcile(&first));
+        prop_assert_eq!(started.place(), Changes::default(), "a pass with nothing changed does nothing");
+        let moved = Snapshot { current: plan.assignments.clone(), ..second.clone() };
+        let changes = apply(&mut started, Some(&first), &moved);
+        let plan = index_plan(&started, &moved, changes)?;
+        check_invariants(&moved, &plan)?;
     }
 
     #[test]
