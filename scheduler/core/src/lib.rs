@@ -9,9 +9,10 @@
 //! **Architecture invariant:** this crate knows nothing of NATS, tokio,
 //! axum, wasmtime or clocks, and draws no unseeded randomness. Its only
 //! dependency is `wharf-proto`. The controller around it reads the stores,
-//! builds the snapshot, calls [`reconcile()`] and writes the assignments. The
-//! one clock read is [`bench_placement`], the benchmark entry point, which
-//! `reconcile` never calls.
+//! tells a [`PlacementIndex`] what changed (starting it from a
+//! [`reconcile()`] of the whole snapshot) and writes the assignments. The
+//! only clock reads are [`bench_placement`] and [`bench_index`], the
+//! benchmark entry points, which nothing else calls.
 //!
 //! # Reconcile
 //!
