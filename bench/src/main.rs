@@ -80,6 +80,10 @@ struct PlacementArgs {
     /// Runs; the figures are the median run.
     #[arg(long, default_value_t = 5)]
     runs: usize,
+    /// Services of 10 replicas added one at a time to the full cluster
+    /// kept in a persistent index, each timed (0: skip the index figures).
+    #[arg(long, default_value_t = 100)]
+    added: usize,
     /// Where to write the JSON results.
     #[arg(long, default_value = "bench/results/placement.json")]
     out: PathBuf,
@@ -236,14 +240,16 @@ async fn host(args: HostArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One reconcile from empty, timed; the pure core runs on one thread.
+/// One reconcile from empty, timed; then the same cluster in a persistent
+/// `PlacementIndex`: a bulk pass, and services added one at a time to the
+/// full cluster. The pure core runs on one thread.
 fn placement(args: PlacementArgs) -> anyhow::Result<()> {
     let mut runs: Vec<wharf_scheduler_core::BenchResult> =
         (0..args.runs.max(1)).map(|_| wharf_scheduler_core::bench_placement(args.hosts, args.replicas)).collect();
     runs.sort_by(|a, b| a.per_second.total_cmp(&b.per_second));
     let median = &runs[runs.len() / 2];
     println!(
-        "placement: {} replicas on {} hosts in {:.3} s: {:.0} placements/s (median of {}; range {:.0}..{:.0}), max spread imbalance {} (target >= 50,000/s, imbalance <= 1)",
+        "placement (reconcile of a snapshot): {} replicas on {} hosts in {:.3} s: {:.0} placements/s (median of {}; range {:.0}..{:.0}), max spread imbalance {} (hosts) {} (domains)",
         median.placements,
         args.hosts,
         median.seconds,
@@ -251,9 +257,10 @@ fn placement(args: PlacementArgs) -> anyhow::Result<()> {
         runs.len(),
         runs[0].per_second,
         runs[runs.len() - 1].per_second,
-        median.max_spread_imbalance
+        median.max_spread_imbalance,
+        median.max_domain_imbalance,
     );
-    let report = serde_json::json!({
+    let mut report = serde_json::json!({
         "hosts": args.hosts,
         "replicas": median.placements,
         "seconds": median.seconds,
@@ -261,8 +268,37 @@ fn placement(args: PlacementArgs) -> anyhow::Result<()> {
         "min_per_second": runs[0].per_second,
         "max_per_second": runs[runs.len() - 1].per_second,
         "max_spread_imbalance": median.max_spread_imbalance,
+        "max_domain_imbalance": median.max_domain_imbalance,
         "runs": runs.len(),
     });
+    if args.added > 0 {
+        let index = wharf_scheduler_core::bench_index(args.hosts, args.replicas, args.added);
+        let (p50, p99, max) = (index.added_quantile(0.5), index.added_quantile(0.99), index.added_quantile(1.0));
+        println!(
+            "placement index: {} hosts joined in {:.3} s; bulk pass: {} replicas in {:.3} s: {:.0} placements/s, max spread imbalance {} (hosts) {} (domains) (target >= 200,000/s, imbalance <= 1)",
+            index.hosts, index.join_seconds, index.placements, index.seconds, index.per_second, index.max_spread_imbalance, index.max_domain_imbalance
+        );
+        println!(
+            "placement index: {} services of 10 added to the full cluster, one pass each: p50 {p50:.3} ms, p99 {p99:.3} ms, max {max:.3} ms; {} replicas placed; max spread imbalance {} (hosts) {} (domains) (target p99 < 10 ms)",
+            index.added, index.added_placements, index.added_max_spread_imbalance, index.added_max_domain_imbalance
+        );
+        report["index"] = serde_json::json!({
+            "hosts": index.hosts,
+            "join_seconds": index.join_seconds,
+            "bulk_replicas": index.placements,
+            "bulk_seconds": index.seconds,
+            "bulk_placements_per_second": index.per_second,
+            "bulk_max_spread_imbalance": index.max_spread_imbalance,
+            "bulk_max_domain_imbalance": index.max_domain_imbalance,
+            "added_services": index.added,
+            "added_replicas": index.added_placements,
+            "added_p50_ms": p50,
+            "added_p99_ms": p99,
+            "added_max_ms": max,
+            "added_max_spread_imbalance": index.added_max_spread_imbalance,
+            "added_max_domain_imbalance": index.added_max_domain_imbalance,
+        });
+    }
     write_report(&args.out, &report)?;
     Ok(())
 }

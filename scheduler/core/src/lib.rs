@@ -9,9 +9,10 @@
 //! **Architecture invariant:** this crate knows nothing of NATS, tokio,
 //! axum, wasmtime or clocks, and draws no unseeded randomness. Its only
 //! dependency is `wharf-proto`. The controller around it reads the stores,
-//! builds the snapshot, calls [`reconcile()`] and writes the assignments. The
-//! one clock read is [`bench_placement`], the benchmark entry point, which
-//! `reconcile` never calls.
+//! tells a [`PlacementIndex`] what changed (starting it from a
+//! [`reconcile()`] of the whole snapshot) and writes the assignments. The
+//! only clock reads are [`bench_placement`] and [`bench_index`], the
+//! benchmark entry points, which nothing else calls.
 //!
 //! # Reconcile
 //!
@@ -93,7 +94,7 @@
 //!   the replicas of a service on any two hosts differ by at most one.
 //! - *Full hosts.* When no host at the spread level has room, the full walk
 //!   learns the lowest level that does (the service's floor; capacity only
-//!   shrinks during a reconcile, so it stays true) or, finding no room
+//!   shrinks during a pass, so it stays true) or, finding no room
 //!   anywhere, the reason, which every later replica of the service reuses.
 //!   A full cluster thus costs one walk per service, not per replica, and
 //!   services of the same size in the same group share that walk too.
@@ -114,19 +115,45 @@
 //!   only a few remain at the spread level: the worst case per replica is
 //!   one pass over its group.
 //!
-//! `cargo run --release -p wharf-scheduler-core --example placement` times
-//! [`bench_placement`]: 100,000 replicas (10,000 services of 10, about 40%
-//! of them with a spread label) on 10,000 simulated hosts in one reconcile
-//! on one core. On the 2-core development machine, busy with other builds,
-//! it places 230,000–460,000 replicas per second (the same as before spread
-//! labels, within the noise) with a spread imbalance of 1 over hosts and 1
-//! over domains. A reconcile that changes nothing (all 100,000 kept) takes
-//! about 0.15 s.
+//! # Keeping the view between passes
+//!
+//! [`reconcile()`] builds its view of the cluster (hosts by index, the
+//! ready hosts by label, each placement's group, each spread label's
+//! domains, the hosts caching each component, what is reserved where) from
+//! the snapshot, every time: at a million hosts that costs seconds before
+//! anything is placed. A [`PlacementIndex`] keeps that view and is told what
+//! changed: hosts joining, leaving or changing (readiness, labels, capacity,
+//! overcommit; requests in flight and cached components only rescore) and
+//! workloads added, scaled, changed or removed. Each change updates the
+//! indexes it touches (a host joining is inserted into the groups and
+//! domains whose labels it carries; the counts of replicas per host and per
+//! domain are kept as replicas are committed and released, and the members
+//! holding none are derived from the group's size, so a host joining a
+//! group touches no service). A pass ([`PlacementIndex::place`]) places only
+//! the replicas those changes left without a host, and those waiting for
+//! room when room may have appeared, with the same filters, scores and
+//! sampling, and returns the actions and the hosts whose assignment changed.
+//! So adding a service of 10 replicas to a full cluster of 1,000,000 hosts
+//! costs its 10 placements: about 0.2 ms. The walk caches of a pass
+//! (floors, full domains, sizes with no room) are forgotten at the next,
+//! since capacity may have grown in between.
+//!
+//! `cargo run --workspace --release --example placement [HOSTS] [REPLICAS]
+//! [ADDED]` times [`bench_placement`] (one `reconcile` of a snapshot, from
+//! empty) and [`bench_index`] (the hosts join an index; one pass places
+//! every replica; then services of 10 are added one at a time, one pass
+//! each); `wharf-bench placement` prints the same figures and writes them as
+//! JSON (figures in `bench/RESULTS.md`). With 10,000 hosts and 100,000
+//! replicas (10,000 services of 10, about 40% of them with a spread label)
+//! the development machine, idle, placed 230,000–460,000 replicas per second
+//! in one reconcile, with a spread imbalance of 1 over hosts and 1 over
+//! domains.
 
 mod autoscale;
 mod cluster;
 mod hash;
 mod health;
+mod index;
 pub mod jobs;
 mod placement;
 mod reconcile;
@@ -136,10 +163,11 @@ mod snapshot;
 
 pub use autoscale::{Autoscaler, Decision};
 pub use cluster::ZONE_LABEL;
+pub use index::{Changes, PlacementIndex};
 pub use health::{FailedReplica, ReplicaTraffic, RetryAction, RetryPolicy, outliers, retry};
 pub use reconcile::reconcile;
 pub use rollout::{ObservedReplica, ObservedState, RolloutInput, RolloutPlan, StepTraffic, plan_rollout};
 pub use simulate::{
-    BenchResult, bench_placement, max_domain_imbalance, max_spread_imbalance, simulate,
+    BenchResult, IndexBenchResult, bench_index, bench_placement, max_domain_imbalance, max_spread_imbalance, simulate,
 };
 pub use snapshot::{Action, HostInfo, Plan, ReplicaRef, Snapshot, Unplaceable, Workload, WorkloadId};

@@ -2,7 +2,7 @@
 //! deterministic sample of the replica's group (see the crate docs for why
 //! a sample, and why it still spreads exactly).
 
-use crate::cluster::{Cluster, Host, Service, Spread};
+use crate::cluster::{Cluster, Host, Service, Spread, cached_hosts, is_cached_on};
 use crate::hash::{mix, walk};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -17,7 +17,7 @@ pub(crate) enum Rejection {
     Instances { free: u64 },
 }
 
-type Filter = fn(&Host<'_>, &Service<'_>) -> Result<(), Rejection>;
+type Filter = fn(&Host, &Service) -> Result<(), Rejection>;
 
 /// The filters a candidate host must pass, in order. Two more come first and
 /// are not in this list: the host is ready, and it carries the labels the
@@ -28,7 +28,7 @@ type Filter = fn(&Host<'_>, &Service<'_>) -> Result<(), Rejection>;
 /// on real hosts, so its reason is the one reported for a host short of both.
 const FILTERS: [Filter; 2] = [memory_fits, instances_fit];
 
-fn memory_fits(host: &Host<'_>, service: &Service<'_>) -> Result<(), Rejection> {
+fn memory_fits(host: &Host, service: &Service) -> Result<(), Rejection> {
     let free = host.free_memory();
     if service.memory <= free {
         Ok(())
@@ -37,7 +37,7 @@ fn memory_fits(host: &Host<'_>, service: &Service<'_>) -> Result<(), Rejection> 
     }
 }
 
-fn instances_fit(host: &Host<'_>, service: &Service<'_>) -> Result<(), Rejection> {
+fn instances_fit(host: &Host, service: &Service) -> Result<(), Rejection> {
     let free = host.free_instances();
     if service.instances <= free {
         Ok(())
@@ -47,7 +47,7 @@ fn instances_fit(host: &Host<'_>, service: &Service<'_>) -> Result<(), Rejection
 }
 
 /// Whether `host` has room for a replica of `service`, or the first filter that says no.
-pub(crate) fn admits(host: &Host<'_>, service: &Service<'_>) -> Result<(), Rejection> {
+pub(crate) fn admits(host: &Host, service: &Service) -> Result<(), Rejection> {
     FILTERS.iter().try_for_each(|filter| filter(host, service))
 }
 
@@ -84,7 +84,7 @@ struct Score {
     host: u32,
 }
 
-fn score(index: u32, host: &Host<'_>, service: &Service<'_>, domain_spread: u32) -> Score {
+fn score(index: u32, host: &Host, service: &Service, cached_on: &[u32], domain_spread: u32) -> Score {
     let instance_slots = u64::from(host.capacity.instances);
     let reserved = per_mille(host.reserved_memory + service.memory, host.memory)
     .max(per_mille(
@@ -92,7 +92,7 @@ fn score(index: u32, host: &Host<'_>, service: &Service<'_>, domain_spread: u32)
         instance_slots,
     ));
     let in_flight = per_mille(host.in_flight, instance_slots) / IN_FLIGHT_DIVISOR;
-    let cached = if service.is_cached_on(index) {
+    let cached = if is_cached_on(cached_on, index) {
         CACHED_BONUS
     } else {
         0
@@ -131,14 +131,14 @@ fn candidates_to_score(group_size: usize) -> usize {
 /// or, finding no host, marks it exhausted.
 ///
 /// A service with `placement.spread` goes to [`place_spread`] instead.
-pub(crate) fn place(cluster: &mut Cluster<'_>, service: u32, replica: u32) -> Result<u32, String> {
+pub(crate) fn place(cluster: &mut Cluster, service: u32, replica: u32) -> Result<u32, String> {
     let wanted = &cluster.services[service as usize];
     if let Some(reason) = &wanted.exhausted {
         return Err(reason.clone());
     }
     let group = &cluster.groups[wanted.group];
     if group.hosts.is_empty() {
-        let reason = no_host_reason(group.labels, cluster.ready_hosts);
+        let reason = no_host_reason(&group.labels, cluster.ready_hosts());
         return Err(exhaust(&mut cluster.services[service as usize], reason));
     }
     let size = (wanted.group, wanted.memory, wanted.instances);
@@ -174,10 +174,11 @@ pub(crate) fn place(cluster: &mut Cluster<'_>, service: u32, replica: u32) -> Re
 /// It only reads the service's placement caches (floors, exhausted) and
 /// never sets them: an answer about one replica's hosts says nothing of
 /// the service's others.
-pub(crate) fn place_avoiding(cluster: &mut Cluster<'_>, service: u32, replica: u32) -> Option<u32> {
+pub(crate) fn place_avoiding(cluster: &mut Cluster, service: u32, replica: u32) -> Option<u32> {
     let wanted = &cluster.services[service as usize];
     let avoid = wanted.avoid.get(&replica).filter(|avoid| !avoid.is_empty())?;
     let group = &cluster.groups[wanted.group];
+    let cached_on = cluster.cached_on(&wanted.spec.component);
     let mut best: Option<Score> = None;
     for &index in &group.hosts {
         let host = &cluster.hosts[index as usize];
@@ -185,7 +186,7 @@ pub(crate) fn place_avoiding(cluster: &mut Cluster<'_>, service: u32, replica: u
             continue;
         }
         let in_domain = wanted.spread.as_ref().map_or(0, |spread| spread.peek(cluster.domain_of(spread.partition, index)).0);
-        let candidate = score(index, host, wanted, in_domain);
+        let candidate = score(index, host, wanted, cached_on, in_domain);
         if best.is_none_or(|best| candidate < best) {
             best = Some(candidate);
         }
@@ -197,16 +198,18 @@ pub(crate) fn place_avoiding(cluster: &mut Cluster<'_>, service: u32, replica: u
 
 /// The host for a replica of a service without a spread label (see
 /// [`place`]), or `None` when no host of its group has room.
-fn place_over_group(cluster: &mut Cluster<'_>, service: u32, replica: u32) -> Option<u32> {
+fn place_over_group(cluster: &mut Cluster, service: u32, replica: u32) -> Option<u32> {
     let Cluster {
         hosts,
         services,
         groups,
+        cached,
         ..
     } = &mut *cluster;
     let wanted = &mut services[service as usize];
     let group = &groups[wanted.group];
-    let level = wanted.hosts.level();
+    let cached_on = cached.get(&wanted.spec.component).map_or(&[][..], Vec::as_slice);
+    let level = wanted.hosts.level(group.hosts.len());
     let enough = candidates_to_score(group.hosts.len());
     let mut best: Option<Score> = None;
     let mut at_level = 0;
@@ -216,9 +219,7 @@ fn place_over_group(cluster: &mut Cluster<'_>, service: u32, replica: u32) -> Op
     // would rarely meet them, so up to `enough` of them go first, as extra
     // candidates: the walk may meet them again, so only the walk counts
     // towards `enough`.
-    let cached = wanted
-        .cached_hosts(key, enough)
-        .filter(|host| group.hosts.binary_search(host).is_ok());
+    let cached = cached_hosts(cached_on, key, enough).filter(|&host| group.contains(host));
     let walked = walk(group.hosts.len(), key).map(|position| group.hosts[position]);
     for (index, in_walk) in cached
         .map(|host| (host, false))
@@ -228,7 +229,7 @@ fn place_over_group(cluster: &mut Cluster<'_>, service: u32, replica: u32) -> Op
         if admits(host, wanted).is_err() {
             continue;
         }
-        let candidate = score(index, host, wanted, 0);
+        let candidate = score(index, host, wanted, cached_on, 0);
         if best.is_none_or(|best| candidate < best) {
             best = Some(candidate);
         }
@@ -257,7 +258,7 @@ fn place_over_group(cluster: &mut Cluster<'_>, service: u32, replica: u32) -> Op
 /// A domain walked to the end learns its host floor, or that it is full. When
 /// every domain at the level turns out full, the domain floor rises and the
 /// next level is tried; past the fullest domain, no host has room.
-fn place_spread(cluster: &mut Cluster<'_>, service: u32, replica: u32) -> Option<u32> {
+fn place_spread(cluster: &mut Cluster, service: u32, replica: u32) -> Option<u32> {
     let wanted = &mut cluster.services[service as usize];
     // Taken out while the walk reads the service, put back before returning.
     let mut spread = wanted.spread.take()?;
@@ -269,19 +270,20 @@ fn place_spread(cluster: &mut Cluster<'_>, service: u32, replica: u32) -> Option
 
 /// The walk of [`place_spread`], for `wanted`, whose spread state is `spread`.
 fn walk_domains(
-    cluster: &Cluster<'_>,
-    wanted: &Service<'_>,
+    cluster: &Cluster,
+    wanted: &Service,
     spread: &mut Spread,
     replica: u32,
 ) -> Option<u32> {
     let group = &cluster.groups[wanted.group];
     let partition = &cluster.partitions[spread.partition];
     let domains = partition.domains();
+    let cached_on = cluster.cached_on(&wanted.spec.component);
     let enough = candidates_to_score(group.hosts.len());
     let per_domain = enough.div_ceil(domains).max(2);
     let key = mix(wanted.hash ^ u64::from(replica));
     loop {
-        let level = spread.domains.level();
+        let level = spread.domains.level(domains);
         if !spread.domains.reaches(level) {
             // Every domain holds fewer than `level` replicas, so every one is full.
             return None;
@@ -290,18 +292,17 @@ fn walk_domains(
         // Cached hosts go first as extra candidates, as in
         // `place_over_group`, but only where the replica may go: in a domain
         // at the level, on a host at its domain's host spread level.
-        let cached = wanted
-            .cached_hosts(key, enough)
-            .filter(|host| group.hosts.binary_search(host).is_ok());
+        let cached = cached_hosts(cached_on, key, enough).filter(|&host| group.contains(host));
         for index in cached {
             let domain = cluster.domain_of(spread.partition, index);
             let (count, full) = spread.peek(domain);
-            if full || count != level || wanted.on_host(index) > spread.host_level(domain) {
+            let members = partition.hosts_of(domain).len();
+            if full || count != level || wanted.on_host(index) > spread.host_level(domain, members) {
                 continue;
             }
             let host = &cluster.hosts[index as usize];
             if admits(host, wanted).is_ok() {
-                let candidate = score(index, host, wanted, count);
+                let candidate = score(index, host, wanted, cached_on, count);
                 if best.is_none_or(|best| candidate < best) {
                     best = Some(candidate);
                 }
@@ -316,7 +317,7 @@ fn walk_domains(
                 continue;
             }
             let members = partition.hosts_of(domain);
-            let host_level = spread.host_level(domain);
+            let host_level = spread.host_level(domain, members.len());
             let mut best_here: Option<Score> = None;
             let mut at_level = 0;
             let mut walked_all = true;
@@ -326,7 +327,7 @@ fn walk_domains(
                 if admits(host, wanted).is_err() {
                     continue;
                 }
-                let candidate = score(index, host, wanted, count);
+                let candidate = score(index, host, wanted, cached_on, count);
                 if best_here.is_none_or(|best| candidate < best) {
                     best_here = Some(candidate);
                 }
@@ -340,9 +341,9 @@ fn walk_domains(
             // full; a floor no higher than the domain's level teaches nothing.
             match best_here {
                 Some(best) if walked_all && best.host_spread > host_level => {
-                    spread.domain(domain, members.len()).hosts.floor = best.host_spread;
+                    spread.domain(domain).hosts.floor = best.host_spread;
                 }
-                None if walked_all => spread.domain(domain, members.len()).full = true,
+                None if walked_all => spread.domain(domain).full = true,
                 _ => {}
             }
             if let Some(candidate) = best_here
@@ -365,7 +366,7 @@ fn walk_domains(
 
 /// Why no host of `service`'s group can take a replica, from a scan of the
 /// group: every host fails a filter.
-fn rejections_in_group(cluster: &Cluster<'_>, service: u32) -> String {
+fn rejections_in_group(cluster: &Cluster, service: u32) -> String {
     let wanted = &cluster.services[service as usize];
     let group = &cluster.groups[wanted.group];
     let mut rejections = Rejections::default();
@@ -374,11 +375,11 @@ fn rejections_in_group(cluster: &Cluster<'_>, service: u32) -> String {
             rejections.count(rejection);
         }
     }
-    rejections.describe(wanted, group.hosts.len(), group.labels)
+    rejections.describe(wanted, group.hosts.len(), &group.labels)
 }
 
 /// Remembers that no host can take a replica of `service`, and why.
-fn exhaust(service: &mut Service<'_>, reason: String) -> String {
+fn exhaust(service: &mut Service, reason: String) -> String {
     service.exhausted = Some(reason.clone());
     reason
 }
@@ -426,7 +427,7 @@ impl Rejections {
     /// E.g. `insufficient memory on 3 of 3 ready hosts (needs 1GiB, most free 512MiB)`.
     fn describe(
         &self,
-        service: &Service<'_>,
+        service: &Service,
         group_size: usize,
         labels: &BTreeMap<String, String>,
     ) -> String {

@@ -1,7 +1,7 @@
 //! Reconciliation: from a snapshot of what runs and what is wanted, the full
 //! assignment every host should have and the actions that lead there.
 
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, NO_HOST};
 use crate::placement::{place, place_avoiding};
 use crate::snapshot::{Action, Plan, ReplicaRef, Snapshot, Unplaceable};
 use wharf_proto::HostId;
@@ -32,14 +32,19 @@ use wharf_proto::HostId;
 ///    by replica index, so that when capacity runs short every service gets
 ///    its first replicas before any gets its last.
 pub fn reconcile(snapshot: &Snapshot) -> Plan {
+    reconcile_into(snapshot).0
+}
+
+/// [`reconcile`], returning also the state it built, with the plan applied.
+pub(crate) fn reconcile_into(snapshot: &Snapshot) -> (Plan, Cluster) {
     let mut cluster = Cluster::new(snapshot);
     let stops = keep_current(&mut cluster, snapshot);
     let (starts, unplaceable) = place_missing(&mut cluster);
-    build_plan(&cluster, stops, starts, unplaceable)
+    (build_plan(&cluster, stops, starts, unplaceable), cluster)
 }
 
 /// Keeps what may stay (see [`reconcile`]) and returns the stops for the rest.
-fn keep_current(cluster: &mut Cluster<'_>, snapshot: &Snapshot) -> Vec<Action> {
+fn keep_current(cluster: &mut Cluster, snapshot: &Snapshot) -> Vec<Action> {
     let mut stops = Vec::new();
     for (host_id, replicas) in &snapshot.current {
         let host = cluster.host(host_id);
@@ -61,11 +66,11 @@ fn keep_current(cluster: &mut Cluster<'_>, snapshot: &Snapshot) -> Vec<Action> {
     stops
 }
 
-fn may_stay(cluster: &Cluster<'_>, host: u32, service: u32, replica: u32) -> bool {
+fn may_stay(cluster: &Cluster, host: u32, service: u32, replica: u32) -> bool {
     let host = &cluster.hosts[host as usize];
     let service = &cluster.services[service as usize];
-    host.info.ready
-        && service.assigned.get(replica as usize) == Some(&false)
+    host.ready
+        && service.host_of.get(replica as usize) == Some(&NO_HOST)
         && service.spec.placement.matches(&host.info.labels)
         && !service.avoid.get(&replica).is_some_and(|avoid| avoid.contains(&host.info.id))
         && service.request <= host.free_for_requests()
@@ -76,14 +81,14 @@ fn may_stay(cluster: &Cluster<'_>, host: u32, service: u32, replica: u32) -> boo
 type Placed = (u32, u32, u32);
 
 /// Places every desired replica that has no host yet.
-fn place_missing(cluster: &mut Cluster<'_>) -> (Vec<Placed>, Vec<(u32, u32, String)>) {
+fn place_missing(cluster: &mut Cluster) -> (Vec<Placed>, Vec<(u32, u32, String)>) {
     let mut missing: Vec<(u32, u32)> = Vec::new();
     for (service, state) in cluster.services.iter().enumerate() {
         let unassigned = state
-            .assigned
+            .host_of
             .iter()
             .enumerate()
-            .filter(|(_, assigned)| !**assigned);
+            .filter(|(_, host)| **host == NO_HOST);
         missing.extend(unassigned.map(|(replica, _)| (replica as u32, service as u32)));
     }
     // Round-robin: every service's replica 0, then every replica 1, ...
@@ -106,7 +111,7 @@ fn place_missing(cluster: &mut Cluster<'_>) -> (Vec<Placed>, Vec<(u32, u32, Stri
 }
 
 fn build_plan(
-    cluster: &Cluster<'_>,
+    cluster: &Cluster,
     mut actions: Vec<Action>,
     starts: Vec<Placed>,
     unplaceable: Vec<(u32, u32, String)>,

@@ -1,12 +1,38 @@
 //! Synthetic clusters for tests and benchmarks, and the placement benchmark.
 
-use crate::cluster::{Cluster, ZONE_LABEL};
+use crate::cluster::{Cluster, NO_HOST, ZONE_LABEL};
+use crate::index::PlacementIndex;
 use crate::hash::{FixedMap, SplitMix64};
 use crate::reconcile::reconcile;
 use crate::snapshot::{HostInfo, Plan, Snapshot, Workload};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 use wharf_proto::{ByteSize, Capacity, Digest, HostId, ServiceSpec};
+
+/// The spec of synthetic service number `i`, named `name` (see [`simulate`]).
+fn synthetic_spec(name: &str, i: usize, replicas: u32, rng: &mut SplitMix64) -> ServiceSpec {
+    let mut spec = ServiceSpec::new(name, Digest::of(name.as_bytes()));
+    spec.namespace = format!("ns-{}", i % 8);
+    spec.replicas = replicas;
+    spec.limits.memory = ByteSize::mib(*rng.pick(&[16, 32, 64, 128]));
+    spec.limits.concurrency = *rng.pick(&[1, 2, 4, 8]);
+    if i.is_multiple_of(10) {
+        spec.placement
+            .labels
+            .insert(ZONE_LABEL.to_string(), format!("z{}", (i / 10) % 3));
+    }
+    if i.is_multiple_of(25) {
+        spec.placement
+            .labels
+            .insert("disk".to_string(), "ssd".to_string());
+    }
+    if i % 7 == 3 {
+        spec.placement.spread = Some("disk".to_string());
+    } else if i % 3 == 1 {
+        spec.placement.spread = Some(ZONE_LABEL.to_string());
+    }
+    spec
+}
 
 /// Builds a synthetic cluster, the same for the same arguments.
 ///
@@ -23,30 +49,7 @@ use wharf_proto::{ByteSize, Capacity, Digest, HostId, ServiceSpec};
 pub fn simulate(hosts: usize, services: usize, replicas_per_service: u32, seed: u64) -> Snapshot {
     let mut rng = SplitMix64::new(seed);
     let specs: Vec<ServiceSpec> = (0..services)
-        .map(|i| {
-            let name = format!("svc-{i}");
-            let mut spec = ServiceSpec::new(name.clone(), Digest::of(name.as_bytes()));
-            spec.namespace = format!("ns-{}", i % 8);
-            spec.replicas = replicas_per_service;
-            spec.limits.memory = ByteSize::mib(*rng.pick(&[16, 32, 64, 128]));
-            spec.limits.concurrency = *rng.pick(&[1, 2, 4, 8]);
-            if i % 10 == 0 {
-                spec.placement
-                    .labels
-                    .insert(ZONE_LABEL.to_string(), format!("z{}", (i / 10) % 3));
-            }
-            if i % 25 == 0 {
-                spec.placement
-                    .labels
-                    .insert("disk".to_string(), "ssd".to_string());
-            }
-            if i % 7 == 3 {
-                spec.placement.spread = Some("disk".to_string());
-            } else if i % 3 == 1 {
-                spec.placement.spread = Some(ZONE_LABEL.to_string());
-            }
-            spec
-        })
+        .map(|i| synthetic_spec(&format!("svc-{i}"), i, replicas_per_service, &mut rng))
         .collect();
     let hosts = (0..hosts)
         .map(|i| {
@@ -88,7 +91,12 @@ pub fn simulate(hosts: usize, services: usize, replicas_per_service: u32, seed: 
 /// even; 1 is the best possible when replicas do not divide evenly over hosts.
 pub fn max_spread_imbalance(snapshot: &Snapshot, plan: &Plan) -> u32 {
     let cluster = Cluster::new(snapshot);
-    let placed = placed_by_service(&cluster, plan);
+    spread_imbalance(&cluster, &placed_by_service(&cluster, plan))
+}
+
+/// [`max_spread_imbalance`] of `placed` (per service index, its replicas'
+/// hosts in its group) over `cluster`.
+fn spread_imbalance(cluster: &Cluster, placed: &[Vec<u32>]) -> u32 {
     let imbalance = |(service, hosts): (usize, &Vec<u32>)| {
         let state = &cluster.services[service];
         let mut per_host: FixedMap<u32, u32> = FixedMap::default();
@@ -135,7 +143,11 @@ pub fn max_spread_imbalance(snapshot: &Snapshot, plan: &Plan) -> u32 {
 /// 0 when no service has a spread label.
 pub fn max_domain_imbalance(snapshot: &Snapshot, plan: &Plan) -> u32 {
     let cluster = Cluster::new(snapshot);
-    let placed = placed_by_service(&cluster, plan);
+    domain_imbalance(&cluster, &placed_by_service(&cluster, plan))
+}
+
+/// [`max_domain_imbalance`] of `placed` over `cluster`.
+fn domain_imbalance(cluster: &Cluster, placed: &[Vec<u32>]) -> u32 {
     let imbalance = |(service, hosts): (usize, &Vec<u32>)| {
         let Some(spread) = &cluster.services[service].spread else {
             return 0;
@@ -152,8 +164,26 @@ pub fn max_domain_imbalance(snapshot: &Snapshot, plan: &Plan) -> u32 {
 }
 
 /// Per service index, the indices of the hosts of its group its replicas
+/// are on in `cluster` itself, once per replica.
+fn placed_in(cluster: &Cluster) -> Vec<Vec<u32>> {
+    cluster
+        .services
+        .iter()
+        .map(|service| {
+            let group = &cluster.groups[service.group];
+            service
+                .host_of
+                .iter()
+                .copied()
+                .filter(|&host| host != NO_HOST && group.contains(host))
+                .collect()
+        })
+        .collect()
+}
+
+/// Per service index, the indices of the hosts of its group its replicas
 /// are on in `plan`, once per replica.
-fn placed_by_service(cluster: &Cluster<'_>, plan: &Plan) -> Vec<Vec<u32>> {
+fn placed_by_service(cluster: &Cluster, plan: &Plan) -> Vec<Vec<u32>> {
     let mut placed = vec![Vec::new(); cluster.services.len()];
     for (host_id, replicas) in &plan.assignments {
         let Some(host) = cluster.host(host_id) else {
@@ -210,5 +240,102 @@ pub fn bench_placement(hosts: usize, replicas: usize) -> BenchResult {
         per_second: placements as f64 / seconds.max(f64::MIN_POSITIVE),
         max_spread_imbalance: max_spread_imbalance(&snapshot, &plan),
         max_domain_imbalance: max_domain_imbalance(&snapshot, &plan),
+    }
+}
+
+/// What [`bench_index`] measured.
+#[derive(Clone, Debug, PartialEq)]
+pub struct IndexBenchResult {
+    /// Simulated hosts.
+    pub hosts: usize,
+    /// Seconds for every host to join an empty [`PlacementIndex`] (once,
+    /// when the control plane starts; not part of any pass).
+    pub join_seconds: f64,
+    /// Replicas placed by the bulk pass.
+    pub placements: usize,
+    /// Seconds of the bulk pass: every workload added, then one
+    /// [`PlacementIndex::place`].
+    pub seconds: f64,
+    /// `placements / seconds`.
+    pub per_second: f64,
+    /// [`max_spread_imbalance`] after the bulk pass.
+    pub max_spread_imbalance: u32,
+    /// [`max_domain_imbalance`] after the bulk pass.
+    pub max_domain_imbalance: u32,
+    /// Workloads of 10 replicas added one at a time to the full cluster,
+    /// one pass each.
+    pub added: usize,
+    /// Replicas those passes placed.
+    pub added_placements: usize,
+    /// Milliseconds per added workload (its `set_workload` and pass), sorted.
+    pub added_ms: Vec<f64>,
+    /// The imbalances, as above, after the added workloads.
+    pub added_max_spread_imbalance: u32,
+    /// As above, over spread-label domains.
+    pub added_max_domain_imbalance: u32,
+}
+
+impl IndexBenchResult {
+    /// The `q`-quantile (0..=1) of [`IndexBenchResult::added_ms`].
+    pub fn added_quantile(&self, q: f64) -> f64 {
+        match self.added_ms.len() {
+            0 => 0.0,
+            n => self.added_ms[((n as f64 * q).ceil() as usize).clamp(1, n) - 1],
+        }
+    }
+}
+
+/// The placement benchmark of a [`PlacementIndex`]: the hosts of a
+/// [`simulate`]d cluster of `hosts` hosts join an empty index (timed
+/// apart), then `replicas` replicas (whole services of 10) are added and
+/// placed in one pass (the bulk figure); then `added` more services of 10
+/// replicas, shaped as the simulated ones, are added to the full cluster one
+/// at a time, each with its own pass, and each timed.
+pub fn bench_index(hosts: usize, replicas: usize, added: usize) -> IndexBenchResult {
+    const REPLICAS_PER_SERVICE: u32 = 10;
+    let services = replicas.div_ceil(REPLICAS_PER_SERVICE as usize);
+    let snapshot = simulate(hosts, services, REPLICAS_PER_SERVICE, 1);
+    let mut index = PlacementIndex::new();
+    let started = Instant::now();
+    for host in snapshot.hosts {
+        index.set_host(host);
+    }
+    let join_seconds = started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    for workload in snapshot.services {
+        index.set_workload(workload);
+    }
+    let changes = index.place();
+    let seconds = started.elapsed().as_secs_f64();
+    let placements = changes.actions.len();
+    let placed = placed_in(index.cluster());
+    let (spread, domain) = (spread_imbalance(index.cluster(), &placed), domain_imbalance(index.cluster(), &placed));
+    let mut rng = SplitMix64::new(2);
+    let mut added_ms = Vec::with_capacity(added);
+    let mut added_placements = 0;
+    for i in 0..added {
+        let spec = synthetic_spec(&format!("added-{i}"), i, REPLICAS_PER_SERVICE, &mut rng);
+        let workload = Workload::new(spec, 1);
+        let started = Instant::now();
+        index.set_workload(workload);
+        let changes = index.place();
+        added_ms.push(started.elapsed().as_secs_f64() * 1000.0);
+        added_placements += changes.actions.len();
+    }
+    added_ms.sort_by(f64::total_cmp);
+    let placed = placed_in(index.cluster());
+    IndexBenchResult {
+        hosts,
+        join_seconds,
+        placements,
+        seconds,
+        per_second: placements as f64 / seconds.max(f64::MIN_POSITIVE),
+        max_spread_imbalance: spread,
+        max_domain_imbalance: domain,
+        added,
+        added_placements,
+        added_ms,
+        added_max_spread_imbalance: spread_imbalance(index.cluster(), &placed),
+        added_max_domain_imbalance: domain_imbalance(index.cluster(), &placed),
     }
 }

@@ -6,7 +6,7 @@
 use proptest::prelude::*;
 use std::collections::{BTreeMap, BTreeSet};
 use wharf_proto::{ByteSize, Capacity, Digest, HostId, Overcommit, ServiceId, ServiceSpec};
-use wharf_scheduler_core::{Action, HostInfo, Plan, Snapshot, Workload, WorkloadId, reconcile};
+use wharf_scheduler_core::{Action, Changes, HostInfo, PlacementIndex, Plan, Snapshot, Workload, WorkloadId, reconcile};
 
 const ZONES: [&str; 3] = ["a", "b", "c"];
 
@@ -240,8 +240,87 @@ fn check_invariants(snapshot: &Snapshot, plan: &Plan) -> Result<(), TestCaseErro
     Ok(())
 }
 
+/// The hosts and workloads of `snapshot` that count (the first of each id).
+fn firsts(snapshot: &Snapshot) -> (Vec<HostInfo>, Vec<Workload>) {
+    let mut seen = BTreeSet::new();
+    let hosts = snapshot.hosts.iter().filter(|h| seen.insert(h.id.clone())).cloned().collect();
+    let mut seen = BTreeSet::new();
+    let workloads = snapshot.services.iter().filter(|w| seen.insert(w.id.clone())).cloned().collect();
+    (hosts, workloads)
+}
+
+/// Tells `index` what changed from `before` (`None`: nothing known yet) to
+/// `after`, and runs a pass.
+fn apply(index: &mut PlacementIndex, before: Option<&Snapshot>, after: &Snapshot) -> Changes {
+    let (hosts, workloads) = firsts(after);
+    if let Some(before) = before {
+        let (old_hosts, old_workloads) = firsts(before);
+        for host in old_hosts.iter().filter(|h| !hosts.iter().any(|n| n.id == h.id)) {
+            index.remove_host(&host.id);
+        }
+        for workload in old_workloads.iter().filter(|w| !workloads.iter().any(|n| n.id == w.id)) {
+            index.remove_workload(&workload.id);
+        }
+    }
+    for host in hosts {
+        index.set_host(host);
+    }
+    for workload in workloads {
+        index.set_workload(workload);
+    }
+    index.place()
+}
+
+/// The index's state and `changes` as a plan over the hosts of `snapshot`;
+/// a host the snapshot does not have must run nothing.
+fn index_plan(index: &PlacementIndex, snapshot: &Snapshot, changes: Changes) -> Result<Plan, TestCaseError> {
+    let mut assignments = index.assignments();
+    for (host, replicas) in &assignments {
+        if !snapshot.hosts.iter().any(|h| h.id == *host) {
+            prop_assert!(replicas.is_empty(), "{host} left but runs {replicas:?}");
+        }
+    }
+    assignments.retain(|host, _| snapshot.hosts.iter().any(|h| h.id == *host));
+    Ok(Plan { assignments, actions: changes.actions, unplaceable: index.unplaceable() })
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// A persistent index fed one state and then another, as changes,
+    /// keeps every invariant of `reconcile` after each pass, settles (a
+    /// pass with nothing changed does nothing), and decides the same for
+    /// the same sequence of changes.
+    #[test]
+    fn index_follows_changes(first in arb_snapshot(), second in arb_snapshot()) {
+        let first = Snapshot { current: BTreeMap::new(), ..first };
+        let mut index = PlacementIndex::new();
+        let changes = apply(&mut index, None, &first);
+        let plan = index_plan(&index, &first, changes.clone())?;
+        check_invariants(&first, &plan)?;
+        prop_assert_eq!(index.place(), Changes::default(), "a pass with nothing changed does nothing");
+
+        let second = Snapshot { current: index.assignments(), ..second };
+        let changes = apply(&mut index, Some(&first), &second);
+        let plan = index_plan(&index, &second, changes.clone())?;
+        check_invariants(&second, &plan)?;
+        prop_assert_eq!(index.place(), Changes::default(), "a pass with nothing changed does nothing");
+
+        let mut again = PlacementIndex::new();
+        apply(&mut again, None, &first);
+        prop_assert_eq!(apply(&mut again, Some(&first), &second), changes, "the same changes give the same decisions");
+        prop_assert_eq!(again.assignments(), index.assignments());
+
+        // An index started from a reconcile of a snapshot holds its plan,
+        // and follows changes from there.
+        let (plan, mut started) = PlacementIndex::reconcile(&first);
+        prop_assert_eq!(&plan, &reconcile(&first));
+        prop_assert_eq!(started.place(), Changes::default(), "a pass with nothing changed does nothing");
+        let moved = Snapshot { current: plan.assignments.clone(), ..second.clone() };
+        let changes = apply(&mut started, Some(&first), &moved);
+        let plan = index_plan(&started, &moved, changes)?;
+        check_invariants(&moved, &plan)?;
+    }
 
     #[test]
     fn plans_respect_capacity_and_constraints(snapshot in arb_snapshot()) {
