@@ -217,13 +217,10 @@ impl Placement {
     fn update(&mut self, hosts: Vec<HostInfo>, workloads: Vec<Workload>) -> Plan {
         let host_ids: HashSet<HostId> = hosts.iter().map(|h| h.id.clone()).collect();
         let workload_ids: HashSet<WorkloadId> = workloads.iter().map(|w| w.id.clone()).collect();
-        // In id order, so that the same changes give the same decisions.
-        let gone_hosts: BTreeSet<&HostId> = self.hosts.difference(&host_ids).collect();
-        for gone in gone_hosts {
+        for gone in self.hosts.difference(&host_ids) {
             self.index.remove_host(gone);
         }
-        let gone_workloads: BTreeSet<&WorkloadId> = self.workloads.difference(&workload_ids).collect();
-        for gone in gone_workloads {
+        for gone in self.workloads.difference(&workload_ids) {
             self.index.remove_workload(gone);
         }
         let order: Vec<HostId> = hosts.iter().map(|h| h.id.clone()).collect();
