@@ -9,8 +9,9 @@
 //! **Architecture invariant:** this crate knows nothing of NATS, tokio,
 //! axum, wasmtime or clocks, and draws no unseeded randomness. Its only
 //! dependency is `wharf-proto`. The controller around it reads the stores,
-//! tells a [`PlacementIndex`] what changed (starting it from a
-//! [`reconcile()`] of the whole snapshot) and writes the assignments. The
+//! calls [`reconcile()`] on the whole snapshot each pass and writes the
+//! assignments; a [`PlacementIndex`], told what changed, places only that
+//! (the controller does not use it yet). The
 //! only clock reads are [`bench_placement`] and [`bench_index`], the
 //! benchmark entry points, which nothing else calls.
 //!
