@@ -469,6 +469,24 @@ impl NatsCluster {
                 ));
             }
         }
+        // Every node advertises every running node's client port: a client
+        // connecting now learns the whole cluster from its INFO, which is
+        // how the bus decides how many copies a new bucket gets (a node
+        // that knew only itself would have it make buckets with too few,
+        // which then die with one node).
+        let ports: Vec<u16> = self.running().map(|(_, node)| node.port).collect();
+        for (index, node) in self.running() {
+            let varz = node.monitor("/varz").ok_or_else(|| format!("n{index} does not answer /varz yet"))?;
+            let advertised: Vec<String> = varz["connect_urls"]
+                .as_array()
+                .map(|urls| urls.iter().filter_map(|u| u.as_str().map(str::to_owned)).collect())
+                .unwrap_or_default();
+            for port in &ports {
+                if !advertised.iter().any(|url| url.ends_with(&format!(":{port}"))) {
+                    return Err(format!("n{index} does not advertise the node on port {port} yet"));
+                }
+            }
+        }
         Ok(())
     }
 }

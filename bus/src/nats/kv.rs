@@ -173,22 +173,26 @@ impl NatsKv {
         self.write(key, value, None).await
     }
 
+    /// A write expecting the key to have no message, or only a delete
+    /// marker (whose revision the write then expects); each step rides over
+    /// a lost server like any other call.
     pub(crate) async fn create(&self, key: &str, value: Bytes) -> Result<u64, KvError> {
-        let size = key.len() + value.len();
-        match self.store.create(key, value).await {
-            Ok(revision) => Ok(revision),
-            // From 2.11 a clustered stream refuses the create's
-            // compare-and-set with 10164, which async-nats does not map.
-            Err(err)
-                if err.kind() == kv::CreateErrorKind::AlreadyExists
-                    || jetstream_code(&err) == Some(ErrorCode::STREAM_WRONG_LAST_SEQUENCE_CONSTANT) =>
-            {
-                Err(KvError::AlreadyExists {
-                    bucket: self.bucket.clone(),
-                    key: key.to_owned(),
-                })
-            }
-            Err(err) => Err(self.write_failed(err, size).await),
+        let already = || KvError::AlreadyExists { bucket: self.bucket.clone(), key: key.to_owned() };
+        match self.write(key, value.clone(), Some(0)).await {
+            Err(KvError::RevisionMismatch { .. }) => {}
+            other => return other,
+        }
+        let marker = self
+            .ride_over(|| async {
+                self.store.entry(key).await.map_err(|err| Attempt::Retry(self.unavailable(err)))
+            })
+            .await?;
+        match marker {
+            Some(entry) if entry.operation != kv::Operation::Put => match self.write(key, value, Some(entry.revision)).await {
+                Err(KvError::RevisionMismatch { .. }) => Err(already()),
+                other => other,
+            },
+            _ => Err(already()),
         }
     }
 
