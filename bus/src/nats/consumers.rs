@@ -198,8 +198,12 @@ pub(crate) async fn carry_out(jetstream: &jetstream::Context, replicas: usize, a
                 ..Default::default()
             };
             // The last sequence first: everything after it is a change the
-            // consumer delivers live.
-            let last = jetstream.get_stream_no_info(stream.as_str()).await?.get_info().await?.state.last_sequence;
+            // consumer delivers live. Only a replay from the start (a new
+            // watch) needs it.
+            let last = match from {
+                None => jetstream.get_stream_no_info(stream.as_str()).await?.get_info().await?.state.last_sequence,
+                Some(_) => 0,
+            };
             let made = jetstream.create_consumer_on_stream(config, stream.as_str()).await?;
             Ok(Made { pending: made.cached_info().num_pending, last })
         }

@@ -337,39 +337,11 @@ async fn allowed(policy: &dyn DataRules, asker: &str, ask: &DataAsk) -> Result<(
 /// Makes the call `ask` names on its bucket (opened once, then kept).
 async fn carry_out(bus: &Bus, buckets: &Mutex<HashMap<String, Kv>>, ask: DataAsk, value: Bytes) -> (DataAnswer, Bytes) {
     let bucket = ask.bucket().to_owned();
-    if let DataAsk::ObjectInfo { name, .. } | DataAsk::ObjectChunk { nuid: name, .. } = &ask {
-        let Some(jetstream) = bus.nats_jetstream() else {
-            return (DataAnswer { failed: Some(Failure::Other { message: "no objects on this bus".into() }), ..DataAnswer::default() }, Bytes::new());
-        };
-        let other = |message: String| (DataAnswer { failed: Some(Failure::Other { message }), ..DataAnswer::default() }, Bytes::new());
-        return match &ask {
-            DataAsk::ObjectInfo { .. } => {
-                let store = match jetstream.get_object_store(&bucket).await {
-                    Ok(store) => store,
-                    Err(err) => return other(format!("object bucket {bucket}: {err}")),
-                };
-                match store.info(name).await {
-                    Ok(info) if !info.deleted => {
-                        (DataAnswer { object: Some(ObjectMeta { nuid: info.nuid, size: info.size, chunks: info.chunks }), ..DataAnswer::default() }, Bytes::new())
-                    }
-                    Ok(_) => (DataAnswer::default(), Bytes::new()),
-                    Err(err) if err.kind() == async_nats::jetstream::object_store::InfoErrorKind::NotFound => (DataAnswer::default(), Bytes::new()),
-                    Err(err) => other(format!("object {name}: {err}")),
-                }
-            }
-            DataAsk::ObjectChunk { after, .. } => {
-                let subject = format!("$O.{bucket}.C.{name}");
-                let stream = match jetstream.get_stream_no_info(format!("OBJ_{bucket}")).await {
-                    Ok(stream) => stream,
-                    Err(err) => return other(format!("object bucket {bucket}: {err}")),
-                };
-                match stream.get_first_raw_message_by_subject(&subject, after + 1).await {
-                    Ok(chunk) => (DataAnswer { revision: Some(chunk.sequence), ..DataAnswer::default() }, chunk.payload),
-                    Err(err) => other(format!("a chunk of {name}: {err}")),
-                }
-            }
-            _ => other("unreachable".into()),
-        };
+    if let DataAsk::ObjectInfo { name, .. } = &ask {
+        return object_info(bus, &bucket, name).await;
+    }
+    if let DataAsk::ObjectChunk { nuid, after, .. } = &ask {
+        return object_chunk(bus, &bucket, nuid, *after).await;
     }
     let cached = buckets.lock().ok().and_then(|b| b.get(&bucket).cloned());
     let kv = match cached {
@@ -405,6 +377,39 @@ async fn carry_out(bus: &Bus, buckets: &Mutex<HashMap<String, Kv>>, ask: DataAsk
             Err(err) => (failure(err), Bytes::new()),
         },
         DataAsk::ObjectInfo { .. } | DataAsk::ObjectChunk { .. } => (failure(KvError::Unavailable { bucket, source: "not a key-value call".into() }), Bytes::new()),
+    }
+}
+
+/// An answer that failed for `message`.
+fn other(message: String) -> (DataAnswer, Bytes) {
+    (DataAnswer { failed: Some(Failure::Other { message }), ..DataAnswer::default() }, Bytes::new())
+}
+
+/// [`DataAsk::ObjectInfo`]: the object's chunks, or no object.
+async fn object_info(bus: &Bus, bucket: &str, name: &str) -> (DataAnswer, Bytes) {
+    let Some(jetstream) = bus.nats_jetstream() else { return other("no objects on this bus".into()) };
+    let store = match jetstream.get_object_store(bucket).await {
+        Ok(store) => store,
+        Err(err) => return other(format!("object bucket {bucket}: {err}")),
+    };
+    match store.info(name).await {
+        Ok(info) if !info.deleted => (DataAnswer { object: Some(ObjectMeta { nuid: info.nuid, size: info.size, chunks: info.chunks }), ..DataAnswer::default() }, Bytes::new()),
+        Ok(_) => (DataAnswer::default(), Bytes::new()),
+        Err(err) if err.kind() == async_nats::jetstream::object_store::InfoErrorKind::NotFound => (DataAnswer::default(), Bytes::new()),
+        Err(err) => other(format!("object {name}: {err}")),
+    }
+}
+
+/// [`DataAsk::ObjectChunk`]: the first chunk of object `nuid` after stream sequence `after`.
+async fn object_chunk(bus: &Bus, bucket: &str, nuid: &str, after: u64) -> (DataAnswer, Bytes) {
+    let Some(jetstream) = bus.nats_jetstream() else { return other("no objects on this bus".into()) };
+    let stream = match jetstream.get_stream_no_info(format!("OBJ_{bucket}")).await {
+        Ok(stream) => stream,
+        Err(err) => return other(format!("object bucket {bucket}: {err}")),
+    };
+    match stream.get_first_raw_message_by_subject(format!("$O.{bucket}.C.{nuid}"), after + 1).await {
+        Ok(chunk) => (DataAnswer { revision: Some(chunk.sequence), ..DataAnswer::default() }, chunk.payload),
+        Err(err) => other(format!("a chunk of {nuid}: {err}")),
     }
 }
 

@@ -372,14 +372,7 @@ impl PlacementIndex {
     /// Whether replica `replica` of workload `service` may stay on host
     /// `host` (as `reconcile` keeps replicas).
     fn may_stay(&self, host: u32, service: u32, replica: u32) -> bool {
-        let host = &self.cluster.hosts[host as usize];
-        let service = &self.cluster.services[service as usize];
-        host.ready
-            && service.host_of.get(replica as usize) == Some(&NO_HOST)
-            && service.spec.placement.matches(&host.info.labels)
-            && !service.avoid.get(&replica).is_some_and(|avoid| avoid.contains(&host.info.id))
-            && service.request <= host.free_for_requests()
-            && service.instances <= host.free_instances()
+        crate::reconcile::may_stay(&self.cluster, host, service, replica)
     }
 
     /// Records that the replicas of host `host` changed.

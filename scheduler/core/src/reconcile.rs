@@ -66,7 +66,8 @@ fn keep_current(cluster: &mut Cluster, snapshot: &Snapshot) -> Vec<Action> {
     stops
 }
 
-fn may_stay(cluster: &Cluster, host: u32, service: u32, replica: u32) -> bool {
+/// Whether replica `replica` of workload `service` may stay on host `host`.
+pub(crate) fn may_stay(cluster: &Cluster, host: u32, service: u32, replica: u32) -> bool {
     let host = &cluster.hosts[host as usize];
     let service = &cluster.services[service as usize];
     host.ready
