@@ -40,6 +40,16 @@ enum KvInner {
     Brokered(Arc<nats::BrokeredKv>),
 }
 
+/// What a write stored (see [`Kv::put_once`]).
+pub(crate) use nats::Written;
+
+impl Written {
+    /// A first write, of revision `revision`.
+    fn new(revision: u64) -> Written {
+        Written { revision, duplicate: false }
+    }
+}
+
 /// The current value of a key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
@@ -108,23 +118,21 @@ impl Kv {
 
     /// Sets `key` to `value` whatever it held before; returns the new revision.
     pub async fn put(&self, key: &str, value: Bytes) -> Result<u64, KvError> {
-        self.check_write(key, &value)?;
-        match &self.inner {
-            KvInner::Nats(kv) => kv.put(key, value).await,
-            KvInner::Local(kv) => kv.put(key, value).await,
-            KvInner::Brokered(kv) => kv.put(key, value).await,
+        if let KvInner::Brokered(kv) = &self.inner {
+            self.check_write(key, &value)?;
+            return kv.put(key, value).await;
         }
+        Ok(self.put_once(key, value, &nats::message_id()).await?.revision)
     }
 
     /// Sets `key` to `value` only if it has no value (never set, or deleted);
     /// returns the new revision, or [`KvError::AlreadyExists`].
     pub async fn create(&self, key: &str, value: Bytes) -> Result<u64, KvError> {
-        self.check_write(key, &value)?;
-        match &self.inner {
-            KvInner::Nats(kv) => kv.create(key, value).await,
-            KvInner::Local(kv) => kv.create(key, value).await,
-            KvInner::Brokered(kv) => kv.create(key, value).await,
+        if let KvInner::Brokered(kv) = &self.inner {
+            self.check_write(key, &value)?;
+            return kv.create(key, value).await;
         }
+        Ok(self.create_once(key, value, &nats::message_id()).await?.revision)
     }
 
     /// Compare-and-set: sets `key` to `value` only if its last change has
@@ -136,11 +144,44 @@ impl Kv {
         value: Bytes,
         expected_revision: u64,
     ) -> Result<u64, KvError> {
+        if let KvInner::Brokered(kv) = &self.inner {
+            self.check_write(key, &value)?;
+            return kv.update(key, value, expected_revision).await;
+        }
+        Ok(self.update_once(key, value, expected_revision, &nats::message_id()).await?.revision)
+    }
+
+    /// [`Kv::put`] as the write with message id `id`: over NATS, a write
+    /// sent again with the same id within the bucket's duplicate window is
+    /// stored once, and answered with the first one's revision (a data
+    /// broker sends an asker's id, so an ask sent again after a lost answer
+    /// counts once). The in-process store ignores ids.
+    pub(crate) async fn put_once(&self, key: &str, value: Bytes, id: &str) -> Result<Written, KvError> {
         self.check_write(key, &value)?;
         match &self.inner {
-            KvInner::Nats(kv) => kv.update(key, value, expected_revision).await,
-            KvInner::Local(kv) => kv.update(key, value, expected_revision).await,
-            KvInner::Brokered(kv) => kv.update(key, value, expected_revision).await,
+            KvInner::Nats(kv) => kv.put(key, value, id).await,
+            KvInner::Local(kv) => kv.put(key, value).await.map(Written::new),
+            KvInner::Brokered(kv) => kv.put(key, value).await.map(Written::new),
+        }
+    }
+
+    /// [`Kv::create`] under message id `id` (see [`Kv::put_once`]).
+    pub(crate) async fn create_once(&self, key: &str, value: Bytes, id: &str) -> Result<Written, KvError> {
+        self.check_write(key, &value)?;
+        match &self.inner {
+            KvInner::Nats(kv) => kv.create(key, value, id).await,
+            KvInner::Local(kv) => kv.create(key, value).await.map(Written::new),
+            KvInner::Brokered(kv) => kv.create(key, value).await.map(Written::new),
+        }
+    }
+
+    /// [`Kv::update`] under message id `id` (see [`Kv::put_once`]).
+    pub(crate) async fn update_once(&self, key: &str, value: Bytes, expected_revision: u64, id: &str) -> Result<Written, KvError> {
+        self.check_write(key, &value)?;
+        match &self.inner {
+            KvInner::Nats(kv) => kv.update(key, value, expected_revision, id).await,
+            KvInner::Local(kv) => kv.update(key, value, expected_revision).await.map(Written::new),
+            KvInner::Brokered(kv) => kv.update(key, value, expected_revision).await.map(Written::new),
         }
     }
 
@@ -153,23 +194,44 @@ impl Kv {
         if let KvInner::Brokered(kv) = &self.inner {
             return kv.increment(key, delta).await;
         }
+        self.increment_once(key, delta, &nats::message_id()).await
+    }
+
+    /// [`Kv::increment`] whose write carries message id `id` on every try
+    /// (a try refused by compare-and-set stores nothing, so the id stays
+    /// free): made again with the same id after it succeeded, it finds its
+    /// first write stored and answers that write's number, counting once.
+    pub(crate) async fn increment_once(&self, key: &str, delta: u64, id: &str) -> Result<u64, KvError> {
         let failed = |why: String| KvError::Increment { bucket: String::new(), key: key.to_owned(), why };
+        let number = |value: &[u8]| {
+            std::str::from_utf8(value).ok().and_then(|s| s.trim().parse::<u64>().ok()).ok_or_else(|| failed("its value is not a decimal number".into()))
+        };
         for _ in 0..INCREMENT_ATTEMPTS {
             let current = self.get(key).await?;
             let value = match &current {
-                Some(entry) => std::str::from_utf8(&entry.value)
-                    .ok()
-                    .and_then(|s| s.trim().parse::<u64>().ok())
-                    .ok_or_else(|| failed("its value is not a decimal number".into()))?,
+                Some(entry) => number(&entry.value)?,
                 None => 0,
             };
             let next = value.checked_add(delta).ok_or_else(|| failed("it would overflow u64".into()))?;
             let text = Bytes::from(next.to_string());
             let written = match &current {
-                Some(entry) => self.update(key, text, entry.revision).await,
-                None => self.create(key, text).await,
+                Some(entry) => self.update_once(key, text, entry.revision, id).await,
+                None => self.create_once(key, text, id).await,
             };
             match written {
+                Ok(written) if written.duplicate => {
+                    // This increment was made before (its answer lost): its
+                    // number is what that write stored. If a later write
+                    // replaced it, the value read above already counts it
+                    // (a repeat found behind a later write fails its
+                    // compare-and-set and reads again), and is the answer:
+                    // as if the later increments came first.
+                    let KvInner::Nats(kv) = &self.inner else { return Ok(next) };
+                    return match kv.value_at(key, written.revision).await? {
+                        Some(stored) => number(&stored),
+                        None => Ok(value),
+                    };
+                }
                 Ok(_) => return Ok(next),
                 Err(KvError::RevisionMismatch { .. } | KvError::AlreadyExists { .. }) => continue,
                 Err(e) => return Err(e),
@@ -182,9 +244,14 @@ impl Kv {
     /// succeeds again. The delete is a change with a revision of its own, seen
     /// by watchers, even if the key had no value.
     pub async fn delete(&self, key: &str) -> Result<(), KvError> {
+        self.delete_once(key, &nats::message_id()).await
+    }
+
+    /// [`Kv::delete`] under message id `id` (see [`Kv::put_once`]).
+    pub(crate) async fn delete_once(&self, key: &str, id: &str) -> Result<(), KvError> {
         subject::check_key(key).map_err(KvError::InvalidName)?;
         match &self.inner {
-            KvInner::Nats(kv) => kv.delete(key).await,
+            KvInner::Nats(kv) => kv.delete(key, id).await,
             KvInner::Local(kv) => kv.delete(key).await,
             KvInner::Brokered(kv) => kv.delete(key).await,
         }

@@ -642,3 +642,92 @@ async fn a_data_broker_keeps_the_bucket_contract_and_refuses_what_its_policy_den
     let plain = Bus::connect_nats(&url, NatsOptions::default()).await.expect("connect");
     assert_eq!(plain.kv("data-alice").await.expect("open").get("a.two").await.expect("get").map(|e| e.value), Some(Bytes::from_static(b"3")));
 }
+
+/// One data ask as the bus frames it (see `nats/data.rs`): its JSON
+/// header's length, the header, then the value.
+fn framed_ask(header: &serde_json::Value, value: &[u8]) -> Bytes {
+    let json = serde_json::to_vec(header).expect("json");
+    let mut out = (u32::try_from(json.len()).expect("short")).to_be_bytes().to_vec();
+    out.extend_from_slice(&json);
+    out.extend_from_slice(value);
+    Bytes::from(out)
+}
+
+/// The JSON header of a data broker's answer.
+fn answer_header(payload: &[u8]) -> serde_json::Value {
+    let length = u32::from_be_bytes(payload[..4].try_into().expect("four bytes")) as usize;
+    serde_json::from_slice(&payload[4..4 + length]).expect("a JSON header")
+}
+
+/// An ask that arrives twice under one id (its answer was lost, say, with
+/// a NATS server, and the asker sent it again) is carried out once: an
+/// increment counts once and both answers give the same number; a create
+/// answers both times with its revision rather than "already exists". The
+/// same ask under another id is a new call.
+#[tokio::test]
+async fn a_data_ask_sent_again_under_its_id_is_carried_out_once() {
+    let server = NatsServer::start();
+    let broker = Bus::connect_nats(&server.url(), NatsOptions::default()).await.expect("connect the broker");
+    broker.serve_data_broker("test.data.*", "brokers", std::sync::Arc::new(OwnBucket)).await.expect("serve");
+    let direct = broker.kv("data-alice").await.expect("bucket");
+    let alice = async_nats::ConnectOptions::new().custom_inbox_prefix("_INBOX.alice").connect(server.url()).await.expect("a plain client");
+    let ask = |header: serde_json::Value, id: &str| {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Wharf-Ask-Id", id);
+        let request = async_nats::Request::new().payload(framed_ask(&header, b"")).headers(headers).timeout(Some(Duration::from_secs(10)));
+        let alice = alice.clone();
+        async move { answer_header(&alice.send_request("test.data.alice", request).await.expect("answered").payload) }
+    };
+    let increment = serde_json::json!({"op": "increment", "bucket": "data-alice", "key": "count", "delta": 5});
+    let first = ask(increment.clone(), "ask-1").await;
+    let again = ask(increment.clone(), "ask-1").await;
+    assert_eq!((first["revision"].as_u64(), again["revision"].as_u64()), (Some(5), Some(5)), "{first} {again}");
+    assert_eq!(direct.get("count").await.expect("get").map(|e| e.value), Some(Bytes::from_static(b"5")), "counted once");
+    assert_eq!(ask(increment, "ask-2").await["revision"].as_u64(), Some(10), "another id is another increment");
+
+    let create = serde_json::json!({"op": "create", "bucket": "data-alice", "key": "made"});
+    let first = ask(create.clone(), "ask-3").await;
+    let again = ask(create.clone(), "ask-3").await;
+    assert!(first["failed"].is_null() && first["revision"].as_u64().is_some(), "{first}");
+    assert_eq!(first, again, "the same create, answered the same");
+    assert_eq!(ask(create, "ask-4").await["failed"]["kind"], "already_exists");
+}
+
+/// An ask whose answer does not come (it was lost with a server) is sent
+/// again, under the same id, and the call succeeds once a broker answers;
+/// with no broker at all the call fails with a clear error rather than
+/// hanging.
+#[tokio::test]
+async fn a_data_ask_left_unanswered_is_sent_again() {
+    let server = NatsServer::start();
+    let url = server.url();
+    let options = NatsOptions { inbox_prefix: Some("_INBOX.alice".to_owned()), data_broker: Some("test.data.alice".to_owned()), ..NatsOptions::default() };
+    let alice = Bus::connect_nats(&url, options).await.expect("alice connects");
+    let kv = alice.kv("data-alice").await.expect("open");
+
+    // No broker: a clear error, within the patience for a missing broker.
+    let started = Instant::now();
+    let err = kv.get("k").await.expect_err("no broker");
+    assert!(err.to_string().contains("did not answer"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(30), "gave up after {:?}", started.elapsed());
+
+    // The first sending is swallowed, as a server that dies with it would.
+    let hole = async_nats::connect(&url).await.expect("connect");
+    let mut swallowed = hole.subscribe("test.data.alice").await.expect("subscribe");
+    hole.flush().await.expect("flush");
+    let write = tokio::spawn(async move { kv.increment("n", 1).await });
+    let first = tokio::time::timeout(Duration::from_secs(10), swallowed.next()).await.expect("the ask arrives").expect("a message");
+    drop(swallowed);
+    let broker = Bus::connect_nats(&url, NatsOptions::default()).await.expect("connect the broker");
+    broker.serve_data_broker("test.data.*", "brokers", std::sync::Arc::new(OwnBucket)).await.expect("serve");
+    assert_eq!(write.await.expect("joins").expect("the ask was sent again and answered"), 1);
+    // The sending that reached the broker carried the swallowed one's id.
+    let id = first.headers.as_ref().and_then(|h| h.get("Wharf-Ask-Id")).map(|id| id.to_string()).expect("an ask id");
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Wharf-Ask-Id", id.as_str());
+    let repeat = async_nats::Request::new().payload(first.payload.clone()).headers(headers).timeout(Some(Duration::from_secs(10)));
+    let alice_raw = async_nats::ConnectOptions::new().custom_inbox_prefix("_INBOX.alice").connect(&url).await.expect("a plain client");
+    let answer = answer_header(&alice_raw.send_request("test.data.alice", repeat).await.expect("answered").payload);
+    assert_eq!(answer["revision"].as_u64(), Some(1), "the lost ask, arriving late, does not count again: {answer}");
+    assert_eq!(broker.kv("data-alice").await.expect("bucket").get("n").await.expect("get").map(|e| e.value), Some(Bytes::from_static(b"1")));
+}

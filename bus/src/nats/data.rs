@@ -19,10 +19,25 @@ use serde::{Deserialize, Serialize};
 use crate::error::{BackendError, KvError};
 use crate::{Bus, Entry, KeyPage, Kv};
 
-/// How long an asker waits for the broker's answer: longer than a bucket
-/// call rides over a lost server (30 s), so the broker's own error comes
-/// back rather than a timeout.
+/// How long an asker waits for the broker's answer in all: longer than a
+/// bucket call rides over a lost server (30 s), so the broker's own error
+/// comes back rather than a timeout.
 const BROKER_PATIENCE: Duration = Duration::from_secs(35);
+
+/// How long one sending of an ask waits for its answer before the ask is
+/// sent again (under the same id, see [`ASK_ID`]): an ask, or its answer,
+/// lost with a NATS server that died while it crossed is not otherwise
+/// noticed. A lost connection sends it again at once.
+const TRY_PATIENCE: Duration = Duration::from_secs(5);
+
+/// How long an ask is sent again while no broker listens (all of them
+/// reconnecting after a server's loss, say) before that is the answer.
+const NO_BROKER_PATIENCE: Duration = Duration::from_secs(10);
+
+/// The header naming an ask, the same on each sending of it: the broker
+/// writes under it as the message id, so JetStream stores a write once
+/// however many times its ask arrives (see `Kv::put_once`).
+const ASK_ID: &str = "Wharf-Ask-Id";
 
 /// A key-value call a process asks a data broker to make.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -165,12 +180,7 @@ impl BrokeredKv {
 
     async fn ask(&self, ask: DataAsk, value: &[u8]) -> Result<(DataAnswer, Bytes), KvError> {
         let unavailable = |source: BackendError| KvError::Unavailable { bucket: self.bucket.clone(), source };
-        let request = async_nats::Request::new().payload(frame(&ask, value)).timeout(Some(BROKER_PATIENCE));
-        let reply = self
-            .client
-            .send_request(self.subject.clone(), request)
-            .await
-            .map_err(|err| unavailable(format!("the data broker on {} did not answer: {err}", self.subject).into()))?;
+        let reply = self.sent(frame(&ask, value)).await.map_err(unavailable)?;
         let (answer, body): (DataAnswer, Bytes) =
             unframe(&reply.payload).map_err(|err| unavailable(format!("the data broker on {} answered something unreadable: {err}", self.subject).into()))?;
         let key = match &ask {
@@ -194,6 +204,46 @@ impl BrokeredKv {
                 Failure::Increment { why } => KvError::Increment { bucket: self.bucket.clone(), key, why },
                 Failure::Other { message } => unavailable(message.into()),
             }),
+        }
+    }
+
+    /// Sends an ask until its answer comes: again after [`TRY_PATIENCE`]
+    /// or a change of connection, always under one [`ASK_ID`], for up to
+    /// [`BROKER_PATIENCE`] in all.
+    async fn sent(&self, payload: Bytes) -> Result<async_nats::Message, BackendError> {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(ASK_ID, super::message_id().as_str());
+        let started = tokio::time::Instant::now();
+        let mut connection = self.connection.clone();
+        loop {
+            connection.mark_unchanged();
+            let request = async_nats::Request::new().payload(payload.clone()).headers(headers.clone()).timeout(Some(TRY_PATIENCE));
+            let sent = self.client.send_request(self.subject.clone(), request);
+            let outcome = tokio::select! {
+                outcome = sent => Some(outcome),
+                // The ask or its answer may have been lost with the connection.
+                Ok(()) = connection.changed() => None,
+            };
+            let waited = started.elapsed();
+            match outcome {
+                Some(Ok(reply)) => return Ok(reply),
+                Some(Err(err)) => {
+                    let again = match err.kind() {
+                        async_nats::RequestErrorKind::TimedOut => waited + TRY_PATIENCE <= BROKER_PATIENCE,
+                        async_nats::RequestErrorKind::NoResponders => waited < NO_BROKER_PATIENCE,
+                        _ => false,
+                    };
+                    if !again {
+                        return Err(format!("the data broker on {} did not answer: {err}", self.subject).into());
+                    }
+                    tracing::debug!(subject = %self.subject, "a data ask got no answer ({err}); sending it again");
+                    if err.kind() == async_nats::RequestErrorKind::NoResponders {
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                    }
+                }
+                None if waited < BROKER_PATIENCE => tracing::debug!(subject = %self.subject, "the connection changed during a data ask; sending it again"),
+                None => return Err(format!("the data broker on {} did not answer within {BROKER_PATIENCE:?}", self.subject).into()),
+            }
         }
     }
 
@@ -308,7 +358,10 @@ pub(crate) async fn serve(bus: Bus, client: async_nats::Client, mut asks: async_
                         tracing::warn!(%asker, bucket = %ask.bucket(), "data ask refused: {why}");
                         (DataAnswer { failed: Some(Failure::Refused { why }), ..DataAnswer::default() }, Bytes::new())
                     }
-                    Ok(()) => carry_out(&bus, &buckets, ask, value).await,
+                    Ok(()) => {
+                        let id = message.headers.as_ref().and_then(|h| h.get(ASK_ID)).map_or_else(super::message_id, |id| id.to_string());
+                        carry_out(&bus, &buckets, ask, value, &id).await
+                    }
                 },
             };
             if let Err(err) = client.publish(reply, frame(&answer, &value)).await {
@@ -334,8 +387,9 @@ async fn allowed(policy: &dyn DataRules, asker: &str, ask: &DataAsk) -> Result<(
     }
 }
 
-/// Makes the call `ask` names on its bucket (opened once, then kept).
-async fn carry_out(bus: &Bus, buckets: &Mutex<HashMap<String, Kv>>, ask: DataAsk, value: Bytes) -> (DataAnswer, Bytes) {
+/// Makes the call `ask` names on its bucket (opened once, then kept); a
+/// write under message id `id`, so an ask made twice writes once.
+async fn carry_out(bus: &Bus, buckets: &Mutex<HashMap<String, Kv>>, ask: DataAsk, value: Bytes, id: &str) -> (DataAnswer, Bytes) {
     let bucket = ask.bucket().to_owned();
     if let DataAsk::ObjectInfo { name, .. } = &ask {
         return object_info(bus, &bucket, name).await;
@@ -360,18 +414,19 @@ async fn carry_out(bus: &Bus, buckets: &Mutex<HashMap<String, Kv>>, ask: DataAsk
         Ok(revision) => (DataAnswer { revision: Some(revision), ..DataAnswer::default() }, Bytes::new()),
         Err(err) => (failure(err), Bytes::new()),
     };
+    let revision = |result: Result<crate::kv::Written, KvError>| result.map(|w| w.revision);
     match ask {
         DataAsk::Get { key, .. } => match kv.get(&key).await {
             Ok(Some(entry)) => (DataAnswer { revision: Some(entry.revision), found: true, ..DataAnswer::default() }, entry.value),
             Ok(None) => (DataAnswer::default(), Bytes::new()),
             Err(err) => (failure(err), Bytes::new()),
         },
-        DataAsk::Put { key, .. } => written(kv.put(&key, value).await),
-        DataAsk::Create { key, .. } => written(kv.create(&key, value).await),
-        DataAsk::Update { key, expected, .. } => written(kv.update(&key, value, expected).await),
-        DataAsk::Delete { key, .. } => written(kv.delete(&key).await.map(|()| 0)),
+        DataAsk::Put { key, .. } => written(revision(kv.put_once(&key, value, id).await)),
+        DataAsk::Create { key, .. } => written(revision(kv.create_once(&key, value, id).await)),
+        DataAsk::Update { key, expected, .. } => written(revision(kv.update_once(&key, value, expected, id).await)),
+        DataAsk::Delete { key, .. } => written(kv.delete_once(&key, id).await.map(|()| 0)),
         // The new number travels where a write's revision does.
-        DataAsk::Increment { key, delta, .. } => written(kv.increment(&key, delta).await),
+        DataAsk::Increment { key, delta, .. } => written(kv.increment_once(&key, delta, id).await),
         DataAsk::KeysPage { prefix, after, limit, .. } => match kv.keys_page(&prefix, after, limit).await {
             Ok(page) => (DataAnswer { keys: Some(page.keys), next: page.next, ..DataAnswer::default() }, Bytes::new()),
             Err(err) => (failure(err), Bytes::new()),

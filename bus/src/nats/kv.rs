@@ -89,9 +89,10 @@ impl NatsKv {
         ride_over(&self.bucket, attempt).await
     }
 
-    /// Publishes one write to `key` with a message id (see [`NatsKv`]),
-    /// compare-and-set against `expected` when given.
-    async fn write(&self, key: &str, value: Bytes, expected: Option<u64>) -> Result<u64, KvError> {
+    /// Publishes one write to `key` under message id `id` (see
+    /// [`NatsKv`]), compare-and-set against `expected` when given; a delete
+    /// marker when `delete`.
+    async fn write(&self, key: &str, value: Bytes, expected: Option<u64>, id: &str, delete: bool) -> Result<Written, KvError> {
         let mut subject = String::new();
         if self.store.use_jetstream_prefix {
             // The store was opened through a JetStream domain's prefix.
@@ -100,13 +101,20 @@ impl NatsKv {
             subject.push_str(self.store.put_prefix.as_deref().unwrap_or(&self.store.prefix));
         }
         subject.push_str(key);
-        let id = message_id();
         // The message's headers (id, expected sequence) count against the
         // bucket's limit too.
         let size = key.len() + value.len() + WRITE_HEADERS;
+        // A repeat met on a later try is this call's own earlier try,
+        // stored with its answer lost: what it stored is this call's value.
+        let mut tries = 0u32;
         self.ride_over(|| {
+            tries += 1;
+            let first = tries == 1;
             let mut headers = async_nats::HeaderMap::new();
-            headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
+            headers.insert(async_nats::header::NATS_MESSAGE_ID, id);
+            if delete {
+                headers.insert(KV_OPERATION, "DEL");
+            }
             if let Some(expected) = expected {
                 headers.insert(async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, expected.to_string().as_str());
             }
@@ -123,13 +131,19 @@ impl NatsKv {
                 };
                 let reconnected = connection.has_changed().unwrap_or(true) || self.clustered();
                 match ack {
-                    Ok(ack) => Ok(ack.sequence),
+                    Ok(ack) => Ok(Written { revision: ack.sequence, duplicate: ack.duplicate && first }),
                     // Servers from 2.11 answer a failed compare-and-set with
                     // a constant code of their own (10164) rather than 10071.
                     Err(err)
                         if err.kind() == async_nats::jetstream::context::PublishErrorKind::WrongLastSequence
                             || jetstream_code(&err) == Some(ErrorCode::STREAM_WRONG_LAST_SEQUENCE_CONSTANT) =>
                     {
+                        // The server checks the expected revision before
+                        // the message id: a repeat of a write that was
+                        // stored (its answer lost) meets its own revision.
+                        if let Some(revision) = self.stored_last(key, id).await {
+                            return Ok(Written { revision, duplicate: first });
+                        }
                         Err(Attempt::Final(KvError::RevisionMismatch { bucket: self.bucket.clone(), key: key.to_owned(), expected: expected.unwrap_or(0) }))
                     }
                     Err(err) if is_transient(&err, reconnected) => Err(Attempt::Retry(self.unavailable(err))),
@@ -169,16 +183,16 @@ impl NatsKv {
             }))
     }
 
-    pub(crate) async fn put(&self, key: &str, value: Bytes) -> Result<u64, KvError> {
-        self.write(key, value, None).await
+    pub(crate) async fn put(&self, key: &str, value: Bytes, id: &str) -> Result<Written, KvError> {
+        self.write(key, value, None, id, false).await
     }
 
     /// A write expecting the key to have no message, or only a delete
     /// marker (whose revision the write then expects); each step rides over
     /// a lost server like any other call.
-    pub(crate) async fn create(&self, key: &str, value: Bytes) -> Result<u64, KvError> {
+    pub(crate) async fn create(&self, key: &str, value: Bytes, id: &str) -> Result<Written, KvError> {
         let already = || KvError::AlreadyExists { bucket: self.bucket.clone(), key: key.to_owned() };
-        match self.write(key, value.clone(), Some(0)).await {
+        match self.write(key, value.clone(), Some(0), id, false).await {
             Err(KvError::RevisionMismatch { .. }) => {}
             other => return other,
         }
@@ -188,7 +202,7 @@ impl NatsKv {
             })
             .await?;
         match marker {
-            Some(entry) if entry.operation != kv::Operation::Put => match self.write(key, value, Some(entry.revision)).await {
+            Some(entry) if entry.operation != kv::Operation::Put => match self.write(key, value, Some(entry.revision), id, false).await {
                 Err(KvError::RevisionMismatch { .. }) => Err(already()),
                 other => other,
             },
@@ -196,20 +210,29 @@ impl NatsKv {
         }
     }
 
-    pub(crate) async fn update(
-        &self,
-        key: &str,
-        value: Bytes,
-        expected: u64,
-    ) -> Result<u64, KvError> {
-        self.write(key, value, Some(expected)).await
+    pub(crate) async fn update(&self, key: &str, value: Bytes, expected: u64, id: &str) -> Result<Written, KvError> {
+        self.write(key, value, Some(expected), id, false).await
     }
 
-    pub(crate) async fn delete(&self, key: &str) -> Result<(), KvError> {
-        match self.store.delete(key).await {
-            Ok(()) => Ok(()),
-            Err(err) => Err(self.write_failed(err, key.len()).await),
-        }
+    /// Writes a delete marker for `key`, under message id `id`.
+    pub(crate) async fn delete(&self, key: &str, id: &str) -> Result<(), KvError> {
+        self.write(key, Bytes::new(), None, id, true).await.map(drop)
+    }
+
+    /// The revision of `key`'s last change if the write with message id
+    /// `id` made it.
+    async fn stored_last(&self, key: &str, id: &str) -> Option<u64> {
+        let last = self.store.stream.get_last_raw_message_by_subject(&format!("$KV.{}.{key}", self.bucket)).await.ok()?;
+        let stored_id = last.headers.get(async_nats::header::NATS_MESSAGE_ID)?;
+        (stored_id.as_str() == id).then_some(last.sequence)
+    }
+
+    /// The value `key` was given by the write of revision `revision`.
+    pub(crate) async fn value_at(&self, key: &str, revision: u64) -> Result<Option<Bytes>, KvError> {
+        let entry = self
+            .ride_over(|| async { self.store.entry_for_revision(key, revision).await.map_err(|err| Attempt::Retry(self.unavailable(err))) })
+            .await?;
+        Ok(entry.filter(|entry| entry.operation == kv::Operation::Put).map(|entry| entry.value))
     }
 
     /// Reads keys from a consumer that starts after revision `after`,
@@ -297,6 +320,20 @@ impl NatsKv {
     }
 }
 
+/// The header that marks a key-value message as a delete (as async-nats writes it).
+const KV_OPERATION: &str = "KV-Operation";
+
+/// What a write stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Written {
+    /// The revision of the write.
+    pub(crate) revision: u64,
+    /// Whether the write was a repeat of one already stored under the same
+    /// message id: `revision` is that first write's, and the value stored
+    /// is what that write carried.
+    pub(crate) duplicate: bool,
+}
+
 /// The outcome of one try of a bucket call that may be tried again.
 pub(crate) enum Attempt<E> {
     /// Try again (until [`RIDE_OVER`]); this error if not.
@@ -337,7 +374,7 @@ where
 /// two writers of the same value expecting the same revision never pass for
 /// one (the second must see its compare-and-set refused), and a value put
 /// again later is stored again.
-fn message_id() -> String {
+pub(crate) fn message_id() -> String {
     hex::encode(rand::random::<[u8; 16]>())
 }
 

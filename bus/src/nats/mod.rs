@@ -30,7 +30,7 @@ pub(crate) use consumers::{Consumers, ack_info, open_stream};
 pub use consumers::{ConsumerAsk, ConsumerPolicy, ConsumerRules};
 pub(crate) use data::{BrokeredKv, BrokeredObjects, serve as serve_data};
 pub use data::{DataAsk, DataPolicy, DataRules};
-pub(crate) use kv::{NatsKv, NatsWatch};
+pub(crate) use kv::{NatsKv, NatsWatch, Written, message_id};
 pub(crate) use objects::NatsObjects;
 pub(crate) use system::NatsDisconnects;
 use tls::TlsSetup;
