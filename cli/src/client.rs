@@ -111,6 +111,10 @@ pub struct DeployArgs {
     /// Default: 8MiB, raised to the peak the service's instances are seen using.
     #[arg(long)]
     memory_request: Option<ByteSize>,
+    /// Instance slots placement reserves per replica on its host (its request; at most
+    /// --concurrency). Default: 1, as instances live only while a request runs.
+    #[arg(long)]
+    instances_request: Option<u32>,
     /// Environment variable KEY=VALUE. Repeatable; replaces the environment.
     #[arg(long = "env", value_name = "KEY=VALUE", value_parser = crate::wiring::parse_pair)]
     env: Vec<(String, String)>,
@@ -812,6 +816,9 @@ fn apply_flags(args: &DeployArgs, spec: &mut ServiceSpec) -> anyhow::Result<()> 
     }
     if let Some(request) = args.memory_request {
         spec.limits.memory_request = Some(request);
+    }
+    if let Some(request) = args.instances_request {
+        spec.limits.instances_request = Some(request);
     }
     if !args.env.is_empty() {
         spec.env = args.env.iter().cloned().collect();

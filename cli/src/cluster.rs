@@ -257,8 +257,11 @@ pub struct HostArgs {
     /// is refused with a clean error (503), never a crash.
     #[arg(long, default_value_t = wharf_proto::Overcommit::NONE)]
     memory_overcommit: wharf_proto::Overcommit,
-    /// Instances that may run at once on this host, over all replicas.
-    #[arg(long, default_value_t = 1000)]
+    /// Instances that may run at once on this host, over all replicas (each replica reserves
+    /// its instance request, 1 by default; a request finding every slot busy waits its queue
+    /// timeout, then gets 503 host_instances_full). Each slot reserves address space (not
+    /// memory) for its largest memory: about 8.6GiB, so past about 14,000 the engine cannot start.
+    #[arg(long, default_value_t = wharf_host::runtime::DEFAULT_MAX_INSTANCES)]
     max_instances: u32,
     /// OS priority of the threads that run requests past their first few milliseconds of
     /// CPU (and the excess of a tenant crowding out others): `idle` (Linux SCHED_IDLE: only

@@ -119,6 +119,9 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyhow::Resu
         timeout: args.timeout,
         concurrency: args.concurrency,
         queue_timeout: args.queue_timeout,
+        // One replica has the host to itself.
+        instances_request: args.concurrency,
+        ..WorkloadLimits::default()
     };
     spec.env = args.env;
     spec.egress = EgressPolicy::allow(args.allow_outbound);

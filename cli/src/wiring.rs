@@ -40,8 +40,11 @@ pub struct HostArgs {
     /// Labels for placement, as KEY=VALUE (e.g. zone=a); repeat the flag or separate pairs with commas (zone=a,disk=ssd).
     #[arg(long = "label", visible_alias = "labels", value_name = "KEY=VALUE", value_delimiter = ',', value_parser = parse_pair)]
     pub labels: Vec<(String, String)>,
-    /// Instances that may run at once on this host, over all replicas.
-    #[arg(long, default_value_t = 1000)]
+    /// Instances that may run at once on this host, over all replicas (each replica reserves
+    /// its instance request, 1 by default; a request finding every slot busy waits its queue
+    /// timeout, then gets 503 host_instances_full). Each slot reserves address space (not
+    /// memory) for its largest memory: about 8.6GiB, so past about 14,000 the engine cannot start.
+    #[arg(long, default_value_t = wharf_host::runtime::DEFAULT_MAX_INSTANCES)]
     pub max_instances: u32,
     /// Memory offered to replicas (each reserves its memory request); default: 80% of the machine's.
     #[arg(long)]

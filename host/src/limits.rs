@@ -18,6 +18,18 @@ pub struct WorkloadLimits {
     pub concurrency: u32,
     /// How long a request may wait for a free instance slot before it gets 503.
     pub queue_timeout: Duration,
+    /// The memory placement reserved for the replica (its request); `None`:
+    /// `memory x concurrency`, all it may use.
+    pub memory_request: Option<ByteSize>,
+    /// The host's instance slots placement reserved for the replica.
+    pub instances_request: u32,
+}
+
+impl WorkloadLimits {
+    /// The memory the replica reserves on its host.
+    pub fn memory_reserved(&self) -> ByteSize {
+        self.memory_request.unwrap_or(ByteSize(self.memory.bytes().saturating_mul(u64::from(self.concurrency))))
+    }
 }
 
 impl Default for WorkloadLimits {
@@ -28,6 +40,8 @@ impl Default for WorkloadLimits {
             timeout: Duration::from_secs(5),
             concurrency: 16,
             queue_timeout: Duration::from_secs(2),
+            memory_request: None,
+            instances_request: 1,
         }
     }
 }

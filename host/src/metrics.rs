@@ -136,7 +136,7 @@ impl HostMetrics {
             log_lines_dropped.clone(),
         );
         registry.register("instance_memory_peak_bytes", "Peak linear memory of an instance", memory_peak.clone());
-        registry.register("memory_reserved_bytes", "Memory reserved by a workload (memory cap x concurrency)", memory_reserved.clone());
+        registry.register("memory_reserved_bytes", "Memory placement reserved for a workload (its memory request)", memory_reserved.clone());
         HostMetrics {
             inner: Arc::new(Inner {
                 registry,

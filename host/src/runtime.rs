@@ -34,6 +34,15 @@ pub const HTTP_HANDLER_EXPORT: &str = "wasi:http/incoming-handler";
 /// bounded.
 pub const DEFAULT_CODE_CACHE: ByteSize = ByteSize::mib(256);
 
+/// The default number of instances a host runs at once, over all its
+/// replicas: the pool's slots. Each replica reserves its instance request
+/// (1 by default) of them, so a host holds about this many always-on
+/// replicas (and any number scaled to zero). A slot costs address space
+/// for its memories (about 8.6GiB with the default 4GiB reservation and
+/// guards), not memory: 4,096 slots take some 35TiB of the 128TiB a
+/// process may map.
+pub const DEFAULT_MAX_INSTANCES: u32 = 4096;
+
 /// How a host's engine is sized.
 #[derive(Debug, Clone)]
 pub struct RuntimeConfig {
@@ -66,7 +75,7 @@ pub struct RuntimeConfig {
 impl Default for RuntimeConfig {
     fn default() -> Self {
         RuntimeConfig {
-            max_instances: 1000,
+            max_instances: DEFAULT_MAX_INSTANCES,
             max_instance_memory: ByteSize::gib(1),
             cache_dir: None,
             code_cache: DEFAULT_CODE_CACHE,
@@ -206,6 +215,10 @@ struct RuntimeInner {
     logs: crate::logs::LogSink,
     /// What all instances' linear memory counts against (`memory_budget`).
     host_memory: Option<Arc<crate::limits::HostMemory>>,
+    /// One permit per instance the pool holds (`max_instances`), shared by
+    /// every workload: a request takes one besides its replica's own, so a
+    /// full pool is a wait and then a clean 503, never a failed instantiation.
+    instance_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl Drop for RuntimeInner {
@@ -251,6 +264,7 @@ impl Runtime {
                 engine_hash,
                 compiled: CodeCache::new(config.code_cache.bytes()),
                 host_memory: config.memory_budget.map(crate::limits::HostMemory::new),
+                instance_slots: Arc::new(tokio::sync::Semaphore::new(config.max_instances.max(1) as usize)),
                 config,
                 cpu,
                 logs,
@@ -271,6 +285,17 @@ impl Runtime {
     /// The budget all instances' linear memory counts against, if any.
     pub fn host_memory(&self) -> Option<Arc<crate::limits::HostMemory>> {
         self.inner.host_memory.clone()
+    }
+
+    /// The host's instance slots (see `RuntimeInner::instance_slots`).
+    pub(crate) fn instance_slots(&self) -> &Arc<tokio::sync::Semaphore> {
+        &self.inner.instance_slots
+    }
+
+    /// Instances running now, across every workload of the host.
+    pub fn instances_running(&self) -> u32 {
+        let free = u32::try_from(self.inner.instance_slots.available_permits()).unwrap_or(u32::MAX);
+        self.inner.config.max_instances.max(1).saturating_sub(free)
     }
 
     pub(crate) fn cpu(&self) -> &crate::cpu::CpuScheduler {

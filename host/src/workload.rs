@@ -108,6 +108,9 @@ pub enum Outcome {
     Deadline { timeout: Duration },
     /// No instance slot came free within the queue timeout.
     Overloaded { concurrency: u32, waited: Duration },
+    /// The replica had a slot free, but the host's instance pool was full
+    /// (every replica's instances together) for the queue timeout.
+    HostInstancesFull { slots: u32, waited: Duration },
     /// The request could not be handed to the component.
     BadRequest(String),
     /// The component finished without ever setting a response.
@@ -133,6 +136,7 @@ impl Outcome {
             Outcome::HostMemoryFull { .. } => "host_memory_full",
             Outcome::Deadline { .. } => "deadline",
             Outcome::Overloaded { .. } => "overloaded",
+            Outcome::HostInstancesFull { .. } => "host_instances_full",
             Outcome::BadRequest(_) => "bad_request",
             Outcome::NoResponse => "no_response",
             Outcome::HostError(_) => "host_error",
@@ -146,7 +150,7 @@ impl Outcome {
         match self {
             Outcome::Ok => StatusCode::OK,
             Outcome::Deadline { .. } => StatusCode::GATEWAY_TIMEOUT,
-            Outcome::Overloaded { .. } | Outcome::HostMemoryFull { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Outcome::Overloaded { .. } | Outcome::HostMemoryFull { .. } | Outcome::HostInstancesFull { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Outcome::BadRequest(_) => StatusCode::BAD_REQUEST,
             Outcome::NoHttpHandler => StatusCode::NOT_FOUND,
             Outcome::Trap(_)
@@ -179,6 +183,10 @@ impl Outcome {
             }
             Outcome::Overloaded { concurrency, waited } => format!(
                 "{service}: all {concurrency} instances are busy and none came free within {}; retry shortly",
+                humanize(*waited)
+            ),
+            Outcome::HostInstancesFull { slots, waited } => format!(
+                "{service}: the host runs its {slots} instances at once (--max-instances), all busy with other requests, and none came free within {}; retry shortly",
                 humanize(*waited)
             ),
             Outcome::BadRequest(detail) => format!("{service}: bad request: {detail}"),
@@ -257,7 +265,7 @@ const LATENCY_BUCKETS: usize = wharf_proto::latency::BUCKET_BOUNDS_MICROS.len() 
 impl Drop for WorkloadInner {
     fn drop(&mut self) {
         let spec = &self.spec;
-        let reserved = spec.limits.memory.bytes().saturating_mul(u64::from(spec.limits.concurrency));
+        let reserved = spec.limits.memory_reserved().bytes();
         self.metrics.memory_reserved.dec_by(i64::try_from(reserved).unwrap_or(i64::MAX));
         self.metrics.forget();
     }
@@ -299,7 +307,7 @@ impl Workload {
         let service: Arc<str> = spec.service.as_str().into();
         let namespace: Arc<str> = spec.service.split_once('/').map_or(spec.service.as_str(), |(ns, _)| ns).into();
         let metrics = metrics.service(&spec.service);
-        let reserved = spec.limits.memory.bytes().saturating_mul(u64::from(spec.limits.concurrency));
+        let reserved = spec.limits.memory_reserved().bytes();
         metrics.memory_reserved.inc_by(i64::try_from(reserved).unwrap_or(i64::MAX));
         Ok(Workload {
             inner: Arc::new(WorkloadInner {
@@ -389,11 +397,9 @@ impl Workload {
         let started = Instant::now();
         let _in_flight = InFlight::enter(self);
         let limits = &self.inner.spec.limits;
-        let permit = match tokio::time::timeout(limits.queue_timeout, self.inner.permits.clone().acquire_owned()).await {
-            Ok(Ok(permit)) => permit,
-            // The semaphore is never closed, so the only failure is the wait.
-            _ => {
-                let outcome = Outcome::Overloaded { concurrency: limits.concurrency, waited: limits.queue_timeout };
+        let permit = match self.admit().await {
+            Ok(permit) => permit,
+            Err(outcome) => {
                 self.record(&outcome, started.elapsed());
                 return self.error_response(&outcome);
             }
@@ -467,7 +473,7 @@ impl Workload {
         self.record(&outcome, started.elapsed());
         match outcome {
             Outcome::Ok => Ok(()),
-            Outcome::Overloaded { .. } => Err(MessageError::Overloaded(outcome.message(&self.inner.service))),
+            Outcome::Overloaded { .. } | Outcome::HostInstancesFull { .. } => Err(MessageError::Overloaded(outcome.message(&self.inner.service))),
             outcome => {
                 self.inner.errors.fetch_add(1, Ordering::Relaxed);
                 Err(MessageError::Failed(outcome.message(&self.inner.service)))
@@ -541,9 +547,9 @@ impl Workload {
         Fut: std::future::Future<Output = Outcome> + Send + 'static,
     {
         let limits = &self.inner.spec.limits;
-        let permit = match tokio::time::timeout(limits.queue_timeout, self.inner.permits.clone().acquire_owned()).await {
-            Ok(Ok(permit)) => permit,
-            _ => return Outcome::Overloaded { concurrency: limits.concurrency, waited: limits.queue_timeout },
+        let permit = match self.admit().await {
+            Ok(permit) => permit,
+            Err(outcome) => return outcome,
         };
         let deadline = Instant::now() + limits.timeout;
         let demotion = Arc::new(Demotion::default());
@@ -703,6 +709,29 @@ impl Workload {
         }
     }
 
+    /// Waits, for at most the queue timeout in all, for one of the
+    /// replica's instance slots, then for one of the host's.
+    async fn admit(&self) -> Result<Admitted, Outcome> {
+        let limits = &self.inner.spec.limits;
+        let until = tokio::time::Instant::now() + limits.queue_timeout;
+        // The semaphores are never closed, so the only failure is the wait.
+        let Ok(Ok(replica)) = tokio::time::timeout_at(until, self.inner.permits.clone().acquire_owned()).await else {
+            return Err(Outcome::Overloaded { concurrency: limits.concurrency, waited: limits.queue_timeout });
+        };
+        let slots = self.inner.runtime.instance_slots().clone();
+        let host = match slots.clone().try_acquire_owned() {
+            Ok(host) => host,
+            Err(_) => match tokio::time::timeout_at(until, slots.acquire_owned()).await {
+                Ok(Ok(host)) => host,
+                _ => {
+                    let slots = self.inner.runtime.config().max_instances.max(1);
+                    return Err(Outcome::HostInstancesFull { slots, waited: limits.queue_timeout });
+                }
+            },
+        };
+        Ok(Admitted { _replica: replica, _host: host })
+    }
+
     fn error_response(&self, outcome: &Outcome) -> Response<ResponseBody> {
         error_response(outcome.status(), outcome.label(), outcome.message(&self.inner.service))
     }
@@ -771,4 +800,11 @@ impl Drop for InFlight<'_> {
         self.workload.inner.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.workload.inner.metrics.in_flight.dec();
     }
+}
+
+/// A request's places: one of its replica's instance slots and one of the
+/// host's, given back when it is dropped.
+struct Admitted {
+    _replica: tokio::sync::OwnedSemaphorePermit,
+    _host: tokio::sync::OwnedSemaphorePermit,
 }

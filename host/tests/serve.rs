@@ -280,6 +280,43 @@ async fn a_full_workload_answers_503_with_retry_after() {
     assert_eq!(slow.await.expect("joins").expect("answered"), 200, "the request holding the slot finishes");
 }
 
+/// The host's instance slots are shared by all its replicas: with every
+/// one busy, another replica's request (its own slots free) waits its queue
+/// timeout and gets 503 `host_instances_full` naming the host's limit,
+/// never a failed instantiation; once a slot comes free it is served.
+#[tokio::test]
+async fn a_full_host_pool_answers_503_naming_the_host_limit_and_frees_with_its_instances() {
+    let runtime = Runtime::new(RuntimeConfig { max_instances: 2, max_instance_memory: ByteSize::mib(64), cache_dir: None, ..RuntimeConfig::default() }).expect("runtime starts");
+    let host = Host::with_runtime(runtime);
+    let sleep = host.serve("sleep", limits(|l| l.concurrency = 2)).await;
+    let hello = host.serve("hello", limits(|l| {
+        l.concurrency = 2;
+        l.queue_timeout = Duration::from_millis(200);
+    }))
+    .await;
+    let slow: Vec<_> = (0..2)
+        .map(|_| {
+            let client = host.client.clone();
+            let url = format!("{}/?ms=2500", sleep.url);
+            tokio::spawn(async move { client.get(url).send().await.map(|r| r.status().as_u16()) })
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    while host.runtime.instances_running() < 2 {
+        assert!(started.elapsed() < Duration::from_secs(10), "the slow requests never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, error, body) = host.get(&hello.url).await;
+    assert_eq!((status, error.as_deref()), (503, Some("host_instances_full")), "{body}");
+    assert!(body.contains("2 instances at once (--max-instances)"), "{body}");
+    for request in slow {
+        assert_eq!(request.await.expect("joins").expect("answered"), 200, "the requests holding the slots finish");
+    }
+    assert_eq!(host.runtime.instances_running(), 0, "their slots came back");
+    let (status, _, body) = host.get(&hello.url).await;
+    assert_eq!(status, 200, "{body}");
+}
+
 #[tokio::test]
 async fn outbound_calls_are_denied_unless_allowed() {
     // The backend listens on loopback, which hosts refuse unless the admin

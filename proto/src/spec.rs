@@ -29,6 +29,14 @@ pub const MAX_TIMEOUT: Duration = Duration::from_secs(600);
 /// placed by the peak its instances were seen using (see
 /// [`ServiceSpec::memory_request`]); the cap is still enforced per instance.
 pub const DEFAULT_MEMORY_REQUEST: ByteSize = ByteSize::mib(8);
+/// The instance slots a replica reserves on its host for placement when its
+/// spec names no `limits.instances_request` (capped at `concurrency`).
+/// Instances live only while a request runs, and most replicas run one or
+/// two at a time; reserving the concurrency (16 by default) let a host of
+/// 1,000 slots hold 62 services. The host's slots are shared: a request
+/// that finds them all busy waits its queue timeout, then gets 503
+/// `host_instances_full`.
+pub const DEFAULT_INSTANCES_REQUEST: u32 = 1;
 /// The smallest memory request: one wasm page.
 pub const MIN_MEMORY_REQUEST: ByteSize = ByteSize(64 << 10);
 /// The most instances one replica may run at once.
@@ -154,6 +162,11 @@ pub struct Limits {
     pub timeout: Duration,
     /// Instances one replica may run at once (default 16).
     pub concurrency: u32,
+    /// Instance slots placement reserves for each replica on its host (its
+    /// request; at most `concurrency`). Unset: [`DEFAULT_INSTANCES_REQUEST`].
+    /// See [`ServiceSpec::instances_request`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instances_request: Option<u32>,
 }
 
 impl Default for Limits {
@@ -164,6 +177,7 @@ impl Default for Limits {
             fuel: Some(1_000_000_000),
             timeout: Duration::from_secs(5),
             concurrency: 16,
+            instances_request: None,
         }
     }
 }
@@ -415,6 +429,13 @@ impl<C> ServiceSpec<C> {
         self.limits.memory_request.unwrap_or_else(|| {
             ByteSize(DEFAULT_MEMORY_REQUEST.bytes().min(self.limits.most_memory().bytes()))
         })
+    }
+
+    /// The instance slots a replica reserves on its host, for placement and
+    /// host capacity: `limits.instances_request`, or by default
+    /// [`DEFAULT_INSTANCES_REQUEST`], never more than `limits.concurrency`.
+    pub fn instances_request(&self) -> u32 {
+        self.limits.instances_request.unwrap_or(DEFAULT_INSTANCES_REQUEST).min(self.limits.concurrency)
     }
 
     /// The service's id, `namespace/name`.
@@ -705,6 +726,14 @@ impl Limits {
             MAX_CONCURRENCY,
             u32::to_string,
         )?;
+        if let Some(request) = self.instances_request
+            && (request == 0 || request > self.concurrency)
+        {
+            return Err(SpecError::new(
+                "instances_request",
+                format!("must be between 1 and concurrency ({}), got {request}", self.concurrency),
+            ));
+        }
         if let Some(request) = self.memory_request {
             let most = self.most_memory();
             if request > most {
@@ -929,6 +958,21 @@ mod tests {
         spec.limits.memory_request = Some(ByteSize(1000));
         let err = spec.validate().expect_err("below a wasm page");
         assert_eq!(err.to_string(), "limits.memory_request: must be between 64KiB and 4MiB, got 1000");
+    }
+
+    #[test]
+    fn instances_request_is_one_by_default_and_at_most_the_concurrency() {
+        let mut spec = spec();
+        assert_eq!((spec.limits.concurrency, spec.instances_request()), (16, 1), "a replica reserves one slot, not its concurrency");
+        spec.limits.concurrency = 4;
+        spec.limits.instances_request = Some(4);
+        assert_eq!(spec.instances_request(), 4);
+        spec.validate().expect("up to the concurrency");
+        spec.limits.instances_request = Some(5);
+        let err = spec.validate().expect_err("past the concurrency");
+        assert_eq!(err.to_string(), "limits.instances_request: must be between 1 and concurrency (4), got 5");
+        spec.limits.instances_request = Some(0);
+        assert!(spec.validate().is_err(), "zero");
     }
 
     #[test]

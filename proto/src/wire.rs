@@ -225,7 +225,8 @@ pub struct Capacity {
     /// Memory for instances; each replica reserves [`crate::ServiceSpec::memory_request`]
     /// (up to this times the host's [`Heartbeat::memory_overcommit`]).
     pub memory: ByteSize,
-    /// Instances that may run at once; each replica reserves its `concurrency`.
+    /// Instances that may run at once, shared by the host's replicas; each
+    /// reserves [`crate::ServiceSpec::instances_request`].
     pub instances: u32,
 }
 

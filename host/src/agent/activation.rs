@@ -93,7 +93,7 @@ impl Activations {
     }
 
     /// Memory and instances the activation replicas reserve (their memory
-    /// requests, given by `request_of`, and concurrency, as assigned
+    /// requests, given by `request_of`, and instance requests, as assigned
     /// replicas do).
     pub(crate) fn reserved(&self, request_of: impl Fn(&ServiceId) -> u64) -> (u64, u64) {
         let Ok(slots) = self.slots.lock() else { return (0, 0) };
@@ -102,7 +102,7 @@ impl Activations {
             .filter_map(|(service, slot)| {
                 let activated = slot.try_lock().ok()?;
                 let limits = &activated.as_ref()?.0.spec().limits;
-                Some((request_of(service), u64::from(limits.concurrency)))
+                Some((request_of(service), u64::from(limits.instances_request)))
             })
             .fold((0, 0), |(m, i), (dm, di)| (m + dm, i + di))
     }
@@ -224,10 +224,10 @@ impl HostAgent {
             ));
         }
         let instances = self.inner.replicas.instances_reserved().saturating_add(activated_instances);
-        if instances.saturating_add(u64::from(spec.limits.concurrency)) > u64::from(capacity.instances) {
+        if instances.saturating_add(u64::from(spec.instances_request())) > u64::from(capacity.instances) {
             return Err(format!(
                 "insufficient instances: a replica reserves {}, and {instances} of the host's {} are reserved",
-                spec.limits.concurrency, capacity.instances
+                spec.instances_request(), capacity.instances
             ));
         }
         Ok(())

@@ -401,6 +401,8 @@ pub fn workload_spec(service: &ServiceId, revision: u64, spec: &ServiceSpec, hos
         fuel: spec.limits.fuel,
         timeout: spec.limits.timeout,
         concurrency: spec.limits.concurrency,
+        memory_request: Some(spec.memory_request()),
+        instances_request: spec.instances_request(),
         ..WorkloadLimits::default()
     };
     workload.env = spec

@@ -275,9 +275,9 @@ impl ReplicaSet {
         self.read(|table| table.assigned.values().filter_map(|r| r.spec.as_ref()).map(|s| s.memory_request().bytes()).sum())
     }
 
-    /// Instances the assigned replicas reserve (their concurrency).
+    /// Instances the assigned replicas reserve (their instance requests).
     pub(crate) fn instances_reserved(&self) -> u64 {
-        self.read(|table| table.assigned.values().filter_map(|r| r.spec.as_ref()).map(|s| u64::from(s.limits.concurrency)).sum())
+        self.read(|table| table.assigned.values().filter_map(|r| r.spec.as_ref()).map(|s| u64::from(s.instances_request())).sum())
     }
 
     /// The specs of the replicas assigned here, by service (for routes

@@ -46,7 +46,7 @@ pub(crate) struct Host {
     /// ([`Service::request`]); a replica kept where it runs must fit in
     /// what this leaves, so learning a peak never moves what runs.
     pub(crate) reserved_requests: u64,
-    /// Sum of the concurrency of the replicas assigned here.
+    /// Sum of the instance requests of the replicas assigned here.
     pub(crate) reserved_instances: u64,
     /// The index of the host's zone.
     pub(crate) zone: u32,
@@ -655,7 +655,7 @@ impl Cluster {
             hash: hash_text(&workload.id.service.to_string()),
             memory: workload.memory_peak.map_or(0, |peak| peak.bytes()).max(request),
             request,
-            instances: u64::from(spec.limits.concurrency),
+            instances: u64::from(spec.instances_request()),
             group,
             host_of: vec![NO_HOST; workload.replicas as usize],
             per_host: FixedMap::default(),

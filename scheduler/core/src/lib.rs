@@ -36,7 +36,8 @@
 //!   or, placed now, the larger of that and the peak its service's instances
 //!   were seen using ([`Workload::memory_peak`]), out of the host's memory
 //!   times its overcommit ratio ([`HostInfo::memory_overcommit`]); and
-//!   `concurrency` instance slots.
+//!   its instance request of the host's instance slots
+//!   ([`wharf_proto::ServiceSpec::instances_request`], 1 by default).
 //! - Score, compared in order: for a service with `placement.spread`, fewest
 //!   replicas of the service in the host's domain (see below); fewest
 //!   replicas of the service on the host (spread), fewest in the host's

@@ -13,7 +13,7 @@ use wharf_proto::ByteSize;
 pub(crate) enum Rejection {
     /// Less memory is free than the replica reserves.
     Memory { free: u64 },
-    /// Fewer instance slots are free than the replica's concurrency.
+    /// Fewer instance slots are free than the replica's instance request.
     Instances { free: u64 },
 }
 
