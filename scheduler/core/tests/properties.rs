@@ -86,11 +86,12 @@ prop_compose! {
                 spec.limits.concurrency = concurrency;
                 spec.placement.labels = labels(zone, ssd);
                 spec.placement.spread = SPREADS[spread].map(String::from);
-                // Half request all they may use; the rest the default, with
+                // Half request all they may use (memory and slots); the rest the default, with
                 // a peak learned up to the cap (above the default request).
                 let learned = i % 2 == 1;
                 if !learned {
                     spec.limits.memory_request = Some(spec.limits.most_memory());
+                    spec.limits.instances_request = Some(concurrency);
                 }
                 let peak = spec.limits.memory;
                 let mut workload = Workload::new(spec, revision);
@@ -148,7 +149,7 @@ fn check_invariants(snapshot: &Snapshot, plan: &Plan) -> Result<(), TestCaseErro
                         && spec.placement.matches(&h.labels)
                         && plan.assignments.get(&h.id).is_some_and(|on| on.is_empty())
                         && h.capacity.memory.scaled(h.memory_overcommit) >= spec.memory_request()
-                        && u64::from(h.capacity.instances) >= u64::from(spec.limits.concurrency)
+                        && u64::from(h.capacity.instances) >= u64::from(spec.instances_request())
                 });
                 prop_assert!(!elsewhere, "{service}/{replica} is on {host_id}, which it avoids, while an empty host could take it");
             }
@@ -161,7 +162,7 @@ fn check_invariants(snapshot: &Snapshot, plan: &Plan) -> Result<(), TestCaseErro
                 "{service}/{replica} is placed twice"
             );
             memory += spec.memory_request().bytes();
-            instances += u64::from(spec.limits.concurrency);
+            instances += u64::from(spec.instances_request());
         }
         prop_assert!(
             memory <= host.capacity.memory.scaled(host.memory_overcommit).bytes(),

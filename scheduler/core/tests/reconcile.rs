@@ -37,6 +37,8 @@ fn service(name: &str, replicas: u32) -> ServiceSpec {
     let mut spec = ServiceSpec::new(name, Digest::of(name.as_bytes()));
     spec.replicas = replicas;
     spec.limits.memory_request = Some(ByteSize::gib(1));
+    // Each replica reserves 16 slots, so a few hosts run out of them.
+    spec.limits.instances_request = Some(16);
     spec
 }
 
