@@ -32,8 +32,8 @@ use wharf_proto::{
     ReplicaStatus, RevisionCount, RolloutPhase, SealedSecrets, ServiceId, ServiceSpec, ServiceStatus, StoredService, UnplaceableReplica,
 };
 use wharf_scheduler_core::{
-    FailedReplica, HostInfo, ObservedReplica, ObservedState, ReplicaTraffic, RetryAction, RetryPolicy, RolloutInput, Snapshot,
-    StepTraffic, Workload, WorkloadId, outliers, plan_rollout, reconcile, retry,
+    FailedReplica, HostInfo, ObservedReplica, ObservedState, PlacementIndex, Plan, ReplicaTraffic, RetryAction, RetryPolicy, RolloutInput,
+    Snapshot, StepTraffic, Workload, WorkloadId, outliers, plan_rollout, retry,
 };
 
 /// How often autoscaled services' load is sampled (the autoscaler's tick).
@@ -185,6 +185,60 @@ struct Controller {
     /// Kept here rather than read from the current reports, so that a
     /// service scaled to zero still wakes with what it was seen to need.
     memory_peaks: HashMap<ServiceId, ByteSize>,
+    /// Placement's view of the cluster, kept between passes and told what
+    /// changed, so a pass places what changed rather than rebuilding the
+    /// view of every host. `None` at the start of leadership and after an
+    /// assignment could not be written (the index would then disagree with
+    /// what is written): the next pass starts it again from a reconcile of
+    /// the whole state.
+    placement: Option<Placement>,
+}
+
+/// A [`PlacementIndex`] and the hosts and workloads it was told of, to
+/// tell it which left.
+struct Placement {
+    index: PlacementIndex,
+    hosts: HashSet<HostId>,
+    workloads: HashSet<WorkloadId>,
+}
+
+impl Placement {
+    /// Starts from a reconcile of `snapshot`, returning its plan.
+    fn start(snapshot: &Snapshot) -> (Plan, Placement) {
+        let (plan, index) = PlacementIndex::reconcile(snapshot);
+        let hosts = snapshot.hosts.iter().map(|h| h.id.clone()).collect();
+        let workloads = snapshot.services.iter().map(|w| w.id.clone()).collect();
+        (plan, Placement { index, hosts, workloads })
+    }
+
+    /// Tells the index what changed since the last pass (hosts and
+    /// workloads now: those missing left) and runs a pass. The plan's
+    /// assignments cover `hosts`, as a reconcile's would.
+    fn update(&mut self, hosts: Vec<HostInfo>, workloads: Vec<Workload>) -> Plan {
+        let host_ids: HashSet<HostId> = hosts.iter().map(|h| h.id.clone()).collect();
+        let workload_ids: HashSet<WorkloadId> = workloads.iter().map(|w| w.id.clone()).collect();
+        for gone in self.hosts.difference(&host_ids) {
+            self.index.remove_host(gone);
+        }
+        for gone in self.workloads.difference(&workload_ids) {
+            self.index.remove_workload(gone);
+        }
+        let order: Vec<HostId> = hosts.iter().map(|h| h.id.clone()).collect();
+        for host in hosts {
+            self.index.set_host(host);
+        }
+        for workload in workloads {
+            self.index.set_workload(workload);
+        }
+        self.hosts = host_ids;
+        self.workloads = workload_ids;
+        let changes = self.index.place();
+        let assignments = order.into_iter().map(|id| {
+            let replicas = self.index.assignment(&id).unwrap_or_default();
+            (id, replicas)
+        });
+        Plan { assignments: assignments.collect(), actions: changes.actions, unplaceable: self.index.unplaceable() }
+    }
 }
 
 impl Controller {
@@ -217,6 +271,7 @@ impl Controller {
             spec_replicas: HashMap::new(),
             sealed_for: HashMap::new(),
             memory_peaks: HashMap::new(),
+            placement: None,
         }
     }
 
@@ -338,20 +393,28 @@ impl Controller {
 
         // A deleted service's count is forgotten: created again, it starts afresh.
         self.spec_replicas.retain(|id, _| next_statuses.contains_key(id));
-        let snapshot = Snapshot {
-            hosts: hosts.iter().map(host_info).collect(),
-            services: workloads,
-            current: self
-                .assignments
-                .iter()
-                .map(|(host, a)| {
-                    let replicas =
-                        a.value.replicas.iter().map(|r| (WorkloadId::new(r.service.clone(), r.revision), r.replica)).collect();
-                    (host.clone(), replicas)
-                })
-                .collect(),
+        let host_infos: Vec<HostInfo> = hosts.iter().map(host_info).collect();
+        let plan = match &mut self.placement {
+            Some(placement) => placement.update(host_infos, workloads),
+            None => {
+                let snapshot = Snapshot {
+                    hosts: host_infos,
+                    services: workloads,
+                    current: self
+                        .assignments
+                        .iter()
+                        .map(|(host, a)| {
+                            let replicas =
+                                a.value.replicas.iter().map(|r| (WorkloadId::new(r.service.clone(), r.revision), r.replica)).collect();
+                            (host.clone(), replicas)
+                        })
+                        .collect(),
+                };
+                let (plan, placement) = Placement::start(&snapshot);
+                self.placement = Some(placement);
+                plan
+            }
         };
-        let plan = reconcile(&snapshot);
         self.unplaceable.clear();
         for u in &plan.unplaceable {
             let reason = match pins.get(&u.service.service) {
@@ -798,11 +861,16 @@ impl Controller {
                     self.sealed_for.insert(host.clone(), beat);
                     self.assignments.insert(host, Written { value: assignment, version });
                 }
-                Err(e) => self.write_failed(&format!("the assignment of host {host}"), e, |c| {
-                    if let Some(current) = c.context.informer.read(|s| s.assignments.get(&host).cloned()) {
-                        c.assignments.insert(host.clone(), Written { value: (*current).clone(), version: current.version });
-                    }
-                }),
+                Err(e) => {
+                    // What is written is no longer what the index decided:
+                    // the next pass starts placement again from it.
+                    self.placement = None;
+                    self.write_failed(&format!("the assignment of host {host}"), e, |c| {
+                        if let Some(current) = c.context.informer.read(|s| s.assignments.get(&host).cloned()) {
+                            c.assignments.insert(host.clone(), Written { value: (*current).clone(), version: current.version });
+                        }
+                    });
+                }
             }
         }
     }

@@ -3,13 +3,21 @@
 //! 100,000 replicas, 100 services added): one reconcile of a snapshot, then
 //! a persistent `PlacementIndex` (bulk pass, then services of 10 added one
 //! at a time to the full cluster). `wharf-bench placement` prints the same
-//! figures and writes them as JSON.
+//! figures and writes them as JSON. A fourth argument `index` skips the
+//! reconcile figure.
 
 fn main() {
     let mut args = std::env::args().skip(1).map(|arg| arg.parse::<usize>());
     let hosts = args.next().and_then(Result::ok).unwrap_or(10_000);
     let replicas = args.next().and_then(Result::ok).unwrap_or(100_000);
     let added = args.next().and_then(Result::ok).unwrap_or(100);
+    if std::env::args().nth(4).as_deref() != Some("index") {
+        reconcile(hosts, replicas);
+    }
+    index(hosts, replicas, added);
+}
+
+fn reconcile(hosts: usize, replicas: usize) {
     let result = wharf_scheduler_core::bench_placement(hosts, replicas);
     println!(
         "reconcile: placed {} replicas on {hosts} hosts in {:.3} s: {:.0} placements/s, \
@@ -20,6 +28,9 @@ fn main() {
         result.max_spread_imbalance,
         result.max_domain_imbalance
     );
+}
+
+fn index(hosts: usize, replicas: usize, added: usize) {
     let index = wharf_scheduler_core::bench_index(hosts, replicas, added);
     println!(
         "index: {hosts} hosts joined in {:.3} s; bulk pass placed {} replicas in {:.3} s: \
