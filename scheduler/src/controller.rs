@@ -217,10 +217,13 @@ impl Placement {
     fn update(&mut self, hosts: Vec<HostInfo>, workloads: Vec<Workload>) -> Plan {
         let host_ids: HashSet<HostId> = hosts.iter().map(|h| h.id.clone()).collect();
         let workload_ids: HashSet<WorkloadId> = workloads.iter().map(|w| w.id.clone()).collect();
-        for gone in self.hosts.difference(&host_ids) {
+        // In id order, so that the same changes give the same decisions.
+        let gone_hosts: BTreeSet<&HostId> = self.hosts.difference(&host_ids).collect();
+        for gone in gone_hosts {
             self.index.remove_host(gone);
         }
-        for gone in self.workloads.difference(&workload_ids) {
+        let gone_workloads: BTreeSet<&WorkloadId> = self.workloads.difference(&workload_ids).collect();
+        for gone in gone_workloads {
             self.index.remove_workload(gone);
         }
         let order: Vec<HostId> = hosts.iter().map(|h| h.id.clone()).collect();
