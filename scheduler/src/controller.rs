@@ -211,6 +211,17 @@ impl Placement {
         (plan, Placement { index, hosts, workloads })
     }
 
+    /// Whether every host's assignment in the index is the one `written`
+    /// (hosts written nothing run nothing): visits every written replica.
+    fn agrees_with(&self, written: &BTreeMap<HostId, Written<Assignment>>) -> bool {
+        let same = |host: &HostId, replicas: &[AssignedReplica]| {
+            let mut wanted: Vec<(WorkloadId, u32)> = replicas.iter().map(|r| (WorkloadId::new(r.service.clone(), r.revision), r.replica)).collect();
+            wanted.sort_unstable();
+            self.index.assignment(host).unwrap_or_default() == wanted
+        };
+        written.iter().all(|(host, w)| same(host, &w.value.replicas)) && self.hosts.iter().filter(|h| !written.contains_key(*h)).all(|h| same(h, &[]))
+    }
+
     /// Tells the index what changed since the last pass (hosts and
     /// workloads now: those missing left) and runs a pass. The plan's
     /// assignments cover `hosts`, as a reconcile's would.
@@ -397,6 +408,13 @@ impl Controller {
         // A deleted service's count is forgotten: created again, it starts afresh.
         self.spec_replicas.retain(|id, _| next_statuses.contains_key(id));
         let host_infos: Vec<HostInfo> = hosts.iter().map(host_info).collect();
+        // The index is trusted only while what it decided is what is
+        // written: anything else (a pass whose plan was not written, a
+        // write lost) and it starts again from what is written.
+        if self.placement.as_ref().is_some_and(|placement| !placement.agrees_with(&self.assignments)) {
+            tracing::info!("the placement index differs from the written assignments; starting it again from them");
+            self.placement = None;
+        }
         let plan = match &mut self.placement {
             Some(placement) => placement.update(host_infos, workloads),
             None => {
