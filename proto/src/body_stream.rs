@@ -5,7 +5,8 @@
 //! The receiver grants credit ([`Frame::Credit`]): the sender may send the
 //! chunks numbered below `upto`, and no more. Chunks are numbered from 0 so
 //! that a lost or reordered one is seen; [`Frame::End`] says how many there
-//! were, and [`Frame::Abort`] ends the stream with an error from either side.
+//! were, and [`Frame::Abort`] ends the stream with an error from either
+//! side; [`Frame::KeepAlive`] says a side that waits is still there.
 //!
 //! Frames are binary, not JSON, because they carry body bytes: one kind
 //! byte, a big-endian `u64`, then the rest of the message.
@@ -29,12 +30,17 @@ pub enum Frame<'a> {
     /// receiver's (receiver to sender). Credits only grow: a lost one is
     /// made good by the next.
     Credit { upto: u64, inbox: &'a str },
+    /// Still here, with nothing to say (either way): a side that waits on
+    /// its own peer (a slow client, a component that reads slowly) keeps
+    /// the other from taking it for dead.
+    KeepAlive,
 }
 
 const DATA: u8 = b'D';
 const END: u8 = b'E';
 const ABORT: u8 = b'A';
 const CREDIT: u8 = b'C';
+const KEEP_ALIVE: u8 = b'K';
 
 /// Bytes a frame adds to what it carries.
 pub const FRAME_OVERHEAD: usize = 9;
@@ -61,6 +67,7 @@ impl<'a> Frame<'a> {
             Frame::End { chunks } => (END, chunks, &[]),
             Frame::Abort { reason } => (ABORT, 0, reason.as_bytes()),
             Frame::Credit { upto, inbox } => (CREDIT, upto, inbox.as_bytes()),
+            Frame::KeepAlive => (KEEP_ALIVE, 0, &[]),
         };
         let mut out = Vec::with_capacity(FRAME_OVERHEAD + rest.len());
         out.push(kind);
@@ -84,6 +91,7 @@ impl<'a> Frame<'a> {
             END => Ok(Frame::End { chunks: number }),
             ABORT => Ok(Frame::Abort { reason: text()? }),
             CREDIT => Ok(Frame::Credit { upto: number, inbox: text()? }),
+            KEEP_ALIVE => Ok(Frame::KeepAlive),
             other => Err(FrameError::UnknownKind(other)),
         }
     }
@@ -102,6 +110,7 @@ mod tests {
             Frame::End { chunks: 400 },
             Frame::Abort { reason: "the client went away" },
             Frame::Credit { upto: 16, inbox: "_INBOX.host-a.x1" },
+            Frame::KeepAlive,
         ] {
             let encoded = frame.encode();
             assert_eq!(Frame::decode(&encoded), Ok(frame));
