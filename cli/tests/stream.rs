@@ -239,6 +239,7 @@ fn assert_bounded(what: &str, names: &[&str], baseline: &[u64], peaks: &[u64]) {
 struct Cluster {
     _nats: NatsServer,
     _scheduler: Process,
+    api: Api,
     a: Host,
     b: Host,
     _dir: tempfile::TempDir,
@@ -257,7 +258,7 @@ async fn cluster() -> Cluster {
     wharf(&api, &["deploy", hello.to_str().expect("utf-8"), "--name", "hello", "--route", "/hello", "--on", "zone=a"]);
     until_ok(&format!("{}/bulk?bytes=3", a.ingress), "\u{0}\u{1}\u{2}", Duration::from_secs(60)).await;
     until_ok(&format!("{}/hello", a.ingress), "Hello from Wharf!", Duration::from_secs(60)).await;
-    Cluster { _nats: nats, _scheduler: scheduler, a, b, _dir: dir }
+    Cluster { _nats: nats, _scheduler: scheduler, api, a, b, _dir: dir }
 }
 
 /// Downloads `url` as a stream, keeping only the length and hash; an error
@@ -397,4 +398,43 @@ async fn a_transfer_cut_mid_stream_fails_cleanly_and_the_hosts_keep_serving() {
     until_ok(&format!("{}/hello", cluster.a.ingress), "Hello from Wharf!", Duration::from_secs(10)).await;
     let grew = rss(cluster.a.process.id()).saturating_sub(a_before);
     assert!(grew < RSS_BOUND, "host-a holds {} MiB more after the failed transfers", grew / MIB);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_upload_to_a_service_at_zero_is_held_unread_then_streamed_to_the_replica_that_starts() {
+    let cluster = cluster().await;
+    let names = ["host-a", "host-b"];
+    let pids = vec![cluster.a.process.id(), cluster.b.process.id()];
+    // Only host-b may run it (host-a lacks the label, so it cannot start
+    // an activation replica itself): the request waits on host-a.
+    let manifest = cluster._dir.path().join("parked.yaml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "services:\n  - name: parked\n    component: {{ file: {} }}\n    routes: [{{ path_prefix: /parked }}]\n    placement: {{ labels: {{ zone: b }} }}\n    \
+             limits: {{ fuel: unlimited, timeout: 300s }}\n    \
+             autoscale: {{ min: 0, max: 1, target_concurrency: 1, scale_down_delay: 1s, scale_to_zero_after: 2s, stable_window: 6s }}\n",
+            samples::path("bulk").to_str().expect("utf-8")
+        ),
+    )
+    .expect("write");
+    wharf(&cluster.api, &["apply", "--no-wait", "-f", manifest.to_str().expect("utf-8")]);
+    let started = Instant::now();
+    loop {
+        let view: serde_json::Value = serde_json::from_str(&wharf(&cluster.api, &["get", "services", "parked", "-o", "json"])).expect("json");
+        if view["status"]["ready"] == 0 && view["status"]["desired"] == 0 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "never at zero: {view}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    small_upload_works(&cluster.a.ingress).await;
+    let baseline: Vec<u64> = pids.iter().map(|pid| rss(*pid)).collect();
+    let peaks = RssPeaks::start(pids.clone());
+    let answer = client().post(format!("{}/parked", cluster.a.ingress)).body(upload(BIG, None)).send().await.expect("answered");
+    let status = answer.status().as_u16();
+    let text = answer.text().await.expect("text");
+    let peaks = peaks.stop();
+    assert_eq!((status, text.trim()), (200, expected_digest(BIG).as_str()), "served from zero, every byte in order");
+    assert_bounded("100 MiB upload to a service at zero", &names, &baseline, &peaks);
 }
