@@ -515,6 +515,97 @@ mod tests {
         assert_eq!(&whole[..], b"0123456789abcde", "nothing lost between the prefix and the rest");
     }
 
+    fn local_bus() -> Bus {
+        Bus::local(wharf_bus::LocalStore::in_memory().expect("store"))
+    }
+
+    #[tokio::test]
+    async fn a_body_crosses_in_order_with_credit_and_arrives_whole() {
+        let bus = local_bus();
+        let data: Vec<u8> = (0..3 * CHUNK as u64 + 17).map(|i| (i % 251) as u8).collect();
+        let pieces: Vec<Bytes> = data.chunks(10_000).map(Bytes::copy_from_slice).collect();
+        let rest = http_body_util::StreamBody::new(futures::stream::iter(pieces.into_iter().map(|p| Ok::<_, wasmtime_wasi_http::Error>(http_body::Frame::data(p))))).boxed_unsync();
+        let (inbox, control) = open_inbox(&bus).await.expect("inbox");
+        let slot = SourceSlot::new(Source { prefix: Bytes::from_static(b""), rest });
+        let sending = tokio::spawn({
+            let (bus, slot) = (bus.clone(), slot.clone());
+            async move { send(&bus, control, slot).await }
+        });
+        let body = receive(&bus, inbox).await.expect("receives");
+        let got = body.collect().await.expect("whole").to_bytes();
+        assert_eq!(got.len(), data.len());
+        assert!(got[..] == data[..], "the bytes arrive in order");
+        assert_eq!(sending.await.expect("task").expect("sent"), data.len() as u64);
+        assert!(!slot.is_whole(), "the body was taken by the stream");
+    }
+
+    /// A receiver of a stream whose sender is this test: the receiver's
+    /// body, its inbox, and the sender's own inbox subscription.
+    async fn forged_sender(bus: &Bus) -> (StreamBody, String, Subscription) {
+        let (inbox, mut control) = open_inbox(bus).await.expect("inbox");
+        let body = receive(bus, inbox).await.expect("receives");
+        let message = control.next().await.expect("credit");
+        let Ok(Frame::Credit { upto, inbox }) = Frame::decode(&message.payload) else { panic!("no credit first") };
+        assert_eq!(upto, WINDOW);
+        (body, inbox.to_owned(), control)
+    }
+
+    async fn error_of(body: StreamBody) -> String {
+        match body.collect().await {
+            Ok(whole) => panic!("a broken stream ended as a whole body of {} bytes", whole.to_bytes().len()),
+            Err(e) => format!("{e:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lost_chunk_a_short_end_or_an_abort_fail_the_body_never_cut_it_short() {
+        let bus = local_bus();
+        let frame = |frame: Frame<'_>| Bytes::from(frame.encode());
+
+        // Chunk 1 lost: chunk 2 arrives where 1 was expected.
+        let (body, to, mut control) = forged_sender(&bus).await;
+        for seq in [0, 2] {
+            bus.publish(&to, frame(Frame::Data { seq, bytes: b"piece" })).await.expect("publish");
+        }
+        let error = error_of(body).await;
+        assert!(error.contains("chunk 2 arrived where chunk 1 was expected"), "{error}");
+        let told = control.next().await.expect("the sender is told");
+        assert!(matches!(Frame::decode(&told.payload), Ok(Frame::Abort { .. })), "{told:?}");
+
+        // An end that counts more chunks than came.
+        let (body, to, _control) = forged_sender(&bus).await;
+        bus.publish(&to, frame(Frame::Data { seq: 0, bytes: b"piece" })).await.expect("publish");
+        bus.publish(&to, frame(Frame::End { chunks: 2 })).await.expect("publish");
+        let error = error_of(body).await;
+        assert!(error.contains("ended after 2 chunks, but 1 arrived"), "{error}");
+
+        // The sender gives up.
+        let (body, to, _control) = forged_sender(&bus).await;
+        bus.publish(&to, frame(Frame::Data { seq: 0, bytes: b"piece" })).await.expect("publish");
+        bus.publish(&to, frame(Frame::Abort { reason: "the client went away" })).await.expect("publish");
+        let error = error_of(body).await;
+        assert!(error.contains("the client went away"), "{error}");
+
+    }
+
+    #[tokio::test]
+    async fn a_receiver_dropped_mid_stream_stops_the_sender() {
+        let bus = local_bus();
+        let endless = http_body_util::StreamBody::new(futures::stream::repeat_with(|| Ok::<_, wasmtime_wasi_http::Error>(http_body::Frame::data(Bytes::from(vec![1u8; 64 * 1024]))))).boxed_unsync();
+        let (inbox, control) = open_inbox(&bus).await.expect("inbox");
+        let sending = tokio::spawn({
+            let bus = bus.clone();
+            async move { send(&bus, control, SourceSlot::new(Source { prefix: Bytes::new(), rest: endless })).await }
+        });
+        let mut body = receive(&bus, inbox).await.expect("receives");
+        for _ in 0..3 {
+            body.frame().await.expect("a chunk").expect("ok");
+        }
+        drop(body);
+        let outcome = tokio::time::timeout(Duration::from_secs(5), sending).await.expect("the sender stops at once, not after the idle time").expect("task");
+        assert!(matches!(outcome, Err(StreamError::Aborted(_))), "{outcome:?}");
+    }
+
     #[tokio::test]
     async fn chunks_join_ready_pieces_and_split_large_ones() {
         let pieces: Vec<Bytes> = vec![Bytes::from(vec![1u8; 1000]), Bytes::from(vec![2u8; CHUNK + 10])];
