@@ -239,15 +239,17 @@ pub async fn send(bus: &Bus, mut control: Subscription, slot: SourceSlot) -> Res
 }
 
 /// Receives the body whose sender waits for credit on `sender` (the inbox
-/// its head named): grants the first credit, then yields the chunks in
-/// order as they are read, granting more as they are consumed. Fails the
-/// body (never ends it short) on any of [`StreamError`]'s causes.
+/// its head named): grants the first credit when the body is first read
+/// (so nothing is sent here before whoever reads it, a component, asks),
+/// then yields the chunks in order as they are read, granting more as they
+/// are consumed. Fails the body (never ends it short) on any of
+/// [`StreamError`]'s causes.
 pub async fn receive(bus: &Bus, sender: String) -> Result<StreamBody, StreamError> {
     let (inbox, subscription) = open_inbox(bus).await?;
     let aborter = Aborter::new(bus, sender.clone(), "the receiving host stopped reading");
-    publish(bus, &sender, Frame::Credit { upto: WINDOW, inbox: &inbox }).await?;
-    // While whoever reads the body is busy (a component computing), the
-    // sender hears from this side all the same; until the body is dropped.
+    // Until the body is read, and while whoever reads it is busy (a
+    // component computing), the sender hears from this side all the
+    // same; until the body is dropped.
     let keep_alive = tokio::spawn({
         let (bus, sender) = (bus.clone(), sender.clone());
         async move {
@@ -260,7 +262,7 @@ pub async fn receive(bus: &Bus, sender: String) -> Result<StreamBody, StreamErro
             }
         }
     });
-    let state = Receiving { bus: bus.clone(), subscription, inbox, sender, next: 0, granted: WINDOW, aborter, done: false, keep_alive };
+    let state = Receiving { bus: bus.clone(), subscription, inbox, sender, next: 0, granted: 0, aborter, done: false, keep_alive };
     let chunks = futures::stream::unfold(state, |mut state| async move {
         if state.done {
             return None;
@@ -289,7 +291,8 @@ struct Receiving {
     sender: String,
     /// The number of the chunk expected next.
     next: u64,
-    /// The credit granted so far: chunks below it may come.
+    /// The credit granted so far: chunks below it may come. None (0)
+    /// until the body is first read.
     granted: u64,
     aborter: Aborter,
     done: bool,
@@ -305,6 +308,10 @@ impl Drop for Receiving {
 
 impl Receiving {
     async fn next_chunk(&mut self) -> Result<Option<Bytes>, StreamError> {
+        if self.granted == 0 {
+            self.granted = WINDOW;
+            publish(&self.bus, &self.sender, Frame::Credit { upto: self.granted, inbox: &self.inbox }).await?;
+        }
         loop {
             let message = match tokio::time::timeout(IDLE, self.subscription.next()).await {
                 Ok(Some(message)) => message,
@@ -543,11 +550,24 @@ mod tests {
     /// body, its inbox, and the sender's own inbox subscription.
     async fn forged_sender(bus: &Bus) -> (StreamBody, String, Subscription) {
         let (inbox, mut control) = open_inbox(bus).await.expect("inbox");
-        let body = receive(bus, inbox).await.expect("receives");
+        let mut body = receive(bus, inbox).await.expect("receives");
+        assert!(body.frame().now_or_never().is_none(), "nothing to read before the sender sends");
         let message = control.next().await.expect("credit");
         let Ok(Frame::Credit { upto, inbox }) = Frame::decode(&message.payload) else { panic!("no credit first") };
         assert_eq!(upto, WINDOW);
         (body, inbox.to_owned(), control)
+    }
+
+    #[tokio::test]
+    async fn credit_is_granted_only_once_the_body_is_read() {
+        let bus = local_bus();
+        let (inbox, mut control) = open_inbox(&bus).await.expect("inbox");
+        let mut body = receive(&bus, inbox).await.expect("receives");
+        let early = tokio::time::timeout(Duration::from_millis(300), control.next()).await;
+        assert!(early.is_err(), "a message came before the body was read: {early:?}");
+        assert!(body.frame().now_or_never().is_none(), "nothing to read yet");
+        let message = tokio::time::timeout(Duration::from_secs(5), control.next()).await.expect("credit once read").expect("message");
+        assert!(matches!(Frame::decode(&message.payload), Ok(Frame::Credit { upto: WINDOW, .. })), "{message:?}");
     }
 
     async fn error_of(body: StreamBody) -> String {
