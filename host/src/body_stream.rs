@@ -18,6 +18,7 @@ use bytes::{Bytes, BytesMut};
 use futures::{FutureExt, StreamExt};
 use http_body::Body;
 use http_body_util::BodyExt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use wharf_bus::{Bus, Subscription};
@@ -179,6 +180,10 @@ pub async fn send(bus: &Bus, mut control: Subscription, slot: SourceSlot) -> Res
     };
     let mut chunks = Chunks { pending: source.prefix, rest: source.rest };
     let (mut seq, mut sent) = (0u64, 0u64);
+    // One schedule of keep-alives for the whole stream, put off by every
+    // chunk sent: words from the receiver do not restart it.
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + KEEP_ALIVE, KEEP_ALIVE);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let chunk = {
             // The body may be slow (its client, its component): the
@@ -186,7 +191,6 @@ pub async fn send(bus: &Bus, mut control: Subscription, slot: SourceSlot) -> Res
             // cancelled by a tick: it holds what it joined so far.
             let next = chunks.next();
             tokio::pin!(next);
-            let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + KEEP_ALIVE, KEEP_ALIVE);
             loop {
                 tokio::select! {
                     chunk = &mut next => break chunk,
@@ -219,7 +223,7 @@ pub async fn send(bus: &Bus, mut control: Subscription, slot: SourceSlot) -> Res
             }
         }
         while seq >= upto {
-            match next_frame(&mut control).await {
+            match hear(bus, &mut control, &inbox, &mut ticks).await {
                 Ok(Control::KeepAlive) => {}
                 Ok(Control::Credit(granted, _)) => upto = upto.max(granted),
                 Ok(Control::Abort(reason)) => {
@@ -234,6 +238,7 @@ pub async fn send(bus: &Bus, mut control: Subscription, slot: SourceSlot) -> Res
         }
         sent += chunk.len() as u64;
         publish(bus, &inbox, Frame::Data { seq, bytes: &chunk }).await?;
+        ticks.reset();
         seq += 1;
     }
 }
@@ -247,22 +252,12 @@ pub async fn send(bus: &Bus, mut control: Subscription, slot: SourceSlot) -> Res
 pub async fn receive(bus: &Bus, sender: String) -> Result<StreamBody, StreamError> {
     let (inbox, subscription) = open_inbox(bus).await?;
     let aborter = Aborter::new(bus, sender.clone(), "the receiving host stopped reading");
-    // Until the body is read, and while whoever reads it is busy (a
-    // component computing), the sender hears from this side all the
-    // same; until the body is dropped.
-    let keep_alive = tokio::spawn({
-        let (bus, sender) = (bus.clone(), sender.clone());
-        async move {
-            let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + KEEP_ALIVE, KEEP_ALIVE);
-            loop {
-                ticks.tick().await;
-                if bus.publish(&sender, Bytes::from(Frame::KeepAlive.encode())).await.is_err() {
-                    return;
-                }
-            }
-        }
-    });
-    let state = Receiving { bus: bus.clone(), subscription, inbox, sender, next: 0, granted: 0, aborter, done: false, keep_alive };
+    let granted = Arc::new(AtomicU64::new(0));
+    // At most a window of chunks and the end can be waiting: one more
+    // would be past the credit, which the forwarder refuses.
+    let (frames, inbound) = tokio::sync::mpsc::channel(WINDOW as usize + 1);
+    let forwarder = tokio::spawn(forward(bus.clone(), subscription, sender.clone(), granted.clone(), frames));
+    let state = Receiving { bus: bus.clone(), inbound, inbox, sender, next: 0, granted, aborter, done: false, forwarder };
     let chunks = futures::stream::unfold(state, |mut state| async move {
         if state.done {
             return None;
@@ -281,42 +276,105 @@ pub async fn receive(bus: &Bus, sender: String) -> Result<StreamBody, StreamErro
     Ok(http_body_util::StreamBody::new(chunks).boxed_unsync())
 }
 
+/// Reads a receiving end's inbox as messages come, whether or not the body
+/// is being read, so that what a sender sends is bounded by the credit,
+/// not by NATS' buffer for a slow subscriber: hands chunks (never more
+/// than the credit allows; one past it fails the stream), the end or an
+/// abort on to the reader, says this side is alive to the sender every
+/// [`KEEP_ALIVE`] (until the body is read, and while its reader is busy),
+/// and, once credit was granted, fails the stream after [`IDLE`] without a
+/// word from the sender (which keeps alive while it waits, too).
+async fn forward(bus: Bus, mut subscription: Subscription, sender: String, granted: Arc<AtomicU64>, frames: tokio::sync::mpsc::Sender<Result<wharf_bus::Message, StreamError>>) {
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + KEEP_ALIVE, KEEP_ALIVE);
+    let mut heard = tokio::time::Instant::now();
+    // The sender can say nothing before it has credit (it does not know
+    // this inbox yet): silence counts only from the first credit on.
+    let mut credited = false;
+    loop {
+        let message = tokio::select! {
+            message = subscription.next() => message,
+            _ = ticks.tick() => {
+                if !credited && granted.load(Ordering::Acquire) > 0 {
+                    credited = true;
+                    heard = tokio::time::Instant::now();
+                }
+                if credited && heard.elapsed() >= IDLE {
+                    let _ = frames.send(Err(StreamError::Idle(IDLE))).await;
+                    return;
+                }
+                if bus.publish(&sender, Bytes::from(Frame::KeepAlive.encode())).await.is_err() {
+                    tracing::debug!("cannot tell a stream's sender this side is alive");
+                }
+                continue;
+            }
+        };
+        let Some(message) = message else {
+            let _ = frames.send(Err(StreamError::Bus("the stream's subscription ended".into()))).await;
+            return;
+        };
+        heard = tokio::time::Instant::now();
+        let last = match Frame::decode(&message.payload) {
+            Ok(Frame::KeepAlive) => continue,
+            Ok(Frame::Data { seq, .. }) => {
+                let credit = granted.load(Ordering::Acquire);
+                if seq >= credit {
+                    let _ = frames.send(Err(StreamError::OutOfOrder(format!("chunk {seq} came past the credit granted (chunks below {credit})")))).await;
+                    return;
+                }
+                false
+            }
+            // The end, an abort, or what no sender sends: the reader says which.
+            _ => true,
+        };
+        if frames.send(Ok(message)).await.is_err() || last {
+            return;
+        }
+    }
+}
+
 /// One receiving end of a stream.
 struct Receiving {
     bus: Bus,
-    subscription: Subscription,
+    /// What the forwarder took from this side's inbox.
+    inbound: tokio::sync::mpsc::Receiver<Result<wharf_bus::Message, StreamError>>,
     /// This side's inbox, where chunks come.
     inbox: String,
     /// The sender's inbox, where credit goes.
     sender: String,
     /// The number of the chunk expected next.
     next: u64,
-    /// The credit granted so far: chunks below it may come. None (0)
-    /// until the body is first read.
-    granted: u64,
+    /// The credit granted so far: chunks below it may come; 0 until the
+    /// body is first read. Written here (before the credit is sent), read
+    /// by the forwarder, which refuses chunks past it.
+    granted: Arc<AtomicU64>,
     aborter: Aborter,
     done: bool,
-    /// Tells the sender this side is alive; stopped with the body.
-    keep_alive: tokio::task::JoinHandle<()>,
+    /// The forwarder; stopped with the body.
+    forwarder: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for Receiving {
     fn drop(&mut self) {
-        self.keep_alive.abort();
+        self.forwarder.abort();
     }
 }
 
 impl Receiving {
+    /// Grants credit for chunks below `upto`.
+    async fn grant(&mut self, upto: u64) -> Result<(), StreamError> {
+        self.granted.store(upto, Ordering::Release);
+        publish(&self.bus, &self.sender, Frame::Credit { upto, inbox: &self.inbox }).await
+    }
+
     async fn next_chunk(&mut self) -> Result<Option<Bytes>, StreamError> {
-        if self.granted == 0 {
-            self.granted = WINDOW;
-            publish(&self.bus, &self.sender, Frame::Credit { upto: self.granted, inbox: &self.inbox }).await?;
+        if self.granted.load(Ordering::Acquire) == 0 {
+            self.grant(WINDOW).await?;
         }
         loop {
-            let message = match tokio::time::timeout(IDLE, self.subscription.next()).await {
-                Ok(Some(message)) => message,
-                Ok(None) => return Err(StreamError::Bus("the stream's subscription ended".into())),
-                Err(_) => return Err(StreamError::Idle(IDLE)),
+            let message = match self.inbound.recv().await {
+                Some(Ok(message)) => message,
+                Some(Err(e)) => return Err(e),
+                None => return Err(StreamError::Bus("the stream's inbox is no longer read".into())),
             };
             if let Some(chunk) = self.take(&message).await? {
                 return Ok(chunk);
@@ -328,17 +386,16 @@ impl Receiving {
     /// to pass on (`None`, a keep-alive).
     async fn take(&mut self, message: &wharf_bus::Message) -> Result<Option<Option<Bytes>>, StreamError> {
         let chunk = match Frame::decode(&message.payload).map_err(|e| StreamError::Protocol(e.to_string()))? {
-            Frame::Data { seq, bytes } if seq == self.next && seq < self.granted => {
+            Frame::Data { seq, bytes } if seq == self.next => {
                 let bytes = message.payload.slice(FRAME_OVERHEAD..FRAME_OVERHEAD + bytes.len());
                 self.next += 1;
-                if self.granted - self.next <= WINDOW / 2 {
-                    self.granted = self.next + WINDOW;
-                    publish(&self.bus, &self.sender, Frame::Credit { upto: self.granted, inbox: &self.inbox }).await?;
+                if self.granted.load(Ordering::Acquire).saturating_sub(self.next) <= WINDOW / 2 {
+                    self.grant(self.next + WINDOW).await?;
                 }
                 Some(bytes)
             }
             Frame::Data { seq, .. } => {
-                return Err(StreamError::OutOfOrder(format!("chunk {seq} arrived where chunk {} was expected (credit up to {})", self.next, self.granted)));
+                return Err(StreamError::OutOfOrder(format!("chunk {seq} arrived where chunk {} was expected", self.next)));
             }
             Frame::End { chunks } if chunks == self.next => {
                 self.done = true;
@@ -362,6 +419,21 @@ enum Control {
     Credit(u64, String),
     KeepAlive,
     Abort(String),
+}
+
+/// The next word from the receiver, telling it meanwhile that this side
+/// is alive (its reader may be slow: it waits for credit); an error after
+/// [`IDLE`] without one.
+async fn hear(bus: &Bus, control: &mut Subscription, receiver: &str, ticks: &mut tokio::time::Interval) -> Result<Control, StreamError> {
+    let silent = tokio::time::sleep(IDLE);
+    tokio::pin!(silent);
+    loop {
+        tokio::select! {
+            message = control.next() => return control_frame(message),
+            _ = ticks.tick() => publish(bus, receiver, Frame::KeepAlive).await?,
+            _ = &mut silent => return Err(StreamError::Idle(IDLE)),
+        }
+    }
 }
 
 async fn next_frame(control: &mut Subscription) -> Result<Control, StreamError> {
@@ -606,6 +678,48 @@ mod tests {
         let error = error_of(body).await;
         assert!(error.contains("the client went away"), "{error}");
 
+        // A sender past its credit, while the body is not read: the inbox
+        // holds no more than the credit allowed, and the body fails.
+        let (mut body, to, _control) = forged_sender(&bus).await;
+        for seq in 0..=WINDOW {
+            bus.publish(&to, frame(Frame::Data { seq, bytes: b"piece" })).await.expect("publish");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut chunks = 0;
+        let error = loop {
+            match body.frame().await {
+                Some(Ok(_)) => chunks += 1,
+                Some(Err(e)) => break format!("{e:?}"),
+                None => panic!("a stream past its credit ended after {chunks} chunks"),
+            }
+        };
+        assert_eq!(chunks, WINDOW, "the chunks within the credit are read");
+        assert!(error.contains("came past the credit granted"), "{error}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reader_busy_for_longer_than_the_idle_time_keeps_its_stream() {
+        let bus = local_bus();
+        let data: Vec<u8> = (0..(WINDOW as usize + 4) * CHUNK).map(|i| (i % 249) as u8).collect();
+        let rest = http_body_util::Full::new(Bytes::from(data.clone())).map_err(|never: std::convert::Infallible| -> wasmtime_wasi_http::Error { match never {} }).boxed_unsync();
+        let (inbox, control) = open_inbox(&bus).await.expect("inbox");
+        let sending = tokio::spawn({
+            let bus = bus.clone();
+            async move { send(&bus, control, SourceSlot::new(Source { prefix: Bytes::new(), rest })).await }
+        });
+        let mut body = receive(&bus, inbox).await.expect("receives");
+        // Idle before the first read, then between reads with the sender
+        // waiting for credit: three times the idle time each.
+        tokio::time::sleep(IDLE * 3).await;
+        let mut got = Vec::new();
+        while let Some(frame) = body.frame().await {
+            got.extend_from_slice(&frame.expect("no failure").into_data().expect("data"));
+            if got.len() == CHUNK {
+                tokio::time::sleep(IDLE * 3).await;
+            }
+        }
+        assert!(got == data, "{} of {} bytes, in order", got.len(), data.len());
+        assert_eq!(sending.await.expect("task").expect("sent"), data.len() as u64);
     }
 
     #[tokio::test]
