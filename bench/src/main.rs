@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod bodies;
 mod cluster;
 mod codecache;
 mod coldstart;
@@ -40,6 +41,8 @@ enum Cmd {
     Host(HostArgs),
     /// A real cluster on loopback: failover time, local vs NATS-hop latency, remote throughput.
     Cluster(cluster::ClusterArgs),
+    /// Large bodies: 10 MiB up and down through the replica's own host vs across the hop to another host (streamed over NATS).
+    Bodies(bodies::BodiesArgs),
     /// The control plane at scale: simulated hosts over real NATS, two schedulers; placement time, idle cost, leader takeover.
     Control(control::ControlArgs),
     /// Scale from zero: first-request latency (compiled and not), replicas following a step in load.
@@ -129,6 +132,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Density(args) => tokio::runtime::Runtime::new()?.block_on(density::run(args)),
         Cmd::Codecache(args) => tokio::runtime::Runtime::new()?.block_on(codecache::run(args)),
         Cmd::Cluster(args) => tokio::runtime::Runtime::new()?.block_on(cluster::run(args)),
+        Cmd::Bodies(args) => tokio::runtime::Runtime::new()?.block_on(bodies::run(args)),
         Cmd::Control(args) => tokio::runtime::Runtime::new()?.block_on(control::run(args)),
         Cmd::Rollout(args) => tokio::runtime::Runtime::new()?.block_on(rollout::run(args)),
         Cmd::Soak(args) => tokio::runtime::Runtime::new()?.block_on(soak::run(args)),

@@ -233,6 +233,18 @@ impl Bus {
         }
     }
 
+    /// A fresh subject for replies to this connection, under its inbox
+    /// prefix ([`NatsOptions::inbox_prefix`], `_INBOX` by default): the
+    /// subjects a connection limited to its own inboxes may subscribe to.
+    /// Unique for the connection's life; subscribe to it with
+    /// [`Bus::subscribe`] and hand it to whoever should answer there.
+    pub fn new_inbox(&self) -> String {
+        match &self.backend {
+            Backend::Nats(bus) => bus.new_inbox(),
+            Backend::Local(bus) => bus.new_inbox(),
+        }
+    }
+
     /// The largest payload a message may carry: the server's `max_payload`
     /// over NATS (1 MiB by default), and the same 1 MiB in-process so both behave alike.
     pub fn max_payload(&self) -> usize {

@@ -85,6 +85,7 @@ conformance!(
     greater_than_matches_one_or_more_tokens,
     queue_group_delivers_each_message_to_one_member,
     request_gets_the_reply,
+    new_inboxes_are_distinct_and_receive_what_is_sent_there,
     request_without_responders_fails_at_once,
     request_times_out_when_nobody_replies,
     payloads_over_max_payload_are_refused,
@@ -258,6 +259,19 @@ mod cases {
         for member in &mut members {
             assert!(stays_silent(member).await, "a member got an extra message");
         }
+    }
+
+    pub async fn new_inboxes_are_distinct_and_receive_what_is_sent_there(bus: Bus) {
+        let (first, second) = (bus.new_inbox(), bus.new_inbox());
+        assert_ne!(first, second);
+        for inbox in [&first, &second] {
+            assert!(inbox.starts_with("_INBOX."), "{inbox}");
+        }
+        let mut one = bus.subscribe(&first).await.expect("subscribe");
+        let mut other = bus.subscribe(&second).await.expect("subscribe");
+        bus.publish(&first, bytes("credit")).await.expect("publish");
+        assert_eq!(next(&mut one).await.payload, "credit");
+        assert!(stays_silent(&mut other).await, "another inbox got it");
     }
 
     pub async fn request_gets_the_reply(bus: Bus) {

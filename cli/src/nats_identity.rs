@@ -220,7 +220,7 @@ pub fn host_permissions(host: &HostId) -> HostPermissions {
         (format!("{}.>", wharf_proto::trigger::MESSAGE_PREFIX), "components' messages (each host checks the namespace) and dead letters"),
         (wharf_proto::trigger::DELIVERIES_WILDCARD.to_owned(), "trigger messages handed to other hosts' replicas"),
         (names::job_result_subject(host), "how each job attempt it ran ended, no other host's"),
-        ("_INBOX.>".to_owned(), "replies to requests it serves"),
+        ("_INBOX.>".to_owned(), "replies to requests it serves, and the frames of bodies streamed to or from other hosts (into their own inboxes)"),
         (names::consumer_broker_subject(host), "asks the control plane for its watches, key listings and trigger pulls, delivered into its own inboxes"),
         (names::data_broker_subject(host), "asks the control plane for reads of what it follows and of components, and for services' data of namespaces it runs"),
     ];

@@ -243,6 +243,9 @@ pub struct EdgeArgs {
     /// How long a client has to finish a TLS handshake.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     tls_handshake_timeout: Duration,
+    /// The largest request body the ingress accepts; larger ones get 413. Bodies stream through (to a replica here or on another host), so a large limit costs no memory per byte.
+    #[arg(long, default_value = "16MiB")]
+    max_request_body: ByteSize,
 }
 
 impl EdgeArgs {
@@ -256,6 +259,7 @@ impl EdgeArgs {
             max_connections: self.max_connections,
             max_buffer: usize::try_from(self.connection_buffer.bytes()).unwrap_or(usize::MAX),
             tls_handshake_timeout: self.tls_handshake_timeout,
+            max_request_body: self.max_request_body.bytes(),
             ..wharf_edge::ServerConfig::default()
         };
         config.validate().context("bad listener bounds (--header-timeout, --idle-timeout, --body-timeout, --max-connections, --connection-buffer, --tls-handshake-timeout)")?;

@@ -70,6 +70,11 @@ pub struct ServerConfig {
     pub tls_handshake_timeout: Duration,
     /// How long open connections get to finish after shutdown begins. 5 s.
     pub drain_timeout: Duration,
+    /// The largest request body a handler reading bodies accepts (the
+    /// host's ingress does; a larger declared length gets 413 at once, a
+    /// longer streamed body is cut off with an error). 16 MiB; bodies
+    /// stream through the host, so raising it costs no memory per byte.
+    pub max_request_body: u64,
 }
 
 impl Default for ServerConfig {
@@ -82,6 +87,7 @@ impl Default for ServerConfig {
             max_buffer: 256 * 1024,
             tls_handshake_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(5),
+            max_request_body: 16 * 1024 * 1024,
         }
     }
 }

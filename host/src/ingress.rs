@@ -28,7 +28,8 @@ pub type RequestBody = http_body_util::combinators::UnsyncBoxBody<Bytes, wasmtim
 /// this by default, so it bounds memory without cutting our clearer answer short.)
 pub const MAX_HEAD: usize = 64 * 1024;
 
-/// The largest request body accepted; a larger declared `Content-Length`
+/// The largest request body accepted by default
+/// ([`ServerConfig::max_request_body`]); a larger declared `Content-Length`
 /// gets 413 at once, and a longer streamed body is cut off with an error.
 pub const MAX_BODY: u64 = 16 * 1024 * 1024;
 
@@ -46,14 +47,15 @@ where
     H: Handler,
     S: Future<Output = ()>,
 {
+    let max_body = config.max_request_body;
     let service = hyper::service::service_fn(move |request: Request<wharf_edge::Body>| {
         let handler = handler.clone();
-        async move { Ok::<_, std::convert::Infallible>(dispatch(&*handler, request).await) }
+        async move { Ok::<_, std::convert::Infallible>(dispatch(&*handler, request, max_body).await) }
     });
     wharf_edge::serve(listener, tls, config, service, shutdown).await
 }
 
-async fn dispatch<H: Handler + ?Sized>(handler: &H, request: Request<wharf_edge::Body>) -> Response<ResponseBody> {
+async fn dispatch<H: Handler + ?Sized>(handler: &H, request: Request<wharf_edge::Body>, max_body: u64) -> Response<ResponseBody> {
     let head: usize = uri_len(request.uri()) + request.headers().iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum::<usize>();
     if head > MAX_HEAD {
         return error_response(
@@ -63,21 +65,21 @@ async fn dispatch<H: Handler + ?Sized>(handler: &H, request: Request<wharf_edge:
         );
     }
     let declared = request.headers().get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > MAX_BODY) {
+    if declared.is_some_and(|len| len > max_body) {
         return error_response(
             StatusCode::PAYLOAD_TOO_LARGE,
             "too_large",
-            format!("the request body is {} bytes; this ingress accepts at most {MAX_BODY} bytes", declared.unwrap_or(0)),
+            format!("the request body is {} bytes; this ingress accepts at most {max_body} bytes (the host's --max-request-body)", declared.unwrap_or(0)),
         );
     }
     let request = request.map(|body| {
-        http_body_util::Limited::new(body, usize::try_from(MAX_BODY).unwrap_or(usize::MAX))
-            .map_err(|e| match e.downcast::<BodyError>() {
+        http_body_util::Limited::new(body, usize::try_from(max_body).unwrap_or(usize::MAX))
+            .map_err(move |e| match e.downcast::<BodyError>() {
                 Ok(e) => match *e {
                     BodyError::Hyper(e) => wasmtime_wasi_http::Error::from(e),
                     BodyError::ReadTimeout(_) => wasmtime_wasi_http::Error::ConnectionReadTimeout,
                 },
-                Err(_) => wasmtime_wasi_http::Error::HttpRequestBodySize(Some(MAX_BODY)),
+                Err(_) => wasmtime_wasi_http::Error::HttpRequestBodySize(Some(max_body)),
             })
             .boxed_unsync()
     });

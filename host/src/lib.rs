@@ -22,6 +22,7 @@
 
 pub mod admin;
 pub mod agent;
+pub mod body_stream;
 pub mod code_cache;
 pub mod cpu;
 pub mod egress;

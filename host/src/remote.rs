@@ -4,15 +4,18 @@
 //! that host alone listens.
 //!
 //! A message carries an HTTP/1.1 message as is (head, blank line, body),
-//! so heads are parsed by `httparse`, the parser hyper itself uses. Bodies
-//! travel whole: one that does not fit in the bus's largest message is
-//! refused with 413 (request) or 502 (response) naming the limit, never cut.
+//! so heads are parsed by `httparse`, the parser hyper itself uses. A body
+//! that fits in the bus's largest message with its head travels in it, in
+//! one request and one reply as always; a larger one (or one of unknown
+//! size that turns out larger) follows its head as a flow-controlled
+//! stream of chunks ([`crate::body_stream`]), in either direction.
 
+use crate::body_stream::{self, ReadBody, STREAM_HEADER, SourceSlot, StreamError};
 use crate::ingress::RequestBody;
 use crate::workload::{ResponseBody, error_response, full_body};
 use bytes::{BufMut, Bytes, BytesMut};
 use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use std::time::Duration;
 use wharf_bus::{Bus, Message, RequestError};
 use wharf_proto::ServiceId;
@@ -55,30 +58,98 @@ pub fn not_here(service: &ServiceId, host: &str) -> Response<ResponseBody> {
     response
 }
 
-/// Reads a request whole and encodes it for the bus, or answers it at once
-/// (413) when its body cannot cross the bus.
-pub async fn prepare(bus: &Bus, request: Request<RequestBody>) -> Result<Bytes, Response<ResponseBody>> {
-    let limit = max_body(bus);
-    let (parts, body) = request.into_parts();
-    let body = match Limited::new(body, limit).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
-            return Err(error_response(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too_large",
-                format!("the request body is larger than {limit} bytes, the most a request to another host can carry (the bus's max payload); send less, or raise max_payload on the NATS server"),
-            ));
+/// A request ready to cross the hop: encoded whole in one message, or its
+/// head to send first and its body to stream after it
+/// ([`crate::body_stream`]). Clones share the body: the tries of one
+/// request (to one host, then another) send it once.
+#[derive(Clone)]
+pub enum Prepared {
+    /// Head and body in one message, as every request went before bodies
+    /// were streamed; what every body that fits in one message still does.
+    Whole(Bytes),
+    /// The head (without the stream header, which names each try's own
+    /// inbox) and the body, unread past what the decision needed.
+    Streamed { head: Bytes, body: SourceSlot },
+}
+
+impl Prepared {
+    /// Whether the request may be sent to a second host while the first
+    /// may still serve it: only a safe method ([`is_safe`]) with a body
+    /// sent whole. A streamed body is never sent twice that way: the first
+    /// host may have consumed part of it, and it cannot be replayed.
+    pub fn is_safe(&self) -> bool {
+        match self {
+            Prepared::Whole(payload) => is_safe(payload),
+            Prepared::Streamed { .. } => false,
         }
-        Err(e) => return Err(error_response(StatusCode::BAD_REQUEST, "bad_request", format!("cannot read the request body: {e}"))),
-    };
-    Ok(encode_request(&parts, &body))
+    }
+
+    /// The request again, to serve here: from its encoding, or its head and
+    /// the body still held (an error once a try took it).
+    pub fn into_request(self) -> Result<Request<RequestBody>, String> {
+        match self {
+            Prepared::Whole(payload) => decode_request_bytes(&payload),
+            Prepared::Streamed { head, body } => {
+                let (request, _) = decode_request_bytes(&head)?.into_parts();
+                let source = body.take().ok_or_else(|| StreamError::Consumed.to_string())?;
+                Ok(Request::from_parts(request, source.into_body()))
+            }
+        }
+    }
+}
+
+/// Reads a request as far as needed to decide how it crosses the bus
+/// ([`body_stream::read`]): whole when its body fits in one message with
+/// the head, else its head and the body to stream.
+pub async fn prepare(bus: &Bus, request: Request<RequestBody>) -> Result<Prepared, Response<ResponseBody>> {
+    let (parts, body) = request.into_parts();
+    match body_stream::read(body, max_body(bus)).await {
+        Ok(ReadBody::Whole(body)) => Ok(Prepared::Whole(encode_request(&parts, &body))),
+        Ok(ReadBody::Stream(source)) => Ok(Prepared::Streamed { head: encode_request(&parts, b""), body: SourceSlot::new(source) }),
+        Err(e) => Err(error_response(StatusCode::BAD_REQUEST, "bad_request", format!("cannot read the request body: {e}"))),
+    }
 }
 
 /// Sends a prepared request to `service` on `subject` over the bus and
-/// waits up to `timeout` for the answer.
-pub async fn send(bus: &Bus, service: &ServiceId, subject: &str, payload: Bytes, timeout: Duration) -> Result<Response<ResponseBody>, NoReplica> {
-    match bus.request(subject, payload, timeout).await {
-        Ok(reply) => match decode_response(&reply.payload) {
+/// waits up to `timeout` for the answer. A streamed body goes while the
+/// answer is awaited; the answer's body may come as a stream too.
+pub async fn send(bus: &Bus, service: &ServiceId, subject: &str, prepared: Prepared, timeout: Duration) -> Result<Response<ResponseBody>, NoReplica> {
+    let reply = match prepared {
+        Prepared::Whole(payload) => bus.request(subject, payload, timeout).await,
+        Prepared::Streamed { head, body } => {
+            let (inbox, control) = match body_stream::open_inbox(bus).await {
+                Ok(opened) => opened,
+                Err(e) => return Ok(error_response(StatusCode::BAD_GATEWAY, "bus_error", format!("cannot stream the request body to service {service}: {e}"))),
+            };
+            // The sending task, stopped if this try ends without an answer
+            // (nothing was taken from the body then: a host takes it only
+            // by granting credit, after it decided to serve the request).
+            let mut sending = AbortOnDrop(Some(tokio::spawn({
+                let bus = bus.clone();
+                async move { body_stream::send(&bus, control, body).await }
+            })));
+            let request = bus.request(subject, with_stream_header(&head, &inbox), timeout);
+            tokio::pin!(request);
+            let reply = tokio::select! {
+                reply = &mut request => reply,
+                sent = sending.wait() => match sent {
+                    // All sent, or the serving host stopped reading (it may
+                    // answer without the rest): the answer is still to come.
+                    Ok(_) | Err(StreamError::Aborted(_)) => request.await,
+                    Err(e) => {
+                        return Ok(error_response(StatusCode::BAD_GATEWAY, "stream_failed", format!("the request body to service {service} failed part-way: {e}")));
+                    }
+                },
+            };
+            if reply.is_ok() {
+                // The rest of the body goes on while the answer is read.
+                sending.detach();
+            }
+            reply
+        }
+    };
+    match reply {
+        Ok(reply) => match decode_response(bus, &reply.payload).await {
             Ok(response) if response.headers().contains_key(NOT_HERE_HEADER) => Err(NoReplica::NotHere),
             Ok(response) => Ok(response),
             Err(e) => Ok(error_response(StatusCode::BAD_GATEWAY, "bad_gateway", format!("unreadable answer from a host running {service}: {e}"))),
@@ -89,6 +160,41 @@ pub async fn send(bus: &Bus, service: &ServiceId, subject: &str, payload: Bytes,
         }
         Err(e) => Ok(error_response(StatusCode::BAD_GATEWAY, "bus_error", format!("cannot reach service {service}: {e}"))),
     }
+}
+
+/// A task stopped when its handle is dropped, unless detached.
+struct AbortOnDrop<T>(Option<tokio::task::JoinHandle<T>>);
+
+impl<T> AbortOnDrop<Result<T, StreamError>> {
+    /// The task's outcome (a task that panicked or was stopped is an error).
+    async fn wait(&mut self) -> Result<T, StreamError> {
+        match self.0.as_mut() {
+            Some(task) => task.await.unwrap_or_else(|e| Err(StreamError::Body(format!("the sending task failed (a bug in Wharf): {e}")))),
+            None => std::future::pending().await,
+        }
+    }
+
+    fn detach(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        if let Some(task) = self.0.take() {
+            task.abort();
+        }
+    }
+}
+
+/// `head` (an encoded head, ending in its blank line) naming `inbox` as
+/// where the receiver of its body grants credit.
+fn with_stream_header(head: &Bytes, inbox: &str) -> Bytes {
+    let mut out = BytesMut::with_capacity(head.len() + inbox.len() + 32);
+    out.put_slice(&head[..head.len().saturating_sub(2)]);
+    put_header(&mut out, STREAM_HEADER, inbox.as_bytes());
+    out.put_slice(b"\r\n");
+    out.freeze()
 }
 
 /// Whether an encoded request may be sent twice: the safe methods (RFC
@@ -104,9 +210,23 @@ pub fn not_ready(service: &ServiceId, why: &str) -> Response<ResponseBody> {
     error_response(StatusCode::SERVICE_UNAVAILABLE, "not_ready", format!("service {service} {why}"))
 }
 
-/// Turns a request that arrived over the bus back into an HTTP request.
-pub fn decode_request(message: &Message) -> Result<Request<RequestBody>, String> {
-    decode_request_bytes(&message.payload)
+/// Turns a request that arrived over the bus back into an HTTP request,
+/// and the sender's inbox if its body follows as a stream (the request's
+/// body is then empty: [`receive_body`] fills it once the request is sure
+/// to be served here).
+pub fn decode_request(message: &Message) -> Result<(Request<RequestBody>, Option<String>), String> {
+    let mut request = decode_request_bytes(&message.payload)?;
+    let streamed = request.headers_mut().remove(STREAM_HEADER);
+    let streamed = streamed.map(|inbox| inbox.to_str().map(str::to_owned).map_err(|e| format!("bad {STREAM_HEADER} header: {e}"))).transpose()?;
+    Ok((request, streamed))
+}
+
+/// Grants the first credit to the sender of a streamed request body,
+/// waiting on `inbox`, and makes `request`'s body the stream.
+pub async fn receive_body(bus: &Bus, request: Request<RequestBody>, inbox: String) -> Result<Request<RequestBody>, StreamError> {
+    let body = body_stream::receive(bus, inbox).await?;
+    let (parts, _) = request.into_parts();
+    Ok(Request::from_parts(parts, body))
 }
 
 /// Turns an encoded request back into an HTTP request.
@@ -127,23 +247,28 @@ pub fn decode_request_bytes(payload: &Bytes) -> Result<Request<RequestBody>, Str
     builder.body(body).map_err(|e| e.to_string())
 }
 
-/// Answers a bus request with `response`, whose body is collected whole.
-pub async fn encode_reply(bus: &Bus, response: Response<ResponseBody>) -> Bytes {
+/// Answers the bus request `to` with `response`: whole in one message
+/// when its body fits, else its head at once and the body streamed as the
+/// sender pulls it, returning once it is all sent or the stream failed.
+pub async fn reply(bus: &Bus, to: &Message, response: Response<ResponseBody>) -> Result<(), String> {
     let limit = max_body(bus);
     let (parts, body) = response.into_parts();
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => encode_response(parts.status, &parts.headers, &collected.to_bytes()),
-        Err(e) => {
-            let (status, message) = if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
-                (StatusCode::BAD_GATEWAY, format!("the response body is larger than {limit} bytes, the most a response from another host can carry (the bus's max payload)"))
-            } else {
-                (StatusCode::BAD_GATEWAY, format!("the response body failed: {e}"))
-            };
-            let mut headers = http::HeaderMap::new();
-            headers.insert(crate::workload::ERROR_HEADER, HeaderValue::from_static("too_large"));
-            encode_response(status, &headers, format!("{message}\n").as_bytes())
+    let payload = match body_stream::read(body, limit).await {
+        Ok(ReadBody::Whole(body)) => encode_response(parts.status, &parts.headers, &body),
+        Ok(ReadBody::Stream(source)) => {
+            let (inbox, control) = body_stream::open_inbox(bus).await.map_err(|e| e.to_string())?;
+            let mut head = encode_response(parts.status, &parts.headers, b"");
+            head = with_stream_header(&head, &inbox);
+            bus.respond(to, head).await.map_err(|e| e.to_string())?;
+            return body_stream::send(bus, control, SourceSlot::new(source)).await.map(|_| ()).map_err(|e| format!("the response body stream failed: {e}"));
         }
-    }
+        Err(e) => {
+            let mut headers = http::HeaderMap::new();
+            headers.insert(crate::workload::ERROR_HEADER, HeaderValue::from_static("bad_gateway"));
+            encode_response(StatusCode::BAD_GATEWAY, &headers, format!("the response body failed: {e}\n").as_bytes())
+        }
+    };
+    bus.respond(to, payload).await.map_err(|e| e.to_string())
 }
 
 fn encode_request(parts: &http::request::Parts, body: &[u8]) -> Bytes {
@@ -177,7 +302,10 @@ fn encode_response(status: StatusCode, headers: &http::HeaderMap, body: &[u8]) -
 
 fn put_headers(out: &mut BytesMut, headers: &http::HeaderMap) {
     for (name, value) in headers {
-        if HOP_HEADERS.contains(&name.as_str()) || name == http::header::CONTENT_LENGTH {
+        // The stream header is the sending host's alone: a client's or a
+        // component's own would have a host send credit or a body's bytes
+        // to an inbox of its choosing.
+        if HOP_HEADERS.contains(&name.as_str()) || name == http::header::CONTENT_LENGTH || name == STREAM_HEADER {
             continue;
         }
         put_header(out, name.as_str(), value.as_bytes());
@@ -191,7 +319,20 @@ fn put_header(out: &mut BytesMut, name: &str, value: &[u8]) {
     out.put_slice(b"\r\n");
 }
 
-fn decode_response(payload: &Bytes) -> Result<Response<ResponseBody>, String> {
+/// Turns an answer from the bus back into an HTTP response; one whose
+/// body is streamed ([`STREAM_HEADER`]) gets it as a stream, pulled from
+/// the sender as it is read.
+async fn decode_response(bus: &Bus, payload: &Bytes) -> Result<Response<ResponseBody>, String> {
+    let mut response = decode_response_bytes(payload)?;
+    if let Some(inbox) = response.headers_mut().remove(STREAM_HEADER) {
+        let inbox = inbox.to_str().map_err(|e| format!("bad {STREAM_HEADER} header: {e}"))?.to_owned();
+        let body = body_stream::receive(bus, inbox).await.map_err(|e| e.to_string())?;
+        *response.body_mut() = body;
+    }
+    Ok(response)
+}
+
+fn decode_response_bytes(payload: &Bytes) -> Result<Response<ResponseBody>, String> {
     let mut headers = [httparse::EMPTY_HEADER; 128];
     let mut parsed = httparse::Response::new(&mut headers);
     let head_len = match parsed.parse(payload) {
@@ -238,7 +379,8 @@ mod tests {
         let (parts, ()) = request.into_parts();
         let payload = encode_request(&parts, b"body bytes\r\n\r\nmore");
         let message = Message { subject: "s".into(), payload, reply: None };
-        let decoded = decode_request(&message).expect("decodes");
+        let (decoded, streamed) = decode_request(&message).expect("decodes");
+        assert_eq!(streamed, None);
         assert_eq!(decoded.method(), Method::POST);
         assert_eq!(decoded.uri().path_and_query().map(|p| p.as_str()), Some("/a/b?x=1"));
         assert_eq!(decoded.headers().get_all("x-one").iter().count(), 2);
@@ -247,8 +389,10 @@ mod tests {
         let mut headers = http::HeaderMap::new();
         headers.insert("content-type", HeaderValue::from_static("text/plain"));
         headers.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        headers.insert(STREAM_HEADER, HeaderValue::from_static("_INBOX.host-evil.x"));
         let encoded = encode_response(StatusCode::IM_A_TEAPOT, &headers, b"\x00binary\xff");
-        let response = decode_response(&encoded).expect("decodes");
+        let response = decode_response_bytes(&encoded).expect("decodes");
+        assert!(response.headers().get(STREAM_HEADER).is_none(), "a component's own {STREAM_HEADER} is dropped, never believed");
         assert_eq!(response.status(), StatusCode::IM_A_TEAPOT);
         assert_eq!(response.headers()["content-type"], "text/plain");
         assert!(response.headers().get("transfer-encoding").is_none(), "hop headers are dropped");
@@ -258,6 +402,42 @@ mod tests {
     fn garbage_is_refused_not_misread() {
         let message = Message { subject: "s".into(), payload: Bytes::from_static(b"\x00\x01 nonsense"), reply: None };
         assert!(decode_request(&message).is_err());
-        assert!(decode_response(&Bytes::from_static(b"HTTP/1.1 abc\r\n")).is_err());
+        assert!(decode_response_bytes(&Bytes::from_static(b"HTTP/1.1 abc\r\n")).is_err());
+    }
+
+    fn request_of(body: Vec<u8>, exact: bool) -> Request<RequestBody> {
+        let body = if exact {
+            http_body_util::Full::new(Bytes::from(body)).map_err(|never: std::convert::Infallible| -> wasmtime_wasi_http::Error { match never {} }).boxed_unsync()
+        } else {
+            // A body of unknown length, as a chunked upload's.
+            let pieces = body.chunks(64 * 1024).map(|piece| Ok(http_body::Frame::data(Bytes::copy_from_slice(piece)))).collect::<Vec<_>>();
+            http_body_util::StreamBody::new(futures::stream::iter(pieces)).boxed_unsync()
+        };
+        Request::post("http://web.shop/up").header(STREAM_HEADER, "_INBOX.host-evil.x").body(body).expect("request")
+    }
+
+    #[tokio::test]
+    async fn bodies_that_fit_in_one_message_go_whole_and_larger_ones_are_streamed() {
+        let bus = Bus::local(wharf_bus::LocalStore::in_memory().expect("store"));
+        let fits = max_body(&bus);
+        for exact in [true, false] {
+            for len in [0, 10, fits] {
+                let Ok(Prepared::Whole(payload)) = prepare(&bus, request_of(vec![7; len], exact)).await else { panic!("{len} bytes (exact {exact}) not sent whole") };
+                assert!(payload.len() <= bus.max_payload(), "one message holds it");
+                let (request, streamed) = decode_request(&Message { subject: "s".into(), payload, reply: None }).expect("decodes");
+                assert_eq!(streamed, None, "a client's own {STREAM_HEADER} is dropped, never believed");
+                assert_eq!(request.into_body().collect().await.expect("body").to_bytes().len(), len);
+            }
+            let Ok(Prepared::Streamed { head, body }) = prepare(&bus, request_of(vec![7; fits + 1], exact)).await else { panic!("{} bytes (exact {exact}) sent whole", fits + 1) };
+            assert!(!String::from_utf8_lossy(&head).contains(STREAM_HEADER), "the head names no inbox until a try adds its own");
+            let prepared = Prepared::Streamed { head: head.clone(), body };
+            assert!(!prepared.is_safe(), "a streamed body is never sent to two hosts");
+            let request = prepared.clone().into_request().expect("still whole");
+            assert_eq!(request.into_body().collect().await.expect("body").to_bytes().len(), fits + 1, "nothing read ahead is lost");
+            assert_eq!(prepared.into_request().err(), Some(StreamError::Consumed.to_string()), "taken once");
+            let named = with_stream_header(&head, "_INBOX.host-a.1");
+            let (_, streamed) = decode_request(&Message { subject: "s".into(), payload: named, reply: None }).expect("decodes");
+            assert_eq!(streamed.as_deref(), Some("_INBOX.host-a.1"));
+        }
     }
 }

@@ -2,6 +2,7 @@
 //! names of every subject and bucket. Pure data and validation; no I/O.
 
 pub mod beats;
+pub mod body_stream;
 pub mod digest;
 pub mod latency;
 pub mod egress;

@@ -28,6 +28,7 @@ pub const NAMES: &[&str] = &[
     "messenger",
     "listener",
     "job",
+    "bulk",
 ];
 
 /// The target the samples are built for; also names the output subdirectory.

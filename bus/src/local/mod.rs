@@ -88,16 +88,21 @@ impl LocalBus {
         })
     }
 
+    /// A subject no other inbox of this process has: inboxes look like
+    /// NATS' (`_INBOX.<unique>`), so a subscriber to `>` sees the same
+    /// traffic in both implementations.
+    pub(crate) fn new_inbox(&self) -> String {
+        static NEXT_INBOX: AtomicU64 = AtomicU64::new(0);
+        format!("_INBOX.{}", NEXT_INBOX.fetch_add(1, Ordering::Relaxed))
+    }
+
     pub(crate) async fn request(
         &self,
         subject: &str,
         payload: Bytes,
         timeout: Duration,
     ) -> Result<Message, RequestError> {
-        // Inboxes look like NATS' (`_INBOX.<unique>`), so a subscriber to `>`
-        // sees the same traffic in both implementations.
-        static NEXT_INBOX: AtomicU64 = AtomicU64::new(0);
-        let inbox = format!("_INBOX.{}", NEXT_INBOX.fetch_add(1, Ordering::Relaxed));
+        let inbox = self.new_inbox();
         let mut replies = self.subscribe(&inbox, None);
         if self.publish(subject, Some(inbox), payload) == 0 {
             return Err(RequestError::NoResponders {

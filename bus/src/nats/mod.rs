@@ -320,6 +320,10 @@ impl NatsBus {
         Ok(())
     }
 
+    pub(crate) fn new_inbox(&self) -> String {
+        self.client.new_inbox()
+    }
+
     pub(crate) fn max_payload(&self) -> usize {
         self.client.max_payload()
     }

@@ -8,6 +8,7 @@
 //! there); a slow poll is only the fallback for a lost announcement.
 
 use super::HostAgent;
+use crate::remote::Prepared;
 use crate::workload::{ResponseBody, Workload, error_response};
 use bytes::Bytes;
 use futures::StreamExt;
@@ -124,7 +125,10 @@ impl Activations {
 impl HostAgent {
     /// Holds a request for a service with no ready replica while one
     /// starts, then serves it (see the module docs).
-    pub(super) async fn activate(&self, service: &ServiceId, payload: Bytes, timeout: Duration) -> Response<ResponseBody> {
+    ///
+    /// A streamed body is held unread (only what the decision to stream
+    /// read is in memory), and is read as the replica that serves it reads it.
+    pub(super) async fn activate(&self, service: &ServiceId, payload: Prepared, timeout: Duration) -> Response<ResponseBody> {
         let started = Instant::now();
         let activations = &self.inner.activations;
         let _held = Held::enter(activations, service);
@@ -152,7 +156,7 @@ impl HostAgent {
         // Why this host did not start one itself, for the answer if none comes.
         let not_here = match self.may_activate_here(service) {
             Ok(()) => match self.activate_locally(service).await {
-                Ok(workload) => return self.serve_held(&workload, &payload, started).await,
+                Ok(workload) => return self.serve_held(&workload, payload, started).await,
                 Err(e) => {
                     tracing::warn!(%service, "cannot start a replica here for activation: {e}");
                     e
@@ -167,7 +171,7 @@ impl HostAgent {
         let mut changes = self.changes();
         loop {
             if let Some(workload) = self.inner.replicas.least_busy(service, None) {
-                return self.serve_held(&workload, &payload, started).await;
+                return self.serve_held(&workload, payload, started).await;
             }
             if let Ok(response) = self.send(service, None, payload.clone(), timeout).await {
                 self.inner.metrics.activation(started.elapsed());
@@ -245,9 +249,9 @@ impl HostAgent {
     }
 
     /// Serves a request held for activation on `workload`, now ready.
-    async fn serve_held(&self, workload: &Workload, payload: &Bytes, started: Instant) -> Response<ResponseBody> {
+    async fn serve_held(&self, workload: &Workload, payload: Prepared, started: Instant) -> Response<ResponseBody> {
         self.inner.metrics.activation(started.elapsed());
-        match crate::remote::decode_request_bytes(payload) {
+        match payload.into_request() {
             Ok(request) => workload.handle(request).await,
             Err(e) => error_response(StatusCode::BAD_REQUEST, "bad_request", e),
         }

@@ -23,7 +23,7 @@
 use super::HostAgent;
 use crate::ingress::RequestBody;
 use crate::limits::WorkloadLimits;
-use crate::remote::NoReplica;
+use crate::remote::{NoReplica, Prepared};
 use crate::workload::{ResponseBody, error_response};
 use bytes::Bytes;
 use futures::StreamExt;
@@ -140,7 +140,7 @@ impl HostAgent {
                 // (it is starting or stopping): any ready replica will do,
                 // a local one first.
                 if let Some(workload) = self.inner.replicas.least_busy(service, None) {
-                    return match crate::remote::decode_request_bytes(&payload) {
+                    return match payload.into_request() {
                         Ok(request) => workload.handle(request).await,
                         Err(e) => error_response(StatusCode::BAD_REQUEST, "bad_request", e),
                     };
@@ -168,7 +168,12 @@ impl HostAgent {
     /// `revision` of the service (of any revision when `None`); to others
     /// (at most [`HOSTS_TRIED`] in all) when the one chosen has none any
     /// more or is lost. `Err` when no host could take it.
-    pub(super) async fn send(&self, service: &ServiceId, revision: Option<u64>, payload: Bytes, timeout: Duration) -> Result<Response<ResponseBody>, NoReplica> {
+    ///
+    /// A streamed body goes to the next host only if the one before took
+    /// none of it (nobody listened, or it answered "not here", which a host
+    /// does before it grants credit for the body); once taken, the body is
+    /// gone and the next try answers that it cannot be sent again.
+    pub(super) async fn send(&self, service: &ServiceId, revision: Option<u64>, payload: Prepared, timeout: Duration) -> Result<Response<ResponseBody>, NoReplica> {
         let me = &self.inner.config.host;
         let mut tried: Vec<(HostId, u64)> = Vec::new();
         let mut outcome = Err(NoReplica::NoResponders);
@@ -185,7 +190,8 @@ impl HostAgent {
     }
 
     /// Sends a prepared request to one host, on its subject for revision
-    /// `to.1`; a safe one ([`crate::remote::is_safe`]) is given up at once
+    /// `to.1`; a safe one ([`Prepared::is_safe`], never one whose body is
+    /// streamed: it cannot be replayed once the first host read some) is given up at once
     /// if the control plane says that host was lost (its answer would never
     /// come: it would wait out its deadline) and another host serves
     /// `revision` (the caller sends it there).
@@ -194,13 +200,13 @@ impl HostAgent {
         service: &ServiceId,
         revision: Option<u64>,
         to: (&HostId, u64),
-        payload: Bytes,
+        payload: Prepared,
         timeout: Duration,
         tried: &[(HostId, u64)],
     ) -> Result<Response<ResponseBody>, NoReplica> {
         let (host, chosen) = to;
         let subject = host_request_subject(host, &service.namespace, &service.name, chosen);
-        if !crate::remote::is_safe(&payload) {
+        if !payload.is_safe() {
             return crate::remote::send(&self.inner.bus, service, &subject, payload, timeout).await;
         }
         let mut lost = self.inner.hosts_down.subscribe();
@@ -236,20 +242,25 @@ impl HostAgent {
     /// stopped, else a "not here" answer the sender retries elsewhere.
     async fn answer(&self, service: &ServiceId, revision: u64, message: wharf_bus::Message) {
         let response = match crate::remote::decode_request(&message) {
-            Ok(mut request) => {
+            Ok((mut request, streamed)) => {
                 let span = tracing::trace_span!(target: crate::trace::TARGET, "from bus", host = %self.inner.config.host, service = %service);
                 crate::trace::continue_from(&span, request.headers());
                 crate::trace::inject(&span, request.headers_mut());
                 let workload = self.inner.replicas.least_busy(service, Some(revision)).or_else(|| self.inner.replicas.draining(service, Some(revision)));
-                match workload {
-                    Some(workload) => tracing::Instrument::instrument(workload.handle(request), span).await,
-                    None => crate::remote::not_here(service, self.inner.config.host.as_str()),
+                match (workload, streamed) {
+                    // Not served here: the body, if streamed, was not asked
+                    // for, so the sender may still send it elsewhere.
+                    (None, _) => crate::remote::not_here(service, self.inner.config.host.as_str()),
+                    (Some(workload), None) => tracing::Instrument::instrument(workload.handle(request), span).await,
+                    (Some(workload), Some(inbox)) => match crate::remote::receive_body(&self.inner.bus, request, inbox).await {
+                        Ok(request) => tracing::Instrument::instrument(workload.handle(request), span).await,
+                        Err(e) => error_response(StatusCode::BAD_GATEWAY, "stream_failed", format!("cannot receive the request body from the sending host: {e}")),
+                    },
                 }
             }
             Err(e) => error_response(StatusCode::BAD_REQUEST, "bad_request", format!("unreadable request from the bus: {e}")),
         };
-        let payload = crate::remote::encode_reply(&self.inner.bus, response).await;
-        if let Err(e) = self.inner.bus.respond(&message, payload).await {
+        if let Err(e) = crate::remote::reply(&self.inner.bus, &message, response).await {
             tracing::debug!(%service, "could not answer a bus request: {e}");
         }
     }
