@@ -3,6 +3,15 @@
 //! on one `wharf up` with a stated
 //! `--memory`; how many become ready, why the rest do not, how many answer
 //! their first request, and the host's resident memory.
+//!
+//! With `--scale-to-zero`, every service scales to zero (`min: 0`) and
+//! starts with none: the bench then wakes `--warm` of them, chosen at
+//! random, by a first request each, and reads the host's resident memory
+//! before and after (memory per warm replica); then times the first
+//! request of `--cold` more, also at random, each waking its service. With
+//! `--variants N` the services run N distinct components (`hello` with a
+//! custom section naming the variant: its own digest, its own compiled
+//! code), so with a small `--code-cache` most wake-ups load code from disk.
 
 use anyhow::{Context, bail};
 use serde_json::Value;
@@ -30,15 +39,90 @@ pub struct DensityArgs {
     /// Seconds to wait at most for the ready count to stop changing.
     #[arg(long, default_value_t = 180)]
     settle_secs: u64,
+    /// Services scale to zero and start with none (see the module's doc).
+    #[arg(long)]
+    scale_to_zero: bool,
+    /// With --scale-to-zero: services woken (at random) to measure memory per warm replica.
+    #[arg(long, default_value_t = 1000)]
+    warm: usize,
+    /// With --scale-to-zero: more services whose first request is timed.
+    #[arg(long, default_value_t = 300)]
+    cold: usize,
+    /// Distinct components the services run (round robin).
+    #[arg(long, default_value_t = 1)]
+    variants: usize,
     /// Where to write the JSON results.
     #[arg(long, default_value = "bench/results/density.json")]
     out: PathBuf,
+}
+
+/// `component` with a custom section naming variant `n` appended: the same
+/// program under another digest.
+fn variant(component: &[u8], n: usize) -> Vec<u8> {
+    fn leb(mut value: usize, out: &mut Vec<u8>) {
+        loop {
+            let byte = (value & 0x7f) as u8;
+            value >>= 7;
+            if value == 0 {
+                out.push(byte);
+                return;
+            }
+            out.push(byte | 0x80);
+        }
+    }
+    let name = b"wharf-bench-variant";
+    let payload = n.to_string().into_bytes();
+    let mut body = Vec::new();
+    leb(name.len(), &mut body);
+    body.extend_from_slice(name);
+    body.extend_from_slice(&payload);
+    let mut out = component.to_vec();
+    out.push(0);
+    leb(body.len(), &mut out);
+    out.extend_from_slice(&body);
+    out
+}
+
+/// The resident memory of process `pid`, in bytes.
+fn rss(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib: u64 = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()).context("no VmRSS")?;
+    Ok(kib * 1024)
+}
+
+/// `count` distinct numbers below `below`, none in `except`, in a random order (a fixed seed).
+fn pick(count: usize, below: usize, except: &std::collections::BTreeSet<usize>, seed: u64) -> Vec<usize> {
+    let mut state = seed | 1;
+    let mut chosen = std::collections::BTreeSet::new();
+    let mut order = Vec::new();
+    let available = below.saturating_sub(except.len());
+    while order.len() < count.min(available) {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let n = (state % below as u64) as usize;
+        if !except.contains(&n) && chosen.insert(n) {
+            order.push(n);
+        }
+    }
+    order
 }
 
 pub async fn run(args: DensityArgs) -> anyhow::Result<()> {
     let wharf = crate::wharf_binary(args.wharf.as_ref())?;
     let dir = crate::scratch_dir("density")?;
     let hello = wharf_testkit::samples::path("hello");
+    let original = std::fs::read(&hello).context("read the hello sample")?;
+    let mut components = Vec::new();
+    for n in 0..args.variants.max(1) {
+        if args.variants <= 1 {
+            components.push(hello.clone());
+            break;
+        }
+        let path = dir.join(format!("hello-{n}.wasm"));
+        std::fs::write(&path, variant(&original, n))?;
+        components.push(path);
+    }
     let mut flags: Vec<&str> = vec!["--host-id", "bench", "--memory", &args.memory];
     flags.extend(args.up_flags.iter().map(String::as_str));
     let up = Up::start(&wharf, &dir.join("data"), &flags);
@@ -48,7 +132,11 @@ pub async fn run(args: DensityArgs) -> anyhow::Result<()> {
     for (part, chunk) in names.chunks(500).enumerate() {
         let mut manifest = String::from("services:\n");
         for i in chunk {
-            manifest.push_str(&format!("  - name: s{i}\n    component: {{ file: {} }}\n    routes: [{{ path_prefix: /s{i} }}]\n", hello.display()));
+            let component = &components[i % components.len()];
+            manifest.push_str(&format!("  - name: s{i}\n    component: {{ file: {} }}\n    routes: [{{ path_prefix: /s{i} }}]\n", component.display()));
+            if args.scale_to_zero {
+                manifest.push_str("    autoscale: { min: 0, max: 1, target_concurrency: 1, scale_to_zero_after: 1h }\n");
+            }
             if let Some(limits) = &args.limits {
                 manifest.push_str(&format!("    limits: {{ {limits} }}\n"));
             }
@@ -61,6 +149,13 @@ pub async fn run(args: DensityArgs) -> anyhow::Result<()> {
         }
     }
     let applied = started.elapsed();
+    if args.scale_to_zero {
+        let report = at_zero(&args, &up, &client, applied).await?;
+        crate::write_report(&args.out, &report)?;
+        drop(up);
+        let _ = std::fs::remove_dir_all(&dir);
+        return Ok(());
+    }
 
     // Ready counts until they stop changing and every service not ready
     // says why (or all are ready).
@@ -127,4 +222,85 @@ pub async fn run(args: DensityArgs) -> anyhow::Result<()> {
     drop(up);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// The `--scale-to-zero` run: every service stored and at zero; then the
+/// memory `--warm` woken services hold, and the first request of `--cold` more.
+async fn at_zero(args: &DensityArgs, up: &Up, client: &reqwest::Client, applied: Duration) -> anyhow::Result<serde_json::Map<String, Value>> {
+    let started = Instant::now();
+    loop {
+        let body: Value = client.get(format!("{}/v1/namespaces/default/services", up.api)).bearer_auth(&up.token).send().await?.json().await?;
+        let listed = body["services"].as_array().cloned().unwrap_or_default();
+        let at_zero = listed.iter().filter(|s| s["status"]["desired"] == 0).count();
+        if at_zero == args.services {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(args.settle_secs) {
+            bail!("{} of {} services at zero after {}s", at_zero, args.services, args.settle_secs);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    // Let the host settle (routes, watches) before reading its memory.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let pid = up.process.id();
+    let idle = rss(pid)?;
+    let first = |i: usize| {
+        let url = format!("{}/s{i}", up.ingress);
+        async move {
+            let sent = Instant::now();
+            let response = client.get(url).send().await.ok()?;
+            response.status().is_success().then(|| sent.elapsed())
+        }
+    };
+    let mut woken = std::collections::BTreeSet::new();
+    let mut warm_latencies = Vec::new();
+    for i in pick(args.warm, args.services, &woken, 0x9e37_79b9_7f4a_7c15) {
+        if let Some(latency) = first(i).await {
+            warm_latencies.push(latency);
+        }
+        woken.insert(i);
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let warm = rss(pid)?;
+    let mut cold_latencies = Vec::new();
+    for i in pick(args.cold, args.services, &woken, 0x2545_f491_4f6c_dd1d) {
+        if let Some(latency) = first(i).await {
+            cold_latencies.push(latency);
+        }
+    }
+    let answered = warm_latencies.len() + cold_latencies.len();
+    warm_latencies.sort();
+    cold_latencies.sort();
+    let per_warm = warm.saturating_sub(idle) / (warm_latencies.len().max(1) as u64);
+    let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
+    let ms = |latencies: &[Duration], q: f64| crate::load::percentile(latencies, q) / 1000.0;
+    println!("{} hello services ({} components), all at zero, on one `wharf up --memory {}` (apply took {applied:.2?})", args.services, args.variants.max(1), args.memory);
+    println!("host resident: {:.1} MiB with every service at zero", mib(idle));
+    println!(
+        "woke {} of {} at random: resident {:.1} MiB, {:.3} MiB per warm replica; their first requests p50 {:.2} ms, p99 {:.2} ms",
+        warm_latencies.len(),
+        args.warm,
+        mib(warm),
+        mib(per_warm),
+        ms(&warm_latencies, 0.5),
+        ms(&warm_latencies, 0.99)
+    );
+    println!(
+        "first request to {} more at random (each wakes its service): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        cold_latencies.len(),
+        ms(&cold_latencies, 0.5),
+        ms(&cold_latencies, 0.99),
+        cold_latencies.last().map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+    );
+    let mut report = serde_json::Map::new();
+    report.insert("services".into(), args.services.into());
+    report.insert("variants".into(), args.variants.max(1).into());
+    report.insert("answered".into(), answered.into());
+    report.insert("rss_idle_mib".into(), mib(idle).into());
+    report.insert("rss_warm_mib".into(), mib(warm).into());
+    report.insert("rss_per_warm_replica_mib".into(), mib(per_warm).into());
+    report.insert("warm_first_request_p99_ms".into(), ms(&warm_latencies, 0.99).into());
+    report.insert("cold_first_request_p50_ms".into(), ms(&cold_latencies, 0.5).into());
+    report.insert("cold_first_request_p99_ms".into(), ms(&cold_latencies, 0.99).into());
+    Ok(report)
 }
