@@ -29,7 +29,10 @@ pub(crate) const NO_HOST: u32 = u32::MAX;
 ///
 /// The fields placement reads for every candidate come first and are
 /// copied out of `info`, so scoring a host touches one cache line: with a
-/// million hosts, each pointer followed is a likely cache miss.
+/// million hosts, each pointer followed is a likely cache miss. `repr(C)`
+/// keeps them first (Rust would reorder them), and the alignment starts
+/// every host on a line of its own, so they never straddle two.
+#[repr(C, align(64))]
 pub(crate) struct Host {
     /// `info.capacity`.
     pub(crate) capacity: Capacity,

@@ -66,7 +66,11 @@ pub(crate) fn walk(n: usize, key: u64) -> impl Iterator<Item = usize> {
     }
     (0..n).scan(start, move |position, _| {
         let current = *position;
-        *position = (*position + stride) % n64;
+        // Both are below n: a subtraction, not a division, wraps it.
+        *position += stride;
+        if *position >= n64 {
+            *position -= n64;
+        }
         Some(current as usize)
     })
 }

@@ -79,11 +79,13 @@
 //! pseudo-random order fixed by a hash of the service id and replica index
 //! (a start and a stride coprime with the group's size, so the order
 //! covers every host once and costs nothing to set up), and the walk stops
-//! after `k ≈ log₂(group size)` admissible candidates (14 for 10,000
-//! hosts). Sampling `k` and keeping the best balances load almost as well
+//! after `k ≈ log₂(group size)` admissible candidates, at most 10 (from
+//! groups of 1,024 hosts; 7 for 100). Sampling `k` and keeping the best balances load almost as well
 //! as a full scan (the power of `k` choices). The hosts that have the
 //! component cached are few and known, and a sample would rarely meet
-//! them, so up to `k` of them are scored before the walk.
+//! them, so up to `k` of them are scored before the walk. Candidates are
+//! fetched eight at a time (their hosts' lines loaded together, which the
+//! processor overlaps), as among a million hosts each is a cache miss.
 //!
 //! What sampling could lose, and how it is kept:
 //!

@@ -59,6 +59,39 @@ const CACHED_BONUS: i64 = 250;
 /// moment's load, where reservations stay.
 const IN_FLIGHT_DIVISOR: i64 = 4;
 
+/// How many hosts of a walk are fetched together: their indices, then the
+/// line of each that scoring reads, as independent loads the processor
+/// overlaps. With a million hosts nearly every host a walk meets is a cache
+/// miss, and taken one at a time the misses (the group's entry, then the
+/// host) are waited out one after another. Fetching ahead reads at most
+/// this many hosts past where a walk stops, and changes no decision.
+const FETCH_AHEAD: usize = 8;
+
+/// `candidates` (a host's index, with anything the caller carries along),
+/// their hosts fetched [`FETCH_AHEAD`] at a time (see there).
+fn fetched<'a, T: Copy + 'a>(hosts: &'a [Host], mut candidates: impl Iterator<Item = (u32, T)> + 'a) -> impl Iterator<Item = (u32, T)> + 'a {
+    let mut batch: [Option<(u32, T)>; FETCH_AHEAD] = [None; FETCH_AHEAD];
+    let (mut at, mut len) = (0, 0);
+    std::iter::from_fn(move || {
+        if at == len {
+            len = 0;
+            while len < FETCH_AHEAD {
+                let Some(candidate) = candidates.next() else { break };
+                batch[len] = Some(candidate);
+                len += 1;
+            }
+            // Touch each host's scoring line; the sum only keeps the loads.
+            let touched = batch[..len].iter().flatten().fold(0u64, |sum, &(index, _)| sum ^ hosts[index as usize].reserved_memory);
+            std::hint::black_box(touched);
+            at = 0;
+        }
+        (at < len).then(|| {
+            at += 1;
+            batch[at - 1]
+        })?
+    })
+}
+
 /// How good a host is for a replica; lower is better. The derived order
 /// compares the fields in the order written, so each breaks the ties of the
 /// one before:
@@ -108,14 +141,29 @@ fn score(index: u32, host: &Host, service: &Service, cached_on: &[u32], domain_s
 
 /// `part / whole` in thousandths, at most 1000.
 fn per_mille(part: u64, whole: u64) -> i64 {
-    (u128::from(part) * 1000 / u128::from(whole.max(1))).min(1000) as i64
+    // In 64 bits unless the product overflows them (16 PB): a 128-bit
+    // division is a library call, and this runs for every candidate.
+    let per_mille = match part.checked_mul(1000) {
+        Some(product) => u128::from(product / whole.max(1)),
+        None => u128::from(part) * 1000 / u128::from(whole.max(1)),
+    };
+    per_mille.min(1000) as i64
 }
 
+/// The most admissible hosts a replica scores however large its group:
+/// with d random candidates the fullest host exceeds the average by about
+/// log log n / log d (the power of d choices), so past some ten the extra
+/// candidates buy little balance, while each is a cache miss among a
+/// million hosts (Kubernetes likewise scores a shrinking share of a large
+/// cluster's nodes). It binds from groups of 1,024 hosts.
+const MOST_CANDIDATES: usize = 10;
+
 /// How many admissible hosts at the spread level to score before picking:
-/// about log₂ of the group's size, as Nomad limits its candidates, and never
-/// fewer than two (the power of two choices).
+/// about log₂ of the group's size, as Nomad limits its candidates, never
+/// fewer than two (the power of two choices) nor more than
+/// [`MOST_CANDIDATES`].
 fn candidates_to_score(group_size: usize) -> usize {
-    ((usize::BITS - group_size.leading_zeros()) as usize).max(2)
+    ((usize::BITS - group_size.leading_zeros()) as usize).clamp(2, MOST_CANDIDATES)
 }
 
 /// Places replica `replica` of service `service` and returns the host's
@@ -220,11 +268,8 @@ fn place_over_group(cluster: &mut Cluster, service: u32, replica: u32) -> Option
     // candidates: the walk may meet them again, so only the walk counts
     // towards `enough`.
     let cached = cached_hosts(cached_on, key, enough).filter(|&host| group.contains(host));
-    let walked = walk(group.hosts.len(), key).map(|position| group.hosts[position]);
-    for (index, in_walk) in cached
-        .map(|host| (host, false))
-        .chain(walked.map(|host| (host, true)))
-    {
+    let walked = walk(group.hosts.len(), key).map(|position| (group.hosts[position], true));
+    for (index, in_walk) in fetched(hosts, cached.map(|host| (host, false)).chain(walked)) {
         let host = &hosts[index as usize];
         if admits(host, wanted).is_err() {
             continue;
@@ -293,7 +338,7 @@ fn walk_domains(
         // `place_over_group`, but only where the replica may go: in a domain
         // at the level, on a host at its domain's host spread level.
         let cached = cached_hosts(cached_on, key, enough).filter(|&host| group.contains(host));
-        for index in cached {
+        for (index, ()) in fetched(&cluster.hosts, cached.map(|host| (host, ()))) {
             let domain = cluster.domain_of(spread.partition, index);
             let (count, full) = spread.peek(domain);
             let members = partition.hosts_of(domain).len();
@@ -321,8 +366,8 @@ fn walk_domains(
             let mut best_here: Option<Score> = None;
             let mut at_level = 0;
             let mut walked_all = true;
-            let walked = walk(members.len(), mix(key ^ u64::from(domain)));
-            for index in walked.map(|position| members[position]) {
+            let walked = walk(members.len(), mix(key ^ u64::from(domain))).map(|position| (members[position], ()));
+            for (index, ()) in fetched(&cluster.hosts, walked) {
                 let host = &cluster.hosts[index as usize];
                 if admits(host, wanted).is_err() {
                     continue;
@@ -456,5 +501,24 @@ impl Rejections {
             );
         }
         reason
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn candidates_grow_with_log2_of_the_group_up_to_the_cap() {
+        let counts: Vec<usize> = [0, 1, 3, 100, 1000, 1024, 1_000_000].into_iter().map(candidates_to_score).collect();
+        assert_eq!(counts, [2, 2, 2, 7, 10, 10, 10]);
+    }
+
+    #[test]
+    fn per_mille_is_exact_in_64_bits_and_past_them() {
+        assert_eq!(per_mille(1, 3), 333);
+        assert_eq!(per_mille(5, 0), 1000, "nothing offered is full");
+        assert_eq!(per_mille(1 << 62, 1 << 63), 500, "a product past 64 bits");
+        assert_eq!(per_mille(7, 2), 1000, "at most full");
     }
 }
