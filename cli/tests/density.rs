@@ -22,33 +22,45 @@ async fn services(client: &reqwest::Client, up: &Up) -> Vec<Value> {
     body["services"].as_array().cloned().unwrap_or_default()
 }
 
+/// Applies one manifest of `hello` services `s<i>` for `names`, each with
+/// default settings and the route `/s<i>`.
+fn apply_hellos(up: &Up, dir: &Path, names: std::ops::Range<usize>) {
+    let hello = samples::path("hello");
+    let path = dir.join(format!("many-{}.yaml", names.start));
+    let mut manifest = String::from("services:\n");
+    for i in names {
+        manifest.push_str(&format!("  - name: s{i}\n    component: {{ file: {} }}\n    routes: [{{ path_prefix: /s{i} }}]\n", hello.display()));
+    }
+    std::fs::write(&path, manifest).expect("write manifest");
+    up.ok(&["apply", "--no-wait", "-f", path.to_str().expect("utf-8")]);
+}
+
+/// Waits up to `patience` for `count` services, each with its replica ready.
+async fn all_ready(client: &reqwest::Client, up: &Up, count: usize, patience: Duration) {
+    let started = Instant::now();
+    loop {
+        let listed = services(client, up).await;
+        let ready = listed.iter().filter(|s| s["status"]["ready"] == 1).count();
+        if listed.len() == count && ready == count {
+            return;
+        }
+        let errors: Vec<&Value> = listed.iter().map(|s| &s["status"]["last_error"]).filter(|e| e.is_string()).take(3).collect();
+        assert!(started.elapsed() < patience, "{ready} of {count} ready after {patience:?}; e.g. {errors:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_default_services_fit_where_caps_fit_two_and_a_request_too_big_is_refused_in_human_units() {
     let dir = tempfile::tempdir().expect("tempdir");
     // 1GiB of memory, overcommitted 2x: requests may add up to 2GiB.
     let up = Up::start(Path::new(WHARF), &dir.path().join("data"), &["--host-id", "solo", "--memory", "1GiB", "--memory-overcommit", "2"]);
     let hello = samples::path("hello");
-    let mut manifest = String::from("services:\n");
-    for i in 0..SERVICES {
-        manifest.push_str(&format!("  - name: s{i}\n    component: {{ file: {} }}\n    routes: [{{ path_prefix: /s{i} }}]\n", hello.display()));
-    }
-    let path = dir.path().join("many.yaml");
-    std::fs::write(&path, manifest).expect("write manifest");
-    up.ok(&["apply", "--no-wait", "-f", path.to_str().expect("utf-8")]);
+    apply_hellos(&up, dir.path(), 0..SERVICES);
 
     // Every one becomes ready.
     let client = reqwest::Client::new();
-    let started = Instant::now();
-    loop {
-        let listed = services(&client, &up).await;
-        let ready = listed.iter().filter(|s| s["status"]["ready"] == 1).count();
-        if listed.len() == SERVICES && ready == SERVICES {
-            break;
-        }
-        let unplaceable: Vec<&Value> = listed.iter().filter_map(|s| s["status"]["last_error"].as_str().map(|_| &s["status"]["last_error"])).collect();
-        assert!(started.elapsed() < Duration::from_secs(90), "{ready} of {SERVICES} ready after 90s; errors: {unplaceable:?}");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    all_ready(&client, &up, SERVICES, Duration::from_secs(90)).await;
     // Each answers its first request.
     for i in 0..SERVICES {
         let response = client.get(format!("{}/s{i}", up.ingress)).send().await.expect("answered");
@@ -156,28 +168,11 @@ async fn two_thousand_default_services_each_answer_their_first_request_in_bounde
     let code_cache = ByteSize::mib(64);
     let cache_flag = code_cache.to_string();
     let up = Up::start(Path::new(WHARF), &dir.path().join("data"), &["--host-id", "solo", "--memory", "16GiB", "--code-cache", &cache_flag]);
-    let hello = samples::path("hello");
     for part in 0..MANY / 500 {
-        let mut manifest = String::from("services:\n");
-        for i in part * 500..(part + 1) * 500 {
-            manifest.push_str(&format!("  - name: s{i}\n    component: {{ file: {} }}\n    routes: [{{ path_prefix: /s{i} }}]\n", hello.display()));
-        }
-        let path = dir.path().join(format!("many-{part}.yaml"));
-        std::fs::write(&path, manifest).expect("write manifest");
-        up.ok(&["apply", "--no-wait", "-f", path.to_str().expect("utf-8")]);
+        apply_hellos(&up, dir.path(), part * 500..(part + 1) * 500);
     }
     let client = reqwest::Client::new();
-    let started = Instant::now();
-    loop {
-        let listed = services(&client, &up).await;
-        let ready = listed.iter().filter(|s| s["status"]["ready"] == 1).count();
-        if listed.len() == MANY && ready == MANY {
-            break;
-        }
-        let errors: Vec<&Value> = listed.iter().map(|s| &s["status"]["last_error"]).filter(|e| e.is_string()).take(3).collect();
-        assert!(started.elapsed() < Duration::from_secs(300), "{ready} of {MANY} ready after 300s; e.g. {errors:?}");
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
+    all_ready(&client, &up, MANY, Duration::from_secs(300)).await;
     for i in 0..MANY {
         let response = client.get(format!("{}/s{i}", up.ingress)).send().await.expect("answered");
         assert_eq!(response.status(), 200, "s{i}");

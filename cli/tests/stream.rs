@@ -40,43 +40,15 @@ fn wharf(api: &Api, args: &[&str]) -> String {
     text
 }
 
-/// The shipped NATS configuration (deploy/nats) with an identity per host
-/// and mutual TLS, as `cli/tests/cluster.rs` starts it.
+/// The shipped NATS configuration with an identity per host and mutual
+/// TLS ([`wharf_testkit::nats::shipped`]).
 fn shipped_nats(dir: &Path, hosts: &[&str]) -> NatsServer {
-    let config = dir.join("nats");
-    std::fs::create_dir_all(&config).expect("mkdir");
-    let tls = config.join("tls");
-    let clients = std::iter::once("scheduler").chain(hosts.iter().copied()).collect::<Vec<_>>().join(",");
-    let output = Command::new(WHARF)
-        .args(["nats", "certs", "--dir", tls.to_str().expect("utf-8"), "--server-name", "127.0.0.1,localhost", "--client", &clients])
-        .output()
-        .expect("wharf runs");
-    assert!(output.status.success(), "wharf nats certs: {}", String::from_utf8_lossy(&output.stderr));
-    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/nats");
-    for file in ["nats-server.conf", "accounts.conf", "roles.conf", "users.conf"] {
-        std::fs::copy(shipped.join(file), config.join(file)).expect("copy the shipped config");
-    }
-    for host in hosts {
-        let output = Command::new(WHARF).args(["nats", "add-host", host, "--dir", config.to_str().expect("utf-8")]).output().expect("wharf runs");
-        assert!(output.status.success(), "wharf nats add-host {host}: {}", String::from_utf8_lossy(&output.stderr));
-    }
-    NatsServer::start_from(&wharf_testkit::nats::ConfigFile {
-        path: config.join("nats-server.conf"),
-        env: vec![
-            ("WHARF_SCHEDULER_PASSWORD".into(), "s3cret-s".into()),
-            ("WHARF_SYSTEM_PASSWORD".into(), "s3cret-sys".into()),
-            ("WHARF_NATS_CA".into(), tls.join("ca.pem").to_str().expect("utf-8").into()),
-            ("WHARF_NATS_SERVER_CERT".into(), tls.join("server.pem").to_str().expect("utf-8").into()),
-            ("WHARF_NATS_SERVER_KEY".into(), tls.join("server.key").to_str().expect("utf-8").into()),
-        ],
-        store_dir_var: Some("WHARF_NATS_DATA".into()),
-    })
+    wharf_testkit::nats::shipped(Path::new(WHARF), dir, hosts)
 }
 
+/// The flags that make a Wharf process `client` speak mutual TLS with `shipped_nats`.
 fn tls_flags(dir: &Path, client: &str) -> Vec<String> {
-    let tls = dir.join("nats/tls");
-    let file = |name: String| tls.join(name).to_str().expect("utf-8").to_string();
-    vec!["--nats-ca".into(), file("ca.pem".into()), "--nats-cert".into(), file(format!("{client}.pem")), "--nats-key".into(), file(format!("{client}.key"))]
+    wharf_testkit::nats::shipped_tls_flags(dir, client)
 }
 
 fn scheduler(nats: &str, dir: &Path) -> (Process, Api) {

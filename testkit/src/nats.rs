@@ -872,3 +872,50 @@ fn version(binary: &Path) -> Option<(u64, u64)> {
     let minor = parts.next()?.parse().ok()?;
     Some((major, minor))
 }
+
+/// The shipped NATS configuration (`deploy/nats`), copied into `dir/nats`,
+/// with an identity for each of `hosts` made by `wharf nats add-host`
+/// (seeds in `<dir>/nats/hosts/<host>.nk`) and certificates for mutual TLS
+/// made by `wharf nats certs` (in `<dir>/nats/tls`, a client certificate
+/// for the scheduler and each host), started as its README says with the
+/// `wharf` binary `wharf`; the scheduler's password is `s3cret-s`, the
+/// system user's `s3cret-sys`.
+pub fn shipped(wharf: &Path, dir: &Path, hosts: &[&str]) -> NatsServer {
+    let config = dir.join("nats");
+    fs::create_dir_all(&config).expect("mkdir");
+    let tls = config.join("tls");
+    let clients = std::iter::once("scheduler").chain(hosts.iter().copied()).collect::<Vec<_>>().join(",");
+    let output = Command::new(wharf)
+        .args(["nats", "certs", "--dir", tls.to_str().expect("utf-8"), "--server-name", "127.0.0.1,localhost", "--client", &clients])
+        .output()
+        .expect("wharf runs");
+    assert!(output.status.success(), "wharf nats certs: {}", String::from_utf8_lossy(&output.stderr));
+    let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/nats");
+    for file in ["nats-server.conf", "accounts.conf", "roles.conf", "users.conf"] {
+        fs::copy(deploy.join(file), config.join(file)).expect("copy the shipped config");
+    }
+    for host in hosts {
+        let output = Command::new(wharf).args(["nats", "add-host", host, "--dir", config.to_str().expect("utf-8")]).output().expect("wharf runs");
+        assert!(output.status.success(), "wharf nats add-host {host}: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    let path = |name: &str| tls.join(name).to_str().expect("utf-8").to_string();
+    NatsServer::start_from(&ConfigFile {
+        path: config.join("nats-server.conf"),
+        env: vec![
+            ("WHARF_SCHEDULER_PASSWORD".into(), "s3cret-s".into()),
+            ("WHARF_SYSTEM_PASSWORD".into(), "s3cret-sys".into()),
+            ("WHARF_NATS_CA".into(), path("ca.pem")),
+            ("WHARF_NATS_SERVER_CERT".into(), path("server.pem")),
+            ("WHARF_NATS_SERVER_KEY".into(), path("server.key")),
+        ],
+        store_dir_var: Some("WHARF_NATS_DATA".into()),
+    })
+}
+
+/// The flags that make a Wharf process `client` speak mutual TLS with a
+/// server started by [`shipped`] in `dir`.
+pub fn shipped_tls_flags(dir: &Path, client: &str) -> Vec<String> {
+    let tls = dir.join("nats/tls");
+    let file = |name: String| tls.join(name).to_str().expect("utf-8").to_string();
+    vec!["--nats-ca".into(), file("ca.pem".into()), "--nats-cert".into(), file(format!("{client}.pem")), "--nats-key".into(), file(format!("{client}.key"))]
+}
