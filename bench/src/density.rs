@@ -56,40 +56,6 @@ pub struct DensityArgs {
     out: PathBuf,
 }
 
-/// `component` with a custom section naming variant `n` appended: the same
-/// program under another digest.
-fn variant(component: &[u8], n: usize) -> Vec<u8> {
-    fn leb(mut value: usize, out: &mut Vec<u8>) {
-        loop {
-            let byte = (value & 0x7f) as u8;
-            value >>= 7;
-            if value == 0 {
-                out.push(byte);
-                return;
-            }
-            out.push(byte | 0x80);
-        }
-    }
-    let name = b"wharf-bench-variant";
-    let payload = n.to_string().into_bytes();
-    let mut body = Vec::new();
-    leb(name.len(), &mut body);
-    body.extend_from_slice(name);
-    body.extend_from_slice(&payload);
-    let mut out = component.to_vec();
-    out.push(0);
-    leb(body.len(), &mut out);
-    out.extend_from_slice(&body);
-    out
-}
-
-/// The resident memory of process `pid`, in bytes.
-fn rss(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kib: u64 = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()).context("no VmRSS")?;
-    Ok(kib * 1024)
-}
-
 /// `count` distinct numbers below `below`, none in `except`, in a random order (a fixed seed).
 fn pick(count: usize, below: usize, except: &std::collections::BTreeSet<usize>, seed: u64) -> Vec<usize> {
     let mut state = seed | 1;
@@ -120,7 +86,8 @@ pub async fn run(args: DensityArgs) -> anyhow::Result<()> {
             break;
         }
         let path = dir.join(format!("hello-{n}.wasm"));
-        std::fs::write(&path, variant(&original, n))?;
+        // A custom section naming the variant: the same program under another digest.
+        std::fs::write(&path, crate::rss::with_custom_section(&original, &format!("wharf-bench-variant-{n}")))?;
         components.push(path);
     }
     let mut flags: Vec<&str> = vec!["--host-id", "bench", "--memory", &args.memory];
@@ -243,6 +210,7 @@ async fn at_zero(args: &DensityArgs, up: &Up, client: &reqwest::Client, applied:
     // Let the host settle (routes, watches) before reading its memory.
     tokio::time::sleep(Duration::from_secs(5)).await;
     let pid = up.process.id();
+    let rss = |pid| crate::soak::rss_kib(pid).map(|kib| kib * 1024).context("no VmRSS for the host process");
     let idle = rss(pid)?;
     let first = |i: usize| {
         let url = format!("{}/s{i}", up.ingress);
