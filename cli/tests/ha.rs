@@ -296,9 +296,14 @@ async fn losing_a_nats_node_loses_no_deploy_no_request_and_no_increment() {
     assert!(tally.failures.is_empty(), "{}", tally.describe_failures());
     assert!(tally.ok > 100, "too little load to mean anything: {}", tally.ok);
 
-    // The node comes back and catches up; the state is whole.
+    // The node comes back and catches up; the state is whole, and every
+    // ingress still routes to the service deployed while it was gone.
     nats.restart(victim);
     nats.wait_until_ready();
-    let response = client.get(format!("{}/late", hosts[2].ingress)).send().await.expect("answered");
-    assert_eq!(response.status(), 200);
+    for host in &hosts {
+        let response = client.get(format!("{}/late", host.ingress)).send().await.expect("answered");
+        let status = response.status().as_u16();
+        let body = response.text().await.unwrap_or_default();
+        assert_eq!(status, 200, "{} answered for late after the node came back: {body}", host.ingress);
+    }
 }
