@@ -136,7 +136,7 @@ async fn list_services(State(plane): State<ControlPlane>, Path(ns): Path<String>
 
 async fn list(plane: &ControlPlane, shown: impl Fn(&str) -> bool) -> ApiResult {
     let services = plane.informer.read(|state| state.services.values().filter(|s| shown(&s.spec.namespace)).cloned().collect::<Vec<_>>());
-    let views = Views::gather(plane);
+    let views = Views::gather_where(plane, |id| shown(&id.namespace));
     let views: Vec<Value> = services.iter().map(|stored| views.view(plane, stored)).collect();
     Ok(axum::Json(json!({"services": views})).into_response())
 }
@@ -160,7 +160,7 @@ pub(crate) async fn find_service(plane: &ControlPlane, id: &ServiceId) -> ApiRes
 async fn get_service(State(plane): State<ControlPlane>, Path((ns, name)): Path<(String, String)>) -> ApiResult {
     let id = service_id(&ns, &name)?;
     let stored = find_service(&plane, &id).await?;
-    Ok(axum::Json(Views::gather(&plane).view(&plane, &stored)).into_response())
+    Ok(axum::Json(Views::of(&plane, &stored.spec.id()).view(&plane, &stored)).into_response())
 }
 
 /// `If-Match: <revision>` replaces only that revision; `If-None-Match: *` only creates.
@@ -215,7 +215,7 @@ async fn put_service(
         Written::Created => StatusCode::CREATED,
         Written::Updated | Written::Unchanged => StatusCode::OK,
     };
-    let mut view = Views::gather(&plane).view(&plane, &stored);
+    let mut view = Views::of(&plane, &stored.spec.id()).view(&plane, &stored);
     view["result"] = Value::String(format!("{written:?}").to_lowercase());
     Ok((status, axum::Json(view)).into_response())
 }
@@ -404,7 +404,7 @@ async fn scale_service(
         Ok(())
     })
     .await?;
-    Ok(axum::Json(Views::gather(&plane).view(&plane, &stored)).into_response())
+    Ok(axum::Json(Views::of(&plane, &stored.spec.id()).view(&plane, &stored)).into_response())
 }
 
 /// Changes a stored spec by compare-and-set, retried: a concurrent edit of

@@ -46,7 +46,7 @@ impl Owners {
     async fn read_all(plane: &ControlPlane) -> ApiResult<Owners> {
         let entries = plane.store.route_claims_kv().entries().await.map_err(store_failed)?;
         let claims = entries.iter().filter_map(|e| serde_json::from_slice::<RouteClaim>(&e.value).ok()).collect();
-        Ok(Owners { claims, routed: routed(plane) })
+        Ok(Owners { claims, routed: routed(plane, |_| true) })
     }
 
     /// The claims that can decide `targets`: a host name's own, and for a
@@ -58,14 +58,16 @@ impl Owners {
         keys.sort();
         keys.dedup();
         let mut claims = Vec::new();
-        for key in keys {
-            if let Some(entry) = kv.get(&route_claim_key(&key)).await.map_err(store_failed)?
+        for key in &keys {
+            if let Some(entry) = kv.get(&route_claim_key(key)).await.map_err(store_failed)?
                 && let Ok(claim) = serde_json::from_slice::<RouteClaim>(&entry.value)
             {
                 claims.push(claim);
             }
         }
-        Ok(Owners { claims, routed: routed(plane) })
+        // Only routes on those same targets can decide too (the owner of a
+        // path is that of the longest prefix covering it).
+        Ok(Owners { claims, routed: routed(plane, |target| keys.binary_search(target).is_ok()) })
     }
 
     fn claim(&self, target: &ClaimTarget) -> Option<&RouteClaim> {
@@ -122,14 +124,21 @@ fn check_length(target: &ClaimTarget) -> ApiResult<()> {
     Ok(())
 }
 
-/// Every service's routes: (target, namespace, service), from memory.
-fn routed(plane: &ControlPlane) -> Vec<(ClaimTarget, String, String)> {
+/// The services' routes on the targets `among` keeps (all, for a listing):
+/// (target, namespace, service), from memory. Only those kept are copied,
+/// so checking a deploy's routes does not copy every service's.
+fn routed(plane: &ControlPlane, among: impl Fn(&ClaimTarget) -> bool) -> Vec<(ClaimTarget, String, String)> {
     plane.informer.read(|state| {
-        state
-            .services
-            .values()
-            .flat_map(|s| s.spec.routes.iter().map(|r| (ClaimTarget::of_route(r), s.spec.namespace.clone(), s.spec.id().to_string())))
-            .collect()
+        let mut routed = Vec::new();
+        for stored in state.services.values() {
+            for route in &stored.spec.routes {
+                let target = ClaimTarget::of_route(route);
+                if among(&target) {
+                    routed.push((target, stored.spec.namespace.clone(), stored.spec.id().to_string()));
+                }
+            }
+        }
+        routed
     })
 }
 

@@ -43,7 +43,12 @@ const AUTOSCALE_TICK: Duration = Duration::from_millis(500);
 const HEALTH_TICK: Duration = Duration::from_secs(1);
 
 /// Pause after a trigger before a pass, so a burst (an apply of many
-/// services, heartbeats of many hosts) makes one pass.
+/// services, heartbeats of many hosts) makes one pass. At least as long as
+/// the last pass took to decide: a pass covers every service, so with
+/// thousands of them the loop takes at most half a core, and the API
+/// (which shares the process) keeps the rest, however fast changes come.
+/// Time spent waiting on the store does not count (a pass that rode over
+/// a lost NATS node did not use the CPU).
 const COALESCE: Duration = Duration::from_millis(20);
 
 /// What the controller needs from the control plane.
@@ -121,7 +126,7 @@ pub async fn run(context: Context, epoch: u64, mut stop: watch::Receiver<bool>) 
                 }
             }
         }
-        tokio::time::sleep(COALESCE).await;
+        tokio::time::sleep(COALESCE.max(controller.deciding)).await;
     }
 }
 
@@ -192,6 +197,8 @@ struct Controller {
     /// what is written): the next pass starts it again from a reconcile of
     /// the whole state.
     placement: Option<Placement>,
+    /// How long the last pass spent deciding (not waiting on the store).
+    deciding: Duration,
 }
 
 /// A [`PlacementIndex`] and the hosts and workloads it was told of, to
@@ -286,11 +293,13 @@ impl Controller {
             sealed_for: HashMap::new(),
             memory_peaks: HashMap::new(),
             placement: None,
+            deciding: Duration::ZERO,
         }
     }
 
     /// One pass; returns when to run again at the latest.
     async fn pass(&mut self) -> Option<u64> {
+        let started = tokio::time::Instant::now();
         let now = crate::store::now_ms();
         let hosts = self.context.hosts.hosts();
         let (services, pins, problems, namespaces) = self.context.informer.read(|state| {
@@ -329,7 +338,9 @@ impl Controller {
         self.context.autoscaling.tick(services.iter().map(|s| s.as_ref()), &current, &hosts);
 
         // Old revisions' specs, fetched before deciding.
+        let fetching = tokio::time::Instant::now();
         self.prefetch_revisions(&services, &by_service).await;
+        let fetched = tokio::time::Instant::now();
 
         let mut wake: Option<u64> = None;
         let mut workloads = Vec::new();
@@ -462,6 +473,7 @@ impl Controller {
                 status.unplaceable_more = list.len().saturating_sub(MAX_LISTED) as u32;
             }
         }
+        self.deciding = (fetching - started) + fetched.elapsed();
         self.write_assignments(&plan.assignments, &attempts).await;
         self.write_statuses(next_statuses).await;
         self.pin_volumes(&services, &hosts).await;

@@ -64,7 +64,7 @@ fn not_kept(id: &ServiceId, number: u64) -> ApiError {
 pub async fn get_rollout(State(plane): State<ControlPlane>, Path((ns, name)): Path<(String, String)>) -> ApiResult {
     let id = service_id(&ns, &name)?;
     let stored = find_service(&plane, &id).await?;
-    let view = Views::gather(&plane).view(&plane, &stored);
+    let view = Views::of(&plane, &stored.spec.id()).view(&plane, &stored);
     let status = plane.informer.status(&id);
     // Until the leader has decided on this very version of the service, what it wrote is stale.
     let planned = status.as_ref().is_some_and(|s| s.observed_generation >= stored.generation && s.rollout.latest == stored.revision);

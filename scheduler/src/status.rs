@@ -27,31 +27,39 @@ pub struct Views {
 }
 
 impl Views {
-    /// Reads the host table and the informer's assignments and statuses.
-    pub fn gather(plane: &ControlPlane) -> Views {
+    /// What the view of the one service `id` needs: a single service's
+    /// answer (a get, or a put's reply) costs what that service has, not
+    /// a copy of every service's status and reports.
+    pub fn of(plane: &ControlPlane, id: &ServiceId) -> Views {
+        Views::gather_where(plane, |service| service == id)
+    }
+
+    /// Reads the host table and the informer's assignments and statuses
+    /// for the views of the services `wanted` keeps (a listing's).
+    pub fn gather_where(plane: &ControlPlane, wanted: impl Fn(&ServiceId) -> bool) -> Views {
         let hosts: BTreeMap<HostId, HostEntry> = plane.hosts.hosts().into_iter().map(|h| (h.heartbeat.host.clone(), h)).collect();
         let (assigned, statuses) = plane.informer.read(|state: &State| {
             let mut assigned: HashMap<ServiceId, Vec<(HostId, AssignedReplica)>> = HashMap::new();
             for (host, assignment) in &state.assignments {
-                for replica in &assignment.replicas {
+                for replica in assignment.replicas.iter().filter(|r| wanted(&r.service)) {
                     assigned.entry(replica.service.clone()).or_default().push((host.clone(), replica.clone()));
                 }
             }
-            let statuses = state.statuses.iter().map(|(id, s)| (id.clone(), (**s).clone())).collect();
+            let statuses = state.statuses.iter().filter(|(id, _)| wanted(id)).map(|(id, s)| (id.clone(), (**s).clone())).collect();
             (assigned, statuses)
         });
         let mut reports: HashMap<ServiceId, HashMap<(ReplicaKey, HostId), ReplicaStatus>> = HashMap::new();
         let mut load: HashMap<ServiceId, (u64, f64, f64)> = HashMap::new();
         for host in hosts.values() {
             let host: &HostEntry = host;
-            for report in &host.heartbeat.replicas {
+            for report in host.heartbeat.replicas.iter().filter(|r| wanted(&r.service)) {
                 reports.entry(report.service.clone()).or_default().insert((report.key(), host.heartbeat.host.clone()), report.clone());
                 if host.ready {
                     load.entry(report.service.clone()).or_default().0 += report.in_flight;
                 }
             }
             if host.ready {
-                for (service, rps) in &host.rps {
+                for (service, rps) in host.rps.iter().filter(|(service, _)| wanted(service)) {
                     let entry = load.entry(service.clone()).or_default();
                     entry.1 += rps;
                     entry.2 += rps * host.latency_ms.get(service).copied().unwrap_or(0.0);

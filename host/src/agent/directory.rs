@@ -65,7 +65,24 @@ struct State {
     wanted: BTreeMap<ServiceId, u64>,
     /// Where each service runs.
     placements: BTreeMap<ServiceId, Placement>,
+    /// Local replicas' specs, whose routes stand in for a service the
+    /// watch has not delivered yet (so a fresh host serves at once).
+    local: BTreeMap<ServiceId, Arc<ServiceSpec>>,
+    /// Every service's latest routes (else its local replicas'), changed a
+    /// service at a time.
     routes: RouteTable,
+}
+
+impl State {
+    /// Sets the route table's entries for `id` from what is known of it now.
+    fn route(&mut self, id: &ServiceId) {
+        let routes = match (self.services.get(id), self.local.get(id)) {
+            (Some(known), _) => known.spec.routes.as_slice(),
+            (None, Some(spec)) => spec.routes.as_slice(),
+            (None, None) => &[],
+        };
+        self.routes.set(id, routes);
+    }
 }
 
 /// The directory (see the module docs). One lock for the known services,
@@ -99,24 +116,29 @@ impl Directory {
 
     /// A service was created, changed (`Some`) or deleted (`None`).
     /// Returns the service's component, to compile ahead.
-    pub(crate) fn service_changed(&self, key: &str, value: Option<&[u8]>, local: &BTreeMap<ServiceId, Arc<ServiceSpec>>) -> Option<wharf_proto::Digest> {
+    pub(crate) fn service_changed(&self, key: &str, value: Option<&[u8]>) -> Option<wharf_proto::Digest> {
         let parsed = value.map(serde_json::from_slice::<StoredService>);
         let mut component = None;
-        self.write(|state| {
-            match parsed {
-                Some(Ok(stored)) => {
-                    component = Some(stored.spec.component.clone());
-                    state.services.insert(stored.spec.id(), Known { revision: stored.revision, spec: Arc::new(stored.spec) });
-                }
-                Some(Err(e)) => tracing::error!(key, "ignoring an unreadable service: {e}"),
-                None => {
-                    state.services.retain(|id, _| id.key() != key);
-                    state.splits.retain(|id, _| id.key() != key);
-                    state.wanted.retain(|id, _| id.key() != key);
-                    state.placements.retain(|id, _| id.key() != key);
+        self.write(|state| match parsed {
+            Some(Ok(stored)) => {
+                component = Some(stored.spec.component.clone());
+                let id = stored.spec.id();
+                state.services.insert(id.clone(), Known { revision: stored.revision, spec: Arc::new(stored.spec) });
+                state.route(&id);
+            }
+            Some(Err(e)) => tracing::error!(key, "ignoring an unreadable service: {e}"),
+            None => {
+                let known = state.services.keys().chain(state.splits.keys()).chain(state.wanted.keys()).chain(state.placements.keys());
+                let mut gone: Vec<ServiceId> = known.filter(|id| id.key() == key).cloned().collect();
+                gone.dedup();
+                for id in &gone {
+                    state.services.remove(id);
+                    state.splits.remove(id);
+                    state.wanted.remove(id);
+                    state.placements.remove(id);
+                    state.route(id);
                 }
             }
-            state.routes = build_routes(state, local);
         });
         component
     }
@@ -202,9 +224,22 @@ impl Directory {
         })
     }
 
-    /// Rebuilds the route table (local replicas changed).
-    pub(crate) fn rebuild_routes(&self, local: &BTreeMap<ServiceId, Arc<ServiceSpec>>) {
-        self.write(|state| state.routes = build_routes(state, local));
+    /// Local replicas changed: the routes of services known only from
+    /// them follow (a cost in local replicas, not in services).
+    pub(crate) fn local_replicas_changed(&self, local: BTreeMap<ServiceId, Arc<ServiceSpec>>) {
+        self.write(|state| {
+            let before = std::mem::replace(&mut state.local, local);
+            let changed: Vec<ServiceId> = before
+                .iter()
+                .filter(|(id, spec)| state.local.get(*id).is_none_or(|now| now.routes != spec.routes))
+                .map(|(id, _)| id.clone())
+                .chain(state.local.keys().filter(|id| !before.contains_key(*id)).cloned())
+                .filter(|id| !state.services.contains_key(id))
+                .collect();
+            for id in &changed {
+                state.route(id);
+            }
+        });
     }
 
     /// The service a request for `host` and `path` goes to.
@@ -299,18 +334,6 @@ impl Directory {
             cache.retain(|(id, number), _| keep(id, *number));
         }
     }
-}
-
-/// The route table: every service's latest routes, and those of local
-/// replicas whose service the watch has not delivered yet (so a fresh host
-/// serves at once).
-fn build_routes(state: &State, local: &BTreeMap<ServiceId, Arc<ServiceSpec>>) -> RouteTable {
-    let mut by_service: BTreeMap<&ServiceId, &[wharf_proto::Route]> =
-        state.services.iter().map(|(id, known)| (id, known.spec.routes.as_slice())).collect();
-    for (id, spec) in local {
-        by_service.entry(id).or_insert(spec.routes.as_slice());
-    }
-    RouteTable::new(by_service)
 }
 
 #[cfg(test)]

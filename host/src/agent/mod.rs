@@ -203,13 +203,15 @@ impl HostAgent {
             }),
         };
         agent.follow(assignment, |agent, event| agent.assignment_changed(event.value.as_deref(), event.revision));
-        agent.follow(service_watch, |agent, event| {
-            let local = agent.inner.replicas.specs();
-            if let Some(component) = agent.inner.directory.service_changed(&event.key, event.value.as_deref(), &local) {
-                agent.precompile(component);
-            }
-            agent.sync_triggers();
-        });
+        agent.follow_in_batches(
+            service_watch,
+            |agent, event| {
+                if let Some(component) = agent.inner.directory.service_changed(&event.key, event.value.as_deref()) {
+                    agent.precompile(component);
+                }
+            },
+            HostAgent::sync_triggers,
+        );
         agent.follow(status_watch, |agent, event| agent.inner.directory.status_changed(event.value.as_deref()));
         agent.follow(namespace_watch, |agent, event| agent.inner.rates.set(&event.key, event.value.as_deref()));
         agent.answer_log_queries().await.map_err(|e| AgentError::Bus { what: "the subscription for log queries", source: Box::new(e) })?;
@@ -260,7 +262,23 @@ impl HostAgent {
     }
 
     /// Applies every event of a KV watch until the agent stops.
-    fn follow(&self, mut watch: wharf_bus::KvWatch, apply: impl Fn(&HostAgent, wharf_bus::KvEvent) + Send + 'static) {
+    fn follow(&self, watch: wharf_bus::KvWatch, apply: impl Fn(&HostAgent, wharf_bus::KvEvent) + Send + 'static) {
+        self.follow_in_batches(watch, apply, |_| {});
+    }
+
+    /// Like [`HostAgent::follow`], and runs `settle` once after each batch:
+    /// the events that had already arrived when the first was applied
+    /// (at most [`BATCH`]), so work that covers every service (the route
+    /// table) is done once per burst of changes rather than per change.
+    fn follow_in_batches(
+        &self,
+        mut watch: wharf_bus::KvWatch,
+        apply: impl Fn(&HostAgent, wharf_bus::KvEvent) + Send + 'static,
+        settle: impl Fn(&HostAgent) + Send + 'static,
+    ) {
+        /// The most events applied before settling: a long replay still
+        /// shows its progress in routes.
+        const BATCH: usize = 1024;
         let weak = Arc::downgrade(&self.inner);
         let mut stop = self.inner.stop.subscribe();
         tokio::spawn(async move {
@@ -271,7 +289,25 @@ impl HostAgent {
                 };
                 let Some(event) = event else { break };
                 let Some(inner) = weak.upgrade() else { break };
-                apply(&HostAgent { inner }, event);
+                let agent = HostAgent { inner };
+                apply(&agent, event);
+                let mut ended = false;
+                for _ in 1..BATCH {
+                    // A stream keeps its state between polls, so a next()
+                    // given up when nothing is ready loses no event.
+                    match futures::FutureExt::now_or_never(watch.next()) {
+                        Some(Some(event)) => apply(&agent, event),
+                        Some(None) => {
+                            ended = true;
+                            break;
+                        }
+                        None => break,
+                    }
+                }
+                settle(&agent);
+                if ended {
+                    break;
+                }
             }
         });
     }
@@ -341,7 +377,7 @@ impl HostAgent {
 
     /// A replica changed state: routes, queue groups and waiters follow.
     fn replicas_changed(&self) {
-        self.inner.directory.rebuild_routes(&self.inner.replicas.specs());
+        self.inner.directory.local_replicas_changed(self.inner.replicas.specs());
         self.update_listening();
         self.sync_triggers();
         self.inner.changes.send_modify(|n| *n = n.wrapping_add(1));
