@@ -96,6 +96,9 @@ pub async fn run(args: DensityArgs) -> anyhow::Result<()> {
     let client = reqwest::Client::new();
     let started = Instant::now();
     let names: Vec<usize> = (0..args.services).collect();
+    // Each manifest's apply, in order: one that grows with the services
+    // already stored shows a PUT whose cost does.
+    let mut manifests: Vec<Duration> = Vec::new();
     for (part, chunk) in names.chunks(500).enumerate() {
         let mut manifest = String::from("services:\n");
         for i in chunk {
@@ -110,14 +113,18 @@ pub async fn run(args: DensityArgs) -> anyhow::Result<()> {
         }
         let path = dir.join(format!("many-{part}.yaml"));
         std::fs::write(&path, manifest)?;
+        let applying = Instant::now();
         match up.wharf(&["apply", "--no-wait", "-f", path.to_str().context("utf-8")?]) {
             (true, _) => {}
             (false, text) => bail!("apply failed: {text}"),
         }
+        manifests.push(applying.elapsed());
     }
     let applied = started.elapsed();
+    print_applies(&manifests, chunk_len(args.services));
     if args.scale_to_zero {
-        let report = at_zero(&args, &up, &client, applied).await?;
+        let mut report = at_zero(&args, &up, &client, applied).await?;
+        apply_figures(&mut report, &manifests, chunk_len(args.services));
         crate::write_report(&args.out, &report)?;
         drop(up);
         let _ = std::fs::remove_dir_all(&dir);
@@ -185,10 +192,33 @@ pub async fn run(args: DensityArgs) -> anyhow::Result<()> {
     report.insert("not_ready_reasons".into(), serde_json::to_value(&reasons)?);
     report.insert("memory_reserved".into(), host["memory_reserved"].clone());
     report.insert("memory_in_use".into(), host["memory_in_use"].clone());
+    apply_figures(&mut report, &manifests, chunk_len(args.services));
     crate::write_report(&args.out, &report)?;
     drop(up);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// Services in each manifest but perhaps the last.
+fn chunk_len(services: usize) -> usize {
+    services.min(500)
+}
+
+/// Prints each manifest's apply time, and per service, first and last.
+fn print_applies(manifests: &[Duration], per: usize) {
+    let each = |d: &Duration| d.as_secs_f64() * 1000.0 / per.max(1) as f64;
+    let times: Vec<String> = manifests.iter().map(|d| format!("{:.1}", d.as_secs_f64())).collect();
+    println!("apply, each manifest of {per} in order (s): {}", times.join(" "));
+    if let (Some(first), Some(last)) = (manifests.first(), manifests.last()) {
+        println!("per service: {:.1} ms in the first manifest, {:.1} ms in the last", each(first), each(last));
+    }
+}
+
+/// The apply figures, in a report.
+fn apply_figures(report: &mut serde_json::Map<String, Value>, manifests: &[Duration], per: usize) {
+    let seconds: Vec<f64> = manifests.iter().map(Duration::as_secs_f64).collect();
+    report.insert("apply_seconds_per_manifest".into(), serde_json::to_value(&seconds).unwrap_or_default());
+    report.insert("services_per_manifest".into(), per.into());
 }
 
 /// The `--scale-to-zero` run: every service stored and at zero; then the

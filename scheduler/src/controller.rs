@@ -139,6 +139,7 @@ async fn next_message(subscription: &mut Option<wharf_bus::Subscription>) -> Opt
 
 /// What was last written (or read, at the start of leadership) under a key,
 /// with its version: the next write is compare-and-set against it.
+#[derive(Clone)]
 struct Written<T> {
     value: T,
     version: u64,
@@ -1091,5 +1092,78 @@ fn earliest(a: Option<u64>, b: Option<u64>) -> Option<u64> {
     match (a, b) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(n: usize) -> HostInfo {
+        HostInfo {
+            id: HostId::new(format!("host-{n}")).expect("a host id"),
+            ready: true,
+            labels: BTreeMap::new(),
+            capacity: wharf_proto::Capacity { memory: ByteSize::gib(4), instances: 64 },
+            memory_overcommit: wharf_proto::Overcommit::NONE,
+            cached: BTreeSet::new(),
+            in_flight: 0,
+        }
+    }
+
+    fn workload(name: &str, replicas: u32) -> Workload {
+        let mut spec = ServiceSpec::new(name, wharf_proto::Digest::of(name.as_bytes()));
+        spec.replicas = replicas;
+        Workload::new(spec, 1)
+    }
+
+    /// The assignments as the controller would have written `plan`.
+    fn written(plan: &Plan) -> BTreeMap<HostId, Written<Assignment>> {
+        let assignment = |host: &HostId, replicas: &[(WorkloadId, u32)]| Assignment {
+            host: host.clone(),
+            replicas: replicas.iter().map(|(w, replica)| AssignedReplica { service: w.service.clone(), revision: w.revision, replica: *replica, attempt: 0 }).collect(),
+            version: 1,
+            generation: 1,
+            epoch: 1,
+            secrets: None,
+        };
+        plan.assignments.iter().map(|(host, replicas)| (host.clone(), Written { value: assignment(host, replicas), version: 1 })).collect()
+    }
+
+    /// The index is kept between passes only while it decided what is
+    /// written: a lost write, a replica written elsewhere, or an
+    /// assignment for a host it does not know, and the controller must
+    /// start it again from the written state.
+    #[test]
+    fn the_placement_index_agrees_only_with_what_it_decided() {
+        let snapshot = Snapshot { hosts: (0..3).map(host).collect(), services: vec![workload("web", 3), workload("api", 2)], current: BTreeMap::new() };
+        let (plan, mut placement) = Placement::start(&snapshot);
+        let mut stored = written(&plan);
+        assert!(placement.agrees_with(&stored), "what it decided, written");
+
+        // A host's write was lost: it still runs nothing.
+        let (lost, _) = stored.iter().find(|(_, w)| !w.value.replicas.is_empty()).map(|(h, w)| (h.clone(), w.clone())).expect("a host runs something");
+        let mut without = stored.clone();
+        without.remove(&lost);
+        assert!(!placement.agrees_with(&without), "a lost write");
+
+        // A replica written on another host than decided.
+        let mut moved = stored.clone();
+        let replica = moved.get_mut(&lost).expect("the host").value.replicas.pop().expect("a replica");
+        let other = moved.keys().find(|h| **h != lost).cloned().expect("another host");
+        moved.get_mut(&other).expect("the other host").value.replicas.push(replica);
+        assert!(!placement.agrees_with(&moved), "a replica elsewhere");
+
+        // An assignment for a host the index never heard of.
+        let stranger = host(9).id;
+        stored.insert(stranger.clone(), Written { value: Assignment { host: stranger, replicas: Vec::new(), version: 1, generation: 1, epoch: 1, secrets: None }, version: 1 });
+        assert!(placement.agrees_with(&stored), "an empty assignment for an unknown host runs nothing, as the index says");
+        let replica = stored.get_mut(&lost).expect("the host").value.replicas[0].clone();
+        stored.get_mut(&host(9).id).expect("the stranger").value.replicas.push(replica);
+        assert!(!placement.agrees_with(&stored), "a replica on a host the index does not know");
+
+        // After an update that changes nothing, it agrees with the same writes again.
+        let plan = placement.update((0..3).map(host).collect(), vec![workload("web", 3), workload("api", 2)]);
+        assert!(placement.agrees_with(&written(&plan)), "an update's plan, written");
     }
 }
