@@ -39,6 +39,12 @@ pub struct DensityArgs {
     /// Seconds to wait at most for the ready count to stop changing.
     #[arg(long, default_value_t = 180)]
     settle_secs: u64,
+    /// Milliseconds between cold first requests (0: back to back). Each
+    /// wake sets off work after its answer (the control plane places the
+    /// service, the host loads its assigned replica); a pause lets that
+    /// finish, so the figures show the wake alone.
+    #[arg(long, default_value_t = 0)]
+    cold_pause_ms: u64,
     /// Services scale to zero and start with none (see the module's doc).
     #[arg(long)]
     scale_to_zero: bool,
@@ -199,6 +205,20 @@ pub async fn run(args: DensityArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The host's compiled-code cache counters (`*code_cache_*` on its
+/// metrics endpoint), by name; empty if they cannot be read.
+async fn code_cache(client: &reqwest::Client, admin: &str) -> std::collections::BTreeMap<String, f64> {
+    let Ok(response) = client.get(format!("{admin}/metrics")).send().await else { return Default::default() };
+    let text = response.text().await.unwrap_or_default();
+    text.lines()
+        .filter(|line| !line.starts_with('#') && line.contains("code_cache_") && !line.contains("code_cache_bytes"))
+        .filter_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            Some((name.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
 /// Services in each manifest but perhaps the last.
 fn chunk_len(services: usize) -> usize {
     services.min(500)
@@ -260,12 +280,17 @@ async fn at_zero(args: &DensityArgs, up: &Up, client: &reqwest::Client, applied:
     }
     tokio::time::sleep(Duration::from_secs(5)).await;
     let warm = rss(pid)?;
+    let before = code_cache(client, &up.admin).await;
     let mut cold_latencies = Vec::new();
     for i in pick(args.cold, args.services, &woken, 0x2545_f491_4f6c_dd1d) {
         if let Some(latency) = first(i).await {
             cold_latencies.push(latency);
         }
+        tokio::time::sleep(Duration::from_millis(args.cold_pause_ms)).await;
     }
+    // Where the cold requests' code came from: memory, disk or a compile.
+    let after = code_cache(client, &up.admin).await;
+    let during: Vec<String> = after.iter().map(|(name, value)| format!("{name} +{}", value - before.get(name).copied().unwrap_or(0.0))).collect();
     let answered = warm_latencies.len() + cold_latencies.len();
     warm_latencies.sort();
     cold_latencies.sort();
@@ -284,15 +309,19 @@ async fn at_zero(args: &DensityArgs, up: &Up, client: &reqwest::Client, applied:
         ms(&warm_latencies, 0.99)
     );
     println!(
-        "first request to {} more at random (each wakes its service): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        "first request to {} more at random (each wakes its service; {} ms apart): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
         cold_latencies.len(),
+        args.cold_pause_ms,
         ms(&cold_latencies, 0.5),
         ms(&cold_latencies, 0.99),
         cold_latencies.last().map_or(0.0, |d| d.as_secs_f64() * 1000.0)
     );
+    println!("code cache during those requests: {}", during.join(", "));
     let mut report = serde_json::Map::new();
     report.insert("services".into(), args.services.into());
     report.insert("variants".into(), args.variants.max(1).into());
+    report.insert("code_cache_during_cold".into(), during.into());
+    report.insert("cold_pause_ms".into(), args.cold_pause_ms.into());
     report.insert("answered".into(), answered.into());
     report.insert("rss_idle_mib".into(), mib(idle).into());
     report.insert("rss_warm_mib".into(), mib(warm).into());
