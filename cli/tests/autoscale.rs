@@ -219,3 +219,50 @@ async fn activation_past_a_namespace_quota_is_answered_at_once_naming_the_quota(
     up.ok(&["namespace", "set", "default", "--max-replicas", "2"]);
     until_served(&client, &format!("{}/second", up.ingress), "second never woke once the quota was raised").await;
 }
+
+/// The host's code-cache loads so far (from memory, disk or a compile).
+async fn code_loads(client: &reqwest::Client, up: &Up) -> u64 {
+    let text = client.get(format!("{}/metrics", up.admin)).send().await.expect("answered").text().await.expect("body");
+    let counter = |name: &str| {
+        text.lines().find_map(|line| line.strip_prefix(name).and_then(|rest| rest.trim().parse::<f64>().ok())).unwrap_or_else(|| panic!("no {name} in {text}"))
+    };
+    (counter("wharf_code_cache_hits_total ") + counter("wharf_code_cache_misses_total ")) as u64
+}
+
+/// A wake starts an activation replica, and the replica the control plane
+/// then assigns here takes it over: the code is loaded once per wake, not
+/// again (on the host, while the first requests are served), and the
+/// service keeps answering through the handover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_assigned_replica_takes_over_the_activation_replica_and_the_code_is_loaded_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let up = up(&dir.path().join("data"));
+    up.ok(&["apply", "--no-wait", "-f", &manifest(dir.path(), "nap", "sleep", 1)]);
+    until(&up, "nap", Duration::from_secs(10), "at zero", |s| s["ready"] == 0 && s["desired"] == 0).await;
+    let client = reqwest::Client::new();
+    // Compiled ahead when the service arrived; loads settle once that is done.
+    let mut before = code_loads(&client, &up).await;
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = code_loads(&client, &up).await;
+        if now == before {
+            break;
+        }
+        before = now;
+    }
+
+    let url = format!("{}/nap?ms=1", up.ingress);
+    let first = client.get(&url).send().await.expect("answered");
+    assert_eq!(first.status(), 200, "the wake is served");
+    until(&up, "nap", Duration::from_secs(20), "placed and ready", |s| s["ready"] == 1).await;
+    // The activation replica is dropped once the assigned one is ready; requests go on.
+    for _ in 0..20 {
+        let response = client.get(&url).send().await.expect("answered");
+        assert_eq!(response.status(), 200, "served through the handover");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let after = code_loads(&client, &up).await;
+    assert_eq!(after - before, 1, "one load for the wake and the assigned replica together, not one each");
+    let host_metrics = client.get(format!("{}/metrics", up.admin)).send().await.expect("answered").text().await.expect("body");
+    assert!(host_metrics.contains("wharf_cold_starts_total 1"), "one activation replica: {host_metrics}");
+}

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use wharf_proto::names::service_ready_subject;
-use wharf_proto::{Activation, Demand, ServiceId};
+use wharf_proto::{Activation, Demand, ServiceId, ServiceSpec};
 
 /// How long an activation replica may serve before the control plane has
 /// placed the service on this host; after that the placement elsewhere wins.
@@ -28,8 +28,19 @@ const ACTIVATION_GRACE: Duration = Duration::from_secs(10);
 /// announcement came (announcements are published at most once).
 const FALLBACK_POLL: Duration = Duration::from_millis(500);
 
-/// One service's activation replica, if started, and when; locked while it starts.
-type ActivationSlot = Arc<tokio::sync::Mutex<Option<(Workload, Instant)>>>;
+/// An activation replica.
+struct Activated {
+    workload: Workload,
+    /// The revision it runs, and that revision's spec.
+    revision: u64,
+    spec: Arc<ServiceSpec>,
+    since: Instant,
+    /// Whether an assigned replica took it over ([`Activations::adopt`]).
+    adopted: bool,
+}
+
+/// One service's activation replica, if started; locked while it starts.
+type ActivationSlot = Arc<tokio::sync::Mutex<Option<Activated>>>;
 
 /// Activation state of this host.
 #[derive(Default)]
@@ -74,7 +85,29 @@ impl Activations {
     pub(crate) fn replica(&self, service: &ServiceId) -> Option<Workload> {
         let slot = self.slots.lock().ok()?.get(service)?.clone();
         let activated = slot.try_lock().ok()?;
-        activated.as_ref().map(|(w, _)| w.clone())
+        activated.as_ref().map(|a| a.workload.clone())
+    }
+
+    /// The activation replica of `service`, for the first replica the
+    /// control plane then assigns here to take over, if it runs `revision`
+    /// with `spec`: its code is loaded already, so a wake loads it once
+    /// rather than again for the assigned replica while its first requests
+    /// are served. It keeps serving as the activation replica until the
+    /// assigned one is ready, then is dropped from here
+    /// ([`Activations::expire`]) and lives on as that replica. `None`:
+    /// none here, another revision or spec, failed to start, already taken,
+    /// or the spec grants secrets (the assigned replica reads them afresh).
+    pub(crate) async fn adopt(&self, service: &ServiceId, revision: u64, spec: &ServiceSpec) -> Option<Workload> {
+        let slot = self.slots.lock().ok()?.get(service)?.clone();
+        // Held only while the activation replica starts (milliseconds):
+        // an assignment that comes that fast waits for it.
+        let mut activated = slot.lock().await;
+        let activated = activated.as_mut()?;
+        if activated.adopted || activated.revision != revision || *activated.spec != *spec || !spec.secrets.is_empty() {
+            return None;
+        }
+        activated.adopted = true;
+        Some(activated.workload.clone())
     }
 
     /// Requests held plus those in flight on activation replicas: load the
@@ -84,9 +117,9 @@ impl Activations {
         if let Ok(slots) = self.slots.lock() {
             for (service, slot) in slots.iter() {
                 if let Ok(activated) = slot.try_lock()
-                    && let Some((workload, _)) = activated.as_ref()
+                    && let Some(activated) = activated.as_ref()
                 {
-                    *demand.entry(service.clone()).or_default() += workload.in_flight();
+                    *demand.entry(service.clone()).or_default() += activated.workload.in_flight();
                 }
             }
         }
@@ -102,7 +135,7 @@ impl Activations {
             .iter()
             .filter_map(|(service, slot)| {
                 let activated = slot.try_lock().ok()?;
-                let limits = &activated.as_ref()?.0.spec().limits;
+                let limits = &activated.as_ref()?.workload.spec().limits;
                 Some((request_of(service), u64::from(limits.instances_request)))
             })
             .fold((0, 0), |(m, i), (dm, di)| (m + dm, i + di))
@@ -115,8 +148,8 @@ impl Activations {
         let Ok(mut slots) = self.slots.lock() else { return };
         slots.retain(|service, slot| {
             let Ok(activated) = slot.try_lock() else { return true };
-            let Some((_, since)) = activated.as_ref() else { return false };
-            let stale = since.elapsed() > ACTIVATION_GRACE && !assigned_here(service);
+            let Some(activated) = activated.as_ref() else { return false };
+            let stale = activated.since.elapsed() > ACTIVATION_GRACE && !assigned_here(service);
             !(replaced(service) || stale)
         });
     }
@@ -282,15 +315,15 @@ impl HostAgent {
             slots.entry(service.clone()).or_default().clone()
         };
         let mut activated = slot.lock().await;
-        if let Some((workload, _)) = activated.as_ref() {
-            return Ok(workload.clone());
+        if let Some(activated) = activated.as_ref() {
+            return Ok(activated.workload.clone());
         }
         let revision = self.inner.directory.serving_revision(service).ok_or_else(|| format!("service {service} is unknown here"))?;
         let spec = self.inner.directory.revision(service, revision).await?;
         let workload = self.build_workload(service, revision, &spec).await?;
         self.inner.metrics.cold_start();
         tracing::info!(%service, revision, "started a replica to serve requests held for activation");
-        *activated = Some((workload.clone(), Instant::now()));
+        *activated = Some(Activated { workload: workload.clone(), revision, spec, since: Instant::now(), adopted: false });
         Ok(workload)
     }
 }

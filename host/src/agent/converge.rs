@@ -81,16 +81,22 @@ impl HostAgent {
                 return;
             }
         };
-        let workload = match self.build_workload(&assigned.service, assigned.revision, &spec).await {
-            Ok(workload) => {
-                self.publish_logs(key.clone(), &workload);
-                workload
+        // The activation replica a wake started here, if it runs this very
+        // revision and spec, takes over: its code is loaded already.
+        let workload = match self.inner.activations.adopt(&assigned.service, assigned.revision, &spec).await {
+            Some(activated) => {
+                tracing::debug!(replica = %key, "the activation replica takes over as the assigned replica");
+                activated
             }
-            Err(error) => {
-                self.settle(&assigned, Slot::Failed(error), Some(spec));
-                return;
-            }
+            None => match self.build_workload(&assigned.service, assigned.revision, &spec).await {
+                Ok(workload) => workload,
+                Err(error) => {
+                    self.settle(&assigned, Slot::Failed(error), Some(spec));
+                    return;
+                }
+            },
         };
+        self.publish_logs(key.clone(), &workload);
         if let Some(readiness) = &spec.health.readiness {
             if !self.settle(&assigned, Slot::Probing, Some(spec.clone())) {
                 return;
