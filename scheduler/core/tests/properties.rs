@@ -142,13 +142,16 @@ fn check_invariants(snapshot: &Snapshot, plan: &Plan) -> Result<(), TestCaseErro
                 "{service}/{replica} is above the desired count"
             );
             if workload.avoid.get(replica).is_some_and(|avoid| avoid.contains(host_id)) {
-                // Only where no other host of its group had room for it.
+                // Only where no other host of its group had room for it. A
+                // replica placed anew reserves the larger of its request
+                // and the peak learned for the workload.
+                let needs = workload.memory_peak.map_or(spec.memory_request(), |peak| peak.max(spec.memory_request()));
                 let elsewhere = snapshot.hosts.iter().any(|h| {
                     h.ready && h.id != *host_id
                         && !workload.avoid[replica].contains(&h.id)
                         && spec.placement.matches(&h.labels)
                         && plan.assignments.get(&h.id).is_some_and(|on| on.is_empty())
-                        && h.capacity.memory.scaled(h.memory_overcommit) >= spec.memory_request()
+                        && h.capacity.memory.scaled(h.memory_overcommit) >= needs
                         && u64::from(h.capacity.instances) >= u64::from(spec.instances_request())
                 });
                 prop_assert!(!elsewhere, "{service}/{replica} is on {host_id}, which it avoids, while an empty host could take it");
