@@ -86,11 +86,9 @@ impl RouteTable {
         let host = host.map(|h| strip_port(h).to_ascii_lowercase()).filter(|h| self.hosts.contains_key(h));
         // The prefixes that match `path`: itself, and every start of it
         // that ends where a `/` or `?` follows; then `/`, which matches all.
-        let ends = path.char_indices().filter(|(i, c)| *i > 0 && (*c == '/' || *c == '?')).map(|(i, _)| i);
-        let mut candidates: Vec<usize> = ends.collect();
-        candidates.push(path.len());
+        let ends = path.char_indices().rev().filter(|(i, c)| *i > 0 && (*c == '/' || *c == '?')).map(|(i, _)| i);
         let mut key = (host, String::new());
-        for end in candidates.into_iter().rev() {
+        for end in std::iter::once(path.len()).chain(ends) {
             key.1.clear();
             key.1.push_str(&path[..end]);
             if let Some(services) = self.entries.get(&key) {

@@ -8,7 +8,7 @@
 //! from the revisions bucket when needed and cached (they never change).
 
 use crate::routes::RouteTable;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -129,8 +129,7 @@ impl Directory {
             Some(Err(e)) => tracing::error!(key, "ignoring an unreadable service: {e}"),
             None => {
                 let known = state.services.keys().chain(state.splits.keys()).chain(state.wanted.keys()).chain(state.placements.keys());
-                let mut gone: Vec<ServiceId> = known.filter(|id| id.key() == key).cloned().collect();
-                gone.dedup();
+                let gone: BTreeSet<ServiceId> = known.filter(|id| id.key() == key).cloned().collect();
                 for id in &gone {
                     state.services.remove(id);
                     state.splits.remove(id);
