@@ -1,5 +1,8 @@
 //! Noisy neighbours: tenant A's `spin` and `hog` at full concurrency on the
 //! same host as tenant B's `hello`; B's latency with A noisy vs A idle.
+//! With `--noise logs`, tenant A is instead a guest logging in a tight loop
+//! (`spin?log=20000`, two clients) on a host with a log rate limit, as
+//! production runs it (`--log info`): B's latency must not feel the log path.
 //!
 //! B sends at a fixed rate (`--rate`), as a latency-sensitive service with
 //! its own modest load would; its p99 with A noisy over its p99 with A idle
@@ -15,8 +18,20 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use wharf_testkit::wharf::Up;
 
+/// What tenant A does to its neighbour.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Noise {
+    /// 16 clients spinning to the fuel budget, 16 allocating to the memory cap.
+    Cpu,
+    /// 2 clients calling a guest that writes 20,000 log lines per request.
+    Logs,
+}
+
 #[derive(clap::Args)]
 pub struct NoisyArgs {
+    /// What tenant A does.
+    #[arg(long, value_enum, default_value_t = Noise::Cpu)]
+    noise: Noise,
     /// The `wharf` binary (default: next to this one).
     #[arg(long)]
     wharf: Option<PathBuf>,
@@ -56,10 +71,22 @@ pub async fn run(args: NoisyArgs) -> anyhow::Result<()> {
     let wharf = crate::wharf_binary(args.wharf.as_ref())?;
     let dir = crate::scratch_dir("noisy")?;
     let priority = args.background_priority.to_string();
-    let up = Up::start(&wharf, &dir.join("data"), &["--host-id", "noisy", "--background-priority", &priority]);
+    let mut flags = vec!["--host-id", "noisy", "--background-priority", &priority];
+    if args.noise == Noise::Logs {
+        // Component lines really reach the host's stderr, rate-limited.
+        flags.extend(["--log", "info", "--log-rate", "100", "--log-burst", "200"]);
+    }
+    let up = Up::start(&wharf, &dir.join("data"), &flags);
     let sample = |name: &str| wharf_testkit::samples::path(name).to_str().map(str::to_string).context("utf-8 path");
-    deploy(&up, &["deploy", &sample("spin")?, "--name", "spin", "-n", "tenant-a", "--route", "/a/spin", "--concurrency", "16"])?;
-    deploy(&up, &["deploy", &sample("hog")?, "--name", "hog", "-n", "tenant-a", "--route", "/a/hog", "--concurrency", "16", "--memory", "64MiB"])?;
+    match args.noise {
+        Noise::Cpu => {
+            deploy(&up, &["deploy", &sample("spin")?, "--name", "spin", "-n", "tenant-a", "--route", "/a/spin", "--concurrency", "16"])?;
+            deploy(&up, &["deploy", &sample("hog")?, "--name", "hog", "-n", "tenant-a", "--route", "/a/hog", "--concurrency", "16", "--memory", "64MiB"])?;
+        }
+        Noise::Logs => {
+            deploy(&up, &["deploy", &sample("spin")?, "--name", "chatty", "-n", "tenant-a", "--route", "/a/chatty", "--concurrency", "4"])?;
+        }
+    }
     deploy(&up, &["deploy", &sample("hello")?, "--name", "hello", "-n", "tenant-b", "--route", "/b"])?;
     let addr: std::net::SocketAddr = up.ingress.trim_start_matches("http://").parse()?;
     let seconds = Duration::from_secs(args.seconds);
@@ -74,7 +101,7 @@ pub async fn run(args: NoisyArgs) -> anyhow::Result<()> {
     println!("tenant B hello closed loop, A idle:  p50 {:.0} µs, p99 {:.0} µs, {:.0} req/s", idle_closed.p50_micros, idle_closed.p99_micros, idle_closed.requests_per_second);
 
     // A at full concurrency: 16 clients spinning to their fuel budget, 16
-    // allocating to their memory cap. A's clients run on their own threads,
+    // allocating to their memory cap (or 2 logging in a loop). A's clients run on their own threads,
     // so B's requests never queue behind them inside this process.
     let nice = args.noise_nice;
     let noise_runtime = tokio::runtime::Builder::new_multi_thread()
@@ -91,9 +118,14 @@ pub async fn run(args: NoisyArgs) -> anyhow::Result<()> {
     let hog_mb = args.hog_mb;
     let client = reqwest::Client::new();
     let mut noise = Vec::new();
-    for i in 0..32 {
+    let clients = if args.noise == Noise::Logs { 2 } else { 32 };
+    for i in 0..clients {
         let (client, stop) = (client.clone(), stop.clone());
-        let url = if i % 2 == 0 { format!("{}/a/spin?n=100000000000", up.ingress) } else { format!("{}/a/hog?mb={hog_mb}", up.ingress) };
+        let url = match args.noise {
+            Noise::Logs => format!("{}/a/chatty?n=1&log=20000", up.ingress),
+            Noise::Cpu if i % 2 == 0 => format!("{}/a/spin?n=100000000000", up.ingress),
+            Noise::Cpu => format!("{}/a/hog?mb={hog_mb}", up.ingress),
+        };
         noise.push(noise_runtime.spawn(async move {
             let mut answered = 0u64;
             while !stop.load(Ordering::Relaxed) {
@@ -117,10 +149,18 @@ pub async fn run(args: NoisyArgs) -> anyhow::Result<()> {
         "tenant B hello closed loop, A noisy: p50 {:.0} µs, p99 {:.0} µs, {:.0} req/s ({} errors; A's requests answered meanwhile: {noise_requests})",
         noisy_closed.p50_micros, noisy_closed.p99_micros, noisy_closed.requests_per_second, noisy_closed.errors
     );
+    if noise_requests == 0 {
+        bail!("tenant A was never answered: the noise did not run");
+    }
+    let dropped = if args.noise == Noise::Logs { Some(log_lines_dropped(&up).await?) } else { None };
+    if let Some(dropped) = dropped {
+        println!("tenant A's log lines dropped over its rate: {dropped:.0}");
+    }
     let ratio = noisy.p99_micros / idle.p99_micros;
     let share = noisy_closed.requests_per_second / idle_closed.requests_per_second;
     println!("B's p99 with A noisy / A idle: {ratio:.2}x (target <= 2x); closed-loop throughput kept: {:.0}%", share * 100.0);
     let report = serde_json::json!({
+        "noise": if args.noise == Noise::Logs { "logs" } else { "cpu" }, "log_lines_dropped": dropped,
         "rate": args.rate, "hog_mb": args.hog_mb, "idle": idle, "noisy": noisy, "p99_ratio": ratio,
         "idle_closed_loop": idle_closed, "noisy_closed_loop": noisy_closed, "closed_loop_share": share,
         "noise_requests": noise_requests,
@@ -130,6 +170,17 @@ pub async fn run(args: NoisyArgs) -> anyhow::Result<()> {
     drop(up);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// `wharf_log_lines_dropped_total` of tenant A's logging guest.
+async fn log_lines_dropped(up: &Up) -> anyhow::Result<f64> {
+    let metrics = reqwest::get(format!("{}/metrics", up.admin)).await?.text().await?;
+    metrics
+        .lines()
+        .find(|l| l.starts_with(r#"wharf_log_lines_dropped_total{service="tenant-a/chatty"}"#))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .context("no drop counter for tenant-a/chatty in the host's metrics")
 }
 
 /// Runs one measurement on a thread and runtime of its own.
