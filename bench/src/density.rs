@@ -57,6 +57,11 @@ pub struct DensityArgs {
     /// Distinct components the services run (round robin).
     #[arg(long, default_value_t = 1)]
     variants: usize,
+    /// Also write the host's log (its stderr and stdout) to this file at the
+    /// end, e.g. with `--up-flag=--log=info,wharf_host::agent=debug` to see
+    /// why each replica loaded its code.
+    #[arg(long)]
+    host_log: Option<PathBuf>,
     /// Where to write the JSON results.
     #[arg(long, default_value = "bench/results/density.json")]
     out: PathBuf,
@@ -132,6 +137,7 @@ pub async fn run(args: DensityArgs) -> anyhow::Result<()> {
         let mut report = at_zero(&args, &up, &client, applied).await?;
         apply_figures(&mut report, &manifests, chunk_len(args.services));
         crate::write_report(&args.out, &report)?;
+        write_host_log(&args, &up)?;
         drop(up);
         let _ = std::fs::remove_dir_all(&dir);
         return Ok(());
@@ -200,8 +206,18 @@ pub async fn run(args: DensityArgs) -> anyhow::Result<()> {
     report.insert("memory_in_use".into(), host["memory_in_use"].clone());
     apply_figures(&mut report, &manifests, chunk_len(args.services));
     crate::write_report(&args.out, &report)?;
+    write_host_log(&args, &up)?;
     drop(up);
     let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// Writes the host's output so far to `--host-log`, if given.
+fn write_host_log(args: &DensityArgs, up: &Up) -> anyhow::Result<()> {
+    if let Some(path) = &args.host_log {
+        std::fs::write(path, up.process.output()).with_context(|| format!("cannot write the host's log to {}", path.display()))?;
+        println!("host log: {}", path.display());
+    }
     Ok(())
 }
 

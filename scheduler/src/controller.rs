@@ -20,7 +20,7 @@ use crate::events::NewEvent;
 use crate::hosts::{HostEntry, HostTable};
 use crate::informer::{Informer, problems_of};
 use crate::store::{Store, StoreError};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
@@ -116,17 +116,43 @@ pub async fn run(context: Context, epoch: u64, mut stop: watch::Receiver<bool>) 
                     }
                 }
                 Some(message) = next_message(&mut activations) => {
-                    match serde_json::from_slice::<Activation>(&message.payload) {
-                        Ok(activation) => {
-                            controller.context.autoscaling.announce(&activation.service);
-                            break;
-                        }
-                        Err(e) => tracing::warn!("ignoring an unreadable activation request: {e}"),
+                    // Every announcement queued meanwhile (a burst of wakes
+                    // during a pass) goes into the next pass too: taking one
+                    // per pass left the later wakes waiting a pass each, so
+                    // their activation replicas expired unadopted.
+                    if let Some(subscription) = activations.as_mut()
+                        && take_announcements(&controller.context.autoscaling, &message, subscription)
+                    {
+                        break;
                     }
                 }
             }
         }
         tokio::time::sleep(COALESCE.max(controller.deciding)).await;
+    }
+}
+
+/// Records the activation announcement `first` and every one queued behind
+/// it on `subscription`; false if none could be read.
+fn take_announcements(autoscaling: &crate::autoscale::Autoscaling, first: &wharf_bus::Message, subscription: &mut wharf_bus::Subscription) -> bool {
+    let mut announced = announce(autoscaling, first);
+    while let Some(Some(message)) = subscription.next().now_or_never() {
+        announced |= announce(autoscaling, &message);
+    }
+    announced
+}
+
+/// Records an activation announcement; false if it cannot be read.
+fn announce(autoscaling: &crate::autoscale::Autoscaling, message: &wharf_bus::Message) -> bool {
+    match serde_json::from_slice::<Activation>(&message.payload) {
+        Ok(activation) => {
+            autoscaling.announce(&activation.service);
+            true
+        }
+        Err(e) => {
+            tracing::warn!("ignoring an unreadable activation request: {e}");
+            false
+        }
     }
 }
 
@@ -1165,5 +1191,39 @@ mod tests {
         // After an update that changes nothing, it agrees with the same writes again.
         let plan = placement.update((0..3).map(host).collect(), vec![workload("web", 3), workload("api", 2)]);
         assert!(placement.agrees_with(&written(&plan)), "an update's plan, written");
+    }
+
+    /// A burst of wakes announced while a pass runs is taken in whole by the
+    /// next pass: each woken service is scaled up then, not one per pass.
+    #[tokio::test]
+    async fn every_activation_queued_during_a_pass_reaches_the_next_one() {
+        let bus = wharf_bus::Bus::local(wharf_bus::LocalStore::in_memory().expect("an in-memory store"));
+        let mut subscription = bus.subscribe(wharf_proto::names::ACTIVATE_SUBJECT).await.expect("subscribed");
+        let services: Vec<wharf_proto::StoredService> = (0..5)
+            .map(|n| {
+                let mut spec = ServiceSpec::new(&format!("s{n}"), wharf_proto::Digest::of(b"hello"));
+                spec.autoscale = Some(serde_json::from_str(r#"{"min": 0, "max": 1}"#).expect("a policy"));
+                serde_json::from_value(serde_json::json!({ "spec": spec, "generation": 1, "created_at_ms": 0, "updated_at_ms": 0 })).expect("a stored service")
+            })
+            .collect();
+        let host = HostId::new("h1").expect("a host id");
+        for stored in &services {
+            let payload = serde_json::to_vec(&Activation { service: stored.spec.id(), host: host.clone() }).expect("encoded");
+            bus.publish(wharf_proto::names::ACTIVATE_SUBJECT, payload.into()).await.expect("published");
+        }
+        bus.publish(wharf_proto::names::ACTIVATE_SUBJECT, bytes::Bytes::from_static(b"not json")).await.expect("published");
+        let first = subscription.next().await.expect("the first announcement");
+        let autoscaling = crate::autoscale::Autoscaling::default();
+        assert!(take_announcements(&autoscaling, &first, &mut subscription), "announcements were read");
+        autoscaling.tick(services.iter(), &HashMap::new(), &[]);
+        for stored in &services {
+            assert_eq!(autoscaling.replicas(&stored.spec.id()), Some(1), "{} was woken by its announcement", stored.spec.id());
+        }
+        // Nothing is left queued for a later pass.
+        assert!(subscription.next().now_or_never().is_none(), "every announcement was taken");
+        // An unreadable one alone wakes no pass.
+        bus.publish(wharf_proto::names::ACTIVATE_SUBJECT, bytes::Bytes::from_static(b"{}")).await.expect("published");
+        let unreadable = subscription.next().await.expect("the message");
+        assert!(!take_announcements(&autoscaling, &unreadable, &mut subscription), "nothing readable");
     }
 }

@@ -98,13 +98,23 @@ impl Activations {
     /// none here, another revision or spec, failed to start, already taken,
     /// or the spec grants secrets (the assigned replica reads them afresh).
     pub(crate) async fn adopt(&self, service: &ServiceId, revision: u64, spec: &ServiceSpec) -> Option<Workload> {
-        let slot = self.slots.lock().ok()?.get(service)?.clone();
+        let not = |why: &str| {
+            tracing::debug!(%service, revision, "no activation replica to adopt: {why}");
+            None
+        };
+        let Some(slot) = self.slots.lock().ok()?.get(service).cloned() else { return not("none was started here") };
         // Held only while the activation replica starts (milliseconds):
         // an assignment that comes that fast waits for it.
         let mut activated = slot.lock().await;
-        let activated = activated.as_mut()?;
-        if activated.adopted || activated.revision != revision || *activated.spec != *spec || !spec.secrets.is_empty() {
-            return None;
+        let Some(activated) = activated.as_mut() else { return not("it failed to start") };
+        if activated.adopted {
+            return not("it was adopted already");
+        }
+        if activated.revision != revision || *activated.spec != *spec {
+            return not("it runs another revision or spec");
+        }
+        if !spec.secrets.is_empty() {
+            return not("the spec grants secrets");
         }
         activated.adopted = true;
         Some(activated.workload.clone())

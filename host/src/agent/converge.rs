@@ -302,6 +302,7 @@ impl HostAgent {
 
     /// The component `digest`, compiled here before, or fetched and compiled.
     pub(super) async fn load_component(&self, digest: &Digest) -> Result<crate::runtime::LoadedComponent, String> {
+        tracing::debug!(%digest, "loading a component's code");
         let runtime = self.inner.runtime.clone();
         let cached = {
             let digest = digest.clone();
