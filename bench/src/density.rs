@@ -286,6 +286,7 @@ async fn at_zero(args: &DensityArgs, up: &Up, client: &reqwest::Client, applied:
             response.status().is_success().then(|| sent.elapsed())
         }
     };
+    println!("all {} services at zero; waking {} at random", args.services, args.warm);
     let mut woken = std::collections::BTreeSet::new();
     let mut warm_latencies = Vec::new();
     for i in pick(args.warm, args.services, &woken, 0x9e37_79b9_7f4a_7c15) {
@@ -297,6 +298,7 @@ async fn at_zero(args: &DensityArgs, up: &Up, client: &reqwest::Client, applied:
     tokio::time::sleep(Duration::from_secs(5)).await;
     let warm = rss(pid)?;
     let before = code_cache(client, &up.admin).await;
+    println!("timing the first request to {} more", args.cold);
     let mut cold_latencies = Vec::new();
     for i in pick(args.cold, args.services, &woken, 0x2545_f491_4f6c_dd1d) {
         if let Some(latency) = first(i).await {

@@ -96,6 +96,15 @@ async fn scales_from_zero_up_with_load_and_back_to_zero() {
     }
     let metrics = client.get(format!("{}/metrics", up.api)).send().await.expect("answered").text().await.expect("body");
     assert!(metrics.contains(r#"wharf_autoscaler_decisions_total{service="default/slow",direction="up"}"#), "{metrics}");
+    // The control loop's cost: passes run, over the one service, with time spent.
+    let value = |name: &str| -> f64 {
+        let line = metrics.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("no {name} in {metrics}"));
+        line.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("unreadable: {line}"))
+    };
+    assert!(value("wharf_controller_passes_total ") >= 3.0, "a pass per scale step at least: {metrics}");
+    assert_eq!(value("wharf_controller_services "), 1.0, "{metrics}");
+    assert!(value(r#"wharf_controller_pass_seconds_total{part="deciding"}"#) > 0.0, "{metrics}");
+    assert!(metrics.ends_with("# EOF\n"), "one closing EOF: {metrics}");
     let host_metrics = client.get(format!("{}/metrics", up.admin)).send().await.expect("answered").text().await.expect("body");
     assert!(host_metrics.contains("wharf_cold_starts_total 1"), "one activation replica was started: {host_metrics}");
 

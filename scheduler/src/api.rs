@@ -113,7 +113,7 @@ pub fn router(plane: ControlPlane) -> Router {
 }
 
 async fn metrics(State(plane): State<ControlPlane>) -> Response {
-    ([(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], plane.autoscaling.metrics()).into_response()
+    ([(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], format!("{}{}# EOF\n", plane.autoscaling.metrics(), plane.pass_stats.metrics())).into_response()
 }
 
 async fn healthz(State(plane): State<ControlPlane>) -> Response {

@@ -101,8 +101,9 @@ impl Autoscaling {
         self.inner.lock().ok()?.decisions.get(service).map(|d| d.replicas)
     }
 
-    /// Prometheus text: decisions that changed a replica count, and the
-    /// replicas each autoscaled service wants now.
+    /// OpenMetrics text (without the closing `# EOF`): decisions that
+    /// changed a replica count, and the replicas each autoscaled service
+    /// wants now.
     pub fn metrics(&self) -> String {
         use std::fmt::Write;
         let Ok(state) = self.inner.lock() else { return String::new() };
@@ -117,7 +118,6 @@ impl Autoscaling {
             let _ = writeln!(out, "wharf_autoscaler_load{{service=\"{service}\",window=\"stable\"}} {}", decision.stable_load);
             let _ = writeln!(out, "wharf_autoscaler_load{{service=\"{service}\",window=\"panic\"}} {}", decision.panic_load);
         }
-        out.push_str("# EOF\n");
         out
     }
 

@@ -70,6 +70,58 @@ pub struct Context {
     /// control plane's key, or a random one), so that sealing the same value
     /// to the same host again gives the same bytes and no rewrite.
     pub seal_salt: SecretKey,
+    /// What the passes cost, for `/metrics`.
+    pub pass_stats: PassStats,
+}
+
+/// What the control loop's passes have cost in this process, for
+/// `/metrics`: how often it ran, and how long it spent deciding (CPU taken
+/// from the API and, in `wharf up`, from serving) and on the store. Shared;
+/// cheap to clone.
+#[derive(Clone, Default)]
+pub struct PassStats {
+    inner: Arc<std::sync::Mutex<PassTotals>>,
+}
+
+#[derive(Default)]
+struct PassTotals {
+    passes: u64,
+    deciding: Duration,
+    store: Duration,
+    /// Services the last pass went over.
+    services: usize,
+}
+
+impl PassStats {
+    fn record(&self, deciding: Duration, store: Duration, services: usize) {
+        if let Ok(mut totals) = self.inner.lock() {
+            totals.passes += 1;
+            totals.deciding += deciding;
+            totals.store += store;
+            totals.services = services;
+        }
+    }
+
+    /// OpenMetrics text (without the closing `# EOF`).
+    pub fn metrics(&self) -> String {
+        let Ok(totals) = self.inner.lock() else { return String::new() };
+        format!(
+            "# HELP wharf_controller_passes Passes of the control loop while leading (each goes over every service).\n\
+             # TYPE wharf_controller_passes counter\n\
+             wharf_controller_passes_total {}\n\
+             # HELP wharf_controller_pass_seconds Time the control loop's passes spent, deciding (CPU) or waiting on the store (revisions read, assignments and statuses written).\n\
+             # TYPE wharf_controller_pass_seconds counter\n\
+             wharf_controller_pass_seconds_total{{part=\"deciding\"}} {:.6}\n\
+             wharf_controller_pass_seconds_total{{part=\"store\"}} {:.6}\n\
+             # HELP wharf_controller_services Services the last pass went over.\n\
+             # TYPE wharf_controller_services gauge\n\
+             wharf_controller_services {}\n",
+            totals.passes,
+            totals.deciding.as_secs_f64(),
+            totals.store.as_secs_f64(),
+            totals.services
+        )
+    }
 }
 
 /// Runs the control loop as leader with `epoch` until `stop` turns true.
@@ -501,9 +553,11 @@ impl Controller {
             }
         }
         self.deciding = (fetching - started) + fetched.elapsed();
+        let writing = tokio::time::Instant::now();
         self.write_assignments(&plan.assignments, &attempts).await;
         self.write_statuses(next_statuses).await;
         self.pin_volumes(&services, &hosts).await;
+        self.context.pass_stats.record(self.deciding, (fetched - fetching) + writing.elapsed(), services.len());
         wake
     }
 

@@ -126,6 +126,8 @@ pub struct ControlPlane {
     pub(crate) hosts: HostTable,
     pub(crate) check: Arc<dyn ComponentCheck>,
     pub(crate) autoscaling: autoscale::Autoscaling,
+    /// What the control loop's passes cost (while this process leads).
+    pub(crate) pass_stats: controller::PassStats,
     pub(crate) bus: Bus,
     pub(crate) tokens: Option<auth::Tokens>,
     /// The events bucket (`wharf-events`), read by the API; the leader writes it through `controller::Context::events`.
@@ -162,6 +164,7 @@ impl ControlPlane {
         let (stop, stopped) = watch::channel(false);
         let leadership = leader::campaign(store.leader_kv().clone(), config.name.clone(), config.lease, stopped.clone());
         let autoscaling = autoscale::Autoscaling::default();
+        let pass_stats = controller::PassStats::default();
         let context = controller::Context {
             bus: bus.clone(),
             store: store.clone(),
@@ -172,6 +175,7 @@ impl ControlPlane {
             events: events::Recorder::start(events.clone()),
             secret_key: config.secret_key.clone(),
             seal_salt: config.secret_key.clone().unwrap_or_else(|| wharf_proto::sealed::SecretKey::from_bytes(rand::random())),
+            pass_stats: pass_stats.clone(),
         };
         tokio::spawn(lead(context, jobs.clone(), leadership.clone(), stopped));
         Ok(ControlPlane {
@@ -180,6 +184,7 @@ impl ControlPlane {
             hosts,
             check,
             autoscaling,
+            pass_stats,
             bus: bus.clone(),
             tokens,
             events,
