@@ -278,6 +278,49 @@ async fn seal_plain_secrets(kv: &wharf_bus::Kv, key: &wharf_proto::sealed::Secre
 
 /// Runs the controller and the job loop whenever this scheduler leads, and
 /// stops them when it no longer does.
+/// The control loop, running as leader, on a thread and runtime of its own.
+/// A pass over thousands of services is tens of milliseconds of CPU between
+/// two awaits: on the process's shared runtime it would hold a worker, and
+/// the tasks queued behind it, that serves the API and, in `wharf up`, the
+/// host's requests (a wake's first request waited out a pass). On its own
+/// thread, the OS shares the cores between the pass and the workers.
+/// Dropping the returned sender (or sending on it) stops the loop at its
+/// next await, as aborting a task would.
+fn spawn_control_loop(context: controller::Context, epoch: u64, quitting: watch::Receiver<bool>) -> tokio::sync::oneshot::Sender<()> {
+    let (abort, aborted) = tokio::sync::oneshot::channel::<()>();
+    let until_aborted = async move {
+        tokio::select! {
+            () = controller::run(context, epoch, quitting) => {}
+            _ = aborted => {}
+        }
+    };
+    let on_its_own = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string()).and_then(|runtime| {
+        // The future moves to the thread only if the thread starts.
+        let (start, started) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("wharf-controller".into())
+            .spawn(move || {
+                if let Ok(run) = started.recv() {
+                    runtime.block_on(run);
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        Ok(start)
+    });
+    match on_its_own {
+        Ok(start) => {
+            if let Err(std::sync::mpsc::SendError(run)) = start.send(until_aborted) {
+                tokio::spawn(run);
+            }
+        }
+        Err(e) => {
+            tracing::warn!("the control loop runs on the shared runtime (no thread of its own: {e})");
+            tokio::spawn(until_aborted);
+        }
+    }
+    abort
+}
+
 async fn lead(context: controller::Context, jobs: jobs::Jobs, mut leadership: watch::Receiver<Leadership>, mut stop: watch::Receiver<bool>) {
     loop {
         let epoch = leadership.borrow_and_update().epoch();
@@ -286,7 +329,7 @@ async fn lead(context: controller::Context, jobs: jobs::Jobs, mut leadership: wa
                 let (quit, quitting) = watch::channel(false);
                 // Another leader may have recorded events meanwhile: number on from the bucket.
                 context.events.renumber();
-                let task = tokio::spawn(controller::run(context.clone(), epoch, quitting.clone()));
+                let task = spawn_control_loop(context.clone(), epoch, quitting.clone());
                 let job_loop = tokio::spawn(jobs.clone().lead(context.bus.clone(), context.hosts.clone(), context.events.clone(), epoch, quitting));
                 // Lead until the epoch changes or the process stops.
                 loop {
@@ -300,7 +343,7 @@ async fn lead(context: controller::Context, jobs: jobs::Jobs, mut leadership: wa
                     }
                 }
                 let _ = quit.send(true);
-                task.abort();
+                drop(task);
                 job_loop.abort();
                 if *stop.borrow() {
                     return;
