@@ -121,11 +121,6 @@ impl Autoscaling {
         out
     }
 
-    /// Whether any service is autoscaled (then load must be sampled regularly).
-    pub fn active(&self) -> bool {
-        self.inner.lock().is_ok_and(|state| !state.decisions.is_empty())
-    }
-
     /// The last decision for `service`, for status.
     pub fn decision(&self, service: &ServiceId) -> Option<Decision> {
         self.inner.lock().ok()?.decisions.get(service).cloned()

@@ -161,7 +161,14 @@ pub async fn run(context: Context, epoch: u64, mut stop: watch::Receiver<bool>) 
                 () = &mut sleep => break,
                 Ok(()) = informer_changes.changed() => break,
                 Ok(()) = host_changes.changed() => break,
-                _ = autoscale.tick(), if controller.context.autoscaling.active() => break,
+                // The autoscaler samples load every tick, but a pass runs
+                // only when a decision changed: with thousands of
+                // autoscaled services and nothing changing, the loop is idle.
+                _ = autoscale.tick(), if controller.autoscaled => {
+                    if controller.autoscale() {
+                        break;
+                    }
+                }
                 _ = health.tick() => {
                     if controller.check_outliers() {
                         break;
@@ -175,6 +182,7 @@ pub async fn run(context: Context, epoch: u64, mut stop: watch::Receiver<bool>) 
                     if let Some(subscription) = activations.as_mut()
                         && take_announcements(&controller.context.autoscaling, &message, subscription)
                     {
+                        controller.autoscale();
                         break;
                     }
                 }
@@ -278,6 +286,9 @@ struct Controller {
     placement: Option<Placement>,
     /// How long the last pass spent deciding (not waiting on the store).
     deciding: Duration,
+    /// Whether any service autoscales (at the last pass): then the
+    /// autoscaler samples load on its tick.
+    autoscaled: bool,
 }
 
 /// A [`PlacementIndex`] and the hosts and workloads it was told of, to
@@ -373,6 +384,7 @@ impl Controller {
             memory_peaks: HashMap::new(),
             placement: None,
             deciding: Duration::ZERO,
+            autoscaled: false,
         }
     }
 
@@ -414,7 +426,9 @@ impl Controller {
         }
         let current: HashMap<ServiceId, u32> = by_service.iter().map(|(id, r)| (id.clone(), r.len() as u32)).collect();
         let mut in_use = namespace_use(&services, &current, &namespaces);
-        self.context.autoscaling.tick(services.iter().map(|s| s.as_ref()), &current, &hosts);
+        // The autoscaler decides on its own tick and on activations
+        // (`autoscale`); a pass places what it decided last.
+        self.autoscaled = services.iter().any(|s| s.spec.autoscale.is_some());
 
         // Old revisions' specs, fetched before deciding.
         let fetching = tokio::time::Instant::now();
@@ -559,6 +573,21 @@ impl Controller {
         self.pin_volumes(&services, &hosts).await;
         self.context.pass_stats.record(self.deciding, (fetched - fetching) + writing.elapsed(), services.len());
         wake
+    }
+
+    /// Samples every autoscaled service's load and decides its replica
+    /// count (on the autoscale tick and on activation announcements).
+    /// Returns whether a decision changed, which a pass must then place.
+    fn autoscale(&self) -> bool {
+        let hosts = self.context.hosts.hosts();
+        let services = self.context.informer.read(|state| state.services.values().cloned().collect::<Vec<Arc<StoredService>>>());
+        let mut current: HashMap<ServiceId, u32> = HashMap::new();
+        for written in self.assignments.values() {
+            for replica in &written.value.replicas {
+                *current.entry(replica.service.clone()).or_default() += 1;
+            }
+        }
+        self.context.autoscaling.tick(services.iter().map(|s| s.as_ref()), &current, &hosts)
     }
 
     /// Gives a service stored before revisions existed its first revision.
