@@ -167,7 +167,7 @@ mod snapshot;
 
 pub use autoscale::{Autoscaler, Decision};
 pub use cluster::ZONE_LABEL;
-pub use index::{Changes, PlacementIndex};
+pub use index::{Changes, Pass, PlacementIndex};
 pub use health::{FailedReplica, ReplicaTraffic, RetryAction, RetryPolicy, outliers, retry};
 pub use reconcile::reconcile;
 pub use rollout::{ObservedReplica, ObservedState, RolloutInput, RolloutPlan, StepTraffic, plan_rollout};
