@@ -2,7 +2,7 @@
 
 use crate::cluster::{Cluster, NO_HOST, ZONE_LABEL};
 use crate::index::PlacementIndex;
-use crate::hash::{FixedMap, SplitMix64};
+use crate::hash::{FixedMap, SplitMix64, mix};
 use crate::reconcile::reconcile;
 use crate::snapshot::{HostInfo, Plan, Snapshot, Workload};
 use std::collections::{BTreeMap, BTreeSet};
@@ -201,6 +201,12 @@ fn placed_by_service(cluster: &Cluster, plan: &Plan) -> Vec<Vec<u32>> {
     placed
 }
 
+/// A hash of where every replica of every service of `cluster` is (by
+/// index), in service order.
+fn fingerprint(cluster: &Cluster) -> u64 {
+    cluster.services.iter().flat_map(|service| &service.host_of).fold(0, |hash, &host| mix(hash ^ u64::from(host)))
+}
+
 /// What [`bench_placement`] measured.
 #[derive(Clone, Debug, PartialEq)]
 pub struct BenchResult {
@@ -262,6 +268,9 @@ pub struct IndexBenchResult {
     pub max_spread_imbalance: u32,
     /// [`max_domain_imbalance`] after the bulk pass.
     pub max_domain_imbalance: u32,
+    /// A hash of every decision of the bulk pass (each workload's replicas'
+    /// hosts, by index): equal across builds when they decide the same.
+    pub decisions: u64,
     /// Workloads of 10 replicas added one at a time to the full cluster,
     /// one pass each.
     pub added: usize,
@@ -273,6 +282,8 @@ pub struct IndexBenchResult {
     pub added_max_spread_imbalance: u32,
     /// As above, over spread-label domains.
     pub added_max_domain_imbalance: u32,
+    /// As [`IndexBenchResult::decisions`], after the added workloads.
+    pub added_decisions: u64,
 }
 
 impl IndexBenchResult {
@@ -307,6 +318,7 @@ pub fn bench_index(hosts: usize, replicas: usize, added: usize) -> IndexBenchRes
     }
     let placements = index.place().len();
     let seconds = started.elapsed().as_secs_f64();
+    let decisions = fingerprint(index.cluster());
     let placed = placed_in(index.cluster());
     let (spread, domain) = (spread_imbalance(index.cluster(), &placed), domain_imbalance(index.cluster(), &placed));
     let mut rng = SplitMix64::new(2);
@@ -331,10 +343,12 @@ pub fn bench_index(hosts: usize, replicas: usize, added: usize) -> IndexBenchRes
         per_second: placements as f64 / seconds.max(f64::MIN_POSITIVE),
         max_spread_imbalance: spread,
         max_domain_imbalance: domain,
+        decisions,
         added,
         added_placements,
         added_ms,
         added_max_spread_imbalance: spread_imbalance(index.cluster(), &placed),
         added_max_domain_imbalance: domain_imbalance(index.cluster(), &placed),
+        added_decisions: fingerprint(index.cluster()),
     }
 }
