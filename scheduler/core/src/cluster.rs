@@ -7,7 +7,7 @@
 //! changes (hosts joining, leaving or changing; replicas committed or
 //! released), so that no pass rebuilds the view of the whole cluster.
 
-use crate::hash::{FixedMap, hash_text};
+use crate::hash::{FixedMap, IntMap, hash_display};
 use crate::snapshot::{HostInfo, Snapshot, Workload, WorkloadId};
 use std::collections::BTreeMap;
 use std::collections::BTreeSet;
@@ -100,9 +100,9 @@ pub(crate) struct Service {
     /// its host, or [`NO_HOST`].
     pub(crate) host_of: Vec<u32>,
     /// Replicas of this service per host index; absent means none.
-    per_host: FixedMap<u32, u32>,
+    per_host: IntMap<u32, u32>,
     /// Replicas of this service per zone index; absent means none.
-    per_zone: FixedMap<u32, u32>,
+    per_zone: IntMap<u32, u32>,
     /// How many hosts of the group hold how many replicas of this service.
     pub(crate) hosts: Levels,
     /// Where the replicas are over the domains of `placement.spread`, for a
@@ -201,7 +201,7 @@ pub(crate) struct Spread {
     pub(crate) domains: Levels,
     /// Each domain the service has a replica in, or that was found full;
     /// absent means no replica, not known to be full.
-    states: FixedMap<u32, Domain>,
+    states: IntMap<u32, Domain>,
 }
 
 /// One domain as one service sees it.
@@ -430,7 +430,6 @@ pub(crate) struct Cluster {
     by_label: FixedMap<(String, String), Vec<u32>>,
     by_labels: FixedMap<BTreeMap<String, String>, usize>,
     spread_label_index: FixedMap<String, usize>,
-    partition_index: FixedMap<(usize, String), usize>,
     zones: FixedMap<String, u32>,
     /// Per component, the hosts that have it cached, in index order.
     pub(crate) cached: FixedMap<Digest, Vec<u32>>,
@@ -439,7 +438,7 @@ pub(crate) struct Cluster {
     /// shrinks during a pass, so a later service of the same size in the
     /// same group is refused without a walk; its reason describes the group
     /// as it was when the first was refused.
-    pub(crate) no_room: FixedMap<(usize, u64, u64), String>,
+    pub(crate) no_room: IntMap<(usize, u64, u64), String>,
     host_index: FixedMap<HostId, u32>,
     service_index: FixedMap<WorkloadId, u32>,
     /// Indices of removed services, for reuse.
@@ -650,19 +649,19 @@ impl Cluster {
         let spread = spec.placement.spread.as_deref().map(|label| Spread {
             partition: self.partition_of(group, label),
             domains: Levels::default(),
-            states: FixedMap::default(),
+            states: IntMap::default(),
         });
         let service = Service {
             // The service, not the revision: every revision of a service
             // walks the hosts in the same order.
-            hash: hash_text(&workload.id.service.to_string()),
+            hash: hash_display(&workload.id.service),
             memory: workload.memory_peak.map_or(0, |peak| peak.bytes()).max(request),
             request,
             instances: u64::from(spec.instances_request()),
             group,
             host_of: vec![NO_HOST; workload.replicas as usize],
-            per_host: FixedMap::default(),
-            per_zone: FixedMap::default(),
+            per_host: IntMap::default(),
+            per_zone: IntMap::default(),
             hosts: Levels::default(),
             spread,
             exhausted: None,
@@ -742,7 +741,12 @@ impl Cluster {
     /// `label`, built on first use. Domains are numbered in the order their
     /// first host (by index) appears in the group.
     fn partition_of(&mut self, group: usize, label: &str) -> usize {
-        if let Some(&partition) = self.partition_index.get(&(group, label.to_string())) {
+        // A group has a partition per spread label its services use: a few.
+        let built = self.groups[group]
+            .partitions
+            .iter()
+            .find(|&&partition| self.spread_labels[self.partitions[partition].label].name == label);
+        if let Some(&partition) = built {
             return partition;
         }
         let label_index = match self.spread_label_index.get(label) {
@@ -797,7 +801,6 @@ impl Cluster {
         });
         let partition = self.partitions.len() - 1;
         self.groups[group].partitions.push(partition);
-        self.partition_index.insert((group, label.to_string()), partition);
         partition
     }
 

@@ -2,7 +2,7 @@
 
 use crate::cluster::{Cluster, NO_HOST, ZONE_LABEL};
 use crate::index::PlacementIndex;
-use crate::hash::{FixedMap, SplitMix64, mix};
+use crate::hash::{IntMap, SplitMix64, mix};
 use crate::reconcile::reconcile;
 use crate::snapshot::{HostInfo, Plan, Snapshot, Workload};
 use std::collections::{BTreeMap, BTreeSet};
@@ -99,13 +99,13 @@ pub fn max_spread_imbalance(snapshot: &Snapshot, plan: &Plan) -> u32 {
 fn spread_imbalance(cluster: &Cluster, placed: &[Vec<u32>]) -> u32 {
     let imbalance = |(service, hosts): (usize, &Vec<u32>)| {
         let state = &cluster.services[service];
-        let mut per_host: FixedMap<u32, u32> = FixedMap::default();
+        let mut per_host: IntMap<u32, u32> = IntMap::default();
         for &host in hosts {
             *per_host.entry(host).or_insert(0) += 1;
         }
         // Per domain (one for a service without a spread label): hosts
         // holding a replica, the most on one, the fewest on one that holds any.
-        let mut per_domain: FixedMap<u32, (usize, u32, u32)> = FixedMap::default();
+        let mut per_domain: IntMap<u32, (usize, u32, u32)> = IntMap::default();
         for (&host, &count) in &per_host {
             let domain = state
                 .spread
