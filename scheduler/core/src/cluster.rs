@@ -8,6 +8,7 @@
 //! released), so that no pass rebuilds the view of the whole cluster.
 
 use crate::hash::{FixedMap, IntMap, hash_display};
+use crate::placement::in_flight_load;
 use crate::snapshot::{HostInfo, Snapshot, Workload, WorkloadId};
 use std::collections::BTreeMap;
 use std::collections::BTreeSet;
@@ -39,8 +40,9 @@ pub(crate) struct Host {
     /// The memory replicas may reserve here: `capacity.memory` times
     /// `info.memory_overcommit`.
     pub(crate) memory: u64,
-    /// `info.in_flight`.
-    pub(crate) in_flight: u64,
+    /// What `info.in_flight` adds to the host's load score, computed when
+    /// it changes (see [`crate::placement::in_flight_load`]).
+    pub(crate) in_flight_load: i64,
     /// Sum of the memory the replicas assigned here are placed by: each
     /// the larger of its request and its service's learned peak
     /// ([`Service::memory`]). New replicas must fit in what this leaves.
@@ -507,7 +509,7 @@ impl Cluster {
         self.hosts.push(Host {
             capacity: info.capacity,
             memory: info.capacity.memory.scaled(info.memory_overcommit).bytes(),
-            in_flight: info.in_flight,
+            in_flight_load: in_flight_load(info.in_flight, info.capacity.instances),
             reserved_memory: 0,
             reserved_requests: 0,
             reserved_instances: 0,
@@ -541,7 +543,7 @@ impl Cluster {
         let host = &mut self.hosts[index as usize];
         host.capacity = info.capacity;
         host.memory = info.capacity.memory.scaled(info.memory_overcommit).bytes();
-        host.in_flight = info.in_flight;
+        host.in_flight_load = in_flight_load(info.in_flight, info.capacity.instances);
         host.zone = zone;
         *host.info = info;
         if ready {
@@ -560,7 +562,7 @@ impl Cluster {
             }
         }
         let host = &mut self.hosts[index as usize];
-        host.in_flight = info.in_flight;
+        host.in_flight_load = in_flight_load(info.in_flight, info.capacity.instances);
         *host.info = info;
     }
 
@@ -701,25 +703,41 @@ impl Cluster {
 
     /// The index of the group of hosts carrying every one of `labels`, built
     /// on first use: the hosts carrying its rarest label, narrowed to those
-    /// carrying all.
+    /// carrying all, by merging the lists of the ready hosts carrying each
+    /// (all in index order: no host's labels are read).
     fn group_of(&mut self, labels: &BTreeMap<String, String>) -> usize {
         if let Some(&group) = self.by_labels.get(labels) {
             return group;
         }
-        let rarest = labels
+        let mut lists: Vec<&[u32]> = labels
             .iter()
             .map(|(key, value)| {
                 self.by_label
                     .get(&(key.clone(), value.clone()))
                     .map_or(&[][..], Vec::as_slice)
             })
-            .min_by_key(|hosts| hosts.len());
-        let members: Vec<u32> = match rarest {
+            .collect();
+        lists.sort_by_key(|hosts| hosts.len());
+        let members: Vec<u32> = match lists.split_first_mut() {
             None => self.ready.clone(),
-            Some(candidates) => candidates
+            Some((rarest, others)) => rarest
                 .iter()
                 .copied()
-                .filter(|&h| carries(&self.hosts[h as usize].info.labels, labels))
+                .filter(|&host| {
+                    others.iter_mut().all(|list| {
+                        // Each list is in index order: skip past the hosts
+                        // below this one, a few by steps, the rest by search.
+                        let mut below = 0;
+                        while below < 8 && list.get(below).is_some_and(|&other| other < host) {
+                            below += 1;
+                        }
+                        if below == 8 {
+                            below += list[below..].partition_point(|&other| other < host);
+                        }
+                        *list = &list[below..];
+                        list.first() == Some(&host)
+                    })
+                })
                 .collect(),
         };
         let mut group = Group {
