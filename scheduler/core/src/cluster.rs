@@ -275,7 +275,11 @@ pub(crate) fn is_cached_on(cached_on: &[u32], host: u32) -> bool {
 pub(crate) fn cached_hosts(cached_on: &[u32], key: u64, limit: usize) -> impl Iterator<Item = u32> + '_ {
     let count = cached_on.len();
     let start = key as usize % count.max(1);
-    (0..count.min(limit)).map(move |i| cached_on[(start + i) % count])
+    (0..count.min(limit)).map(move |i| {
+        // Both are below `count`: a subtraction, not a division, wraps it.
+        let at = start + i;
+        cached_on[if at >= count { at - count } else { at }]
+    })
 }
 
 /// The ready hosts that carry every label a placement asks for, by host index.

@@ -135,11 +135,25 @@ pub(crate) fn walk(n: usize, key: u64) -> impl Iterator<Item = usize> {
     })
 }
 
+/// The greatest common divisor, by Stein's binary algorithm: shifts and
+/// subtractions, no division (a walk's setup runs it for every replica
+/// placed, a few times each, and a 64-bit division costs tens of cycles).
 fn gcd(mut a: u64, mut b: u64) -> u64 {
-    while b != 0 {
-        (a, b) = (b, a % b);
+    if a == 0 || b == 0 {
+        return a | b;
     }
-    a
+    let shift = (a | b).trailing_zeros();
+    a >>= a.trailing_zeros();
+    loop {
+        b >>= b.trailing_zeros();
+        if a > b {
+            (a, b) = (b, a);
+        }
+        b -= a;
+        if b == 0 {
+            return a << shift;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -172,6 +186,22 @@ mod tests {
         }
         assert!((0..1000u32).all(|i| map.get(&(i as usize, u64::from(i) << 20, 1)) == Some(&i)));
         assert_eq!(map.get(&(0, 0, 2)), None);
+    }
+
+    #[test]
+    fn gcd_is_euclid_s() {
+        fn euclid(mut a: u64, mut b: u64) -> u64 {
+            while b != 0 {
+                (a, b) = (b, a % b);
+            }
+            a
+        }
+        let mut rng = SplitMix64::new(3);
+        let mut pairs: Vec<(u64, u64)> = vec![(0, 0), (0, 7), (7, 0), (1, 1), (12, 18), (1 << 40, 1 << 20), (u64::MAX, 3)];
+        pairs.extend((0..1000).map(|_| (rng.below(1 << 20), rng.below(1 << 20))));
+        for (a, b) in pairs {
+            assert_eq!(gcd(a, b), euclid(a, b), "gcd({a}, {b})");
+        }
     }
 
     #[test]
