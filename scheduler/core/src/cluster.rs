@@ -776,12 +776,31 @@ impl Cluster {
             None => {
                 let mut spread_label = SpreadLabel {
                     name: label.to_string(),
-                    value_of: Vec::with_capacity(self.hosts.len()),
+                    value_of: vec![NO_VALUE; self.hosts.len()],
                     values: FixedMap::default(),
                 };
-                for host in &self.hosts {
-                    let value = spread_label.value_index(&host.info.labels);
-                    spread_label.value_of.push(value);
+                // The ready hosts' values come from the lists of ready hosts
+                // by label, without reading each host's labels; values are
+                // numbered by their first ready host (numbers only name
+                // values: domains are numbered by their first host in the group).
+                let mut lists: Vec<(&String, &Vec<u32>)> = self
+                    .by_label
+                    .iter()
+                    .filter(|((key, value), hosts)| key == label && !value.is_empty() && !hosts.is_empty())
+                    .map(|((_, value), hosts)| (value, hosts))
+                    .collect();
+                lists.sort_by_key(|(_, hosts)| hosts[0]);
+                for (value, hosts) in lists {
+                    let index = spread_label.values.len() as u32 + 1;
+                    spread_label.values.insert(value.clone(), index);
+                    for &host in hosts {
+                        spread_label.value_of[host as usize] = index;
+                    }
+                }
+                for (index, host) in self.hosts.iter().enumerate() {
+                    if !host.ready {
+                        spread_label.value_of[index] = spread_label.value_index(&host.info.labels);
+                    }
                 }
                 self.spread_labels.push(spread_label);
                 self.spread_label_index
