@@ -98,6 +98,8 @@ pub(crate) struct Service {
     pub(crate) instances: u64,
     /// The index of the group of hosts this service may run on.
     pub(crate) group: usize,
+    /// The index of the spec's component (see [`Cluster::cached_on`]).
+    pub(crate) component: u32,
     /// Per replica index (below the workload's `replicas`), the index of
     /// its host, or [`NO_HOST`].
     pub(crate) host_of: Vec<u32>,
@@ -437,8 +439,14 @@ pub(crate) struct Cluster {
     by_labels: FixedMap<BTreeMap<String, String>, usize>,
     spread_label_index: FixedMap<String, usize>,
     zones: FixedMap<String, u32>,
-    /// Per component, the hosts that have it cached, in index order.
-    pub(crate) cached: FixedMap<Digest, Vec<u32>>,
+    /// Per component (by its index in `components`), the hosts that have
+    /// it cached, in index order.
+    pub(crate) cached: Vec<Vec<u32>>,
+    /// Every component a host cached or a service ran, numbered as first
+    /// seen, so that a replica finds its component's cached hosts by index
+    /// ([`Service::component`]), not by hashing a digest. Kept while the
+    /// cluster lives: one entry per component version seen.
+    components: FixedMap<Digest, u32>,
     /// Replica sizes, as (group, memory, instances), that no host of the
     /// group could take in this pass, with the reason. Capacity only
     /// shrinks during a pass, so a later service of the same size in the
@@ -487,8 +495,27 @@ impl Cluster {
     }
 
     /// The hosts that have `digest` cached, in index order.
-    pub(crate) fn cached_on(&self, digest: &Digest) -> &[u32] {
-        self.cached.get(digest).map_or(&[][..], Vec::as_slice)
+    pub(crate) fn cached_on(&self, component: u32) -> &[u32] {
+        &self.cached[component as usize]
+    }
+
+    /// The index of component `digest`, numbered now if new.
+    fn component(&mut self, digest: &Digest) -> u32 {
+        if let Some(&index) = self.components.get(digest) {
+            return index;
+        }
+        let index = self.cached.len() as u32;
+        self.cached.push(Vec::new());
+        self.components.insert(digest.clone(), index);
+        index
+    }
+
+    /// Records that host `index` has every component of `digests` cached.
+    fn add_cached(&mut self, index: u32, digests: &BTreeSet<Digest>) {
+        for digest in digests {
+            let component = self.component(digest);
+            insert_sorted(&mut self.cached[component as usize], index);
+        }
     }
 
     /// The domain of host `host` in partition `partition`; the host must be
@@ -501,9 +528,7 @@ impl Cluster {
     pub(crate) fn add_host(&mut self, info: HostInfo) -> u32 {
         let index = self.hosts.len() as u32;
         self.host_index.insert(info.id.clone(), index);
-        for digest in &info.cached {
-            insert_sorted(self.cached.entry(digest.clone()).or_default(), index);
-        }
+        self.add_cached(index, &info.cached);
         for label in &mut self.spread_labels {
             let value = label.value_index(&info.labels);
             label.value_of.push(value);
@@ -535,9 +560,7 @@ impl Cluster {
             self.leave(index);
         }
         self.forget_cached(index);
-        for digest in &info.cached {
-            insert_sorted(self.cached.entry(digest.clone()).or_default(), index);
-        }
+        self.add_cached(index, &info.cached);
         for label in &mut self.spread_labels {
             let value = label.value_index(&info.labels);
             label.value_of[index as usize] = value;
@@ -561,9 +584,7 @@ impl Cluster {
     pub(crate) fn refresh_host(&mut self, index: u32, info: HostInfo) {
         if info.cached != self.hosts[index as usize].info.cached {
             self.forget_cached(index);
-            for digest in &info.cached {
-                insert_sorted(self.cached.entry(digest.clone()).or_default(), index);
-            }
+            self.add_cached(index, &info.cached);
         }
         let host = &mut self.hosts[index as usize];
         host.in_flight_load = in_flight_load(info.in_flight, info.capacity.instances);
@@ -580,13 +601,10 @@ impl Cluster {
     }
 
     fn forget_cached(&mut self, index: u32) {
-        let Cluster { hosts, cached, .. } = self;
+        let Cluster { hosts, cached, components, .. } = self;
         for digest in &hosts[index as usize].info.cached {
-            if let Some(on) = cached.get_mut(digest) {
-                remove_sorted(on, index);
-                if on.is_empty() {
-                    cached.remove(digest);
-                }
+            if let Some(&component) = components.get(digest) {
+                remove_sorted(&mut cached[component as usize], index);
             }
         }
     }
@@ -665,6 +683,7 @@ impl Cluster {
             request,
             instances: u64::from(spec.instances_request()),
             group,
+            component: self.component(&spec.component),
             host_of: vec![NO_HOST; workload.replicas as usize],
             per_host: IntMap::default(),
             per_zone: IntMap::default(),

@@ -240,7 +240,7 @@ pub(crate) fn place_avoiding(cluster: &mut Cluster, service: u32, replica: u32) 
     let wanted = &cluster.services[service as usize];
     let avoid = wanted.avoid.get(&replica).filter(|avoid| !avoid.is_empty())?;
     let group = &cluster.groups[wanted.group];
-    let cached_on = cluster.cached_on(&wanted.spec.component);
+    let cached_on = cluster.cached_on(wanted.component);
     let mut best: Option<Score> = None;
     for &index in &group.hosts {
         let host = &cluster.hosts[index as usize];
@@ -270,7 +270,7 @@ fn place_over_group(cluster: &mut Cluster, service: u32, replica: u32) -> Option
     } = &mut *cluster;
     let wanted = &mut services[service as usize];
     let group = &groups[wanted.group];
-    let cached_on = cached.get(&wanted.spec.component).map_or(&[][..], Vec::as_slice);
+    let cached_on = cached[wanted.component as usize].as_slice();
     let level = wanted.hosts.level(group.hosts.len());
     let enough = candidates_to_score(group.hosts.len());
     let mut best: Option<Score> = None;
@@ -344,7 +344,7 @@ fn walk_domains(
     let group = &cluster.groups[wanted.group];
     let partition = &cluster.partitions[spread.partition];
     let domains = partition.domains();
-    let cached_on = cluster.cached_on(&wanted.spec.component);
+    let cached_on = cluster.cached_on(wanted.component);
     let enough = candidates_to_score(group.hosts.len());
     let per_domain = enough.div_ceil(domains).max(2);
     let key = mix(wanted.hash ^ u64::from(replica));
