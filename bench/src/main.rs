@@ -292,6 +292,8 @@ fn placement(args: PlacementArgs) -> anyhow::Result<()> {
             "bulk_replicas": index.placements,
             "bulk_seconds": index.seconds,
             "bulk_placements_per_second": index.per_second,
+            "bulk_owned_actions_seconds": index.owned_seconds,
+            "bulk_decisions": format!("{:016x}", index.decisions),
             "bulk_max_spread_imbalance": index.max_spread_imbalance,
             "bulk_max_domain_imbalance": index.max_domain_imbalance,
             "added_services": index.added,

@@ -343,12 +343,12 @@ impl Placement {
         }
         self.hosts = host_ids;
         self.workloads = workload_ids;
-        let changes = self.index.place();
+        let actions = self.index.place().actions().collect();
         let assignments = order.into_iter().map(|id| {
             let replicas = self.index.assignment(&id).unwrap_or_default();
             (id, replicas)
         });
-        Plan { assignments: assignments.collect(), actions: changes.actions, unplaceable: self.index.unplaceable() }
+        Plan { assignments: assignments.collect(), actions, unplaceable: self.index.unplaceable() }
     }
 }
 

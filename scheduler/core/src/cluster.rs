@@ -7,7 +7,8 @@
 //! changes (hosts joining, leaving or changing; replicas committed or
 //! released), so that no pass rebuilds the view of the whole cluster.
 
-use crate::hash::{FixedMap, hash_text};
+use crate::hash::{FixedMap, IntMap, hash_display};
+use crate::placement::in_flight_load;
 use crate::snapshot::{HostInfo, Snapshot, Workload, WorkloadId};
 use std::collections::BTreeMap;
 use std::collections::BTreeSet;
@@ -39,8 +40,9 @@ pub(crate) struct Host {
     /// The memory replicas may reserve here: `capacity.memory` times
     /// `info.memory_overcommit`.
     pub(crate) memory: u64,
-    /// `info.in_flight`.
-    pub(crate) in_flight: u64,
+    /// What `info.in_flight` adds to the host's load score, computed when
+    /// it changes (see [`crate::placement::in_flight_load`]).
+    pub(crate) in_flight_load: i64,
     /// Sum of the memory the replicas assigned here are placed by: each
     /// the larger of its request and its service's learned peak
     /// ([`Service::memory`]). New replicas must fit in what this leaves.
@@ -96,13 +98,15 @@ pub(crate) struct Service {
     pub(crate) instances: u64,
     /// The index of the group of hosts this service may run on.
     pub(crate) group: usize,
+    /// The index of the spec's component (see [`Cluster::cached_on`]).
+    pub(crate) component: u32,
     /// Per replica index (below the workload's `replicas`), the index of
     /// its host, or [`NO_HOST`].
     pub(crate) host_of: Vec<u32>,
     /// Replicas of this service per host index; absent means none.
-    per_host: FixedMap<u32, u32>,
+    per_host: IntMap<u32, u32>,
     /// Replicas of this service per zone index; absent means none.
-    per_zone: FixedMap<u32, u32>,
+    per_zone: IntMap<u32, u32>,
     /// How many hosts of the group hold how many replicas of this service.
     pub(crate) hosts: Levels,
     /// Where the replicas are over the domains of `placement.spread`, for a
@@ -201,7 +205,7 @@ pub(crate) struct Spread {
     pub(crate) domains: Levels,
     /// Each domain the service has a replica in, or that was found full;
     /// absent means no replica, not known to be full.
-    states: FixedMap<u32, Domain>,
+    states: IntMap<u32, Domain>,
 }
 
 /// One domain as one service sees it.
@@ -273,7 +277,11 @@ pub(crate) fn is_cached_on(cached_on: &[u32], host: u32) -> bool {
 pub(crate) fn cached_hosts(cached_on: &[u32], key: u64, limit: usize) -> impl Iterator<Item = u32> + '_ {
     let count = cached_on.len();
     let start = key as usize % count.max(1);
-    (0..count.min(limit)).map(move |i| cached_on[(start + i) % count])
+    (0..count.min(limit)).map(move |i| {
+        // Both are below `count`: a subtraction, not a division, wraps it.
+        let at = start + i;
+        cached_on[if at >= count { at - count } else { at }]
+    })
 }
 
 /// The ready hosts that carry every label a placement asks for, by host index.
@@ -430,16 +438,21 @@ pub(crate) struct Cluster {
     by_label: FixedMap<(String, String), Vec<u32>>,
     by_labels: FixedMap<BTreeMap<String, String>, usize>,
     spread_label_index: FixedMap<String, usize>,
-    partition_index: FixedMap<(usize, String), usize>,
     zones: FixedMap<String, u32>,
-    /// Per component, the hosts that have it cached, in index order.
-    pub(crate) cached: FixedMap<Digest, Vec<u32>>,
+    /// Per component (by its index in `components`), the hosts that have
+    /// it cached, in index order.
+    pub(crate) cached: Vec<Vec<u32>>,
+    /// Every component a host cached or a service ran, numbered as first
+    /// seen, so that a replica finds its component's cached hosts by index
+    /// ([`Service::component`]), not by hashing a digest. Kept while the
+    /// cluster lives: one entry per component version seen.
+    components: FixedMap<Digest, u32>,
     /// Replica sizes, as (group, memory, instances), that no host of the
     /// group could take in this pass, with the reason. Capacity only
     /// shrinks during a pass, so a later service of the same size in the
     /// same group is refused without a walk; its reason describes the group
     /// as it was when the first was refused.
-    pub(crate) no_room: FixedMap<(usize, u64, u64), String>,
+    pub(crate) no_room: IntMap<(usize, u64, u64), String>,
     host_index: FixedMap<HostId, u32>,
     service_index: FixedMap<WorkloadId, u32>,
     /// Indices of removed services, for reuse.
@@ -482,8 +495,27 @@ impl Cluster {
     }
 
     /// The hosts that have `digest` cached, in index order.
-    pub(crate) fn cached_on(&self, digest: &Digest) -> &[u32] {
-        self.cached.get(digest).map_or(&[][..], Vec::as_slice)
+    pub(crate) fn cached_on(&self, component: u32) -> &[u32] {
+        &self.cached[component as usize]
+    }
+
+    /// The index of component `digest`, numbered now if new.
+    fn component(&mut self, digest: &Digest) -> u32 {
+        if let Some(&index) = self.components.get(digest) {
+            return index;
+        }
+        let index = self.cached.len() as u32;
+        self.cached.push(Vec::new());
+        self.components.insert(digest.clone(), index);
+        index
+    }
+
+    /// Records that host `index` has every component of `digests` cached.
+    fn add_cached(&mut self, index: u32, digests: &BTreeSet<Digest>) {
+        for digest in digests {
+            let component = self.component(digest);
+            insert_sorted(&mut self.cached[component as usize], index);
+        }
     }
 
     /// The domain of host `host` in partition `partition`; the host must be
@@ -496,9 +528,7 @@ impl Cluster {
     pub(crate) fn add_host(&mut self, info: HostInfo) -> u32 {
         let index = self.hosts.len() as u32;
         self.host_index.insert(info.id.clone(), index);
-        for digest in &info.cached {
-            insert_sorted(self.cached.entry(digest.clone()).or_default(), index);
-        }
+        self.add_cached(index, &info.cached);
         for label in &mut self.spread_labels {
             let value = label.value_index(&info.labels);
             label.value_of.push(value);
@@ -508,7 +538,7 @@ impl Cluster {
         self.hosts.push(Host {
             capacity: info.capacity,
             memory: info.capacity.memory.scaled(info.memory_overcommit).bytes(),
-            in_flight: info.in_flight,
+            in_flight_load: in_flight_load(info.in_flight, info.capacity.instances),
             reserved_memory: 0,
             reserved_requests: 0,
             reserved_instances: 0,
@@ -530,9 +560,7 @@ impl Cluster {
             self.leave(index);
         }
         self.forget_cached(index);
-        for digest in &info.cached {
-            insert_sorted(self.cached.entry(digest.clone()).or_default(), index);
-        }
+        self.add_cached(index, &info.cached);
         for label in &mut self.spread_labels {
             let value = label.value_index(&info.labels);
             label.value_of[index as usize] = value;
@@ -542,7 +570,7 @@ impl Cluster {
         let host = &mut self.hosts[index as usize];
         host.capacity = info.capacity;
         host.memory = info.capacity.memory.scaled(info.memory_overcommit).bytes();
-        host.in_flight = info.in_flight;
+        host.in_flight_load = in_flight_load(info.in_flight, info.capacity.instances);
         host.zone = zone;
         *host.info = info;
         if ready {
@@ -556,12 +584,10 @@ impl Cluster {
     pub(crate) fn refresh_host(&mut self, index: u32, info: HostInfo) {
         if info.cached != self.hosts[index as usize].info.cached {
             self.forget_cached(index);
-            for digest in &info.cached {
-                insert_sorted(self.cached.entry(digest.clone()).or_default(), index);
-            }
+            self.add_cached(index, &info.cached);
         }
         let host = &mut self.hosts[index as usize];
-        host.in_flight = info.in_flight;
+        host.in_flight_load = in_flight_load(info.in_flight, info.capacity.instances);
         *host.info = info;
     }
 
@@ -575,13 +601,10 @@ impl Cluster {
     }
 
     fn forget_cached(&mut self, index: u32) {
-        let Cluster { hosts, cached, .. } = self;
+        let Cluster { hosts, cached, components, .. } = self;
         for digest in &hosts[index as usize].info.cached {
-            if let Some(on) = cached.get_mut(digest) {
-                remove_sorted(on, index);
-                if on.is_empty() {
-                    cached.remove(digest);
-                }
+            if let Some(&component) = components.get(digest) {
+                remove_sorted(&mut cached[component as usize], index);
             }
         }
     }
@@ -650,19 +673,20 @@ impl Cluster {
         let spread = spec.placement.spread.as_deref().map(|label| Spread {
             partition: self.partition_of(group, label),
             domains: Levels::default(),
-            states: FixedMap::default(),
+            states: IntMap::default(),
         });
         let service = Service {
             // The service, not the revision: every revision of a service
             // walks the hosts in the same order.
-            hash: hash_text(&workload.id.service.to_string()),
+            hash: hash_display(&workload.id.service),
             memory: workload.memory_peak.map_or(0, |peak| peak.bytes()).max(request),
             request,
             instances: u64::from(spec.instances_request()),
             group,
+            component: self.component(&spec.component),
             host_of: vec![NO_HOST; workload.replicas as usize],
-            per_host: FixedMap::default(),
-            per_zone: FixedMap::default(),
+            per_host: IntMap::default(),
+            per_zone: IntMap::default(),
             hosts: Levels::default(),
             spread,
             exhausted: None,
@@ -702,25 +726,41 @@ impl Cluster {
 
     /// The index of the group of hosts carrying every one of `labels`, built
     /// on first use: the hosts carrying its rarest label, narrowed to those
-    /// carrying all.
+    /// carrying all, by merging the lists of the ready hosts carrying each
+    /// (all in index order: no host's labels are read).
     fn group_of(&mut self, labels: &BTreeMap<String, String>) -> usize {
         if let Some(&group) = self.by_labels.get(labels) {
             return group;
         }
-        let rarest = labels
+        let mut lists: Vec<&[u32]> = labels
             .iter()
             .map(|(key, value)| {
                 self.by_label
                     .get(&(key.clone(), value.clone()))
                     .map_or(&[][..], Vec::as_slice)
             })
-            .min_by_key(|hosts| hosts.len());
-        let members: Vec<u32> = match rarest {
+            .collect();
+        lists.sort_by_key(|hosts| hosts.len());
+        let members: Vec<u32> = match lists.split_first_mut() {
             None => self.ready.clone(),
-            Some(candidates) => candidates
+            Some((rarest, others)) => rarest
                 .iter()
                 .copied()
-                .filter(|&h| carries(&self.hosts[h as usize].info.labels, labels))
+                .filter(|&host| {
+                    others.iter_mut().all(|list| {
+                        // Each list is in index order: skip past the hosts
+                        // below this one, a few by steps, the rest by search.
+                        let mut below = 0;
+                        while below < 8 && list.get(below).is_some_and(|&other| other < host) {
+                            below += 1;
+                        }
+                        if below == 8 {
+                            below += list[below..].partition_point(|&other| other < host);
+                        }
+                        *list = &list[below..];
+                        list.first() == Some(&host)
+                    })
+                })
                 .collect(),
         };
         let mut group = Group {
@@ -742,7 +782,12 @@ impl Cluster {
     /// `label`, built on first use. Domains are numbered in the order their
     /// first host (by index) appears in the group.
     fn partition_of(&mut self, group: usize, label: &str) -> usize {
-        if let Some(&partition) = self.partition_index.get(&(group, label.to_string())) {
+        // A group has a partition per spread label its services use: a few.
+        let built = self.groups[group]
+            .partitions
+            .iter()
+            .find(|&&partition| self.spread_labels[self.partitions[partition].label].name == label);
+        if let Some(&partition) = built {
             return partition;
         }
         let label_index = match self.spread_label_index.get(label) {
@@ -750,12 +795,31 @@ impl Cluster {
             None => {
                 let mut spread_label = SpreadLabel {
                     name: label.to_string(),
-                    value_of: Vec::with_capacity(self.hosts.len()),
+                    value_of: vec![NO_VALUE; self.hosts.len()],
                     values: FixedMap::default(),
                 };
-                for host in &self.hosts {
-                    let value = spread_label.value_index(&host.info.labels);
-                    spread_label.value_of.push(value);
+                // The ready hosts' values come from the lists of ready hosts
+                // by label, without reading each host's labels; values are
+                // numbered by their first ready host (numbers only name
+                // values: domains are numbered by their first host in the group).
+                let mut lists: Vec<(&String, &Vec<u32>)> = self
+                    .by_label
+                    .iter()
+                    .filter(|((key, value), hosts)| key == label && !value.is_empty() && !hosts.is_empty())
+                    .map(|((_, value), hosts)| (value, hosts))
+                    .collect();
+                lists.sort_by_key(|(_, hosts)| hosts[0]);
+                for (value, hosts) in lists {
+                    let index = spread_label.values.len() as u32 + 1;
+                    spread_label.values.insert(value.clone(), index);
+                    for &host in hosts {
+                        spread_label.value_of[host as usize] = index;
+                    }
+                }
+                for (index, host) in self.hosts.iter().enumerate() {
+                    if !host.ready {
+                        spread_label.value_of[index] = spread_label.value_index(&host.info.labels);
+                    }
                 }
                 self.spread_labels.push(spread_label);
                 self.spread_label_index
@@ -797,7 +861,6 @@ impl Cluster {
         });
         let partition = self.partitions.len() - 1;
         self.groups[group].partitions.push(partition);
-        self.partition_index.insert((group, label.to_string()), partition);
         partition
     }
 

@@ -55,7 +55,7 @@ pub struct PlacementIndex {
     touched_bits: Vec<u64>,
 }
 
-/// What one [`PlacementIndex::place`] pass decided.
+/// What one [`PlacementIndex::place`] pass decided, owned (see [`Pass::changes`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Changes {
     /// Every stop since the last pass (by host, service, replica), then
@@ -66,6 +66,68 @@ pub struct Changes {
     /// writing. In the index's order of hosts (a snapshot's: by id; added
     /// later: as added).
     pub hosts: Vec<HostId>,
+}
+
+/// What one [`PlacementIndex::place`] pass decided, as a view of the index:
+/// its starts and the hosts it changed name hosts and workloads by the
+/// index's own ids, borrowed, so a pass placing a million replicas copies
+/// no id. [`Pass::changes`] makes the owned [`Changes`]; the view borrows
+/// the index until it is dropped.
+pub struct Pass<'a> {
+    cluster: &'a Cluster,
+    /// Stops since the last pass that were not placed back, by host, service, replica.
+    stops: Vec<Action>,
+    /// Starts, as (workload index, replica, host index), by workload index then replica.
+    starts: Vec<(u32, u32, u32)>,
+    /// Hosts whose assignment changed, by index.
+    hosts: Vec<u32>,
+}
+
+impl<'a> Pass<'a> {
+    /// How many actions the pass has: stops, then starts.
+    pub fn len(&self) -> usize {
+        self.stops.len() + self.starts.len()
+    }
+
+    /// Whether the pass changed nothing.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0 && self.hosts.is_empty()
+    }
+
+    /// How many replicas the pass started.
+    pub fn started(&self) -> usize {
+        self.starts.len()
+    }
+
+    /// The starts, as (workload, replica, host), borrowed from the index, in
+    /// the order of [`Changes::actions`].
+    pub fn starts(&self) -> impl Iterator<Item = (&'a WorkloadId, u32, &'a HostId)> + '_ {
+        let cluster = self.cluster;
+        self.starts.iter().map(move |&(service, replica, host)| {
+            (&cluster.services[service as usize].id, replica, &cluster.hosts[host as usize].info.id)
+        })
+    }
+
+    /// The hosts whose assignment changed (see [`Changes::hosts`]).
+    pub fn hosts(&self) -> impl Iterator<Item = &'a HostId> + '_ {
+        let cluster = self.cluster;
+        self.hosts.iter().map(move |&host| &cluster.hosts[host as usize].info.id)
+    }
+
+    /// Every action, owned (see [`Changes::actions`]).
+    pub fn actions(&self) -> impl Iterator<Item = Action> + '_ {
+        let starts = self.starts().map(|(service, replica, host)| Action::Start {
+            service: service.clone(),
+            replica,
+            host: host.clone(),
+        });
+        self.stops.iter().cloned().chain(starts)
+    }
+
+    /// The pass as owned [`Changes`]: it copies every id it names.
+    pub fn changes(&self) -> Changes {
+        Changes { actions: self.actions().collect(), hosts: self.hosts().cloned().collect() }
+    }
 }
 
 impl PlacementIndex {
@@ -183,8 +245,9 @@ impl PlacementIndex {
 
     /// Places every replica without a host of the workloads that changed
     /// (and of the waiting ones, when room may have appeared), and returns
-    /// what changed since the last pass.
-    pub fn place(&mut self) -> Changes {
+    /// what changed since the last pass, as a view of the index
+    /// ([`Pass::changes`] for an owned copy).
+    pub fn place(&mut self) -> Pass<'_> {
         self.cluster.no_room.clear();
         if std::mem::take(&mut self.grew) {
             self.dirty.extend(self.waiting.keys().copied());
@@ -229,34 +292,29 @@ impl PlacementIndex {
         let cluster = &self.cluster;
         let mut stops = std::mem::take(&mut self.stops);
         stops.sort();
-        let mut started = Vec::with_capacity(starts.len());
-        for (service, replica, host) in starts {
-            let (service, host) = (cluster.services[service as usize].id.clone(), cluster.hosts[host as usize].info.id.clone());
-            let stop = (host, service, replica);
-            match stops.binary_search(&stop) {
-                // Stopped and placed back on the same host: it did not move.
-                Ok(at) => {
-                    stops.remove(at);
+        if !stops.is_empty() {
+            // A replica stopped and placed back on the same host did not move.
+            let mut back = vec![false; stops.len()];
+            starts.retain(|&(service, replica, host)| {
+                let key = (&cluster.hosts[host as usize].info.id, &cluster.services[service as usize].id, replica);
+                match stops.binary_search_by(|(host, service, replica)| (host, service, *replica).cmp(&key)) {
+                    Ok(at) if !back[at] => {
+                        back[at] = true;
+                        false
+                    }
+                    _ => true,
                 }
-                Err(_) => started.push(stop),
-            }
+            });
+            let mut back = back.into_iter();
+            stops.retain(|_| !back.next().unwrap_or(false));
         }
-        let mut actions: Vec<Action> = stops
-            .into_iter()
-            .map(|(host, service, replica)| Action::Stop { service, replica, host })
-            .collect();
-        actions.extend(started.into_iter().map(|(host, service, replica)| Action::Start { service, replica, host }));
+        let stops = stops.into_iter().map(|(host, service, replica)| Action::Stop { service, replica, host }).collect();
         let mut touched = std::mem::take(&mut self.touched);
         touched.sort_unstable();
         for &host in &touched {
             self.touched_bits[host as usize / 64] = 0;
         }
-        let cluster = &self.cluster;
-        let hosts = touched
-            .into_iter()
-            .map(|host| cluster.hosts[host as usize].info.id.clone())
-            .collect();
-        Changes { actions, hosts }
+        Pass { cluster: &self.cluster, stops, starts, hosts: touched }
     }
 
     /// What host `id` should run now, sorted by workload and replica

@@ -69,7 +69,16 @@ const FETCH_AHEAD: usize = 8;
 
 /// `candidates` (a host's index, with anything the caller carries along),
 /// their hosts fetched [`FETCH_AHEAD`] at a time (see there).
-fn fetched<'a, T: Copy + 'a>(hosts: &'a [Host], mut candidates: impl Iterator<Item = (u32, T)> + 'a) -> impl Iterator<Item = (u32, T)> + 'a {
+fn fetched<'a, T: Copy + 'a>(hosts: &'a [Host], candidates: impl Iterator<Item = (u32, T)> + 'a) -> impl Iterator<Item = (u32, T)> + 'a {
+    fetched_with(candidates, move |index| hosts[index as usize].reserved_memory)
+}
+
+/// [`fetched`], where `touch` loads what the caller reads of each
+/// candidate (its host's scoring line, and anything else it reads).
+fn fetched_with<'a, T: Copy + 'a>(
+    mut candidates: impl Iterator<Item = (u32, T)> + 'a,
+    touch: impl Fn(u32) -> u64 + 'a,
+) -> impl Iterator<Item = (u32, T)> + 'a {
     let mut batch: [Option<(u32, T)>; FETCH_AHEAD] = [None; FETCH_AHEAD];
     let (mut at, mut len) = (0, 0);
     std::iter::from_fn(move || {
@@ -80,8 +89,8 @@ fn fetched<'a, T: Copy + 'a>(hosts: &'a [Host], mut candidates: impl Iterator<It
                 batch[len] = Some(candidate);
                 len += 1;
             }
-            // Touch each host's scoring line; the sum only keeps the loads.
-            let touched = batch[..len].iter().flatten().fold(0u64, |sum, &(index, _)| sum ^ hosts[index as usize].reserved_memory);
+            // Touch what is read of each; the sum only keeps the loads.
+            let touched = batch[..len].iter().flatten().fold(0u64, |sum, &(index, _)| sum ^ touch(index));
             std::hint::black_box(touched);
             at = 0;
         }
@@ -124,7 +133,6 @@ fn score(index: u32, host: &Host, service: &Service, cached_on: &[u32], domain_s
         host.reserved_instances + service.instances,
         instance_slots,
     ));
-    let in_flight = per_mille(host.in_flight, instance_slots) / IN_FLIGHT_DIVISOR;
     let cached = if is_cached_on(cached_on, index) {
         CACHED_BONUS
     } else {
@@ -134,9 +142,15 @@ fn score(index: u32, host: &Host, service: &Service, cached_on: &[u32], domain_s
         domain_spread,
         host_spread: service.on_host(index),
         zone_spread: service.in_zone(host.zone),
-        load: reserved + in_flight - cached,
+        load: reserved + host.in_flight_load - cached,
         host: index,
     }
+}
+
+/// What `in_flight` requests add to the load score of a host with
+/// `instance_slots` slots (see [`Score::load`]).
+pub(crate) fn in_flight_load(in_flight: u64, instance_slots: u32) -> i64 {
+    per_mille(in_flight, u64::from(instance_slots)) / IN_FLIGHT_DIVISOR
 }
 
 /// `part / whole` in thousandths, at most 1000.
@@ -226,7 +240,7 @@ pub(crate) fn place_avoiding(cluster: &mut Cluster, service: u32, replica: u32) 
     let wanted = &cluster.services[service as usize];
     let avoid = wanted.avoid.get(&replica).filter(|avoid| !avoid.is_empty())?;
     let group = &cluster.groups[wanted.group];
-    let cached_on = cluster.cached_on(&wanted.spec.component);
+    let cached_on = cluster.cached_on(wanted.component);
     let mut best: Option<Score> = None;
     for &index in &group.hosts {
         let host = &cluster.hosts[index as usize];
@@ -256,7 +270,7 @@ fn place_over_group(cluster: &mut Cluster, service: u32, replica: u32) -> Option
     } = &mut *cluster;
     let wanted = &mut services[service as usize];
     let group = &groups[wanted.group];
-    let cached_on = cached.get(&wanted.spec.component).map_or(&[][..], Vec::as_slice);
+    let cached_on = cached[wanted.component as usize].as_slice();
     let level = wanted.hosts.level(group.hosts.len());
     let enough = candidates_to_score(group.hosts.len());
     let mut best: Option<Score> = None;
@@ -268,7 +282,14 @@ fn place_over_group(cluster: &mut Cluster, service: u32, replica: u32) -> Option
     // candidates: the walk may meet them again, so only the walk counts
     // towards `enough`.
     let cached = cached_hosts(cached_on, key, enough).filter(|&host| group.contains(host));
-    let walked = walk(group.hosts.len(), key).map(|position| (group.hosts[position], true));
+    // A group of every host (no labels asked, every host ready) lists the
+    // hosts in index order, so its position is the host's index: one load
+    // saved per candidate, the same walk.
+    let every_host = group.hosts.len() == hosts.len();
+    let walked = walk(group.hosts.len(), key).map(|position| {
+        let host = if every_host { position as u32 } else { group.hosts[position] };
+        (host, true)
+    });
     for (index, in_walk) in fetched(hosts, cached.map(|host| (host, false)).chain(walked)) {
         let host = &hosts[index as usize];
         if admits(host, wanted).is_err() {
@@ -323,7 +344,7 @@ fn walk_domains(
     let group = &cluster.groups[wanted.group];
     let partition = &cluster.partitions[spread.partition];
     let domains = partition.domains();
-    let cached_on = cluster.cached_on(&wanted.spec.component);
+    let cached_on = cluster.cached_on(wanted.component);
     let enough = candidates_to_score(group.hosts.len());
     let per_domain = enough.div_ceil(domains).max(2);
     let key = mix(wanted.hash ^ u64::from(replica));
@@ -338,7 +359,9 @@ fn walk_domains(
         // `place_over_group`, but only where the replica may go: in a domain
         // at the level, on a host at its domain's host spread level.
         let cached = cached_hosts(cached_on, key, enough).filter(|&host| group.contains(host));
-        for (index, ()) in fetched(&cluster.hosts, cached.map(|host| (host, ()))) {
+        let partition_index = spread.partition;
+        let touch = |index: u32| cluster.hosts[index as usize].reserved_memory ^ u64::from(cluster.domain_of(partition_index, index));
+        for (index, ()) in fetched_with(cached.map(|host| (host, ())), touch) {
             let domain = cluster.domain_of(spread.partition, index);
             let (count, full) = spread.peek(domain);
             let members = partition.hosts_of(domain).len();

@@ -2,7 +2,7 @@
 
 use crate::cluster::{Cluster, NO_HOST, ZONE_LABEL};
 use crate::index::PlacementIndex;
-use crate::hash::{FixedMap, SplitMix64};
+use crate::hash::{IntMap, SplitMix64, mix};
 use crate::reconcile::reconcile;
 use crate::snapshot::{HostInfo, Plan, Snapshot, Workload};
 use std::collections::{BTreeMap, BTreeSet};
@@ -99,13 +99,13 @@ pub fn max_spread_imbalance(snapshot: &Snapshot, plan: &Plan) -> u32 {
 fn spread_imbalance(cluster: &Cluster, placed: &[Vec<u32>]) -> u32 {
     let imbalance = |(service, hosts): (usize, &Vec<u32>)| {
         let state = &cluster.services[service];
-        let mut per_host: FixedMap<u32, u32> = FixedMap::default();
+        let mut per_host: IntMap<u32, u32> = IntMap::default();
         for &host in hosts {
             *per_host.entry(host).or_insert(0) += 1;
         }
         // Per domain (one for a service without a spread label): hosts
         // holding a replica, the most on one, the fewest on one that holds any.
-        let mut per_domain: FixedMap<u32, (usize, u32, u32)> = FixedMap::default();
+        let mut per_domain: IntMap<u32, (usize, u32, u32)> = IntMap::default();
         for (&host, &count) in &per_host {
             let domain = state
                 .spread
@@ -201,6 +201,12 @@ fn placed_by_service(cluster: &Cluster, plan: &Plan) -> Vec<Vec<u32>> {
     placed
 }
 
+/// A hash of where every replica of every service of `cluster` is (by
+/// index), in service order.
+fn fingerprint(cluster: &Cluster) -> u64 {
+    cluster.services.iter().flat_map(|service| &service.host_of).fold(0, |hash, &host| mix(hash ^ u64::from(host)))
+}
+
 /// What [`bench_placement`] measured.
 #[derive(Clone, Debug, PartialEq)]
 pub struct BenchResult {
@@ -258,10 +264,18 @@ pub struct IndexBenchResult {
     pub seconds: f64,
     /// `placements / seconds`.
     pub per_second: f64,
+    /// Seconds to make the bulk pass's owned [`crate::Changes`] (every
+    /// action and host with its ids copied, as the controller does), not
+    /// counted in `seconds`: the pass returns a view naming them by the
+    /// index's ids.
+    pub owned_seconds: f64,
     /// [`max_spread_imbalance`] after the bulk pass.
     pub max_spread_imbalance: u32,
     /// [`max_domain_imbalance`] after the bulk pass.
     pub max_domain_imbalance: u32,
+    /// A hash of every decision of the bulk pass (each workload's replicas'
+    /// hosts, by index): equal across builds when they decide the same.
+    pub decisions: u64,
     /// Workloads of 10 replicas added one at a time to the full cluster,
     /// one pass each.
     pub added: usize,
@@ -273,6 +287,8 @@ pub struct IndexBenchResult {
     pub added_max_spread_imbalance: u32,
     /// As above, over spread-label domains.
     pub added_max_domain_imbalance: u32,
+    /// As [`IndexBenchResult::decisions`], after the added workloads.
+    pub added_decisions: u64,
 }
 
 impl IndexBenchResult {
@@ -305,9 +321,15 @@ pub fn bench_index(hosts: usize, replicas: usize, added: usize) -> IndexBenchRes
     for workload in snapshot.services {
         index.set_workload(workload);
     }
-    let changes = index.place();
+    let pass = index.place();
     let seconds = started.elapsed().as_secs_f64();
-    let placements = changes.actions.len();
+    let placements = pass.len();
+    // What a caller wanting owned actions (the controller) pays on top.
+    let started = Instant::now();
+    let owned = pass.changes();
+    let owned_seconds = started.elapsed().as_secs_f64();
+    drop(owned);
+    let decisions = fingerprint(index.cluster());
     let placed = placed_in(index.cluster());
     let (spread, domain) = (spread_imbalance(index.cluster(), &placed), domain_imbalance(index.cluster(), &placed));
     let mut rng = SplitMix64::new(2);
@@ -318,9 +340,9 @@ pub fn bench_index(hosts: usize, replicas: usize, added: usize) -> IndexBenchRes
         let workload = Workload::new(spec, 1);
         let started = Instant::now();
         index.set_workload(workload);
-        let changes = index.place();
+        let placed = index.place().len();
         added_ms.push(started.elapsed().as_secs_f64() * 1000.0);
-        added_placements += changes.actions.len();
+        added_placements += placed;
     }
     added_ms.sort_by(f64::total_cmp);
     let placed = placed_in(index.cluster());
@@ -330,12 +352,15 @@ pub fn bench_index(hosts: usize, replicas: usize, added: usize) -> IndexBenchRes
         placements,
         seconds,
         per_second: placements as f64 / seconds.max(f64::MIN_POSITIVE),
+        owned_seconds,
         max_spread_imbalance: spread,
         max_domain_imbalance: domain,
+        decisions,
         added,
         added_placements,
         added_ms,
         added_max_spread_imbalance: spread_imbalance(index.cluster(), &placed),
         added_max_domain_imbalance: domain_imbalance(index.cluster(), &placed),
+        added_decisions: fingerprint(index.cluster()),
     }
 }
