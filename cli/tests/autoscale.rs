@@ -275,3 +275,51 @@ async fn the_assigned_replica_takes_over_the_activation_replica_and_the_code_is_
     let host_metrics = client.get(format!("{}/metrics", up.admin)).send().await.expect("answered").text().await.expect("body");
     assert!(host_metrics.contains("wharf_cold_starts_total 1"), "one activation replica: {host_metrics}");
 }
+
+/// The controller's passes so far, from the scheduler's `/metrics`.
+async fn passes(client: &reqwest::Client, up: &Up) -> u64 {
+    let metrics = client.get(format!("{}/metrics", up.api)).send().await.expect("answered").text().await.expect("body");
+    let line = metrics.lines().find(|l| l.starts_with("wharf_controller_passes_total ")).unwrap_or_else(|| panic!("no pass count in {metrics}"));
+    line.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("unreadable: {line}"))
+}
+
+/// The autoscaler samples load every 500 ms, but with nothing changing no
+/// pass runs (each pass goes over every service); a wake runs passes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn autoscaled_services_at_rest_cost_no_passes_and_a_wake_still_scales() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let up = up(&dir.path().join("data"));
+    for name in ["quiet-a", "quiet-b", "quiet-c"] {
+        up.ok(&["apply", "--no-wait", "-f", &manifest(dir.path(), name, "hello", 2)]);
+    }
+    for name in ["quiet-a", "quiet-b", "quiet-c"] {
+        until(&up, name, Duration::from_secs(10), "at zero", |s| s["ready"] == 0 && s["desired"] == 0).await;
+    }
+    let client = reqwest::Client::new();
+    // Settled: the passes the deploys set off (and the statuses they wrote) are over.
+    let mut before = passes(&client, &up).await;
+    let started = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = passes(&client, &up).await;
+        if now == before {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(15), "passes never stopped: {before} then {now}");
+        before = now;
+    }
+    // Six autoscale ticks at least, and not one pass.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(passes(&client, &up).await, before, "passes ran while nothing changed");
+
+    // A wake still scales the service up: the announcement runs a pass.
+    let answer = client.get(format!("{}/quiet-b", up.ingress)).send().await.expect("answered");
+    assert_eq!(answer.status(), 200);
+    until(&up, "quiet-b", Duration::from_secs(10), "scaled up by its wake", |s| s["desired"] == 1).await;
+    // (The pass is counted once its writes are done, just after the status.)
+    let counted = Instant::now();
+    while passes(&client, &up).await == before {
+        assert!(counted.elapsed() < Duration::from_secs(5), "the wake's pass was never counted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

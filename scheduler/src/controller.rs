@@ -1284,7 +1284,7 @@ mod tests {
         let mut subscription = bus.subscribe(wharf_proto::names::ACTIVATE_SUBJECT).await.expect("subscribed");
         let services: Vec<wharf_proto::StoredService> = (0..5)
             .map(|n| {
-                let mut spec = ServiceSpec::new(&format!("s{n}"), wharf_proto::Digest::of(b"hello"));
+                let mut spec = ServiceSpec::new(format!("s{n}"), wharf_proto::Digest::of(b"hello"));
                 spec.autoscale = Some(serde_json::from_str(r#"{"min": 0, "max": 1}"#).expect("a policy"));
                 serde_json::from_value(serde_json::json!({ "spec": spec, "generation": 1, "created_at_ms": 0, "updated_at_ms": 0 })).expect("a stored service")
             })

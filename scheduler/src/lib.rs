@@ -283,7 +283,8 @@ async fn seal_plain_secrets(kv: &wharf_bus::Kv, key: &wharf_proto::sealed::Secre
 /// two awaits: on the process's shared runtime it would hold a worker, and
 /// the tasks queued behind it, that serves the API and, in `wharf up`, the
 /// host's requests (a wake's first request waited out a pass). On its own
-/// thread, the OS shares the cores between the pass and the workers.
+/// thread, at a lower priority ([`below_serving`]), the OS runs the workers
+/// first and the pass on what they leave.
 /// Dropping the returned sender (or sending on it) stops the loop at its
 /// next await, as aborting a task would.
 fn spawn_control_loop(context: controller::Context, epoch: u64, quitting: watch::Receiver<bool>) -> tokio::sync::oneshot::Sender<()> {
@@ -301,6 +302,7 @@ fn spawn_control_loop(context: controller::Context, epoch: u64, quitting: watch:
             .name("wharf-controller".into())
             .spawn(move || {
                 if let Ok(run) = started.recv() {
+                    below_serving();
                     runtime.block_on(run);
                 }
             })
@@ -319,6 +321,17 @@ fn spawn_control_loop(context: controller::Context, epoch: u64, quitting: watch:
         }
     }
     abort
+}
+
+/// Lowers the calling thread's priority (nice 10): when the cores are
+/// busy, requests to the API and, in `wharf up`, the host's requests run
+/// before a pass, which still gets about a tenth of a busy core and all of
+/// an idle one. The OS may refuse; the loop then runs at the same priority.
+fn below_serving() {
+    #[cfg(target_os = "linux")]
+    if let Err(e) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 10) {
+        tracing::debug!("the control loop's thread keeps its priority: {e}");
+    }
 }
 
 async fn lead(context: controller::Context, jobs: jobs::Jobs, mut leadership: watch::Receiver<Leadership>, mut stop: watch::Receiver<bool>) {
