@@ -97,10 +97,7 @@ async fn scales_from_zero_up_with_load_and_back_to_zero() {
     let metrics = client.get(format!("{}/metrics", up.api)).send().await.expect("answered").text().await.expect("body");
     assert!(metrics.contains(r#"wharf_autoscaler_decisions_total{service="default/slow",direction="up"}"#), "{metrics}");
     // The control loop's cost: passes run, over the one service, with time spent.
-    let value = |name: &str| -> f64 {
-        let line = metrics.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("no {name} in {metrics}"));
-        line.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("unreadable: {line}"))
-    };
+    let value = |name: &str| metric(&metrics, name);
     assert!(value("wharf_controller_passes_total ") >= 3.0, "a pass per scale step at least: {metrics}");
     assert_eq!(value("wharf_controller_services "), 1.0, "{metrics}");
     assert!(value(r#"wharf_controller_pass_seconds_total{part="deciding"}"#) > 0.0, "{metrics}");
@@ -279,7 +276,12 @@ async fn the_assigned_replica_takes_over_the_activation_replica_and_the_code_is_
 /// The controller's passes so far, from the scheduler's `/metrics`.
 async fn passes(client: &reqwest::Client, up: &Up) -> u64 {
     let metrics = client.get(format!("{}/metrics", up.api)).send().await.expect("answered").text().await.expect("body");
-    let line = metrics.lines().find(|l| l.starts_with("wharf_controller_passes_total ")).unwrap_or_else(|| panic!("no pass count in {metrics}"));
+    metric(&metrics, "wharf_controller_passes_total ") as u64
+}
+
+/// The value of the first sample in `metrics` whose line starts with `name`.
+fn metric(metrics: &str, name: &str) -> f64 {
+    let line = metrics.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("no {name} in {metrics}"));
     line.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("unreadable: {line}"))
 }
 

@@ -276,8 +276,6 @@ async fn seal_plain_secrets(kv: &wharf_bus::Kv, key: &wharf_proto::sealed::Secre
     Ok(())
 }
 
-/// Runs the controller and the job loop whenever this scheduler leads, and
-/// stops them when it no longer does.
 /// The control loop, running as leader, on a thread and runtime of its own.
 /// A pass over thousands of services is tens of milliseconds of CPU between
 /// two awaits: on the process's shared runtime it would hold a worker, and
@@ -334,6 +332,8 @@ fn below_serving() {
     }
 }
 
+/// Runs the controller and the job loop whenever this scheduler leads, and
+/// stops them when it no longer does.
 async fn lead(context: controller::Context, jobs: jobs::Jobs, mut leadership: watch::Receiver<Leadership>, mut stop: watch::Receiver<bool>) {
     loop {
         let epoch = leadership.borrow_and_update().epoch();
