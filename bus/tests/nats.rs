@@ -586,8 +586,73 @@ impl wharf_bus::DataRules for OwnBucket {
     }
 
     fn allows(&self, asker: &str, ask: &wharf_bus::DataAsk) -> Result<(), String> {
+        // A publish or a request: only on the asker's own `msg.<asker>.…`.
+        if let Some(subject) = ask.subject() {
+            return if subject.starts_with(&format!("msg.{asker}.")) { Ok(()) } else { Err(format!("{asker} may not use {subject}")) };
+        }
         if ask.bucket() == format!("data-{asker}") { Ok(()) } else { Err(format!("{asker} may not use {}", ask.bucket())) }
     }
+}
+
+/// Publishes and requests on a connection's brokered subjects are made by
+/// the data broker: a publish goes out naming no reply subject (a stream
+/// storing it would acknowledge there), a request's reply, its lack of
+/// responders or its time running out comes back as the bus's own answer
+/// (the request sent from the broker's inbox), a subject the policy
+/// denies is refused with the reason and nothing is published, and other
+/// subjects go to the server directly.
+#[tokio::test]
+async fn brokered_subjects_are_published_and_requested_by_the_data_broker() {
+    let server = NatsServer::start();
+    let broker = Bus::connect_nats(&server.url(), NatsOptions::default()).await.expect("connect the broker");
+    broker.serve_data_broker("test.data.*", "brokers", std::sync::Arc::new(OwnBucket)).await.expect("serve");
+    let options = NatsOptions {
+        inbox_prefix: Some("_INBOX.alice".to_owned()),
+        data_broker: Some("test.data.alice".to_owned()),
+        brokered_subjects: vec!["msg.".to_owned()],
+        ..NatsOptions::default()
+    };
+    let alice = Bus::connect_nats(&server.url(), options).await.expect("alice connects");
+    let watcher = async_nats::connect(server.url()).await.expect("a plain client");
+    let mut seen = watcher.subscribe("msg.alice.hello").await.expect("subscribed");
+    let mut questions_seen = watcher.subscribe("msg.alice.ask").await.expect("subscribed");
+    let mut bobs = watcher.subscribe("msg.bob.>").await.expect("subscribed");
+    let mut direct = watcher.subscribe("other.>").await.expect("subscribed");
+    watcher.flush().await.expect("flushed");
+
+    alice.publish("msg.alice.hello", Bytes::from_static(b"hi")).await.expect("published");
+    let got = tokio::time::timeout(Duration::from_secs(5), seen.next()).await.expect("in time").expect("a message");
+    assert_eq!((got.subject.as_str(), &got.payload[..], got.reply), ("msg.alice.hello", &b"hi"[..], None));
+
+    let mut questions = broker.subscribe("msg.alice.ask").await.expect("subscribed");
+    let answerer = broker.clone();
+    tokio::spawn(async move {
+        while let Some(question) = questions.next().await {
+            let answer = [&b"re: "[..], &question.payload[..]].concat();
+            answerer.respond(&question, Bytes::from(answer)).await.expect("answered");
+        }
+    });
+    let reply = alice.request("msg.alice.ask", Bytes::from_static(b"q1"), Duration::from_secs(5)).await.expect("a reply");
+    assert_eq!(&reply.payload[..], b"re: q1");
+    let asked = tokio::time::timeout(Duration::from_secs(5), questions_seen.next()).await.expect("in time").expect("the question");
+    assert!(asked.reply.as_deref().is_some_and(|reply| !reply.starts_with("_INBOX.alice")), "the broker's inbox, not alice's: {asked:?}");
+    let none = alice.request("msg.alice.nobody", Bytes::new(), Duration::from_secs(2)).await.expect_err("no one listens");
+    assert!(matches!(none, wharf_bus::RequestError::NoResponders { .. }), "{none:?}");
+    // The watcher listens on msg.alice.hello and never answers.
+    let late = alice.request("msg.alice.hello", Bytes::new(), Duration::from_secs(1)).await.expect_err("no answer");
+    assert!(matches!(late, wharf_bus::RequestError::TimedOut { .. }), "{late:?}");
+    assert!(seen.next().await.is_some_and(|m| m.payload.is_empty()), "the unanswered request was sent");
+
+    let err = alice.publish("msg.bob.x", Bytes::from_static(b"as bob")).await.expect_err("refused");
+    assert!(err.to_string().contains("alice may not use msg.bob.x"), "{err}");
+    let err = alice.request("msg.bob.ask", Bytes::new(), Duration::from_secs(2)).await.expect_err("refused");
+    assert!(err.to_string().contains("alice may not use msg.bob.ask"), "{err}");
+    let stray = tokio::time::timeout(Duration::from_millis(300), bobs.next()).await;
+    assert!(stray.is_err(), "nothing was published for a refused ask: {stray:?}");
+
+    alice.publish("other.x", Bytes::from_static(b"straight")).await.expect("published");
+    let got = tokio::time::timeout(Duration::from_secs(5), direct.next()).await.expect("in time").expect("a message");
+    assert_eq!(&got.payload[..], b"straight");
 }
 
 /// Calls made through a data broker keep the bucket's contract: revisions,

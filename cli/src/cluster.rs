@@ -372,8 +372,9 @@ pub async fn host(args: HostArgs, shutdown: impl Future<Output = ()>) -> anyhow:
         None => None,
     };
     // Replies and watches come to this host's own inboxes, the only ones
-    // its identity may read; the control plane makes its consumers and
-    // reads and writes services' data for it.
+    // its identity may read; the control plane makes its consumers, reads
+    // and writes services' data for it, and publishes components' messages
+    // (a stream may store them, and acknowledge on any reply subject).
     let inbox_prefix = wharf_proto::names::host_inbox_prefix(&id);
     let consumer_broker = wharf_proto::names::consumer_broker_subject(&id);
     let data_broker = wharf_proto::names::data_broker_subject(&id);
@@ -386,6 +387,7 @@ pub async fn host(args: HostArgs, shutdown: impl Future<Output = ()>) -> anyhow:
             options.inbox_prefix = Some(inbox_prefix);
             options.consumer_broker = Some(consumer_broker);
             options.data_broker = Some(data_broker);
+            options.brokered_subjects = vec![format!("{}.", wharf_proto::trigger::MESSAGE_PREFIX)];
         })
         .await?;
     let dir = data_dir(args.data_dir, id.as_str())?;

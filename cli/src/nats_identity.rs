@@ -216,13 +216,12 @@ pub fn host_permissions(host: &HostId) -> HostPermissions {
         (names::ACTIVATE_SUBJECT.to_owned(), "scale-from-zero announcements"),
         (names::READY_WILDCARD.to_owned(), "a replica of a service is ready here"),
         (names::HOST_REQUESTS_WILDCARD.to_owned(), "requests to other hosts' replicas (it receives only its own)"),
-        ("wharf.logs.>".to_owned(), "its replicas' log lines, for `wharf logs -f`"),
-        (format!("{}.>", wharf_proto::trigger::MESSAGE_PREFIX), "components' messages (each host checks the namespace) and dead letters"),
+        (format!("wharf.host.{host}.loglines.>"), "its replicas' log lines, for `wharf logs -f`, on its own subjects: no other host's lines"),
         (wharf_proto::trigger::DELIVERIES_WILDCARD.to_owned(), "trigger messages handed to other hosts' replicas"),
         (names::job_result_subject(host), "how each job attempt it ran ended, no other host's"),
         ("_INBOX.>".to_owned(), "replies to requests it serves, and the frames of bodies streamed to or from other hosts (into their own inboxes)"),
         (names::consumer_broker_subject(host), "asks the control plane for its watches, key listings and trigger pulls, delivered into its own inboxes"),
-        (names::data_broker_subject(host), "asks the control plane for reads of what it follows and of components, and for services' data of namespaces it runs"),
+        (names::data_broker_subject(host), "asks the control plane for reads of what it follows and of components, for services' data of namespaces it runs, and to publish components' messages (wharf.msg.…, which a stream may store and acknowledge on any reply subject) of namespaces it runs"),
     ];
     // A subject wildcard matches whole tokens only, so `wharf-kv-*` cannot
     // be allowed on its own: every bucket of the control plane is denied.

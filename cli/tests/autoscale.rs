@@ -94,8 +94,18 @@ async fn scales_from_zero_up_with_load_and_back_to_zero() {
     for task in load {
         assert_eq!(task.await.expect("load task"), 0, "no request failed under load");
     }
-    let metrics = client.get(format!("{}/metrics", up.api)).send().await.expect("answered").text().await.expect("body");
+    let metrics = client.get(format!("{}/metrics", up.api)).bearer_auth(&up.token).send().await.expect("answered").text().await.expect("body");
     assert!(metrics.contains(r#"wharf_autoscaler_decisions_total{service="default/slow",direction="up"}"#), "{metrics}");
+    // The series name services and their load: no token, no series; a
+    // namespace token sees its own namespaces' only, and not the control loop's.
+    let anonymous = client.get(format!("{}/metrics", up.api)).send().await.expect("answered");
+    assert_eq!(anonymous.status(), 401, "/metrics without a token");
+    let shop = up.ok(&["token", "create", "-n", "shop"]).trim().to_string();
+    let as_shop = client.get(format!("{}/metrics", up.api)).bearer_auth(&shop).send().await.expect("answered");
+    assert_eq!(as_shop.status(), 200);
+    let as_shop = as_shop.text().await.expect("body");
+    assert!(!as_shop.contains("default/slow") && !as_shop.contains("wharf_controller_"), "a shop token saw default's series: {as_shop}");
+    assert!(as_shop.ends_with("# EOF\n"), "{as_shop}");
     // The control loop's cost: passes run, over the one service, with time spent.
     let value = |name: &str| metric(&metrics, name);
     assert!(value("wharf_controller_passes_total ") >= 3.0, "a pass per scale step at least: {metrics}");
@@ -275,7 +285,7 @@ async fn the_assigned_replica_takes_over_the_activation_replica_and_the_code_is_
 
 /// The controller's passes so far, from the scheduler's `/metrics`.
 async fn passes(client: &reqwest::Client, up: &Up) -> u64 {
-    let metrics = client.get(format!("{}/metrics", up.api)).send().await.expect("answered").text().await.expect("body");
+    let metrics = client.get(format!("{}/metrics", up.api)).bearer_auth(&up.token).send().await.expect("answered").text().await.expect("body");
     metric(&metrics, "wharf_controller_passes_total ") as u64
 }
 

@@ -759,6 +759,45 @@ async fn a_host_identity_reaches_only_its_own_subjects_and_cannot_speak_for_anot
     let errors_now = errors.lock().expect("lock").clone();
     assert!(!errors_now.iter().any(|e| e.contains("host-host-a") || e.contains("wharf.host.host-a")), "{errors_now:?}");
 
+    // Log lines. A follower of hello (whose only replica is on host-b)
+    // shows host-b's lines and none host-a writes: host-a may not publish
+    // on the old shared subject nor on host-b's, and on its own subject a
+    // line naming host-b, or any line of a service it does not run, is
+    // dropped by the control plane.
+    let mut follower = Process::spawn_with(Command::new(WHARF).args(["logs", "hello", "-f"]).env("WHARF_API", &api.url).env("WHARF_TOKEN", &api.token));
+    follower.wait_for_line("served /hello", Duration::from_secs(10));
+    let forged_line = |host: &wharf_proto::HostId, line: &str| {
+        let record = wharf_proto::observe::LogRecord {
+            time_ms: u64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("after 1970").as_millis()).expect("fits"),
+            host: host.clone(),
+            service: "default/hello".parse().expect("an id"),
+            revision: 1,
+            replica: 0,
+            stream: wharf_proto::observe::LogStreamName::Stdout,
+            seq: 1_000_000,
+            line: line.to_string(),
+        };
+        bytes::Bytes::from(serde_json::to_vec(&record).expect("json"))
+    };
+    let host_a = wharf_proto::HostId::new("host-a").expect("valid");
+    for subject in ["wharf.logs.default.hello".to_string(), wharf_proto::names::host_log_lines_subject(&host_b, "default", "hello")] {
+        client.publish(subject.clone(), forged_line(&host_b, "forged on a subject not its own")).await.expect("sent");
+        client.flush().await.expect("flushed");
+        refused(format!("Permissions Violation for Publish to \"{subject}\"")).await;
+    }
+    let own = wharf_proto::names::host_log_lines_subject(&host_a, "default", "hello");
+    client.publish(own.clone(), forged_line(&host_b, "forged as host-b")).await.expect("sent");
+    client.publish(own, forged_line(&host_a, "forged from host-a, which runs no replica of hello")).await.expect("sent");
+    client.flush().await.expect("flushed");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let response = reqwest::get(format!("{}/hello/after-forgery", hosts[0].ingress)).await.expect("answered");
+    assert_eq!(response.status(), 200);
+    let real = follower.wait_for_line("served /hello/after-forgery", Duration::from_secs(10));
+    assert!(real.starts_with("[host-b r"), "host-b's own line, tagged: {real}");
+    let shown = follower.output();
+    assert!(!shown.contains("forged"), "a follower showed a line host-a wrote:\n{shown}");
+    follower.kill();
+
     // host-b is as it reported itself; host-a too; the desired state and serving are intact.
     let after = listed("host-b");
     assert_eq!((after["ready"].as_bool(), after["draining"].as_bool()), (Some(true), Some(false)), "{after}");
@@ -964,6 +1003,39 @@ async fn a_host_cannot_make_a_consumer_that_delivers_onto_the_control_planes_sta
         client.flush().await.expect("flushed");
         refused(format!("Permissions Violation for Publish to \"{subject}\"")).await;
     }
+    // Nor a component's message naming the target as its reply: a stream
+    // storing the subject would acknowledge onto the target. The data
+    // broker publishes components' messages for a host, naming no reply,
+    // and only on a namespace the host runs.
+    let message = "wharf.msg.default.orders.new";
+    client.publish_with_reply(message, target, bytes::Bytes::from_static(b"{}")).await.expect("sent");
+    client.flush().await.expect("flushed");
+    refused(format!("Permissions Violation for Publish to \"{message}\"")).await;
+    let watcher = with_tls(async_nats::ConnectOptions::with_user_and_password("scheduler".into(), "s3cret-s".into()), dir.path(), "scheduler")
+        .connect(&url)
+        .await
+        .expect("the scheduler's user connects");
+    let mut news = watcher.subscribe("wharf.msg.>").await.expect("subscribed");
+    watcher.flush().await.expect("flushed");
+    let data_broker = wharf_proto::names::data_broker_subject(&wharf_proto::HostId::new("host-a").expect("valid"));
+    let publish = |subject: &str| {
+        let (client, data_broker) = (client.clone(), data_broker.clone());
+        let ask = data_ask(serde_json::json!({"op": "publish", "subject": subject}), b"from host-a");
+        async move {
+            let answer = tokio::time::timeout(Duration::from_secs(10), client.request(data_broker, ask)).await.expect("answered in time").expect("answered");
+            String::from_utf8_lossy(&answer.payload).to_string()
+        }
+    };
+    let answer = publish("wharf.msg.default.news.today").await;
+    assert!(!answer.contains("failed"), "{answer}");
+    let got = tokio::time::timeout(Duration::from_secs(5), futures::StreamExt::next(&mut news)).await.expect("published in time").expect("a message");
+    assert_eq!((got.subject.as_str(), &got.payload[..], got.reply), ("wharf.msg.default.news.today", &b"from host-a"[..], None), "published as asked, with no reply subject");
+    let answer = publish("wharf.msg.bank.payments").await;
+    assert!(answer.contains("runs nothing of namespace bank"), "{answer}");
+    let answer = publish(target).await;
+    assert!(answer.contains("components' messages only"), "{answer}");
+    assert!(tokio::time::timeout(Duration::from_millis(300), futures::StreamExt::next(&mut news)).await.is_err(), "nothing else was published");
+
     // An acknowledgement through the broker must name a trigger stream's message.
     let ack = serde_json::json!({"kind": "ack", "ack": target, "nak_delay_ms": null}).to_string();
     client.publish(wharf_proto::names::consumer_broker_subject(&wharf_proto::HostId::new("host-a").expect("valid")), bytes::Bytes::from(ack)).await.expect("sent");

@@ -155,7 +155,8 @@ async fn config_and_secrets_reach_the_component_and_secrets_are_never_shown() {
         shown.push(cluster.wharf(args).1);
     }
     assert!(shown[3].contains("db-password"), "the name is listed: {}", shown[3]);
-    shown.push(reqwest::get(format!("{}/metrics", cluster.api)).await.expect("metrics").text().await.expect("body"));
+    let metrics = reqwest::Client::new().get(format!("{}/metrics", cluster.api)).bearer_auth(&cluster.token).send().await.expect("metrics");
+    shown.push(metrics.text().await.expect("body"));
     shown.push(reqwest::get(format!("{}/metrics", cluster.admin)).await.expect("metrics").text().await.expect("body"));
     shown.push(cluster.process.output());
     for text in &shown {

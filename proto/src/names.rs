@@ -128,9 +128,17 @@ pub fn service_ready_subject(namespace: &str, name: &str) -> String {
 /// Matches [`service_ready_subject`] of every service.
 pub const READY_WILDCARD: &str = "wharf.ready.>";
 
-/// Log lines of a service's replicas, for `wharf logs --follow`.
-pub fn logs_subject(namespace: &str, name: &str) -> String {
-    format!("wharf.logs.{namespace}.{name}")
+/// Where `host` publishes its replicas' log lines of a service, for `wharf
+/// logs --follow`: under the host's own subjects, which no other host may
+/// publish to, so a follower learns which host sent a line from the
+/// subject ([`host_of_subject`]) rather than from what the line says.
+pub fn host_log_lines_subject(host: &HostId, namespace: &str, name: &str) -> String {
+    format!("wharf.host.{host}.loglines.{namespace}.{name}")
+}
+
+/// Matches [`host_log_lines_subject`] of every host for one service.
+pub fn log_lines_wildcard(namespace: &str, name: &str) -> String {
+    format!("wharf.host.*.loglines.{namespace}.{name}")
 }
 
 /// A host answers requests for the recent log lines of the replicas it runs here
@@ -562,7 +570,10 @@ mod tests {
     fn builds_subjects_buckets_and_keys() {
         assert_eq!(host_request_subject(&host("edge-1"), "default", "hello", 3), "wharf.host.edge-1.svc.default.hello.3");
         assert_eq!(service_ready_subject("shop", "cart"), "wharf.ready.shop.cart");
-        assert_eq!(logs_subject("shop", "cart"), "wharf.logs.shop.cart");
+        let edge = host("edge-a");
+        assert_eq!(host_log_lines_subject(&edge, "shop", "cart"), "wharf.host.edge-a.loglines.shop.cart");
+        assert_eq!(host_of_subject(&host_log_lines_subject(&edge, "shop", "cart")), Some(edge));
+        assert_eq!(log_lines_wildcard("shop", "cart"), "wharf.host.*.loglines.shop.cart");
         assert_eq!(host_logs_subject(&host("edge-1")), "wharf.host.edge-1.logs");
         assert_eq!(event_key("shop", 7), "shop.7");
         assert_eq!(event_key("shop", crate::observe::EVENTS_PER_NAMESPACE + 7), "shop.7", "a ring: the slot repeats");

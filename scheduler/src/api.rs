@@ -112,8 +112,14 @@ pub fn router(plane: ControlPlane) -> Router {
         .with_state(plane)
 }
 
-async fn metrics(State(plane): State<ControlPlane>) -> Response {
-    ([(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], format!("{}{}# EOF\n", plane.autoscaling.metrics(), plane.pass_stats.metrics())).into_response()
+/// The autoscaler's series of the services the token may see (a
+/// namespace token: its namespaces'), and, for an admin, the control
+/// loop's own.
+async fn metrics(State(plane): State<ControlPlane>, visible: Option<Extension<crate::auth::Visible>>) -> Response {
+    let visible = visible.map_or(crate::auth::Visible(None), |Extension(v)| v);
+    let passes = if visible.0.is_none() { plane.pass_stats.metrics() } else { String::new() };
+    let series = plane.autoscaling.metrics(|namespace| visible.allows(namespace));
+    ([(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], format!("{series}{passes}# EOF\n")).into_response()
 }
 
 async fn healthz(State(plane): State<ControlPlane>) -> Response {

@@ -183,11 +183,13 @@ impl Visible {
 }
 
 /// The middleware: 401 without a valid token, 403 when the token's role
-/// does not allow the request. `/healthz`, `/metrics` and `/ui` need no token.
+/// does not allow the request. `/healthz` and `/ui` need no token;
+/// `/metrics` needs one, and shows a namespace token only its namespaces'
+/// series (they name services and their load).
 pub async fn authorise(State(plane): State<ControlPlane>, mut request: Request, next: Next) -> Result<Response, ApiError> {
     let path = request.uri().path().to_string();
     // The dashboard's page holds no data: its script calls the API with a token.
-    if path == "/healthz" || path == "/metrics" || path == "/ui" {
+    if path == "/healthz" || path == "/ui" {
         return Ok(next.run(request).await);
     }
     let Some(tokens) = &plane.tokens else {
@@ -247,7 +249,7 @@ pub async fn authorise(State(plane): State<ControlPlane>, mut request: Request, 
                 // token uploads and lists them under /v1/namespaces/<ns>/artifacts.
                 None if path == "/v1/hosts" && !writes => {}
                 // The listing across namespaces shows a namespace token its own (see `Visible`).
-                None if (path == "/v1/services" || path == "/v1/jobs") && !writes => {}
+                None if (path == "/v1/services" || path == "/v1/jobs" || path == "/metrics") && !writes => {}
                 None => {
                     return Err(ApiError::new(
                         StatusCode::FORBIDDEN,

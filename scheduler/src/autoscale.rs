@@ -103,17 +103,17 @@ impl Autoscaling {
 
     /// OpenMetrics text (without the closing `# EOF`): decisions that
     /// changed a replica count, and the replicas each autoscaled service
-    /// wants now.
-    pub fn metrics(&self) -> String {
+    /// wants now; only of services in namespaces `shown` allows.
+    pub fn metrics(&self, shown: impl Fn(&str) -> bool) -> String {
         use std::fmt::Write;
         let Ok(state) = self.inner.lock() else { return String::new() };
         let mut out = String::new();
         out.push_str("# HELP wharf_autoscaler_decisions Autoscaler decisions that changed a service's replica count.\n# TYPE wharf_autoscaler_decisions counter\n");
-        for ((service, direction), count) in &state.changes {
+        for ((service, direction), count) in state.changes.iter().filter(|((service, _), _)| shown(&service.namespace)) {
             let _ = writeln!(out, "wharf_autoscaler_decisions_total{{service=\"{service}\",direction=\"{direction}\"}} {count}");
         }
         out.push_str("# HELP wharf_autoscaler_desired_replicas Replicas the autoscaler wants.\n# TYPE wharf_autoscaler_desired_replicas gauge\n");
-        for (service, decision) in &state.decisions {
+        for (service, decision) in state.decisions.iter().filter(|(service, _)| shown(&service.namespace)) {
             let _ = writeln!(out, "wharf_autoscaler_desired_replicas{{service=\"{service}\"}} {}", decision.replicas);
             let _ = writeln!(out, "wharf_autoscaler_load{{service=\"{service}\",window=\"stable\"}} {}", decision.stable_load);
             let _ = writeln!(out, "wharf_autoscaler_load{{service=\"{service}\",window=\"panic\"}} {}", decision.panic_load);

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use wharf_bus::{Bus, ConsumerAsk, ConsumerPolicy, ConsumerRules, DataAsk, DataPolicy, DataRules, SubscribeError};
 use wharf_proto::HostId;
 use wharf_proto::names::{self, ASSIGNMENTS_BUCKET, NAMESPACES_BUCKET, REVISIONS_BUCKET, SERVICES_BUCKET, STATUS_BUCKET};
-use wharf_proto::trigger::MESSAGE_PREFIX;
+use wharf_proto::trigger::{MESSAGE_PREFIX, message_subject, subject_namespace};
 use wharf_scheduler_core::jobs::running_attempts;
 
 use crate::hosts::HostTable;
@@ -66,6 +66,31 @@ impl DataAccess {
     }
 }
 
+impl DataAccess {
+    /// Whether `host` may have a component's message published (or a
+    /// request made) on `subject`: one of a namespace it runs, or the
+    /// dead-letter subject of a stream trigger, which any host's intake may
+    /// need (every host takes in every trigger's messages).
+    fn may_publish(&self, host: &HostId, subject: &str) -> Result<(), String> {
+        let Some(namespace) = subject_namespace(subject) else {
+            return Err(format!("host {host} may have the control plane publish components' messages only ({MESSAGE_PREFIX}.<namespace>.…), not on {subject}"));
+        };
+        if self.runs(host, namespace) {
+            return Ok(());
+        }
+        let dead_letter = self.informer.read(|state| {
+            state.services.values().filter(|s| s.spec.namespace == namespace).any(|s| {
+                s.spec.triggers.iter().any(|t| t.stream.is_some() && message_subject(namespace, &t.dead_letter(&s.spec.name)) == subject)
+            })
+        });
+        if dead_letter {
+            Ok(())
+        } else {
+            Err(format!("host {host} runs nothing of namespace {namespace}, so it may not publish its messages (on {subject})"))
+        }
+    }
+}
+
 impl DataRules for DataAccess {
     fn may_answer(&self, asker: &str, reply: &str) -> bool {
         HostId::new(asker).is_ok_and(|host| own_inbox(&host, reply))
@@ -73,6 +98,9 @@ impl DataRules for DataAccess {
 
     fn allows(&self, asker: &str, ask: &DataAsk) -> Result<(), String> {
         let host = HostId::new(asker).map_err(|e| format!("{asker:?} is not a host id: {e}"))?;
+        if let Some(subject) = ask.subject() {
+            return self.may_publish(&host, subject);
+        }
         let bucket = ask.bucket();
         let reads_only = || if ask.writes() { Err(format!("host {host} may not write bucket {bucket}")) } else { Ok(()) };
         match ask {

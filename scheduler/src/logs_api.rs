@@ -5,10 +5,18 @@
 //! Recent lines are asked of each host the service is assigned to
 //! (request/reply on the host's logs subject, all hosts at once, each
 //! bounded by [`HOST_TIMEOUT`]); with `follow=true` the answer is a stream of
-//! JSON lines: first those, then every new line published on the service's
-//! logs subject, until the client goes away. The scheduler keeps no logs:
-//! lines live in the hosts' bounded rings. Namespace tokens apply as on
-//! every `/v1/namespaces/{ns}/...` path (the auth middleware).
+//! JSON lines: first those, then every new line the service's hosts
+//! publish on their own log-lines subjects, until the client goes away. The
+//! scheduler keeps no logs: lines live in the hosts' bounded rings.
+//! Namespace tokens apply as on every `/v1/namespaces/{ns}/...` path (the
+//! auth middleware).
+//!
+//! A line is shown only as coming from the host that sent it, and only
+//! from a host that runs the service: a live line's sender is the host its
+//! subject names (no host may publish on another's subjects), a recent
+//! line's is the host asked; a line naming another host or service, or
+//! sent by a host that runs none of the service, is dropped. So a
+//! compromised host cannot put lines in another tenant's logs.
 
 use crate::ControlPlane;
 use crate::api::ApiError;
@@ -22,10 +30,10 @@ use bytes::Bytes;
 use futures::StreamExt;
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use wharf_proto::names::{host_logs_subject, logs_subject};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use wharf_proto::names::{host_logs_subject, host_of_subject, log_lines_wildcard};
 use wharf_proto::observe::{LogBatch, LogQuery, LogRecord};
 use wharf_proto::{HostId, ServiceId};
 
@@ -161,7 +169,7 @@ async fn recent(plane: &ControlPlane, wanted: &Wanted) -> ((Vec<LogRecord>, bool
         match batch {
             Ok(batch) => {
                 truncated |= batch.truncated;
-                lines.extend(batch.lines);
+                lines.extend(batch.lines.into_iter().filter(|record| from_sender(record, &host, &wanted.service)));
             }
             Err(e) => missing.push(format!("host {host}: {e}")),
         }
@@ -206,7 +214,7 @@ async fn follow(plane: ControlPlane, wanted: Wanted) -> Result<Response, ApiErro
     // Subscribe before asking for history, so no line falls between the two;
     // a line in both is dropped by its (host, revision, replica, seq) and
     // time: a replica loaded again numbers its lines from 1, later.
-    let subject = logs_subject(&wanted.service.namespace, &wanted.service.name);
+    let subject = log_lines_wildcard(&wanted.service.namespace, &wanted.service.name);
     let live = plane.bus.subscribe(&subject).await.map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "bus_unavailable", format!("cannot follow {subject}: {e}")))?;
     let ((history, _), missing) = recent(&plane, &wanted).await;
     let mut seen = Sent::new();
@@ -219,9 +227,15 @@ async fn follow(plane: ControlPlane, wanted: Wanted) -> Result<Response, ApiErro
         first.push(json_line(&record));
     }
     let wanted = Arc::new(wanted);
+    let senders = Arc::new(Senders::new(plane, wanted.clone()));
     let live = live.filter_map(move |message| {
         let wanted = wanted.clone();
         let line = serde_json::from_slice::<LogRecord>(&message.payload).ok().filter(|record| {
+            let genuine = host_of_subject(&message.subject).is_some_and(|sender| from_sender(record, &sender, &wanted.service) && senders.admit(&sender));
+            if !genuine {
+                tracing::debug!(subject = %message.subject, host = %record.host, service = %record.service, "dropped a log line not from a host of the service");
+                return false;
+            }
             let replica_ok = wanted.query.replica.is_none_or(|r| record.replica == r);
             let host_ok = wanted.host.as_ref().is_none_or(|h| *h == record.host);
             let fresh = not_sent(&seen, record);
@@ -234,6 +248,41 @@ async fn follow(plane: ControlPlane, wanted: Wanted) -> Result<Response, ApiErro
         Ok::<Bytes, std::convert::Infallible>(line)
     });
     Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(stream)).into_response())
+}
+
+/// Whether `record` is a line of `service` that `sender` may have written:
+/// it names that host and that service.
+fn from_sender(record: &LogRecord, sender: &HostId, service: &ServiceId) -> bool {
+    record.host == *sender && record.service == *service
+}
+
+/// How often a follower looks again for the hosts that run its service
+/// when a line comes from a host it did not know.
+const SENDERS_REFRESH: Duration = Duration::from_secs(1);
+
+/// The hosts whose live lines a follower shows: [`hosts_of`] the service,
+/// looked up again (at most every [`SENDERS_REFRESH`]) when a line comes
+/// from another host, since replicas start and move while a client follows.
+struct Senders {
+    plane: ControlPlane,
+    wanted: Arc<Wanted>,
+    known: Mutex<(Instant, BTreeSet<HostId>)>,
+}
+
+impl Senders {
+    fn new(plane: ControlPlane, wanted: Arc<Wanted>) -> Senders {
+        let hosts = hosts_of(&plane, &wanted);
+        Senders { plane, wanted, known: Mutex::new((Instant::now(), hosts)) }
+    }
+
+    /// Whether `host` runs (or recently ran) the service.
+    fn admit(&self, host: &HostId) -> bool {
+        let Ok(mut known) = self.known.lock() else { return false };
+        if !known.1.contains(host) && known.0.elapsed() >= SENDERS_REFRESH {
+            *known = (Instant::now(), hosts_of(&self.plane, &self.wanted));
+        }
+        known.1.contains(host)
+    }
 }
 
 /// The last line sent from history per (host, revision, replica): its seq and time.
@@ -267,6 +316,16 @@ mod tests {
             seq,
             line: String::new(),
         }
+    }
+
+    #[test]
+    fn a_line_counts_as_its_senders_only_when_it_names_that_host_and_the_service() {
+        let (a, b) = (HostId::new("a").expect("label"), HostId::new("b").expect("label"));
+        let web: ServiceId = "default/web".parse().expect("id");
+        let shop: ServiceId = "shop/cart".parse().expect("id");
+        assert!(from_sender(&line("a", 0, 1, 1), &a, &web));
+        assert!(!from_sender(&line("a", 0, 1, 1), &b, &web), "host b sending a line that names host a");
+        assert!(!from_sender(&line("a", 0, 1, 1), &a, &shop), "a line of another service");
     }
 
     #[test]

@@ -7,6 +7,13 @@
 //! out with its own rights. An ask and its answer each travel as one
 //! message: a JSON header (its length first, four bytes, big-endian), then
 //! the value's bytes.
+//!
+//! The broker also publishes and makes requests on subjects that a stream
+//! may capture ([`NatsOptions::brokered_subjects`](super::NatsOptions::brokered_subjects)):
+//! JetStream acknowledges a message it stores on the reply subject the
+//! publisher named, with the server's rights, so a publisher allowed such
+//! subjects could have an acknowledgement written onto any key. The broker
+//! names no reply for a publish, and its own inbox for a request.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -16,8 +23,8 @@ use bytes::{BufMut, Bytes, BytesMut};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
-use crate::error::{BackendError, KvError};
-use crate::{Bus, Entry, KeyPage, Kv};
+use crate::error::{BackendError, KvError, PublishError, RequestError};
+use crate::{Bus, Entry, KeyPage, Kv, Message};
 
 /// How long an asker waits for the broker's answer in all: longer than a
 /// bucket call rides over a lost server (30 s), so the broker's own error
@@ -29,6 +36,9 @@ const BROKER_PATIENCE: Duration = Duration::from_secs(35);
 /// lost with a NATS server that died while it crossed is not otherwise
 /// noticed. A lost connection sends it again at once.
 const TRY_PATIENCE: Duration = Duration::from_secs(5);
+
+/// The longest request the broker makes for an asker, whatever it asks.
+const MAX_REQUEST: Duration = Duration::from_secs(60);
 
 /// How long an ask is sent again while no broker listens (all of them
 /// reconnecting after a server's loss, say) before that is the answer.
@@ -55,10 +65,16 @@ pub enum DataAsk {
     ObjectInfo { bucket: String, name: String },
     /// The first chunk of object `nuid` after stream sequence `after`.
     ObjectChunk { bucket: String, nuid: String, after: u64 },
+    /// A core NATS publish of the ask's bytes on `subject`, naming no reply subject.
+    Publish { subject: String },
+    /// A request of the ask's bytes on `subject`, waiting up to
+    /// `timeout_ms` for a reply, whose bytes the answer carries.
+    Request { subject: String, timeout_ms: u64 },
 }
 
 impl DataAsk {
-    /// The bucket the call is about.
+    /// The bucket the call is about; empty for a publish or a request
+    /// (see [`DataAsk::subject`]).
     pub fn bucket(&self) -> &str {
         match self {
             DataAsk::Get { bucket, .. }
@@ -70,6 +86,15 @@ impl DataAsk {
             | DataAsk::Increment { bucket, .. }
             | DataAsk::ObjectInfo { bucket, .. }
             | DataAsk::ObjectChunk { bucket, .. } => bucket,
+            DataAsk::Publish { .. } | DataAsk::Request { .. } => "",
+        }
+    }
+
+    /// The subject a publish or a request is made on; `None` for a bucket call.
+    pub fn subject(&self) -> Option<&str> {
+        match self {
+            DataAsk::Publish { subject } | DataAsk::Request { subject, .. } => Some(subject),
+            _ => None,
         }
     }
 
@@ -107,6 +132,9 @@ struct DataAnswer {
     next: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     object: Option<ObjectMeta>,
+    /// For a request: the subject the reply came on (its bytes follow the header).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    subject: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     failed: Option<Failure>,
 }
@@ -129,6 +157,10 @@ enum Failure {
     BucketFull { max_bytes: u64 },
     ValueTooLarge { size: usize, max: usize },
     Increment { why: String },
+    /// A request that no one listens for.
+    NoResponders,
+    /// A request that got no reply in its time.
+    TimedOut,
     Other { message: String },
 }
 
@@ -150,39 +182,80 @@ fn unframe<T: for<'de> Deserialize<'de>>(message: &Bytes) -> Result<(T, Bytes), 
     Ok((header, message.slice(4 + length..)))
 }
 
+/// The asking side of a data broker: where asks go, over which connection.
+#[derive(Clone)]
+pub(crate) struct DataBroker {
+    client: async_nats::Client,
+    subject: String,
+    connection: tokio::sync::watch::Receiver<crate::ConnectionState>,
+}
+
 /// A bucket whose calls a data broker makes (and whose watches' consumers
 /// the consumer broker makes).
 pub(crate) struct BrokeredKv {
     bucket: String,
-    client: async_nats::Client,
-    subject: String,
+    broker: DataBroker,
     consumers: super::Consumers,
-    connection: tokio::sync::watch::Receiver<crate::ConnectionState>,
+}
+
+impl DataBroker {
+    pub(crate) fn new(client: async_nats::Client, subject: String, connection: tokio::sync::watch::Receiver<crate::ConnectionState>) -> DataBroker {
+        DataBroker { client, subject, connection }
+    }
+
+    /// Sends `ask` once and reads the answer, waiting up to `patience`: a
+    /// publish or a request is not sent again, which could deliver it twice.
+    async fn once(&self, ask: &DataAsk, body: Bytes, patience: Duration) -> Result<(DataAnswer, Bytes), BackendError> {
+        let request = async_nats::Request::new().payload(frame(ask, &body)).timeout(Some(patience));
+        let reply = self.client.send_request(self.subject.clone(), request).await.map_err(|err| format!("the data broker on {} did not answer: {err}", self.subject))?;
+        Ok(unframe(&reply.payload).map_err(|err| format!("the data broker on {} answered something unreadable: {err}", self.subject))?)
+    }
+
+    /// Has the broker publish `payload` on `subject`.
+    pub(crate) async fn publish(&self, subject: &str, payload: Bytes) -> Result<(), PublishError> {
+        let unavailable = |source: BackendError| PublishError::Unavailable { subject: subject.to_owned(), source };
+        let (answer, _) = self.once(&DataAsk::Publish { subject: subject.to_owned() }, payload, TRY_PATIENCE).await.map_err(unavailable)?;
+        match answer.failed {
+            None => Ok(()),
+            Some(Failure::Refused { why }) => Err(unavailable(format!("the data broker refused: {why}").into())),
+            Some(Failure::Other { message }) => Err(unavailable(format!("the data broker could not publish: {message}").into())),
+            Some(other) => Err(unavailable(format!("the data broker could not publish: {other:?}").into())),
+        }
+    }
+
+    /// Has the broker send a request of `payload` on `subject` and return its reply.
+    pub(crate) async fn request(&self, subject: &str, payload: Bytes, timeout: Duration) -> Result<Message, RequestError> {
+        let unavailable = |source: BackendError| RequestError::Unavailable { subject: subject.to_owned(), source };
+        let ask = DataAsk::Request { subject: subject.to_owned(), timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX) };
+        let (answer, body) = self.once(&ask, payload, timeout + TRY_PATIENCE).await.map_err(unavailable)?;
+        match answer.failed {
+            None => Ok(Message { subject: answer.subject.unwrap_or_default(), payload: body, reply: None }),
+            Some(Failure::NoResponders) => Err(RequestError::NoResponders { subject: subject.to_owned() }),
+            Some(Failure::TimedOut) => Err(RequestError::TimedOut { subject: subject.to_owned(), timeout }),
+            Some(Failure::Refused { why }) => Err(unavailable(format!("the data broker refused: {why}").into())),
+            Some(Failure::Other { message }) => Err(unavailable(format!("the data broker's request failed: {message}").into())),
+            Some(other) => Err(unavailable(format!("the data broker's request failed: {other:?}").into())),
+        }
+    }
 }
 
 impl BrokeredKv {
-    pub(crate) fn new(
-        bucket: &str,
-        client: async_nats::Client,
-        subject: String,
-        consumers: super::Consumers,
-        connection: tokio::sync::watch::Receiver<crate::ConnectionState>,
-    ) -> BrokeredKv {
-        BrokeredKv { bucket: bucket.to_owned(), client, subject, consumers, connection }
+    pub(crate) fn new(bucket: &str, broker: DataBroker, consumers: super::Consumers) -> BrokeredKv {
+        BrokeredKv { bucket: bucket.to_owned(), broker, consumers }
     }
 
     pub(crate) async fn watch(&self, pattern: &str) -> Result<super::NatsWatch, KvError> {
         let (stream, prefix) = (format!("KV_{}", self.bucket), format!("$KV.{}.", self.bucket));
-        super::NatsWatch::open(self.client.clone(), self.consumers.clone(), self.connection.clone(), &stream, &prefix, pattern)
+        super::NatsWatch::open(self.broker.client.clone(), self.consumers.clone(), self.broker.connection.clone(), &stream, &prefix, pattern)
             .await
             .map_err(|source| KvError::Unavailable { bucket: self.bucket.clone(), source })
     }
 
     async fn ask(&self, ask: DataAsk, value: &[u8]) -> Result<(DataAnswer, Bytes), KvError> {
         let unavailable = |source: BackendError| KvError::Unavailable { bucket: self.bucket.clone(), source };
-        let reply = self.sent(frame(&ask, value)).await.map_err(unavailable)?;
+        let reply = self.broker.sent(frame(&ask, value)).await.map_err(unavailable)?;
         let (answer, body): (DataAnswer, Bytes) =
-            unframe(&reply.payload).map_err(|err| unavailable(format!("the data broker on {} answered something unreadable: {err}", self.subject).into()))?;
+            unframe(&reply.payload).map_err(|err| unavailable(format!("the data broker on {} answered something unreadable: {err}", self.broker.subject).into()))?;
         let key = match &ask {
             DataAsk::Get { key, .. }
             | DataAsk::Put { key, .. }
@@ -191,7 +264,7 @@ impl BrokeredKv {
             | DataAsk::Delete { key, .. }
             | DataAsk::Increment { key, .. } => key.clone(),
             DataAsk::ObjectInfo { name, .. } => name.clone(),
-            DataAsk::KeysPage { .. } | DataAsk::ObjectChunk { .. } => String::new(),
+            DataAsk::KeysPage { .. } | DataAsk::ObjectChunk { .. } | DataAsk::Publish { .. } | DataAsk::Request { .. } => String::new(),
         };
         match answer.failed {
             None => Ok((answer, body)),
@@ -203,10 +276,13 @@ impl BrokeredKv {
                 Failure::ValueTooLarge { size, max } => KvError::ValueTooLarge { key, size, max },
                 Failure::Increment { why } => KvError::Increment { bucket: self.bucket.clone(), key, why },
                 Failure::Other { message } => unavailable(message.into()),
+                failure @ (Failure::NoResponders | Failure::TimedOut) => unavailable(format!("{failure:?} for a bucket call").into()),
             }),
         }
     }
+}
 
+impl DataBroker {
     /// Sends an ask until its answer comes: again after [`TRY_PATIENCE`]
     /// or a change of connection, always under one [`ASK_ID`], for up to
     /// [`BROKER_PATIENCE`] in all.
@@ -246,7 +322,9 @@ impl BrokeredKv {
             }
         }
     }
+}
 
+impl BrokeredKv {
     pub(crate) async fn get(&self, key: &str) -> Result<Option<Entry>, KvError> {
         let (answer, value) = self.ask(DataAsk::Get { bucket: self.bucket.clone(), key: key.to_owned() }, &[]).await?;
         Ok(answer.found.then(|| Entry { key: key.to_owned(), value, revision: answer.revision.unwrap_or(0) }))
@@ -355,7 +433,7 @@ pub(crate) async fn serve(bus: Bus, client: async_nats::Client, mut asks: async_
                 Err(err) => (DataAnswer { failed: Some(Failure::Refused { why: format!("unreadable ask: {err}") }), ..DataAnswer::default() }, Bytes::new()),
                 Ok((ask, value)) => match allowed(policy.as_ref(), &asker, &ask).await {
                     Err(why) => {
-                        tracing::warn!(%asker, bucket = %ask.bucket(), "data ask refused: {why}");
+                        tracing::warn!(%asker, bucket = %ask.bucket(), subject = ask.subject().unwrap_or_default(), "data ask refused: {why}");
                         (DataAnswer { failed: Some(Failure::Refused { why }), ..DataAnswer::default() }, Bytes::new())
                     }
                     Ok(()) => {
@@ -390,6 +468,25 @@ async fn allowed(policy: &dyn DataRules, asker: &str, ask: &DataAsk) -> Result<(
 /// Makes the call `ask` names on its bucket (opened once, then kept); a
 /// write under message id `id`, so an ask made twice writes once.
 async fn carry_out(bus: &Bus, buckets: &Mutex<HashMap<String, Kv>>, ask: DataAsk, value: Bytes, id: &str) -> (DataAnswer, Bytes) {
+    match &ask {
+        // No reply subject: JetStream would acknowledge a stored message there.
+        DataAsk::Publish { subject } => {
+            return match bus.publish(subject, value).await {
+                Ok(()) => (DataAnswer::default(), Bytes::new()),
+                Err(err) => other(err.to_string()),
+            };
+        }
+        DataAsk::Request { subject, timeout_ms } => {
+            let timeout = Duration::from_millis(*timeout_ms).min(MAX_REQUEST);
+            return match bus.request(subject, value, timeout).await {
+                Ok(reply) => (DataAnswer { subject: Some(reply.subject), ..DataAnswer::default() }, reply.payload),
+                Err(RequestError::NoResponders { .. }) => (DataAnswer { failed: Some(Failure::NoResponders), ..DataAnswer::default() }, Bytes::new()),
+                Err(RequestError::TimedOut { .. }) => (DataAnswer { failed: Some(Failure::TimedOut), ..DataAnswer::default() }, Bytes::new()),
+                Err(err) => other(err.to_string()),
+            };
+        }
+        _ => {}
+    }
     let bucket = ask.bucket().to_owned();
     if let DataAsk::ObjectInfo { name, .. } = &ask {
         return object_info(bus, &bucket, name).await;
@@ -431,7 +528,9 @@ async fn carry_out(bus: &Bus, buckets: &Mutex<HashMap<String, Kv>>, ask: DataAsk
             Ok(page) => (DataAnswer { keys: Some(page.keys), next: page.next, ..DataAnswer::default() }, Bytes::new()),
             Err(err) => (failure(err), Bytes::new()),
         },
-        DataAsk::ObjectInfo { .. } | DataAsk::ObjectChunk { .. } => (failure(KvError::Unavailable { bucket, source: "not a key-value call".into() }), Bytes::new()),
+        DataAsk::ObjectInfo { .. } | DataAsk::ObjectChunk { .. } | DataAsk::Publish { .. } | DataAsk::Request { .. } => {
+            (failure(KvError::Unavailable { bucket, source: "not a key-value call".into() }), Bytes::new())
+        }
     }
 }
 

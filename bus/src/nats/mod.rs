@@ -28,7 +28,7 @@ use tokio::sync::watch;
 
 pub(crate) use consumers::{Consumers, ack_info, open_stream};
 pub use consumers::{ConsumerAsk, ConsumerPolicy, ConsumerRules};
-pub(crate) use data::{BrokeredKv, BrokeredObjects, serve as serve_data};
+pub(crate) use data::{BrokeredKv, BrokeredObjects, DataBroker, serve as serve_data};
 pub use data::{DataAsk, DataPolicy, DataRules};
 pub(crate) use kv::{NatsKv, NatsWatch, Written, message_id};
 pub(crate) use objects::NatsObjects;
@@ -84,6 +84,12 @@ pub struct NatsOptions {
     /// names, with the server's rights. The broker allows a host only what
     /// it follows and the data of namespaces it runs.
     pub data_broker: Option<String>,
+    /// Subject prefixes (`wharf.msg.`) whose publishes and requests the
+    /// data broker makes for this connection (with a `data_broker` only):
+    /// subjects a stream may capture, where JetStream acknowledges what it
+    /// stores on whatever reply subject the publisher named, with the
+    /// server's rights. The broker names none, or its own inbox.
+    pub brokered_subjects: Vec<String>,
 }
 
 impl Default for NatsOptions {
@@ -98,6 +104,7 @@ impl Default for NatsOptions {
             inbox_prefix: None,
             consumer_broker: None,
             data_broker: None,
+            brokered_subjects: Vec::new(),
         }
     }
 }
@@ -147,7 +154,9 @@ pub(crate) struct NatsBus {
     /// Who makes this connection's consumers.
     consumers: Consumers,
     /// [`NatsOptions::data_broker`].
-    data_broker: Option<String>,
+    data_broker: Option<DataBroker>,
+    /// [`NatsOptions::brokered_subjects`].
+    brokered_subjects: Vec<String>,
 }
 
 impl NatsBus {
@@ -222,6 +231,7 @@ impl NatsBus {
             Some(subject) => Consumers::Broker { client: client.clone(), subject },
             None => own_consumers(&client, &jetstream, options.replicas),
         };
+        let data_broker = options.data_broker.map(|subject| DataBroker::new(client.clone(), subject, connection.clone()));
         Ok(NatsBus {
             client,
             jetstream,
@@ -229,11 +239,21 @@ impl NatsBus {
             replicas: options.replicas,
             system,
             consumers,
-            data_broker: options.data_broker,
+            data_broker,
+            brokered_subjects: options.brokered_subjects,
         })
     }
 
+    /// The data broker, if it makes the publishes and requests on `subject`
+    /// ([`NatsOptions::brokered_subjects`]).
+    fn broker_of(&self, subject: &str) -> Option<&DataBroker> {
+        self.data_broker.as_ref().filter(|_| self.brokered_subjects.iter().any(|prefix| subject.starts_with(prefix.as_str())))
+    }
+
     pub(crate) async fn publish(&self, subject: &str, payload: Bytes) -> Result<(), PublishError> {
+        if let Some(broker) = self.broker_of(subject) {
+            return broker.publish(subject, payload).await;
+        }
         self.client
             .publish(subject.to_owned(), payload)
             .await
@@ -272,6 +292,9 @@ impl NatsBus {
         payload: Bytes,
         timeout: Duration,
     ) -> Result<Message, RequestError> {
+        if let Some(broker) = self.broker_of(subject) {
+            return broker.request(subject, payload, timeout).await;
+        }
         let request = async_nats::Request::new()
             .payload(payload)
             .timeout(Some(timeout));
@@ -305,9 +328,7 @@ impl NatsBus {
 
     /// Bucket `bucket` through the data broker, if this connection has one.
     pub(crate) fn brokered_kv(&self, bucket: &str) -> Option<BrokeredKv> {
-        self.data_broker
-            .as_ref()
-            .map(|subject| BrokeredKv::new(bucket, self.client.clone(), subject.clone(), self.consumers.clone(), self.connection.clone()))
+        self.data_broker.as_ref().map(|broker| BrokeredKv::new(bucket, broker.clone(), self.consumers.clone()))
     }
 
     /// Serves consumer asks on `subject` in queue group `group` (see

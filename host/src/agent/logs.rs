@@ -14,7 +14,7 @@ use bytes::Bytes;
 use std::time::UNIX_EPOCH;
 use tokio::sync::broadcast::error::RecvError;
 use wharf_proto::observe::{LogBatch, LogQuery, LogRecord, LogStreamName};
-use wharf_proto::names::{host_logs_subject, logs_subject};
+use wharf_proto::names::{host_log_lines_subject, host_logs_subject};
 use wharf_proto::{HostId, ReplicaKey};
 
 /// What a reply may hold besides the lines (JSON framing), so it stays
@@ -44,7 +44,7 @@ impl HostAgent {
         let mut lines = workload.logs().follow();
         let bus = self.inner.bus.clone();
         let host = self.inner.config.host.clone();
-        let subject = logs_subject(&key.service.namespace, &key.service.name);
+        let subject = host_log_lines_subject(&host, &key.service.namespace, &key.service.name);
         let mut stop = self.inner.stop.subscribe();
         tokio::spawn(async move {
             loop {
