@@ -175,6 +175,7 @@ pub async fn run(args: NoisyArgs) -> anyhow::Result<()> {
     // elsewhere on the machine does not decide the ratio alone.
     let (mut idle_p99s, mut noisy_p99s) = (vec![idle.p99_micros], vec![noisy.p99_micros]);
     for round in 2..=args.rounds {
+        drained(&up).await?;
         let idle = paced().await?;
         let noise = start_noise();
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -206,6 +207,32 @@ pub async fn run(args: NoisyArgs) -> anyhow::Result<()> {
     crate::write_report(&args.out, &report)?;
     drop(up);
     let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// Waits until tenant A has no request in flight on the host, then a
+/// second more: A's last requests go on after its clients stop (a spinning
+/// one runs to its fuel or its deadline), and an idle round measured while
+/// they end is not idle (issue 7's single-run ratio did not hold up for
+/// that reason).
+async fn drained(up: &Up) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let metrics = reqwest::get(format!("{}/metrics", up.admin)).await?.text().await?;
+        let busy: f64 = metrics
+            .lines()
+            .filter(|l| l.starts_with("wharf_requests_in_flight{") && l.contains("\"tenant-a/"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        if busy == 0.0 {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("tenant A still had {busy} request(s) in flight 120 s after its clients stopped");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
     Ok(())
 }
 
