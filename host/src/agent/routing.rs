@@ -190,11 +190,17 @@ impl HostAgent {
     }
 
     /// Sends a prepared request to one host, on its subject for revision
-    /// `to.1`; a safe one ([`Prepared::is_safe`], never one whose body is
-    /// streamed: it cannot be replayed once the first host read some) is given up at once
-    /// if the control plane says that host was lost (its answer would never
-    /// come: it would wait out its deadline) and another host serves
-    /// `revision` (the caller sends it there).
+    /// `to.1`, and gives up on that host when the control plane announces
+    /// it lost (a request or a body in flight there would otherwise wait
+    /// out its deadline, or a stream its silence, [`crate::body_stream::IDLE`]):
+    /// - before the answer, the request goes to another host serving
+    ///   `revision` if there is one (`Err(HostLost)`; [`HostAgent::send`]
+    ///   sends a streamed body again only if the lost host took none of
+    ///   it). With none, a safe request ([`Prepared::is_safe`]) waits for
+    ///   its answer after all, and one whose body is streamed is answered
+    ///   502: its body went to a host that is gone;
+    /// - after the answer, a body still streaming from that host fails
+    ///   (never ends short): its sender is gone.
     async fn send_once(
         &self,
         service: &ServiceId,
@@ -206,35 +212,45 @@ impl HostAgent {
     ) -> Result<Response<ResponseBody>, NoReplica> {
         let (host, chosen) = to;
         let subject = host_request_subject(host, &service.namespace, &service.name, chosen);
-        if !payload.is_safe() {
-            return crate::remote::send(&self.inner.bus, service, &subject, payload, timeout).await;
-        }
+        let safe = payload.is_safe();
         let mut lost = self.inner.hosts_down.subscribe();
         let first = crate::remote::send(&self.inner.bus, service, &subject, payload, timeout);
         tokio::pin!(first);
-        let mut elsewhere = true;
-        loop {
+        let mut watching = true;
+        let response = loop {
             tokio::select! {
-                outcome = &mut first => return outcome,
-                down = lost.recv(), if elsewhere => {
-                    let lost = match down {
+                outcome = &mut first => break outcome?,
+                down = lost.recv(), if watching => {
+                    let gone = match down {
                         Ok(down) => down.host == *host && down.affects(service),
-                        // Announcements were missed: one may have been about this host.
-                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => true,
-                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return first.await,
+                        // Announcements were missed: one may have been about this
+                        // host. A safe request may go elsewhere on that doubt.
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => safe,
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                            watching = false;
+                            continue;
+                        }
                     };
-                    if !lost {
+                    if !gone {
                         continue;
                     }
                     if self.inner.directory.choose(service, revision, &self.inner.config.host, tried).is_some() {
                         tracing::debug!(%service, %host, "the host holding this request may be lost; sending it to another");
                         return Err(NoReplica::HostLost);
                     }
+                    if !safe {
+                        return Ok(error_response(
+                            StatusCode::BAD_GATEWAY,
+                            "host_lost",
+                            format!("host {host}, which was sent this request and its body, was lost; no other host runs service {service}"),
+                        ));
+                    }
                     // Nowhere else to send it: wait for this answer after all.
-                    elsewhere = false;
+                    watching = false;
                 }
             }
-        }
+        };
+        Ok(failed_if_lost(response, host.clone(), service.clone(), lost))
     }
 
     /// Serves one request that came over the bus, always locally (a second
@@ -352,5 +368,84 @@ async fn listen_on(agent: std::sync::Weak<super::Inner>, (service, revision): Li
             let _permit = permit;
             agent.answer(&service, revision, message).await;
         });
+    }
+}
+
+/// `response`, whose body fails (never ends short) if `host`, which sends
+/// it, is announced lost on `lost` before it ends. A body sent whole
+/// cannot be cut, and is returned as it is.
+fn failed_if_lost(response: Response<ResponseBody>, host: HostId, service: ServiceId, mut lost: tokio::sync::broadcast::Receiver<Arc<wharf_proto::HostDown>>) -> Response<ResponseBody> {
+    use http_body::Body as _;
+    use http_body_util::BodyExt as _;
+    // A body that came whole with the answer knows its length; a streamed one does not.
+    if response.body().is_end_stream() || response.body().size_hint().exact().is_some() {
+        return response;
+    }
+    let gone = async move {
+        loop {
+            match lost.recv().await {
+                Ok(down) if down.host == host && down.affects(&service) => return host,
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => std::future::pending::<()>().await,
+            }
+        }
+    };
+    response.map(|body| {
+        let frames = http_body_util::BodyStream::new(body);
+        let state = (frames, Box::pin(gone), false);
+        let cut = futures::stream::unfold(state, |(mut frames, mut gone, done)| async move {
+            if done {
+                return None;
+            }
+            tokio::select! {
+                frame = frames.next() => frame.map(|frame| (frame, (frames, gone, false))),
+                host = &mut gone => {
+                    let error = wasmtime_wasi_http::Error::InternalError(Some(format!("host {host}, which was sending this body, was lost")));
+                    Some((Err(error), (frames, gone, true)))
+                }
+            }
+        });
+        http_body_util::StreamBody::new(cut).boxed_unsync()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt as _;
+
+    fn down(host: &str) -> Arc<wharf_proto::HostDown> {
+        Arc::new(wharf_proto::HostDown { host: HostId::new(host).expect("a label"), services: None })
+    }
+
+    /// A body streamed from another host fails (it does not end short)
+    /// when that host is announced lost; another host's loss leaves it be,
+    /// and a body that came whole is never cut.
+    #[tokio::test]
+    async fn a_body_streaming_from_a_host_announced_lost_fails_and_no_other_is_cut() {
+        let (announce, _) = tokio::sync::broadcast::channel(8);
+        let service: ServiceId = "default/bulk".parse().expect("an id");
+        let (chunks, rest) = tokio::sync::mpsc::channel::<Result<http_body::Frame<Bytes>, wasmtime_wasi_http::Error>>(4);
+        let frames = futures::stream::unfold(rest, |mut rest| async move { rest.recv().await.map(|frame| (frame, rest)) });
+        let streamed = http_body_util::StreamBody::new(frames).boxed_unsync();
+        let mut body = failed_if_lost(Response::new(streamed), HostId::new("host-b").expect("a label"), service.clone(), announce.subscribe()).into_body();
+        chunks.send(Ok(http_body::Frame::data(Bytes::from_static(b"first")))).await.expect("sent");
+        let first = body.frame().await.expect("a frame").expect("data").into_data().expect("data");
+        assert_eq!(&first[..], b"first");
+        announce.send(down("host-c")).expect("announced");
+        chunks.send(Ok(http_body::Frame::data(Bytes::from_static(b"second")))).await.expect("sent");
+        let second = body.frame().await.expect("a frame").expect("another host's loss cuts nothing").into_data().expect("data");
+        assert_eq!(&second[..], b"second");
+        announce.send(down("host-b")).expect("announced");
+        let failed = body.frame().await.expect("a frame, not the end").expect_err("the sender is lost");
+        assert!(failed.to_string().contains("host host-b, which was sending this body, was lost"), "{failed}");
+        assert!(body.frame().await.is_none(), "nothing after the error");
+
+        let whole = crate::workload::full_body(Bytes::from_static(b"all of it"));
+        let mut whole = failed_if_lost(Response::new(whole), HostId::new("host-b").expect("a label"), service, announce.subscribe()).into_body();
+        // A whole body keeps no receiver, so nobody may be listening.
+        drop(announce.send(down("host-b")));
+        let all = whole.frame().await.expect("a frame").expect("a whole body is not cut").into_data().expect("data");
+        assert_eq!(&all[..], b"all of it");
     }
 }
