@@ -193,12 +193,11 @@ impl HostAgent {
     /// `to.1`, and gives up on that host when the control plane announces
     /// it lost (a request or a body in flight there would otherwise wait
     /// out its deadline, or a stream its silence, [`crate::body_stream::IDLE`]):
-    /// - before the answer, the request goes to another host serving
-    ///   `revision` if there is one (`Err(HostLost)`; [`HostAgent::send`]
-    ///   sends a streamed body again only if the lost host took none of
-    ///   it). With none, a safe request ([`Prepared::is_safe`]) waits for
-    ///   its answer after all, and one whose body is streamed is answered
-    ///   502: its body went to a host that is gone;
+    /// - before the answer, a safe request ([`Prepared::is_safe`]) goes to
+    ///   another host serving `revision` if there is one (`Err(HostLost)`),
+    ///   else waits for its answer after all; any other request is
+    ///   answered 502 `host_lost` and never sent again (it may have run
+    ///   there, or its streamed body gone there);
     /// - after the answer, a body still streaming from that host fails
     ///   (never ends short): its sender is gone.
     async fn send_once(
@@ -234,16 +233,16 @@ impl HostAgent {
                     if !gone {
                         continue;
                     }
-                    if self.inner.directory.choose(service, revision, &self.inner.config.host, tried).is_some() {
-                        tracing::debug!(%service, %host, "the host holding this request may be lost; sending it to another");
-                        return Err(NoReplica::HostLost);
-                    }
                     if !safe {
                         return Ok(error_response(
                             StatusCode::BAD_GATEWAY,
                             "host_lost",
-                            format!("host {host}, which was sent this request and its body, was lost; no other host runs service {service}"),
+                            format!("host {host}, which was sent this request for service {service}, was lost before it answered; the request is not sent again (it may have run there)"),
                         ));
+                    }
+                    if self.inner.directory.choose(service, revision, &self.inner.config.host, tried).is_some() {
+                        tracing::debug!(%service, %host, "the host holding this request may be lost; sending it to another");
+                        return Err(NoReplica::HostLost);
                     }
                     // Nowhere else to send it: wait for this answer after all.
                     watching = false;
