@@ -368,6 +368,16 @@ impl Drop for Server {
     }
 }
 
+/// The sum of the samples of metric `name` in OpenMetrics `text` whose
+/// labels (`{...}`) `labels` accepts.
+fn metric_sum(text: &str, name: &str, labels: impl Fn(&str) -> bool) -> f64 {
+    text.lines()
+        .filter_map(|line| line.strip_prefix(name)?.strip_prefix('{'))
+        .filter(|rest| labels(rest))
+        .filter_map(|rest| rest.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
@@ -390,4 +400,18 @@ fn tempdir_in_target(name: &str) -> anyhow::Result<PathBuf> {
     let dir = exe.parent().map(|p| p.join(name)).context("exe has no parent")?;
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn metric_sum_adds_the_samples_of_one_metric_whose_labels_match() {
+        let text = "# TYPE wharf_requests_in_flight gauge\n\
+                    wharf_requests_in_flight{service=\"tenant-a/spin\"} 3\n\
+                    wharf_requests_in_flight{service=\"tenant-a/hog\"} 2\n\
+                    wharf_requests_in_flight{service=\"tenant-b/hello\"} 7\n\
+                    wharf_requests_in_flight_max{service=\"tenant-a/spin\"} 100\n";
+        assert_eq!(super::metric_sum(text, "wharf_requests_in_flight", |labels| labels.contains("\"tenant-a/")), 5.0);
+        assert_eq!(super::metric_sum(text, "wharf_requests_total", |_| true), 0.0);
+    }
 }

@@ -185,11 +185,12 @@ pub async fn run(args: NoisyArgs) -> anyhow::Result<()> {
         idle_p99s.push(idle.p99_micros);
         noisy_p99s.push(noisy.p99_micros);
     }
-    let median = |values: &mut Vec<f64>| {
-        values.sort_by(f64::total_cmp);
-        values[values.len() / 2]
+    let median = |values: &[f64]| {
+        let mut sorted = values.to_vec();
+        sorted.sort_by(f64::total_cmp);
+        sorted[sorted.len() / 2]
     };
-    let ratio = median(&mut noisy_p99s.clone()) / median(&mut idle_p99s.clone());
+    let ratio = median(&noisy_p99s) / median(&idle_p99s);
     let share = noisy_closed.requests_per_second / idle_closed.requests_per_second;
     println!(
         "B's p99 with A noisy / A idle: {ratio:.2}x (medians of {} round(s); target <= 2x); closed-loop throughput kept: {:.0}%",
@@ -219,11 +220,7 @@ async fn drained(up: &Up) -> anyhow::Result<()> {
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     loop {
         let metrics = reqwest::get(format!("{}/metrics", up.admin)).await?.text().await?;
-        let busy: f64 = metrics
-            .lines()
-            .filter(|l| l.starts_with("wharf_requests_in_flight{") && l.contains("\"tenant-a/"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum();
+        let busy = crate::metric_sum(&metrics, "wharf_requests_in_flight", |labels| labels.contains("\"tenant-a/"));
         if busy == 0.0 {
             break;
         }

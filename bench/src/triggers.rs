@@ -141,12 +141,7 @@ pub async fn run(args: TriggerArgs) -> anyhow::Result<()> {
 async fn handled(http: &reqwest::Client, admin: &str, service: &str) -> anyhow::Result<usize> {
     let text = http.get(format!("{admin}/metrics")).send().await?.text().await?;
     let needle = format!("service=\"{service}\"");
-    Ok(text
-        .lines()
-        .filter(|l| l.starts_with("wharf_requests_total{") && l.contains(&needle) && l.contains("outcome=\"ok\""))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .map(|v| v as usize)
-        .sum())
+    Ok(crate::metric_sum(&text, "wharf_requests_total", |labels| labels.contains(&needle) && labels.contains("outcome=\"ok\"")) as usize)
 }
 
 async fn trigger_core(client: &async_nats::Client, admin: &str, n: usize) -> anyhow::Result<Duration> {

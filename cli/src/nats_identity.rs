@@ -216,7 +216,7 @@ pub fn host_permissions(host: &HostId) -> HostPermissions {
         (names::ACTIVATE_SUBJECT.to_owned(), "scale-from-zero announcements"),
         (names::READY_WILDCARD.to_owned(), "a replica of a service is ready here"),
         (names::HOST_REQUESTS_WILDCARD.to_owned(), "requests to other hosts' replicas (it receives only its own)"),
-        (format!("wharf.host.{host}.loglines.>"), "its replicas' log lines, for `wharf logs -f`, on its own subjects: no other host's lines"),
+        (names::host_log_lines_wildcard(host), "its replicas' log lines, for `wharf logs -f`, on its own subjects: no other host's lines"),
         (wharf_proto::trigger::DELIVERIES_WILDCARD.to_owned(), "trigger messages handed to other hosts' replicas"),
         (names::job_result_subject(host), "how each job attempt it ran ended, no other host's"),
         ("_INBOX.>".to_owned(), "replies to requests it serves, and the frames of bodies streamed to or from other hosts (into their own inboxes)"),

@@ -136,6 +136,12 @@ pub fn host_log_lines_subject(host: &HostId, namespace: &str, name: &str) -> Str
     format!("wharf.host.{host}.loglines.{namespace}.{name}")
 }
 
+/// Matches every [`host_log_lines_subject`] of `host`: what its NATS
+/// identity may publish log lines on.
+pub fn host_log_lines_wildcard(host: &HostId) -> String {
+    format!("wharf.host.{host}.loglines.>")
+}
+
 /// Matches [`host_log_lines_subject`] of every host for one service.
 pub fn log_lines_wildcard(namespace: &str, name: &str) -> String {
     format!("wharf.host.*.loglines.{namespace}.{name}")
@@ -574,6 +580,7 @@ mod tests {
         assert_eq!(host_log_lines_subject(&edge, "shop", "cart"), "wharf.host.edge-a.loglines.shop.cart");
         assert_eq!(host_of_subject(&host_log_lines_subject(&edge, "shop", "cart")), Some(edge));
         assert_eq!(log_lines_wildcard("shop", "cart"), "wharf.host.*.loglines.shop.cart");
+        assert_eq!(host_log_lines_wildcard(&host("edge-a")), "wharf.host.edge-a.loglines.>");
         assert_eq!(host_logs_subject(&host("edge-1")), "wharf.host.edge-1.logs");
         assert_eq!(event_key("shop", 7), "shop.7");
         assert_eq!(event_key("shop", crate::observe::EVENTS_PER_NAMESPACE + 7), "shop.7", "a ring: the slot repeats");

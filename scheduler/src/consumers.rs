@@ -64,9 +64,7 @@ impl DataAccess {
                 state.runs.iter().any(|(job, (history, _))| job.namespace == namespace && running_attempts(history).iter().any(|a| a.host == *host))
             })
     }
-}
 
-impl DataAccess {
     /// Whether `host` may have a component's message published (or a
     /// request made) on `subject`: one of a namespace it runs, or the
     /// dead-letter subject of a stream trigger, which any host's intake may
@@ -78,12 +76,7 @@ impl DataAccess {
         if self.runs(host, namespace) {
             return Ok(());
         }
-        let dead_letter = self.informer.read(|state| {
-            state.services.values().filter(|s| s.spec.namespace == namespace).any(|s| {
-                s.spec.triggers.iter().any(|t| t.stream.is_some() && message_subject(namespace, &t.dead_letter(&s.spec.name)) == subject)
-            })
-        });
-        if dead_letter {
+        if self.informer.read(|state| is_dead_letter(state.services.values().map(|s| &s.spec), subject)) {
             Ok(())
         } else {
             Err(format!("host {host} runs nothing of namespace {namespace}, so it may not publish its messages (on {subject})"))
@@ -123,6 +116,14 @@ impl DataRules for DataAccess {
             Err(format!("host {host} runs nothing of namespace {namespace}, so it may not use its data"))
         }
     }
+}
+
+/// Whether `subject` is the dead-letter subject of a stream trigger of one
+/// of `services` (core triggers dead-letter nothing).
+fn is_dead_letter<'a>(services: impl IntoIterator<Item = &'a wharf_proto::ServiceSpec>, subject: &str) -> bool {
+    services.into_iter().any(|spec| {
+        spec.triggers.iter().any(|t| t.stream.is_some() && message_subject(&spec.namespace, &t.dead_letter(&spec.name)) == subject)
+    })
 }
 
 /// What hosts may ask of the consumer broker.
@@ -200,6 +201,24 @@ mod tests {
 
     fn push(stream: &str, filter: &str, deliver: &str) -> ConsumerAsk {
         ConsumerAsk::Push { stream: stream.into(), filter: filter.into(), deliver: deliver.into(), from: None, headers_only: false }
+    }
+
+    #[test]
+    fn only_a_stream_triggers_dead_letter_subject_counts_as_one() {
+        let mut spec = wharf_proto::ServiceSpec::new("orders", wharf_proto::Digest::of(b"x"));
+        spec.namespace = "shop".into();
+        let mut stream = wharf_proto::trigger::Trigger::subject("orders.>");
+        stream.stream = Some("orders".into());
+        let mut named = wharf_proto::trigger::Trigger::subject("refunds.>");
+        named.stream = Some("refunds".into());
+        named.dead_letter = Some("failed.refunds".into());
+        spec.triggers = vec![stream, named, wharf_proto::trigger::Trigger::subject("core.>")];
+        let services = [spec];
+        assert!(is_dead_letter(&services, "wharf.msg.shop.dead-letter.orders"), "the default dead-letter subject");
+        assert!(is_dead_letter(&services, "wharf.msg.shop.failed.refunds"), "a named one");
+        assert!(!is_dead_letter(&services, "wharf.msg.bank.dead-letter.orders"), "another namespace's");
+        assert!(!is_dead_letter(&services, "wharf.msg.shop.orders.new"), "a trigger's own subject");
+        assert!(!is_dead_letter(&services, "wharf.msg.shop.core.x"), "core triggers dead-letter nothing");
     }
 
     #[test]
