@@ -207,8 +207,10 @@ pub struct HostPermissions {
 /// key-value data) and reads of the buckets it follows; never the control
 /// plane's buckets, never a consumer. Subscribe only to its own
 /// `wharf.host.<id>.>` subjects (requests for the services it runs among
-/// them) and its own inboxes ([`names::host_inbox_prefix`]), besides the
-/// shared announcements and components' messages (triggers' intake).
+/// them, and the messages the control plane takes in for triggered
+/// services) and its own inboxes ([`names::host_inbox_prefix`]), besides
+/// the shared announcements. Never components' messages (`wharf.msg.>`):
+/// the control plane takes those in and hands each to one host.
 pub fn host_permissions(host: &HostId) -> HostPermissions {
     let publish = vec![
         (names::host_heartbeat_subject(host), "its heartbeats, no other host's"),
@@ -220,7 +222,7 @@ pub fn host_permissions(host: &HostId) -> HostPermissions {
         (wharf_proto::trigger::DELIVERIES_WILDCARD.to_owned(), "trigger messages handed to other hosts' replicas"),
         (names::job_result_subject(host), "how each job attempt it ran ended, no other host's"),
         ("_INBOX.>".to_owned(), "replies to requests it serves, and the frames of bodies streamed to or from other hosts (into their own inboxes)"),
-        (names::consumer_broker_subject(host), "asks the control plane for its watches, key listings and trigger pulls, delivered into its own inboxes"),
+        (names::consumer_broker_subject(host), "asks the control plane for its watches and key listings, delivered into its own inboxes"),
         (names::data_broker_subject(host), "asks the control plane for reads of what it follows and of components, for services' data of namespaces it runs, and to publish components' messages (wharf.msg.…, which a stream may store and acknowledge on any reply subject) of namespaces it runs"),
     ];
     // A subject wildcard matches whole tokens only, so `wharf-kv-*` cannot
@@ -259,11 +261,10 @@ pub fn host_permissions(host: &HostId) -> HostPermissions {
         publish_deny.push((subject, why));
     }
     let subscribe = vec![
-        (format!("wharf.host.{host}.>"), "its own requests (services', triggers', resend, logs, jobs), no other host's"),
+        (format!("wharf.host.{host}.>"), "its own requests (services', trigger messages the control plane took in or another host handed over, resend, logs, jobs), no other host's"),
         (format!("{}.>", names::host_inbox_prefix(host)), "its own inboxes (replies, watches), no one else's"),
         (names::HOST_DOWN_SUBJECT.to_owned(), "lost hosts, to resend what it sent them"),
         (names::READY_WILDCARD.to_owned(), "replicas ready elsewhere: where requests may go"),
-        (format!("{}.>", wharf_proto::trigger::MESSAGE_PREFIX), "components' messages, for triggers"),
         ("$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.>".to_owned(), "a bucket's new leader: its watches are renewed"),
     ];
     HostPermissions { publish, publish_deny, subscribe }
@@ -355,7 +356,7 @@ mod tests {
         // `_INBOX.>` is published to (replies), never subscribed to; no
         // service's requests but its own (under wharf.host.host-a.>).
         let subscribe = &own[own.find("subscribe:").expect("subscribe")..];
-        for shared in ["\"_INBOX.>\"", "\">\"", "\"wharf.host.*", "\"wharf.svc", "\"wharf.trigger"] {
+        for shared in ["\"_INBOX.>\"", "\">\"", "\"wharf.host.*", "\"wharf.svc", "\"wharf.trigger", "\"wharf.msg"] {
             assert!(!subscribe.contains(shared), "{shared} in:\n{subscribe}");
         }
 

@@ -741,11 +741,30 @@ async fn a_host_identity_reaches_only_its_own_subjects_and_cannot_speak_for_anot
     let mut sched = sched;
     sched.wait_for_line("ignoring a heartbeat whose body names another host", Duration::from_secs(10));
 
-    // Another host's subjects (its requests and trigger hand-offs among
-    // them), any service's requests or hand-offs, another host's inboxes,
-    // the scheduler's: refused.
+    // Another host's subjects (its requests, trigger hand-offs and intake
+    // among them), any service's requests or hand-offs, another host's
+    // inboxes, the scheduler's: refused.
     let theirs = wharf_proto::names::host_request_subject(&host_b, "default", "hello", 1);
-    let subjects = ["wharf.host.host-b.>", "wharf.host.host-b.svc.>", theirs.as_str(), "wharf.host.*.svc.>", "wharf.host.host-b.trigger.>", "wharf.host.*.jobs", "wharf.svc.>", "wharf.svc.default.hello", "wharf.trigger.>", "_INBOX.host-host-b.>", "_INBOX.>", ">"];
+    // Nor components' messages, of any namespace: the control plane takes
+    // them in and hands each to one host, on that host's own subject.
+    let subjects = [
+        "wharf.host.host-b.>",
+        "wharf.host.host-b.svc.>",
+        theirs.as_str(),
+        "wharf.host.*.svc.>",
+        "wharf.host.host-b.trigger.>",
+        "wharf.host.host-b.intake.>",
+        "wharf.host.*.jobs",
+        "wharf.svc.>",
+        "wharf.svc.default.hello",
+        "wharf.trigger.>",
+        "wharf.msg.>",
+        "wharf.msg.default.>",
+        "wharf.msg.bank.payments",
+        "_INBOX.host-host-b.>",
+        "_INBOX.>",
+        ">",
+    ];
     for subject in subjects {
         let _subscription = client.subscribe(subject.to_string()).await.expect("sent");
         client.flush().await.expect("flushed");
@@ -1050,6 +1069,16 @@ async fn a_host_cannot_make_a_consumer_that_delivers_onto_the_control_planes_sta
         (ask("KV_wharf-kv-default", "$KV.wharf-kv-default.bait", "_INBOX.host-host-b.x"), "only into its own inboxes"),
         (ask("KV_wharf-secrets", "$KV.wharf-secrets.>", "_INBOX.host-host-a.s"), "may not read bucket wharf-secrets"),
         (ask("KV_wharf-assignments", "$KV.wharf-assignments.host-b", "_INBOX.host-host-a.s"), "only its own assignment"),
+        // Another namespace's data (host-a runs only `default`), and any
+        // stream's messages: the control plane takes in trigger messages.
+        (ask("KV_wharf-kv-bank", "$KV.wharf-kv-bank.>", "_INBOX.host-host-a.k"), "runs nothing of namespace bank"),
+        (
+            bytes::Bytes::from(
+                serde_json::json!({"kind": "pull", "stream": "wharf-msg-default-orders", "consumer": "wharf-orders", "deliver": "_INBOX.host-host-a.p", "batch": 1, "expires_ms": 1000})
+                    .to_string(),
+            ),
+            "may not consume stream wharf-msg-default-orders",
+        ),
     ] {
         let answer = tokio::time::timeout(Duration::from_secs(5), client.request(broker.clone(), body)).await.expect("answered in time").expect("answered");
         let answer = String::from_utf8_lossy(&answer.payload).to_string();
@@ -1160,4 +1189,118 @@ async fn a_host_reaches_only_the_data_of_namespaces_it_runs() {
     until_ok(&format!("{}/hit", host.ingress), "2", Duration::from_secs(10)).await;
     let output = host.process.output();
     assert!(!output.contains("Permissions Violation") && !output.contains("refused"), "host-a was refused something:\n{output}");
+}
+
+/// The values of the `messages` bucket of namespace `default` (the
+/// messenger sample counts each message body there), by body.
+async fn message_counts(js: &async_nats::jetstream::Context) -> std::collections::BTreeMap<String, String> {
+    let kv = js.get_key_value("wharf-kv-default").await.expect("the namespace's data bucket");
+    let mut keys = kv.keys().await.expect("keys");
+    let mut counts = std::collections::BTreeMap::new();
+    while let Some(key) = futures::StreamExt::next(&mut keys).await {
+        let key = key.expect("key");
+        if let Some(body) = key.strip_prefix("messages.") {
+            let value = kv.get(&key).await.expect("get").map(|v| String::from_utf8_lossy(&v).into_owned()).unwrap_or_default();
+            counts.insert(body.to_string(), value);
+        }
+    }
+    counts
+}
+
+/// Waits until every body `prefix0..prefix{n-1}` is counted, and checks each was counted once.
+async fn until_counted_once(js: &async_nats::jetstream::Context, prefix: &str, n: usize, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let counts = message_counts(js).await;
+        let ours: Vec<(&String, &String)> = counts.iter().filter(|(k, _)| k.strip_prefix(prefix).is_some_and(|i| i.parse::<usize>().is_ok())).collect();
+        if ours.len() == n {
+            let twice: Vec<_> = ours.iter().filter(|(_, v)| v.as_str() != "1").collect();
+            assert!(twice.is_empty(), "handled more than once: {twice:?}");
+            return;
+        }
+        assert!(Instant::now() < deadline, "{} of {n} {prefix}… messages handled within {within:?}", ours.len());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Issue 17: hosts with the shipped per-host identities may not subscribe
+/// to components' messages (`wharf.msg.>`), so the control plane takes them
+/// in and hands each to one host on that host's own subject. A core
+/// trigger's request is answered, a stream's messages are each handled
+/// once, a service at zero is woken by a message; with the host running the
+/// stream's only replica killed, messages published meanwhile wait in the
+/// stream and are each handled once after the replica is replaced on the
+/// other host. Nothing a host does is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_plane_takes_in_trigger_messages_for_hosts_that_may_not_read_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nats = shipped_nats(dir.path(), &["host-a", "host-b"]);
+    let url = nats.url();
+    let (_sched, api) = scheduler_as_scheduler(&url, dir.path());
+    let mut hosts = vec![host_with_identity(&url, "host-a", dir.path()), host_with_identity(&url, "host-b", dir.path())];
+    let messenger = sample("messenger");
+    let manifest = dir.path().join("triggered.yaml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "services:\n\
+             - name: orders\n  component: {{ file: {messenger} }}\n  keyvalue: [messages]\n  triggers: [{{ subject: \"orders.>\", stream: orders, max_deliver: 3 }}]\n\
+             - name: asker\n  component: {{ file: {messenger} }}\n  keyvalue: [messages]\n  triggers: [{{ subject: \"ask.>\" }}]\n\
+             - name: sleepy\n  component: {{ file: {messenger} }}\n  replicas: 0\n  keyvalue: [messages]\n  \
+               autoscale: {{ min: 0, max: 1, scale_down_delay: 1s, scale_to_zero_after: 30s, stable_window: 6s }}\n  triggers: [{{ subject: \"wake.>\" }}]\n"
+        ),
+    )
+    .expect("manifest");
+    wharf(&api, &["apply", "-f", manifest.to_str().expect("utf-8")]);
+    let client = with_tls(async_nats::ConnectOptions::with_user_and_password("scheduler".into(), "s3cret-s".into()), dir.path(), "scheduler")
+        .connect(&url)
+        .await
+        .expect("the scheduler's user connects");
+    let js = async_nats::jetstream::new(client.clone());
+
+    // A core trigger's request, answered by the handler.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let asked = async_nats::Request::new().payload("q1".into()).timeout(Some(Duration::from_secs(5)));
+        match client.send_request("wharf.msg.default.ask.question", asked).await {
+            Ok(reply) => {
+                assert_eq!(&reply.payload[..], b"handled q1");
+                break;
+            }
+            Err(e) => assert!(Instant::now() < deadline, "no answer to a core trigger's request: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // A stream's messages, each handled once.
+    for i in 0..200 {
+        js.publish(format!("wharf.msg.default.orders.{i}"), format!("m{i}").into()).await.expect("published").await.expect("stored");
+    }
+    until_counted_once(&js, "m", 200, Duration::from_secs(30)).await;
+
+    // A service at zero is woken by a message, which is then handled.
+    assert!(hosts_of(&api, "sleepy").is_empty(), "at zero before the message");
+    let woken = async_nats::Request::new().payload("up".into()).timeout(Some(Duration::from_secs(30)));
+    let reply = client.send_request("wharf.msg.default.wake.now", woken).await.expect("woken and answered");
+    assert_eq!(&reply.payload[..], b"handled up");
+
+    // The host running the stream's only replica is killed; messages
+    // published meanwhile wait, and are handled once on the other host.
+    let placed = hosts_of(&api, "orders");
+    assert_eq!(placed.len(), 1, "{placed:?}");
+    let index = hosts.iter().position(|h| h.name == placed[0]).expect("a host of ours");
+    let mut killed = hosts.remove(index);
+    killed.process.kill();
+    for i in 0..50 {
+        js.publish(format!("wharf.msg.default.orders.k{i}"), format!("k{i}").into()).await.expect("published").await.expect("stored");
+    }
+    until_counted_once(&js, "k", 50, Duration::from_secs(60)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while hosts_of(&api, "orders") != [hosts[0].name.clone()] {
+        assert!(Instant::now() < deadline, "not replaced on the other host: {:?}", hosts_of(&api, "orders"));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let output = hosts[0].process.output();
+    assert!(!output.contains("Permissions Violation") && !output.contains("ask refused"), "{} was refused something:\n{output}", hosts[0].name);
 }

@@ -184,6 +184,29 @@ pub fn delivery_subject(host: &HostId, namespace: &str, name: &str) -> String {
 /// (messages handed to other hosts), never subscribe to.
 pub const DELIVERIES_WILDCARD: &str = "wharf.host.*.trigger.>";
 
+/// Where the control plane hands host `host` a message of a triggered
+/// service it took in (request/reply, answered with a [`DeliveryResult`]):
+/// the host runs it on a replica here, hands it to one elsewhere, or wakes
+/// the service. Hosts take in no message themselves (their NATS identities
+/// may not subscribe to `wharf.msg.>`, which would show them every
+/// tenant's messages); the control plane's intake is the only subscriber.
+pub fn intake_subject(host: &HostId, namespace: &str, name: &str) -> String {
+    format!("wharf.host.{host}.intake.{namespace}.{name}")
+}
+
+/// What host `host` listens on for [`intake_subject`]: one subscription for every service.
+pub fn host_intake_wildcard(host: &HostId) -> String {
+    format!("wharf.host.{host}.intake.*.*")
+}
+
+/// The namespace and name of the service an [`intake_subject`] names.
+pub fn intake_service(subject: &str) -> Option<(&str, &str)> {
+    let rest = subject.strip_prefix("wharf.host.")?;
+    let (_, rest) = rest.split_once(".intake.")?;
+    let (namespace, name) = rest.split_once('.')?;
+    (!namespace.is_empty() && !name.is_empty() && !name.contains('.')).then_some((namespace, name))
+}
+
 /// The queue group of [`delivery_subject`] (so a listener starting while
 /// the previous one stops never takes a message the other took too) and of
 /// a core trigger's subject (one member per host gets each message).
@@ -200,6 +223,11 @@ pub struct Delivery {
     /// Where the sender waits for an answer, if anywhere.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reply_to: Option<String>,
+    /// For a stream's message the control plane took in: whether this is
+    /// its last allowed delivery (a failure dead-letters it rather than
+    /// delivering it again). `None` for a core NATS message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_delivery: Option<bool>,
 }
 
 /// How a handed-over message's handler ended.
@@ -239,6 +267,19 @@ impl Delivery {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_intake_subject_names_its_host_and_service() {
+        let host = HostId::new("edge-a").expect("host id");
+        let subject = intake_subject(&host, "shop", "orders");
+        assert_eq!(subject, "wharf.host.edge-a.intake.shop.orders");
+        assert_eq!(intake_service(&subject), Some(("shop", "orders")));
+        for bad in ["wharf.host.edge-a.intake.shop", "wharf.host.edge-a.intake.shop.", "wharf.host.edge-a.trigger.shop.orders", "wharf.host.a.intake.shop.orders.x"] {
+            assert_eq!(intake_service(bad), None, "{bad}");
+        }
+        let wildcard = host_intake_wildcard(&host);
+        assert!(subject_matches(&wildcard, &subject), "{wildcard}");
+    }
 
     #[test]
     fn subjects_are_checked() {
@@ -305,7 +346,7 @@ mod tests {
 
     #[test]
     fn deliveries_round_trip() {
-        let d = Delivery { subject: "orders.new".into(), reply_to: Some("_INBOX.x".into()) };
+        let d = Delivery { subject: "orders.new".into(), reply_to: Some("_INBOX.x".into()), last_delivery: Some(true) };
         let bytes = d.encode(b"body\nwith newline");
         assert_eq!(Delivery::decode(&bytes), Ok((d, &b"body\nwith newline"[..])));
         assert!(Delivery::decode(b"no newline").is_err());

@@ -14,14 +14,17 @@
 //! onto a service's key erases the service). Hosts are denied the consumer
 //! API; every scheduler serves this broker instead (one queue group), which
 //! makes what a host asks for only when it delivers into that host's own
-//! inboxes and reads only what the host may read.
+//! inboxes and reads only what the host may read: watches of the desired
+//! state it follows, of its own assignment, and of key-value data of
+//! namespaces it runs. No stream consumers: the control plane takes in
+//! trigger messages itself (`crate::intake`).
 
 use std::sync::Arc;
 
 use wharf_bus::{Bus, ConsumerAsk, ConsumerPolicy, ConsumerRules, DataAsk, DataPolicy, DataRules, SubscribeError};
 use wharf_proto::HostId;
 use wharf_proto::names::{self, ASSIGNMENTS_BUCKET, NAMESPACES_BUCKET, REVISIONS_BUCKET, SERVICES_BUCKET, STATUS_BUCKET};
-use wharf_proto::trigger::{MESSAGE_PREFIX, message_subject, subject_namespace};
+use wharf_proto::trigger::{MESSAGE_PREFIX, subject_namespace};
 use wharf_scheduler_core::jobs::running_attempts;
 
 use crate::hosts::HostTable;
@@ -37,9 +40,10 @@ const DATA_GROUP: &str = "wharf-data-brokers";
 /// Serves consumer asks from hosts on [`names::CONSUMER_BROKER_WILDCARD`],
 /// and data asks on [`names::DATA_BROKER_WILDCARD`].
 pub(crate) async fn serve(bus: &Bus, informer: Informer, hosts: HostTable, jobs: Jobs) -> Result<(), SubscribeError> {
-    let policy: ConsumerPolicy = Arc::new(HostRules);
+    let access = Arc::new(DataAccess { informer, hosts, jobs });
+    let policy: ConsumerPolicy = access.clone();
     bus.serve_consumer_broker(names::CONSUMER_BROKER_WILDCARD, GROUP, policy).await?;
-    let data: DataPolicy = Arc::new(DataAccess { informer, hosts, jobs });
+    let data: DataPolicy = access;
     bus.serve_data_broker(names::DATA_BROKER_WILDCARD, DATA_GROUP, data).await
 }
 
@@ -66,17 +70,12 @@ impl DataAccess {
     }
 
     /// Whether `host` may have a component's message published (or a
-    /// request made) on `subject`: one of a namespace it runs, or the
-    /// dead-letter subject of a stream trigger, which any host's intake may
-    /// need (every host takes in every trigger's messages).
+    /// request made) on `subject`: one of a namespace it runs.
     fn may_publish(&self, host: &HostId, subject: &str) -> Result<(), String> {
         let Some(namespace) = subject_namespace(subject) else {
             return Err(format!("host {host} may have the control plane publish components' messages only ({MESSAGE_PREFIX}.<namespace>.…), not on {subject}"));
         };
         if self.runs(host, namespace) {
-            return Ok(());
-        }
-        if self.informer.read(|state| is_dead_letter(state.services.values().map(|s| &s.spec), subject)) {
             Ok(())
         } else {
             Err(format!("host {host} runs nothing of namespace {namespace}, so it may not publish its messages (on {subject})"))
@@ -118,24 +117,13 @@ impl DataRules for DataAccess {
     }
 }
 
-/// Whether `subject` is the dead-letter subject of a stream trigger of one
-/// of `services` (core triggers dead-letter nothing).
-fn is_dead_letter<'a>(services: impl IntoIterator<Item = &'a wharf_proto::ServiceSpec>, subject: &str) -> bool {
-    services.into_iter().any(|spec| {
-        spec.triggers.iter().any(|t| t.stream.is_some() && message_subject(&spec.namespace, &t.dead_letter(&spec.name)) == subject)
-    })
-}
-
-/// What hosts may ask of the consumer broker.
-struct HostRules;
-
-impl ConsumerRules for HostRules {
+impl ConsumerRules for DataAccess {
     fn may_answer(&self, asker: &str, reply: &str) -> bool {
         HostId::new(asker).is_ok_and(|host| own_inbox(&host, reply))
     }
 
     fn allows(&self, asker: &str, ask: &ConsumerAsk) -> Result<(), String> {
-        decide(asker, ask)
+        decide(asker, ask, |host, namespace| self.runs(host, namespace))
     }
 }
 
@@ -145,9 +133,10 @@ fn own_inbox(host: &HostId, subject: &str) -> bool {
 }
 
 /// Whether host `asker` may have `ask` made: delivered into its own inboxes,
-/// watching the desired state it follows (its own assignment only), listing
-/// services' key-value data, or consuming trigger streams.
-pub(crate) fn decide(asker: &str, ask: &ConsumerAsk) -> Result<(), String> {
+/// watching the desired state it follows (its own assignment only) or the
+/// key-value data of a namespace it `runs`. Never a stream's consumer: the
+/// control plane takes in trigger messages (`crate::intake`).
+pub(crate) fn decide(asker: &str, ask: &ConsumerAsk, runs: impl Fn(&HostId, &str) -> bool) -> Result<(), String> {
     let host = HostId::new(asker).map_err(|e| format!("{asker:?} is not a host id: {e}"))?;
     if let Some(deliver) = ask.deliver()
         && !own_inbox(&host, deliver)
@@ -155,43 +144,27 @@ pub(crate) fn decide(asker: &str, ask: &ConsumerAsk) -> Result<(), String> {
         return Err(format!("host {host} may have messages delivered only into its own inboxes ({}.…), not to {deliver}", names::host_inbox_prefix(&host)));
     }
     let stream = ask.stream();
-    match ask {
-        ConsumerAsk::Push { filter, .. } => {
-            let Some(bucket) = stream.strip_prefix("KV_") else {
-                return Err(format!("host {host} may watch key-value buckets only, not stream {stream}"));
-            };
-            let prefix = format!("$KV.{bucket}.");
-            if !filter.starts_with(&prefix) {
-                return Err(format!("the filter {filter} is not a subject of bucket {bucket}"));
-            }
-            if bucket == ASSIGNMENTS_BUCKET {
-                let own = format!("{prefix}{}", names::assignment_key(&host));
-                return if *filter == own { Ok(()) } else { Err(format!("host {host} may watch only its own assignment ({own}), not {filter}")) };
-            }
-            if [SERVICES_BUCKET, STATUS_BUCKET, NAMESPACES_BUCKET, REVISIONS_BUCKET].contains(&bucket) || bucket.starts_with("wharf-kv-") {
-                Ok(())
-            } else {
-                Err(format!("host {host} may not read bucket {bucket}"))
-            }
-        }
-        ConsumerAsk::Durable { subject, consumer, .. } => {
-            if !stream.starts_with("wharf-msg-") || !subject.starts_with(&format!("{MESSAGE_PREFIX}.")) || !consumer.starts_with("wharf-") {
-                return Err(format!("host {host} may consume trigger streams only (wharf-msg-…, subjects {MESSAGE_PREFIX}.…), not stream {stream} on {subject}"));
-            }
-            Ok(())
-        }
-        ConsumerAsk::Pull { .. } => {
-            if !stream.starts_with("wharf-msg-") {
-                return Err(format!("host {host} may pull from trigger streams only, not stream {stream}"));
-            }
-            Ok(())
-        }
-        ConsumerAsk::Ack { ack, .. } => {
-            if !ack.starts_with("$JS.ACK.") || !stream.starts_with("wharf-msg-") || ack.contains(['*', '>']) {
-                return Err(format!("host {host} may acknowledge trigger streams' messages only, not {ack}"));
-            }
-            Ok(())
-        }
+    let ConsumerAsk::Push { filter, .. } = ask else {
+        return Err(format!("host {host} may not consume stream {stream}: the control plane takes in trigger messages and hands them to hosts"));
+    };
+    let Some(bucket) = stream.strip_prefix("KV_") else {
+        return Err(format!("host {host} may watch key-value buckets only, not stream {stream}"));
+    };
+    let prefix = format!("$KV.{bucket}.");
+    if !filter.starts_with(&prefix) {
+        return Err(format!("the filter {filter} is not a subject of bucket {bucket}"));
+    }
+    if bucket == ASSIGNMENTS_BUCKET {
+        let own = format!("{prefix}{}", names::assignment_key(&host));
+        return if *filter == own { Ok(()) } else { Err(format!("host {host} may watch only its own assignment ({own}), not {filter}")) };
+    }
+    if [SERVICES_BUCKET, STATUS_BUCKET, NAMESPACES_BUCKET, REVISIONS_BUCKET].contains(&bucket) {
+        return Ok(());
+    }
+    match bucket.strip_prefix(names::KV_BUCKET_PREFIX) {
+        Some(namespace) if runs(&host, namespace) => Ok(()),
+        Some(namespace) => Err(format!("host {host} runs nothing of namespace {namespace}, so it may not watch its data")),
+        None => Err(format!("host {host} may not read bucket {bucket}")),
     }
 }
 
@@ -203,32 +176,18 @@ mod tests {
         ConsumerAsk::Push { stream: stream.into(), filter: filter.into(), deliver: deliver.into(), from: None, headers_only: false }
     }
 
-    #[test]
-    fn only_a_stream_triggers_dead_letter_subject_counts_as_one() {
-        let mut spec = wharf_proto::ServiceSpec::new("orders", wharf_proto::Digest::of(b"x"));
-        spec.namespace = "shop".into();
-        let mut stream = wharf_proto::trigger::Trigger::subject("orders.>");
-        stream.stream = Some("orders".into());
-        let mut named = wharf_proto::trigger::Trigger::subject("refunds.>");
-        named.stream = Some("refunds".into());
-        named.dead_letter = Some("failed.refunds".into());
-        spec.triggers = vec![stream, named, wharf_proto::trigger::Trigger::subject("core.>")];
-        let services = [spec];
-        assert!(is_dead_letter(&services, "wharf.msg.shop.dead-letter.orders"), "the default dead-letter subject");
-        assert!(is_dead_letter(&services, "wharf.msg.shop.failed.refunds"), "a named one");
-        assert!(!is_dead_letter(&services, "wharf.msg.bank.dead-letter.orders"), "another namespace's");
-        assert!(!is_dead_letter(&services, "wharf.msg.shop.orders.new"), "a trigger's own subject");
-        assert!(!is_dead_letter(&services, "wharf.msg.shop.core.x"), "core triggers dead-letter nothing");
+    /// Host `a` runs namespace `shop` only.
+    fn runs_shop(_: &HostId, namespace: &str) -> bool {
+        namespace == "shop"
     }
 
     #[test]
     fn answers_go_only_to_the_askers_own_inboxes() {
-        let rules = HostRules;
-        assert!(rules.may_answer("a", "_INBOX.host-a.r1"));
+        let host = HostId::new("a").expect("host id");
+        assert!(own_inbox(&host, "_INBOX.host-a.r1"));
         for reply in ["_INBOX.host-b.r1", "$KV.wharf-services.default.hello", "_INBOX.host-a", "_INBOX.host-a.>", "_INBOX.host-ab.r1"] {
-            assert!(!rules.may_answer("a", reply), "{reply}");
+            assert!(!own_inbox(&host, reply), "{reply}");
         }
-        assert!(!rules.may_answer("Not A Host", "_INBOX.host-a.r1"));
     }
 
     #[test]
@@ -240,7 +199,7 @@ mod tests {
             push("KV_wharf-assignments", "$KV.wharf-assignments.a", "_INBOX.host-a.x4"),
             push("KV_wharf-kv-shop", "$KV.wharf-kv-shop.cart.>", "_INBOX.host-a.x5"),
         ] {
-            assert_eq!(decide("a", &ask), Ok(()), "{ask:?}");
+            assert_eq!(decide("a", &ask, runs_shop), Ok(()), "{ask:?}");
         }
     }
 
@@ -256,10 +215,21 @@ mod tests {
             ("a", push("KV_wharf-services", "$KV.wharf-secrets.>", "_INBOX.host-a.x"), "not a subject of bucket"),
             ("a", push("OBJ_wharf-artifacts", "$O.wharf-artifacts.>", "_INBOX.host-a.x"), "key-value buckets only"),
             ("Not A Host", push("KV_wharf-services", "$KV.wharf-services.>", "_INBOX.host-a.x"), "not a host id"),
+            ("a", push("KV_wharf-kv-bank", "$KV.wharf-kv-bank.>", "_INBOX.host-a.x"), "runs nothing of namespace bank"),
+            (
+                "a",
+                ConsumerAsk::Pull { stream: "wharf-msg-shop-orders".into(), consumer: "c".into(), deliver: "_INBOX.host-a.p".into(), batch: 1, expires_ms: 1 },
+                "the control plane takes in trigger messages",
+            ),
+            (
+                "a",
+                ConsumerAsk::Durable { stream: "wharf-msg-shop-orders".into(), subject: "wharf.msg.shop.orders.>".into(), consumer: "wharf-x".into(), max_deliver: 1, ack_wait_ms: 1, max_ack_pending: 1 },
+                "the control plane takes in trigger messages",
+            ),
             (
                 "a",
                 ConsumerAsk::Pull { stream: "KV_wharf-services".into(), consumer: "c".into(), deliver: "_INBOX.host-a.p".into(), batch: 1, expires_ms: 1 },
-                "trigger streams only",
+                "may not consume stream",
             ),
             (
                 "a",
@@ -269,10 +239,10 @@ mod tests {
             (
                 "a",
                 ConsumerAsk::Durable { stream: "KV_wharf-services".into(), subject: "$KV.wharf-services.>".into(), consumer: "wharf-x".into(), max_deliver: 1, ack_wait_ms: 1, max_ack_pending: 1 },
-                "trigger streams only",
+                "may not consume stream",
             ),
         ] {
-            let refused = decide(asker, &ask).expect_err(&format!("{ask:?} must be refused"));
+            let refused = decide(asker, &ask, runs_shop).expect_err(&format!("{ask:?} must be refused"));
             assert!(refused.contains(why), "{ask:?}: {refused}");
         }
     }

@@ -72,6 +72,70 @@ pub struct Context {
     pub seal_salt: SecretKey,
     /// What the passes cost, for `/metrics`.
     pub pass_stats: PassStats,
+    /// The versions this process's control loops wrote last.
+    pub own_writes: OwnWrites,
+}
+
+/// How long a control loop starting on a new epoch of leadership waits for
+/// the informer to hold what this process's previous loop wrote.
+const OWN_WRITES_WAIT: Duration = Duration::from_secs(5);
+
+/// The version of each status and assignment this process's control loops
+/// wrote last. A loop started on a new epoch of leadership (the lease
+/// lapsed under load and was taken again) starts from the informer, which
+/// can lag its predecessor's last writes by a moment; deciding from older
+/// records would undo them (a rollout its predecessor marked complete, seen
+/// as still rolling, is rolled back past its new stable revision). So it
+/// first waits until the informer holds at least these. Shared; cheap to clone.
+#[derive(Clone, Default)]
+pub struct OwnWrites {
+    inner: Arc<std::sync::Mutex<OwnVersions>>,
+}
+
+#[derive(Default)]
+struct OwnVersions {
+    statuses: HashMap<ServiceId, u64>,
+    assignments: HashMap<HostId, u64>,
+}
+
+impl OwnWrites {
+    fn status(&self, id: &ServiceId, version: Option<u64>) {
+        if let Ok(mut own) = self.inner.lock() {
+            match version {
+                Some(version) => own.statuses.insert(id.clone(), version),
+                None => own.statuses.remove(id),
+            };
+        }
+    }
+
+    fn assignment(&self, host: &HostId, version: u64) {
+        if let Ok(mut own) = self.inner.lock() {
+            own.assignments.insert(host.clone(), version);
+        }
+    }
+
+    /// Whether `state` holds every status and assignment written here, at
+    /// its version or a later one.
+    fn seen_in(&self, state: &crate::informer::State) -> bool {
+        let Ok(own) = self.inner.lock() else { return true };
+        own.statuses.iter().all(|(id, version)| state.statuses.get(id).is_some_and(|s| s.version >= *version))
+            && own.assignments.iter().all(|(host, version)| state.assignments.get(host).is_some_and(|a| a.version >= *version))
+    }
+
+    /// Waits (up to [`OWN_WRITES_WAIT`]) until `informer` holds what was written here.
+    async fn seen_by(&self, informer: &Informer) {
+        let mut changes = informer.changes();
+        let caught_up = async {
+            while !informer.read(|state| self.seen_in(state)) {
+                if changes.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        if tokio::time::timeout(OWN_WRITES_WAIT, caught_up).await.is_err() {
+            tracing::warn!("the informer does not yet hold the previous control loop's last writes after {OWN_WRITES_WAIT:?}; deciding from what it holds");
+        }
+    }
 }
 
 /// What the control loop's passes have cost in this process, for
@@ -131,6 +195,10 @@ pub async fn run(context: Context, epoch: u64, mut stop: watch::Receiver<bool>) 
     // earlier would move their replicas away).
     tokio::select! {
         _ = async { tokio::join!(context.informer.synced(), context.hosts.warmed_up()) } => {}
+        _ = stop.changed() => return,
+    }
+    tokio::select! {
+        () = context.own_writes.seen_by(&context.informer) => {}
         _ = stop.changed() => return,
     }
     let mut controller = Controller::new(context, epoch);
@@ -1007,6 +1075,7 @@ impl Controller {
                     tracing::info!(host = %host, replicas = assignment.replicas.len(), "wrote assignment");
                     crate::events::assignment_changed(&self.context.events, &host, existing.map_or(&[][..], |w| &w.value.replicas), &assignment.replicas);
                     self.sealed_for.insert(host.clone(), beat);
+                    self.context.own_writes.assignment(&host, version);
                     self.assignments.insert(host, Written { value: assignment, version });
                 }
                 Err(e) => {
@@ -1080,6 +1149,7 @@ impl Controller {
             }
             match self.context.store.delete_status(&id).await {
                 Ok(()) => {
+                    self.context.own_writes.status(&id, None);
                     self.statuses.remove(&id);
                     self.ejected.remove(&id);
                     self.avoid.retain(|key, _| key.service != id);
@@ -1095,6 +1165,7 @@ impl Controller {
             let expected = existing.map_or(0, |w| w.version);
             match self.context.store.put_status(&status, expected).await {
                 Ok(version) => {
+                    self.context.own_writes.status(&id, Some(version));
                     self.statuses.insert(id, Written { value: status, version });
                 }
                 Err(e) => {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use wharf_bus::Bus;
 use wharf_proto::names::{ALIVE_WILDCARD, HEARTBEAT_WILDCARD, HOST_DOWN_SUBJECT, host_of_subject, host_resend_subject};
-use wharf_proto::{Heartbeat, HeartbeatAlive, HostDown, HostId, ServiceId};
+use wharf_proto::{Heartbeat, HeartbeatAlive, HostDown, HostId, ReplicaState, ServiceId};
 
 /// A lost host's services are listed in its announcement up to this many
 /// (past it, the announcement concerns every service).
@@ -323,6 +323,25 @@ impl HostTable {
     pub fn reports_replica_of(&self, host: &HostId, wanted: impl Fn(&ServiceId) -> bool) -> bool {
         let Ok(hosts) = self.inner.hosts.read() else { return false };
         hosts.get(host).is_some_and(|(heartbeat, _, _)| heartbeat.replicas.iter().any(|r| wanted(&r.service)))
+    }
+
+    /// The ready hosts whose last report lists a ready replica of
+    /// `service`, and the other ready hosts: where a message the intake
+    /// took in goes (`crate::intake`).
+    pub fn intake_hosts(&self, service: &ServiceId) -> (Vec<HostId>, Vec<HostId>) {
+        let hosts = self.select(
+            |ready, _| ready,
+            |heartbeat, _, _, _| (heartbeat.host.clone(), heartbeat.replicas.iter().any(|r| r.service == *service && r.state == ReplicaState::Ready)),
+        );
+        let (with, without): (Vec<_>, Vec<_>) = hosts.into_iter().partition(|(_, has)| *has);
+        (with.into_iter().map(|(host, _)| host).collect(), without.into_iter().map(|(host, _)| host).collect())
+    }
+
+    /// Whether `host` is lost: unknown, silent past the timeout, or its
+    /// connection closed (a draining host is not lost: it finishes what it took).
+    pub fn is_lost(&self, host: &HostId) -> bool {
+        let silent = self.inner.hosts.read().map_or(true, |hosts| hosts.get(host).is_none_or(|(_, seen, _)| seen.elapsed() > self.inner.timeout));
+        silent || self.inner.gone.read().is_ok_and(|gone| gone.contains_key(host))
     }
 
     /// Every known host, ready or not, by id.

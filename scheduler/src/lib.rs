@@ -17,6 +17,7 @@ pub mod events;
 pub mod events_api;
 pub mod hosts;
 pub mod informer;
+mod intake;
 pub mod jobs;
 mod jobs_api;
 pub mod leader;
@@ -176,7 +177,9 @@ impl ControlPlane {
             secret_key: config.secret_key.clone(),
             seal_salt: config.secret_key.clone().unwrap_or_else(|| wharf_proto::sealed::SecretKey::from_bytes(rand::random())),
             pass_stats: pass_stats.clone(),
+            own_writes: controller::OwnWrites::default(),
         };
+        intake::start(bus.clone(), informer.clone(), hosts.clone(), stopped.clone());
         tokio::spawn(lead(context, jobs.clone(), leadership.clone(), stopped));
         Ok(ControlPlane {
             store,

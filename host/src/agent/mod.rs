@@ -218,6 +218,7 @@ impl HostAgent {
         agent.follow_lost_hosts().await.map_err(|e| AgentError::Bus { what: "the subscription for lost hosts", source: Box::new(e) })?;
         agent.follow_ready_replicas().await.map_err(|e| AgentError::Bus { what: "the subscription for ready replicas", source: Box::new(e) })?;
         agent.answer_resend_requests().await.map_err(|e| AgentError::Bus { what: "the subscription for heartbeat requests", source: Box::new(e) })?;
+        agent.answer_intake().await.map_err(|e| AgentError::Bus { what: "the subscription for messages the control plane takes in", source: Box::new(e) })?;
         agent.answer_job_commands().await.map_err(|e| AgentError::Bus { what: "the subscription for job commands", source: Box::new(e) })?;
         let weak = Arc::downgrade(&agent.inner);
         let mut stop = agent.inner.stop.subscribe();

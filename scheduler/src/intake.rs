@@ -1,0 +1,364 @@
+//! The control plane's intake of components' messages for triggers.
+//!
+//! Hosts take in no message themselves: a host's NATS identity may not
+//! subscribe to `wharf.msg.>`, which would show it every tenant's messages.
+//! Every scheduler runs an intake for every triggered service instead: a
+//! core trigger is a queue subscription to its subject (one group over all
+//! schedulers, so one of them takes each message), a stream trigger a pull
+//! from the service's durable consumer (shared by all schedulers). Each
+//! message goes to one host, on that host's own subject
+//! ([`intake_subject`], request/reply, answered with how the handler
+//! ended): a host that reports a ready replica of the service (taking
+//! turns), else any ready host, which wakes a service at zero. A host that
+//! answers `not_here` (draining, or not knowing the service yet), or that
+//! nobody answers for, is passed over for the next; with no host to take
+//! it, a message waits for one up to [`HOST_ALLOWANCE`].
+//!
+//! A stream's message is acknowledged after its handler succeeded; a
+//! failure asks for it again after a short delay, and its last allowed
+//! delivery goes to the dead-letter subject instead. A core message is
+//! delivered at most once.
+//!
+//! In flight per service: its concurrency for each ready host (at least
+//! one host's worth), as many as the hosts' replicas can take at once.
+
+use bytes::Bytes;
+use futures::StreamExt;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{Semaphore, watch};
+use wharf_bus::{Bus, RequestError, StreamConsumerConfig};
+use wharf_proto::trigger::{Delivery, DeliveryResult, Trigger, consumer_name, delivery_queue_group, intake_subject, message_subject, relative_subject, stream_name};
+use wharf_proto::{HostId, ServiceId, ServiceSpec};
+
+use crate::hosts::HostTable;
+use crate::informer::Informer;
+
+/// How long a failed stream message waits before it is delivered again.
+const REDELIVERY_DELAY: Duration = Duration::from_secs(1);
+
+/// How long a stream intake waits before opening its consumer again after a failure.
+const REOPEN_DELAY: Duration = Duration::from_secs(1);
+
+/// Messages of one stream delivered and not yet acknowledged, over all schedulers.
+const MAX_ACK_PENDING: u32 = 1024;
+
+/// Hosts one message is offered to before the intake gives up on it.
+const HOSTS_TRIED: usize = 3;
+
+/// What a host may take over a message beyond the handler's deadline
+/// (waiting for a replica of a service at zero, hosts' `--activation-timeout`,
+/// 30 s by default, and for a free instance); also how long a message with
+/// no host to take it waits for one.
+const HOST_ALLOWANCE: Duration = Duration::from_secs(40);
+
+/// How often a message with no host to take it looks again when the hosts did not change.
+const NO_HOST_POLL: Duration = Duration::from_millis(500);
+
+/// A task that stops when its handle is dropped.
+struct Task(tokio::task::JoinHandle<()>);
+
+impl Drop for Task {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// One triggered service's intakes: the spec they follow, one task per trigger.
+struct Intakes {
+    spec: Arc<ServiceSpec>,
+    _tasks: Vec<Task>,
+}
+
+/// Whether intakes started from `old` still fit `new`: the same triggers
+/// and limits (which they wait and bound by).
+fn same_intakes(old: &ServiceSpec, new: &ServiceSpec) -> bool {
+    old.triggers == new.triggers && old.limits == new.limits
+}
+
+/// Runs the intakes of every triggered service the informer holds, following
+/// its changes, until `stop` turns true.
+pub(crate) fn start(bus: Bus, informer: Informer, hosts: HostTable, mut stop: watch::Receiver<bool>) {
+    tokio::spawn(async move {
+        let mut intakes: BTreeMap<ServiceId, Intakes> = BTreeMap::new();
+        let mut changes = informer.changes();
+        loop {
+            // Only new or changed specs are copied.
+            let (keep, new): (Vec<ServiceId>, Vec<Arc<ServiceSpec>>) = informer.read(|state| {
+                let mut keep = Vec::new();
+                let mut new = Vec::new();
+                for stored in state.services.values().filter(|s| !s.spec.triggers.is_empty()) {
+                    let id = stored.spec.id();
+                    match intakes.get(&id) {
+                        Some(running) if same_intakes(&running.spec, &stored.spec) => keep.push(id),
+                        _ => new.push(Arc::new(stored.spec.clone())),
+                    }
+                }
+                (keep, new)
+            });
+            intakes.retain(|id, _| keep.contains(id));
+            for spec in new {
+                let shared = Arc::new(Shared::new(bus.clone(), hosts.clone(), spec.clone()));
+                let tasks = spec.triggers.iter().map(|trigger| Task(tokio::spawn(intake(shared.clone(), trigger.clone())))).collect();
+                intakes.insert(spec.id(), Intakes { spec, _tasks: tasks });
+            }
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() { return },
+                _ = stop.changed() => return,
+            }
+        }
+    });
+}
+
+/// What one service's intakes share: where to send, and how much at once.
+struct Shared {
+    bus: Bus,
+    hosts: HostTable,
+    spec: Arc<ServiceSpec>,
+    service: ServiceId,
+    /// Messages in hand at once; grows with the ready hosts (see the module's doc).
+    in_flight: Arc<Semaphore>,
+    /// Whose turn it is among the hosts with a replica.
+    turn: AtomicUsize,
+    /// The hosts as last read: those with a ready replica, the other ready
+    /// ones, and the permits granted so far; read again when the table changes.
+    candidates: Mutex<Candidates>,
+}
+
+struct Candidates {
+    changes: watch::Receiver<u64>,
+    with_replica: Arc<Vec<HostId>>,
+    others: Arc<Vec<HostId>>,
+    granted: usize,
+}
+
+/// How one message fared.
+enum Outcome {
+    Handled,
+    /// The handler failed, or a host could not be asked; why.
+    Failed(String),
+    /// No host was ready to take it within [`HOST_ALLOWANCE`].
+    NoHost(String),
+}
+
+impl Shared {
+    fn new(bus: Bus, hosts: HostTable, spec: Arc<ServiceSpec>) -> Shared {
+        let per_host = usize::try_from(spec.limits.concurrency).unwrap_or(1).max(1);
+        let mut changes = hosts.changes();
+        changes.mark_changed();
+        Shared {
+            service: spec.id(),
+            in_flight: Arc::new(Semaphore::new(per_host)),
+            turn: AtomicUsize::new(0),
+            candidates: Mutex::new(Candidates { changes, with_replica: Arc::default(), others: Arc::default(), granted: per_host }),
+            bus,
+            hosts,
+            spec,
+        }
+    }
+
+    /// The hosts to offer a message to, in order, leaving out `tried`: one
+    /// with a ready replica (in turn), then the other ready hosts.
+    fn next_host(&self, tried: &[HostId]) -> Option<HostId> {
+        let (with_replica, others) = {
+            let Ok(mut candidates) = self.candidates.lock() else { return None };
+            if candidates.changes.has_changed().unwrap_or(false) {
+                candidates.changes.borrow_and_update();
+                let (with_replica, others) = self.hosts.intake_hosts(&self.service);
+                let per_host = usize::try_from(self.spec.limits.concurrency).unwrap_or(1).max(1);
+                let wanted = per_host * (with_replica.len() + others.len()).max(1);
+                if wanted > candidates.granted {
+                    self.in_flight.add_permits(wanted - candidates.granted);
+                    candidates.granted = wanted;
+                }
+                candidates.with_replica = Arc::new(with_replica);
+                candidates.others = Arc::new(others);
+            }
+            (candidates.with_replica.clone(), candidates.others.clone())
+        };
+        let turn = self.turn.fetch_add(1, Ordering::Relaxed);
+        let len = with_replica.len();
+        (0..len).map(|i| &with_replica[(turn + i) % len]).chain(others.iter().cycle().skip(turn % others.len().max(1)).take(others.len())).find(|host| !tried.contains(host)).cloned()
+    }
+
+    /// Offers an encoded message to hosts until one runs it (see the
+    /// module's doc), waiting up to [`HOST_ALLOWANCE`] for one when none is ready.
+    async fn hand(&self, payload: Bytes) -> Outcome {
+        let timeout = self.spec.limits.timeout + HOST_ALLOWANCE;
+        let deadline = Instant::now() + HOST_ALLOWANCE;
+        let mut changes = self.hosts.changes();
+        loop {
+            let mut tried = Vec::new();
+            while tried.len() < HOSTS_TRIED {
+                let Some(host) = self.next_host(&tried) else { break };
+                tried.push(host.clone());
+                let subject = intake_subject(&host, &self.service.namespace, &self.service.name);
+                let Some(answer) = self.ask(&host, &subject, payload.clone(), timeout).await else {
+                    return Outcome::Failed(format!("host {host} was lost while it had the message"));
+                };
+                match answer {
+                    Ok(reply) => match serde_json::from_slice::<DeliveryResult>(&reply.payload) {
+                        Ok(result) if result.not_here => {}
+                        Ok(DeliveryResult { error: None, .. }) => return Outcome::Handled,
+                        Ok(DeliveryResult { error: Some(e), .. }) => return Outcome::Failed(e),
+                        Err(e) => return Outcome::Failed(format!("host {host} answered unreadably: {e}")),
+                    },
+                    Err(RequestError::NoResponders { .. }) => {}
+                    Err(e) => return Outcome::Failed(format!("host {host} did not finish the message: {e}")),
+                }
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                let tried: Vec<String> = tried.iter().map(ToString::to_string).collect();
+                return Outcome::NoHost(if tried.is_empty() {
+                    format!("no host was ready to take a message of {} within {}", self.service, wharf_proto::units::format_duration(HOST_ALLOWANCE))
+                } else {
+                    format!("no host took a message of {} (tried {})", self.service, tried.join(", "))
+                });
+            }
+            tokio::select! {
+                _ = tokio::time::sleep((deadline - now).min(NO_HOST_POLL)) => {}
+                _ = changes.changed() => {}
+            }
+        }
+    }
+}
+
+impl Shared {
+    /// Sends a message to `host` and waits for its answer; `None` as soon
+    /// as the host is lost meanwhile (the heartbeat table says so), rather
+    /// than at the request's timeout.
+    async fn ask(&self, host: &HostId, subject: &str, payload: Bytes, timeout: Duration) -> Option<Result<wharf_bus::Message, RequestError>> {
+        let mut changes = self.hosts.changes();
+        let request = self.bus.request(subject, payload, timeout);
+        tokio::pin!(request);
+        loop {
+            tokio::select! {
+                answer = &mut request => return Some(answer),
+                changed = changes.changed() => {
+                    if changed.is_err() || self.hosts.is_lost(host) {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Takes in one trigger's messages until the task is dropped.
+async fn intake(shared: Arc<Shared>, trigger: Trigger) {
+    let service = &shared.service;
+    let subject = message_subject(&service.namespace, &trigger.subject);
+    match &trigger.stream {
+        None => intake_core(shared, subject).await,
+        Some(stream) => {
+            let config = StreamConsumerConfig {
+                stream: stream_name(&service.namespace, stream),
+                subject,
+                consumer: consumer_name(&service.name, &trigger.subject),
+                max_deliver: trigger.max_deliver(),
+                // Long enough for the longest a host may take, twice over.
+                ack_wait: 2 * (shared.spec.limits.timeout + HOST_ALLOWANCE),
+                max_ack_pending: MAX_ACK_PENDING,
+            };
+            let dead_letter = message_subject(&service.namespace, &trigger.dead_letter(&service.name));
+            intake_stream(shared, config, dead_letter).await;
+        }
+    }
+}
+
+/// The message's head and body as hosts take them.
+fn encode(shared: &Shared, subject: &str, reply_to: Option<String>, last_delivery: Option<bool>, body: &[u8]) -> Bytes {
+    let subject = relative_subject(&shared.service.namespace, subject).unwrap_or(subject).to_owned();
+    Bytes::from(Delivery { subject, reply_to, last_delivery }.encode(body))
+}
+
+/// A core NATS trigger: at most once; a failure is logged.
+async fn intake_core(shared: Arc<Shared>, subject: String) {
+    let service = shared.service.clone();
+    let group = delivery_queue_group(&service.namespace, &service.name);
+    let mut subscription = match shared.bus.queue_subscribe(&subject, &group).await {
+        Ok(subscription) => subscription,
+        Err(e) => {
+            tracing::error!(%service, "cannot subscribe to trigger subject {subject}: {e}");
+            return;
+        }
+    };
+    while let Some(message) = subscription.next().await {
+        let Ok(permit) = shared.in_flight.clone().acquire_owned().await else { return };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let payload = encode(&shared, &message.subject, message.reply, None, &message.payload);
+            match shared.hand(payload).await {
+                Outcome::Handled => {}
+                Outcome::Failed(e) | Outcome::NoHost(e) => tracing::debug!(service = %shared.service, "a message was not handled (core NATS: not delivered again): {e}"),
+            }
+        });
+    }
+}
+
+/// A stream trigger: at least once, acknowledged after the handler succeeded.
+async fn intake_stream(shared: Arc<Shared>, config: StreamConsumerConfig, dead_letter: String) {
+    let service = shared.service.clone();
+    let mut warned = false;
+    loop {
+        let mut messages = match shared.bus.stream_consumer(&config).await {
+            Ok(messages) => messages,
+            Err(e) => {
+                if !warned {
+                    tracing::error!(%service, "cannot consume trigger stream {}: {e}; trying again every {REOPEN_DELAY:?}", config.stream);
+                    warned = true;
+                }
+                tokio::time::sleep(REOPEN_DELAY).await;
+                continue;
+            }
+        };
+        warned = false;
+        while let Some(next) = messages.next().await {
+            let delivered = match next {
+                Err(e) => {
+                    tracing::debug!(%service, "trigger stream {}: {e}", config.stream);
+                    continue;
+                }
+                Ok(delivered) => delivered,
+            };
+            let Ok(permit) = shared.in_flight.clone().acquire_owned().await else { return };
+            let (shared, dead_letter, max_deliver) = (shared.clone(), dead_letter.clone(), config.max_deliver);
+            tokio::spawn(async move {
+                let _permit = permit;
+                let last = delivered.delivered >= u64::from(max_deliver);
+                let payload = encode(&shared, &delivered.subject, None, Some(last), &delivered.payload);
+                let service = &shared.service;
+                let settled = match shared.hand(payload).await {
+                    Outcome::Handled => delivered.ack().await,
+                    Outcome::Failed(e) | Outcome::NoHost(e) if last => {
+                        tracing::warn!(%service, deliveries = delivered.delivered, "a message failed its last delivery; moving it to {dead_letter}: {e}");
+                        match shared.bus.publish(&dead_letter, delivered.payload.clone()).await {
+                            Ok(()) => delivered.ack().await,
+                            Err(publish) => {
+                                tracing::error!(%service, "cannot dead-letter a message on {dead_letter}: {publish}");
+                                delivered.nak(REDELIVERY_DELAY).await
+                            }
+                        }
+                    }
+                    // No host ran it: it waits in the stream (a delivery is
+                    // spent, as for any redelivery).
+                    Outcome::NoHost(e) => {
+                        tracing::warn!(%service, "{e}; the stream will deliver it again");
+                        delivered.nak(REDELIVERY_DELAY).await
+                    }
+                    Outcome::Failed(e) => {
+                        tracing::debug!(%service, deliveries = delivered.delivered, "a message failed; it will be delivered again: {e}");
+                        delivered.nak(REDELIVERY_DELAY).await
+                    }
+                };
+                if let Err(e) = settled {
+                    tracing::debug!(%service, "cannot acknowledge a message (it will be delivered again): {e}");
+                }
+            });
+        }
+    }
+}
