@@ -11,6 +11,7 @@ mod jobs;
 mod logs;
 mod nats_certs;
 mod nats_identity;
+mod nats_pins;
 mod rollout;
 mod oci;
 mod serve;

@@ -37,6 +37,24 @@ pub enum NatsCommand {
     RemoveHost(RemoveHostArgs),
     /// Write a CA, a server certificate and client certificates for NATS over mutual TLS.
     Certs(crate::nats_certs::CertsArgs),
+    /// Accept only pinned client certificates: add certificates to DIR/pinned.conf.
+    ///
+    /// The shipped server configs include pinned.conf in their `tls` block: while it pins
+    /// nothing, the servers accept any certificate the CA signed; once it pins some, only
+    /// those (so one can be revoked with `wharf nats unpin`, without a new CA). Pin every
+    /// client's certificate (the scheduler's, each host's: `wharf nats add-host --cert`
+    /// pins a host's), then reload the NATS server.
+    #[command(after_help = "Example:
+  wharf nats pin --dir deploy/nats /etc/wharf/nats/scheduler.pem
+  nats-server --signal reload")]
+    Pin(crate::nats_pins::PinArgs),
+    /// Revoke client certificates: remove them from DIR/pinned.conf.
+    ///
+    /// After a reload the servers drop connections made with them and refuse new ones.
+    #[command(after_help = "Example:
+  wharf nats unpin --dir deploy/nats /etc/wharf/nats/old-scheduler.pem
+  nats-server --signal reload")]
+    Unpin(crate::nats_pins::UnpinArgs),
 }
 
 #[derive(clap::Args)]
@@ -49,6 +67,10 @@ pub struct AddHostArgs {
     /// Where to write the host's NKey seed (default: DIR/hosts/HOST-ID.nk); it must not exist.
     #[arg(long, value_name = "PATH")]
     seed_file: Option<PathBuf>,
+    /// The host's client certificate (PEM), pinned in DIR/pinned.conf as the host's, so that
+    /// `wharf nats remove-host` revokes it along with the NKey.
+    #[arg(long, value_name = "PEM")]
+    cert: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -63,16 +85,30 @@ pub struct RemoveHostArgs {
 pub fn run(command: NatsCommand) -> anyhow::Result<()> {
     match command {
         NatsCommand::AddHost(args) => {
+            // The certificate is read before anything is written: a bad one changes nothing.
+            if let Some(cert) = &args.cert {
+                crate::nats_pins::fingerprint_file(cert)?;
+            }
             let seed = add_host(&args.dir, &args.host, args.seed_file)?;
             println!("host {}: NKey seed in {} (mode 0600), permissions in {}", args.host, seed.display(), args.dir.join(USERS_FILE).display());
+            if let Some(cert) = &args.cert {
+                let pin = crate::nats_pins::pin_host(&args.dir, &args.host, cert)?;
+                println!("host {}: certificate {} pinned ({pin}) in {}", args.host, cert.display(), args.dir.join(crate::nats_pins::PINS_FILE).display());
+            }
             println!("copy the seed to the host and run it with: wharf host --name {} --nats-nkey <seed file>", args.host);
             println!("then reload the NATS server: nats-server --signal reload (with a cluster, copy users.conf to every node first)");
         }
         NatsCommand::Certs(args) => crate::nats_certs::certs(&args)?,
         NatsCommand::RemoveHost(args) => {
             remove_host(&args.dir, &args.host)?;
-            println!("host {}: identity removed from {}; reload the NATS server: nats-server --signal reload", args.host, args.dir.join(USERS_FILE).display());
+            println!("host {}: identity removed from {}", args.host, args.dir.join(USERS_FILE).display());
+            if crate::nats_pins::unpin_host(&args.dir, &args.host)? {
+                println!("host {}: certificate unpinned in {}", args.host, args.dir.join(crate::nats_pins::PINS_FILE).display());
+            }
+            println!("reload the NATS server (nats-server --signal reload): it drops the host's connection");
         }
+        NatsCommand::Pin(args) => crate::nats_pins::pin(&args)?,
+        NatsCommand::Unpin(args) => crate::nats_pins::unpin(&args)?,
     }
     Ok(())
 }

@@ -1304,3 +1304,70 @@ async fn the_control_plane_takes_in_trigger_messages_for_hosts_that_may_not_read
     let output = hosts[0].process.output();
     assert!(!output.contains("Permissions Violation") && !output.contains("ask refused"), "{} was refused something:\n{output}", hosts[0].name);
 }
+
+/// Issue 17: a NATS client certificate can be revoked without a new CA.
+/// The shipped servers accept only pinned certificates (`wharf nats pin`,
+/// `add-host --cert`); `wharf nats unpin` and a reload drop host-b's
+/// connection at once and refuse it afterwards, though its NKey and its
+/// certificate are still valid and signed by the CA; the scheduler sees
+/// host-b down, host-a keeps serving. Pinned again, host-b comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unpinned_certificate_is_dropped_and_refused_until_pinned_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nats = shipped_nats(dir.path(), &["host-a", "host-b"]);
+    let url = nats.url();
+    let (_sched, api) = scheduler_as_scheduler(&url, dir.path());
+    let hosts = [host_with_identity(&url, "host-a", dir.path()), host_with_identity(&url, "host-b", dir.path())];
+    wharf(&api, &["deploy", &sample("hello"), "--name", "hello", "--route", "/hello", "--replicas", "2"]);
+    for host in &hosts {
+        until_ok(&format!("{}/hello", host.ingress), "Hello from Wharf!", Duration::from_secs(30)).await;
+    }
+    let ready = |id: &str| -> Option<bool> {
+        let all: Value = serde_json::from_str(&wharf(&api, &["get", "hosts", "-o", "json"])).expect("json");
+        all["hosts"].as_array().into_iter().flatten().find(|h| h["id"] == id).and_then(|h| h["ready"].as_bool())
+    };
+    let until_ready = |id: &'static str, want: bool, within: Duration| async move {
+        let deadline = Instant::now() + within;
+        loop {
+            if ready(id) == Some(want) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{id} is not ready={want} within {within:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    until_ready("host-b", true, Duration::from_secs(10)).await;
+
+    let config = dir.path().join("nats");
+    let cert_b = config.join("tls/host-b.pem");
+    let nats_cli = |args: &[&str]| {
+        let output = Command::new(WHARF).arg("nats").args(args).output().expect("wharf runs");
+        let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+        assert!(output.status.success(), "wharf nats {args:?}:\n{text}");
+        text
+    };
+    let said = nats_cli(&["unpin", "--dir", config.to_str().expect("utf-8"), cert_b.to_str().expect("utf-8")]);
+    assert!(said.contains("unpinned") && said.contains("reload"), "{said}");
+    nats.reload();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !nats.log().contains("due to pinned certs reload") {
+        assert!(Instant::now() < deadline, "the server kept host-b's connection:\n{}", nats.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    until_ready("host-b", false, Duration::from_secs(10)).await;
+    // host-b's own NKey with its CA-signed certificate: refused in the handshake.
+    let seed = std::fs::read_to_string(seed_of(dir.path(), "host-b")).expect("seed").trim().to_string();
+    let refused = with_tls(async_nats::ConnectOptions::with_nkey(seed.clone()), dir.path(), "host-b").connect(&url).await;
+    assert!(refused.is_err(), "an unpinned certificate connected");
+    assert!(nats.log().contains("certificate not pinned"), "{}", nats.log());
+    // Meanwhile host-a serves hello (its replica, or one placed again there).
+    until_ok(&format!("{}/hello", hosts[0].ingress), "Hello from Wharf!", Duration::from_secs(10)).await;
+    until_ready("host-a", true, Duration::from_secs(5)).await;
+
+    // Pinned again (as add-host does for a host), host-b reconnects by itself.
+    let said = nats_cli(&["pin", "--dir", config.to_str().expect("utf-8"), cert_b.to_str().expect("utf-8")]);
+    assert!(said.contains("pinned"), "{said}");
+    nats.reload();
+    until_ready("host-b", true, Duration::from_secs(30)).await;
+    until_ok(&format!("{}/hello", hosts[1].ingress), "Hello from Wharf!", Duration::from_secs(30)).await;
+}

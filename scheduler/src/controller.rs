@@ -1284,6 +1284,31 @@ fn earliest(a: Option<u64>, b: Option<u64>) -> Option<u64> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_new_loop_waits_for_the_versions_its_predecessor_wrote() {
+        let own = OwnWrites::default();
+        let id = ServiceId::new("default", "web").expect("an id");
+        let mut state = crate::informer::State::default();
+        assert!(own.seen_in(&state), "nothing written: nothing to wait for");
+        own.status(&id, Some(7));
+        assert!(!own.seen_in(&state), "the status is not in the informer yet");
+        let mut status = ServiceStatus::new(id.clone());
+        status.version = 6;
+        state.statuses.insert(id.clone(), Arc::new(status.clone()));
+        assert!(!own.seen_in(&state), "an older version of it");
+        status.version = 9;
+        state.statuses.insert(id.clone(), Arc::new(status));
+        assert!(own.seen_in(&state), "that version or a later one");
+        let host = HostId::new("a").expect("a host id");
+        own.assignment(&host, 3);
+        assert!(!own.seen_in(&state), "the assignment is not in the informer yet");
+        state.assignments.insert(host.clone(), Arc::new(Assignment { host, replicas: Vec::new(), version: 3, generation: 1, epoch: 1, secrets: Default::default() }));
+        assert!(own.seen_in(&state));
+        own.status(&id, None);
+        state.statuses.clear();
+        assert!(own.seen_in(&state), "a status deleted here is not waited for");
+    }
+
     fn host(n: usize) -> HostInfo {
         HostInfo {
             id: HostId::new(format!("host-{n}")).expect("a host id"),

@@ -116,6 +116,22 @@ impl NatsServer {
         self.node.monitor(path)
     }
 
+    /// Has the server read its configuration again (`nats-server --signal
+    /// reload`), as an operator does after `wharf nats add-host` or `unpin`,
+    /// and waits until its log says it did.
+    ///
+    /// # Panics
+    ///
+    /// If the server is not running or does not report the reload within 10 s.
+    pub fn reload(&self) {
+        self.node.reload();
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        self.node.log()
+    }
+
     /// Stops the server and starts it again on the same port with the same JetStream store.
     ///
     /// # Panics
@@ -688,6 +704,25 @@ impl Node {
         reap(&mut child);
     }
 
+    /// SIGHUP through `nats-server --signal reload=PID`; waits for the log's "Reloaded".
+    fn reload(&self) {
+        let child = self.child.as_ref().expect("the server runs");
+        let before = self.log().matches("Reloaded server configuration").count();
+        let status = Command::new(&self.binary)
+            .arg("--signal")
+            .arg(format!("reload={}", child.id()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("nats-server --signal runs");
+        assert!(status.success(), "nats-server --signal reload failed");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.log().matches("Reloaded server configuration").count() == before {
+            assert!(Instant::now() < deadline, "nats-server did not reload within 10 s; its log:\n{}", self.log());
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// SIGKILL, then reap.
     fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -877,7 +912,8 @@ fn version(binary: &Path) -> Option<(u64, u64)> {
 /// with an identity for each of `hosts` made by `wharf nats add-host`
 /// (seeds in `<dir>/nats/hosts/<host>.nk`) and certificates for mutual TLS
 /// made by `wharf nats certs` (in `<dir>/nats/tls`, a client certificate
-/// for the scheduler and each host), started as its README says with the
+/// for the scheduler and each host, each pinned by `wharf nats pin` or
+/// `add-host --cert`), started as its README says with the
 /// `wharf` binary `wharf`; the scheduler's password is `s3cret-s`, the
 /// system user's `s3cret-sys`.
 pub fn shipped(wharf: &Path, dir: &Path, hosts: &[&str]) -> NatsServer {
@@ -891,11 +927,16 @@ pub fn shipped(wharf: &Path, dir: &Path, hosts: &[&str]) -> NatsServer {
         .expect("wharf runs");
     assert!(output.status.success(), "wharf nats certs: {}", String::from_utf8_lossy(&output.stderr));
     let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/nats");
-    for file in ["nats-server.conf", "accounts.conf", "roles.conf", "users.conf"] {
+    for file in ["nats-server.conf", "accounts.conf", "roles.conf", "users.conf", "pinned.conf"] {
         fs::copy(deploy.join(file), config.join(file)).expect("copy the shipped config");
     }
+    // Every client's certificate is pinned: the scheduler's, and each host's with its identity.
+    let pem = |name: &str| tls.join(format!("{name}.pem")).to_str().expect("utf-8").to_string();
+    let output = Command::new(wharf).args(["nats", "pin", "--dir", config.to_str().expect("utf-8"), &pem("scheduler")]).output().expect("wharf runs");
+    assert!(output.status.success(), "wharf nats pin: {}", String::from_utf8_lossy(&output.stderr));
     for host in hosts {
-        let output = Command::new(wharf).args(["nats", "add-host", host, "--dir", config.to_str().expect("utf-8")]).output().expect("wharf runs");
+        let output =
+            Command::new(wharf).args(["nats", "add-host", host, "--dir", config.to_str().expect("utf-8"), "--cert", &pem(host)]).output().expect("wharf runs");
         assert!(output.status.success(), "wharf nats add-host {host}: {}", String::from_utf8_lossy(&output.stderr));
     }
     let path = |name: &str| tls.join(name).to_str().expect("utf-8").to_string();
