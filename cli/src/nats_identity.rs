@@ -252,7 +252,7 @@ pub fn host_permissions(host: &HostId) -> HostPermissions {
         (names::host_heartbeat_subject(host), "its heartbeats, no other host's"),
         (names::host_alive_subject(host), "\"alive, nothing changed\" between them"),
         (names::ACTIVATE_SUBJECT.to_owned(), "scale-from-zero announcements"),
-        (names::READY_WILDCARD.to_owned(), "a replica of a service is ready here"),
+        (names::host_ready_wildcard(host), "a replica of a service is ready here, on its own subjects: it cannot announce for another host"),
         (names::HOST_REQUESTS_WILDCARD.to_owned(), "requests to other hosts' replicas (it receives only its own)"),
         (names::host_log_lines_wildcard(host), "its replicas' log lines, for `wharf logs -f`, on its own subjects: no other host's lines"),
         (wharf_proto::trigger::DELIVERIES_WILDCARD.to_owned(), "trigger messages handed to other hosts' replicas"),
@@ -388,11 +388,14 @@ mod tests {
         // Requests go to other hosts' subjects, and no other of their subjects is open.
         let publish = &own[..own.find("deny:").expect("deny")];
         assert!(publish.contains("\"wharf.host.*.svc.>\"") && publish.contains("\"wharf.host.*.trigger.>\""), "{publish}");
-        assert_eq!(own.matches("\"wharf.host.*").count(), 2, "{own}");
+        // Ready announcements: its own only, everyone's heard.
+        assert!(publish.contains("\"wharf.host.host-a.ready.>\"") && !publish.contains("\"wharf.host.*.ready"), "{publish}");
+        assert_eq!(own.matches("\"wharf.host.*").count(), 3, "{own}");
         // `_INBOX.>` is published to (replies), never subscribed to; no
         // service's requests but its own (under wharf.host.host-a.>).
         let subscribe = &own[own.find("subscribe:").expect("subscribe")..];
-        for shared in ["\"_INBOX.>\"", "\">\"", "\"wharf.host.*", "\"wharf.svc", "\"wharf.trigger", "\"wharf.msg"] {
+        assert!(subscribe.contains("\"wharf.host.*.ready.>\""), "{subscribe}");
+        for shared in ["\"_INBOX.>\"", "\">\"", "\"wharf.host.*.svc", "\"wharf.host.*.trigger", "\"wharf.host.*.intake", "\"wharf.host.*.>", "\"wharf.svc", "\"wharf.trigger", "\"wharf.msg"] {
             assert!(!subscribe.contains(shared), "{shared} in:\n{subscribe}");
         }
 

@@ -728,6 +728,12 @@ async fn a_host_identity_reaches_only_its_own_subjects_and_cannot_speak_for_anot
     client.publish(wharf_proto::names::host_heartbeat_subject(&host_b), forged.clone()).await.expect("sent");
     client.flush().await.expect("flushed");
     refused("Permissions Violation for Publish to \"wharf.host.host-b.heartbeat\"".into()).await;
+    // Nor announce a ready replica as host-b (nor on the old shared subject).
+    for subject in [wharf_proto::names::service_ready_subject(&host_b, "default", "hello"), "wharf.ready.default.hello".to_string()] {
+        client.publish(subject.clone(), bytes::Bytes::from_static(b"{}")).await.expect("sent");
+        client.flush().await.expect("flushed");
+        refused(format!("Permissions Violation for Publish to \"{subject}\"")).await;
+    }
     // Nor can it end host-b's job attempts: results go on the sender's own subject.
     client.publish(wharf_proto::names::job_result_subject(&host_b), bytes::Bytes::from_static(b"{}")).await.expect("sent");
     client.flush().await.expect("flushed");

@@ -116,17 +116,29 @@ pub fn revision_queue_group(namespace: &str, name: &str, revision: u64) -> Strin
     format!("{namespace}.{name}.{revision}")
 }
 
-/// A host announces here that it has a ready replica of a revision of a
-/// service ([`crate::ReplicaReady`]: it started listening on its
+/// Host `host` announces here that it has a ready replica of a revision
+/// of a service ([`crate::ReplicaReady`]: it started listening on its
 /// [`host_request_subject`]), so that other hosts may send it requests
 /// before the control plane's status says so, and requests held for the
-/// service's activation wake at once.
-pub fn service_ready_subject(namespace: &str, name: &str) -> String {
-    format!("wharf.ready.{namespace}.{name}")
+/// service's activation wake at once. Under the host's own subjects, which
+/// no other host may publish to: an announcement is believed only when the
+/// host it names is the one its subject names ([`host_of_subject`]).
+pub fn service_ready_subject(host: &HostId, namespace: &str, name: &str) -> String {
+    format!("wharf.host.{host}.ready.{namespace}.{name}")
 }
 
-/// Matches [`service_ready_subject`] of every service.
-pub const READY_WILDCARD: &str = "wharf.ready.>";
+/// Matches [`service_ready_subject`] of one service, from every host.
+pub fn service_ready_wildcard(namespace: &str, name: &str) -> String {
+    format!("wharf.host.*.ready.{namespace}.{name}")
+}
+
+/// Matches [`service_ready_subject`] of `host`, for every service: what it may publish.
+pub fn host_ready_wildcard(host: &HostId) -> String {
+    format!("wharf.host.{host}.ready.>")
+}
+
+/// Matches [`service_ready_subject`] of every host and service.
+pub const READY_WILDCARD: &str = "wharf.host.*.ready.>";
 
 /// Where `host` publishes its replicas' log lines of a service, for `wharf
 /// logs --follow`: under the host's own subjects, which no other host may
@@ -575,7 +587,12 @@ mod tests {
     #[test]
     fn builds_subjects_buckets_and_keys() {
         assert_eq!(host_request_subject(&host("edge-1"), "default", "hello", 3), "wharf.host.edge-1.svc.default.hello.3");
-        assert_eq!(service_ready_subject("shop", "cart"), "wharf.ready.shop.cart");
+        let edge = HostId::new("edge-a").expect("valid");
+        assert_eq!(service_ready_subject(&edge, "shop", "cart"), "wharf.host.edge-a.ready.shop.cart");
+        assert_eq!(host_of_subject(&service_ready_subject(&edge, "shop", "cart")), Some(edge.clone()));
+        assert!(crate::trigger::subject_matches(&service_ready_wildcard("shop", "cart"), &service_ready_subject(&edge, "shop", "cart")));
+        assert!(crate::trigger::subject_matches(READY_WILDCARD, &service_ready_subject(&edge, "shop", "cart")));
+        assert!(crate::trigger::subject_matches(&host_ready_wildcard(&edge), &service_ready_subject(&edge, "shop", "cart")));
         let edge = host("edge-a");
         assert_eq!(host_log_lines_subject(&edge, "shop", "cart"), "wharf.host.edge-a.loglines.shop.cart");
         assert_eq!(host_of_subject(&host_log_lines_subject(&edge, "shop", "cart")), Some(edge));

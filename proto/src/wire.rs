@@ -186,10 +186,12 @@ pub struct Activation {
 }
 
 /// A host announcing that it has a ready replica of a revision of a
-/// service and listens for its requests on its own subject, on
-/// [`crate::names::service_ready_subject`]. Other hosts believe it only for
-/// a host the control plane placed that revision on (its status says so):
-/// a host cannot draw another service's requests to itself by announcing.
+/// service and listens for its requests on its own subject, on its
+/// [`crate::names::service_ready_subject`]. Other hosts believe it only
+/// when `host` is the host whose subject it came on, and only for a host
+/// the control plane placed that revision on (its status says so): a host
+/// cannot speak for another, nor draw another service's requests to itself
+/// by announcing.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplicaReady {
     /// The announcing host.

@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-use wharf_proto::names::service_ready_subject;
+use wharf_proto::names::service_ready_wildcard;
 use wharf_proto::{Activation, Demand, ServiceId, ServiceSpec};
 
 /// How long an activation replica may serve before the control plane has
@@ -176,7 +176,7 @@ impl HostAgent {
         let activations = &self.inner.activations;
         let _held = Held::enter(activations, service);
         // Listen for announcements before announcing, so none is missed.
-        let mut announcements = match self.inner.bus.subscribe(&service_ready_subject(&service.namespace, &service.name)).await {
+        let mut announcements = match self.inner.bus.subscribe(&service_ready_wildcard(&service.namespace, &service.name)).await {
             Ok(subscription) => Some(subscription),
             Err(e) => {
                 tracing::debug!(%service, "cannot follow ready announcements; polling: {e}");
@@ -231,7 +231,7 @@ impl HostAgent {
                 Some(message) = async { match &mut announcements { Some(s) => s.next().await, None => std::future::pending().await } } => {
                     // Into the directory now, whichever of this and the
                     // agent's own subscription sees it first.
-                    self.replica_announced(&message.payload);
+                    self.replica_announced(&message.subject, &message.payload);
                 }
             }
         }

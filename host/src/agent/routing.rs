@@ -283,13 +283,18 @@ impl HostAgent {
     /// Follows other hosts' announcements of ready replicas into the
     /// directory, so requests go to them before the status says so.
     pub(super) async fn follow_ready_replicas(&self) -> Result<(), wharf_bus::SubscribeError> {
-        self.each_message(wharf_proto::names::READY_WILDCARD, |agent, message| async move { agent.replica_announced(&message.payload) }).await
+        self.each_message(wharf_proto::names::READY_WILDCARD, |agent, message| async move { agent.replica_announced(&message.subject, &message.payload) }).await
     }
 
-    /// Notes one announcement of a ready replica in the directory.
-    pub(super) fn replica_announced(&self, payload: &[u8]) {
+    /// Notes one announcement of a ready replica, which came on `subject`,
+    /// in the directory: only when it names the host whose subject it came
+    /// on (a host may publish on its own subjects only).
+    pub(super) fn replica_announced(&self, subject: &str, payload: &[u8]) {
         match serde_json::from_slice::<ReplicaReady>(payload) {
             Ok(ready) if ready.host == self.inner.config.host => {}
+            Ok(ready) if wharf_proto::names::host_of_subject(subject).as_ref() != Some(&ready.host) => {
+                tracing::debug!(host = %ready.host, "ignoring a ready announcement on {subject}, another host's subject");
+            }
             Ok(ready) => self.inner.directory.replica_announced(ready),
             Err(e) => tracing::debug!("ignoring an unreadable ready announcement: {e}"),
         }
@@ -338,10 +343,11 @@ async fn listen_on(agent: std::sync::Weak<super::Inner>, (service, revision): Li
     };
     // Other hosts may send here now, before the status says so, and
     // requests held for activation on other hosts wake.
+    let announce_on = service_ready_subject(&host, &service.namespace, &service.name);
     let ready = ReplicaReady { host, service: service.clone(), revision };
     match serde_json::to_vec(&ready) {
         Ok(payload) => {
-            if let Err(e) = inner.bus.publish(&service_ready_subject(&service.namespace, &service.name), Bytes::from(payload)).await {
+            if let Err(e) = inner.bus.publish(&announce_on, Bytes::from(payload)).await {
                 tracing::debug!(%service, "could not announce a ready replica: {e}");
             }
         }
