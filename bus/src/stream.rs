@@ -83,6 +83,9 @@ pub struct StreamMessages {
     outstanding: usize,
     /// When the last pull request counts as lost.
     deadline: tokio::time::Instant,
+    /// A status message [`StreamMessages::ready`] came across, for
+    /// [`StreamMessages::next`] to act on.
+    stashed: Option<async_nats::Message>,
 }
 
 /// One delivered message; acknowledge it with [`Delivered::ack`] or ask
@@ -149,6 +152,7 @@ impl Bus {
             consumer: config.consumer.clone(),
             outstanding: 0,
             deadline: tokio::time::Instant::now(),
+            stashed: None,
         })
     }
 }
@@ -176,13 +180,16 @@ impl StreamMessages {
                 self.outstanding = PULL_BATCH;
                 self.deadline = tokio::time::Instant::now() + PULL_EXPIRES + PULL_GRACE;
             }
-            let message = match tokio::time::timeout_at(self.deadline, self.subscriber.next()).await {
-                Ok(Some(message)) => message,
-                Ok(None) => return None,
-                Err(_) => {
-                    self.outstanding = 0;
-                    continue;
-                }
+            let message = match self.stashed.take() {
+                Some(message) => message,
+                None => match tokio::time::timeout_at(self.deadline, self.subscriber.next()).await {
+                    Ok(Some(message)) => message,
+                    Ok(None) => return None,
+                    Err(_) => {
+                        self.outstanding = 0;
+                        continue;
+                    }
+                },
             };
             if let Some(status) = message.status {
                 match status.as_u16() {
@@ -203,17 +210,39 @@ impl StreamMessages {
                 }
                 continue;
             }
-            let Some(reply) = message.reply.map(|reply| reply.to_string()) else { continue };
-            self.outstanding = self.outstanding.saturating_sub(1);
-            let delivered = crate::nats::ack_info(&reply).map_or(1, |info| info.delivered);
-            return Some(Ok(Delivered {
-                subject: message.subject.to_string(),
-                payload: message.payload,
-                delivered,
-                reply,
-                consumers: self.consumers.clone(),
-            }));
+            if let Some(delivered) = self.delivered(message) {
+                return Some(Ok(delivered));
+            }
         }
+    }
+
+    /// A message already received, without waiting and without asking the
+    /// server for more: `None` when none is at hand (or the next thing at
+    /// hand is a status, left for [`StreamMessages::next`]). For taking
+    /// together what arrived together.
+    pub fn ready(&mut self) -> Option<Delivered> {
+        use futures::FutureExt as _;
+        if self.stashed.is_some() {
+            return None;
+        }
+        loop {
+            let message = self.subscriber.next().now_or_never()??;
+            if message.status.is_some() {
+                self.stashed = Some(message);
+                return None;
+            }
+            if let Some(delivered) = self.delivered(message) {
+                return Some(delivered);
+            }
+        }
+    }
+
+    /// A stored message as delivered (one of those pulled); `None` for one without an ack subject.
+    fn delivered(&mut self, message: async_nats::Message) -> Option<Delivered> {
+        let reply = message.reply.map(|reply| reply.to_string())?;
+        self.outstanding = self.outstanding.saturating_sub(1);
+        let delivered = crate::nats::ack_info(&reply).map_or(1, |info| info.delivered);
+        Some(Delivered { subject: message.subject.to_string(), payload: message.payload, delivered, reply, consumers: self.consumers.clone() })
     }
 
     fn failed(&self, source: BackendError) -> StreamError {

@@ -264,6 +264,33 @@ impl Delivery {
     }
 }
 
+/// Several messages the control plane's intake hands a host at once (on
+/// its [`intake_subject`]): each as [`Delivery::encode`] wrote it, preceded
+/// by its length (4 bytes, big-endian). The host answers with one
+/// [`DeliveryResult`] per message, in order (a JSON array).
+pub fn encode_batch<'a>(deliveries: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for delivery in deliveries {
+        // A delivery fits a NATS message, far below 4 GiB.
+        out.extend_from_slice(&u32::try_from(delivery.len()).unwrap_or(u32::MAX).to_be_bytes());
+        out.extend_from_slice(delivery);
+    }
+    out
+}
+
+/// Splits what [`encode_batch`] wrote into its deliveries.
+pub fn decode_batch(mut bytes: &[u8]) -> Result<Vec<&[u8]>, String> {
+    let mut deliveries = Vec::new();
+    while !bytes.is_empty() {
+        let (len, rest) = bytes.split_at_checked(4).ok_or("a batch of deliveries ends inside a length")?;
+        let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+        let (delivery, rest) = rest.split_at_checked(len).ok_or("a batch of deliveries ends inside a delivery")?;
+        deliveries.push(delivery);
+        bytes = rest;
+    }
+    Ok(deliveries)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -342,6 +369,17 @@ mod tests {
         t.max_deliver = None;
         t.stream = Some("Not A Label".into());
         assert_eq!(t.validate("svc").map_err(|e| e.0), Err("stream"));
+    }
+
+    #[test]
+    fn batches_round_trip_and_a_cut_one_is_refused() {
+        let one = Delivery { subject: "a".into(), reply_to: None, last_delivery: None }.encode(b"first");
+        let two = Delivery { subject: "b".into(), reply_to: Some("_INBOX.x".into()), last_delivery: Some(false) }.encode(b"");
+        let batch = encode_batch([one.as_slice(), two.as_slice()]);
+        assert_eq!(decode_batch(&batch), Ok(vec![one.as_slice(), two.as_slice()]));
+        assert_eq!(decode_batch(&[]), Ok(Vec::new()));
+        assert!(decode_batch(&batch[..batch.len() - 1]).expect_err("cut").contains("inside a delivery"));
+        assert!(decode_batch(&batch[..2]).expect_err("cut").contains("inside a length"));
     }
 
     #[test]

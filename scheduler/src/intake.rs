@@ -23,14 +23,14 @@
 //! one host's worth), as many as the hosts' replicas can take at once.
 
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{Semaphore, watch};
 use wharf_bus::{Bus, RequestError, StreamConsumerConfig};
-use wharf_proto::trigger::{Delivery, DeliveryResult, Trigger, consumer_name, delivery_queue_group, intake_subject, message_subject, relative_subject, stream_name};
+use wharf_proto::trigger::{Delivery, DeliveryResult, Trigger, consumer_name, delivery_queue_group, encode_batch, intake_subject, message_subject, relative_subject, stream_name};
 use wharf_proto::{HostId, ServiceId, ServiceSpec};
 
 use crate::hosts::HostTable;
@@ -53,6 +53,9 @@ const HOSTS_TRIED: usize = 3;
 /// 30 s by default, and for a free instance); also how long a message with
 /// no host to take it waits for one.
 const HOST_ALLOWANCE: Duration = Duration::from_secs(40);
+
+/// Messages handed to one host together, at most (and at most the service's concurrency).
+const MAX_BATCH: usize = 32;
 
 /// How often a message with no host to take it looks again when the hosts did not change.
 const NO_HOST_POLL: Duration = Duration::from_millis(500);
@@ -183,40 +186,69 @@ impl Shared {
         (0..len).map(|i| &with_replica[(turn + i) % len]).chain(others.iter().cycle().skip(turn % others.len().max(1)).take(others.len())).find(|host| !tried.contains(host)).cloned()
     }
 
-    /// Offers an encoded message to hosts until one runs it (see the
-    /// module's doc), waiting up to [`HOST_ALLOWANCE`] for one when none is ready.
-    async fn hand(&self, payload: Bytes) -> Outcome {
+    /// Messages handed to one host at once, at most.
+    fn max_batch(&self) -> usize {
+        usize::try_from(self.spec.limits.concurrency).unwrap_or(1).clamp(1, MAX_BATCH)
+    }
+
+    /// Offers encoded messages, together, to hosts until each ran (see the
+    /// module's doc), waiting up to [`HOST_ALLOWANCE`] for a host when none
+    /// is ready; how each fared, in order.
+    async fn hand(&self, payloads: &[Bytes]) -> Vec<Outcome> {
         let timeout = self.spec.limits.timeout + HOST_ALLOWANCE;
         let deadline = Instant::now() + HOST_ALLOWANCE;
         let mut changes = self.hosts.changes();
+        let mut outcomes: Vec<Option<Outcome>> = payloads.iter().map(|_| None).collect();
+        let mut tried = Vec::new();
         loop {
-            let mut tried = Vec::new();
+            tried.clear();
             while tried.len() < HOSTS_TRIED {
+                let pending: Vec<usize> = (0..outcomes.len()).filter(|i| outcomes[*i].is_none()).collect();
+                if pending.is_empty() {
+                    return outcomes.into_iter().flatten().collect();
+                }
                 let Some(host) = self.next_host(&tried) else { break };
                 tried.push(host.clone());
                 let subject = intake_subject(&host, &self.service.namespace, &self.service.name);
-                let Some(answer) = self.ask(&host, &subject, payload.clone(), timeout).await else {
-                    return Outcome::Failed(format!("host {host} was lost while it had the message"));
+                let batch = Bytes::from(encode_batch(pending.iter().map(|i| payloads[*i].as_ref())));
+                let fail_all = |outcomes: &mut Vec<Option<Outcome>>, why: String| {
+                    for i in &pending {
+                        outcomes[*i] = Some(Outcome::Failed(why.clone()));
+                    }
                 };
-                match answer {
-                    Ok(reply) => match serde_json::from_slice::<DeliveryResult>(&reply.payload) {
-                        Ok(result) if result.not_here => {}
-                        Ok(DeliveryResult { error: None, .. }) => return Outcome::Handled,
-                        Ok(DeliveryResult { error: Some(e), .. }) => return Outcome::Failed(e),
-                        Err(e) => return Outcome::Failed(format!("host {host} answered unreadably: {e}")),
+                match self.ask(&host, &subject, batch, timeout).await {
+                    None => fail_all(&mut outcomes, format!("host {host} was lost while it had the message")),
+                    Some(Ok(reply)) => match serde_json::from_slice::<Vec<DeliveryResult>>(&reply.payload) {
+                        Ok(results) if results.len() == pending.len() => {
+                            for (i, result) in pending.iter().zip(results) {
+                                if !result.not_here {
+                                    outcomes[*i] = Some(result.error.map_or(Outcome::Handled, Outcome::Failed));
+                                }
+                            }
+                        }
+                        // One error for the whole batch (it named no service, or was unreadable).
+                        Ok(mut results) if results.len() == 1 => {
+                            fail_all(&mut outcomes, results.pop().and_then(|r| r.error).unwrap_or_else(|| format!("host {host} ran none of the messages")));
+                        }
+                        Ok(results) => fail_all(&mut outcomes, format!("host {host} answered {} results for {} messages", results.len(), pending.len())),
+                        Err(e) => fail_all(&mut outcomes, format!("host {host} answered unreadably: {e}")),
                     },
-                    Err(RequestError::NoResponders { .. }) => {}
-                    Err(e) => return Outcome::Failed(format!("host {host} did not finish the message: {e}")),
+                    Some(Err(RequestError::NoResponders { .. })) => {}
+                    Some(Err(e)) => fail_all(&mut outcomes, format!("host {host} did not finish the message: {e}")),
                 }
+            }
+            if outcomes.iter().all(Option::is_some) {
+                return outcomes.into_iter().flatten().collect();
             }
             let now = Instant::now();
             if now >= deadline {
                 let tried: Vec<String> = tried.iter().map(ToString::to_string).collect();
-                return Outcome::NoHost(if tried.is_empty() {
+                let why = if tried.is_empty() {
                     format!("no host was ready to take a message of {} within {}", self.service, wharf_proto::units::format_duration(HOST_ALLOWANCE))
                 } else {
                     format!("no host took a message of {} (tried {})", self.service, tried.join(", "))
-                });
+                };
+                return outcomes.into_iter().map(|o| o.unwrap_or_else(|| Outcome::NoHost(why.clone()))).collect();
             }
             tokio::select! {
                 _ = tokio::time::sleep((deadline - now).min(NO_HOST_POLL)) => {}
@@ -286,15 +318,24 @@ async fn intake_core(shared: Arc<Shared>, subject: String) {
             return;
         }
     };
-    while let Some(message) = subscription.next().await {
-        let Ok(permit) = shared.in_flight.clone().acquire_owned().await else { return };
+    let max = shared.max_batch();
+    while let Some(first) = subscription.next().await {
+        // Those already here go together: one trip to a host for many.
+        let mut batch = vec![first];
+        while batch.len() < max {
+            let Some(Some(more)) = subscription.next().now_or_never() else { break };
+            batch.push(more);
+        }
+        let Ok(permits) = shared.in_flight.clone().acquire_many_owned(u32::try_from(batch.len()).unwrap_or(1)).await else { return };
         let shared = shared.clone();
         tokio::spawn(async move {
-            let _permit = permit;
-            let payload = encode(&shared, &message.subject, message.reply, None, &message.payload);
-            match shared.hand(payload).await {
-                Outcome::Handled => {}
-                Outcome::Failed(e) | Outcome::NoHost(e) => tracing::debug!(service = %shared.service, "a message was not handled (core NATS: not delivered again): {e}"),
+            let _permits = permits;
+            let payloads: Vec<Bytes> = batch.into_iter().map(|m| encode(&shared, &m.subject, m.reply, None, &m.payload)).collect();
+            for outcome in shared.hand(&payloads).await {
+                match outcome {
+                    Outcome::Handled => {}
+                    Outcome::Failed(e) | Outcome::NoHost(e) => tracing::debug!(service = %shared.service, "a message was not handled (core NATS: not delivered again): {e}"),
+                }
             }
         });
     }
@@ -303,6 +344,7 @@ async fn intake_core(shared: Arc<Shared>, subject: String) {
 /// A stream trigger: at least once, acknowledged after the handler succeeded.
 async fn intake_stream(shared: Arc<Shared>, config: StreamConsumerConfig, dead_letter: String) {
     let service = shared.service.clone();
+    let max = shared.max_batch();
     let mut warned = false;
     loop {
         let mut messages = match shared.bus.stream_consumer(&config).await {
@@ -317,48 +359,63 @@ async fn intake_stream(shared: Arc<Shared>, config: StreamConsumerConfig, dead_l
             }
         };
         warned = false;
-        while let Some(next) = messages.next().await {
-            let delivered = match next {
+        while let Some(first) = messages.next().await {
+            let first = match first {
+                Ok(first) => first,
                 Err(e) => {
                     tracing::debug!(%service, "trigger stream {}: {e}", config.stream);
                     continue;
                 }
-                Ok(delivered) => delivered,
             };
-            let Ok(permit) = shared.in_flight.clone().acquire_owned().await else { return };
+            // Those already here go together: one trip to a host for many.
+            let mut batch = vec![first];
+            while batch.len() < max {
+                let Some(more) = messages.ready() else { break };
+                batch.push(more);
+            }
+            let Ok(permits) = shared.in_flight.clone().acquire_many_owned(u32::try_from(batch.len()).unwrap_or(1)).await else { return };
             let (shared, dead_letter, max_deliver) = (shared.clone(), dead_letter.clone(), config.max_deliver);
             tokio::spawn(async move {
-                let _permit = permit;
-                let last = delivered.delivered >= u64::from(max_deliver);
-                let payload = encode(&shared, &delivered.subject, None, Some(last), &delivered.payload);
-                let service = &shared.service;
-                let settled = match shared.hand(payload).await {
-                    Outcome::Handled => delivered.ack().await,
-                    Outcome::Failed(e) | Outcome::NoHost(e) if last => {
-                        tracing::warn!(%service, deliveries = delivered.delivered, "a message failed its last delivery; moving it to {dead_letter}: {e}");
-                        match shared.bus.publish(&dead_letter, delivered.payload.clone()).await {
-                            Ok(()) => delivered.ack().await,
-                            Err(publish) => {
-                                tracing::error!(%service, "cannot dead-letter a message on {dead_letter}: {publish}");
-                                delivered.nak(REDELIVERY_DELAY).await
-                            }
-                        }
-                    }
-                    // No host ran it: it waits in the stream (a delivery is
-                    // spent, as for any redelivery).
-                    Outcome::NoHost(e) => {
-                        tracing::warn!(%service, "{e}; the stream will deliver it again");
-                        delivered.nak(REDELIVERY_DELAY).await
-                    }
-                    Outcome::Failed(e) => {
-                        tracing::debug!(%service, deliveries = delivered.delivered, "a message failed; it will be delivered again: {e}");
-                        delivered.nak(REDELIVERY_DELAY).await
-                    }
-                };
-                if let Err(e) = settled {
-                    tracing::debug!(%service, "cannot acknowledge a message (it will be delivered again): {e}");
+                let _permits = permits;
+                let last: Vec<bool> = batch.iter().map(|d| d.delivered >= u64::from(max_deliver)).collect();
+                let payloads: Vec<Bytes> = batch.iter().zip(&last).map(|(d, last)| encode(&shared, &d.subject, None, Some(*last), &d.payload)).collect();
+                let outcomes = shared.hand(&payloads).await;
+                for ((delivered, last), outcome) in batch.iter().zip(last).zip(outcomes) {
+                    settle(&shared, delivered, last, outcome, &dead_letter).await;
                 }
             });
         }
+    }
+}
+
+/// Acknowledges a stream's message, asks for it again, or dead-letters it
+/// (its last allowed delivery failed, or no host took it).
+async fn settle(shared: &Shared, delivered: &wharf_bus::Delivered, last: bool, outcome: Outcome, dead_letter: &str) {
+    let service = &shared.service;
+    let settled = match outcome {
+        Outcome::Handled => delivered.ack().await,
+        Outcome::Failed(e) | Outcome::NoHost(e) if last => {
+            tracing::warn!(%service, deliveries = delivered.delivered, "a message failed its last delivery; moving it to {dead_letter}: {e}");
+            match shared.bus.publish(dead_letter, delivered.payload.clone()).await {
+                Ok(()) => delivered.ack().await,
+                Err(publish) => {
+                    tracing::error!(%service, "cannot dead-letter a message on {dead_letter}: {publish}");
+                    delivered.nak(REDELIVERY_DELAY).await
+                }
+            }
+        }
+        // No host ran it: it waits in the stream (a delivery is spent, as
+        // for any redelivery).
+        Outcome::NoHost(e) => {
+            tracing::warn!(%service, "{e}; the stream will deliver it again");
+            delivered.nak(REDELIVERY_DELAY).await
+        }
+        Outcome::Failed(e) => {
+            tracing::debug!(%service, deliveries = delivered.delivered, "a message failed; it will be delivered again: {e}");
+            delivered.nak(REDELIVERY_DELAY).await
+        }
+    };
+    if let Err(e) = settled {
+        tracing::debug!(%service, "cannot acknowledge a message (it will be delivered again): {e}");
     }
 }

@@ -33,7 +33,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 use wharf_bus::RequestError;
 use wharf_proto::HostId;
-use wharf_proto::trigger::{Delivery, DeliveryResult, delivery_queue_group, delivery_subject, host_intake_wildcard, intake_service};
+use wharf_proto::trigger::{Delivery, DeliveryResult, decode_batch, delivery_queue_group, delivery_subject, host_intake_wildcard, intake_service};
 use wharf_proto::{ServiceId, ServiceSpec};
 
 /// How often a message with no replica to go to looks again when no
@@ -76,53 +76,43 @@ impl HostAgent {
     /// ([`wharf_proto::trigger::host_intake_wildcard`]), each on its own
     /// task, until the agent stops.
     pub(super) async fn answer_intake(&self) -> Result<(), wharf_bus::SubscribeError> {
-        let mut subscription = self.inner.bus.subscribe(&host_intake_wildcard(&self.inner.config.host)).await?;
-        let agent = Arc::downgrade(&self.inner);
-        let handlers = self.inner.handlers.clone();
-        let mut stop = self.inner.stop.subscribe();
-        tokio::spawn(async move {
-            loop {
-                let request = tokio::select! {
-                    request = subscription.next() => request,
-                    _ = stop.changed() => return,
-                };
-                let Some(request) = request else { return };
-                let Ok(permit) = handlers.clone().acquire_owned().await else { return };
-                let Some(inner) = agent.upgrade() else { return };
-                tokio::spawn(async move {
-                    let _permit = permit;
-                    let agent = HostAgent { inner };
-                    let result = agent.take_in(&request.subject, &request.payload).await;
-                    // A result is two small fields: it always encodes.
-                    let payload = serde_json::to_vec(&result).unwrap_or_default();
-                    if let Err(e) = agent.inner.bus.respond(&request, Bytes::from(payload)).await {
-                        tracing::debug!("cannot answer the control plane's intake on {}: {e}", request.subject);
-                    }
-                });
-            }
-        });
+        let subscription = self.inner.bus.subscribe(&host_intake_wildcard(&self.inner.config.host)).await?;
+        tokio::spawn(answer_each(Arc::downgrade(&self.inner), subscription, |agent: HostAgent, subject: String, payload: Bytes| async move {
+            agent.take_in(&subject, &payload).await
+        }));
         Ok(())
     }
 
-    /// Runs one message the intake handed over on `subject`: `not_here`
-    /// when this host is draining or does not know the service as
-    /// triggered (yet), so the intake tries another host.
-    async fn take_in(&self, subject: &str, payload: &[u8]) -> DeliveryResult {
-        let not_here = DeliveryResult { error: None, not_here: true, overloaded: false };
+    /// Runs the messages the intake handed over together on `subject` (a
+    /// batch, [`wharf_proto::trigger::encode_batch`]), each on its own, and
+    /// answers how each ended, in order: `not_here` for all when this host
+    /// is draining or does not know the service as triggered (yet), so the
+    /// intake tries another host.
+    async fn take_in(&self, subject: &str, payload: &[u8]) -> Vec<DeliveryResult> {
+        let failed = |error: String| vec![DeliveryResult { error: Some(error), not_here: false, overloaded: false }];
         let Some(service) = intake_service(subject).and_then(|(namespace, name)| ServiceId::new(namespace, name).ok()) else {
-            return DeliveryResult { error: Some(format!("{subject} names no service")), not_here: false, overloaded: false };
+            return failed(format!("{subject} names no service"));
+        };
+        let deliveries = match decode_batch(payload) {
+            Ok(deliveries) => deliveries,
+            Err(e) => return failed(e),
         };
         let spec = match self.inner.directory.spec(&service) {
             Some(spec) if !spec.triggers.is_empty() && !self.inner.draining.load(Ordering::Relaxed) => spec,
-            _ => return not_here,
+            _ => return vec![DeliveryResult { error: None, not_here: true, overloaded: false }; deliveries.len()],
         };
-        let (head, body) = match Delivery::decode(payload) {
+        futures::future::join_all(deliveries.into_iter().map(|delivery| self.take_one(&service, &spec, delivery))).await
+    }
+
+    /// Runs one message of a batch the intake handed over.
+    async fn take_one(&self, service: &ServiceId, spec: &ServiceSpec, delivery: &[u8]) -> DeliveryResult {
+        let (head, body) = match Delivery::decode(delivery) {
             Ok(decoded) => decoded,
             Err(e) => return DeliveryResult { error: Some(e), not_here: false, overloaded: false },
         };
         let last = head.last_delivery;
         let message = BrokerMessage { subject: head.subject, body: body.to_vec(), reply_to: head.reply_to };
-        let outcome = self.dispatch(&service, &spec, message).await;
+        let outcome = self.dispatch(service, spec, message).await;
         let result = match (&outcome, last) {
             (Ok(()), _) => "handled",
             (Err(_), None) => "failed",
@@ -222,17 +212,34 @@ impl HostAgent {
     }
 }
 
-/// Answers messages other hosts hand to this host's replicas of `service`.
-async fn deliver(agent: Weak<Inner>, service: ServiceId) {
+/// What a host answers a hand-off (one result) or the intake (one per message) with.
+trait AnswerPayload {
+    fn encode(&self) -> Vec<u8>;
+}
+
+impl AnswerPayload for DeliveryResult {
+    fn encode(&self) -> Vec<u8> {
+        // Small fields: they always encode.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+impl AnswerPayload for Vec<DeliveryResult> {
+    fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+/// Answers each request on `subscription` with what `handle` makes of its
+/// subject and payload, each on a task of its own within the host's bound
+/// of bus handlers, until the agent stops.
+async fn answer_each<F, Fut, T>(agent: Weak<Inner>, mut subscription: wharf_bus::Subscription, handle: F)
+where
+    F: Fn(HostAgent, String, Bytes) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = T> + Send,
+    T: AnswerPayload + Send,
+{
     let Some(inner) = agent.upgrade() else { return };
-    let subject = delivery_subject(&inner.config.host, &service.namespace, &service.name);
-    let mut subscription = match inner.bus.queue_subscribe(&subject, &delivery_queue_group(&service.namespace, &service.name)).await {
-        Ok(subscription) => subscription,
-        Err(e) => {
-            tracing::error!(%service, "cannot listen for messages handed over by other hosts: {e}");
-            return;
-        }
-    };
     let handlers = inner.handlers.clone();
     let mut stop = inner.stop.subscribe();
     drop(inner);
@@ -244,11 +251,35 @@ async fn deliver(agent: Weak<Inner>, service: ServiceId) {
         let Some(request) = request else { return };
         let Ok(permit) = handlers.clone().acquire_owned().await else { return };
         let Some(inner) = agent.upgrade() else { return };
-        let service = service.clone();
+        let handle = handle.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let agent = HostAgent { inner };
-            let result = match Delivery::decode(&request.payload) {
+            let result = handle(agent.clone(), request.subject.clone(), request.payload.clone()).await;
+            let payload = result.encode();
+            if let Err(e) = agent.inner.bus.respond(&request, Bytes::from(payload)).await {
+                tracing::debug!("cannot answer a message on {}: {e}", request.subject);
+            }
+        });
+    }
+}
+
+/// Answers messages other hosts hand to this host's replicas of `service`.
+async fn deliver(agent: Weak<Inner>, service: ServiceId) {
+    let Some(inner) = agent.upgrade() else { return };
+    let subject = delivery_subject(&inner.config.host, &service.namespace, &service.name);
+    let subscription = match inner.bus.queue_subscribe(&subject, &delivery_queue_group(&service.namespace, &service.name)).await {
+        Ok(subscription) => subscription,
+        Err(e) => {
+            tracing::error!(%service, "cannot listen for messages handed over by other hosts: {e}");
+            return;
+        }
+    };
+    drop(inner);
+    answer_each(agent, subscription, move |agent: HostAgent, _subject: String, payload: Bytes| {
+        let service = service.clone();
+        async move {
+            match Delivery::decode(&payload) {
                 Err(e) => DeliveryResult { error: Some(e), not_here: false, overloaded: false },
                 Ok((head, body)) => match agent.local_workload(&service) {
                     None => DeliveryResult { error: None, not_here: true, overloaded: false },
@@ -261,12 +292,8 @@ async fn deliver(agent: Weak<Inner>, service: ServiceId) {
                         }
                     }
                 },
-            };
-            // A result is two small fields: it always encodes.
-            let payload = serde_json::to_vec(&result).unwrap_or_default();
-            if let Err(e) = agent.inner.bus.respond(&request, Bytes::from(payload)).await {
-                tracing::debug!(%service, "cannot answer a handed-over message: {e}");
             }
-        });
-    }
+        }
+    })
+    .await;
 }
