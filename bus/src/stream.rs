@@ -260,4 +260,11 @@ impl Delivered {
     pub async fn nak(&self, delay: Duration) -> Result<(), BackendError> {
         self.consumers.acknowledge(&self.reply, Some(delay)).await
     }
+
+    /// Still being worked on: the consumer's ack wait starts again, so a
+    /// short ack wait redelivers soon after its holder dies, however long
+    /// a live holder takes.
+    pub async fn in_progress(&self) -> Result<(), BackendError> {
+        self.consumers.progress(&self.reply).await
+    }
 }

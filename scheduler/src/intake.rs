@@ -16,7 +16,10 @@
 //!
 //! A stream's message is acknowledged after its handler succeeded; a
 //! failure asks for it again after a short delay, and its last allowed
-//! delivery goes to the dead-letter subject instead. A core message is
+//! delivery goes to the dead-letter subject instead. While a host has it,
+//! the scheduler tells the stream every few seconds that it is in progress,
+//! so the consumer's ack wait can be short: the messages a killed
+//! scheduler held are delivered again within [`ACK_WAIT`]. A core message is
 //! delivered at most once.
 //!
 //! In flight per service: its concurrency for each ready host (at least
@@ -44,6 +47,15 @@ const REOPEN_DELAY: Duration = Duration::from_secs(1);
 
 /// Messages of one stream delivered and not yet acknowledged, over all schedulers.
 const MAX_ACK_PENDING: u32 = 1024;
+
+/// How long a stream's message may go without word from the scheduler that
+/// holds it before another gets it: short, since a live holder says every
+/// [`PROGRESS_EVERY`] that it is still at it (however long a host takes),
+/// so a killed scheduler's messages come back within this.
+const ACK_WAIT: Duration = Duration::from_secs(10);
+
+/// How often a held stream message's ack wait is started again.
+const PROGRESS_EVERY: Duration = Duration::from_secs(3);
 
 /// Hosts one message is offered to before the intake gives up on it.
 const HOSTS_TRIED: usize = 3;
@@ -291,8 +303,7 @@ async fn intake(shared: Arc<Shared>, trigger: Trigger) {
                 subject,
                 consumer: consumer_name(&service.name, &trigger.subject),
                 max_deliver: trigger.max_deliver(),
-                // Long enough for the longest a host may take, twice over.
-                ack_wait: 2 * (shared.spec.limits.timeout + HOST_ALLOWANCE),
+                ack_wait: ACK_WAIT,
                 max_ack_pending: MAX_ACK_PENDING,
             };
             let dead_letter = message_subject(&service.namespace, &trigger.dead_letter(&service.name));
@@ -379,7 +390,21 @@ async fn intake_stream(shared: Arc<Shared>, config: StreamConsumerConfig, dead_l
                 let _permits = permits;
                 let last: Vec<bool> = batch.iter().map(|d| d.delivered >= u64::from(max_deliver)).collect();
                 let payloads: Vec<Bytes> = batch.iter().zip(&last).map(|(d, last)| encode(&shared, &d.subject, None, Some(*last), &d.payload)).collect();
-                let outcomes = shared.hand(&payloads).await;
+                let handing = shared.hand(&payloads);
+                tokio::pin!(handing);
+                let mut progress = tokio::time::interval_at(tokio::time::Instant::now() + PROGRESS_EVERY, PROGRESS_EVERY);
+                let outcomes = loop {
+                    tokio::select! {
+                        outcomes = &mut handing => break outcomes,
+                        _ = progress.tick() => {
+                            for delivered in &batch {
+                                if let Err(e) = delivered.in_progress().await {
+                                    tracing::debug!(service = %shared.service, "cannot tell the stream a message is in progress: {e}");
+                                }
+                            }
+                        }
+                    }
+                };
                 for ((delivered, last), outcome) in batch.iter().zip(last).zip(outcomes) {
                     settle(&shared, delivered, last, outcome, &dead_letter).await;
                 }

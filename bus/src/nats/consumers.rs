@@ -52,8 +52,14 @@ pub enum ConsumerAsk {
     Pull { stream: String, consumer: String, deliver: String, batch: usize, expires_ms: u64 },
     /// Acknowledges a delivered message (its reply subject `ack`, as the
     /// server gave it), or with `nak_delay_ms` asks for it again after that
-    /// long. Sent without a reply and never answered.
-    Ack { ack: String, nak_delay_ms: Option<u64> },
+    /// long, or with `progress` says it is still being worked on (its ack
+    /// wait starts again). Sent without a reply and never answered.
+    Ack {
+        ack: String,
+        nak_delay_ms: Option<u64>,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        progress: bool,
+    },
 }
 
 impl ConsumerAsk {
@@ -164,7 +170,16 @@ impl Consumers {
     /// subject space).
     pub(crate) async fn acknowledge(&self, ack: &str, nak_delay: Option<Duration>) -> Result<(), BackendError> {
         let nak_delay_ms = nak_delay.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-        let ask = ConsumerAsk::Ack { ack: ack.to_owned(), nak_delay_ms };
+        self.send_ack(ConsumerAsk::Ack { ack: ack.to_owned(), nak_delay_ms, progress: false }).await
+    }
+
+    /// Tells the server a delivered message is still being worked on: its
+    /// ack wait starts again.
+    pub(crate) async fn progress(&self, ack: &str) -> Result<(), BackendError> {
+        self.send_ack(ConsumerAsk::Ack { ack: ack.to_owned(), nak_delay_ms: None, progress: true }).await
+    }
+
+    async fn send_ack(&self, ask: ConsumerAsk) -> Result<(), BackendError> {
         match self {
             Consumers::Own { .. } => self.make(&ask).await.map(drop),
             Consumers::Broker { client, subject } => {
@@ -232,11 +247,12 @@ pub(crate) async fn carry_out(jetstream: &jetstream::Context, replicas: usize, a
                 .await?;
             Ok(Made::default())
         }
-        ConsumerAsk::Ack { ack, nak_delay_ms } => {
+        ConsumerAsk::Ack { ack, nak_delay_ms, progress } => {
             // Published without a reply: nothing is answered anywhere.
-            let body = match nak_delay_ms {
-                None => Bytes::from_static(b"+ACK"),
-                Some(ms) => format!("-NAK {{\"delay\":{}}}", ms.saturating_mul(1_000_000)).into(),
+            let body = match (progress, nak_delay_ms) {
+                (true, _) => Bytes::from_static(b"+WPI"),
+                (false, None) => Bytes::from_static(b"+ACK"),
+                (false, Some(ms)) => format!("-NAK {{\"delay\":{}}}", ms.saturating_mul(1_000_000)).into(),
             };
             jetstream.client().publish(ack.clone(), body).await?;
             Ok(Made::default())
