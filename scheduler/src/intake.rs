@@ -22,8 +22,9 @@
 //! scheduler held are delivered again within [`ACK_WAIT`]. A core message is
 //! delivered at most once.
 //!
-//! In flight per service: its concurrency for each ready host (at least
-//! one host's worth), as many as the hosts' replicas can take at once.
+//! In flight per service: twice its concurrency for each ready host (at
+//! least one host's worth): what the hosts' replicas run at once, and the
+//! next batch on its way.
 
 use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
@@ -158,9 +159,16 @@ enum Outcome {
     NoHost(String),
 }
 
+/// Messages in hand per ready host: twice the service's concurrency, so
+/// that while one batch runs on a host the next is already on its way (the
+/// host's replicas queue what exceeds their concurrency, as for requests).
+fn in_flight_per_host(spec: &ServiceSpec) -> usize {
+    2 * usize::try_from(spec.limits.concurrency).unwrap_or(1).max(1)
+}
+
 impl Shared {
     fn new(bus: Bus, hosts: HostTable, spec: Arc<ServiceSpec>) -> Shared {
-        let per_host = usize::try_from(spec.limits.concurrency).unwrap_or(1).max(1);
+        let per_host = in_flight_per_host(&spec);
         let mut changes = hosts.changes();
         changes.mark_changed();
         Shared {
@@ -182,8 +190,7 @@ impl Shared {
             if candidates.changes.has_changed().unwrap_or(false) {
                 candidates.changes.borrow_and_update();
                 let (with_replica, others) = self.hosts.intake_hosts(&self.service);
-                let per_host = usize::try_from(self.spec.limits.concurrency).unwrap_or(1).max(1);
-                let wanted = per_host * (with_replica.len() + others.len()).max(1);
+                let wanted = in_flight_per_host(&self.spec) * (with_replica.len() + others.len()).max(1);
                 if wanted > candidates.granted {
                     self.in_flight.add_permits(wanted - candidates.granted);
                     candidates.granted = wanted;
