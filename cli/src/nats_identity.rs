@@ -100,6 +100,8 @@ pub fn run(command: NatsCommand) -> anyhow::Result<()> {
         }
         NatsCommand::Certs(args) => crate::nats_certs::certs(&args)?,
         NatsCommand::RemoveHost(args) => {
+            // Checked before anything is removed: a refusal changes nothing.
+            crate::nats_pins::check_unpin_host(&args.dir, &args.host)?;
             remove_host(&args.dir, &args.host)?;
             println!("host {}: identity removed from {}", args.host, args.dir.join(USERS_FILE).display());
             if crate::nats_pins::unpin_host(&args.dir, &args.host)? {

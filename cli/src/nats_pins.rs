@@ -73,9 +73,7 @@ pub fn unpin(args: &UnpinArgs) -> anyhow::Result<()> {
         anyhow::ensure!(pins.len() < before, "{what}: not pinned in {} ({sha256})", args.dir.join(PINS_FILE).display());
         println!("{what}: unpinned {sha256}");
     }
-    if pins.is_empty() {
-        println!("warning: no certificate is pinned any more, so the servers accept any certificate the CA signed");
-    }
+    refuse_empty(&args.dir, &pins)?;
     write(&args.dir, &pins)?;
     println!("reload the NATS server to drop its connections: nats-server --signal reload (with a cluster, copy {PINS_FILE} to every node first)");
     Ok(())
@@ -94,18 +92,43 @@ pub fn pin_host(dir: &Path, host: &wharf_proto::HostId, cert: &Path) -> anyhow::
 
 /// Removes host `host`'s pin; whether it had one.
 pub fn unpin_host(dir: &Path, host: &wharf_proto::HostId) -> anyhow::Result<bool> {
+    let Some(pins) = without_host(dir, host)? else { return Ok(false) };
+    write(dir, &pins)?;
+    Ok(true)
+}
+
+/// Checks that host `host`'s pin may be removed (so that `remove-host`
+/// refuses before it changes anything).
+pub fn check_unpin_host(dir: &Path, host: &wharf_proto::HostId) -> anyhow::Result<()> {
+    without_host(dir, host).map(drop)
+}
+
+/// The pins without host `host`'s, if it has one; refused when none would be left.
+fn without_host(dir: &Path, host: &wharf_proto::HostId) -> anyhow::Result<Option<Vec<Pin>>> {
     if !dir.join(PINS_FILE).exists() {
-        return Ok(false);
+        return Ok(None);
     }
     let name = host_pin_name(host);
     let mut pins = read(dir)?;
     let before = pins.len();
     pins.retain(|p| p.name != name);
     if pins.len() == before {
-        return Ok(false);
+        return Ok(None);
     }
-    write(dir, &pins)?;
-    Ok(true)
+    refuse_empty(dir, &pins)?;
+    Ok(Some(pins))
+}
+
+/// An empty list makes the servers accept any certificate the CA signed,
+/// the one just revoked among them: refused.
+fn refuse_empty(dir: &Path, pins: &[Pin]) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !pins.is_empty(),
+        "that would leave {} pinning nothing, and then the servers accept any certificate the CA signed, the revoked one included; \
+         pin the certificates that should still connect first (wharf nats pin)",
+        dir.join(PINS_FILE).display()
+    );
+    Ok(())
 }
 
 fn host_pin_name(host: &wharf_proto::HostId) -> String {
@@ -265,8 +288,14 @@ mod tests {
         assert!(!unpin_host(dir.path(), &host_a).expect("nothing to unpin"));
         let refused = unpin(&UnpinArgs { dir: dir.path().into(), certs: vec![pin_b.clone()] }).expect_err("not pinned");
         assert!(refused.to_string().contains("not pinned"), "{refused}");
+        // The last pin stays: without it the servers would accept any certificate.
+        let last = unpin(&UnpinArgs { dir: dir.path().into(), certs: vec![scheduler.to_str().expect("utf-8").into()] }).expect_err("the last pin");
+        assert!(last.to_string().contains("accept any certificate"), "{last}");
+        assert_eq!(read(dir.path()).expect("read").len(), 1, "nothing changed");
+        pin_host(dir.path(), &host_a, &a).expect("pinned");
         unpin(&UnpinArgs { dir: dir.path().into(), certs: vec![scheduler.to_str().expect("utf-8").into()] }).expect("unpinned");
-        assert_eq!(read(dir.path()).expect("read"), []);
+        assert!(check_unpin_host(dir.path(), &host_a).expect_err("the last pin").to_string().contains("accept any certificate"));
+        assert_eq!(read(dir.path()).expect("read").len(), 1);
 
         std::fs::write(dir.path().join(PINS_FILE), "pinned_certs: [\n  \"not-hex\",\n]\n").expect("write");
         assert!(read(dir.path()).expect_err("bad pin").to_string().contains("not the SHA-256"));

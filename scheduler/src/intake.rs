@@ -28,7 +28,7 @@
 
 use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -42,6 +42,9 @@ use crate::informer::Informer;
 
 /// How long a failed stream message waits before it is delivered again.
 const REDELIVERY_DELAY: Duration = Duration::from_secs(1);
+
+/// How often intakes that ended (a subscription failed or closed) are started again.
+const RESTART_EVERY: Duration = Duration::from_secs(5);
 
 /// How long a stream intake waits before opening its consumer again after a failure.
 const REOPEN_DELAY: Duration = Duration::from_secs(1);
@@ -102,13 +105,16 @@ pub(crate) fn start(bus: Bus, informer: Informer, hosts: HostTable, mut stop: wa
         let mut changes = informer.changes();
         loop {
             // Only new or changed specs are copied.
-            let (keep, new): (Vec<ServiceId>, Vec<Arc<ServiceSpec>>) = informer.read(|state| {
-                let mut keep = Vec::new();
+            let (keep, new): (BTreeSet<ServiceId>, Vec<Arc<ServiceSpec>>) = informer.read(|state| {
+                let mut keep = BTreeSet::new();
                 let mut new = Vec::new();
                 for stored in state.services.values().filter(|s| !s.spec.triggers.is_empty()) {
                     let id = stored.spec.id();
                     match intakes.get(&id) {
-                        Some(running) if same_intakes(&running.spec, &stored.spec) => keep.push(id),
+                        // One whose task ended (its subscription failed or closed) starts again.
+                        Some(running) if same_intakes(&running.spec, &stored.spec) && !running._tasks.iter().any(|t| t.0.is_finished()) => {
+                            keep.insert(id);
+                        }
                         _ => new.push(Arc::new(stored.spec.clone())),
                     }
                 }
@@ -122,6 +128,8 @@ pub(crate) fn start(bus: Bus, informer: Informer, hosts: HostTable, mut stop: wa
             }
             tokio::select! {
                 changed = changes.changed() => if changed.is_err() { return },
+                // Intakes that ended are started again even when nothing changed.
+                _ = tokio::time::sleep(RESTART_EVERY) => {}
                 _ = stop.changed() => return,
             }
         }
@@ -182,8 +190,8 @@ impl Shared {
         }
     }
 
-    /// The hosts to offer a message to, in order, leaving out `tried`: one
-    /// with a ready replica (in turn), then the other ready hosts.
+    /// The next host to offer a message to, leaving out `tried`: one with a
+    /// ready replica (in turn), or, when none has one, another ready host.
     fn next_host(&self, tried: &[HostId]) -> Option<HostId> {
         let (with_replica, others) = {
             let Ok(mut candidates) = self.candidates.lock() else { return None };
@@ -200,9 +208,13 @@ impl Shared {
             }
             (candidates.with_replica.clone(), candidates.others.clone())
         };
+        // Hosts that run nothing of the service see its messages only when
+        // none reports a ready replica (to wake it, or hand them on): one
+        // that does and answers `not_here` is waited for, not passed over.
         let turn = self.turn.fetch_add(1, Ordering::Relaxed);
-        let len = with_replica.len();
-        (0..len).map(|i| &with_replica[(turn + i) % len]).chain(others.iter().cycle().skip(turn % others.len().max(1)).take(others.len())).find(|host| !tried.contains(host)).cloned()
+        let candidates = if with_replica.is_empty() { &others } else { &with_replica };
+        let len = candidates.len();
+        (0..len).map(|i| &candidates[(turn + i) % len]).find(|host| !tried.contains(host)).cloned()
     }
 
     /// Messages handed to one host at once, at most.

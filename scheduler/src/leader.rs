@@ -22,6 +22,8 @@
 //! they carry it, and hosts ignore assignments from an older epoch.
 
 use bytes::Bytes;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -82,10 +84,51 @@ impl Leadership {
     }
 }
 
+/// Until when this scheduler's lease holds by its own clock: its last
+/// renewal plus the ttl, less one renewal period (after that a follower
+/// may have taken it). A process frozen past it (stopped, starved of CPU)
+/// does not claim to lead on waking, before its campaign has looked at the
+/// lease again. Shared; cheap to clone.
+#[derive(Clone)]
+pub struct LeaseClock {
+    start: Instant,
+    /// Milliseconds after `start`; 0: not held.
+    until_ms: Arc<AtomicU64>,
+}
+
+impl LeaseClock {
+    fn new() -> LeaseClock {
+        LeaseClock { start: Instant::now(), until_ms: Arc::new(AtomicU64::new(0)) }
+    }
+
+    fn set(&self, until: Option<Instant>) {
+        let ms = until.map_or(0, |until| u64::try_from(until.duration_since(self.start).as_millis()).unwrap_or(u64::MAX).max(1));
+        self.until_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Whether the lease holds now, by this process's clock.
+    pub fn holds(&self) -> bool {
+        let until = self.until_ms.load(Ordering::Relaxed);
+        until != 0 && u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX) < until
+    }
+
+    /// `leadership` as it stands now: a leader whose lease ran out by its
+    /// own clock is a follower until its campaign says more.
+    pub fn check(&self, leadership: Leadership) -> Leadership {
+        match leadership {
+            Leadership::Leader { .. } if !self.holds() => Leadership::Follower { leader: None },
+            other => other,
+        }
+    }
+}
+
 /// Campaigns for the lease as `me` until `stop` turns true; the receiver
-/// follows this scheduler's leadership.
-pub fn campaign(kv: Kv, me: String, config: LeaseConfig, mut stop: watch::Receiver<bool>) -> watch::Receiver<Leadership> {
+/// follows this scheduler's leadership, and the clock says until when its
+/// lease holds.
+pub fn campaign(kv: Kv, me: String, config: LeaseConfig, mut stop: watch::Receiver<bool>) -> (watch::Receiver<Leadership>, LeaseClock) {
     let (tx, rx) = watch::channel(Leadership::Follower { leader: None });
+    let clock = LeaseClock::new();
+    let lease_clock = clock.clone();
     tokio::spawn(async move {
         let mut elector = Elector { kv, me, config, seen: None, held: None };
         loop {
@@ -98,11 +141,13 @@ pub fn campaign(kv: Kv, me: String, config: LeaseConfig, mut stop: watch::Receiv
                 _ = stop.changed() => true,
             };
             if stopping || *stop.borrow() {
+                lease_clock.set(None);
                 elector.release().await;
                 tx.send_replace(Leadership::Follower { leader: None });
                 return;
             }
             let leadership = elector.step().await;
+            lease_clock.set(elector.held.map(|held| held.renewed + config.ttl.saturating_sub(config.renew)));
             tx.send_if_modified(|current| {
                 let changed = *current != leadership;
                 if changed {
@@ -122,7 +167,7 @@ pub fn campaign(kv: Kv, me: String, config: LeaseConfig, mut stop: watch::Receiv
             });
         }
     });
-    rx
+    (rx, clock)
 }
 
 /// The lease as this scheduler holds it.
@@ -249,5 +294,28 @@ impl Elector {
                 Err(e) => tracing::debug!("could not release the leader lease: {e}"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_leader_whose_lease_ran_out_by_its_own_clock_does_not_claim_to_lead() {
+        let clock = LeaseClock::new();
+        let leader = Leadership::Leader { epoch: 3 };
+        assert_eq!(clock.check(leader.clone()), Leadership::Follower { leader: None }, "never renewed");
+        clock.set(Some(Instant::now() + Duration::from_secs(10)));
+        assert!(clock.holds());
+        assert_eq!(clock.check(leader.clone()), leader);
+        // Renewed long ago (a process frozen past its lease, then thawed).
+        clock.set(Some(Instant::now()));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert_eq!(clock.check(leader.clone()), Leadership::Follower { leader: None });
+        let follower = Leadership::Follower { leader: Some("s2".into()) };
+        assert_eq!(clock.check(follower.clone()), follower, "a follower stays one");
+        clock.set(None);
+        assert!(!clock.holds());
     }
 }

@@ -136,6 +136,8 @@ pub struct ControlPlane {
     /// Jobs and their runs (`jobs.rs`); the leader runs their loop.
     pub(crate) jobs: jobs::Jobs,
     pub(crate) leadership: watch::Receiver<Leadership>,
+    /// Until when this scheduler's lease holds by its own clock.
+    lease_clock: leader::LeaseClock,
     pub(crate) config: ControlPlaneConfig,
     stop: Arc<watch::Sender<bool>>,
 }
@@ -163,7 +165,7 @@ impl ControlPlane {
         consumers::serve(bus, informer.clone(), hosts.clone(), jobs.clone()).await.map_err(StartError::ConsumerBroker)?;
         let events = bus.kv(wharf_proto::names::EVENTS_BUCKET).await.map_err(StartError::Events)?;
         let (stop, stopped) = watch::channel(false);
-        let leadership = leader::campaign(store.leader_kv().clone(), config.name.clone(), config.lease, stopped.clone());
+        let (leadership, lease_clock) = leader::campaign(store.leader_kv().clone(), config.name.clone(), config.lease, stopped.clone());
         let autoscaling = autoscale::Autoscaling::default();
         let pass_stats = controller::PassStats::default();
         let context = controller::Context {
@@ -193,6 +195,7 @@ impl ControlPlane {
             events,
             jobs,
             leadership,
+            lease_clock,
             config,
             stop: Arc::new(stop),
         })
@@ -200,7 +203,7 @@ impl ControlPlane {
 
     /// Whether this scheduler leads now.
     pub fn leadership(&self) -> Leadership {
-        self.leadership.borrow().clone()
+        self.lease_clock.check(self.leadership.borrow().clone())
     }
 
     /// Follows this scheduler's leadership.
