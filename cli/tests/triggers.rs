@@ -353,3 +353,48 @@ async fn a_stream_message_held_past_the_ack_wait_is_handled_once() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(counts(&js).await.get("held").map(String::as_str), Some("1"), "handled more than once");
 }
+
+/// Messages that together exceed a NATS message are not handed to a host
+/// in one batch: two stream messages of 600 KB each (the handler
+/// publishes each body on), pulled together, are both handled at their
+/// first and only delivery (`max_deliver: 1`: a batch refused as too large
+/// would dead-letter them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_messages_that_arrive_together_are_handed_over_apart() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wharf = Path::new(WHARF);
+    let scheduler = Scheduler::start(wharf, &nats.url(), &dir.path().join("scheduler"), &[]);
+    let _host = Host::start(wharf, &nats.url(), "host-a", "a", dir.path(), &[]);
+    let client = async_nats::connect(nats.url()).await.expect("a test client");
+    let js = async_nats::jetstream::new(client.clone());
+    let manifest = write(
+        dir.path(),
+        "big.yaml",
+        &format!("name: big\ncomponent: {{ file: {} }}\ntriggers: [{{ subject: \"big.>\", stream: big, max_deliver: 1 }}]\n", samples::path("messenger").display()),
+    );
+    // Both are stored before the service exists, so the intake's first
+    // pull brings them together.
+    js.get_or_create_stream(async_nats::jetstream::stream::Config {
+        name: "wharf-msg-default-big".into(),
+        subjects: vec!["wharf.msg.default.big.>".into()],
+        ..Default::default()
+    })
+    .await
+    .expect("the stream");
+    let mut out = client.subscribe("wharf.msg.default.out.>").await.expect("subscribe");
+    client.flush().await.expect("flush");
+    let text = "x".repeat(600 * 1024);
+    for i in 0..2 {
+        js.publish(format!("wharf.msg.default.big.{i}"), format!("publish out.{i} {text}").into()).await.expect("published").await.expect("stored");
+    }
+    scheduler.ok(&["apply", "-f", &manifest]);
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let message = tokio::time::timeout(Duration::from_secs(20), out.next()).await.expect("both handled within 20 s").expect("a message");
+        assert_eq!(message.payload.len(), text.len());
+        got.push(message.subject.to_string());
+    }
+    got.sort();
+    assert_eq!(got, ["wharf.msg.default.out.0", "wharf.msg.default.out.1"]);
+}

@@ -331,6 +331,15 @@ async fn intake(shared: Arc<Shared>, trigger: Trigger) {
     }
 }
 
+/// Room left in a batch's NATS message for what the bus adds (headers).
+const BATCH_HEADROOM: usize = 4096;
+
+/// About how many bytes a message takes in a batch: its body, its head
+/// (subjects and a few fields of JSON) and its length prefix.
+fn envelope(subject: &str, reply_to: Option<&str>, body: usize) -> usize {
+    body + subject.len() + reply_to.map_or(0, str::len) + 96
+}
+
 /// The message's head and body as hosts take them.
 fn encode(shared: &Shared, subject: &str, reply_to: Option<String>, last_delivery: Option<bool>, body: &[u8]) -> Bytes {
     let subject = relative_subject(&shared.service.namespace, subject).unwrap_or(subject).to_owned();
@@ -349,11 +358,28 @@ async fn intake_core(shared: Arc<Shared>, subject: String) {
         }
     };
     let max = shared.max_batch();
-    while let Some(first) = subscription.next().await {
-        // Those already here go together: one trip to a host for many.
+    let budget = shared.bus.max_payload().saturating_sub(BATCH_HEADROOM);
+    // One taken that did not fit the last batch: it starts the next.
+    let mut carried = None;
+    loop {
+        let first = match carried.take() {
+            Some(first) => first,
+            None => match subscription.next().await {
+                Some(first) => first,
+                None => return,
+            },
+        };
+        // Those already here go together, within a NATS message: one trip to a host for many.
+        let mut bytes = envelope(&first.subject, first.reply.as_deref(), first.payload.len());
         let mut batch = vec![first];
         while batch.len() < max {
             let Some(Some(more)) = subscription.next().now_or_never() else { break };
+            let size = envelope(&more.subject, more.reply.as_deref(), more.payload.len());
+            if bytes + size > budget {
+                carried = Some(more);
+                break;
+            }
+            bytes += size;
             batch.push(more);
         }
         let Ok(permits) = shared.in_flight.clone().acquire_many_owned(u32::try_from(batch.len()).unwrap_or(1)).await else { return };
@@ -375,6 +401,9 @@ async fn intake_core(shared: Arc<Shared>, subject: String) {
 async fn intake_stream(shared: Arc<Shared>, config: StreamConsumerConfig, dead_letter: String) {
     let service = shared.service.clone();
     let max = shared.max_batch();
+    let budget = shared.bus.max_payload().saturating_sub(BATCH_HEADROOM);
+    // One taken that did not fit the last batch: it starts the next.
+    let mut carried: Option<wharf_bus::Delivered> = None;
     let mut warned = false;
     loop {
         let mut messages = match shared.bus.stream_consumer(&config).await {
@@ -389,18 +418,29 @@ async fn intake_stream(shared: Arc<Shared>, config: StreamConsumerConfig, dead_l
             }
         };
         warned = false;
-        while let Some(first) = messages.next().await {
-            let first = match first {
-                Ok(first) => first,
-                Err(e) => {
-                    tracing::debug!(%service, "trigger stream {}: {e}", config.stream);
-                    continue;
-                }
+        loop {
+            let first = match carried.take() {
+                Some(first) => first,
+                None => match messages.next().await {
+                    None => break,
+                    Some(Ok(first)) => first,
+                    Some(Err(e)) => {
+                        tracing::debug!(%service, "trigger stream {}: {e}", config.stream);
+                        continue;
+                    }
+                },
             };
-            // Those already here go together: one trip to a host for many.
+            // Those already here go together, within a NATS message: one trip to a host for many.
+            let mut bytes = envelope(&first.subject, None, first.payload.len());
             let mut batch = vec![first];
             while batch.len() < max {
                 let Some(more) = messages.ready() else { break };
+                let size = envelope(&more.subject, None, more.payload.len());
+                if bytes + size > budget {
+                    carried = Some(more);
+                    break;
+                }
+                bytes += size;
                 batch.push(more);
             }
             let Ok(permits) = shared.in_flight.clone().acquire_many_owned(u32::try_from(batch.len()).unwrap_or(1)).await else { return };
