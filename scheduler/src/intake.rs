@@ -340,6 +340,23 @@ fn envelope(subject: &str, reply_to: Option<&str>, body: usize) -> usize {
     body + subject.len() + reply_to.map_or(0, str::len) + 96
 }
 
+/// Adds to `batch` (which holds its first message) those `at_hand` gives
+/// without waiting, so that they go to a host in one trip: up to `max`
+/// messages and `budget` bytes by `size`. One taken that does not fit is
+/// returned, to start the next batch.
+fn fill_batch<T>(batch: &mut Vec<T>, max: usize, budget: usize, size: impl Fn(&T) -> usize, mut at_hand: impl FnMut() -> Option<T>) -> Option<T> {
+    let mut bytes: usize = batch.iter().map(&size).sum();
+    while batch.len() < max {
+        let more = at_hand()?;
+        bytes += size(&more);
+        if bytes > budget {
+            return Some(more);
+        }
+        batch.push(more);
+    }
+    None
+}
+
 /// The message's head and body as hosts take them.
 fn encode(shared: &Shared, subject: &str, reply_to: Option<String>, last_delivery: Option<bool>, body: &[u8]) -> Bytes {
     let subject = relative_subject(&shared.service.namespace, subject).unwrap_or(subject).to_owned();
@@ -369,19 +386,10 @@ async fn intake_core(shared: Arc<Shared>, subject: String) {
                 None => return,
             },
         };
-        // Those already here go together, within a NATS message: one trip to a host for many.
-        let mut bytes = envelope(&first.subject, first.reply.as_deref(), first.payload.len());
         let mut batch = vec![first];
-        while batch.len() < max {
-            let Some(Some(more)) = subscription.next().now_or_never() else { break };
-            let size = envelope(&more.subject, more.reply.as_deref(), more.payload.len());
-            if bytes + size > budget {
-                carried = Some(more);
-                break;
-            }
-            bytes += size;
-            batch.push(more);
-        }
+        carried = fill_batch(&mut batch, max, budget, |m| envelope(&m.subject, m.reply.as_deref(), m.payload.len()), || {
+            subscription.next().now_or_never().flatten()
+        });
         let Ok(permits) = shared.in_flight.clone().acquire_many_owned(u32::try_from(batch.len()).unwrap_or(1)).await else { return };
         let shared = shared.clone();
         tokio::spawn(async move {
@@ -430,19 +438,8 @@ async fn intake_stream(shared: Arc<Shared>, config: StreamConsumerConfig, dead_l
                     }
                 },
             };
-            // Those already here go together, within a NATS message: one trip to a host for many.
-            let mut bytes = envelope(&first.subject, None, first.payload.len());
             let mut batch = vec![first];
-            while batch.len() < max {
-                let Some(more) = messages.ready() else { break };
-                let size = envelope(&more.subject, None, more.payload.len());
-                if bytes + size > budget {
-                    carried = Some(more);
-                    break;
-                }
-                bytes += size;
-                batch.push(more);
-            }
+            carried = fill_batch(&mut batch, max, budget, |d| envelope(&d.subject, None, d.payload.len()), || messages.ready());
             let Ok(permits) = shared.in_flight.clone().acquire_many_owned(u32::try_from(batch.len()).unwrap_or(1)).await else { return };
             let (shared, dead_letter, max_deliver) = (shared.clone(), dead_letter.clone(), config.max_deliver);
             tokio::spawn(async move {
@@ -501,5 +498,24 @@ async fn settle(shared: &Shared, delivered: &wharf_bus::Delivered, last: bool, o
     };
     if let Err(e) = settled {
         tracing::debug!(%service, "cannot acknowledge a message (it will be delivered again): {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_takes_what_is_at_hand_up_to_its_count_and_bytes() {
+        let mut at_hand = vec![30, 30, 50, 10].into_iter();
+        let mut batch = vec![20];
+        let carried = fill_batch(&mut batch, 8, 100, |n: &usize| *n, || at_hand.next());
+        assert_eq!((batch, carried), (vec![20, 30, 30], Some(50)), "the one that does not fit starts the next batch");
+        let mut batch = vec![50];
+        assert_eq!(fill_batch(&mut batch, 2, 1000, |n: &usize| *n, || at_hand.next()), None);
+        assert_eq!(batch, [50, 10], "at most `max`, and no more than is at hand");
+        let mut batch = vec![5];
+        assert_eq!(fill_batch(&mut batch, 8, 100, |n: &usize| *n, || None), None);
+        assert_eq!(batch, [5]);
     }
 }
